@@ -1,0 +1,1 @@
+"""The ``moe-gps`` command line. Each subcommand group lives in its own module."""

@@ -1,0 +1,55 @@
+"""Entry point of the ``moe-gps`` command.
+
+Every subcommand module exposes ``register(subparsers)``, which adds its parser and
+sets ``func`` (called with the parsed ``argparse.Namespace``; returns an exit code or
+None). Modules import their heavy dependencies inside ``func`` so that ``--help`` is
+fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moe_gps import __version__
+from moe_gps.errors import UserError
+
+# Subcommand modules, in the order they appear in --help.
+COMMANDS = (
+    "moe_gps.cli.trace_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-gps",
+        description=(
+            "MoE-GPS: should you duplicate hot experts, and should duplication be driven by "
+            "token-to-expert or distribution-only prediction? Answers from router traces."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"moe-gps {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as err:
+        print(f"moe-gps: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("moe-gps: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""In-memory traces: numpy arrays, no per-row Python objects.
+
+A tokens trace keeps every token of every step in one array ``experts [N, L, k]``
+(N = tokens over all steps) with CSR-style ``step_offsets [S + 1]``: step ``s`` is
+rows ``step_offsets[s]:step_offsets[s + 1]``. :meth:`TokensTrace.step` returns that
+step as a :class:`StepRouting` of views, i.e. the per-step ``[tokens, layers, k]``
+array of the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_gps.trace.meta import TraceMeta
+
+
+@dataclass
+class StepRouting:
+    """The routing of one step (forward pass).
+
+    experts:  int16 [tokens, layers, k], chosen logical experts, highest gate weight first
+    weights:  float32 [tokens, layers, k] or None, gate weights
+    token_id: int32 [tokens] or None, vocabulary ids
+    seq, pos: int32 [tokens] or None, request id and position in it
+    rank:     int16 [tokens] or None, EP/DP rank that holds the token before dispatch
+    """
+
+    step: int
+    experts: np.ndarray
+    weights: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+    seq: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    rank: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    def counts(self, num_experts: int) -> np.ndarray:
+        """Tokens per expert, int64 [layers, experts]."""
+        return expert_counts(self.experts, np.array([0, self.num_tokens]), num_experts)[0]
+
+
+OPTIONAL_TOKEN_FIELDS = ("token_id", "seq", "pos", "rank")
+
+
+@dataclass
+class TokensTrace:
+    """Per-token routing of a whole trace.
+
+    experts:      int16 [N, layers, k] over all steps, step-major
+    step_offsets: int64 [steps + 1], step s = rows step_offsets[s]:step_offsets[s+1]
+    weights:      float32 [N, layers, k] or None
+    token_id, seq, pos: int32 [N] or None;  rank: int16 [N] or None
+    """
+
+    meta: TraceMeta
+    experts: np.ndarray
+    step_offsets: np.ndarray
+    weights: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+    seq: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    rank: np.ndarray | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def tokens_per_step(self) -> np.ndarray:
+        """int64 [steps]."""
+        return np.diff(self.step_offsets)
+
+    def step(self, s: int) -> StepRouting:
+        lo, hi = int(self.step_offsets[s]), int(self.step_offsets[s + 1])
+        extra = {f: (None if getattr(self, f) is None else getattr(self, f)[lo:hi])
+                 for f in OPTIONAL_TOKEN_FIELDS}
+        weights = None if self.weights is None else self.weights[lo:hi]
+        return StepRouting(s, self.experts[lo:hi], weights, **extra)
+
+    def steps(self):
+        """Iterate :class:`StepRouting` in step order."""
+        for s in range(self.num_steps):
+            yield self.step(s)
+
+    def counts(self) -> np.ndarray:
+        """Tokens per expert, int64 [steps, layers, experts]."""
+        return expert_counts(self.experts, self.step_offsets, self.meta.num_experts)
+
+    def select_steps(self, steps: np.ndarray | list[int]) -> "TokensTrace":
+        """A new trace holding the given steps (renumbered from 0, in the given order)."""
+        steps = np.asarray(steps, dtype=np.int64)
+        lo, hi = self.step_offsets[steps], self.step_offsets[steps + 1]
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(steps) else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+        take = lambda a: None if a is None else a[rows]  # noqa: E731
+        return TokensTrace(self.meta, self.experts[rows], offsets, take(self.weights),
+                           **{f: take(getattr(self, f)) for f in OPTIONAL_TOKEN_FIELDS})
+
+
+@dataclass
+class CountsTrace:
+    """Per-expert load only.
+
+    counts: int64 [steps, layers, experts], (token, expert) assignments per expert
+    """
+
+    meta: TraceMeta
+    count_array: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.count_array.shape[0])
+
+    @property
+    def tokens_per_step(self) -> np.ndarray:
+        """int64 [steps]: layer 0's assignments / top_k (all layers agree after validation)."""
+        return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
+
+    def counts(self) -> np.ndarray:
+        return self.count_array
+
+
+Trace = TokensTrace | CountsTrace
+
+
+def expert_counts(experts: np.ndarray, step_offsets: np.ndarray, num_experts: int) -> np.ndarray:
+    """Bincount of expert ids per (step, layer).
+
+    experts: int [N, layers, k];  step_offsets: [steps + 1]  ->  int64 [steps, layers, experts]
+    """
+    n, num_layers, _ = experts.shape
+    num_steps = len(step_offsets) - 1
+    step_of_token = np.repeat(np.arange(num_steps, dtype=np.int64), np.diff(step_offsets))
+    key = (step_of_token[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts
+    key = key + experts.astype(np.int64)
+    flat = np.bincount(key.ravel(), minlength=num_steps * num_layers * num_experts)
+    return flat.reshape(num_steps, num_layers, num_experts)

@@ -1,0 +1,269 @@
+"""Vectorised validation of trace rows, with one-line errors a user can act on.
+
+Every error names the file, the column and the first bad row (0-based, in file order),
+e.g. ``run.parquet: column 'expert_1', row 1042: expert id 9 outside [0, 8)``.
+The functions here take the raw column arrays of a Parquet file (or of one streamed
+chunk of it) and return validated numpy arrays; no Python loop runs over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_gps.errors import UserError
+from moe_gps.trace.meta import (
+    COUNTS_COLUMNS,
+    TOKENS_KEY_COLUMNS,
+    TOKENS_OPTIONAL_COLUMNS,
+    TraceMeta,
+    expert_columns,
+    weight_columns,
+)
+
+
+def check_columns(names: list[str], meta: TraceMeta, where: str) -> bool:
+    """Check a file's column names against its kind; returns whether weights are present."""
+    if meta.kind == "counts":
+        required, allowed = list(COUNTS_COLUMNS), set(COUNTS_COLUMNS)
+        has_weights = False
+    else:
+        data_k = sum(1 for j in range(len(names)) if f"expert_{j}" in names)
+        if data_k and data_k != meta.top_k:
+            raise UserError(
+                f"{where}: metadata says top_k={meta.top_k} but the file has {data_k} expert "
+                f"column(s) (expert_0..expert_{data_k - 1})"
+            )
+        has_weights = any(n.startswith("weight_") for n in names)
+        required = list(TOKENS_KEY_COLUMNS) + expert_columns(meta.top_k)
+        if has_weights:
+            required += weight_columns(meta.top_k)
+        allowed = set(required) | set(TOKENS_OPTIONAL_COLUMNS)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise UserError(f"{where}: missing required column(s) {', '.join(repr(c) for c in missing)}")
+    extra = [c for c in names if c not in allowed]
+    if extra:
+        raise UserError(
+            f"{where}: unexpected column(s) {', '.join(repr(c) for c in extra)} "
+            f"for a {meta.kind} trace (allowed: {', '.join(sorted(allowed))})"
+        )
+    return has_weights
+
+
+def _fail_at(where: str, column: str, row: int, problem: str) -> UserError:
+    return UserError(f"{where}: column '{column}', row {row}: {problem}")
+
+
+def _check_nonnegative(cols: dict[str, np.ndarray], names, where: str, row0: int) -> None:
+    for name in names:
+        bad = np.flatnonzero(cols[name] < 0)
+        if len(bad):
+            r = int(bad[0])
+            raise _fail_at(where, name, row0 + r, f"negative value {cols[name][r]}")
+
+
+def _check_expert_ids(ids: np.ndarray, column_names: list[str], num_experts: int,
+                      where: str, row0: int) -> None:
+    """ids: [rows, cols]; each must lie in [0, num_experts)."""
+    bad = (ids < 0) | (ids >= num_experts)
+    if bad.any():
+        r, c = np.unravel_index(np.argmax(bad), bad.shape)
+        raise _fail_at(
+            where, column_names[c], row0 + int(r),
+            f"expert id {ids[r, c]} outside [0, {num_experts}) (num_experts={num_experts} in the metadata)",
+        )
+
+
+def _check_layers(layer: np.ndarray, meta: TraceMeta, where: str, row0: int, whole: bool) -> None:
+    """Layers must be 0..num_layers-1; in a whole file, with no gap and all present."""
+    present = np.bincount(layer.astype(np.int64), minlength=1) > 0
+    top = len(present) - 1
+    if top >= meta.num_layers:
+        r = int(np.argmax(layer >= meta.num_layers))
+        raise _fail_at(where, "layer", row0 + r,
+                       f"layer {layer[r]} but the metadata says num_layers={meta.num_layers}")
+    if not whole:
+        return
+    gaps = np.flatnonzero(~present)
+    if len(gaps):
+        gap = int(gaps[0])
+        r = int(np.argmax(layer > gap))
+        raise _fail_at(where, "layer", row0 + r,
+                       f"gap in layer numbers: layer {gap} is missing but layer {layer[r]} is present")
+    if top + 1 != meta.num_layers:
+        raise UserError(
+            f"{where}: column 'layer': the data has layers 0..{top} but the metadata says "
+            f"num_layers={meta.num_layers}"
+        )
+
+
+@dataclass
+class TokenRows:
+    """Validated rows of a tokens trace, grouped per token (see :class:`TokensTrace`)."""
+
+    steps: np.ndarray          # int64 [steps_here], the step numbers present, ascending
+    step_offsets: np.ndarray   # int64 [steps_here + 1]
+    experts: np.ndarray        # int16 [n, L, k]
+    weights: np.ndarray | None
+    extras: dict[str, np.ndarray]
+
+
+def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: int = 0,
+               whole: bool = True, first_step: int = 0) -> TokenRows:
+    """Validate and group the rows of a tokens trace.
+
+    cols: column name -> 1-D array in file order; ``row0`` is the file row of element 0.
+    ``whole`` says the arrays hold the entire file (so layer gaps can be judged and steps
+    must start at ``first_step``); a streamed chunk holds whole steps only.
+    """
+    k, L = meta.top_k, meta.num_layers
+    _check_nonnegative(cols, TOKENS_KEY_COLUMNS, where, row0)
+    for name, limit in (("step", 1 << 23), ("token", 1 << 24)):
+        over = np.flatnonzero(cols[name] >= limit)
+        if len(over):
+            raise _fail_at(where, name, row0 + int(over[0]), f"value {cols[name][over[0]]} exceeds {limit - 1}")
+    e_names = expert_columns(k)
+    ids = np.stack([cols[c] for c in e_names], axis=1)
+    _check_expert_ids(ids, e_names, meta.num_experts, where, row0)
+    if k > 1:
+        srt = np.sort(ids, axis=1)
+        dup_rows = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+        if len(dup_rows):
+            r = int(dup_rows[0])
+            row = ids[r]
+            first = [j for j in range(k) if (row == row[j]).sum() > 1]
+            raise _fail_at(where, e_names[first[1]], row0 + r,
+                           f"expert {row[first[0]]} appears twice in one token's top-k "
+                           f"({e_names[first[0]]} and {e_names[first[1]]})")
+    weights = None
+    if "weight_0" in cols:
+        w_names = weight_columns(k)
+        weights = np.stack([cols[c] for c in w_names], axis=1).astype(np.float32, copy=False)
+        bad = np.isnan(weights) | (weights < 0)
+        if bad.any():
+            r, c = np.unravel_index(np.argmax(bad), bad.shape)
+            kind = "NaN" if np.isnan(weights[r, c]) else f"negative ({weights[r, c]})"
+            raise _fail_at(where, w_names[c], row0 + int(r), f"gate weight is {kind}")
+    layer = cols["layer"]
+    _check_layers(layer, meta, where, row0, whole)
+
+    # Sort rows by (step, token, layer) unless already sorted; keep `order` to report file rows.
+    step = cols["step"].astype(np.int64)
+    token = cols["token"].astype(np.int64)
+    key = (step << 40) | (token << 16) | layer.astype(np.int64)
+    order = None
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        if not whole:
+            raise UserError(f"{where}: rows are not in (step, token, layer) order; streaming needs a "
+                            "sorted trace (load it whole, or rewrite it with `moe-gps trace validate --fix`)")
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+    file_row = (lambda i: row0 + int(i)) if order is None else (lambda i: row0 + int(order[i]))
+    same = np.flatnonzero(key[1:] == key[:-1])
+    if len(same):
+        i = int(same[0]) + 1
+        s, t, l_ = key[i] >> 40, (key[i] >> 16) & 0xFFFFFF, key[i] & 0xFFFF
+        raise _fail_at(where, "layer", file_row(i), f"duplicate row for step {s}, token {t}, layer {l_}")
+    # Every token must have exactly the rows for layers 0..L-1: sorted row i belongs to the
+    # group starting at g0 = i - i % L and must hold layer i % L of g0's token.
+    n_rows = len(key)
+    tok_key = key >> 16
+    idx = np.arange(n_rows, dtype=np.int64)
+    g0 = idx - idx % L
+    bad = np.flatnonzero(((key & 0xFFFF) != idx % L) | (tok_key != tok_key[g0]))
+    if len(bad) or n_rows % L:
+        owner, missing = (int(g0[bad[0]]), int(bad[0] % L)) if len(bad) else (n_rows - n_rows % L, n_rows % L)
+        s, t = tok_key[owner] >> 24, tok_key[owner] & 0xFFFFFF
+        raise _fail_at(where, "layer", file_row(owner),
+                       f"step {s}, token {t} has no row for layer {missing} (every token needs all {L} layers)")
+    tok_key = tok_key[::L]
+    tok_step, tok_token = tok_key >> 24, tok_key & 0xFFFFFF
+    # Steps: contiguous from first_step.
+    starts = np.flatnonzero(np.diff(tok_step, prepend=-1)) if len(tok_step) else np.zeros(0, np.int64)
+    steps = tok_step[starts]
+    expect_steps = np.arange(len(steps)) + first_step
+    bad = np.flatnonzero(steps != expect_steps)
+    if len(bad):
+        j = int(bad[0])
+        raise _fail_at(where, "step", file_row(int(starts[j]) * L),
+                       f"gap in step numbers: step {expect_steps[j]} is missing (found step {steps[j]})")
+    offsets = np.append(starts, len(tok_step)).astype(np.int64)
+    within = np.arange(len(tok_token)) - np.repeat(offsets[:-1], np.diff(offsets))
+    bad = np.flatnonzero(tok_token != within)
+    if len(bad):
+        j = int(bad[0])
+        raise _fail_at(where, "token", file_row(j * L),
+                       f"token numbers in step {tok_step[j]} must run 0, 1, 2, ...; "
+                       f"found {tok_token[j]} where {within[j]} was expected")
+
+    def grouped(a: np.ndarray) -> np.ndarray:
+        a = a if order is None else a[order]
+        return a.reshape((-1, L) + a.shape[1:])
+
+    experts = grouped(ids).astype(np.int16, copy=False)
+    if weights is not None:
+        weights = grouped(weights)
+    extras = {}
+    for name in TOKENS_OPTIONAL_COLUMNS:
+        if name in cols:
+            g = grouped(cols[name])
+            varying = np.flatnonzero((g != g[:, :1]).any(axis=1))
+            if len(varying):
+                j = int(varying[0])
+                c = int(np.argmax(g[j] != g[j, 0]))
+                raise _fail_at(where, name, file_row(j * L + c),
+                               f"differs between layers of one token (step {tok_step[j]}, token {tok_token[j]})")
+            extras[name] = g[:, 0].astype(TOKENS_OPTIONAL_COLUMNS[name], copy=False)
+    return TokenRows(steps, offsets, experts, weights, extras)
+
+
+def counts_array(cols: dict[str, np.ndarray], meta: TraceMeta, where: str) -> np.ndarray:
+    """Validate the rows of a counts trace; returns int64 [steps, layers, experts].
+
+    Missing (step, layer, expert) rows count as 0. Every layer of a step must sum to the
+    same number of assignments, a multiple of top_k, and to ``top_k * tokens_per_step[s]``
+    where the metadata gives tokens_per_step.
+    """
+    _check_nonnegative(cols, COUNTS_COLUMNS, where, 0)
+    _check_expert_ids(cols["expert"][:, None], ["expert"], meta.num_experts, where, 0)
+    _check_layers(cols["layer"], meta, where, 0, whole=True)
+    step = cols["step"].astype(np.int64)
+    present = np.bincount(step) > 0
+    gaps = np.flatnonzero(~present)
+    if len(gaps):
+        r = int(np.argmax(step > gaps[0]))
+        raise _fail_at(where, "step", r, f"gap in step numbers: step {gaps[0]} is missing")
+    S, L, E = len(present), meta.num_layers, meta.num_experts
+    flat = (step * L + cols["layer"]) * E + cols["expert"]
+    seen = np.bincount(flat, minlength=S * L * E)
+    if (seen > 1).any():
+        dup = int(np.argmax(seen > 1))
+        r = int(np.flatnonzero(flat == dup)[1])
+        raise _fail_at(where, "expert", r, f"duplicate row for step {step[r]}, layer {cols['layer'][r]}, "
+                                           f"expert {cols['expert'][r]}")
+    counts = np.zeros(S * L * E, dtype=np.int64)
+    counts[flat] = cols["count"]
+    counts = counts.reshape(S, L, E)
+    sums = counts.sum(axis=2)  # [S, L]
+    k = meta.top_k
+    if meta.tokens_per_step is not None:
+        if len(meta.tokens_per_step) != S:
+            raise UserError(f"{where}: metadata tokens_per_step has {len(meta.tokens_per_step)} entries "
+                            f"but the data has {S} steps")
+        tokens = np.asarray(meta.tokens_per_step, dtype=np.int64)
+        bad = np.argwhere(sums != k * tokens[:, None])
+    else:  # tokens per step inferred from layer 0, which must hold a multiple of top_k
+        tokens = sums[:, 0] // k
+        bad = np.argwhere((sums != k * tokens[:, None]) | (sums[:, :1] % k != 0))
+    if len(bad):
+        s, l_ = (int(x) for x in bad[0])
+        r = int(np.argmax((step == s) & (cols["layer"] == l_)))
+        if meta.tokens_per_step is None and sums[s, 0] % k:
+            problem = f"step {s}, layer {l_} sums to {sums[s, l_]} assignments, not a multiple of top_k={k}"
+        else:
+            problem = (f"step {s}, layer {l_} sums to {sums[s, l_]} assignments but top_k × tokens = "
+                       f"{k} × {tokens[s]} = {k * tokens[s]}")
+        raise _fail_at(where, "count", r, problem)
+    return counts
