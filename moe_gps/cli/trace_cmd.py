@@ -1,0 +1,128 @@
+"""``moe-gps trace``: inspect, validate, synthesise and import router traces."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moe_gps.errors import UserError
+
+LAYER_COLUMNS = [
+    ("layer", "layer", ""),
+    ("skewness", "skew", ".2f"),
+    ("skewness_step_mean", "skew/step", ".2f"),
+    ("skewness_step_max", "skew/step max", ".2f"),
+    ("gini", "gini", ".3f"),
+    ("top_share", "top share", ".3f"),
+    ("drift_jsd", "drift JSD", ".4f"),
+    ("affinity_next", "l->l+1 hit", ".3f"),
+    ("affinity_baseline", "baseline", ".3f"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    trace = sub.add_parser("trace", help="inspect, validate, synthesise or import router traces",
+                           description="Work with router traces (Parquet, see docs/trace-format.md).")
+    tsub = trace.add_subparsers(dest="trace_command", metavar="ACTION")
+    tsub.required = True
+
+    p = tsub.add_parser(
+        "inspect", help="model and shape summary, then per-layer skew, drift and layer affinity",
+        description=(
+            "Print a trace's model and shape, then per layer: skew (max/mean expert load over the whole "
+            "trace; per step mean and max), Gini coefficient, top-expert share, drift (Jensen-Shannon "
+            "divergence between consecutive steps), and how well a token's top-1 expert at layer l "
+            "predicts its top-1 at l+1 (cross-fitted hit rate, against the most-frequent baseline). "
+            "Definitions: docs/trace-format.md."),
+    )
+    p.add_argument("file", help="trace file (.parquet)")
+    p.add_argument("--json", action="store_true", help="print the same numbers as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = tsub.add_parser("validate", help="check a trace against the format; exit 2 with the first problem",
+                        description="Load and fully validate a trace; prints 'ok' with its shape, or the "
+                                    "first problem (file, column, row) and exits 2.")
+    p.add_argument("file", help="trace file (.parquet)")
+    p.set_defaults(func=cmd_validate)
+
+    from moe_gps.trace.synth import PROFILES  # light: numpy only
+    p = tsub.add_parser(
+        "synth", help="generate a seeded synthetic trace from a calibrated profile",
+        description=("Generate a synthetic tokens trace. The file says source: synthetic and records every "
+                     "generator parameter. Profiles: " + "; ".join(
+                         f"{n} ({pr.calibrated_to})" for n, pr in PROFILES.items())),
+    )
+    p.add_argument("--profile", default="mixtral-mmlu", choices=sorted(PROFILES), help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=64, help="forward passes (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per step (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--weights", action="store_true", help="also write gate weights (larger file)")
+    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                   help="override a profile parameter, e.g. --set layer_affinity=0 --set drift=0.2 "
+                        "(see docs/trace-format.md for the routing model)")
+    p.add_argument("-o", "--output", required=True, help="output trace (.parquet)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from moe_gps.tables import format_table
+    from moe_gps.trace import load_trace
+    from moe_gps.trace.stats import summarize
+
+    summary = summarize(load_trace(args.file))
+    if args.json:
+        json.dump(summary.to_dict(), sys.stdout, indent=2, default=_nan_to_none)
+        print()
+        return 0
+    s = summary
+    print(f"{args.file}: {s.kind} trace, source: {s.source}")
+    print(f"  model {s.model}, dataset {s.dataset}")
+    print(f"  {s.num_layers} layers x {s.num_experts} experts, top-{s.top_k}; {s.num_steps} steps, "
+          f"{s.num_tokens} tokens ({s.tokens_per_step_min}..{s.tokens_per_step_max} per step)")
+    extras = (["gate weights"] if s.has_weights else []) + s.optional_columns
+    print(f"  columns beyond the experts: {', '.join(extras) if extras else 'none'}")
+    print()
+    rows = [vars(layer) for layer in s.layers]
+    overall = {"layer": "mean", **s.overall()}
+    print(format_table(rows + [overall], LAYER_COLUMNS))
+    print()
+    print(f"skewness: mean over layers {overall['skewness']:.2f}, worst layer "
+          f"{overall['skewness_worst_layer']:.2f} (max/mean expert load, whole trace)")
+    return 0
+
+
+def _nan_to_none(x):
+    return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moe_gps.trace import load_trace
+
+    trace = load_trace(args.file)
+    m = trace.meta
+    print(f"{args.file}: ok ({m.kind} trace, {trace.num_steps} steps, {m.num_layers} layers, "
+          f"{m.num_experts} experts, top-{m.top_k}, source: {m.source})")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from moe_gps.trace import write_trace
+    from moe_gps.trace.synth import get_profile, synthesize
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected PARAM=VALUE")
+        try:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {value!r} is not a number") from None
+    profile = get_profile(args.profile, **overrides)
+    trace = synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens, seed=args.seed,
+                       with_weights=args.weights)
+    write_trace(args.output, trace)
+    print(f"wrote {args.output}: synthetic profile {profile.name}, {args.steps} steps x {args.tokens} tokens, "
+          f"{profile.num_layers} layers, {profile.num_experts} experts, top-{profile.top_k}, seed {args.seed}")
+    return 0

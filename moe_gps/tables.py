@@ -1,0 +1,40 @@
+"""Plain-text tables for the terminal (right-aligned numbers, left-aligned text)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+def format_value(value: Any, fmt: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if fmt:
+        return format(value, fmt)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]],
+                 title: str | None = None) -> str:
+    """Render ``rows`` as an aligned table.
+
+    columns: (key in the row dict, header, format spec such as ".2f" or "" for default).
+    """
+    cells = [[format_value(r.get(key), fmt) for key, _, fmt in columns] for r in rows]
+    headers = [h for _, h, _ in columns]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r.get(key)) for r in rows) for key, _, _ in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))

@@ -1,0 +1,169 @@
+"""Routing statistics that decide which prediction strategy can work.
+
+All functions are vectorised over leading axes. Definitions (also in docs/trace-format.md):
+
+* skewness = max_e c_e / mean_e c_e  (the MoE-GPS paper's skew: tokens at the most
+  loaded expert over mean tokens per expert; 1.0 is perfectly even, E/k is the maximum
+  for top-k routing since a token picks an expert at most once);
+* Gini coefficient of the per-expert loads, in [0, 1 - 1/E];
+* top-expert share = max_e c_e / sum_e c_e;
+* drift = Jensen-Shannon divergence (base 2, in [0, 1]) between the load distributions
+  of consecutive steps;
+* layer affinity = how well a token's top-1 expert at layer l predicts its top-1 expert
+  at layer l+1: the hit rate of the most frequent successor, cross-fitted (table built on
+  even tokens and scored on odd tokens, and the reverse), against the baseline of always
+  guessing layer l+1's most frequent top-1 expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moe_gps.trace.data import CountsTrace, TokensTrace
+
+
+def skewness(counts: np.ndarray) -> np.ndarray:
+    """counts: [..., experts] -> max / mean over experts: [...] (NaN where no load)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    mean = counts.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, counts.max(axis=-1) / mean, np.nan)
+
+
+def gini(counts: np.ndarray) -> np.ndarray:
+    """counts: [..., experts] -> Gini coefficient over experts: [...]."""
+    x = np.sort(np.asarray(counts, dtype=np.float64), axis=-1)
+    n = x.shape[-1]
+    total = x.sum(axis=-1)
+    rank = np.arange(1, n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (2 * (rank * x).sum(axis=-1) / (n * total)) - (n + 1) / n, np.nan)
+
+
+def top_share(counts: np.ndarray) -> np.ndarray:
+    """counts: [..., experts] -> max / sum over experts: [...]."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, counts.max(axis=-1) / total, np.nan)
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence, base 2, over the last axis. Inputs are normalised."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p = p / p.sum(axis=-1, keepdims=True)
+    q = q / q.sum(axis=-1, keepdims=True)
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(a > 0, a * np.log2(a / b), 0.0).sum(axis=-1)
+
+    return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
+
+
+def layer_affinity(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted top-1 hit rate of layer l -> l+1, and the most-frequent baseline.
+
+    experts: int [tokens, layers, k]  ->  (hit [layers - 1], baseline [layers - 1])
+    """
+    n, L, _ = experts.shape
+    E = num_experts
+    if L < 2 or n < 2:
+        return np.full(max(L - 1, 0), np.nan), np.full(max(L - 1, 0), np.nan)
+    top1 = experts[:, :, 0].astype(np.int64)
+    src, dst = top1[:, :-1], top1[:, 1:]                      # [n, L-1]
+    pair = (np.arange(L - 1)[None, :] * E + src) * E + dst    # [n, L-1]
+    halves = (np.arange(n) % 2 == 0, np.arange(n) % 2 == 1)
+    hits = np.zeros(L - 1)
+    base = np.zeros(L - 1)
+    for fit, score in (halves, halves[::-1]):
+        table = np.bincount(pair[fit].ravel(), minlength=(L - 1) * E * E).reshape(L - 1, E, E)
+        guess = table.argmax(axis=2)                          # [L-1, E] successor per source expert
+        layer_idx = np.arange(L - 1)[None, :]
+        hits += (guess[layer_idx, src[score]] == dst[score]).sum(axis=0)
+        marg = table.sum(axis=1).argmax(axis=1)               # [L-1] most frequent top-1 at l+1
+        base += (dst[score] == marg[None, :]).sum(axis=0)
+    return hits / n, base / n
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    skewness: float            # over the whole trace
+    skewness_step_mean: float  # mean over steps of the per-step skewness
+    skewness_step_max: float
+    gini: float
+    top_share: float
+    drift_jsd: float           # mean JSD between consecutive steps (NaN for one step)
+    affinity_next: float       # cross-fitted top-1 hit rate l -> l+1 (NaN for counts traces / last layer)
+    affinity_baseline: float
+
+
+@dataclass
+class TraceSummary:
+    kind: str
+    model: str
+    dataset: str
+    source: str
+    num_steps: int
+    num_layers: int
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    tokens_per_step_min: int
+    tokens_per_step_max: int
+    has_weights: bool
+    optional_columns: list[str]
+    layers: list[LayerStats]
+
+    def overall(self) -> dict[str, float]:
+        """Means over layers of every per-layer statistic, plus the worst layer's skewness."""
+        out = {}
+        for name in LayerStats.__dataclass_fields__:
+            if name == "layer":
+                continue
+            vals = np.array([getattr(s, name) for s in self.layers], dtype=np.float64)
+            out[name] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        out["skewness_worst_layer"] = float(max(s.skewness for s in self.layers))
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["overall"] = self.overall()
+        return d
+
+
+def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
+    """Per-layer statistics of a trace (see the module docstring for definitions)."""
+    meta = trace.meta
+    counts = trace.counts()                                   # [S, L, E]
+    total = counts.sum(axis=0)                                # [L, E]
+    step_skew = skewness(counts)                              # [S, L]
+    if trace.num_steps > 1:
+        drift = js_divergence(counts[1:], counts[:-1]).mean(axis=0)
+    else:
+        drift = np.full(meta.num_layers, np.nan)
+    hit = np.full(meta.num_layers, np.nan)
+    base = np.full(meta.num_layers, np.nan)
+    if isinstance(trace, TokensTrace):
+        h, b = layer_affinity(trace.experts, meta.num_experts)
+        hit[:-1], base[:-1] = h, b
+    skew, g, share = skewness(total), gini(total), top_share(total)
+    layers = [
+        LayerStats(l_, float(skew[l_]), float(np.nanmean(step_skew[:, l_])), float(np.nanmax(step_skew[:, l_])),
+                   float(g[l_]), float(share[l_]), float(drift[l_]), float(hit[l_]), float(base[l_]))
+        for l_ in range(meta.num_layers)
+    ]
+    tps = trace.tokens_per_step
+    optional = [f for f in ("token_id", "seq", "pos", "rank") if getattr(trace, f, None) is not None]
+    return TraceSummary(
+        kind=meta.kind, model=meta.model, dataset=meta.dataset, source=meta.source,
+        num_steps=trace.num_steps, num_layers=meta.num_layers, num_experts=meta.num_experts,
+        top_k=meta.top_k, num_tokens=int(tps.sum()), tokens_per_step_min=int(tps.min()),
+        tokens_per_step_max=int(tps.max()), has_weights=getattr(trace, "weights", None) is not None,
+        optional_columns=optional, layers=layers,
+    )
