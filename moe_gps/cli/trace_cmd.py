@@ -17,6 +17,7 @@ LAYER_COLUMNS = [
     ("top_share", "top share", ".3f"),
     ("drift_jsd", "drift JSD", ".4f"),
     ("affinity_next", "l->l+1 hit", ".3f"),
+    ("affinity_token_id", "token-id hit", ".3f"),
     ("affinity_baseline", "baseline", ".3f"),
 ]
 
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Print a trace's model and shape, then per layer: skew (max/mean expert load over the whole "
             "trace; per step mean and max), Gini coefficient, top-expert share, drift (Jensen-Shannon "
             "divergence between consecutive steps), and how well a token's top-1 expert at layer l "
-            "predicts its top-1 at l+1 (cross-fitted hit rate, against the most-frequent baseline). "
+            "predicts its top-1 at l+1, and how well its token id does (cross-fitted hit rates, against "
+            "the most-frequent baseline). "
             "Definitions: docs/trace-format.md."),
     )
     p.add_argument("file", help="trace file (.parquet)")

@@ -12,7 +12,8 @@ All functions are vectorised over leading axes. Definitions (also in docs/trace-
 * layer affinity = how well a token's top-1 expert at layer l predicts its top-1 expert
   at layer l+1: the hit rate of the most frequent successor, cross-fitted (table built on
   even tokens and scored on odd tokens, and the reverse), against the baseline of always
-  guessing layer l+1's most frequent top-1 expert.
+  guessing the layer's most frequent top-1 expert;
+* token-id affinity = the same hit rate when the predictor is the token's vocabulary id.
 """
 
 from __future__ import annotations
@@ -65,29 +66,55 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
 
 
-def layer_affinity(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-fitted top-1 hit rate of layer l -> l+1, and the most-frequent baseline.
+def mode_hit_rate(group: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted hit rate of predicting ``target`` as the most frequent target of its ``group``.
+
+    group, target: int [tokens, columns]; column c is scored on its own. The table is
+    fitted on even tokens and scored on odd ones, and the reverse; a group unseen in the
+    fitting half falls back to the column's most frequent target. Returns
+    (hit [columns], baseline [columns]) where baseline always guesses the most frequent
+    target. Sparse (sort-based), so any number of groups works.
+    """
+    n, C = target.shape
+    hits, base = np.zeros(C), np.zeros(C)
+    if n < 2:
+        return np.full(C, np.nan), np.full(C, np.nan)
+    T = int(target.max()) + 1
+    col = np.broadcast_to(np.arange(C), (n, C))
+    even = np.arange(n) % 2 == 0
+    for fit in (even, ~even):
+        score = ~fit
+        g = (group[fit].astype(np.int64) * C + col[fit]).ravel()        # group id within its column
+        keys, cnt = np.unique(g * T + target[fit].ravel(), return_counts=True)
+        kg, kt = keys // T, keys % T
+        order = np.lexsort((-cnt, kg))                                  # per group: most frequent first
+        first = order[np.r_[True, kg[order][1:] != kg[order][:-1]]]
+        best_g, best_t = kg[first], kt[first]
+        marg = np.array([np.bincount(target[fit][:, c], minlength=T).argmax() for c in range(C)])
+        q = (group[score].astype(np.int64) * C + col[score])            # [n_score, C]
+        pos = np.clip(np.searchsorted(best_g, q), 0, len(best_g) - 1)
+        guess = np.where(best_g[pos] == q, best_t[pos], marg[None, :])
+        hits += (guess == target[score]).sum(axis=0)
+        base += (target[score] == marg[None, :]).sum(axis=0)
+    return hits / n, base / n
+
+
+def layer_affinity(experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 hit rate of layer l -> l+1 (cross-fitted) and the most-frequent baseline.
 
     experts: int [tokens, layers, k]  ->  (hit [layers - 1], baseline [layers - 1])
     """
-    n, L, _ = experts.shape
-    E = num_experts
-    if L < 2 or n < 2:
-        return np.full(max(L - 1, 0), np.nan), np.full(max(L - 1, 0), np.nan)
     top1 = experts[:, :, 0].astype(np.int64)
-    src, dst = top1[:, :-1], top1[:, 1:]                      # [n, L-1]
-    pair = (np.arange(L - 1)[None, :] * E + src) * E + dst    # [n, L-1]
-    halves = (np.arange(n) % 2 == 0, np.arange(n) % 2 == 1)
-    hits = np.zeros(L - 1)
-    base = np.zeros(L - 1)
-    for fit, score in (halves, halves[::-1]):
-        table = np.bincount(pair[fit].ravel(), minlength=(L - 1) * E * E).reshape(L - 1, E, E)
-        guess = table.argmax(axis=2)                          # [L-1, E] successor per source expert
-        layer_idx = np.arange(L - 1)[None, :]
-        hits += (guess[layer_idx, src[score]] == dst[score]).sum(axis=0)
-        marg = table.sum(axis=1).argmax(axis=1)               # [L-1] most frequent top-1 at l+1
-        base += (dst[score] == marg[None, :]).sum(axis=0)
-    return hits / n, base / n
+    return mode_hit_rate(top1[:, :-1], top1[:, 1:])
+
+
+def token_id_affinity(experts: np.ndarray, token_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 hit rate from the token's vocabulary id, per layer (cross-fitted), and the baseline.
+
+    experts: int [tokens, layers, k], token_id: int [tokens] -> (hit [layers], baseline [layers])
+    """
+    top1 = experts[:, :, 0].astype(np.int64)
+    return mode_hit_rate(np.broadcast_to(token_id[:, None], top1.shape), top1)
 
 
 @dataclass
@@ -100,7 +127,8 @@ class LayerStats:
     top_share: float
     drift_jsd: float           # mean JSD between consecutive steps (NaN for one step)
     affinity_next: float       # cross-fitted top-1 hit rate l -> l+1 (NaN for counts traces / last layer)
-    affinity_baseline: float
+    affinity_token_id: float   # cross-fitted top-1 hit rate from token_id (NaN without token ids)
+    affinity_baseline: float   # always guessing the layer's most frequent top-1 expert
 
 
 @dataclass
@@ -148,14 +176,19 @@ def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
     else:
         drift = np.full(meta.num_layers, np.nan)
     hit = np.full(meta.num_layers, np.nan)
+    tok_hit = np.full(meta.num_layers, np.nan)
     base = np.full(meta.num_layers, np.nan)
     if isinstance(trace, TokensTrace):
-        h, b = layer_affinity(trace.experts, meta.num_experts)
-        hit[:-1], base[:-1] = h, b
+        hit[:-1] = layer_affinity(trace.experts)[0]
+        top1 = trace.experts[:, :, 0].astype(np.int64)
+        base = mode_hit_rate(np.zeros_like(top1), top1)[1]
+        if trace.token_id is not None:
+            tok_hit = token_id_affinity(trace.experts, trace.token_id)[0]
     skew, g, share = skewness(total), gini(total), top_share(total)
     layers = [
         LayerStats(l_, float(skew[l_]), float(np.nanmean(step_skew[:, l_])), float(np.nanmax(step_skew[:, l_])),
-                   float(g[l_]), float(share[l_]), float(drift[l_]), float(hit[l_]), float(base[l_]))
+                   float(g[l_]), float(share[l_]), float(drift[l_]), float(hit[l_]), float(tok_hit[l_]),
+                   float(base[l_]))
         for l_ in range(meta.num_layers)
     ]
     tps = trace.tokens_per_step

@@ -55,7 +55,7 @@ class SynthProfile:
     drift: float = 0.05
     drift_memory: float = 0.9
     layer_affinity: float = 2.0
-    token_affinity: float = 0.5
+    token_affinity: float = 1.5
     vocab_size: int = 4096
     zipf_exponent: float = 1.1
     seq_len: int = 128
@@ -66,12 +66,12 @@ PROFILES: dict[str, SynthProfile] = {
         name="mixtral-mmlu", model="mixtral-8x7b", dataset="mmlu-like (synthetic)",
         calibrated_to=("per-layer skew of Mixtral 8x7B on MMLU: MoE-GPS paper skewness 1.39; fiddler "
                        "expert-popularity counts, mean per-layer max/mean 1.22-1.45, worst layer 1.4-2.0"),
-        popularity_sigma=0.28, sigma_spread=0.22,
+        popularity_sigma=0.22, sigma_spread=0.22,
     ),
     "sst2": SynthProfile(
         name="sst2", model="mixtral-8x7b", dataset="sst2-like (synthetic)",
         calibrated_to="MoE-GPS paper: skewness 1.99 for Mixtral 8x7B on SST2",
-        popularity_sigma=0.75, sigma_spread=0.15,
+        popularity_sigma=1.0, sigma_spread=0.15,
     ),
 }
 
