@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output trace (.parquet)")
     p.set_defaults(func=cmd_synth)
 
+    from moe_gps.cli.trace_import_cmd import register_import
+    register_import(tsub)
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from moe_gps.tables import format_table

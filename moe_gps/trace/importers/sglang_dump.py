@@ -1,0 +1,138 @@
+"""SGLang expert-distribution recorder dumps -> counts kind.
+
+SGLang started with ``--expert-distribution-recorder-mode stat`` records, for every
+forward pass, how many tokens each *physical* expert slot received on each rank; on
+``/dump_expert_distribution_record`` rank 0 maps slots to logical experts, sums over
+ranks and writes ``expert_distribution_recorder_<time>.pt`` (``torch.save``) in
+``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``, a dict::
+
+    {"rank": 0,
+     "logical_count": int32 tensor [buffer_size, num_layers, num_logical_experts],
+     "average_utilization_rate_over_window": float or None}
+
+Row i of ``logical_count`` is one forward pass. The buffer is circular
+(``--expert-distribution-recorder-buffer-size``, by default the EPLB rebalance interval,
+1000): rows never written are 0, and once more passes than rows were recorded the rows
+are no longer in time order (SGLang does not save the write position). ``num_layers``
+counts all decoder layers, so dense layers (e.g. DeepSeek's first three) are all zero.
+
+The importer keeps the rows with any count (one step each, in row order, files in the
+order given), drops layers that are zero in every kept row (recording the original
+layer ids) and requires ``--top-k``: tokens per step = (sum of a layer's counts) / top_k.
+The ``per_pass`` and ``per_token`` recorder modes write a different dict (``records``)
+and are not read here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moe_gps.errors import UserError
+from moe_gps.trace.importers.common import (
+    ImportResult,
+    check_sources,
+    counts_trace,
+    format_indices,
+    make_meta,
+    provenance,
+    torch_load,
+)
+
+FORMAT = "sglang-dump"
+
+
+def read_sglang_dump(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """-> (logical_count int64 [buffer, layers, experts], the other scalar fields)."""
+    obj = torch_load(path, "reading SGLang .pt dumps")
+    import torch  # present: torch_load checked
+
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}; an SGLang expert-distribution dump is a dict "
+                        "with 'logical_count'")
+    if "logical_count" not in obj:
+        if "records" in obj:
+            raise UserError(f"{path}: this is a per_pass/per_token recorder dump ('records'); only "
+                            "--expert-distribution-recorder-mode stat dumps ('logical_count') are supported")
+        raise UserError(f"{path}: no 'logical_count' key (keys: {', '.join(map(str, obj))}); expected an "
+                        "SGLang expert-distribution dump")
+    lc = obj["logical_count"]
+    if not isinstance(lc, torch.Tensor):
+        raise UserError(f"{path}: 'logical_count' is a {type(lc).__name__}, expected a tensor")
+    if lc.ndim != 3:
+        raise UserError(f"{path}: 'logical_count' has shape {list(lc.shape)}, expected "
+                        "[buffer, layers, experts]")
+    if lc.is_floating_point() or lc.is_complex() or lc.dtype == torch.bool:
+        raise UserError(f"{path}: 'logical_count' holds {lc.dtype} values, expected integer counts")
+    counts = lc.to(torch.int64).numpy()
+    neg = np.argwhere(counts < 0)
+    if len(neg):
+        r, layer, e = (int(x) for x in neg[0])
+        raise UserError(f"{path}: 'logical_count' buffer row {r}, layer {layer}, expert {e}: negative count "
+                        f"{counts[r, layer, e]}")
+    others = {k: (v if isinstance(v, (int, float, str, type(None))) else repr(v)[:80])
+              for k, v in obj.items() if k != "logical_count"}
+    return counts, others
+
+
+def import_sglang_dump(sources: Sequence[str | os.PathLike], *, top_k: int, model: str = "unknown",
+                       dataset: str = "unknown") -> ImportResult:
+    """Import SGLang ``stat`` dumps into a counts trace (see the module docstring).
+
+    counts: [steps, moe layers, experts]; tokens_per_step = layer sum / top_k.
+    """
+    if top_k is None or top_k < 1:
+        raise UserError("sglang-dump needs --top-k (the counts cannot tell how many experts each token chose)")
+    paths = check_sources(sources)
+    arrays, kept_rows, fields, summary = [], [], {}, []
+    for p in paths:
+        counts, others = read_sglang_dump(p)
+        if arrays and counts.shape[1:] != arrays[0].shape[1:]:
+            raise UserError(f"{p}: {counts.shape[1]} layers x {counts.shape[2]} experts but {paths[0]} has "
+                            f"{arrays[0].shape[1]} x {arrays[0].shape[2]}")
+        rows = np.flatnonzero(counts.sum(axis=(1, 2)) > 0)
+        arrays.append(counts[rows])
+        kept_rows.append(rows)
+        fields[str(p)] = others
+        first = sum(len(x) for x in arrays[:-1])
+        summary.append(f"{p}: buffer of {len(counts)} rows, {len(rows)} with counts"
+                       + (f" (steps {first}..{first + len(rows) - 1})" if len(rows) else ""))
+    counts = np.concatenate(arrays)
+    if len(counts) == 0:
+        raise UserError(f"{paths[0]}: every count is 0 (nothing was recorded)")
+    moe_layers = np.flatnonzero(counts.sum(axis=(0, 2)) > 0)
+    counts = counts[:, moe_layers, :]
+    for p, a, rows in zip(paths, arrays, kept_rows):  # check per file to name file and buffer row
+        sums = a[:, moe_layers, :].sum(axis=2)  # [rows, moe layers]
+        bad = np.argwhere(sums != sums[:, :1])
+        if len(bad):
+            i, j = (int(x) for x in bad[0])
+            raise UserError(f"{p}: buffer row {rows[i]}: layer {moe_layers[j]} sums to {sums[i, j]} assignments "
+                            f"but layer {moe_layers[0]} sums to {sums[i, 0]} (every MoE layer of a forward "
+                            "pass sees the same tokens)")
+        rem = np.flatnonzero(sums[:, 0] % top_k)
+        if len(rem):
+            i = int(rem[0])
+            raise UserError(f"{p}: buffer row {rows[i]}: each layer sums to {sums[i, 0]} assignments, not a "
+                            f"multiple of --top-k {top_k}")
+    tokens_per_step = (counts[:, 0, :].sum(axis=1) // top_k).astype(int).tolist()
+    S, L, E = counts.shape
+    dropped = sorted(set(range(arrays[0].shape[1])) - set(moe_layers.tolist()))
+    summary.append(f"num_layers={L} (of {arrays[0].shape[1]} recorded; "
+                   + (f"layers {format_indices(dropped)} are all zero and dropped" if dropped else "none dropped")
+                   + f"), num_experts={E} (logical experts), top_k={top_k} (from --top-k)")
+    prov = provenance(
+        FORMAT, [str(p) for p in paths],
+        top_k_source="from --top-k",
+        buffer_rows_kept={str(p): format_indices(r) for p, r in zip(paths, kept_rows)},
+        original_layer_ids=moe_layers.tolist(),
+        dropped_zero_layers=dropped,
+        tokens_per_step_formula="sum of one layer's counts / top_k (all layers agree)",
+        dump_fields=fields,
+    )
+    meta = make_meta("counts", L, E, top_k, model, dataset, prov, tokens_per_step=tokens_per_step)
+    return ImportResult(counts_trace(meta, counts), summary)
+
