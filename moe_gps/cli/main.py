@@ -18,6 +18,7 @@ from moe_gps.errors import UserError
 # Subcommand modules, in the order they appear in --help.
 COMMANDS = (
     "moe_gps.cli.trace_cmd",
+    "moe_gps.cli.predict_cmd",
 )
 
 

@@ -1,0 +1,127 @@
+"""Vectorised building blocks of the table predictors: keyed count tables, top-k, chunks.
+
+A *keyed count table* holds, for every key (a token id, a position, ...) and layer,
+how many of the keyed tokens were routed to each expert: int32 [keys, layers, experts].
+Predictors rank experts by ``count + PRIOR * k * marginal`` where ``marginal`` is the
+layer's overall expert share: because ``k * marginal <= 1`` and ``PRIOR < 1``, the prior
+never overrides a difference of one observed token; it only breaks ties and decides for
+keys never seen (which therefore get the layer's most frequent experts).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+#: tie-break weight of the layer marginal, in tokens (< 1, see the module docstring)
+PRIOR = 0.5
+#: largest float work array built at once (elements); bigger jobs go in token chunks
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunks(n: int, elements_per_row: int, budget: int = CHUNK_ELEMENTS) -> Iterator[slice]:
+    """Row slices of [0, n) so that a chunk's work array stays under ``budget`` elements."""
+    step = max(1, budget // max(1, elements_per_row))
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step))
+
+
+def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores along the last axis, largest first -> int16 [..., k].
+
+    Deterministic: equal scores are ordered by lower index first.
+    """
+    e = scores.shape[-1]
+    if k >= e:
+        idx = np.argsort(-scores, axis=-1, kind="stable")
+        return idx[..., :k].astype(np.int16)
+    if e <= 64:
+        return np.argsort(-scores, axis=-1, kind="stable")[..., :k].astype(np.int16)
+    part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
+    part.sort(axis=-1)  # index order first, so the stable sort below breaks ties by index
+    vals = np.take_along_axis(scores, part, axis=-1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1).astype(np.int16)
+
+
+def layer_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """Assignments per (layer, expert) over all rows: experts int [N, L, k] -> int64 [L, E]."""
+    n, num_layers, _ = experts.shape
+    flat = (np.arange(num_layers, dtype=np.int64)[None, :, None] * num_experts + experts).ravel()
+    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+
+
+class KeyedCounts:
+    """Counts of experts per (key, layer): int32 [keys, layers, experts].
+
+    ``add`` accumulates the routing of tokens with given keys; ``scores`` gives the
+    ranking scores ``count + PRIOR * k * marginal`` of tokens; ``probabilities`` gives
+    smoothed shares ``(count + a * k * marginal) / (k * n_key + a * k)``.
+    """
+
+    def __init__(self, num_keys: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.num_keys, self.num_layers, self.num_experts, self.top_k = num_keys, num_layers, num_experts, top_k
+        self.counts = np.zeros((num_keys, num_layers, num_experts), dtype=np.int32)
+        self.layer_total = np.zeros((num_layers, num_experts), dtype=np.int64)
+
+    def add(self, keys: np.ndarray, experts: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """keys int [T] (0 <= key < num_keys); experts int [T, L, k]; valid bool [T] or None."""
+        self.layer_total += layer_counts(experts, self.num_experts)
+        if valid is not None:
+            keys, experts = keys[valid], experts[valid]
+        if len(keys) == 0:
+            return
+        L, E = self.num_layers, self.num_experts
+        flat = ((keys.astype(np.int64)[:, None, None] * L + np.arange(L)[None, :, None]) * E + experts).ravel()
+        size = self.counts.size
+        if len(flat) * 4 >= size:
+            self.counts += np.bincount(flat, minlength=size).reshape(self.counts.shape).astype(np.int32)
+        else:
+            np.add.at(self.counts.reshape(-1), flat, 1)
+
+    def marginal(self) -> np.ndarray:
+        """Layer expert shares over everything added, float [L, E] (uniform if nothing yet)."""
+        tot = self.layer_total.sum(axis=1, keepdims=True)
+        uniform = np.full(self.layer_total.shape, 1.0 / self.num_experts)
+        return np.divide(self.layer_total, tot, out=uniform, where=tot > 0)
+
+    def topk(self, keys: np.ndarray) -> np.ndarray:
+        """Most frequent k experts of each token's key: keys int [T] -> int16 [T, L, k]."""
+        prior = (PRIOR * self.top_k * self.marginal()).astype(np.float32)
+        out = np.empty((len(keys), self.num_layers, self.top_k), dtype=np.int16)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        # rank once per distinct key, then broadcast to the tokens
+        ranked = np.empty((len(uniq), self.num_layers, self.top_k), dtype=np.int16)
+        for sl in chunks(len(uniq), self.num_layers * self.num_experts):
+            ranked[sl] = topk_desc(self.counts[uniq[sl]].astype(np.float32) + prior, self.top_k)
+        out[:] = ranked[inv.reshape(-1)]
+        return out
+
+    def probabilities(self, keys: np.ndarray, prior_tokens: float) -> np.ndarray:
+        """Smoothed expert shares per distinct key: keys int [U] -> float [U, L, E], rows sum to 1."""
+        k = self.top_k
+        m = self.marginal()
+        c = self.counts[keys].astype(np.float64)
+        n = c.sum(axis=2, keepdims=True)  # = k * tokens of the key
+        return (c + prior_tokens * k * m) / (n + prior_tokens * k)
+
+
+class KeyIndex:
+    """Compact keys for raw token ids: the ``max_keys`` most frequent ids get rows 0..K-1;
+    every other id maps to K ("not in the table")."""
+
+    def __init__(self, ids: np.ndarray, max_keys: int) -> None:
+        uniq, freq = np.unique(ids, return_counts=True)
+        if len(uniq) > max_keys:
+            keep = np.sort(np.argsort(-freq, kind="stable")[:max_keys])
+            uniq = uniq[keep]
+        self.ids = uniq  # sorted
+        self.size = len(uniq)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [T]: row of each id, or ``size`` for ids outside the table."""
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.minimum(pos, max(self.size - 1, 0))
+        hit = (self.ids[pos] == ids) if self.size else np.zeros(len(ids), dtype=bool)
+        return np.where(hit, pos, self.size).astype(np.int64)
