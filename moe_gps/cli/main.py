@@ -19,6 +19,7 @@ from moe_gps.errors import UserError
 COMMANDS = (
     "moe_gps.cli.trace_cmd",
     "moe_gps.cli.predict_cmd",
+    "moe_gps.cli.plan_cmd",
 )
 
 

@@ -1,0 +1,196 @@
+"""``moe-gps plan``: plan expert placement from a trace's expert loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moe_gps.errors import UserError
+
+ALGORITHM_HELP = ("none: E/N contiguous experts per GPU (no copies); greedy: MoE-GPS paper Algorithm 1; "
+                  "eplb: DeepSeek EPLB (hierarchical with --nodes/--groups); waterfill: ours, uneven "
+                  "replica shares, migration-aware with --previous")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="plan which experts to duplicate and where (writes plan.yaml)",
+        description=("Sum the expert loads of the chosen steps of a trace, plan a placement for all layers "
+                     "and write it as YAML for the simulator and runtime; optionally export the map for "
+                     "SGLang or vLLM. Prints balancedness (mean/max GPU load) against the static layout. "
+                     "Definitions: docs/placement.md."))
+    p.add_argument("trace", help="trace file (.parquet), tokens or counts kind")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the expert-parallel group")
+    p.add_argument("--redundant", type=int, default=0,
+                   help="extra slots per layer in total; experts + redundant must divide by --gpus (default 0)")
+    from moe_gps.placement.planner import ALGORITHMS
+    p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS, help=ALGORITHM_HELP + " (default: eplb)")
+    p.add_argument("--steps", default="all",
+                   help="steps whose loads are summed: 'all', 'A:B' (half-open, like Python), or a comma list "
+                        "such as '0,4,8' or '0:16,32:48' (default: all)")
+    p.add_argument("--nodes", type=int, default=1, help="eplb: nodes (hierarchical when > 1; default 1)")
+    p.add_argument("--groups", type=int, default=1, help="eplb: expert groups (default 1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="greedy/waterfill: stop copying when hottest - coldest GPU <= threshold x mean "
+                        "(defaults: greedy 0.05, waterfill 0)")
+    p.add_argument("--max-copies", type=int, default=None, help="greedy/waterfill: copies per layer at most")
+    p.add_argument("--previous", metavar="PLAN", help="placement in force (YAML): bytes moved, and migration-"
+                                                      "aware planning for waterfill")
+    p.add_argument("--expert-mib", type=float, default=None,
+                   help="MiB of one expert's weights in one layer, for memory and bytes moved "
+                        "(e.g. Mixtral 8x7B bf16: 336)")
+    p.add_argument("--max-slots-per-gpu", type=int, default=None, help="capacity: slots per GPU at most")
+    p.add_argument("-o", "--output", required=True, help="placement file to write (.yaml)")
+    p.add_argument("--sglang", metavar="FILE", help="also write SGLang --init-expert-location JSON")
+    p.add_argument("--vllm", metavar="FILE", help="also write a vLLM physical_to_logical_map JSON (MoE layers)")
+    p.add_argument("--vllm-ascend", metavar="FILE", help="also write a vLLM Ascend expert_map_path JSON")
+    p.add_argument("--num-hidden-layers", type=int, default=None,
+                   help="sglang export: decoder layers of the model (default: the trace's MoE layers)")
+    p.add_argument("--first-moe-layer", type=int, default=0,
+                   help="sglang export: index of the first MoE layer (e.g. 3 for DeepSeek-V3; default 0)")
+    p.add_argument("--per-layer", action="store_true", help="also print balancedness per layer")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+
+def parse_steps(spec: str, num_steps: int) -> list[int]:
+    """'all' | 'A:B' | 'a,b,c' | mixes such as '0:4,9' -> sorted unique step indices."""
+    spec = spec.strip()
+    if spec in ("all", ""):
+        return list(range(num_steps))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                a, b = part.split(":", 1)
+                sl = slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
+                picked = range(num_steps)[sl]
+                if len(picked) == 0:
+                    raise UserError(f"--steps: '{part}' selects no step (the trace has {num_steps} steps)")
+                out.update(picked)
+            else:
+                s = int(part)
+                if not -num_steps <= s < num_steps:
+                    raise UserError(f"--steps: step {s} is out of range (the trace has {num_steps} steps, 0.."
+                                    f"{num_steps - 1})")
+                out.add(s % num_steps)
+        except ValueError:
+            raise UserError(f"--steps: cannot read '{part}'; use 'all', 'A:B' or a comma list of steps") from None
+    return sorted(out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
+    from moe_gps.placement.export import even_share_balancedness, export_placement
+    from moe_gps.tables import format_table
+    from moe_gps.trace import load_trace
+
+    trace = load_trace(args.trace)
+    counts = trace.counts()                                   # [steps, layers, experts]
+    steps = parse_steps(args.steps, counts.shape[0])
+    loads = counts[steps].sum(axis=0)
+    if loads.sum() == 0:
+        raise UserError(f"{args.trace}: the selected steps route no tokens; nothing to balance")
+
+    options: dict = {}
+    if args.algorithm == "eplb":
+        options.update(num_nodes=args.nodes, num_groups=args.groups)
+    elif args.nodes != 1 or args.groups != 1:
+        raise UserError("--nodes and --groups apply to --algorithm eplb only")
+    if args.algorithm in ("greedy", "waterfill"):
+        if args.threshold is not None:
+            options["threshold"] = args.threshold
+        if args.max_copies is not None:
+            options["max_copies"] = args.max_copies
+    elif args.threshold is not None or args.max_copies is not None:
+        raise UserError("--threshold and --max-copies apply to --algorithm greedy and waterfill only")
+    expert_bytes = None if args.expert_mib is None else int(round(args.expert_mib * 2**20))
+    if expert_bytes is not None and expert_bytes <= 0:
+        raise UserError(f"--expert-mib must be > 0, got {args.expert_mib}")
+    capacity = Capacity(max_slots_per_gpu=args.max_slots_per_gpu, expert_bytes=expert_bytes)
+    previous = Placement.load(args.previous) if args.previous else None
+
+    plan = plan_placement(loads, args.gpus, args.redundant, args.algorithm, previous=previous,
+                          capacity=capacity, **options)
+    static = plan_placement(loads, args.gpus, args.redundant, "none", capacity=capacity)
+    m = placement_metrics(plan, loads, previous, expert_bytes)
+    m0 = placement_metrics(static, loads, previous, expert_bytes)
+    meta = trace.meta
+    plan.meta.update({
+        "trace": str(args.trace), "model": meta.model, "dataset": meta.dataset, "trace_source": meta.source,
+        "steps": args.steps, "num_steps_used": len(steps), "tokens_per_layer": float(loads.sum(axis=1).mean()),
+        "previous": args.previous, "command": "moe-gps " + " ".join(sys.argv[1:]),
+        "predicted": {k: v for k, v in m.summary().items() if v is not None},
+    })
+    plan.save(args.output)
+    exports = [(fmt, path) for fmt, path in (("sglang", args.sglang), ("vllm", args.vllm),
+                                             ("vllm-ascend", args.vllm_ascend)) if path]
+    for fmt, path in exports:
+        export_placement(plan, fmt, path, args.num_hidden_layers, args.first_moe_layer)
+
+    if args.json:
+        out = {"output": args.output, "plan": m.summary(), "static": m0.summary(),
+               "planning_seconds": plan.meta["planning_seconds"],
+               "balancedness_per_layer": m.balancedness.round(6).tolist()}
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"trace: {meta.model}, {meta.dataset}, source {meta.source}; {plan.num_layers} layers x "
+              f"{plan.num_experts} experts; loads summed over {len(steps)} of {counts.shape[0]} steps")
+        print(f"{plan.num_gpus} GPUs x {plan.slots_per_gpu} slots ({plan.num_redundant} redundant per layer); "
+              f"algorithm {plan.algorithm} {_options_text(plan.meta['options'])}")
+        print()
+        print(format_table(_comparison(m0, m, args.algorithm, plan.meta["planning_seconds"]),
+                           [("metric", "metric", ""), ("static", "static (none)", ""), ("plan", args.algorithm, "")]))
+        if args.per_layer:
+            print()
+            rows = [{"layer": i, "before": float(m0.balancedness[i]), "after": float(m.balancedness[i]),
+                     "skew": float(m.skewness_before[i]), "used": int(m.redundant_used[i])}
+                    for i in range(plan.num_layers)]
+            print(format_table(rows, [("layer", "layer", ""), ("skew", "expert skew", ".2f"),
+                                      ("before", "bal. static", ".4f"), ("after", "bal. plan", ".4f"),
+                                      ("used", "copies used", "")]))
+        print()
+        print(f"wrote {args.output}" + "".join(f", {path} ({fmt})" for fmt, path in exports))
+    if exports and not plan.shares_are_even:
+        sys.stdout.flush()
+        even = float(even_share_balancedness(plan, loads).mean())
+        print(f"moe-gps: note: SGLang and vLLM split an expert's tokens evenly over its replicas; this plan's "
+              f"uneven shares are not in the exported map, which gives balancedness {even:.4f} with an even "
+              f"split (plan: {float(m.balancedness.mean()):.4f})", file=sys.stderr)
+    return 0
+
+
+def _options_text(options: dict) -> str:
+    shown = {k: v for k, v in options.items() if v is not None}
+    return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
+
+
+def _fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _comparison(m0, m, name: str, seconds: float) -> list[dict]:
+    a, b = m0.summary(), m.summary()
+    rows = [
+        ("balancedness (mean over layers)", f"{a['balancedness']:.4f}", f"{b['balancedness']:.4f}"),
+        ("balancedness (worst layer)", f"{a['balancedness_min']:.4f}", f"{b['balancedness_min']:.4f}"),
+        ("GPU skew (max/mean GPU load)", f"{a['gpu_skewness']:.3f}", f"{b['gpu_skewness']:.3f}"),
+        ("expert skew (max/mean expert load)", f"{a['skewness_before']:.3f}", f"{b['skewness_before']:.3f}"),
+        ("replica skew (max/mean replica load)", f"{a['replica_skewness']:.3f}", f"{b['replica_skewness']:.3f}"),
+        ("redundant replicas used (mean/layer)", f"{a['redundant_used']:.1f}", f"{b['redundant_used']:.1f}"),
+        ("extra slots per GPU", f"{a['extra_slots_per_gpu']:.2f}", f"{b['extra_slots_per_gpu']:.2f}"),
+        ("extra expert memory per GPU", _fmt_bytes(a["extra_memory_per_gpu"]), _fmt_bytes(b["extra_memory_per_gpu"])),
+    ]
+    if b["experts_moved"] is not None:
+        rows.append(("experts moved vs --previous", str(a["experts_moved"]), str(b["experts_moved"])))
+        rows.append(("bytes moved vs --previous", _fmt_bytes(a["bytes_moved"]), _fmt_bytes(b["bytes_moved"])))
+    rows.append(("planning time", "-", f"{seconds * 1e3:.1f} ms"))
+    return [{"metric": r[0], "static": r[1], "plan": r[2]} for r in rows]
