@@ -1,0 +1,91 @@
+"""``moe-gps run`` (torchrun the expert-parallel runtime) and ``moe-gps record`` (HF router trace).
+
+Both are thin wrappers around :mod:`runtime`: ``run`` checks the config here (so that a
+bad config is one line, not one error per rank) and then starts
+``torchrun --standalone --nproc_per_node N -m runtime.launch ...``; ``record`` calls
+:func:`runtime.record_hf.run_from_args` in this process. torch is imported only when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+
+from moe_gps.errors import UserError
+
+MODES = ("off", "static", "dist-only", "token-to-expert")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run expert-parallel MoE on N local ranks (torchrun), applying duplication; record trace+timings",
+        description=("Start `torchrun --standalone --nproc_per_node N -m runtime.launch --config CONFIG "
+                     "--duplication MODE`: an expert-parallel MoE model on N ranks (gloo on CPU, NCCL on GPUs) "
+                     "that plans and applies expert duplication with the moe_gps predictors and planner, and "
+                     "writes the router trace (source: collected) and per step/rank/layer timings. For several "
+                     "nodes call torchrun yourself (docs/runtime.md)."))
+    p.add_argument("--config", required=True, help="run config (YAML; example: runtime/examples/run.yaml)")
+    p.add_argument("--duplication", required=True, choices=MODES,
+                   help="off | static | dist-only | token-to-expert (docs/runtime.md)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks on this machine (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--out", help="override output.dir")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    p.set_defaults(func=cmd_run)
+
+    r = sub.add_parser(
+        "record", help="record a router trace from a local HuggingFace MoE checkpoint (one process)",
+        description=("Run forward passes of a local transformers MoE checkpoint (Mixtral, Qwen2/Qwen3-MoE, OLMoE) "
+                     "with hooks on its routers and write the routing as a trace (source: collected). Needs "
+                     "torch and transformers (pip install 'moe-gps[collect]')."))
+    from runtime.record_hf import add_arguments  # numpy only at import time
+    add_arguments(r)
+    r.set_defaults(func=cmd_record)
+
+
+def _need(module: str, extra: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this command needs {module}: pip install 'moe-gps[{extra}]'")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _need("torch", "runtime")
+    from runtime.config import load_run_config
+    cfg = load_run_config(args.config)
+    if args.nproc < 1:
+        raise UserError("--nproc must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if not cfg.model.checkpoint:
+        E = cfg.model.num_experts
+        R = 0 if args.duplication == "off" else cfg.duplication.num_redundant
+        if (E + R) % args.nproc and not (args.duplication == "static" and cfg.duplication.placement):
+            raise UserError(f"{args.config}: {E} experts + {R} redundant slots do not divide over {args.nproc} "
+                            "ranks; change duplication.num_redundant or --nproc")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "runtime.launch", "--config", args.config, "--duplication", args.duplication]
+    for flag, value in (("--steps", args.steps), ("--out", args.out), ("--device", args.device)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.quiet:
+        cmd.append("--quiet")
+    print("moe-gps run: " + " ".join(cmd[1:]).replace("-m torch.distributed.run", "torchrun", 1), file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code:
+        print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime' lines above (and torchrun's "
+              "'Root Cause') name the rank that failed first", file=sys.stderr)
+    return code
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    _need("torch", "collect")
+    _need("transformers", "collect")
+    from runtime.record_hf import run_from_args
+    s = run_from_args(args, command="moe-gps record " + " ".join(sys.argv[2:]))
+    print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
+          f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
+    return 0

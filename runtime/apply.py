@@ -1,0 +1,245 @@
+"""Applying a new placement while running: move expert weights between ranks, then check.
+
+For every layer and every slot of the new placement (rank ``r``, local index ``q``,
+logical expert ``e``), :func:`move_plan` picks one action:
+
+* ``keep``  the same slot already holds ``e`` (same rank, same local index): nothing moves;
+* ``local`` ``e`` is in another slot of rank ``r``: a copy in the rank's memory;
+* ``recv``  ``e`` is on other ranks only: one transfer per (layer, expert, destination
+  rank), from the expert's old replicas in turn (round-robin over destinations), so a
+  rank that needs ``e`` in two slots receives it once and copies it locally.
+
+:func:`apply_placement` runs the transfers of all layers in one
+``batch_isend_irecv``, fills the local copies, installs the new routing tables and
+then checks that every slot holds the expert it should (:class:`Fingerprints`),
+failing on every rank together if one slot is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from runtime.dist import DistContext, all_gather_flat
+from runtime.moe_layer import ExpertParallelMoE
+from runtime.routing import layer_tables
+
+KEEP, LOCAL, RECV = 0, 1, 2
+
+
+@dataclass
+class Transfer:
+    """One expert sent from one rank to another: ``layer, expert, src_rank, src_local, dst_rank``."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    src_local: int
+    dst_rank: int
+
+
+@dataclass
+class MovePlan:
+    """What to do per layer and rank.
+
+    action [L, N, S_new]: KEEP, LOCAL or RECV per new slot;
+    source [L, N, S_new]: the old local slot to keep/copy from (KEEP/LOCAL) or the index
+    of the transfer in ``transfers`` (RECV);
+    transfers: sorted by (layer, expert, dst_rank), the order every rank issues them in.
+    """
+
+    action: np.ndarray
+    source: np.ndarray
+    transfers: list[Transfer]
+    old_slots_per_gpu: int
+    new_slots_per_gpu: int
+
+    def counts(self) -> dict[str, int]:
+        return {"slots_kept": int((self.action == KEEP).sum()), "local_copies": int((self.action == LOCAL).sum()),
+                "slots_received": int((self.action == RECV).sum()), "transfers": len(self.transfers)}
+
+
+def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int) -> MovePlan:
+    """Plan the weight moves from one placement to the next (numpy only, the same on every rank).
+
+    old_phy2log [L, N * S_old], new_phy2log [L, N * S_new] (slot = rank * S + i).
+    """
+    old = np.asarray(old_phy2log, dtype=np.int64)
+    new = np.asarray(new_phy2log, dtype=np.int64)
+    L, N = old.shape[0], num_ranks
+    if new.shape[0] != L:
+        raise ValueError(f"old placement has {L} layers, new has {new.shape[0]}")
+    if old.shape[1] % N or new.shape[1] % N:
+        raise ValueError(f"slots ({old.shape[1]} old, {new.shape[1]} new) do not divide over {N} ranks")
+    S_old, S_new = old.shape[1] // N, new.shape[1] // N
+    old_r = old.reshape(L, N, S_old)
+    new_r = new.reshape(L, N, S_new)
+    action = np.full((L, N, S_new), RECV, dtype=np.int8)
+    source = np.full((L, N, S_new), -1, dtype=np.int64)
+    q = min(S_old, S_new)
+    same = old_r[:, :, :q] == new_r[:, :, :q]
+    action[:, :, :q][same] = KEEP
+    source[:, :, :q][same] = np.broadcast_to(np.arange(q), same.shape)[same]
+    # local copies: the expert sits in some old slot of the same rank (take the first)
+    match = new_r[:, :, :, None] == old_r[:, :, None, :]                  # [L, N, S_new, S_old]
+    has = match.any(axis=3)
+    first = match.argmax(axis=3)
+    local = has & (action != KEEP)
+    action[local] = LOCAL
+    source[local] = first[local]
+    # transfers: one per (layer, expert, destination rank), sources round-robin over old replicas
+    transfers: list[Transfer] = []
+    need = action == RECV
+    if need.any():
+        l_idx, r_idx, s_idx = np.nonzero(need)
+        experts = new_r[l_idx, r_idx, s_idx]
+        key = np.stack([l_idx, experts, r_idx], axis=1)
+        uniq, inverse = np.unique(key, axis=0, return_inverse=True)          # sorted (layer, expert, dst)
+        inverse = inverse.reshape(-1)
+        turn: dict[tuple[int, int], int] = {}
+        for l, e, dst in uniq.tolist():
+            holders = np.flatnonzero(old[l] == e)
+            t = turn.get((l, e), 0)
+            turn[(l, e)] = t + 1
+            src = int(holders[t % len(holders)])
+            transfers.append(Transfer(l, e, src // S_old, src % S_old, dst))
+        source[l_idx, r_idx, s_idx] = inverse
+    return MovePlan(action, source, transfers, S_old, S_new)
+
+
+@dataclass
+class MoveStats:
+    """What one placement change did on this rank (and in total, for the plan counts)."""
+
+    seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    counts: dict = field(default_factory=dict)
+
+
+def fingerprint(rows: torch.Tensor) -> torch.Tensor:
+    """A per-row checksum: [S, n] -> float64 [S, 3] (sum, sum of squares, first element)."""
+    r = rows.double()
+    return torch.stack([r.sum(dim=1), (r * r).sum(dim=1), r[:, 0]], dim=1) if rows.shape[0] else \
+        torch.zeros(0, 3, dtype=torch.float64, device=rows.device)
+
+
+class Fingerprints:
+    """Checksums of every logical expert, ``table [L, E, 3]``, taken when the weights were loaded.
+
+    Built from every rank's slots with one all-gather; replicas of an expert must agree.
+    """
+
+    def __init__(self, blocks: list[ExpertParallelMoE], ctx: DistContext) -> None:
+        L = len(blocks)
+        E = blocks[0].num_experts
+        local = torch.stack([fingerprint(b.slot_weights) for b in blocks])          # [L, S, 3]
+        if ctx.distributed:
+            allg = torch.empty((ctx.world_size,) + tuple(local.shape), dtype=local.dtype, device=local.device)
+            with ctx.guard("all_gather of expert fingerprints"):
+                all_gather_flat(allg.view(-1), local.reshape(-1).contiguous(), group=ctx.group)
+        else:
+            allg = local[None]
+        allg = allg.cpu().numpy()                                                  # [N, L, S, 3]
+        table = np.full((L, E, 3), np.nan)
+        for l, b in enumerate(blocks):
+            phy = b.tables.phy2log
+            fp = allg[:, l].reshape(-1, 3)                                          # [P, 3] in slot order
+            table[l, phy] = fp
+            if not np.allclose(table[l, phy], fp, rtol=1e-12, atol=0):
+                raise RuntimeError(f"layer {l}: replicas of one expert hold different weights at load time")
+        self.table = table
+
+    def check(self, blocks: list[ExpertParallelMoE], ctx: DistContext) -> list[str]:
+        """Problems on this rank (empty when every slot holds its expert)."""
+        bad = []
+        for l, b in enumerate(blocks):
+            got = fingerprint(b.slot_weights).cpu().numpy()
+            want_e = b.tables.phy2log[b.local_slots()]
+            want = self.table[l, want_e]
+            ok = np.isclose(got, want, rtol=1e-12, atol=0).all(axis=1)
+            for q in np.flatnonzero(~ok):
+                bad.append(f"rank {ctx.rank}: layer {l}, slot {int(b.local_slots()[q])} should hold expert "
+                           f"{int(want_e[q])} but its weights do not match")
+        return bad
+
+
+def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, new_share: np.ndarray,
+                    ctx: DistContext, fingerprints: Fingerprints | None = None) -> MoveStats:
+    """Move expert weights so that the slots follow ``new_phy2log [L, P]``; install the tables.
+
+    new_share [L, P]: the replica token shares. Checks every slot afterwards when
+    ``fingerprints`` is given (raising on every rank if any slot is wrong).
+    """
+    t0 = time.perf_counter()
+    N, me = ctx.world_size, ctx.rank
+    new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
+    old = np.stack([b.tables.phy2log for b in blocks])
+    plan = move_plan(old, new_phy2log, N)
+    S_old, S_new = plan.old_slots_per_gpu, plan.new_slots_per_gpu
+    in_place = S_old == S_new
+    stats = MoveStats(counts=plan.counts())
+    buffers, sources = [], []
+    for l, b in enumerate(blocks):
+        old_buf = b.slot_weights
+        act, src = plan.action[l, me], plan.source[l, me]
+        if in_place:
+            new_buf = old_buf
+            written = set(np.flatnonzero(act != KEEP).tolist())
+            needed = {int(s) for s in src[act == LOCAL]}
+            needed |= {t.src_local for t in plan.transfers if t.layer == l and t.src_rank == me}
+            snap = {q: old_buf[q].clone() for q in sorted(needed & written)}
+        else:
+            new_buf = torch.empty(S_new, b.expert_numel, dtype=old_buf.dtype, device=old_buf.device)
+            snap = {}
+        buffers.append(new_buf)
+        sources.append((old_buf, snap))
+
+    def old_row(l: int, q: int) -> torch.Tensor:
+        old_buf, snap = sources[l]
+        return snap[q] if q in snap else old_buf[q]
+
+    ops, recv_into = [], {}
+    for i, t in enumerate(plan.transfers):
+        nbytes = blocks[t.layer].expert_bytes
+        if t.src_rank == me and t.dst_rank != me:
+            ops.append(dist.P2POp(dist.isend, old_row(t.layer, t.src_local).contiguous(), t.dst_rank,
+                                  group=ctx.group))
+            stats.bytes_sent += nbytes
+        if t.dst_rank == me:
+            slots = np.flatnonzero((plan.action[t.layer, me] == RECV) & (plan.source[t.layer, me] == i))
+            target = buffers[t.layer][int(slots[0])]
+            recv_into[i] = (t.layer, slots)
+            ops.append(dist.P2POp(dist.irecv, target, t.src_rank, group=ctx.group))
+            stats.bytes_received += nbytes
+    if ops:
+        with ctx.guard(f"batch_isend_irecv of {len(plan.transfers)} expert transfers"):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+    for l, b in enumerate(blocks):
+        act, src = plan.action[l, me], plan.source[l, me]
+        buf = buffers[l]
+        for q in range(S_new):
+            if act[q] == LOCAL or (act[q] == KEEP and not in_place):
+                buf[q].copy_(old_row(l, int(src[q])))
+    for i, (l, slots) in recv_into.items():
+        for q in slots[1:]:
+            buffers[l][int(q)].copy_(buffers[l][int(slots[0])])
+    for l, b in enumerate(blocks):
+        tables = layer_tables(new_phy2log[l], np.asarray(new_share)[l], b.num_experts, S_new, ctx.device)
+        b.set_slots(tables, buffers[l])
+    if fingerprints is not None:
+        problems = fingerprints.check(blocks, ctx)
+        n_bad = torch.tensor([len(problems)], dtype=torch.int64, device=ctx.device)
+        if ctx.distributed:
+            with ctx.guard("all_reduce of the placement check"):
+                dist.all_reduce(n_bad, group=ctx.group)
+        if int(n_bad.item()):
+            mine = "; ".join(problems[:3]) or f"rank {ctx.rank}: all slots correct"
+            raise RuntimeError(f"placement check failed on {int(n_bad.item())} slot(s): {mine}")
+    stats.seconds = time.perf_counter() - t0
+    return stats

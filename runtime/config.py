@@ -1,0 +1,213 @@
+"""The run config (``run.yaml``) of ``runtime.launch``: dataclasses, defaults, validation.
+
+Sections ``model``, ``input``, ``run``, ``duplication`` and ``output``; every key is
+optional and documented in docs/runtime.md. Relative input paths (``model.checkpoint``,
+``input.trace``, ``duplication.placement``) are resolved against the config file's
+folder; ``output.dir`` against the current folder. This module needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_gps.errors import UserError
+
+DUPLICATION_MODES = ("off", "static", "dist-only", "token-to-expert")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSection:
+    """A Mixtral-style stack with random weights, or a local HuggingFace MoE checkpoint."""
+
+    checkpoint: str | None = None       # local HF checkpoint folder (Mixtral, Qwen2/Qwen3-MoE, OLMoE)
+    num_layers: int = 4                 # decoder layers, each with an MoE block
+    hidden_size: int = 128
+    intermediate_size: int = 256        # per expert
+    num_experts: int = 8
+    top_k: int = 2
+    num_heads: int = 4
+    vocab_size: int = 32000
+    router_bias_std: float = 0.0        # std of a fixed per-expert router logit bias (random models only)
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class InputSection:
+    """Where token ids come from: a trace's token_id column, else a seeded Zipf generator."""
+
+    trace: str | None = None
+    batch_size: int = 4                 # sequences per rank per step
+    seq_len: int = 64                   # tokens per sequence
+    seed: int = 0
+    zipf_exponent: float = 1.2          # of the seeded generator
+
+
+@dataclass
+class RunSection:
+    steps: int = 16
+    device: str = "auto"                # auto | cpu | cuda
+    timeout_s: float = 60.0             # every collective, and the rendezvous
+    threads: int | None = None          # torch CPU threads per rank (default: cores / local ranks)
+
+
+@dataclass
+class DuplicationSection:
+    num_redundant: int = 4              # extra slots per layer in total (experts + this divisible by ranks)
+    algorithm: str = "eplb"             # a moe_gps.placement algorithm
+    algorithm_options: dict = field(default_factory=dict)
+    warmup_steps: int = 4               # steps recorded before the first plan (the predictors' training split)
+    replan_every: int = 4               # K: plan and apply every K steps after the warm-up
+    distribution_predictor: str = "ema"
+    distribution_params: dict = field(default_factory=dict)
+    token_predictor: str = "token-id"
+    token_params: dict = field(default_factory=dict)
+    placement: str | None = None        # a plan.yaml kept for the whole run (--duplication static)
+    verify: bool = True                 # check every slot after each move
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/run"
+    trace: str = "trace.parquet"
+    timings: str = "timings.csv"
+    steps: str = "steps.csv"
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    input: InputSection = field(default_factory=InputSection)
+    run: RunSection = field(default_factory=RunSection)
+    duplication: DuplicationSection = field(default_factory=DuplicationSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+_SECTIONS = {"model": ModelSection, "input": InputSection, "run": RunSection,
+             "duplication": DuplicationSection, "output": OutputSection}
+
+
+def _check_type(where: str, value: Any, default: Any, annotation: str) -> Any:
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise UserError(f"{where}: must not be empty")
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if "int" in annotation and "float" not in annotation:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if "dict" in annotation:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: must be a mapping, got {value!r}")
+        return value
+    if "str" in annotation:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where}: must be text, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_run_config(doc: Any, where: str = "run config", base: Path | None = None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a parsed YAML document."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: expected a mapping with sections {', '.join(_SECTIONS)}")
+    unknown = sorted(set(doc) - set(_SECTIONS))
+    if unknown:
+        raise UserError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
+    parts = {}
+    for name, cls in _SECTIONS.items():
+        sec = doc.get(name) or {}
+        if not isinstance(sec, dict):
+            raise UserError(f"{where}: section '{name}' must be a mapping")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(sec) - set(fields))
+        if bad:
+            raise UserError(f"{where}: {name}: unknown key(s) {', '.join(bad)} (known: {', '.join(fields)})")
+        values = {k: _check_type(f"{where}: {name}.{k}", v, None, str(fields[k].type)) for k, v in sec.items()}
+        parts[name] = cls(**values)
+    cfg = RunConfig(**parts, source=where)
+    base = base or Path(".")
+    for sec, key in (("model", "checkpoint"), ("input", "trace"), ("duplication", "placement")):
+        value = getattr(parts[sec], key)
+        if value:
+            p = Path(value).expanduser()
+            setattr(parts[sec], key, str(p if p.is_absolute() else (base / p)))
+    check_run_config(cfg)
+    return cfg
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    w = cfg.source
+    m, i, r, d = cfg.model, cfg.input, cfg.run, cfg.duplication
+    for sec, name, value, low in (("model", "num_layers", m.num_layers, 1), ("model", "hidden_size", m.hidden_size, 1),
+                                  ("model", "intermediate_size", m.intermediate_size, 1),
+                                  ("model", "num_experts", m.num_experts, 1), ("model", "top_k", m.top_k, 1),
+                                  ("model", "num_heads", m.num_heads, 1), ("model", "vocab_size", m.vocab_size, 2),
+                                  ("input", "batch_size", i.batch_size, 1), ("input", "seq_len", i.seq_len, 1),
+                                  ("run", "steps", r.steps, 1), ("duplication", "num_redundant", d.num_redundant, 0),
+                                  ("duplication", "warmup_steps", d.warmup_steps, 1),
+                                  ("duplication", "replan_every", d.replan_every, 1)):
+        if value < low:
+            raise UserError(f"{w}: {sec}.{name} must be at least {low}, got {value}")
+    if m.top_k > m.num_experts:
+        raise UserError(f"{w}: model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}")
+    if m.hidden_size % m.num_heads:
+        raise UserError(f"{w}: model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
+    if (m.hidden_size // m.num_heads) % 2:
+        raise UserError(f"{w}: model.hidden_size / model.num_heads must be even (rotary embedding)")
+    if m.dtype not in DTYPES:
+        raise UserError(f"{w}: model.dtype {m.dtype!r} is not one of {', '.join(DTYPES)}")
+    if m.router_bias_std < 0:
+        raise UserError(f"{w}: model.router_bias_std must be >= 0")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{w}: run.device {r.device!r} is not one of auto, cpu, cuda")
+    if r.timeout_s <= 0:
+        raise UserError(f"{w}: run.timeout_s must be positive")
+    if r.threads is not None and r.threads < 1:
+        raise UserError(f"{w}: run.threads must be at least 1")
+    if i.zipf_exponent <= 1:
+        raise UserError(f"{w}: input.zipf_exponent must be > 1")
+    for sec, key in (("model", "checkpoint"), ("input", "trace"), ("duplication", "placement")):
+        value = getattr(getattr(cfg, sec), key)
+        if value and not Path(value).exists():
+            raise UserError(f"{w}: {sec}.{key}: {value}: no such file or folder")
+    from moe_gps.placement import ALGORITHMS
+    if d.algorithm not in ALGORITHMS:
+        raise UserError(f"{w}: duplication.algorithm {d.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate ``run.yaml``; UserError naming the file and key on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such config file")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a config file")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{p}: not a readable YAML file ({first})") from None
+    return parse_run_config(doc, where=str(p), base=p.resolve().parent)

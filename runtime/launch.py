@@ -1,0 +1,190 @@
+"""``torchrun --nproc_per_node N -m runtime.launch --config run.yaml --duplication MODE``.
+
+Each step: (maybe) plan and apply a new placement, run the model on every rank's
+tokens, gather the routing and the timings to rank 0, which writes the router trace
+(``source: collected``) and, at the end, the timings files. See docs/runtime.md.
+
+Exit codes: 0 done; 2 a bad config or flag (one line, no traceback); 1 a failed or
+timed-out collective (one line naming the rank(s) that stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DESCRIPTION = ("Run expert-parallel MoE inference on torch.distributed, applying expert duplication "
+               "planned by moe_gps, and record the router trace and timings.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.config import DUPLICATION_MODES
+    p = argparse.ArgumentParser(prog="python -m runtime.launch", description=DESCRIPTION)
+    p.add_argument("--config", required=True, help="run config (YAML, see runtime/examples/run.yaml)")
+    p.add_argument("--duplication", required=True, choices=DUPLICATION_MODES,
+                   help="off: no replicas; static: one plan for the run; dist-only: re-plan from a "
+                        "distribution predictor every K steps; token-to-expert: re-plan from per-token guesses")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--out", help="override output.dir (folder for trace, timings, plan)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moe_gps.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        from runtime.config import load_run_config
+        cfg = load_run_config(args.config)
+        if args.steps is not None:
+            if args.steps < 1:
+                raise UserError("--steps must be at least 1")
+            cfg.run.steps = args.steps
+        if args.out:
+            cfg.output.dir = args.out
+        if args.device:
+            cfg.run.device = args.device
+    except UserError as err:
+        if rank == 0:
+            print(f"runtime.launch: error: {err}", file=sys.stderr)
+        return err.exit_code
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("runtime.launch: error: the runtime needs PyTorch: pip install 'moe-gps[runtime]'", file=sys.stderr)
+        return 2
+    from runtime.dist import CollectiveFailure
+    try:
+        run(cfg, args.duplication, quiet=args.quiet, command=" ".join(["runtime.launch"] + sys.argv[1:]))
+    except UserError as err:
+        print(f"runtime.launch: error: rank {rank}: {err}", file=sys.stderr)
+        return err.exit_code
+    except CollectiveFailure as err:
+        print(f"runtime.launch: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"runtime.launch: rank {rank}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fault(ctx, step: int) -> None:
+    """Testing aid: ``MOE_GPS_FAULT=rank:step:exit|hang`` kills one rank at one step, or stalls it
+    for three collective timeouts and then kills it."""
+    spec = os.environ.get("MOE_GPS_FAULT")
+    if not spec:
+        return
+    r, s, how = spec.split(":")
+    if int(r) == ctx.rank and int(s) == step:
+        if how == "hang":
+            time.sleep(3 * ctx.timeout_s)
+        os._exit(3)
+
+
+def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ctx=None) -> dict | None:
+    """Run a whole job on this rank; rank 0 returns the summary dict (other ranks None)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from moe_gps.placement import Placement
+    from runtime.apply import Fingerprints, apply_placement
+    from runtime.build import build_model, forward
+    from runtime.dist import init_distributed
+    from runtime.duplication import DuplicationPolicy
+    from runtime.inputs import TokenSource
+    from runtime.record import RunRecorder, gather_step
+
+    own_ctx = ctx is None
+    if ctx is None:
+        ctx = init_distributed(cfg.run.device, cfg.run.timeout_s)
+        ctx.announce = True
+    try:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        if ctx.device.type == "cpu":
+            torch.set_num_threads(threads)
+        say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if (ctx.rank == 0 and not quiet) else \
+            (lambda *a: None)
+        say(f"runtime: {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
+            f"duplication {mode}, config {cfg.source}")
+        handle = build_model(cfg.model, ctx)
+        L, E, k = handle.num_layers, handle.num_experts, handle.top_k
+        source = TokenSource(cfg.input, handle.vocab_size, ctx.world_size)
+        T_rank = source.tokens_per_rank
+        policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size)
+        placement = policy.initial()
+        handle.install(placement, ctx)
+        fingerprints = Fingerprints(handle.experts, ctx) if cfg.duplication.verify else None
+        handle.set_record(True)
+        say(f"runtime: model {handle.name}: {L} MoE layers, {E} experts, top-{k}; "
+            f"{placement.slots_per_gpu} slots per rank; input {source.description}")
+        recorder = RunRecorder(cfg, mode, ctx, handle, source, command) if ctx.rank == 0 else None
+        P = placement.num_slots
+        steps = range(cfg.run.steps)
+        if ctx.rank == 0 and not quiet:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="steps", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
+        try:
+            for step in steps:
+                t_step = time.perf_counter()
+                ctx.progress(step, "start")
+                _fault(ctx, step)
+                move, info = None, None
+                if policy.wants_plan(step):
+                    ctx.progress(step, "plan")
+                    buf = torch.zeros(2, L, P, dtype=torch.float64, device=ctx.device)
+                    if ctx.rank == 0:
+                        new, info = policy.plan(step, *source.step_tokens(step))
+                        buf[0] = torch.as_tensor(new.phy2log, dtype=torch.float64)
+                        buf[1] = torch.as_tensor(new.replica_share, dtype=torch.float64)
+                    if ctx.distributed:
+                        with ctx.guard("broadcast of the new placement"):
+                            dist.broadcast(buf, src=0, group=ctx.group)
+                    arr = buf.cpu().numpy()
+                    if ctx.rank != 0:
+                        new = Placement(arr[0].astype(np.int64), ctx.world_size, E, arr[1],
+                                        algorithm=cfg.duplication.algorithm, allow_colocated=True)
+                        policy.adopt(new)
+                    ctx.progress(step, "move")
+                    move = apply_placement(handle.experts, new.phy2log, new.replica_share, ctx, fingerprints)
+                    placement = new
+                ctx.progress(step, "forward")
+                batch = source.batch(step, ctx.rank)
+                ids = torch.as_tensor(batch.token_id, device=ctx.device)
+                t_fwd = time.perf_counter()
+                forward(handle, ids)
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                forward_s = time.perf_counter() - t_fwd
+                ctx.progress(step, "gather")
+                gathered = gather_step(ctx, handle, batch, step_s=time.perf_counter() - t_step, forward_s=forward_s,
+                                       move=move)
+                if ctx.rank == 0:
+                    routing = recorder.add_step(step, gathered, placement, info, move)
+                    policy.observe(routing)
+                    if info is not None:
+                        say(f"runtime: step {step}: new placement ({info.note}); predicted max rank load "
+                            f"{info.predicted_rank_tokens.max(axis=1).mean():.0f} pairs/layer")
+            ctx.progress(cfg.run.steps, "done")
+            summary = recorder.finish(placement) if recorder is not None else None
+        except BaseException:
+            if recorder is not None:
+                recorder.abort()
+            raise
+        if summary is not None:
+            print(summary["table"], flush=True)
+        ctx.barrier("final barrier")
+        return summary
+    finally:
+        if own_ctx:
+            ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Gathering each step's routing and timings to rank 0, and writing the run's files.
+
+Per step every rank packs its routing (``experts, weights [T, L, k]``), its per-layer
+measurements (:data:`LAYER_FIELDS`) and its step measurements (:data:`STEP_FIELDS`)
+into one float64 tensor and ``gather``s it to rank 0 (expert ids and float32 weights
+are exact in float64). Rank 0 appends the step to the router trace (tokens kind, with
+weights, ``token_id``, ``seq``, ``pos`` and ``rank`` columns, ``source: collected``)
+through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
+
+* ``timings.csv``: one row per (step, rank, layer), columns ``LAYER_FIELDS`` plus
+  ``share_tokens`` = the pairs the placement's shares give the rank for the step's true
+  counts (``Placement.gpu_loads``), which the measured ``expert_tokens`` must match to
+  within one pair per replica;
+* ``steps.csv``: one row per (step, rank), columns ``STEP_FIELDS`` plus, for rank 0's
+  row, ``replanned``, ``predicted_max_rank_tokens`` (mean over layers of the plan's
+  max pairs per rank under the predicted loads) and ``measured_max_rank_tokens``;
+* ``placement.yaml``: the placement in force at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.trace import TraceMeta, TraceWriter
+from moe_gps.trace.data import StepRouting
+
+LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", "combine_s", "pairs_local",
+                "expert_tokens", "pairs_sent_remote")
+STEP_FIELDS = ("step_s", "forward_s", "move_s", "bytes_sent", "bytes_received", "transfers", "slots_kept",
+               "local_copies", "slots_received")
+
+
+def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> list[dict] | None:
+    """Gather this step's routing and measurements; rank 0 gets one dict per rank, others None."""
+    experts, weights = handle.routing()                                   # [T, L, k]
+    T, L, k = experts.shape
+    attn = handle.attention_seconds() if handle.attention_seconds else [float("nan")] * L
+    layer = np.array([[attn[l]] + [float(b.experts.stats[f]) for f in LAYER_FIELDS[1:]]
+                      for l, b in enumerate(handle.blocks)], dtype=np.float64)
+    mv = move.counts if move is not None else {}
+    step = np.array([step_s, forward_s, move.seconds if move else 0.0, move.bytes_sent if move else 0,
+                     move.bytes_received if move else 0] + [mv.get(f, 0) for f in STEP_FIELDS[5:]], np.float64)
+    flat = np.concatenate([experts.reshape(-1).astype(np.float64), weights.reshape(-1).astype(np.float64),
+                           layer.reshape(-1), step])
+    mine = torch.as_tensor(flat, device=ctx.device)
+    if ctx.distributed:
+        parts = [torch.empty_like(mine) for _ in range(ctx.world_size)] if ctx.rank == 0 else None
+        with ctx.guard("gather of routing and timings"):
+            dist.gather(mine, parts, dst=0, group=ctx.group)
+    else:
+        parts = [mine]
+    if ctx.rank != 0:
+        return None
+    n = T * L * k
+    out = []
+    for r, t in enumerate(parts):
+        a = t.cpu().numpy()
+        out.append({"experts": a[:n].reshape(T, L, k).astype(np.int16),
+                    "weights": a[n:2 * n].reshape(T, L, k).astype(np.float32),
+                    "layer": a[2 * n:2 * n + L * len(LAYER_FIELDS)].reshape(L, len(LAYER_FIELDS)),
+                    "step": a[2 * n + L * len(LAYER_FIELDS):]})
+    return out
+
+
+class RunRecorder:
+    """Rank 0's writer of the trace and the timings (see the module docstring)."""
+
+    def __init__(self, cfg, mode: str, ctx, handle, source, command: str) -> None:
+        self.cfg, self.mode, self.ctx, self.handle, self.source = cfg, mode, ctx, handle, source
+        self.dir = Path(cfg.output.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.trace_path = self.dir / cfg.output.trace
+        model = "random-mixtral-style" if not cfg.model.checkpoint else Path(cfg.model.checkpoint).name
+        dataset = Path(cfg.input.trace).name if cfg.input.trace else "seeded-zipf"
+        prov = {"tool": "runtime.launch", "command": command,
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
+                "duplication": mode, "model": handle.name, "input": source.description,
+                "torch": torch.__version__, "host": platform.node(), "config": cfg.to_dict()}
+        meta = TraceMeta("tokens", handle.num_layers, handle.num_experts, handle.top_k, model=model,
+                         dataset=dataset, source="collected", provenance=json.loads(json.dumps(prov, default=str)))
+        self.writer = TraceWriter(self.trace_path, meta, with_weights=True, optional=("token_id", "seq", "pos", "rank"))
+        self.layer_rows: list[np.ndarray] = []
+        self.step_rows: list[dict] = []
+
+    def add_step(self, step: int, parts: list[dict], placement, info, move) -> StepRouting:
+        N = len(parts)
+        L, E = self.handle.num_layers, self.handle.num_experts
+        ids, seq, pos = self.source.step_tokens(step)
+        experts = np.concatenate([p["experts"] for p in parts])
+        T_rank = parts[0]["experts"].shape[0]
+        routing = StepRouting(step, experts, np.concatenate([p["weights"] for p in parts]), token_id=ids, seq=seq,
+                              pos=pos, rank=np.repeat(np.arange(N, dtype=np.int16), T_rank))
+        self.writer.write_step(routing)
+        counts = routing.counts(E)                                          # [L, E]
+        share_tokens = placement.gpu_loads(counts)                          # [L, N]
+        measured = np.stack([p["layer"][:, LAYER_FIELDS.index("expert_tokens")] for p in parts], axis=1)  # [L, N]
+        for r, p in enumerate(parts):
+            rows = np.column_stack([np.full(L, step), np.full(L, r), np.arange(L), p["layer"], share_tokens[:, r]])
+            self.layer_rows.append(rows)
+            row = {"step": step, "rank": r, **{f: float(v) for f, v in zip(STEP_FIELDS, p["step"])}}
+            if r == 0:
+                row["replanned"] = int(info is not None)
+                row["predicted_max_rank_tokens"] = (float(info.predicted_rank_tokens.max(axis=1).mean())
+                                                    if info is not None else float("nan"))
+                row["plan_s"] = info.seconds_predict + info.seconds_plan if info is not None else float("nan")
+                row["measured_max_rank_tokens"] = float(measured.max(axis=1).mean())
+                row["balancedness"] = float((measured.mean(axis=1) / np.maximum(measured.max(axis=1), 1)).mean())
+            self.step_rows.append(row)
+        return routing
+
+    def abort(self) -> None:
+        try:
+            self.writer.abort()
+        except Exception:
+            pass
+
+    def finish(self, placement) -> dict:
+        import pandas as pd
+
+        from moe_gps.tables import format_table
+
+        self.writer.close()
+        cols = ["step", "rank", "layer", *LAYER_FIELDS, "share_tokens"]
+        layers = pd.DataFrame(np.concatenate(self.layer_rows), columns=cols)
+        for c in ("step", "rank", "layer", "pairs_local", "expert_tokens", "pairs_sent_remote"):
+            layers[c] = layers[c].astype(np.int64)
+        steps = pd.DataFrame(self.step_rows)
+        timings_path, steps_path = self.dir / self.cfg.output.timings, self.dir / self.cfg.output.steps
+        with atomic_path(timings_path) as tmp:
+            layers.to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(steps_path) as tmp:
+            steps.to_csv(tmp, index=False, float_format="%.6g")
+        placement.save(self.dir / "placement.yaml")
+
+        w = self.cfg.duplication.warmup_steps if self.mode != "off" else 0
+        post = layers[layers.step >= min(w, int(layers.step.max()))]
+        per = post.groupby(["step", "layer"])
+        per_layer = per.expert_tokens.max().groupby("layer").mean()
+        mean_layer = per.expert_tokens.mean().groupby("layer").mean()
+        t = post.groupby("layer")[["attention_s", "counts_s", "dispatch_s", "expert_s", "combine_s"]].mean() * 1e3
+        rows = [{"layer": int(l), "max_tokens": per_layer[l], "mean_tokens": mean_layer[l],
+                 "balancedness": mean_layer[l] / per_layer[l] if per_layer[l] else 1.0,
+                 **{c: t.loc[l, c] for c in t.columns}} for l in per_layer.index]
+        table = format_table(rows, [("layer", "layer", ""), ("max_tokens", "max rank pairs", ".1f"),
+                                    ("mean_tokens", "mean rank pairs", ".1f"), ("balancedness", "balancedness", ".3f"),
+                                    ("attention_s", "attention ms", ".2f"), ("counts_s", "counts ms", ".2f"),
+                                    ("dispatch_s", "dispatch ms", ".2f"), ("expert_s", "experts ms", ".2f"),
+                                    ("combine_s", "combine ms", ".2f")],
+                             title=f"per layer, steps >= {min(w, int(layers.step.max()))} (means over steps; "
+                                   f"pairs = (token, expert) assignments computed by a rank)")
+        r0 = steps[steps["rank"] == 0]
+        moved = steps.bytes_sent.sum()
+        tail = (f"{len(r0)} steps, mean step {r0.step_s.mean() * 1e3:.1f} ms; {int(r0.replanned.sum())} re-plan(s), "
+                f"{moved / 1e6:.2f} MB of expert weights moved\n"
+                f"wrote {self.trace_path}, {timings_path}, {steps_path}, {self.dir / 'placement.yaml'}")
+        summary = {"table": table + "\n" + tail, "trace": str(self.trace_path), "timings": str(timings_path),
+                   "steps": str(steps_path), "max_rank_tokens": float(per_layer.mean()),
+                   "balancedness": float((mean_layer / per_layer).mean()), "mean_step_s": float(r0.step_s.mean())}
+        write_text_atomic(self.dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"},
+                                                                indent=2) + "\n")
+        return summary
+

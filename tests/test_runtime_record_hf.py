@@ -1,0 +1,173 @@
+"""HuggingFace MoE models: the router-hook trace recorder and the expert-parallel runtime on a checkpoint.
+
+Tiny randomly initialised Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models are built in the
+test (no downloads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe_gps.trace import load_trace  # noqa: E402
+from moe_gps.trace.importers.hf_router_logits import routing_from_router_logits  # noqa: E402
+from runtime.config import InputSection  # noqa: E402
+from runtime.inputs import TokenSource  # noqa: E402
+from runtime.local import run_local  # noqa: E402
+from runtime.record_hf import RouterRecorder, record_trace  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_config(kind: str):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    if kind == "mixtral":
+        return MixtralConfig(num_hidden_layers=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                             **COMMON)
+    if kind == "qwen2_moe":   # layer 1 is dense: 2 MoE layers out of 3; a shared expert
+        return Qwen2MoeConfig(num_hidden_layers=3, mlp_only_layers=[1], intermediate_size=48,
+                              moe_intermediate_size=24, shared_expert_intermediate_size=48, num_experts=4,
+                              num_experts_per_tok=2, **COMMON)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                              num_experts_per_tok=2, head_dim=8, norm_topk_prob=True, **COMMON)
+    return OlmoeConfig(num_hidden_layers=2, intermediate_size=48, num_experts=4, num_experts_per_tok=2, **COMMON)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_recorded_routing_is_the_models_routing(kind, tmp_path):
+    model = tiny_model(kind)
+    out = tmp_path / f"{kind}.parquet"
+    s = record_trace(model, out, steps=2, batch=2, seq_len=8, seed=4, model_name=kind)
+    trace = load_trace(out)
+    m = trace.meta
+    moe_layers = 2
+    assert (m.kind, m.source, m.num_layers, m.num_experts, m.top_k) == ("tokens", "collected", moe_layers, 4, 2)
+    assert trace.num_steps == 2 and set(trace.tokens_per_step.tolist()) == {16}
+    assert "top-k indices" in m.provenance["router_output"] and s["router_output"] == m.provenance["router_output"]
+    if kind == "qwen2_moe":
+        assert m.provenance["moe_layers"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    normalize = model.config.model_type == "mixtral" or bool(model.config.norm_topk_prob)
+    src = TokenSource(InputSection(batch_size=2, seq_len=8, seed=4), 96, 1)
+    for step in range(2):
+        ids = src.batch(step, 0).token_id
+        assert np.array_equal(trace.step(step).token_id, ids.reshape(-1))
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(ids), output_router_logits=True).router_logits
+        experts, weights = routing_from_router_logits(logits, 2, normalize)
+        assert np.array_equal(trace.step(step).experts, experts)
+        assert np.allclose(trace.step(step).weights, weights, atol=1e-5)
+
+
+def test_logits_only_router_goes_through_routing_from_router_logits():
+    """A transformers v4 style block: the gate is a linear layer returning logits only."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 6, bias=False)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(6))
+
+        def forward(self, x):
+            self.gate(x.reshape(-1, 8))
+            return x
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="qwen2_moe", num_experts=6, num_experts_per_tok=3,
+                                          norm_topk_prob=False)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    rec = RouterRecorder(model)
+    x = torch.randn(2, 5, 8)
+    model(x)
+    experts, weights = rec.take()
+    want = routing_from_router_logits([b.gate(x.reshape(-1, 8)).detach() for b in model.blocks], 3, False)
+    assert np.array_equal(experts, want[0]) and np.allclose(weights, want[1])
+    assert "routing_from_router_logits" in rec.router_output
+
+
+def test_moe_gps_record_command_on_a_saved_checkpoint(tmp_path):
+    from moe_gps.cli.main import main
+    ckpt = tmp_path / "tiny-mixtral"
+    tiny_model("mixtral").save_pretrained(ckpt)
+    out = tmp_path / "rec.parquet"
+    src_trace = ROOT / "traces" / "mixtral_mmlu.parquet"
+    assert main(["record", "--model", str(ckpt), "-o", str(out), "--input-trace", str(src_trace), "--steps", "2",
+                 "--batch", "2", "--seq-len", "8", "--device", "cpu"]) == 0
+    trace = load_trace(out)
+    assert trace.meta.model == "tiny-mixtral" and trace.meta.source == "collected"
+    ids = load_trace(src_trace).token_id[:16] % 96
+    assert np.array_equal(trace.step(0).token_id, ids)
+    assert main(["trace", "inspect", str(out)]) == 0
+    assert main(["record", "--model", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
+
+
+# ----------------------------------------------------------------------------- expert parallel on a checkpoint
+
+def hf_ep_worker(ctx, checkpoints: dict, out_dir: str):
+    """On each rank: the EP model from the checkpoint equals the unmodified model, before and after a move."""
+    from moe_gps.placement import plan_placement
+    from runtime.apply import Fingerprints, apply_placement
+    from runtime.build import build_model, forward
+    from runtime.config import ModelSection, parse_run_config
+    from runtime.hf import load_hf_model
+    from runtime.launch import run
+
+    errors = {}
+    for kind, path in checkpoints.items():
+        handle = build_model(ModelSection(checkpoint=path), ctx)
+        ref = load_hf_model(path, torch.float32)
+        L, E = handle.num_layers, handle.num_experts
+        p = plan_placement(np.array([[9.0, 1, 1, 1]] * L), ctx.world_size, 2, algorithm="eplb")
+        handle.install(p, ctx)
+        fp = Fingerprints(handle.experts, ctx)
+        ids = torch.as_tensor(np.random.default_rng(ctx.rank).integers(0, 96, (2, 12)))
+        with torch.no_grad():
+            want = ref.model(input_ids=ids).last_hidden_state
+        errs = [float((forward(handle, ids) - want).abs().max())]
+        q = plan_placement(np.array([[1.0, 1, 1, 9]] * L), ctx.world_size, 2, algorithm="greedy")
+        apply_placement(handle.experts, q.phy2log, q.replica_share, ctx, fp)
+        errs.append(float((forward(handle, ids) - want).abs().max()))
+        errors[kind] = errs
+    cfg = parse_run_config({"model": {"checkpoint": checkpoints["mixtral"]},
+                            "input": {"batch_size": 1, "seq_len": 8},
+                            "run": {"steps": 3},
+                            "duplication": {"num_redundant": 2, "warmup_steps": 1, "replan_every": 1},
+                            "output": {"dir": out_dir}})
+    summary = run(cfg, "dist-only", quiet=True, ctx=ctx)
+    return errors, summary
+
+
+def test_expert_parallel_checkpoint_equals_the_model_on_2_ranks(tmp_path):
+    ckpts = {}
+    for kind in ("mixtral", "qwen2_moe"):
+        ckpts[kind] = str(tmp_path / kind)
+        tiny_model(kind, seed=1).save_pretrained(ckpts[kind])
+    res = run_local(hf_ep_worker, 2, ckpts, str(tmp_path / "run"), timeout_s=120)
+    for errors, _ in res:
+        for kind, errs in errors.items():
+            assert max(errs) < 1e-5, (kind, errs)
+    trace = load_trace(tmp_path / "run" / "trace.parquet")
+    assert trace.meta.model == "mixtral" and trace.meta.num_layers == 2 and trace.num_steps == 3
+    assert trace.meta.provenance["model"].startswith(str(tmp_path / "mixtral"))
