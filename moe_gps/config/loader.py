@@ -1,0 +1,353 @@
+"""YAML -> validated config dataclasses, presets, and the checks that span several configs.
+
+Every problem is one :class:`~moe_gps.errors.UserError` line naming the file and the key,
+e.g. ``my-cluster.yaml: gpu.peak_tflops_bf16: must be a number > 0, got -3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import MISSING, fields, is_dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from moe_gps.config.schema import (
+    ClusterConfig, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig,
+)
+from moe_gps.errors import UserError
+
+T = TypeVar("T")
+PRESET_KINDS = ("clusters", "models")
+
+
+# ---------------------------------------------------------------------------- generic builder
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, key: str, meta: dict | None) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where, key, meta)
+    if value is None:
+        raise UserError(f"{where}: {key}: must be {_describe(tp)}, got nothing (null)")
+    if is_dataclass(tp):
+        return build(tp, value, where, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{where}: {key}: must be a list, got {value!r}")
+        return [_convert(v, item, where, f"{key}[{i}]", None) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{where}: {key}: must be a mapping of names to values, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {key}: must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {key}: must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserError(f"{where}: {key}: must be a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {key}: must be a string, got {value!r}")
+    if meta:
+        _check_range(value, meta, where, key)
+    return value
+
+
+def _describe(tp: Any) -> str:
+    if is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return _type_name(tp)
+
+
+def _check_range(value: Any, meta: dict, where: str, key: str) -> None:
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{where}: {key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    what = "an integer" if isinstance(value, int) else "a number"
+    for bound, op, ok in (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b),
+                          ("le", "<=", lambda v, b: v <= b)):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise UserError(f"{where}: {key}: must be {what} {op} {b:g}, got {value!r}")
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a YAML mapping, checking keys, types and ranges.
+
+    ``where`` (a file name) and the key path start every error message.
+    """
+    label = prefix or "top level"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {label}: must be a mapping of keys to values, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    for k in data:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(known)})"
+            raise UserError(f"{where}: {_join(prefix, str(k))}: unknown key{hint}")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in known.items():
+        key = _join(prefix, name)
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise UserError(f"{where}: {key}: missing (required: {f.metadata.get('doc', name)})")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], where, key, dict(f.metadata))
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(f"{where}: {prefix}" if prefix else where)
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-ready data, leaving out fields that are None."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None, width=100)
+
+
+# ---------------------------------------------------------------------------- files and presets
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    where = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{where}: no such file")
+    if p.is_dir():
+        raise UserError(f"{where}: is a folder, not a YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: cannot read ({err})") from None
+    return parse_yaml(text, where)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        raise UserError(f"{where}: empty YAML file")
+    return data
+
+
+def preset_names(kind: str) -> list[str]:
+    """Names of the bundled presets of ``kind`` ("clusters" or "models")."""
+    folder = resources.files("moe_gps.config") / "presets" / kind
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_text(kind: str, name: str) -> str:
+    return (resources.files("moe_gps.config") / "presets" / kind / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def _load(kind: str, cls: type[T], spec: str) -> T:
+    singular = kind[:-1]
+    if spec in preset_names(kind):
+        where = f"{singular} preset {spec}"
+        return build(cls, parse_yaml(_preset_text(kind, spec), where), where)
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return build(cls, read_yaml(p), str(p))
+    raise UserError(f"unknown {singular} preset '{spec}' (presets: {', '.join(preset_names(kind))}; "
+                    f"or give a YAML file)")
+
+
+def load_cluster(spec: str) -> ClusterConfig:
+    """A cluster preset name (see :func:`preset_names`) or a YAML file."""
+    return _load("clusters", ClusterConfig, spec)
+
+
+def load_model(spec: str) -> ModelConfig:
+    """A model preset name or a YAML file."""
+    return _load("models", ModelConfig, spec)
+
+
+def load_workload(path: str) -> WorkloadConfig:
+    return build(WorkloadConfig, read_yaml(path), str(path))
+
+
+def load_simulate_config(path: str) -> SimulateConfig:
+    """A whole simulate config (as written to the output folder), fully checked."""
+    return build(SimulateConfig, read_yaml(path), str(path))
+
+
+def _norm(name: str) -> str:
+    return name.lower().rsplit("/", 1)[-1].replace("_", "-").replace(".", "-")
+
+
+def infer_model(trace_model: str, num_layers: int, num_experts: int, top_k: int) -> ModelConfig | None:
+    """The model preset named by a trace's metadata, if its name (or an alias) and shape match."""
+    want = _norm(trace_model)
+    for name in preset_names("models"):
+        model = load_model(name)
+        names = {_norm(model.name), *(_norm(a) for a in model.aliases)}
+        if want in names and (model.num_layers, model.num_experts, model.top_k) == (num_layers, num_experts, top_k):
+            return model
+    return None
+
+
+def strategy_from_name(name: str) -> StrategyConfig:
+    """``none``, ``eplb`` (static EPLB), ``static:<planner>``, ``dist:<predictor>``, ``token:<predictor>``,
+    ``oracle`` -> a default :class:`StrategyConfig`. A predictor may carry options in parentheses,
+    ``token:synthetic(accuracy=0.95,overhead=8e6)`` (values parsed as YAML scalars)."""
+    where = f"strategy '{name}'"
+    options: dict = {}
+    base = name
+    if name.endswith(")") and "(" in name:
+        base, _, inner = name[:-1].partition("(")
+        for item in filter(None, (x.strip() for x in inner.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UserError(f"{where}: options must be key=value pairs separated by commas, got {item!r}")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(f"{where}: cannot read the value of option {key.strip()!r}") from None
+            if isinstance(parsed, str):      # YAML 1.1 reads 8.4e6 as a string
+                try:
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
+            options[key.strip()] = parsed
+    head, _, tail = base.partition(":")
+    if options and head not in ("dist", "distribution", "token"):
+        raise UserError(f"{where}: only dist:PREDICTOR and token:PREDICTOR take options")
+    if head == "none" and not tail:
+        cfg = StrategyConfig(kind="none")
+    elif head == "eplb" and not tail:
+        cfg = StrategyConfig(kind="static")
+    elif head == "static" and tail:
+        cfg = StrategyConfig(kind="static", planner=tail)
+    elif head in ("dist", "distribution") and tail:
+        cfg = StrategyConfig(kind="distribution", predictor=tail, predictor_options=options)
+    elif head == "token" and tail:
+        cfg = StrategyConfig(kind="token", predictor=tail, predictor_options=options)
+    elif head == "oracle" and not tail:
+        cfg = StrategyConfig(kind="oracle")
+    else:
+        raise UserError(f"{where}: not a strategy name (use none, eplb, static:PLANNER, dist:PREDICTOR, "
+                        f"token:PREDICTOR or oracle)")
+    if options:
+        cfg.name = name
+    cfg.check(where)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- cross-config checks
+
+@dataclasses.dataclass
+class MemoryUse:
+    """HBM use of one GPU under one strategy, bytes."""
+
+    expert_weights: float
+    dense_weights: float
+    kv_cache: float
+    available: float
+
+    @property
+    def total(self) -> float:
+        return self.expert_weights + self.dense_weights + self.kv_cache
+
+
+def memory_use(cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig,
+               slots_per_gpu: int, tokens_per_step: float) -> MemoryUse:
+    """Per-GPU memory (formulas in docs/configs.md, "Memory check")."""
+    L = model.num_layers
+    experts = slots_per_gpu * L * model.expert_bytes
+    dense = L * (model.attention_params + model.shared_params) * model.weight_bytes
+    tokens_per_gpu = tokens_per_step / cluster.num_gpus
+    kv_tokens = tokens_per_gpu * (workload.seq_len if workload.phase == "decode" else 1)
+    kv = kv_tokens * L * model.kv_bytes_per_token
+    available = (cluster.gpu.hbm_capacity_gb - cluster.gpu.reserved_memory_gb) * 1e9
+    return MemoryUse(experts, dense, kv, available)
+
+
+def check_combination(cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig,
+                      strategies: list[StrategyConfig], tokens_per_step: float,
+                      where: str = "config") -> None:
+    """Reject combinations that cannot run: uneven slots, fewer slots than GPUs, memory overflow."""
+    G, E = cluster.num_gpus, model.num_experts
+    names = [s.resolved_name() for s in strategies]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"{where}: strategies: names must be unique, '{dup[0]}' appears twice (set name:)")
+    for i, s in enumerate(strategies):
+        key = f"{where}: strategies[{i}] ({names[i]})"
+        R = s.resolved_redundant(G, E)
+        if s.kind == "none" and R != (-E) % G:
+            raise UserError(f"{key}: redundant_slots: kind none duplicates nothing; it may only hold the "
+                            f"{(-E) % G} spare slot(s) that make {E} experts divide over {G} GPUs, got {R}")
+        slots = E + R
+        if slots < G:
+            raise UserError(f"{key}: redundant_slots: {slots} slots for {G} GPUs; every GPU needs at least "
+                            f"one expert slot (add {G - slots} redundant slots or use fewer GPUs)")
+        if slots % G:
+            raise UserError(f"{key}: redundant_slots: num_experts ({E}) + redundant_slots ({R}) = {slots} "
+                            f"slots do not divide evenly over {G} GPUs")
+        mem = memory_use(cluster, model, workload, slots // G, tokens_per_step)
+        if mem.total > mem.available:
+            gb = 1e9
+            raise UserError(
+                f"{key}: model {model.name} does not fit cluster {cluster.name}: per GPU "
+                f"{slots // G} expert slots x {model.num_layers} layers x {model.expert_bytes / gb:.3g} GB = "
+                f"{mem.expert_weights / gb:.1f} GB of experts + {mem.dense_weights / gb:.1f} GB attention/shared "
+                f"+ {mem.kv_cache / gb:.1f} GB KV cache = {mem.total / gb:.1f} GB > {mem.available / gb:.1f} GB "
+                f"available ({cluster.gpu.hbm_capacity_gb:g} GB HBM - {cluster.gpu.reserved_memory_gb:g} GB "
+                f"reserved)")
+
+
+def check_model_matches_trace(model: ModelConfig, num_layers: int, num_experts: int, top_k: int,
+                              trace_name: str) -> None:
+    for field_name, want in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
+        have = getattr(model, field_name)
+        if have != want:
+            raise UserError(f"model {model.name}: {field_name}={have} but trace {trace_name} has "
+                            f"{field_name}={want}; give a model that matches the trace (--model FILE)")

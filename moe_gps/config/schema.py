@@ -1,0 +1,293 @@
+"""Config dataclasses: cluster, model, workload, strategy and the whole simulate config.
+
+Every field carries its documentation, unit and allowed range in its ``metadata``
+(see :func:`spec`); :mod:`moe_gps.config.loader` uses them to validate YAML and
+``docs/configs.md`` documents the same fields (a test checks that none is missing).
+Cross-field rules live in each class's ``check(where)``; they raise
+:class:`~moe_gps.errors.UserError` with ``where`` (the file) and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_gps.errors import UserError
+
+
+def spec(doc: str, *, default: Any = ..., unit: str = "", gt: float | None = None,
+         ge: float | None = None, le: float | None = None, choices: tuple | None = None,
+         factory: Any = None) -> Any:
+    """A dataclass field with its documentation and range in ``metadata``."""
+    meta = {"doc": doc, "unit": unit, "gt": gt, "ge": ge, "le": le, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if default is ...:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------- cluster
+
+@dataclass
+class GPUSpec:
+    """One GPU: compute, memory and fixed overheads (roofline inputs)."""
+
+    name: str = spec("GPU model, for the reader (e.g. A100-SXM4-80GB)")
+    peak_tflops_bf16: float = spec("dense BF16/FP16 tensor-core peak", unit="TFLOP/s", gt=0)
+    hbm_bandwidth_gb_s: float = spec("HBM bandwidth", unit="GB/s (1e9 B/s)", gt=0)
+    hbm_capacity_gb: float = spec("HBM capacity", unit="GB (1e9 B)", gt=0)
+    peak_tflops_fp8: float | None = spec(
+        "dense FP8 tensor-core peak; used when the model's compute_dtype is fp8. Absent: the "
+        "GPU has no FP8 units and fp8 models compute at the BF16 peak", unit="TFLOP/s", gt=0, default=None)
+    compute_efficiency: float = spec(
+        "fraction of the peak that GEMMs reach (1.0 = roofline bound; `moe-gps calibrate` measures it)",
+        gt=0, le=1, default=1.0)
+    memory_efficiency: float = spec("fraction of the HBM bandwidth that kernels reach", gt=0, le=1, default=1.0)
+    kernel_overhead_us: float = spec(
+        "fixed time added to every compute phase that has work (kernel launch and tail)",
+        unit="us", ge=0, default=0.0)
+    reserved_memory_gb: float = spec(
+        "HBM kept for the runtime, activations and workspace; not available for weights or KV cache",
+        unit="GB", ge=0, default=0.0)
+
+
+@dataclass
+class LinkSpec:
+    """One fabric as seen by one GPU: bandwidth per direction and latency per message."""
+
+    bandwidth_gb_s: float = spec("bandwidth per GPU per direction", unit="GB/s (1e9 B/s)", gt=0)
+    latency_us: float = spec("latency of one message (per peer per transfer)", unit="us", ge=0)
+
+
+@dataclass
+class ClusterConfig:
+    """The machines: identical GPUs, ``gpus_per_node`` per node, two fabrics."""
+
+    name: str = spec("cluster name, for the reader")
+    num_gpus: int = spec("GPUs taking part in expert parallelism", ge=1)
+    gpus_per_node: int = spec("GPUs per node (NVLink/PCIe domain); must divide num_gpus", ge=1)
+    gpu: GPUSpec = spec("the GPU (all GPUs are the same)")
+    intra_node: LinkSpec = spec("fabric between GPUs of one node (NVLink or PCIe)")
+    inter_node: LinkSpec | None = spec(
+        "fabric between nodes (InfiniBand/RoCE NIC per GPU); required when there is more than one node",
+        default=None)
+    description: str = spec("free text: where the numbers come from", default="")
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_gpus // self.gpus_per_node
+
+    def check(self, where: str) -> None:
+        if self.num_gpus % self.gpus_per_node:
+            raise UserError(f"{where}: gpus_per_node: {self.gpus_per_node} does not divide "
+                            f"num_gpus={self.num_gpus}")
+        if self.num_nodes > 1 and self.inter_node is None:
+            raise UserError(f"{where}: inter_node: required, the cluster has {self.num_nodes} nodes "
+                            f"({self.num_gpus} GPUs, {self.gpus_per_node} per node)")
+
+
+# ---------------------------------------------------------------------------- model
+
+@dataclass
+class AttentionSpec:
+    """The attention block of one layer (data-parallel: every GPU holds its weights)."""
+
+    num_heads: int = spec("query heads", ge=1)
+    num_kv_heads: int = spec("key/value heads (GQA); equal to num_heads for MHA", ge=1)
+    head_dim: int = spec("dimension of one head (for MLA: the query/key head dim, nope + rope)", ge=1)
+    params: int | None = spec(
+        "weights of the attention block per layer; absent: hidden*head_dim*(2*num_heads + 2*num_kv_heads)",
+        unit="parameters", ge=1, default=None)
+    kv_bytes_per_token: int | None = spec(
+        "KV-cache bytes per token per layer; absent: 2*num_kv_heads*head_dim*activation_bytes",
+        unit="bytes", ge=1, default=None)
+
+
+@dataclass
+class ModelConfig:
+    """An MoE model: the sizes the cost model needs (per MoE layer)."""
+
+    name: str = spec("model name; a trace whose metadata `model` matches it or an alias uses this preset")
+    num_layers: int = spec("MoE layers (dense layers are not simulated)", ge=1)
+    num_experts: int = spec("routed experts per MoE layer", ge=1)
+    top_k: int = spec("experts chosen per token", ge=1)
+    hidden_size: int = spec("model (residual) dimension", ge=1)
+    moe_intermediate_size: int = spec("FFN dimension of one routed expert", ge=1)
+    attention: AttentionSpec = spec("the attention block")
+    num_shared_experts: int = spec("always-active shared experts, computed on the token's own GPU", ge=0,
+                                   default=0)
+    shared_intermediate_size: int | None = spec(
+        "FFN dimension of one shared expert; absent: moe_intermediate_size", ge=1, default=None)
+    expert_matrices: int = spec("weight matrices per expert (3 for SwiGLU: gate, up, down)", ge=1, default=3)
+    weight_bytes: float = spec("bytes per weight (2 = BF16, 1 = FP8)", unit="bytes", gt=0, default=2)
+    activation_bytes: float = spec(
+        "bytes per element of a hidden state sent in dispatch/combine and of the KV cache",
+        unit="bytes", gt=0, default=2)
+    compute_dtype: str = spec("tensor-core precision of the GEMMs", choices=("bf16", "fp8"), default="bf16")
+    aliases: list[str] = spec("other names that identify this model in trace metadata", factory=list)
+    source: str = spec("free text: where the numbers come from", default="")
+
+    def check(self, where: str) -> None:
+        if self.top_k > self.num_experts:
+            raise UserError(f"{where}: top_k: {self.top_k} exceeds num_experts={self.num_experts}")
+        if self.attention.num_heads % self.attention.num_kv_heads:
+            raise UserError(f"{where}: attention.num_kv_heads: {self.attention.num_kv_heads} does not divide "
+                            f"num_heads={self.attention.num_heads}")
+
+    # Sizes derived from the fields (see docs/simulator.md).
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed expert: expert_matrices * hidden * moe_intermediate."""
+        return self.expert_matrices * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def expert_bytes(self) -> float:
+        return self.expert_params * self.weight_bytes
+
+    @property
+    def shared_params(self) -> int:
+        inter = self.shared_intermediate_size or self.moe_intermediate_size
+        return self.num_shared_experts * self.expert_matrices * self.hidden_size * inter
+
+    @property
+    def attention_params(self) -> int:
+        a = self.attention
+        if a.params is not None:
+            return a.params
+        return self.hidden_size * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        a = self.attention
+        if a.kv_bytes_per_token is not None:
+            return float(a.kv_bytes_per_token)
+        return 2.0 * a.num_kv_heads * a.head_dim * self.activation_bytes
+
+    @property
+    def token_bytes(self) -> float:
+        """Bytes of one token's hidden state in dispatch or combine."""
+        return self.hidden_size * self.activation_bytes
+
+
+# ---------------------------------------------------------------------------- workload
+
+@dataclass
+class WorkloadConfig:
+    """What is being served."""
+
+    phase: str = spec("prefill (whole prompts) or decode (one new token per sequence)",
+                      choices=("prefill", "decode"), default="prefill")
+    seq_len: int = spec("prefill: prompt length; decode: context (KV) length", unit="tokens", ge=1,
+                        default=512)
+    tokens_per_step: int | None = spec(
+        "tokens per forward pass over all GPUs; absent: as in the trace. When set, each step's expert "
+        "loads are scaled by tokens_per_step / (the step's tokens in the trace)", unit="tokens", ge=1,
+        default=None)
+
+
+# ---------------------------------------------------------------------------- strategy
+
+STRATEGY_KINDS = ("none", "static", "distribution", "token", "oracle")
+
+
+@dataclass
+class StrategyConfig:
+    """One way of placing experts, compared with the others on the same trace."""
+
+    kind: str = spec(
+        "none: no duplication; static: EPLB-style plan from a profiling window, re-planned every "
+        "replan_interval steps; distribution: plan from a distribution-only predictor; token: plan from a "
+        "token-to-expert predictor; oracle: plan from the step's true loads", choices=STRATEGY_KINDS)
+    name: str | None = spec("label in tables and files; absent: derived from kind and predictor",
+                            default=None)
+    predictor: str | None = spec("predictor name (distribution and token kinds only)", default=None)
+    predictor_options: dict[str, Any] = spec(
+        "keyword arguments for the predictor (e.g. accuracy and overhead of the synthetic predictor)",
+        factory=dict)
+    planner: str | None = spec(
+        "placement algorithm of moe_gps.placement that places the replicas (eplb, greedy, waterfill, ...); "
+        "absent: eplb for kind static (DeepSeek's EPLB, as vLLM and SGLang re-plan), greedy for the "
+        "per-step kinds (the MoE-GPS paper's Algorithm 1: originals stay put, only duplicates move), none "
+        "for kind none", default=None)
+    planner_options: dict[str, Any] = spec(
+        "keyword arguments for the planner (e.g. num_nodes and num_groups for hierarchical eplb)", factory=dict)
+    redundant_slots: int | None = spec(
+        "extra physical expert slots per layer over all GPUs; absent: one per GPU (for kind none: only the "
+        "spares that make the experts divide evenly). num_experts + redundant_slots must be a multiple of "
+        "num_gpus", ge=0, default=None)
+    replan_interval: int | None = spec(
+        "steps between re-plans; absent: 1 for distribution/token/oracle, 16 for static", unit="steps",
+        ge=1, default=None)
+    overlap_copies: bool = spec(
+        "weight copies run during the layer's attention (true) or before it, on the critical path (false)",
+        default=True)
+    direct_routing: bool = spec(
+        "token kind: correctly predicted tokens go straight to the replica the plan reserved for them in "
+        "the dispatch, mispredicted ones are sent again in a correction all-to-all (see docs/simulator.md)",
+        default=True)
+
+    def resolved_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "static":
+            return "eplb" if self.resolved_planner() == "eplb" else f"static:{self.planner}"
+        if self.kind in ("distribution", "token"):
+            return f"{'dist' if self.kind == 'distribution' else 'token'}:{self.predictor}"
+        return self.kind
+
+    def resolved_planner(self) -> str:
+        if self.planner is not None:
+            return self.planner
+        return {"none": "none", "static": "eplb"}.get(self.kind, "greedy")
+
+    def resolved_redundant(self, num_gpus: int, num_experts: int) -> int:
+        """Slots beyond one per expert. Kind none: only the spare slots that make the
+        experts divide evenly over the GPUs (they hold idle copies)."""
+        if self.redundant_slots is not None:
+            return self.redundant_slots
+        return (-num_experts) % num_gpus if self.kind == "none" else num_gpus
+
+    def resolved_replan_interval(self) -> int:
+        if self.replan_interval is not None:
+            return self.replan_interval
+        return 16 if self.kind == "static" else 1
+
+    def check(self, where: str) -> None:
+        needs_predictor = self.kind in ("distribution", "token")
+        if needs_predictor and not self.predictor:
+            raise UserError(f"{where}: predictor: required for kind {self.kind}")
+        if not needs_predictor and self.predictor:
+            raise UserError(f"{where}: predictor: kind {self.kind} uses no predictor (got {self.predictor!r})")
+        if self.predictor_options and not needs_predictor:
+            raise UserError(f"{where}: predictor_options: kind {self.kind} uses no predictor")
+        if self.kind == "none" and self.replan_interval is not None:
+            raise UserError(f"{where}: replan_interval: kind none never re-plans")
+        if self.kind == "none" and (self.planner not in (None, "none") or self.planner_options):
+            raise UserError(f"{where}: planner: kind none uses no planner")
+        if self.kind != "token" and not self.direct_routing:
+            raise UserError(f"{where}: direct_routing: only meaningful for kind token")
+
+
+# ---------------------------------------------------------------------------- all together
+
+@dataclass
+class SimulateConfig:
+    """Everything ``moe-gps simulate`` ran with; written to the output folder as config.yaml."""
+
+    cluster: ClusterConfig = spec("the cluster (a preset's content or a file's)")
+    model: ModelConfig = spec("the model")
+    workload: WorkloadConfig = spec("the workload", factory=WorkloadConfig)
+    strategies: list[StrategyConfig] = spec("strategies to compare, in table order", factory=list)
+    seed: int = spec("seed for predictors and planners; the same seed gives the same results", ge=0,
+                     default=0)
+    train_steps: int | None = spec(
+        "first steps of the trace used to fit predictors and as the static plan's profiling window; "
+        "they are not simulated. Absent: a quarter of the steps (at least 1)", unit="steps", ge=1,
+        default=None)
+    trace: str | None = spec("the trace file simulated (recorded for the reader)", default=None)
+
+    def resolved_train_steps(self, num_steps: int) -> int:
+        if self.train_steps is not None:
+            return self.train_steps
+        return max(1, num_steps // 4)

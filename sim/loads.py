@@ -1,0 +1,109 @@
+"""Token loads per GPU from a trace, vectorised (no Python loop over tokens).
+
+Where a token starts (its *home* GPU, where its attention runs and where its expert
+outputs come back): the trace's ``rank`` column when it has one and every rank is below
+the number of GPUs; otherwise tokens are split into contiguous equal blocks in trace
+order, ``home[t] = floor(t * G / T)`` (a data-parallel batch split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_gps.trace.data import CountsTrace, TokensTrace
+
+
+def home_gpus(num_tokens: int, num_gpus: int, rank: np.ndarray | None = None) -> np.ndarray:
+    """int64 [T]: the GPU each token of a step starts on."""
+    if rank is not None and len(rank) == num_tokens and (num_tokens == 0 or int(rank.max()) < num_gpus):
+        return rank.astype(np.int64)
+    return (np.arange(num_tokens, dtype=np.int64) * num_gpus) // max(num_tokens, 1)
+
+
+def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_experts: int,
+                  mask: np.ndarray | None = None) -> np.ndarray:
+    """Assignments per (layer, home GPU, expert).
+
+    experts: int [T, L, k];  home: int [T];  mask: bool [T, L, k] or None (count only True)
+    -> float64 [L, G, E]
+    """
+    T, L, k = experts.shape
+    key = (np.arange(L, dtype=np.int64)[None, :, None] * num_gpus + home[:, None, None]) * num_experts
+    key = key + experts.astype(np.int64)
+    weights = None if mask is None else mask.ravel().astype(np.float64)
+    flat = np.bincount(key.ravel(), weights=weights, minlength=L * num_gpus * num_experts)
+    return flat.reshape(L, num_gpus, num_experts).astype(np.float64)
+
+
+@dataclass
+class StepLoads:
+    """The true routing of one step, as the simulator needs it.
+
+    step:        step index in the trace
+    tokens:      tokens of the step after workload scaling (float)
+    scale:       workload scale factor (1.0 = as in the trace)
+    home_tokens: float [G] tokens starting on each GPU (attention work)
+    src_counts:  float [L, G, E] (token, expert) assignments by home GPU and expert
+    experts:     int16 [T, L, k] the step's routing (None for a counts trace)
+    home:        int64 [T] home GPU per token (None for a counts trace)
+    """
+
+    step: int
+    tokens: float
+    scale: float
+    home_tokens: np.ndarray
+    src_counts: np.ndarray
+    experts: np.ndarray | None = None
+    home: np.ndarray | None = None
+
+    @property
+    def counts(self) -> np.ndarray:
+        """float [L, E] true load per expert (scaled)."""
+        return self.src_counts.sum(axis=1)
+
+
+def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
+               tokens_per_step: int | None = None) -> StepLoads:
+    """The loads of one step; ``tokens_per_step`` rescales them (workload.tokens_per_step)."""
+    E = trace.meta.num_experts
+    if isinstance(trace, TokensTrace):
+        r = trace.step(step)
+        T = r.num_tokens
+        home = home_gpus(T, num_gpus, r.rank)
+        src = source_counts(r.experts, home, num_gpus, E)
+        home_tokens = np.bincount(home, minlength=num_gpus).astype(np.float64)
+        experts = r.experts
+    else:
+        counts = trace.counts()[step].astype(np.float64)  # [L, E]
+        T = int(trace.tokens_per_step[step])
+        home_tokens = np.bincount(home_gpus(T, num_gpus), minlength=num_gpus).astype(np.float64)
+        frac = home_tokens / max(T, 1)
+        src = counts[:, None, :] * frac[None, :, None]  # same expert mix on every GPU
+        experts = home = None
+    scale = 1.0 if tokens_per_step is None or T == 0 else tokens_per_step / T
+    return StepLoads(step, T * scale, scale, home_tokens * scale, src * scale, experts, home)
+
+
+def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:
+    """int64 [steps, layers, experts], one step at a time (bounded memory on big traces)."""
+    if isinstance(trace, CountsTrace):
+        return trace.counts()
+    from moe_gps.trace.data import expert_counts
+
+    E = trace.meta.num_experts
+    out = np.empty((trace.num_steps, trace.meta.num_layers, E), dtype=np.int64)
+    for s in range(trace.num_steps):
+        lo, hi = int(trace.step_offsets[s]), int(trace.step_offsets[s + 1])
+        out[s] = expert_counts(trace.experts[lo:hi], np.array([0, hi - lo]), E)[0]
+    return out
+
+
+def as_counts_trace(trace: TokensTrace | CountsTrace, counts: np.ndarray) -> CountsTrace:
+    """The same trace seen as per-expert counts (for predictors that read nothing else)."""
+    if isinstance(trace, CountsTrace):
+        return trace
+    import dataclasses
+
+    return CountsTrace(dataclasses.replace(trace.meta, kind="counts", tokens_per_step=None), counts)

@@ -1,0 +1,91 @@
+"""Plots of a simulation (matplotlib, Agg backend, PNG written atomically).
+
+* ``breakdown.png``: mean MoE-layer time per strategy, stacked by phase;
+* ``skew_per_layer.png``: max/mean tokens per GPU per layer for each strategy, with the
+  experts' own skew;
+* ``latency_cdf.png``: the distribution of step latency per strategy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moe_gps.atomic import atomic_path
+from sim.run import PHASES, SimResult
+
+COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
+          "correction": "#e377c2", "ffn": "#2ca02c", "combine": "#bcbd22"}
+
+
+LINESTYLES = {"none": "-", "static": "--", "distribution": "-", "token": ":", "oracle": "-."}
+
+
+def _styles(result: SimResult) -> list[dict]:
+    """A distinct colour per strategy (tab20) and a line style per kind."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [{"color": "black" if r.config.kind == "none" else cmap(i % 20),
+             "linestyle": LINESTYLES.get(r.config.kind, "-")} for i, r in enumerate(result.strategies)]
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def write_plots(result: SimResult, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in result.strategies]
+    cfg = result.config
+    title = f"{cfg.model.name}, {cfg.cluster.name}, {result.tokens.mean():.0f} tokens/step"
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
+    left = np.zeros(len(names))
+    for p in PHASES:
+        v = np.array([r.phases[p].mean() * 1e6 for r in result.strategies])
+        if not v.any():
+            continue
+        ax.barh(names, v, left=left, color=COLORS[p], label=p)
+        left += v
+    ax.invert_yaxis()
+    ax.set_xlabel("mean MoE-layer time (µs)")
+    ax.set_title(f"Time breakdown per MoE layer — {title}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=7, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    paths.append(_save(fig, out / "breakdown.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    L = result.expert_skew.shape[1]
+    layers = np.arange(L)
+    ax.plot(layers, np.nanmean(result.expert_skew, axis=0), "k--", label="experts (trace)")
+    for r, st in zip(result.strategies, _styles(result)):
+        ax.plot(layers, np.nanmean(r.gpu_skew, axis=0), marker=".", label=r.name, **st)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("skew: max / mean tokens (mean over steps)")
+    ax.set_title(f"Load skew per layer across GPUs — {title}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "skew_per_layer.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r, st in zip(result.strategies, _styles(result)):
+        lat = np.sort(r.step_latency * 1e3)
+        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=r.name, **st)
+    ax.set_xlabel("step latency (ms, simulated MoE layers)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title(f"Step latency CDF — {title}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "latency_cdf.png"))
+    plt.close(fig)
+    return paths

@@ -1,0 +1,155 @@
+"""Results as tables (terminal, CSV), per-step and per-layer frames, and the output folder.
+
+Definitions of every column: docs/simulator.md, "Outputs".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.config.loader import dump_yaml
+from sim.run import PHASES, SimResult
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if len(x) else math.nan
+
+
+def summary_rows(result: SimResult) -> list[dict[str, Any]]:
+    """One dict per strategy (units in the keys)."""
+    base = next((r for r in result.strategies if r.config.kind == "none"), None)
+    base_mean = float(base.step_latency.mean()) if base is not None else math.nan
+    rows = []
+    for r in result.strategies:
+        lat = r.step_latency
+        row: dict[str, Any] = {
+            "strategy": r.name, "kind": r.config.kind, "predictor": r.info.predictor,
+            "planner": r.config.resolved_planner(), "redundant_slots": r.redundant_slots,
+            "latency_mean_ms": float(lat.mean() * 1e3), "latency_p50_ms": _pct(lat, 50) * 1e3,
+            "latency_p99_ms": _pct(lat, 99) * 1e3,
+            "tokens_per_s": float(result.tokens.sum() / lat.sum()) if lat.sum() > 0 else math.nan,
+            "speedup_vs_none": base_mean / float(lat.mean()) if lat.mean() > 0 else math.nan,
+        }
+        for p in PHASES:
+            row[f"layer_{p}_us"] = float(r.phases[p].mean() * 1e6)
+        row["layer_total_us"] = float(r.layer_time.mean() * 1e6)
+        row.update({
+            "expert_skew": float(np.nanmean(result.expert_skew)),
+            "gpu_skew_before": float(np.nanmean(result.base_gpu_skew)),
+            "gpu_skew_after": float(np.nanmean(r.gpu_skew)),
+            "copied_gb": float(r.copy_bytes.sum() / 1e9),
+            "extra_memory_gb_per_gpu": float(r.extra_memory / 1e9),
+            "replans": r.replans,
+            "accuracy": r.info.accuracy,
+        })
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_summary(result: SimResult) -> str:
+    """The terminal report: a latency table and a MoE-layer breakdown table."""
+    rows = summary_rows(result)
+    cfg = result.config
+    head = (f"{cfg.model.name} on {cfg.cluster.name} ({cfg.cluster.num_gpus} GPUs), {cfg.workload.phase}, "
+            f"{len(result.steps)} simulated steps of {result.tokens.mean():.0f} tokens "
+            f"(steps {result.steps[0]}..{result.steps[-1]}; {result.steps[0]} earlier steps fit the predictors), "
+            f"seed {cfg.seed}")
+    t1 = _table(
+        ["strategy", "mean ms", "p50 ms", "p99 ms", "tokens/s", "speed-up", "GPU skew", "copied GB",
+         "extra GB/GPU", "accuracy"],
+        [[r["strategy"], _fmt(r["latency_mean_ms"], ".3f"), _fmt(r["latency_p50_ms"], ".3f"),
+          _fmt(r["latency_p99_ms"], ".3f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["speedup_vs_none"], ".3f"),
+          f"{r['gpu_skew_before']:.2f}->{r['gpu_skew_after']:.2f}", _fmt(r["copied_gb"], ".1f"),
+          _fmt(r["extra_memory_gb_per_gpu"], ".2f"), _fmt(r["accuracy"], ".3f")] for r in rows])
+    t2 = _table(
+        ["MoE layer, us", *PHASES, "total"],
+        [[r["strategy"], *(_fmt(r[f"layer_{p}_us"], ".1f") for p in PHASES), _fmt(r["layer_total_us"], ".1f")]
+         for r in rows])
+    skew = f"expert skew (max/mean tokens per expert) of the simulated steps: {rows[0]['expert_skew']:.2f}"
+    notes = "".join(f"\nnote: {n}" for n in result.notes)
+    return f"{head}\n\n{t1}\n\n{t2}\n\n{skew}{notes}"
+
+
+def per_step_frame(result: SimResult):
+    """pandas DataFrame, one row per (strategy, step)."""
+    import pandas as pd
+
+    frames = []
+    for r in result.strategies:
+        lat = r.step_latency
+        d = {"strategy": r.name, "step": result.steps, "tokens": result.tokens, "latency_s": lat,
+             "tokens_per_s": np.divide(result.tokens, lat, out=np.full_like(lat, np.nan), where=lat > 0)}
+        for p in PHASES:
+            d[f"{p}_s"] = r.phases[p].sum(axis=1)
+        d.update(expert_skew=np.nanmean(result.expert_skew, axis=1),
+                 gpu_skew_before=np.nanmean(result.base_gpu_skew, axis=1),
+                 gpu_skew=np.nanmean(r.gpu_skew, axis=1), copy_bytes=r.copy_bytes.sum(axis=1))
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_layer_frame(result: SimResult):
+    """pandas DataFrame, one row per (strategy, step, layer)."""
+    import pandas as pd
+
+    S, L = result.expert_skew.shape
+    step = np.repeat(result.steps, L)
+    layer = np.tile(np.arange(L), S)
+    frames = []
+    for r in result.strategies:
+        d = {"strategy": r.name, "step": step.astype(np.int32), "layer": layer.astype(np.int16),
+             "time_s": r.layer_time.ravel()}
+        for p in PHASES:
+            d[f"{p}_s"] = r.phases[p].ravel()
+        d.update(expert_skew=result.expert_skew.ravel(), gpu_skew_before=result.base_gpu_skew.ravel(),
+                 gpu_skew=r.gpu_skew.ravel(), copy_bytes=r.copy_bytes.ravel())
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
+    """Write the output folder (every file atomically); returns the paths written."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    summary = pd.DataFrame(summary_rows(result))
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    written.append(out / "summary.csv")
+    with atomic_path(out / "steps.csv") as tmp:
+        per_step_frame(result).to_csv(tmp, index=False, float_format="%.6g")
+    written.append(out / "steps.csv")
+    with atomic_path(out / "layers.parquet") as tmp:
+        per_layer_frame(result).to_parquet(tmp, index=False)
+    written.append(out / "layers.parquet")
+    write_text_atomic(out / "config.yaml", "# moe-gps simulate: the exact config of this run; rerun with "
+                                           "`moe-gps simulate TRACE --config config.yaml`\n"
+                      + dump_yaml(result.config))
+    written.append(out / "config.yaml")
+    write_text_atomic(out / "summary.txt", format_summary(result) + "\n")
+    written.append(out / "summary.txt")
+    if plots:
+        from sim.plots import write_plots
+        written += write_plots(result, out)
+    return written

@@ -1,0 +1,128 @@
+"""Every cost term against values worked out by hand (docs/simulator.md, "Cost model").
+
+The test cluster has round numbers: 4 GPUs, 2 per node; 100 TFLOP/s; 1000 GB/s HBM;
+2 µs kernel overhead; NVLink 100 GB/s and 1 µs per message; network 10 GB/s and 5 µs.
+The test model: hidden 1000, expert FFN 2000 (3 matrices, so 6M weights = 12 MB per
+expert), 8 query heads, 2 KV heads, head dim 125 (2.5M attention weights, KV 1000 B per
+token per layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_gps.config.schema import (AttentionSpec, ClusterConfig, GPUSpec, LinkSpec, ModelConfig,
+                                   WorkloadConfig)
+from moe_gps.placement import Placement
+from sim.cost import (Hardware, alltoall_time, attention_time, expert_slot_time, ffn_time, layout_time,
+                      predictor_time, transfer_time)
+from sim.work import route, share_by_gpu, weight_copies
+
+US = 1e-6
+
+CLUSTER = ClusterConfig(
+    name="test", num_gpus=4, gpus_per_node=2,
+    gpu=GPUSpec(name="t", peak_tflops_bf16=100, hbm_bandwidth_gb_s=1000, hbm_capacity_gb=80,
+                kernel_overhead_us=2, peak_tflops_fp8=200),
+    intra_node=LinkSpec(bandwidth_gb_s=100, latency_us=1), inter_node=LinkSpec(bandwidth_gb_s=10, latency_us=5))
+MODEL = ModelConfig(name="t", num_layers=2, num_experts=4, top_k=2, hidden_size=1000,
+                    moe_intermediate_size=2000, attention=AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=125))
+HW = Hardware.from_config(CLUSTER, MODEL)
+
+
+def test_hardware_rates():
+    assert HW.flops == 1e14 and HW.hbm == 1e12 and HW.overhead == 2 * US
+    assert (HW.intra_bw, HW.intra_lat, HW.inter_bw, HW.inter_lat) == (1e11, 1 * US, 1e10, 5 * US)
+    assert HW.node_of_gpu.tolist() == [0, 0, 1, 1]
+    fp8 = Hardware.from_config(CLUSTER, ModelConfig(**{**MODEL.__dict__, "compute_dtype": "fp8"}))
+    assert fp8.flops == 2e14
+
+
+def test_model_sizes():
+    assert MODEL.expert_params == 6_000_000 and MODEL.expert_bytes == 12e6
+    assert MODEL.attention_params == 1000 * 125 * (16 + 4) == 2_500_000
+    assert MODEL.kv_bytes_per_token == 1000.0
+    assert MODEL.token_bytes == 2000.0
+
+
+def test_attention_prefill_and_decode():
+    # prefill, seq_len 99 -> mean context 50:
+    #   FLOPs = 2*100*2.5e6 + 4*100*50*8*125 = 5.2e8 -> 5.2 us
+    #   bytes = 2.5e6*2 + 100*1000 (KV written) + 2*100*2000 = 5.5e6 -> 5.5 us;  + 2 us overhead
+    t = attention_time(np.array([100.0, 0.0]), MODEL, WorkloadConfig(phase="prefill", seq_len=99), HW)
+    assert t == pytest.approx([7.5 * US, 0.0])
+    # decode, 1000 tokens of context: FLOPs = 5e8 + 4*100*1000*1000 = 9e8 -> 9 us;
+    #   bytes = 5e6 + 100*1000*1000 (KV read) + 4e5 = 1.054e8 -> 105.4 us;  + 2 us
+    t = attention_time(100.0, MODEL, WorkloadConfig(phase="decode", seq_len=1000), HW)
+    assert t == pytest.approx(107.4 * US)
+
+
+def test_shared_expert_adds_to_attention():
+    shared = ModelConfig(**{**MODEL.__dict__, "num_shared_experts": 1})
+    assert shared.shared_params == 6_000_000
+    # prefill seq 99, n = 1000: FLOPs = 2*1000*(2.5e6 + 6e6) + 4*1000*50*1000 = 1.72e10 -> 172 us;
+    # bytes = 8.5e6*2 + 1000*1000 + 2*1000*2000 = 2.2e7 -> 22 us; + 2 us
+    t = attention_time(1000.0, shared, WorkloadConfig(seq_len=99), HW)
+    assert t == pytest.approx(174 * US)
+
+
+def test_expert_ffn_roofline():
+    # 100 tokens: FLOPs 2*100*6e6 = 1.2e9 -> 12 us; bytes 12e6 + 2*100*2000 = 1.24e7 -> 12.4 us (memory bound)
+    # 1000 tokens: FLOPs 1.2e10 -> 120 us; bytes 1.6e7 -> 16 us (compute bound)
+    assert expert_slot_time(np.array([100.0, 1000.0, 0.0]), MODEL, HW) == pytest.approx([12.4 * US, 120 * US, 0])
+    # two slots per GPU: GPU 0 holds slots with 100 and 1000 tokens, GPU 1 holds two idle slots
+    t = ffn_time(np.array([[100.0, 1000.0, 0.0, 0.0]]), 2, MODEL, HW)
+    assert t[0] == pytest.approx([(12.4 + 120 + 2) * US, 0.0])
+
+
+def test_alltoall_per_gpu():
+    # tokens from row GPU to column GPU; 2000 bytes per token; GPUs 0,1 on node 0 and 2,3 on node 1
+    traffic = np.array([[1000, 10, 20, 0],
+                        [0, 0, 0, 0],
+                        [0, 0, 0, 0],
+                        [5, 0, 0, 0]], dtype=float)
+    t = alltoall_time(traffic, 2000.0, HW)
+    # GPU 0: NVLink 10 tokens -> 0.2 us + 1 peer x 1 us = 1.2;  network: max(send 20, recv 5) = 20 tokens
+    #        -> 4 us + 2 peers x 5 us = 14;  the fabrics overlap -> 14 us (its own 1000 tokens stay local)
+    # GPU 1: receives 10 over NVLink -> 1.2 us;  GPU 2: receives 20 -> 4 + 5 = 9 us;  GPU 3: sends 5 -> 1 + 5 = 6 us
+    assert t == pytest.approx([14 * US, 1.2 * US, 9 * US, 6 * US])
+    assert alltoall_time(np.stack([traffic, traffic.T]), 2000.0, HW).shape == (2, 4)
+    # the layout exchange: 1 NVLink peer x 1 us + 2 network peers x 5 us
+    assert layout_time(HW) == pytest.approx([11 * US] * 4)
+
+
+def test_transfer_and_predictor():
+    # one expert (12 MB): over NVLink 120 us + 1 us; over the network 1200 us + 5 us
+    assert transfer_time(np.array([12e6, 12e6, 0.0]), np.array([True, False, True]), HW) == \
+        pytest.approx([121 * US, 1205 * US, 0.0])
+    # 100 tokens x 1e6 FLOPs = 1e8 -> 1 us; bytes 1e6 + 100 x 1e3 = 1.1e6 -> 1.1 us; + 2 us
+    assert predictor_time(np.array([100.0, 0.0]), 1e6, 1e3, 1e6, HW) == pytest.approx([3.1 * US, 0.0])
+    assert predictor_time(np.array([100.0]), 0.0, 0.0, 0.0, HW) == pytest.approx([0.0])
+    # a fixed 1e9 FLOPs per step on top: 1.1e9 FLOPs -> 11 us (now compute bound), + 2 us
+    assert predictor_time(np.array([100.0]), 1e6, 1e3, 1e6, HW, fixed_flops=1e9) == pytest.approx([13 * US])
+
+
+def test_route_splits_by_replica_share():
+    # 2 GPUs, every expert on both: GPU 0 slots hold experts (0, 1), GPU 1 slots hold (1, 0)
+    p = Placement(np.array([[0, 1, 1, 0]]), num_gpus=2, num_experts=2)
+    src = np.array([[[10.0, 4.0], [6.0, 0.0]]])          # [L=1, home GPU, expert]
+    t = route(src, p)
+    # each expert's tokens split half/half: GPU 0 sends 5+2 to each GPU, GPU 1 sends 3 to each
+    assert t[0].tolist() == [[7.0, 7.0], [3.0, 3.0]]
+    assert np.allclose(t, src @ share_by_gpu(p))
+    uneven = Placement(np.array([[0, 1, 1, 0]]), 2, 2, replica_share=np.array([[0.9, 0.5, 0.5, 0.1]]))
+    # expert 0 goes 0.9/0.1, expert 1 0.5/0.5
+    assert route(src, uneven)[0].ravel() == pytest.approx([9 + 2, 1 + 2, 5.4, 0.6])
+
+
+def test_weight_copies_prefer_the_same_node():
+    # 4 GPUs x 2 slots; before: GPU0 (0,1) GPU1 (2,3) GPU2 (0,1) GPU3 (2,3); layer 1 unchanged
+    before = Placement(np.array([[0, 1, 2, 3, 0, 1, 2, 3]] * 2), 4, 4)
+    after = Placement(np.array([[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1, 2, 3]]), 4, 4)
+    c = weight_copies(before, after, MODEL.expert_bytes, HW)
+    # GPU 3 now hosts expert 0: holders were GPUs 0 and 2; GPU 2 shares its node -> one NVLink copy
+    assert (c.layer.tolist(), c.src.tolist(), c.dst.tolist()) == ([0], [2], [3])
+    assert c.bytes.tolist() == [12e6] and c.seconds == pytest.approx([121 * US])
+    assert len(weight_copies(None, after, MODEL.expert_bytes, HW)) == 0
+    assert len(weight_copies(after, after, MODEL.expert_bytes, HW)) == 0

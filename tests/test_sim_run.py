@@ -1,0 +1,210 @@
+"""Whole simulations on small synthetic traces, and the `moe-gps simulate` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe_gps.cli.main import main
+from moe_gps.config import (AttentionSpec, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig,
+                            load_cluster, strategy_from_name)
+from moe_gps.errors import UserError
+from moe_gps.trace import CountsTrace, write_trace
+from moe_gps.trace.synth import synthesize
+from sim.loads import as_counts_trace, trace_counts
+from sim.run import PHASES, simulate
+from sim.work import closed_form_layer_times
+
+# Mixtral-sized layers, but only 4 of them, so that everything is quick.
+MODEL = ModelConfig(name="mixtral-4l", num_layers=4, num_experts=8, top_k=2, hidden_size=4096,
+                    moe_intermediate_size=14336, attention=AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128))
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return synthesize("sst2", num_steps=12, tokens_per_step=256, seed=3, num_layers=4)
+
+
+def config(names, **kw) -> SimulateConfig:
+    strategies = [strategy_from_name(n) if isinstance(n, str) else n for n in names]
+    return SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=MODEL, strategies=strategies,
+                          train_steps=4, **kw)
+
+
+def synthetic(accuracy: float, name: str | None = None, **kw) -> StrategyConfig:
+    return StrategyConfig(kind="token", predictor="synthetic", name=name,
+                          predictor_options={"accuracy": accuracy, **kw})
+
+
+def test_strategies_on_one_trace(trace):
+    r = simulate(trace, config(["none", "eplb", "dist:ema", "dist:profile", "token:prev-layer", "oracle"]),
+                 progress=False)
+    assert list(r.steps) == list(range(4, 12)) and r.tokens.tolist() == [256.0] * 8
+    none, eplb, oracle = r.get("none"), r.get("eplb"), r.get("oracle")
+    assert none.copy_bytes.sum() == 0 and none.extra_memory == 0 and none.redundant_slots == 0
+    assert eplb.extra_memory == 1 * 4 * MODEL.expert_bytes          # one redundant slot per GPU, 4 layers
+    # the oracle plans from the true loads: its GPUs are the most even
+    assert oracle.gpu_skew.mean() < none.gpu_skew.mean()
+    assert oracle.gpu_skew.mean() <= min(x.gpu_skew.mean() for x in r.strategies) + 1e-9
+    # static EPLB re-plans every 16 steps: once in 8 steps, and its first plan costs no copies
+    assert eplb.replans == 1 and eplb.copy_bytes.sum() == 0
+    # the profile predictor predicts the same shares every step: one plan, never any copy
+    assert r.get("dist:profile").copy_bytes.sum() == 0
+    for s in r.strategies:
+        parts = sum(s.phases[p] for p in PHASES)
+        assert np.allclose(parts, s.layer_time, rtol=1e-9, atol=1e-15), s.name
+        assert (s.phases["copy"] >= -1e-12).all()
+        assert s.step_latency.shape == (8,)
+    assert r.get("token:prev-layer").info.accuracy is not None
+    assert np.isnan(r.expert_skew).sum() == 0 and (r.expert_skew >= 1).all()
+
+
+def test_event_model_equals_closed_form_without_overlap_or_contention(trace, monkeypatch):
+    """No copies overlap (overlap_copies false) and none share a link: the event model and the
+    closed form must agree within 1% (they agree to rounding)."""
+    import sim.run as run_mod
+    captured = {}
+    real = run_mod.run_events
+
+    def spy(works, G, overlap, on_step=None):
+        captured.setdefault("works", []).append((works, overlap))
+        return real(works, G, overlap, on_step)
+
+    monkeypatch.setattr(run_mod, "run_events", spy)
+    names = [dataclasses.replace(strategy_from_name(n), overlap_copies=False) for n in ("dist:profile", "eplb")]
+    r = simulate(trace, config(["none", *names]), progress=False)
+    for (works, overlap), res in zip(captured["works"], r.strategies):
+        closed = np.array([closed_form_layer_times(w, overlap).sum() for w in works])
+        assert np.allclose(res.step_latency, closed, rtol=0.01), res.name
+        assert np.allclose(res.step_latency, closed, rtol=1e-9), res.name
+
+
+def test_deterministic_for_a_seed(trace):
+    names = ["none", "dist:kalman", synthetic(0.8, placement="typical"), "oracle"]
+    a = simulate(trace, config(names, seed=5), progress=False)
+    b = simulate(trace, config(names, seed=5), progress=False)
+    for x, y in zip(a.strategies, b.strategies):
+        assert np.array_equal(x.layer_time, y.layer_time) and np.array_equal(x.gpu_skew, y.gpu_skew)
+    c = simulate(trace, config(names, seed=6), progress=False)
+    assert not np.array_equal(a.strategies[2].layer_time, c.strategies[2].layer_time)   # synthetic reads the seed
+    assert np.array_equal(a.strategies[0].layer_time, c.strategies[0].layer_time)
+
+
+def test_token_accuracy_is_measured_and_charged(trace):
+    perfect = synthetic(1.0, name="perfect")
+    costly = synthetic(1.0, name="costly", overhead=1e9)          # 1e9 FLOPs per token per layer
+    r = simulate(trace, config([perfect, costly, synthetic(0.7, name="a70"), "oracle"]), progress=False)
+    p, c, a70, oracle = (r.get(n) for n in ("perfect", "costly", "a70", "oracle"))
+    assert p.info.accuracy == 1.0 and a70.info.accuracy == pytest.approx(0.7, abs=0.01)
+    # every token predicted: no correction, the same plan as the oracle
+    assert p.phases["correction"].max() == 0 and np.allclose(p.gpu_skew, oracle.gpu_skew)
+    # 64 tokens per GPU x 1e9 FLOPs at 312 TFLOP/s = 205 us, + 5 us launch, before every layer
+    assert c.phases["predictor"] == pytest.approx(64 * 1e9 / 312e12 + 5e-6)
+    assert c.step_latency.mean() > p.step_latency.mean()
+    # mispredicted tokens pay a correction all-to-all
+    assert a70.phases["correction"].min() > 0
+
+
+def test_counts_trace_runs_all_but_token_strategies(trace):
+    counts = as_counts_trace(trace, trace_counts(trace))
+    assert isinstance(counts, CountsTrace) and np.array_equal(counts.counts(), trace.counts())
+    r_tok = simulate(trace, config(["none", "dist:ema"]), progress=False)
+    r_cnt = simulate(counts, config(["none", "dist:ema"]), progress=False)
+    for a, b in zip(r_tok.strategies, r_cnt.strategies):
+        assert np.allclose(a.phases["ffn"], b.phases["ffn"]) and np.allclose(a.gpu_skew, b.gpu_skew)
+    with pytest.raises(UserError, match="token-to-expert prediction needs a tokens trace"):
+        simulate(counts, config(["token:prev-layer"]), progress=False)
+
+
+def test_workload_scaling_and_bad_inputs(trace):
+    r = simulate(trace, config(["none"], workload=WorkloadConfig(tokens_per_step=1024)), progress=False)
+    assert r.tokens.tolist() == [1024.0] * 8
+    small = simulate(trace, config(["none"]), progress=False)
+    assert r.get("none").phases["ffn"].mean() > small.get("none").phases["ffn"].mean()
+    with pytest.raises(UserError, match=r"model mixtral-4l: num_layers=4 but trace t has num_layers=32"):
+        simulate(synthesize(num_steps=3, tokens_per_step=32), config(["none"]), trace_name="t", progress=False)
+    with pytest.raises(UserError, match=r"train_steps=12 leaves no step to simulate in a trace of 12 steps"):
+        simulate(trace, dataclasses.replace(config(["none"]), train_steps=12), progress=False)
+
+
+def test_cli_writes_table_and_folder(trace, tmp_path, capsys):
+    path = tmp_path / "small.parquet"
+    write_trace(path, trace)
+    model = tmp_path / "model.yaml"
+    from moe_gps.config import dump_yaml
+    model.write_text(dump_yaml(MODEL))
+    out = tmp_path / "out"
+    rc = main(["simulate", str(path), "--model", str(model), "--strategies", "none,eplb", "dist:ema", "oracle",
+               "--train-steps", "4", "--seed", "3", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for word in ("none", "eplb", "dist:ema", "oracle", "speed-up", "MoE layer, us", "copied GB"):
+        assert word in text
+    names = {p.name for p in out.iterdir()}
+    assert {"summary.csv", "steps.csv", "layers.parquet", "config.yaml", "summary.txt", "breakdown.png",
+            "skew_per_layer.png", "latency_cdf.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["strategy"].tolist() == ["none", "eplb", "dist:ema", "oracle"]
+    assert summary.loc[0, "speedup_vs_none"] == 1.0
+    assert len(pd.read_csv(out / "steps.csv")) == 4 * 8
+    assert len(pd.read_parquet(out / "layers.parquet")) == 4 * 8 * 4
+    assert "seed: 3" in (out / "config.yaml").read_text()
+    # rerunning the written config gives the same numbers
+    out2 = tmp_path / "out2"
+    assert main(["simulate", str(path), "--config", str(out / "config.yaml"), "--no-plots", "--json",
+                 "-o", str(out2)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["strategy"] for s in doc["strategies"]] == ["none", "eplb", "dist:ema", "oracle"]
+    again = pd.read_csv(out2 / "summary.csv")
+    pd.testing.assert_frame_equal(summary, again)
+
+
+def test_cli_errors(trace, tmp_path, capsys):
+    path = tmp_path / "small.parquet"
+    write_trace(path, trace)
+    assert main(["simulate", str(path), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell the model from the trace metadata" in err and err.count("\n") == 1
+    assert main(["simulate", str(path), "--model", "mixtral-8x7b", "-o", str(tmp_path / "o")]) == 2
+    assert "num_layers=32 but trace" in capsys.readouterr().err
+    from moe_gps.config import dump_yaml
+    model = tmp_path / "model.yaml"
+    model.write_text(dump_yaml(MODEL))
+    assert main(["simulate", str(path), "--model", str(model), "--strategies", "dist", "-o", str(tmp_path / "o")]) == 2
+    assert "strategy 'dist': not a strategy name" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--model", str(model), "--strategies", "dist:nope",
+                 "-o", str(tmp_path / "o")]) == 2
+    assert "unknown distribution predictor 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_traces(real_traces):
+    """Third-party traces (skipped without ../shared/traces/real): the simulator runs on a real
+    Mixtral popularity counts trace and a real Qwen3 vLLM prefill trace, and the oracle bound
+    is below no duplication on both."""
+    from moe_gps.config import load_model
+    from moe_gps.trace.importers import import_popularity_json, import_vllm_jsonl
+
+    files = sorted((real_traces / "mixtral-8x7b-mmlu-popularity" / "mixtral_8x7b_original").glob("*.json"))
+    counts = import_popularity_json(files, top_k=2, model="mixtral-8x7b", dataset="mmlu").trace
+    cfg = SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=load_model("mixtral-8x7b"), train_steps=2,
+                         strategies=[strategy_from_name(n) for n in ("none", "eplb", "dist:profile", "oracle")],
+                         workload=WorkloadConfig(tokens_per_step=16384))
+    r = simulate(counts, cfg, progress=False)
+    assert r.get("oracle").step_latency.mean() < r.get("none").step_latency.mean()
+    assert 1.1 < np.nanmean(r.expert_skew) < 1.6        # fiddler's Mixtral/MMLU popularity: mild skew
+
+    q = real_traces / "qwen3-30b-a3b-vllm-sharegpt"
+    tokens = import_vllm_jsonl([q / "token_distri_8.jsonl", q / "token_distri_16.jsonl"], model="qwen3-30b-a3b",
+                               min_tokens=1000).trace
+    cfg = SimulateConfig(cluster=load_cluster("8xH100-nvlink"), model=load_model("qwen3-30b-a3b"), train_steps=1,
+                         strategies=[strategy_from_name(n) for n in ("none", "token:prev-layer", "oracle")])
+    r = simulate(tokens, cfg, progress=False)
+    assert r.tokens.tolist() == [2080.0]
+    assert r.get("oracle").gpu_skew.mean() < r.get("none").gpu_skew.mean()
+    assert 0 < r.get("token:prev-layer").info.accuracy < 1
