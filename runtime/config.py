@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from moe_gps.errors import UserError
+from moe_gps.files import read_yaml
 
 DUPLICATION_MODES = ("off", "static", "dist-only", "token-to-expert")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -201,13 +201,5 @@ def check_run_config(cfg: RunConfig) -> None:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate ``run.yaml``; UserError naming the file and key on any problem."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such config file")
-    if p.is_dir():
-        raise UserError(f"{p}: is a folder, not a config file")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{p}: not a readable YAML file ({first})") from None
+    doc = read_yaml(p, what="a run config")
     return parse_run_config(doc, where=str(p), base=p.resolve().parent)

@@ -291,7 +291,7 @@ def test_load_errors(tmp_path):
         Placement.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
-    with pytest.raises(UserError, match="not a readable YAML file"):
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML at line 2"):
         Placement.load(bad)
     bad.write_text("algorithm: eplb\n")
     with pytest.raises(UserError, match="not a MoE-GPS placement"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import MISSING, fields, is_dataclass
@@ -23,6 +22,7 @@ from moe_gps.config.schema import (
     ClusterConfig, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig,
 )
 from moe_gps.errors import UserError
+from moe_gps.files import parse_yaml, read_yaml
 
 T = TypeVar("T")
 PRESET_KINDS = ("clusters", "models")
@@ -150,33 +150,6 @@ def dump_yaml(obj: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- files and presets
-
-def read_yaml(path: str | os.PathLike) -> Any:
-    where = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{where}: no such file")
-    if p.is_dir():
-        raise UserError(f"{where}: is a folder, not a YAML file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: cannot read ({err})") from None
-    return parse_yaml(text, where)
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
-    if data is None:
-        raise UserError(f"{where}: empty YAML file")
-    return data
-
 
 def preset_names(kind: str) -> list[str]:
     """Names of the bundled presets of ``kind`` ("clusters" or "models")."""

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import yaml
 
 from moe_gps.atomic import atomic_path
 from moe_gps.errors import UserError
+from moe_gps.files import read_yaml
 from moe_gps.placement.placement import SCHEMA_VERSION, Capacity, Placement
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SCALARS = ("moe_gps_placement", "algorithm", "num_layers", "num_experts", "num_gpus", "slots_per_gpu",
             "num_redundant", "allow_colocated", "shares")
 
@@ -64,16 +63,7 @@ def save_placement(p: Placement, path: str | os.PathLike) -> None:
 
 def load_placement(path: str | os.PathLike) -> Placement:
     where = str(path)
-    f = Path(path)
-    if not f.exists():
-        raise UserError(f"{where}: no such file")
-    if f.is_dir():
-        raise UserError(f"{where}: is a folder, not a placement file")
-    try:
-        doc = yaml.load(f.read_text(encoding="utf-8"), Loader=_LOADER)
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{where}: not a readable YAML file ({first})") from None
+    doc = read_yaml(path, what="a placement file")
     if not isinstance(doc, dict) or "moe_gps_placement" not in doc:
         raise UserError(f"{where}: not a MoE-GPS placement (no 'moe_gps_placement' key); "
                         "write one with `moe-gps plan`")

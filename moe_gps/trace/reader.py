@@ -7,7 +7,6 @@ every bad file gets the same one-line error whichever way it is read.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_gps.errors import UserError
+from moe_gps.files import input_file
 from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace
 from moe_gps.trace.meta import META_KEY, TraceMeta
 from moe_gps.trace.validate import check_columns, counts_array, token_rows
@@ -22,11 +22,7 @@ from moe_gps.trace.validate import check_columns, counts_array, token_rows
 
 def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
     where = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{where}: no such file")
-    if p.is_dir():
-        raise UserError(f"{where}: is a folder, not a trace file")
+    p = input_file(path, what="a trace file")
     if p.stat().st_size == 0:
         raise UserError(f"{where}: empty file (0 bytes), not a Parquet trace")
     try:

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.files import input_file
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
 
@@ -91,10 +92,8 @@ def check_sources(sources: Sequence[str | os.PathLike], allow_dirs: bool = False
     paths = []
     for s in sources:
         p = Path(s)
-        if not p.exists():
-            raise UserError(f"{s}: no such file")
-        if p.is_dir() and not allow_dirs:
-            raise UserError(f"{s}: is a folder; give the files in it")
+        if not (allow_dirs and p.is_dir()):
+            input_file(p, what="a file (give the files in it)")
         paths.append(p)
     return paths
 
