@@ -1,0 +1,145 @@
+"""``moe-gps recommend``: which duplication strategy and predictor to run on a cluster, and why.
+
+Exit codes: 0 the report was written; 1 the report was written but some runs failed with
+an internal error (listed in it; they are not cached, so a rerun retries them); 2 bad
+input (trace, cluster, model, workload, sweep file or flag: one line on stderr);
+130 interrupted (finished runs are cached: the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from moe_gps.errors import UserError
+
+DEFAULT_CLUSTER = "4xA100-nvlink"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from moe_gps.config.loader import preset_names
+
+    p = sub.add_parser(
+        "recommend", help="sweep clusters, workloads, skews and predictors; recommend a strategy with evidence",
+        description=(
+            "Sweep the axes that decide whether and how to duplicate experts (interconnect bandwidth, GPU count, "
+            "tokens per step and phase, skew, predictor accuracy and overhead, redundant slots) around your "
+            "cluster with the simulator, then write a report folder: report.html (self-contained), report.md, "
+            "runs.csv, recommendation.json and the exact sweep. The recommendation is the fastest deployable "
+            "strategy at your point. Runs go in parallel and are cached in DIR/cache, so an interrupted sweep "
+            "resumes. Sweep keys and formulas: docs/recommend.md."),
+        epilog="exit codes: 0 report written; 1 some runs failed (report written); 2 bad input; 130 interrupted")
+    p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
+    p.add_argument("--cluster", metavar="PRESET|FILE",
+                   help=f"your cluster: preset ({', '.join(preset_names('clusters'))}) or YAML file "
+                        f"(default: {DEFAULT_CLUSTER})")
+    p.add_argument("--model", metavar="PRESET|FILE",
+                   help="model preset or YAML file (default: the preset named by the trace's metadata)")
+    p.add_argument("--workload", metavar="FILE", help="your workload YAML (phase, seq_len, tokens_per_step)")
+    p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")
+    p.add_argument("--seq-len", type=int, metavar="N", help="override the workload's seq_len")
+    p.add_argument("--tokens-per-step", type=int, metavar="N",
+                   help="your tokens per forward pass over all GPUs (default: as in the trace)")
+    p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
+    p.add_argument("--seed", type=int, help="override the sweep's seed")
+    p.add_argument("-j", "--jobs", type=int, metavar="N",
+                   help="parallel worker processes (default: the number of CPU cores available)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="report folder (default: moe-gps-out/recommend-<trace name>); its cache/ makes reruns resume")
+    p.add_argument("--json", action="store_true", help="print the recommendation as JSON (for automation)")
+    p.set_defaults(func=cmd_recommend)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _user_point(args: argparse.Namespace, trace):
+    from dataclasses import replace
+
+    from moe_gps.config import WorkloadConfig, infer_model, load_cluster, load_model, load_workload
+
+    cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
+    m = trace.meta
+    if args.model:
+        model = load_model(args.model)
+    else:
+        model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
+        if model is None:
+            raise UserError(f"{args.trace}: cannot tell the model from the trace metadata (model '{m.model}', "
+                            f"{m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); give --model PRESET|FILE")
+    w = load_workload(args.workload) if args.workload else WorkloadConfig()
+    if args.phase:
+        w = replace(w, phase=args.phase)
+    if args.seq_len is not None:
+        if args.seq_len < 1:
+            raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
+        w = replace(w, seq_len=args.seq_len)
+    if args.tokens_per_step is not None:
+        if args.tokens_per_step < 1:
+            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+        w = replace(w, tokens_per_step=args.tokens_per_step)
+    return cluster, model, w
+
+
+def _command(args: argparse.Namespace, out: Path) -> str:
+    """The command line that reruns this report (the cache makes it instant)."""
+    parts = ["moe-gps", "recommend", args.trace]
+    for flag in ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step", "sweep", "seed"):
+        v = getattr(args, flag)
+        if v is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(v)]
+    parts += ["-o", str(out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from moe_gps.recommend.core import recommend
+    from moe_gps.recommend.report import jsonable, summary, terminal, write_report
+    from moe_gps.recommend.sweep import load_sweep
+    from moe_gps.trace import load_trace
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    out = Path(args.output) if args.output else Path("moe-gps-out") / f"recommend-{Path(args.trace).stem}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    sweep = load_sweep(args.sweep)
+    if args.seed is not None:
+        sweep = replace(sweep, seed=args.seed)
+    trace = load_trace(args.trace)
+    cluster, model, workload = _user_point(args, trace)
+    jobs = args.jobs or _cores()
+    try:
+        result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))
+    except KeyboardInterrupt:
+        print(f"moe-gps: interrupted; finished runs are cached in {out / 'cache'}: run the same command to resume",
+              file=sys.stderr)
+        return 130
+    written = write_report(result, out, command=_command(args, out))
+    if args.json:
+        data = summary(result)
+        data["output"] = str(out)
+        data["files"] = [str(p) for p in written]
+        print(json.dumps(jsonable(data), indent=2))
+    else:
+        print(terminal(result))
+        print(f"\nwrote the report to {out}/: " + ", ".join(str(p.relative_to(out)) for p in written))
+    errors = result.errors
+    if errors:
+        print(f"moe-gps: {len(errors)} run(s) failed with an internal error (see runs.csv, status 'error'); "
+              f"first: {errors[0]['candidate']} at {errors[0]['num_gpus']} GPUs, {errors[0]['bandwidth_gb_s']:g} "
+              f"GB/s: {errors[0]['reason']}", file=sys.stderr)
+        return 1
+    return 0

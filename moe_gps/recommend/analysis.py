@@ -1,0 +1,395 @@
+"""From run records to the recommendation: headline, decision maps, sensitivity, predictor study.
+
+Every number is a function of the run records (``runs.csv``) and the cost model's
+constants; the formulas are in docs/recommend.md ("How the report is computed").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moe_gps.recommend.plan import TRACE_SKEW, Point, SweepPlan, workload_label
+
+PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine")
+POINT_COLS = ["num_gpus", "bandwidth_gb_s", "workload", "skew_variant"]
+
+
+def frame(records: list[dict[str, Any]]):
+    """pandas DataFrame of the records, with ``speedup_vs_none`` = latency of none at the same
+    point / latency of the run (NaN where none did not run)."""
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    if df.empty:
+        return df
+    ok = df[(df["status"] == "ok") & (df["candidate"] == "none")]
+    base = ok.set_index(POINT_COLS)["latency_mean_ms"]
+    idx = pd.MultiIndex.from_frame(df[POINT_COLS])
+    none_ms = base.reindex(idx).to_numpy()
+    df["none_latency_ms"] = none_ms
+    df["speedup_vs_none"] = np.where(df["status"] == "ok", none_ms / df["latency_mean_ms"].astype(float), np.nan)
+    return df
+
+
+def at_point(df, plan: SweepPlan, p: Point):
+    w = workload_label(plan.workloads[p.workload], plan.trace_tokens)
+    m = ((df["num_gpus"] == p.num_gpus) & (df["bandwidth_gb_s"] == p.bandwidth_gb_s) & (df["workload"] == w)
+         & (df["skew_variant"] == p.skew) & (df["status"] == "ok"))
+    return df[m]
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+@dataclass
+class Comparison:
+    """A (faster) against B, from their per-step latencies on the same steps.
+
+    speedup:   mean latency of B / mean latency of A
+    steps_won: steps where A was faster, out of ``steps``
+    diff_ms:   mean of (B - A) per step, ms; diff_se_ms its standard error
+    phases_us: per MoE layer, phase -> (A µs, B µs)
+    """
+
+    a: str
+    b: str
+    speedup: float
+    steps_won: int
+    steps: int
+    diff_ms: float
+    diff_se_ms: float
+    phases_us: dict[str, tuple[float, float]]
+    gpu_skew: tuple[float, float]
+    copied_gb: tuple[float, float]
+
+    def reasons(self, top: int = 3) -> list[str]:
+        """The phases that differ most, as 'ffn 412.0 -> 350.1 µs per layer'."""
+        diffs = sorted(self.phases_us.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))
+        out = []
+        for name, (a, b) in diffs[:top]:
+            if abs(a - b) < 0.05:
+                continue
+            out.append(f"{name} {b:.1f} µs ({self.b}) vs {a:.1f} µs ({self.a}) per MoE layer")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compare(a: dict, b: dict) -> Comparison:
+    la, lb = np.asarray(a["step_latency_ms"], float), np.asarray(b["step_latency_ms"], float)
+    d = lb - la
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    phases = {p: (float(a[f"layer_{p}_us"]), float(b[f"layer_{p}_us"])) for p in PHASES}
+    return Comparison(a["candidate"], b["candidate"], float(b["latency_mean_ms"]) / float(a["latency_mean_ms"]),
+                      int((la < lb).sum()), len(d), float(d.mean()), se, phases,
+                      (float(a["gpu_skew_after"]), float(b["gpu_skew_after"])),
+                      (float(a["copied_gb"]), float(b["copied_gb"])))
+
+
+# ---------------------------------------------------------------------------- headline
+
+@dataclass
+class Headline:
+    """The recommendation for the user's point (docs/recommend.md, "Headline").
+
+    winner / runner_up / none / oracle: records (dicts) of runs at the user's point
+    """
+
+    winner: dict
+    runner_up: dict | None
+    none: dict | None
+    oracle: dict | None
+    vs_none: Comparison | None
+    vs_runner_up: Comparison | None
+    ranking: list[dict]
+    regime: dict[str, float]
+    reasons: list[str] = field(default_factory=list)
+    hypothetical: list[str] = field(default_factory=list)
+    infeasible: list[str] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> bool:
+        return self.winner["candidate"] != "none"
+
+
+def regime(plan: SweepPlan) -> dict[str, float]:
+    """Roofline facts of the user's point: tokens per expert against the compute-bound threshold.
+
+    tokens_per_expert = tokens_per_step * top_k / experts;  threshold = Π w / (2 β)
+    (an expert's GEMM is compute bound above it); weight_read_us = m h f w / β per replica.
+    """
+    from sim.cost import Hardware
+
+    hw = Hardware.from_config(plan.cluster, plan.model)
+    m = plan.model
+    tokens = plan.workloads[0].tokens_per_step or plan.trace_tokens
+    return {"tokens_per_step": float(tokens),
+            "tokens_per_expert": float(tokens) * m.top_k / m.num_experts,
+            "compute_bound_above": hw.flops * m.weight_bytes / (2 * hw.hbm),
+            "weight_read_us": m.expert_bytes / hw.hbm * 1e6,
+            "expert_gb": m.expert_bytes / 1e9,
+            "copy_us_per_expert": m.expert_bytes / (plan.user.bandwidth_gb_s * 1e9) * 1e6}
+
+
+def headline(df, plan: SweepPlan) -> Headline:
+    """Winner = the fastest deployable candidate at the user's point (mean step latency)."""
+    from moe_gps.errors import UserError
+
+    here = at_point(df, plan, plan.user)
+    labels = {c.label for c in plan.headline_candidates}
+    cands = here[here["candidate"].isin(labels) & here["deployable"].astype(bool)]
+    infeasible = []
+    allhere = df[(df["num_gpus"] == plan.user.num_gpus) & (df["bandwidth_gb_s"] == plan.user.bandwidth_gb_s)
+                 & (df["skew_variant"] == TRACE_SKEW) & (df["status"] != "ok")
+                 & (df["workload"] == workload_label(plan.workloads[0], plan.trace_tokens))]
+    for _, r in allhere.iterrows():
+        if r["candidate"] in labels:
+            infeasible.append(f"{r['candidate']}: {r['reason']}")
+    if cands.empty:
+        why = "; ".join(infeasible[:2]) or "no run succeeded"
+        raise UserError(f"no strategy could be simulated at your point ({why})")
+    ranked = cands.sort_values(["latency_mean_ms", "candidate"])
+    rows = ranked.to_dict("records")
+    win = rows[0]
+    runner = next((r for r in rows[1:] if r["strategy"] != win["strategy"]), None)
+    none = next((r for r in rows if r["candidate"] == "none"), None)
+    orc = here[here["family"] == "oracle"].sort_values("latency_mean_ms").to_dict("records")
+    h = Headline(win, runner, none, orc[0] if orc else None,
+                 compare(win, none) if none is not None and none is not win else None,
+                 compare(win, runner) if runner is not None else None, rows, regime(plan), infeasible=infeasible)
+    h.reasons = _reasons(h, plan)
+    return h
+
+
+def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
+    g = h.regime
+    w = h.winner
+    out = []
+    bound = "below" if g["tokens_per_expert"] < g["compute_bound_above"] else "above"
+    kind = "weight-read (memory) bound" if bound == "below" else "compute bound"
+    out.append(f"At {g['tokens_per_step']:.0f} tokens per step each expert gets {g['tokens_per_expert']:.0f} tokens "
+               f"on average, {bound} the {g['compute_bound_above']:.0f} at which its GEMMs turn compute bound: the "
+               f"expert FFN is {kind}. Every replica reads its {g['expert_gb']:.3f} GB of weights once per layer "
+               f"({g['weight_read_us']:.0f} µs), however few tokens it gets.")
+    best_dup = next((r for r in h.ranking if r["candidate"] != "none"), None)
+    if not h.duplicates:
+        if best_dup is not None:
+            c = compare(w, best_dup)
+            out.append(f"The best duplicating strategy, {best_dup['candidate']}, balances the GPUs (GPU skew "
+                       f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) but is "
+                       f"{c.speedup:.3f}x slower: " + "; ".join(c.reasons()) + ".")
+    else:
+        if h.vs_none is not None:
+            c = h.vs_none
+            out.append(f"{w['candidate']} cuts the GPU skew of the expert FFN from {c.gpu_skew[1]:.2f} (none) to "
+                       f"{c.gpu_skew[0]:.2f}: " + "; ".join(c.reasons()) + ".")
+        if w["copied_gb"] > 0:
+            out.append(f"It copies {w['copied_gb']:.1f} GB of expert weights over the {w['sim_steps']} simulated steps "
+                       f"({g['copy_us_per_expert']:.0f} µs per expert at {plan.user.bandwidth_gb_s:g} GB/s); the "
+                       f"copies add {w['layer_copy_us']:.1f} µs per layer on the critical path.")
+    if h.vs_runner_up is not None and (h.duplicates or h.runner_up["candidate"] != best_dup["candidate"]):
+        c = h.vs_runner_up
+        out.append(f"Against the runner-up {c.b}: " + "; ".join(c.reasons()) + ".")
+    return out
+
+
+# ---------------------------------------------------------------------------- maps
+
+@dataclass
+class DecisionMap:
+    """Winner per cell of a 2-D grid (rows x cols), among the deployable map candidates.
+
+    winner:   [rows][cols] candidate label or None (nothing ran)
+    speedup:  [rows][cols] winner's speed-up vs none (NaN if none did not run)
+    margin:   [rows][cols] runner-up latency / winner latency
+    hypo_vs_dist: [rows][cols] best distribution-only latency / hypothetical token predictor latency
+    """
+
+    name: str
+    row_name: str
+    col_name: str
+    rows: list[Any]
+    cols: list[Any]
+    row_labels: list[str]
+    col_labels: list[str]
+    winner: list[list[str | None]]
+    speedup: np.ndarray
+    margin: np.ndarray
+    hypo_vs_dist: np.ndarray
+    user_cell: tuple[int, int] | None
+
+
+def _cell_stats(sub) -> tuple[str | None, float, float, float]:
+    dep = sub[sub["deployable"].astype(bool)].sort_values(["latency_mean_ms", "candidate"])
+    if dep.empty:
+        return None, math.nan, math.nan, math.nan
+    best = dep.iloc[0]
+    margin = float(dep.iloc[1]["latency_mean_ms"] / best["latency_mean_ms"]) if len(dep) > 1 else math.nan
+    dist = sub[sub["family"] == "distribution"]["latency_mean_ms"]
+    hyp = sub[sub["family"] == "token (hypothetical)"]["latency_mean_ms"]
+    ratio = float(dist.min() / hyp.min()) if len(dist) and len(hyp) else math.nan
+    return str(best["candidate"]), float(best["speedup_vs_none"]), margin, ratio
+
+
+def decision_map(df, plan: SweepPlan, name: str, labels: set[str]) -> DecisionMap:
+    u = plan.user
+    wl = [workload_label(w, plan.trace_tokens) for w in plan.workloads]
+    sk = plan.skew_order()
+    if name == "map-bw-skew":
+        rows, row_name = sk, "expert skew (max / mean tokens per expert)"
+        row_labels = [f"{plan.skews[k].achieved:.2f}" + (" (trace)" if k == TRACE_SKEW else "") for k in sk]
+        point = lambda r, c: Point(u.num_gpus, c, u.workload, r)  # noqa: E731
+        user_rc = (sk.index(u.skew), plan.bandwidths.index(u.bandwidth_gb_s))
+    elif name == "map-gpus-bw":
+        rows, row_name = plan.gpus, "GPUs"
+        row_labels = [str(g) for g in plan.gpus]
+        point = lambda r, c: Point(r, c, u.workload, TRACE_SKEW)  # noqa: E731
+        user_rc = (plan.gpus.index(u.num_gpus), plan.bandwidths.index(u.bandwidth_gb_s))
+    else:
+        order = plan.workload_order()
+        rows, row_name = order, "workload (tokens per step)"
+        row_labels = [wl[i] for i in order]
+        point = lambda r, c: Point(u.num_gpus, c, r, TRACE_SKEW)  # noqa: E731
+        user_rc = (order.index(u.workload), plan.bandwidths.index(u.bandwidth_gb_s))
+    cols = plan.bandwidths
+    col_labels = [f"{b:g}" for b in cols]
+    win = [[None] * len(cols) for _ in rows]
+    sp, mg, hv = (np.full((len(rows), len(cols)), np.nan) for _ in range(3))
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            sub = at_point(df, plan, point(r, c))
+            sub = sub[sub["candidate"].isin(labels)]
+            win[i][j], sp[i, j], mg[i, j], hv[i, j] = _cell_stats(sub)
+    return DecisionMap(name, row_name, f"{plan.fabric} bandwidth (GB/s per GPU per direction)", list(rows), cols,
+                       row_labels, col_labels, win, sp, mg, hv, user_rc)
+
+
+# ---------------------------------------------------------------------------- sensitivity
+
+@dataclass
+class Sensitivity:
+    """Along one axis through the user's point: the winner at each value, and the range of
+    values around the user's where the recommendation stays the winner among the map set."""
+
+    axis: str
+    unit: str
+    values: list[str]
+    winners: list[str | None]
+    user_index: int
+    holds_from: str
+    holds_to: str
+    change_below: tuple[str, str, float] | None     # (value, new winner, its speed-up over ours there)
+    change_above: tuple[str, str, float] | None
+
+    def sentence(self, rec: str) -> str:
+        rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip() if self.holds_from != self.holds_to
+               else f"only at {self.holds_from} {self.unit}".strip())
+        s = f"{self.axis}: {rec} stays the fastest {rng}"
+        parts = []
+        for side, ch in (("below", self.change_below), ("above", self.change_above)):
+            if ch is not None:
+                parts.append(f"at {ch[0]} {self.unit}".rstrip() + f" {ch[1]} wins ({ch[2]:.3f}x faster)")
+        if not parts:
+            return s + " (the whole swept range)."
+        return s + "; " + "; ".join(parts) + "."
+
+
+def sensitivity(m: DecisionMap, df, plan: SweepPlan, rec: str, along: str, unit: str, axis: str,
+                labels: set[str]) -> Sensitivity:
+    """Walk the user's row (along='cols') or column (along='rows') of a decision map."""
+    i0, j0 = m.user_cell
+    if along == "cols":
+        winners = m.winner[i0]
+        values = m.col_labels
+        k0 = j0
+        pts = [(m.rows[i0], c) for c in m.cols]
+    else:
+        winners = [row[j0] for row in m.winner]
+        values = m.row_labels
+        k0 = i0
+        pts = [(r, m.cols[j0]) for r in m.rows]
+    lo = k0
+    while lo - 1 >= 0 and winners[lo - 1] == rec:
+        lo -= 1
+    hi = k0
+    while hi + 1 < len(winners) and winners[hi + 1] == rec:
+        hi += 1
+
+    def change(k: int) -> tuple[str, str, float] | None:
+        if k < 0 or k >= len(winners) or winners[k] is None:
+            return None
+        sub = _sub_at(df, plan, m.name, *pts[k])
+        sub = sub[sub["candidate"].isin(labels)]
+        ours = sub[sub["candidate"] == rec]["latency_mean_ms"]
+        theirs = sub[sub["candidate"] == winners[k]]["latency_mean_ms"]
+        ratio = float(ours.iloc[0] / theirs.iloc[0]) if len(ours) and len(theirs) else math.nan
+        return values[k], winners[k], ratio
+
+    if winners[k0] != rec:
+        return Sensitivity(axis, unit, values, winners, k0, values[k0], values[k0], change(k0), None)
+    return Sensitivity(axis, unit, values, winners, k0, values[lo], values[hi], change(lo - 1), change(hi + 1))
+
+
+def _sub_at(df, plan: SweepPlan, name: str, r, c):
+    u = plan.user
+    if name == "map-bw-skew":
+        p = Point(u.num_gpus, c, u.workload, r)
+    elif name == "map-gpus-bw":
+        p = Point(r, c, u.workload, TRACE_SKEW)
+    else:
+        p = Point(u.num_gpus, c, r, TRACE_SKEW)
+    return at_point(df, plan, p)
+
+
+# ---------------------------------------------------------------------------- predictor study
+
+@dataclass
+class PredictorStudy:
+    """Synthetic token predictor at one point: speed-up vs none per (overhead, accuracy).
+
+    speedup: [overheads, accuracies];  reference: best deployable candidate there (label, speed-up)
+    knee: per overhead, the lowest accuracy within 1% of that overhead's best speed-up
+    break_even: per overhead, the lowest accuracy that beats the reference (None if none does)
+    """
+
+    point: Point
+    label: str
+    accuracies: list[float]
+    overheads: list[float]
+    speedup: np.ndarray
+    reference: tuple[str, float] | None
+    best_distribution: tuple[str, float] | None
+    knee: list[float | None]
+    break_even: list[float | None]
+
+
+def predictor_study(df, plan: SweepPlan, p: Point, labels: set[str]) -> PredictorStudy:
+    here = at_point(df, plan, p)
+    acc, ovh = list(plan.sweep.predictor_accuracy), list(plan.sweep.predictor_overhead_flops)
+    syn = here[here["family"] == "token (hypothetical)"]
+    sp = np.full((len(ovh), len(acc)), np.nan)
+    for _, r in syn.iterrows():
+        if r["synthetic_accuracy"] in acc and r["synthetic_overhead_flops"] in ovh:
+            sp[ovh.index(r["synthetic_overhead_flops"]), acc.index(r["synthetic_accuracy"])] = r["speedup_vs_none"]
+    dep = here[here["deployable"].astype(bool) & here["candidate"].isin(labels)].sort_values("latency_mean_ms")
+    ref = (str(dep.iloc[0]["candidate"]), float(dep.iloc[0]["speedup_vs_none"])) if len(dep) else None
+    dist = dep[dep["family"] == "distribution"]
+    bdist = (str(dist.iloc[0]["candidate"]), float(dist.iloc[0]["speedup_vs_none"])) if len(dist) else None
+    order = np.argsort(acc)
+    knee, be = [], []
+    for i in range(len(ovh)):
+        row = sp[i, order]
+        a_sorted = [acc[k] for k in order]
+        if np.all(np.isnan(row)):
+            knee.append(None)
+            be.append(None)
+            continue
+        best = np.nanmax(row)
+        knee.append(next(a for a, v in zip(a_sorted, row) if v == v and v >= best / 1.01))
+        be.append(next((a for a, v in zip(a_sorted, row) if ref is not None and v == v and v > ref[1]), None))
+    return PredictorStudy(p, workload_label(plan.workloads[p.workload], plan.trace_tokens), acc, ovh, sp, ref,
+                          bdist, knee, be)

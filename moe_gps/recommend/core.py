@@ -1,0 +1,147 @@
+"""The recommendation sweep end to end: :func:`recommend`.
+
+1. cut the trace to ``train_steps + sim_steps`` steps and make its skew variants;
+2. simulate every candidate at the user's point (the headline study);
+3. simulate the decision maps (with the headline's winner and runner-up) and the
+   predictor study;
+4. analyse: headline, maps, sensitivity, predictor knees (:mod:`moe_gps.recommend.analysis`).
+
+The report is written by :mod:`moe_gps.recommend.report`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_gps.config.loader import check_combination, check_model_matches_trace
+from moe_gps.config.schema import ClusterConfig, ModelConfig, WorkloadConfig
+from moe_gps.errors import UserError
+from moe_gps.recommend import analysis as an
+from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, make_plan
+from moe_gps.recommend.runner import Runner
+from moe_gps.recommend.skew import SkewVariant, mean_expert_skew
+from moe_gps.recommend.sweep import SweepConfig
+
+#: two skew variants closer than this (in achieved skew) are one
+SKEW_DEDUP = 0.02
+
+
+@dataclass
+class Recommendation:
+    """Everything a report needs."""
+
+    plan: SweepPlan
+    records: list[dict[str, Any]]
+    df: Any
+    headline: an.Headline
+    maps: dict[str, an.DecisionMap]
+    sensitivities: list[an.Sensitivity]
+    predictor: list[an.PredictorStudy]
+    map_labels: list[str]
+    trace_name: str
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    simulated: int = 0
+    from_cache: int = 0
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("status") == "error"]
+
+
+def _trim(trace, sweep: SweepConfig, notes: list[str]):
+    n = trace.num_steps
+    train, sim = sweep.train_steps, sweep.sim_steps
+    if n < train + 1:
+        raise UserError(f"the trace has {n} steps; train_steps={train} leaves none to simulate "
+                        f"(set train_steps below {n} in the sweep file)")
+    if n < train + sim:
+        notes.append(f"the trace has {n} steps: {n - train} simulated per run instead of sim_steps={sim}")
+        sim = n - train
+    if n > train + sim:
+        notes.append(f"each run simulates steps {train}..{train + sim - 1} of the trace's {n} "
+                     f"(sim_steps={sim}; the first {train} fit the predictors)")
+    keep = list(range(train + sim))
+    if hasattr(trace, "select_steps"):
+        return trace.select_steps(keep), sim
+    from dataclasses import replace
+
+    from moe_gps.trace.data import CountsTrace
+    meta = trace.meta
+    if meta.tokens_per_step is not None:
+        meta = replace(meta, tokens_per_step=list(meta.tokens_per_step[:train + sim]))
+    return CountsTrace(meta, trace.counts()[:train + sim]), sim
+
+
+def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[str, SkewVariant]:
+    first = sweep.train_steps
+    out = {TRACE_SKEW: SkewVariant(TRACE_SKEW, None, 1.0, mean_expert_skew(trace, first))}
+    for v in runner.skew_variants(sorted(set(sweep.skew)), first):
+        if not v.reachable:
+            notes.append(f"skew {v.target:g} is out of reach of the re-weighting on this trace; the nearest "
+                         f"reachable variant (skew {v.achieved:.2f}) is used")
+        if any(abs(v.achieved - o.achieved) < SKEW_DEDUP for o in out.values()):
+            continue
+        out[v.key] = v
+    return out
+
+
+def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig, sweep: SweepConfig,
+              out_dir=None, jobs: int = 1, progress: bool | None = None, trace_name: str = "trace") -> Recommendation:
+    """Run the sweep (cached under ``out_dir``/cache when given) and analyse it."""
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    m = trace.meta
+    check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
+    trace, sim_steps = _trim(trace, sweep, notes)
+    if sim_steps != sweep.sim_steps:
+        from dataclasses import replace
+        sweep = replace(sweep, sim_steps=sim_steps)
+    # the user's own point must be able to run at all (a clear error now, not after the sweep)
+    peak = float(workload.tokens_per_step or trace.tokens_per_step.max())
+    check_combination(cluster, model, workload, [Candidate("none").config(cluster.num_gpus, m.num_experts)], peak,
+                      where=f"cluster {cluster.name}")
+    timings: dict[str, float] = {}
+    with Runner(trace, sweep.seed, out_dir, jobs, progress) as runner:
+        t0 = time.perf_counter()
+        skews = _skews(runner, trace, sweep, notes)
+        timings["skew_variants_s"] = time.perf_counter() - t0
+        plan = make_plan(sweep, trace, cluster, model, workload, skews)
+        notes += plan.notes
+        t0 = time.perf_counter()
+        records = runner.run(plan, plan.headline_runs(), "headline")
+        timings["headline_s"] = time.perf_counter() - t0
+        head = an.headline(an.frame(records), plan)
+        by_label = {c.label: c for c in plan.headline_candidates}
+        extra = [by_label[r["candidate"]] for r in (head.winner, head.runner_up) if r is not None]
+        map_cands = plan.map_candidates(extra)
+        specs = [s for runs in plan.map_runs(map_cands).values() for s in runs] + plan.predictor_runs()
+        t0 = time.perf_counter()
+        records += runner.run(plan, specs, "maps")
+        timings["maps_s"] = time.perf_counter() - t0
+        simulated, cached = runner.simulated, runner.from_cache
+    # one record per key (a run can belong to several studies)
+    uniq = {r["key"]: r for r in records}
+    records = list(uniq.values())
+    t0 = time.perf_counter()
+    df = an.frame(records)
+    head = an.headline(df, plan)
+    labels = {c.label for c in map_cands}
+    maps = {name: an.decision_map(df, plan, name, labels) for name in ("map-bw-skew", "map-gpus-bw", "map-tokens-bw")}
+    rec = head.winner["candidate"]
+    if rec not in labels:     # cannot happen: the winner is added to the maps; kept as a guard
+        raise AssertionError(f"headline winner {rec} missing from the map strategies")
+    sens = [
+        an.sensitivity(maps["map-bw-skew"], df, plan, rec, "cols", "GB/s", "interconnect bandwidth", labels),
+        an.sensitivity(maps["map-bw-skew"], df, plan, rec, "rows", "", "expert skew", labels),
+        an.sensitivity(maps["map-tokens-bw"], df, plan, rec, "rows", "", "workload", labels),
+        an.sensitivity(maps["map-gpus-bw"], df, plan, rec, "rows", "GPUs", "GPU count", labels),
+    ]
+    all_labels = labels | {c.label for c in plan.headline_candidates}
+    pred = [an.predictor_study(df, plan, p, all_labels) for p in plan.predictor_points()]
+    timings["analysis_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    return Recommendation(plan, records, df, head, maps, sens, pred, sorted(labels), trace_name, notes, timings,
+                          simulated, cached)

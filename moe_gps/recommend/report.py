@@ -1,0 +1,292 @@
+"""The report folder of ``moe-gps recommend``: report.html, report.md, runs.csv, the exact sweep.
+
+Every file is written atomically (temporary name, then rename). report.html is
+self-contained: its plots are PNG embedded as base64, its style inline, no external asset.
+Definitions of every number: docs/recommend.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.config.loader import dump_yaml
+from moe_gps.recommend import plots
+from moe_gps.recommend.core import Recommendation
+from moe_gps.recommend.plan import workload_label
+from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
+from moe_gps.recommend.sweep import sweep_to_dict
+from moe_gps.tables import format_table
+
+CSV_COLUMNS = [
+    "num_gpus", "fabric", "bandwidth_gb_s", "workload", "phase", "tokens_per_step", "seq_len", "skew_variant",
+    "skew", "candidate", "strategy", "family", "deployable", "redundant_slots", "status", "latency_mean_ms",
+    "latency_p50_ms", "latency_p99_ms", "tokens_per_s", "speedup_vs_none", "gpu_skew_before", "gpu_skew_after",
+    "copied_gb", "extra_memory_gb_per_gpu", "accuracy", "synthetic_accuracy", "synthetic_overhead_flops",
+    *(f"layer_{p}_us" for p in ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine",
+                                "total")),
+    "replans", "predictor", "planner", "sim_steps", "skew_gamma", "reason", "wall_s", "key",
+]
+# ---------------------------------------------------------------------------- content
+
+def summary(r: Recommendation) -> dict[str, Any]:
+    """The recommendation as plain data (what --json prints and recommendation.json holds)."""
+    h, plan = r.headline, r.plan
+    w = h.winner
+    c = plan.cluster
+    vs_run = h.vs_runner_up
+    hyp = hypothetical_lines(r)
+    return {
+        "trace": r.trace_name, "model": plan.model.name,
+        "cluster": {"name": c.name, "num_gpus": c.num_gpus, "fabric": plan.fabric,
+                    "bandwidth_gb_s": plan.user.bandwidth_gb_s},
+        "workload": workload_label(plan.workloads[0], plan.trace_tokens),
+        "trace_skew": plan.skews["trace"].achieved,
+        "recommendation": {
+            "strategy": w["strategy"], "candidate": w["candidate"], "family": w["family"],
+            "duplicate": h.duplicates, "predictor": w.get("predictor") or None,
+            "planner": w.get("planner"), "redundant_slots": w.get("redundant_slots"),
+            "latency_mean_ms": w["latency_mean_ms"], "tokens_per_s": w["tokens_per_s"],
+            "speedup_vs_none": (h.none["latency_mean_ms"] / w["latency_mean_ms"]) if h.none else None,
+            "runner_up": h.runner_up["candidate"] if h.runner_up else None,
+            "speedup_vs_runner_up": vs_run.speedup if vs_run else None,
+            "steps_won_vs_runner_up": f"{vs_run.steps_won}/{vs_run.steps}" if vs_run else None,
+            "oracle_speedup_vs_none": (h.none["latency_mean_ms"] / h.oracle["latency_mean_ms"])
+            if h.none and h.oracle else None,
+        },
+        "reasons": h.reasons,
+        "sensitivity": [s.sentence(w["candidate"]) for s in r.sensitivities],
+        "hypothetical": hyp,
+        "ranking": [{"candidate": x["candidate"], "latency_mean_ms": x["latency_mean_ms"],
+                     "speedup_vs_none": x["speedup_vs_none"]} for x in h.ranking],
+        "infeasible_at_your_point": h.infeasible,
+        "runs": {"total": len(r.records), "simulated": r.simulated, "from_cache": r.from_cache,
+                 "infeasible": sum(x["status"] == "infeasible" for x in r.records), "errors": len(r.errors)},
+        "timings_s": r.timings, "notes": r.notes, "seed": plan.sweep.seed,
+    }
+
+
+def hypothetical_lines(r: Recommendation) -> list[str]:
+    """What a token-to-expert predictor would need, from the predictor study at your point."""
+    out = []
+    h = r.headline
+    for st in r.predictor:
+        where = "at your point" if st.point == r.plan.user else f"at {st.label} tokens/step"
+        if st.reference is None:
+            continue
+        if all(v != v for v in st.speedup.ravel()):
+            why = next((x["reason"] for x in r.records if x["family"] == "token (hypothetical)"
+                        and x["status"] != "ok"), "no run")
+            out.append(f"{where.capitalize()}, the token-to-expert what-if could not run: {why}")
+            continue
+        wins = [(o, a) for o, a in zip(st.overheads, st.break_even) if a is not None]
+        best = float(max(v for v in st.speedup.ravel() if v == v))
+        if wins:
+            txt = ", ".join(f"accuracy >= {a:g} at {o / 1e6:g} MFLOP/token" for o, a in wins)
+            out.append(f"{where.capitalize()}, a token-to-expert predictor would beat {st.reference[0]} "
+                       f"({st.reference[1]:.3f}x vs none) with {txt} (best: {best:.3f}x).")
+        else:
+            out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep beats {st.reference[0]} "
+                       f"({st.reference[1]:.3f}x vs none), not even a perfect, free one ({best:.3f}x).")
+        knees = [f"{a:g} at {o / 1e6:g} MFLOP" for o, a in zip(st.overheads, st.knee) if a is not None]
+        if knees:
+            out.append(f"{where.capitalize()}, better accuracy stops paying (within 1% of the best) at: "
+                       + "; ".join(knees) + ".")
+    if h.oracle is not None and h.none is not None:
+        out.append(f"The oracle (true loads known in advance, no predictor, no copies) bounds duplication with "
+                   f"this slot budget at {h.none['latency_mean_ms'] / h.oracle['latency_mean_ms']:.3f}x vs none "
+                   f"at your point.")
+    return out
+
+
+def _title_line(r: Recommendation) -> str:
+    plan = r.plan
+    c = plan.cluster
+    w = plan.workloads[0]
+    tok = f"{w.tokens_per_step} tokens/step" if w.tokens_per_step else f"{plan.trace_tokens:.0f} tokens/step (as in the trace)"
+    ctx = f", context {w.seq_len}" if w.phase == "decode" else f", prompts of {w.seq_len}"
+    return (f"{plan.model.name} on {c.name}: {c.num_gpus} GPUs, {plan.fabric} {plan.user.bandwidth_gb_s:g} GB/s; "
+            f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}")
+
+
+def _verdict(r: Recommendation) -> str:
+    w = r.headline.winner
+    if not r.headline.duplicates:
+        return "no duplication (strategy none)"
+    fam = {"static": "static duplication", "distribution": "distribution-only prediction",
+           "token": "token-to-expert prediction"}.get(w["family"], w["family"])
+    extra = w.get("slots_per_gpu_extra")
+    return (f"{fam}: {w['strategy']} with {w['redundant_slots']} redundant slots "
+            f"({extra} extra per GPU)")
+
+
+def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
+    h = r.headline
+    w = h.winner
+    rows = [("strategy", w["candidate"]), ("predictor", w.get("predictor") or "none"),
+            ("redundant slots", f"{w.get('redundant_slots', 0)} over {r.plan.cluster.num_gpus} GPUs"),
+            ("mean step latency", f"{w['latency_mean_ms']:.3f} ms (p99 {w['latency_p99_ms']:.3f} ms), "
+                                  f"{w['tokens_per_s']:,.0f} tokens/s")]
+    if h.vs_none is not None:
+        c = h.vs_none
+        rows.append(("speed-up vs no duplication", f"{c.speedup:.3f}x (faster on {c.steps_won}/{c.steps} steps; "
+                                                   f"{c.diff_ms:.3f} ± {c.diff_se_ms:.3f} ms per step)"))
+    elif h.none is not None:
+        rows.append(("speed-up vs no duplication", "1.000x (it is no duplication)"))
+    if h.vs_runner_up is not None:
+        c = h.vs_runner_up
+        rows.append(("speed-up vs runner-up", f"{c.speedup:.3f}x over {c.b} (faster on {c.steps_won}/{c.steps} "
+                                              f"steps; {c.diff_ms:.3f} ± {c.diff_se_ms:.3f} ms per step)"))
+    if h.oracle is not None and h.none is not None:
+        rows.append(("bound (oracle)", f"{h.none['latency_mean_ms'] / h.oracle['latency_mean_ms']:.3f}x vs none"))
+    return rows
+
+
+# ---------------------------------------------------------------------------- figures
+
+def figures(r: Recommendation) -> dict[str, tuple[bytes, str]]:
+    """name -> (PNG bytes, caption)."""
+    h = r.headline
+    rec = h.winner["candidate"]
+    labels = sorted(set(r.map_labels) | {x["candidate"] for x in h.ranking}
+                    | ({h.oracle["candidate"]} if h.oracle else set()))
+    colors = plots.colors_for(labels)
+    maps = r.maps
+    out: dict[str, tuple[bytes, str]] = {}
+    out["headline"] = (plots.headline_png(h.ranking, [h.oracle]),
+                       "Mean MoE-layer time of every strategy at your cluster, split by phase (µs), fastest on "
+                       "top; the text is the mean step latency (all MoE layers of a step).")
+    out["decision_bw_skew"] = (plots.decision_map_png(
+        maps["map-bw-skew"], colors, "Decision map: bandwidth x skew"),
+        "Which deployable strategy is fastest for each interconnect bandwidth and expert skew "
+        "(your GPU count and workload); the text is its speed-up over no duplication; your cluster is boxed in red.")
+    tv = plots.token_vs_dist_png(maps["map-bw-skew"], _hypo_label(r))
+    if tv is not None:
+        out["token_vs_distribution"] = (tv, "Where token-to-expert prediction would beat distribution-only "
+                                            "prediction: best distribution-only time / time of the hypothetical "
+                                            "token predictor (> 1, purple: token-to-expert faster; < 1, orange: "
+                                            "slower); your GPU count and workload.")
+    out["decision_gpus_tokens"] = (plots.two_maps_png(
+        maps["map-gpus-bw"], maps["map-tokens-bw"], colors, "Decision map: GPU count x bandwidth",
+        "Decision map: tokens per step x bandwidth"),
+        "The same for GPU count (top; your workload and the trace's skew) and for the workload (bottom; your "
+        "GPU count and the trace's skew).")
+    out["predictor"] = (plots.predictor_png(r.predictor),
+                        "Speed-up over no duplication of a synthetic token-to-expert predictor against its accuracy "
+                        "(top-k recall), one line per overhead (FLOPs per token per MoE layer).")
+    map_labels = [lab for lab in r.map_labels]
+    out["sensitivity"] = (plots.sensitivity_png(r.df, r.plan, map_labels, colors, rec),
+                          "Speed-up over no duplication of each map strategy along the bandwidth (left) and skew "
+                          "(right) axes through your point (red line); the thick line is the recommendation.")
+    return out
+
+
+def _hypo_label(r: Recommendation) -> str:
+    m = r.plan.sweep.map_token_predictor
+    return "none" if m is None else f"accuracy {m.accuracy:g}, {m.overhead_flops / 1e6:g} MFLOP/token"
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+def _sections(r: Recommendation) -> dict[str, Any]:
+    s = summary(r)
+    return {"summary": s, "verdict": _verdict(r), "title": _title_line(r), "keys": key_numbers(r)}
+
+
+def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "") -> list[Path]:
+    """Write the report folder; returns the files written (the cache folder is not listed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sec = _sections(r)
+    figs = figures(r)
+    for name, (png, _) in figs.items():
+        with atomic_path(out / "plots" / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
+        written.append(out / "plots" / f"{name}.png")
+    # runs.csv
+    import pandas as pd
+    df = r.df.copy()
+    cols = [c for c in CSV_COLUMNS if c in df.columns]
+    df = df.sort_values(["num_gpus", "bandwidth_gb_s", "workload", "skew", "latency_mean_ms"], na_position="last")
+    with atomic_path(out / "runs.csv") as tmp:
+        pd.DataFrame(df[cols]).to_csv(tmp, index=False, float_format="%.6g")
+    written.append(out / "runs.csv")
+    # the exact sweep, and a simulate config of the headline comparison
+    rerun = command or "moe-gps recommend TRACE --sweep sweep.yaml"
+    write_text_atomic(out / "sweep.yaml", f"# moe-gps recommend: the exact sweep of this report (seed "
+                                          f"{r.plan.sweep.seed}).\n# command: {rerun}\n"
+                      + dump_yaml_plain(sweep_to_dict(r.plan.sweep)))
+    written.append(out / "sweep.yaml")
+    write_text_atomic(out / "simulate_config.yaml", _simulate_config_text(r))
+    written.append(out / "simulate_config.yaml")
+    write_text_atomic(out / "recommendation.json", json.dumps(jsonable(sec["summary"]), indent=2) + "\n")
+    written.append(out / "recommendation.json")
+    write_text_atomic(out / "report.md", render_markdown(r, sec, figs, command))
+    written.append(out / "report.md")
+    write_text_atomic(out / "report.html", render_html(r, sec, figs, command))
+    written.append(out / "report.html")
+    return written
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON data: NaN and infinities to None, numpy scalars and arrays to Python."""
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def _simulate_config_text(r: Recommendation) -> str:
+    from dataclasses import replace
+
+    from moe_gps.config.schema import SimulateConfig
+    h, plan = r.headline, r.plan
+    by_label = {c.label: c for c in plan.headline_candidates}
+    rows = [x for x in (h.none, h.winner, h.runner_up) if x is not None]
+    names, strategies = set(), []
+    for x in rows:
+        if x["candidate"] in names:
+            continue
+        names.add(x["candidate"])
+        c = by_label[x["candidate"]]
+        cfg = c.config(plan.cluster.num_gpus, plan.model.num_experts, plan.sweep.predictor_placement)
+        strategies.append(replace(cfg, name=c.label))
+    cfg = SimulateConfig(cluster=plan.cluster, model=plan.model, workload=plan.workloads[0], strategies=strategies,
+                         seed=plan.sweep.seed, train_steps=plan.sweep.train_steps, trace=r.trace_name)
+    return ("# The headline comparison (none, the recommendation, the runner-up) as a simulate config.\n"
+            "# `moe-gps simulate TRACE --config simulate_config.yaml` runs it on every step after train_steps\n"
+            f"# (the sweep simulated {plan.sweep.sim_steps} steps per run).\n" + dump_yaml(cfg))
+
+
+def terminal(r: Recommendation) -> str:
+    """The terminal summary: verdict, key numbers, reasons, sensitivity, the ranking."""
+    sec = _sections(r)
+    s = sec["summary"]
+    lines = [sec["title"], "", f"RECOMMENDATION: {sec['verdict']}"]
+    lines += [f"  {k}: {v}" for k, v in sec["keys"]]
+    lines += ["", "why:"] + [f"  - {x}" for x in r.headline.reasons]
+    lines += ["", "how far it holds:"] + [f"  - {x}" for x in s["sensitivity"]]
+    lines += ["", "token-to-expert prediction:"] + [f"  - {x}" for x in s["hypothetical"]]
+    lines += ["", format_table(r.headline.ranking[:15], [(k, h, f) for k, h, f in RANK_COLUMNS[:8]],
+                               title="strategies at your cluster (fastest first):")]
+    lines += [f"note: {x}" for x in r.notes]
+    lines += [f"runs: {s['runs']['total']} ({r.simulated} simulated, {r.from_cache} cached, "
+              f"{s['runs']['infeasible']} infeasible, {s['runs']['errors']} errors) in {r.timings['total_s']:.1f} s"]
+    return "\n".join(lines)

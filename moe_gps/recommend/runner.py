@@ -1,0 +1,318 @@
+"""Running a sweep: one ``simulate`` call per run, in parallel, cached by config hash.
+
+Every run is one strategy at one point (:mod:`moe_gps.recommend.plan`). Its key is the
+SHA-256 of: the trace's content, the steps used, the seed, the skew variant (its
+gamma), the full simulate config (cluster, model, workload, strategy), and a digest of
+the simulator's source code (so that a changed cost model never reads stale results).
+The result is one small JSON file ``cache/<key>.json`` in the output folder, written
+atomically by the worker as soon as the run ends; a sweep that is interrupted and
+started again reads those files and simulates only what is missing.
+
+Workers are processes (``multiprocessing``, fork where the platform has it); each holds
+the trace once and makes skew variants on first use. Nothing is plotted per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from moe_gps.atomic import write_text_atomic
+from moe_gps.config.loader import to_dict
+from moe_gps.config.schema import SimulateConfig
+from moe_gps.errors import UserError
+from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
+from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
+
+#: bump when the record format changes
+CACHE_VERSION = 1
+#: source folders whose code decides a run's numbers (their digest is part of every key)
+_CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
+
+
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for rel in _CODE:
+        p = root / rel
+        files = sorted(p.glob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def trace_fingerprint(trace) -> str:
+    """SHA-256 (16 hex digits) of the trace's routing and metadata shape."""
+    h = hashlib.sha256()
+    m = trace.meta
+    h.update(json.dumps([m.kind, m.num_layers, m.num_experts, m.top_k]).encode())
+    arrays = ([trace.experts, trace.step_offsets, trace.token_id, trace.seq, trace.pos, trace.rank]
+              if hasattr(trace, "experts") else [trace.counts()])
+    for a in arrays:
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------- payloads
+
+def simulate_config(plan: SweepPlan, spec: RunSpec) -> SimulateConfig:
+    p, c = spec.point, spec.candidate
+    cluster = plan.point_cluster(p)
+    strategy = c.config(p.num_gpus, plan.model.num_experts, plan.sweep.predictor_placement)
+    return SimulateConfig(cluster=cluster, model=plan.model, workload=plan.workloads[p.workload],
+                          strategies=[strategy], seed=plan.sweep.seed, train_steps=plan.sweep.train_steps,
+                          trace="sweep")
+
+
+def describe(plan: SweepPlan, spec: RunSpec) -> dict[str, Any]:
+    """The run's coordinates, as record fields."""
+    p, c = spec.point, spec.candidate
+    w = plan.workloads[p.workload]
+    v = plan.skews[p.skew]
+    return {
+        "num_gpus": p.num_gpus, "bandwidth_gb_s": p.bandwidth_gb_s, "fabric": plan.fabric,
+        "workload": workload_label(w, plan.trace_tokens), "phase": w.phase, "seq_len": w.seq_len,
+        "tokens_per_step": workload_tokens(w, plan.trace_tokens), "skew_variant": p.skew,
+        "skew_target": v.target, "skew_gamma": v.gamma,
+        "strategy": c.name, "candidate": c.label, "family": c.family, "deployable": c.deployable,
+        "slots_per_gpu_extra": c.per_gpu,
+        "synthetic_accuracy": c.accuracy, "synthetic_overhead_flops": c.overhead,
+    }
+
+
+def payload(plan: SweepPlan, spec: RunSpec, fingerprint: str, digest: str) -> dict[str, Any]:
+    cfg = simulate_config(plan, spec)
+    gamma = plan.skews[spec.point.skew].gamma
+    key = _hash({"v": CACHE_VERSION, "code": digest, "trace": fingerprint, "gamma": gamma,
+                 "steps": [plan.sweep.train_steps, plan.sweep.sim_steps], "config": to_dict(cfg)})
+    return {"key": key, "config": cfg, "gamma": gamma, "describe": describe(plan, spec)}
+
+
+# ---------------------------------------------------------------------------- worker side
+
+_W: dict[str, Any] = {}
+
+
+def _init(trace, seed: int, cache_dir: str | None) -> None:
+    _W.clear()
+    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={})
+
+
+def _init_worker(trace, seed: int, cache_dir: str | None) -> None:
+    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); finished
+    runs are already in the cache."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init(trace, seed, cache_dir)
+
+
+def _maker():
+    if "maker" not in _W:
+        _W["maker"] = variant_maker(_W["trace"], _W["seed"])
+    return _W["maker"]
+
+
+def _variant(gamma: float):
+    vs = _W["variants"]
+    if gamma not in vs:
+        if len(vs) >= 8:
+            vs.pop(next(iter(vs)))
+        vs[gamma] = _maker()(gamma)
+    return vs[gamma]
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Simulate one run in this process; write its cache file; return its record."""
+    from sim.report import summary_rows
+    from sim.run import simulate
+
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"key": job["key"], **job["describe"]}
+    cfg: SimulateConfig = job["config"]
+    try:
+        result = simulate(_variant(job["gamma"]), cfg, progress=False, trace_name="sweep")
+    except UserError as err:
+        rec.update(status="infeasible", reason=str(err))
+    except Exception as err:  # noqa: BLE001 - recorded, reported, and not cached
+        rec.update(status="error", reason=f"{type(err).__name__}: {err}")
+    else:
+        row = summary_rows(result)[0]
+        row.pop("speedup_vs_none", None)          # single-strategy run: computed in the analysis
+        rec.update(status="ok", reason="", **{k: v for k, v in row.items() if k not in ("strategy",)})
+        rec["redundant_slots"] = int(result.strategies[0].redundant_slots)
+        rec["skew"] = float(np.nanmean(result.expert_skew))
+        rec["sim_steps"] = int(len(result.steps))
+        rec["tokens_mean"] = float(result.tokens.mean())
+        rec["step_latency_ms"] = [float(x) for x in result.strategies[0].step_latency * 1e3]
+    rec["wall_s"] = time.perf_counter() - t0
+    if _W.get("cache") and rec["status"] != "error":
+        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", json.dumps(_clean(rec)) + "\n")
+    return _clean(rec)
+
+
+def _search(args: tuple[float, int]) -> dict[str, Any]:
+    target, first = args
+    v = search_gamma(_W["trace"], target, first, _W["seed"], make=_maker())
+    return v.__dict__
+
+
+def _clean(rec: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe: numpy scalars to Python, NaN to None."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and v != v:
+            v = None
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- parent side
+
+class Runner:
+    """Runs payloads in ``jobs`` processes (in this process when jobs == 1), skipping cached ones.
+
+    Use as a context manager; the pool is closed (terminated on an exception or Ctrl-C).
+    """
+
+    def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None):
+        self.trace, self.seed, self.jobs = trace, seed, max(1, int(jobs))
+        self.cache = None if out_dir is None else Path(out_dir) / "cache"
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.pool = None
+        self.fingerprint = trace_fingerprint(trace)
+        self.digest = code_digest()
+        self._done: set[str] = set()       # keys simulated by this runner
+        self._cached: set[str] = set()     # keys read from the cache
+
+    def __enter__(self) -> "Runner":
+        cache = None if self.cache is None else str(self.cache)
+        if self.jobs > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, cache))
+        _init(self.trace, self.seed, cache)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def _map(self, fn, items: list, desc: str, unit: str) -> Iterable:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not self.progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        try:
+            if self.pool is None:
+                for it in items:
+                    yield fn(it)
+                    bar.update(1)
+            else:
+                chunk = max(1, min(8, len(items) // (self.jobs * 8)))
+                for res in self.pool.imap_unordered(fn, items, chunksize=chunk):
+                    yield res
+                    bar.update(1)
+        finally:
+            bar.close()
+
+    # -- skew variants
+    def skew_variants(self, targets: list[float], first_step: int) -> list[SkewVariant]:
+        """Search gamma for every target (in parallel); cached under cache/skew-<key>.json."""
+        out: dict[float, SkewVariant] = {}
+        todo = []
+        for t in targets:
+            path = self._skew_path(t, first_step)
+            v = self._read(path)
+            if v is not None:
+                out[t] = SkewVariant(**v)
+            else:
+                todo.append(t)
+        for d in self._map(_search, [(t, first_step) for t in todo], "skew variants", "variant"):
+            v = SkewVariant(**d)
+            out[v.target] = v
+            if self.cache is not None:
+                write_text_atomic(self._skew_path(v.target, first_step), json.dumps(_clean(v.__dict__)) + "\n")
+        return [out[t] for t in targets]
+
+    def _skew_path(self, target: float, first_step: int) -> Path | None:
+        if self.cache is None:
+            return None
+        key = _hash({"v": CACHE_VERSION, "code": self.digest, "trace": self.fingerprint, "target": target,
+                     "first": first_step, "seed": self.seed})
+        return self.cache / f"skew-{key}.json"
+
+    @staticmethod
+    def _read(path: Path | None) -> dict | None:
+        if path is None or not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None            # a damaged file is simulated again
+
+    # -- runs
+    def run(self, plan: SweepPlan, specs: list[RunSpec], desc: str) -> list[dict[str, Any]]:
+        """Records of ``specs`` (deduplicated), from the cache or simulated now."""
+        jobs, seen = [], set()
+        for s in specs:
+            j = payload(plan, s, self.fingerprint, self.digest)
+            if j["key"] not in seen:
+                seen.add(j["key"])
+                jobs.append(j)
+        records, todo = [], []
+        for j in jobs:
+            rec = self._read(None if self.cache is None else self.cache / f"{j['key']}.json")
+            if rec is not None and rec.get("key") == j["key"]:
+                rec.update(j["describe"])        # the coordinates as this sweep names them
+                records.append(rec)
+            else:
+                todo.append(j)
+        self._cached |= {rec["key"] for rec in records}
+        for rec in self._map(run_one, todo, desc, "run"):
+            records.append(rec)
+            self._done.add(rec["key"])
+        return records
+
+    @property
+    def simulated(self) -> int:
+        """Distinct runs simulated by this runner."""
+        return len(self._done)
+
+    @property
+    def from_cache(self) -> int:
+        """Distinct runs read from cache files written before this runner started."""
+        return len(self._cached - self._done)
+
+
+def key_of(rec: dict[str, Any]) -> tuple:
+    """(Point, Candidate label) of a record, for lookups in the analysis."""
+    return (rec["num_gpus"], rec["bandwidth_gb_s"], rec["workload"], rec["skew_variant"], rec["candidate"])
+
+
+__all__ = ["Runner", "payload", "run_one", "simulate_config", "code_digest", "trace_fingerprint", "key_of",
+           "Candidate", "Point"]
