@@ -100,3 +100,15 @@ def test_parse_steps():
     assert parse_steps("-1", 5) == [4]
     with pytest.raises(UserError, match="selects no step"):
         parse_steps("3:3", 5)
+
+
+def test_plan_bad_export_flags_write_nothing(counts_trace, tmp_path, capsys):
+    """An export that cannot be made is a user error found before any file is written."""
+    path, _ = counts_trace
+    out, vllm = tmp_path / "p.yaml", tmp_path / "v.json"
+    rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "-o", str(out), "--vllm", str(vllm),
+               "--sglang", str(tmp_path / "s.json"), "--num-hidden-layers", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("moe-gps: error: sglang export: 4 MoE layers") and err.count("\n") == 1
+    assert not out.exists() and not vllm.exists() and not (tmp_path / "s.json").exists()

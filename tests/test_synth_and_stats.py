@@ -140,3 +140,16 @@ def test_bundled_default_trace_is_labelled_synthetic():
     assert trace.num_steps >= 64 and trace.tokens_per_step.min() >= 512
     o = summarize(trace).overall()
     assert 1.28 <= o["skewness"] <= 1.45
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("num_layers=2.5", "num_layers must be an integer"),
+    ("drift=nan", "drift must be a finite number"),
+    ("popularity_sigma=inf", "popularity_sigma must be a finite number"),
+])
+def test_synth_set_non_integer_or_non_finite(tmp_path, capsys, setting, message):
+    assert main(["trace", "synth", "--steps", "2", "--tokens", "8", "--set", setting,
+                 "-o", str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x.parquet").exists()

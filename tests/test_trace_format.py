@@ -307,3 +307,17 @@ def test_streaming_reports_the_same_errors(tmp_path):
 def test_step_routing_counts():
     s = StepRouting(0, np.array([[[0, 1]], [[1, 2]]], dtype=np.int16))
     np.testing.assert_array_equal(s.counts(4), [[1, 2, 1, 0]])
+
+
+def test_streaming_unsorted_names_a_remedy_that_exists(tmp_path):
+    from moe_gps.errors import UserError
+    trace = small_trace()
+    cols = raw_table(trace)
+    order = np.arange(len(cols["step"]))
+    order[[0, 5]] = order[[5, 0]]                       # two rows of step 0 out of order
+    path = write_raw(tmp_path / "u.parquet", {n: c[order] for n, c in cols.items()}, meta_dict(trace))
+    with pytest.raises(UserError, match=r"not in \(step, token, layer\) order") as err:
+        list(iter_steps(path))
+    assert "--fix" not in str(err.value)                # `trace validate` has no --fix flag
+    assert "write_trace" in str(err.value)
+    assert load_trace(path).num_steps == 3               # loading whole sorts it

@@ -83,7 +83,8 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
-    from moe_gps.placement.export import even_share_balancedness, export_placement
+    from moe_gps.atomic import write_text_atomic
+    from moe_gps.placement.export import even_share_balancedness, export_text
     from moe_gps.tables import format_table
     from moe_gps.trace import load_trace
 
@@ -124,11 +125,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "previous": args.previous, "command": "moe-gps " + " ".join(sys.argv[1:]),
         "predicted": {k: v for k, v in m.summary().items() if v is not None},
     })
-    plan.save(args.output)
     exports = [(fmt, path) for fmt, path in (("sglang", args.sglang), ("vllm", args.vllm),
                                              ("vllm-ascend", args.vllm_ascend)) if path]
-    for fmt, path in exports:
-        export_placement(plan, fmt, path, args.num_hidden_layers, args.first_moe_layer)
+    # render every export first, so that a bad export flag fails before any file is written
+    texts = [export_text(plan, fmt, args.num_hidden_layers, args.first_moe_layer) for fmt, _ in exports]
+    plan.save(args.output)
+    for (_, path), text in zip(exports, texts):
+        write_text_atomic(path, text)
 
     if args.json:
         out = {"output": args.output, "plan": m.summary(), "static": m0.summary(),

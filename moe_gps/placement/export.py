@@ -72,18 +72,21 @@ def vllm_ascend_expert_map(p: Placement) -> str:
     return (f'{{"moe_layer_count": {p.num_layers}, "layer_list": [\n' + ",\n".join(layers) + "\n]}\n")
 
 
+def export_text(p: Placement, fmt: str, num_hidden_layers: int | None = None, first_moe_layer: int = 0) -> str:
+    """The text of ``p`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`); UserError if it cannot be made."""
+    if fmt == "sglang":
+        return sglang_expert_location(p, num_hidden_layers, first_moe_layer)
+    if fmt == "vllm":
+        return vllm_expert_map(p)
+    if fmt == "vllm-ascend":
+        return vllm_ascend_expert_map(p)
+    raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+
+
 def export_placement(p: Placement, fmt: str, path: str | os.PathLike, num_hidden_layers: int | None = None,
                      first_moe_layer: int = 0) -> None:
     """Write ``p`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``, atomically."""
-    if fmt == "sglang":
-        text = sglang_expert_location(p, num_hidden_layers, first_moe_layer)
-    elif fmt == "vllm":
-        text = vllm_expert_map(p)
-    elif fmt == "vllm-ascend":
-        text = vllm_ascend_expert_map(p)
-    else:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    write_text_atomic(path, text)
+    write_text_atomic(path, export_text(p, fmt, num_hidden_layers, first_moe_layer))
 
 
 def even_share_balancedness(p: Placement, loads: np.ndarray) -> np.ndarray:

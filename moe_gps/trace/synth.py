@@ -91,12 +91,20 @@ def get_profile(name: str, **overrides) -> SynthProfile:
 
 def _check(p: SynthProfile) -> None:
     for f in ("num_layers", "num_experts", "top_k", "vocab_size", "seq_len"):
-        if getattr(p, f) < 1:
+        value = getattr(p, f)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"synthetic profile: {f} must be an integer, got {value!r}")
+        if value < 1:
             raise UserError(f"synthetic profile: {f} must be >= 1, got {getattr(p, f)}")
     if p.top_k > p.num_experts:
         raise UserError(f"synthetic profile: top_k={p.top_k} exceeds num_experts={p.num_experts}")
-    for f in ("popularity_sigma", "sigma_spread", "drift", "layer_affinity", "token_affinity", "zipf_exponent"):
-        if getattr(p, f) < 0:
+    for f in ("popularity_sigma", "sigma_spread", "drift", "drift_memory", "layer_affinity", "token_affinity",
+              "zipf_exponent"):
+        value = getattr(p, f)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise UserError(f"synthetic profile: {f} must be a finite number, got {value!r}")
+        if f != "drift_memory" and value < 0:
             raise UserError(f"synthetic profile: {f} must be >= 0, got {getattr(p, f)}")
     if not 0 <= p.drift_memory < 1:
         raise UserError(f"synthetic profile: drift_memory must be in [0, 1), got {p.drift_memory}")

@@ -157,7 +157,8 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
     if len(key) > 1 and not (key[1:] > key[:-1]).all():
         if not whole:
             raise UserError(f"{where}: rows are not in (step, token, layer) order; streaming needs a "
-                            "sorted trace (load it whole, or rewrite it with `moe-gps trace validate --fix`)")
+                            "sorted trace (load it whole with load_trace, or rewrite it sorted with "
+                            "write_trace(path, load_trace(path)))")
         order = np.argsort(key, kind="stable")
         key = key[order]
     file_row = (lambda i: row0 + int(i)) if order is None else (lambda i: row0 + int(order[i]))
