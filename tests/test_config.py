@@ -226,3 +226,20 @@ def test_cli_bad_cluster_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert re.fullmatch(r"moe-gps: error: .*c\.yaml: num_gpus: missing \(required: .*\)", proc.stderr.strip())
     assert not (tmp_path / "out").exists()
+
+
+def test_split_strategy_names():
+    from moe_gps.config.loader import split_strategy_names
+    assert split_strategy_names(["none,eplb", "token:synthetic(accuracy=0.9,overhead=1e6) oracle"]) == [
+        "none", "eplb", "token:synthetic(accuracy=0.9,overhead=1e6)", "oracle"]
+    with pytest.raises(UserError, match=r"strategy 'token:synthetic\(accuracy=': '\(' without '\)'"):
+        split_strategy_names(["none,token:synthetic(accuracy="])
+    with pytest.raises(UserError, match=r"strategy 'eplb\)': '\)' without '\('"):
+        split_strategy_names(["eplb),none"])
+
+
+def test_cli_unbalanced_strategy_is_named(capsys):
+    from moe_gps.cli.main import main
+    trace = ROOT / "traces" / "mixtral_mmlu.parquet"
+    assert main(["simulate", str(trace), "--strategies", "token:synthetic(accuracy=", "--no-plots"]) == 2
+    assert "moe-gps: error: strategy 'token:synthetic(accuracy=': '(' without ')'" in capsys.readouterr().err

@@ -58,28 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def _split(values: list[str]) -> list[str]:
-    """Names separated by spaces or commas; commas inside parentheses (options) stay."""
-    out = []
-    for v in values:
-        depth, cur = 0, ""
-        for ch in v + ",":
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0 and ch in ", ":
-                if cur:
-                    out.append(cur)
-                cur = ""
-            else:
-                cur += ch
-    return out
-
-
 def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
     """The SimulateConfig the flags describe, and notes for the user."""
     from dataclasses import replace
 
     from moe_gps.config import (SimulateConfig, WorkloadConfig, infer_model, load_cluster, load_model,
                                 load_simulate_config, load_workload, strategy_from_name)
+    from moe_gps.config.loader import split_strategy_names
     from sim.strategies import default_strategy_names
 
     notes: list[str] = []
@@ -101,7 +86,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
                                 f"'{m.model}', {m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); "
                                 "give --model PRESET|FILE")
         workload = load_workload(args.workload) if args.workload else WorkloadConfig()
-        requested = _split(args.strategies) if args.strategies else ["all"]
+        requested = split_strategy_names(args.strategies) if args.strategies else ["all"]
         names = []
         for n in requested:
             if n == "all":

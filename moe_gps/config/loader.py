@@ -207,6 +207,30 @@ def infer_model(trace_model: str, num_layers: int, num_experts: int, top_k: int)
     return None
 
 
+def split_strategy_names(values: list[str]) -> list[str]:
+    """Strategy names separated by spaces or commas; commas inside parentheses (options) stay.
+
+    ``["none,eplb", "token:synthetic(accuracy=0.9,overhead=1e6)"]`` -> three names.
+    Unbalanced parentheses are a UserError naming the piece.
+    """
+    out = []
+    for v in values:
+        depth, cur = 0, ""
+        for ch in v + ",":
+            depth += (ch == "(") - (ch == ")")
+            if depth < 0:
+                raise UserError(f"strategy {(cur + ch).strip()!r}: ')' without '('")
+            if depth == 0 and ch in ", ":
+                if cur:
+                    out.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        if depth:
+            raise UserError(f"strategy {cur[:-1].strip()!r}: '(' without ')'")
+    return out
+
+
 def strategy_from_name(name: str) -> StrategyConfig:
     """``none``, ``eplb`` (static EPLB), ``static:<planner>``, ``dist:<predictor>``, ``token:<predictor>``,
     ``oracle`` -> a default :class:`StrategyConfig`. A predictor may carry options in parentheses,
