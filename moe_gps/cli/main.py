@@ -26,8 +26,19 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``moe-gps: error: ...``) with exit 2.
+
+    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"moe-gps: error: {self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moe-gps",
         description=(
             "MoE-GPS: should you duplicate hot experts, and should duplication be driven by "
