@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from moe_gps.placement.placement import Placement, balancedness
+from moe_gps.trace.stats import skewness
 
 
 @dataclass
@@ -84,8 +85,7 @@ def placement_metrics(p: Placement, loads: np.ndarray, previous: Placement | Non
     slot = p.slot_loads(loads)
     gpu = slot.reshape(p.num_layers, p.num_gpus, p.slots_per_gpu).sum(axis=2)
     bal = balancedness(gpu)
-    mean_w = loads.mean(axis=1)
-    skew_before = np.where(mean_w > 0, loads.max(axis=1) / np.where(mean_w > 0, mean_w, 1.0), 1.0)
+    skew_before = np.nan_to_num(skewness(loads), nan=1.0)  # a layer with no load counts as even
     active = p.replica_share > 0
     n_active = active.sum(axis=1)
     mean_slot = np.where(active, slot, 0.0).sum(axis=1) / n_active

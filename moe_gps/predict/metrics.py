@@ -24,6 +24,7 @@ import numpy as np
 from moe_gps.predict.base import shares
 from moe_gps.predict.tables import chunks
 from moe_gps.trace.data import expert_counts
+from moe_gps.trace.stats import js_divergence
 
 
 def distribution_errors(pred: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -32,12 +33,7 @@ def distribution_errors(pred: np.ndarray, counts: np.ndarray) -> dict[str, np.nd
     q = np.asarray(pred, dtype=np.float64)
     E = p.shape[-1]
     diff = np.abs(q - p) * E
-    m = (p + q) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=-1)
-        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=-1)
-    jsd = np.clip(0.5 * (kl_p + kl_q), 0.0, 1.0)
-    return {"eps_mean": diff.mean(axis=-1), "eps_max": diff.max(axis=-1), "jsd": jsd}
+    return {"eps_mean": diff.mean(axis=-1), "eps_max": diff.max(axis=-1), "jsd": js_divergence(p, q)}
 
 
 def planned_balancedness(pred: np.ndarray, counts: np.ndarray, num_gpus: int, num_redundant: int,

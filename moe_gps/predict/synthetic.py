@@ -31,8 +31,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.predict.base import DistributionPredictor, PredictorCost, TokenPredictor, shares
-from moe_gps.predict.tables import layer_counts
-from moe_gps.trace.data import StepRouting, TokensTrace
+from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 
 PLACEMENTS = ("optimistic", "typical", "pessimistic")
 
@@ -176,7 +175,7 @@ def corrupt(experts: np.ndarray, num_experts: int, accuracy: float, placement: s
     bad = np.zeros(total, dtype=bool)
     bad[rng.choice(total, size=n_bad, replace=False)] = True
     bad = bad.reshape(T, L, k)
-    load = layer_counts(experts, E).astype(np.float64)  # the step's true load per layer [L, E]
+    load = expert_counts(experts, np.array([0, len(experts)]), E)[0].astype(np.float64)  # the step's true load per layer [L, E]
     if placement == "pessimistic":
         order = np.argsort(load, axis=1, kind="stable")  # coldest first, lower index on ties
     else:

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from moe_gps.trace.data import expert_counts
+
 #: tie-break weight of the layer marginal, in tokens (< 1, see the module docstring)
 PRIOR = 0.5
 #: largest float work array built at once (elements); bigger jobs go in token chunks
@@ -45,13 +47,6 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=-1).astype(np.int16)
 
 
-def layer_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """Assignments per (layer, expert) over all rows: experts int [N, L, k] -> int64 [L, E]."""
-    n, num_layers, _ = experts.shape
-    flat = (np.arange(num_layers, dtype=np.int64)[None, :, None] * num_experts + experts).ravel()
-    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
-
-
 class KeyedCounts:
     """Counts of experts per (key, layer): int32 [keys, layers, experts].
 
@@ -67,7 +62,7 @@ class KeyedCounts:
 
     def add(self, keys: np.ndarray, experts: np.ndarray, valid: np.ndarray | None = None) -> None:
         """keys int [T] (0 <= key < num_keys); experts int [T, L, k]; valid bool [T] or None."""
-        self.layer_total += layer_counts(experts, self.num_experts)
+        self.layer_total += expert_counts(experts, np.array([0, len(experts)]), self.num_experts)[0]
         if valid is not None:
             keys, experts = keys[valid], experts[valid]
         if len(keys) == 0:
