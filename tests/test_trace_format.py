@@ -321,3 +321,15 @@ def test_streaming_unsorted_names_a_remedy_that_exists(tmp_path):
     assert "--fix" not in str(err.value)                # `trace validate` has no --fix flag
     assert "write_trace" in str(err.value)
     assert load_trace(path).num_steps == 3               # loading whole sorts it
+
+
+def test_writer_leaves_nothing_when_it_cannot_open(tmp_path, monkeypatch):
+    import moe_gps.trace.writer as writer
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer.pq, "ParquetWriter", broken)
+    with pytest.raises(OSError, match="disk full"):
+        TraceWriter(tmp_path / "t.parquet", small_trace().meta)
+    assert list(tmp_path.iterdir()) == []

@@ -57,7 +57,11 @@ class TraceWriter:
         self.schema = tokens_schema(meta, with_weights, self.optional)
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(path))
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        except BaseException as err:
+            self._stack.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
+            raise
         self._buffer: list[pa.Table] = []
         self._buffered_rows = 0
         self.num_steps = 0
