@@ -9,7 +9,11 @@ their reasons are in docs/simulator.md ("Cost model"); the names here follow it:
   latency of every peer it exchanges with; a dispatch whose layout is not known in
   advance first exchanges token counts with every peer (latency only);
 * weight copies: ``bytes / link bandwidth + latency`` per (source, destination) pair;
-* predictor: roofline of the predictor's FLOPs and bytes per token.
+* predictor: roofline of the predictor's FLOPs and bytes per token;
+* per-phase software costs (optional cluster fields, zero by default; measured by
+  ``moe-gps calibrate``, docs/fidelity.md): the attention block's own efficiency and fixed
+  time, a fixed time per expert slot with tokens, a fixed host time per dispatch and per
+  combine, and token permutation (row gathers and scatters) at its own bandwidth.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ class Hardware:
     overhead: seconds added to a compute phase that has work
     intra_bw, inter_bw: B/s per GPU per direction;  intra_lat, inter_lat: seconds per message
     node_of_gpu: int [G]
+    attn_flops: effective FLOP/s of the attention block (peak x attention_efficiency)
+    attn_overhead: seconds added to an attention phase that has tokens
+    expert_overhead: seconds per expert slot with tokens in the FFN
+    dispatch_overhead, combine_overhead: host seconds per dispatch (or correction) / combine per GPU
+    permute_bw: B/s of token permutation (0: not modelled)
+    compute_units: processors the GPUs of a node share (0: not shared)
+    intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
     """
 
     flops: float
@@ -40,6 +51,27 @@ class Hardware:
     inter_bw: float
     inter_lat: float
     node_of_gpu: np.ndarray
+    attn_flops: float = 0.0
+    attn_overhead: float = 0.0
+    expert_overhead: float = 0.0
+    dispatch_overhead: float = 0.0
+    combine_overhead: float = 0.0
+    permute_bw: float = 0.0
+    compute_units: float = 0.0
+    intra_copy_bw: float = 0.0
+    intra_copy_lat: float = -1.0
+    inter_copy_bw: float = 0.0
+    inter_copy_lat: float = -1.0
+
+    def __post_init__(self) -> None:
+        if not self.attn_flops:
+            object.__setattr__(self, "attn_flops", self.flops)
+        for name, default in (("intra_copy_bw", self.intra_bw), ("inter_copy_bw", self.inter_bw)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
+        for name, default in (("intra_copy_lat", self.intra_lat), ("inter_copy_lat", self.inter_lat)):
+            if getattr(self, name) < 0:
+                object.__setattr__(self, name, default)
 
     @classmethod
     def from_config(cls, cluster: ClusterConfig, model: ModelConfig) -> "Hardware":
@@ -48,6 +80,8 @@ class Hardware:
         if model.compute_dtype == "fp8" and g.peak_tflops_fp8 is not None:
             peak = g.peak_tflops_fp8
         inter = cluster.inter_node or cluster.intra_node
+        attn_eff = g.compute_efficiency if g.attention_efficiency is None else g.attention_efficiency
+        attn_over = g.kernel_overhead_us if g.attention_overhead_us is None else g.attention_overhead_us
         return cls(
             flops=peak * 1e12 * g.compute_efficiency,
             hbm=g.hbm_bandwidth_gb_s * 1e9 * g.memory_efficiency,
@@ -57,6 +91,17 @@ class Hardware:
             inter_bw=inter.bandwidth_gb_s * 1e9,
             inter_lat=inter.latency_us * 1e-6,
             node_of_gpu=np.arange(cluster.num_gpus) // cluster.gpus_per_node,
+            attn_flops=peak * 1e12 * attn_eff,
+            attn_overhead=attn_over * 1e-6,
+            expert_overhead=g.expert_overhead_us * 1e-6,
+            dispatch_overhead=g.dispatch_overhead_us * 1e-6,
+            combine_overhead=g.combine_overhead_us * 1e-6,
+            permute_bw=(g.permute_bandwidth_gb_s or 0.0) * 1e9,
+            compute_units=cluster.compute_units_per_node or 0.0,
+            intra_copy_bw=(cluster.intra_node.copy_bandwidth_gb_s or 0.0) * 1e9,
+            intra_copy_lat=_us(cluster.intra_node.copy_latency_us),
+            inter_copy_bw=(inter.copy_bandwidth_gb_s or 0.0) * 1e9,
+            inter_copy_lat=_us(inter.copy_latency_us),
         )
 
     @property
@@ -68,9 +113,28 @@ class Hardware:
         return self.node_of_gpu[:, None] == self.node_of_gpu[None, :]
 
 
-def roofline(flops, bytes_, hw: Hardware):
-    """max(flops / peak, bytes / HBM) in seconds, elementwise (no overhead)."""
-    return np.maximum(np.asarray(flops, dtype=np.float64) / hw.flops, np.asarray(bytes_, dtype=np.float64) / hw.hbm)
+def _us(value: float | None) -> float:
+    """Microseconds to seconds; None (not set) -> -1 (take the link's latency)."""
+    return -1.0 if value is None else value * 1e-6
+
+
+def roofline(flops, bytes_, hw: Hardware, flop_rate: float | None = None):
+    """max(flops / peak, bytes / HBM) in seconds, elementwise (no overhead); ``flop_rate``
+    replaces the peak (the attention block's own rate)."""
+    rate = hw.flops if flop_rate is None else flop_rate
+    return np.maximum(np.asarray(flops, dtype=np.float64) / rate, np.asarray(bytes_, dtype=np.float64) / hw.hbm)
+
+
+def permute_time(rows, passes: int, model: ModelConfig, hw: Hardware):
+    """Token permutation: ``passes`` memory passes over ``rows`` hidden-state rows, each reading
+    and writing every row once: passes * rows * 2 h a / permute_bw seconds (0 when not modelled).
+
+    rows: [...] -> seconds [...]
+    """
+    r = np.asarray(rows, dtype=np.float64)
+    if not hw.permute_bw:
+        return np.zeros_like(r)
+    return passes * r * (2.0 * model.token_bytes / hw.permute_bw)
 
 
 def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Hardware):
@@ -80,6 +144,7 @@ def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Har
 
     FLOPs = 2 n (P_attn + P_shared) + 4 n c H d,  c = seq_len (decode) or (seq_len + 1) / 2 (prefill)
     bytes = (P_attn + P_shared) w + KV + 2 n h a,  KV = n seq_len k_b (decode) or n k_b (prefill, written)
+    time = max(FLOPs / (peak x attention_efficiency), bytes / HBM) + attention overhead
     """
     n = np.asarray(tokens, dtype=np.float64)
     a = model.attention
@@ -88,7 +153,7 @@ def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Har
     flops = 2.0 * n * params + 4.0 * n * ctx * a.num_heads * a.head_dim
     kv = n * model.kv_bytes_per_token * (workload.seq_len if workload.phase == "decode" else 1)
     bytes_ = params * model.weight_bytes + kv + 2.0 * n * model.token_bytes
-    return np.where(n > 0, roofline(flops, bytes_, hw) + hw.overhead, 0.0)
+    return np.where(n > 0, roofline(flops, bytes_, hw, hw.attn_flops) + hw.attn_overhead, 0.0)
 
 
 def expert_slot_time(tokens, model: ModelConfig, hw: Hardware):
@@ -103,14 +168,16 @@ def expert_slot_time(tokens, model: ModelConfig, hw: Hardware):
 
 
 def ffn_time(slot_tokens, slots_per_gpu: int, model: ModelConfig, hw: Hardware):
-    """Grouped GEMM of one GPU: the sum of its slots' rooflines + one kernel overhead.
+    """Grouped GEMM of one GPU: the sum of its slots' rooflines (+ expert overhead per slot with
+    tokens) + one kernel overhead + 2 permutation passes over its rows (group by expert, scatter back).
 
     slot_tokens: [..., slots] (slot s on GPU s // slots_per_gpu) -> seconds [..., GPUs]
     """
-    t = expert_slot_time(slot_tokens, model, hw)
+    n = np.asarray(slot_tokens, dtype=np.float64)
+    t = expert_slot_time(n, model, hw) + np.where(n > 0, hw.expert_overhead, 0.0)
     t = t.reshape(*t.shape[:-1], -1, slots_per_gpu).sum(axis=-1)
-    busy = np.asarray(slot_tokens).reshape(*t.shape, slots_per_gpu).sum(axis=-1) > 0
-    return t + np.where(busy, hw.overhead, 0.0)
+    rows = n.reshape(*t.shape, slots_per_gpu).sum(axis=-1)
+    return t + np.where(rows > 0, hw.overhead, 0.0) + permute_time(rows, 2, model, hw)
 
 
 def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
@@ -149,14 +216,54 @@ def layout_time(hw: Hardware) -> np.ndarray:
     return hw.intra_lat * intra + hw.inter_lat * inter
 
 
+def shared_compute(seconds, hw: Hardware):
+    """Finish times of a compute phase that every GPU starts at once when the GPUs of a node share
+    ``compute_units`` processors (processor sharing): with n GPUs of a node still computing, each
+    progresses at min(1, units / n) of its own speed. Unchanged when nothing is shared.
+
+    seconds: [..., G] time each GPU's work takes on a processor of its own -> [..., G] finish times.
+    Per node, in order of increasing work w_(1) <= w_(2) <= ...: t_(i) = t_(i-1) + (w_(i) - w_(i-1)) / r_i
+    with r_i = min(1, units / (GPUs not yet finished)).
+    """
+    t = np.asarray(seconds, dtype=np.float64)
+    G = t.shape[-1]
+    per_node = int(np.sum(hw.node_of_gpu == 0)) if G else 0
+    if not hw.compute_units or hw.compute_units >= per_node or G == 0:
+        return t
+    lead = t.shape[:-1]
+    w = t.reshape(*lead, G // per_node, per_node)
+    order = np.argsort(w, axis=-1, kind="stable")
+    ws = np.take_along_axis(w, order, axis=-1)
+    prev = np.concatenate([np.zeros_like(ws[..., :1]), ws[..., :-1]], axis=-1)
+    active = per_node - np.arange(per_node)                               # GPUs still computing
+    rate = np.minimum(1.0, hw.compute_units / active)
+    finish_sorted = np.cumsum((ws - prev) / rate, axis=-1)
+    out = np.empty_like(ws)
+    np.put_along_axis(out, order, finish_sorted, axis=-1)
+    return out.reshape(t.shape)
+
+
+def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):
+    """Host work of one dispatch (or correction) on a GPU that sends ``rows`` rows (its own included):
+    dispatch overhead + 1 permutation pass (gathering the rows into send order).  rows: [...] -> seconds"""
+    return hw.dispatch_overhead + permute_time(rows, 1, model, hw)
+
+
+def combine_host_time(rows, model: ModelConfig, hw: Hardware):
+    """Host work of one combine on a GPU whose ``rows`` rows come back: combine overhead + 2
+    permutation passes (back to token order, weighted sum over the top-k).  rows: [...] -> seconds"""
+    return hw.combine_overhead + permute_time(rows, 2, model, hw)
+
+
 def transfer_time(bytes_, same_node, hw: Hardware):
-    """One point-to-point transfer (a weight copy): bytes / bandwidth + one message latency.
+    """One point-to-point transfer (a weight copy): bytes / copy bandwidth + one copy latency (the
+    link's own numbers unless the cluster gives copy_bandwidth_gb_s / copy_latency_us).
 
     bytes_: [...];  same_node: bool [...] (intra- or inter-node fabric) -> seconds [...]
     """
     b = np.asarray(bytes_, dtype=np.float64)
-    bw = np.where(same_node, hw.intra_bw, hw.inter_bw)
-    lat = np.where(same_node, hw.intra_lat, hw.inter_lat)
+    bw = np.where(same_node, hw.intra_copy_bw, hw.inter_copy_bw)
+    lat = np.where(same_node, hw.intra_copy_lat, hw.inter_copy_lat)
     return np.where(b > 0, b / bw + lat, 0.0)
 
 

@@ -139,8 +139,12 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
 
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
-             trace_name: str = "trace") -> SimResult:
-    """Simulate every strategy of ``config`` on ``trace``; deterministic for ``config.seed``."""
+             trace_name: str = "trace", strategy_factory=None) -> SimResult:
+    """Simulate every strategy of ``config`` on ``trace``; deterministic for ``config.seed``.
+
+    ``strategy_factory(cfg, num_gpus, num_experts, hw, seed) -> Strategy`` replaces
+    :func:`sim.strategies.make_strategy` (e.g. to replay placements a real run chose;
+    moe_gps.fidelity)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -158,7 +162,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     hw = Hardware.from_config(cluster, model)
 
     config = resolve_config(config, train, trace_name)
-    strategies = [make_strategy(cfg, G, E, hw, config.seed) for cfg in config.strategies]
+    factory = strategy_factory or make_strategy
+    strategies = [factory(cfg, G, E, hw, config.seed) for cfg in config.strategies]
     K = len(strategies)
     bar = tqdm(total=K * (1 + 2 * S), desc="simulate", unit="step", 
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)

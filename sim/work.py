@@ -13,7 +13,8 @@ import numpy as np
 
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
-from sim.cost import Hardware, alltoall_time, attention_time, ffn_time, layout_time, transfer_time
+from sim.cost import (Hardware, alltoall_time, attention_time, combine_host_time, dispatch_host_time, ffn_time,
+                      layout_time, shared_compute, transfer_time)
 from sim.loads import StepLoads
 from sim.strategies import StepPlan
 
@@ -132,19 +133,26 @@ def build_step_work(plan: StepPlan, previous: Placement | None, loads: StepLoads
         # exchange; the mispredicted ones follow in a correction all-to-all that needs one
         main = route(plan.predicted_src, p)                  # [L, G, G]
         fix = route(loads.src_counts - plan.predicted_src, p)
-        dispatch = alltoall_time(main, bpt, hw)
+        dispatch = alltoall_time(main, bpt, hw) + dispatch_host_time(main.sum(axis=2), model, hw)
         any_fix = (np.abs(fix).sum(axis=(1, 2)) > 1e-9)[:, None]
-        correction = np.where(any_fix, layout + alltoall_time(fix, bpt, hw), 0.0)
+        correction = np.where(any_fix, layout + alltoall_time(fix, bpt, hw)
+                              + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
         has_corr = True
     else:
         traffic = route(loads.src_counts, p)
-        dispatch = layout + alltoall_time(traffic, bpt, hw)
+        dispatch = layout + alltoall_time(traffic, bpt, hw) + dispatch_host_time(traffic.sum(axis=2), model, hw)
         correction = np.zeros((L, G))
         has_corr = False
-    combine = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
+    combine = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw) + combine_host_time(traffic.sum(axis=2), model, hw)
     attn = np.broadcast_to(attention_time(loads.home_tokens, model, workload, hw), (L, G))
     pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
+    if hw.compute_units:
+        # GPUs of a node share processors: the compute phases, which all GPUs start at once, stretch
+        ffn = shared_compute(ffn, hw)
+        busy = pred + attn
+        stretch = np.divide(shared_compute(busy, hw), busy, out=np.ones_like(busy), where=busy > 0)
+        attn, pred = attn * stretch, pred * stretch
     copies = weight_copies(previous, p, model.expert_bytes, hw)
     copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
     return StepWork(pred, attn, dispatch, correction, ffn, combine, copies, gpu_tokens, counts, copy_bytes,

@@ -23,6 +23,7 @@ COMMANDS = (
     "moe_gps.cli.simulate_cmd",
     "moe_gps.cli.recommend_cmd",
     "moe_gps.cli.run_cmd",
+    "moe_gps.cli.fidelity_cmd",
 )
 
 

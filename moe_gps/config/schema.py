@@ -50,6 +50,28 @@ class GPUSpec:
     reserved_memory_gb: float = spec(
         "HBM kept for the runtime, activations and workspace; not available for weights or KV cache",
         unit="GB", ge=0, default=0.0)
+    # Per-phase costs of the serving software, measured by `moe-gps calibrate` (docs/fidelity.md);
+    # the defaults leave the roofline model above unchanged.
+    attention_efficiency: float | None = spec(
+        "fraction of the peak that the attention block (with the router) reaches; absent: compute_efficiency",
+        gt=0, le=1, default=None)
+    attention_overhead_us: float | None = spec(
+        "fixed time of the attention phase (attention block and router) when it has tokens; absent: "
+        "kernel_overhead_us", unit="us", ge=0, default=None)
+    expert_overhead_us: float = spec(
+        "fixed time per expert slot with tokens in the FFN (one GEMM group per expert; 0 for one grouped GEMM)",
+        unit="us", ge=0, default=0.0)
+    dispatch_overhead_us: float = spec(
+        "fixed host time of every dispatch (and correction) on a GPU beyond its link time: counting, "
+        "exchanging the layout, preparing the send buffer", unit="us", ge=0, default=0.0)
+    combine_overhead_us: float = spec(
+        "fixed host time of every combine on a GPU beyond its link time: restoring token order, weighted sum",
+        unit="us", ge=0, default=0.0)
+    permute_bandwidth_gb_s: float | None = spec(
+        "bandwidth of token permutation (gathering or scattering hidden-state rows in another order): one pass "
+        "reads and writes every row once; dispatch makes 1 pass over the GPU's sent rows, the FFN 2 over its "
+        "received rows, the combine 2 over its home rows. Absent: permutation is not modelled (free)",
+        unit="GB/s (1e9 B/s)", gt=0, default=None)
 
 
 @dataclass
@@ -58,6 +80,12 @@ class LinkSpec:
 
     bandwidth_gb_s: float = spec("bandwidth per GPU per direction", unit="GB/s (1e9 B/s)", gt=0)
     latency_us: float = spec("latency of one message (per peer per transfer)", unit="us", ge=0)
+    copy_bandwidth_gb_s: float | None = spec(
+        "bandwidth of expert-weight copies (batched point-to-point sends) per GPU per direction; `moe-gps "
+        "calibrate` measures it. Absent: bandwidth_gb_s", unit="GB/s (1e9 B/s)", gt=0, default=None)
+    copy_latency_us: float | None = spec(
+        "fixed time of one weight transfer (per source, destination and layer); absent: latency_us",
+        unit="us", ge=0, default=None)
 
 
 @dataclass
@@ -73,6 +101,10 @@ class ClusterConfig:
         "fabric between nodes (InfiniBand/RoCE NIC per GPU); required when there is more than one node",
         default=None)
     description: str = spec("free text: where the numbers come from", default="")
+    compute_units_per_node: float | None = spec(
+        "processors that the GPUs (ranks) of a node share for compute: when more of them compute at once, they "
+        "share these equally (processor sharing), e.g. 2 CPU cores under 4 ranks; `moe-gps calibrate` measures "
+        "it. Absent: every GPU computes on its own", gt=0, default=None)
 
     @property
     def num_nodes(self) -> int:

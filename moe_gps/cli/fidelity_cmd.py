@@ -1,0 +1,126 @@
+"""``moe-gps calibrate`` (measure this machine, write a cluster file) and ``moe-gps validate``
+(runtime against simulator). See docs/fidelity.md. torch is imported only by the ranks that
+torchrun starts; this process needs numpy, the simulator and the runtime's config module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from moe_gps.errors import UserError
+
+MODES = ("off", "static", "dist-only", "token-to-expert")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "calibrate", help="measure this machine in the runtime's setting and write a cluster file for the simulator",
+        description=("Start N ranks with torchrun (gloo on CPU, NCCL on GPUs, the runtime's threads per rank) and "
+                     "measure: the expert FFN's FLOP rate and per-call overhead for the model's expert shapes, the "
+                     "attention block's rate and overhead, memory and token-permutation bandwidth, "
+                     "all_to_all_single latency and bandwidth, P2P bandwidth, and the fixed costs of the runtime's "
+                     "MoE-layer phases. Medians over repeats; writes a cluster YAML that `moe-gps simulate --cluster` "
+                     "reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
+    c.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster YAML to write")
+    c.add_argument("--nproc", type=int, default=2, help="ranks, as the runs the file will describe (default: 2)")
+    c.add_argument("--config", metavar="RUN_YAML",
+                   help="run config whose model shapes are measured (default: the runtime's default model)")
+    c.add_argument("--repeats", type=int, default=20, help="timed repeats per size (default: %(default)s)")
+    c.add_argument("--quick", action="store_true", help="fewer sizes and at most 5 repeats (a few seconds)")
+    c.add_argument("--attempts", type=int, default=3,
+                   help="measure again, at most this many times in all, while other processes use more than a "
+                        "quarter of a core; the quietest attempt is kept (default: %(default)s)")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: a GPU (NCCL) when torch sees one, else CPU (gloo)")
+    c.set_defaults(func=cmd_calibrate)
+
+    v = sub.add_parser(
+        "validate", help="run the runtime and the simulator on the same case; predicted vs measured time",
+        description=("For each --nproc N: calibrate N ranks (or use --cluster), run the runtime under torchrun for "
+                     "each strategy (duplication mode) with TRACE's token ids, replay the placements each run used, "
+                     "simulate the run's own router trace with them, and report predicted against measured MoE time "
+                     "per step (median over steps) and per phase, with the error and the strategies' ranking. "
+                     "Writes fidelity.csv, steps.csv, fidelity.png and summary.txt to the output folder."))
+    v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime (e.g. traces/mixtral_mmlu.parquet)")
+    v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")
+    v.add_argument("--nproc", type=int, nargs="+", default=[2], metavar="N", help="numbers of ranks (default: 2)")
+    v.add_argument("--strategies", nargs="+", default=list(MODES), metavar="MODE",
+                   help=f"duplication modes to compare (default: all of {', '.join(MODES)})")
+    v.add_argument("--cluster", metavar="FILE", help="a cluster file from `moe-gps calibrate` instead of calibrating "
+                                                     "(one --nproc only)")
+    v.add_argument("--steps", type=int, help="override run.steps")
+    v.add_argument("--skip", type=int, help="first compared step (default: duplication.warmup_steps, at least 2)")
+    v.add_argument("--runs", type=int, default=1,
+                   help="rounds: each calibrates (unless --cluster), then runs every strategy once; steps pooled, each run "
+                        "predicted from its own round's calibration (default: %(default)s)")
+    v.add_argument("--repeats", type=int, default=20, help="calibration repeats per size (default: %(default)s)")
+    v.add_argument("--quick", action="store_true", help="quick calibration (fewer sizes and repeats)")
+    v.add_argument("--attempts", type=int, default=3,
+                   help="calibration attempts while the machine is busy (see moe-gps calibrate; default: %(default)s)")
+    v.add_argument("-o", "--output", metavar="DIR", help="output folder (default: moe-gps-out/validate-<config name>)")
+    v.set_defaults(func=cmd_validate)
+
+
+def _need_torch() -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("this command runs the runtime and needs torch: pip install 'moe-gps[runtime]'")
+
+
+def _split(values: list[str]) -> list[str]:
+    return [x for v in values for x in v.split(",") if x]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from moe_gps.fidelity.calibrate import MeasurementFailed, calibrate
+    from moe_gps.tables import format_table
+    from runtime.config import load_run_config, parse_run_config
+
+    _need_torch()
+    out = Path(args.output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give the cluster YAML file to write")
+    if out.suffix not in (".yaml", ".yml"):
+        raise UserError(f"{out}: the cluster file must end in .yaml or .yml")
+    run_cfg = load_run_config(args.config) if args.config else parse_run_config({}, "runtime defaults")
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cal = calibrate(run_cfg, args.nproc, out, repeats=args.repeats, quick=args.quick, device=device,
+                        attempts=args.attempts)
+    except MeasurementFailed as err:
+        print(f"moe-gps: error: {err}", file=sys.stderr)
+        return 1
+    rows = [{"key": k, "value": f"{v:.4g}", "unit": u, "how": h} for k, (v, u, h) in cal.fits.items()]
+    print(format_table(rows, [("key", "field", ""), ("value", "value", ""), ("unit", "unit", ""),
+                              ("how", "measured as", "")], title=f"{cal.cluster.name}: {cal.cluster.description}"))
+    stem = out.with_suffix("")
+    print(f"\nwrote {out}, {stem}.model.yaml, {stem}.measurements.csv, {stem}.samples.csv\n"
+          f"use it: moe-gps simulate TRACE --cluster {out} (a trace the runtime recorded with this model: "
+          f"add --model {stem}.model.yaml)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moe_gps.fidelity.calibrate import MeasurementFailed
+    from moe_gps.fidelity.validate import ValidateOptions, validate
+
+    _need_torch()
+    out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
+    opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
+                          strategies=_split(args.strategies), cluster=args.cluster, steps=args.steps, skip=args.skip,
+                          repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    try:
+        _, _, text = validate(opt)
+    except MeasurementFailed as err:
+        print(f"moe-gps: error: {err}", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"\nwrote {out}/: fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json (runs in {out}/runs/)")
+    return 0

@@ -1,0 +1,141 @@
+"""Predicted against measured, per strategy and phase, and the strategies' ranking.
+
+For one run (ranks N, strategy): on the compared steps (from ``first_step``), with
+``median`` the median over those steps,
+
+    predicted = median of the simulator's per-step time,   measured = median of the run's
+    error     = predicted / measured - 1
+
+for the step's MoE time (``total``) and each phase (attention, dispatch, ffn, combine;
+copy over the steps that moved weights only). The ranking orders the strategies of one N
+by median measured total and by median predicted total; it agrees when the orders are
+the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe_gps.fidelity.measured import PHASES
+
+
+@dataclass
+class RunComparison:
+    """One (ranks, strategy): per-step arrays over the compared steps (seconds) and the summary rows.
+
+    interference: the most cores other processes used during a pooled run (None: unknown)
+    run_medians:  median measured total of each pooled run, seconds
+    """
+
+    nproc: int
+    strategy: str
+    steps: np.ndarray
+    predicted: dict[str, np.ndarray]
+    measured: dict[str, np.ndarray]
+    copy_steps: np.ndarray
+    interference: float | None = None
+    run_medians: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def median(self, which: str, phase: str) -> float:
+        src = self.predicted if which == "predicted" else self.measured
+        v = src[phase]
+        if phase == "copy":
+            v = v[self.copy_steps]
+        return float(np.median(v)) if len(v) else float("nan")
+
+    def error(self, phase: str) -> float:
+        p, m = self.median("predicted", phase), self.median("measured", phase)
+        return p / m - 1.0 if m > 0 and np.isfinite(p) else float("nan")
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the measured median total (seconds): the larger of the within-run figure
+        1.253 sigma / sqrt(steps), sigma = interquartile range / 1.349 (robust to outlier steps), and,
+        with several runs, the between-run figure std(run medians) / sqrt(runs)."""
+        v = self.measured["total"]
+        if len(v) < 2:
+            return float("nan")
+        q1, q3 = np.percentile(v, [25, 75])
+        within = 1.253 * (q3 - q1) / 1.349 / np.sqrt(len(v))
+        r = np.asarray(self.run_medians)
+        between = float(np.std(r, ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0
+        return max(within, between)
+
+    def rows(self) -> list[dict]:
+        out = []
+        for phase in ("total",) + PHASES:
+            n = int(self.copy_steps.sum()) if phase == "copy" else len(self.steps)
+            out.append({"nproc": self.nproc, "strategy": self.strategy, "phase": phase, "steps": n,
+                        "predicted_ms": self.median("predicted", phase) * 1e3,
+                        "measured_ms": self.median("measured", phase) * 1e3, "error": self.error(phase),
+                        "measured_stderr_ms": self.stderr * 1e3 if phase == "total" else float("nan"),
+                        "interference_cores": self.interference, "runs": len(self.run_medians)})
+        return out
+
+
+def predicted_phases(result, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The simulator's per-step times in the compared phases: name -> [kept steps] seconds.
+
+    result: a sim StrategyResult; keep: bool [steps simulated], the steps to compare.
+    """
+    ph = {k: v.sum(axis=1) for k, v in result.phases.items()}      # [S] per phase
+    out = {"attention": ph["predictor"] + ph["attention"], "dispatch": ph["dispatch"] + ph["correction"],
+           "ffn": ph["ffn"], "combine": ph["combine"], "copy": ph["copy"], "total": result.step_latency}
+    return {k: v[keep] for k, v in out.items()}
+
+
+def compare_run(nproc: int, strategy: str, pairs: list[tuple], first_step: int) -> RunComparison:
+    """Line up simulated and measured steps from ``first_step`` on, pooled over ``pairs``.
+
+    pairs: (sim StrategyResult, its simulated trace steps int [S], MeasuredRun) per run; each run
+    is predicted with its own simulation (e.g. from the calibration made just before it).
+    """
+    pred: dict[str, list[np.ndarray]] = {}
+    meas: dict[str, list[np.ndarray]] = {p: [] for p in PHASES + ("total",)}
+    steps, medians = [], []
+    for sim_result, sim_steps, run in pairs:
+        keep = sim_steps >= first_step
+        for p, v in predicted_phases(sim_result, keep).items():
+            pred.setdefault(p, []).append(v)
+        steps1 = sim_steps[keep]
+        pos = {int(s): i for i, s in enumerate(run.steps)}
+        missing = [int(s) for s in steps1 if int(s) not in pos]
+        if missing:
+            raise ValueError(f"steps {missing[:5]} were simulated but not measured")
+        idx = np.array([pos[int(s)] for s in steps1], dtype=np.int64)
+        for p in PHASES:
+            meas[p].append(run.phases[p][idx])
+        meas["total"].append(run.total[idx])
+        medians.append(float(np.median(run.total[idx])))
+        steps.append(steps1)
+    measured = {p: np.concatenate(v) for p, v in meas.items()}
+    predicted = {p: np.concatenate(v) for p, v in pred.items()}
+    moved = (measured["copy"] > 0) | (predicted["copy"] > 0)
+    return RunComparison(nproc, strategy, np.concatenate(steps), predicted, measured, moved, run_medians=medians)
+
+
+def ranking(comparisons: list[RunComparison]) -> dict[int, dict]:
+    """Per N: strategies ordered by median measured and by median predicted total; ``agrees`` when
+    the orders are the same. A pair is *resolved* when its measured medians differ by more than
+    twice the standard error of the difference; ``resolved_agrees``: the predicted order agrees on
+    every resolved pair (``misordered`` lists those it does not, ``unresolved`` the others)."""
+    out = {}
+    for n in sorted({c.nproc for c in comparisons}):
+        cs = [c for c in comparisons if c.nproc == n]
+        by_meas = [c.strategy for c in sorted(cs, key=lambda c: c.median("measured", "total"))]
+        by_pred = [c.strategy for c in sorted(cs, key=lambda c: c.median("predicted", "total"))]
+        wrong, unresolved = [], []
+        for i, a in enumerate(cs):
+            for b in cs[i + 1:]:
+                dm = a.median("measured", "total") - b.median("measured", "total")
+                dp = a.median("predicted", "total") - b.median("predicted", "total")
+                if not abs(dm) > 2 * np.hypot(a.stderr, b.stderr):
+                    unresolved.append((a.strategy, b.strategy))
+                elif dm * dp <= 0:
+                    wrong.append((a.strategy, b.strategy))
+        out[n] = {"measured": by_meas, "predicted": by_pred, "agrees": by_meas == by_pred,
+                  "resolved_agrees": not wrong, "misordered": wrong, "unresolved": unresolved}
+    return out

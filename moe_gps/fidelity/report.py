@@ -1,0 +1,112 @@
+"""Outputs of ``moe-gps validate``: terminal tables, CSV files and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moe_gps.fidelity.compare import RunComparison
+from moe_gps.fidelity.measured import PHASES
+from moe_gps.tables import format_table
+
+
+def _pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], header: str = "") -> str:
+    rows = []
+    for c in comparisons:
+        r = {"nproc": c.nproc, "strategy": c.strategy, "steps": len(c.steps),
+             "pred": c.median("predicted", "total") * 1e3, "meas": c.median("measured", "total") * 1e3,
+             "err": _pct(c.error("total")), "se": c.stderr * 1e3, "busy": c.interference}
+        for p in PHASES:
+            r[p] = (f"{c.median('predicted', p) * 1e3:.2f}/{c.median('measured', p) * 1e3:.2f} "
+                    f"({_pct(c.error(p))})") if np.isfinite(c.median("measured", p)) else "-"
+        rows.append(r)
+    cols = [("nproc", "ranks", ""), ("strategy", "strategy", ""), ("steps", "steps", ""),
+            ("pred", "predicted ms", ".2f"), ("meas", "measured ms", ".2f"),
+            ("se", "+/- (s.e.)", ".2f"), ("err", "error", ""), ("busy", "others' cores", ".2f")]
+    cols += [(p, f"{p} ms pred/meas (err)", "") for p in PHASES]
+    out = [header] if header else []
+    out.append(format_table(rows, cols, title="per-step MoE time, median over steps (error = predicted / measured - 1)"))
+    for n, r in ranks.items():
+        line = (f"ranking, {n} ranks (fastest first): measured {' < '.join(r['measured'])}; "
+                f"predicted {' < '.join(r['predicted'])}: {'same order' if r['agrees'] else 'different order'}")
+        if not r["agrees"]:
+            line += ("; every pair the measurement separates (difference > 2 standard errors) is in the same order"
+                     if r["resolved_agrees"] else
+                     "; misordered beyond 2 standard errors: " + ", ".join(f"{a}/{b}" for a, b in r["misordered"]))
+        out.append(line)
+    worst = max((abs(c.error("total")) for c in comparisons if np.isfinite(c.error("total"))), default=float("nan"))
+    out.append(f"largest |error| of the per-step MoE time: {worst * 100:.1f}%")
+    for c in comparisons:
+        out += [f"note ({c.nproc} ranks, {c.strategy}): {n}" for n in c.notes]
+    return "\n".join(out)
+
+
+def summary_rows(comparisons: list[RunComparison]) -> list[dict]:
+    return [row for c in comparisons for row in c.rows()]
+
+
+def step_rows(comparisons: list[RunComparison]) -> list[dict]:
+    out = []
+    for c in comparisons:
+        for i, s in enumerate(c.steps):
+            row = {"nproc": c.nproc, "strategy": c.strategy, "step": int(s)}
+            for p in ("total",) + PHASES:
+                row[f"predicted_{p}_ms"] = c.predicted[p][i] * 1e3
+                row[f"measured_{p}_ms"] = c.measured[p][i] * 1e3
+            out.append(row)
+    return out
+
+
+def plot(comparisons: list[RunComparison], path: Path) -> None:
+    """Left: every step, predicted against measured MoE time, with the +/-10% band.
+    Right: median phase times, predicted (left bar) and measured (right bar) per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_gps.atomic import atomic_path
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    markers = {n: m for n, m in zip(sorted({c.nproc for c in comparisons}), "os^Dv")}
+    names = sorted({c.strategy for c in comparisons}, key=[c.strategy for c in comparisons].index)
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(names)}
+    hi = 0.0
+    for c in comparisons:
+        m, p = c.measured["total"] * 1e3, c.predicted["total"] * 1e3
+        hi = max(hi, m.max(initial=0), p.max(initial=0))
+        ax.scatter(m, p, s=18, marker=markers[c.nproc], color=colors[c.strategy], alpha=0.6,
+                   label=f"{c.nproc} ranks, {c.strategy} ({_pct(c.error('total'))})")
+    x = np.array([0, hi * 1.05])
+    ax.plot(x, x, color="k", lw=1)
+    ax.fill_between(x, 0.9 * x, 1.1 * x, color="k", alpha=0.08, label="within 10%")
+    ax.set_xlabel("measured MoE time per step (ms)")
+    ax.set_ylabel("predicted MoE time per step (ms)")
+    ax.set_title("every compared step (error of the medians in the legend)")
+    ax.legend(fontsize=7)
+    phase_colors = {p: plt.cm.Set2(i) for i, p in enumerate(PHASES)}
+    labels, pos = [], 0.0
+    for c in comparisons:
+        for j, which in enumerate(("predicted", "measured")):
+            bottom = 0.0
+            for p in PHASES:
+                src = c.predicted if which == "predicted" else c.measured
+                v = float(np.median(src[p])) * 1e3      # mean-free stacking: medians of each phase
+                bx.bar(pos + j * 0.4, v, 0.38, bottom=bottom, color=phase_colors[p],
+                       hatch="" if which == "predicted" else "//", edgecolor="white",
+                       label=p if (c is comparisons[0] and j == 0) else None)
+                bottom += v
+        labels.append((pos + 0.2, f"{c.nproc}r\n{c.strategy}"))
+        pos += 1.0
+    bx.set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=7)
+    bx.set_ylabel("median per step (ms)")
+    bx.set_title("phases: predicted (plain) | measured (hatched)")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,244 @@
+"""``moe-gps validate``: run the runtime and the simulator on the same case and compare.
+
+For every number of ranks N:
+
+1. a cluster file: ``--cluster`` or ``moe-gps calibrate`` on N ranks, written to
+   ``DIR/cluster-N.yaml`` (with the run config's model shapes);
+2. for every strategy (a runtime ``--duplication`` mode): ``torchrun --nproc_per_node N -m
+   runtime.launch`` with the run config, its token ids taken from TRACE
+   (``input.trace``), ``duplication.verify: false`` (the fingerprint check is not part of the
+   strategy's cost) -> ``DIR/runs/N<N>-<mode>/``;
+3. the run's placements replayed (:mod:`moe_gps.fidelity.replay`), checked against what the
+   run recorded, and the run's own trace simulated with them on the cluster file;
+4. predicted against measured per step and phase (:mod:`moe_gps.fidelity.compare`).
+
+Outputs in DIR: ``fidelity.csv`` (per N, strategy, phase: medians and error),
+``steps.csv`` (every compared step), ``fidelity.png``, ``summary.txt``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_gps.errors import UserError
+from moe_gps.fidelity.calibrate import MeasurementFailed, calibrate, torchrun_env
+from moe_gps.fidelity.model import MODE_KINDS, model_for_run
+
+MODES = tuple(MODE_KINDS)
+#: runs during which other processes used more cores than this (on average) are left out when others qualify
+BUSY_CORES = 0.25
+
+
+@dataclass
+class ValidateOptions:
+    trace: str
+    config: str
+    out: Path
+    nprocs: list[int] = field(default_factory=lambda: [2])
+    strategies: list[str] = field(default_factory=lambda: list(MODES))
+    cluster: str | None = None
+    steps: int | None = None
+    skip: int | None = None
+    repeats: int = 20
+    runs: int = 1
+    quick: bool = False
+    attempts: int = 3
+    quiet: bool = False
+
+
+def check_inputs(opt: ValidateOptions):
+    """Every input problem as one UserError line; returns (run config, trace)."""
+    from moe_gps.trace import load_trace
+    from moe_gps.trace.data import TokensTrace
+    from runtime.config import load_run_config
+    from runtime.duplication import DuplicationPolicy
+
+    trace = load_trace(opt.trace)
+    if not isinstance(trace, TokensTrace) or trace.token_id is None:
+        raise UserError(f"{opt.trace}: has no token_id column; validate feeds the trace's token ids to the runtime "
+                        "(use a tokens trace with token ids, e.g. traces/mixtral_mmlu.parquet)")
+    run_cfg = load_run_config(opt.config)
+    model_for_run(run_cfg, opt.config)
+    bad = [s for s in opt.strategies if s not in MODES]
+    if bad:
+        raise UserError(f"--strategies: {bad[0]!r} is not a runtime duplication mode ({', '.join(MODES)})")
+    if len(set(opt.strategies)) != len(opt.strategies):
+        raise UserError("--strategies: a strategy is named twice")
+    if any(n < 2 for n in opt.nprocs):
+        raise UserError(f"--nproc: every value must be at least 2, got {min(opt.nprocs)}")
+    if len(set(opt.nprocs)) != len(opt.nprocs):
+        raise UserError("--nproc: a value is named twice")
+    if opt.cluster and len(opt.nprocs) != 1:
+        raise UserError("--cluster describes one number of ranks; give exactly one --nproc with it")
+    m, d = run_cfg.model, run_cfg.duplication
+    for n in opt.nprocs:
+        for mode in opt.strategies:
+            try:
+                DuplicationPolicy(mode, d, n, m.num_layers, m.num_experts, m.top_k,
+                                  n * run_cfg.input.batch_size * run_cfg.input.seq_len)
+            except UserError as err:
+                raise UserError(f"{opt.config}: --nproc {n}, strategy {mode}: {err}") from None
+    steps = opt.steps if opt.steps is not None else run_cfg.run.steps
+    skip = first_step(opt, run_cfg)
+    if steps - skip < 2:
+        raise UserError(f"{steps} step(s) leave {max(0, steps - skip)} to compare after the first {skip} "
+                        f"(warm-up); use --steps of at least {skip + 2}")
+    if opt.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {opt.runs}")
+    if opt.repeats < 3:
+        raise UserError(f"--repeats must be at least 3, got {opt.repeats}")
+    if opt.cluster:
+        from moe_gps.config.loader import load_cluster
+        c = load_cluster(opt.cluster)
+        if c.num_gpus != opt.nprocs[0]:
+            raise UserError(f"{opt.cluster}: num_gpus is {c.num_gpus}, but --nproc is {opt.nprocs[0]}")
+    return run_cfg, trace
+
+
+def first_step(opt: ValidateOptions, run_cfg) -> int:
+    """First compared step: --skip, else the duplication warm-up (at least 2, so that the step
+    before it can be simulated and the copies into it charged)."""
+    if opt.skip is not None:
+        if opt.skip < 2:
+            raise UserError(f"--skip must be at least 2, got {opt.skip}")
+        return opt.skip
+    return max(2, run_cfg.duplication.warmup_steps)
+
+
+def write_run_config(run_cfg, opt: ValidateOptions, path: Path) -> Path:
+    """The run config every run of the validation uses (YAML, absolute input paths)."""
+    import yaml
+
+    from moe_gps.atomic import write_text_atomic
+
+    doc = run_cfg.to_dict()
+    doc["input"]["trace"] = str(Path(opt.trace).resolve())
+    doc["duplication"]["verify"] = False
+    if doc["duplication"].get("placement"):
+        doc["duplication"]["placement"] = str(Path(doc["duplication"]["placement"]).resolve())
+    if opt.steps is not None:
+        doc["run"]["steps"] = opt.steps
+    doc["output"]["dir"] = str((opt.out / "runs").resolve())
+    text = (f"# run config of moe-gps validate, from {run_cfg.source}: token ids from {opt.trace}, "
+            "weight fingerprint check off\n" + yaml.safe_dump(doc, sort_keys=False))
+    write_text_atomic(path, text)
+    return path
+
+
+def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: int | None):
+    """One runtime run under torchrun; returns its :class:`~moe_gps.fidelity.quiet.Watched`."""
+    from moe_gps.fidelity.quiet import run_watched
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "runtime.launch", "--config", str(config_path), "--duplication", mode, "--out", str(out), "--quiet"]
+    w = run_watched(cmd, env=torchrun_env(threads, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if w.proc.returncode:
+        err = w.proc.stderr.strip().splitlines()
+        lines = [ln for ln in err if "error" in ln.lower()] or err
+        raise MeasurementFailed(f"runtime run {out} failed (torchrun exit code {w.proc.returncode}): "
+                                + " | ".join(lines[-2:]))
+    return w
+
+
+def validate(opt: ValidateOptions):
+    """Run everything; returns (comparisons, ranking, text report). Writes the files in ``opt.out``."""
+    import pandas as pd
+
+    from moe_gps.atomic import atomic_path, write_text_atomic
+    from moe_gps.config.loader import load_cluster
+    from moe_gps.fidelity.compare import compare_run, ranking
+    from moe_gps.fidelity.measured import measured_phases, read_run
+    from moe_gps.fidelity.replay import check_replay, replay_placements, simulate_run
+    from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
+    from moe_gps.trace import load_trace
+    from runtime.config import load_run_config
+
+    run_cfg, _ = check_inputs(opt)
+    out = Path(opt.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if opt.quiet else (lambda msg: print(f"validate: {msg}", file=sys.stderr, flush=True))
+    cfg_path = write_run_config(run_cfg, opt, out / "runs" / "run.yaml")
+    run_cfg = load_run_config(cfg_path)
+    first = first_step(opt, run_cfg)
+    comparisons, clusters, loads = [], {}, []
+    for n in opt.nprocs:
+        made: dict[str, list] = {m: [] for m in opt.strategies}
+        rounds: list = []               # the cluster of each round
+        for r in range(opt.runs):
+            # a round: a calibration, then one run of every strategy; the runs are predicted from the
+            # calibration of their own round, so that both see the machine in the same state
+            loads.append(os.getloadavg()[0])
+            if opt.cluster:
+                rounds.append(load_cluster(opt.cluster))
+                clusters.setdefault(n, []).append(str(opt.cluster))
+            else:
+                path = out / (f"cluster-{n}.yaml" if opt.runs == 1 else f"cluster-{n}-{r}.yaml")
+                say(f"calibrating {n} ranks -> {path}")
+                cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, quiet=True,
+                                attempts=opt.attempts)
+                rounds.append(cal.cluster)
+                busy = cal.info.get("interference")
+                clusters.setdefault(n, []).append(
+                    str(path) + ("" if busy is None else f" (others used {busy:.2f} cores meanwhile)"))
+            for mode in opt.strategies:
+                run_dir = out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if opt.runs > 1 else ""))
+                loads.append(os.getloadavg()[0])
+                say(f"running the runtime: {n} ranks, --duplication {mode}, {run_cfg.run.steps} steps"
+                    + (f", round {r + 1}/{opt.runs}" if opt.runs > 1 else "") + f" -> {run_dir}")
+                w = run_runtime(cfg_path, mode, n, run_dir, run_cfg.run.threads)
+                made[mode].append((run_dir, w.interference, r))
+        for mode in opt.strategies:
+            runs = []
+            for d, busy, r in made[mode]:
+                timings, steps = read_run(d)
+                runs.append((d, busy, r, timings, measured_phases(timings, steps)))
+            # pool the runs during which other processes used at most BUSY_CORES cores (else the quietest)
+            quiet = [x for x in runs if x[1] is None or x[1] <= BUSY_CORES] or \
+                [min(runs, key=lambda x: x[1])]
+            trace_path = quiet[0][0] / run_cfg.output.trace
+            trace = load_trace(trace_path)            # every run of a mode routes the same tokens the same way
+            placements = replay_placements(trace, run_cfg, mode, n)
+            problems = []
+            for d, _, _, timings, _ in runs:
+                problems += check_replay(placements, load_trace(d / run_cfg.output.trace), timings, d)
+            say(f"simulating {trace_path} with the run's placements ({n} ranks, {mode})")
+            sims = {}
+            for _, _, r, _, _ in quiet:
+                if r not in sims:
+                    result, res = simulate_run(trace, run_cfg, mode, rounds[r], placements, first, str(trace_path))
+                    sims[r] = (res, result.steps)
+            comp = compare_run(n, mode, [(*sims[r], m) for _, _, r, _, m in quiet], first)
+            known = [x[1] for x in quiet if x[1] is not None]
+            comp.interference = max(known) if known else None
+            comp.notes += problems[:3]
+            if len(runs) > 1:
+                comp.notes.append(f"{len(quiet)} of {len(runs)} runs pooled; run medians "
+                                  + ", ".join(f"{v * 1e3:.1f}" for v in comp.run_medians) + " ms; other processes "
+                                  + ", ".join("?" if x[1] is None else f"{x[1]:.2f}" for x in runs) + " cores")
+            comparisons.append(comp)
+    loads.append(os.getloadavg()[0])
+    ranks = ranking(comparisons)
+    header = (f"moe-gps validate {opt.trace} --config {opt.config}: steps {first}..{run_cfg.run.steps - 1} of "
+              f"{opt.runs} round(s) (a calibration, then one run per strategy) compared; clusters: "
+              + "; ".join(f"{n} ranks {', '.join(p)}" for n, p in clusters.items())
+              + f"; 1-minute load average (this job's ranks included) {min(loads):.2f}-{max(loads):.2f} "
+              f"on {os.cpu_count()} cores")
+    text = format_report(comparisons, ranks, header)
+    with atomic_path(out / "fidelity.csv") as tmp:
+        pd.DataFrame(summary_rows(comparisons)).to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "steps.csv") as tmp:
+        pd.DataFrame(step_rows(comparisons)).to_csv(tmp, index=False, float_format="%.6g")
+    plot(comparisons, out / "fidelity.png")
+    write_text_atomic(out / "summary.txt", text + "\n")
+    summary = {"trace": opt.trace, "config": opt.config, "first_step": first, "clusters": clusters,
+               "runs": opt.runs, "load_average": [min(loads), max(loads)], "cpu_count": os.cpu_count(),
+               "ranking": {str(k): v for k, v in ranks.items()}, "rows": summary_rows(comparisons)}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    return comparisons, ranks, text

@@ -1,0 +1,303 @@
+"""Measurements for ``moe-gps calibrate``, run on every rank of a torchrun group.
+
+``torchrun --nproc_per_node N -m runtime.fidelity_bench --spec spec.json --out samples.json``
+
+Every benchmark runs on all ranks at once (each repeat starts after a barrier), in the
+runtime's own setting: the same backend (gloo on CPU, NCCL on GPUs), the same threads per
+rank as ``runtime.launch`` and, for the MoE layer, the runtime's own code
+(:class:`runtime.moe_layer.ExpertParallelMoE`, the attention block of
+:mod:`runtime.model`). Rank 0 writes every raw sample (seconds) to ``--out``; the fits
+that turn them into a cluster file are in :mod:`moe_gps.fidelity.calibrate` (numpy).
+
+Benchmarks (``name``: what one sample times; its size axis):
+
+* ``ffn``: one SwiGLU expert (:func:`runtime.moe_layer.expert_ffn`) on ``n`` rows;
+* ``crowd`` / ``crowd_solo``: ``n`` expert FFNs in a row (about 50 ms) on every rank at once,
+  and on rank 0 alone while the others wait, alternately (the ratio tells how many ranks can
+  compute at once without slowing each other: CPU cores shared by more ranks);
+* ``memory``: copying a buffer of ``n`` bytes (read + write);
+* ``permute``: gathering ``n`` hidden-state rows in a random order and scattering them back
+  (``y = x[idx]; z[idx] = y``: two permutation passes, as the MoE layer does);
+* ``alltoall``: ``all_to_all_single`` with ``n`` bytes to every peer;
+* ``p2p``: one ``batch_isend_irecv`` of ``n`` expert-sized messages to the next rank and ``n``
+  from the previous (every rank sends and receives, as when the runtime moves expert weights);
+* ``model_*``: the runtime's whole model (every layer, every expert weight a rank holds, so
+  the caches see what they see in a run) on ``n`` tokens per rank with balanced routing
+  (every expert gets the same pairs from every rank, so no rank waits for another), timed by
+  the runtime's own phase timers (:func:`bench_model`).
+
+Samples are ``(size, rank, seconds)`` in repeat order per (benchmark, size, rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from runtime.dist import DistContext, init_distributed
+
+
+class Bench:
+    """Runs timed repeats on every rank; collects ``samples[name] = [(size, rank, seconds), ...]``."""
+
+    def __init__(self, ctx: DistContext, repeats: int, warmup: int, say) -> None:
+        self.ctx, self.repeats, self.warmup, self.say = ctx, repeats, warmup, say
+        self.samples: dict[str, list[tuple[float, int, float]]] = {}
+
+    def sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        if self.ctx.distributed:
+            dist.barrier()
+
+    def _now(self) -> float:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        return time.perf_counter()
+
+    def time(self, name: str, size: float, fn) -> None:
+        """Time ``fn()`` ``repeats`` times on every rank (after ``warmup`` untimed calls)."""
+        for _ in range(self.warmup):
+            self.sync()
+            fn()
+        out = self.samples.setdefault(name, [])
+        for _ in range(self.repeats):
+            self.sync()
+            t0 = self._now()
+            fn()
+            out.append((float(size), self.ctx.rank, self._now() - t0))
+
+    def time_pair(self, name: str, solo: str, size: float, fn) -> None:
+        """Alternate, repeat by repeat: ``fn`` on every rank at once (``name``), then on rank 0 alone while
+        the others wait at the next barrier (``solo``); alternating makes a drifting machine hit both alike."""
+        for rep in range(self.warmup + self.repeats):
+            for alone in ((False, True) if self.ctx.distributed else (False,)):
+                self.sync()
+                if alone and self.ctx.rank != 0:
+                    continue
+                t0 = self._now()
+                fn()
+                if rep >= self.warmup:
+                    self.samples.setdefault(solo if alone else name, []).append(
+                        (float(size), self.ctx.rank, self._now() - t0))
+
+    def record(self, name: str, size: float, seconds: float) -> None:
+        self.samples.setdefault(name, []).append((float(size), self.ctx.rank, float(seconds)))
+
+
+def bench_compute(b: Bench, spec: dict) -> None:
+    from runtime.model import TORCH_DTYPES
+    from runtime.moe_layer import expert_ffn
+
+    dev, dtype = b.ctx.device, TORCH_DTYPES[spec["dtype"]]
+    H, I = spec["hidden_size"], spec["intermediate_size"]
+    g = torch.Generator().manual_seed(1234 + b.ctx.rank)
+    w_gu = (torch.rand(2 * I, H, generator=g) - 0.5).to(dev, dtype)
+    w_d = (torch.rand(H, I, generator=g) - 0.5).to(dev, dtype)
+    with torch.inference_mode():
+        for i, n in enumerate(spec["ffn_rows"]):
+            b.say(f"expert FFN {H}x{I} on {n} rows ({i + 1}/{len(spec['ffn_rows'])})")
+            x = (torch.rand(n, H, generator=g) - 0.5).to(dev, dtype)
+            b.time("ffn", n, lambda: expert_ffn(x, w_gu, w_d))
+        # processors the ranks share: a long compute loop (>= 50 ms, so that every rank's runs overlap
+        # although they leave the barrier at different times) on every rank at once, then on rank 0 alone
+        n = max(spec["ffn_rows"])
+        x = (torch.rand(n, H, generator=g) - 0.5).to(dev, dtype)
+        t0 = time.perf_counter()
+        expert_ffn(x, w_gu, w_d)
+        loops = torch.tensor([max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))], device=dev)
+        if b.ctx.distributed:
+            dist.broadcast(loops, src=0)           # the same work on every rank
+        loops = int(loops.item())
+        b.say(f"{loops} expert FFNs of {n} rows on every rank at once, then on one rank alone")
+
+        def many() -> None:
+            for _ in range(loops):
+                expert_ffn(x, w_gu, w_d)
+
+        b.time_pair("crowd", "crowd_solo", loops, many)
+
+        for i, n in enumerate(spec["permute_rows"]):
+            b.say(f"token permutation of {n} rows of {H} ({i + 1}/{len(spec['permute_rows'])})")
+            x = (torch.rand(n, H, generator=g) - 0.5).to(dev, dtype)
+            z = torch.empty_like(x)
+            idx = torch.randperm(n, generator=g).to(dev)
+
+            def permute() -> None:
+                y = x[idx]
+                z[idx] = y
+
+            b.time("permute", n, permute)
+
+        for i, nbytes in enumerate(spec["memory_bytes"]):
+            b.say(f"memory copy of {nbytes / 2**20:.0f} MiB ({i + 1}/{len(spec['memory_bytes'])})")
+            src = torch.rand(nbytes // 4, generator=g).to(dev)
+            dst = torch.empty_like(src)
+            b.time("memory", nbytes, lambda: dst.copy_(src))
+
+
+def bench_links(b: Bench, spec: dict) -> None:
+    ctx = b.ctx
+    N, dev = ctx.world_size, ctx.device
+    if N < 2:
+        return
+    for i, nbytes in enumerate(spec["alltoall_bytes"]):
+        b.say(f"all_to_all_single, {nbytes} B per peer ({i + 1}/{len(spec['alltoall_bytes'])})")
+        n = max(1, nbytes // 4)
+        send = torch.ones(N * n, device=dev)
+        recv = torch.empty(N * n, device=dev)
+        b.time("alltoall", n * 4, lambda: dist.all_to_all_single(recv, send, [n] * N, [n] * N))
+    nxt, prv = (ctx.rank + 1) % N, (ctx.rank - 1) % N
+    nbytes = spec["expert_bytes"]
+    n = max(1, nbytes // 4)
+    for i, count in enumerate(spec["p2p_messages"]):
+        b.say(f"batch_isend_irecv of {count} expert(s) of {nbytes / 2**20:.2f} MiB to the next rank and from the "
+              f"previous ({i + 1}/{len(spec['p2p_messages'])})")
+        send = [torch.ones(n, device=dev) for _ in range(count)]
+        recv = [torch.empty(n, device=dev) for _ in range(count)]
+
+        def ring() -> None:
+            ops = [dist.P2POp(dist.isend, t, nxt) for t in send] + [dist.P2POp(dist.irecv, t, prv) for t in recv]
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+        b.time("p2p", count, ring)
+
+
+def balanced_experts(T: int, k: int, E: int, rank: int, device) -> torch.Tensor:
+    """experts [T, k] with every expert chosen exactly T*k/E times (when E divides T*k), distinct per token."""
+    t = torch.arange(T, device=device)[:, None]
+    j = torch.arange(k, device=device)[None, :]
+    return ((t * k + j + rank) % E).long()
+
+
+def layouts(spec: dict, num_ranks: int) -> list[int]:
+    """Redundant slots of the placements the model is profiled with: none (E / N experts per rank,
+    when N divides E) and the run config's, so that the per-slot and per-phase fixed costs separate."""
+    E, R = spec["num_experts"], spec["num_redundant"]
+    out = [0] if E % num_ranks == 0 else []
+    if (E + R) % num_ranks == 0 and R not in out:
+        out.append(R)
+    return out or [(-E) % num_ranks]
+
+
+def bench_model(b: Bench, spec: dict) -> None:
+    """The runtime's own model (``runtime.build.build_model``: all layers, all the weights a rank
+    holds) on balanced routing, timed with the runtime's own phase timers, per token count and
+    placement layout. Samples: ``model_attention`` (attention sub-block + router, as
+    ``attention_s + route_s``), ``model_dispatch/S`` (``counts_s + dispatch_s``),
+    ``model_expert/S`` (``expert_s``), ``model_combine/S`` (``combine_s``) with S the slots per rank."""
+    from moe_gps.placement import plan_placement
+    from runtime.build import build_model
+    from runtime.config import ModelSection
+    from runtime.moe_layer import top_k_routing
+
+    ctx = b.ctx
+    N, dev = ctx.world_size, ctx.device
+    L, E, k = spec["num_layers"], spec["num_experts"], spec["top_k"]
+    section = ModelSection(num_layers=L, hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                           num_experts=E, top_k=k, num_heads=spec["num_heads"], vocab_size=spec["vocab_size"],
+                           dtype=spec["dtype"], seed=0)
+    S = spec["seq_len"]
+    g = torch.Generator().manual_seed(7 + ctx.rank)
+    models = []                 # one model per layout, run alternately so that drift hits both alike
+    for R in layouts(spec, N):
+        handle = build_model(section, ctx)
+        placement = plan_placement(np.ones((L, E)), N, R, "none" if R == 0 else spec["algorithm"])
+        handle.install(placement, ctx)
+        models.append((handle.module, placement.slots_per_gpu))
+    for i, batch in enumerate(spec["model_batches"]):
+        T = batch * S
+        b.say(f"the runtime's model, {L} layers, {' and '.join(str(s) for _, s in models)} expert slots per rank, "
+              f"{batch} x {S} tokens per rank, balanced routing ({i + 1}/{len(spec['model_batches'])})")
+        ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
+        balanced = balanced_experts(T, k, E, ctx.rank, dev)
+        with torch.inference_mode():
+            for rep in range(b.warmup + b.repeats):
+                for model, slots in models:
+                    b.sync()
+                    x = model.embed(ids)
+                    for layer in model.layers:      # DecoderLayer.forward and MoEBlock.forward, routing balanced
+                        t0 = b._now()
+                        x = x + layer.attn(layer.attn_norm(x))
+                        t1 = b._now()
+                        y = layer.moe_norm(x).reshape(-1, x.shape[-1])
+                        t2 = b._now()
+                        experts, weights = top_k_routing(layer.moe.gate(y).float() + layer.moe.router_bias, k)
+                        experts.to(torch.int16).cpu().numpy()
+                        weights.float().cpu().numpy()
+                        t3 = b._now()
+                        x = x + layer.moe.experts(y, balanced, weights).reshape(x.shape)
+                        if rep >= b.warmup:
+                            st = layer.moe.experts.stats
+                            b.record("model_attention", T, (t1 - t0) + (t3 - t2))
+                            b.record(f"model_dispatch/{slots}", T, st["counts_s"] + st["dispatch_s"])
+                            b.record(f"model_expert/{slots}", T, st["expert_s"])
+                            b.record(f"model_combine/{slots}", T, st["combine_s"])
+
+
+def run(spec: dict, out: str, quiet: bool = False) -> None:
+    ctx = init_distributed(spec.get("device", "auto"), float(spec.get("timeout_s", 120)))
+    try:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        threads = spec.get("threads") or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        if ctx.device.type == "cpu":
+            torch.set_num_threads(int(threads))
+        steps = ["compute", "links", "model"]
+        say_rank0 = ctx.rank == 0 and not quiet
+        state = {"part": ""}
+
+        def say(msg: str) -> None:
+            if say_rank0:
+                print(f"calibrate: {state['part']}{msg}", file=sys.stderr, flush=True)
+
+        b = Bench(ctx, int(spec["repeats"]), int(spec.get("warmup", 2)), say)
+        for i, part in enumerate(steps):
+            state["part"] = f"[{i + 1}/{len(steps)}] "
+            {"compute": bench_compute, "links": bench_links, "model": bench_model}[part](b, spec)
+        gathered = [None] * ctx.world_size
+        if ctx.distributed:
+            dist.all_gather_object(gathered, b.samples)
+        else:
+            gathered = [b.samples]
+        if ctx.rank == 0:
+            from moe_gps.atomic import write_text_atomic
+
+            merged: dict[str, list] = {}
+            for part in gathered:
+                for name, rows in part.items():
+                    merged.setdefault(name, []).extend(rows)
+            info = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
+                    "threads_per_rank": int(threads) if ctx.device.type == "cpu" else None,
+                    "torch": torch.__version__, "cpu_count": os.cpu_count()}
+            if ctx.device.type == "cuda":
+                info["device_name"] = torch.cuda.get_device_name(ctx.device)
+                info["device_memory_gb"] = torch.cuda.get_device_properties(ctx.device).total_memory / 1e9
+            write_text_atomic(out, json.dumps({"info": info, "spec": spec, "samples": merged}) + "\n")
+        ctx.barrier("end of calibration")
+    finally:
+        ctx.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.fidelity_bench",
+                                description="calibration measurements on every rank (started by moe-gps calibrate)")
+    p.add_argument("--spec", required=True, help="JSON file: sizes, repeats, model shapes")
+    p.add_argument("--out", required=True, help="JSON file for the raw samples (written by rank 0)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    with open(args.spec, encoding="utf-8") as f:
+        spec = json.load(f)
+    run(spec, args.out, args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
