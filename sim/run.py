@@ -211,7 +211,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         gpu_skew = np.stack([_skew(w.gpu_tokens) for w in works[k]])
         copy_bytes = np.stack([w.copy_bytes for w in works[k]])
         R = st.redundant
-        extra = (R // G) * L * model.expert_bytes if R % G == 0 else float("nan")
+        extra = R / G * L * model.expert_bytes  # redundant slots per GPU x layers x expert bytes
         results.append(StrategyResult(st.name, st.cfg, st.info, layer_time, phases, gpu_skew, copy_bytes,
                                       extra, R, replans[k], seconds[k]))
     bar.close()

@@ -208,3 +208,14 @@ def test_real_traces(real_traces):
     assert r.tokens.tolist() == [2080.0]
     assert r.get("oracle").gpu_skew.mean() < r.get("none").gpu_skew.mean()
     assert 0 < r.get("token:prev-layer").info.accuracy < 1
+
+
+def test_extra_memory_when_redundant_slots_do_not_divide_over_gpus(trace):
+    """8 experts + 4 redundant = 12 slots over 6 GPUs: 4/6 of an expert per GPU on average."""
+    from dataclasses import replace
+    cluster = load_cluster("8xH100-nvlink")
+    cluster = replace(cluster, num_gpus=6)
+    strategy = replace(strategy_from_name("dist:profile"), redundant_slots=4)
+    cfg = SimulateConfig(cluster=cluster, model=MODEL, strategies=[strategy], train_steps=4)
+    r = simulate(trace, cfg, progress=False)
+    assert r.strategies[0].extra_memory == pytest.approx(4 / 6 * 4 * MODEL.expert_bytes)

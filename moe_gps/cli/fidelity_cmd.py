@@ -69,10 +69,6 @@ def _need_torch() -> None:
         raise UserError("this command runs the runtime and needs torch: pip install 'moe-gps[runtime]'")
 
 
-def _split(values: list[str]) -> list[str]:
-    return [x for v in values for x in v.split(",") if x]
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moe_gps.fidelity.calibrate import MeasurementFailed, calibrate
     from moe_gps.tables import format_table
@@ -106,13 +102,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from moe_gps.config.loader import split_strategy_names
     from moe_gps.fidelity.calibrate import MeasurementFailed
     from moe_gps.fidelity.validate import ValidateOptions, validate
 
     _need_torch()
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
-                          strategies=_split(args.strategies), cluster=args.cluster, steps=args.steps, skip=args.skip,
+                          strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps, skip=args.skip,
                           repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
