@@ -178,22 +178,13 @@ def balanced_experts(T: int, k: int, E: int, rank: int, device) -> torch.Tensor:
     return ((t * k + j + rank) % E).long()
 
 
-def layouts(spec: dict, num_ranks: int) -> list[int]:
-    """Redundant slots of the placements the model is profiled with: none (E / N experts per rank,
-    when N divides E) and the run config's, so that the per-slot and per-phase fixed costs separate."""
-    E, R = spec["num_experts"], spec["num_redundant"]
-    out = [0] if E % num_ranks == 0 else []
-    if (E + R) % num_ranks == 0 and R not in out:
-        out.append(R)
-    return out or [(-E) % num_ranks]
-
-
 def bench_model(b: Bench, spec: dict) -> None:
     """The runtime's own model (``runtime.build.build_model``: all layers, all the weights a rank
     holds) on balanced routing, timed with the runtime's own phase timers, per token count and
     placement layout. Samples: ``model_attention`` (attention sub-block + router, as
     ``attention_s + route_s``), ``model_dispatch/S`` (``counts_s + dispatch_s``),
     ``model_expert/S`` (``expert_s``), ``model_combine/S`` (``combine_s``) with S the slots per rank."""
+    from moe_gps.fidelity.calibrate import layouts
     from moe_gps.placement import plan_placement
     from runtime.build import build_model
     from runtime.config import ModelSection

@@ -63,7 +63,7 @@ def _truth(N: int, units: float | None = None) -> ClusterConfig:
 
 def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, seed: int = 0) -> dict:
     """What runtime.fidelity_bench would record on a machine that follows the cost model exactly."""
-    from runtime.fidelity_bench import layouts
+    from moe_gps.fidelity.calibrate import layouts
 
     rng = np.random.default_rng(seed)
     N = cluster.num_gpus
@@ -261,7 +261,8 @@ def test_runs_are_pooled_each_with_its_own_prediction():
              (_Sim([12, 12, 12, 12]), steps, _measured(steps, [13, 13, 13, 13]))]
     c = compare_run(2, "static", pairs, 2)
     assert len(c.steps) == 8 and c.run_medians == pytest.approx([9e-3, 13e-3])
-    assert c.median("predicted", "total") == pytest.approx(11e-3) and c.median("measured", "total") == pytest.approx(11e-3)
+    assert c.median("predicted", "total") == pytest.approx(11e-3)
+    assert c.median("measured", "total") == pytest.approx(11e-3)
     assert c.error("total") == pytest.approx(0.0)
     # the standard error takes the spread between runs: std(9, 13) / sqrt(2)
     assert c.stderr == pytest.approx(np.std([9e-3, 13e-3], ddof=1) / np.sqrt(2))

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "simulate the run's own router trace with them, and report predicted against measured MoE time "
                      "per step (median over steps) and per phase, with the error and the strategies' ranking. "
                      "Writes fidelity.csv, steps.csv, fidelity.png and summary.txt to the output folder."))
-    v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime (e.g. traces/mixtral_mmlu.parquet)")
+    v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
+                                 "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")
     v.add_argument("--nproc", type=int, nargs="+", default=[2], metavar="N", help="numbers of ranks (default: 2)")
     v.add_argument("--strategies", nargs="+", default=list(MODES), metavar="MODE",
@@ -54,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--steps", type=int, help="override run.steps")
     v.add_argument("--skip", type=int, help="first compared step (default: duplication.warmup_steps, at least 2)")
     v.add_argument("--runs", type=int, default=1,
-                   help="rounds: each calibrates (unless --cluster), then runs every strategy once; steps pooled, each run "
-                        "predicted from its own round's calibration (default: %(default)s)")
+                   help="rounds: each calibrates (unless --cluster), then runs every strategy once; steps pooled, "
+                        "each run predicted from its own round's calibration (default: %(default)s)")
     v.add_argument("--repeats", type=int, default=20, help="calibration repeats per size (default: %(default)s)")
     v.add_argument("--quick", action="store_true", help="quick calibration (fewer sizes and repeats)")
     v.add_argument("--attempts", type=int, default=3,
@@ -109,7 +110,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _need_torch()
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
-                          strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps, skip=args.skip,
+                          strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps,
+                          skip=args.skip,
                           repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")

@@ -68,6 +68,16 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
             "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "p2p_messages": p2p, "expert_bytes": expert_bytes}
 
 
+def layouts(spec: dict, num_ranks: int) -> list[int]:
+    """Redundant slots of the placements the model is profiled with: none (E / N experts per rank,
+    when N divides E) and the run config's, so that the per-slot and per-phase fixed costs separate."""
+    E, R = spec["num_experts"], spec["num_redundant"]
+    out = [0] if E % num_ranks == 0 else []
+    if (E + R) % num_ranks == 0 and R not in out:
+        out.append(R)
+    return out or [(-E) % num_ranks]
+
+
 def torchrun_env(threads: int | None, nproc: int) -> dict[str, str]:
     """Environment for a torchrun child: OMP threads as the runtime sets them (no torchrun banner)."""
     env = dict(os.environ)
@@ -311,7 +321,8 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                       "not written (every rank has a processor of its own)")),
         "gpu.peak_tflops_bf16": (peak / 1e12, "TFLOP/s", "the faster of the expert-FFN and attention FLOP rates"),
         "gpu.compute_efficiency": (gpu.compute_efficiency, "", f"expert FFN rate {ffn_rate / 1e9:.2f} GFLOP/s in the "
-                                   f"model / peak (one expert on one rank, weights in cache: {1 / alone.slope / 1e9:.2f})"),
+                                   f"model / peak (one expert on one rank, weights in cache: "
+                                   f"{1 / alone.slope / 1e9:.2f})"),
         "gpu.attention_efficiency": (gpu.attention_efficiency, "", f"attention+router rate {attn_rate / 1e9:.2f} "
                                      f"GFLOP/s in the model (rel. RMS {attn_line.rel_rms:.1%}) / peak"),
         "gpu.attention_overhead_us": (gpu.attention_overhead_us, "us", "intercept of attention+router time over "

@@ -30,7 +30,8 @@ def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], head
             ("se", "+/- (s.e.)", ".2f"), ("err", "error", ""), ("busy", "others' cores", ".2f")]
     cols += [(p, f"{p} ms pred/meas (err)", "") for p in PHASES]
     out = [header] if header else []
-    out.append(format_table(rows, cols, title="per-step MoE time, median over steps (error = predicted / measured - 1)"))
+    title = "per-step MoE time, median over steps (error = predicted / measured - 1)"
+    out.append(format_table(rows, cols, title=title))
     for n, r in ranks.items():
         line = (f"ranking, {n} ranks (fastest first): measured {' < '.join(r['measured'])}; "
                 f"predicted {' < '.join(r['predicted'])}: {'same order' if r['agrees'] else 'different order'}")

@@ -1,0 +1,88 @@
+"""How much each part of the calibrated cost model matters: re-simulate a `moe-gps validate` folder.
+
+    python benchmarks/fidelity_ablation.py DIR [--out FILE.csv]
+
+For every (ranks, strategy) of the validation in DIR (its runs, its round clusters), the runs'
+placements are replayed and simulated again with the calibrated cluster files stripped of
+some fields (docs/fidelity.md, "What the cost model gained for this"):
+
+* ``full``: the cluster files as calibrated (the validation's own numbers);
+* ``no host overheads``: without the dispatch/combine overheads and the permutation term;
+* ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
+  overhead (the attention overhead) for every compute phase: the datasheet-style model.
+
+Prints the error of the median per-step MoE time per variant and writes a CSV. No new runs:
+it reads DIR/runs and DIR/cluster-*.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+
+def variants(cluster):
+    g, link = cluster.gpu, cluster.intra_node
+    yield "full", cluster
+    yield "no host overheads", dataclasses.replace(cluster, gpu=dataclasses.replace(
+        g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None))
+    plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
+                                dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None,
+                                kernel_overhead_us=g.attention_overhead_us or g.kernel_overhead_us)
+    yield "roofline only", dataclasses.replace(cluster, gpu=plain, compute_units_per_node=None,
+                                               intra_node=dataclasses.replace(link, copy_bandwidth_gb_s=None,
+                                                                              copy_latency_us=None))
+
+
+def main(argv=None) -> int:
+    import pandas as pd
+
+    from moe_gps.config.loader import load_cluster
+    from moe_gps.fidelity.compare import compare_run
+    from moe_gps.fidelity.measured import measured_phases, read_run
+    from moe_gps.fidelity.replay import replay_placements, simulate_run
+    from moe_gps.trace import load_trace
+    from runtime.config import load_run_config
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder")
+    p.add_argument("--out", help="CSV to write (default: DIR/ablation.csv)")
+    args = p.parse_args(argv)
+    root = Path(args.folder)
+    run_cfg = load_run_config(root / "runs" / "run.yaml")
+    first = max(2, run_cfg.duplication.warmup_steps)
+    rows = []
+    pooled = pd.read_csv(root / "fidelity.csv")
+    for (n, mode), _ in pooled[pooled.phase == "total"].groupby(["nproc", "strategy"], sort=False):
+        runs = sorted((root / "runs").glob(f"N{n}-{mode}*"))
+        runs = [d for d in runs if re.fullmatch(rf"N{n}-{re.escape(mode)}(-\d+)?", d.name)]
+        clusters = {}
+        for d in runs:
+            r = int(d.name.rsplit("-", 1)[1]) if re.search(r"-\d+$", d.name) else None
+            f = root / (f"cluster-{n}-{r}.yaml" if r is not None else f"cluster-{n}.yaml")
+            clusters[d] = load_cluster(str(f))
+        trace = load_trace(runs[0] / "trace.parquet")
+        placements = replay_placements(trace, run_cfg, mode, n)
+        measured = {d: measured_phases(*read_run(d)) for d in runs}
+        for name, _ in variants(clusters[runs[0]]):
+            pairs = []
+            for d in runs:
+                cluster = dict(variants(clusters[d]))[name]
+                result, res = simulate_run(trace, run_cfg, mode, cluster, placements, first)
+                pairs.append((res, result.steps, measured[d]))
+            c = compare_run(n, mode, pairs, first)
+            rows.append({"nproc": n, "strategy": mode, "variant": name, "runs": len(runs),
+                         "predicted_ms": c.median("predicted", "total") * 1e3,
+                         "measured_ms": c.median("measured", "total") * 1e3, "error": c.error("total")})
+            print(f"{n} ranks {mode:16s} {name:22s} error {c.error('total') * 100:+6.1f}%", flush=True)
+    out = Path(args.out) if args.out else root / "ablation.csv"
+    pd.DataFrame(rows).to_csv(out, index=False, float_format="%.6g")
+    print(f"wrote {out} (every run of the folder pooled, also those the validation left out as busy)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
