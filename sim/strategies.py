@@ -271,3 +271,16 @@ def default_strategy_names(trace: TokensTrace | CountsTrace) -> tuple[list[str],
         names.append(f"token:{n}")
     names.append("oracle")
     return names, notes
+
+
+def expand_strategies(names: list[str], trace) -> tuple[list[str], list[str]]:
+    """Strategy names in order, without repeats, with 'all' expanded by
+    :func:`default_strategy_names` -> (names, notes for the user)."""
+    out, notes = [], []
+    for n in names:
+        if n == "all":
+            defaults, notes = default_strategy_names(trace)
+            out += [d for d in defaults if d not in out]
+        elif n not in out:
+            out.append(n)
+    return out, notes

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moe_gps.errors import UserError
 
-DEFAULT_CLUSTER = "4xA100-nvlink"
+from moe_gps.cli.simulate_cmd import DEFAULT_CLUSTER
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
     from moe_gps.config import (SimulateConfig, WorkloadConfig, infer_model, load_cluster, load_model,
                                 load_simulate_config, load_workload, strategy_from_name)
     from moe_gps.config.loader import split_strategy_names
-    from sim.strategies import default_strategy_names
+    from sim.strategies import expand_strategies
 
     notes: list[str] = []
     if args.config:
@@ -87,13 +87,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
                                 "give --model PRESET|FILE")
         workload = load_workload(args.workload) if args.workload else WorkloadConfig()
         requested = split_strategy_names(args.strategies) if args.strategies else ["all"]
-        names = []
-        for n in requested:
-            if n == "all":
-                defaults, notes = default_strategy_names(trace)
-                names += [d for d in defaults if d not in names]
-            elif n not in names:
-                names.append(n)
+        names, notes = expand_strategies(requested, trace)
         strategies = [strategy_from_name(n) for n in names]
         if args.redundant_slots is not None:
             if args.redundant_slots < 0:

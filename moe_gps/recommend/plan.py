@@ -228,20 +228,6 @@ class SweepPlan:
                 for a in self.sweep.predictor_accuracy for c in self.sweep.predictor_overhead_flops]
 
 
-def expand_strategies(names: list[str], trace) -> tuple[list[str], list[str]]:
-    """Strategy names with 'all' expanded (sim.strategies.default_strategy_names) -> (names, notes)."""
-    from sim.strategies import default_strategy_names
-
-    out, notes = [], []
-    for n in names:
-        if n == "all":
-            defaults, notes = default_strategy_names(trace)
-            out += [d for d in defaults if d not in out]
-        elif n not in out:
-            out.append(n)
-    return out, notes
-
-
 def make_plan(sweep: SweepConfig, trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig,
               skews: dict[str, SkewVariant], where: str = "sweep") -> SweepPlan:
     """Resolve the axes around the user's point and the headline candidates."""
@@ -261,6 +247,8 @@ def make_plan(sweep: SweepConfig, trace, cluster: ClusterConfig, model: ModelCon
     for w in sweep.workloads:
         if key(w) not in {key(x) for x in workloads}:
             workloads.append(w)
+    from sim.strategies import expand_strategies
+
     names, notes = expand_strategies(sweep.strategies, trace)
     cands: list[Candidate] = []
     for n in names:
