@@ -7,6 +7,7 @@ placements are replayed and simulated again with the calibrated cluster files st
 some fields (docs/fidelity.md, "What the cost model gained for this"):
 
 * ``full``: the cluster files as calibrated (the validation's own numbers);
+* ``no collective skew``: without the time ranks lose leaving collectives at different times;
 * ``no host overheads``: without the dispatch/combine overheads and the permutation term;
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
   overhead (the attention overhead) for every compute phase: the datasheet-style model.
@@ -27,12 +28,14 @@ from pathlib import Path
 def variants(cluster):
     g, link = cluster.gpu, cluster.intra_node
     yield "full", cluster
+    yield "no collective skew", dataclasses.replace(cluster, collective_skew_us=0.0)
     yield "no host overheads", dataclasses.replace(cluster, gpu=dataclasses.replace(
         g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None))
     plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
                                 dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None,
+                                replan_overhead_us=0.0,
                                 kernel_overhead_us=g.attention_overhead_us or g.kernel_overhead_us)
-    yield "roofline only", dataclasses.replace(cluster, gpu=plain, compute_units_per_node=None,
+    yield "roofline only", dataclasses.replace(cluster, gpu=plain, compute_units_per_node=None, collective_skew_us=0.0,
                                                intra_node=dataclasses.replace(link, copy_bandwidth_gb_s=None,
                                                                               copy_latency_us=None))
 

@@ -19,12 +19,13 @@ Benchmarks (``name``: what one sample times; its size axis):
 * ``permute``: gathering ``n`` hidden-state rows in a random order and scattering them back
   (``y = x[idx]; z[idx] = y``: two permutation passes, as the MoE layer does);
 * ``alltoall``: ``all_to_all_single`` with ``n`` bytes to every peer;
-* ``p2p``: one ``batch_isend_irecv`` of ``n`` expert-sized messages to the next rank and ``n``
-  from the previous (every rank sends and receives, as when the runtime moves expert weights);
 * ``model_*``: the runtime's whole model (every layer, every expert weight a rank holds, so
   the caches see what they see in a run) on ``n`` tokens per rank with balanced routing
   (every expert gets the same pairs from every rank, so no rank waits for another), timed by
-  the runtime's own phase timers (:func:`bench_model`).
+  the runtime's own phase timers (:func:`bench_model`);
+* ``move``: the runtime's own placement change (:func:`runtime.apply.apply_placement`) on that
+  model, to a placement in which every rank sends ``n`` experts and receives ``n``, and back
+  (:func:`bench_moves`).
 
 Samples are ``(size, rank, seconds)`` in repeat order per (benchmark, size, rank).
 """
@@ -154,21 +155,6 @@ def bench_links(b: Bench, spec: dict) -> None:
         send = torch.ones(N * n, device=dev)
         recv = torch.empty(N * n, device=dev)
         b.time("alltoall", n * 4, lambda: dist.all_to_all_single(recv, send, [n] * N, [n] * N))
-    nxt, prv = (ctx.rank + 1) % N, (ctx.rank - 1) % N
-    nbytes = spec["expert_bytes"]
-    n = max(1, nbytes // 4)
-    for i, count in enumerate(spec["p2p_messages"]):
-        b.say(f"batch_isend_irecv of {count} expert(s) of {nbytes / 2**20:.2f} MiB to the next rank and from the "
-              f"previous ({i + 1}/{len(spec['p2p_messages'])})")
-        send = [torch.ones(n, device=dev) for _ in range(count)]
-        recv = [torch.empty(n, device=dev) for _ in range(count)]
-
-        def ring() -> None:
-            ops = [dist.P2POp(dist.isend, t, nxt) for t in send] + [dist.P2POp(dist.irecv, t, prv) for t in recv]
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-
-        b.time("p2p", count, ring)
 
 
 def balanced_experts(T: int, k: int, E: int, rank: int, device) -> torch.Tensor:
@@ -183,7 +169,9 @@ def bench_model(b: Bench, spec: dict) -> None:
     holds) on balanced routing, timed with the runtime's own phase timers, per token count and
     placement layout. Samples: ``model_attention`` (attention sub-block + router, as
     ``attention_s + route_s``), ``model_dispatch/S`` (``counts_s + dispatch_s``),
-    ``model_expert/S`` (``expert_s``), ``model_combine/S`` (``combine_s``) with S the slots per rank."""
+    ``model_expert/S`` (``expert_s``), ``model_combine/S`` (``combine_s``) with S the slots per rank, and
+    ``model_step/S``: the rank's own sum of all of them over the layers (the step, as validate measures it).
+    Then :func:`bench_moves` on the model with the run config's slots."""
     from moe_gps.fidelity.calibrate import layouts
     from moe_gps.placement import plan_placement
     from runtime.build import build_model
@@ -203,17 +191,19 @@ def bench_model(b: Bench, spec: dict) -> None:
         handle = build_model(section, ctx)
         placement = plan_placement(np.ones((L, E)), N, R, "none" if R == 0 else spec["algorithm"])
         handle.install(placement, ctx)
-        models.append((handle.module, placement.slots_per_gpu))
+        models.append((handle, placement))
     for i, batch in enumerate(spec["model_batches"]):
         T = batch * S
-        b.say(f"the runtime's model, {L} layers, {' and '.join(str(s) for _, s in models)} expert slots per rank, "
+        b.say(f"the runtime's model, {L} layers, {' and '.join(str(p.slots_per_gpu) for _, p in models)} expert slots per rank, "
               f"{batch} x {S} tokens per rank, balanced routing ({i + 1}/{len(spec['model_batches'])})")
         ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
         balanced = balanced_experts(T, k, E, ctx.rank, dev)
         with torch.inference_mode():
             for rep in range(b.warmup + b.repeats):
-                for model, slots in models:
+                for handle, placement in models:
+                    model, slots = handle.module, placement.slots_per_gpu
                     b.sync()
+                    own = 0.0
                     x = model.embed(ids)
                     for layer in model.layers:      # DecoderLayer.forward and MoEBlock.forward, routing balanced
                         t0 = b._now()
@@ -232,6 +222,36 @@ def bench_model(b: Bench, spec: dict) -> None:
                             b.record(f"model_dispatch/{slots}", T, st["counts_s"] + st["dispatch_s"])
                             b.record(f"model_expert/{slots}", T, st["expert_s"])
                             b.record(f"model_combine/{slots}", T, st["combine_s"])
+                            own += ((t1 - t0) + (t3 - t2) + st["counts_s"] + st["dispatch_s"] + st["expert_s"]
+                                    + st["combine_s"])
+                    if rep >= b.warmup:
+                        b.record(f"model_step/{slots}", T, own)
+    bench_moves(b, spec, *models[-1])
+
+
+def bench_moves(b: Bench, spec: dict, handle, placement) -> None:
+    """``move``: :func:`runtime.apply.apply_placement` (the runtime's own weight moves, snapshots
+    and routing tables) from ``placement`` to one where every rank sends n experts and receives n
+    (``moe_gps.fidelity.calibrate.moved_placement``), then back; n = 0 applies the same placement
+    again (the fixed cost of a re-plan). Samples: the rank's ``MoveStats.seconds``, both directions."""
+    from moe_gps.fidelity.calibrate import moved_placement
+    from runtime.apply import apply_placement
+
+    ctx = b.ctx
+    home, share = placement.phy2log, placement.replica_share
+    sizes = spec["move_experts"]
+    for i, n in enumerate(sizes):
+        target = moved_placement(home, share, ctx.world_size, n)
+        if target is None:
+            continue
+        b.say(f"applying a placement that moves {n} expert(s) into and out of every rank, and back "
+              f"({i + 1}/{len(sizes)})")
+        for rep in range(b.warmup + b.repeats):
+            for phy, sh in (target, (home, share)):
+                b.sync()
+                stats = apply_placement(handle.experts, phy, sh, ctx)
+                if rep >= b.warmup:
+                    b.record("move", n, stats.seconds)
 
 
 def run(spec: dict, out: str, quiet: bool = False) -> None:

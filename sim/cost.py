@@ -13,7 +13,11 @@ their reasons are in docs/simulator.md ("Cost model"); the names here follow it:
 * per-phase software costs (optional cluster fields, zero by default; measured by
   ``moe-gps calibrate``, docs/fidelity.md): the attention block's own efficiency and fixed
   time, a fixed time per expert slot with tokens, a fixed host time per dispatch and per
-  combine, and token permutation (row gathers and scatters) at its own bandwidth.
+  combine, and token permutation (row gathers and scatters) at its own bandwidth;
+* collective skew: ranks leave a collective at different times, and the next one waits for
+  the latest: a fixed time added to every dispatch, correction and combine (the ``sync`` phase);
+* applying a new placement: a fixed host time per re-plan and per GPU, and copies between
+  slots of one GPU at memory bandwidth (read + write).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class Hardware:
     permute_bw: B/s of token permutation (0: not modelled)
     compute_units: processors the GPUs of a node share (0: not shared)
     intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
+    collective_skew: seconds between the first and the last GPU leaving a collective
+    replan_overhead: host seconds per GPU to apply a new placement
     """
 
     flops: float
@@ -62,6 +68,8 @@ class Hardware:
     intra_copy_lat: float = -1.0
     inter_copy_bw: float = 0.0
     inter_copy_lat: float = -1.0
+    collective_skew: float = 0.0
+    replan_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.attn_flops:
@@ -102,6 +110,8 @@ class Hardware:
             intra_copy_lat=_us(cluster.intra_node.copy_latency_us),
             inter_copy_bw=(inter.copy_bandwidth_gb_s or 0.0) * 1e9,
             inter_copy_lat=_us(inter.copy_latency_us),
+            collective_skew=cluster.collective_skew_us * 1e-6,
+            replan_overhead=g.replan_overhead_us * 1e-6,
         )
 
     @property
@@ -265,6 +275,12 @@ def transfer_time(bytes_, same_node, hw: Hardware):
     bw = np.where(same_node, hw.intra_copy_bw, hw.inter_copy_bw)
     lat = np.where(same_node, hw.intra_copy_lat, hw.inter_copy_lat)
     return np.where(b > 0, b / bw + lat, 0.0)
+
+
+def local_copy_time(copies, expert_bytes: float, hw: Hardware):
+    """Copying ``copies`` experts between slots of one GPU: 2 x bytes (read + write) / HBM each.
+    copies: [...] -> seconds [...]"""
+    return np.asarray(copies, dtype=np.float64) * (2.0 * expert_bytes / hw.hbm)
 
 
 def predictor_time(tokens, flops_per_token: float, bytes_per_token: float, fixed_bytes: float,

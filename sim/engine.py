@@ -14,7 +14,9 @@ a weight copy uses g's link in the same layer, the part must hold g's ``tx`` and
 resources, queuing behind the copy. Weight copies are processes started at the layer's
 start; each holds the source's ``tx`` and the destination's ``rx`` resource for
 bytes / bandwidth + latency. With ``overlap_copies`` they run during predictor and
-attention and compete with the dispatch; without it the layer first waits for them.
+attention and compete with the dispatch; without it the layer first waits for them. Work
+within one GPU (a copy row with source = destination: copies between its slots, applying
+a placement) uses no link: it runs after the GPU's incoming transfers of the layer.
 
 Event count: per (step, layer) about 2 timeouts per GPU (attention, FFN), 1 timeout per
 collective for all the GPUs whose link is free, 1 timeout per contended GPU part and per
@@ -166,6 +168,12 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
                 yield b
                 yield env.timeout(seconds)
 
+    def local(after: simpy.Event | None, seconds: float):
+        """Work within one GPU (copies between its slots, applying the placement): after the copies into it."""
+        if after is not None:
+            yield after
+        yield env.timeout(seconds)
+
     # Plain Python lists: much faster to index inside the processes than numpy arrays.
     plans = []
     for w in works:
@@ -190,12 +198,15 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
             return
         uses: dict[tuple[str, int], int] = {}
         for src, dst, _ in copies:
-            uses[("tx", src)] = uses.get(("tx", src), 0) + 1
-            uses[("rx", dst)] = uses.get(("rx", dst), 0) + 1
+            if src != dst:
+                uses[("tx", src)] = uses.get(("tx", src), 0) + 1
+                uses[("rx", dst)] = uses.get(("rx", dst), 0) + 1
         into: dict[int, list] = {}
         ports: dict[int, _Countdown] = {}
         procs = []
         for src, dst, t in copies:
+            if src == dst:
+                continue
             if uses[("tx", src)] > 1 or uses[("rx", dst)] > 1:
                 p = env.process(copy(src, dst, t))
             else:
@@ -206,7 +217,13 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
                     ports[g] = _Countdown()
                 ports[g].watch(p)
             procs.append(p)
-        state["into"] = {d: _latch(env, ps) for d, ps in into.items()}
+        landed = {d: _latch(env, ps) for d, ps in into.items()}
+        for src, dst, t in copies:
+            if src == dst:                   # no link: after the GPU's incoming transfers
+                p = env.process(local(landed.get(dst), t))
+                landed[dst] = p
+                procs.append(p)
+        state["into"] = landed
         state["all"] = None if overlap_copies else _latch(env, procs)
         state["ports"] = ports if overlap_copies else None
 

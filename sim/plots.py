@@ -16,7 +16,7 @@ from moe_gps.atomic import atomic_path
 from sim.run import PHASES, SimResult
 
 COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
-          "correction": "#e377c2", "ffn": "#2ca02c", "combine": "#bcbd22"}
+          "correction": "#e377c2", "ffn": "#2ca02c", "combine": "#bcbd22", "sync": "#7f7f7f"}
 
 
 LINESTYLES = {"none": "-", "static": "--", "distribution": "-", "token": ":", "oracle": "-."}

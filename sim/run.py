@@ -29,7 +29,7 @@ from sim.strategies import StrategyInfo, make_strategy
 from sim.work import StepWork, build_step_work
 
 #: the MoE-layer time breakdown, in the order of a layer; the parts add up to the layer time
-PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine")
+PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine", "sync")
 
 
 @dataclass
@@ -93,8 +93,9 @@ def _skew(x: np.ndarray) -> np.ndarray:
 
 
 def _breakdown(works: list[StepWork], marks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Split each layer's wall time into PHASES: nominal times on the critical GPU, and
-    ``copy`` = what the copies added on top (waiting for them, or contention on links)."""
+    """Split each layer's wall time into PHASES: nominal times on the critical GPU, ``copy`` = what
+    the copies added on top (waiting for them, or contention on links), and ``sync`` = the
+    collective skew of the layer's collectives (taken out of dispatch, correction and combine)."""
     start, ready, disp, corr, comp, end = (marks[..., i] for i in range(6))
     pa = np.stack([w.predictor + w.attention for w in works])          # [S, L, G]
     crit = np.argmax(pa, axis=2)[..., None]
@@ -105,8 +106,10 @@ def _breakdown(works: list[StepWork], marks: np.ndarray) -> tuple[np.ndarray, di
     f = np.stack([w.ffn.max(axis=1) for w in works])
     copy = (ready - start - pred - attn) + (disp - ready - d) + (corr - disp - x) + (comp - corr - f)
     copy = np.where(np.abs(copy) < 1e-12, 0.0, copy)
-    phases = {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d, "correction": x, "ffn": f,
-              "combine": end - comp}
+    skew = np.array([w.skew for w in works])[:, None]                  # [S, 1]
+    x_skew = np.where(x > 0, skew, 0.0)
+    phases = {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d - skew, "correction": x - x_skew,
+              "ffn": f, "combine": end - comp - skew, "sync": 2 * skew + x_skew}
     return end - start, phases
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from sim.cost import (Hardware, alltoall_time, attention_time, combine_host_time, dispatch_host_time, ffn_time,
-                      layout_time, shared_compute, transfer_time)
+                      layout_time, local_copy_time, shared_compute, transfer_time)
 from sim.loads import StepLoads
 from sim.strategies import StepPlan
 
@@ -23,7 +23,8 @@ from sim.strategies import StepPlan
 class Copies:
     """Weight copies of one step: one row per (layer, source GPU, destination GPU).
 
-    layer, src, dst: int64 [C];  bytes, seconds: float64 [C]
+    layer, src, dst: int64 [C];  bytes, seconds: float64 [C]. A row with src == dst is work within
+    one GPU (copies between its slots, applying the placement): no link bytes.
     """
 
     layer: np.ndarray
@@ -48,6 +49,7 @@ class StepWork:
     gpu_tokens: float [L, G] tokens each GPU's experts process (FFN load)
     expert_counts: float [L, E] true tokens per expert
     copy_bytes: float [L] bytes of weights copied for each layer
+    skew: seconds of collective skew included in each dispatch, correction (when it has one) and combine
     """
 
     predictor: np.ndarray
@@ -61,6 +63,7 @@ class StepWork:
     expert_counts: np.ndarray
     copy_bytes: np.ndarray
     has_correction: bool = False
+    skew: float = 0.0
 
 
 def share_by_gpu(placement: Placement) -> np.ndarray:
@@ -86,33 +89,47 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,
                   hw: Hardware) -> Copies:
-    """Copies needed to go from ``previous`` to ``current``.
+    """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement).
 
-    A GPU needs one copy of expert e (expert_bytes) for each layer where it hosts e now and
-    did not before. The source is a GPU that hosted e before, preferring one on the same
-    node, then the first after the destination in ring order (to spread the senders).
+    Between GPUs: a GPU needs one copy of expert e (expert_bytes) for each layer where it hosts
+    e now and did not before. The source is a GPU that hosted e before, preferring one on the
+    same node, then the first after the destination in ring order (to spread the senders).
+
+    Within a GPU (rows with src == dst, no link bytes): every slot that now holds another
+    expert than before (every slot when the slots per GPU changed) and is not filled by a
+    copy from another GPU is a copy between slots (:func:`sim.cost.local_copy_time`); and
+    applying the placement costs every GPU ``replan_overhead`` before the first layer.
     """
     if previous is None or previous is current:
         return Copies.empty()
+    L, G = current.phy2log.shape[0], current.num_gpus
     now = current.experts_on_gpu() > 0          # [L, G, E]
     before = previous.experts_on_gpu() > 0
     need = now & ~before
-    if not need.any():
-        return Copies.empty()
     layer, dst, expert = np.nonzero(need)
-    G = current.num_gpus
     holders = before[layer, :, expert]          # [n, G]
     same = hw.same_node()[dst]                  # [n, G]
     ring = (np.arange(G)[None, :] - dst[:, None]) % G
     score = holders * ((1 + same) * G - ring)
-    src = np.argmax(score, axis=1)
+    src = np.argmax(score, axis=1) if len(layer) else np.zeros(0, dtype=np.int64)
     key = (layer * G + src) * G + dst
     uniq, counts = np.unique(key, return_counts=True)
     l, rest = np.divmod(uniq, G * G)
     s, d = np.divmod(rest, G)
     nbytes = counts * float(expert_bytes)
     secs = transfer_time(nbytes, hw.same_node()[s, d], hw)
-    return Copies(l, s, d, nbytes, secs)
+    # within each GPU: slots rewritten, less those a transfer fills; the re-plan's host time
+    S_new, S_old = current.slots_per_gpu, previous.slots_per_gpu
+    new_slots = current.phy2log.reshape(L, G, S_new)
+    if S_new == S_old:
+        written = (new_slots != previous.phy2log.reshape(L, G, S_old)).sum(axis=2)
+    else:
+        written = np.full((L, G), S_new)
+    local = local_copy_time(written - need.sum(axis=2), expert_bytes, hw)      # [L, G]
+    local[0] += hw.replan_overhead
+    sl, sg = np.nonzero(local > 0)
+    return Copies(np.concatenate([l, sl]), np.concatenate([s, sg]), np.concatenate([d, sg]),
+                  np.concatenate([nbytes, np.zeros(len(sl))]), np.concatenate([secs, local[sl, sg]]))
 
 
 def build_step_work(plan: StepPlan, previous: Placement | None, loads: StepLoads, model: ModelConfig,
@@ -145,6 +162,11 @@ def build_step_work(plan: StepPlan, previous: Placement | None, loads: StepLoads
         correction = np.zeros((L, G))
         has_corr = False
     combine = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw) + combine_host_time(traffic.sum(axis=2), model, hw)
+    if hw.collective_skew:
+        # the next phase starts when the latest rank has left the collective
+        dispatch = dispatch + hw.collective_skew
+        correction = np.where(correction > 0, correction + hw.collective_skew, 0.0)
+        combine = combine + hw.collective_skew
     attn = np.broadcast_to(attention_time(loads.home_tokens, model, workload, hw), (L, G))
     pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
     if hw.compute_units:
@@ -156,15 +178,17 @@ def build_step_work(plan: StepPlan, previous: Placement | None, loads: StepLoads
     copies = weight_copies(previous, p, model.expert_bytes, hw)
     copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
     return StepWork(pred, attn, dispatch, correction, ffn, combine, copies, gpu_tokens, counts, copy_bytes,
-                    has_corr)
+                    has_corr, hw.collective_skew)
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:
-    """float [L, G]: seconds each GPU's link is busy with copies (max of sending and receiving)."""
+    """float [L, G]: seconds each GPU is busy with copies: the larger of sending and of receiving
+    followed by its work within the GPU (rows with src == dst)."""
     out = np.zeros((num_layers, num_gpus))
     send = np.zeros((num_layers, num_gpus))
+    link = copies.src != copies.dst
     np.add.at(out, (copies.layer, copies.dst), copies.seconds)
-    np.add.at(send, (copies.layer, copies.src), copies.seconds)
+    np.add.at(send, (copies.layer[link], copies.src[link]), copies.seconds[link])
     return np.maximum(out, send)
 
 

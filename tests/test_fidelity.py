@@ -55,15 +55,16 @@ def _truth(N: int, units: float | None = None) -> ClusterConfig:
     gpu = GPUSpec(name="truth", peak_tflops_bf16=0.05, hbm_bandwidth_gb_s=10.0, hbm_capacity_gb=10.0,
                   compute_efficiency=0.8, attention_efficiency=0.5, kernel_overhead_us=150.0,
                   attention_overhead_us=700.0, expert_overhead_us=60.0, dispatch_overhead_us=900.0,
-                  combine_overhead_us=300.0, permute_bandwidth_gb_s=4.0)
+                  combine_overhead_us=300.0, permute_bandwidth_gb_s=4.0, replan_overhead_us=2000.0)
     return ClusterConfig(name="truth", num_gpus=N, gpus_per_node=N, gpu=gpu,
                          intra_node=LinkSpec(bandwidth_gb_s=1.2, latency_us=200.0, copy_bandwidth_gb_s=0.6,
-                                             copy_latency_us=300.0), compute_units_per_node=units)
+                                             copy_latency_us=300.0), compute_units_per_node=units,
+                         collective_skew_us=150.0)
 
 
 def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, seed: int = 0) -> dict:
     """What runtime.fidelity_bench would record on a machine that follows the cost model exactly."""
-    from moe_gps.fidelity.calibrate import layouts
+    from moe_gps.fidelity.calibrate import layouts, moved_layers
 
     rng = np.random.default_rng(seed)
     N = cluster.num_gpus
@@ -90,8 +91,10 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
     out.setdefault("crowd_solo", []).extend((20.0, 0, loop) for _ in range(7))
     for b in spec["alltoall_bytes"]:
         add("alltoall", b, (N - 1) * (b / hw.intra_bw + hw.intra_lat))
-    for count in spec["p2p_messages"]:
-        add("p2p", count, count * spec["expert_bytes"] / hw.intra_copy_bw + hw.intra_copy_lat)
+    for n in spec["move_experts"]:                # one transfer per layer moved, as the simulator counts them
+        add("move", n, hw.replan_overhead + n * spec["expert_bytes"] / hw.intra_copy_bw
+            + moved_layers(spec, N, n) * hw.intra_copy_lat)
+    L = spec["num_layers"]
     for R in layouts(spec, N):
         p = plan_placement(np.ones((1, E)), N, R, "none" if R == 0 else "eplb")
         for batch in spec["model_batches"]:
@@ -101,11 +104,17 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
             traffic = route(src, p)
             sent = traffic.sum(axis=2)
             S = p.slots_per_gpu
-            add(f"model_expert/{S}", T, shared_compute(ffn_time(p.slot_loads(src.sum(axis=1)), S, model, hw), hw).max())
-            add(f"model_dispatch/{S}", T, (layout_time(hw)[None] + alltoall_time(traffic, model.token_bytes, hw)
-                                          + dispatch_host_time(sent, model, hw)).max())
-            add(f"model_combine/{S}", T, (alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
-                                         + combine_host_time(sent, model, hw)).max())
+            phases = [float(attention_time(T, model, wl, hw)) * crowd,
+                      shared_compute(ffn_time(p.slot_loads(src.sum(axis=1)), S, model, hw), hw).max(),
+                      (layout_time(hw)[None] + alltoall_time(traffic, model.token_bytes, hw)
+                       + dispatch_host_time(sent, model, hw)).max(),
+                      (alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
+                       + combine_host_time(sent, model, hw)).max()]
+            add(f"model_expert/{S}", T, phases[1])
+            add(f"model_dispatch/{S}", T, phases[2])
+            add(f"model_combine/{S}", T, phases[3])
+            # the step: every layer's phases + the collective skew of its dispatch and combine
+            add(f"model_step/{S}", T, L * (sum(phases) + 2 * hw.collective_skew))
     return out
 
 
@@ -131,6 +140,8 @@ def test_calibration_recovers_the_parameters_of_a_machine_that_follows_the_model
     assert cal.cluster.intra_node.latency_us == rel(200.0, rel=1e-3)
     assert cal.cluster.intra_node.copy_bandwidth_gb_s == rel(0.6, rel=1e-3)
     assert cal.cluster.intra_node.copy_latency_us == rel(300.0, rel=1e-3)
+    assert g.replan_overhead_us == rel(2000.0, rel=1e-3)
+    assert cal.cluster.collective_skew_us == rel(150.0, rel=1e-3)
     for f in ("attention_overhead_us", "expert_overhead_us", "kernel_overhead_us", "dispatch_overhead_us",
               "combine_overhead_us"):
         assert getattr(g, f) == rel(getattr(t, f), rel=2e-3, abs=0.5), f
@@ -157,6 +168,24 @@ def test_calibration_with_noise_stays_close_and_writes_a_loadable_cluster(tmp_pa
     assert path.read_text().startswith("# Cluster measured by `moe-gps calibrate`")
     assert set(pd.read_csv(medians).benchmark) >= {"ffn", "alltoall", "model_expert/4", "model_expert/6"}
     assert len(pd.read_csv(raw)) == sum(len(v) for v in result["samples"].values())
+
+
+@pytest.mark.parametrize("N, R", [(2, 0), (4, 0), (2, 4), (4, 4)])
+def test_moved_placement_makes_every_rank_receive_n_experts(N, R):
+    from moe_gps.fidelity.calibrate import moved_placement
+    from runtime.apply import KEEP, LOCAL, RECV, move_plan
+
+    home = plan_placement(np.ones((4, 8)), N, R, "none" if R == 0 else "eplb")
+    phy, share = moved_placement(home.phy2log, home.replica_share, N, 0)
+    assert (phy == home.phy2log).all() and (share == home.replica_share).all()
+    for n in (1, 2, 4):
+        phy, share = moved_placement(home.phy2log, home.replica_share, N, n)
+        plan = move_plan(home.phy2log, phy, N)
+        assert ((plan.action == RECV).sum(axis=(0, 2)) == n).all()          # n experts into every rank
+        assert not (plan.action == LOCAL).any() and (plan.action == KEEP).sum() == phy.size - N * n
+        for l in range(4):                                                     # every expert keeps its share
+            assert np.bincount(phy[l], weights=share[l], minlength=8) == pytest.approx(np.ones(8))
+    assert moved_placement(home.phy2log, home.replica_share, N, home.phy2log.size) is None
 
 
 # ----------------------------------------------------------------------------- new cost-model terms
@@ -222,6 +251,8 @@ def test_measured_phases_follow_the_critical_path():
     own0 = 1.1 + 1.1 + 2.0 + 0.5 + 1.1 + 0.4 + 1.0 + 0.9
     own1 = 1.6 + 0.5 + 3.0 + 0.2 + 1.1 + 0.5 + 2.0 + 0.1
     assert m.total[0] == pytest.approx(min(own0, own1) + 0.6)
+    # what the total has beyond the phases: ranks leaving collectives at different times
+    assert m.phases["sync"][0] == pytest.approx(min(own0, own1) - (2.7 + 0.9 + 5.0 + 0.3))
     assert m.replanned.tolist() == [True]
 
 
@@ -232,14 +263,15 @@ class _Sim:
         x = np.asarray(per_step_ms, dtype=float)[:, None] * 1e-3
         z = np.zeros_like(x)
         self.phases = {"predictor": z, "attention": x * 0.5, "copy": z, "dispatch": x * 0.2, "correction": z,
-                       "ffn": x * 0.2, "combine": x * 0.1}
+                       "ffn": x * 0.2, "combine": x * 0.05, "sync": x * 0.05}
         self.step_latency = x[:, 0]
 
 
 def _measured(steps, total_ms):
     from moe_gps.fidelity.measured import MeasuredRun
     t = np.asarray(total_ms, dtype=float) * 1e-3
-    phases = {"attention": t * 0.5, "dispatch": t * 0.25, "ffn": t * 0.15, "combine": t * 0.1, "copy": t * 0}
+    phases = {"attention": t * 0.5, "dispatch": t * 0.25, "ffn": t * 0.15, "combine": t * 0.06, "copy": t * 0,
+              "sync": t * 0.04}
     return MeasuredRun(np.asarray(steps), phases, t, np.zeros(len(t), bool))
 
 
@@ -250,6 +282,7 @@ def test_error_is_the_ratio_of_medians_over_the_compared_steps():
     assert c.error("total") == pytest.approx(0.1)
     assert c.error("attention") == pytest.approx(0.1)
     assert c.error("dispatch") == pytest.approx(0.2 * 11 / 2.5 - 1)
+    assert c.error("sync") == pytest.approx(0.05 * 11 / 0.4 - 1)
     row = {r["phase"]: r for r in c.rows()}
     assert row["total"]["predicted_ms"] == pytest.approx(11) and row["total"]["measured_ms"] == pytest.approx(10)
     assert np.isnan(row["copy"]["error"])                    # no step moved weights
@@ -320,6 +353,13 @@ def test_validate_refuses_a_trace_without_token_ids_and_a_checkpoint_model(tmp_p
 
 # ----------------------------------------------------------------------------- the new terms in whole simulations
 
+def _port_serves_two(copies) -> bool:
+    """Some GPU sends, or receives, two transfers in one layer."""
+    link = copies.src != copies.dst
+    return any(len(np.unique(np.c_[copies.layer[link], end[link]], axis=0)) < link.sum()
+               for end in (copies.src, copies.dst))
+
+
 def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_their_cost(monkeypatch):
     import sim.run as run_mod
     from moe_gps.config import SimulateConfig, strategy_from_name
@@ -348,9 +388,15 @@ def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_thei
         return simulate(trace, cfg, progress=False)
 
     r = run(cluster)
+    exact = 0
     for (works, overlap), res in zip(captured, r.strategies):
         closed = np.array([closed_form_layer_times(w, overlap).sum() for w in works])
-        assert np.allclose(res.step_latency, closed, rtol=1e-9), res.name
+        # the closed form is exact unless a port serves two transfers of a layer (then they queue)
+        queued = np.array([_port_serves_two(w.copies) for w in works])
+        assert np.allclose(res.step_latency[~queued], closed[~queued], rtol=1e-9), res.name
+        assert (res.step_latency[queued] >= closed[queued] - 1e-12).all(), res.name
+        exact += int((~queued).sum())
+    assert exact >= 10
     more = run(dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, dispatch_overhead_us=1900.0)))
     for a, b in zip(r.strategies, more.strategies):
         assert np.allclose(b.phases["dispatch"] - a.phases["dispatch"], 1e-3), a.name     # +1000 us per layer

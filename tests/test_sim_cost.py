@@ -126,3 +126,30 @@ def test_weight_copies_prefer_the_same_node():
     assert c.bytes.tolist() == [12e6] and c.seconds == pytest.approx([121 * US])
     assert len(weight_copies(None, after, MODEL.expert_bytes, HW)) == 0
     assert len(weight_copies(after, after, MODEL.expert_bytes, HW)) == 0
+
+
+def test_weight_copies_within_a_gpu_and_the_replan_overhead():
+    import dataclasses
+    before = Placement(np.array([[0, 1, 2, 3, 0, 1, 2, 3]]), 4, 4)
+    # GPU 0 swaps its two slots (2 copies between slots); GPU 3 gets expert 1 in both slots: one
+    # transfer (from GPU 2, same node) and one copy between its slots
+    after = Placement(np.array([[1, 0, 2, 3, 0, 1, 1, 1]]), 4, 4, allow_colocated=True)
+    c = weight_copies(before, after, MODEL.expert_bytes, HW)
+    rows = sorted(zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.bytes.tolist(), c.seconds.tolist()))
+    local = 2 * 12e6 / 1e12                                              # read + write at 1000 GB/s: 24 us
+    assert [r[:4] for r in rows] == [(0, 0, 0, 0.0), (0, 2, 3, 12e6), (0, 3, 3, 0.0)]
+    assert [r[4] for r in rows] == pytest.approx([2 * local, 121 * US, local])
+    # a re-plan to the same placement (a new object) costs only the host time of applying it, on every GPU
+    hw = dataclasses.replace(HW, replan_overhead=50 * US)
+    same = Placement(before.phy2log.copy(), 4, 4)
+    c = weight_copies(before, same, MODEL.expert_bytes, hw)
+    assert c.layer.tolist() == [0] * 4 and c.src.tolist() == c.dst.tolist() == [0, 1, 2, 3]
+    assert c.seconds == pytest.approx([50 * US] * 4) and c.bytes.sum() == 0
+    assert len(weight_copies(before, before, MODEL.expert_bytes, hw)) == 0
+    # slots per GPU changed: every slot is rewritten (a new buffer)
+    grown = Placement(np.array([[0, 1, 2, 2, 3, 3, 0, 1, 1, 2, 3, 0]]), 4, 4, allow_colocated=True)
+    c = weight_copies(before, grown, MODEL.expert_bytes, HW)
+    link = c.src != c.dst
+    per_gpu = np.bincount(c.dst[~link], weights=c.seconds[~link], minlength=4)
+    received = np.bincount(c.dst[link], weights=c.bytes[link], minlength=4) / 12e6
+    assert per_gpu == pytest.approx((3 - received) * local)

@@ -219,3 +219,16 @@ def test_extra_memory_when_redundant_slots_do_not_divide_over_gpus(trace):
     cfg = SimulateConfig(cluster=cluster, model=MODEL, strategies=[strategy], train_steps=4)
     r = simulate(trace, cfg, progress=False)
     assert r.strategies[0].extra_memory == pytest.approx(4 / 6 * 4 * MODEL.expert_bytes)
+
+
+def test_collective_skew_is_the_sync_phase(trace):
+    """Every dispatch and combine (no correction here) ends later by the skew; the other phases stay."""
+    base = config(["none", "dist:ema"])
+    skewed = dataclasses.replace(base, cluster=dataclasses.replace(base.cluster, collective_skew_us=100.0))
+    a, b = simulate(trace, base, progress=False), simulate(trace, skewed, progress=False)
+    for x, y in zip(a.strategies, b.strategies):
+        assert np.allclose(y.layer_time - x.layer_time, 200e-6)
+        assert np.allclose(y.phases["sync"], 200e-6) and np.allclose(x.phases["sync"], 0.0)
+        for p in PHASES:
+            if p != "sync":
+                assert np.allclose(x.phases[p], y.phases[p], atol=1e-12), p

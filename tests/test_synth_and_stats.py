@@ -146,10 +146,40 @@ def test_bundled_default_trace_is_labelled_synthetic():
     ("num_layers=2.5", "num_layers must be an integer"),
     ("drift=nan", "drift must be a finite number"),
     ("popularity_sigma=inf", "popularity_sigma must be a finite number"),
+    ("num_layers=four", "--set 'num_layers=four': num_layers must be an integer, got 'four'"),
+    ("drift=fast", "--set 'drift=fast': drift must be a number, got 'fast'"),
+    ("model=", "synthetic profile: model must be a non-empty string, got ''"),
+    ("colour=3", "unknown synthetic profile parameter(s) colour (parameters: name, model"),
 ])
-def test_synth_set_non_integer_or_non_finite(tmp_path, capsys, setting, message):
+def test_synth_bad_set_values_are_one_line(tmp_path, capsys, setting, message):
     assert main(["trace", "synth", "--steps", "2", "--tokens", "8", "--set", setting,
                  "-o", str(tmp_path / "x.parquet")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_synth_set_text_fields_stay_text(tmp_path, capsys):
+    out = tmp_path / "t.parquet"
+    assert main(["trace", "synth", "--steps", "2", "--tokens", "8", "--set", "model=3", "--set", "dataset=1e3",
+                 "--set", "num_layers=2", "-o", str(out)]) == 0
+    meta = load_trace(out).meta
+    assert meta.model == "3" and meta.dataset == "1e3" and meta.num_layers == 2
+    assert meta.provenance["profile"]["model"] == "3"
+    assert "mixtral" not in capsys.readouterr().err
+
+
+def test_synth_set_numbers_take_the_field_type():
+    from moe_gps.trace.synth import parse_setting
+    assert parse_setting("model=3") == ("model", "3")
+    assert parse_setting("num_layers=4") == ("num_layers", 4)
+    assert parse_setting("drift=1") == ("drift", 1.0) and isinstance(parse_setting("drift=1")[1], float)
+    assert parse_setting("calibrated_to=a=b") == ("calibrated_to", "a=b")
+
+
+def test_synthesize_rejects_a_non_string_text_field():
+    with pytest.raises(UserError, match=r"synthetic profile: model must be a non-empty string, got 3$"):
+        synthesize("mixtral-mmlu", num_steps=1, tokens_per_step=4, model=3)
+    with pytest.raises(UserError, match="dataset must be a non-empty string, got ''"):
+        synthesize("mixtral-mmlu", num_steps=1, tokens_per_step=4, dataset="")
+

@@ -333,3 +333,64 @@ def test_writer_leaves_nothing_when_it_cannot_open(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         TraceWriter(tmp_path / "t.parquet", small_trace().meta)
     assert list(tmp_path.iterdir()) == []
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes that Python and numpy allocate while fn() runs (tracemalloc sees numpy arrays)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+COUNTS_META = dict(schema_version=1, kind="counts", num_layers=4, num_experts=8, top_k=2, model="m",
+                   dataset="d", source="synthetic", provenance={})
+
+
+@pytest.mark.parametrize("big, dtype", [(2**31 - 1, np.int32), (2**40, np.int64)])
+def test_counts_huge_step_number_is_a_gap_without_huge_memory(tmp_path, capsys, big, dtype):
+    # A bincount over step numbers would size an array by the largest step (16 GiB for 2^31 - 1).
+    cols = counts_cols(small_trace().counts())            # steps 0..2, 4 layers x 8 experts: 96 rows
+    cols["step"] = cols["step"].astype(dtype)
+    cols["step"][-8:] = big                               # step 2, layer 3 renumbered
+    path = write_raw(tmp_path / "c.parquet", cols, COUNTS_META)
+    errors = []
+    peak = _peak_bytes(lambda: errors.append(validate_cli(path, capsys)))
+    assert errors == [f"moe-gps: error: {path}: column 'step', row 88: gap in step numbers: step 3 is missing "
+                      f"(found step {big})"]
+    assert peak < 20 << 20
+
+
+def test_counts_rows_in_any_order_and_a_plain_gap(tmp_path, capsys):
+    trace = small_trace()
+    cols = counts_cols(trace.counts())
+    order = np.random.default_rng(1).permutation(len(cols["step"]))
+    path = write_raw(tmp_path / "c.parquet", {n: c[order] for n, c in cols.items()}, COUNTS_META)
+    np.testing.assert_array_equal(load_trace(path).counts(), trace.counts())
+    cols["step"][cols["step"] == 1] = 7                   # steps 0, 2, 7
+    path = write_raw(tmp_path / "g.parquet", cols, COUNTS_META)
+    assert validate_cli(path, capsys).endswith("column 'step', row 32: gap in step numbers: step 1 is missing "
+                                               "(found step 7)")
+
+
+@pytest.mark.parametrize("kind", ["tokens", "counts"])
+def test_huge_layer_number_is_out_of_range_without_huge_memory(tmp_path, capsys, kind):
+    trace = small_trace()
+    if kind == "tokens":
+        cols, meta, row = raw_table(trace), meta_dict(trace), 13
+    else:
+        cols, meta, row = counts_cols(trace.counts()), COUNTS_META, 13
+    cols["layer"] = cols["layer"].astype(np.int32)
+    cols["layer"][row] = 2**31 - 1
+    path = write_raw(tmp_path / f"{kind}.parquet", cols, meta)
+    errors = []
+    peak = _peak_bytes(lambda: errors.append(validate_cli(path, capsys)))
+    assert errors[0].endswith(f"column 'layer', row {row}: layer 2147483647 but the metadata says num_layers=4")
+    assert peak < 20 << 20
+    if kind == "tokens":                                  # streaming checks layers per chunk the same way
+        from moe_gps.errors import UserError
+        with pytest.raises(UserError, match=f"row {row}: layer 2147483647 but"):
+            list(iter_steps(path, batch_rows=16))

@@ -15,14 +15,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from moe_gps.cli.common_args import DEPLOYMENT_DESTS, add_deployment_args, deployment_from_args
 from moe_gps.errors import UserError
-
-from moe_gps.cli.simulate_cmd import DEFAULT_CLUSTER
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moe_gps.config.loader import preset_names
-
     p = sub.add_parser(
         "recommend", help="sweep clusters, workloads, skews and predictors; recommend a strategy with evidence",
         description=(
@@ -34,16 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "resumes. Sweep keys and formulas: docs/recommend.md."),
         epilog="exit codes: 0 report written; 1 some runs failed (report written); 2 bad input; 130 interrupted")
     p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
-    p.add_argument("--cluster", metavar="PRESET|FILE",
-                   help=f"your cluster: preset ({', '.join(preset_names('clusters'))}) or YAML file "
-                        f"(default: {DEFAULT_CLUSTER})")
-    p.add_argument("--model", metavar="PRESET|FILE",
-                   help="model preset or YAML file (default: the preset named by the trace's metadata)")
-    p.add_argument("--workload", metavar="FILE", help="your workload YAML (phase, seq_len, tokens_per_step)")
-    p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")
-    p.add_argument("--seq-len", type=int, metavar="N", help="override the workload's seq_len")
-    p.add_argument("--tokens-per-step", type=int, metavar="N",
-                   help="your tokens per forward pass over all GPUs (default: as in the trace)")
+    add_deployment_args(p)
     p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
     p.add_argument("--seed", type=int, help="override the sweep's seed")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
@@ -61,38 +49,10 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _user_point(args: argparse.Namespace, trace):
-    from dataclasses import replace
-
-    from moe_gps.config import WorkloadConfig, infer_model, load_cluster, load_model, load_workload
-
-    cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
-    m = trace.meta
-    if args.model:
-        model = load_model(args.model)
-    else:
-        model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
-        if model is None:
-            raise UserError(f"{args.trace}: cannot tell the model from the trace metadata (model '{m.model}', "
-                            f"{m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); give --model PRESET|FILE")
-    w = load_workload(args.workload) if args.workload else WorkloadConfig()
-    if args.phase:
-        w = replace(w, phase=args.phase)
-    if args.seq_len is not None:
-        if args.seq_len < 1:
-            raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
-        w = replace(w, seq_len=args.seq_len)
-    if args.tokens_per_step is not None:
-        if args.tokens_per_step < 1:
-            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-        w = replace(w, tokens_per_step=args.tokens_per_step)
-    return cluster, model, w
-
-
 def _command(args: argparse.Namespace, out: Path) -> str:
     """The command line that reruns this report (the cache makes it instant)."""
     parts = ["moe-gps", "recommend", args.trace]
-    for flag in ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step", "sweep", "seed"):
+    for flag in (*DEPLOYMENT_DESTS, "sweep", "seed"):
         v = getattr(args, flag)
         if v is not None:
             parts += [f"--{flag.replace('_', '-')}", str(v)]
@@ -119,7 +79,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
     trace = load_trace(args.trace)
-    cluster, model, workload = _user_point(args, trace)
+    cluster, model, workload = deployment_from_args(args, trace)
     jobs = args.jobs or _cores()
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))

@@ -7,14 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from moe_gps.cli.common_args import add_deployment_args, deployment_from_args, workload_from_args
 from moe_gps.errors import UserError
-
-DEFAULT_CLUSTER = "4xA100-nvlink"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moe_gps.config.loader import preset_names
-
     p = sub.add_parser(
         "simulate", help="compare expert-duplication strategies on a trace with the SimPy cluster model",
         description=(
@@ -26,17 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "plots to the output folder. Formulas: docs/simulator.md; config fields: docs/configs.md."),
     )
     p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
-    p.add_argument("--cluster", metavar="PRESET|FILE",
-                   help=f"cluster preset ({', '.join(preset_names('clusters'))}) or YAML file "
-                        f"(default: {DEFAULT_CLUSTER})")
-    p.add_argument("--model", metavar="PRESET|FILE",
-                   help=f"model preset ({', '.join(preset_names('models'))}) or YAML file (default: the preset "
-                        "named by the trace's metadata)")
-    p.add_argument("--workload", metavar="FILE", help="workload YAML (phase, seq_len, tokens_per_step)")
-    p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")
-    p.add_argument("--seq-len", type=int, metavar="N", help="override the workload's seq_len")
-    p.add_argument("--tokens-per-step", type=int, metavar="N",
-                   help="scale every step's loads to N tokens (default: as in the trace)")
+    add_deployment_args(p)
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help="strategies to compare (space or comma separated): none, eplb, static:PLANNER, "
                         "dist:PREDICTOR, token:PREDICTOR, oracle, and 'all' for every default strategy the trace supports (the "
@@ -62,8 +49,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
     """The SimulateConfig the flags describe, and notes for the user."""
     from dataclasses import replace
 
-    from moe_gps.config import (SimulateConfig, WorkloadConfig, infer_model, load_cluster, load_model,
-                                load_simulate_config, load_workload, strategy_from_name)
+    from moe_gps.config import SimulateConfig, load_simulate_config, strategy_from_name
     from moe_gps.config.loader import split_strategy_names
     from sim.strategies import expand_strategies
 
@@ -74,18 +60,9 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
         if flags:
             raise UserError(f"--config already holds the whole config; drop --{flags[0].replace('_', '-')}")
         cfg = load_simulate_config(args.config)
+        cfg = replace(cfg, workload=workload_from_args(args, cfg.workload))
     else:
-        cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
-        m = trace.meta
-        if args.model:
-            model = load_model(args.model)
-        else:
-            model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
-            if model is None:
-                raise UserError(f"{args.trace}: cannot tell the model from the trace metadata (model "
-                                f"'{m.model}', {m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); "
-                                "give --model PRESET|FILE")
-        workload = load_workload(args.workload) if args.workload else WorkloadConfig()
+        cluster, model, workload = deployment_from_args(args, trace)
         requested = split_strategy_names(args.strategies) if args.strategies else ["all"]
         names, notes = expand_strategies(requested, trace)
         strategies = [strategy_from_name(n) for n in names]
@@ -98,22 +75,11 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
                              train_steps=args.train_steps)
         if args.train_steps is not None and args.train_steps < 1:
             raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
-    w = cfg.workload
-    if args.phase:
-        w = replace(w, phase=args.phase)
-    if args.seq_len is not None:
-        if args.seq_len < 1:
-            raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
-        w = replace(w, seq_len=args.seq_len)
-    if args.tokens_per_step is not None:
-        if args.tokens_per_step < 1:
-            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-        w = replace(w, tokens_per_step=args.tokens_per_step)
     if args.seed is not None:
         if args.seed < 0:
             raise UserError(f"--seed must be >= 0, got {args.seed}")
         cfg = replace(cfg, seed=args.seed)
-    cfg = replace(cfg, workload=w, trace=str(args.trace))
+    cfg = replace(cfg, trace=str(args.trace))
     return cfg, notes
 
 

@@ -113,17 +113,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from moe_gps.trace import write_trace
-    from moe_gps.trace.synth import get_profile, synthesize
+    from moe_gps.trace.synth import get_profile, parse_setting, synthesize
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected PARAM=VALUE")
-        try:
-            overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise UserError(f"--set {item!r}: {value!r} is not a number") from None
+    overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
     trace = synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens, seed=args.seed,
                        with_weights=args.weights)

@@ -72,6 +72,9 @@ class GPUSpec:
         "reads and writes every row once; dispatch makes 1 pass over the GPU's sent rows, the FFN 2 over its "
         "received rows, the combine 2 over its home rows. Absent: permutation is not modelled (free)",
         unit="GB/s (1e9 B/s)", gt=0, default=None)
+    replan_overhead_us: float = spec(
+        "fixed host time of applying a new placement on a GPU (planning its weight moves, rebuilding the "
+        "routing tables), once per re-plan, before the step's first layer", unit="us", ge=0, default=0.0)
 
 
 @dataclass
@@ -105,6 +108,11 @@ class ClusterConfig:
         "processors that the GPUs (ranks) of a node share for compute: when more of them compute at once, they "
         "share these equally (processor sharing), e.g. 2 CPU cores under 4 ranks; `moe-gps calibrate` measures "
         "it. Absent: every GPU computes on its own", gt=0, default=None)
+    collective_skew_us: float = spec(
+        "time between the first and the last GPU (rank) leaving a collective: ranks that are descheduled or "
+        "interrupted leave late, and the next collective waits for the latest; every dispatch, correction and "
+        "combine adds it to the layer (`moe-gps calibrate` measures it: it matters when ranks share processors)",
+        unit="us", ge=0, default=0.0)
 
     @property
     def num_nodes(self) -> int:

@@ -53,11 +53,11 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
     # messages from a few bytes to 4 MiB per peer, so that the bandwidth term is well above the noise
     a2a = sorted({4, 4096, *(_round_to(T0 * k * row * f / nproc, 4) for f in (0.25, 1, 4)), 2**20, 4 * 2**20})
     expert_bytes = 3 * m.hidden_size * m.intermediate_size * DTYPE_BYTES[m.dtype]
-    p2p = [1, 2, 4, 8]
+    moves = [0, 1, 2, 4, 8]
     permute = sorted({max(1, T0 * k // 4), T0 * k, 4 * T0 * k, 16 * T0 * k})
     if quick:
         ffn_rows, batches = ffn_rows[::2], sorted({batches[0], batches[-1]})
-        a2a, p2p, permute = [4, 2**20, 4 * 2**20], [1, 4], permute[::2]
+        a2a, moves, permute = [4, 2**20, 4 * 2**20], [0, 1, 4], permute[::2]
         repeats = min(repeats, 5)
     return {"dtype": m.dtype, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "intermediate_size": m.intermediate_size, "num_experts": E, "top_k": k, "num_heads": m.num_heads,
@@ -65,7 +65,7 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
             "algorithm": d.algorithm, "repeats": int(repeats), "warmup": 2, "threads": run_cfg.run.threads,
             "device": device, "timeout_s": max(60.0, run_cfg.run.timeout_s),
             "ffn_rows": ffn_rows, "model_batches": batches, "permute_rows": permute,
-            "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "p2p_messages": p2p, "expert_bytes": expert_bytes}
+            "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "move_experts": moves, "expert_bytes": expert_bytes}
 
 
 def layouts(spec: dict, num_ranks: int) -> list[int]:
@@ -76,6 +76,44 @@ def layouts(spec: dict, num_ranks: int) -> list[int]:
     if (E + R) % num_ranks == 0 and R not in out:
         out.append(R)
     return out or [(-E) % num_ranks]
+
+
+def moved_placement(phy2log: np.ndarray, share: np.ndarray, num_ranks: int,
+                    n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A placement ([L, P] experts and shares) that every rank reaches from ``phy2log`` by receiving
+    ``n`` experts it does not hold: slot q of n (layer, q) pairs rotates one rank onward (rank r's
+    expert goes to rank r + 1's slot q), taking only pairs where no rank already holds what it gets.
+    ``n = 0``: the same placement. None when fewer than n such pairs exist."""
+    phy, sh = np.array(phy2log, dtype=np.int64), np.array(share, dtype=np.float64)
+    L, P = phy.shape
+    N = num_ranks
+    S = P // N
+    done = 0
+    for q in range(S):
+        for l in range(L):
+            if done == n:
+                return phy, sh
+            rows, shares = phy[l].reshape(N, S), sh[l].reshape(N, S)
+            incoming = np.roll(rows[:, q], 1)
+            if any(incoming[r] in rows[r] for r in range(N)):
+                continue
+            rows[:, q] = incoming
+            shares[:, q] = np.roll(shares[:, q], 1)
+            done += 1
+    return (phy, sh) if done == n else None
+
+
+def moved_layers(spec: dict, num_ranks: int, n: int) -> int:
+    """Transfers into each rank, as the simulator counts them (one per layer and source), when
+    :func:`moved_placement` moves ``n`` experts into every rank of the model ``runtime.fidelity_bench``
+    moves them on (its last layout)."""
+    from moe_gps.placement import plan_placement
+
+    R = layouts(spec, num_ranks)[-1]
+    L, E = spec["num_layers"], spec["num_experts"]
+    home = plan_placement(np.ones((L, E)), num_ranks, R, "none" if R == 0 else spec["algorithm"])
+    moved = moved_placement(home.phy2log, home.replica_share, num_ranks, n)
+    return 0 if moved is None else int((moved[0] != home.phy2log).any(axis=1).sum())
 
 
 def torchrun_env(threads: int | None, nproc: int) -> dict[str, str]:
@@ -215,9 +253,22 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     keep("alltoall", xs, xt, "bytes per peer")
     a2a_line = fit_line((N - 1) * xs, xt)
     link_bw, link_lat = 1.0 / a2a_line.slope, a2a_line.intercept / (N - 1)
-    qs, qt = collective(samples["p2p"])
-    keep("p2p", qs, qt, "expert-sized messages each way")
-    p2p_line = fit_line(qs * spec["expert_bytes"], qt)
+    # weight moves: the runtime's placement change with n experts into and out of every rank (critical:
+    # the last rank done is when the step can start), fitted with the simulator's own formula for that
+    # pattern: t = replan overhead + n x expert bytes / copy bandwidth + (transfers: layers moved) x latency
+    ms_, mt_ = critical(samples["move"])
+    keep("move", ms_, mt_, "experts into and out of every rank")
+    move_design = np.array([[1.0, n * spec["expert_bytes"], moved_layers(spec, N, int(n))] for n in ms_])
+    replan_over, inv_copy_bw, copy_lat = _lstsq_nonneg(move_design, mt_)
+    if inv_copy_bw <= 0:            # noise swamped the bytes term: charge the time per expert as bytes
+        copy_lat = 0.0
+        replan_over, inv_copy_bw = _lstsq_nonneg(move_design[:, :2], mt_)
+        if inv_copy_bw <= 0:
+            inv_copy_bw = float(np.max(mt_ / np.maximum(move_design[:, 1], 1.0)))
+    move_rel = float(np.sqrt(np.mean((move_design @ [replan_over, inv_copy_bw, copy_lat] / mt_ - 1) ** 2)))
+    skew, skew_spread = collective_skew(samples, spec["num_layers"])
+    for S, rows_ in sorted(_layouts(samples, "model_step").items()):
+        keep(f"model_step/{S}", *collective(rows_), "tokens per rank")
 
     # the runtime's model on balanced routing
     as_, at = critical(samples["model_attention"])
@@ -273,10 +324,12 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                   compute_efficiency=min(1.0, ffn_rate / peak), attention_efficiency=min(1.0, attn_rate / peak),
                   kernel_overhead_us=ffn_over * us, attention_overhead_us=attn_line.intercept * us,
                   expert_overhead_us=expert_over * us, permute_bandwidth_gb_s=permute_bw / 1e9)
+    gpu.replan_overhead_us = replan_over * us
     link = LinkSpec(bandwidth_gb_s=link_bw / 1e9, latency_us=link_lat * us,
-                    copy_bandwidth_gb_s=1.0 / p2p_line.slope / 1e9, copy_latency_us=p2p_line.intercept * us)
+                    copy_bandwidth_gb_s=1.0 / inv_copy_bw / 1e9, copy_latency_us=copy_lat * us)
     cluster = ClusterConfig(name="", num_gpus=N, gpus_per_node=N, gpu=gpu, intra_node=link,
-                            compute_units_per_node=float(f"{units:.3g}") if shared else None)
+                            compute_units_per_node=float(f"{units:.3g}") if shared else None,
+                            collective_skew_us=float(f"{skew * us:.4g}"))
     hw = Hardware.from_config(cluster, model)
     # dispatch and combine: what the phase takes beyond the link and permutation terms (median)
     meas_d, meas_c, mod_d, mod_c = [], [], [], []
@@ -342,10 +395,17 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                       f"per peer (rel. RMS {a2a_line.rel_rms:.1%})"),
         "intra_node.latency_us": (link_lat * us, "us", f"all_to_all_single: intercept {a2a_line.intercept * us:.0f} "
                                   f"us / {N - 1} peer(s)"),
-        "intra_node.copy_bandwidth_gb_s": (1.0 / p2p_line.slope / 1e9, "GB/s", f"batch_isend_irecv of 1-8 "
-                                           f"expert-sized messages each way: 1 / slope over bytes per rank "
-                                           f"(rel. RMS {p2p_line.rel_rms:.1%})"),
-        "intra_node.copy_latency_us": (p2p_line.intercept * us, "us", "the same: intercept (one batch)"),
+        "intra_node.copy_bandwidth_gb_s": (1.0 / inv_copy_bw / 1e9, "GB/s", f"the runtime's placement change "
+                                           f"moving 0-8 experts into and out of every rank: bytes term of "
+                                           f"overhead + bytes / bandwidth + transfers x latency (rel. RMS "
+                                           f"{move_rel:.1%})"),
+        "intra_node.copy_latency_us": (copy_lat * us, "us", "the same fit: per transfer (layer, source, "
+                                       "destination)"),
+        "gpu.replan_overhead_us": (replan_over * us, "us", "the same fit: fixed part (a re-plan that moves "
+                                   "nothing: planning the moves, routing tables)"),
+        "collective_skew_us": (skew * us, "us", f"the model's step (per repeat the last rank to start) - the sum "
+                               f"of its phases (as validate composes them), per dispatch and combine: median over "
+                               f"layouts and T (+/- {skew_spread * us:.0f})"),
     }
     for obj in (gpu, link):               # plain floats, 4 significant digits (YAML, readability)
         for f in dataclasses.fields(obj):
@@ -363,6 +423,23 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
             seen[(size, rank)] = j + 1
             raw.append({"benchmark": name, "size": size, "rank": rank, "repeat": j, "seconds": t})
     return Calibration(cluster, rows, raw, fits, info, model_for_run(run_cfg))
+
+
+def collective_skew(samples: dict, num_layers: int) -> tuple[float, float]:
+    """(collective skew in seconds, its spread): per slot layout and tokens T, the model's step
+    (``model_step/S``: per repeat the minimum over ranks of the rank's own sum, as validate measures a
+    step) minus L x the phases as validate composes them (max over ranks of attention and expert FFN,
+    min over ranks of dispatch and combine, measured, not scaled), over the 2 L collectives the
+    simulator charges it on (dispatch and combine of every layer). Median over cases, clipped at 0."""
+    _, attn = critical(samples["model_attention"])
+    gaps = []
+    for S, rows_ in sorted(_layouts(samples, "model_step").items()):
+        _, step = collective(rows_)
+        _, d = collective(samples[f"model_dispatch/{S}"])
+        _, f = critical(samples[f"model_expert/{S}"])
+        _, c = collective(samples[f"model_combine/{S}"])
+        gaps.extend((step - num_layers * (attn + d + f + c)) / (2 * num_layers))
+    return median_residual(gaps, np.zeros(len(gaps)))
 
 
 def header_comment(cal: Calibration) -> str:

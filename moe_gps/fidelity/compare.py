@@ -6,7 +6,7 @@ For one run (ranks N, strategy): on the compared steps (from ``first_step``), wi
     predicted = median of the simulator's per-step time,   measured = median of the run's
     error     = predicted / measured - 1
 
-for the step's MoE time (``total``) and each phase (attention, dispatch, ffn, combine;
+for the step's MoE time (``total``) and each phase (attention, dispatch, ffn, combine, sync;
 copy over the steps that moved weights only). The ranking orders the strategies of one N
 by median measured total and by median predicted total; it agrees when the orders are
 the same.
@@ -83,7 +83,8 @@ def predicted_phases(result, keep: np.ndarray) -> dict[str, np.ndarray]:
     """
     ph = {k: v.sum(axis=1) for k, v in result.phases.items()}      # [S] per phase
     out = {"attention": ph["predictor"] + ph["attention"], "dispatch": ph["dispatch"] + ph["correction"],
-           "ffn": ph["ffn"], "combine": ph["combine"], "copy": ph["copy"], "total": result.step_latency}
+           "ffn": ph["ffn"], "combine": ph["combine"], "copy": ph["copy"], "sync": ph["sync"],
+           "total": result.step_latency}
     return {k: v[keep] for k, v in out.items()}
 
 

@@ -20,7 +20,14 @@ directly, not as the sum of the phases above:
 
 (the rank that started the forward last waited for no one at the start: its own layers
 are the step's critical path; the others' sums include waiting for it, e.g. while rank 0
-records the previous step).
+records the previous step). What the total has beyond the phases is
+
+    sync = total - (attention + dispatch + ffn + combine + copy)
+
+the time lost because ranks leave each collective at different times: the phases take each
+collective from its last-arriving rank and each compute phase from its slowest rank, as if
+all ranks started every phase together; a rank that leaves a collective late starts its
+next phase late, and the next collective waits for it (the simulator's collective skew).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 from moe_gps.errors import UserError
 
 #: phases compared, in layer order (the simulator's names)
-PHASES = ("attention", "dispatch", "ffn", "combine", "copy")
+PHASES = ("attention", "dispatch", "ffn", "combine", "copy", "sync")
 
 
 @dataclass
@@ -76,5 +83,6 @@ def measured_phases(timings, steps) -> MeasuredRun:
     phases = {p: per_step[p].to_numpy(dtype=np.float64) for p in PHASES[:4]}
     phases["copy"] = move.reindex(idx).fillna(0.0).to_numpy(dtype=np.float64)
     total = own.reindex(idx).to_numpy(dtype=np.float64) + phases["copy"]
+    phases["sync"] = total - sum(phases[p] for p in PHASES[:5])
     rp = (replanned.reindex(idx).fillna(0).to_numpy() > 0) if replanned is not None else np.zeros(len(idx), bool)
     return MeasuredRun(idx.astype(np.int64), phases, total, rp)

@@ -187,7 +187,10 @@ def validate(opt: ValidateOptions):
                 busy = cal.info.get("interference")
                 clusters.setdefault(n, []).append(
                     str(path) + ("" if busy is None else f" (others used {busy:.2f} cores meanwhile)"))
-            for mode in opt.strategies:
+            # round r starts with the r-th strategy: a machine that drifts within a round (e.g. faster
+            # just after the calibration) does not favour the strategy that always runs first
+            k = r % len(opt.strategies)
+            for mode in opt.strategies[k:] + opt.strategies[:k]:
                 run_dir = out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if opt.runs > 1 else ""))
                 loads.append(os.getloadavg()[0])
                 say(f"running the runtime: {n} ranks, --duplication {mode}, {run_cfg.run.steps} steps"

@@ -76,21 +76,54 @@ PROFILES: dict[str, SynthProfile] = {
 }
 
 
+# Profile fields by the type of value they hold (the dataclass annotations, as names).
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(SynthProfile)}
+
+
+def _fields_of(kind: str) -> list[str]:
+    return [name for name, k in _FIELD_TYPES.items() if k == kind]
+
+
 def get_profile(name: str, **overrides) -> SynthProfile:
     """A named profile with some fields replaced; unknown names or fields are UserErrors."""
     if name not in PROFILES:
         raise UserError(f"unknown synthetic profile {name!r} (choose from {', '.join(PROFILES)})")
-    fields = {f.name for f in dataclasses.fields(SynthProfile)}
-    bad = sorted(set(overrides) - fields)
+    bad = sorted(set(overrides) - set(_FIELD_TYPES))
     if bad:
-        raise UserError(f"unknown synthetic profile parameter(s) {', '.join(bad)}")
+        raise UserError(f"unknown synthetic profile parameter(s) {', '.join(bad)} "
+                        f"(parameters: {', '.join(_FIELD_TYPES)})")
     profile = dataclasses.replace(PROFILES[name], **overrides)
     _check(profile)
     return profile
 
 
+def parse_setting(item: str) -> tuple[str, str | int | float]:
+    """One ``PARAM=VALUE`` of ``moe-gps trace synth --set``, typed as that profile field.
+
+    Text fields (name, model, dataset, calibrated_to) keep VALUE as written, so
+    ``model=3`` is the model name "3"; integer fields take an integer, the others a number.
+    """
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"--set {item!r}: expected PARAM=VALUE")
+    kind = _FIELD_TYPES.get(key)
+    if kind is None or kind == "str":  # get_profile names an unknown parameter
+        return key, value
+    try:
+        if kind == "int":
+            return key, int(value)
+        return key, float(value)
+    except ValueError:
+        want = "an integer" if kind == "int" else "a number"
+        raise UserError(f"--set {item!r}: {key} must be {want}, got {value!r}") from None
+
+
 def _check(p: SynthProfile) -> None:
-    for f in ("num_layers", "num_experts", "top_k", "vocab_size", "seq_len"):
+    for f in _fields_of("str"):
+        value = getattr(p, f)
+        if not isinstance(value, str) or not value:
+            raise UserError(f"synthetic profile: {f} must be a non-empty string, got {value!r}")
+    for f in _fields_of("int"):
         value = getattr(p, f)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise UserError(f"synthetic profile: {f} must be an integer, got {value!r}")
@@ -98,8 +131,7 @@ def _check(p: SynthProfile) -> None:
             raise UserError(f"synthetic profile: {f} must be >= 1, got {getattr(p, f)}")
     if p.top_k > p.num_experts:
         raise UserError(f"synthetic profile: top_k={p.top_k} exceeds num_experts={p.num_experts}")
-    for f in ("popularity_sigma", "sigma_spread", "drift", "drift_memory", "layer_affinity", "token_affinity",
-              "zipf_exponent"):
+    for f in _fields_of("float"):
         value = getattr(p, f)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value):

@@ -77,15 +77,19 @@ def _check_expert_ids(ids: np.ndarray, column_names: list[str], num_experts: int
 
 
 def _check_layers(layer: np.ndarray, meta: TraceMeta, where: str, row0: int, whole: bool) -> None:
-    """Layers must be 0..num_layers-1; in a whole file, with no gap and all present."""
-    present = np.bincount(layer.astype(np.int64), minlength=1) > 0
-    top = len(present) - 1
-    if top >= meta.num_layers:
-        r = int(np.argmax(layer >= meta.num_layers))
+    """Layers must be 0..num_layers-1; in a whole file, with no gap and all present.
+
+    Layers are checked against num_layers before any array is sized by them.
+    """
+    over = np.flatnonzero(layer >= meta.num_layers)
+    if len(over):
+        r = int(over[0])
         raise _fail_at(where, "layer", row0 + r,
                        f"layer {layer[r]} but the metadata says num_layers={meta.num_layers}")
     if not whole:
         return
+    present = np.bincount(layer.astype(np.int64), minlength=1) > 0  # [<= num_layers]
+    top = len(present) - 1
     gaps = np.flatnonzero(~present)
     if len(gaps):
         gap = int(gaps[0])
@@ -231,12 +235,14 @@ def counts_array(cols: dict[str, np.ndarray], meta: TraceMeta, where: str) -> np
     _check_expert_ids(cols["expert"][:, None], ["expert"], meta.num_experts, where, 0)
     _check_layers(cols["layer"], meta, where, 0, whole=True)
     step = cols["step"].astype(np.int64)
-    present = np.bincount(step) > 0
-    gaps = np.flatnonzero(~present)
+    # The distinct steps, not a bincount: memory grows with the rows, never with the largest step.
+    steps = np.unique(step)  # [S] ascending
+    gaps = np.flatnonzero(steps != np.arange(len(steps)))
     if len(gaps):
-        r = int(np.argmax(step > gaps[0]))
-        raise _fail_at(where, "step", r, f"gap in step numbers: step {gaps[0]} is missing")
-    S, L, E = len(present), meta.num_layers, meta.num_experts
+        missing = int(gaps[0])
+        r = int(np.argmax(step > missing))
+        raise _fail_at(where, "step", r, f"gap in step numbers: step {missing} is missing (found step {step[r]})")
+    S, L, E = len(steps), meta.num_layers, meta.num_experts
     flat = (step * L + cols["layer"]) * E + cols["expert"]
     seen = np.bincount(flat, minlength=S * L * E)
     if (seen > 1).any():

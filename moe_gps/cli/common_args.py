@@ -1,0 +1,80 @@
+"""Flags shared by ``moe-gps simulate`` and ``moe-gps recommend``, and how they become configs.
+
+Both commands describe the deployment the same way: a cluster, a model and a workload
+(``--cluster``, ``--model``, ``--workload``), with the workload's fields overridable by
+``--phase``, ``--seq-len`` and ``--tokens-per-step``. :func:`add_deployment_args` adds
+those flags; :func:`deployment_from_args` turns them into
+``(ClusterConfig, ModelConfig, WorkloadConfig)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moe_gps.errors import UserError
+
+DEFAULT_CLUSTER = "4xA100-nvlink"
+
+# argparse destinations of the deployment flags, in the order they are added.
+DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
+
+
+def add_deployment_args(p: argparse.ArgumentParser) -> None:
+    """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
+    from moe_gps.config.loader import preset_names
+
+    p.add_argument("--cluster", metavar="PRESET|FILE",
+                   help=f"the cluster: preset ({', '.join(preset_names('clusters'))}) or YAML file "
+                        f"(default: {DEFAULT_CLUSTER})")
+    p.add_argument("--model", metavar="PRESET|FILE",
+                   help=f"model preset ({', '.join(preset_names('models'))}) or YAML file (default: the preset "
+                        "named by the trace's metadata)")
+    p.add_argument("--workload", metavar="FILE",
+                   help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md)")
+    p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="override the workload's seq_len (prefill: prompt length; decode: context length)")
+    p.add_argument("--tokens-per-step", type=int, metavar="N",
+                   help="tokens per forward pass over all GPUs; every step's expert loads are scaled to N "
+                        "(default: as in the trace)")
+
+
+def model_from_args(args: argparse.Namespace, trace):
+    """The ModelConfig of --model, or else the preset the trace's metadata names."""
+    from moe_gps.config import infer_model, load_model
+
+    if args.model:
+        return load_model(args.model)
+    m = trace.meta
+    model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
+    if model is None:
+        raise UserError(f"{args.trace}: cannot tell the model from the trace metadata (model '{m.model}', "
+                        f"{m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); give --model PRESET|FILE")
+    return model
+
+
+def workload_from_args(args: argparse.Namespace, workload):
+    """``workload`` with --phase, --seq-len and --tokens-per-step applied (each when given)."""
+    from dataclasses import replace
+
+    if args.phase:
+        workload = replace(workload, phase=args.phase)
+    if args.seq_len is not None:
+        if args.seq_len < 1:
+            raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
+        workload = replace(workload, seq_len=args.seq_len)
+    if args.tokens_per_step is not None:
+        if args.tokens_per_step < 1:
+            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+        workload = replace(workload, tokens_per_step=args.tokens_per_step)
+    return workload
+
+
+def deployment_from_args(args: argparse.Namespace, trace) -> tuple:
+    """(ClusterConfig, ModelConfig, WorkloadConfig) that the deployment flags describe for ``trace``."""
+    from moe_gps.config import WorkloadConfig, load_cluster, load_workload
+
+    cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
+    model = model_from_args(args, trace)
+    workload = load_workload(args.workload) if args.workload else WorkloadConfig()
+    return cluster, model, workload_from_args(args, workload)
