@@ -38,7 +38,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -172,8 +171,7 @@ def bench_model(b: Bench, spec: dict) -> None:
     ``model_expert/S`` (``expert_s``), ``model_combine/S`` (``combine_s``) with S the slots per rank, and
     ``model_step/S``: the rank's own sum of all of them over the layers (the step, as validate measures it).
     Then :func:`bench_moves` on the model with the run config's slots."""
-    from moe_gps.fidelity.calibrate import layouts
-    from moe_gps.placement import plan_placement
+    from moe_gps.fidelity.calibrate import layout_placement, layouts
     from runtime.build import build_model
     from runtime.config import ModelSection
     from runtime.moe_layer import top_k_routing
@@ -189,7 +187,7 @@ def bench_model(b: Bench, spec: dict) -> None:
     models = []                 # one model per layout, run alternately so that drift hits both alike
     for R in layouts(spec, N):
         handle = build_model(section, ctx)
-        placement = plan_placement(np.ones((L, E)), N, R, "none" if R == 0 else spec["algorithm"])
+        placement = layout_placement(spec, N, R)
         handle.install(placement, ctx)
         models.append((handle, placement))
     for i, batch in enumerate(spec["model_batches"]):
@@ -218,12 +216,13 @@ def bench_model(b: Bench, spec: dict) -> None:
                         x = x + layer.moe.experts(y, balanced, weights).reshape(x.shape)
                         if rep >= b.warmup:
                             st = layer.moe.experts.stats
-                            b.record("model_attention", T, (t1 - t0) + (t3 - t2))
-                            b.record(f"model_dispatch/{slots}", T, st["counts_s"] + st["dispatch_s"])
-                            b.record(f"model_expert/{slots}", T, st["expert_s"])
-                            b.record(f"model_combine/{slots}", T, st["combine_s"])
-                            own += ((t1 - t0) + (t3 - t2) + st["counts_s"] + st["dispatch_s"] + st["expert_s"]
-                                    + st["combine_s"])
+                            phases = {"model_attention": (t1 - t0) + (t3 - t2),
+                                      f"model_dispatch/{slots}": st["counts_s"] + st["dispatch_s"],
+                                      f"model_expert/{slots}": st["expert_s"],
+                                      f"model_combine/{slots}": st["combine_s"]}
+                            for name, seconds in phases.items():
+                                b.record(name, T, seconds)
+                            own += sum(phases.values())
                     if rep >= b.warmup:
                         b.record(f"model_step/{slots}", T, own)
     bench_moves(b, spec, *models[-1])

@@ -196,17 +196,15 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
         if not copies:
             state["into"], state["all"], state["ports"] = {}, None, None
             return
+        links = [c for c in copies if c[0] != c[1]]
         uses: dict[tuple[str, int], int] = {}
-        for src, dst, _ in copies:
-            if src != dst:
-                uses[("tx", src)] = uses.get(("tx", src), 0) + 1
-                uses[("rx", dst)] = uses.get(("rx", dst), 0) + 1
+        for src, dst, _ in links:
+            uses[("tx", src)] = uses.get(("tx", src), 0) + 1
+            uses[("rx", dst)] = uses.get(("rx", dst), 0) + 1
         into: dict[int, list] = {}
         ports: dict[int, _Countdown] = {}
         procs = []
-        for src, dst, t in copies:
-            if src == dst:
-                continue
+        for src, dst, t in links:
             if uses[("tx", src)] > 1 or uses[("rx", dst)] > 1:
                 p = env.process(copy(src, dst, t))
             else:
@@ -218,11 +216,10 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
                 ports[g].watch(p)
             procs.append(p)
         landed = {d: _latch(env, ps) for d, ps in into.items()}
-        for src, dst, t in copies:
-            if src == dst:                   # no link: after the GPU's incoming transfers
-                p = env.process(local(landed.get(dst), t))
-                landed[dst] = p
-                procs.append(p)
+        for g, _, t in (c for c in copies if c[0] == c[1]):     # no link: after g's incoming transfers
+            p = env.process(local(landed.get(g), t))
+            landed[g] = p
+            procs.append(p)
         state["into"] = landed
         state["all"] = None if overlap_copies else _latch(env, procs)
         state["ports"] = ports if overlap_copies else None

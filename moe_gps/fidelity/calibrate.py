@@ -78,6 +78,17 @@ def layouts(spec: dict, num_ranks: int) -> list[int]:
     return out or [(-E) % num_ranks]
 
 
+def layout_placement(spec: dict, num_ranks: int, redundant: int, num_layers: int | None = None):
+    """The placement a slot layout of :func:`layouts` is profiled with: balanced loads, the run
+    config's planner (contiguous experts without redundant slots), ``num_layers`` layers (default: the
+    model's)."""
+    from moe_gps.placement import plan_placement
+
+    L = spec["num_layers"] if num_layers is None else num_layers
+    return plan_placement(np.ones((L, spec["num_experts"])), num_ranks, redundant,
+                          "none" if redundant == 0 else spec["algorithm"])
+
+
 def moved_placement(phy2log: np.ndarray, share: np.ndarray, num_ranks: int,
                     n: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A placement ([L, P] experts and shares) that every rank reaches from ``phy2log`` by receiving
@@ -107,11 +118,7 @@ def moved_layers(spec: dict, num_ranks: int, n: int) -> int:
     """Transfers into each rank, as the simulator counts them (one per layer and source), when
     :func:`moved_placement` moves ``n`` experts into every rank of the model ``runtime.fidelity_bench``
     moves them on (its last layout)."""
-    from moe_gps.placement import plan_placement
-
-    R = layouts(spec, num_ranks)[-1]
-    L, E = spec["num_layers"], spec["num_experts"]
-    home = plan_placement(np.ones((L, E)), num_ranks, R, "none" if R == 0 else spec["algorithm"])
+    home = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[-1])
     moved = moved_placement(home.phy2log, home.replica_share, num_ranks, n)
     return 0 if moved is None else int((moved[0] != home.phy2log).any(axis=1).sum())
 
@@ -204,7 +211,6 @@ def _lstsq_nonneg(A: np.ndarray, y: np.ndarray) -> np.ndarray:
 def fit_cluster(result: dict, run_cfg) -> Calibration:
     """Turn the samples of :func:`run_benchmarks` into a cluster config (docs/fidelity.md, "Calibration")."""
     from moe_gps.fidelity.model import workload_for_run
-    from moe_gps.placement import plan_placement
     from sim.cost import (Hardware, alltoall_time, combine_host_time, dispatch_host_time, ffn_time, layout_time,
                           permute_time)
     from sim.work import route
@@ -287,7 +293,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     design, target = [], []
     for S, rows_ in sorted(_layouts(samples, "model_expert").items()):
         R = S * N - E
-        placement = plan_placement(np.ones((1, E)), N, R, "none" if R == 0 else spec["algorithm"])
+        placement = layout_placement(spec, N, R, num_layers=1)
         ts, tt = critical(rows_)
         keep(f"model_expert/{S}", ts, tt, "tokens per rank")
         tt = tt * scale
