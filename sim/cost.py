@@ -265,14 +265,15 @@ def combine_host_time(rows, model: ModelConfig, hw: Hardware):
     return hw.combine_overhead + permute_time(rows, 2, model, hw)
 
 
-def transfer_time(bytes_, same_node, hw: Hardware):
-    """One point-to-point transfer (a weight copy): bytes / copy bandwidth + one copy latency (the
-    link's own numbers unless the cluster gives copy_bandwidth_gb_s / copy_latency_us).
+def transfer_time(bytes_, same_node, hw: Hardware, bandwidth_share: float = 1.0):
+    """One point-to-point transfer (a weight copy): bytes / (share x copy bandwidth) + one copy
+    latency (the link's own numbers unless the cluster gives copy_bandwidth_gb_s / copy_latency_us;
+    ``bandwidth_share`` < 1 for copies in the background that get only part of the link).
 
     bytes_: [...];  same_node: bool [...] (intra- or inter-node fabric) -> seconds [...]
     """
     b = np.asarray(bytes_, dtype=np.float64)
-    bw = np.where(same_node, hw.intra_copy_bw, hw.inter_copy_bw)
+    bw = np.where(same_node, hw.intra_copy_bw, hw.inter_copy_bw) * bandwidth_share
     lat = np.where(same_node, hw.intra_copy_lat, hw.inter_copy_lat)
     return np.where(b > 0, b / bw + lat, 0.0)
 

@@ -1,27 +1,37 @@
 """The SimPy event model: every GPU is a process, every GPU's link is a pair of resources.
 
-Per (step, layer), each GPU process runs
+One :class:`EventModel` holds the SimPy environment of one strategy for the whole run and
+is advanced one step at a time (:meth:`EventModel.run_step`), so that a strategy can
+decide each step knowing what has happened so far (e.g. whether its background copies
+have landed). Per (step, layer), each GPU process runs
 
-    [wait for the layer's copies, if they do not overlap] -> predictor + attention
-    -> | dispatch | -> [| correction |] -> [wait for copies into this GPU] -> expert FFN
-    -> | combine |
+    [re-plan host time, first layer only] -> [wait for the layer's copies, policy critical]
+    -> predictor + attention -> | dispatch | -> [| correction |]
+    -> [wait for copies into this GPU] -> expert FFN -> | combine |
 
-A GPU's compute phases run one after another inside its process (so its compute is
-used by one phase at a time). ``| ... |`` is a collective: it starts when the last GPU
-enters it and ends when every GPU's part is done, so the slowest GPU (a straggler)
-delays everybody. GPU g's part lasts its all-to-all time (sim.cost.alltoall_time); when
-a weight copy uses g's link in the same layer, the part must hold g's ``tx`` and ``rx``
-resources, queuing behind the copy. Weight copies are processes started at the layer's
-start; each holds the source's ``tx`` and the destination's ``rx`` resource for
-bytes / bandwidth + latency. With ``overlap_copies`` they run during predictor and
-attention and compete with the dispatch; without it the layer first waits for them. Work
-within one GPU (a copy row with source = destination: copies between its slots, applying
-a placement) uses no link: it runs after the GPU's incoming transfers of the layer.
+A GPU's compute phases run one after another inside its process. ``| ... |`` is a
+collective: it starts when the last GPU enters it and ends when every GPU's part is
+done, so the slowest GPU (a straggler) delays everybody.
+
+Weight copies follow the copy policy (docs/simulator.md, "How strategies re-plan and copy"):
+
+* ``critical``: the layer's copies run first; the layer waits for them.
+* ``overlap``: the layer's copies start with the layer, during predictor and attention, and
+  each holds its source's ``tx`` and its destination's ``rx`` port; a GPU's dispatch part
+  queues behind copies on its ports (first come, first served).
+* ``async``: copies are a background job (given to :meth:`EventModel.run_step`) that runs
+  across layers and steps on separate copy lanes at a share of the link bandwidth; while a
+  copy uses a GPU's port, that GPU's dispatch and combine get the rest of the bandwidth:
+  their link part takes ``link / (1 - share)`` instead of ``link``. Copies into one GPU, and
+  out of one GPU, run one after another.
+* ``hidden``: copies take no time (the caller passes none).
+
+Work within one GPU (a copy row with source = destination: copies between its slots) uses
+no link: it runs after the GPU's incoming transfers.
 
 Event count: per (step, layer) about 2 timeouts per GPU (attention, FFN), 1 timeout per
 collective for all the GPUs whose link is free, 1 timeout per contended GPU part and per
-copy (a process with resource requests for copies that share a port with another copy).
-No per-token or per-message events; one process per GPU for the whole run.
+copy. No per-token or per-message events.
 """
 
 from __future__ import annotations
@@ -32,10 +42,12 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from sim.work import StepWork
+from moe_gps.config.schema import COPY_POLICIES
+from sim.work import Copies, StepWork
 
 #: timestamps recorded per (step, layer), in this order
 MARKS = ("start", "ready", "dispatched", "corrected", "computed", "end")
+
 
 
 @dataclass
@@ -102,19 +114,22 @@ class _Collective:
     link is free (they all start now; the longest sets the end), and each GPU in
     ``contended`` (GPU -> a countdown of the copies using its link) starts its own timeout
     when those copies are done: they queued on the link first (first come, first served).
+    ``slowed(g)`` says whether a background copy uses g's port now; then g's link part
+    ``links[g]`` is stretched by ``stretch``.
     """
 
-    __slots__ = ("env", "n", "count", "done", "marks", "on_end")
+    __slots__ = ("env", "n", "count", "done", "marks", "on_end", "slowed", "stretch")
 
-    def __init__(self, env: simpy.Environment, n: int, marks: np.ndarray, on_end) -> None:
+    def __init__(self, env: simpy.Environment, n: int, on_end, slowed, stretch: float) -> None:
         self.env, self.n, self.count = env, n, 0
-        self.marks, self.on_end = marks, on_end
+        self.marks, self.on_end = None, on_end
+        self.slowed, self.stretch = slowed, stretch
         self.done = env.event()
 
-    def enter(self, seconds: list[float], contended: dict[int, _Countdown] | None, s: int, l: int,
-              start_col: int, end_col: int) -> simpy.Event:
+    def enter(self, seconds: list[float], links: list[float] | None, contended: dict[int, _Countdown] | None,
+              l: int, start_col: int, end_col: int) -> simpy.Event:
         """GPU arrives; returns the event of the collective's end. Records the start time in
-        ``marks[s, l, start_col]`` (if >= 0) and the end in ``marks[s, l, end_col]``."""
+        ``marks[l, start_col]`` (if >= 0) and the end in ``marks[l, end_col]``."""
         self.count += 1
         done = self.done
         if self.count < self.n:
@@ -122,13 +137,17 @@ class _Collective:
         env = self.env
         self.count = 0
         self.done = env.event()
+        marks = self.marks
         if start_col >= 0:
-            self.marks[s, l, start_col] = env.now
+            marks[l, start_col] = env.now
+        if links is not None:
+            slowed = self.slowed
+            seconds = [t + links[g] * self.stretch if slowed(g) else t for g, t in enumerate(seconds)]
 
         def finish(_ev=None, done=done):
-            self.marks[s, l, end_col] = env.now
+            marks[l, end_col] = env.now
             if end_col == len(MARKS) - 1:
-                self.on_end(s, l)
+                self.on_end(l)
             done.succeed()
 
         if not contended:
@@ -147,54 +166,87 @@ class _Collective:
         return done
 
 
-def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
-               on_step: Callable[[int], None] | None = None) -> Timeline:
-    """Simulate ``works`` (one per step, in order) on ``num_gpus`` GPUs; return the timeline."""
-    G = num_gpus
-    S = len(works)
-    L = works[0].attention.shape[0] if S else 0
-    marks = np.zeros((S, L, len(MARKS)))
-    if not (S and L):
-        return Timeline(marks)
-    env = simpy.Environment()
-    tx = [simpy.Resource(env, capacity=1) for _ in range(G)]
-    rx = [simpy.Resource(env, capacity=1) for _ in range(G)]
+class EventModel:
+    """The event model of one strategy, advanced step by step (module docstring).
 
-    def copy(src: int, dst: int, seconds: float):
-        """A copy that shares a port with another copy of the layer: queue on the resources."""
-        with tx[src].request() as a:
+    num_gpus: G;  copy_policy: one of :data:`COPY_POLICIES`;  bandwidth_share: the share of the
+    link that background copies get (policy ``async``; 0 < share < 1).
+    """
+
+    def __init__(self, num_gpus: int, copy_policy: str = "overlap", bandwidth_share: float = 0.5) -> None:
+        if copy_policy not in COPY_POLICIES:
+            raise ValueError(f"copy policy must be one of {', '.join(COPY_POLICIES)}, got {copy_policy!r}")
+        if not 0 < bandwidth_share < 1:
+            raise ValueError(f"bandwidth share must be between 0 and 1, got {bandwidth_share}")
+        G = num_gpus
+        self.G, self.policy, self.share = G, copy_policy, bandwidth_share
+        self.env = env = simpy.Environment()
+        self.tx = [simpy.Resource(env, capacity=1) for _ in range(G)]
+        self.rx = [simpy.Resource(env, capacity=1) for _ in range(G)]
+        self.lane_tx = [simpy.Resource(env, capacity=1) for _ in range(G)]
+        self.lane_rx = [simpy.Resource(env, capacity=1) for _ in range(G)]
+        self.busy = [0] * G                 # background transfers using each GPU's port now
+        self.job: simpy.Event | None = None
+        self.coll = _Collective(env, G, self._end_layer, lambda g: self.busy[g] > 0,
+                                bandwidth_share / (1 - bandwidth_share))
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    def job_pending(self) -> bool:
+        """True while the last background job (policy async) has copies still in flight."""
+        return self.job is not None and not self.job.triggered
+
+    # -- background copies (policy async)
+    def _bg_copy(self, src: int, dst: int, seconds: float):
+        env = self.env
+        with self.lane_tx[src].request() as a:
             yield a
-            with rx[dst].request() as b:
+            with self.lane_rx[dst].request() as b:
                 yield b
+                self.busy[src] += 1
+                self.busy[dst] += 1
                 yield env.timeout(seconds)
+                self.busy[src] -= 1
+                self.busy[dst] -= 1
 
-    def local(after: simpy.Event | None, seconds: float):
-        """Work within one GPU (copies between its slots, applying the placement): after the copies into it."""
+    def _local(self, after: simpy.Event | None, seconds: float):
+        """Work within one GPU (copies between its slots): after the copies into it."""
         if after is not None:
             yield after
-        yield env.timeout(seconds)
+        yield self.env.timeout(seconds)
 
-    # Plain Python lists: much faster to index inside the processes than numpy arrays.
-    plans = []
-    for w in works:
-        c = w.copies
-        by_layer: list[list[tuple[int, int, float]]] = [[] for _ in range(L)]
-        for l, s, d, t in zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.seconds.tolist()):
-            by_layer[l].append((s, d, t))
-        plans.append(((w.predictor + w.attention).tolist(), w.dispatch.tolist(), w.correction.tolist(),
-                      w.ffn.tolist(), w.combine.tolist(), by_layer, w.has_correction))
+    def _within(self, into: dict[int, list], local: list[tuple[int, int, float]], procs: list) -> dict:
+        """Start the copies within each GPU (rows (g, g, seconds)) after the transfers into it (``into``:
+        GPU -> its transfer events); add them to ``procs``. -> GPU -> the event of its last copy."""
+        landed = {d: _latch(self.env, ps) for d, ps in into.items()}
+        for g, _, t in local:
+            p = self.env.process(self._local(landed.get(g), t))
+            landed[g] = p
+            procs.append(p)
+        return landed
 
-    # The layer's copies start when the previous layer ends (in the callback that ends
-    # its combine), so every GPU process sees the same copy events.
-    # A copy whose ports no other copy of the layer uses cannot queue: a timeout is then
-    # exactly what the resources would give, at a fraction of the events.
-    state: dict[str, object] = {"into": {}, "all": None, "ports": None}
+    def _start_job(self, copies: Copies) -> None:
+        env = self.env
+        into: dict[int, list] = {}
+        procs = []
+        rows = list(zip(copies.src.tolist(), copies.dst.tolist(), copies.seconds.tolist()))
+        for src, dst, t in rows:
+            if src != dst:
+                p = env.process(self._bg_copy(src, dst, t))
+                into.setdefault(dst, []).append(p)
+                procs.append(p)
+        self._within(into, [r for r in rows if r[0] == r[1]], procs)
+        self.job = _latch(env, procs)
 
-    def begin_layer(s: int, l: int) -> None:
-        marks[s, l, 0] = env.now
-        copies = plans[s][5][l]
+    # -- one step
+    def _begin_layer(self, l: int) -> None:
+        env = self.env
+        self.marks[l, 0] = env.now if l else self.step_start
+        copies = self.by_layer[l]
         if not copies:
-            state["into"], state["all"], state["ports"] = {}, None, None
+            self.into, self.every, self.ports = {}, None, None
             return
         links = [c for c in copies if c[0] != c[1]]
         uses: dict[tuple[str, int], int] = {}
@@ -205,8 +257,10 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
         ports: dict[int, _Countdown] = {}
         procs = []
         for src, dst, t in links:
+            # a copy whose ports no other copy of the layer uses cannot queue: a timeout is then
+            # exactly what the resources would give, at a fraction of the events
             if uses[("tx", src)] > 1 or uses[("rx", dst)] > 1:
-                p = env.process(copy(src, dst, t))
+                p = env.process(self._copy(src, dst, t))
             else:
                 p = env.timeout(t)
             into.setdefault(dst, []).append(p)
@@ -215,55 +269,96 @@ def run_events(works: list[StepWork], num_gpus: int, overlap_copies: bool,
                     ports[g] = _Countdown()
                 ports[g].watch(p)
             procs.append(p)
-        landed = {d: _latch(env, ps) for d, ps in into.items()}
-        for g, _, t in (c for c in copies if c[0] == c[1]):     # no link: after g's incoming transfers
-            p = env.process(local(landed.get(g), t))
-            landed[g] = p
-            procs.append(p)
-        state["into"] = landed
-        state["all"] = None if overlap_copies else _latch(env, procs)
-        state["ports"] = ports if overlap_copies else None
+        landed = self._within(into, [c for c in copies if c[0] == c[1]], procs)
+        overlap = self.policy == "overlap"
+        self.into = landed
+        self.every = None if overlap else _latch(env, procs)
+        self.ports = ports if overlap else None
 
-    def end_layer(s: int, l: int) -> None:
-        if l + 1 < L:
-            begin_layer(s, l + 1)
-            return
+    def _copy(self, src: int, dst: int, seconds: float):
+        """A copy that shares a port with another copy of the layer: queue on the resources."""
+        with self.tx[src].request() as a:
+            yield a
+            with self.rx[dst].request() as b:
+                yield b
+                yield self.env.timeout(seconds)
+
+    def _end_layer(self, l: int) -> None:
+        if l + 1 < self.L:
+            self._begin_layer(l + 1)
+        else:
+            self.step_done.succeed()
+
+    def _gpu(self, g: int, plan):
+        env = self.env
+        timeout = env.timeout
+        enter = self.coll.enter
+        ready_t, disp, corr, ffn, comb, dlink, clink, has_corr = plan
+        yield self.started
+        for l in range(self.L):
+            into, every, ports = self.into, self.every, self.ports
+            if every is not None:
+                yield every
+            t = ready_t[l][g]
+            if t > 0:
+                yield timeout(t)
+            yield enter(disp[l], dlink[l] if dlink is not None else None, ports, l, 1, 2)
+            if has_corr:
+                yield enter(corr[l], None, ports, l, -1, 3)
+            if g in into:
+                yield into[g]
+            t = ffn[l][g]
+            if t > 0:
+                yield timeout(t)
+            # every copy of the layer landed before the last GPU's FFN, so the combine never
+            # meets a copy of the layer on a link
+            yield enter(comb[l], clink[l] if clink is not None else None, None, l, 4, 5)
+
+    def run_step(self, work: StepWork, background: Copies | None = None) -> np.ndarray:
+        """Simulate one step from now; ``background`` starts a job of background copies with it
+        (policy async). Returns the step's marks, float [L, len(MARKS)] (absolute seconds)."""
+        env = self.env
+        L = work.attention.shape[0]
+        self.L = L
+        self.marks = marks = np.zeros((L, len(MARKS)))
+        if L == 0:
+            return marks
+        if background is not None and len(background):
+            self._start_job(background)
+        c = work.copies if self.policy in ("critical", "overlap") else Copies.empty()
+        self.by_layer = by_layer = [[] for _ in range(L)]
+        for l, s, d, t in zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.seconds.tolist()):
+            by_layer[l].append((s, d, t))
+        stretch = self.policy == "async" and self.job_pending()
+        plan = ((work.predictor + work.attention).tolist(), work.dispatch.tolist(), work.correction.tolist(),
+                work.ffn.tolist(), work.combine.tolist(),
+                work.dispatch_link.tolist() if stretch and work.dispatch_link is not None else None,
+                work.combine_link.tolist() if stretch and work.combine_link is not None else None,
+                work.has_correction)
+        self.coll.marks = marks
+        self.step_start = env.now
+        self.step_done = env.event()
+        host = work.replan_host if self.policy != "hidden" else 0.0
+        self.started = env.timeout(host)
+        self.started.callbacks.append(lambda _ev: self._begin_layer(0))
+        for g in range(self.G):
+            env.process(self._gpu(g, plan))
+        env.run(until=self.step_done)
+        if not work.has_correction:
+            marks[:, 3] = marks[:, 2]
+        return marks
+
+
+def run_events(works: list[StepWork], num_gpus: int, copy_policy: str = "overlap",
+               on_step: Callable[[int], None] | None = None, background: dict[int, Copies] | None = None,
+               bandwidth_share: float = 0.5) -> Timeline:
+    """Simulate ``works`` (one per step, in order) on ``num_gpus`` GPUs; return the timeline.
+    ``background``: step -> a job of background copies started with that step (policy async)."""
+    model = EventModel(num_gpus, copy_policy, bandwidth_share)
+    L = works[0].attention.shape[0] if works else 0
+    marks = np.zeros((len(works), L, len(MARKS)))
+    for s, w in enumerate(works):
+        marks[s] = model.run_step(w, (background or {}).get(s))
         if on_step is not None:
             on_step(s)
-        if s + 1 < S:
-            begin_layer(s + 1, 0)
-
-    coll = _Collective(env, G, marks, end_layer)
-
-    def gpu(g: int):
-        timeout = env.timeout
-        enter = coll.enter
-        for s in range(S):
-            ready_t, disp, corr, ffn, comb, _, has_corr = plans[s]
-            for l in range(L):
-                into, every, ports = state["into"], state["all"], state["ports"]
-                if every is not None:
-                    yield every
-                t = ready_t[l][g]
-                if t > 0:
-                    yield timeout(t)
-                yield enter(disp[l], ports, s, l, 1, 2)
-                if has_corr:
-                    yield enter(corr[l], ports, s, l, -1, 3)
-                if g in into:
-                    yield into[g]
-                t = ffn[l][g]
-                if t > 0:
-                    yield timeout(t)
-                # every copy of the layer landed before the last GPU's FFN, so the combine
-                # never meets a copy on a link
-                yield enter(comb[l], None, s, l, 4, 5)
-
-    begin_layer(0, 0)
-    for g in range(G):
-        env.process(gpu(g))
-    env.run()
-    for s, w in enumerate(works):
-        if not w.has_correction:
-            marks[s, :, 3] = marks[s, :, 2]
     return Timeline(marks)

@@ -72,13 +72,13 @@ def format_summary(result: SimResult) -> str:
     head = (f"{cfg.model.name} on {cfg.cluster.name} ({cfg.cluster.num_gpus} GPUs), {cfg.workload.phase}, "
             f"{len(result.steps)} simulated steps of {result.tokens.mean():.0f} tokens "
             f"(steps {result.steps[0]}..{result.steps[-1]}; {result.steps[0]} earlier steps fit the predictors), "
-            f"seed {cfg.seed}")
+            f"copies {cfg.copy_policy}, seed {cfg.seed}")
     t1 = _table(
-        ["strategy", "mean ms", "p50 ms", "p99 ms", "tokens/s", "speed-up", "GPU skew", "copied GB",
+        ["strategy", "mean ms", "p50 ms", "p99 ms", "tokens/s", "speed-up", "GPU skew", "re-plans", "copied GB",
          "extra GB/GPU", "accuracy"],
         [[r["strategy"], _fmt(r["latency_mean_ms"], ".3f"), _fmt(r["latency_p50_ms"], ".3f"),
           _fmt(r["latency_p99_ms"], ".3f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["speedup_vs_none"], ".3f"),
-          f"{r['gpu_skew_before']:.2f}->{r['gpu_skew_after']:.2f}", _fmt(r["copied_gb"], ".1f"),
+          f"{r['gpu_skew_before']:.2f}->{r['gpu_skew_after']:.2f}", str(r["replans"]), _fmt(r["copied_gb"], ".1f"),
           _fmt(r["extra_memory_gb_per_gpu"], ".2f"), _fmt(r["accuracy"], ".3f")] for r in rows])
     t2 = _table(
         ["MoE layer, us", *PHASES, "total"],
@@ -86,7 +86,8 @@ def format_summary(result: SimResult) -> str:
          for r in rows])
     skew = f"expert skew (max/mean tokens per expert) of the simulated steps: {rows[0]['expert_skew']:.2f}"
     notes = "".join(f"\nnote: {n}" for n in result.notes)
-    return f"{head}\n\n{t1}\n\n{t2}\n\n{skew}{notes}"
+    verdict = f"\n\n{result.verdict.line()}" if result.verdict is not None else ""
+    return f"{head}\n\n{t1}\n\n{t2}\n\n{skew}{notes}{verdict}"
 
 
 def per_step_frame(result: SimResult):

@@ -2,10 +2,11 @@
 
 1. check the model against the trace and the configs against each other;
 2. prepare each strategy (fit and roll out its predictor on the training steps);
-3. for every test step, compute its true loads once and each strategy's plan and phase
-   durations (:mod:`sim.work`);
-4. run the SimPy event model per strategy (:mod:`sim.engine`);
-5. turn the timelines into :class:`StrategyResult` (breakdown, skew, bytes copied).
+3. for every test step, in order, compute its true loads once; each strategy decides (re-plan,
+   copies, re-split of tokens; :mod:`sim.strategies`), its phase durations follow
+   (:mod:`sim.work`), and its SimPy event model runs the step (:mod:`sim.engine`);
+4. turn the timelines into :class:`StrategyResult` (breakdown, skew, bytes copied) and the
+   verdict (:mod:`sim.verdict`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from sim.cost import Hardware
-from sim.engine import run_events
+from sim.engine import EventModel
 from sim.loads import as_counts_trace, step_loads, trace_counts
-from sim.strategies import StrategyInfo, make_strategy
-from sim.work import StepWork, build_step_work
+from sim.strategies import SimContext, StrategyInfo, make_strategy
+from sim.verdict import Verdict, verdict_of
+from sim.work import StepWork
 
 #: the MoE-layer time breakdown, in the order of a layer; the parts add up to the layer time
 PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine", "sync")
@@ -39,8 +41,9 @@ class StrategyResult:
     layer_time:   [S, L] wall time of each MoE layer
     phases:       name -> [S, L], the breakdown of layer_time (see PHASES)
     gpu_skew:     [S, L] max / mean tokens per GPU in the expert FFN under this placement
-    copy_bytes:   [S, L] expert weights copied for the layer before it could run
+    copy_bytes:   [S, L] expert weights copied for the layer by a re-plan made at the step
     extra_memory: bytes per GPU of redundant expert slots (over all layers)
+    replans:      re-plans that moved weights (the placement loaded before serving not counted)
     """
 
     name: str
@@ -78,6 +81,7 @@ class SimResult:
     base_gpu_skew: np.ndarray
     strategies: list[StrategyResult]
     notes: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None
 
     def get(self, name: str) -> StrategyResult:
         for r in self.strategies:
@@ -92,25 +96,25 @@ def _skew(x: np.ndarray) -> np.ndarray:
         return np.where(mean > 0, x.max(axis=-1) / np.where(mean > 0, mean, 1), np.nan)
 
 
-def _breakdown(works: list[StepWork], marks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Split each layer's wall time into PHASES: nominal times on the critical GPU, ``copy`` = what
-    the copies added on top (waiting for them, or contention on links), and ``sync`` = the
-    collective skew of the layer's collectives (taken out of dispatch, correction and combine)."""
-    start, ready, disp, corr, comp, end = (marks[..., i] for i in range(6))
-    pa = np.stack([w.predictor + w.attention for w in works])          # [S, L, G]
-    crit = np.argmax(pa, axis=2)[..., None]
-    pred = np.take_along_axis(np.stack([w.predictor for w in works]), crit, axis=2)[..., 0]
-    attn = np.take_along_axis(pa, crit, axis=2)[..., 0] - pred
-    d = np.stack([w.dispatch.max(axis=1) for w in works])
-    x = np.stack([w.correction.max(axis=1) for w in works])
-    f = np.stack([w.ffn.max(axis=1) for w in works])
-    copy = (ready - start - pred - attn) + (disp - ready - d) + (corr - disp - x) + (comp - corr - f)
+def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Split each layer's wall time [L] of one step into PHASES: nominal times on the critical GPU
+    (predictor and attention of the GPU that was ready last, the maxima over GPUs of the others),
+    ``sync`` = the collective skew of the layer's collectives (taken out of dispatch, correction and
+    combine), and ``copy`` = what the copies added on top (waiting for them, contention on links,
+    the host time of applying a placement): the rest of the layer's time."""
+    pa = work.predictor + work.attention                               # [L, G]
+    crit = np.argmax(pa, axis=1)[:, None]
+    pred = np.take_along_axis(work.predictor, crit, axis=1)[:, 0]
+    attn = np.take_along_axis(pa, crit, axis=1)[:, 0] - pred
+    d, x = work.dispatch.max(axis=1), work.correction.max(axis=1)
+    f, c = work.ffn.max(axis=1), work.combine.max(axis=1)
+    total = marks[:, -1] - marks[:, 0]
+    copy = total - (pred + attn + d + x + f + c)
     copy = np.where(np.abs(copy) < 1e-12, 0.0, copy)
-    skew = np.array([w.skew for w in works])[:, None]                  # [S, 1]
+    skew = work.skew
     x_skew = np.where(x > 0, skew, 0.0)
-    phases = {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d - skew, "correction": x - x_skew,
-              "ffn": f, "combine": end - comp - skew, "sync": 2 * skew + x_skew}
-    return end - start, phases
+    return total, {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d - skew,
+                   "correction": x - x_skew, "ffn": f, "combine": c - skew, "sync": 2 * skew + x_skew}
 
 
 def default_train_steps(config: SimulateConfig, num_steps: int) -> int:
@@ -124,30 +128,32 @@ def default_train_steps(config: SimulateConfig, num_steps: int) -> int:
     return train
 
 
-def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) -> SimulateConfig:
-    """A copy with every default made explicit (names, planners, slots, intervals, train steps),
-    so that the YAML written beside the results reruns exactly the same simulation."""
+def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) -> tuple[SimulateConfig, list[str]]:
+    """A copy with every default made explicit (names, planners, slots, re-plan policies, train
+    steps), so that the YAML written beside the results reruns exactly the same simulation;
+    and notes on how defaults were chosen for this trace."""
     G, E = config.cluster.num_gpus, config.model.num_experts
-    strategies = []
+    strategies, notes = [], []
     for s in config.strategies:
         s = dataclasses.replace(s, name=s.resolved_name(), planner=s.resolved_planner(),
                                 redundant_slots=s.resolved_redundant(G, E),
                                 predictor_options=dict(s.predictor_options),
                                 planner_options=dict(s.planner_options))
         if s.kind != "none":
-            s.replan_interval = s.resolved_replan_interval()
+            pol = s.resolved_policy(train_steps)
+            s.replan_interval, s.window, s.min_gain = pol.interval, pol.window, pol.min_gain
+            notes += pol.notes
         strategies.append(s)
     return dataclasses.replace(config, strategies=strategies, train_steps=train_steps,
-                               trace=config.trace or trace_name)
+                               trace=config.trace or trace_name), notes
 
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
              trace_name: str = "trace", strategy_factory=None) -> SimResult:
     """Simulate every strategy of ``config`` on ``trace``; deterministic for ``config.seed``.
 
-    ``strategy_factory(cfg, num_gpus, num_experts, hw, seed) -> Strategy`` replaces
-    :func:`sim.strategies.make_strategy` (e.g. to replay placements a real run chose;
-    moe_gps.fidelity)."""
+    ``strategy_factory(cfg, ctx, seed) -> Strategy`` replaces :func:`sim.strategies.make_strategy`
+    (e.g. to replay placements a real run chose; moe_gps.fidelity)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -164,11 +170,12 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     S = len(test_steps)
     hw = Hardware.from_config(cluster, model)
 
-    config = resolve_config(config, train, trace_name)
-    factory = strategy_factory or make_strategy
-    strategies = [factory(cfg, G, E, hw, config.seed) for cfg in config.strategies]
+    config, notes = resolve_config(config, train, trace_name)
+    ctx = SimContext(G, E, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share)
+    factory = strategy_factory or (lambda cfg, c, seed: make_strategy(cfg, c, seed, cfg.resolved_policy(train)))
+    strategies = [factory(cfg, ctx, config.seed) for cfg in config.strategies]
     K = len(strategies)
-    bar = tqdm(total=K * (1 + 2 * S), desc="simulate", unit="step", 
+    bar = tqdm(total=K * (1 + S), desc="simulate", unit="step",
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
     seconds = [dict(prepare=0.0, plan=0.0, events=0.0) for _ in strategies]
     counts = as_counts_trace(trace, trace_counts(trace))
@@ -179,14 +186,16 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         seconds[k]["prepare"] = time.perf_counter() - t0
         bar.update(1)
 
-    works: list[list[StepWork]] = [[] for _ in strategies]
-    previous = [None] * K
-    replans = [0] * K
+    engines = [EventModel(G, config.copy_policy, config.copy_bandwidth_share) for _ in strategies]
+    layer_time = np.zeros((K, S, L))
+    phases = {p: np.zeros((K, S, L)) for p in PHASES}
+    gpu_skew = np.zeros((K, S, L))
+    copy_bytes = np.zeros((K, S, L))
     tokens = np.zeros(S)
     expert_skew = np.zeros((S, L))
     base_skew = np.zeros((S, L))
     base = plan_placement(np.ones((L, E)), G, (-E) % G, "none")
-    bar.set_postfix_str("plan")
+    bar.set_postfix_str("steps")
     for i, s in enumerate(test_steps):
         loads = step_loads(trace, int(s), G, workload.tokens_per_step)
         tokens[i] = loads.tokens
@@ -194,28 +203,26 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         base_skew[i] = _skew(base.gpu_loads(loads.counts))
         for k, st in enumerate(strategies):
             t0 = time.perf_counter()
-            plan = st.plan(i, loads)
-            if plan.placement is not previous[k]:
-                replans[k] += 1
-            # the oracle's weights are in place when it needs them (it is the bound; docs/simulator.md)
-            before = None if st.cfg.kind == "oracle" else previous[k]
-            works[k].append(build_step_work(plan, before, loads, model, workload, hw))
-            previous[k] = plan.placement
-            seconds[k]["plan"] += time.perf_counter() - t0
-            bar.update(1)
+            decision = st.step(i, loads, engines[k].job_pending())
+            work = decision.work(loads, ctx)
+            t1 = time.perf_counter()
+            marks = engines[k].run_step(work, decision.background)
+            seconds[k]["plan"] += t1 - t0
+            seconds[k]["events"] += time.perf_counter() - t1
+            layer_time[k, i], parts = breakdown(work, marks)
+            for p in PHASES:
+                phases[p][k, i] = parts[p]
+            gpu_skew[k, i] = _skew(work.gpu_tokens)
+            copy_bytes[k, i] = work.copy_bytes
+        bar.update(K)
 
     results = []
     for k, st in enumerate(strategies):
-        bar.set_postfix_str(f"events {st.name}")
-        t0 = time.perf_counter()
-        timeline = run_events(works[k], G, st.cfg.overlap_copies, on_step=lambda _s: bar.update(1))
-        seconds[k]["events"] = time.perf_counter() - t0
-        layer_time, phases = _breakdown(works[k], timeline.marks)
-        gpu_skew = np.stack([_skew(w.gpu_tokens) for w in works[k]])
-        copy_bytes = np.stack([w.copy_bytes for w in works[k]])
         R = st.redundant
         extra = R / G * L * model.expert_bytes  # redundant slots per GPU x layers x expert bytes
-        results.append(StrategyResult(st.name, st.cfg, st.info, layer_time, phases, gpu_skew, copy_bytes,
-                                      extra, R, replans[k], seconds[k]))
+        results.append(StrategyResult(st.name, st.cfg, st.info, layer_time[k], {p: phases[p][k] for p in PHASES},
+                                      gpu_skew[k], copy_bytes[k], extra, R, st.replans, seconds[k]))
     bar.close()
-    return SimResult(config, test_steps, tokens, expert_skew, base_skew, results)
+    result = SimResult(config, test_steps, tokens, expert_skew, base_skew, results, notes)
+    result.verdict = verdict_of(result)
+    return result

@@ -1,49 +1,69 @@
-"""Duplication strategies: each turns what it knows before a step into a placement.
+"""Duplication strategies: each turns what it knows before a step into the placement in force.
 
-A strategy is prepared once on the trace (it fits its predictor on the training steps
-and rolls it out over the test steps), then asked, step by step in order, for a
-:class:`StepPlan`: the placement in force for the step, the predictor's time per GPU,
-and, for token-to-expert prediction, which (token, expert) assignments were predicted.
-Kinds (docs/simulator.md, "Strategies"):
+A strategy is four choices (docs/simulator.md, "Strategies" and "How strategies re-plan and
+copy"): what it predicts the step's loads from (its *kind*), the planner, the re-plan
+policy (``replan_interval``, ``window``, ``min_gain``) and the copy policy (one for the
+whole simulation). It is prepared once on the trace (it fits its predictor on the training
+steps and rolls it out over the test steps), then asked, step by step in order, what to do
+(:meth:`Strategy.step` -> :class:`StepDecision`). Kinds:
 
 * ``none``: E/N contiguous experts per GPU, never changes;
-* ``static``: planned from the training steps' loads (the profiling window), re-planned
-  every K steps from the loads of the last ``train_steps`` steps it has seen;
+* ``static``: planned from the true loads of the last ``window`` steps it has seen,
+  re-planned every ``replan_interval`` steps (DeepSeek's EPLB, as vLLM and SGLang run it);
 * ``distribution``: planned from a distribution-only predictor's shares x the step's tokens;
 * ``token``: planned from the counts of a token-to-expert predictor's guesses for the
-  step's own tokens; its accuracy is measured against the trace;
-* ``oracle``: planned from the step's true loads, at no predictor cost and no copy cost:
-  the bound on what duplication with this slot budget and planner can gain.
+  step's own tokens, which it also routes directly; its accuracy is measured on the trace;
+* ``oracle``: knows every step's routing in advance: plans from the true loads, routes
+  directly at no predictor cost, re-plans only when the copies pay for themselves over the
+  steps to come (it sees them), under the same copy policy: never slower than ``none``.
+
+Between re-plans, a strategy whose planner is ``timeaware`` re-splits each step's tokens
+over the replicas in place from what it predicts for that step (a routing-table change; no
+weights move). A re-plan moves weights: under copy policies ``critical``, ``overlap`` and
+``hidden`` the new placement serves the step it is made at; under ``async`` its copies run
+in the background and it takes effect at the first step after they have landed.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from moe_gps.config.schema import StrategyConfig
+from moe_gps.config.schema import ModelConfig, ReplanPolicy, StrategyConfig, WorkloadConfig
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, plan_placement
+from moe_gps.placement.layouts import contiguous
+from moe_gps.placement.timeaware import home_layers
+from moe_gps.predict.base import shares
 from moe_gps.trace.data import CountsTrace, TokensTrace
-from sim.cost import Hardware, predictor_time
-from sim.loads import StepLoads, source_counts
+from sim.cost import Hardware, attention_time, predictor_time
+from sim.engine import EventModel
+from sim.loads import StepLoads, source_counts, step_loads
+from sim.planning import CopyCost, copy_cost, home_routing, phases_time, pick_layers, time_model
+from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, moves_weights,
+                      placement_phases, weight_copies)
 
 
 @dataclass
-class StepPlan:
-    """What a strategy decided for one step.
+class SimContext:
+    """What every strategy of one simulation shares: sizes, rates, the copy policy."""
 
-    placement:      the placement in force during the step
-    predictor_s:    float [G] seconds of predictor work per layer on each GPU
-    predicted_src:  float [L, G, E] correctly predicted assignments by home GPU (token kind
-                    with direct routing), or None
-    """
+    num_gpus: int
+    num_experts: int
+    top_k: int
+    hw: Hardware
+    model: ModelConfig
+    workload: WorkloadConfig
+    copy_policy: str = "async"
+    bandwidth_share: float = 0.5
 
-    placement: Placement
-    predictor_s: np.ndarray
-    predicted_src: np.ndarray | None = None
+    @property
+    def copy_share(self) -> float:
+        """Share of the copy bandwidth a re-plan's copies get."""
+        return self.bandwidth_share if self.copy_policy == "async" else 1.0
 
 
 @dataclass
@@ -56,44 +76,142 @@ class StrategyInfo:
     notes: list[str] = field(default_factory=list)
 
 
-class Strategy:
-    """Base: a placement every ``replan_interval`` steps from :meth:`_loads_for_plan`."""
+@dataclass
+class StepDecision:
+    """What a strategy does at one step.
 
-    def __init__(self, cfg: StrategyConfig, num_gpus: int, num_experts: int, hw: Hardware, seed: int) -> None:
-        self.cfg = cfg
+    plan: the placement in force (and predictor time, direct routing)
+    copies: weight copies to run inside the step's layers (copy policies critical and overlap)
+    background: a job of background copies to start with the step (copy policy async)
+    copy_bytes: float [L] weights a re-plan made at this step copies, per layer
+    replan_host: seconds of host work applying a new placement before the step's first layer
+    replanned: a re-plan (that moves weights) was made at this step
+    """
+
+    plan: StepPlan
+    copies: Copies | None
+    background: Copies | None
+    copy_bytes: np.ndarray
+    replan_host: float = 0.0
+    replanned: bool = False
+
+    def work(self, loads: StepLoads, ctx: SimContext) -> StepWork:
+        """The step's phase durations under this decision."""
+        return build_step_work(self.plan, self.copies, loads, ctx.model, ctx.workload, ctx.hw, self.copy_bytes,
+                               self.replan_host)
+
+
+#: recent steps whose deviation from their mean a distribution-only plan is checked against
+NOISE_STEPS = 8
+#: steps ahead the oracle looks when it plans and when it weighs a re-plan
+ORACLE_LOOKAHEAD = 64
+#: future steps the oracle's planner balances over (evenly spaced within the lookahead)
+ORACLE_SCENARIOS = 8
+
+
+class Strategy:
+    """Base: the re-plan and copy policies; kinds say what they believe the loads are."""
+
+    #: the strategy re-splits tokens over its replicas every step (with a timeaware planner)
+    reshares = False
+    #: tokens go straight to their (predicted) replica without a layout exchange
+    direct = False
+
+    def __init__(self, cfg: StrategyConfig, ctx: SimContext, seed: int, policy: ReplanPolicy | None = None) -> None:
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.name = cfg.resolved_name()
-        self.num_gpus = num_gpus
-        self.hw = hw
-        self.seed = seed
-        self.redundant = cfg.resolved_redundant(num_gpus, num_experts)
-        self.interval = cfg.resolved_replan_interval() if cfg.kind != "none" else 0
+        self.num_gpus = ctx.num_gpus
+        self.hw = ctx.hw
+        self.redundant = cfg.resolved_redundant(ctx.num_gpus, ctx.num_experts)
+        self.policy = policy or cfg.resolved_policy(1)
+        self.planner = cfg.resolved_planner()
+        self.reshares = self.reshares and self.planner == "timeaware"
         self.info = StrategyInfo()
-        self._placement: Placement | None = None
-        self._since_plan = 0
+        self.current: Placement | None = None         # weights in place
+        self.pending: Placement | None = None         # async: waiting for its copies
+        self.switch_at = 0                            # async: not before this step
+        self.since = 0                                # steps since the last re-plan or check
+        self.replans = 0
+        self.beliefs: deque = deque(maxlen=self.policy.window)
+        self.history: deque = deque(maxlen=2 * NOISE_STEPS)   # the plan loads of recent steps, as predicted
+        self.observed: deque = deque(maxlen=2 * NOISE_STEPS)   # true shares [L, E] of recent steps
 
     # -- lifecycle
     def prepare(self, trace: TokensTrace | CountsTrace, train_steps: int, counts: CountsTrace) -> None:
-        """Fit on steps < train_steps; called once before the first :meth:`plan`.
+        """Fit on steps < train_steps; called once before the first :meth:`step`.
 
         ``counts`` is the same trace as per-expert counts (computed once for all strategies).
         """
         self.trace, self.train_steps, self.counts_trace = trace, train_steps, counts
+        c = counts.counts()[max(0, train_steps - 2 * NOISE_STEPS):train_steps].astype(np.float64)
+        self.observed.extend(shares(c))
 
-    def plan(self, i: int, loads: StepLoads) -> StepPlan:
-        """The plan for test step ``i`` (trace step ``train_steps + i``), asked in order."""
-        if self._placement is None or (self.interval and self._since_plan >= self.interval):
-            plan_loads = self._loads_for_plan(i, loads)
-            # the planners are deterministic: the same loads give the same plan (no copies)
-            if self._placement is None or not np.array_equal(plan_loads, self._plan_loads):
-                self._placement = self._plan(plan_loads, self._placement)
-                self._plan_loads = plan_loads
-            self._since_plan = 0
-        self._since_plan += 1
-        return StepPlan(self._placement, self._predictor_time(loads), self._predicted_src(i, loads))
+    def step(self, i: int, loads: StepLoads, job_pending: bool) -> StepDecision:
+        """The decision for test step ``i`` (trace step ``train_steps + i``), asked in order;
+        ``job_pending``: this strategy's background copies are still in flight."""
+        ctx = self.ctx
+        L = loads.src_counts.shape[0]
+        belief = self._belief(i, loads)
+        self.beliefs.append(belief)
+        src = self._src(loads, belief)
+        copies = background = None
+        copy_bytes = np.zeros(L)
+        host = 0.0
+        replanned = False
+        if self.current is None:                     # loaded before serving: no copies
+            self.current = self._initial(i, loads)
+        elif self.pending is not None:
+            if not job_pending and i >= self.switch_at:      # its copies have landed: switch
+                self.current, self.pending = self.pending, None
+                host = self.hw.replan_overhead
+                self.since = 0
+        elif self.since >= self.policy.interval and self._may_replan(i):
+            cost = self._copy_cost(loads, src)
+            cand = self._candidate(i, loads, cost.per_expert(ctx.model.expert_bytes) / self.policy.interval)
+            if not moves_weights(self.current, cand):
+                self.current = cand                  # new shares only: a routing-table change, free
+            else:
+                moves = weight_copies(self.current, cand, ctx.model.expert_bytes, self.hw, ctx.copy_share)
+                if self._worth(i, loads, src, cand, moves, cost):
+                    replanned = True
+                    self.replans += 1
+                    copy_bytes = np.bincount(moves.layer, weights=moves.bytes, minlength=L)
+                    if ctx.copy_policy == "async":
+                        self.pending, background = cand, moves
+                    else:
+                        copies = moves if ctx.copy_policy != "hidden" else None
+                        self.current = cand
+                        host = self.hw.replan_overhead
+            self.since = 0
+        placement = self._reshared(i, loads, src) if self.reshares else self.current
+        self.since += 1
+        self.history.append(self._plan_loads())
+        self._observe(loads)
+        plan = StepPlan(placement, self._predictor_time(loads), self._predicted_src(i, loads))
+        return StepDecision(plan, copies, background, copy_bytes, host, replanned)
 
-    # -- hooks
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
-        raise NotImplementedError
+    # -- what the kind believes
+    def _belief(self, i: int, loads: StepLoads) -> np.ndarray | None:
+        """float [L, E]: the loads the strategy expects at this step (None: it does not predict)."""
+        return None
+
+    def _src(self, loads: StepLoads, belief: np.ndarray | None) -> np.ndarray:
+        """float [L, G, E]: the believed assignments by home GPU (each GPU's tokens with the
+        believed expert mix)."""
+        b = belief if belief is not None else self._plan_loads()
+        return b[:, None, :] * _home_frac(loads)[None, :, None]
+
+    def _plan_loads(self) -> np.ndarray:
+        """float [L, E]: the loads a (re-)plan is made from: the mean of the last ``window`` beliefs."""
+        return np.mean(np.stack(list(self.beliefs)), axis=0)
+
+    def _scenarios(self, loads: StepLoads, plan_loads: np.ndarray) -> np.ndarray:
+        """float [L, G, E] (or [K, L, G, E]: K scenarios) that a plan for ``plan_loads`` is judged on."""
+        return plan_loads[:, None, :] * _home_frac(loads)[None, :, None]
+
+    def _observe(self, loads: StepLoads) -> None:
+        """The step's true routing, known once it has run."""
+        self.observed.append(shares(loads.counts))
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return np.zeros(self.num_gpus)
@@ -101,10 +219,96 @@ class Strategy:
     def _predicted_src(self, i: int, loads: StepLoads) -> np.ndarray | None:
         return None
 
-    def _plan(self, plan_loads: np.ndarray, previous: Placement | None) -> Placement:
+    # -- planning
+    def _initial(self, i: int, loads: StepLoads) -> Placement:
+        """The placement loaded before serving (no copies)."""
+        return self._plan(self._plan_loads(), self._scenarios(loads, self._plan_loads()), None, 0.0)
+
+    def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
+        """A re-plan from the current placement (``copy_penalty_s``: timeaware's charge per copy)."""
+        plan_loads = self._plan_loads()
+        return self._plan(plan_loads, self._scenarios(loads, plan_loads), self.current, copy_penalty_s)
+
+    def _plan(self, plan_loads: np.ndarray, src: np.ndarray, previous: Placement | None,
+              copy_penalty_s: float, balanced: bool = True) -> Placement:
+        """A placement for ``plan_loads``; the timeaware planner judges it on ``src`` [(K,) L, G, E]
+        (``balanced`` False: it keeps every layer in the static layout)."""
         opts = dict(self.cfg.planner_options)
-        return plan_placement(plan_loads, self.num_gpus, self.redundant, self.cfg.resolved_planner(), previous=previous,
-                              **opts)
+        if self.planner != "timeaware":
+            return plan_placement(plan_loads, self.num_gpus, self.redundant, self.planner, previous=previous, **opts)
+        ctx = self.ctx
+        S = (ctx.num_experts + self.redundant) // self.num_gpus
+        opts.setdefault("copy_penalty_s", copy_penalty_s)
+        if not balanced:
+            opts["balanced"] = False
+        p = plan_placement(plan_loads, self.num_gpus, self.redundant, "timeaware", previous=previous,
+                           cost=time_model(src, S, ctx.model, self.hw, self.direct), **opts)
+        return self._no_worse_than_home(p, src)
+
+    def _reshare(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> Placement:
+        """``p``'s replicas with the tokens of ``belief`` re-split by the timeaware planner (no weights
+        move; layers out of the static layout stay as they are)."""
+        ctx = self.ctx
+        opts = {k: v for k, v in self.cfg.planner_options.items() if k != "copy_penalty_s"}
+        q = plan_placement(belief, self.num_gpus, self.redundant, "timeaware", previous=p,
+                           cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct),
+                           copy_penalty_s=np.inf, **opts)
+        return self._no_worse_than_home(q, src)
+
+    def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
+        """The placement in force at step ``i``, re-split to what the step is believed to route."""
+        return self._reshare(self.current, self.beliefs[-1], src)
+
+    def _no_worse_than_home(self, p: Placement, src: np.ndarray) -> Placement:
+        """Per layer in the static layout, the better (exact closed form on ``src``) of ``p`` and its
+        home routing (no duplication's)."""
+        home = home_routing(p)
+        t_p = phases_time(p, src, self.ctx.model, self.hw, self.direct)
+        t_h = phases_time(home, src, self.ctx.model, self.hw, self.direct)
+        worse = t_p > t_h
+        return pick_layers(p, home, worse) if worse.any() else p
+
+    # -- re-plan policy
+    def _may_replan(self, i: int) -> bool:
+        return True
+
+    def _copy_cost(self, loads: StepLoads, src: np.ndarray) -> CopyCost:
+        ctx = self.ctx
+        keep = self._reshare(self.current, self.beliefs[-1], src) if self.reshares else self.current
+        ph = placement_phases(keep, src, src if self.direct else None, ctx.model, self.hw)
+        return copy_cost(ctx.copy_policy, ctx.bandwidth_share, ph, loads.home_tokens, self._predictor_time(loads),
+                         ctx.model, ctx.workload, self.hw)
+
+    def _worth(self, i: int, loads: StepLoads, src: np.ndarray, cand: Placement, moves: Copies,
+               cost: CopyCost) -> bool:
+        """The ``min_gain`` rule: the saving predicted over the next ``interval`` steps exceeds
+        min_gain x the predicted cost of the copies and of applying the placement.
+
+        The saving per step is measured out of sample on the steps since the last check (h of them,
+        at most 2 NOISE_STEPS): a plan made, the same way, from what the strategy predicted for the
+        first half of them, against the placement in force, on the true loads of the second half. (A
+        plan judged on the steps it was made from looks better than it will be.) The saving must
+        also be there beyond its own noise: its mean above 2 standard errors.
+        """
+        if self.policy.min_gain == 0:
+            return True
+        ctx = self.ctx
+        h = min(self.policy.interval, len(self.observed), len(self.history))
+        late = max(1, h // 2)
+        fit = list(self.history)[-h:-late] if h >= 2 else []
+        if fit:
+            earlier = self._plan(np.mean(fit, axis=0), self._scenarios(loads, np.mean(fit, axis=0)), self.current,
+                                 0.0)
+        else:
+            earlier = cand
+        seen = np.stack(list(self.observed)[-late:]) * self._plan_loads().sum(axis=1)[None, :, None]
+        seen = seen[:, :, None, :] * _home_frac(loads)[None, None, :, None]
+        per_step = np.array([phases_time(self.current, x, ctx.model, self.hw, self.direct).sum()
+                             - phases_time(earlier, x, ctx.model, self.hw, self.direct).sum() for x in seen])
+        saving = float(per_step.mean()) * self.policy.interval
+        price = cost.replan(moves) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
+        sure = late < 2 or per_step.mean() > 2 * per_step.std(ddof=1) / np.sqrt(late)
+        return bool(sure and saving > 0 and saving > self.policy.min_gain * price)
 
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
         """Per-GPU seconds of a PredictorCost over each GPU's own tokens (one layer)."""
@@ -112,39 +316,172 @@ class Strategy:
                               cost.fixed_bytes_per_step, self.hw, cost.fixed_flops_per_step)
 
 
-class NoDuplication(Strategy):
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
-        return loads.counts  # ignored by the "none" planner except for spare slots
+def _home_frac(loads: StepLoads) -> np.ndarray:
+    """float [G]: the share of the step's tokens that start on each GPU."""
+    return loads.home_tokens / max(float(loads.home_tokens.sum()), 1e-300)
 
-    def _plan(self, plan_loads: np.ndarray, previous: Placement | None) -> Placement:
+
+class NoDuplication(Strategy):
+    def _plan_loads(self) -> np.ndarray:
+        return np.ones((self.ctx.model.num_layers, self.ctx.num_experts))
+
+    def _plan(self, plan_loads, src, previous, copy_penalty_s) -> Placement:
         return plan_placement(plan_loads, self.num_gpus, self.redundant, "none")
+
+    def _may_replan(self, i: int) -> bool:
+        return False
 
 
 class StaticPlan(Strategy):
-    """EPLB-style: profile, plan, serve K steps, re-plan from the recent window."""
+    """EPLB-style: plan from the true loads of the last ``window`` steps, re-plan every ``interval``."""
 
     def prepare(self, trace, train_steps, counts) -> None:
         super().prepare(trace, train_steps, counts)
         self.counts = counts.counts().astype(np.float64)
 
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
-        end = self.train_steps + i          # steps before the current one are known
-        return self.counts[max(0, end - self.train_steps):end].sum(axis=0)
+    def _belief(self, i: int, loads: StepLoads) -> None:
+        self.i = i
+        return None
+
+    def _plan_loads(self) -> np.ndarray:
+        end = self.train_steps + self.i          # steps before the current one are known
+        return self.counts[max(0, end - self.policy.window):end].mean(axis=0)
 
 
 class OraclePlan(Strategy):
-    """Knows the step's routing before it happens: plans from the true loads, routes every
-    token directly (as a perfect token-to-expert predictor would) at no predictor cost, and
-    finds its replicas' weights already in place (the simulator charges it no copies)."""
+    """Knows every step's routing in advance (docs/simulator.md, "The oracle").
 
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
+    Every step it re-splits the true tokens over its replicas, never worse than no duplication's
+    routing in a layer that keeps the static layout. It plans from the true loads of the steps
+    ahead, and keeps a layer of another layout (EPLB's) only where that is faster than the
+    static layout over those steps. At a check it re-plans only if the time saved over the steps
+    ahead, on their true loads, exceeds what the copies cost: exactly, for copies inside the step
+    (policies critical and overlap), or a bound on what background copies slow down until they
+    land (async). So every decision it makes lowers its total time: it is never slower than no
+    duplication (over traces up to ORACLE_LOOKAHEAD steps past each decision).
+    """
+
+    reshares = True
+    direct = True
+
+    def prepare(self, trace, train_steps, counts) -> None:
+        super().prepare(trace, train_steps, counts)
+        self._loads: dict[int, StepLoads] = {}
+        self._memo: dict[tuple[int, int], Placement] = {}
+
+    def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
+        self.i = i
+        self._loads = {k: v for k, v in self._loads.items() if k >= i}
+        self._memo = {k: v for k, v in self._memo.items() if k[1] >= i}
+        self._loads[i] = loads
         return loads.counts
+
+    def _src(self, loads, belief) -> np.ndarray:
+        return loads.src_counts
 
     def _predicted_src(self, i: int, loads: StepLoads) -> np.ndarray | None:
         return loads.src_counts
 
+    def _future(self, j: int) -> StepLoads | None:
+        """The true loads of test step ``j`` (None past the end of the trace)."""
+        s = self.train_steps + j
+        if s >= self.trace.num_steps:
+            return None
+        if j not in self._loads:
+            self._loads[j] = step_loads(self.trace, s, self.num_gpus, self.ctx.workload.tokens_per_step)
+        return self._loads[j]
+
+    def _ahead(self, first: int) -> list[int]:
+        """Test steps from ``first`` to the end of the lookahead that the trace has."""
+        return [j for j in range(first, first + ORACLE_LOOKAHEAD) if self._future(j) is not None]
+
+    def _at(self, p: Placement, j: int) -> Placement:
+        """``p`` as the oracle runs it at step ``j``: re-split to the step's true tokens (memoized)."""
+        key = (id(p), j)
+        if key not in self._memo:
+            fut = self._future(j)
+            self._memo[key] = self._reshare(p, fut.counts, fut.src_counts)
+        return self._memo[key]
+
+    def _layer_totals(self, p: Placement, steps: list[int]) -> np.ndarray:
+        """float [L]: the placement-decided time of every layer summed over ``steps``, as run."""
+        return sum(phases_time(self._at(p, j), self._future(j).src_counts, self.ctx.model, self.hw, True)
+                   for j in steps)
+
+    def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
+        return self._at(self.current, i)
+
+    def _plan_from_ahead(self, first: int, previous: Placement | None, copy_penalty_s: float) -> Placement:
+        """Planned from the mean true loads of the steps ahead, judged on up to ORACLE_SCENARIOS of
+        them; a layer out of the static layout is kept only where it is faster over all of them."""
+        steps = self._ahead(first)
+        plan_loads = np.mean([self._future(j).counts for j in steps], axis=0)
+        pick = np.unique(np.linspace(0, len(steps) - 1, min(ORACLE_SCENARIOS, len(steps))).round().astype(int))
+        scen = np.stack([self._future(steps[k]).src_counts for k in pick])
+        p = self._plan(plan_loads, scen, previous, copy_penalty_s)
+        at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu),
+                              self.num_gpus)
+        if at_home.all():
+            return p
+        home = self._plan(plan_loads, scen, previous, copy_penalty_s, balanced=False)
+        slower = self._layer_totals(p, steps) > self._layer_totals(home, steps)
+        return pick_layers(p, home, slower & ~at_home) if slower.any() else p
+
+    def _initial(self, i: int, loads: StepLoads) -> Placement:
+        return self._plan_from_ahead(i, None, 0.0)
+
+    def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
+        return self._plan_from_ahead(i, self.current, copy_penalty_s)
+
+    def _worth(self, i, loads, src, cand, moves, cost) -> bool:
+        ctx = self.ctx
+        host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
+        if ctx.copy_policy == "async":
+            # a bound on the job's length (its copies one after another), the steps it spans (they
+            # can only be longer than without copies), and what it slows down meanwhile
+            link = moves.src != moves.dst
+            local = np.bincount(moves.dst[~link], weights=moves.seconds[~link], minlength=self.num_gpus)
+            length = float(moves.seconds[link].sum() + local.max(initial=0.0))
+            price, elapsed, j = host, 0.0, i
+            stretch = ctx.bandwidth_share / (1 - ctx.bandwidth_share)
+            while elapsed < length:
+                fut = self._future(j)
+                if fut is None:
+                    return False                     # would land after the end of the trace
+                keep = self._at(self.current, j)
+                ph = placement_phases(keep, fut.src_counts, fut.src_counts, ctx.model, self.hw)
+                attn = attention_time(fut.home_tokens, ctx.model, ctx.workload, self.hw).max(initial=0.0)
+                elapsed += float(ph.layer_time().sum() + attn * len(ph.ffn))
+                price += float((ph.dispatch_link + ph.combine_link).max(axis=1).sum()) * stretch
+                j += 1
+            first = j                                # landed by then: it serves from this step on
+        else:
+            price = host + self._copy_delay(loads, cand, moves)
+            first = i
+        steps = self._ahead(first)
+        if not steps:
+            return False
+        saving = float((self._layer_totals(self.current, steps) - self._layer_totals(cand, steps)).sum())
+        if saving > 0 and saving > self.policy.min_gain * price:
+            self.switch_at = first
+            return True
+        return False
+
+    def _copy_delay(self, loads: StepLoads, cand: Placement, moves: Copies) -> float:
+        """Exactly what this step's copies add to it: the event model with and without them."""
+        ctx = self.ctx
+        plan = StepPlan(self._at(cand, self.i), np.zeros(self.num_gpus), loads.src_counts)
+        with_copies = build_step_work(plan, moves, loads, ctx.model, ctx.workload, self.hw)
+        marks = EventModel(self.num_gpus, ctx.copy_policy, ctx.bandwidth_share).run_step(with_copies)
+        without = build_step_work(plan, None, loads, ctx.model, ctx.workload, self.hw)
+        return float(marks[-1, -1] - marks[0, 0] - closed_form_layer_times(without, ctx.copy_policy).sum())
+
 
 class DistributionPlan(Strategy):
+    """Plans at each check from a distribution-only predictor's shares x the step's tokens, judged
+    against the recent steps' deviations from their mean (the plan must hold up until the next
+    check, whatever sampling noise the steps bring)."""
+
     def prepare(self, trace, train_steps, counts) -> None:
         from moe_gps.predict import make_distribution_predictor, rollout_distribution
         super().prepare(trace, train_steps, counts)
@@ -155,14 +492,31 @@ class DistributionPlan(Strategy):
         self.info.predictor = self.predictor.describe()
         self.info.predictor_cost = self.cost.to_dict()
 
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
-        return self.shares[i] * loads.tokens
+    def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
+        # the predicted shares of each layer x the step's (token, expert) assignments
+        return self.shares[i] * (loads.tokens * self.ctx.top_k)
+
+    def _scenarios(self, loads: StepLoads, plan_loads: np.ndarray) -> np.ndarray:
+        """The plan's loads shifted by each recent step's deviation from the recent mean (>= 0)."""
+        recent = np.stack(list(self.observed)[-NOISE_STEPS:])                   # [K, L, E] shares
+        dev = (recent - recent.mean(axis=0)) * plan_loads.sum(axis=1)[None, :, None]
+        scen = np.maximum(plan_loads[None] + dev, 0.0)
+        return scen[:, :, None, :] * _home_frac(loads)[None, None, :, None]
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return self._charge(self.cost, loads)
 
 
 class TokenPlan(Strategy):
+    """Guesses every token's experts: plans at checks from the counts of the guesses, re-splits
+    each step's tokens over its replicas from that step's guesses, and routes directly."""
+
+    reshares = True
+
+    def __init__(self, cfg, ctx, seed, policy=None) -> None:
+        super().__init__(cfg, ctx, seed, policy)
+        self.direct = cfg.direct_routing
+
     def prepare(self, trace, train_steps, counts) -> None:
         from moe_gps.predict import make_token_predictor, rollout_tokens
         if not isinstance(trace, TokensTrace):
@@ -188,19 +542,18 @@ class TokenPlan(Strategy):
             hit |= true == guess[:, :, j:j + 1]
         return guess, hit
 
-    def plan(self, i: int, loads: StepLoads) -> StepPlan:
+    def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
         self._cur = self._step_guess(loads)
-        hit = self._cur[1]
+        guess, hit = self._cur
         self._hits += float(hit.sum())
         self._total += float(hit.size)
         self.info.accuracy = self._hits / self._total if self._total else None
-        return super().plan(i, loads)
+        G, E = self.num_gpus, loads.src_counts.shape[2]
+        self._guess_src = source_counts(guess, loads.home, G, E) * loads.scale
+        return self._guess_src.sum(axis=1)
 
-    def _loads_for_plan(self, i: int, loads: StepLoads) -> np.ndarray:
-        guess = self._cur[0]
-        L, E = loads.src_counts.shape[0], loads.src_counts.shape[2]
-        key = np.arange(L, dtype=np.int64)[None, :, None] * E + guess.astype(np.int64)
-        return np.bincount(key.ravel(), minlength=L * E).reshape(L, E) * loads.scale
+    def _src(self, loads, belief) -> np.ndarray:
+        return self._guess_src
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return self._charge(self.cost, loads)
@@ -228,8 +581,8 @@ KINDS = {"none": NoDuplication, "static": StaticPlan, "distribution": Distributi
          "oracle": OraclePlan}
 
 
-def make_strategy(cfg: StrategyConfig, num_gpus: int, num_experts: int, hw: Hardware, seed: int) -> Strategy:
-    return KINDS[cfg.kind](cfg, num_gpus, num_experts, hw, seed)
+def make_strategy(cfg: StrategyConfig, ctx: SimContext, seed: int, policy: ReplanPolicy | None = None) -> Strategy:
+    return KINDS[cfg.kind](cfg, ctx, seed, policy)
 
 
 #: predictors left out of the default strategy set, and why

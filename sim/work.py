@@ -16,7 +16,21 @@ from moe_gps.placement import Placement
 from sim.cost import (Hardware, alltoall_time, attention_time, combine_host_time, dispatch_host_time, ffn_time,
                       layout_time, local_copy_time, shared_compute, transfer_time)
 from sim.loads import StepLoads
-from sim.strategies import StepPlan
+
+
+@dataclass
+class StepPlan:
+    """What a strategy decided for one step.
+
+    placement:      the placement in force during the step
+    predictor_s:    float [G] seconds of predictor work per layer on each GPU
+    predicted_src:  float [L, G, E] correctly predicted assignments by home GPU (token kind
+                    with direct routing, and the oracle), or None
+    """
+
+    placement: Placement
+    predictor_s: np.ndarray
+    predicted_src: np.ndarray | None = None
 
 
 @dataclass
@@ -46,10 +60,14 @@ class Copies:
 class StepWork:
     """Phase durations of one step, seconds, [L, G] each (see docs/simulator.md).
 
+    dispatch_link, combine_link: the link part of dispatch and combine (what background copies slow down)
+    copies: the weight copies the event model schedules inside the step's layers (copy policies
+            critical and overlap; empty otherwise)
     gpu_tokens: float [L, G] tokens each GPU's experts process (FFN load)
     expert_counts: float [L, E] true tokens per expert
-    copy_bytes: float [L] bytes of weights copied for each layer
+    copy_bytes: float [L] bytes of weights copied for each layer by a re-plan made at this step
     skew: seconds of collective skew included in each dispatch, correction (when it has one) and combine
+    replan_host: seconds of host work applying a new placement, on every GPU before the first layer
     """
 
     predictor: np.ndarray
@@ -64,6 +82,9 @@ class StepWork:
     copy_bytes: np.ndarray
     has_correction: bool = False
     skew: float = 0.0
+    dispatch_link: np.ndarray | None = None
+    combine_link: np.ndarray | None = None
+    replan_host: float = 0.0
 
 
 def share_by_gpu(placement: Placement) -> np.ndarray:
@@ -88,17 +109,17 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,
-                  hw: Hardware) -> Copies:
+                  hw: Hardware, bandwidth_share: float = 1.0) -> Copies:
     """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement).
 
     Between GPUs: a GPU needs one copy of expert e (expert_bytes) for each layer where it hosts
     e now and did not before. The source is a GPU that hosted e before, preferring one on the
     same node, then the first after the destination in ring order (to spread the senders).
+    ``bandwidth_share`` < 1: the copies get that share of the copy bandwidth (background copies).
 
     Within a GPU (rows with src == dst, no link bytes): every slot that now holds another
     expert than before (every slot when the slots per GPU changed) and is not filled by a
-    copy from another GPU is a copy between slots (:func:`sim.cost.local_copy_time`); and
-    applying the placement costs every GPU ``replan_overhead`` before the first layer.
+    copy from another GPU is a copy between slots (:func:`sim.cost.local_copy_time`).
     """
     if previous is None or previous is current:
         return Copies.empty()
@@ -117,8 +138,8 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     l, rest = np.divmod(uniq, G * G)
     s, d = np.divmod(rest, G)
     nbytes = counts * float(expert_bytes)
-    secs = transfer_time(nbytes, hw.same_node()[s, d], hw)
-    # within each GPU: slots rewritten, less those a transfer fills; the re-plan's host time
+    secs = transfer_time(nbytes, hw.same_node()[s, d], hw, bandwidth_share)
+    # within each GPU: slots rewritten, less those a transfer fills
     S_new, S_old = current.slots_per_gpu, previous.slots_per_gpu
     new_slots = current.phy2log.reshape(L, G, S_new)
     if S_new == S_old:
@@ -126,59 +147,111 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     else:
         written = np.full((L, G), S_new)
     local = local_copy_time(written - need.sum(axis=2), expert_bytes, hw)      # [L, G]
-    local[0] += hw.replan_overhead
     sl, sg = np.nonzero(local > 0)
     return Copies(np.concatenate([l, sl]), np.concatenate([s, sg]), np.concatenate([d, sg]),
                   np.concatenate([nbytes, np.zeros(len(sl))]), np.concatenate([secs, local[sl, sg]]))
 
 
-def build_step_work(plan: StepPlan, previous: Placement | None, loads: StepLoads, model: ModelConfig,
-                    workload: WorkloadConfig, hw: Hardware) -> StepWork:
-    """Every phase's duration on every GPU for one step under one plan."""
-    p = plan.placement
-    L, G, E = loads.src_counts.shape
-    counts = loads.counts                                    # [L, E]
+def moves_weights(previous: Placement | None, current: Placement) -> bool:
+    """True if going from ``previous`` to ``current`` rewrites any slot (a re-plan; a change of
+    shares alone moves nothing)."""
+    return previous is not None and previous is not current and not np.array_equal(previous.phy2log,
+                                                                                    current.phy2log)
+
+
+@dataclass
+class PlacementPhases:
+    """The phases a placement decides, seconds [L, G] each (links, hosts and collective skew included).
+
+    dispatch_link / combine_link: their link parts; traffic: float [L, G, G] tokens dispatched
+    from home GPU g to GPU h; gpu_tokens: float [L, G] FFN tokens per GPU.
+    """
+
+    dispatch: np.ndarray
+    correction: np.ndarray
+    ffn: np.ndarray
+    combine: np.ndarray
+    dispatch_link: np.ndarray
+    combine_link: np.ndarray
+    gpu_tokens: np.ndarray
+    has_correction: bool
+
+    def layer_time(self) -> np.ndarray:
+        """float [L]: the part of the layer time the placement decides (closed form: the maxima
+        over GPUs of dispatch, correction, FFN and combine)."""
+        return (self.dispatch.max(axis=1) + self.correction.max(axis=1) + self.ffn.max(axis=1)
+                + self.combine.max(axis=1))
+
+
+def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.ndarray | None,
+                     model: ModelConfig, hw: Hardware) -> PlacementPhases:
+    """Dispatch, correction, FFN and combine of every layer and GPU under placement ``p``.
+
+    src_counts: float [L, G, E] (token, expert) assignments by home GPU; predicted_src: the
+    correctly predicted part of them when tokens are routed directly (token-to-expert
+    prediction), else None (every token is dispatched after the gate).
+    """
+    L, G, E = src_counts.shape
+    counts = src_counts.sum(axis=1)                          # [L, E]
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
     ffn = ffn_time(slot_tokens, p.slots_per_gpu, model, hw)  # [L, G]
     gpu_tokens = slot_tokens.reshape(L, G, p.slots_per_gpu).sum(axis=2)
-    # dispatch (and correction): tokens from home GPU g to GPU h
     bpt = model.token_bytes
     layout = layout_time(hw)[None, :]                        # [1, G]
-    if plan.predicted_src is not None:
+    if predicted_src is not None:
         # direct routing: the predicted layout is known, correct tokens go without a layout
         # exchange; the mispredicted ones follow in a correction all-to-all that needs one
-        main = route(plan.predicted_src, p)                  # [L, G, G]
-        fix = route(loads.src_counts - plan.predicted_src, p)
-        dispatch = alltoall_time(main, bpt, hw) + dispatch_host_time(main.sum(axis=2), model, hw)
+        main = route(predicted_src, p)                       # [L, G, G]
+        fix = route(src_counts - predicted_src, p)
+        link = alltoall_time(main, bpt, hw)
+        dispatch = link + dispatch_host_time(main.sum(axis=2), model, hw)
         any_fix = (np.abs(fix).sum(axis=(1, 2)) > 1e-9)[:, None]
         correction = np.where(any_fix, layout + alltoall_time(fix, bpt, hw)
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
-        has_corr = True
     else:
-        traffic = route(loads.src_counts, p)
-        dispatch = layout + alltoall_time(traffic, bpt, hw) + dispatch_host_time(traffic.sum(axis=2), model, hw)
+        traffic = route(src_counts, p)
+        link = alltoall_time(traffic, bpt, hw)
+        dispatch = layout + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
         correction = np.zeros((L, G))
-        has_corr = False
-    combine = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw) + combine_host_time(traffic.sum(axis=2), model, hw)
+    combine_link = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
+    combine = combine_link + combine_host_time(traffic.sum(axis=2), model, hw)
     if hw.collective_skew:
         # the next phase starts when the latest rank has left the collective
         dispatch = dispatch + hw.collective_skew
         correction = np.where(correction > 0, correction + hw.collective_skew, 0.0)
         combine = combine + hw.collective_skew
+    if hw.compute_units:
+        ffn = shared_compute(ffn, hw)
+    return PlacementPhases(dispatch, correction, ffn, combine, link, combine_link, gpu_tokens,
+                           predicted_src is not None)
+
+
+def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, model: ModelConfig,
+                    workload: WorkloadConfig, hw: Hardware, copy_bytes: np.ndarray | None = None,
+                    replan_host: float = 0.0) -> StepWork:
+    """Every phase's duration on every GPU for one step under one plan.
+
+    copies: the weight copies to schedule inside the step's layers (or None); copy_bytes: float [L]
+    bytes the step's re-plan copies (default: those of ``copies``); replan_host: seconds of host work
+    applying a new placement before the first layer.
+    """
+    L, G, E = loads.src_counts.shape
+    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw)
     attn = np.broadcast_to(attention_time(loads.home_tokens, model, workload, hw), (L, G))
     pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
     if hw.compute_units:
-        # GPUs of a node share processors: the compute phases, which all GPUs start at once, stretch
-        ffn = shared_compute(ffn, hw)
+        # GPUs of a node share processors: predictor and attention, which all GPUs start at once, stretch
         busy = pred + attn
         stretch = np.divide(shared_compute(busy, hw), busy, out=np.ones_like(busy), where=busy > 0)
         attn, pred = attn * stretch, pred * stretch
-    copies = weight_copies(previous, p, model.expert_bytes, hw)
-    copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
-    return StepWork(pred, attn, dispatch, correction, ffn, combine, copies, gpu_tokens, counts, copy_bytes,
-                    has_corr, hw.collective_skew)
+    copies = copies if copies is not None else Copies.empty()
+    if copy_bytes is None:
+        copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
+    return StepWork(pred, attn, ph.dispatch, ph.correction, ph.ffn, ph.combine, copies, ph.gpu_tokens,
+                    loads.counts, copy_bytes, ph.has_correction, hw.collective_skew, ph.dispatch_link,
+                    ph.combine_link, replan_host)
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:
@@ -192,18 +265,22 @@ def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray
     return np.maximum(out, send)
 
 
-def closed_form_layer_times(work: StepWork, overlap_copies: bool) -> np.ndarray:
+def closed_form_layer_times(work: StepWork, copy_policy: str) -> np.ndarray:
     """Layer times [L] with no overlap effects and no contention (docs/simulator.md):
 
-    T_layer = C + max_g(P + A) + max_g D + max_g X + max_g F + max_g M
+    T_layer = H + C + max_g(P + A) + max_g D + max_g X + max_g F + max_g M
 
-    where C = max over GPUs of their copy-link busy time when copies do not overlap
-    attention, and 0 when they do (assumed hidden). Exact when no GPU's link carries
-    copies and dispatch traffic at once, and no port serves two copies at once.
+    where H = the re-plan host time (first layer only), C = max over GPUs of their copy-port
+    busy time when the copy policy is ``critical``, and 0 otherwise (copies assumed hidden).
+    Exact when no GPU's link carries copies and dispatch traffic at once, no port serves two
+    copies at once, and no background copy is in flight.
     """
     L, G = work.attention.shape
     t = ((work.predictor + work.attention).max(axis=1) + work.dispatch.max(axis=1)
          + work.correction.max(axis=1) + work.ffn.max(axis=1) + work.combine.max(axis=1))
-    if not overlap_copies and len(work.copies):
+    if copy_policy == "critical" and len(work.copies):
         t = t + copy_port_busy(work.copies, L, G).max(axis=1)
+    if work.replan_host:
+        t = t.copy()
+        t[0] += work.replan_host
     return t

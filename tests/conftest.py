@@ -20,3 +20,38 @@ def real_traces() -> Path:
     if not REAL_TRACES.is_dir():
         pytest.skip(f"real traces not present at {REAL_TRACES}")
     return REAL_TRACES
+
+
+@pytest.fixture
+def event_steps(monkeypatch) -> list:
+    """(copy policy, StepWork, marks) of every step the simulator's event models run while the test runs."""
+    import sim.run as run_mod
+    captured = []
+    real = run_mod.EventModel.run_step
+
+    def spy(self, work, background=None):
+        marks = real(self, work, background)
+        captured.append((self.policy, work, marks))
+        return marks
+
+    monkeypatch.setattr(run_mod.EventModel, "run_step", spy)
+    return captured
+
+
+def port_serves_two(copies, num_layers: int):
+    """bool [L]: some GPU sends, or receives, two transfers in the layer (then they queue, and the
+    closed form is only a lower bound)."""
+    import numpy as np
+
+    link = copies.src != copies.dst
+    out = np.zeros(num_layers, dtype=bool)
+    for end in (copies.src, copies.dst):
+        key = copies.layer[link] * 1_000_000 + end[link]
+        uniq, n = np.unique(key, return_counts=True)
+        out[(uniq[n > 1] // 1_000_000).astype(int)] = True
+    return out
+
+
+@pytest.fixture
+def queued_layers():
+    return port_serves_two

@@ -148,9 +148,19 @@ def test_strategy_rules():
     with pytest.raises(UserError, match=r"strategy 'dist': not a strategy name"):
         strategy_from_name("dist")
     assert strategy_from_name("eplb").resolved_planner() == "eplb"
-    assert strategy_from_name("dist:ema").resolved_planner() == "greedy"
+    assert strategy_from_name("dist:ema").resolved_planner() == "timeaware"
     assert strategy_from_name("token:prev-layer").resolved_name() == "token:prev-layer"
-    assert strategy_from_name("eplb").resolved_replan_interval() == 16
+    # eplb follows vLLM's EPLB cadence (window_size 1000, step_interval 3000), scaled down with a
+    # note when fewer steps were seen; the predicting kinds check every 16 steps
+    full = strategy_from_name("eplb").resolved_policy(5000)
+    assert (full.interval, full.window, full.min_gain, full.notes) == (3000, 1000, 0.0, [])
+    short = strategy_from_name("eplb").resolved_policy(16)
+    assert (short.interval, short.window) == (48, 16) and "scaled" in short.notes[0]
+    dist = strategy_from_name("dist:ema").resolved_policy(16)
+    assert (dist.interval, dist.window, dist.min_gain) == (16, 16, 1.0)
+    assert strategy_from_name("oracle").resolved_policy(16).window == 1
+    with pytest.raises(UserError, match=r"s: min_gain: kind none never re-plans"):
+        StrategyConfig(kind="none", min_gain=1.0).check("s")
     s = strategy_from_name("token:synthetic(accuracy=0.95, overhead=8.4e6, placement=typical)")
     assert s.predictor_options == {"accuracy": 0.95, "overhead": 8.4e6, "placement": "typical"}
     assert s.resolved_name() == "token:synthetic(accuracy=0.95, overhead=8.4e6, placement=typical)"

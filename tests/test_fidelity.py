@@ -353,15 +353,7 @@ def test_validate_refuses_a_trace_without_token_ids_and_a_checkpoint_model(tmp_p
 
 # ----------------------------------------------------------------------------- the new terms in whole simulations
 
-def _port_serves_two(copies) -> bool:
-    """Some GPU sends, or receives, two transfers in one layer."""
-    link = copies.src != copies.dst
-    return any(len(np.unique(np.c_[copies.layer[link], end[link]], axis=0)) < link.sum()
-               for end in (copies.src, copies.dst))
-
-
-def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_their_cost(monkeypatch):
-    import sim.run as run_mod
+def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_their_cost(event_steps, queued_layers):
     from moe_gps.config import SimulateConfig, strategy_from_name
     from moe_gps.trace.synth import synthesize
     from sim.run import simulate
@@ -372,29 +364,23 @@ def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_thei
     trace = synthesize("sst2", num_steps=10, tokens_per_step=256, seed=1, num_layers=4)
     trace = dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, model=model.name))
     cluster = _truth(4, units=2.0)
-    captured = []
-    real = run_mod.run_events
-
-    def spy(works, G, overlap, on_step=None):
-        captured.append((works, overlap))
-        return real(works, G, overlap, on_step)
-
-    monkeypatch.setattr(run_mod, "run_events", spy)
-    names = [dataclasses.replace(strategy_from_name(n), overlap_copies=False) for n in ("dist:ema", "eplb")]
+    names = [dataclasses.replace(strategy_from_name(n), min_gain=0.0, replan_interval=1, window=1)
+             for n in ("dist:ema", "eplb")]
 
     def run(c):
         cfg = SimulateConfig(cluster=c, model=model, workload=workload_for_run(run_cfg),
-                             strategies=[strategy_from_name("none"), *names], train_steps=3)
+                             strategies=[strategy_from_name("none"), *names], train_steps=3, copy_policy="critical")
         return simulate(trace, cfg, progress=False)
 
     r = run(cluster)
     exact = 0
-    for (works, overlap), res in zip(captured, r.strategies):
-        closed = np.array([closed_form_layer_times(w, overlap).sum() for w in works])
+    for policy, work, marks in event_steps:
+        closed = closed_form_layer_times(work, policy)
+        took = marks[:, -1] - marks[:, 0]
         # the closed form is exact unless a port serves two transfers of a layer (then they queue)
-        queued = np.array([_port_serves_two(w.copies) for w in works])
-        assert np.allclose(res.step_latency[~queued], closed[~queued], rtol=1e-9), res.name
-        assert (res.step_latency[queued] >= closed[queued] - 1e-12).all(), res.name
+        queued = queued_layers(work.copies, len(took))
+        assert np.allclose(took[~queued], closed[~queued], rtol=1e-9)
+        assert (took[queued] >= closed[queued] - 1e-12).all()
         exact += int((~queued).sum())
     assert exact >= 10
     more = run(dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, dispatch_overhead_us=1900.0)))

@@ -75,15 +75,20 @@ def _check_headline(r) -> None:
     assert len(cands) >= 5
     best = cands.iloc[0]
     w = r.headline.winner
-    assert w["candidate"] == best["candidate"]
-    assert w["latency_mean_ms"] == pytest.approx(float(cands["latency_mean_ms"].min()))
+    if r.headline.not_separated is not None:
+        # the fastest is not faster than no duplication beyond its interval: none is recommended
+        fast, c = r.headline.not_separated
+        assert fast["candidate"] == best["candidate"] and w["candidate"] == "none" and c.ci_low <= 1.0
+    else:
+        assert w["candidate"] == best["candidate"]
+        assert w["latency_mean_ms"] == pytest.approx(float(cands["latency_mean_ms"].min()))
     # every deployable strategy at the user's point, each slot budget, was simulated and is not faster
     assert set(cands["candidate"]) == {c.label for c in r.plan.headline_candidates if c.deployable}
     none = cands[cands["candidate"] == "none"].iloc[0]
     if r.headline.vs_none is not None:
         assert r.headline.vs_none.speedup == pytest.approx(none["latency_mean_ms"] / w["latency_mean_ms"])
-        assert r.headline.vs_none.speedup >= 1.0
-    runner = cands[cands["strategy"] != w["strategy"]].iloc[0]
+        assert r.headline.vs_none.ci_low > 1.0 and r.headline.vs_none.speedup > 1.0
+    runner = cands[(cands["strategy"] != w["strategy"]) & (cands["candidate"] != w["candidate"])].iloc[0]
     assert r.headline.runner_up["candidate"] == runner["candidate"]
     assert r.headline.vs_runner_up.speedup == pytest.approx(runner["latency_mean_ms"] / w["latency_mean_ms"])
     # the oracle and the synthetic predictors are bounds and what-ifs, never the recommendation
@@ -111,6 +116,34 @@ def test_headline_when_duplication_pays(trace, sweep, cluster, tmp_path):
     if r.headline.duplicates:
         assert r.headline.vs_none.speedup > 1.0
         assert r.headline.winner["redundant_slots"] in (4, 8)
+
+
+def test_a_change_is_recommended_only_beyond_its_interval(result):
+    """Make the fastest duplicating run only noise-faster than none: the recommendation is none, the
+    report names the fastest with its interval and never prints nan; 5 simulated steps are thin."""
+    from moe_gps.recommend import analysis as an
+    from moe_gps.recommend.report import key_numbers, summary
+
+    r, _, _ = result
+    df = r.df.copy()
+    here = at_point(df, r.plan, r.plan.user)
+    none_row = here[here["candidate"] == "none"].iloc[0]
+    base = np.asarray(none_row["step_latency_ms"], dtype=float)
+    fake = list(base + np.array([-0.3, 0.2, -0.25, 0.3, -0.2])[:len(base)] * base.mean() / 100)
+    idx = here[here["candidate"] == "eplb +1/GPU"].index[0]
+    df.at[idx, "step_latency_ms"] = fake
+    df.at[idx, "latency_mean_ms"] = float(np.mean(fake))
+    assert float(np.mean(fake)) < none_row["latency_mean_ms"]            # faster, but within noise
+    h = an.headline(df, r.plan)
+    assert h.winner["candidate"] == "none" and h.not_separated[0]["candidate"] == "eplb +1/GPU"
+    assert h.not_separated[1].ci_low <= 1.0 <= h.not_separated[1].ci_high and h.thin
+    assert "not faster beyond that interval" in " ".join(h.reasons)
+    r2 = dataclasses.replace(r, headline=h, df=df)
+    text = " ".join(f"{k} {v}" for k, v in key_numbers(r2))
+    assert "nan" not in text and "95% CI" in text and "thin" in text
+    s = summary(r2)["recommendation"]
+    assert s["duplicate"] is False and s["thin_evidence"] is True
+    assert s["fastest_not_separated"]["candidate"] == "eplb +1/GPU"
 
 
 def test_decision_maps_pick_the_fastest_deployable_in_every_cell(result):

@@ -17,7 +17,7 @@ from moe_gps.config.schema import (AttentionSpec, ClusterConfig, GPUSpec, LinkSp
 from moe_gps.placement import Placement
 from sim.cost import (Hardware, alltoall_time, attention_time, expert_slot_time, ffn_time, layout_time,
                       predictor_time, transfer_time)
-from sim.work import route, share_by_gpu, weight_copies
+from sim.work import moves_weights, route, share_by_gpu, weight_copies
 
 US = 1e-6
 
@@ -139,13 +139,14 @@ def test_weight_copies_within_a_gpu_and_the_replan_overhead():
     local = 2 * 12e6 / 1e12                                              # read + write at 1000 GB/s: 24 us
     assert [r[:4] for r in rows] == [(0, 0, 0, 0.0), (0, 2, 3, 12e6), (0, 3, 3, 0.0)]
     assert [r[4] for r in rows] == pytest.approx([2 * local, 121 * US, local])
-    # a re-plan to the same placement (a new object) costs only the host time of applying it, on every GPU
-    hw = dataclasses.replace(HW, replan_overhead=50 * US)
+    # a re-plan to the same slots (a new object) copies nothing and moves no weights
     same = Placement(before.phy2log.copy(), 4, 4)
-    c = weight_copies(before, same, MODEL.expert_bytes, hw)
-    assert c.layer.tolist() == [0] * 4 and c.src.tolist() == c.dst.tolist() == [0, 1, 2, 3]
-    assert c.seconds == pytest.approx([50 * US] * 4) and c.bytes.sum() == 0
-    assert len(weight_copies(before, before, MODEL.expert_bytes, hw)) == 0
+    assert len(weight_copies(before, same, MODEL.expert_bytes, HW)) == 0
+    assert not moves_weights(before, same) and moves_weights(before, after)
+    # background copies at half the copy bandwidth: the transfer takes twice as long, plus the latency
+    half = weight_copies(before, after, MODEL.expert_bytes, HW, bandwidth_share=0.5)
+    link = half.src != half.dst
+    assert half.seconds[link] == pytest.approx([2 * 12e6 / 1e11 + 1 * US])
     # slots per GPU changed: every slot is rewritten (a new buffer)
     grown = Placement(np.array([[0, 1, 2, 2, 3, 3, 0, 1, 1, 2, 3, 0]]), 4, 4, allow_colocated=True)
     c = weight_copies(before, grown, MODEL.expert_bytes, HW)

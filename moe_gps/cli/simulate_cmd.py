@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import add_deployment_args, deployment_from_args, workload_from_args
+from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
 
@@ -32,6 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redundant-slots", type=int, metavar="R",
                    help="extra expert slots per layer over all GPUs for every duplicating strategy "
                         "(default: one per GPU)")
+    p.add_argument("--copy-policy", choices=COPY_POLICIES,
+                   help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
+                        "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
+                        "background at a share of the link; a new placement serves once its copies landed, as "
+                        "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async")
+    p.add_argument("--replan-interval", type=int, metavar="K",
+                   help="steps between re-plan checks, for every duplicating strategy (default: vLLM's "
+                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle)")
+    p.add_argument("--window", type=int, metavar="W",
+                   help="steps of history a plan is made from, for every duplicating strategy (default: "
+                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 for the oracle)")
+    p.add_argument("--min-gain", type=float, metavar="X",
+                   help="re-plan only when the predicted saving until the next check exceeds X times the "
+                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise)")
     p.add_argument("--train-steps", type=int, metavar="N",
                    help="steps used to fit predictors and profile the static plan (default: a quarter)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
@@ -55,7 +70,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
 
     notes: list[str] = []
     if args.config:
-        flags = [f for f in ("cluster", "model", "workload", "strategies", "redundant_slots", "train_steps")
+        flags = [f for f in ("cluster", "model", "workload", "strategies", "redundant_slots", "train_steps",
+                             "copy_policy", "replan_interval", "window", "min_gain")
                  if getattr(args, f) is not None]
         if flags:
             raise UserError(f"--config already holds the whole config; drop --{flags[0].replace('_', '-')}")
@@ -71,8 +87,11 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
                 raise UserError(f"--redundant-slots must be >= 0, got {args.redundant_slots}")
             strategies = [s if s.kind == "none" else replace(s, redundant_slots=args.redundant_slots)
                           for s in strategies]
+        strategies = [s if s.kind == "none" else replace(s, **policy_overrides(args)) for s in strategies]
         cfg = SimulateConfig(cluster=cluster, model=model, workload=workload, strategies=strategies,
                              train_steps=args.train_steps)
+        if args.copy_policy:
+            cfg = replace(cfg, copy_policy=args.copy_policy)
         if args.train_steps is not None and args.train_steps < 1:
             raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
     if args.seed is not None:
@@ -81,6 +100,20 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
         cfg = replace(cfg, seed=args.seed)
     cfg = replace(cfg, trace=str(args.trace))
     return cfg, notes
+
+
+def policy_overrides(args: argparse.Namespace) -> dict:
+    """The re-plan policy fields that --replan-interval, --window and --min-gain set."""
+    out = {}
+    for flag, key, low in (("--replan-interval", "replan_interval", 1), ("--window", "window", 1),
+                           ("--min-gain", "min_gain", 0)):
+        v = getattr(args, key)
+        if v is None:
+            continue
+        if not v >= low or v != v or v == float("inf"):
+            raise UserError(f"{flag} must be a finite number >= {low}, got {v}")
+        out[key] = v
+    return out
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -97,8 +130,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     result.notes += notes
     written = write_outputs(result, out, plots=not args.no_plots)
     if args.json:
-        print(json.dumps({"output": str(out), "strategies": summary_rows(result), "notes": result.notes},
-                         indent=2, default=float))
+        verdict = result.verdict.to_dict() if result.verdict is not None else None
+        print(json.dumps({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
+                          "notes": result.notes}, indent=2, default=float))
     else:
         print(format_summary(result))
         print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))

@@ -230,15 +230,40 @@ class WorkloadConfig:
 
 STRATEGY_KINDS = ("none", "static", "distribution", "token", "oracle")
 
+#: when copied expert weights arrive and what they delay (docs/simulator.md, "How strategies re-plan and copy")
+COPY_POLICIES = ("critical", "overlap", "async", "hidden")
+
+#: vLLM's EPLB defaults (``--eplb-config``): the load window and the steps between re-plans
+VLLM_WINDOW_SIZE, VLLM_STEP_INTERVAL = 1000, 3000
+#: re-plan cadence of the predicting kinds (distribution, token, oracle) when not given
+PREDICTING_INTERVAL = 16
+
+
+@dataclass
+class ReplanPolicy:
+    """How often a strategy may re-plan, over what history, and whether a re-plan is worth its copies.
+
+    interval: steps between re-plan checks;  window: steps of loads (or predictions) a plan is made
+    from;  min_gain: re-plan only when the predicted saving over the next ``interval`` steps exceeds
+    ``min_gain`` x the predicted cost of the copies (0: always re-plan at a check);
+    notes: how defaults were chosen for this trace.
+    """
+
+    interval: int
+    window: int
+    min_gain: float
+    notes: list[str]
+
 
 @dataclass
 class StrategyConfig:
     """One way of placing experts, compared with the others on the same trace."""
 
     kind: str = spec(
-        "none: no duplication; static: EPLB-style plan from a profiling window, re-planned every "
-        "replan_interval steps; distribution: plan from a distribution-only predictor; token: plan from a "
-        "token-to-expert predictor; oracle: plan from the step's true loads", choices=STRATEGY_KINDS)
+        "none: no duplication; static: EPLB-style plan from the loads of a window of past steps, re-planned "
+        "every replan_interval steps; distribution: plan from a distribution-only predictor; token: plan from "
+        "a token-to-expert predictor; oracle: plan from the true loads (knows every step in advance)",
+        choices=STRATEGY_KINDS)
     name: str | None = spec("label in tables and files; absent: derived from kind and predictor",
                             default=None)
     predictor: str | None = spec("predictor name (distribution and token kinds only)", default=None)
@@ -246,10 +271,10 @@ class StrategyConfig:
         "keyword arguments for the predictor (e.g. accuracy and overhead of the synthetic predictor)",
         factory=dict)
     planner: str | None = spec(
-        "placement algorithm of moe_gps.placement that places the replicas (eplb, greedy, waterfill, ...); "
-        "absent: eplb for kind static (DeepSeek's EPLB, as vLLM and SGLang re-plan), greedy for the "
-        "per-step kinds (the MoE-GPS paper's Algorithm 1: originals stay put, only duplicates move), none "
-        "for kind none", default=None)
+        "placement algorithm of moe_gps.placement that places the replicas (eplb, greedy, waterfill, "
+        "timeaware, ...); absent: eplb for kind static (DeepSeek's EPLB, as vLLM and SGLang re-plan), "
+        "timeaware for the predicting kinds and the oracle (a replica only where its weight read and copy "
+        "pay for themselves), none for kind none", default=None)
     planner_options: dict[str, Any] = spec(
         "keyword arguments for the planner (e.g. num_nodes and num_groups for hierarchical eplb)", factory=dict)
     redundant_slots: int | None = spec(
@@ -257,15 +282,27 @@ class StrategyConfig:
         "spares that make the experts divide evenly). num_experts + redundant_slots must be a multiple of "
         "num_gpus", ge=0, default=None)
     replan_interval: int | None = spec(
-        "steps between re-plans; absent: 1 for distribution/token/oracle, 16 for static", unit="steps",
+        "steps between re-plan checks; absent: vLLM's step_interval (3000) for static, scaled to the trace "
+        f"when it is shorter, and {PREDICTING_INTERVAL} for the predicting kinds and the oracle", unit="steps",
         ge=1, default=None)
-    overlap_copies: bool = spec(
-        "weight copies run during the layer's attention (true) or before it, on the critical path (false)",
-        default=True)
+    window: int | None = spec(
+        "steps of history a plan is made from: static sums the true loads of the last `window` steps, the "
+        "predicting kinds average their last `window` predictions; absent: vLLM's window_size (1000) for "
+        "static, at most the profiling steps, and 1 otherwise", unit="steps", ge=1, default=None)
+    min_gain: float | None = spec(
+        "hysteresis: at a check, re-plan only if the predicted saving over the next replan_interval steps "
+        "exceeds min_gain x the predicted cost of the copies, both from the cost model; 0: always re-plan "
+        "at a check. Absent: 0 for static (as vLLM), 1 otherwise", ge=0, default=None)
     direct_routing: bool = spec(
         "token kind: correctly predicted tokens go straight to the replica the plan reserved for them in "
         "the dispatch, mispredicted ones are sent again in a correction all-to-all (see docs/simulator.md)",
         default=True)
+
+    @property
+    def deployable(self) -> bool:
+        """A strategy a deployment can run: not the oracle, not a predictor that reads the true routing
+        (the ``oracle`` predictors and the tunable ``synthetic`` what-if)."""
+        return self.kind != "oracle" and self.predictor not in ("oracle", "synthetic")
 
     def resolved_name(self) -> str:
         if self.name:
@@ -279,7 +316,7 @@ class StrategyConfig:
     def resolved_planner(self) -> str:
         if self.planner is not None:
             return self.planner
-        return {"none": "none", "static": "eplb"}.get(self.kind, "greedy")
+        return {"none": "none", "static": "eplb"}.get(self.kind, "timeaware")
 
     def resolved_redundant(self, num_gpus: int, num_experts: int) -> int:
         """Slots beyond one per expert. Kind none: only the spare slots that make the
@@ -288,10 +325,27 @@ class StrategyConfig:
             return self.redundant_slots
         return (-num_experts) % num_gpus if self.kind == "none" else num_gpus
 
-    def resolved_replan_interval(self) -> int:
-        if self.replan_interval is not None:
-            return self.replan_interval
-        return 16 if self.kind == "static" else 1
+    def resolved_policy(self, history_steps: int) -> ReplanPolicy:
+        """The re-plan policy, defaults made explicit. ``history_steps``: steps seen before the first
+        simulated one (the profiling window a static plan can look at when serving starts)."""
+        notes: list[str] = []
+        if self.kind == "static":
+            window = self.window
+            if window is None:
+                window = min(VLLM_WINDOW_SIZE, max(1, history_steps))
+                if window < VLLM_WINDOW_SIZE:
+                    notes.append(f"{self.resolved_name()}: vLLM's EPLB window_size={VLLM_WINDOW_SIZE} and "
+                                 f"step_interval={VLLM_STEP_INTERVAL} scaled to the trace's {history_steps} "
+                                 f"profiling steps")
+            interval = self.replan_interval
+            if interval is None:
+                interval = min(VLLM_STEP_INTERVAL, window * VLLM_STEP_INTERVAL // VLLM_WINDOW_SIZE)
+            min_gain = 0.0 if self.min_gain is None else self.min_gain
+        else:
+            interval = PREDICTING_INTERVAL if self.replan_interval is None else self.replan_interval
+            window = (1 if self.kind == "oracle" else interval) if self.window is None else self.window
+            min_gain = 1.0 if self.min_gain is None else self.min_gain
+        return ReplanPolicy(interval, window, float(min_gain), notes)
 
     def check(self, where: str) -> None:
         needs_predictor = self.kind in ("distribution", "token")
@@ -301,8 +355,10 @@ class StrategyConfig:
             raise UserError(f"{where}: predictor: kind {self.kind} uses no predictor (got {self.predictor!r})")
         if self.predictor_options and not needs_predictor:
             raise UserError(f"{where}: predictor_options: kind {self.kind} uses no predictor")
-        if self.kind == "none" and self.replan_interval is not None:
-            raise UserError(f"{where}: replan_interval: kind none never re-plans")
+        if self.kind == "none":
+            for key in ("replan_interval", "window", "min_gain"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"{where}: {key}: kind none never re-plans")
         if self.kind == "none" and (self.planner not in (None, "none") or self.planner_options):
             raise UserError(f"{where}: planner: kind none uses no planner")
         if self.kind != "token" and not self.direct_routing:
@@ -326,6 +382,16 @@ class SimulateConfig:
         "they are not simulated. Absent: a quarter of the steps (at least 1)", unit="steps", ge=1,
         default=None)
     trace: str | None = spec("the trace file simulated (recorded for the reader)", default=None)
+    copy_policy: str = spec(
+        "when copied expert weights arrive and what they delay, for every strategy: critical (the layer waits "
+        "for its copies), overlap (copies run during the layer's predictor and attention and share the links "
+        "with the dispatch), async (copies run in the background across layers and steps at "
+        "copy_bandwidth_share of the link, slowing the dispatch and combine they meet; a new placement takes "
+        "effect once its copies have landed, as vLLM's EPLB with use_async), hidden (copies cost nothing)",
+        choices=COPY_POLICIES, default="async")
+    copy_bandwidth_share: float = spec(
+        "copy_policy async: the share of a GPU's link bandwidth that background copies get while they run "
+        "(two transfers sharing NVLink or a NIC get about half each)", gt=0, le=0.95, default=0.5)
 
     def resolved_train_steps(self, num_steps: int) -> int:
         if self.train_steps is not None:

@@ -72,19 +72,32 @@ class _Replay:
     @classmethod
     def get(cls):
         if cls.cls is None:
-            from sim.strategies import StepPlan, Strategy
+            from sim.strategies import StepDecision, Strategy
+            from sim.work import StepPlan, moves_weights, weight_copies
 
             class ReplayStrategy(Strategy):
                 """Returns, for each step, the placement a real run had (no predictor time: the runtime
-                predicts and plans on rank 0 between steps, outside the MoE layers)."""
+                predicts and plans on rank 0 between steps, outside the MoE layers). Every new placement
+                costs the host time of applying it, and its copies wait on the critical path, as the
+                runtime applies a placement between steps."""
 
-                def __init__(self, cfg, num_gpus, num_experts, hw, seed, placements):
-                    super().__init__(cfg, num_gpus, num_experts, hw, seed)
+                def __init__(self, cfg, ctx, seed, placements):
+                    super().__init__(cfg, ctx, seed)
                     self.placements = placements
                     self.info.notes.append("placements replayed from a runtime run")
 
-                def plan(self, i, loads):
-                    return StepPlan(self.placements[loads.step], np.zeros(self.num_gpus))
+                def step(self, i, loads, job_pending):
+                    p = self.placements[loads.step]
+                    prev, self.current = self.current, p
+                    L = loads.src_counts.shape[0]
+                    plan = StepPlan(p, np.zeros(self.num_gpus))
+                    if prev is None or p is prev:
+                        return StepDecision(plan, None, None, np.zeros(L))
+                    copies = weight_copies(prev, p, self.ctx.model.expert_bytes, self.hw)
+                    moved = moves_weights(prev, p)
+                    self.replans += int(moved)
+                    nbytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L)
+                    return StepDecision(plan, copies, None, nbytes, self.hw.replan_overhead, moved)
 
             cls.cls = ReplayStrategy
         return cls.cls
@@ -101,8 +114,8 @@ def strategy_config(mode: str, run_cfg, num_ranks: int) -> StrategyConfig:
     options = {"distribution": d.distribution_params, "token": d.token_params}.get(kind) or {}
     return StrategyConfig(kind=kind, name=mode, predictor=predictor, predictor_options=dict(options),
                           planner=d.algorithm, planner_options=dict(d.algorithm_options),
-                          redundant_slots=d.num_redundant, replan_interval=d.replan_every,
-                          overlap_copies=False, direct_routing=kind != "token")
+                          redundant_slots=d.num_redundant, replan_interval=d.replan_every, min_gain=0.0,
+                          direct_routing=kind != "token")
 
 
 def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig, placements: list[Placement],
@@ -116,11 +129,11 @@ def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig,
 
     cfg = SimulateConfig(cluster=cluster, model=model_for_run(run_cfg), workload=workload_for_run(run_cfg),
                          strategies=[strategy_config(mode, run_cfg, cluster.num_gpus)], seed=0,
-                         train_steps=max(1, first_step - 1), trace=trace_name)
+                         train_steps=max(1, first_step - 1), trace=trace_name, copy_policy="critical")
     cls = _Replay.get()
 
-    def factory(scfg, G, E, hw, seed):
-        return cls(scfg, G, E, hw, seed, placements)
+    def factory(scfg, ctx, seed):
+        return cls(scfg, ctx, seed, placements)
 
     result = simulate(trace, cfg, progress=False, trace_name=trace_name, strategy_factory=factory)
     return result, result.strategies[0]

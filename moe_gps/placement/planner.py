@@ -17,6 +17,7 @@ from moe_gps.placement.eplb import eplb
 from moe_gps.placement.greedy import copy_hot_to_cold
 from moe_gps.placement.layouts import contiguous, fill_spares, shares_from_tokens
 from moe_gps.placement.placement import Capacity, Placement
+from moe_gps.placement.timeaware import timeaware
 from moe_gps.placement.waterfill import waterfill
 
 
@@ -63,8 +64,10 @@ PLANNERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray | None, dict]]] =
     "greedy": _plan_greedy,
     "eplb": _plan_eplb,
     "waterfill": waterfill,
+    "timeaware": timeaware,
 }
-ALGORITHMS: tuple[str, ...] = tuple(PLANNERS)
+#: the planners that need nothing but loads (``timeaware`` also needs a time model: ``cost=``)
+ALGORITHMS: tuple[str, ...] = tuple(name for name in PLANNERS if name != "timeaware")
 
 # EPLB (DeepSeek) may put two replicas of one expert on one GPU; the others never do.
 _COLOCATED = {"eplb": True}
@@ -96,11 +99,13 @@ def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str
     loads:          [layers, experts] predicted or measured tokens per expert
     num_gpus:       GPUs in the expert-parallel group
     num_redundant:  extra slots per layer in total; ``(experts + num_redundant) % num_gpus == 0``
-    algorithm:      one of :data:`ALGORITHMS`
+    algorithm:      one of :data:`PLANNERS` (``timeaware`` needs ``cost=``, a time model)
     previous:       the placement in force, for migration-aware planning and bytes moved
     capacity:       limits the plan must respect (slots and expert memory per GPU)
     options:        algorithm-specific, e.g. ``num_nodes``/``num_groups`` (eplb),
-                    ``threshold``/``max_copies`` (greedy), ``migration_tolerance`` (waterfill)
+                    ``threshold``/``max_copies`` (greedy), ``migration_tolerance`` (waterfill),
+                    ``cost``/``copy_penalty_s`` (timeaware: the time model, see
+                    :mod:`moe_gps.placement.timeaware`)
     """
     w = check_loads(loads)
     L, E = w.shape
@@ -110,7 +115,7 @@ def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str
         raise UserError(f"num_redundant must be an integer >= 0, got {num_redundant!r}")
     N, R = int(num_gpus), int(num_redundant)
     if algorithm not in PLANNERS:
-        raise UserError(f"unknown placement algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        raise UserError(f"unknown placement algorithm {algorithm!r}; choose one of {', '.join(PLANNERS)}")
     if (E + R) % N:
         up = R + (-(E + R)) % N
         raise UserError(f"{E} experts + {R} redundant = {E + R} slots per layer do not divide evenly over "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from moe_gps.recommend.plan import TRACE_SKEW, Point, SweepPlan, workload_label
+from sim.verdict import THIN_STEPS
 
 PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine")
 POINT_COLS = ["num_gpus", "bandwidth_gb_s", "workload", "skew_variant"]
@@ -48,19 +49,21 @@ def at_point(df, plan: SweepPlan, p: Point):
 class Comparison:
     """A (faster) against B, from their per-step latencies on the same steps.
 
-    speedup:   mean latency of B / mean latency of A
+    speedup:   mean latency of B / mean latency of A; ci_low, ci_high: its 95% paired-bootstrap
+               interval over the steps (sim.verdict.speedup_interval)
     steps_won: steps where A was faster, out of ``steps``
-    diff_ms:   mean of (B - A) per step, ms; diff_se_ms its standard error
+    diff_ms:   mean of (B - A) per step, ms
     phases_us: per MoE layer, phase -> (A µs, B µs)
     """
 
     a: str
     b: str
     speedup: float
+    ci_low: float
+    ci_high: float
     steps_won: int
     steps: int
     diff_ms: float
-    diff_se_ms: float
     phases_us: dict[str, tuple[float, float]]
     gpu_skew: tuple[float, float]
     copied_gb: tuple[float, float]
@@ -79,13 +82,15 @@ class Comparison:
         return dict(self.__dict__)
 
 
-def compare(a: dict, b: dict) -> Comparison:
+def compare(a: dict, b: dict, seed: int = 0) -> Comparison:
+    from sim.verdict import speedup_interval
+
     la, lb = np.asarray(a["step_latency_ms"], float), np.asarray(b["step_latency_ms"], float)
     d = lb - la
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    point, lo, hi = speedup_interval(lb, la, seed)
     phases = {p: (float(a[f"layer_{p}_us"]), float(b[f"layer_{p}_us"])) for p in PHASES}
-    return Comparison(a["candidate"], b["candidate"], float(b["latency_mean_ms"]) / float(a["latency_mean_ms"]),
-                      int((la < lb).sum()), len(d), float(d.mean()), se, phases,
+    return Comparison(a["candidate"], b["candidate"], point, lo, hi, int((la < lb).sum()), len(d),
+                      float(d.mean()), phases,
                       (float(a["gpu_skew_after"]), float(b["gpu_skew_after"])),
                       (float(a["copied_gb"]), float(b["copied_gb"])))
 
@@ -110,6 +115,11 @@ class Headline:
     reasons: list[str] = field(default_factory=list)
     hypothetical: list[str] = field(default_factory=list)
     infeasible: list[str] = field(default_factory=list)
+    #: the fastest deployable candidate when it is not faster than none beyond its interval (then
+    #: the recommendation is none), with that comparison
+    not_separated: tuple[dict, Comparison] | None = None
+    #: fewer than sim.verdict.THIN_STEPS simulated steps at the user's point
+    thin: bool = False
 
     @property
     def duplicates(self) -> bool:
@@ -154,13 +164,22 @@ def headline(df, plan: SweepPlan) -> Headline:
         raise UserError(f"no strategy could be simulated at your point ({why})")
     ranked = cands.sort_values(["latency_mean_ms", "candidate"])
     rows = ranked.to_dict("records")
+    seed = plan.sweep.seed
     win = rows[0]
-    runner = next((r for r in rows[1:] if r["strategy"] != win["strategy"]), None)
     none = next((r for r in rows if r["candidate"] == "none"), None)
+    not_separated = None
+    if none is not None and win is not none:
+        c = compare(win, none, seed)
+        if c.ci_low <= 1.0:
+            # a change is recommended only when it is faster beyond its interval
+            not_separated, win = (win, c), none
+    runner = next((r for r in rows if r is not win and r["strategy"] != win["strategy"]), None)
     orc = here[here["family"] == "oracle"].sort_values("latency_mean_ms").to_dict("records")
     h = Headline(win, runner, none, orc[0] if orc else None,
-                 compare(win, none) if none is not None and none is not win else None,
-                 compare(win, runner) if runner is not None else None, rows, regime(plan), infeasible=infeasible)
+                 compare(win, none, seed) if none is not None and none is not win else None,
+                 compare(win, runner, seed) if runner is not None else None, rows, regime(plan),
+                 infeasible=infeasible, not_separated=not_separated,
+                 thin=len(win["step_latency_ms"]) < THIN_STEPS)
     h.reasons = _reasons(h, plan)
     return h
 
@@ -176,11 +195,18 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
                f"expert FFN is {kind}. Every replica reads its {g['expert_gb']:.3f} GB of weights once per layer "
                f"({g['weight_read_us']:.0f} µs), however few tokens it gets.")
     best_dup = next((r for r in h.ranking if r["candidate"] != "none"), None)
-    if not h.duplicates:
+    if h.not_separated is not None:
+        fast, c = h.not_separated
+        out.append(f"The fastest strategy, {fast['candidate']}, runs at {c.speedup:.3f}x of no duplication (95% CI "
+                   f"{c.ci_low:.3f}-{c.ci_high:.3f} over {c.steps} simulated steps): not faster beyond that "
+                   f"interval, so the recommendation stays no duplication.")
+    elif not h.duplicates:
         if best_dup is not None:
             c = compare(w, best_dup)
-            out.append(f"The best duplicating strategy, {best_dup['candidate']}, balances the GPUs (GPU skew "
-                       f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) but is "
+            what = ("balances the GPUs" if best_dup["gpu_skew_after"] < w["gpu_skew_after"] - 0.005
+                    else "leaves its redundant slots without tokens")
+            out.append(f"The best duplicating strategy, {best_dup['candidate']}, {what} (GPU skew "
+                       f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) and is "
                        f"{c.speedup:.3f}x slower: " + "; ".join(c.reasons()) + ".")
     else:
         if h.vs_none is not None:

@@ -112,7 +112,7 @@ class SweepConfig:
 
 def _check_names(cfg) -> None:
     """The predictor (with its options) and the planner exist: caught here, not in every run."""
-    from moe_gps.placement.planner import ALGORITHMS
+    from moe_gps.placement.planner import PLANNERS
     from moe_gps.predict import make_distribution_predictor, make_token_predictor
 
     if cfg.kind == "distribution":
@@ -120,8 +120,8 @@ def _check_names(cfg) -> None:
     elif cfg.kind == "token":
         make_token_predictor(cfg.predictor, **cfg.predictor_options)
     planner = cfg.resolved_planner()
-    if planner not in ALGORITHMS:
-        raise UserError(f"unknown placement algorithm {planner!r}; choose one of {', '.join(ALGORITHMS)}")
+    if planner not in PLANNERS:
+        raise UserError(f"unknown placement algorithm {planner!r}; choose one of {', '.join(PLANNERS)}")
 
 
 #: keys whose values may be written like 8.4e6 (YAML 1.1 reads that as a string)

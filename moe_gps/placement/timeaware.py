@@ -1,0 +1,220 @@
+"""``timeaware``: a replica only where its weight read and its copy pay for themselves.
+
+The count-balancing planners (``eplb``, ``greedy``, ``waterfill``) level tokens per GPU
+and fill every redundant slot. But a replica that takes few tokens still reads its whole
+weights in the expert FFN, and a new replica must first be copied: when the FFN is
+weight-read bound (small batches) or links are slow, levelling tokens makes the layer
+slower. This planner compares *predicted time*, from a time model given by the caller
+(the simulator's cost model, :class:`TimeModel`), and per layer keeps the best of:
+
+* **home** (the static layout plus time-aware replicas). Start from the static layout
+  (:func:`moe_gps.placement.layouts.contiguous`): every expert in its home slot with all
+  its tokens, exactly no duplication. Then repeat: on the GPU with the largest predicted
+  time take the replica with the most tokens (expert ``e``) and move tokens of ``e`` to the
+  GPU with the smallest time that holds ``e`` already (a *shift*: no copy) or has a
+  redundant slot without tokens (a *copy*, charged ``copy_penalty_s``); try half the token
+  gap between the two GPUs, a quarter and an eighth, keep the amount that lowers the
+  layer's predicted time (plus copy penalties) most, and stop when none does. Redundant
+  slots may stay unused (share 0). With ``previous`` in the static layout, its redundant
+  slots keep what they hold, so using them later costs no copy.
+* **balanced**: DeepSeek's EPLB layout (every slot used, even shares), its GPUs renumbered
+  to keep as many experts where ``previous`` had them as possible, charged
+  ``copy_penalty_s`` for every expert a GPU newly holds compared with ``previous``.
+
+Because "home" starts from no duplication and only takes moves that lower the predicted
+time, a layer is never predicted slower than with no duplication. With
+``copy_penalty_s = inf`` nothing is copied: layers in the static layout only re-split
+their tokens over the replicas in place, the others are kept as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from moe_gps.errors import UserError
+from moe_gps.placement.eplb import eplb
+from moe_gps.placement.layouts import contiguous, fill_spares
+from moe_gps.placement.placement import Placement
+from moe_gps.placement.waterfill import relabel_gpus
+
+#: token amounts tried per move, as fractions of half the gap between the two GPUs
+TRIALS = (1.0, 0.5, 0.25)
+
+
+class TimeModel(Protocol):
+    """Predicted time of MoE layers as a function of where their tokens go."""
+
+    def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
+                 layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """slot_exp: int [n, P] (-1 = empty, with 0 tokens); slot_tokens: float [n, P];
+        layers: int [n], the layers the rows are -> (seconds [n] per layer, seconds [n, G]
+        per GPU: the GPU's own share of the layer, used to pick the hottest and coldest)."""
+
+
+def home_layers(placement: Placement | None, base: np.ndarray, num_gpus: int) -> np.ndarray:
+    """bool [L]: the layers of ``placement`` that keep every expert's home slot of ``base`` (the
+    static layout); all False without a placement of the same shape."""
+    L = base.shape[0]
+    if placement is None or placement.num_gpus != num_gpus or placement.phy2log.shape != base.shape:
+        return np.zeros(L, dtype=bool)
+    home = base >= 0
+    return ((placement.phy2log == base) | ~home).all(axis=1)
+
+
+def new_pairs(phy2log: np.ndarray, previous: Placement | None, num_gpus: int, num_experts: int) -> np.ndarray:
+    """int [L]: (GPU, expert) pairs per layer that ``phy2log`` holds and ``previous`` did not
+    (the experts to copy); 0 without a previous placement."""
+    L, P = phy2log.shape
+    if previous is None:
+        return np.zeros(L, dtype=np.int64)
+    gpu = np.arange(P) // (P // num_gpus)
+    key = (np.arange(L)[:, None] * num_gpus + gpu[None, :]) * num_experts + phy2log
+    now = np.bincount(key.ravel(), minlength=L * num_gpus * num_experts) > 0
+    before = previous.experts_on_gpu().ravel() > 0
+    return (now & ~before).reshape(L, -1).sum(axis=1)
+
+
+def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cost: TimeModel | None = None,
+              copy_penalty_s: float = 0.0, balanced: bool = True,
+              max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Plan by predicted time (module docstring).
+
+    loads: float [L, E] predicted tokens per expert; cost: the time model (required);
+    copy_penalty_s: seconds charged to a layer for each expert copied into it (the copy's
+    predicted cost spread over the steps the plan will serve; ``inf``: no copies);
+    balanced: consider the balanced candidate (False: every layer keeps the static layout);
+    max_moves: rounds of the home candidate at most (default 4 (R + N) + 16).
+    -> (phy2log int64 [L, P], replica_share float64 [L, P], info)
+    """
+    if cost is None:
+        raise UserError("timeaware: needs a time model (cost=...): it plans by predicted layer time, as "
+                        "`moe-gps simulate` and `recommend` do with the cluster's cost model")
+    penalty = float(copy_penalty_s)
+    if not penalty >= 0:
+        raise UserError(f"timeaware: copy_penalty_s must be >= 0, got {copy_penalty_s}")
+    L, E = loads.shape
+    base = contiguous(L, E, N, S)
+    at_home = home_layers(previous, base, N)
+    rounds = 4 * (N * S - E + N) + 16 if max_moves is None else int(max_moves)
+    phy2log, share, obj = _home(loads, N, S, base, previous, at_home, cost, penalty, rounds)
+    kept = np.zeros(L, dtype=bool)
+    chosen = np.zeros(L, dtype=bool)
+    if penalty == np.inf and previous is not None:
+        # nothing may be copied: a layer not in the static layout stays as it is
+        kept = ~at_home
+        phy2log[kept], share[kept] = previous.phy2log[kept], previous.replica_share[kept]
+    elif balanced:
+        bal, _ = eplb(loads, N * S, N)
+        if previous is not None:
+            # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
+            bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
+        bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
+        score = obj + penalty * new_pairs(phy2log, previous, N, E)
+        bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N, E)
+        chosen = bal_score < score * (1 - 1e-12)
+        phy2log[chosen] = bal[chosen]
+        share[chosen] = 1.0 / _replicas(bal, E)[chosen]
+    copies = new_pairs(phy2log, previous, N, E)
+    info = {"copy_penalty_s": penalty, "balanced_layers": int(chosen.sum()), "kept_layers": int(kept.sum()),
+            "unused_slots": int(((share == 0) & ~chosen[:, None]).sum()), "copies": int(copies.sum()),
+            "allow_colocated": bool(chosen.any() or (kept.any() and previous.allow_colocated))}
+    return phy2log, share, info
+
+
+def _replicas(phy2log: np.ndarray, E: int) -> np.ndarray:
+    """float [L, P]: how many replicas the slot's expert has in its layer."""
+    L = phy2log.shape[0]
+    cnt = np.bincount((np.arange(L)[:, None] * E + phy2log).ravel(), minlength=L * E).reshape(L, E)
+    return np.take_along_axis(cnt, phy2log, axis=1).astype(np.float64)
+
+
+def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds):
+    """The home candidate: (phy2log, share, predicted time [L])."""
+    L, E = loads.shape
+    P = N * S
+    home = base >= 0
+    slot_exp = base.copy()
+    if at_home.any():
+        slot_exp[at_home] = previous.phy2log[at_home]
+    tokens = np.where(home, np.take_along_axis(loads, np.maximum(base, 0), axis=1), 0.0)
+    gpu = np.arange(P) // S
+    obj, gpu_t = cost.evaluate(slot_exp, tokens, np.arange(L))
+    score = obj.copy()
+    spread = (gpu_t ** 2).sum(axis=1)
+    active = loads.sum(axis=1) > 0
+    for _ in range(rounds):
+        idx = np.flatnonzero(active)
+        if not len(idx):
+            break
+        n = len(idx)
+        r = np.arange(n)
+        ex, tk, gt = slot_exp[idx], tokens[idx], gpu_t[idx]
+        h = gt.argmax(axis=1)
+        src = np.where(gpu[None, :] == h[:, None], tk, -1.0).argmax(axis=1)   # h's replica with most tokens
+        e = ex[r, src]
+        src_tok = tk[r, src]
+        holds_e = ex == e[:, None]
+        gpu_has_e = holds_e.reshape(n, N, S).any(axis=2)
+        open_slot = ~home[idx] & (tk <= 0) & ~gpu_has_e[:, gpu]              # may take a copy of e
+        can = gpu_has_e | (open_slot.reshape(n, N, S).any(axis=2) & (penalty < np.inf))
+        can[r, h] = False
+        c = np.where(can, gt, np.inf).argmin(axis=1)
+        shift = gpu_has_e[r, c]
+        on_c = gpu[None, :] == c[:, None]
+        dst = np.where(shift, (holds_e & on_c).argmax(axis=1), (open_slot & on_c).argmax(axis=1))
+        g_tok = tk.reshape(n, N, S).sum(axis=2)
+        half = np.minimum(src_tok, (g_tok[r, h] - g_tok[r, c]) / 2)
+        ok = can[r, c] & (src_tok > 0) & (half > 0)
+        # every trial amount at once: rows k * n + j are trial k of layer idx[j]
+        K = len(TRIALS)
+        x = np.where(ok, half, 0.0)[None, :] * np.asarray(TRIALS)[:, None]          # [K, n]
+        t_exp, t_tok = np.tile(ex, (K, 1)), np.tile(tk, (K, 1))
+        rk = np.arange(K * n)
+        t_tok[rk, np.tile(src, K)] -= x.ravel()
+        t_tok[rk, np.tile(dst, K)] += x.ravel()
+        t_exp[rk, np.tile(dst, K)] = np.where(np.tile(ok, K), np.tile(e, K), t_exp[rk, np.tile(dst, K)])
+        o, g = cost.evaluate(t_exp, t_tok, np.tile(idx, K))
+        o, g = o.reshape(K, n), g.reshape(K, n, -1)
+        s_k = o + np.where(ok & ~shift, penalty, 0.0)[None, :] + (score[idx] - obj[idx])[None, :]
+        # a move must lower the layer's time (with penalties), or keep it and even out the GPUs (a
+        # lower sum of squared GPU times): with two GPUs at the top, either one alone cannot lower it
+        sq_k = (g ** 2).sum(axis=2)
+        cur = score[idx]
+        gain = (s_k < cur * (1 - 1e-12)) | ((s_k <= cur * (1 + 1e-12)) & (sq_k < spread[idx][None, :] * (1 - 1e-9)))
+        s_k = np.where(ok[None, :] & gain, s_k, np.inf)
+        best_k = _best(s_k, sq_k)
+        best = s_k[best_k, r]
+        best_k = np.where(np.isfinite(best), best_k, -1)
+        take = best_k >= 0
+        active[idx[~take]] = False
+        if not take.any():
+            continue
+        t = np.flatnonzero(take)
+        li = idx[t]
+        x = half[t] * np.asarray(TRIALS)[best_k[t]]
+        tokens[li, src[t]] -= x
+        tokens[li, dst[t]] += x
+        new = ~shift[t]
+        slot_exp[li[new], dst[t][new]] = e[t][new]
+        obj[li] = o[best_k[t], t]
+        gpu_t[li] = g[best_k[t], t]
+        score[li] = best[t]
+        spread[li] = sq_k[best_k[t], t]
+    tokens = np.maximum(tokens, 0.0)
+    if (slot_exp < 0).any():
+        slot_exp = fill_spares(slot_exp, loads, N)
+    key = np.arange(L)[:, None] * E + slot_exp
+    tot = np.take_along_axis(np.bincount(key.ravel(), weights=tokens.ravel(), minlength=L * E).reshape(L, E),
+                             slot_exp, axis=1)
+    # each replica's tokens / its expert's tokens; an expert without tokens keeps them at home
+    share = np.where(tot > 0, tokens / np.where(tot > 0, tot, 1.0), home.astype(np.float64))
+    return slot_exp, share, obj
+
+
+def _best(score: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """int [n]: per column, the row with the lowest score, ties broken by the lowest spread."""
+    low = score.min(axis=0)
+    tie = score <= low[None, :] * (1 + 1e-12)
+    return np.where(tie, spread, np.inf).argmin(axis=0)

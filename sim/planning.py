@@ -1,0 +1,215 @@
+"""What a strategy predicts before it re-plans: layer times under a placement, and copy costs.
+
+* :class:`LayerTimeModel` is the cost model seen by the ``timeaware`` planner
+  (:mod:`moe_gps.placement.timeaware`): for slot contents and tokens per slot it gives each
+  layer's predicted dispatch + FFN + combine time, from per-GPU sent and received tokens
+  (no [G, G] traffic matrix, so a planner can call it once per move).
+* :func:`phases_time` is the exact closed form of the same part of the layer (the one the
+  event model equals without copies): the planner's result is checked against it.
+* :class:`CopyCost` predicts what a re-plan's copies cost under the copy policy, as the
+  ``min_gain`` rule needs (docs/simulator.md, "How strategies re-plan and copy").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_gps.config.schema import ModelConfig, WorkloadConfig
+from moe_gps.placement import Placement
+from moe_gps.placement.layouts import contiguous
+from moe_gps.placement.timeaware import home_layers
+from sim.cost import (Hardware, attention_time, combine_host_time, dispatch_host_time, ffn_time, layout_time,
+                      shared_compute, transfer_time)
+from sim.work import Copies, PlacementPhases, copy_port_busy, placement_phases
+
+
+class LayerTimeModel:
+    """Predicted dispatch + FFN + combine time of each layer, per GPU (the ``timeaware`` planner's
+    :class:`~moe_gps.placement.timeaware.TimeModel`).
+
+    src: float [L, G, E] believed (token, expert) assignments by home GPU. Per layer and GPU g,
+    with rows_g its FFN tokens, local_g those of them that start on g, home_g the assignments
+    that start on g, split per fabric f (peers on g's node, peers on other nodes):
+
+        recv_f(g) = tokens g's replicas take from peers on f;  send_f(g) = tokens g sends to them
+        link(g) = max_f [max(send_f, recv_f) h a / B_f + alpha_f (peers on f)]
+        D(g) = [layout] + link(g) + dispatch host(home_g) + skew;  C(g) = link(g) + combine host(home_g) + skew
+        layer = max_g FFN(g) + max_g D(g) + max_g C(g)
+
+    the closed form of :func:`phases_time` except that every peer is counted in the latency
+    term (the exact form counts only peers that exchange tokens). ``direct``: tokens are routed
+    without a layout exchange (token-to-expert prediction, the oracle).
+    """
+
+    def __init__(self, src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware,
+                 direct: bool = False) -> None:
+        self.src = np.asarray(src, dtype=np.float64)
+        L, G, E = self.src.shape
+        self.S, self.model, self.hw = slots_per_gpu, model, hw
+        self.total = self.src.sum(axis=1)                                         # [L, E]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.frac = np.where(self.total[:, None, :] > 0, self.src / self.total[:, None, :], 1.0 / G)
+        self.node = hw.node_of_gpu
+        self.nodes = int(self.node.max()) + 1 if G else 1
+        per_node = G // self.nodes
+        self.fnode = np.stack([self.frac[:, self.node == n, :].sum(axis=1) for n in range(self.nodes)], axis=1)
+        home = self.src.sum(axis=2)                                               # [L, G]
+        self.home = home
+        skew = hw.collective_skew
+        self.dhost = dispatch_host_time(home, model, hw) + skew + (0.0 if direct else layout_time(hw)[None, :])
+        self.chost = combine_host_time(home, model, hw) + skew
+        self.lat_intra = hw.intra_lat * (per_node - 1)
+        self.lat_inter = hw.inter_lat * (G - per_node)
+        self.bpt = model.token_bytes
+
+    def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
+                 layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, P = slot_exp.shape
+        S, hw = self.S, self.hw
+        G = P // S
+        e = np.maximum(slot_exp, 0)
+        gpu = np.arange(P) // S
+        ffn = ffn_time(slot_tokens, S, self.model, hw)                            # [n, G]
+        if hw.compute_units:
+            ffn = shared_compute(ffn, hw)
+        lr = layers[:, None]
+        local = (slot_tokens * self.frac[lr, gpu[None, :], e]).reshape(n, G, S).sum(axis=2)
+        rows = slot_tokens.reshape(n, G, S).sum(axis=2)
+        home = self.home[layers]
+        if self.nodes == 1:
+            link = np.maximum(home - local, rows - local) * (self.bpt / hw.intra_bw) + self.lat_intra
+        else:
+            inn = (slot_tokens * self.fnode[lr, self.node[gpu][None, :], e]).reshape(n, G, S).sum(axis=2)
+            key = ((np.arange(n)[:, None] * self.nodes + self.node[gpu][None, :]) * self.total.shape[1] + e)
+            on_node = np.bincount(key.ravel(), weights=slot_tokens.ravel(),
+                                  minlength=n * self.nodes * self.total.shape[1]).reshape(n, self.nodes, -1)
+            tot = self.total[layers][:, None, :]
+            on_node = np.divide(on_node, tot, out=np.zeros_like(on_node), where=tot > 0)
+            to_node = np.einsum("nge,nge->ng", self.src[layers], on_node[:, self.node, :])
+            intra = np.maximum(to_node - local, inn - local) * (self.bpt / hw.intra_bw) + self.lat_intra
+            inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
+            link = np.maximum(intra, inter)
+        d = link + self.dhost[layers]
+        c = link + self.chost[layers]
+        return ffn.max(axis=1) + d.max(axis=1) + c.max(axis=1), ffn + d + c
+
+
+class MeanTimeModel:
+    """The mean of several :class:`LayerTimeModel` (one per load scenario): plans that hold up
+    when the step's loads differ from the prediction as much as recent steps did."""
+
+    def __init__(self, models: list[LayerTimeModel]) -> None:
+        self.models = models
+
+    def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
+                 layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = [m.evaluate(slot_exp, slot_tokens, layers) for m in self.models]
+        return np.mean([o[0] for o in out], axis=0), np.mean([o[1] for o in out], axis=0)
+
+
+def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware, direct: bool = False):
+    """The planner's time model of believed loads ``src``: float [L, G, E], or [K, L, G, E] for K
+    scenarios (then the mean over them)."""
+    if src.ndim == 3:
+        return LayerTimeModel(src, slots_per_gpu, model, hw, direct)
+    return MeanTimeModel([LayerTimeModel(x, slots_per_gpu, model, hw, direct) for x in src])
+
+
+def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,
+                direct: bool = False) -> np.ndarray:
+    """float [L]: the exact closed-form dispatch + FFN + combine time of each layer under ``p``
+    (every token routed after the gate, or, with ``direct``, straight from the prediction ``src``);
+    ``src`` [K, L, G, E]: the mean over the K scenarios."""
+    if src.ndim == 4:
+        return np.mean([phases_time(p, x, model, hw, direct) for x in src], axis=0)
+    return placement_phases(p, src, src if direct else None, model, hw).layer_time()
+
+
+def home_routing(p: Placement) -> Placement:
+    """The same slots with, in every layer that keeps the static layout's home slots, each expert's
+    tokens on its home slot (no duplication's routing; the replicas elsewhere keep their weights
+    and take no tokens). Other layers are unchanged."""
+    base = contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu)
+    at_home = home_layers(p, base, p.num_gpus)
+    share = np.where(at_home[:, None], (base >= 0).astype(np.float64), p.replica_share)
+    return Placement(p.phy2log, p.num_gpus, p.num_experts, share, algorithm=p.algorithm,
+                     allow_colocated=p.allow_colocated, meta=p.meta)
+
+
+def pick_layers(a: Placement, b: Placement, keep_b: np.ndarray) -> Placement:
+    """``a`` with the layers of ``b`` where ``keep_b`` [L] is True (slots and shares)."""
+    phy2log = np.where(keep_b[:, None], b.phy2log, a.phy2log)
+    share = np.where(keep_b[:, None], b.replica_share, a.replica_share)
+    return Placement(phy2log, a.num_gpus, a.num_experts, share, algorithm=a.algorithm,
+                     allow_colocated=a.allow_colocated or b.allow_colocated, meta=a.meta)
+
+
+@dataclass
+class CopyCost:
+    """Predicted seconds that weight copies add to the steps, per copy policy.
+
+    policy: critical | overlap | async | hidden;  share: the link share of background copies;
+    attention: float [L] seconds of predictor + attention per layer (what overlapping copies hide
+    under); link: float [L] seconds of dispatch and combine link time per layer (what background
+    copies slow down); step: seconds of one step.
+    """
+
+    policy: str
+    share: float
+    hw: Hardware
+    attention: np.ndarray
+    link: np.ndarray
+    step: float
+
+    def replan(self, copies: Copies) -> float:
+        """Seconds a re-plan with ``copies`` adds (without the host time of applying it):
+
+        critical: sum over layers of max_g busy_g           (the layer waits for its copies)
+        overlap:  sum over layers of max(0, max_g busy_g - attention)   (what attention does not hide)
+        async:    D * (sum of link / step) * share / (1 - share),  D = max_g busy_g over all layers
+                  (the job's length at the copies' share; meanwhile the collectives' link part
+                  runs at 1 - share of the bandwidth)
+        hidden:   0
+        busy_g = the larger of g's sending and its receiving followed by its copies between slots.
+        """
+        if self.policy == "hidden" or not len(copies):
+            return 0.0
+        L = len(self.attention)
+        G = self.hw.num_gpus
+        if self.policy == "async":
+            busy = copy_port_busy(Copies(np.zeros_like(copies.layer), copies.src, copies.dst, copies.bytes,
+                                         copies.seconds), 1, G)
+            frac = float(self.link.sum() / self.step) if self.step > 0 else 0.0
+            return float(busy.max()) * frac * self.share / (1 - self.share)
+        busy = copy_port_busy(copies, L, G).max(axis=1)
+        if self.policy == "critical":
+            return float(busy.sum())
+        return float(np.maximum(busy - self.attention, 0.0).sum())
+
+    def per_expert(self, expert_bytes: float) -> float:
+        """Seconds one expert copied into one layer adds (the ``timeaware`` planner's copy penalty,
+        before it is spread over the steps the plan serves): :meth:`replan` for one transfer on
+        the node's fabric."""
+        if self.policy == "hidden":
+            return 0.0
+        share = self.share if self.policy == "async" else 1.0
+        t = float(transfer_time(expert_bytes, True, self.hw, share))
+        if self.policy == "critical":
+            return t
+        if self.policy == "overlap":
+            return max(0.0, t - float(self.attention.min(initial=0.0)))
+        frac = float(self.link.sum() / self.step) if self.step > 0 else 0.0
+        return t * frac * self.share / (1 - self.share)
+
+
+def copy_cost(policy: str, share: float, phases: PlacementPhases, home_tokens: np.ndarray, predictor_s: np.ndarray,
+              model: ModelConfig, workload: WorkloadConfig, hw: Hardware) -> CopyCost:
+    """The :class:`CopyCost` of a step whose placement-decided phases are ``phases`` (the
+    placement in force) and whose GPUs hold ``home_tokens`` [G]."""
+    attn = float(np.max(attention_time(home_tokens, model, workload, hw) + predictor_s, initial=0.0))
+    L = phases.ffn.shape[0]
+    link = (phases.dispatch_link + phases.combine_link).max(axis=1)
+    step = float(phases.layer_time().sum() + attn * L)
+    return CopyCost(policy, share, hw, np.full(L, attn), link, step)

@@ -1,0 +1,114 @@
+"""The verdict: which deployable strategy is fastest, by how much over no duplication, how sure.
+
+Speed-up of strategy X over ``none`` = mean step latency of none / mean step latency of X,
+over the simulated steps. Its 95% interval is a paired bootstrap over steps: resample the
+steps (the same ones for both strategies) :data:`RESAMPLES` times with the simulation's seed,
+take the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
+
+* The *winner* is the deployable strategy (every one but the oracle and the predictors that
+  read the true routing: ``oracle``, ``synthetic``) with the lowest mean step latency; ``none``
+  can win.
+* A *tie* is another deployable strategy whose speed-up lies inside the winner's interval
+  (when ``none`` wins: one whose own interval contains 1.0).
+* Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:                       # pragma: no cover
+    from sim.run import SimResult
+
+RESAMPLES = 2000
+THIN_STEPS = 8
+
+
+def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
+                     resamples: int = RESAMPLES) -> tuple[float, float, float]:
+    """(speed-up, low, high): mean(base) / mean(other) and its paired-bootstrap interval.
+
+    base, other: float [S] step latencies of the same steps."""
+    base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    point = float(base.mean() / other.mean())
+    if len(base) < 2:
+        return point, point, point
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(resamples, len(base)))
+    ratio = base[idx].mean(axis=1) / other[idx].mean(axis=1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(ratio, [a, 1 - a])
+    return point, float(min(lo, point)), float(max(hi, point))
+
+
+@dataclass
+class Verdict:
+    """The fastest deployable strategy and how sure the simulation is of it (module docstring).
+
+    speedup, ci_low, ci_high: over ``none``;  ties: strategies not separated from the winner;
+    steps: simulated steps;  thin: fewer than THIN_STEPS of them;  runner_up: the best other
+    deployable strategy and its (speedup, low, high) when ``none`` wins.
+    """
+
+    strategy: str
+    speedup: float
+    ci_low: float
+    ci_high: float
+    ties: list[str]
+    steps: int
+    thin: bool
+    runner_up: dict[str, Any] | None = field(default=None)
+
+    @property
+    def beats_none(self) -> bool:
+        """The winner is faster than no duplication beyond the interval."""
+        return self.strategy != "none" and self.ci_low > 1.0
+
+    def line(self) -> str:
+        """The one-line verdict printed after the tables."""
+        n = f"{self.steps} simulated step{'s' if self.steps != 1 else ''}"
+        ties = f"; ties within the interval: {', '.join(self.ties)}" if self.ties else ""
+        if self.strategy == "none":
+            text = "verdict: none (no duplication) is the fastest deployable strategy"
+            if self.runner_up is not None:
+                r = self.runner_up
+                text += (f"; the best duplicating one, {r['strategy']}, runs at {r['speedup']:.3f}x "
+                         f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
+            text += ties
+        else:
+            text = (f"verdict: {self.strategy} is the fastest deployable strategy, {self.speedup:.3f}x over none "
+                    f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f} over {n})")
+            if not self.beats_none:
+                text += ", not faster than no duplication beyond the interval"
+            text += ties
+        if self.thin:
+            text += f" [thin evidence: fewer than {THIN_STEPS} simulated steps]"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verdict_of(result: "SimResult") -> Verdict | None:
+    """The verdict of a simulation, or None when it has no ``none`` strategy to compare with."""
+    rows = [r for r in result.strategies if r.config.deployable]
+    base = next((r for r in rows if r.config.kind == "none"), None)
+    if base is None or not rows:
+        return None
+    seed = result.config.seed
+    lat = {r.name: r.step_latency for r in rows}
+    stats = {name: speedup_interval(lat[base.name], x, seed) for name, x in lat.items()}
+    winner = min(rows, key=lambda r: (float(r.step_latency.mean()), r.name)).name
+    S = len(result.steps)
+    point, lo, hi = stats[winner]
+    others = [n for n in lat if n != winner]
+    if winner == base.name:
+        ties = [n for n in others if stats[n][1] <= 1.0 <= stats[n][2]]
+        best = max(others, key=lambda n: (stats[n][0], n), default=None)
+        runner = None if best is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
+                                                    (best, *stats[best])))
+        return Verdict("none", 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)
+    ties = [n for n in others if lo <= stats[n][0] <= hi]
+    return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS)

@@ -1,0 +1,172 @@
+"""Re-plan and copy policies, the oracle bound and the verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_gps.config import (AttentionSpec, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig,
+                            load_cluster, strategy_from_name)
+from moe_gps.trace.data import CountsTrace
+from moe_gps.trace.meta import TraceMeta
+from sim.cost import Hardware
+from sim.planning import CopyCost
+from sim.run import simulate
+from sim.verdict import THIN_STEPS, speedup_interval, verdict_of
+from sim.work import Copies
+
+MODEL = ModelConfig(name="mixtral-2l", num_layers=2, num_experts=8, top_k=2, hidden_size=4096,
+                    moe_intermediate_size=14336, attention=AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128))
+US = 1e-6
+
+
+def counts_trace(counts: np.ndarray) -> CountsTrace:
+    """A counts trace of int [steps, layers, experts] (tokens = counts per layer / top_k)."""
+    S, L, E = counts.shape
+    tokens = (counts[:, 0, :].sum(axis=1) // 2).astype(int).tolist()
+    meta = TraceMeta(kind="counts", num_layers=L, num_experts=E, top_k=2, model=MODEL.name, dataset="test",
+                     source="synthetic", tokens_per_step=tokens)
+    return CountsTrace(meta, counts.astype(np.int64))
+
+
+def shifting_trace(steps: int = 12, tokens: int = 4096) -> CountsTrace:
+    """Expert 0 is hot for the first half, expert 7 for the second (every layer)."""
+    c = np.full((steps, 2, 8), tokens * 2 // 16, dtype=np.int64)
+    hot = np.where(np.arange(steps) < steps // 2, 0, 7)
+    c[np.arange(steps), :, hot] *= 5
+    rest = [e for e in range(8)]
+    c = c * (tokens * 2) // c.sum(axis=2, keepdims=True)
+    return counts_trace(c)
+
+
+def run(trace, names, cluster="4xA100-nvlink", **kw) -> object:
+    strategies = [strategy_from_name(n) if isinstance(n, str) else n for n in names]
+    cfg = SimulateConfig(cluster=load_cluster(cluster) if isinstance(cluster, str) else cluster, model=MODEL,
+                         strategies=strategies, train_steps=2, **kw)
+    return simulate(trace, cfg, progress=False)
+
+
+# ---------------------------------------------------------------------------- copy cost
+
+def test_copy_cost_by_policy_by_hand():
+    """Copies of one layer, GPU 0 -> 1 for 100 us and GPU 0 -> 2 for 50 us (GPU 0 sends 150 us)."""
+    hw = Hardware.from_config(load_cluster("4xA100-nvlink"), MODEL)
+    copies = Copies(np.array([0, 0]), np.array([0, 0]), np.array([1, 2]), np.array([1e6, 1e6]),
+                    np.array([100, 50]) * US)
+    attention = np.array([40 * US, 40 * US])
+    link = np.array([10 * US, 10 * US])
+    cost = lambda policy: CopyCost(policy, 0.5, hw, attention, link, 1000 * US).replan(copies)  # noqa: E731
+    assert cost("critical") == pytest.approx(150 * US)               # the layer waits for GPU 0's sends
+    assert cost("overlap") == pytest.approx(110 * US)                # 150 - 40 under attention
+    assert cost("async") == pytest.approx(150 * US * 20 / 1000)      # 150 us at 2% link time, x 0.5 / 0.5
+    assert cost("hidden") == 0.0
+
+
+# ---------------------------------------------------------------------------- the min_gain rule
+
+def test_min_gain_weighs_the_saving_against_the_copies():
+    """The hot expert changes half-way. A re-plan's copies (one 352 MB expert per layer and GPU it
+    lands on) cost 1.2 ms at 300 GB/s, and 352 ms at 1 GB/s; balancing saves a few ms per step.
+    min_gain 1 re-plans on NVLink only; min_gain 0 re-plans on both."""
+    trace = shifting_trace()
+    dist = dataclasses.replace(strategy_from_name("dist:previous"), replan_interval=2, window=1)
+    slow = load_cluster("4xA100-nvlink")
+    slow = dataclasses.replace(slow, intra_node=dataclasses.replace(slow.intra_node, bandwidth_gb_s=1.0))
+    fast_r = run(trace, ["none", dist], copy_policy="critical")
+    slow_r = run(trace, ["none", dist], cluster=slow, copy_policy="critical")
+    assert fast_r.get("dist:previous").replans >= 1
+    assert slow_r.get("dist:previous").replans == 0
+    eager = run(trace, ["none", dataclasses.replace(dist, min_gain=0.0)], cluster=slow, copy_policy="critical")
+    assert eager.get("dist:previous").replans >= 1
+    # paying 352 ms of copies per re-plan is much slower than keeping the old placement
+    assert eager.get("dist:previous").step_latency.sum() > slow_r.get("dist:previous").step_latency.sum() + 0.3
+
+
+def test_async_placement_serves_only_after_its_copies_land():
+    """With background copies on a slow link the new placement waits until its copies have landed:
+    the GPU loads stay those of the old placement for the steps in between, and the copies never sit
+    on the critical path (the only cost is the slowed dispatch and combine)."""
+    trace = shifting_trace(steps=14)
+    dist = dataclasses.replace(strategy_from_name("dist:previous"), replan_interval=2, window=1, min_gain=0.0)
+    # background copies at a fifth of NVLink: 352 MB take 6 ms, the job (3.5 GB) lands after a few 11 ms steps
+    asy = run(trace, ["none", dist], copy_policy="async", copy_bandwidth_share=0.2).get("dist:previous")
+    crit = run(trace, ["none", dist], copy_policy="critical").get("dist:previous")
+    first = int(np.flatnonzero(asy.copy_bytes.sum(axis=1) > 0)[0])
+    assert first == int(np.flatnonzero(crit.copy_bytes.sum(axis=1) > 0)[0])
+    # critical: the new placement serves the step it is made at; async: the old one until its copies land
+    assert crit.gpu_skew[first].mean() < asy.gpu_skew[first].mean()
+    landed = first + 1 + int(np.argmax(asy.gpu_skew[first + 1:].mean(axis=1) < asy.gpu_skew[first].mean() - 0.1))
+    assert landed > first + 1 and np.allclose(asy.gpu_skew[first:landed], asy.gpu_skew[first])
+    # the copies never wait on the critical path: only the dispatch and combine they meet slow down
+    assert asy.phases["copy"].sum() < crit.phases["copy"].sum()
+
+
+# ---------------------------------------------------------------------------- the oracle bound
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(G=st.sampled_from([2, 4]), per_node=st.sampled_from([1, 2, 4]), bw=st.floats(1.0, 600.0),
+       tokens=st.sampled_from([64, 512, 4096, 16384]), policy=st.sampled_from(["critical", "overlap", "async",
+                                                                                "hidden"]),
+       seed=st.integers(0, 10_000))
+def test_oracle_is_never_slower_than_no_duplication(G, per_node, bw, tokens, policy, seed):
+    per_node = min(per_node, G)
+    rng = np.random.default_rng(seed)
+    steps = 8
+    share = rng.dirichlet(np.full(8, rng.uniform(0.2, 3.0)), size=(steps, 2))
+    counts = np.maximum(np.round(share * tokens * 2), 0).astype(np.int64)
+    counts[:, :, 0] += 1
+    trace = counts_trace(counts)
+    base = load_cluster("2x8xH100-ib")
+    link = dataclasses.replace(base.intra_node, bandwidth_gb_s=bw)
+    cluster = dataclasses.replace(base, num_gpus=G, gpus_per_node=per_node, intra_node=link,
+                                  inter_node=dataclasses.replace(base.inter_node, bandwidth_gb_s=bw / 4))
+    oracle = dataclasses.replace(strategy_from_name("oracle"), replan_interval=int(rng.integers(1, 4)))
+    r = run(trace, ["none", oracle], cluster=cluster, copy_policy=policy,
+            workload=WorkloadConfig(tokens_per_step=tokens))
+    none, orc = r.get("none").step_latency.sum(), r.get("oracle").step_latency.sum()
+    assert orc <= none * (1 + 1e-9), (orc, none)
+
+
+# ---------------------------------------------------------------------------- the verdict
+
+def fake(latencies: dict[str, list[float]], kinds: dict[str, str] | None = None):
+    """A SimResult-shaped object with these step latencies."""
+    kinds = kinds or {}
+    cfg = {n: (StrategyConfig(kind="token", predictor="synthetic") if n == "what-if" else
+               StrategyConfig(kind=kinds.get(n, "none" if n == "none" else "static"))) for n in latencies}
+    rows = [SimpleNamespace(name=n, config=cfg[n], step_latency=np.asarray(v, dtype=float)) for n, v in latencies.items()]
+    S = len(next(iter(latencies.values())))
+    return SimpleNamespace(strategies=rows, config=SimpleNamespace(seed=0), steps=np.arange(S))
+
+
+def test_verdict_winner_interval_and_ties():
+    rng = np.random.default_rng(0)
+    none = 10 + rng.normal(0, 0.1, 40)
+    v = verdict_of(fake({"none": none, "a": none / 1.10 + rng.normal(0, 0.02, 40),
+                         "b": none / 1.099 + rng.normal(0, 0.02, 40), "c": none / 1.02,
+                         "oracle": none / 1.5, "what-if": none / 1.4}, {"oracle": "oracle"}))
+    assert v.strategy == "a" and v.ci_low < v.speedup < v.ci_high and v.ci_low > 1.0
+    assert v.ties == ["b"] and not v.thin and v.beats_none       # c is outside; oracle and what-if are not deployable
+    line = v.line()
+    assert line.startswith(f"verdict: a is the fastest deployable strategy, {v.speedup:.3f}x over none (95% CI "
+                           f"{v.ci_low:.3f}-{v.ci_high:.3f} over 40 simulated steps)")
+    assert line.endswith("ties within the interval: b") and "nan" not in line
+    assert set(v.to_dict()) >= {"strategy", "speedup", "ci_low", "ci_high", "ties"}
+
+
+def test_verdict_when_nothing_beats_no_duplication_and_thin_evidence():
+    none = np.array([10.0, 10.2, 9.9, 10.1, 10.0])
+    v = verdict_of(fake({"none": none, "a": none + np.array([-0.1, 0.1, 0.05, -0.05, 0.02]), "b": none * 1.2}))
+    assert v.strategy == "none" and v.thin and len(none) < THIN_STEPS
+    assert v.ties == ["a"] and v.runner_up["strategy"] == "a"      # a's interval contains 1.0
+    assert "thin evidence" in v.line() and "nan" not in v.line()
+    # one step: a degenerate interval, never nan
+    one = verdict_of(fake({"none": [10.0], "a": [9.0]}))
+    assert (one.speedup, one.ci_low, one.ci_high) == pytest.approx((10 / 9, 10 / 9, 10 / 9)) and one.thin
+    assert speedup_interval(np.ones(5), np.ones(5)) == (1.0, 1.0, 1.0)
+    assert verdict_of(fake({"a": [1.0, 2.0]})) is None              # no `none` to compare with
