@@ -19,6 +19,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
+from moe_gps.tables import format_indices  # noqa: F401  (re-exported for the importers)
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
 
@@ -114,19 +115,6 @@ def parse_passes(text: str) -> list[int]:
             raise UserError(f"--passes: range {part.strip()!r} runs backwards")
         out.update(range(lo, hi + 1))
     return sorted(out)
-
-
-def format_indices(indices: Iterable[int]) -> str:
-    """``[2, 5, 6, 7]`` -> ``"2,5-7"``."""
-    idx = sorted(set(int(i) for i in indices))
-    parts, i = [], 0
-    while i < len(idx):
-        j = i
-        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
-            j += 1
-        parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def first_duplicate_in_rows(ids: np.ndarray) -> tuple[int, int] | None:
