@@ -9,6 +9,7 @@ back to its origin.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -200,3 +201,42 @@ def torch_load(path: Path, needed_for: str) -> Any:
                             "containers, which are not loaded (torch.load weights_only)") from None
         first = text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
         raise UserError(f"{path}: not a readable torch.save file ({first})") from None
+
+
+def read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """The JSON values of a saved-responses file, each with where it is (for errors).
+
+    Accepts one JSON value per line (``file:line``), a JSON array (``file[i]``) or one
+    JSON object (``file``); a line holding an array (a batch response) gives its elements
+    (``file:line[j]``). Blank lines are skipped.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, expected saved JSON responses") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file, expected saved JSON responses")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    else:
+        if isinstance(whole, list):
+            return [(f"{path}[{i}]", v) for i, v in enumerate(whole)]
+        lines = [i for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [(f"{path}:{lines[0]}" if len(lines) == 1 else str(path), whole)]
+    out: list[tuple[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: not a JSON line ({err.msg} at column {err.colno})") from None
+        if isinstance(value, list):
+            out += [(f"{path}:{lineno}[{j}]", v) for j, v in enumerate(value)]
+        else:
+            out.append((f"{path}:{lineno}", value))
+    return out

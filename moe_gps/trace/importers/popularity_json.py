@@ -100,6 +100,7 @@ def import_popularity_json(sources: Sequence[str | os.PathLike], *, top_k: int, 
     S, L, E = counts.shape
     tokens_per_step = (counts[:, 0, :].sum(axis=1) // top_k).astype(int).tolist()
     summary.append(f"num_layers={L}, num_experts={E} (array shape), top_k={top_k} (from --top-k)")
+    summary.append(f"steps: one per file, in the order given; {S} step(s)")
     prov = provenance(
         FORMAT, [str(p) for p in paths],
         top_k_source="from --top-k",
