@@ -388,3 +388,17 @@ def test_sglang_stat_dump_says_how_many_decoder_layers(tmp_path):
     assert main(["plan", str(tmp_path / "s.parquet"), "--gpus", "2", "-o", str(tmp_path / "p.yaml"),
                  "--sglang", str(tmp_path / "m.json")]) == 0
     assert len(json.loads((tmp_path / "m.json").read_text())["physical_to_logical_map"]) == HIDDEN_LAYERS
+
+
+def test_vllm_balancedness_differs_from_the_mean_over_layers_on_real_qwen3(real_traces, tmp_path, capsys):
+    """The real Qwen3-30B-A3B prefill pass on 8 GPUs without copies: vLLM's sum-over-layers
+    balancedness (what its EPLB logs) is lower than the mean over layers of mean/max."""
+    from moe_gps.placement import balancedness, plan_placement, vllm_balancedness
+    from moe_gps.trace.importers import import_vllm_jsonl
+
+    t = import_vllm_jsonl([real_traces / "qwen3-30b-a3b-vllm-sharegpt" / "token_distri_8.jsonl"], num_layers=48,
+                          num_experts=128, min_tokens=100).trace
+    loads = t.counts()[0]
+    gpu = plan_placement(loads, 8, 0, "none").gpu_loads(loads)
+    assert balancedness(gpu).mean() == pytest.approx(0.6635, abs=5e-5)
+    assert vllm_balancedness(gpu) == pytest.approx(0.6522, abs=5e-5)
