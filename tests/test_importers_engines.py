@@ -402,3 +402,51 @@ def test_vllm_balancedness_differs_from_the_mean_over_layers_on_real_qwen3(real_
     gpu = plan_placement(loads, 8, 0, "none").gpu_loads(loads)
     assert balancedness(gpu).mean() == pytest.approx(0.6635, abs=5e-5)
     assert vllm_balancedness(gpu) == pytest.approx(0.6522, abs=5e-5)
+
+
+def _other_importer_inputs(tmp_path):
+    """Small inputs of the importers whose files do not say how many decoder layers the model has."""
+    rng = np.random.default_rng(0)
+    L, E, k = 3, 8, 2
+    ids = [[np.argsort(rng.random((5, E)), axis=1)[:, :k].tolist() for _ in range(L)] for _ in range(2)]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"topk_ids": c}) + "\n" for p in ids for c in p))
+    (tmp_path / "p.json").write_text(json.dumps({"expert_popularity": np.full((L, E), 4).tolist()}))
+    np.savez(tmp_path / "h.npz", *[rng.normal(size=(6, E)) for _ in range(L)])
+    step = tmp_path / "csv"
+    step.mkdir()
+    for layer in (2, 4, 5):                                   # file names say decoder layers 2, 4, 5
+        scores = np.zeros((4, E))
+        np.put_along_axis(scores, np.argsort(rng.random((4, E)), axis=1)[:, :k], 0.5, axis=1)
+        rows = [f"0,{t}," + ",".join(f"{v:g}" for v in r) for t, r in enumerate(scores)]
+        (step / f"layer{layer}.csv").write_text("layer_id,token_id," + ",".join(f"expert_{j}" for j in range(E))
+                                                + "\n" + "\n".join(rows) + "\n")
+    return {"vllm-jsonl": ([tmp_path / "v.jsonl"], ["--num-layers", "3", "--num-experts", "8"]),
+            "popularity-json": ([tmp_path / "p.json"], ["--top-k", "2"]),
+            "hf-router-logits": ([tmp_path / "h.npz"], ["--top-k", "2"]),
+            "gate-csv": ([step], [])}
+
+
+@pytest.mark.parametrize("fmt", ["vllm-jsonl", "popularity-json", "hf-router-logits", "gate-csv"])
+def test_plan_sglang_rows_equal_the_model_layers_for_the_other_importers(tmp_path, capsys, fmt):
+    src, flags = _other_importer_inputs(tmp_path)[fmt]
+    trace = tmp_path / "t.parquet"
+    assert main(["trace", "import", "--from", fmt, *map(str, src), *flags, "-o", str(trace)]) == 0
+    assert "steps: one per" in capsys.readouterr().out
+    assert main(["trace", "validate", str(trace)]) == 0
+    plan = ["plan", str(trace), "--gpus", "2", "-o", str(tmp_path / "p.yaml"), "--sglang", str(tmp_path / "s.json")]
+    assert main(plan) == 2                                    # the file cannot say: refused, nothing written
+    assert "pass --num-hidden-layers" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
+    extra = [] if fmt == "gate-csv" else ["--first-moe-layer", "2"]   # gate-csv: ids 2, 4, 5 from its file names
+    assert main(plan + ["--num-hidden-layers", "6", *extra]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]
+    assert len(rows) == 6
+
+
+def test_plan_sglang_rows_from_a_per_token_dump(tmp_path):
+    pytest.importorskip("torch")
+    files, _ = sglang_detail_dumps(tmp_path, [(0, 0, 5), (1, 0, 4)], "per_token")
+    assert main(["trace", "import", "--from", "sglang-dump", *map(str, files), "-o", str(tmp_path / "t.parquet")]) == 0
+    assert main(["trace", "validate", str(tmp_path / "t.parquet")]) == 0
+    assert main(["plan", str(tmp_path / "t.parquet"), "--gpus", "2", "-o", str(tmp_path / "p.yaml"),
+                 "--sglang", str(tmp_path / "s.json")]) == 0
+    assert len(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]) == HIDDEN_LAYERS

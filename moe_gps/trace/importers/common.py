@@ -203,6 +203,19 @@ def torch_load(path: Path, needed_for: str) -> Any:
         raise UserError(f"{path}: not a readable torch.save file ({first})") from None
 
 
+def read_text(path: Path, expected: str) -> str:
+    """The UTF-8 text of a file that must not be empty; ``expected`` says what it should hold."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, expected {expected}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file, expected {expected}")
+    return text
+
+
 def read_json_records(path: Path) -> list[tuple[str, Any]]:
     """The JSON values of a saved-responses file, each with where it is (for errors).
 
@@ -210,14 +223,7 @@ def read_json_records(path: Path) -> list[tuple[str, Any]]:
     JSON object (``file``); a line holding an array (a batch response) gives its elements
     (``file:line[j]``). Blank lines are skipped.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text, expected saved JSON responses") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
-    if not text.strip():
-        raise UserError(f"{path}: empty file, expected saved JSON responses")
+    text = read_text(path, "saved JSON responses")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:

@@ -111,16 +111,15 @@ def import_vllm_routed(sources: Sequence[str | os.PathLike], *, num_experts: int
     paths = check_sources(sources)
     requests: list[RequestRouting] = []
     summary: list[str] = []
-    split = 0
+    split = count = 0
     for p in paths:
         records = read_json_records(p)
-        before = len({r.request for r in requests})
         for where, rec in records:
-            req = _requests_of(rec, where, len({r.request for r in requests}))
+            req = _requests_of(rec, where, count)
             split += any(r.prompt_rows == 0 for r in req)
             requests += req
-        summary.append(f"{p}: {len(records)} response(s), {len({r.request for r in requests}) - before} with routed "
-                       "experts")
+            count += 1
+        summary.append(f"{p}: {len(records)} response(s) with routed experts")
     summary.append("prompt/output split: " + (f"prompt_routed_experts + choices[].routed_experts in {split} "
                                               "response(s), " if split else "")
                    + "otherwise choices[].routed_experts from the first prompt token")
