@@ -76,7 +76,7 @@ def real_cases() -> list[tuple[str, np.ndarray, list[tuple[int, int]]]]:
     qwen = REAL / "qwen3-30b-a3b-vllm-sharegpt"
     if qwen.is_dir():
         t = import_vllm_jsonl([qwen / "token_distri_8.jsonl", qwen / "token_distri_16.jsonl"], min_tokens=1000,
-                              num_experts=128).trace
+                              num_layers=48, num_experts=128).trace
         c = t.counts().astype(float)                          # [2 prefill passes, 48, 128]
         cases.append(("qwen3-30b-a3b vLLM prefill (real)", c[0], [(8, 8), (8, 16), (16, 16), (32, 32)]))
         cases.append(("qwen3 drift: pass 0 -> pass 1", c, []))

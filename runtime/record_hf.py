@@ -118,6 +118,7 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "transformers": transformers.__version__, "torch": torch.__version__, "input": source.description,
             "batch": batch, "seq_len": seq_len, "moe_layers": rec.layer_names,
+            "num_hidden_layers": int(model.config.get_text_config().num_hidden_layers),
             "normalize_topk": rec.normalize}
     model.eval()
     dev = torch.device(device)

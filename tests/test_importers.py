@@ -73,7 +73,8 @@ def qwen_prefill(real_traces, tmp_path_factory):
     out = {}
     for name in ("token_distri_8.jsonl", "token_distri_16.jsonl"):
         path = tmp_path_factory.mktemp("qwen") / "prefill.parquet"
-        import_trace("vllm-jsonl", [real_traces / QWEN / name], path, min_tokens=100, model="Qwen3-30B-A3B")
+        import_trace("vllm-jsonl", [real_traces / QWEN / name], path, min_tokens=100, model="Qwen3-30B-A3B",
+                     num_layers=48, num_experts=128)   # SOURCES.md: 48 MoE layers, 128 experts
         out[name] = load_trace(path)
     return out
 
@@ -87,7 +88,7 @@ def test_qwen3_prefill_shape_matches_sources(qwen_prefill, name, tokens):
     assert trace.tokens_per_step.tolist() == [tokens]
     assert m.source == "imported" and m.model == "Qwen3-30B-A3B"
     assert m.provenance["passes_kept"] == {str(next(iter(m.provenance["passes_in_file"]))): "2"}
-    assert "inferred" in m.provenance["num_layers_source"]
+    assert m.provenance["num_layers_source"] == "from --num-layers"
     assert trace.weights is None  # the file holds only the weights' shape
 
 
@@ -114,12 +115,20 @@ def test_qwen3_prefill_skew_matches_sources(qwen_prefill):
 
 def test_qwen3_pass_selection_by_index_and_all_passes(real_traces):
     src = [real_traces / QWEN / "token_distri_8.jsonl"]
-    by_index = import_vllm_jsonl(src, passes="2").trace
-    by_size = import_vllm_jsonl(src, min_tokens=100).trace
+    shape = {"num_layers": 48, "num_experts": 128}
+    by_index = import_vllm_jsonl(src, passes="2", **shape).trace
+    by_size = import_vllm_jsonl(src, min_tokens=100, **shape).trace
     assert (by_index.experts == by_size.experts).all()
-    everything = import_vllm_jsonl(src).trace
+    everything = import_vllm_jsonl(src, **shape).trace
     assert everything.tokens_per_step.tolist() == [19, 4, 2050] + [4] * 29
-    several = import_vllm_jsonl(src, passes="0,2-3", min_tokens=5).trace
+    several = import_vllm_jsonl(src, passes="0,2-3", min_tokens=5, **shape).trace
+    with pytest.raises(UserError, match=r"needs --num-layers, the model's MoE layers \(lines per forward pass\); "
+                                        r"runs of lines with equal token counts have lengths divisible by 48, so it "
+                                        r"is 48 or a divisor of it"):
+        import_vllm_jsonl(src, num_experts=128)
+    with pytest.raises(UserError, match=r"needs --num-experts, .*; the largest id in the selected passes is 127, so "
+                                        r"at least 128"):
+        import_vllm_jsonl(src, num_layers=48)
     assert several.tokens_per_step.tolist() == [19, 2050]  # pass 3 has 4 tokens < 5
     assert several.meta.provenance["passes_kept"] == {str(src[0]): "0,2"}
 
@@ -337,8 +346,8 @@ def test_sglang_errors(tmp_path):
                                         r"multiple of --top-k 3"):
         sglang_stat_dump(tmp_path / "d.pt", bad[:1], buffer_size=4)
         import_sglang_dump([tmp_path / "d.pt"], top_k=3)
-    torch.save(dict(records=[], last_physical_to_logical_map=torch.zeros(2, 2)), tmp_path / "pp.pt")
-    with pytest.raises(UserError, match="pp.pt: this is a per_pass/per_token recorder dump"):
+    torch.save(dict(records=[], last_physical_to_logical_map=torch.zeros(2, 2, dtype=torch.int64)), tmp_path / "pp.pt")
+    with pytest.raises(UserError, match="pp.pt: the dump holds no records"):
         import_sglang_dump([tmp_path / "pp.pt"], top_k=2)
     (tmp_path / "j.pt").write_text("{}")
     with pytest.raises(UserError, match=r"j.pt: not a torch.save \(.pt\) file"):
@@ -371,7 +380,7 @@ def test_vllm_synthetic_round_trip_with_weights(tmp_path):
         w = rng.random((len(c), 2)).round(3)
         lines.append(json.dumps({"topk_ids": c, "topk_weights": w.tolist()}))
     (tmp_path / "w.jsonl").write_text("\n".join(lines))
-    trace = import_vllm_jsonl([tmp_path / "w.jsonl"], num_experts=6).trace
+    trace = import_vllm_jsonl([tmp_path / "w.jsonl"], num_layers=4, num_experts=6).trace
     assert trace.tokens_per_step.tolist() == [3, 5, 3] and trace.meta.num_layers == 4
     assert (np.diff(trace.weights, axis=2) <= 0).all()  # re-ordered highest weight first
     assert set(map(tuple, np.sort(trace.experts[:3, 1], axis=1))) == set(map(tuple, np.sort(calls[1], axis=1)))
@@ -397,40 +406,42 @@ def test_vllm_malformed_lines(tmp_path, case, message):
     }[case]
     src = write_jsonl(tmp_path / "v.jsonl", calls, edits)
     with pytest.raises(UserError, match=message):
-        import_vllm_jsonl([src])
+        import_vllm_jsonl([src], num_layers=3, num_experts=6)
 
 
-def test_vllm_layer_inference_and_selection_errors(tmp_path):
+def test_vllm_layer_count_is_required_and_selection_errors(tmp_path):
     same = write_jsonl(tmp_path / "same.jsonl", passes_of([4, 4], layers=3))
-    with pytest.raises(UserError, match=r"cannot infer the number of MoE layers: every line has the same token "
-                                        r"count .*same.jsonl: 6 lines, all with T=4.*pass --num-layers"):
-        import_vllm_jsonl([same])
-    assert import_vllm_jsonl([same], num_layers=3).trace.num_steps == 2
+    with pytest.raises(UserError, match=r"needs --num-layers, .*; the file cannot tell: .*same.jsonl: 6 lines, all "
+                                        r"with T=4"):
+        import_vllm_jsonl([same], num_experts=6)
+    assert import_vllm_jsonl([same], num_layers=3, num_experts=6).trace.num_steps == 2
     with pytest.raises(UserError, match=r"same.jsonl: 6 layer calls is not a whole number of passes of 4 layers"):
-        import_vllm_jsonl([same], num_layers=4)
+        import_vllm_jsonl([same], num_layers=4, num_experts=6)
     mixed = write_jsonl(tmp_path / "mixed.jsonl", passes_of([4, 5], layers=3))
     with pytest.raises(UserError, match=r"mixed.jsonl:4: T=5 tokens but line 3 \(layer 0 of pass 1\) has T=4"):
-        import_vllm_jsonl([mixed], num_layers=2)
+        import_vllm_jsonl([mixed], num_layers=2, num_experts=6)
     with pytest.raises(UserError, match=r"no forward pass selected \(passes hold 4, 5 tokens; --min-tokens=6"):
-        import_vllm_jsonl([mixed], min_tokens=6)
+        import_vllm_jsonl([mixed], min_tokens=6, num_layers=3, num_experts=6)
     with pytest.raises(UserError, match=r"mixed.jsonl:1: 'topk_ids' row \d+: expert id 5 outside \[0, 5\) "
                                         r"\(num_experts from --num-experts\)"):
         import_vllm_jsonl([write_jsonl(tmp_path / "mixed.jsonl", [[[5, 0]] * 4] * 3 + passes_of([5], 3))],
-                          num_experts=5)
+                          num_layers=3, num_experts=5)
     with pytest.raises(UserError, match=r"--passes: '5-x' is not a pass index or range \(write e.g. 2,5-7\)"):
-        import_vllm_jsonl([mixed], passes="1,5-x")
+        import_vllm_jsonl([mixed], passes="1,5-x", num_layers=3, num_experts=6)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(UserError, match="empty.jsonl: empty file"):
-        import_vllm_jsonl([tmp_path / "empty.jsonl"])
+        import_vllm_jsonl([tmp_path / "empty.jsonl"], num_layers=3, num_experts=6)
     with pytest.raises(UserError, match="nothere.jsonl: no such file"):
-        import_vllm_jsonl([tmp_path / "nothere.jsonl"])
+        import_vllm_jsonl([tmp_path / "nothere.jsonl"], num_layers=3, num_experts=6)
 
 
-def test_vllm_infers_num_experts_and_says_so(tmp_path):
+def test_vllm_jsonl_never_guesses_the_expert_count(tmp_path):
     src = write_jsonl(tmp_path / "v.jsonl", passes_of([3, 4], layers=2, experts=6))
-    trace = import_vllm_jsonl([src]).trace
-    assert trace.meta.num_experts == int(trace.experts.max()) + 1
-    assert "inferred" in trace.meta.provenance["num_experts_source"]
+    top = max(max(max(row) for row in call) for call in passes_of([3, 4], layers=2, experts=6))
+    with pytest.raises(UserError, match=rf"needs --num-experts, .* is {top}, so at least {top + 1}"):
+        import_vllm_jsonl([src], num_layers=2)
+    trace = import_vllm_jsonl([src], num_layers=2, num_experts=6).trace
+    assert trace.meta.num_experts == 6 and trace.meta.provenance["num_experts_source"] == "from --num-experts"
 
 
 # --------------------------------------------------------------------------- gate CSV: errors

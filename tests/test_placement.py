@@ -77,6 +77,38 @@ def test_none_is_contiguous_and_spares_take_no_tokens():
     assert (q.replica_share[:, 2::3] == 0).all()
 
 
+def test_none_round_robin_is_vllm_round_robin():
+    """vLLM ``--expert-placement-strategy round_robin`` (vllm/config/parallel.py, ParallelConfig
+    docstring): with 4 experts and 2 ranks, rank 0 holds experts [0, 2] and rank 1 [1, 3]."""
+    loads = np.array([[4.0, 3.0, 2.0, 1.0]])
+    p = plan_placement(loads, 2, 0, "none", layout="round_robin")
+    assert p.phy2log.tolist() == [[0, 2, 1, 3]] and p.meta["options"]["layout"] == "round_robin"
+    np.testing.assert_allclose(p.gpu_loads(loads), [[6.0, 4.0]])
+    assert plan_placement(loads, 2, 0, "none").phy2log.tolist() == [[0, 1, 2, 3]]     # linear
+    q = plan_placement(skewed_loads(2, 10), 4, 2, "none", layout="round_robin")       # 3 slots per GPU
+    assert q.phy2log[0, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 3, 7]
+    assert (q.replica_share[:, [8, 11]] == 0).all() and (q.replica_share.sum(axis=1) == 10).all()
+    with pytest.raises(UserError, match="layout must be one of linear, round_robin"):
+        plan_placement(loads, 2, 0, "none", layout="zigzag")
+
+
+def test_vllm_balancedness_is_the_sum_ratio_not_the_mean_of_ratios():
+    """vLLM logs sum_l mean_g / sum_l max_g (vllm/distributed/eplb/eplb_state.py,
+    _compute_eplb_load_stats); MoE-GPS's ``balancedness`` is per layer, averaged."""
+    from moe_gps.placement import vllm_balancedness
+
+    gpu = np.array([[10.0, 30.0],     # layer 0: mean 20, max 30 -> 0.667
+                    [1.0, 1.0]])      # layer 1: mean 1,  max 1  -> 1.0
+    assert balancedness(gpu).mean() == pytest.approx((2 / 3 + 1) / 2)
+    assert vllm_balancedness(gpu) == pytest.approx(21 / 31)
+    loads = skewed_loads(4, 8)
+    p = plan_placement(loads, 4, 0, "none")
+    m = placement_metrics(p, loads).summary()
+    g = p.gpu_loads(loads)
+    assert m["balancedness_vllm"] == pytest.approx(g.mean(axis=1).sum() / g.max(axis=1).sum())
+    assert vllm_balancedness(np.zeros((2, 3))) == 1.0
+
+
 def test_greedy_follows_paper_algorithm_on_a_hand_example():
     # GPU0 holds experts {0, 1} = 11 tokens, GPU1 holds {2, 3} = 2 tokens. The gap is 9:
     # copy expert 0 (most popular on the hottest GPU) to GPU1 and move 9/2 = 4.5 tokens.
@@ -306,24 +338,35 @@ def test_load_errors(tmp_path):
 
 # ------------------------------------------------------------------------------ exports
 def test_exports(tmp_path):
-    from moe_gps.placement.export import even_share_balancedness, export_placement
+    from moe_gps.placement.export import even_share_balancedness, export_placement, sglang_logical_count
+    from moe_gps.trace.layer_ids import decoder_layers
 
     loads = skewed_loads(3, 12)
     p = plan_placement(loads, 4, 4, "eplb")
-    export_placement(p, "sglang", tmp_path / "s.json", num_hidden_layers=5, first_moe_layer=1)
+    export_placement(p, "sglang", tmp_path / "s.json", decoder_layers(3, None, num_hidden_layers=5, first_moe_layer=1))
     s = json.loads((tmp_path / "s.json").read_text())
     assert list(s) == ["physical_to_logical_map"]           # SGLang passes the keys as arguments
     rows = s["physical_to_logical_map"]
     assert len(rows) == 5 and rows[1:4] == p.phy2log.tolist()
     assert rows[0] == rows[4] == [i % 12 for i in range(16)]
+    # layer ids from a trace's provenance, not contiguous (Qwen2-MoE's mlp_only_layers)
+    layers = decoder_layers(3, {"original_layer_ids": [0, 2, 3], "num_hidden_layers": 4})
+    from moe_gps.placement.export import export_text
+    rows = json.loads(export_text(p, "sglang", layers))["physical_to_logical_map"]
+    assert len(rows) == 4 and [rows[0], rows[2], rows[3]] == p.phy2log.tolist() and rows[1] == list(range(12)) + [0, 1, 2, 3]
+    lc = json.loads(sglang_logical_count(np.round(loads), layers))
+    assert list(lc) == ["logical_count"] and len(lc["logical_count"]) == 4
+    assert lc["logical_count"][1] == [0] * 12 and lc["logical_count"][2] == np.round(loads[1]).astype(int).tolist()
     export_placement(p, "vllm", tmp_path / "v.json")
     assert json.loads((tmp_path / "v.json").read_text()) == p.phy2log.tolist()
     export_placement(p, "vllm-ascend", tmp_path / "a.json")
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["moe_layer_count"] == 3 and a["layer_list"][2]["device_count"] == 4
     assert a["layer_list"][2]["device_list"][1] == {"device_id": 1, "device_expert": p.phy2log[2, 4:8].tolist()}
-    with pytest.raises(UserError, match="do not fit in 3 hidden layers"):
-        export_placement(p, "sglang", tmp_path / "x.json", num_hidden_layers=3, first_moe_layer=1)
+    with pytest.raises(UserError, match="do not fit in 3 decoder layers"):
+        decoder_layers(3, None, num_hidden_layers=3, first_moe_layer=1)
+    with pytest.raises(UserError, match="needs one row per decoder layer"):
+        export_placement(p, "sglang", tmp_path / "x.json")
     w = plan_placement(loads, 4, 4, "waterfill")
     assert (even_share_balancedness(w, loads) <= balancedness(w.gpu_loads(loads)) + 1e-12).all()
     np.testing.assert_allclose(even_share_balancedness(p, loads), balancedness(p.gpu_loads(loads)))

@@ -32,10 +32,16 @@ def test_plan_writes_yaml_and_exports(counts_trace, tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--algorithm", "eplb", "--steps", "0:4",
                "-o", str(out), "--sglang", str(tmp_path / "s.json"), "--vllm", str(tmp_path / "v.json"),
-               "--vllm-ascend", str(tmp_path / "a.json"), "--expert-mib", "336", "--per-layer"])
+               "--vllm-ascend", str(tmp_path / "a.json"), "--expert-mib", "336", "--per-layer",
+               "--num-hidden-layers", "4"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "balancedness (mean over layers)" in text and "static (none)" in text and "wrote" in text
+    assert "balancedness (vLLM: sum mean / sum max)" in text
+    assert f"run SGLang with: --ep-size 4 --ep-num-redundant-experts 4 --init-expert-location {tmp_path / 's.json'}" \
+        in text
+    assert "run vLLM with pull request #49572 (in no vLLM release yet) with: --enable-expert-parallel --enable-eplb " \
+           "--eplb-config '{\"num_redundant_experts\": 4, \"initial_expert_map_path\": " in text
     p = Placement.load(out)
     loads = counts[:4].sum(axis=0)
     assert p.num_gpus == 4 and p.slots_per_gpu == 3 and p.algorithm == "eplb"
@@ -55,13 +61,17 @@ def test_plan_waterfill_with_previous_json_and_export_note(counts_trace, tmp_pat
     second = tmp_path / "second.yaml"
     rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill", "--steps", "4:",
                "--previous", str(first), "--expert-mib", "1", "-o", str(second), "--json",
-               "--sglang", str(tmp_path / "s.json")])
+               "--sglang", str(tmp_path / "s.json"), "--first-moe-layer", "1", "--num-hidden-layers", "5"])
     assert rc == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["plan"]["experts_moved"] is not None and report["plan"]["bytes_moved"] is not None
     assert report["plan"]["balancedness"] >= report["static"]["balancedness"]
     assert len(report["balancedness_per_layer"]) == 4
+    assert report["decoder_layers"] == {"moe_layer_ids": [1, 2, 3, 4], "num_hidden_layers": 5,
+                                        "source": "--first-moe-layer"}
+    assert report["exports"][0]["server_flags"].startswith("--ep-size 4 --ep-num-redundant-experts 4 ")
+    assert len(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]) == 5
     p = Placement.load(second)
     if not p.shares_are_even:
         assert "uneven shares are not in the exported map" in captured.err
@@ -110,5 +120,84 @@ def test_plan_bad_export_flags_write_nothing(counts_trace, tmp_path, capsys):
                "--sglang", str(tmp_path / "s.json"), "--num-hidden-layers", "3"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("moe-gps: error: sglang export: 4 MoE layers") and err.count("\n") == 1
+    assert err == "moe-gps: error: the trace's 4 MoE layers do not fit in 3 decoder layers (--num-hidden-layers " \
+                  "is the model's num_hidden_layers, dense layers included)\n"
     assert not out.exists() and not vllm.exists() and not (tmp_path / "s.json").exists()
+
+
+def _meta_trace(tmp_path, provenance: dict, layers: int = 4):
+    rng = np.random.default_rng(1)
+    counts = rng.multinomial(64, np.full(8, 1 / 8), size=(2, layers)).astype(np.int64)
+    meta = TraceMeta(kind="counts", num_layers=layers, num_experts=8, top_k=2, model="m", dataset="d",
+                     source="imported", provenance=provenance)
+    path = tmp_path / "t.parquet"
+    write_trace(path, CountsTrace(meta, counts))
+    return path, counts
+
+
+def test_plan_sglang_rows_come_from_the_trace_provenance(tmp_path, capsys):
+    """A trace that knows its decoder layers (sglang-dump: original_layer_ids of a 6-layer model
+    with dense layers 0 and 3) gets one row per decoder layer, each MoE row on its own layer."""
+    path, counts = _meta_trace(tmp_path, {"original_layer_ids": [1, 2, 4, 5], "num_hidden_layers": 6})
+    rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "-o", str(tmp_path / "p.yaml"),
+               "--sglang", str(tmp_path / "s.json"), "--sglang-logical-count", str(tmp_path / "lc.json"),
+               "--ep-num-redundant-experts", "4"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "sglang rows: 6 decoder layers, the plan's 4 MoE layers on 1-2,4-5 (original_layer_ids" in text
+    assert "run SGLang (runs its own EPLB on the counts) with: --ep-size 4 --ep-num-redundant-experts 4 " \
+           f"--init-expert-location {tmp_path / 'lc.json'}" in text
+    p = Placement.load(tmp_path / "p.yaml")
+    rows = json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]
+    assert len(rows) == 6 and [rows[i] for i in (1, 2, 4, 5)] == p.phy2log.tolist()
+    assert rows[0] == rows[3] == [s % 8 for s in range(12)]
+    lc = json.loads((tmp_path / "lc.json").read_text())
+    assert list(lc) == ["logical_count"] and len(lc["logical_count"]) == 6
+    assert [lc["logical_count"][i] for i in (1, 2, 4, 5)] == counts.sum(axis=0).tolist()
+    assert lc["logical_count"][0] == [0] * 8
+
+
+@pytest.mark.parametrize("provenance, argv, message", [
+    ({}, [], "cannot tell which decoder layers the trace's 4 MoE layers are (its provenance does not say): pass "
+             "--num-hidden-layers"),
+    ({}, ["--num-hidden-layers", "6"], "the model has 6 decoder layers but the trace 4 MoE layers, and nothing says "
+                                       "which ones: pass --first-moe-layer"),
+    ({"original_layer_ids": [1, 2, 4, 5]}, [], "are decoder layers 1-2,4-5 (original_layer_ids in the trace's "
+                                               "provenance) but nothing says how many"),
+    ({"original_layer_ids": [1, 2, 4, 5], "num_hidden_layers": 6}, ["--first-moe-layer", "2"],
+     "--first-moe-layer 2 puts the trace's 4 MoE layers on decoder layers 2-5, but the trace says 1-2,4-5"),
+    ({"original_layer_ids": [1, 2, 4, 5], "num_hidden_layers": 6}, ["--num-hidden-layers", "7"],
+     "--num-hidden-layers 7 differs from the trace's provenance, which says the model has 6 decoder layers"),
+    ({"num_hidden_layers": 4}, ["--ep-num-redundant-experts", "8"],
+     "--ep-num-redundant-experts 8 differs from the plan's 4 redundant slots per layer"),
+])
+def test_plan_sglang_refuses_when_it_cannot_know_the_rows(tmp_path, capsys, provenance, argv, message):
+    path, _ = _meta_trace(tmp_path, provenance)
+    rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "-o", str(tmp_path / "p.yaml"),
+               "--sglang", str(tmp_path / "s.json"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_plan_record_traces_name_their_moe_modules(tmp_path, capsys):
+    """runtime.record_hf writes the MoE modules' names (moe_layers) and num_hidden_layers."""
+    path, _ = _meta_trace(tmp_path, {"moe_layers": [f"model.layers.{i}.mlp" for i in (0, 2, 3, 5)],
+                                     "num_hidden_layers": 6})
+    assert main(["plan", str(path), "--gpus", "4", "-o", str(tmp_path / "p.yaml"),
+                 "--sglang", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]
+    assert len(rows) == 6 and rows[1] == rows[4] == list(range(8))
+    assert "(moe_layers (module names) in the trace's provenance)" in capsys.readouterr().out
+
+
+def test_plan_none_round_robin_layout_and_flag_checks(counts_trace, tmp_path, capsys):
+    path, _ = counts_trace
+    assert main(["plan", str(path), "--gpus", "4", "--algorithm", "none", "--layout", "round_robin",
+                 "-o", str(tmp_path / "p.yaml")]) == 0
+    assert Placement.load(tmp_path / "p.yaml").phy2log[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    capsys.readouterr()
+    assert main(["plan", str(path), "--gpus", "4", "--layout", "round_robin", "-o", str(tmp_path / "q.yaml")]) == 2
+    assert "--layout applies to --algorithm none only" in capsys.readouterr().err
+    assert main(["plan", str(path), "--gpus", "4", "--first-moe-layer", "1", "-o", str(tmp_path / "q.yaml")]) == 2
+    assert "apply to the --sglang and --sglang-logical-count exports only" in capsys.readouterr().err

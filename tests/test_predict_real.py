@@ -27,7 +27,7 @@ def qwen(real_traces):
     d = real_traces / "qwen3-30b-a3b-vllm-sharegpt"
     # the real prefill pass of each file (2050 and 2080 tokens): two steps
     return import_vllm_jsonl([d / "token_distri_8.jsonl", d / "token_distri_16.jsonl"], min_tokens=1000,
-                             num_experts=128).trace
+                             num_layers=48, num_experts=128).trace
 
 
 @pytest.fixture(scope="module")

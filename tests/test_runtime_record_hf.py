@@ -60,6 +60,11 @@ def test_recorded_routing_is_the_models_routing(kind, tmp_path):
     assert "top-k indices" in m.provenance["router_output"] and s["router_output"] == m.provenance["router_output"]
     if kind == "qwen2_moe":
         assert m.provenance["moe_layers"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+        assert m.provenance["num_hidden_layers"] == 3
+        # what plan --sglang reads from it: the MoE layers' decoder ids and the model's layer count
+        from moe_gps.trace.layer_ids import decoder_layers
+        layers = decoder_layers(m.num_layers, m.provenance)
+        assert (layers.ids, layers.total) == ([0, 2], 3)
     normalize = model.config.model_type == "mixtral" or bool(model.config.norm_topk_prob)
     src = TokenSource(InputSection(batch_size=2, seq_len=8, seed=4), 96, 1)
     for step in range(2):

@@ -226,7 +226,7 @@ def test_real_traces(real_traces):
 
     q = real_traces / "qwen3-30b-a3b-vllm-sharegpt"
     tokens = import_vllm_jsonl([q / "token_distri_8.jsonl", q / "token_distri_16.jsonl"], model="qwen3-30b-a3b",
-                               min_tokens=1000).trace
+                               min_tokens=1000, num_layers=48, num_experts=128).trace
     cfg = SimulateConfig(cluster=load_cluster("8xH100-nvlink"), model=load_model("qwen3-30b-a3b"), train_steps=1,
                          strategies=[strategy_from_name(n) for n in ("none", "token:prev-layer", "oracle")])
     r = simulate(tokens, cfg, progress=False)

@@ -27,8 +27,8 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    help=f"the cluster: preset ({', '.join(preset_names('clusters'))}) or YAML file "
                         f"(default: {DEFAULT_CLUSTER})")
     p.add_argument("--model", metavar="PRESET|FILE",
-                   help=f"model preset ({', '.join(preset_names('models'))}) or YAML file (default: the preset "
-                        "named by the trace's metadata)")
+                   help=f"model preset ({', '.join(preset_names('models'))}), model YAML, or a Hugging Face "
+                        "config.json / checkpoint folder (default: the preset named by the trace's metadata)")
     p.add_argument("--workload", metavar="FILE",
                    help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md)")
     p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")

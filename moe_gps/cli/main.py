@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserError as err:
         print(f"moe-gps: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -66,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         print("moe-gps: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``moe-gps trace inspect X | head``): end quietly.
+
+    Later writes, and the flush at exit, go to /dev/null instead of raising again. Exit
+    code 141 (128 + SIGPIPE), as a command killed by the broken pipe would report.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

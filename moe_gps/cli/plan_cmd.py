@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from moe_gps.errors import UserError
 
-ALGORITHM_HELP = ("none: E/N contiguous experts per GPU (no copies); greedy: MoE-GPS paper Algorithm 1; "
+ALGORITHM_HELP = ("none: no copies, vLLM's linear (E/N contiguous experts per GPU) or round_robin layout "
+                  "(--layout); greedy: MoE-GPS paper Algorithm 1; "
                   "eplb: DeepSeek EPLB (hierarchical with --nodes/--groups); waterfill: ours, uneven "
                   "replica shares, migration-aware with --previous")
 
@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan", help="plan which experts to duplicate and where (writes plan.yaml)",
         description=("Sum the expert loads of the chosen steps of a trace, plan a placement for all layers "
                      "and write it as YAML for the simulator and runtime; optionally export the map for "
-                     "SGLang or vLLM. Prints balancedness (mean/max GPU load) against the static layout. "
+                     "SGLang or vLLM and print the server flags that go with it. Prints balancedness (mean/max GPU "
+                     "load: per layer, then averaged; and vLLM's sum over layers of mean / sum of max) against the "
+                     "static layout. "
                      "Definitions: docs/placement.md."))
     p.add_argument("trace", help="trace file (.parquet), tokens or counts kind")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the expert-parallel group")
@@ -42,13 +44,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(e.g. Mixtral 8x7B bf16: 336)")
     p.add_argument("--max-slots-per-gpu", type=int, default=None, help="capacity: slots per GPU at most")
     p.add_argument("-o", "--output", required=True, help="placement file to write (.yaml)")
-    p.add_argument("--sglang", metavar="FILE", help="also write SGLang --init-expert-location JSON")
-    p.add_argument("--vllm", metavar="FILE", help="also write a vLLM physical_to_logical_map JSON (MoE layers)")
+    p.add_argument("--layout", choices=("linear", "round_robin"), default=None,
+                   help="--algorithm none: vLLM's --expert-placement-strategy layout (default: linear)")
+    p.add_argument("--sglang", metavar="FILE", help="also write SGLang --init-expert-location JSON "
+                   "(physical_to_logical_map, one row per decoder layer)")
+    p.add_argument("--sglang-logical-count", metavar="FILE", help="also write SGLang --init-expert-location JSON "
+                   "holding the loads (logical_count); SGLang then plans with its own EPLB")
+    p.add_argument("--vllm", metavar="FILE", help="also write a vLLM physical_to_logical_map JSON (MoE layers) in "
+                   "the format of vLLM pull request #49572 (eplb_config.initial_expert_map_path, not in a vLLM "
+                   "release yet)")
     p.add_argument("--vllm-ascend", metavar="FILE", help="also write a vLLM Ascend expert_map_path JSON")
     p.add_argument("--num-hidden-layers", type=int, default=None,
-                   help="sglang export: decoder layers of the model (default: the trace's MoE layers)")
-    p.add_argument("--first-moe-layer", type=int, default=0,
-                   help="sglang export: index of the first MoE layer (e.g. 3 for DeepSeek-V3; default 0)")
+                   help="sglang exports: decoder layers of the model (config num_hidden_layers; default: from the "
+                        "trace's provenance, else refused)")
+    p.add_argument("--first-moe-layer", type=int, default=None,
+                   help="sglang exports: decoder layer of the trace's first MoE layer, the others following it "
+                        "(e.g. 3 for DeepSeek-V3; default: from the trace's provenance)")
+    p.add_argument("--ep-num-redundant-experts", type=int, default=None, metavar="R",
+                   help="sglang exports: the value the server will run with; refused unless it equals --redundant")
     p.add_argument("--per-layer", action="store_true", help="also print balancedness per layer")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.set_defaults(func=cmd_plan)
@@ -84,8 +97,9 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
     from moe_gps.atomic import write_text_atomic
-    from moe_gps.placement.export import even_share_balancedness, export_text
-    from moe_gps.tables import format_table
+    from moe_gps.jsonsafe import dumps_json
+    from moe_gps.placement.export import even_share_balancedness, server_flags
+    from moe_gps.tables import format_indices, format_table
     from moe_gps.trace import load_trace
 
     trace = load_trace(args.trace)
@@ -96,6 +110,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"{args.trace}: the selected steps route no tokens; nothing to balance")
 
     options: dict = {}
+    if args.layout is not None:
+        if args.algorithm != "none":
+            raise UserError("--layout applies to --algorithm none only")
+        options["layout"] = args.layout
     if args.algorithm == "eplb":
         options.update(num_nodes=args.nodes, num_groups=args.groups)
     elif args.nodes != 1 or args.groups != 1:
@@ -125,20 +143,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "previous": args.previous, "command": "moe-gps " + " ".join(sys.argv[1:]),
         "predicted": {k: v for k, v in m.summary().items() if v is not None},
     })
-    exports = [(fmt, path) for fmt, path in (("sglang", args.sglang), ("vllm", args.vllm),
-                                             ("vllm-ascend", args.vllm_ascend)) if path]
+    exports = [(fmt, path) for fmt, path in (("sglang", args.sglang), ("sglang-logical-count", args.sglang_logical_count),
+                                             ("vllm", args.vllm), ("vllm-ascend", args.vllm_ascend)) if path]
     # render every export first, so that a bad export flag fails before any file is written
-    texts = [export_text(plan, fmt, args.num_hidden_layers, args.first_moe_layer) for fmt, _ in exports]
+    texts, layers = _export_texts(plan, loads, exports, meta, args)
     plan.save(args.output)
     for (_, path), text in zip(exports, texts):
         write_text_atomic(path, text)
+    flags = [(fmt, path, server_flags(plan, fmt, path)) for fmt, path in exports]
 
     if args.json:
         out = {"output": args.output, "plan": m.summary(), "static": m0.summary(),
                "planning_seconds": plan.meta["planning_seconds"],
-               "balancedness_per_layer": m.balancedness.round(6).tolist()}
-        json.dump(out, sys.stdout, indent=2)
-        print()
+               "balancedness_per_layer": m.balancedness.round(6).tolist(),
+               "exports": [{"format": fmt, "path": path, "server_flags": f} for fmt, path, f in flags]}
+        if layers is not None:
+            out["decoder_layers"] = {"moe_layer_ids": layers.ids, "num_hidden_layers": layers.total,
+                                     "source": layers.source}
+        print(dumps_json(out, indent=2))
     else:
         print(f"trace: {meta.model}, {meta.dataset}, source {meta.source}; {plan.num_layers} layers x "
               f"{plan.num_experts} experts; loads summed over {len(steps)} of {counts.shape[0]} steps")
@@ -157,6 +179,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                       ("used", "copies used", "")]))
         print()
         print(f"wrote {args.output}" + "".join(f", {path} ({fmt})" for fmt, path in exports))
+        if layers is not None:
+            print(f"sglang rows: {layers.total} decoder layers, the plan's {plan.num_layers} MoE layers on "
+                  f"{format_indices(layers.ids)} ({layers.source})")
+        for fmt, path, f in flags:
+            server = {"sglang": "SGLang", "sglang-logical-count": "SGLang (runs its own EPLB on the counts)",
+                      "vllm": "vLLM with pull request #49572 (in no vLLM release yet)",
+                      "vllm-ascend": "vLLM Ascend"}[fmt]
+            print(f"run {server} with: {f}")
+            if fmt == "vllm":
+                print(f"  (EP size = --tensor-parallel-size x --data-parallel-size must be {plan.num_gpus}; vLLM "
+                      "re-plans every step_interval steps, default 3000, from its own load window)")
     if exports and not plan.shares_are_even:
         sys.stdout.flush()
         even = float(even_share_balancedness(plan, loads).mean())
@@ -164,6 +197,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"uneven shares are not in the exported map, which gives balancedness {even:.4f} with an even "
               f"split (plan: {float(m.balancedness.mean()):.4f})", file=sys.stderr)
     return 0
+
+
+def _export_texts(plan, loads, exports: list[tuple[str, str]], meta, args) -> tuple[list[str], object]:
+    """The text of every export, and the decoder layers when an SGLang file needs them (else None)."""
+    from moe_gps.placement.export import export_text, sglang_logical_count
+    from moe_gps.trace.layer_ids import decoder_layers
+
+    layers = None
+    if any(fmt.startswith("sglang") for fmt, _ in exports):
+        layers = decoder_layers(plan.num_layers, meta.provenance, args.num_hidden_layers, args.first_moe_layer)
+        r = args.ep_num_redundant_experts
+        if r is not None and r != plan.num_redundant:
+            raise UserError(f"--ep-num-redundant-experts {r} differs from the plan's {plan.num_redundant} redundant "
+                            f"slots per layer: SGLang would expect {plan.num_experts + r} physical experts per layer "
+                            f"and the map has {plan.num_slots}; plan with --redundant {r} or run SGLang with "
+                            f"--ep-num-redundant-experts {plan.num_redundant}")
+    elif args.num_hidden_layers is not None or args.first_moe_layer is not None \
+            or args.ep_num_redundant_experts is not None:
+        raise UserError("--num-hidden-layers, --first-moe-layer and --ep-num-redundant-experts apply to the "
+                        "--sglang and --sglang-logical-count exports only")
+    texts = [sglang_logical_count(loads, layers) if fmt == "sglang-logical-count" else export_text(plan, fmt, layers)
+             for fmt, _ in exports]
+    return texts, layers
 
 
 def _options_text(options: dict) -> str:
@@ -185,6 +241,7 @@ def _comparison(m0, m, name: str, seconds: float) -> list[dict]:
     rows = [
         ("balancedness (mean over layers)", f"{a['balancedness']:.4f}", f"{b['balancedness']:.4f}"),
         ("balancedness (worst layer)", f"{a['balancedness_min']:.4f}", f"{b['balancedness_min']:.4f}"),
+        ("balancedness (vLLM: sum mean / sum max)", f"{a['balancedness_vllm']:.4f}", f"{b['balancedness_vllm']:.4f}"),
         ("GPU skew (max/mean GPU load)", f"{a['gpu_skewness']:.3f}", f"{b['gpu_skewness']:.3f}"),
         ("expert skew (max/mean expert load)", f"{a['skewness_before']:.3f}", f"{b['skewness_before']:.3f}"),
         ("replica skew (max/mean replica load)", f"{a['replica_skewness']:.3f}", f"{b['replica_skewness']:.3f}"),

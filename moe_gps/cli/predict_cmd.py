@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 from moe_gps.errors import UserError
+from moe_gps.jsonsafe import dumps_json
 
 DIST_COLUMNS = [
     ("label", "predictor", ""),
@@ -16,6 +17,7 @@ DIST_COLUMNS = [
     ("eps_max", "eps max", ".4f"),
     ("jsd", "JSD bits", ".5f"),
     ("balancedness", "balanced", ".4f"),
+    ("balancedness_vllm", "bal. vLLM", ".4f"),
     ("flops_per_token", "flops/tok", ".4g"),
     ("bytes_per_token", "B/tok", ".4g"),
     ("fixed_flops_per_step", "flops/step", ".4g"),
@@ -30,6 +32,7 @@ TOKEN_COLUMNS = [
     ("exact", "exact set", ".4f"),
     ("eps_mean", "eps mean", ".4f"),
     ("balancedness", "balanced", ".4f"),
+    ("balancedness_vllm", "bal. vLLM", ".4f"),
     ("flops_per_token", "flops/tok", ".4g"),
     ("bytes_per_token", "B/tok", ".4g"),
     ("fixed_bytes_per_step", "B/step", ".4g"),
@@ -239,8 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _write_outputs(ev, args.out)
     if args.json:
-        json.dump(_clean(ev.to_dict()), sys.stdout, indent=2)
-        print()
+        print(dumps_json(ev.to_dict(), indent=2))
         return 0
 
     t = ev.trace
@@ -250,8 +252,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"({ev.test_steps} step{'s' if ev.test_steps != 1 else ''})")
     if "static_balancedness" in ev.reference:
         print(f"balanced = mean/max GPU load of the true tokens under a '{ev.algorithm}' plan made from the "
-              f"prediction ({ev.num_gpus} GPUs, {ev.num_redundant} redundant slots); no duplication: "
-              f"{ev.reference['static_balancedness']:.4f}")
+              f"prediction ({ev.num_gpus} GPUs, {ev.num_redundant} redundant slots), mean over layers and steps; "
+              f"bal. vLLM = sum over layers of mean / sum over layers of max GPU load (vLLM's EPLB log), mean "
+              f"over steps; no duplication: {ev.reference['static_balancedness']:.4f} / "
+              f"{ev.reference.get('static_balancedness_vllm', float('nan')):.4f}")
     print("costs are per MoE layer; time s = fit + predict wall time here")
     for kind, cols, title in (("distribution", DIST_COLUMNS, "Distribution-only predictors"),
                               ("token", TOKEN_COLUMNS, "Token-to-expert predictors "
@@ -296,21 +300,4 @@ def _write_outputs(ev, out_dir: str) -> None:
         w.writeheader()
         w.writerows(rows)
         write_text_atomic(out / name, buf.getvalue())
-    write_text_atomic(out / "predict.json", json.dumps(_clean(ev.to_dict()), indent=2) + "\n")
-
-
-def _clean(obj):
-    """JSON-safe copy: numpy scalars to Python, NaN and infinities to None."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    write_text_atomic(out / "predict.json", dumps_json(ev.to_dict(), indent=2) + "\n")

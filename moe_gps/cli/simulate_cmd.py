@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -117,6 +116,7 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from moe_gps.jsonsafe import dumps_json
     from moe_gps.trace import load_trace
     from sim.report import format_summary, summary_rows, write_outputs
     from sim.run import simulate
@@ -131,8 +131,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     written = write_outputs(result, out, plots=not args.no_plots)
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
-        print(json.dumps({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
-                          "notes": result.notes}, indent=2, default=float))
+        print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
+                          "notes": result.notes}, indent=2))
     else:
         print(format_summary(result))
         print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from moe_gps.errors import UserError
@@ -71,14 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from moe_gps.jsonsafe import dumps_json
     from moe_gps.tables import format_table
     from moe_gps.trace import load_trace
     from moe_gps.trace.stats import summarize
 
     summary = summarize(load_trace(args.file))
     if args.json:
-        json.dump(summary.to_dict(), sys.stdout, indent=2, default=_nan_to_none)
-        print()
+        print(dumps_json(summary.to_dict(), indent=2))
         return 0
     s = summary
     print(f"{args.file}: {s.kind} trace, source: {s.source}")
@@ -95,10 +94,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"skewness: mean over layers {overall['skewness']:.2f}, worst layer "
           f"{overall['skewness_worst_layer']:.2f} (max/mean expert load, whole trace)")
     return 0
-
-
-def _nan_to_none(x):
-    return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

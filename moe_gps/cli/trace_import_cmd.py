@@ -14,37 +14,49 @@ from pathlib import Path
 from moe_gps.errors import UserError
 
 # The import formats (kept here too so that --help does not import the importers).
-FORMATS = ("vllm-jsonl", "gate-csv", "popularity-json", "hf-router-logits", "sglang-dump")
+FORMATS = ("vllm-routed", "sglang-routed", "vllm-jsonl", "gate-csv", "popularity-json", "hf-router-logits",
+           "sglang-dump")
 
 # Format-specific flags: attribute -> (flag, formats it applies to).
 _FLAG_FORMATS = {
-    "num_layers": ("--num-layers", ("vllm-jsonl",)),
-    "num_experts": ("--num-experts", ("vllm-jsonl",)),
+    "num_layers": ("--num-layers", ("vllm-jsonl", "sglang-routed")),
+    "num_experts": ("--num-experts", ("vllm-jsonl", "vllm-routed", "sglang-routed")),
     "min_tokens": ("--min-tokens", ("vllm-jsonl",)),
     "passes": ("--passes", ("vllm-jsonl",)),
-    "top_k": ("--top-k", ("gate-csv", "popularity-json", "hf-router-logits", "sglang-dump")),
+    "part": ("--part", ("vllm-routed", "sglang-routed")),
+    "requests_per_step": ("--requests-per-step", ("vllm-routed", "sglang-routed")),
+    "top_k": ("--top-k", ("gate-csv", "popularity-json", "hf-router-logits", "sglang-dump", "sglang-routed")),
     "no_normalize": ("--no-normalize", ("hf-router-logits",)),
 }
-_NEEDS_TOP_K = ("popularity-json", "hf-router-logits", "sglang-dump")
+_NEEDS_TOP_K = ("popularity-json", "hf-router-logits")
 
 _EPILOG = """\
-formats:
-  vllm-jsonl        JSON lines, one MoE layer call per line ({"topk_ids": [[k ids] x T]}); L lines
-                    = one forward pass = one step (L inferred, or --num-layers); select passes
-                    with --min-tokens / --passes
+formats (what you get from the server: docs/importers.md):
+  vllm-routed       saved vLLM responses (JSON lines or an array) with prompt_routed_experts /
+                    choices[].routed_experts (vllm serve --enable-return-routed-experts);
+                    --num-experts; one step = --requests-per-step responses (default 1), --part
+  sglang-routed     saved SGLang /generate responses with meta_info.routed_experts (base64 int32;
+                    --enable-return-routed-experts); --num-experts and --top-k (or --num-layers)
+  sglang-dump       SGLang expert-distribution recorder dumps (.pt): stat -> counts, one step per
+                    buffer row; per_pass -> counts and per_token -> tokens, one step per forward
+                    pass in forward_pass_id order (give every rank's file); --top-k (not per_token)
+  vllm-jsonl        a PATCHED vLLM's JSON lines (not upstream vLLM), one MoE layer call per line
+                    ({"topk_ids": [[k ids] x T]}); --num-layers lines = one forward pass = one
+                    step; --num-experts; select passes with --min-tokens / --passes
   gate-csv          CSV gate-score matrices (layer_id,token_id,expert_0..); one file per layer;
                     each folder SRC (or run of files from one folder) = one step, in order
   popularity-json   {"expert_popularity": [[E counts] x L]} -> counts; one step per file; --top-k
   hf-router-logits  HF transformers router_logits saved as .npz or .pt; one step per file;
                     softmax + top-k (+ renormalise unless --no-normalize); --top-k
-  sglang-dump       SGLang expert-distribution recorder dump (.pt with logical_count) -> counts;
-                    one step per non-empty buffer row; --top-k
 
 examples:
-  moe-gps trace import --from vllm-jsonl token_distri_8.jsonl --min-tokens 100 -o qwen3.parquet
+  moe-gps trace import --from vllm-routed responses.jsonl --num-experts 128 -o qwen3.parquet
+  moe-gps trace import --from sglang-routed responses.jsonl --num-experts 256 --top-k 8 -o dsv3.parquet
+  moe-gps trace import --from sglang-dump expert_distribution_recorder_*.pt --top-k 8 -o load.parquet
+  moe-gps trace import --from vllm-jsonl token_distri_8.jsonl --num-layers 48 --num-experts 128 \\
+      --min-tokens 100 -o qwen3.parquet
   moe-gps trace import --from gate-csv flame/prefill -o flame_prefill.parquet
-  moe-gps trace import --from popularity-json mixtral/*.json --top-k 2 -o mixtral.parquet
-See docs/importers.md for every field and what is inferred."""
+See docs/importers.md for every field and what is read from where."""
 
 
 def _positive_int(text: str) -> int:
@@ -84,15 +96,21 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--model", default="unknown", help="model name for the metadata (default: unknown)")
     p.add_argument("--dataset", default="unknown", help="dataset name for the metadata (default: unknown)")
     p.add_argument("--top-k", type=_positive_int, help="experts per token (required for popularity-json, "
-                   "hf-router-logits, sglang-dump; checked against the data for gate-csv)")
-    p.add_argument("--num-layers", type=_positive_int, help="vllm-jsonl: MoE layers per forward pass "
-                   "(default: inferred from the line pattern)")
-    p.add_argument("--num-experts", type=_positive_int, help="vllm-jsonl: experts per layer "
-                   "(default: largest expert id + 1)")
+                   "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; checked "
+                   "against the data where it shows)")
+    p.add_argument("--num-layers", type=_positive_int, help="vllm-jsonl: MoE layers per forward pass (required); "
+                   "sglang-routed: layers of the flat array (the model's num_hidden_layers)")
+    p.add_argument("--num-experts", type=_positive_int, help="vllm-jsonl, vllm-routed, sglang-routed: routed "
+                   "experts per layer (required; the files do not say)")
     p.add_argument("--min-tokens", type=_nonnegative_int, help="vllm-jsonl: keep only passes with at "
                    "least this many tokens (drops dummy/padding passes)")
     p.add_argument("--passes", metavar="LIST", help="vllm-jsonl: keep only these passes of each file, "
                    "0-based, e.g. 2,5-7")
+    p.add_argument("--part", choices=("all", "prompt", "output"), help="vllm-routed, sglang-routed: which tokens "
+                   "of each response (default: all)")
+    p.add_argument("--requests-per-step", type=_positive_int, metavar="N", help="vllm-routed, sglang-routed: "
+                   "consecutive responses per step (default 1; the responses do not say which shared a forward "
+                   "pass)")
     p.add_argument("--no-normalize", action="store_true", help="hf-router-logits: keep the softmax "
                    "probabilities of the top-k as they are (Qwen2-MoE, OLMoE) instead of dividing by "
                    "their sum (Mixtral, Qwen3-MoE)")
@@ -126,6 +144,11 @@ def import_options(args: argparse.Namespace) -> dict:
     if args.fmt == "vllm-jsonl":
         options.update(num_layers=args.num_layers, num_experts=args.num_experts,
                        min_tokens=args.min_tokens or 0, passes=args.passes)
+    elif args.fmt in ("vllm-routed", "sglang-routed"):
+        options.update(num_experts=args.num_experts, part=args.part or "all",
+                       requests_per_step=args.requests_per_step or 1)
+        if args.fmt == "sglang-routed":
+            options.update(top_k=args.top_k, num_layers=args.num_layers)
     else:
         options["top_k"] = args.top_k
     if args.fmt == "hf-router-logits":

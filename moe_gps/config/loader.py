@@ -179,7 +179,12 @@ def load_cluster(spec: str) -> ClusterConfig:
 
 
 def load_model(spec: str) -> ModelConfig:
-    """A model preset name or a YAML file."""
+    """A model preset name, a YAML file, or a Hugging Face ``config.json`` / checkpoint folder."""
+    from moe_gps.config.hf import hf_model_dict, is_hf_config
+
+    if spec not in preset_names("models") and is_hf_config(spec):
+        data, where = hf_model_dict(spec)
+        return build(ModelConfig, data, where)
     return _load("models", ModelConfig, spec)
 
 

@@ -18,7 +18,6 @@ Outputs in DIR: ``fidelity.csv`` (per N, strategy, phase: medians and error),
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_gps.errors import UserError
+from moe_gps.jsonsafe import dumps_json
 from moe_gps.fidelity.calibrate import MeasurementFailed, calibrate, torchrun_env
 from moe_gps.fidelity.model import MODE_KINDS, model_for_run
 
@@ -243,5 +243,5 @@ def validate(opt: ValidateOptions):
     summary = {"trace": opt.trace, "config": opt.config, "first_step": first, "clusters": clusters,
                "runs": opt.runs, "load_average": [min(loads), max(loads)], "cpu_count": os.cpu_count(),
                "ranking": {str(k): v for k, v in ranks.items()}, "rows": summary_rows(comparisons)}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    write_text_atomic(out / "summary.json", dumps_json(summary, indent=2) + "\n")
     return comparisons, ranks, text

@@ -10,10 +10,15 @@ it comes from, is documented in docs/placement.md ("Exporting to SGLang and vLLM
 * ``sglang``: JSON ``{"physical_to_logical_map": [[...], ...]}``, one row per decoder
   layer of the model (``config.num_hidden_layers``), each row ``num_gpus *
   slots_per_gpu`` long. Given to ``--init-expert-location FILE.json`` together with
-  ``--ep-num-redundant-experts`` (= our ``num_redundant``) and an EP size equal to our
-  ``num_gpus``. Rows of layers without experts (e.g. DeepSeek-V3's first 3 dense
+  ``--ep-num-redundant-experts`` (= our ``num_redundant``) and ``--ep-size`` equal to our
+  ``num_gpus``. Which row each MoE layer of the plan goes to is a
+  :class:`~moe_gps.trace.layer_ids.DecoderLayers` (from the trace's provenance or the
+  user's flags); rows of layers without experts (e.g. DeepSeek-V3's first 3 dense
   layers) get the trivial map ``slot % experts``. SGLang passes the JSON keys as
   arguments, so the file holds exactly that one key.
+* ``sglang-logical-count``: JSON ``{"logical_count": [[...], ...]}``, the loads the plan
+  was made from, ``[num_hidden_layers, experts]`` (0 on dense layers); SGLang runs its
+  own EPLB on it at start-up (same ``--init-expert-location`` flag).
 * ``vllm``: a JSON list of rows ``[moe_layer][physical_slot]`` -- the layout of vLLM's
   ``EplbState.physical_to_logical_map`` (MoE layers only), as accepted by the proposed
   ``eplb_config.initial_expert_map_path`` (vLLM pull request #49572, not in a vLLM
@@ -33,26 +38,48 @@ import numpy as np
 from moe_gps.atomic import write_text_atomic
 from moe_gps.errors import UserError
 from moe_gps.placement.placement import Placement, balancedness
+from moe_gps.trace.layer_ids import DecoderLayers
 
 EXPORT_FORMATS = ("sglang", "vllm", "vllm-ascend")
+# The pull request whose proposed vLLM option reads the ``vllm`` export.
+VLLM_MAP_PR = "vLLM pull request #49572 (eplb_config.initial_expert_map_path, not in a vLLM release yet)"
 
 
 def _rows_text(rows: list[list[int]], indent: str) -> str:
     return ",\n".join(indent + json.dumps(r) for r in rows)
 
 
-def sglang_expert_location(p: Placement, num_hidden_layers: int | None = None, first_moe_layer: int = 0) -> str:
+def _decoder_rows(layers: DecoderLayers | None, num_moe_layers: int, what: str) -> DecoderLayers:
+    if layers is None:
+        raise UserError(f"{what}: SGLang needs one row per decoder layer; say which decoder layers the "
+                        f"{num_moe_layers} MoE layers are (moe_gps.trace.layer_ids.decoder_layers)")
+    if len(layers.ids) != num_moe_layers:
+        raise UserError(f"{what}: {len(layers.ids)} decoder layer ids for {num_moe_layers} MoE layers")
+    return layers
+
+
+def sglang_expert_location(p: Placement, layers: DecoderLayers | None) -> str:
     """SGLang ``--init-expert-location`` JSON text (see the module docstring)."""
-    total = p.num_layers + first_moe_layer if num_hidden_layers is None else int(num_hidden_layers)
-    if first_moe_layer < 0:
-        raise UserError(f"sglang export: first MoE layer must be >= 0, got {first_moe_layer}")
-    if first_moe_layer + p.num_layers > total:
-        raise UserError(f"sglang export: {p.num_layers} MoE layers from layer {first_moe_layer} do not fit in "
-                        f"{total} hidden layers")
+    layers = _decoder_rows(layers, p.num_layers, "sglang export")
     trivial = (np.arange(p.num_slots) % p.num_experts).tolist()
-    rows = [trivial] * total
-    rows[first_moe_layer:first_moe_layer + p.num_layers] = p.phy2log.tolist()
+    rows = [trivial] * layers.total
+    for row, layer in zip(p.phy2log.tolist(), layers.ids):
+        rows[layer] = row
     return '{"physical_to_logical_map": [\n' + _rows_text(rows, "  ") + "\n]}\n"
+
+
+def sglang_logical_count(loads: np.ndarray, layers: DecoderLayers | None) -> str:
+    """SGLang ``--init-expert-location`` JSON text holding ``logical_count`` (SGLang runs its EPLB on it).
+
+    loads: [moe layers, experts] tokens per expert, whole numbers (counts summed over steps).
+    """
+    loads = np.asarray(loads)
+    layers = _decoder_rows(layers, loads.shape[0], "sglang logical-count export")
+    counts = np.rint(loads).astype(np.int64)
+    rows = [[0] * loads.shape[1]] * layers.total
+    for row, layer in zip(counts.tolist(), layers.ids):
+        rows[layer] = row
+    return '{"logical_count": [\n' + _rows_text(rows, "  ") + "\n]}\n"
 
 
 def vllm_expert_map(p: Placement) -> str:
@@ -72,10 +99,13 @@ def vllm_ascend_expert_map(p: Placement) -> str:
     return (f'{{"moe_layer_count": {p.num_layers}, "layer_list": [\n' + ",\n".join(layers) + "\n]}\n")
 
 
-def export_text(p: Placement, fmt: str, num_hidden_layers: int | None = None, first_moe_layer: int = 0) -> str:
-    """The text of ``p`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`); UserError if it cannot be made."""
+def export_text(p: Placement, fmt: str, layers: DecoderLayers | None = None) -> str:
+    """The text of ``p`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`); UserError if it cannot be made.
+
+    ``layers`` (the decoder layer of each MoE layer) is needed by ``sglang`` only.
+    """
     if fmt == "sglang":
-        return sglang_expert_location(p, num_hidden_layers, first_moe_layer)
+        return sglang_expert_location(p, layers)
     if fmt == "vllm":
         return vllm_expert_map(p)
     if fmt == "vllm-ascend":
@@ -83,13 +113,31 @@ def export_text(p: Placement, fmt: str, num_hidden_layers: int | None = None, fi
     raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
-def export_placement(p: Placement, fmt: str, path: str | os.PathLike, num_hidden_layers: int | None = None,
-                     first_moe_layer: int = 0) -> None:
+def export_placement(p: Placement, fmt: str, path: str | os.PathLike, layers: DecoderLayers | None = None) -> None:
     """Write ``p`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``, atomically."""
-    write_text_atomic(path, export_text(p, fmt, num_hidden_layers, first_moe_layer))
+    write_text_atomic(path, export_text(p, fmt, layers))
 
 
 def even_share_balancedness(p: Placement, loads: np.ndarray) -> np.ndarray:
     """Balancedness per layer [L] of ``p``'s layout if the server splits tokens evenly over replicas."""
     even = Placement(p.phy2log, p.num_gpus, p.num_experts, None, allow_colocated=True)
     return balancedness(even.gpu_loads(loads))
+
+
+def server_flags(p: Placement, fmt: str, path: str) -> str:
+    """The server flags that go with an export of ``p`` written to ``path`` (one line).
+
+    ``fmt``: ``sglang`` or ``sglang-logical-count`` (both are ``--init-expert-location``
+    files), ``vllm`` (the format of :data:`VLLM_MAP_PR`) or ``vllm-ascend``.
+    """
+    import shlex
+
+    if fmt in ("sglang", "sglang-logical-count"):
+        return (f"--ep-size {p.num_gpus} --ep-num-redundant-experts {p.num_redundant} "
+                f"--init-expert-location {shlex.quote(path)}")
+    if fmt == "vllm":
+        cfg = json.dumps({"num_redundant_experts": p.num_redundant, "initial_expert_map_path": path})
+        return f"--enable-expert-parallel --enable-eplb --eplb-config {shlex.quote(cfg)}"
+    if fmt == "vllm-ascend":
+        return f"--enable-expert-parallel --additional-config {shlex.quote(json.dumps({'expert_map_path': path}))}"
+    raise UserError(f"unknown export format {fmt!r}")

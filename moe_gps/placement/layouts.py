@@ -1,4 +1,4 @@
-"""Building blocks shared by the planners: the static layout, spare slots, shares.
+"""Building blocks shared by the planners: the static layouts, spare slots, shares.
 
 Planners that leave slots empty (``-1`` in a work array) fill them at the end with
 *spare* replicas that take no tokens (share 0): the placement stays dense (every slot
@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The static layouts of the ``none`` planner, by the name vLLM gives them
+# (``--expert-placement-strategy``): ``linear`` is :func:`contiguous`, ``round_robin``
+# is :func:`round_robin`.
+STATIC_LAYOUTS = ("linear", "round_robin")
 
 
 def contiguous(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
@@ -25,6 +29,19 @@ def contiguous(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: 
     row = np.full(N * S, -1, dtype=np.int64)
     for g in range(N):
         row[g * S: g * S + size[g]] = np.arange(start[g], start[g] + size[g])
+    return np.broadcast_to(row, (num_layers, N * S)).copy()
+
+
+def round_robin(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """vLLM's ``round_robin`` layout: expert e on GPU ``e % N``, in its slot ``e // N``.
+
+    With 4 experts on 2 GPUs, GPU 0 holds experts 0 and 2, GPU 1 holds 1 and 3.
+    -> int64 [L, P] with -1 in the slots left over.
+    """
+    E, N, S = num_experts, num_gpus, slots_per_gpu
+    e = np.arange(E)
+    row = np.full(N * S, -1, dtype=np.int64)
+    row[(e % N) * S + e // N] = e
     return np.broadcast_to(row, (num_layers, N * S)).copy()
 
 

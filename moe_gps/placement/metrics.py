@@ -3,7 +3,10 @@
 For layer ``l`` with expert loads ``w[e]`` (tokens), GPU loads ``G[g]`` = sum over the
 slots of GPU ``g`` of ``w[phy2log[s]] * replica_share[s]``:
 
-* ``balancedness``      = mean_g G[g] / max_g G[g]            (1.0 is perfect)
+* ``balancedness``      = mean_g G[g] / max_g G[g]            (1.0 is perfect); the summary
+  averages it over layers
+* ``balancedness_vllm`` = sum_l mean_g G[l, g] / sum_l max_g G[l, g], one number for all
+  layers: the formula vLLM's EPLB logs (heavy layers weigh more)
 * ``gpu_skewness``      = max_g G[g] / mean_g G[g]  = 1 / balancedness
 * ``skewness_before``   = max_e w[e] / mean_e w[e]               (the paper's skewness)
 * ``replica_skewness``  = max / mean of the slot loads over the replicas that take tokens
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_gps.placement.placement import Placement, balancedness
+from moe_gps.placement.placement import Placement, balancedness, vllm_balancedness
 from moe_gps.trace.stats import skewness
 
 
@@ -46,12 +49,14 @@ class PlacementMetrics:
     experts_moved: np.ndarray | None
     bytes_moved: float | None
     max_gpu_tokens: np.ndarray
+    balancedness_vllm: float = 1.0
 
     def summary(self) -> dict[str, Any]:
         """One number per metric (mean over layers; moves summed)."""
         out = {
             "balancedness": float(self.balancedness.mean()),
             "balancedness_min": float(self.balancedness.min()),
+            "balancedness_vllm": float(self.balancedness_vllm),
             "gpu_skewness": float(self.gpu_skewness.mean()),
             "skewness_before": float(self.skewness_before.mean()),
             "replica_skewness": float(self.replica_skewness.mean()),
@@ -106,4 +111,5 @@ def placement_metrics(p: Placement, loads: np.ndarray, previous: Placement | Non
         experts_moved=moved,
         bytes_moved=moved_bytes,
         max_gpu_tokens=gpu.max(axis=1),
+        balancedness_vllm=float(vllm_balancedness(gpu)),
     )

@@ -265,6 +265,20 @@ def balancedness(gpu_loads: np.ndarray) -> np.ndarray:
     return out
 
 
+def vllm_balancedness(gpu_loads: np.ndarray) -> np.ndarray:
+    """The balancedness vLLM's EPLB logs: sum over layers of the mean GPU load / sum over
+    layers of the max GPU load (1.0 = perfect; 1.0 when nothing is loaded).
+
+    Heavy layers weigh more than in the mean over layers of :func:`balancedness`.
+    gpu_loads: [..., layers, gpus] -> float64 [...]
+    """
+    g = np.asarray(gpu_loads, dtype=np.float64)
+    mean = g.mean(axis=-1).sum(axis=-1)
+    mx = g.max(axis=-1).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mx > 0, mean / np.where(mx > 0, mx, 1.0), 1.0)
+
+
 def expert_sums(values: np.ndarray, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """Sum per-slot values by logical expert: [L, P] -> float64 [L, E]."""
     L = phy2log.shape[0]

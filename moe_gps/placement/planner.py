@@ -15,22 +15,26 @@ import numpy as np
 from moe_gps.errors import UserError
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.greedy import copy_hot_to_cold
-from moe_gps.placement.layouts import contiguous, fill_spares, shares_from_tokens
+from moe_gps.placement.layouts import STATIC_LAYOUTS, contiguous, fill_spares, round_robin, shares_from_tokens
 from moe_gps.placement.placement import Capacity, Placement
 from moe_gps.placement.timeaware import timeaware
 from moe_gps.placement.waterfill import waterfill
 
 
-def _plan_none(loads: np.ndarray, N: int, S: int,
-               previous: Placement | None) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Static baseline: E/N contiguous experts per GPU; leftover slots hold spares (share 0)."""
+def _plan_none(loads: np.ndarray, N: int, S: int, previous: Placement | None,
+               layout: str = "linear") -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Static baseline, no duplication: vLLM's ``linear`` layout (E/N contiguous experts per
+    GPU) or its ``round_robin`` one (expert e on GPU e % N); leftover slots hold spares (share 0)."""
+    if layout not in STATIC_LAYOUTS:
+        raise UserError(f"none: layout must be one of {', '.join(STATIC_LAYOUTS)}, got {layout!r}")
     L, E = loads.shape
-    slot_exp = contiguous(L, E, N, S)
+    slot_exp = (contiguous if layout == "linear" else round_robin)(L, E, N, S)
     spare = slot_exp < 0
     phy2log = fill_spares(slot_exp, loads, N)
+    info = {"layout": layout}
     if not spare.any():
-        return phy2log, None, {}
-    return phy2log, np.where(spare, 0.0, 1.0), {"spares": int(spare.sum(axis=1).max())}
+        return phy2log, None, info
+    return phy2log, np.where(spare, 0.0, 1.0), {**info, "spares": int(spare.sum(axis=1).max())}
 
 
 def _plan_greedy(loads: np.ndarray, N: int, S: int, previous: Placement | None, threshold: float = 0.05,
@@ -102,7 +106,8 @@ def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str
     algorithm:      one of :data:`PLANNERS` (``timeaware`` needs ``cost=``, a time model)
     previous:       the placement in force, for migration-aware planning and bytes moved
     capacity:       limits the plan must respect (slots and expert memory per GPU)
-    options:        algorithm-specific, e.g. ``num_nodes``/``num_groups`` (eplb),
+    options:        algorithm-specific, e.g. ``layout`` (none: ``linear`` | ``round_robin``),
+                    ``num_nodes``/``num_groups`` (eplb),
                     ``threshold``/``max_copies`` (greedy), ``migration_tolerance`` (waterfill),
                     ``cost``/``copy_penalty_s`` (timeaware: the time model, see
                     :mod:`moe_gps.placement.timeaware`)

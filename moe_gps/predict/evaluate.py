@@ -21,8 +21,8 @@ import numpy as np
 from moe_gps.errors import UserError
 from moe_gps.predict.base import (MissingFeature, PredictorCost, check_train_steps, default_train_steps,
                                   rollout_distribution, rollout_tokens, shares)
-from moe_gps.predict.metrics import (distribution_errors, planned_balancedness, predicted_counts,
-                                     static_balancedness, token_hits)
+from moe_gps.predict.metrics import (distribution_errors, planned_gpu_loads, predicted_counts,
+                                     static_gpu_loads, token_hits)
 from moe_gps.predict.registry import (DEFAULT_DISTRIBUTION, DEFAULT_TOKEN, DISTRIBUTION_PREDICTORS,
                                       TOKEN_PREDICTORS, make_distribution_predictor, make_token_predictor)
 from moe_gps.predict.synthetic import SyntheticTokenPredictor
@@ -119,9 +119,13 @@ def _layer_mean(values: np.ndarray) -> list[float]:
 
 
 def _dist_summary(pred: np.ndarray, counts: np.ndarray, G: int, R: int, algorithm: str) -> tuple[dict, dict]:
+    from moe_gps.placement import balancedness, vllm_balancedness
+
     errs = distribution_errors(pred, counts)
-    errs["balancedness"] = planned_balancedness(pred, counts, G, R, algorithm)
+    gpu = planned_gpu_loads(pred, counts, G, R, algorithm)            # [S, L, GPUs]
+    errs["balancedness"] = balancedness(gpu)
     overall = {k: float(v.mean()) for k, v in errs.items()}
+    overall["balancedness_vllm"] = float(vllm_balancedness(gpu).mean())
     overall["eps_max_worst"] = float(errs["eps_max"].max())
     return overall, {k: _layer_mean(v) for k, v in errs.items()}
 
@@ -152,8 +156,12 @@ def evaluate(trace: TokensTrace | CountsTrace, distribution: Iterable | None = N
     if algorithm not in ALGORITHMS:
         raise UserError(f"unknown placement algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     # fails early, with the planner's one-line message, on a bad GPU / redundant-slot combination
-    static = static_balancedness(test_counts, num_gpus, num_redundant)
-    reference = {"static_balancedness": float(static.mean()), "static_balancedness_per_layer": _layer_mean(static)}
+    from moe_gps.placement import balancedness, vllm_balancedness
+    static_gpu = static_gpu_loads(test_counts, num_gpus, num_redundant)
+    static = balancedness(static_gpu)
+    reference = {"static_balancedness": float(static.mean()),
+                 "static_balancedness_vllm": float(vllm_balancedness(static_gpu).mean()),
+                 "static_balancedness_per_layer": _layer_mean(static)}
 
     def mode_kw(cls) -> dict:
         return {} if online is None else {"online": online}

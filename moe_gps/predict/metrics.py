@@ -8,6 +8,8 @@ Distribution metrics, per (step, layer), from predicted shares p_hat and true sh
 * ``jsd``      = Jensen-Shannon divergence in bits, in [0, 1]
 * ``balancedness`` = mean GPU load / max GPU load when replicas are planned from p_hat
   (placement planner) and the step's true tokens are routed through that plan.
+* ``balancedness_vllm`` (per step, over all layers) = sum_l mean GPU load / sum_l max GPU
+  load of the same plan: the formula vLLM's EPLB logs.
 
 Token metrics, per (token, layer), from predicted experts P (k, best first) and true
 experts T (k, highest gate weight first):
@@ -36,28 +38,44 @@ def distribution_errors(pred: np.ndarray, counts: np.ndarray) -> dict[str, np.nd
     return {"eps_mean": diff.mean(axis=-1), "eps_max": diff.max(axis=-1), "jsd": js_divergence(p, q)}
 
 
-def planned_balancedness(pred: np.ndarray, counts: np.ndarray, num_gpus: int, num_redundant: int,
-                         algorithm: str = "eplb") -> np.ndarray:
-    """Balancedness left after planning from the prediction and routing the true tokens.
+def planned_gpu_loads(pred: np.ndarray, counts: np.ndarray, num_gpus: int, num_redundant: int,
+                      algorithm: str = "eplb") -> np.ndarray:
+    """GPU loads of the true tokens under a plan made from the prediction.
 
-    pred: float [S, L, E] predicted shares; counts: int [S, L, E] true counts -> float [S, L].
+    pred: float [S, L, E] predicted shares; counts: int [S, L, E] true counts -> float [S, L, GPUs].
     Every (step, layer) gets its own plan from ``pred * (assignments of that step)`` (the
     step's token count is known before routing); all are planned in one call.
     """
-    from moe_gps.placement import balancedness, plan_placement
+    from moe_gps.placement import plan_placement
 
     S, L, E = counts.shape
     total = counts.sum(axis=-1, keepdims=True).astype(np.float64)
     loads = (np.asarray(pred, dtype=np.float64) * total).reshape(S * L, E)
     plan = plan_placement(loads, num_gpus, num_redundant, algorithm=algorithm)
-    return balancedness(plan.gpu_loads(counts.reshape(S * L, E))).reshape(S, L)
+    return plan.gpu_loads(counts.reshape(S * L, E)).reshape(S, L, num_gpus)
+
+
+def planned_balancedness(pred: np.ndarray, counts: np.ndarray, num_gpus: int, num_redundant: int,
+                         algorithm: str = "eplb") -> np.ndarray:
+    """Balancedness left after planning from the prediction and routing the true tokens:
+    float [S, L] (see :func:`planned_gpu_loads`)."""
+    from moe_gps.placement import balancedness
+
+    return balancedness(planned_gpu_loads(pred, counts, num_gpus, num_redundant, algorithm))
+
+
+def static_gpu_loads(counts: np.ndarray, num_gpus: int, num_redundant: int) -> np.ndarray:
+    """GPU loads with no duplication (the planner's ``none``: contiguous experts, spare
+    slots unused), routing the true tokens: counts [S, L, E] -> float [S, L, GPUs]."""
+    E = counts.shape[-1]
+    return planned_gpu_loads(np.full(counts.shape, 1.0 / E), counts, num_gpus, num_redundant, "none")
 
 
 def static_balancedness(counts: np.ndarray, num_gpus: int, num_redundant: int) -> np.ndarray:
-    """Balancedness with no duplication (the planner's ``none``: contiguous experts, spare
-    slots unused), routing the true tokens: counts [S, L, E] -> float [S, L]."""
-    S, L, E = counts.shape
-    return planned_balancedness(np.full(counts.shape, 1.0 / E), counts, num_gpus, num_redundant, "none")
+    """Balancedness with no duplication: counts [S, L, E] -> float [S, L]."""
+    from moe_gps.placement import balancedness
+
+    return balancedness(static_gpu_loads(counts, num_gpus, num_redundant))
 
 
 def token_hits(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,13 +8,13 @@ Definitions of every number: docs/recommend.md.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from moe_gps.atomic import atomic_path, write_text_atomic
 from moe_gps.config.loader import dump_yaml
+from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.recommend import plots
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
@@ -246,25 +246,6 @@ def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "
     write_text_atomic(out / "report.html", render_html(r, sec, figs, command))
     written.append(out / "report.html")
     return written
-
-
-def jsonable(v: Any) -> Any:
-    """Plain JSON data: NaN and infinities to None, numpy scalars and arrays to Python."""
-    import numpy as np
-
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if v is None or isinstance(v, (str, int, float, bool)):
-        return v
-    return str(v)
 
 
 def _simulate_config_text(r: Recommendation) -> str:

@@ -17,6 +17,7 @@ from moe_gps.errors import UserError
 from moe_gps.files import input_file
 from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace
 from moe_gps.trace.meta import META_KEY, TraceMeta
+from moe_gps.trace.sniff import import_hint
 from moe_gps.trace.validate import check_columns, counts_array, token_rows
 
 
@@ -25,6 +26,13 @@ def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
     p = input_file(path, what="a trace file")
     if p.stat().st_size == 0:
         raise UserError(f"{where}: empty file (0 bytes), not a Parquet trace")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise UserError(f"{where}: cannot read ({err.strerror or err})") from None
+    if magic != b"PAR1":
+        raise UserError(f"{where}: not a Parquet file; {import_hint(p)}")
     try:
         pf = pq.ParquetFile(p)
     except (pa.ArrowInvalid, OSError) as err:

@@ -2,15 +2,14 @@
 
 One module per source format (see ``docs/importers.md``):
 
-=====================  ======================================================  ======
-format                 source                                                  kind
-=====================  ======================================================  ======
-``vllm-jsonl``         JSON lines, one MoE layer call per line (``topk_ids``)  tokens
-``gate-csv``           CSV gate-score matrices, one file per layer             tokens
-``popularity-json``    aggregated per-layer expert popularity                  counts
-``hf-router-logits``   HF transformers ``router_logits`` (.npz / .pt)          tokens
-``sglang-dump``        SGLang expert-distribution recorder dump (.pt)          counts
-=====================  ======================================================  ======
+* ``vllm-routed`` (tokens): vLLM responses holding ``routed_experts``
+* ``sglang-routed`` (tokens): SGLang responses holding ``meta_info.routed_experts``
+* ``sglang-dump`` (counts, or tokens for ``per_token``): SGLang expert-distribution
+  recorder dumps (.pt) of the ``stat``, ``per_pass`` and ``per_token`` modes
+* ``vllm-jsonl`` (tokens): a patched vLLM's JSON lines, one MoE layer call per line
+* ``gate-csv`` (tokens): CSV gate-score matrices, one file per layer
+* ``popularity-json`` (counts): aggregated per-layer expert popularity
+* ``hf-router-logits`` (tokens): HF transformers ``router_logits`` (.npz / .pt)
 
 Each ``import_<format>(sources, **options)`` returns an :class:`ImportResult` holding an
 in-memory trace (``source="imported"``, with provenance); :func:`import_trace` runs one
@@ -28,9 +27,13 @@ from moe_gps.trace.importers.gate_csv import import_gate_csv
 from moe_gps.trace.importers.hf_router_logits import import_hf_router_logits, routing_from_router_logits
 from moe_gps.trace.importers.popularity_json import import_popularity_json
 from moe_gps.trace.importers.sglang_dump import import_sglang_dump
+from moe_gps.trace.importers.sglang_routed import import_sglang_routed
 from moe_gps.trace.importers.vllm_jsonl import import_vllm_jsonl
+from moe_gps.trace.importers.vllm_routed import import_vllm_routed
 
 IMPORTERS: dict[str, Callable[..., ImportResult]] = {
+    "vllm-routed": import_vllm_routed,
+    "sglang-routed": import_sglang_routed,
     "vllm-jsonl": import_vllm_jsonl,
     "gate-csv": import_gate_csv,
     "popularity-json": import_popularity_json,
@@ -60,5 +63,5 @@ def import_trace(fmt: str, sources: Sequence[str | os.PathLike], output: str | o
 
 
 __all__ = ["FORMATS", "IMPORTERS", "ImportResult", "import_gate_csv", "import_hf_router_logits",
-           "import_popularity_json", "import_sglang_dump", "import_trace", "import_vllm_jsonl",
-           "routing_from_router_logits"]
+           "import_popularity_json", "import_sglang_dump", "import_sglang_routed", "import_trace", "import_vllm_jsonl",
+           "import_vllm_routed", "routing_from_router_logits"]

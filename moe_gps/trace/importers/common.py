@@ -9,6 +9,7 @@ back to its origin.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
+from moe_gps.tables import format_indices  # noqa: F401  (re-exported for the importers)
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
 
@@ -116,19 +118,6 @@ def parse_passes(text: str) -> list[int]:
     return sorted(out)
 
 
-def format_indices(indices: Iterable[int]) -> str:
-    """``[2, 5, 6, 7]`` -> ``"2,5-7"``."""
-    idx = sorted(set(int(i) for i in indices))
-    parts, i = [], 0
-    while i < len(idx):
-        j = i
-        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
-            j += 1
-        parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
 def first_duplicate_in_rows(ids: np.ndarray) -> tuple[int, int] | None:
     """ids: int [rows, k]. (row, expert) of the first row holding an expert twice, or None."""
     if ids.shape[1] < 2 or len(ids) == 0:
@@ -212,3 +201,48 @@ def torch_load(path: Path, needed_for: str) -> Any:
                             "containers, which are not loaded (torch.load weights_only)") from None
         first = text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
         raise UserError(f"{path}: not a readable torch.save file ({first})") from None
+
+
+def read_text(path: Path, expected: str) -> str:
+    """The UTF-8 text of a file that must not be empty; ``expected`` says what it should hold."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, expected {expected}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file, expected {expected}")
+    return text
+
+
+def read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """The JSON values of a saved-responses file, each with where it is (for errors).
+
+    Accepts one JSON value per line (``file:line``), a JSON array (``file[i]``) or one
+    JSON object (``file``); a line holding an array (a batch response) gives its elements
+    (``file:line[j]``). Blank lines are skipped.
+    """
+    text = read_text(path, "saved JSON responses")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    else:
+        if isinstance(whole, list):
+            return [(f"{path}[{i}]", v) for i, v in enumerate(whole)]
+        lines = [i for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [(f"{path}:{lines[0]}" if len(lines) == 1 else str(path), whole)]
+    out: list[tuple[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: not a JSON line ({err.msg} at column {err.colno})") from None
+        if isinstance(value, list):
+            out += [(f"{path}:{lineno}[{j}]", v) for j, v in enumerate(value)]
+        else:
+            out.append((f"{path}:{lineno}", value))
+    return out

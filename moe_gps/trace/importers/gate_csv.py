@@ -212,6 +212,8 @@ def import_gate_csv(sources: Sequence[str | os.PathLike], *, model: str = "unkno
     L, E, k = len(ref["layer_ids"]), ref["num_experts"], ref["k"]
     summary.append(f"num_layers={L} (original layer ids {ref['layer_ids']} renumbered 0..{L - 1}), "
                    f"num_experts={E} (expert columns), top_k={k} (non-zero scores per row)")
+    summary.append(f"steps: one per folder (or run of files from one folder), in the order given; "
+                   f"{len(step_experts)} step(s)")
     prov = provenance(
         FORMAT, [str(s) for s in sources],
         steps=step_records,

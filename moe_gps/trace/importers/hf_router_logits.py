@@ -230,6 +230,7 @@ def import_hf_router_logits(sources: Sequence[str | os.PathLike], *, top_k: int,
     rule = ("softmax over experts, top-k, divided by the top-k sum" if normalize
             else "softmax over experts, top-k (not renormalised)")
     summary.append(f"num_layers={L}, num_experts={E} (logit shapes), top_k={top_k} (from --top-k); weights: {rule}")
+    summary.append(f"steps: one per file (one forward pass), in the order given; {len(step_ids)} step(s)")
     if not with_ids:
         some = any(i is not None for i in step_ids)
         summary.append("token_id: not stored (" + ("some files lack input_ids" if some else "no input_ids given") + ")")

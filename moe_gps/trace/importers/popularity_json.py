@@ -25,6 +25,7 @@ from moe_gps.trace.importers.common import (
     counts_tokens,
     make_meta,
     provenance,
+    read_text,
 )
 
 FORMAT = "popularity-json"
@@ -32,18 +33,11 @@ FORMAT = "popularity-json"
 
 def read_popularity(path: Path) -> tuple[np.ndarray, int | None]:
     """-> (counts int64 [layers, experts], total_input_tokens or None)."""
-    try:
-        text = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    if not text.strip():
-        raise UserError(f"{path}: empty file, expected {{\"expert_popularity\": [[counts] x layers]}}")
+    text = read_text(path, '{"expert_popularity": [[counts] x layers]}')
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        where = f"line {err.lineno}: " if isinstance(err, json.JSONDecodeError) else ""
-        msg = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
-        raise UserError(f"{path}: {where}not valid JSON ({msg})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict) or "expert_popularity" not in data:
         raise UserError(f"{path}: no 'expert_popularity' field; expected "
                         "{\"total_input_tokens\": N, \"expert_popularity\": [[E counts] x L]}")
@@ -100,6 +94,7 @@ def import_popularity_json(sources: Sequence[str | os.PathLike], *, top_k: int, 
     S, L, E = counts.shape
     tokens_per_step = (counts[:, 0, :].sum(axis=1) // top_k).astype(int).tolist()
     summary.append(f"num_layers={L}, num_experts={E} (array shape), top_k={top_k} (from --top-k)")
+    summary.append(f"steps: one per file, in the order given; {S} step(s)")
     prov = provenance(
         FORMAT, [str(p) for p in paths],
         top_k_source="from --top-k",

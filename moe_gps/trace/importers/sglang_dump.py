@@ -19,8 +19,8 @@ counts all decoder layers, so dense layers (e.g. DeepSeek's first three) are all
 The importer keeps the rows with any count (one step each, in row order, files in the
 order given), drops layers that are zero in every kept row (recording the original
 layer ids) and requires ``--top-k``: tokens per step = (sum of a layer's counts) / top_k.
-The ``per_pass`` and ``per_token`` recorder modes write a different dict (``records``)
-and are not read here.
+The ``per_pass`` and ``per_token`` recorder modes write a different dict (``records``),
+read by :mod:`moe_gps.trace.importers.sglang_records`.
 """
 
 from __future__ import annotations
@@ -45,20 +45,22 @@ from moe_gps.trace.importers.common import (
 FORMAT = "sglang-dump"
 
 
-def read_sglang_dump(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """-> (logical_count int64 [buffer, layers, experts], the other scalar fields)."""
+def load_sglang_dump(path: Path) -> dict:
+    """The dict of an SGLang expert-distribution dump: ``logical_count`` (stat) or ``records``."""
     obj = torch_load(path, "reading SGLang .pt dumps")
-    import torch  # present: torch_load checked
-
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}; an SGLang expert-distribution dump is a dict "
-                        "with 'logical_count'")
-    if "logical_count" not in obj:
-        if "records" in obj:
-            raise UserError(f"{path}: this is a per_pass/per_token recorder dump ('records'); only "
-                            "--expert-distribution-recorder-mode stat dumps ('logical_count') are supported")
-        raise UserError(f"{path}: no 'logical_count' key (keys: {', '.join(map(str, obj))}); expected an "
-                        "SGLang expert-distribution dump")
+                        "with 'logical_count' or 'records'")
+    if "logical_count" not in obj and "records" not in obj:
+        raise UserError(f"{path}: no 'logical_count' or 'records' key (keys: {', '.join(map(str, obj))}); expected "
+                        "an SGLang expert-distribution dump")
+    return obj
+
+
+def read_sglang_dump(path: Path, obj: dict) -> tuple[np.ndarray, dict[str, Any]]:
+    """A stat dump -> (logical_count int64 [buffer, layers, experts], the other scalar fields)."""
+    import torch  # present: torch_load checked
+
     lc = obj["logical_count"]
     if not isinstance(lc, torch.Tensor):
         raise UserError(f"{path}: 'logical_count' is a {type(lc).__name__}, expected a tensor")
@@ -78,18 +80,28 @@ def read_sglang_dump(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return counts, others
 
 
-def import_sglang_dump(sources: Sequence[str | os.PathLike], *, top_k: int, model: str = "unknown",
+def import_sglang_dump(sources: Sequence[str | os.PathLike], *, top_k: int | None = None, model: str = "unknown",
                        dataset: str = "unknown") -> ImportResult:
-    """Import SGLang ``stat`` dumps into a counts trace (see the module docstring).
+    """Import SGLang expert-distribution dumps: ``stat`` ones into a counts trace (see the
+    module docstring), ``per_pass`` / ``per_token`` ones through
+    :func:`~moe_gps.trace.importers.sglang_records.import_sglang_records`.
 
     counts: [steps, moe layers, experts]; tokens_per_step = layer sum / top_k.
     """
+    paths = check_sources(sources)
+    objs = [load_sglang_dump(p) for p in paths]
+    modes = ["records" if "records" in o else "stat" for o in objs]
+    if len(set(modes)) > 1:
+        raise UserError(f"{paths[modes.index('records')]} is a per_pass/per_token dump but {paths[modes.index('stat')]}"
+                        " a stat dump; import them separately")
+    if modes[0] == "records":
+        from moe_gps.trace.importers.sglang_records import import_sglang_records
+        return import_sglang_records(paths, objs, top_k=top_k, model=model, dataset=dataset)
     if top_k is None or top_k < 1:
         raise UserError("sglang-dump needs --top-k (the counts cannot tell how many experts each token chose)")
-    paths = check_sources(sources)
     arrays, kept_rows, fields, summary = [], [], {}, []
-    for p in paths:
-        counts, others = read_sglang_dump(p)
+    for p, obj in zip(paths, objs):
+        counts, others = read_sglang_dump(p, obj)
         if arrays and counts.shape[1:] != arrays[0].shape[1:]:
             raise UserError(f"{p}: {counts.shape[1]} layers x {counts.shape[2]} experts but {paths[0]} has "
                             f"{arrays[0].shape[1]} x {arrays[0].shape[2]}")
@@ -124,8 +136,13 @@ def import_sglang_dump(sources: Sequence[str | os.PathLike], *, top_k: int, mode
     summary.append(f"num_layers={L} (of {arrays[0].shape[1]} recorded; "
                    + (f"layers {format_indices(dropped)} are all zero and dropped" if dropped else "none dropped")
                    + f"), num_experts={E} (logical experts), top_k={top_k} (from --top-k)")
+    summary.append(f"steps: one per buffer row with counts, in row order, files in the order given; {S} step(s) "
+                   "(rows are in time order only while the buffer has not wrapped)")
     prov = provenance(
         FORMAT, [str(p) for p in paths],
+        recorder_mode="stat",
+        step_grouping="one step per non-empty buffer row, in row order",
+        num_hidden_layers=int(arrays[0].shape[1]),
         top_k_source="from --top-k",
         buffer_rows_kept={str(p): format_indices(r) for p, r in zip(paths, kept_rows)},
         original_layer_ids=moe_layers.tolist(),

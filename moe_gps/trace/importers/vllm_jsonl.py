@@ -1,14 +1,18 @@
-"""vLLM-style JSON lines: one MoE layer call per line.
+"""JSON lines of ``topk_ids``, one MoE layer call per line: the format of a *patched* vLLM.
 
-Each non-blank line is a JSON object ``{"topk_ids": [[k ids] x T], "topk_weights": ...}``
-as dumped from vLLM's ``FusedMoE`` (``select_experts``) on one rank. ``topk_weights`` may
-hold the weights ``[[k floats] x T]`` or only their shape ``[T, k]``. ``L`` consecutive
-lines (layers 0..L-1) make one forward pass, which becomes one step of the trace.
+This is not what upstream vLLM returns (for that, see ``vllm-routed``): it is the dump
+of a fork that patched vLLM's ``FusedMoE`` (``select_experts``) to append, on one rank,
+one JSON object per layer call, ``{"topk_ids": [[k ids] x T], "topk_weights": ...}``
+(the Qwen3-30B-A3B sample in ``shared/traces/real`` comes from GitHub soryxie/vllm,
+``profile_json/``). ``topk_weights`` may hold the weights ``[[k floats] x T]`` or only
+their shape ``[T, k]``. ``L`` consecutive lines (layers 0..L-1) make one forward pass,
+which becomes one step of the trace.
 
-The number of layers L is inferred from the line pattern: all layers of a pass see the
-same number of tokens T, and T changes between passes, so every run of equal T spans a
-whole number of passes and L is the greatest common divisor of the run lengths.
-``--num-layers`` overrides it (and is needed when T never changes).
+The lines say neither how many MoE layers a pass has nor how many experts the model has,
+so ``--num-layers`` and ``--num-experts`` are required; a missing one is refused with
+what the file suggests (all layers of a pass see the same number of tokens T, so every
+run of lines with equal T spans whole passes and L divides the greatest common divisor
+of the run lengths; the largest id + 1 is a lower bound on the experts).
 """
 
 from __future__ import annotations
@@ -148,14 +152,15 @@ def _runs(tokens: np.ndarray) -> np.ndarray:
     return np.diff(np.concatenate([[0], change, [len(tokens)]]))
 
 
-def infer_num_layers(files: Sequence[LayerCalls]) -> int:
-    """L = gcd of the lengths of all runs of equal token counts (see the module docstring)."""
+def num_layers_hint(files: Sequence[LayerCalls]) -> str:
+    """What the line pattern says about L, for the message asking for --num-layers."""
     runs = [_runs(c.tokens) for c in files]
     if all(len(r) == 1 for r in runs):
-        lengths = ", ".join(f"{c.path}: {len(c.tokens)} lines, all with T={c.tokens[0]}" for c in files)
-        raise UserError(f"cannot infer the number of MoE layers: every line has the same token count "
-                        f"({lengths}); pass --num-layers")
-    return int(math.gcd(*(int(x) for r in runs for x in r)))
+        return "; the file cannot tell: " + ", ".join(f"{c.path}: {len(c.tokens)} lines, all with T={c.tokens[0]}"
+                                                      for c in files)
+    g = int(math.gcd(*(int(x) for r in runs for x in r)))
+    return (f"; runs of lines with equal token counts have lengths divisible by {g}, so it is {g} or a divisor of it"
+            if g > 1 else "; the line pattern allows only 1: check that the file holds one rank's layer calls")
 
 
 def _rle(values: list[int], limit: int = 12) -> str:
@@ -177,22 +182,21 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
                       dataset: str = "unknown", num_layers: int | None = None,
                       num_experts: int | None = None, min_tokens: int = 0,
                       passes: str | None = None) -> ImportResult:
-    """Import vLLM-style JSON lines into a tokens trace, one step per selected forward pass.
+    """Import the patched vLLM's JSON lines into a tokens trace, one step per selected forward pass.
 
     Passes are numbered from 0 in each file; a pass is kept when it is listed in
     ``passes`` (e.g. ``"2,5-7"``; all when None) and has at least ``min_tokens`` tokens
     (passes with no token are always dropped). Steps follow the files in the order given,
-    then the passes in file order. ``num_experts`` defaults to the largest id + 1.
+    then the passes in file order. ``num_layers`` and ``num_experts`` are required.
     """
     paths = check_sources(sources)
     files = [read_layer_calls(p) for p in paths]
     summary: list[str] = []
     if num_layers is None:
-        L = infer_num_layers(files)
-        layers_note = "inferred: gcd of the lengths of runs of lines with equal token counts"
-    else:
-        L = int(num_layers)
-        layers_note = "from --num-layers"
+        raise UserError("--from vllm-jsonl needs --num-layers, the model's MoE layers (lines per forward pass)"
+                        + num_layers_hint(files))
+    L = int(num_layers)
+    layers_note = "from --num-layers"
     wanted = None if passes is None else parse_passes(passes)
     ks = {c.ids[i].shape[1] for c in files for i in range(len(c.ids)) if c.tokens[i]}
     if not ks:
@@ -240,13 +244,12 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
         raise UserError(f"no forward pass selected (passes hold {', '.join(map(str, sizes))} tokens; "
                         f"--min-tokens={min_tokens}, --passes={passes or 'all'})")
 
-    max_id = max(int(c.ids[p * L + layer].max()) for c, p in selected for layer in range(L))
     if num_experts is None:
-        E = max_id + 1
-        experts_note = "inferred: largest expert id in the selected passes + 1 (a lower bound)"
-    else:
-        E = int(num_experts)
-        experts_note = "from --num-experts"
+        max_id = max(int(c.ids[p * L + layer].max()) for c, p in selected for layer in range(L))
+        raise UserError(f"--from vllm-jsonl needs --num-experts, the model's routed experts per layer; the largest "
+                        f"id in the selected passes is {max_id}, so at least {max_id + 1}")
+    E = int(num_experts)
+    experts_note = "from --num-experts"
     with_weights = all(c.weights[p * L + layer] is not None for c, p in selected for layer in range(L))
     step_experts, step_weights = [], []
     for c, p in selected:
@@ -264,10 +267,13 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
         step_experts.append(experts)
     summary.append(f"num_layers={L} ({layers_note}), num_experts={E} ({experts_note}), top_k={k}")
     summary.append("gate weights: " + ("stored" if with_weights else "not stored (the lines hold only their shape)"))
+    summary.append(f"steps: one per kept forward pass ({L} consecutive lines), files in the order given, passes in "
+                   f"file order; {len(selected)} step(s)")
     prov = provenance(
         FORMAT, [str(p) for p in paths],
         selection={"passes": passes, "min_tokens": min_tokens},
         passes_in_file=passes_per_file, passes_kept=kept_per_file,
+        step_grouping=f"one step per kept forward pass ({L} consecutive lines)",
         num_layers_source=layers_note, num_experts_source=experts_note,
         weights="stored" if with_weights else "not in the source (shape only)",
         expert_order="as recorded" if not with_weights else "sorted by gate weight, highest first",
