@@ -47,6 +47,10 @@ class Hardware:
     intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
     collective_skew: seconds between the first and the last GPU leaving a collective
     replan_overhead: host seconds per GPU to apply a new placement
+    weight_reads: an expert replica reads its weights once per layer it has tokens (False: FFN time in
+                  proportion to tokens only, the MoE-GPS paper's model)
+    predictor_overlap: token predictors run beside the layer's attention and distribution predictors on
+                  the host between steps (False: every predictor before the layer's attention)
     """
 
     flops: float
@@ -70,6 +74,8 @@ class Hardware:
     inter_copy_lat: float = -1.0
     collective_skew: float = 0.0
     replan_overhead: float = 0.0
+    weight_reads: bool = True
+    predictor_overlap: bool = False
 
     def __post_init__(self) -> None:
         if not self.attn_flops:
@@ -169,11 +175,13 @@ def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Har
 def expert_slot_time(tokens, model: ModelConfig, hw: Hardware):
     """One replica (slot) processing ``tokens`` tokens: roofline of its GEMMs, no overhead.
 
-    FLOPs = 2 n m h f;  bytes = m h f w (weights, read once if n > 0) + 2 n h a (in and out)
+    FLOPs = 2 n m h f;  bytes = m h f w (weights, read once if n > 0) + 2 n h a (in and out);
+    without ``hw.weight_reads`` the weights are not read (time in proportion to n)
     """
     n = np.asarray(tokens, dtype=np.float64)
     flops = 2.0 * n * model.expert_params
-    bytes_ = np.where(n > 0, model.expert_bytes, 0.0) + 2.0 * n * model.token_bytes
+    read = model.expert_bytes if hw.weight_reads else 0.0
+    bytes_ = np.where(n > 0, read, 0.0) + 2.0 * n * model.token_bytes
     return roofline(flops, bytes_, hw)
 
 
@@ -284,15 +292,19 @@ def local_copy_time(copies, expert_bytes: float, hw: Hardware):
     return np.asarray(copies, dtype=np.float64) * (2.0 * expert_bytes / hw.hbm)
 
 
-def predictor_time(tokens, flops_per_token: float, bytes_per_token: float, fixed_bytes: float,
-                   hw: Hardware, fixed_flops: float = 0.0):
-    """A predictor run over ``tokens`` tokens on one GPU (one layer): roofline + one kernel overhead.
+def predictor_time(tokens, cost, hw: Hardware):
+    """A predictor run over ``tokens`` tokens on one GPU (one layer): roofline + one kernel overhead
+    + its serial latency.
 
+    cost: a ``moe_gps.predict.PredictorCost``.
     FLOPs = fixed_flops + n * flops_per_token;  bytes = fixed_bytes + n * bytes_per_token;
+    time = R(FLOPs, bytes) + κ + serial_steps x step_latency_s;
     0 on a GPU without tokens or for a predictor that costs nothing.
     """
     n = np.asarray(tokens, dtype=np.float64)
-    if not (flops_per_token > 0 or bytes_per_token > 0 or fixed_bytes > 0 or fixed_flops > 0):
+    if not (cost.flops_per_token > 0 or cost.bytes_per_token > 0 or cost.fixed_bytes_per_step > 0
+            or cost.fixed_flops_per_step > 0 or cost.latency_s > 0):
         return np.zeros_like(n)
-    t = roofline(fixed_flops + n * flops_per_token, fixed_bytes + n * bytes_per_token, hw)
-    return np.where(n > 0, t + hw.overhead, 0.0)
+    t = roofline(cost.fixed_flops_per_step + n * cost.flops_per_token,
+                 cost.fixed_bytes_per_step + n * cost.bytes_per_token, hw)
+    return np.where(n > 0, t + hw.overhead + cost.latency_s, 0.0)

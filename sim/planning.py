@@ -208,7 +208,8 @@ def copy_cost(policy: str, share: float, phases: PlacementPhases, home_tokens: n
               model: ModelConfig, workload: WorkloadConfig, hw: Hardware) -> CopyCost:
     """The :class:`CopyCost` of a step whose placement-decided phases are ``phases`` (the
     placement in force) and whose GPUs hold ``home_tokens`` [G]."""
-    attn = float(np.max(attention_time(home_tokens, model, workload, hw) + predictor_s, initial=0.0))
+    a = attention_time(home_tokens, model, workload, hw)
+    attn = float(np.max(np.maximum(a, predictor_s) if hw.predictor_overlap else a + predictor_s, initial=0.0))
     L = phases.ffn.shape[0]
     link = (phases.dispatch_link + phases.combine_link).max(axis=1)
     step = float(phases.layer_time().sum() + attn * L)

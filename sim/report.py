@@ -69,8 +69,11 @@ def format_summary(result: SimResult) -> str:
     """The terminal report: a latency table and a MoE-layer breakdown table."""
     rows = summary_rows(result)
     cfg = result.config
+    tok = result.tokens
+    size = (f"{tok.mean():.0f}" if np.ptp(tok) < 0.5 else
+            f"{tok.min():.0f}/{np.median(tok):.0f}/{tok.max():.0f} (min/median/max)")
     head = (f"{cfg.model.name} on {cfg.cluster.name} ({cfg.cluster.num_gpus} GPUs), {cfg.workload.phase}, "
-            f"{len(result.steps)} simulated steps of {result.tokens.mean():.0f} tokens "
+            f"{len(result.steps)} simulated steps of {size} tokens "
             f"(steps {result.steps[0]}..{result.steps[-1]}; {result.steps[0]} earlier steps fit the predictors), "
             f"copies {cfg.copy_policy}, seed {cfg.seed}")
     t1 = _table(
@@ -87,7 +90,8 @@ def format_summary(result: SimResult) -> str:
     skew = f"expert skew (max/mean tokens per expert) of the simulated steps: {rows[0]['expert_skew']:.2f}"
     notes = "".join(f"\nnote: {n}" for n in result.notes)
     verdict = f"\n\n{result.verdict.line()}" if result.verdict is not None else ""
-    return f"{head}\n\n{t1}\n\n{t2}\n\n{skew}{notes}{verdict}"
+    warn = "".join(f"\n  {w}" for w in result.inferred) + "".join(f"\nwarning: {w}" for w in result.warnings)
+    return f"{head}{warn}\n\n{t1}\n\n{t2}\n\n{skew}{notes}{verdict}"
 
 
 def per_step_frame(result: SimResult):

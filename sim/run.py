@@ -23,6 +23,7 @@ from moe_gps.config.schema import SimulateConfig, StrategyConfig
 from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.trace.data import CountsTrace, TokensTrace
+from moe_gps.trace.regroup import regroup_or_scale
 from sim.cost import Hardware
 from sim.engine import EventModel
 from sim.loads import as_counts_trace, step_loads, trace_counts
@@ -72,6 +73,8 @@ class SimResult:
     tokens:      float [S] tokens per simulated step (after workload scaling)
     expert_skew: float [S, L] max / mean tokens per expert (the trace's skewness)
     base_gpu_skew: float [S, L] max / mean tokens per GPU with no duplication
+    warnings:    what makes the numbers less trustworthy (printed under the header)
+    inferred:    what was read from the trace rather than given (regrouping, the phase)
     """
 
     config: SimulateConfig
@@ -82,6 +85,8 @@ class SimResult:
     strategies: list[StrategyResult]
     notes: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
+    warnings: list[str] = field(default_factory=list)
+    inferred: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> StrategyResult:
         for r in self.strategies:
@@ -117,11 +122,16 @@ def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, 
                    "correction": x - x_skew, "ffn": f, "combine": c - skew, "sync": 2 * skew + x_skew}
 
 
-def default_train_steps(config: SimulateConfig, num_steps: int) -> int:
+def default_train_steps(config: SimulateConfig, num_steps: int, num_tokens: int = 0) -> int:
     train = config.resolved_train_steps(num_steps)
     if num_steps < 2:
+        hint = ""
+        if num_tokens >= 2:
+            n = max(1, num_tokens // 16)
+            hint = (f"; regroup its {num_tokens} tokens into several steps, e.g. --tokens-per-step {n} "
+                    f"({num_tokens // n} steps) or `moe-gps trace rechunk TRACE --tokens-per-step {n} -o OUT`")
         raise UserError(f"the trace has {num_steps} step; the simulator needs at least 2 (one to fit "
-                        "predictors and profile, one to simulate)")
+                        f"predictors and profile, one to simulate){hint}")
     if train >= num_steps:
         raise UserError(f"train_steps={train} leaves no step to simulate in a trace of {num_steps} steps "
                         f"(use at most {num_steps - 1})")
@@ -133,6 +143,7 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
     steps), so that the YAML written beside the results reruns exactly the same simulation;
     and notes on how defaults were chosen for this trace."""
     G, E = config.cluster.num_gpus, config.model.num_experts
+    config = config.with_assumptions()
     strategies, notes = [], []
     for s in config.strategies:
         s = dataclasses.replace(s, name=s.resolved_name(), planner=s.resolved_planner(),
@@ -159,18 +170,26 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     cluster, model, workload = config.cluster, config.model, config.workload
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
+    trace, regrouped, warning = regroup_or_scale(trace, workload.tokens_per_step)
+    warnings = [warning] if warning else []
+    if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k and not warning:
+        warnings.append(f"some steps hold fewer tokens ({int(np.min(trace.tokens_per_step))}) than experts x top_k "
+                        f"({m.num_experts} x {m.top_k}): their expert loads are mostly sampling noise; regroup "
+                        f"them into larger steps with --tokens-per-step")
     G, L, E = cluster.num_gpus, m.num_layers, m.num_experts
     tps = trace.tokens_per_step
     peak_tokens = float(workload.tokens_per_step or tps.max())
     if not config.strategies:
         raise UserError("no strategies to simulate")
     check_combination(cluster, model, workload, config.strategies, peak_tokens)
-    train = default_train_steps(config, trace.num_steps)
+    train = default_train_steps(config, trace.num_steps, int(trace.tokens_per_step.sum()))
     test_steps = np.arange(train, trace.num_steps)
     S = len(test_steps)
     hw = Hardware.from_config(cluster, model)
 
     config, notes = resolve_config(config, train, trace_name)
+
+    hw = dataclasses.replace(hw, weight_reads=config.ffn_weight_reads, predictor_overlap=config.predictor_overlap)
     ctx = SimContext(G, E, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share)
     factory = strategy_factory or (lambda cfg, c, seed: make_strategy(cfg, c, seed, cfg.resolved_policy(train)))
     strategies = [factory(cfg, ctx, config.seed) for cfg in config.strategies]
@@ -223,6 +242,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         results.append(StrategyResult(st.name, st.cfg, st.info, layer_time[k], {p: phases[p][k] for p in PHASES},
                                       gpu_skew[k], copy_bytes[k], extra, R, st.replans, seconds[k]))
     bar.close()
-    result = SimResult(config, test_steps, tokens, expert_skew, base_skew, results, notes)
+    result = SimResult(config, test_steps, tokens, expert_skew, base_skew, results, notes, warnings=warnings,
+                       inferred=[regrouped] if regrouped else [])
     result.verdict = verdict_of(result)
     return result

@@ -312,8 +312,7 @@ class Strategy:
 
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
         """Per-GPU seconds of a PredictorCost over each GPU's own tokens (one layer)."""
-        return predictor_time(loads.home_tokens, cost.flops_per_token, cost.bytes_per_token,
-                              cost.fixed_bytes_per_step, self.hw, cost.fixed_flops_per_step)
+        return predictor_time(loads.home_tokens, cost, self.hw)
 
 
 def _home_frac(loads: StepLoads) -> np.ndarray:
@@ -403,6 +402,10 @@ class OraclePlan(Strategy):
             self._memo[key] = self._reshare(p, fut.counts, fut.src_counts)
         return self._memo[key]
 
+    def _step_time(self, p: Placement, loads: StepLoads) -> float:
+        """The placement-decided time of the current step under ``p``, as the oracle runs it."""
+        return float(phases_time(self._at(p, self.i), loads.src_counts, self.ctx.model, self.hw, True).sum())
+
     def _layer_totals(self, p: Placement, steps: list[int]) -> np.ndarray:
         """float [L]: the placement-decided time of every layer summed over ``steps``, as run."""
         return sum(phases_time(self._at(p, j), self._future(j).src_counts, self.ctx.model, self.hw, True)
@@ -431,10 +434,18 @@ class OraclePlan(Strategy):
         return self._plan_from_ahead(i, None, 0.0)
 
     def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
-        return self._plan_from_ahead(i, self.current, copy_penalty_s)
+        cand = self._plan_from_ahead(i, self.current, copy_penalty_s)
+        if self.ctx.copy_policy != "hidden":
+            return cand
+        # free copies: the best of keeping, the plan for the steps ahead and the plan for this step alone
+        # serves this step (no copy cost to pay back later, so a per-step choice never loses to none)
+        step = self._plan(loads.counts, loads.src_counts, self.current, 0.0)
+        return min((self.current, cand, step), key=lambda p: self._step_time(p, loads))
 
     def _worth(self, i, loads, src, cand, moves, cost) -> bool:
         ctx = self.ctx
+        if ctx.copy_policy == "hidden":
+            return self._step_time(cand, loads) < self._step_time(self.current, loads)
         host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
         if ctx.copy_policy == "async":
             # a bound on the job's length (its copies one after another), the steps it spans (they
@@ -485,7 +496,7 @@ class DistributionPlan(Strategy):
     def prepare(self, trace, train_steps, counts) -> None:
         from moe_gps.predict import make_distribution_predictor, rollout_distribution
         super().prepare(trace, train_steps, counts)
-        self.predictor = _make(make_distribution_predictor, self.cfg, self.seed)
+        self.predictor = _make(make_distribution_predictor, self.cfg, self.seed, self.ctx)
         source = trace if getattr(self.predictor, "needs_tokens", False) else counts
         self.shares = rollout_distribution(self.predictor, source, train_steps)   # [test, L, E]
         self.cost = self.predictor.cost()
@@ -504,12 +515,15 @@ class DistributionPlan(Strategy):
         return scen[:, :, None, :] * _home_frac(loads)[None, None, :, None]
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
+        if self.hw.predictor_overlap:
+            return np.zeros(self.num_gpus)     # on the host, between steps: no GPU time
         return self._charge(self.cost, loads)
 
 
 class TokenPlan(Strategy):
     """Guesses every token's experts: plans at checks from the counts of the guesses, re-splits
-    each step's tokens over its replicas from that step's guesses, and routes directly."""
+    each step's tokens over its replicas from that step's guesses, and (with ``direct_routing``)
+    sends correctly predicted tokens straight to their replicas."""
 
     reshares = True
 
@@ -523,7 +537,7 @@ class TokenPlan(Strategy):
             raise UserError(f"strategy {self.name}: token-to-expert prediction needs a tokens trace "
                             "(per-token routing); this trace has counts only")
         super().prepare(trace, train_steps, counts)
-        self.predictor = _make(make_token_predictor, self.cfg, self.seed)
+        self.predictor = _make(make_token_predictor, self.cfg, self.seed, self.ctx)
         self.guess = rollout_tokens(self.predictor, trace, train_steps)     # int16 [N_test, L, k]
         self.offset0 = int(trace.step_offsets[train_steps])
         self.cost = self.predictor.cost()
@@ -565,15 +579,25 @@ class TokenPlan(Strategy):
         return source_counts(loads.experts, loads.home, G, E, mask=self._cur[1]) * loads.scale
 
 
-def _make(factory, cfg: StrategyConfig, seed: int):
+def _make(factory, cfg: StrategyConfig, seed: int, ctx: SimContext):
+    """The strategy's predictor. A ``cost`` option names a preset (moe_gps.predict.costs) that becomes
+    the predictor's ``overhead``, sized to the simulated model and workload."""
     import inspect
 
     from moe_gps.predict import DISTRIBUTION_PREDICTORS, TOKEN_PREDICTORS
+    from moe_gps.predict.costs import cost_preset
     table = DISTRIBUTION_PREDICTORS if cfg.kind == "distribution" else TOKEN_PREDICTORS
     opts = dict(cfg.predictor_options)
     cls = table.get(cfg.predictor)
     if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
         opts.setdefault("seed", seed)
+    if "cost" in opts:
+        m, w = ctx.model, ctx.workload
+        if "overhead" in opts:
+            raise UserError(f"strategy {cfg.resolved_name()}: give cost (a preset) or overhead, not both")
+        serial = w.seq_len if w.phase == "prefill" else 1
+        opts["overhead"] = cost_preset(str(opts.pop("cost")), m.hidden_size, m.num_experts, serial, ctx.hw.overhead,
+                                       m.weight_bytes, m.activation_bytes)
     return factory(cfg.predictor, **opts)
 
 
@@ -591,8 +615,8 @@ SLOW_BY_DEFAULT = {"mlp": "it trains a torch model, several seconds on CPU, and 
 
 def default_strategy_names(trace: TokensTrace | CountsTrace) -> tuple[list[str], list[str]]:
     """Every strategy that can run on ``trace``: none, eplb, dist:<each distribution predictor>,
-    token:<each token predictor>, oracle (predictors named "oracle" and "synthetic" are left
-    out: the oracle strategy is the bound, and synthetic ones need parameters).
+    token:<each token predictor>, oracle (predictors named "oracle", "synthetic" and "curve" are
+    left out: the oracle strategy is the bound, and the what-ifs need parameters).
 
     -> (names, notes saying what was left out and why)
     """

@@ -241,6 +241,8 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw)
     attn = np.broadcast_to(attention_time(loads.home_tokens, model, workload, hw), (L, G))
     pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
+    if hw.predictor_overlap:
+        pred = np.maximum(pred - attn, 0.0)        # beside the attention: only what sticks out
     if hw.compute_units:
         # GPUs of a node share processors: predictor and attention, which all GPUs start at once, stretch
         busy = pred + attn

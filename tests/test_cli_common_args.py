@@ -68,26 +68,26 @@ def test_both_commands_turn_the_flags_into_the_same_configs(files):
     d, trace = files
     extra = ["--cluster", "8xH100-nvlink", "--workload", str(d / "workload.yaml"), "--phase", "prefill",
              "--seq-len", "256", "--tokens-per-step", "512"]
-    cluster, model, workload = deployment_from_args(_args("recommend", d, *extra), trace)
-    cfg, _ = build_config(_args("simulate", d, *extra, "--strategies", "none"), trace)
+    cluster, model, workload, _ = deployment_from_args(_args("recommend", d, *extra), trace)
+    cfg, _, _ = build_config(_args("simulate", d, *extra, "--strategies", "none"), trace)
     assert (cfg.cluster, cfg.model, cfg.workload) == (cluster, model, workload)
     assert cluster == load_cluster("8xH100-nvlink") and model == MODEL
     # the workload file's fields, each overridden by its flag
     assert (workload.phase, workload.seq_len, workload.tokens_per_step) == ("prefill", 256, 512)
     # without flags: the file as written; without a file: the defaults, with the default cluster
-    _, _, w = deployment_from_args(_args("recommend", d, "--workload", str(d / "workload.yaml")), trace)
+    _, _, w, _ = deployment_from_args(_args("recommend", d, "--workload", str(d / "workload.yaml")), trace)
     assert (w.phase, w.seq_len, w.tokens_per_step) == ("decode", 2048, 128)
-    c, _, w = deployment_from_args(_args("recommend", d), trace)
+    c, _, w, _ = deployment_from_args(_args("recommend", d), trace)
     assert c == load_cluster(DEFAULT_CLUSTER) and (w.phase, w.seq_len, w.tokens_per_step) == ("prefill", 512, None)
 
 
 def test_simulate_config_file_takes_the_workload_overrides(files, tmp_path):
     d, trace = files
-    cfg, _ = build_config(_args("simulate", d, "--strategies", "none", "--seq-len", "64"), trace)
+    cfg, _, _ = build_config(_args("simulate", d, "--strategies", "none", "--seq-len", "64"), trace)
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     args = build_parser().parse_args(["simulate", str(d / "t.parquet"), "--config", str(tmp_path / "config.yaml"),
                                       "--phase", "decode", "--tokens-per-step", "32"])
-    again, _ = build_config(args, trace)
+    again, _, _ = build_config(args, trace)
     assert (again.workload.phase, again.workload.seq_len, again.workload.tokens_per_step) == ("decode", 64, 32)
     assert again.cluster == cfg.cluster and again.model == cfg.model
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moe_gps.predict import PredictorCost
+
 from moe_gps.config.schema import (AttentionSpec, ClusterConfig, GPUSpec, LinkSpec, ModelConfig,
                                    WorkloadConfig)
 from moe_gps.placement import Placement
@@ -97,10 +99,20 @@ def test_transfer_and_predictor():
     assert transfer_time(np.array([12e6, 12e6, 0.0]), np.array([True, False, True]), HW) == \
         pytest.approx([121 * US, 1205 * US, 0.0])
     # 100 tokens x 1e6 FLOPs = 1e8 -> 1 us; bytes 1e6 + 100 x 1e3 = 1.1e6 -> 1.1 us; + 2 us
-    assert predictor_time(np.array([100.0, 0.0]), 1e6, 1e3, 1e6, HW) == pytest.approx([3.1 * US, 0.0])
-    assert predictor_time(np.array([100.0]), 0.0, 0.0, 0.0, HW) == pytest.approx([0.0])
+    cost = PredictorCost(flops_per_token=1e6, bytes_per_token=1e3, fixed_bytes_per_step=1e6)
+    assert predictor_time(np.array([100.0, 0.0]), cost, HW) == pytest.approx([3.1 * US, 0.0])
+    assert predictor_time(np.array([100.0]), PredictorCost(), HW) == pytest.approx([0.0])
     # a fixed 1e9 FLOPs per step on top: 1.1e9 FLOPs -> 11 us (now compute bound), + 2 us
-    assert predictor_time(np.array([100.0]), 1e6, 1e3, 1e6, HW, fixed_flops=1e9) == pytest.approx([13 * US])
+    more = PredictorCost(flops_per_token=1e6, bytes_per_token=1e3, fixed_bytes_per_step=1e6, fixed_flops_per_step=1e9)
+    assert predictor_time(np.array([100.0]), more, HW) == pytest.approx([13 * US])
+    # the latency term: 512 serial steps of 5 us (an LSTM over a 512-token prompt) add 2.56 ms
+    lstm = PredictorCost(flops_per_token=1e6, bytes_per_token=1e3, fixed_bytes_per_step=1e6, serial_steps=512,
+                         step_latency_s=5 * US)
+    assert lstm.latency_s == pytest.approx(2560 * US)
+    assert predictor_time(np.array([100.0, 0.0]), lstm, HW) == pytest.approx([(3.1 + 2560) * US, 0.0])
+    assert lstm.time_s(100, 1e14, 1e12) == pytest.approx(1.1e-6 + 2560 * US)
+    assert predictor_time(np.array([100.0]), PredictorCost(serial_steps=1, step_latency_s=50 * US), HW) \
+        == pytest.approx([52 * US])                             # a host predictor: one round trip
 
 
 def test_route_splits_by_replica_share():

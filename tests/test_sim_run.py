@@ -36,8 +36,8 @@ def config(names, **kw) -> SimulateConfig:
                           train_steps=4, **kw)
 
 
-def synthetic(accuracy: float, name: str | None = None, **kw) -> StrategyConfig:
-    return StrategyConfig(kind="token", predictor="synthetic", name=name,
+def synthetic(accuracy: float, name: str | None = None, direct_routing: bool | None = None, **kw) -> StrategyConfig:
+    return StrategyConfig(kind="token", predictor="synthetic", name=name, direct_routing=direct_routing,
                           predictor_options={"accuracy": accuracy, **kw})
 
 
@@ -88,7 +88,8 @@ def test_event_model_equals_closed_form_without_overlap_or_contention(trace, eve
 
 
 def test_deterministic_for_a_seed(trace):
-    names = ["none", "dist:kalman", synthetic(0.8, placement="typical"), "oracle"]
+    # direct routing: which tokens the seed makes mispredicted decides the correction all-to-all
+    names = ["none", "dist:kalman", synthetic(0.8, placement="typical", direct_routing=True), "oracle"]
     a = simulate(trace, config(names, seed=5), progress=False)
     b = simulate(trace, config(names, seed=5), progress=False)
     for x, y in zip(a.strategies, b.strategies):
@@ -99,15 +100,20 @@ def test_deterministic_for_a_seed(trace):
 
 
 def test_token_accuracy_is_measured_and_charged(trace):
-    perfect = synthetic(1.0, name="perfect")
+    perfect = synthetic(1.0, name="perfect", direct_routing=True)
     costly = synthetic(1.0, name="costly", overhead=1e9)          # 1e9 FLOPs per token per layer
-    r = simulate(trace, config([perfect, costly, synthetic(0.7, name="a70"), "oracle"]), progress=False)
+    names = [perfect, costly, synthetic(0.7, name="a70", direct_routing=True), "oracle"]
+    r = simulate(trace, config(names), progress=False)
     p, c, a70, oracle = (r.get(n) for n in ("perfect", "costly", "a70", "oracle"))
     assert p.info.accuracy == 1.0 and a70.info.accuracy == pytest.approx(0.7, abs=0.01)
-    # every token predicted: no correction, the same plan as the oracle
+    # every token predicted and routed directly: no correction, the same placement as the oracle
     assert p.phases["correction"].max() == 0 and np.allclose(p.gpu_skew, oracle.gpu_skew)
-    # 64 tokens per GPU x 1e9 FLOPs at 312 TFLOP/s = 205 us, + 5 us launch, before every layer
-    assert c.phases["predictor"] == pytest.approx(64 * 1e9 / 312e12 + 5e-6)
+    # 64 tokens per GPU x 1e9 FLOPs at 312 TFLOP/s = 205 us, + 5 us launch: beside the attention (the
+    # default), only what sticks out of it counts; before it (predictor_overlap: false), all of it
+    alone = 64 * 1e9 / 312e12 + 5e-6
+    assert c.phases["predictor"] == pytest.approx(alone - c.phases["attention"])
+    serial = simulate(trace, config([costly], predictor_overlap=False), progress=False).strategies[0]
+    assert serial.phases["predictor"] == pytest.approx(alone)
     assert c.step_latency.mean() > p.step_latency.mean()
     # mispredicted tokens pay a correction all-to-all
     assert a70.phases["correction"].min() > 0

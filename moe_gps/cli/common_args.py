@@ -71,10 +71,22 @@ def workload_from_args(args: argparse.Namespace, workload):
 
 
 def deployment_from_args(args: argparse.Namespace, trace) -> tuple:
-    """(ClusterConfig, ModelConfig, WorkloadConfig) that the deployment flags describe for ``trace``."""
+    """(ClusterConfig, ModelConfig, WorkloadConfig, phase note) that the deployment flags describe for
+    ``trace``. When neither --phase nor the workload file sets the phase and the trace looks like
+    decode (:func:`moe_gps.trace.regroup.decode_shaped`), the phase is decode and the note says why."""
+    from dataclasses import replace
+
     from moe_gps.config import WorkloadConfig, load_cluster, load_workload
+    from moe_gps.files import read_yaml
+    from moe_gps.trace.regroup import decode_shaped
 
     cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
     model = model_from_args(args, trace)
     workload = load_workload(args.workload) if args.workload else WorkloadConfig()
-    return cluster, model, workload_from_args(args, workload)
+    note = None
+    file_sets_phase = bool(args.workload) and "phase" in (read_yaml(args.workload) or {})
+    if not args.phase and not file_sets_phase:
+        why = decode_shaped(trace)
+        if why:
+            workload, note = replace(workload, phase="decode"), f"phase decode, from the trace: {why}"
+    return cluster, model, workload_from_args(args, workload), note

@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated names (default: all but synthetic); a name in both kinds (oracle) "
                         "selects both, 'distribution:NAME' or 'token:NAME' one")
     p.add_argument("--train-steps", type=int, metavar="N", help="steps to fit on (default: half the steps)")
+    p.add_argument("--tokens-per-step", type=int, metavar="N",
+                   help="regroup the trace's own tokens, in order, into steps of N tokens first (as `moe-gps trace "
+                        "rechunk`): errors are then those of N-token steps")
     p.add_argument("--mode", choices=("default", "online", "offline"), default="default",
                    help="online: predictors learn from each step once routed; offline: never; default: each "
                         "predictor's own (profile and mlp offline, the rest online)")
@@ -229,6 +232,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     online = {"default": None, "online": True, "offline": False}[args.mode]
 
     trace = load_trace(args.trace)
+    warnings = []
+    if args.tokens_per_step is not None:
+        from moe_gps.trace.regroup import regroup
+
+        if args.tokens_per_step < 1:
+            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+        trace = regroup(trace, args.tokens_per_step)
+    m = trace.meta
+    if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k:
+        warnings.append(f"some steps hold fewer tokens ({int(trace.tokens_per_step.min())}) than experts x top_k "
+                        f"({m.num_experts} x {m.top_k}): per-step errors are then mostly the step's sampling "
+                        f"noise; regroup the steps with --tokens-per-step N")
     counts_only = ""
     if not isinstance(trace, TokensTrace) and args.predictors is None:
         tok, synthetic = [], []
@@ -239,6 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   synthetic_placement=args.placement, synthetic_overhead=overhead, seed=args.seed,
                   progress=sys.stderr.isatty())
 
+    ev.warnings = warnings
     if args.out:
         _write_outputs(ev, args.out)
     if args.json:
@@ -257,6 +273,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"over steps; no duplication: {ev.reference['static_balancedness']:.4f} / "
               f"{ev.reference.get('static_balancedness_vllm', float('nan')):.4f}")
     print("costs are per MoE layer; time s = fit + predict wall time here")
+    for w in warnings:
+        print(f"warning: {w}")
     for kind, cols, title in (("distribution", DIST_COLUMNS, "Distribution-only predictors"),
                               ("token", TOKEN_COLUMNS, "Token-to-expert predictors "
                                                        "(eps and balanced: of the loads the predictions imply)")):

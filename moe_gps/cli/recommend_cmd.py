@@ -79,10 +79,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
     trace = load_trace(args.trace)
-    cluster, model, workload = deployment_from_args(args, trace)
+    cluster, model, workload, phase_note = deployment_from_args(args, trace)
     jobs = args.jobs or _cores()
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))
+        if phase_note:
+            result.notes.insert(0, phase_note)
     except KeyboardInterrupt:
         print(f"moe-gps: interrupted; finished runs are cached in {out / 'cache'}: run the same command to resume",
               file=sys.stderr)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import add_deployment_args, deployment_from_args, workload_from_args
-from moe_gps.config.schema import COPY_POLICIES
+from moe_gps.config.schema import ASSUMPTIONS, COPY_POLICIES
 from moe_gps.errors import UserError
 
 
@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redundant-slots", type=int, metavar="R",
                    help="extra expert slots per layer over all GPUs for every duplicating strategy "
                         "(default: one per GPU)")
+    p.add_argument("--assumptions", choices=ASSUMPTIONS,
+                   help="a bundle of modelling choices: realistic (what deployments do; the default) or paper (the "
+                        "MoE-GPS paper's model: copies hidden, a re-plan every batch with its greedy planner, FFN "
+                        "time in proportion to tokens, predictors before attention); the flags below still "
+                        "override single choices")
     p.add_argument("--copy-policy", choices=COPY_POLICIES,
                    help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
                         "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
@@ -59,8 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
-    """The SimulateConfig the flags describe, and notes for the user."""
+def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], list[str]]:
+    """The SimulateConfig the flags describe, notes for the user, and what was inferred from the trace."""
     from dataclasses import replace
 
     from moe_gps.config import SimulateConfig, load_simulate_config, strategy_from_name
@@ -68,18 +73,20 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
     from sim.strategies import expand_strategies
 
     notes: list[str] = []
+    inferred: list[str] = []
     if args.config:
         flags = [f for f in ("cluster", "model", "workload", "strategies", "redundant_slots", "train_steps",
-                             "copy_policy", "replan_interval", "window", "min_gain")
+                             "copy_policy", "replan_interval", "window", "min_gain", "assumptions")
                  if getattr(args, f) is not None]
         if flags:
             raise UserError(f"--config already holds the whole config; drop --{flags[0].replace('_', '-')}")
         cfg = load_simulate_config(args.config)
         cfg = replace(cfg, workload=workload_from_args(args, cfg.workload))
     else:
-        cluster, model, workload = deployment_from_args(args, trace)
+        cluster, model, workload, phase_note = deployment_from_args(args, trace)
         requested = split_strategy_names(args.strategies) if args.strategies else ["all"]
         names, notes = expand_strategies(requested, trace)
+        inferred += [phase_note] if phase_note else []
         strategies = [strategy_from_name(n) for n in names]
         if args.redundant_slots is not None:
             if args.redundant_slots < 0:
@@ -91,6 +98,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
                              train_steps=args.train_steps)
         if args.copy_policy:
             cfg = replace(cfg, copy_policy=args.copy_policy)
+        if args.assumptions:
+            cfg = replace(cfg, assumptions=args.assumptions)
         if args.train_steps is not None and args.train_steps < 1:
             raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
     if args.seed is not None:
@@ -98,7 +107,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str]]:
             raise UserError(f"--seed must be >= 0, got {args.seed}")
         cfg = replace(cfg, seed=args.seed)
     cfg = replace(cfg, trace=str(args.trace))
-    return cfg, notes
+    return cfg, notes, inferred
 
 
 def policy_overrides(args: argparse.Namespace) -> dict:
@@ -122,17 +131,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.run import simulate
 
     trace = load_trace(args.trace)
-    cfg, notes = build_config(args, trace)
+    cfg, notes, inferred = build_config(args, trace)
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"simulate-{Path(args.trace).stem}"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     result = simulate(trace, cfg, trace_name=str(args.trace))
     result.notes += notes
+    result.inferred[:0] = inferred
     written = write_outputs(result, out, plots=not args.no_plots)
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
-                          "notes": result.notes}, indent=2))
+                          "inferred": result.inferred, "notes": result.notes}, indent=2))
     else:
         print(format_summary(result))
         print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))

@@ -65,6 +65,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output trace (.parquet)")
     p.set_defaults(func=cmd_synth)
 
+    p = tsub.add_parser(
+        "rechunk", help="regroup a trace's own tokens into steps of N tokens",
+        description=("Cut the trace's tokens, in trace order, into steps of exactly N tokens: consecutive small "
+                     "steps are concatenated and a large step is split, keeping every (token, layer, expert) "
+                     "assignment, token id, sequence, position, rank and gate weight. Tokens after the last "
+                     "whole step are left out. A counts trace regroups only into whole multiples of its steps. "
+                     "The result is validated and written atomically."))
+    p.add_argument("file", help="trace file (.parquet)")
+    p.add_argument("--tokens-per-step", type=int, required=True, metavar="N", help="tokens per regrouped step")
+    p.add_argument("-o", "--output", required=True, help="output trace (.parquet)")
+    p.set_defaults(func=cmd_rechunk)
+
     from moe_gps.cli.trace_import_cmd import register_import
     register_import(tsub)
 
@@ -117,4 +129,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     write_trace(args.output, trace)
     print(f"wrote {args.output}: synthetic profile {profile.name}, {args.steps} steps x {args.tokens} tokens, "
           f"{profile.num_layers} layers, {profile.num_experts} experts, top-{profile.top_k}, seed {args.seed}")
+    return 0
+
+
+def cmd_rechunk(args: argparse.Namespace) -> int:
+    from moe_gps.trace import load_trace, write_trace
+    from moe_gps.trace.regroup import regroup
+
+    if args.tokens_per_step < 1:
+        raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+    trace = load_trace(args.file)
+    out = regroup(trace, args.tokens_per_step)
+    write_trace(args.output, out)
+    load_trace(args.output)                 # the written file passes the full validation
+    r = out.meta.provenance["regrouped"]
+    left = f"; {r['tokens_left_out']} tokens after the last whole step left out" if r["tokens_left_out"] else ""
+    print(f"wrote {args.output}: {trace.num_steps} steps of {r['from_tokens_per_step']} tokens regrouped into "
+          f"{out.num_steps} steps of {args.tokens_per_step}{left}")
     return 0

@@ -233,6 +233,18 @@ STRATEGY_KINDS = ("none", "static", "distribution", "token", "oracle")
 #: when copied expert weights arrive and what they delay (docs/simulator.md, "How strategies re-plan and copy")
 COPY_POLICIES = ("critical", "overlap", "async", "hidden")
 
+#: the bundles of modelling choices behind ``assumptions``: the simulate-config fields they set, and the
+#: fields they set on every distribution and token strategy ("predicting"), on token strategies ("token")
+#: and on the oracle
+ASSUMPTION_BUNDLES: dict[str, dict[str, Any]] = {
+    "realistic": {"copy_policy": "async", "ffn_weight_reads": True, "predictor_overlap": True,
+                  "predicting": {}, "token": {"direct_routing": False}, "oracle": {}},
+    "paper": {"copy_policy": "hidden", "ffn_weight_reads": False, "predictor_overlap": False,
+              "predicting": {"replan_interval": 1, "window": 1, "min_gain": 0.0, "planner": "greedy"},
+              "token": {"direct_routing": False}, "oracle": {"replan_interval": 1}},
+}
+ASSUMPTIONS = tuple(ASSUMPTION_BUNDLES)
+
 #: vLLM's EPLB defaults (``--eplb-config``): the load window and the steps between re-plans
 VLLM_WINDOW_SIZE, VLLM_STEP_INTERVAL = 1000, 3000
 #: re-plan cadence of the predicting kinds (distribution, token, oracle) when not given
@@ -293,16 +305,17 @@ class StrategyConfig:
         "hysteresis: at a check, re-plan only if the predicted saving over the next replan_interval steps "
         "exceeds min_gain x the predicted cost of the copies, both from the cost model; 0: always re-plan "
         "at a check. Absent: 0 for static (as vLLM), 1 otherwise", ge=0, default=None)
-    direct_routing: bool = spec(
+    direct_routing: bool | None = spec(
         "token kind: correctly predicted tokens go straight to the replica the plan reserved for them in "
-        "the dispatch, mispredicted ones are sent again in a correction all-to-all (see docs/simulator.md)",
-        default=True)
+        "the dispatch, mispredicted ones are sent again in a correction all-to-all (true); or every token is "
+        "dispatched after the gate (false: post-gate dispatch). Absent: false (both assumption bundles)",
+        default=None)
 
     @property
     def deployable(self) -> bool:
         """A strategy a deployment can run: not the oracle, not a predictor that reads the true routing
-        (the ``oracle`` predictors and the tunable ``synthetic`` what-if)."""
-        return self.kind != "oracle" and self.predictor not in ("oracle", "synthetic")
+        (the ``oracle`` predictors and the what-ifs ``synthetic`` and ``curve``)."""
+        return self.kind != "oracle" and self.predictor not in ("oracle", "synthetic", "curve")
 
     def resolved_name(self) -> str:
         if self.name:
@@ -361,7 +374,7 @@ class StrategyConfig:
                     raise UserError(f"{where}: {key}: kind none never re-plans")
         if self.kind == "none" and (self.planner not in (None, "none") or self.planner_options):
             raise UserError(f"{where}: planner: kind none uses no planner")
-        if self.kind != "token" and not self.direct_routing:
+        if self.kind != "token" and self.direct_routing is not None:
             raise UserError(f"{where}: direct_routing: only meaningful for kind token")
 
 
@@ -382,16 +395,52 @@ class SimulateConfig:
         "they are not simulated. Absent: a quarter of the steps (at least 1)", unit="steps", ge=1,
         default=None)
     trace: str | None = spec("the trace file simulated (recorded for the reader)", default=None)
-    copy_policy: str = spec(
+    assumptions: str = spec(
+        "a named bundle of modelling choices (docs/simulator.md, \"The paper's claims, side by side\"): "
+        "realistic (what deployments do: copies in the background, re-plans only when they pay, every replica "
+        "reads its weights, predictors off the critical path) or paper (the MoE-GPS paper's model: copies hidden, "
+        "a re-plan every batch with its greedy planner, expert FFN time in proportion to its tokens, every "
+        "predictor before the layer's attention). Each field it sets can still be given on its own",
+        choices=ASSUMPTIONS, default="realistic")
+    copy_policy: str | None = spec(
         "when copied expert weights arrive and what they delay, for every strategy: critical (the layer waits "
         "for its copies), overlap (copies run during the layer's predictor and attention and share the links "
         "with the dispatch), async (copies run in the background across layers and steps at "
         "copy_bandwidth_share of the link, slowing the dispatch and combine they meet; a new placement takes "
-        "effect once its copies have landed, as vLLM's EPLB with use_async), hidden (copies cost nothing)",
-        choices=COPY_POLICIES, default="async")
+        "effect once its copies have landed, as vLLM's EPLB with use_async), hidden (copies cost nothing). "
+        "Absent: from the assumptions (realistic: async; paper: hidden)", choices=COPY_POLICIES, default=None)
+    ffn_weight_reads: bool | None = spec(
+        "an expert replica reads its whole weights once per layer in which it has tokens (true), or the expert "
+        "FFN takes time in proportion to its tokens only (false). Absent: from the assumptions (realistic: "
+        "true; paper: false)", default=None)
+    predictor_overlap: bool | None = spec(
+        "predictors off the critical path: distribution-only predictors run on the host between steps (no GPU "
+        "time) and token-to-expert predictors beside the layer's attention (the longer of the two counts) "
+        "(true), or every predictor on the GPU before the layer's attention (false). Absent: from the "
+        "assumptions (realistic: true; paper: false)", default=None)
     copy_bandwidth_share: float = spec(
         "copy_policy async: the share of a GPU's link bandwidth that background copies get while they run "
         "(two transfers sharing NVLink or a NIC get about half each)", gt=0, le=0.95, default=0.5)
+
+    def with_assumptions(self) -> "SimulateConfig":
+        """A copy with every field that the assumptions bundle sets and that was not given filled in from
+        it (ASSUMPTION_BUNDLES): a field given explicitly wins over the bundle."""
+        import dataclasses
+
+        bundle = ASSUMPTION_BUNDLES[self.assumptions]
+        top = {k: bundle[k] for k in ("copy_policy", "ffn_weight_reads", "predictor_overlap")
+               if getattr(self, k) is None}
+        strategies = []
+        for st in self.strategies:
+            fill: dict[str, Any] = {}
+            if st.kind in ("distribution", "token"):
+                fill.update(bundle["predicting"])
+            if st.kind == "token":
+                fill.update(bundle["token"])
+            if st.kind == "oracle":
+                fill.update(bundle["oracle"])
+            strategies.append(dataclasses.replace(st, **{k: v for k, v in fill.items() if getattr(st, k) is None}))
+        return dataclasses.replace(self, strategies=strategies, **top)
 
     def resolved_train_steps(self, num_steps: int) -> int:
         if self.train_steps is not None:

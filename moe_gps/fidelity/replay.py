@@ -115,7 +115,7 @@ def strategy_config(mode: str, run_cfg, num_ranks: int) -> StrategyConfig:
     return StrategyConfig(kind=kind, name=mode, predictor=predictor, predictor_options=dict(options),
                           planner=d.algorithm, planner_options=dict(d.algorithm_options),
                           redundant_slots=d.num_redundant, replan_interval=d.replan_every, min_gain=0.0,
-                          direct_routing=kind != "token")
+                          direct_routing=False if kind == "token" else None)
 
 
 def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig, placements: list[Placement],

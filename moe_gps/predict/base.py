@@ -43,8 +43,9 @@ Trace = TokensTrace | CountsTrace
 class PredictorCost:
     """The work one predictor adds to **one MoE layer** of one step.
 
-    The simulator charges it on the GPU before that layer's attention, with a roofline:
-    ``time = max(flops / peak_flops, bytes / hbm_bandwidth)`` (see :meth:`time_s`).
+    The simulator charges it on the GPU before (or beside) that layer's attention, with a roofline
+    and a latency term: ``time = max(flops / peak_flops, bytes / hbm_bandwidth) + serial_steps x
+    step_latency_s`` (see :meth:`time_s`).
 
     flops_per_token:      floating-point operations per token (multiply-add = 2)
     bytes_per_token:      bytes read per token (table rows, input features, outputs)
@@ -52,7 +53,13 @@ class PredictorCost:
                           load estimate, an online table update is counted per token)
     fixed_bytes_per_step: bytes read once per step (MLP weights, a share vector)
     state_bytes:          resident memory per layer (tables, weights, history)
+    serial_steps:         steps that must run one after another per layer (an LSTM over a sequence:
+                          its length; a predictor on the host: 1), each taking ``step_latency_s``
+    step_latency_s:       seconds of one serial step that no batching hides (a kernel launch, a host
+                          round trip)
     note:                 one line saying where the figures come from
+
+    time per layer = roofline(FLOPs, bytes) + serial_steps x step_latency_s
     """
 
     flops_per_token: float = 0.0
@@ -60,7 +67,14 @@ class PredictorCost:
     fixed_flops_per_step: float = 0.0
     fixed_bytes_per_step: float = 0.0
     state_bytes: float = 0.0
+    serial_steps: float = 0.0
+    step_latency_s: float = 0.0
     note: str = ""
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds per layer that the serial steps add: serial_steps x step_latency_s."""
+        return self.serial_steps * self.step_latency_s
 
     def flops(self, tokens: int | float) -> float:
         """FLOPs for one layer of a step with ``tokens`` tokens."""
@@ -71,8 +85,8 @@ class PredictorCost:
         return self.fixed_bytes_per_step + self.bytes_per_token * tokens
 
     def time_s(self, tokens: int | float, peak_flops: float, hbm_bytes_per_s: float) -> float:
-        """Roofline time in seconds for one layer: max(FLOPs / peak, bytes / bandwidth)."""
-        return max(self.flops(tokens) / peak_flops, self.bytes(tokens) / hbm_bytes_per_s)
+        """Seconds for one layer: max(FLOPs / peak, bytes / bandwidth) + the serial steps' latency."""
+        return max(self.flops(tokens) / peak_flops, self.bytes(tokens) / hbm_bytes_per_s) + self.latency_s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,7 +274,8 @@ def default_train_steps(num_steps: int) -> int:
     """Half the steps (at least 1), leaving at least one step to test."""
     if num_steps < 2:
         raise UserError(f"a trace needs at least 2 steps to evaluate predictors (1 to fit, 1 to test); "
-                        f"this one has {num_steps}")
+                        f"this one has {num_steps}: regroup its tokens into several steps with "
+                        f"--tokens-per-step N (or `moe-gps trace rechunk TRACE --tokens-per-step N -o OUT`)")
     return max(1, num_steps // 2)
 
 

@@ -61,6 +61,7 @@ class Evaluation:
     algorithm: str
     reference: dict
     reports: list[PredictorReport]
+    warnings: list[str] = field(default_factory=list)
 
     def report(self, label_or_name: str, kind: str | None = None) -> PredictorReport:
         for r in self.reports:
@@ -71,7 +72,7 @@ class Evaluation:
     def to_dict(self) -> dict:
         return {"trace": self.trace, "train_steps": self.train_steps, "test_steps": self.test_steps,
                 "num_gpus": self.num_gpus, "num_redundant": self.num_redundant, "algorithm": self.algorithm,
-                "reference": self.reference,
+                "reference": self.reference, "warnings": self.warnings,
                 "predictors": [r.to_dict() for r in self.reports]}
 
 

@@ -9,7 +9,7 @@ from moe_gps.predict.base import DistributionPredictor, TokenPredictor
 from moe_gps.predict.distribution import (EMAPredictor, KalmanPredictor, OracleDistribution, PreviousPredictor,
                                           ProfilePredictor, TokenHistogramPredictor, WindowPredictor)
 from moe_gps.predict.mlp import MLPTokens
-from moe_gps.predict.synthetic import SyntheticDistributionPredictor, SyntheticTokenPredictor
+from moe_gps.predict.synthetic import CurveTokenPredictor, SyntheticDistributionPredictor, SyntheticTokenPredictor
 from moe_gps.predict.tokens import (MostFrequentTokens, OracleTokens, PositionTokens, PrevLayerTokens,
                                     TokenIdTokens)
 
@@ -22,12 +22,15 @@ DISTRIBUTION_PREDICTORS: dict[str, type[DistributionPredictor]] = {
 #: token-to-expert predictors by name (the evaluation runs all but "synthetic" by default)
 TOKEN_PREDICTORS: dict[str, type[TokenPredictor]] = {
     c.name: c for c in (OracleTokens, MostFrequentTokens, TokenIdTokens, PositionTokens, PrevLayerTokens,
-                        MLPTokens, SyntheticTokenPredictor)
+                        MLPTokens, SyntheticTokenPredictor, CurveTokenPredictor)
 }
 
+#: the what-if predictors: they read the true routing and take their accuracy as a parameter
+WHAT_IF = ("synthetic", "curve")
+
 #: what `moe-gps predict evaluate` runs when no --predictors are given
-DEFAULT_DISTRIBUTION = tuple(n for n in DISTRIBUTION_PREDICTORS if n != "synthetic")
-DEFAULT_TOKEN = tuple(n for n in TOKEN_PREDICTORS if n != "synthetic")
+DEFAULT_DISTRIBUTION = tuple(n for n in DISTRIBUTION_PREDICTORS if n not in WHAT_IF)
+DEFAULT_TOKEN = tuple(n for n in TOKEN_PREDICTORS if n not in WHAT_IF)
 
 
 def _make(table: dict, kind: str, name: str, params: dict):

@@ -155,6 +155,68 @@ class SyntheticTokenPredictor(TokenPredictor):
         return self._cost
 
 
+class CurveTokenPredictor(SyntheticTokenPredictor):
+    """A what-if token-to-expert predictor at accuracy ``a`` whose cost follows the exponential
+    accuracy -> overhead curve: given (``scale``, ``rate``), or fitted when it is fitted to the
+    measured (top-k recall, FLOPs per token) of the real token predictors that the training steps
+    support (:func:`measured_curve`). Its routing is the truth corrupted to ``a``, as ``synthetic``."""
+
+    name = "curve"
+    uses = "the true routing corrupted to accuracy a, at the cost the accuracy-overhead curve gives a"
+    cost_formula = "scale * exp(-rate * (1 - a)) FLOPs per token per layer (fitted to the measured predictors)"
+
+    def __init__(self, accuracy: float = 0.9, scale: float | None = None, rate: float | None = None,
+                 placement: str = "typical", seed: int = 0, online: bool | None = None) -> None:
+        super().__init__(accuracy, None, placement, seed, online)
+        if (scale is None) != (rate is None):
+            raise UserError("curve predictor: give both scale and rate, or neither (then they are fitted)")
+        self.curve = None if scale is None else AccuracyOverheadCurve(float(scale), float(rate))
+
+    def params(self) -> dict:
+        extra = {} if self.curve is None else {"scale": self.curve.scale, "rate": self.curve.rate}
+        return {"accuracy": self.accuracy, **extra, "placement": self.placement, "seed": self.seed}
+
+    def describe(self) -> str:
+        return f"curve(a={self.accuracy:g},{self.placement})"
+
+    def _fit(self, trace: TokensTrace) -> None:
+        super()._fit(trace)
+        if self.curve is None:
+            self.curve, self.points = measured_curve(trace)
+        self._cost = PredictorCost(flops_per_token=self.curve(self.accuracy),
+                                   note=f"accuracy-overhead curve scale={self.curve.scale:.4g} "
+                                        f"rate={self.curve.rate:.4g} at accuracy {self.accuracy:g}")
+
+
+def measured_curve(trace: TokensTrace) -> tuple[AccuracyOverheadCurve, list[tuple[str, float, float]]]:
+    """The accuracy -> overhead curve fitted to the real token predictors on ``trace``: each (that the
+    trace has the columns for, torch-free) fitted on its first half of steps, its top-k recall
+    measured on the second half, paired with its FLOPs per token. -> (curve, [(name, recall, flops)])."""
+    from moe_gps.predict.base import rollout_tokens
+    from moe_gps.predict.registry import DEFAULT_TOKEN, TOKEN_PREDICTORS, make_token_predictor
+
+    if trace.num_steps < 2:
+        raise UserError("curve predictor: fitting the accuracy-overhead curve needs at least 2 training steps "
+                        "(or give scale and rate)")
+    half = trace.num_steps // 2
+    truth = trace.experts[int(trace.step_offsets[half]):]
+    points = []
+    for name in DEFAULT_TOKEN:
+        cls = TOKEN_PREDICTORS[name]
+        if name in ("oracle", "mlp") or any(getattr(trace, f) is None for f in getattr(cls, "needs", ())):
+            continue
+        pred = make_token_predictor(name)
+        guess = rollout_tokens(pred, trace, half)
+        hit = (truth[:, :, :, None] == guess[:, :, None, :]).any(axis=3)
+        flops = pred.cost().flops_per_token
+        if flops > 0:
+            points.append((name, float(hit.mean()), float(flops)))
+    if len({round(p[1], 9) for p in points}) < 2:
+        raise UserError("curve predictor: fewer than 2 measured predictors with distinct accuracies to fit the "
+                        "accuracy-overhead curve on (give scale and rate)")
+    return AccuracyOverheadCurve.fit([p[1] for p in points], [p[2] for p in points]), points
+
+
 def corrupt(experts: np.ndarray, num_experts: int, accuracy: float, placement: str,
             rng: np.random.Generator) -> np.ndarray:
     """A copy of ``experts`` int [T, L, k] with round((1 - accuracy) * T*L*k) entries wrong.

@@ -36,6 +36,13 @@ def frame(records: list[dict[str, Any]]):
     return df
 
 
+def fastest_first(runs):
+    """The runs by mean step latency; on equal latency no duplication first (a change must be faster to
+    be chosen), then by name."""
+    order = runs.assign(_change=runs["candidate"] != "none").sort_values(["latency_mean_ms", "_change", "candidate"])
+    return order.drop(columns="_change")
+
+
 def at_point(df, plan: SweepPlan, p: Point):
     w = workload_label(plan.workloads[p.workload], plan.trace_tokens)
     m = ((df["num_gpus"] == p.num_gpus) & (df["bandwidth_gb_s"] == p.bandwidth_gb_s) & (df["workload"] == w)
@@ -162,8 +169,7 @@ def headline(df, plan: SweepPlan) -> Headline:
     if cands.empty:
         why = "; ".join(infeasible[:2]) or "no run succeeded"
         raise UserError(f"no strategy could be simulated at your point ({why})")
-    ranked = cands.sort_values(["latency_mean_ms", "candidate"])
-    rows = ranked.to_dict("records")
+    rows = fastest_first(cands).to_dict("records")
     seed = plan.sweep.seed
     win = rows[0]
     none = next((r for r in rows if r["candidate"] == "none"), None)
@@ -250,7 +256,7 @@ class DecisionMap:
 
 
 def _cell_stats(sub) -> tuple[str | None, float, float, float]:
-    dep = sub[sub["deployable"].astype(bool)].sort_values(["latency_mean_ms", "candidate"])
+    dep = fastest_first(sub[sub["deployable"].astype(bool)])
     if dep.empty:
         return None, math.nan, math.nan, math.nan
     best = dep.iloc[0]
@@ -401,7 +407,7 @@ def predictor_study(df, plan: SweepPlan, p: Point, labels: set[str]) -> Predicto
     for _, r in syn.iterrows():
         if r["synthetic_accuracy"] in acc and r["synthetic_overhead_flops"] in ovh:
             sp[ovh.index(r["synthetic_overhead_flops"]), acc.index(r["synthetic_accuracy"])] = r["speedup_vs_none"]
-    dep = here[here["deployable"].astype(bool) & here["candidate"].isin(labels)].sort_values("latency_mean_ms")
+    dep = fastest_first(here[here["deployable"].astype(bool) & here["candidate"].isin(labels)])
     ref = (str(dep.iloc[0]["candidate"]), float(dep.iloc[0]["speedup_vs_none"])) if len(dep) else None
     dist = dep[dep["family"] == "distribution"]
     bdist = (str(dist.iloc[0]["candidate"]), float(dist.iloc[0]["speedup_vs_none"])) if len(dist) else None

@@ -1,0 +1,120 @@
+"""Regrouping a trace into steps of another size, from its own tokens.
+
+A trace recorded at one batch size says little about another by multiplying its counts:
+every step would keep the sampling noise of its own few tokens. Regrouping instead cuts
+the trace's own tokens, in trace order, into steps of ``N`` tokens: consecutive small
+steps are concatenated, a large step is split, and every (token, layer, expert)
+assignment keeps its order, token id, sequence, position, rank and gate weights. The
+tokens after the last whole step of ``N`` are left out (said in the provenance).
+
+A counts trace has no tokens to cut: it regroups only when ``N`` is a whole multiple of
+its (constant) tokens per step, by summing consecutive steps.
+
+:func:`regroup` does it; :func:`regroup_or_scale` is the simulator's rule: regroup when
+that leaves at least :data:`MIN_STEPS` steps, else keep the trace (and the simulator
+scales each step's counts to ``N``, with a warning saying why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moe_gps.errors import UserError
+from moe_gps.trace.data import OPTIONAL_TOKEN_FIELDS, CountsTrace, TokensTrace
+
+#: regrouped steps the simulator needs (1 to fit predictors, 8 to simulate, with margin)
+MIN_STEPS = 12
+
+
+def regrouped_steps(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> int:
+    """How many whole steps of ``tokens_per_step`` tokens :func:`regroup` would make (0: cannot)."""
+    if isinstance(trace, TokensTrace):
+        return int(trace.num_tokens // tokens_per_step)
+    tps = trace.tokens_per_step
+    if len(tps) == 0 or np.any(tps != tps[0]) or tps[0] <= 0 or tokens_per_step % int(tps[0]):
+        return 0
+    return int(trace.num_steps // (tokens_per_step // int(tps[0])))
+
+
+def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTrace | CountsTrace:
+    """The trace as consecutive steps of exactly ``tokens_per_step`` tokens (module docstring)."""
+    n = int(tokens_per_step)
+    if n < 1:
+        raise UserError(f"tokens per step must be >= 1, got {tokens_per_step}")
+    steps = regrouped_steps(trace, n)
+    if steps < 1:
+        if isinstance(trace, CountsTrace):
+            raise UserError(f"a counts trace regroups only into whole multiples of its steps "
+                            f"({_describe_tps(trace)}); {n} is not one")
+        raise UserError(f"the trace holds {trace.num_tokens} tokens, fewer than one step of {n}")
+    prov = {**trace.meta.provenance, "regrouped": {
+        "tokens_per_step": n, "from_steps": int(trace.num_steps), "from_tokens_per_step": _describe_tps(trace),
+        "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n)}}
+    if isinstance(trace, CountsTrace):
+        per = n // int(trace.tokens_per_step[0])
+        counts = trace.counts()[:steps * per]
+        merged = counts.reshape(steps, per, *counts.shape[1:]).sum(axis=1)
+        meta = dataclasses.replace(trace.meta, provenance=prov, tokens_per_step=[n] * steps)
+        return CountsTrace(meta, merged)
+    rows = steps * n
+    cut = lambda a: None if a is None else a[:rows]  # noqa: E731
+    meta = dataclasses.replace(trace.meta, provenance=prov)
+    return TokensTrace(meta, trace.experts[:rows], np.arange(steps + 1, dtype=np.int64) * n, cut(trace.weights),
+                       **{f: cut(getattr(trace, f)) for f in OPTIONAL_TOKEN_FIELDS})
+
+
+def _describe_tps(trace) -> str:
+    tps = trace.tokens_per_step
+    if len(tps) == 0:
+        return "no steps"
+    lo, med, hi = int(tps.min()), int(np.median(tps)), int(tps.max())
+    return f"{lo}" if lo == hi else f"{lo}/{med}/{hi} (min/median/max)"
+
+
+def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None):
+    """The simulator's rule for ``--tokens-per-step``: -> (trace, note, warning).
+
+    Regroup when that leaves at least :data:`MIN_STEPS` steps (note says so); otherwise return
+    the trace as it is (the simulator then scales each step's counts to ``tokens_per_step``)
+    and a warning with the reason. Without ``tokens_per_step``: the trace, no note, no warning.
+    """
+    if tokens_per_step is None:
+        return trace, None, None
+    n = int(tokens_per_step)
+    have = _describe_tps(trace)
+    steps = regrouped_steps(trace, n)
+    if steps >= MIN_STEPS:
+        left = int(trace.tokens_per_step.sum() - steps * n)
+        tail = f"; the last {left} tokens are left out" if left else ""
+        return regroup(trace, n), (f"regrouped the trace's {trace.num_steps} steps of {have} tokens into {steps} "
+                                   f"steps of {n}, in trace order{tail}"), None
+    if isinstance(trace, TokensTrace):
+        why = (f"the trace holds {trace.num_tokens} tokens, {steps} steps of {n} (regrouping needs "
+               f"{MIN_STEPS}, {MIN_STEPS * n} tokens)")
+    elif steps:
+        why = f"the counts trace makes only {steps} steps of {n} (regrouping needs {MIN_STEPS})"
+    else:
+        why = f"a counts trace regroups only into whole multiples of its steps ({have} tokens)"
+    return trace, None, (f"--tokens-per-step {n}: {why}; each step's expert counts are scaled from its {have} "
+                         f"tokens instead, which keeps the sampling noise of the smaller step")
+
+
+def decode_shaped(trace: TokensTrace | CountsTrace) -> str | None:
+    """Why the trace looks like decode (one new token per sequence per step), or None.
+
+    From the metadata (``provenance.phase``) or, for a tokens trace with a ``seq`` column, from its
+    shape: no step holds two tokens of one sequence, and some sequence appears in several steps."""
+    phase = trace.meta.provenance.get("phase") if isinstance(trace.meta.provenance, dict) else None
+    if phase == "decode":
+        return "its metadata says phase: decode"
+    if phase is not None or not isinstance(trace, TokensTrace) or trace.seq is None or trace.num_steps < 2:
+        return None
+    step = np.repeat(np.arange(trace.num_steps), np.diff(trace.step_offsets))
+    key = step.astype(np.int64) * (int(trace.seq.max()) + 1) + trace.seq
+    if len(np.unique(key)) != len(key):
+        return None
+    if len(np.unique(trace.seq)) == len(trace.seq):
+        return None
+    return "one token per sequence per step"
