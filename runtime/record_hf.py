@@ -176,6 +176,8 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
         import torch
     except ImportError:
         raise UserError("recording needs PyTorch and transformers: pip install 'moe-gps[collect]'") from None
+    from moe_gps.outputs import check_output_file
+    check_output_file(args.output)
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

@@ -86,8 +86,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.atomic import write_text_atomic
     from moe_gps.placement.export import even_share_balancedness, export_text
     from moe_gps.tables import format_table
+    from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace
 
+    for flag in ("output", "sglang", "vllm", "vllm_ascend"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), "-o" if flag == "output" else "--" + flag.replace("_", "-"))
     trace = load_trace(args.trace)
     counts = trace.counts()                                   # [steps, layers, experts]
     steps = parse_steps(args.steps, counts.shape[0])

@@ -33,7 +33,7 @@ from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, worklo
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
 
 #: bump when the record format changes
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: source folders whose code decides a run's numbers (their digest is part of every key)
 _CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
 
@@ -66,6 +66,24 @@ def trace_fingerprint(trace) -> str:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def seal(rec: dict[str, Any]) -> str:
+    """A cache file's text: the JSON record with a ``check`` field, the hash of the rest."""
+    return json.dumps({**rec, "check": _hash(rec)}) + "\n"
+
+
+def unseal(text: str) -> dict[str, Any] | None:
+    """The record of a cache file, or None when it is damaged, edited or not a record (then the run is
+    simulated again)."""
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    check = rec.pop("check", None)
+    return rec if check == _hash(rec) else None
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -114,11 +132,12 @@ def _init(trace, seed: int, cache_dir: str | None) -> None:
 
 
 def _init_worker(trace, seed: int, cache_dir: str | None) -> None:
-    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); finished
-    runs are already in the cache."""
-    import signal
+    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool), SIGTERM and
+    SIGHUP end the worker quietly, removing a cache file it was writing; finished runs are
+    already in the cache."""
+    from moe_gps.signals import install_worker
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_worker()
     _init(trace, seed, cache_dir)
 
 
@@ -162,7 +181,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         rec["step_latency_ms"] = [float(x) for x in result.strategies[0].step_latency * 1e3]
     rec["wall_s"] = time.perf_counter() - t0
     if _W.get("cache") and rec["status"] != "error":
-        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", json.dumps(_clean(rec)) + "\n")
+        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", seal(_clean(rec)))
     return _clean(rec)
 
 
@@ -256,7 +275,7 @@ class Runner:
             v = SkewVariant(**d)
             out[v.target] = v
             if self.cache is not None:
-                write_text_atomic(self._skew_path(v.target, first_step), json.dumps(_clean(v.__dict__)) + "\n")
+                write_text_atomic(self._skew_path(v.target, first_step), seal(_clean(v.__dict__)))
         return [out[t] for t in targets]
 
     def _skew_path(self, target: float, first_step: int) -> Path | None:
@@ -271,7 +290,7 @@ class Runner:
         if path is None or not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return unseal(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None            # a damaged file is simulated again
 
@@ -287,7 +306,7 @@ class Runner:
         records, todo = [], []
         for j in jobs:
             rec = self._read(None if self.cache is None else self.cache / f"{j['key']}.json")
-            if rec is not None and rec.get("key") == j["key"]:
+            if rec is not None and rec.get("key") == j["key"] and rec.get("status") in ("ok", "infeasible"):
                 rec.update(j["describe"])        # the coordinates as this sweep names them
                 records.append(rec)
             else:

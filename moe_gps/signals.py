@@ -1,0 +1,110 @@
+"""SIGTERM and SIGHUP handled like Ctrl-C (SIGINT), in every process moe-gps starts.
+
+``timeout``, torchrun, Kubernetes and closing a terminal stop a process with SIGTERM or
+SIGHUP, whose default action kills it on the spot: temporary files stay behind and
+worker processes die with tracebacks. :func:`install` makes both raise
+:class:`Terminated` (a ``KeyboardInterrupt``), so the same clean-up that Ctrl-C runs
+(temporary files removed, pools terminated, children stopped) runs for them too, and
+the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
+Ctrl-C). A second signal during that clean-up is ignored.
+
+Worker processes call :func:`install_worker`: Ctrl-C is their parent's to handle, and
+SIGTERM/SIGHUP end them quietly (``SystemExit``, so a half-written temporary file is
+removed and no traceback is printed). :func:`run_child` runs a child process (torchrun)
+and passes a termination on to it instead of killing it outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+from typing import Iterator
+
+#: signals handled like SIGINT
+SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM or SIGHUP; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+def _raise(signum: int, frame) -> None:
+    for sig in SIGNALS:              # clean-up runs once: later signals are ignored
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install() -> dict:
+    """Make SIGTERM and SIGHUP raise :class:`Terminated` in this (main) thread; returns the
+    handlers they had. A signal that is already ignored (``nohup`` ignores SIGHUP) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig, old in before.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(sig, _raise)
+    return before
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """:func:`install` for the duration of the block, then the handlers as they were."""
+    before = install()
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _exit_quietly(signum: int, frame) -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def install_worker() -> None:
+    """Pool worker start: ignore Ctrl-C (the parent stops the pool), exit quietly on SIGTERM/SIGHUP."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in SIGNALS:
+        signal.signal(sig, _exit_quietly)
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 128 + the signal for :class:`Terminated`."""
+    return getattr(err, "exit_code", 130)
+
+
+def describe(err: KeyboardInterrupt) -> str:
+    """'interrupted' (Ctrl-C) or 'terminated by SIGTERM' / 'terminated by SIGHUP'."""
+    return f"terminated by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted"
+
+
+def run_child(cmd: list[str], grace_s: float = 30.0, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kwargs)``, but a Ctrl-C or termination of this process is passed on.
+
+    On :class:`Terminated` the child gets the same signal (on Ctrl-C it already got SIGINT
+    from the terminal), has ``grace_s`` seconds to clean up and exit, and is killed only
+    then; the interruption is then raised again here.
+    """
+    with subprocess.Popen(cmd, **kwargs) as proc:
+        try:
+            out, err = proc.communicate()
+        except KeyboardInterrupt as stop:
+            if proc.poll() is None and isinstance(stop, Terminated):
+                proc.send_signal(stop.signum)
+            try:
+                proc.communicate(timeout=grace_s)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
