@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moe_gps.errors import UserError, environment_error
+from moe_gps.signals import held
 
 
 def _refuse_non_regular(target: Path, shown: object) -> None:
@@ -56,14 +57,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     shown = target
     target = Path(os.path.realpath(target))       # through a symbolic link, to the file it names
     _refuse_non_regular(target, shown)
+    tmp_path = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as err:
-        raise environment_error(err, shown) or err from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        with held():                               # the new file is named here before a signal can arrive
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            tmp_path = Path(tmp)
+            os.close(fd)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         yield tmp_path
         _fsync(tmp_path)
@@ -71,7 +71,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
         _fsync(target.parent, folder=True)
     except BaseException as err:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         mapped = environment_error(err, shown) if isinstance(err, OSError) else None
         if mapped is not None:
             raise mapped from None

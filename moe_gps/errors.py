@@ -11,6 +11,8 @@ the atomic writer and the runtime all use it.
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 #: errno values that are about the machine or the user's paths, not a bug in moe-gps
 ENVIRONMENT_ERRNOS = frozenset(
@@ -26,10 +28,20 @@ class UserError(Exception):
     exit_code = 2
 
 
+def _errno_of(err: OSError) -> int | None:
+    """The error number; pyarrow's OSErrors carry it only in their text ('... [errno 28] No space ...')."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"\[errno (\d+)\]", str(err), re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
 def os_reason(err: BaseException) -> str:
     """A short reason for an OSError or MemoryError: the system's words, one line."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
+    if isinstance(err, OSError):
+        number = _errno_of(err)
+        if number is not None:
+            return os.strerror(number)
     text = str(err).strip().splitlines()
     return (text[0][:300] if text else type(err).__name__)
 
@@ -44,20 +56,9 @@ def environment_error(err: BaseException, path: object = None, flag: str | None 
         what = f"{flag}: " if flag else ""
         return UserError(f"{what}out of memory ({os_reason(err)}); make the input or the numbers that size it "
                          "smaller")
-    if not isinstance(err, OSError):
-        return None
-    if err.errno is not None and err.errno not in ENVIRONMENT_ERRNOS:
-        return None
-    if err.errno is None and not _looks_like_io(err):
+    if not isinstance(err, OSError) or _errno_of(err) not in ENVIRONMENT_ERRNOS:
         return None
     name = path if path is not None else err.filename
     where = " ".join(str(x) for x in (flag, name) if x is not None)
     text = f"cannot write ({os_reason(err)})" if path is not None else os_reason(err)
     return UserError(f"{where}: {text}" if where else text)
-
-
-def _looks_like_io(err: OSError) -> bool:
-    """pyarrow raises OSError without an errno; its text names the system error."""
-    text = str(err)
-    return any(w in text for w in ("No space left", "Permission denied", "Read-only file system",
-                                   "File too large", "Disk quota", "Input/output error"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moe_gps.errors import UserError
+from moe_gps.signals import held
 
 #: name of the lock file inside a locked output folder (removed when the run ends)
 LOCK_NAME = ".moe-gps.lock"
@@ -64,7 +65,7 @@ def _check_folder(folder: Path, where: str) -> None:
             st = os.stat(anc)
             break
         except FileNotFoundError:
-            if anc.parent == anc:
+            if anc == anc.parent:
                 return
             anc = anc.parent
         except NotADirectoryError:
@@ -99,7 +100,7 @@ def check_output_file(path: str | os.PathLike, flag: str | None = "-o") -> Path:
         kind = special_kind(st.st_mode)
         if kind:
             raise UserError(f"{where}: is {kind}, not a regular file; refusing to replace it")
-    _check_folder(real.parent, where)
+    _check_folder(real.parent if p.is_symlink() else p.parent, where)
     return p
 
 
@@ -114,16 +115,44 @@ def check_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
     if st is not None and not stat.S_ISDIR(st.st_mode):
         kind = special_kind(st.st_mode) or "a file"
         raise UserError(f"{where}: exists and is {kind}, not a folder")
-    _check_folder(real, where)
+    _check_folder(p, where)
     return p
 
 
 def _holder(lock: Path) -> str:
-    try:
-        text = lock.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        text = ""
-    return text or "another process"
+    """The holder's line in the lock file (it writes it just after taking the lock)."""
+    for _ in range(10):
+        try:
+            text = lock.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.02)
+    return "another process"
+
+
+def _take_lock(lock: Path, where: str) -> int:
+    """Open ``lock`` and take its exclusive flock (not blocking); UserError naming the holder."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{where}: cannot write in the folder ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{where}: another run is writing to this folder ({_holder(lock)}); wait for it to "
+                            "finish or choose another folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass                 # the holder removed the file as we opened it: take the lock afresh
+        os.close(fd)
 
 
 def _program() -> str:
@@ -139,8 +168,6 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
     (pid, start time, command). The lock file is removed at the end; a folder this call
     created is removed again if the run left it empty (e.g. it failed before writing).
     """
-    import fcntl
-
     p = check_output_dir(path, flag)
     where = _where(path, flag)
     created = not p.exists()
@@ -148,34 +175,19 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{where}: cannot create the folder ({err.strerror})") from None
-    lock = p / LOCK_NAME
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"{where}: cannot write in the folder ({err.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{where}: another run is writing to this folder ({_holder(lock)}); wait for it to "
-                            "finish or choose another folder") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False     # the holder removed the file as we opened it: take the lock afresh
-        if same:
-            break
-        os.close(fd)
-    command = " ".join([_program()] + sys.argv[1:])
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n".encode())
+    lock, fd = p / LOCK_NAME, None
     try:
+        with held():              # taken and named before a signal can arrive, so the clean-up below knows it
+            fd = _take_lock(lock, where)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join([_program()] + sys.argv[1:])}\n".encode())
         yield p
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
         if created:
             with contextlib.suppress(OSError):
                 p.rmdir()            # only when empty

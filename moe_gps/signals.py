@@ -8,10 +8,11 @@ worker processes die with tracebacks. :func:`install` makes both raise
 the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
 Ctrl-C). A second signal during that clean-up is ignored.
 
-Worker processes call :func:`install_worker`: Ctrl-C is their parent's to handle, and
-SIGTERM/SIGHUP end them quietly (``SystemExit``, so a half-written temporary file is
-removed and no traceback is printed). :func:`run_child` runs a child process (torchrun)
-and passes a termination on to it instead of killing it outright.
+Pool worker processes call :func:`install_worker`: they ignore all three signals
+(``timeout`` and the terminal send them to the whole process group), and their parent
+stops them between two tasks, so that none dies holding the pool's queue lock or
+half-way through a file. :func:`run_child` runs a child process (torchrun) and passes a
+termination on to it instead of killing it outright.
 """
 
 from __future__ import annotations
@@ -65,17 +66,34 @@ def handled() -> Iterator[None]:
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def _exit_quietly(signum: int, frame) -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def install_worker() -> None:
-    """Pool worker start: ignore Ctrl-C (the parent stops the pool), exit quietly on SIGTERM/SIGHUP."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in SIGNALS:
-        signal.signal(sig, _exit_quietly)
+    """Pool worker start: ignore Ctrl-C, SIGTERM and SIGHUP; the parent stops the pool."""
+    for sig in (signal.SIGINT, *SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM and SIGHUP during the block (main thread); they arrive when it ends.
+
+    For the few steps that must not be cut in two, e.g. creating a temporary file and
+    remembering its name (so that the clean-up knows what to remove)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def ignore() -> None:
+    """Ignore SIGTERM and SIGHUP from now on: the process is on its way out with an exit code of
+    its own, which a late signal (torchrun stops every rank once one exits) must not change."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code(err: KeyboardInterrupt) -> int:

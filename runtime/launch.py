@@ -98,13 +98,19 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _fault(ctx, step: int) -> None:
-    """Testing aid: ``MOE_GPS_FAULT=rank:step:exit|hang`` kills one rank at one step, or stalls it
-    for three collective timeouts and then kills it."""
+    """Testing aid: ``MOE_GPS_FAULT=rank:step:exit|hang|stop`` kills one rank at one step, or stalls
+    it for three collective timeouts and then kills it, or stops it (SIGSTOP) for three collective
+    timeouts and then kills it."""
     spec = os.environ.get("MOE_GPS_FAULT")
     if not spec:
         return
     r, s, how = spec.split(":")
     if int(r) == ctx.rank and int(s) == step:
+        if how == "stop":
+            import signal
+            import subprocess
+            subprocess.Popen(["sh", "-c", f"sleep {3 * ctx.timeout_s:g}; kill -CONT {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
         if how == "hang":
             time.sleep(3 * ctx.timeout_s)
         os._exit(3)
@@ -225,10 +231,14 @@ def _agree_on_setup(ctx, error) -> None:
     import torch
     import torch.distributed as dist
 
+    from moe_gps import signals
+
     failed = torch.tensor([int(error is not None)], dtype=torch.int64, device=ctx.device)
     if ctx.distributed:
         with ctx.guard("all_reduce of the set-up status"):
             dist.all_reduce(failed, group=ctx.group)
+    if error is not None or int(failed.item()):
+        signals.ignore()      # every rank exits 2, even when torchrun stops it because another exited first
     if error is not None:
         ctx.mark_exit(f"set-up failed: {str(error)[:200]}")
         raise error
@@ -237,4 +247,7 @@ def _agree_on_setup(ctx, error) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    from moe_gps.signals import ignore
+    ignore()          # decided: a SIGTERM from torchrun while the process shuts down must not change it
+    sys.exit(exit_code)

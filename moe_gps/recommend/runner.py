@@ -126,19 +126,24 @@ def payload(plan: SweepPlan, spec: RunSpec, fingerprint: str, digest: str) -> di
 _W: dict[str, Any] = {}
 
 
-def _init(trace, seed: int, cache_dir: str | None) -> None:
+def _init(trace, seed: int, cache_dir: str | None, stop=None) -> None:
     _W.clear()
-    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={})
+    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={}, stop=stop)
 
 
-def _init_worker(trace, seed: int, cache_dir: str | None) -> None:
-    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool), SIGTERM and
-    SIGHUP end the worker quietly, removing a cache file it was writing; finished runs are
-    already in the cache."""
+def _init_worker(trace, seed: int, cache_dir: str | None, stop) -> None:
+    """Pool worker start: Ctrl-C, SIGTERM and SIGHUP are the parent's to handle. It sets ``stop``
+    and the worker skips the tasks still queued, so the pool ends between two runs (finished
+    runs are already in the cache, and no cache file is left half-written)."""
     from moe_gps.signals import install_worker
 
     install_worker()
-    _init(trace, seed, cache_dir)
+    _init(trace, seed, cache_dir, stop)
+
+
+def _stopped() -> bool:
+    stop = _W.get("stop")
+    return stop is not None and stop.is_set()
 
 
 def _maker():
@@ -161,6 +166,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from sim.report import summary_rows
     from sim.run import simulate
 
+    if _stopped():
+        return {"key": job["key"], "status": "skipped"}
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"key": job["key"], **job["describe"]}
     cfg: SimulateConfig = job["config"]
@@ -185,7 +192,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return _clean(rec)
 
 
-def _search(args: tuple[float, int]) -> dict[str, Any]:
+def _search(args: tuple[float, int]) -> dict[str, Any] | None:
+    if _stopped():
+        return None
     target, first = args
     v = search_gamma(_W["trace"], target, first, _W["seed"], make=_maker())
     return v.__dict__
@@ -208,7 +217,8 @@ def _clean(rec: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Runs payloads in ``jobs`` processes (in this process when jobs == 1), skipping cached ones.
 
-    Use as a context manager; the pool is closed (terminated on an exception or Ctrl-C).
+    Use as a context manager; the pool is closed at the end. On an exception (Ctrl-C, SIGTERM)
+    the workers skip the tasks still queued and the pool ends when the runs under way finish.
     """
 
     def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None):
@@ -228,16 +238,17 @@ class Runner:
         if self.jobs > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, cache))
+            self.stop = ctx.Event()
+            self.pool = ctx.Pool(self.jobs, initializer=_init_worker,
+                                 initargs=(self.trace, self.seed, cache, self.stop))
         _init(self.trace, self.seed, cache)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
+            if exc_type is not None:
+                self.stop.set()
+            self.pool.close()
             self.pool.join()
             self.pool = None
 
