@@ -62,3 +62,24 @@ def environment_error(err: BaseException, path: object = None, flag: str | None 
     where = " ".join(str(x) for x in (flag, name) if x is not None)
     text = f"cannot write ({os_reason(err)})" if path is not None else os_reason(err)
     return UserError(f"{where}: {text}" if where else text)
+
+
+def report(err: BaseException, prog: str, who: str = "") -> int | None:
+    """Print the one line for an error a user can act on and return the exit code; None for a bug.
+
+    :class:`UserError` (exit 2), Ctrl-C / SIGTERM / SIGHUP (130 / 143 / 129) and file-system or
+    memory failures (:func:`environment_error`, exit 2). ``prog`` starts the line (``moe-gps``,
+    ``runtime.launch``); ``who`` (e.g. ``rank 1: ``) follows it.
+    """
+    import sys
+
+    from moe_gps import signals
+
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prog}: {who}{signals.describe(err)}", file=sys.stderr)
+        return signals.exit_code(err)
+    mapped = err if isinstance(err, UserError) else environment_error(err)
+    if mapped is None:
+        return None
+    print(f"{prog}: error: {who}{mapped}", file=sys.stderr)
+    return mapped.exit_code

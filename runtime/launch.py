@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from moe_gps import signals
-    from moe_gps.errors import UserError, environment_error
+    from moe_gps.errors import UserError, report
 
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -77,23 +76,16 @@ def _main(argv: list[str] | None) -> int:
     from runtime.dist import CollectiveFailure
     try:
         run(cfg, args.duplication, quiet=args.quiet, command=" ".join(["runtime.launch"] + sys.argv[1:]))
-    except UserError as err:
-        print(f"runtime.launch: error: rank {rank}: {err}", file=sys.stderr)
-        return err.exit_code
     except SetupFailedElsewhere:
-        return 2
+        return 2                    # the rank that found the problem printed it
     except (CollectiveFailure, WeightCheckFailed) as err:
         print(f"runtime.launch: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:
-        print(f"runtime.launch: rank {rank}: {signals.describe(err)}", file=sys.stderr)
-        return signals.exit_code(err)
-    except (OSError, MemoryError) as err:
-        mapped = environment_error(err)
-        if mapped is None:
+    except (UserError, KeyboardInterrupt, OSError, MemoryError) as err:
+        failed = report(err, "runtime.launch", f"rank {rank}: ")
+        if failed is None:
             raise
-        print(f"runtime.launch: error: rank {rank}: {mapped}", file=sys.stderr)
-        return mapped.exit_code
+        return failed
     return 0
 
 

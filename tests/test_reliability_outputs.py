@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import os
+import re
 import shutil
 import signal
 import stat
@@ -62,6 +64,9 @@ DIR_COMMANDS = {
     "predict evaluate": ["predict", "evaluate", "t.parquet", "--predictors", "ema", "--out", "{out}"],
     "recommend": ["recommend", "t.parquet", "-o", "{out}"],
 }
+if importlib.util.find_spec("torch") is not None:       # the commands that run the runtime need it
+    FILE_COMMANDS["calibrate"] = ["calibrate", "-o", "{out}"]
+    DIR_COMMANDS["validate"] = ["validate", "t.parquet", "--config", "run.yaml", "-o", "{out}"]
 
 
 def _args(template: list[str], out: str) -> list[str]:
@@ -274,3 +279,12 @@ def test_two_concurrent_simulate_runs_into_one_folder(work, tmp_path):
     assert first.returncode == 0, err
     assert "tokens_per_step: 1000" in (out / "config.yaml").read_text()
     assert temporary_files(out) == []
+
+
+def test_reliability_doc_names_tests_that_exist():
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+)`", doc))
+    defined = set()
+    for f in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), re.M))
+    assert len(named) > 40 and named <= defined, sorted(named - defined)

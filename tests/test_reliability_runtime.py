@@ -149,3 +149,28 @@ def test_crashed_rank_is_named_under_torchrun_and_leaves_no_temporary_file(tmp_p
     assert len(errors) == 1 and re.search(r"rank 0: collective .* at step 3 .*: rank 1 exited \(pid \d+\);",
                                           errors[0]), proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_sigterm_to_a_running_rank_removes_its_temporary_trace(tmp_path):
+    """One rank without torchrun, stopped as soon as its temporary trace file appears, then SIGTERM:
+    exit 143 with one line, and nothing left (the folder the run made goes too)."""
+    import signal
+    import time
+
+    (tmp_path / "run.yaml").write_text(__import__("yaml").safe_dump({**TINY, "run": {"steps": 400, "timeout_s": 20}}))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--config", str(tmp_path / "run.yaml"),
+                             "--duplication", "off", "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "runtime.launch: rank 0: terminated by SIGTERM\n", err
+    assert not out.exists()

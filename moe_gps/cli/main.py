@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     memory failure (disk full, no permission, out of memory) is one line with exit 2.
     """
     from moe_gps import signals
-    from moe_gps.errors import environment_error
+    from moe_gps.errors import report
     from moe_gps.outputs import command_scope
 
     parser = build_parser()
@@ -69,18 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals.handled(), command_scope():
             code = args.func(args)
-    except UserError as err:
-        print(f"moe-gps: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt as err:
-        print(f"moe-gps: {signals.describe(err)}", file=sys.stderr)
-        return signals.exit_code(err)
-    except (OSError, MemoryError) as err:
-        mapped = environment_error(err)
-        if mapped is None:
+    except (UserError, KeyboardInterrupt, OSError, MemoryError) as err:
+        failed = report(err, "moe-gps")
+        if failed is None:
             raise
-        print(f"moe-gps: error: {mapped}", file=sys.stderr)
-        return mapped.exit_code
+        return failed
     return int(code or 0)
 
 

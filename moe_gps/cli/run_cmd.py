@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moe_gps.outputs import check_output_dir
     from runtime.config import check_run_inputs, load_run_config
     cfg = load_run_config(args.config)
-    check_output_dir(args.out, "--out") if args.out else check_output_dir(cfg.output.dir, f"{args.config}: output.dir")
+    check_output_dir(args.out or cfg.output.dir, "--out" if args.out else f"{args.config}: output.dir")
     check_run_inputs(cfg)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
@@ -79,8 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("moe-gps run: " + " ".join(cmd[1:]).replace("-m torch.distributed.run", "torchrun", 1), file=sys.stderr)
     code = signals.run_child(cmd).returncode
     if code:
-        print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime' lines above (and torchrun's "
-              "'Root Cause') name the rank that failed first", file=sys.stderr)
+        print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime.launch' lines above name the "
+              "rank that failed (exited or not responding)", file=sys.stderr)
     return code
 
 
