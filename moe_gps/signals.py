@@ -4,7 +4,7 @@
 SIGHUP, whose default action kills it on the spot: temporary files stay behind and
 worker processes die with tracebacks. :func:`install` makes both raise
 :class:`Terminated` (a ``KeyboardInterrupt``), so the same clean-up that Ctrl-C runs
-(temporary files removed, pools terminated, children stopped) runs for them too, and
+(temporary files removed, worker pools and child processes stopped) runs for them too, and
 the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
 Ctrl-C). A second signal during that clean-up is ignored.
 
@@ -23,8 +23,8 @@ import subprocess
 import threading
 from typing import Iterator
 
-#: signals handled like SIGINT
-SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+#: signals handled like SIGINT (SIGHUP does not exist on Windows)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):

@@ -270,7 +270,7 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
         if total:
             mine = (f"{len(problems)} wrong slot(s) here: " + "; ".join(problems[:4])
                     + ("; ..." if len(problems) > 4 else "")) if problems else "this rank's slots are all correct"
-            raise WeightCheckFailed(f"rank {ctx.rank}: weight check after the placement change at step {ctx.step} found "
-                                    f"{total} slot(s) with the wrong weights in all ranks; {mine}")
+            raise WeightCheckFailed(f"rank {ctx.rank}: weight check after the placement change at step {ctx.step} "
+                                    f"found {total} slot(s) with the wrong weights in all ranks; {mine}")
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -132,6 +132,20 @@ class DistContext:
                 f"(timeout {self.timeout_s:g} s): {found.text(self.world_size)}; backend said: {cause[:300]}",
                 found)
 
+    def stopped_by_peer(self, err: KeyboardInterrupt) -> CollectiveFailure | None:
+        """For a rank stopped by a signal: the failure that names a peer that exited (torchrun stops every
+        rank as soon as one exits, often before the others reach a collective), else None."""
+        if not self.distributed:
+            return None
+        from moe_gps.signals import describe
+
+        found = faults.diagnose(self.store, self.rank, self.world_size, self._last)
+        if not found.exited:
+            return None
+        step, phase = self._last
+        return CollectiveFailure(f"rank {self.rank}: {describe(err)} at step {step} ({phase}): "
+                                 f"{found.text(self.world_size)}")
+
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
         """Run collectives; a backend error becomes a :class:`CollectiveFailure` naming ranks.

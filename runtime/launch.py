@@ -203,6 +203,8 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             ctx.progress(cfg.run.steps, "done")
             summary = recorder.finish(placement) if recorder is not None else None
         except BaseException as err:
+            if isinstance(err, KeyboardInterrupt) and (failure := ctx.stopped_by_peer(err)) is not None:
+                raise failure from err
             if not isinstance(err, (CollectiveFailure, SetupFailedElsewhere)):
                 ctx.mark_exit(type(err).__name__ if not str(err) else f"{type(err).__name__}: {str(err)[:200]}")
             raise

@@ -12,13 +12,15 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 
 from moe_gps.cli.main import main
 from moe_gps.config import WorkloadConfig, load_cluster
+from moe_gps.config.loader import dump_yaml
 from moe_gps.errors import UserError
 from moe_gps.recommend.core import recommend
 from moe_gps.recommend.sweep import parse_sweep
-from moe_gps.trace import TraceMeta, load_trace, write_trace
+from moe_gps.trace import TraceMeta, write_trace
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.importers import import_popularity_json, import_vllm_jsonl
 from moe_gps.trace.synth import synthesize
@@ -89,9 +91,6 @@ def test_trace_inspect_works_on_a_one_layer_trace(tmp_path, capsys):
                                         ("gpu.peak_tflops_bf16", 1e-30), ("gpu.compute_efficiency", 1e-300),
                                         ("intra_node.latency_us", 1e300)])
 def test_physical_quantities_that_make_times_overflow_are_config_errors(tmp_path, capsys, key, value):
-    from moe_gps.config.loader import dump_yaml
-
-    import yaml
     doc = yaml.safe_load(dump_yaml(load_cluster("4xA100-nvlink")))
     section, field = key.split(".")
     doc[section][field] = value

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from moe_gps import atomic
-from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.atomic import write_text_atomic
 from moe_gps.cli.main import main
 from moe_gps.errors import UserError
 from moe_gps.outputs import LOCK_NAME, locked_output_dir

@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
-from runtime.apply import Fingerprints, WeightCheckFailed, digest  # noqa: E402
+from moe_gps.placement import Placement  # noqa: E402
+from runtime.apply import Fingerprints, digest  # noqa: E402
 from runtime.config import parse_run_config  # noqa: E402
 from runtime.dist import DistContext  # noqa: E402
 from runtime.local import RankFailed, run_local  # noqa: E402
 from runtime.moe_layer import ExpertParallelMoE  # noqa: E402
+from runtime.routing import layer_tables  # noqa: E402
 
 from test_runtime_launch import TINY, launch_worker  # noqa: E402
 
@@ -61,9 +66,6 @@ def test_digest_sees_every_byte_and_its_position(dtype):
 def test_single_process_check_names_the_permuted_slot():
     ctx = DistContext()
     ep = ExpertParallelMoE(0, 4, 8, 6, ctx, dtype=torch.float32)
-    from moe_gps.placement import Placement
-    from runtime.routing import layer_tables
-
     phy = np.array([[0, 1, 2, 3, 1, 2]])
     share = Placement(phy, 1, 4, allow_colocated=True).replica_share
     w = torch.randn(4, ep.expert_numel)
@@ -116,6 +118,32 @@ def test_stopped_rank_is_not_responding_not_dead(tmp_path):
     assert "exited" not in msg and "dead" not in msg
 
 
+def stopped_by_torchrun_worker(ctx, doc: dict, folder: str):
+    """Rank 1 exits at step 3; rank 0, not in a collective then, gets the SIGTERM torchrun would send."""
+    import runtime.launch as launch
+    from moe_gps.signals import Terminated
+
+    def fault(c, step: int) -> None:
+        if step == 3 and c.rank == 1:
+            os._exit(3)
+        if step == 3 and c.rank == 0:
+            time.sleep(1.0)
+            raise Terminated(signal.SIGTERM)
+
+    launch._fault = fault
+    cfg = parse_run_config(doc)
+    cfg.output.dir = folder
+    return launch.run(cfg, "off", quiet=True, ctx=ctx)
+
+
+def test_rank_stopped_by_torchrun_names_the_rank_that_exited(tmp_path):
+    res = run_local(stopped_by_torchrun_worker, 2, TINY, str(tmp_path / "out"), timeout_s=60, return_errors=True)
+    line = res[0].message.splitlines()[0]
+    assert re.fullmatch(r"CollectiveFailure: rank 0: terminated by SIGTERM at step 3 \(start\): rank 1 exited "
+                        r"\(pid \d+\); last progress: .*", line), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_setup_error_on_rank_0_stops_every_rank(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run_local(launch_worker, 2, TINY, [("off", str(tmp_path / "afile"))], timeout_s=60, return_errors=True)
@@ -125,7 +153,7 @@ def test_setup_error_on_rank_0_stops_every_rank(tmp_path):
 
 
 def torchrun(tmp_path: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    (tmp_path / "run.yaml").write_text(__import__("yaml").safe_dump({**TINY, "run": {"steps": 6, "timeout_s": 20}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**TINY, "run": {"steps": 6, "timeout_s": 20}}))
     env = {**ENV, **({"MOE_GPS_FAULT": fault} if fault else {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "runtime.launch", "--config", str(tmp_path / "run.yaml"), "--quiet", *args],
@@ -145,19 +173,17 @@ def test_raw_torchrun_config_error_is_one_line_and_exit_2_on_every_rank(tmp_path
 
 def test_crashed_rank_is_named_under_torchrun_and_leaves_no_temporary_file(tmp_path):
     proc = torchrun(tmp_path, "--duplication", "dist-only", "--out", "out", fault="1:3:exit")
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("runtime.launch: error")]
-    assert len(errors) == 1 and re.search(r"rank 0: collective .* at step 3 .*: rank 1 exited \(pid \d+\);",
-                                          errors[0]), proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("runtime.launch:")]
+    # rank 0's collective fails, or torchrun stops it first: either way its one line names rank 1
+    assert len(errors) == 1 and re.search(r"rank 0: (collective .*|terminated by SIGTERM) at step 3 .*: rank 1 "
+                                          r"exited \(pid \d+\);", errors[0]), proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_sigterm_to_a_running_rank_removes_its_temporary_trace(tmp_path):
     """One rank without torchrun, stopped as soon as its temporary trace file appears, then SIGTERM:
     exit 143 with one line, and nothing left (the folder the run made goes too)."""
-    import signal
-    import time
-
-    (tmp_path / "run.yaml").write_text(__import__("yaml").safe_dump({**TINY, "run": {"steps": 400, "timeout_s": 20}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**TINY, "run": {"steps": 400, "timeout_s": 20}}))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--config", str(tmp_path / "run.yaml"),
                              "--duplication", "off", "--out", str(out), "--quiet"],

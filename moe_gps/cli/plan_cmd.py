@@ -84,9 +84,9 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
     from moe_gps.atomic import write_text_atomic
+    from moe_gps.outputs import check_output_file
     from moe_gps.placement.export import even_share_balancedness, export_text
     from moe_gps.tables import format_table
-    from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace
 
     for flag in ("output", "sglang", "vllm", "vllm_ascend"):
@@ -187,7 +187,8 @@ def _comparison(m0, m, name: str, seconds: float) -> list[dict]:
         ("replica skew (max/mean replica load)", f"{a['replica_skewness']:.3f}", f"{b['replica_skewness']:.3f}"),
         ("redundant replicas used (mean/layer)", f"{a['redundant_used']:.1f}", f"{b['redundant_used']:.1f}"),
         ("extra slots per GPU", f"{a['extra_slots_per_gpu']:.2f}", f"{b['extra_slots_per_gpu']:.2f}"),
-        ("extra expert memory per GPU", format_bytes(a["extra_memory_per_gpu"]), format_bytes(b["extra_memory_per_gpu"])),
+        ("extra expert memory per GPU", format_bytes(a["extra_memory_per_gpu"]),
+         format_bytes(b["extra_memory_per_gpu"])),
     ]
     if b["experts_moved"] is not None:
         rows.append(("experts moved vs --previous", str(a["experts_moved"]), str(b["experts_moved"])))
