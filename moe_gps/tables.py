@@ -16,6 +16,16 @@ def format_value(value: Any, fmt: str = "") -> str:
     return str(value)
 
 
+def format_bytes(b: float | None) -> str:
+    """A byte count in binary units, e.g. ``1.50 GiB``; ``-`` for None."""
+    if b is None:
+        return "-"
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]],
                  title: str | None = None) -> str:
     """Render ``rows`` as an aligned table.

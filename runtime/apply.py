@@ -11,8 +11,9 @@ logical expert ``e``), :func:`move_plan` picks one action:
 
 :func:`apply_placement` runs the transfers of all layers in one
 ``batch_isend_irecv``, fills the local copies, installs the new routing tables and
-then checks that every slot holds the expert it should (:class:`Fingerprints`),
-failing on every rank together if one slot is wrong.
+then checks that every slot holds the expert it should (:class:`Fingerprints`: a
+digest of every slot's bytes), failing on every rank together, each with one line, if
+one slot is wrong.
 """
 
 from __future__ import annotations
@@ -121,15 +122,42 @@ class MoveStats:
     counts: dict = field(default_factory=dict)
 
 
-def fingerprint(rows: torch.Tensor) -> torch.Tensor:
-    """A per-row checksum: [S, n] -> float64 [S, 3] (sum, sum of squares, first element)."""
-    r = rows.double()
-    return torch.stack([r.sum(dim=1), (r * r).sum(dim=1), r[:, 0]], dim=1) if rows.shape[0] else \
-        torch.zeros(0, 3, dtype=torch.float64, device=rows.device)
+class WeightCheckFailed(RuntimeError):
+    """A slot does not hold the weights of the expert it should; the message is one line for this rank."""
+
+
+#: splitmix64 constants, as signed int64 (torch has no uint64 arithmetic)
+_K = [k - (1 << 64) if k >= 1 << 63 else k for k in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def digest(rows: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """A 64-bit digest of every row's bytes: ``rows [S, n]`` -> int64 ``[S]``.
+
+    Each element's bit pattern is mixed with its position (``x xor pos * K1``, then the
+    splitmix64 finaliser) and the mixed values are summed with 64-bit wrap-around. Exact
+    integer arithmetic on the device, so replicas agree bit for bit on any device, and any
+    change of a value or of the order of values (two halves swapped, a slot shifted)
+    changes the digest except with probability about 2^-64.
+    """
+    S, n = rows.shape
+    out = torch.zeros(S, dtype=torch.int64, device=rows.device)
+    if S == 0 or n == 0:
+        return out
+    bits = rows.contiguous().view(_BITS[rows.element_size()])
+    step = max(1, chunk_elements // S)
+    for c0 in range(0, n, step):
+        h = bits[:, c0:c0 + step].to(torch.int64)
+        pos = torch.arange(c0, c0 + h.shape[1], dtype=torch.int64, device=rows.device)
+        h = (h ^ (pos * _K[0])) * _K[1]
+        h = (h ^ (h >> 31)) * _K[2]
+        out += (h ^ (h >> 29)).sum(dim=1)
+    return out
 
 
 class Fingerprints:
-    """Checksums of every logical expert, ``table [L, E, 3]``, taken when the weights were loaded.
+    """The digest (:func:`digest`) of every logical expert's weights, ``table [L, E]``, taken when
+    the weights were loaded.
 
     Built from every rank's slots with one all-gather; replicas of an expert must agree.
     """
@@ -137,34 +165,34 @@ class Fingerprints:
     def __init__(self, blocks: list[ExpertParallelMoE], ctx: DistContext) -> None:
         L = len(blocks)
         E = blocks[0].num_experts
-        local = torch.stack([fingerprint(b.slot_weights) for b in blocks])          # [L, S, 3]
+        local = torch.stack([digest(b.slot_weights) for b in blocks])                # [L, S]
         if ctx.distributed:
             allg = torch.empty((ctx.world_size,) + tuple(local.shape), dtype=local.dtype, device=local.device)
-            with ctx.guard("all_gather of expert fingerprints"):
+            with ctx.guard("all_gather of expert digests"):
                 all_gather_flat(allg.view(-1), local.reshape(-1).contiguous(), group=ctx.group)
         else:
             allg = local[None]
-        allg = allg.cpu().numpy()                                                  # [N, L, S, 3]
-        table = np.full((L, E, 3), np.nan)
+        allg = allg.cpu().numpy()                                                  # [N, L, S]
+        table = np.zeros((L, E), dtype=np.int64)
         for l, b in enumerate(blocks):
             phy = b.tables.phy2log
-            fp = allg[:, l].reshape(-1, 3)                                          # [P, 3] in slot order
+            fp = allg[:, l].reshape(-1)                                             # [P] in slot order
             table[l, phy] = fp
-            if not np.allclose(table[l, phy], fp, rtol=1e-12, atol=0):
-                raise RuntimeError(f"layer {l}: replicas of one expert hold different weights at load time")
+            bad = np.flatnonzero(table[l, phy] != fp)
+            if len(bad):
+                raise WeightCheckFailed(f"rank {ctx.rank}: layer {l}: the replicas of expert {int(phy[bad[0]])} "
+                                        "hold different weights at load time")
         self.table = table
 
     def check(self, blocks: list[ExpertParallelMoE], ctx: DistContext) -> list[str]:
-        """Problems on this rank (empty when every slot holds its expert)."""
+        """Problems on this rank, one text per wrong slot (empty when every slot holds its expert)."""
         bad = []
         for l, b in enumerate(blocks):
-            got = fingerprint(b.slot_weights).cpu().numpy()
+            got = digest(b.slot_weights).cpu().numpy()
             want_e = b.tables.phy2log[b.local_slots()]
-            want = self.table[l, want_e]
-            ok = np.isclose(got, want, rtol=1e-12, atol=0).all(axis=1)
-            for q in np.flatnonzero(~ok):
-                bad.append(f"rank {ctx.rank}: layer {l}, slot {int(b.local_slots()[q])} should hold expert "
-                           f"{int(want_e[q])} but its weights do not match")
+            for q in np.flatnonzero(got != self.table[l, want_e]):
+                bad.append(f"layer {l}, slot {int(b.local_slots()[q])} should hold expert {int(want_e[q])} "
+                           "but its bytes differ")
         return bad
 
 
@@ -238,8 +266,11 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
         if ctx.distributed:
             with ctx.guard("all_reduce of the placement check"):
                 dist.all_reduce(n_bad, group=ctx.group)
-        if int(n_bad.item()):
-            mine = "; ".join(problems[:3]) or f"rank {ctx.rank}: all slots correct"
-            raise RuntimeError(f"placement check failed on {int(n_bad.item())} slot(s): {mine}")
+        total = int(n_bad.item())
+        if total:
+            mine = (f"{len(problems)} wrong slot(s) here: " + "; ".join(problems[:4])
+                    + ("; ..." if len(problems) > 4 else "")) if problems else "this rank's slots are all correct"
+            raise WeightCheckFailed(f"rank {ctx.rank}: weight check after the placement change at step {ctx.step} "
+                                    f"found {total} slot(s) with the wrong weights in all ranks; {mine}")
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -198,6 +198,27 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"{w}: duplication.algorithm {d.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
 
 
+def check_run_inputs(cfg: RunConfig) -> None:
+    """Read the files the config names as every rank will (input.trace fully validated, the
+    duplication.placement plan), so that a damaged one is one line before any rank starts."""
+    from moe_gps.placement import Placement
+    from moe_gps.trace import load_trace
+
+    def named(sec: str, key: str, err: UserError) -> UserError:
+        return UserError(f"{cfg.source}: {sec}.{key}: {err}")
+
+    if cfg.input.trace:
+        try:
+            load_trace(cfg.input.trace)
+        except UserError as err:
+            raise named("input", "trace", err) from None
+    if cfg.duplication.placement:
+        try:
+            Placement.load(cfg.duplication.placement)
+        except UserError as err:
+            raise named("duplication", "placement", err) from None
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate ``run.yaml``; UserError naming the file and key on any problem."""
     p = Path(path)

@@ -5,9 +5,10 @@ NCCL when the device is a GPU, gloo on CPU, with a timeout on every collective. 
 rank writes its progress (step and phase) to the group's key-value store; when a
 collective fails (a peer died, or it timed out), :meth:`DistContext.guard` turns the
 backend error into a :class:`CollectiveFailure` whose message names the failing
-collective and the ranks that are dead (their heartbeat, a counter each rank's
-background thread bumps in the store every second, stopped) or behind (alive but at
-an earlier step or phase), instead of a hang or a bare backend traceback.
+collective and the ranks that exited or are not responding (:mod:`runtime.faults`:
+from their process, their ``exit`` key, their heartbeat - a counter each rank's
+background thread bumps in the store every second - and their progress), instead of a
+hang or a bare backend traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,11 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-PROGRESS_PREFIX = "moe_gps/progress/"
-HEARTBEAT_PREFIX = "moe_gps/heartbeat/"
-HEARTBEAT_S = 1.0
-#: the phases of a step, in order (a rank at an earlier (step, phase) is behind)
-STEP_PHASES = ("joined", "start", "plan", "move", "forward", "gather", "done")
+from runtime import faults
+
 
 
 #: backend errors (DistBackendError and friends subclass RuntimeError; DistError exists from torch 2.3)
@@ -79,30 +76,39 @@ class DistContext:
     store: Any = None
     _last: tuple[int, str] = (-1, "start")
     _stop: Any = None
-    #: print a first line to stderr as soon as a collective fails (before looking for the culprit,
-    #: which takes ~2.5 s; torchrun may kill this rank meanwhile because a peer died)
-    announce: bool = False
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     # ----------------------------------------------------------- progress
-    def progress(self, step: int, phase: str) -> None:
-        """Record that this rank reached ``phase`` of ``step`` (read when a peer fails)."""
-        self._last = (step, phase)
+    def _set(self, kind: str, value: str) -> None:
         if self.store is not None:
             try:
-                self.store.set(f"{PROGRESS_PREFIX}{self.rank}", f"{step} {phase}")
+                self.store.set(faults.key(kind, self.rank), value)
             except Exception:  # the store may be gone when the host rank died; progress is advisory
                 self.store = None
 
-    def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
+    @property
+    def step(self) -> int:
+        """The step this rank last recorded progress in (-1 before the first)."""
+        return self._last[0]
+
+    def progress(self, step: int, phase: str) -> None:
+        """Record that this rank reached ``phase`` of ``step`` (read when a peer fails)."""
+        self._last = (step, phase)
+        self._set("progress", f"{step} {phase}")
+
+    def mark_exit(self, reason: str) -> None:
+        """Tell the other ranks why this one stops (read when their next collective fails)."""
+        self._set("exit", reason)
+
+    def start_heartbeat(self, interval_s: float = faults.HEARTBEAT_S) -> None:
         """Bump this rank's heartbeat counter in the store every ``interval_s`` (daemon thread)."""
         if self.store is None or self._stop is not None:
             return
         self._stop = threading.Event()
-        key, store, stop = f"{HEARTBEAT_PREFIX}{self.rank}", self.store, self._stop
+        key, store, stop = faults.key("heartbeat", self.rank), self.store, self._stop
 
         def beat() -> None:
             while not stop.is_set():
@@ -114,72 +120,39 @@ class DistContext:
 
         threading.Thread(target=beat, name="moe-gps-heartbeat", daemon=True).start()
 
-    def dead_ranks(self, wait_s: float = 2.5 * HEARTBEAT_S) -> list[int] | None:
-        """Ranks whose heartbeat did not advance within ``wait_s`` (None: the store is unreachable)."""
-        if self.store is None:
-            return None
-        try:
-            keys = [f"{HEARTBEAT_PREFIX}{r}" for r in range(self.world_size)]
-            first = [self.store.add(k, 0) for k in keys]
-            time.sleep(wait_s)
-            second = [self.store.add(k, 0) for k in keys]
-        except Exception:
-            return None
-        return [r for r in range(self.world_size) if r != self.rank and second[r] == first[r]]
-
-    def peer_progress(self) -> dict[int, str]:
-        """Last recorded (step, phase) of each rank, as text; ranks that never wrote are absent."""
-        out: dict[int, str] = {}
-        if self.store is None:
-            return out
-        for r in range(self.world_size):
-            key = f"{PROGRESS_PREFIX}{r}"
-            try:
-                if self.store.check([key]):
-                    out[r] = self.store.get(key).decode()
-            except Exception:
-                break
-        return out
-
-    def _progress_lines(self, exclude: list[int]) -> list[str]:
+    def describe_failure(self, what: str, err: BaseException, elapsed: float,
+                         wait_s: float = 0.0) -> tuple[str, faults.Diagnosis]:
+        """One line: this rank, the failed collective, the ranks that exited or stopped responding
+        (:func:`runtime.faults.diagnose`; ``wait_s`` > 0 also watches heartbeats), the backend's words;
+        and the diagnosis itself."""
         step, phase = self._last
-        seen = self.peer_progress()
-        if not seen:
-            return []
-
-        def key(text: str) -> tuple[int, int]:
-            s, _, ph = text.partition(" ")
-            return int(s), STEP_PHASES.index(ph) if ph in STEP_PHASES else 0
-        mine = key(f"{step} {phase}")
-        behind = [r for r in range(self.world_size) if r not in exclude and r != self.rank
-                  and (r not in seen or key(seen[r]) < mine)]
-        lines = [f"behind (stuck or slow): rank {', '.join(map(str, behind))}"] if behind else []
-        lines.append("last progress: " + ", ".join(f"rank {r}: {seen.get(r, 'never started')}"
-                                                   for r in range(self.world_size)))
-        return lines
-
-    def describe_failure(self, what: str, err: BaseException, elapsed: float, quick: bool = False) -> str:
-        """One line: the failed collective, dead ranks (heartbeat; skipped when ``quick``), ranks behind."""
-        step, phase = self._last
-        lines = [f"rank {self.rank}: collective '{what}' at step {step} ({phase}) failed after {elapsed:.1f} s "
-                 f"(timeout {self.timeout_s:g} s)"]
-        dead: list[int] = []
-        if not quick:
-            found = self.dead_ranks() if self.store is not None else None
-            if found is None:
-                lines.append("could not reach the key-value store to tell which rank failed (in a local launch "
-                             "rank 0 hosts it: it may be the rank that died)")
-            elif found:
-                dead = found
-                lines.append(f"dead (no heartbeat): rank {', '.join(map(str, dead))}")
-        lines += self._progress_lines(dead)
+        found = faults.diagnose(self.store, self.rank, self.world_size, self._last, wait_s=wait_s)
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        lines.append(f"backend said: {cause[:300]}")
-        return "; ".join(lines)
+        return (f"rank {self.rank}: collective '{what}' at step {step} ({phase}) failed after {elapsed:.1f} s "
+                f"(timeout {self.timeout_s:g} s): {found.text(self.world_size)}; backend said: {cause[:300]}",
+                found)
+
+    def stopped_by_peer(self, err: KeyboardInterrupt) -> CollectiveFailure | None:
+        """For a rank stopped by a signal: the failure that names a peer that exited (torchrun stops every
+        rank as soon as one exits, often before the others reach a collective), else None."""
+        if not self.distributed:
+            return None
+        from moe_gps.signals import describe
+
+        found = faults.diagnose(self.store, self.rank, self.world_size, self._last)
+        if not found.exited:
+            return None
+        step, phase = self._last
+        return CollectiveFailure(f"rank {self.rank}: {describe(err)} at step {step} ({phase}): "
+                                 f"{found.text(self.world_size)}")
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Run collectives; a backend error becomes a :class:`CollectiveFailure` naming ranks."""
+        """Run collectives; a backend error becomes a :class:`CollectiveFailure` naming ranks.
+
+        A rank that exited is named at once; otherwise the heartbeats are watched for 2.5 s
+        (a SIGTERM meanwhile, e.g. from torchrun, ends the wait with what is known).
+        """
         t0 = time.perf_counter()
         try:
             yield
@@ -189,10 +162,14 @@ class DistContext:
             if not self.distributed:
                 raise
             elapsed = time.perf_counter() - t0
-            if self.announce:
-                print(f"runtime: {self.describe_failure(what, err, elapsed, quick=True)}; checking heartbeats...",
-                      file=sys.stderr, flush=True)
-            raise CollectiveFailure(self.describe_failure(what, err, elapsed)) from err
+            quick, found = self.describe_failure(what, err, elapsed)
+            if found.exited or not found.store_ok:
+                raise CollectiveFailure(quick) from err
+            try:
+                full, _ = self.describe_failure(what, err, elapsed, wait_s=2.5 * faults.HEARTBEAT_S)
+            except KeyboardInterrupt:
+                raise CollectiveFailure(quick) from err
+            raise CollectiveFailure(full) from err
 
     def barrier(self, what: str = "barrier") -> None:
         if self.distributed:
@@ -238,6 +215,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 60.0, *, rank: int
     except Exception:  # private API; progress reports are then unavailable
         store = None
     ctx = DistContext(rank, world_size, dev, backend, timeout_s, None, store)
+    ctx._set("pid", faults.whoami())
     ctx.progress(-1, "joined")
     ctx.start_heartbeat()
     return ctx

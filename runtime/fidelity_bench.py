@@ -303,9 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON file for the raw samples (written by rank 0)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    from moe_gps import signals
+    from moe_gps.errors import report
+
     with open(args.spec, encoding="utf-8") as f:
         spec = json.load(f)
-    run(spec, args.out, args.quiet)
+    try:
+        with signals.handled():     # a SIGTERM from torchrun removes the half-written samples file
+            run(spec, args.out, args.quiet)
+    except KeyboardInterrupt as err:
+        return report(err, "runtime.fidelity_bench", f"rank {os.environ.get('RANK', 0)}: ")
     return 0
 
 

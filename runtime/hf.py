@@ -54,6 +54,27 @@ def is_fused(block: nn.Module) -> bool:
     return hasattr(block.experts, "gate_up_proj") and hasattr(block.experts, "down_proj")
 
 
+def _first_line(err: BaseException) -> str:
+    text = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return " ".join(text[:2])[:300] if text else type(err).__name__
+
+
+def _check_config_json(path: Path) -> None:
+    """One line for a config.json that is not a JSON object with a model_type."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({_first_line(err)})") from None
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({_first_line(err)})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    if not isinstance(doc.get("model_type"), str):
+        raise UserError(f"{path}: has no 'model_type' (e.g. \"mixtral\"), so it is not a transformers model config")
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """A local checkpoint folder as a causal LM on the CPU (no downloads)."""
     try:
@@ -65,11 +86,18 @@ def load_hf_model(path: str | Path, dtype: torch.dtype) -> nn.Module:
     p = Path(path)
     if not (p / "config.json").exists():
         raise UserError(f"{p}: not a HuggingFace checkpoint folder (no config.json)")
-    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    _check_config_json(p / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read the user's config is about that file
+        raise UserError(f"{p / 'config.json'}: transformers cannot read it ({_first_line(err)})") from None
     kind = getattr(config.get_text_config(), "model_type", config.model_type)
     if kind not in SUPPORTED:
         raise UserError(f"{p}: model type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged or mismatched checkpoint
+        raise UserError(f"{p}: cannot load the checkpoint ({type(err).__name__}: {_first_line(err)})") from None
     model.eval()
     model.moe_gps_source = f"{p} ({kind}, transformers {transformers.__version__})"
     return model

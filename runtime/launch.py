@@ -4,8 +4,11 @@ Each step: (maybe) plan and apply a new placement, run the model on every rank's
 tokens, gather the routing and the timings to rank 0, which writes the router trace
 (``source: collected``) and, at the end, the timings files. See docs/runtime.md.
 
-Exit codes: 0 done; 2 a bad config or flag (one line, no traceback); 1 a failed or
-timed-out collective (one line naming the rank(s) that stopped).
+Exit codes: 0 done; 2 a bad config, flag, input or output path, or a full disk (one
+line from the rank that found it, and every rank exits 2); 1 a failed or timed-out
+collective (one line per rank naming the rank(s) that exited or stopped responding), or
+a failed weight check (one line per rank); 143 / 129 / 130 stopped by SIGTERM / SIGHUP /
+Ctrl-C (the temporary trace file is removed).
 """
 
 from __future__ import annotations
@@ -33,8 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class SetupFailedElsewhere(Exception):
+    """Another rank found a bad config, input or output during set-up (it printed the line)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    from moe_gps.errors import UserError
+    from moe_gps import signals
+
+    with signals.handled():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from moe_gps.errors import UserError, report
 
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -58,29 +72,37 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("runtime.launch: error: the runtime needs PyTorch: pip install 'moe-gps[runtime]'", file=sys.stderr)
         return 2
+    from runtime.apply import WeightCheckFailed
     from runtime.dist import CollectiveFailure
     try:
         run(cfg, args.duplication, quiet=args.quiet, command=" ".join(["runtime.launch"] + sys.argv[1:]))
-    except UserError as err:
-        print(f"runtime.launch: error: rank {rank}: {err}", file=sys.stderr)
-        return err.exit_code
-    except CollectiveFailure as err:
+    except SetupFailedElsewhere:
+        return 2                    # the rank that found the problem printed it
+    except (CollectiveFailure, WeightCheckFailed) as err:
         print(f"runtime.launch: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"runtime.launch: rank {rank}: interrupted", file=sys.stderr)
-        return 130
+    except (UserError, KeyboardInterrupt, OSError, MemoryError) as err:
+        failed = report(err, "runtime.launch", f"rank {rank}: ")
+        if failed is None:
+            raise
+        return failed
     return 0
 
 
 def _fault(ctx, step: int) -> None:
-    """Testing aid: ``MOE_GPS_FAULT=rank:step:exit|hang`` kills one rank at one step, or stalls it
-    for three collective timeouts and then kills it."""
+    """Testing aid: ``MOE_GPS_FAULT=rank:step:exit|hang|stop`` kills one rank at one step, or stalls
+    it for three collective timeouts and then kills it, or stops it (SIGSTOP) for three collective
+    timeouts and then kills it."""
     spec = os.environ.get("MOE_GPS_FAULT")
     if not spec:
         return
     r, s, how = spec.split(":")
     if int(r) == ctx.rank and int(s) == step:
+        if how == "stop":
+            import signal
+            import subprocess
+            subprocess.Popen(["sh", "-c", f"sleep {3 * ctx.timeout_s:g}; kill -CONT {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
         if how == "hang":
             time.sleep(3 * ctx.timeout_s)
         os._exit(3)
@@ -95,7 +117,8 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
     from moe_gps.placement import Placement
     from runtime.apply import Fingerprints, apply_placement
     from runtime.build import build_model, forward
-    from runtime.dist import init_distributed
+    from moe_gps.errors import UserError
+    from runtime.dist import CollectiveFailure, init_distributed
     from runtime.duplication import DuplicationPolicy
     from runtime.inputs import TokenSource
     from runtime.record import RunRecorder, gather_step
@@ -103,7 +126,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
     own_ctx = ctx is None
     if ctx is None:
         ctx = init_distributed(cfg.run.device, cfg.run.timeout_s)
-        ctx.announce = True
+    recorder = None
     try:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
@@ -113,18 +136,24 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             (lambda *a: None)
         say(f"runtime: {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
             f"duplication {mode}, config {cfg.source}")
-        handle = build_model(cfg.model, ctx)
-        L, E, k = handle.num_layers, handle.num_experts, handle.top_k
-        source = TokenSource(cfg.input, handle.vocab_size, ctx.world_size)
-        T_rank = source.tokens_per_rank
-        policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size)
-        placement = policy.initial()
-        handle.install(placement, ctx)
+        # set-up without collectives; a bad config, input or output on any rank stops every rank (exit 2)
+        setup_error = None
+        try:
+            handle = build_model(cfg.model, ctx)
+            L, E, k = handle.num_layers, handle.num_experts, handle.top_k
+            source = TokenSource(cfg.input, handle.vocab_size, ctx.world_size)
+            T_rank = source.tokens_per_rank
+            policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size)
+            placement = policy.initial()
+            handle.install(placement, ctx)
+            recorder = RunRecorder(cfg, mode, ctx, handle, source, command) if ctx.rank == 0 else None
+        except UserError as err:
+            setup_error = err
+        _agree_on_setup(ctx, setup_error)
         fingerprints = Fingerprints(handle.experts, ctx) if cfg.duplication.verify else None
         handle.set_record(True)
         say(f"runtime: model {handle.name}: {L} MoE layers, {E} experts, top-{k}; "
             f"{placement.slots_per_gpu} slots per rank; input {source.description}")
-        recorder = RunRecorder(cfg, mode, ctx, handle, source, command) if ctx.rank == 0 else None
         P = placement.num_slots
         steps = range(cfg.run.steps)
         if ctx.rank == 0 and not quiet:
@@ -173,18 +202,46 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                             f"{info.predicted_rank_tokens.max(axis=1).mean():.0f} pairs/layer")
             ctx.progress(cfg.run.steps, "done")
             summary = recorder.finish(placement) if recorder is not None else None
-        except BaseException:
-            if recorder is not None:
-                recorder.abort()
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt) and (failure := ctx.stopped_by_peer(err)) is not None:
+                raise failure from err
+            if not isinstance(err, (CollectiveFailure, SetupFailedElsewhere)):
+                ctx.mark_exit(type(err).__name__ if not str(err) else f"{type(err).__name__}: {str(err)[:200]}")
             raise
         if summary is not None:
             print(summary["table"], flush=True)
         ctx.barrier("final barrier")
         return summary
     finally:
+        if recorder is not None:
+            recorder.abort()          # nothing to do after finish(); else removes the temporary trace
         if own_ctx:
             ctx.close()
 
 
+def _agree_on_setup(ctx, error) -> None:
+    """Every rank learns whether any rank's set-up failed: the failed rank raises its error, the
+    others :class:`SetupFailedElsewhere` (one all_reduce; nothing in a one-rank run)."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_gps import signals
+
+    failed = torch.tensor([int(error is not None)], dtype=torch.int64, device=ctx.device)
+    if ctx.distributed:
+        with ctx.guard("all_reduce of the set-up status"):
+            dist.all_reduce(failed, group=ctx.group)
+    if error is not None or int(failed.item()):
+        signals.ignore()      # every rank exits 2, even when torchrun stops it because another exited first
+    if error is not None:
+        ctx.mark_exit(f"set-up failed: {str(error)[:200]}")
+        raise error
+    if int(failed.item()):
+        raise SetupFailedElsewhere()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    from moe_gps.signals import ignore
+    ignore()          # decided: a SIGTERM from torchrun while the process shuts down must not change it
+    sys.exit(exit_code)

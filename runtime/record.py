@@ -19,6 +19,7 @@ through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
@@ -74,10 +75,15 @@ class RunRecorder:
     """Rank 0's writer of the trace and the timings (see the module docstring)."""
 
     def __init__(self, cfg, mode: str, ctx, handle, source, command: str) -> None:
+        from moe_gps.outputs import check_output_file, locked_output_dir
+
         self.cfg, self.mode, self.ctx, self.handle, self.source = cfg, mode, ctx, handle, source
         self.dir = Path(cfg.output.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()          # the folder's lock, released by finish() or abort()
+        self._stack.enter_context(locked_output_dir(self.dir, "output.dir"))
         self.trace_path = self.dir / cfg.output.trace
+        for name in (cfg.output.trace, cfg.output.timings, cfg.output.steps, "placement.yaml", "summary.json"):
+            check_output_file(self.dir / name, "output")
         model = "random-mixtral-style" if not cfg.model.checkpoint else Path(cfg.model.checkpoint).name
         dataset = Path(cfg.input.trace).name if cfg.input.trace else "seeded-zipf"
         prov = {"tool": "runtime.launch", "command": command,
@@ -87,7 +93,12 @@ class RunRecorder:
                 "torch": torch.__version__, "host": platform.node(), "config": cfg.to_dict()}
         meta = TraceMeta("tokens", handle.num_layers, handle.num_experts, handle.top_k, model=model,
                          dataset=dataset, source="collected", provenance=json.loads(json.dumps(prov, default=str)))
-        self.writer = TraceWriter(self.trace_path, meta, with_weights=True, optional=("token_id", "seq", "pos", "rank"))
+        try:
+            self.writer = TraceWriter(self.trace_path, meta, with_weights=True,
+                                      optional=("token_id", "seq", "pos", "rank"))
+        except BaseException:
+            self._stack.close()
+            raise
         self.layer_rows: list[np.ndarray] = []
         self.step_rows: list[dict] = []
 
@@ -118,10 +129,16 @@ class RunRecorder:
         return routing
 
     def abort(self) -> None:
+        """Remove the temporary trace and release the folder (nothing to do after :meth:`finish`)."""
+        if self._stack is None:
+            return
         try:
             self.writer.abort()
         except Exception:
             pass
+        finally:
+            self._stack.close()
+            self._stack = None
 
     def finish(self, placement) -> dict:
         import pandas as pd
@@ -167,5 +184,7 @@ class RunRecorder:
                    "balancedness": float((mean_layer / per_layer).mean()), "mean_step_s": float(r0.step_s.mean())}
         write_text_atomic(self.dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"},
                                                                 indent=2) + "\n")
+        self._stack.close()
+        self._stack = None
         return summary
 

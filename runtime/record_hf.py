@@ -177,6 +177,8 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
         import torch
     except ImportError:
         raise UserError("recording needs PyTorch and transformers: pip install 'moe-gps[collect]'") from None
+    from moe_gps.outputs import check_output_file
+    check_output_file(args.output)
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -200,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Record a router trace from a local HuggingFace MoE checkpoint.")
     add_arguments(p)
     args = p.parse_args(argv)
+    from moe_gps import signals
+    from moe_gps.errors import report
     try:
-        s = run_from_args(args, command=" ".join(["runtime.record_hf"] + (argv if argv is not None else sys.argv[1:])))
-    except UserError as err:
-        print(f"runtime.record_hf: error: {err}", file=sys.stderr)
-        return 2
+        with signals.handled():
+            s = run_from_args(args, command=" ".join(["runtime.record_hf"] + (argv if argv is not None
+                                                                               else sys.argv[1:])))
+    except (UserError, KeyboardInterrupt, OSError, MemoryError) as err:
+        failed = report(err, "runtime.record_hf")
+        if failed is None:
+            raise
+        return failed
     print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
           f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
     return 0

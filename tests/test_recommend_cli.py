@@ -30,7 +30,8 @@ def test_default_sweep_is_the_dataclass_default_and_large_enough():
 
 @pytest.mark.parametrize("patch, message", [
     ({"bandwith_gb_s": [1]}, "tiny.yaml: bandwith_gb_s: unknown key; did you mean 'bandwidth_gb_s'?"),
-    ({"bandwidth_gb_s": [100, -3]}, "tiny.yaml: bandwidth_gb_s[1]: must be a number > 0 (GB/s), got -3.0"),
+    ({"bandwidth_gb_s": [100, -3]},
+     "tiny.yaml: bandwidth_gb_s[1]: must be a bandwidth between 1e-06 and 1e+12 GB/s, got -3.0"),
     ({"bandwidth_gb_s": []}, "tiny.yaml: bandwidth_gb_s: must list at least one value"),
     ({"bandwidth_gb_s": 100}, "tiny.yaml: bandwidth_gb_s: must be a list, got 100"),
     ({"skew": [0.5]}, "tiny.yaml: skew[0]: must be a number >= 1 (max / mean tokens per expert), got 0.5"),

@@ -140,8 +140,7 @@ def test_weight_copies_prefer_the_same_node():
     assert len(weight_copies(after, after, MODEL.expert_bytes, HW)) == 0
 
 
-def test_weight_copies_within_a_gpu_and_the_replan_overhead():
-    import dataclasses
+def test_weight_copies_within_a_gpu_and_moves():
     before = Placement(np.array([[0, 1, 2, 3, 0, 1, 2, 3]]), 4, 4)
     # GPU 0 swaps its two slots (2 copies between slots); GPU 3 gets expert 1 in both slots: one
     # transfer (from GPU 2, same node) and one copy between its slots

@@ -39,7 +39,6 @@ def shifting_trace(steps: int = 12, tokens: int = 4096) -> CountsTrace:
     c = np.full((steps, 2, 8), tokens * 2 // 16, dtype=np.int64)
     hot = np.where(np.arange(steps) < steps // 2, 0, 7)
     c[np.arange(steps), :, hot] *= 5
-    rest = [e for e in range(8)]
     c = c * (tokens * 2) // c.sum(axis=2, keepdims=True)
     return counts_trace(c)
 

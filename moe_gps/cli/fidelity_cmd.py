@@ -76,11 +76,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from runtime.config import load_run_config, parse_run_config
 
     _need_torch()
-    out = Path(args.output)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give the cluster YAML file to write")
+    from moe_gps.outputs import check_output_file
+    out = check_output_file(args.output)
     if out.suffix not in (".yaml", ".yml"):
         raise UserError(f"{out}: the cluster file must end in .yaml or .yml")
+    for suffix in (".model.yaml", ".measurements.csv", ".samples.csv"):
+        check_output_file(out.with_name(out.stem + suffix), None)
     run_cfg = load_run_config(args.config) if args.config else parse_run_config({}, "runtime defaults")
     device = args.device
     if device == "auto":
@@ -108,6 +109,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from moe_gps.fidelity.validate import ValidateOptions, validate
 
     _need_torch()
+    from moe_gps.outputs import hold_output_dir
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
                           strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps,
@@ -115,6 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    hold_output_dir(out)
     try:
         _, _, text = validate(opt)
     except MeasurementFailed as err:

@@ -55,19 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (0 ok, 1 failed, 2 user error, 128 + signal stopped).
+
+    SIGTERM and SIGHUP stop a command like Ctrl-C (:mod:`moe_gps.signals`). A file-system or
+    memory failure (disk full, no permission, out of memory) is one line with exit 2.
+    """
+    from moe_gps import signals
+    from moe_gps.errors import report
+    from moe_gps.outputs import command_scope
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = args.func(args)
-        sys.stdout.flush()
+        with signals.handled(), command_scope():
+            code = args.func(args)
+            sys.stdout.flush()
     except BrokenPipeError:
         return _stdout_closed()
-    except UserError as err:
-        print(f"moe-gps: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("moe-gps: interrupted", file=sys.stderr)
-        return 130
+    except (UserError, KeyboardInterrupt, OSError, MemoryError) as err:
+        failed = report(err, "moe-gps")
+        if failed is None:
+            raise
+        return failed
     return int(code or 0)
 
 

@@ -98,10 +98,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
     from moe_gps.atomic import write_text_atomic
     from moe_gps.jsonsafe import dumps_json
+    from moe_gps.outputs import check_output_file
     from moe_gps.placement.export import even_share_balancedness, server_flags
     from moe_gps.tables import format_indices, format_table
     from moe_gps.trace import load_trace
 
+    for flag in ("output", "sglang", "sglang_logical_count", "vllm", "vllm_ascend"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), "-o" if flag == "output" else "--" + flag.replace("_", "-"))
     trace = load_trace(args.trace)
     counts = trace.counts()                                   # [steps, layers, experts]
     steps = parse_steps(args.steps, counts.shape[0])
@@ -227,16 +231,9 @@ def _options_text(options: dict) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
 
 
-def _fmt_bytes(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(b) >= size:
-            return f"{b / size:.2f} {unit}"
-    return f"{b:.0f} B"
-
-
 def _comparison(m0, m, name: str, seconds: float) -> list[dict]:
+    from moe_gps.tables import format_bytes
+
     a, b = m0.summary(), m.summary()
     rows = [
         ("balancedness (mean over layers)", f"{a['balancedness']:.4f}", f"{b['balancedness']:.4f}"),
@@ -247,10 +244,11 @@ def _comparison(m0, m, name: str, seconds: float) -> list[dict]:
         ("replica skew (max/mean replica load)", f"{a['replica_skewness']:.3f}", f"{b['replica_skewness']:.3f}"),
         ("redundant replicas used (mean/layer)", f"{a['redundant_used']:.1f}", f"{b['redundant_used']:.1f}"),
         ("extra slots per GPU", f"{a['extra_slots_per_gpu']:.2f}", f"{b['extra_slots_per_gpu']:.2f}"),
-        ("extra expert memory per GPU", _fmt_bytes(a["extra_memory_per_gpu"]), _fmt_bytes(b["extra_memory_per_gpu"])),
+        ("extra expert memory per GPU", format_bytes(a["extra_memory_per_gpu"]),
+         format_bytes(b["extra_memory_per_gpu"])),
     ]
     if b["experts_moved"] is not None:
         rows.append(("experts moved vs --previous", str(a["experts_moved"]), str(b["experts_moved"])))
-        rows.append(("bytes moved vs --previous", _fmt_bytes(a["bytes_moved"]), _fmt_bytes(b["bytes_moved"])))
+        rows.append(("bytes moved vs --previous", format_bytes(a["bytes_moved"]), format_bytes(b["bytes_moved"])))
     rows.append(("planning time", "-", f"{seconds * 1e3:.1f} ms"))
     return [{"metric": r[0], "static": r[1], "plan": r[2]} for r in rows]

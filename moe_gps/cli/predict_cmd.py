@@ -230,6 +230,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tok = list(tok) + [SyntheticTokenPredictor.from_curve(a, curve, args.placement, args.seed) for a in synthetic]
         synthetic = []
     online = {"default": None, "online": True, "offline": False}[args.mode]
+    if args.out:
+        from moe_gps.outputs import hold_output_dir
+        hold_output_dir(args.out, "--out")
 
     trace = load_trace(args.trace)
     warnings = []
@@ -307,8 +310,6 @@ def _write_outputs(ev, out_dir: str) -> None:
     from moe_gps.atomic import write_text_atomic
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a folder")
     for name, rows in (("predict_summary.csv", summary_rows(ev)), ("predict_per_layer.csv", per_layer_rows(ev))):
         buf = io.StringIO()
         keys: list[str] = []

@@ -63,6 +63,8 @@ def _command(args: argparse.Namespace, out: Path) -> str:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from moe_gps import signals
+    from moe_gps.outputs import hold_output_dir
     from moe_gps.recommend.core import recommend
     from moe_gps.recommend.report import jsonable, summary, terminal, write_report
     from moe_gps.recommend.sweep import load_sweep
@@ -73,8 +75,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"recommend-{Path(args.trace).stem}"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+    hold_output_dir(out)
     sweep = load_sweep(args.sweep)
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
@@ -85,10 +86,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))
         if phase_note:
             result.notes.insert(0, phase_note)
-    except KeyboardInterrupt:
-        print(f"moe-gps: interrupted; finished runs are cached in {out / 'cache'}: run the same command to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"moe-gps: {signals.describe(err)}; finished runs are cached in {out / 'cache'}: run the same "
+              "command to resume", file=sys.stderr)
+        return signals.exit_code(err)
     written = write_report(result, out, command=_command(args, out))
     if args.json:
         data = summary(result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 
 from moe_gps.errors import UserError
@@ -54,8 +53,12 @@ def _need(module: str, extra: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _need("torch", "runtime")
-    from runtime.config import load_run_config
+    from moe_gps import signals
+    from moe_gps.outputs import check_output_dir
+    from runtime.config import check_run_inputs, load_run_config
     cfg = load_run_config(args.config)
+    check_output_dir(args.out or cfg.output.dir, "--out" if args.out else f"{args.config}: output.dir")
+    check_run_inputs(cfg)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
     if args.steps is not None and args.steps < 1:
@@ -74,10 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet:
         cmd.append("--quiet")
     print("moe-gps run: " + " ".join(cmd[1:]).replace("-m torch.distributed.run", "torchrun", 1), file=sys.stderr)
-    code = subprocess.call(cmd)
+    code = signals.run_child(cmd).returncode
     if code:
-        print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime' lines above (and torchrun's "
-              "'Root Cause') name the rank that failed first", file=sys.stderr)
+        print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime.launch' lines above name the "
+              "rank that failed (exited or not responding)", file=sys.stderr)
     return code
 
 

@@ -126,15 +126,15 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from moe_gps.jsonsafe import dumps_json
+    from moe_gps.outputs import hold_output_dir
     from moe_gps.trace import load_trace
     from sim.report import format_summary, summary_rows, write_outputs
     from sim.run import simulate
 
+    out = Path(args.output) if args.output else Path("moe-gps-out") / f"simulate-{Path(args.trace).stem}"
+    hold_output_dir(out)
     trace = load_trace(args.trace)
     cfg, notes, inferred = build_config(args, trace)
-    out = Path(args.output) if args.output else Path("moe-gps-out") / f"simulate-{Path(args.trace).stem}"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
     result = simulate(trace, cfg, trace_name=str(args.trace))
     result.notes += notes
     result.inferred[:0] = inferred

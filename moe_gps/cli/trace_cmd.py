@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moe_gps.errors import UserError
 
@@ -119,23 +118,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from moe_gps.errors import environment_error
+    from moe_gps.outputs import check_output_file
+    from moe_gps.tables import format_bytes
     from moe_gps.trace import write_trace
-    from moe_gps.trace.synth import get_profile, parse_setting, synthesize
+    from moe_gps.trace.synth import available_memory, get_profile, memory_needed, parse_setting, synthesize
 
+    check_output_file(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
-    trace = synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens, seed=args.seed,
-                       with_weights=args.weights)
-    write_trace(args.output, trace)
+    sizes = " ".join([f"--steps {args.steps} --tokens {args.tokens}"] + [f"--set {s}" for s in args.set])
+    need, have = memory_needed(profile, args.steps, args.tokens, args.weights), available_memory()
+    if have is not None and need > have:
+        raise UserError(f"{sizes}: the trace needs about {format_bytes(need)} of memory, {format_bytes(have)} is "
+                        "available; make it smaller")
+    try:
+        trace = synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens, seed=args.seed,
+                           with_weights=args.weights)
+        write_trace(args.output, trace)
+    except MemoryError as err:
+        raise environment_error(err, flag=sizes) from None
     print(f"wrote {args.output}: synthetic profile {profile.name}, {args.steps} steps x {args.tokens} tokens, "
           f"{profile.num_layers} layers, {profile.num_experts} experts, top-{profile.top_k}, seed {args.seed}")
     return 0
 
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
+    from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace, write_trace
     from moe_gps.trace.regroup import regroup
 
+    check_output_file(args.output)
     if args.tokens_per_step < 1:
         raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     trace = load_trace(args.file)

@@ -157,11 +157,10 @@ def import_options(args: argparse.Namespace) -> dict:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from moe_gps.outputs import check_output_file
     from moe_gps.trace.importers import import_trace
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise UserError(f"{args.output}: is a folder; -o takes the trace file to write")
+    out = check_output_file(args.output)
     resolved = out.resolve()
     for src in args.sources:
         if Path(src).resolve() == resolved:

@@ -26,6 +26,9 @@ from moe_gps.files import parse_yaml, read_yaml
 
 T = TypeVar("T")
 PRESET_KINDS = ("clusters", "models")
+#: the range of a non-zero physical quantity in its unit (bandwidths, FLOP rates, capacities,
+#: latencies, efficiencies, bytes per value)
+SANE_RANGE = (1e-6, 1e12)
 
 
 # ---------------------------------------------------------------------------- generic builder
@@ -93,6 +96,13 @@ def _check_range(value: Any, meta: dict, where: str, key: str) -> None:
         b = meta.get(bound)
         if b is not None and not ok(value, b):
             raise UserError(f"{where}: {key}: must be {what} {op} {b:g}, got {value!r}")
+    physical = isinstance(value, float) and (meta.get("unit") or meta.get("gt") is not None
+                                             or meta.get("ge") is not None)
+    if physical and not (value == 0 or SANE_RANGE[0] <= value <= SANE_RANGE[1]):
+        unit = f" {meta['unit'].split(' (')[0]}" if meta.get("unit") else ""
+        raise UserError(f"{where}: {key}: {value!r}{unit} is not a sane value (a quantity like this must lie between "
+                        f"{SANE_RANGE[0]:g} and {SANE_RANGE[1]:g}{unit}; beyond that the times computed from it "
+                        "overflow or vanish)")
 
 
 @lru_cache(maxsize=None)

@@ -20,6 +20,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from moe_gps.signals import run_child
+
 
 def _busy_seconds() -> float | None:
     try:
@@ -53,7 +55,7 @@ class Watched:
 def run_watched(cmd: list[str], **kwargs) -> Watched:
     """``subprocess.run(cmd, **kwargs)`` with the interference measured around it."""
     b0, c0, t0 = _busy_seconds(), _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, **kwargs)
+    proc = run_child(cmd, **kwargs)
     b1, c1, t1 = _busy_seconds(), _children_cpu(), time.perf_counter()
     wall, own = t1 - t0, c1 - c0
     other = None if b0 is None or b1 is None or wall <= 0 else max(0.0, (b1 - b0 - own) / wall)

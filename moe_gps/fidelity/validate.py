@@ -155,13 +155,12 @@ def validate(opt: ValidateOptions):
     from moe_gps.fidelity.measured import measured_phases, read_run
     from moe_gps.fidelity.replay import check_replay, replay_placements, simulate_run
     from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
+    from moe_gps.outputs import check_output_dir
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
 
     run_cfg, _ = check_inputs(opt)
-    out = Path(opt.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+    out = check_output_dir(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if opt.quiet else (lambda msg: print(f"validate: {msg}", file=sys.stderr, flush=True))
     cfg_path = write_run_config(run_cfg, opt, out / "runs" / "run.yaml")

@@ -33,7 +33,7 @@ from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, worklo
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
 
 #: bump when the record format changes
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: source folders whose code decides a run's numbers (their digest is part of every key)
 _CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
 
@@ -66,6 +66,24 @@ def trace_fingerprint(trace) -> str:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def seal(rec: dict[str, Any]) -> str:
+    """A cache file's text: the JSON record with a ``check`` field, the hash of the rest."""
+    return json.dumps({**rec, "check": _hash(rec)}) + "\n"
+
+
+def unseal(text: str) -> dict[str, Any] | None:
+    """The record of a cache file, or None when it is damaged, edited or not a record (then the run is
+    simulated again)."""
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    check = rec.pop("check", None)
+    return rec if check == _hash(rec) else None
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -108,18 +126,24 @@ def payload(plan: SweepPlan, spec: RunSpec, fingerprint: str, digest: str) -> di
 _W: dict[str, Any] = {}
 
 
-def _init(trace, seed: int, cache_dir: str | None) -> None:
+def _init(trace, seed: int, cache_dir: str | None, stop=None) -> None:
     _W.clear()
-    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={})
+    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={}, stop=stop)
 
 
-def _init_worker(trace, seed: int, cache_dir: str | None) -> None:
-    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); finished
-    runs are already in the cache."""
-    import signal
+def _init_worker(trace, seed: int, cache_dir: str | None, stop) -> None:
+    """Pool worker start: Ctrl-C, SIGTERM and SIGHUP are the parent's to handle. It sets ``stop``
+    and the worker skips the tasks still queued, so the pool ends between two runs (finished
+    runs are already in the cache, and no cache file is left half-written)."""
+    from moe_gps.signals import install_worker
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init(trace, seed, cache_dir)
+    install_worker()
+    _init(trace, seed, cache_dir, stop)
+
+
+def _stopped() -> bool:
+    stop = _W.get("stop")
+    return stop is not None and stop.is_set()
 
 
 def _maker():
@@ -142,6 +166,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from sim.report import summary_rows
     from sim.run import simulate
 
+    if _stopped():
+        return {"key": job["key"], "status": "skipped"}
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"key": job["key"], **job["describe"]}
     cfg: SimulateConfig = job["config"]
@@ -162,11 +188,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         rec["step_latency_ms"] = [float(x) for x in result.strategies[0].step_latency * 1e3]
     rec["wall_s"] = time.perf_counter() - t0
     if _W.get("cache") and rec["status"] != "error":
-        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", json.dumps(_clean(rec)) + "\n")
+        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", seal(_clean(rec)))
     return _clean(rec)
 
 
-def _search(args: tuple[float, int]) -> dict[str, Any]:
+def _search(args: tuple[float, int]) -> dict[str, Any] | None:
+    if _stopped():
+        return None
     target, first = args
     v = search_gamma(_W["trace"], target, first, _W["seed"], make=_maker())
     return v.__dict__
@@ -189,7 +217,8 @@ def _clean(rec: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Runs payloads in ``jobs`` processes (in this process when jobs == 1), skipping cached ones.
 
-    Use as a context manager; the pool is closed (terminated on an exception or Ctrl-C).
+    Use as a context manager; the pool is closed at the end. On an exception (Ctrl-C, SIGTERM)
+    the workers skip the tasks still queued and the pool ends when the runs under way finish.
     """
 
     def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None):
@@ -209,16 +238,17 @@ class Runner:
         if self.jobs > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, cache))
+            self.stop = ctx.Event()
+            self.pool = ctx.Pool(self.jobs, initializer=_init_worker,
+                                 initargs=(self.trace, self.seed, cache, self.stop))
         _init(self.trace, self.seed, cache)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
+            if exc_type is not None:
+                self.stop.set()
+            self.pool.close()
             self.pool.join()
             self.pool = None
 
@@ -256,7 +286,7 @@ class Runner:
             v = SkewVariant(**d)
             out[v.target] = v
             if self.cache is not None:
-                write_text_atomic(self._skew_path(v.target, first_step), json.dumps(_clean(v.__dict__)) + "\n")
+                write_text_atomic(self._skew_path(v.target, first_step), seal(_clean(v.__dict__)))
         return [out[t] for t in targets]
 
     def _skew_path(self, target: float, first_step: int) -> Path | None:
@@ -271,7 +301,7 @@ class Runner:
         if path is None or not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return unseal(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None            # a damaged file is simulated again
 
@@ -287,7 +317,7 @@ class Runner:
         records, todo = [], []
         for j in jobs:
             rec = self._read(None if self.cache is None else self.cache / f"{j['key']}.json")
-            if rec is not None and rec.get("key") == j["key"]:
+            if rec is not None and rec.get("key") == j["key"] and rec.get("status") in ("ok", "infeasible"):
                 rec.update(j["describe"])        # the coordinates as this sweep names them
                 records.append(rec)
             else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from moe_gps.config.loader import build, parse_yaml, read_yaml
+from moe_gps.config.loader import SANE_RANGE, build, parse_yaml, read_yaml
 from moe_gps.config.schema import WorkloadConfig, spec
 from moe_gps.errors import UserError
 
@@ -78,7 +78,8 @@ class SweepConfig:
                 if not ok(v):
                     raise UserError(f"{where}: {key}[{i}]: must be {what}, got {v!r}")
 
-        items("bandwidth_gb_s", lambda v: v > 0, "a number > 0 (GB/s)")
+        lo, hi = SANE_RANGE
+        items("bandwidth_gb_s", lambda v: lo <= v <= hi, f"a bandwidth between {lo:g} and {hi:g} GB/s")
         items("skew", lambda v: v >= 1, "a number >= 1 (max / mean tokens per expert)")
         items("num_gpus", lambda v: v >= 1, "an integer >= 1")
         items("redundant_slots_per_gpu", lambda v: v >= 1, "an integer >= 1 (0 is the none strategy)")

@@ -77,7 +77,7 @@ def mode_hit_rate(group: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np
     """
     n, C = target.shape
     hits, base = np.zeros(C), np.zeros(C)
-    if n < 2:
+    if n < 2 or C == 0:
         return np.full(C, np.nan), np.full(C, np.nan)
     T = int(target.max()) + 1
     col = np.broadcast_to(np.arange(C), (n, C))

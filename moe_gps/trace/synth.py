@@ -142,6 +142,27 @@ def _check(p: SynthProfile) -> None:
         raise UserError(f"synthetic profile: drift_memory must be in [0, 1), got {p.drift_memory}")
 
 
+def memory_needed(p: SynthProfile, num_steps: int, tokens_per_step: int, with_weights: bool = False) -> int:
+    """Bytes :func:`synthesize` holds at its peak, roughly: the token-affinity table
+    ``[layers, vocab, experts]`` (drawn as float64, kept as float32), the routing of every
+    token, and one step's scores."""
+    L, E, k, V = p.num_layers, p.num_experts, p.top_k, p.vocab_size
+    N = num_steps * tokens_per_step
+    return 12 * L * V * E + N * (L * k * (2 + 4 * with_weights) + 20) + 24 * tokens_per_step * E
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64,
                tokens_per_step: int = 512, seed: int = 0, with_weights: bool = False,
                **overrides) -> TokensTrace:

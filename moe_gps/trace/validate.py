@@ -23,6 +23,12 @@ from moe_gps.trace.meta import (
 )
 
 
+#: (token, expert) assignments a counts trace may hold per step and layer, and per layer in all:
+#: far beyond any real batch, and small enough that no sum over experts or steps wraps int64
+MAX_ASSIGNMENTS = 1 << 40
+MAX_TOTAL = 1 << 62
+
+
 def check_columns(names: list[str], meta: TraceMeta, where: str) -> bool:
     """Check a file's column names against its kind; returns whether weights are present."""
     if meta.kind == "counts":
@@ -145,10 +151,11 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
     if "weight_0" in cols:
         w_names = weight_columns(k)
         weights = np.stack([cols[c] for c in w_names], axis=1).astype(np.float32, copy=False)
-        bad = np.isnan(weights) | (weights < 0)
+        bad = ~np.isfinite(weights) | (weights < 0)
         if bad.any():
             r, c = np.unravel_index(np.argmax(bad), bad.shape)
-            kind = "NaN" if np.isnan(weights[r, c]) else f"negative ({weights[r, c]})"
+            v = weights[r, c]
+            kind = "NaN" if np.isnan(v) else "infinite" if np.isinf(v) else f"negative ({v})"
             raise _fail_at(where, w_names[c], row0 + int(r), f"gate weight is {kind}")
     layer = cols["layer"]
     _check_layers(layer, meta, where, row0, whole)
@@ -253,6 +260,18 @@ def counts_array(cols: dict[str, np.ndarray], meta: TraceMeta, where: str) -> np
     counts = np.zeros(S * L * E, dtype=np.int64)
     counts[flat] = cols["count"]
     counts = counts.reshape(S, L, E)
+    # sums in float64 first, which cannot wrap, so that no integer sum below or later overflows
+    fsums = counts.sum(axis=2, dtype=np.float64)  # [S, L]
+    over = np.argwhere(fsums >= MAX_ASSIGNMENTS)
+    if len(over):
+        s, l_ = (int(x) for x in over[0])
+        r = int(np.argmax((step == s) & (cols["layer"] == l_)))
+        raise _fail_at(where, "count", r, f"step {s}, layer {l_} sums to {fsums[s, l_]:.4g} assignments, more "
+                                          "than the 2^40 per step and layer that a counts trace may hold")
+    totals = fsums.sum(axis=0)  # [L]
+    if len(totals) and totals.max() >= MAX_TOTAL:
+        raise UserError(f"{where}: column 'count': layer {int(totals.argmax())} sums to {totals.max():.4g} "
+                        "assignments over the whole trace, more than the 2^62 that a counts trace may hold")
     sums = counts.sum(axis=2)  # [S, L]
     k = meta.top_k
     if meta.tokens_per_step is not None:

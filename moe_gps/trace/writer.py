@@ -92,7 +92,10 @@ class TraceWriter:
         self._buffered_rows += T * L
         self.num_steps += 1
         if self._buffered_rows >= ROW_GROUP_ROWS:
-            self._flush()
+            try:
+                self._flush()
+            except BaseException as err:
+                self._fail(err)
 
     def _flush(self) -> None:
         if self._buffer:
@@ -101,13 +104,24 @@ class TraceWriter:
 
     def close(self) -> None:
         """Finish the file and move it into place."""
-        self._flush()
-        self._writer.close()
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException as err:
+            self._fail(err)
         self._stack.close()
+
+    def _fail(self, err: BaseException) -> None:
+        """A write failed: drop the temporary file and raise (a full disk becomes one UserError line)."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self._stack.__exit__(type(err), err, err.__traceback__)   # raises the UserError of a file-system failure
+        raise err
 
     def abort(self) -> None:
         """Drop the temporary file; nothing appears at ``path``."""
-        self._writer.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def __enter__(self) -> "TraceWriter":

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from moe_gps.files import input_file
 from moe_gps.tables import format_indices  # noqa: F401  (re-exported for the importers)
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
+from moe_gps.trace.validate import MAX_ASSIGNMENTS
 
 TOOL = "moe-gps trace import"
 
@@ -158,8 +159,14 @@ def counts_tokens(counts: np.ndarray, top_k: int, where: str, row_name: str | No
     ``row_name`` (what a first-axis index is called there; None to leave it out) name the
     culprit in errors.
     """
-    sums = counts.sum(axis=2)  # [steps, layers]
     label = (lambda s: f"{row_name} {s}, ") if row_name else (lambda s: "")
+    fsums = counts.sum(axis=2, dtype=np.float64)  # cannot wrap, unlike the int64 sum
+    over = np.argwhere(fsums >= MAX_ASSIGNMENTS)
+    if len(over):
+        s, layer = (int(x) for x in over[0])
+        raise UserError(f"{where}: {label(s)}layer {layer} sums to {fsums[s, layer]:.4g} assignments, more than "
+                        "the 2^40 per step and layer that a counts trace may hold")
+    sums = counts.sum(axis=2)  # [steps, layers]
     bad = np.argwhere(sums != sums[:, :1])
     if len(bad):
         s, layer = (int(x) for x in bad[0])

@@ -27,6 +27,7 @@ from moe_gps.trace.importers.common import (
     provenance,
     read_text,
 )
+from moe_gps.trace.validate import MAX_ASSIGNMENTS
 
 FORMAT = "popularity-json"
 
@@ -55,11 +56,11 @@ def read_popularity(path: Path) -> tuple[np.ndarray, int | None]:
         raise UserError(f"{path}: 'expert_popularity' holds something that is not a number") from None
     if counts.ndim != 2 or counts.shape[1] == 0:
         raise UserError(f"{path}: 'expert_popularity' must be [layers][experts], got shape {list(counts.shape)}")
-    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts))
+    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts)) | (counts >= MAX_ASSIGNMENTS)
     if bad.any():
         layer, e = np.unravel_index(int(np.argmax(bad)), bad.shape)
         raise UserError(f"{path}: 'expert_popularity' layer {layer}, expert {e}: {counts[layer, e]} is not a "
-                        "count (a non-negative integer)")
+                        "count (a non-negative integer below 2^40)")
     total = data.get("total_input_tokens")
     if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
         raise UserError(f"{path}: 'total_input_tokens' must be a non-negative integer, got {total!r}")

@@ -132,10 +132,10 @@ def read_layer_calls(path: Path) -> LayerCalls:
                     if w.shape != ids.shape:
                         raise UserError(f"{where}: 'topk_weights' has shape {list(w.shape)} but 'topk_ids' "
                                         f"has shape {list(ids.shape)}")
-                    bad = np.isnan(w) | (w < 0)
+                    bad = ~np.isfinite(w) | (w < 0)
                     if bad.any():
                         r = int(np.argmax(bad.any(axis=1)))
-                        raise UserError(f"{where}: 'topk_weights' row {r} holds a NaN or negative weight")
+                        raise UserError(f"{where}: 'topk_weights' row {r} holds a NaN, infinite or negative weight")
                     weights = w
             lines.append(lineno)
             tokens.append(T)

@@ -1,0 +1,218 @@
+"""Output paths of every command: checked before any work, and locked while a run writes.
+
+* :func:`check_output_file` - the ``-o FILE`` of a command: not a folder, not a special
+  file (FIFO, device, socket), not under a regular file, in a folder this process can
+  write (or can create).
+* :func:`check_output_dir` - the ``-o DIR`` of a command: not a file, and writable (or
+  creatable).
+* :func:`locked_output_dir` - create the folder and hold an advisory lock
+  (``fcntl.flock``) on it while a run writes there, so that a second run into the same
+  folder fails at once with one line naming the first (its pid and command).
+  :func:`hold_output_dir` takes the same lock for the rest of the command (the CLI's
+  :func:`command_scope` releases it when the command ends).
+
+Each problem is one :class:`~moe_gps.errors.UserError` line that names the flag and
+the path. The files themselves are written by :mod:`moe_gps.atomic`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from moe_gps.errors import UserError
+from moe_gps.signals import held
+
+#: name of the lock file inside a locked output folder (removed when the run ends)
+LOCK_NAME = ".moe-gps.lock"
+
+
+def special_kind(mode: int) -> str | None:
+    """'a FIFO', 'a character device', ... for a non-regular, non-folder file mode; None otherwise."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "a special file"
+
+
+def _where(path: object, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else str(path)
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return os.stat(p)          # follows symbolic links: the file that would be written
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None                # checked by _check_folder
+    except OSError as err:
+        raise UserError(f"{p}: cannot check ({err.strerror})") from None
+
+
+def _check_folder(folder: Path, where: str) -> None:
+    """``folder`` (to be created if missing) can hold new files: its nearest existing ancestor is a
+    writable folder."""
+    anc = folder
+    while True:
+        try:
+            st = os.stat(anc)
+            break
+        except FileNotFoundError:
+            if anc == anc.parent:
+                return
+            anc = anc.parent
+        except NotADirectoryError:
+            anc = anc.parent   # a component above is a file: found on the way up
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{where}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        reason = "permission denied"
+        try:
+            if os.statvfs(anc).f_flag & os.ST_RDONLY:
+                reason = "read-only file system"
+        except OSError:
+            pass
+        raise UserError(f"{where}: cannot write in {anc}/ ({reason})")
+
+
+def check_output_file(path: str | os.PathLike, flag: str | None = "-o") -> Path:
+    """Check the output file ``path`` before any work; returns it as a Path.
+
+    Refuses a folder, a special file and a path under a regular file, and checks that the
+    folder it goes in can be written. A symbolic link is judged by the file it points to.
+    """
+    p = Path(path)
+    where = _where(path, flag)
+    if str(path) == "" or p.name in ("", ".", ".."):
+        raise UserError(f"{where}: not a file name")
+    real = Path(os.path.realpath(p))
+    st = _stat(real)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise UserError(f"{where}: is a folder; give the file to write")
+        kind = special_kind(st.st_mode)
+        if kind:
+            raise UserError(f"{where}: is {kind}, not a regular file; refusing to replace it")
+    _check_folder(real.parent if p.is_symlink() else p.parent, where)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
+    """Check the output folder ``path`` before any work; returns it as a Path."""
+    p = Path(path)
+    where = _where(path, flag)
+    if str(path) == "":
+        raise UserError(f"{where}: not a folder name")
+    real = Path(os.path.realpath(p))
+    st = _stat(real)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        kind = special_kind(st.st_mode) or "a file"
+        raise UserError(f"{where}: exists and is {kind}, not a folder")
+    _check_folder(p, where)
+    return p
+
+
+def _holder(lock: Path) -> str:
+    """The holder's line in the lock file (it writes it just after taking the lock)."""
+    for _ in range(10):
+        try:
+            text = lock.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.02)
+    return "another process"
+
+
+def _take_lock(lock: Path, where: str) -> int:
+    """Open ``lock`` and take its exclusive flock (not blocking); UserError naming the holder."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{where}: cannot write in the folder ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{where}: another run is writing to this folder ({_holder(lock)}); wait for it to "
+                            "finish or choose another folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass                 # the holder removed the file as we opened it: take the lock afresh
+        os.close(fd)
+
+
+def _program() -> str:
+    prog = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    return "moe-gps" if prog.replace(os.sep, "/").endswith("moe_gps/cli/main.py") else Path(prog).name
+
+
+@contextlib.contextmanager
+def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Iterator[Path]:
+    """Check ``path`` (:func:`check_output_dir`), create it and hold its lock while the block runs.
+
+    A second run into the same folder fails at once: ``UserError`` naming the first run
+    (pid, start time, command). The lock file is removed at the end; a folder this call
+    created is removed again if the run left it empty (e.g. it failed before writing).
+    """
+    p = check_output_dir(path, flag)
+    where = _where(path, flag)
+    created = not p.exists()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{where}: cannot create the folder ({err.strerror})") from None
+    lock, fd = p / LOCK_NAME, None
+    try:
+        with held():              # taken and named before a signal can arrive, so the clean-up below knows it
+            fd = _take_lock(lock, where)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join([_program()] + sys.argv[1:])}\n".encode())
+        yield p
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                p.rmdir()            # only when empty
+
+
+_SCOPES: list[contextlib.ExitStack] = []
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """Locks taken by :func:`hold_output_dir` inside the block are released when it ends."""
+    with contextlib.ExitStack() as stack:
+        _SCOPES.append(stack)
+        try:
+            yield
+        finally:
+            _SCOPES.remove(stack)
+
+
+def hold_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
+    """:func:`locked_output_dir` until the current :func:`command_scope` ends (else until exit)."""
+    if _SCOPES:
+        return _SCOPES[-1].enter_context(locked_output_dir(path, flag))
+    import atexit
+
+    stack = contextlib.ExitStack()
+    atexit.register(stack.close)
+    return stack.enter_context(locked_output_dir(path, flag))

@@ -1,0 +1,128 @@
+"""SIGTERM and SIGHUP handled like Ctrl-C (SIGINT), in every process moe-gps starts.
+
+``timeout``, torchrun, Kubernetes and closing a terminal stop a process with SIGTERM or
+SIGHUP, whose default action kills it on the spot: temporary files stay behind and
+worker processes die with tracebacks. :func:`install` makes both raise
+:class:`Terminated` (a ``KeyboardInterrupt``), so the same clean-up that Ctrl-C runs
+(temporary files removed, worker pools and child processes stopped) runs for them too, and
+the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
+Ctrl-C). A second signal during that clean-up is ignored.
+
+Pool worker processes call :func:`install_worker`: they ignore all three signals
+(``timeout`` and the terminal send them to the whole process group), and their parent
+stops them between two tasks, so that none dies holding the pool's queue lock or
+half-way through a file. :func:`run_child` runs a child process (torchrun) and passes a
+termination on to it instead of killing it outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+from typing import Iterator
+
+#: signals handled like SIGINT (SIGHUP does not exist on Windows)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM or SIGHUP; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+def _raise(signum: int, frame) -> None:
+    for sig in SIGNALS:              # clean-up runs once: later signals are ignored
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install() -> dict:
+    """Make SIGTERM and SIGHUP raise :class:`Terminated` in this (main) thread; returns the
+    handlers they had. A signal that is already ignored (``nohup`` ignores SIGHUP) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig, old in before.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(sig, _raise)
+    return before
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """:func:`install` for the duration of the block, then the handlers as they were."""
+    before = install()
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def install_worker() -> None:
+    """Pool worker start: ignore Ctrl-C, SIGTERM and SIGHUP; the parent stops the pool."""
+    for sig in (signal.SIGINT, *SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM and SIGHUP during the block (main thread); they arrive when it ends.
+
+    For the few steps that must not be cut in two, e.g. creating a temporary file and
+    remembering its name (so that the clean-up knows what to remove)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def ignore() -> None:
+    """Ignore SIGTERM and SIGHUP from now on: the process is on its way out with an exit code of
+    its own, which a late signal (torchrun stops every rank once one exits) must not change."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 128 + the signal for :class:`Terminated`."""
+    return getattr(err, "exit_code", 130)
+
+
+def describe(err: KeyboardInterrupt) -> str:
+    """'interrupted' (Ctrl-C) or 'terminated by SIGTERM' / 'terminated by SIGHUP'."""
+    return f"terminated by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted"
+
+
+def run_child(cmd: list[str], grace_s: float = 30.0, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kwargs)``, but a Ctrl-C or termination of this process is passed on.
+
+    On :class:`Terminated` the child gets the same signal (on Ctrl-C it already got SIGINT
+    from the terminal), has ``grace_s`` seconds to clean up and exit, and is killed only
+    then; the interruption is then raised again here.
+    """
+    with subprocess.Popen(cmd, **kwargs) as proc:
+        try:
+            out, err = proc.communicate()
+        except KeyboardInterrupt as stop:
+            if proc.poll() is None and isinstance(stop, Terminated):
+                proc.send_signal(stop.signum)
+            try:
+                proc.communicate(timeout=grace_s)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

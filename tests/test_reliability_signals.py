@@ -1,0 +1,116 @@
+"""SIGTERM and SIGHUP stop every command like Ctrl-C: temporary files removed, workers stopped without
+tracebacks, exit 143 (SIGTERM) or 129 (SIGHUP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_gps.cli.main import main
+from moe_gps.config.loader import dump_yaml
+from moe_gps.trace import write_trace
+from moe_gps.trace.synth import synthesize
+
+from test_recommend import MODEL, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+CLI = [sys.executable, "-m", "moe_gps.cli.main"]
+
+
+def _wait_for(found, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not found():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"never happened; the command exited {proc.returncode}: {proc.communicate()}")
+        time.sleep(0.002)
+
+
+def _temporary(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_during_trace_synth_removes_the_temporary_file(tmp_path, sig, code):
+    """Stopped (SIGSTOP) as soon as its temporary file appears, then signalled: exit 128 + signal, one
+    line, no temporary file, no output."""
+    out = tmp_path / "t.parquet"
+    proc = subprocess.Popen(CLI + ["trace", "synth", "--steps", "256", "--tokens", "512", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: _temporary(tmp_path), proc)
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(sig)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err == f"moe-gps: terminated by {signal.Signals(sig).name}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recsig")
+    write_trace(d / "t.parquet", synthesize("mixtral-mmlu", num_steps=10, tokens_per_step=256, seed=1, num_layers=4))
+    (d / "model.yaml").write_text(dump_yaml(MODEL))
+    (d / "sweep.yaml").write_text(yaml.safe_dump({**TINY, "bandwidth_gb_s": [10, 25, 50, 100, 200, 400],
+                                                  "num_gpus": [2, 4]}))
+    return d
+
+
+def test_sigterm_during_recommend_stops_the_pool_cleanly_and_the_rerun_resumes(sweep_files, tmp_path, capsys):
+    """SIGTERM to the whole process group (what `timeout` sends) while the 2 workers run: exit 143, one
+    line, no traceback from any process, no temporary file, no process left; the same command then
+    resumes from the cache."""
+    out = tmp_path / "report"
+    args = ["recommend", str(sweep_files / "t.parquet"), "--model", str(sweep_files / "model.yaml"), "--sweep",
+            str(sweep_files / "sweep.yaml"), "-o", str(out), "-j", "2"]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    group = proc.pid
+    try:
+        _wait_for(lambda: (out / "cache").is_dir() and any(not p.name.startswith(("skew-", "."))
+                                                           for p in (out / "cache").iterdir()), proc)
+        os.killpg(group, signal.SIGSTOP)
+        cached = len(list((out / "cache").glob("*.json")))
+        os.killpg(group, signal.SIGTERM)
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err == (f"moe-gps: terminated by SIGTERM; finished runs are cached in {out / 'cache'}: run the same "
+                   "command to resume\n")
+    assert _temporary(out) == [] and not (out / ".moe-gps.lock").exists() and not (out / "report.html").exists()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)                                  # every worker has gone
+    assert main(args) == 0
+    assert "cached" in capsys.readouterr().out and len(list((out / "cache").glob("*.json"))) >= cached
+
+
+def test_signals_are_passed_to_a_child_and_handlers_restored(tmp_path):
+    """run_child (how `moe-gps run` waits for torchrun) passes SIGTERM on to the child and lets it clean
+    up; the parent exits 143. In-process, main() leaves the handlers as it found them."""
+    marker = tmp_path / "child-cleaned-up"
+    child = (f"import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), sys.exit(5)))\n"
+             f"print('ready', flush=True)\ntime.sleep(60)\n")
+    parent = ("import sys\nfrom moe_gps import signals\n"
+              "try:\n    with signals.handled():\n"
+              f"        signals.run_child([sys.executable, '-c', {child!r}])\n"
+              "except KeyboardInterrupt as err:\n    sys.exit(signals.exit_code(err))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143 and marker.exists()
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["trace", "synth", "--steps", "2", "--tokens", "8", "-o", str(tmp_path / "t.parquet")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
