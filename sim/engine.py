@@ -31,7 +31,9 @@ no link: it runs after the GPU's incoming transfers.
 
 Event count: per (step, layer) about 2 timeouts per GPU (attention, FFN), 1 timeout per
 collective for all the GPUs whose link is free, 1 timeout per contended GPU part and per
-copy. No per-token or per-message events.
+copy. No per-token or per-message events. A step without copies in flight needs no events
+at all: nothing contends, so its marks are the closed form (every phase's maximum over GPUs,
+one after another), computed with numpy, and the clock moves to its end in one event.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from sim.work import Copies, StepWork
 
 #: timestamps recorded per (step, layer), in this order
 MARKS = ("start", "ready", "dispatched", "corrected", "computed", "end")
+#: the collective that ends at each mark
+COLLECTIVES = {2: "dispatch", 3: "correction", 5: "combine"}
 
 
 
@@ -118,12 +122,13 @@ class _Collective:
     ``links[g]`` is stretched by ``stretch``.
     """
 
-    __slots__ = ("env", "n", "count", "done", "marks", "on_end", "slowed", "stretch")
+    __slots__ = ("env", "n", "count", "done", "marks", "on_end", "slowed", "stretch", "log")
 
     def __init__(self, env: simpy.Environment, n: int, on_end, slowed, stretch: float) -> None:
         self.env, self.n, self.count = env, n, 0
         self.marks, self.on_end = None, on_end
         self.slowed, self.stretch = slowed, stretch
+        self.log: list | None = None
         self.done = env.event()
 
     def enter(self, seconds: list[float], links: list[float] | None, contended: dict[int, _Countdown] | None,
@@ -143,6 +148,9 @@ class _Collective:
         if links is not None:
             slowed = self.slowed
             seconds = [t + links[g] * self.stretch if slowed(g) else t for g, t in enumerate(seconds)]
+        if self.log is not None:
+            name = COLLECTIVES[end_col]
+            self.log += [("gpu", g, name, env.now, env.now + t, l) for g, t in enumerate(seconds) if t > 0]
 
         def finish(_ev=None, done=done):
             marks[l, end_col] = env.now
@@ -170,8 +178,11 @@ class EventModel:
     """The event model of one strategy, advanced step by step (module docstring).
 
     num_gpus: G;  copy_policy: one of :data:`COPY_POLICIES`;  bandwidth_share: the share of the
-    link that background copies get (policy ``async``; 0 < share < 1).
+    link that background copies get (policy ``async``; 0 < share < 1). ``closed_form``: steps without
+    copies in flight take the closed form (the same numbers, no events); False runs every step as events.
     """
+
+    closed_form = True
 
     def __init__(self, num_gpus: int, copy_policy: str = "overlap", bandwidth_share: float = 0.5) -> None:
         if copy_policy not in COPY_POLICIES:
@@ -187,6 +198,8 @@ class EventModel:
         self.lane_rx = [simpy.Resource(env, capacity=1) for _ in range(G)]
         self.busy = [0] * G                 # background transfers using each GPU's port now
         self.job: simpy.Event | None = None
+        self.layer = 0
+        self.log: list | None = None         # when a list: the step's slices, (track, GPU, name, start, end, layer)
         self.coll = _Collective(env, G, self._end_layer, lambda g: self.busy[g] > 0,
                                 bandwidth_share / (1 - bandwidth_share))
 
@@ -207,22 +220,29 @@ class EventModel:
                 yield b
                 self.busy[src] += 1
                 self.busy[dst] += 1
+                self._log_copy("background copy", src, dst, seconds)
                 yield env.timeout(seconds)
                 self.busy[src] -= 1
                 self.busy[dst] -= 1
 
-    def _local(self, after: simpy.Event | None, seconds: float):
+    def _local(self, after: simpy.Event | None, seconds: float, g: int = -1):
         """Work within one GPU (copies between its slots): after the copies into it."""
         if after is not None:
             yield after
+        self._log_copy("copies between slots", g, g, seconds)
         yield self.env.timeout(seconds)
+
+    def _log_copy(self, name: str, src: int, dst: int, seconds: float) -> None:
+        if self.log is not None and src >= 0:
+            now = self.env.now
+            self.log.append(("link", dst, f"{name} {src}->{dst}", now, now + seconds, self.layer))
 
     def _within(self, into: dict[int, list], local: list[tuple[int, int, float]], procs: list) -> dict:
         """Start the copies within each GPU (rows (g, g, seconds)) after the transfers into it (``into``:
         GPU -> its transfer events); add them to ``procs``. -> GPU -> the event of its last copy."""
         landed = {d: _latch(self.env, ps) for d, ps in into.items()}
         for g, _, t in local:
-            p = self.env.process(self._local(landed.get(g), t))
+            p = self.env.process(self._local(landed.get(g), t, g))
             landed[g] = p
             procs.append(p)
         return landed
@@ -243,6 +263,7 @@ class EventModel:
     # -- one step
     def _begin_layer(self, l: int) -> None:
         env = self.env
+        self.layer = l
         self.marks[l, 0] = env.now if l else self.step_start
         copies = self.by_layer[l]
         if not copies:
@@ -263,6 +284,7 @@ class EventModel:
                 p = env.process(self._copy(src, dst, t))
             else:
                 p = env.timeout(t)
+                self._log_copy("weight copy", src, dst, t)
             into.setdefault(dst, []).append(p)
             for g in (src, dst):
                 if g not in ports:
@@ -281,6 +303,7 @@ class EventModel:
             yield a
             with self.rx[dst].request() as b:
                 yield b
+                self._log_copy("weight copy", src, dst, seconds)
                 yield self.env.timeout(seconds)
 
     def _end_layer(self, l: int) -> None:
@@ -301,6 +324,8 @@ class EventModel:
                 yield every
             t = ready_t[l][g]
             if t > 0:
+                if self.log is not None:
+                    self.log.append(("gpu", g, "predictor + attention", env.now, env.now + t, l))
                 yield timeout(t)
             yield enter(disp[l], dlink[l] if dlink is not None else None, ports, l, 1, 2)
             if has_corr:
@@ -309,6 +334,8 @@ class EventModel:
                 yield into[g]
             t = ffn[l][g]
             if t > 0:
+                if self.log is not None:
+                    self.log.append(("gpu", g, "expert FFN", env.now, env.now + t, l))
                 yield timeout(t)
             # every copy of the layer landed before the last GPU's FFN, so the combine never
             # meets a copy of the layer on a link
@@ -326,6 +353,8 @@ class EventModel:
         if background is not None and len(background):
             self._start_job(background)
         c = work.copies if self.policy in ("critical", "overlap") else Copies.empty()
+        if self.closed_form and not len(c) and not self.job_pending() and self.log is None:
+            return self._closed_form_step(work)
         self.by_layer = by_layer = [[] for _ in range(L)]
         for l, s, d, t in zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.seconds.tolist()):
             by_layer[l].append((s, d, t))
@@ -336,7 +365,11 @@ class EventModel:
                 work.combine_link.tolist() if stretch and work.combine_link is not None else None,
                 work.has_correction)
         self.coll.marks = marks
+        self.coll.log = self.log
         self.step_start = env.now
+        if self.log is not None and work.replan_host and self.policy != "hidden":
+            self.log += [("gpu", g, "applying the placement", env.now, env.now + work.replan_host, 0)
+                         for g in range(self.G)]
         self.step_done = env.event()
         host = work.replan_host if self.policy != "hidden" else 0.0
         self.started = env.timeout(host)
@@ -346,6 +379,23 @@ class EventModel:
         env.run(until=self.step_done)
         if not work.has_correction:
             marks[:, 3] = marks[:, 2]
+        return marks
+
+
+    def _closed_form_step(self, work: StepWork) -> np.ndarray:
+        """A step without copies in flight: nothing contends, so every mark is the previous one plus
+        the phase's maximum over GPUs (the closed form the event model equals then; tested), and
+        the clock moves to the step's end with one event."""
+        env = self.env
+        host = work.replan_host if self.policy != "hidden" else 0.0
+        phases = np.stack([(work.predictor + work.attention).max(axis=1), work.dispatch.max(axis=1),
+                           work.correction.max(axis=1), work.ffn.max(axis=1), work.combine.max(axis=1)], axis=1)
+        phases[0, 0] += host
+        ends = env.now + np.cumsum(phases.ravel()).reshape(phases.shape)            # [L, 5]
+        starts = np.concatenate([[env.now], ends[:-1, -1]])
+        marks = np.concatenate([starts[:, None], ends], axis=1)
+        if marks[-1, -1] > env.now:
+            env.run(until=float(marks[-1, -1]))
         return marks
 
 

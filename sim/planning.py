@@ -27,11 +27,14 @@ from sim.work import Copies, PlacementPhases, copy_port_busy, placement_phases
 
 class LayerTimeModel:
     """Predicted dispatch + FFN + combine time of each layer, per GPU (the ``timeaware`` planner's
-    :class:`~moe_gps.placement.timeaware.TimeModel`).
+    :class:`~moe_gps.placement.timeaware.TimeModel`), averaged over K load scenarios.
 
-    src: float [L, G, E] believed (token, expert) assignments by home GPU. Per layer and GPU g,
-    with rows_g its FFN tokens, local_g those of them that start on g, home_g the assignments
-    that start on g, split per fabric f (peers on g's node, peers on other nodes):
+    src: float [L, G, E], or [K, L, G, E], believed (token, expert) assignments by home GPU in each
+    scenario; plan_loads: float [L, E] the loads the planner places tokens of (default: the mean of
+    the scenarios). A planned slot takes the share ``tokens / plan_loads[e]`` of its expert, and in
+    scenario k the tokens ``share x (tokens of e in k)``. Per layer and GPU g, with rows_g its FFN
+    tokens, local_g those of them that start on g, home_g the assignments that start on g, split per
+    fabric f (peers on g's node, peers on other nodes):
 
         recv_f(g) = tokens g's replicas take from peers on f;  send_f(g) = tokens g sends to them
         link(g) = max_f [max(send_f, recv_f) h a / B_f + alpha_f (peers on f)]
@@ -44,21 +47,24 @@ class LayerTimeModel:
     """
 
     def __init__(self, src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware,
-                 direct: bool = False) -> None:
-        self.src = np.asarray(src, dtype=np.float64)
-        L, G, E = self.src.shape
+                 direct: bool = False, plan_loads: np.ndarray | None = None) -> None:
+        src = np.asarray(src, dtype=np.float64)
+        self.src = src[None] if src.ndim == 3 else src                          # [K, L, G, E]
+        K, L, G, E = self.src.shape
         self.S, self.model, self.hw = slots_per_gpu, model, hw
-        self.total = self.src.sum(axis=1)                                         # [L, E]
+        self.total = self.src.sum(axis=2)                                         # [K, L, E]
+        self.plan = self.total.mean(axis=0) if plan_loads is None else np.asarray(plan_loads, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.frac = np.where(self.total[:, None, :] > 0, self.src / self.total[:, None, :], 1.0 / G)
+            self.frac = np.where(self.total[:, :, None, :] > 0, self.src / self.total[:, :, None, :], 1.0 / G)
         self.node = hw.node_of_gpu
         self.nodes = int(self.node.max()) + 1 if G else 1
         per_node = G // self.nodes
-        self.fnode = np.stack([self.frac[:, self.node == n, :].sum(axis=1) for n in range(self.nodes)], axis=1)
-        home = self.src.sum(axis=2)                                               # [L, G]
+        if self.nodes > 1:      # share of each expert's tokens that start on each node: [K, L, nodes, E]
+            self.fnode = np.stack([self.frac[:, :, self.node == b, :].sum(axis=2) for b in range(self.nodes)], axis=2)
+        home = self.src.sum(axis=3)                                               # [K, L, G]
         self.home = home
         skew = hw.collective_skew
-        self.dhost = dispatch_host_time(home, model, hw) + skew + (0.0 if direct else layout_time(hw)[None, :])
+        self.dhost = dispatch_host_time(home, model, hw) + skew + (0.0 if direct else layout_time(hw))
         self.chost = combine_host_time(home, model, hw) + skew
         self.lat_intra = hw.intra_lat * (per_node - 1)
         self.lat_inter = hw.inter_lat * (G - per_node)
@@ -71,50 +77,43 @@ class LayerTimeModel:
         G = P // S
         e = np.maximum(slot_exp, 0)
         gpu = np.arange(P) // S
-        ffn = ffn_time(slot_tokens, S, self.model, hw)                            # [n, G]
+        lr = layers[:, None]
+        plan = self.plan[lr, e]
+        share = np.divide(slot_tokens, plan, out=np.zeros_like(slot_tokens), where=plan > 0)
+        tok = share[None] * self.total[:, lr, e]                                  # [K, n, P]
+        K = tok.shape[0]
+        ffn = ffn_time(tok, S, self.model, hw)                                    # [K, n, G]
         if hw.compute_units:
             ffn = shared_compute(ffn, hw)
-        lr = layers[:, None]
-        local = (slot_tokens * self.frac[lr, gpu[None, :], e]).reshape(n, G, S).sum(axis=2)
-        rows = slot_tokens.reshape(n, G, S).sum(axis=2)
-        home = self.home[layers]
+        local = (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3)
+        rows = tok.reshape(K, n, G, S).sum(axis=3)
+        home = self.home[:, layers]
         if self.nodes == 1:
             link = np.maximum(home - local, rows - local) * (self.bpt / hw.intra_bw) + self.lat_intra
         else:
-            inn = (slot_tokens * self.fnode[lr, self.node[gpu][None, :], e]).reshape(n, G, S).sum(axis=2)
-            key = ((np.arange(n)[:, None] * self.nodes + self.node[gpu][None, :]) * self.total.shape[1] + e)
-            on_node = np.bincount(key.ravel(), weights=slot_tokens.ravel(),
-                                  minlength=n * self.nodes * self.total.shape[1]).reshape(n, self.nodes, -1)
-            tot = self.total[layers][:, None, :]
-            on_node = np.divide(on_node, tot, out=np.zeros_like(on_node), where=tot > 0)
-            to_node = np.einsum("nge,nge->ng", self.src[layers], on_node[:, self.node, :])
+            # tokens g's replicas take from g's node, and tokens g sends to its node: per GPU, over the
+            # slots of its own node only
+            per = P // self.nodes
+            own = (self.node[:, None] * per + np.arange(per)[None, :])           # [G, P / nodes] slots of g's node
+            e_own = e[:, own]                                                     # [n, G, Pn]
+            g_idx = np.arange(G)[None, :, None]
+            frac_own = self.frac[:, lr[:, :, None], g_idx, e_own]                 # [K, n, G, Pn]
+            to_node = (tok[:, :, own] * frac_own).sum(axis=3)                     # g -> its node's replicas
+            inn = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
             intra = np.maximum(to_node - local, inn - local) * (self.bpt / hw.intra_bw) + self.lat_intra
             inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
             link = np.maximum(intra, inter)
-        d = link + self.dhost[layers]
-        c = link + self.chost[layers]
-        return ffn.max(axis=1) + d.max(axis=1) + c.max(axis=1), ffn + d + c
+        d = link + self.dhost[:, layers]
+        c = link + self.chost[:, layers]
+        layer = ffn.max(axis=2) + d.max(axis=2) + c.max(axis=2)
+        return layer.mean(axis=0), (ffn + d + c).mean(axis=0)
 
 
-class MeanTimeModel:
-    """The mean of several :class:`LayerTimeModel` (one per load scenario): plans that hold up
-    when the step's loads differ from the prediction as much as recent steps did."""
-
-    def __init__(self, models: list[LayerTimeModel]) -> None:
-        self.models = models
-
-    def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
-                 layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = [m.evaluate(slot_exp, slot_tokens, layers) for m in self.models]
-        return np.mean([o[0] for o in out], axis=0), np.mean([o[1] for o in out], axis=0)
-
-
-def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware, direct: bool = False):
+def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware, direct: bool = False,
+               plan_loads: np.ndarray | None = None) -> LayerTimeModel:
     """The planner's time model of believed loads ``src``: float [L, G, E], or [K, L, G, E] for K
-    scenarios (then the mean over them)."""
-    if src.ndim == 3:
-        return LayerTimeModel(src, slots_per_gpu, model, hw, direct)
-    return MeanTimeModel([LayerTimeModel(x, slots_per_gpu, model, hw, direct) for x in src])
+    scenarios (then the mean over them), for plans made from ``plan_loads``."""
+    return LayerTimeModel(src, slots_per_gpu, model, hw, direct, plan_loads)
 
 
 def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,

@@ -3,7 +3,10 @@
 * ``breakdown.png``: mean MoE-layer time per strategy, stacked by phase;
 * ``skew_per_layer.png``: max/mean tokens per GPU per layer for each strategy, with the
   experts' own skew;
-* ``latency_cdf.png``: the distribution of step latency per strategy.
+* ``latency_cdf.png``: the distribution of step latency per strategy;
+* ``timeline.png`` (with ``--timeline``): the simulated schedule of the chosen steps, one row
+  per GPU and per GPU's incoming copies, one panel per strategy (the same slices as
+  ``timeline.json``).
 """
 
 from __future__ import annotations
@@ -88,4 +91,44 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "latency_cdf.png"))
     plt.close(fig)
+    if result.timeline:
+        paths.append(_timeline(result, out / "timeline.png"))
     return paths
+
+
+#: colours of the timeline's slices
+SLICE_COLORS = {"predictor + attention": COLORS["attention"], "dispatch": COLORS["dispatch"],
+                "correction": COLORS["correction"], "expert FFN": COLORS["ffn"], "combine": COLORS["combine"],
+                "applying the placement": COLORS["copy"]}
+
+
+def _timeline(result: SimResult, path: Path) -> Path:
+    """Gantt chart of ``result.timeline``: per strategy, rows GPU g and GPU g's copies in."""
+    import matplotlib.pyplot as plt
+
+    G = result.config.cluster.num_gpus
+    names = list(result.timeline)
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 0.5 * 2 * G * len(names) + 1.2), squeeze=False)
+    seen = set()
+    for ax, name in zip(axes[:, 0], names):
+        rows = result.timeline[name]
+        t0 = min(r[3] for r in rows)
+        for track, g, what, start, end, _layer, _step in rows:
+            y = 2 * g + (1 if track == "link" else 0)
+            kind = "weight copies" if track == "link" else what
+            color = COLORS["copy"] if track == "link" else SLICE_COLORS.get(what, "#999999")
+            ax.barh(y, (end - start) * 1e3, left=(start - t0) * 1e3, color=color, edgecolor="white",
+                    linewidth=0.3, label=None if kind in seen else kind)
+            seen.add(kind)
+        ax.set_yticks(range(2 * G), [f"GPU {g}" if k == 0 else f"GPU {g} copies" for g in range(G) for k in (0, 1)],
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("simulated time from the first chosen step (ms)")
+    fig.legend(loc="lower center", ncol=7, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"Simulated schedule, {result.config.model.name} on {result.config.cluster.name}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

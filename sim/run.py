@@ -75,6 +75,8 @@ class SimResult:
     base_gpu_skew: float [S, L] max / mean tokens per GPU with no duplication
     warnings:    what makes the numbers less trustworthy (printed under the header)
     inferred:    what was read from the trace rather than given (regrouping, the phase)
+    timeline:    strategy -> the event model's slices of the chosen steps, (track, GPU, name, start_s,
+                 end_s, layer, step) (sim.timeline)
     """
 
     config: SimulateConfig
@@ -87,6 +89,7 @@ class SimResult:
     verdict: Verdict | None = None
     warnings: list[str] = field(default_factory=list)
     inferred: list[str] = field(default_factory=list)
+    timeline: dict[str, list[tuple]] = field(default_factory=dict)
 
     def get(self, name: str) -> StrategyResult:
         for r in self.strategies:
@@ -160,11 +163,12 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
 
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
-             trace_name: str = "trace", strategy_factory=None) -> SimResult:
+             trace_name: str = "trace", strategy_factory=None, timeline_steps: range | None = None) -> SimResult:
     """Simulate every strategy of ``config`` on ``trace``; deterministic for ``config.seed``.
 
     ``strategy_factory(cfg, ctx, seed) -> Strategy`` replaces :func:`sim.strategies.make_strategy`
-    (e.g. to replay placements a real run chose; moe_gps.fidelity)."""
+    (e.g. to replay placements a real run chose; moe_gps.fidelity). ``timeline_steps``: trace steps
+    whose schedule is kept in ``SimResult.timeline`` (sim.timeline)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -214,18 +218,23 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     expert_skew = np.zeros((S, L))
     base_skew = np.zeros((S, L))
     base = plan_placement(np.ones((L, E)), G, (-E) % G, "none")
+    timeline: dict[str, list[tuple]] = {}
     bar.set_postfix_str("steps")
     for i, s in enumerate(test_steps):
         loads = step_loads(trace, int(s), G, workload.tokens_per_step)
         tokens[i] = loads.tokens
         expert_skew[i] = _skew(loads.counts)
         base_skew[i] = _skew(base.gpu_loads(loads.counts))
+        keep = timeline_steps is not None and int(s) in timeline_steps
         for k, st in enumerate(strategies):
             t0 = time.perf_counter()
             decision = st.step(i, loads, engines[k].job_pending())
             work = decision.work(loads, ctx)
             t1 = time.perf_counter()
+            engines[k].log = [] if keep else None
             marks = engines[k].run_step(work, decision.background)
+            if keep:
+                timeline.setdefault(st.name, []).extend((*row, int(s)) for row in engines[k].log)
             seconds[k]["plan"] += t1 - t0
             seconds[k]["events"] += time.perf_counter() - t1
             layer_time[k, i], parts = breakdown(work, marks)
@@ -243,6 +252,6 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
                                       gpu_skew[k], copy_bytes[k], extra, R, st.replans, seconds[k]))
     bar.close()
     result = SimResult(config, test_steps, tokens, expert_skew, base_skew, results, notes, warnings=warnings,
-                       inferred=[regrouped] if regrouped else [])
+                       inferred=[regrouped] if regrouped else [], timeline=timeline)
     result.verdict = verdict_of(result)
     return result

@@ -103,10 +103,13 @@ class StepDecision:
 
 #: recent steps whose deviation from their mean a distribution-only plan is checked against
 NOISE_STEPS = 8
+#: at most this many (scenario x layer x GPU x expert) numbers per evaluation of a plan: on large
+#: models and clusters fewer scenarios are weighed (at least 2), so that planning stays quick
+SCENARIO_BUDGET = 2_000_000
 #: steps ahead the oracle looks when it plans and when it weighs a re-plan
-ORACLE_LOOKAHEAD = 64
+ORACLE_LOOKAHEAD = 16
 #: future steps the oracle's planner balances over (evenly spaced within the lookahead)
-ORACLE_SCENARIOS = 8
+ORACLE_SCENARIOS = 4
 
 
 class Strategy:
@@ -133,6 +136,8 @@ class Strategy:
         self.since = 0                                # steps since the last re-plan or check
         self.replans = 0
         self.beliefs: deque = deque(maxlen=self.policy.window)
+        size = ctx.model.num_layers * ctx.num_gpus * ctx.num_experts
+        self.scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // size))   # load scenarios a plan is weighed on
         self.history: deque = deque(maxlen=2 * NOISE_STEPS)   # the plan loads of recent steps, as predicted
         self.observed: deque = deque(maxlen=2 * NOISE_STEPS)   # true shares [L, E] of recent steps
 
@@ -242,7 +247,7 @@ class Strategy:
         if not balanced:
             opts["balanced"] = False
         p = plan_placement(plan_loads, self.num_gpus, self.redundant, "timeaware", previous=previous,
-                           cost=time_model(src, S, ctx.model, self.hw, self.direct), **opts)
+                           cost=time_model(src, S, ctx.model, self.hw, self.direct, plan_loads), **opts)
         return self._no_worse_than_home(p, src)
 
     def _reshare(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> Placement:
@@ -251,7 +256,7 @@ class Strategy:
         ctx = self.ctx
         opts = {k: v for k, v in self.cfg.planner_options.items() if k != "copy_penalty_s"}
         q = plan_placement(belief, self.num_gpus, self.redundant, "timeaware", previous=p,
-                           cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct),
+                           cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct, belief),
                            copy_penalty_s=np.inf, **opts)
         return self._no_worse_than_home(q, src)
 
@@ -285,7 +290,7 @@ class Strategy:
         min_gain x the predicted cost of the copies and of applying the placement.
 
         The saving per step is measured out of sample on the steps since the last check (h of them,
-        at most 2 NOISE_STEPS): a plan made, the same way, from what the strategy predicted for the
+        at most twice the strategy's scenarios): a plan made, the same way, from what the strategy predicted for the
         first half of them, against the placement in force, on the true loads of the second half. (A
         plan judged on the steps it was made from looks better than it will be.) The saving must
         also be there beyond its own noise: its mean above 2 standard errors.
@@ -293,7 +298,7 @@ class Strategy:
         if self.policy.min_gain == 0:
             return True
         ctx = self.ctx
-        h = min(self.policy.interval, len(self.observed), len(self.history))
+        h = min(self.policy.interval, len(self.observed), len(self.history), 2 * self.scenarios)
         late = max(1, h // 2)
         fit = list(self.history)[-h:-late] if h >= 2 else []
         if fit:
@@ -419,7 +424,8 @@ class OraclePlan(Strategy):
         them; a layer out of the static layout is kept only where it is faster over all of them."""
         steps = self._ahead(first)
         plan_loads = np.mean([self._future(j).counts for j in steps], axis=0)
-        pick = np.unique(np.linspace(0, len(steps) - 1, min(ORACLE_SCENARIOS, len(steps))).round().astype(int))
+        k = min(ORACLE_SCENARIOS, self.scenarios, len(steps))
+        pick = np.unique(np.linspace(0, len(steps) - 1, k).round().astype(int))
         scen = np.stack([self._future(steps[k]).src_counts for k in pick])
         p = self._plan(plan_loads, scen, previous, copy_penalty_s)
         at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu),
@@ -434,13 +440,12 @@ class OraclePlan(Strategy):
         return self._plan_from_ahead(i, None, 0.0)
 
     def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
-        cand = self._plan_from_ahead(i, self.current, copy_penalty_s)
         if self.ctx.copy_policy != "hidden":
-            return cand
-        # free copies: the best of keeping, the plan for the steps ahead and the plan for this step alone
-        # serves this step (no copy cost to pay back later, so a per-step choice never loses to none)
+            return self._plan_from_ahead(i, self.current, copy_penalty_s)
+        # free copies: the better of keeping and the plan for this step alone serves this step (no copy
+        # cost to pay back later, so a choice per step never loses to none)
         step = self._plan(loads.counts, loads.src_counts, self.current, 0.0)
-        return min((self.current, cand, step), key=lambda p: self._step_time(p, loads))
+        return min((self.current, step), key=lambda p: self._step_time(p, loads))
 
     def _worth(self, i, loads, src, cand, moves, cost) -> bool:
         ctx = self.ctx
@@ -509,7 +514,7 @@ class DistributionPlan(Strategy):
 
     def _scenarios(self, loads: StepLoads, plan_loads: np.ndarray) -> np.ndarray:
         """The plan's loads shifted by each recent step's deviation from the recent mean (>= 0)."""
-        recent = np.stack(list(self.observed)[-NOISE_STEPS:])                   # [K, L, E] shares
+        recent = np.stack(list(self.observed)[-self.scenarios:])                # [K, L, E] shares
         dev = (recent - recent.mean(axis=0)) * plan_loads.sum(axis=1)[None, :, None]
         scen = np.maximum(plan_loads[None] + dev, 0.0)
         return scen[:, :, None, :] * _home_frac(loads)[None, None, :, None]

@@ -6,8 +6,8 @@ steps (the same ones for both strategies) :data:`RESAMPLES` times with the simul
 take the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
 
 * The *winner* is the deployable strategy (every one but the oracle and the predictors that
-  read the true routing: ``oracle``, ``synthetic``) with the lowest mean step latency; ``none``
-  can win.
+  read the true routing: ``oracle``, ``synthetic``, ``curve``) with the lowest mean step latency;
+  ``none`` can win, and wins ties (to rounding).
 * A *tie* is another deployable strategy whose speed-up lies inside the winner's interval
   (when ``none`` wins: one whose own interval contains 1.0).
 * Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so.
@@ -100,12 +100,15 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     seed = result.config.seed
     lat = {r.name: r.step_latency for r in rows}
     stats = {name: speedup_interval(lat[base.name], x, seed) for name, x in lat.items()}
-    winner = min(rows, key=lambda r: (float(r.step_latency.mean()), r.name)).name
+    # on equal mean latency (to rounding) no duplication wins: a change must be faster to be named
+    best = min(float(r.step_latency.mean()) for r in rows)
+    tied = [r for r in rows if float(r.step_latency.mean()) <= best * (1 + 1e-9)]
+    winner = base.name if base in tied else min(tied, key=lambda r: r.name).name
     S = len(result.steps)
     point, lo, hi = stats[winner]
     others = [n for n in lat if n != winner]
     if winner == base.name:
-        ties = [n for n in others if stats[n][1] <= 1.0 <= stats[n][2]]
+        ties = [n for n in others if stats[n][1] <= 1.0 + 1e-9 and stats[n][2] >= 1.0 - 1e-9]
         best = max(others, key=lambda n: (stats[n][0], n), default=None)
         runner = None if best is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
                                                     (best, *stats[best])))

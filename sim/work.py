@@ -103,9 +103,10 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     its share of its expert's column, and a GPU's slots are summed.
     """
     L, G, E = src_counts.shape
-    idx = np.broadcast_to(placement.phy2log[:, None, :], (L, G, placement.num_slots))
-    per_slot = np.take_along_axis(src_counts, idx, axis=2) * placement.replica_share[:, None, :]
-    return per_slot.reshape(L, G, G, placement.slots_per_gpu).sum(axis=3)
+    by_expert = np.swapaxes(src_counts, 1, 2)                                   # [L, E, G]
+    per_slot = np.take_along_axis(by_expert, placement.phy2log[:, :, None], axis=1)  # [L, P, G]
+    per_slot = per_slot * placement.replica_share[:, :, None]
+    return np.swapaxes(per_slot.reshape(L, G, placement.slots_per_gpu, G).sum(axis=2), 1, 2)
 
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,

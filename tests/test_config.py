@@ -166,8 +166,30 @@ def test_strategy_rules():
     assert s.resolved_name() == "token:synthetic(accuracy=0.95, overhead=8.4e6, placement=typical)"
     with pytest.raises(UserError, match=r"options must be key=value pairs"):
         strategy_from_name("dist:ema(0.3)")
-    with pytest.raises(UserError, match=r"only dist:PREDICTOR and token:PREDICTOR take options"):
+    with pytest.raises(UserError, match=r"only dist:PREDICTOR, token:PREDICTOR and eplb"):
+        strategy_from_name("none(x=1)")
+    with pytest.raises(UserError, match=r"eplb_config: unknown key 'x'"):
         strategy_from_name("eplb(x=1)")
+
+
+def test_eplb_takes_vllms_own_knobs(tmp_path):
+    """vLLM's --eplb-config names, as eplb(...) options and as a strategy's eplb_config."""
+    s = strategy_from_name("eplb(window_size=100, step_interval=300, num_redundant_experts=8, log_balancedness=true)")
+    assert (s.window, s.replan_interval, s.redundant_slots, s.eplb_config) == (100, 300, 8, None)
+    assert s.resolved_name() == "eplb(window_size=100, step_interval=300, num_redundant_experts=8, log_balancedness=true)"
+    pol = s.resolved_policy(16)
+    assert (pol.interval, pol.window, pol.min_gain, pol.notes) == (300, 100, 0.0, [])
+    with pytest.raises(UserError, match=r"eplb_config: step_interval must be an integer >= 1, got 0"):
+        strategy_from_name("eplb(step_interval=0)")
+    with pytest.raises(UserError, match=r"eplb_config: only for kind static"):
+        StrategyConfig(kind="distribution", predictor="ema", eplb_config={"window_size": 10}).check("s")
+    with pytest.raises(UserError, match=r"eplb_config: window_size and window both given"):
+        StrategyConfig(kind="static", window=5, eplb_config={"window_size": 10}).check("s")
+    path = write(tmp_path, "s.yaml", "kind: static\neplb_config: {window_size: 64, step_interval: 192}\n")
+    from moe_gps.config.loader import build
+    from moe_gps.files import read_yaml
+    cfg = build(StrategyConfig, read_yaml(path), str(path))
+    assert (cfg.window, cfg.replan_interval, cfg.eplb_config) == (64, 192, None)
 
 
 def test_impossible_combinations():

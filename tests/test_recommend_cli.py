@@ -45,7 +45,7 @@ def test_default_sweep_is_the_dataclass_default_and_large_enough():
     ({"strategies": ["none", "dist:nope"]}, "tiny.yaml: strategies[1] (dist:nope): unknown distribution "
                                             "predictor 'nope'"),
     ({"strategies": ["static:fancy"]}, "tiny.yaml: strategies[0] (static:fancy): unknown placement algorithm"),
-    ({"map_strategies": ["eplb(x=1)"]}, "tiny.yaml: map_strategies[0]: strategy 'eplb(x=1)': only dist:"),
+    ({"map_strategies": ["eplb(x=1)"]}, "tiny.yaml: map_strategies[0]: strategy 'eplb(x=1)': eplb_config: unknown key 'x'"),
     ({"strategies": ["token:synthetic"]}, "tiny.yaml: strategies[0]: synthetic predictors are swept by"),
     ({"map_strategies": ["all"]}, "tiny.yaml: map_strategies[0]: 'all' is only allowed in strategies"),
     ({"workloads": [{"phase": "train"}]}, "tiny.yaml: workloads[0].phase: must be one of prefill, decode, got "

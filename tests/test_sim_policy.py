@@ -169,3 +169,9 @@ def test_verdict_when_nothing_beats_no_duplication_and_thin_evidence():
     assert (one.speedup, one.ci_low, one.ci_high) == pytest.approx((10 / 9, 10 / 9, 10 / 9)) and one.thin
     assert speedup_interval(np.ones(5), np.ones(5)) == (1.0, 1.0, 1.0)
     assert verdict_of(fake({"a": [1.0, 2.0]})) is None              # no `none` to compare with
+
+
+def test_no_duplication_wins_a_tie():
+    none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
+    v = verdict_of(fake({"none": none, "a": none * (1 - 1e-13)}))   # a strategy that changes nothing
+    assert v.strategy == "none" and v.ties == ["a"]

@@ -263,3 +263,59 @@ def test_collective_skew_is_the_sync_phase(trace):
         for p in PHASES:
             if p != "sync":
                 assert np.allclose(x.phases[p], y.phases[p], atol=1e-12), p
+
+
+def test_timeline_export_matches_the_recorded_phases(trace, tmp_path):
+    """The Chrome/Perfetto trace of two steps: valid Trace Event Format, every step spans its latency,
+    and each layer's slices last what the breakdown says (FFN, dispatch, predictor + attention)."""
+    import json
+
+    from sim.timeline import COPY_TRACK, write_timeline
+
+    names = ["none", dataclasses.replace(strategy_from_name("eplb"), replan_interval=1, window=1)]
+    r = simulate(trace, config(names, copy_policy="critical"), progress=False, timeline_steps=range(5, 7))
+    path = write_timeline(tmp_path / "timeline.json", r.timeline, 4)
+    doc = json.loads(path.read_text())
+    events = doc["traceEvents"]
+    assert doc["displayTimeUnit"] == "ms" and events
+    for e in events:
+        assert e["ph"] in ("X", "M") and isinstance(e["pid"], int) and isinstance(e["name"], str)
+        if e["ph"] == "X":
+            assert isinstance(e["tid"], int) and e["ts"] >= 0 and e["dur"] >= 0 and {"step", "layer"} <= set(e["args"])
+    names_by_pid = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    for pid, name in names_by_pid.items():
+        res = r.get(name)
+        xs = [e for e in events if e["ph"] == "X" and e["pid"] == pid]
+        for step in (5, 6):
+            i = int(np.flatnonzero(r.steps == step)[0])
+            mine = [e for e in xs if e["args"]["step"] == step]
+            span = (max(e["ts"] + e["dur"] for e in mine) - min(e["ts"] for e in mine)) * 1e-6
+            assert span == pytest.approx(res.step_latency[i], rel=1e-9), (name, step)
+            for l in range(MODEL.num_layers):
+                layer = [e for e in mine if e["args"]["layer"] == l and e["tid"] < COPY_TRACK]
+                longest = lambda n: max(e["dur"] for e in layer if e["name"] == n) * 1e-6  # noqa: E731
+                assert longest("expert FFN") == pytest.approx(res.phases["ffn"][i, l], rel=1e-9)
+                assert longest("dispatch") == pytest.approx(res.phases["dispatch"][i, l], rel=1e-9)
+                assert longest("predictor + attention") == pytest.approx(
+                    res.phases["predictor"][i, l] + res.phases["attention"][i, l], rel=1e-9)
+    # the re-planning eplb copies weights every step: its copies are on the copy tracks
+    eplb_pid = next(p for p, n in names_by_pid.items() if n.startswith("eplb"))
+    copies = [e for e in events if e["ph"] == "X" and e["pid"] == eplb_pid and e["tid"] >= COPY_TRACK]
+    assert copies and all(e["cat"] == "copy" for e in copies)
+
+
+@pytest.mark.parametrize("policy", ["critical", "overlap", "async", "hidden"])
+def test_the_closed_form_of_quiet_steps_equals_the_event_model(trace, monkeypatch, policy):
+    """Steps without copies in flight take the closed form: the same numbers as running every step
+    as events, for every strategy and copy policy (to rounding)."""
+    import sim.engine as engine
+    names = ["none", "eplb", "dist:ema", "token:prev-layer", "oracle",
+             dataclasses.replace(strategy_from_name("dist:previous"), replan_interval=2, window=1, min_gain=0.0)]
+    cfg = config(names, copy_policy=policy)
+    fast = simulate(trace, cfg, progress=False)
+    monkeypatch.setattr(engine.EventModel, "closed_form", False)
+    slow = simulate(trace, cfg, progress=False)
+    for a, b in zip(fast.strategies, slow.strategies):
+        assert np.allclose(a.layer_time, b.layer_time, rtol=1e-9, atol=1e-15), (policy, a.name)
+        for p in PHASES:
+            assert np.allclose(a.phases[p], b.phases[p], rtol=1e-9, atol=1e-12), (policy, a.name, p)

@@ -90,3 +90,13 @@ def deployment_from_args(args: argparse.Namespace, trace) -> tuple:
         if why:
             workload, note = replace(workload, phase="decode"), f"phase decode, from the trace: {why}"
     return cluster, model, workload_from_args(args, workload), note
+
+
+def add_assumptions_arg(p: argparse.ArgumentParser) -> None:
+    """Add --assumptions (the bundle of modelling choices) to ``p``."""
+    from moe_gps.config.schema import ASSUMPTIONS
+
+    p.add_argument("--assumptions", choices=ASSUMPTIONS,
+                   help="a bundle of modelling choices: realistic (what deployments do; the default) or paper (the "
+                        "MoE-GPS paper's model: copies hidden, a re-plan every batch with its greedy planner, FFN "
+                        "time in proportion to tokens, predictors before attention)")

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from moe_gps.cli.common_args import DEPLOYMENT_DESTS, add_deployment_args, deployment_from_args
+from moe_gps.cli.common_args import DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, deployment_from_args
 from moe_gps.errors import UserError
 
 
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_deployment_args(p)
     p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
     p.add_argument("--seed", type=int, help="override the sweep's seed")
+    add_assumptions_arg(p)
     p.add_argument("-j", "--jobs", type=int, metavar="N",
                    help="parallel worker processes (default: the number of CPU cores available)")
     p.add_argument("-o", "--output", metavar="DIR",
@@ -52,7 +53,7 @@ def _cores() -> int:
 def _command(args: argparse.Namespace, out: Path) -> str:
     """The command line that reruns this report (the cache makes it instant)."""
     parts = ["moe-gps", "recommend", args.trace]
-    for flag in (*DEPLOYMENT_DESTS, "sweep", "seed"):
+    for flag in (*DEPLOYMENT_DESTS, "sweep", "seed", "assumptions"):
         v = getattr(args, flag)
         if v is not None:
             parts += [f"--{flag.replace('_', '-')}", str(v)]
@@ -79,6 +80,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
+    if args.assumptions:
+        sweep = replace(sweep, assumptions=args.assumptions)
     trace = load_trace(args.trace)
     cluster, model, workload, phase_note = deployment_from_args(args, trace)
     jobs = args.jobs or _cores()

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe_gps.cli.common_args import add_deployment_args, deployment_from_args, workload_from_args
-from moe_gps.config.schema import ASSUMPTIONS, COPY_POLICIES
+from moe_gps.cli.common_args import add_assumptions_arg, add_deployment_args, deployment_from_args, workload_from_args
+from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
 
@@ -32,11 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redundant-slots", type=int, metavar="R",
                    help="extra expert slots per layer over all GPUs for every duplicating strategy "
                         "(default: one per GPU)")
-    p.add_argument("--assumptions", choices=ASSUMPTIONS,
-                   help="a bundle of modelling choices: realistic (what deployments do; the default) or paper (the "
-                        "MoE-GPS paper's model: copies hidden, a re-plan every batch with its greedy planner, FFN "
-                        "time in proportion to tokens, predictors before attention); the flags below still "
-                        "override single choices")
+    add_assumptions_arg(p)
     p.add_argument("--copy-policy", choices=COPY_POLICIES,
                    help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
                         "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
@@ -60,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="DIR",
                    help="output folder (default: moe-gps-out/simulate-<trace name>)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--timeline", metavar="STEP[:END]",
+                   help="also write timeline.json: the simulated schedule of trace steps STEP..END-1 (default: one "
+                        "step) as a Chrome/Perfetto trace, one track per GPU and per GPU's copies (open it in "
+                        "https://ui.perfetto.dev)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     p.set_defaults(func=cmd_simulate)
 
@@ -135,10 +135,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     hold_output_dir(out)
     trace = load_trace(args.trace)
     cfg, notes, inferred = build_config(args, trace)
-    result = simulate(trace, cfg, trace_name=str(args.trace))
+    steps = None
+    if args.timeline:
+        from sim.run import default_train_steps
+        from sim.timeline import parse_steps
+
+        first = default_train_steps(cfg, trace.num_steps, int(trace.tokens_per_step.sum()))
+        steps = parse_steps(args.timeline, first, trace.num_steps - 1)
+    result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps)
     result.notes += notes
     result.inferred[:0] = inferred
     written = write_outputs(result, out, plots=not args.no_plots)
+    if steps is not None:
+        from sim.timeline import write_timeline
+        written.append(write_timeline(out / "timeline.json", result.timeline, cfg.cluster.num_gpus))
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),

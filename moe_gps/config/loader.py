@@ -270,12 +270,13 @@ def strategy_from_name(name: str) -> StrategyConfig:
                     pass
             options[key.strip()] = parsed
     head, _, tail = base.partition(":")
-    if options and head not in ("dist", "distribution", "token"):
-        raise UserError(f"{where}: only dist:PREDICTOR and token:PREDICTOR take options")
+    if options and head not in ("dist", "distribution", "token") and not (head == "eplb" and not tail):
+        raise UserError(f"{where}: only dist:PREDICTOR, token:PREDICTOR and eplb (vLLM's --eplb-config keys) "
+                        f"take options")
     if head == "none" and not tail:
         cfg = StrategyConfig(kind="none")
     elif head == "eplb" and not tail:
-        cfg = StrategyConfig(kind="static")
+        cfg = StrategyConfig(kind="static", eplb_config=options or None)
     elif head == "static" and tail:
         cfg = StrategyConfig(kind="static", planner=tail)
     elif head in ("dist", "distribution") and tail:

@@ -247,6 +247,9 @@ ASSUMPTIONS = tuple(ASSUMPTION_BUNDLES)
 
 #: vLLM's EPLB defaults (``--eplb-config``): the load window and the steps between re-plans
 VLLM_WINDOW_SIZE, VLLM_STEP_INTERVAL = 1000, 3000
+#: vLLM's --eplb-config keys -> (the StrategyConfig field each sets, its least value)
+VLLM_EPLB_KEYS = {"window_size": ("window", 1), "step_interval": ("replan_interval", 1),
+                  "num_redundant_experts": ("redundant_slots", 0)}
 #: re-plan cadence of the predicting kinds (distribution, token, oracle) when not given
 PREDICTING_INTERVAL = 16
 
@@ -305,6 +308,10 @@ class StrategyConfig:
         "hysteresis: at a check, re-plan only if the predicted saving over the next replan_interval steps "
         "exceeds min_gain x the predicted cost of the copies, both from the cost model; 0: always re-plan "
         "at a check. Absent: 0 for static (as vLLM), 1 otherwise", ge=0, default=None)
+    eplb_config: dict[str, Any] | None = spec(
+        "kind static: vLLM's --eplb-config, with its names: window_size (-> window), step_interval (-> "
+        "replan_interval), num_redundant_experts (-> redundant_slots); log_balancedness is accepted and has no "
+        "effect here. A key may not be given twice (here and as the field it sets)", default=None)
     direct_routing: bool | None = spec(
         "token kind: correctly predicted tokens go straight to the replica the plan reserved for them in "
         "the dispatch, mispredicted ones are sent again in a correction all-to-all (true); or every token is "
@@ -316,6 +323,24 @@ class StrategyConfig:
         """A strategy a deployment can run: not the oracle, not a predictor that reads the true routing
         (the ``oracle`` predictors and the what-ifs ``synthetic`` and ``curve``)."""
         return self.kind != "oracle" and self.predictor not in ("oracle", "synthetic", "curve")
+
+    def fold_eplb_config(self, where: str) -> None:
+        """Move ``eplb_config`` (vLLM's names) into the fields it stands for; UserError on a bad key or value."""
+        if self.kind != "static":
+            raise UserError(f"{where}: eplb_config: only for kind static (EPLB)")
+        for key, value in self.eplb_config.items():
+            if key == "log_balancedness":
+                continue
+            field_name, low = VLLM_EPLB_KEYS.get(key, (None, 0))
+            if field_name is None:
+                raise UserError(f"{where}: eplb_config: unknown key {key!r} (vLLM's --eplb-config keys here: "
+                                f"{', '.join(VLLM_EPLB_KEYS)}, log_balancedness)")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"{where}: eplb_config: {key} must be an integer >= {low}, got {value!r}")
+            if getattr(self, field_name) is not None and getattr(self, field_name) != value:
+                raise UserError(f"{where}: eplb_config: {key} and {field_name} both given")
+            setattr(self, field_name, value)
+        self.eplb_config = None
 
     def resolved_name(self) -> str:
         if self.name:
@@ -374,6 +399,8 @@ class StrategyConfig:
                     raise UserError(f"{where}: {key}: kind none never re-plans")
         if self.kind == "none" and (self.planner not in (None, "none") or self.planner_options):
             raise UserError(f"{where}: planner: kind none uses no planner")
+        if self.eplb_config is not None:
+            self.fold_eplb_config(where)
         if self.kind != "token" and self.direct_routing is not None:
             raise UserError(f"{where}: direct_routing: only meaningful for kind token")
 

@@ -94,7 +94,7 @@ def simulate_config(plan: SweepPlan, spec: RunSpec) -> SimulateConfig:
     strategy = c.config(p.num_gpus, plan.model.num_experts, plan.sweep.predictor_placement)
     return SimulateConfig(cluster=cluster, model=plan.model, workload=plan.workloads[p.workload],
                           strategies=[strategy], seed=plan.sweep.seed, train_steps=plan.sweep.train_steps,
-                          trace="sweep")
+                          trace="sweep", assumptions=plan.sweep.assumptions)
 
 
 def describe(plan: SweepPlan, spec: RunSpec) -> dict[str, Any]:

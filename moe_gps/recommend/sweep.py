@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 from moe_gps.config.loader import SANE_RANGE, build, parse_yaml, read_yaml
-from moe_gps.config.schema import WorkloadConfig, spec
+from moe_gps.config.schema import ASSUMPTIONS, WorkloadConfig, spec
 from moe_gps.errors import UserError
 
 PLACEMENTS = ("optimistic", "typical", "pessimistic")
@@ -32,6 +32,8 @@ class SweepConfig:
     """The axes of a recommendation sweep (docs/recommend.md, "The sweep file")."""
 
     seed: int = spec("seed of predictors, planners and skew variants", ge=0, default=0)
+    assumptions: str = spec("the modelling assumptions of every run: realistic or paper (docs/configs.md)",
+                            choices=ASSUMPTIONS, default="realistic")
     train_steps: int = spec("first steps of the trace that fit predictors and profile static plans",
                             unit="steps", ge=1, default=16)
     sim_steps: int = spec("steps simulated per run, right after the training steps", unit="steps", ge=1,
