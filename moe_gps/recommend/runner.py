@@ -5,11 +5,14 @@ SHA-256 of: the trace's content, the steps used, the seed, the skew variant (its
 gamma), the full simulate config (cluster, model, workload, strategy), and a digest of
 the simulator's source code (so that a changed cost model never reads stale results).
 The result is one small JSON file ``cache/<key>.json`` in the output folder, written
-atomically by the worker as soon as the run ends; a sweep that is interrupted and
-started again reads those files and simulates only what is missing.
+atomically by this process as soon as a run's record comes back; a sweep that is
+interrupted and started again reads those files and simulates only what is missing.
 
-Workers are processes (``multiprocessing``, fork where the platform has it); each holds
-the trace once and makes skew variants on first use. Nothing is plotted per run.
+Workers are local processes (``multiprocessing``, fork where the platform has it), or Ray
+tasks on a cluster (``backend="ray"``, :mod:`moe_gps.recommend.ray_pool`); each worker
+holds the trace once and makes skew variants on first use. Records come back in the
+order of the runs whatever the backend, so both give the same report. Nothing is
+plotted per run.
 """
 
 from __future__ import annotations
@@ -105,21 +108,25 @@ def payload(plan: SweepPlan, spec: RunSpec, fingerprint: str, digest: str) -> di
 
 # ---------------------------------------------------------------------------- worker side
 
+#: the backends a sweep runs on
+BACKENDS = ("local", "ray")
+
 _W: dict[str, Any] = {}
 
 
-def _init(trace, seed: int, cache_dir: str | None) -> None:
+def _init(trace, seed: int) -> None:
+    """Worker state: the trace (once per worker) and the skew variants made from it."""
     _W.clear()
-    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={})
+    _W.update(trace=trace, seed=seed, variants={})
 
 
-def _init_worker(trace, seed: int, cache_dir: str | None) -> None:
+def _init_worker(trace, seed: int) -> None:
     """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); finished
     runs are already in the cache."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init(trace, seed, cache_dir)
+    _init(trace, seed)
 
 
 def _maker():
@@ -138,7 +145,7 @@ def _variant(gamma: float):
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Simulate one run in this process; write its cache file; return its record."""
+    """Simulate one run in this process; return its record."""
     from sim.report import summary_rows
     from sim.run import simulate
 
@@ -161,8 +168,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         rec["tokens_mean"] = float(result.tokens.mean())
         rec["step_latency_ms"] = [float(x) for x in result.strategies[0].step_latency * 1e3]
     rec["wall_s"] = time.perf_counter() - t0
-    if _W.get("cache") and rec["status"] != "error":
-        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", json.dumps(_clean(rec)) + "\n")
     return _clean(rec)
 
 
@@ -187,13 +192,20 @@ def _clean(rec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- parent side
 
 class Runner:
-    """Runs payloads in ``jobs`` processes (in this process when jobs == 1), skipping cached ones.
+    """Runs payloads in ``jobs`` local processes (in this process when jobs == 1), or as Ray tasks
+    (``backend="ray"``: on the cluster at ``address``, or on a local one of ``jobs`` CPUs started
+    for the sweep), skipping cached ones.
 
-    Use as a context manager; the pool is closed (terminated on an exception or Ctrl-C).
+    Use as a context manager; the pool is closed (terminated, its tasks cancelled, on an
+    exception or Ctrl-C).
     """
 
-    def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None):
+    def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None,
+                 backend: str = "local", address: str | None = None):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.trace, self.seed, self.jobs = trace, seed, max(1, int(jobs))
+        self.backend, self.address = backend, address
         self.cache = None if out_dir is None else Path(out_dir) / "cache"
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -205,12 +217,16 @@ class Runner:
         self._cached: set[str] = set()     # keys read from the cache
 
     def __enter__(self) -> "Runner":
-        cache = None if self.cache is None else str(self.cache)
-        if self.jobs > 1:
+        if self.backend == "ray":
+            from moe_gps.recommend.ray_pool import RayPool
+
+            self.pool = RayPool(self.trace, _init, (self.seed,), self.address, self.jobs)
+            self.jobs = self.pool.cpus
+        elif self.jobs > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, cache))
-        _init(self.trace, self.seed, cache)
+            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed))
+        _init(self.trace, self.seed)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -294,9 +310,12 @@ class Runner:
                 todo.append(j)
         self._cached |= {rec["key"] for rec in records}
         for rec in self._map(run_one, todo, desc, "run"):
+            if self.cache is not None and rec["status"] != "error":   # errors are retried by a rerun
+                write_text_atomic(self.cache / f"{rec['key']}.json", json.dumps(rec) + "\n")
             records.append(rec)
             self._done.add(rec["key"])
-        return records
+        order = {j["key"]: i for i, j in enumerate(jobs)}
+        return sorted(records, key=lambda rec: order[rec["key"]])       # the same order on every backend
 
     @property
     def simulated(self) -> int:
