@@ -23,7 +23,8 @@ The floor of a case is a process that only loads its trace and bincounts the exp
 ``trace validate`` and the floor with another source tree (e.g. ``git archive REV | tar -x -C
 DIR``), for before/after figures.
 
-Usage:  python benchmarks/bench_scale.py [--skip-10k] [--skip-sweep] [--baseline DIR] [--work DIR]
+Usage:  python benchmarks/bench_scale.py [--skip-10k] [--no-simulate-counts] [--skip-cli] [--skip-sweep]
+                                        [--baseline DIR] [--work DIR]
 Writes benchmarks/results/bench_scale.json; prints a table.
 """
 
@@ -122,7 +123,7 @@ def deepseek_case(work: Path, cluster: Path, baseline: Path | None) -> dict:
     return out
 
 
-def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None) -> dict:
+def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None, simulate: bool = True) -> dict:
     path = work / f"deepseek_counts_{steps}.parquet"
     synth = measure(cli("trace", "synth", "--profile", "deepseek-v3", "--kind", "counts", "--steps", str(steps),
                         "--tokens", "4096", "-o", str(path)))
@@ -130,10 +131,11 @@ def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None) ->
     out = {"trace": f"counts, {steps} steps x 4096 tokens, 58 layers, 256 experts, top-8", "synth": synth,
            "file_mb": path.stat().st_size / 1e6, "counts_array_mb": steps * 58 * 256 * 8 / 1e6, "floor": fl,
            "validate": with_ratio(measure(cli("trace", "validate", str(path))), fl),
-           "simulate": with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
-                                              "deepseek-v3", "--strategies", STRATEGIES_LONG, "-o",
-                                              str(work / f"sim-counts-{steps}"), "--no-plots")), fl),
            "strategies": STRATEGIES_LONG + " (eplb at vLLM's cadence: window 1000, interval 3000)"}
+    if simulate:
+        out["simulate"] = with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
+                                                 "deepseek-v3", "--strategies", STRATEGIES_LONG, "-o",
+                                                 str(work / f"sim-counts-{steps}"), "--no-plots")), fl)
     if baseline is not None:
         out["baseline"] = {"source": str(baseline), "floor": floor(path, baseline),
                            "validate": measure(cli("trace", "validate", str(path)), baseline)}
@@ -201,6 +203,8 @@ def _row(name: str, fig: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-10k", action="store_true", help="only 10^3 steps for the counts case")
+    ap.add_argument("--no-simulate-counts", action="store_true",
+                    help="counts traces: synth, validate and load only, no simulate")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--baseline", type=Path, help="another source tree to measure validation with (before/after)")
@@ -214,7 +218,8 @@ def main() -> int:
         if not args.skip_cli:
             figures["cases"]["deepseek-cli"] = deepseek_case(work, cluster, args.baseline)
         for steps in (1000,) if args.skip_10k else (1000, 10000):
-            figures["cases"][f"counts-{steps}"] = counts_case(work, cluster, steps, args.baseline)
+            figures["cases"][f"counts-{steps}"] = counts_case(work, cluster, steps, args.baseline,
+                                                              simulate=not args.no_simulate_counts)
         if not args.skip_sweep:
             figures["cases"]["sweep"] = sweep_case(work)
     finally:

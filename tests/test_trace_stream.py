@@ -161,3 +161,20 @@ def test_synth_counts_cli_at_deepseek_shape(tmp_path, capsys):
     assert main(["trace", "synth", "--kind", "counts", "--weights", "-o", str(tmp_path / "w.parquet")]) == 2
     assert "a counts trace has no gate weights" in capsys.readouterr().err
     assert not (tmp_path / "w.parquet").exists()
+
+
+def test_steps_out_of_order_across_chunks_load_whole(tmp_path):
+    from moe_gps.errors import UserError
+    from moe_gps.trace import iter_steps
+
+    from test_trace_format import meta_dict, raw_table
+
+    trace = small_trace(steps=(5, 7, 3, 9))
+    cols = raw_table(trace)
+    order = np.argsort(np.where(cols["step"] == 1, 9, cols["step"]), kind="stable")   # steps 0, 2, 3, 1
+    path = write_raw(tmp_path / "u.parquet", {n: c[order] for n, c in cols.items()}, meta_dict(trace))
+    back = load_trace(path, chunk_rows=8)
+    np.testing.assert_array_equal(back.experts, trace.experts)
+    assert validate_trace(path, chunk_rows=8)[1] == 4
+    with pytest.raises(UserError, match="row 20: gap in step numbers: step 1 is missing"):
+        list(iter_steps(path, batch_rows=8))                     # streaming has not seen step 1 yet

@@ -20,7 +20,8 @@ from moe_gps.files import input_file
 from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace
 from moe_gps.trace.meta import META_KEY, TOKENS_OPTIONAL_COLUMNS, TraceMeta
 from moe_gps.trace.sniff import import_hint
-from moe_gps.trace.validate import CountsChunks, TokenRows, UnsortedRows, check_columns, counts_array, token_rows
+from moe_gps.trace.validate import (CountsChunks, StepGap, TokenRows, UnsortedRows, check_columns, counts_array,
+                                    token_rows)
 
 
 def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
@@ -82,15 +83,16 @@ def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> TokensT
 
     Rows are read and validated ``chunk_rows`` at a time straight into the trace's arrays,
     so memory beyond those arrays stays that of one chunk whatever the number of steps.
-    A file whose rows are not in step order is read whole and sorted (more memory).
+    A file whose rows are not in step order is read whole and sorted (more memory), and so is
+    one with a missing step (which reading it whole reports, or finds later in the file).
     """
     pf, meta, where = _open(path)
     try:
         if meta.kind == "counts":
             return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta))
         return _gather_tokens(_token_chunks(pf, meta, where, chunk_rows), pf, meta)
-    except UnsortedRows:
-        pass  # outside the handler, so that the partly filled arrays are freed first
+    except (UnsortedRows, StepGap):  # out of step order (a missing step may come later): read it whole
+        pass                         # outside the handler, so that the partly filled arrays are freed first
     cols = _columns(pf.read(), where, 0)
     if meta.kind == "counts":
         return CountsTrace(meta, counts_array(cols, meta, where))
@@ -108,7 +110,7 @@ def validate_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> tup
         if meta.kind == "counts":
             return meta, sum(len(c) for c in _count_chunks(pf, meta, where, chunk_rows))
         return meta, sum(len(rows.steps) for rows in _token_chunks(pf, meta, where, chunk_rows))
-    except UnsortedRows:
+    except (UnsortedRows, StepGap):
         pass
     return meta, load_trace(path).num_steps
 
@@ -134,6 +136,8 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
     pending: list[pa.RecordBatch] = []
     row0, last = 0, -1
     for batch in pf.iter_batches(batch_size=batch_rows):
+        if not batch.num_rows:
+            continue
         pending.append(batch)
         table = pa.Table.from_batches(pending)
         step = table.column("step").to_numpy()

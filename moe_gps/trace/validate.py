@@ -103,6 +103,10 @@ def _check_layers(layer: np.ndarray, meta: TraceMeta, where: str, row0: int) -> 
         )
 
 
+class StepGap(UserError):
+    """A step number is missing; read in chunks, the step may still come later in the file."""
+
+
 class UnsortedRows(UserError):
     """Rows out of the order that reading in step chunks needs; loading the whole file sorts them."""
 
@@ -202,8 +206,8 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
     bad = np.flatnonzero(steps != expect_steps)
     if len(bad):
         j = int(bad[0])
-        raise _fail_at(where, "step", file_row(int(starts[j]) * L),
-                       f"gap in step numbers: step {expect_steps[j]} is missing (found step {steps[j]})")
+        raise StepGap(f"{where}: column 'step', row {file_row(int(starts[j]) * L)}: gap in step numbers: "
+                      f"step {expect_steps[j]} is missing (found step {steps[j]})")
     offsets = np.append(starts, len(tok_step)).astype(np.int64)
     within = np.arange(len(tok_token)) - np.repeat(offsets[:-1], np.diff(offsets))
     bad = np.flatnonzero(tok_token != within)
@@ -268,8 +272,8 @@ class CountsChunks:
         if len(gaps):
             missing = first + int(gaps[0])
             r = int(np.argmax(step > missing))
-            raise _fail_at(where, "step", row0 + r,
-                           f"gap in step numbers: step {missing} is missing (found step {step[r]})")
+            raise StepGap(f"{where}: column 'step', row {row0 + r}: gap in step numbers: step {missing} is missing "
+                          f"(found step {step[r]})")
         S, L, E = len(steps), meta.num_layers, meta.num_experts
         flat = ((step - first) * L + layer) * E + cols["expert"]
         seen = np.bincount(flat, minlength=S * L * E)
