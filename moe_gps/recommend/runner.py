@@ -121,8 +121,8 @@ def _init(trace, seed: int) -> None:
 
 
 def _init_worker(trace, seed: int) -> None:
-    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); finished
-    runs are already in the cache."""
+    """Pool worker start: Ctrl-C is the parent's to handle (it terminates the pool); the runs whose
+    records reached it are already in the cache."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
