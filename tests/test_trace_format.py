@@ -355,11 +355,11 @@ def test_counts_huge_step_number_is_a_gap_without_huge_memory(tmp_path, capsys, 
     # A bincount over step numbers would size an array by the largest step (16 GiB for 2^31 - 1).
     cols = counts_cols(small_trace().counts())            # steps 0..2, 4 layers x 8 experts: 96 rows
     cols["step"] = cols["step"].astype(dtype)
-    cols["step"][-8:] = big                               # step 2, layer 3 renumbered
+    cols["step"][-32:] = big                              # step 2 renumbered
     path = write_raw(tmp_path / "c.parquet", cols, COUNTS_META)
     errors = []
     peak = _peak_bytes(lambda: errors.append(validate_cli(path, capsys)))
-    assert errors == [f"moe-gps: error: {path}: column 'step', row 88: gap in step numbers: step 3 is missing "
+    assert errors == [f"moe-gps: error: {path}: column 'step', row 64: gap in step numbers: step 2 is missing "
                       f"(found step {big})"]
     assert peak < 20 << 20
 

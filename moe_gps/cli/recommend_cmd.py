@@ -3,7 +3,8 @@
 Exit codes: 0 the report was written; 1 the report was written but some runs failed with
 an internal error (listed in it; they are not cached, so a rerun retries them); 2 bad
 input (trace, cluster, model, workload, sweep file or flag: one line on stderr);
-130 interrupted (finished runs are cached: the same command resumes).
+130 interrupted, 143 / 129 terminated by SIGTERM / SIGHUP (finished runs are cached: the same
+command resumes).
 """
 
 from __future__ import annotations
@@ -29,14 +30,23 @@ def register(sub: argparse._SubParsersAction) -> None:
             "runs.csv, recommendation.json and the exact sweep. The recommendation is the fastest deployable "
             "strategy at your point. Runs go in parallel and are cached in DIR/cache, so an interrupted sweep "
             "resumes. Sweep keys and formulas: docs/recommend.md."),
-        epilog="exit codes: 0 report written; 1 some runs failed (report written); 2 bad input; 130 interrupted")
+        epilog="exit codes: 0 report written; 1 some runs failed (report written); 2 bad input; 130 interrupted; "
+               "143 / 129 terminated by SIGTERM / SIGHUP")
     p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
     add_deployment_args(p)
     p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
     p.add_argument("--seed", type=int, help="override the sweep's seed")
     add_assumptions_arg(p)
     p.add_argument("-j", "--jobs", type=int, metavar="N",
-                   help="parallel worker processes (default: the number of CPU cores available)")
+                   help="parallel worker processes (default: the number of CPU cores available); with "
+                        "--backend ray and no --address, the CPUs of the local Ray cluster")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: worker processes on this machine (default); ray: one Ray task per run, on the "
+                        "cluster at --address or on a local one started for the sweep (pip install "
+                        "'moe-gps[distributed]'; docs/recommend.md)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --backend ray: the Ray cluster to use (host:port as `ray start --head` prints it, "
+                        "or 'auto' for one started on this machine)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="report folder (default: moe-gps-out/recommend-<trace name>); its cache/ makes reruns resume")
     p.add_argument("--json", action="store_true", help="print the recommendation as JSON (for automation)")
@@ -53,10 +63,12 @@ def _cores() -> int:
 def _command(args: argparse.Namespace, out: Path) -> str:
     """The command line that reruns this report (the cache makes it instant)."""
     parts = ["moe-gps", "recommend", args.trace]
-    for flag in (*DEPLOYMENT_DESTS, "sweep", "seed", "assumptions"):
+    for flag in (*DEPLOYMENT_DESTS, "sweep", "seed", "assumptions", "address"):
         v = getattr(args, flag)
         if v is not None:
             parts += [f"--{flag.replace('_', '-')}", str(v)]
+    if args.backend != "local":
+        parts += ["--backend", args.backend]
     parts += ["-o", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -75,6 +87,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.address and args.backend != "ray":
+        raise UserError("--address names a Ray cluster: use it with --backend ray")
+    if args.backend == "ray":
+        from moe_gps.recommend.ray_pool import import_ray
+        import_ray()                       # a missing Ray is one line now, not after loading the trace
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"recommend-{Path(args.trace).stem}"
     hold_output_dir(out)
     sweep = load_sweep(args.sweep)
@@ -86,7 +103,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     cluster, model, workload, phase_note = deployment_from_args(args, trace)
     jobs = args.jobs or _cores()
     try:
-        result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))
+        result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace),
+                           backend=args.backend, address=args.address)
         if phase_note:
             result.notes.insert(0, phase_note)
     except KeyboardInterrupt as err:

@@ -41,19 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_inspect)
 
     p = tsub.add_parser("validate", help="check a trace against the format; exit 2 with the first problem",
-                        description="Load and fully validate a trace; prints 'ok' with its shape, or the "
-                                    "first problem (file, column, row) and exits 2.")
+                        description="Fully validate a trace, reading it in chunks of whole steps (memory "
+                                    "stays that of one chunk); prints 'ok' with its shape, or the first problem "
+                                    "(file, column, row) and exits 2.")
     p.add_argument("file", help="trace file (.parquet)")
     p.set_defaults(func=cmd_validate)
 
     from moe_gps.trace.synth import PROFILES  # light: numpy only
     p = tsub.add_parser(
-        "synth", help="generate a seeded synthetic trace from a calibrated profile",
-        description=("Generate a synthetic tokens trace. The file says source: synthetic and records every "
-                     "generator parameter. Profiles: " + "; ".join(
-                         f"{n} ({pr.calibrated_to})" for n, pr in PROFILES.items())),
+        "synth", help="generate a seeded synthetic trace from a profile",
+        description=("Generate a synthetic trace: per-token routing (tokens kind), or per-expert loads only "
+                     "(--kind counts: fast at any scale, e.g. 10000 steps of DeepSeek-V3, written a block of "
+                     "steps at a time). The file says source: synthetic and records every generator parameter. "
+                     "Profiles: " + "; ".join(f"{n} ({pr.calibrated_to})" for n, pr in PROFILES.items())),
     )
     p.add_argument("--profile", default="mixtral-mmlu", choices=sorted(PROFILES), help="default: %(default)s")
+    p.add_argument("--kind", default="tokens", choices=("tokens", "counts"),
+                   help="tokens: every token's experts; counts: tokens per expert per step and layer "
+                        "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="forward passes (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=512, help="tokens per step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -108,11 +113,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from moe_gps.trace import load_trace
+    from moe_gps.trace import validate_trace
 
-    trace = load_trace(args.file)
-    m = trace.meta
-    print(f"{args.file}: ok ({m.kind} trace, {trace.num_steps} steps, {m.num_layers} layers, "
+    m, num_steps = validate_trace(args.file)
+    print(f"{args.file}: ok ({m.kind} trace, {num_steps} steps, {m.num_layers} layers, "
           f"{m.num_experts} experts, top-{m.top_k}, source: {m.source})")
     return 0
 
@@ -121,25 +125,34 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from moe_gps.errors import environment_error
     from moe_gps.outputs import check_output_file
     from moe_gps.tables import format_bytes
-    from moe_gps.trace import write_trace
+    from moe_gps.trace import CountsWriter, write_trace
     from moe_gps.trace.synth import available_memory, get_profile, memory_needed, parse_setting, synthesize
+    from moe_gps.trace.synth_counts import counts_blocks, counts_meta
 
     check_output_file(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
     sizes = " ".join([f"--steps {args.steps} --tokens {args.tokens}"] + [f"--set {s}" for s in args.set])
-    need, have = memory_needed(profile, args.steps, args.tokens, args.weights), available_memory()
-    if have is not None and need > have:
-        raise UserError(f"{sizes}: the trace needs about {format_bytes(need)} of memory, {format_bytes(have)} is "
-                        "available; make it smaller")
     try:
-        trace = synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens, seed=args.seed,
-                           with_weights=args.weights)
-        write_trace(args.output, trace)
+        if args.kind == "counts":
+            if args.weights:
+                raise UserError("--weights: a counts trace has no gate weights (use --kind tokens)")
+            profile, meta = counts_meta(profile, args.steps, args.tokens, args.seed)
+            with CountsWriter(args.output, meta) as writer:
+                for block in counts_blocks(profile, args.steps, args.tokens, args.seed):
+                    writer.write_steps(block)
+        else:
+            need, have = memory_needed(profile, args.steps, args.tokens, args.weights), available_memory()
+            if have is not None and need > have:
+                raise UserError(f"{sizes}: the trace needs about {format_bytes(need)} of memory, "
+                                f"{format_bytes(have)} is available; make it smaller")
+            write_trace(args.output, synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens,
+                                                seed=args.seed, with_weights=args.weights))
     except MemoryError as err:
         raise environment_error(err, flag=sizes) from None
-    print(f"wrote {args.output}: synthetic profile {profile.name}, {args.steps} steps x {args.tokens} tokens, "
-          f"{profile.num_layers} layers, {profile.num_experts} experts, top-{profile.top_k}, seed {args.seed}")
+    print(f"wrote {args.output}: synthetic {args.kind} trace, profile {profile.name}, {args.steps} steps x "
+          f"{args.tokens} tokens, {profile.num_layers} layers, {profile.num_experts} experts, top-{profile.top_k}, "
+          f"seed {args.seed}")
     return 0
 
 

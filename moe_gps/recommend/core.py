@@ -89,8 +89,13 @@ def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[
 
 
 def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig, sweep: SweepConfig,
-              out_dir=None, jobs: int = 1, progress: bool | None = None, trace_name: str = "trace") -> Recommendation:
-    """Run the sweep (cached under ``out_dir``/cache when given) and analyse it."""
+              out_dir=None, jobs: int = 1, progress: bool | None = None, trace_name: str = "trace",
+              backend: str = "local", address: str | None = None) -> Recommendation:
+    """Run the sweep (cached under ``out_dir``/cache when given) and analyse it.
+
+    ``backend`` "local" runs ``jobs`` processes here; "ray" runs Ray tasks on the cluster at
+    ``address``, or on a local one of ``jobs`` CPUs started for the sweep.
+    """
     t_start = time.perf_counter()
     notes: list[str] = []
     m = trace.meta
@@ -104,7 +109,7 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     check_combination(cluster, model, workload, [Candidate("none").config(cluster.num_gpus, m.num_experts)], peak,
                       where=f"cluster {cluster.name}")
     timings: dict[str, float] = {}
-    with Runner(trace, sweep.seed, out_dir, jobs, progress) as runner:
+    with Runner(trace, sweep.seed, out_dir, jobs, progress, backend, address) as runner:
         t0 = time.perf_counter()
         skews = _skews(runner, trace, sweep, notes)
         timings["skew_variants_s"] = time.perf_counter() - t0

@@ -5,11 +5,14 @@ SHA-256 of: the trace's content, the steps used, the seed, the skew variant (its
 gamma), the full simulate config (cluster, model, workload, strategy), and a digest of
 the simulator's source code (so that a changed cost model never reads stale results).
 The result is one small JSON file ``cache/<key>.json`` in the output folder, written
-atomically by the worker as soon as the run ends; a sweep that is interrupted and
-started again reads those files and simulates only what is missing.
+atomically by this process as soon as a run's record comes back; a sweep that is
+interrupted and started again reads those files and simulates only what is missing.
 
-Workers are processes (``multiprocessing``, fork where the platform has it); each holds
-the trace once and makes skew variants on first use. Nothing is plotted per run.
+Workers are local processes (``multiprocessing``, fork where the platform has it), or Ray
+tasks on a cluster (``backend="ray"``, :mod:`moe_gps.recommend.ray_pool`); each worker
+holds the trace once and makes skew variants on first use. Records come back in the
+order of the runs whatever the backend, so both give the same report. Nothing is
+plotted per run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -123,22 +127,27 @@ def payload(plan: SweepPlan, spec: RunSpec, fingerprint: str, digest: str) -> di
 
 # ---------------------------------------------------------------------------- worker side
 
+#: the backends a sweep runs on
+BACKENDS = ("local", "ray")
+
 _W: dict[str, Any] = {}
 
 
-def _init(trace, seed: int, cache_dir: str | None, stop=None) -> None:
+def _init(trace, seed: int, stop=None) -> None:
+    """Worker state: the trace (once per worker), the skew variants made from it, and the pool's stop
+    flag (None in this process and on Ray, which stops submitting instead)."""
     _W.clear()
-    _W.update(trace=trace, seed=seed, cache=cache_dir, variants={}, stop=stop)
+    _W.update(trace=trace, seed=seed, variants={}, stop=stop)
 
 
-def _init_worker(trace, seed: int, cache_dir: str | None, stop) -> None:
+def _init_worker(trace, seed: int, stop) -> None:
     """Pool worker start: Ctrl-C, SIGTERM and SIGHUP are the parent's to handle. It sets ``stop``
-    and the worker skips the tasks still queued, so the pool ends between two runs (finished
-    runs are already in the cache, and no cache file is left half-written)."""
+    and the worker skips the tasks still queued, so the pool ends between two runs (the records
+    that reached the parent are already in the cache)."""
     from moe_gps.signals import install_worker
 
     install_worker()
-    _init(trace, seed, cache_dir, stop)
+    _init(trace, seed, stop)
 
 
 def _stopped() -> bool:
@@ -162,7 +171,7 @@ def _variant(gamma: float):
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Simulate one run in this process; write its cache file; return its record."""
+    """Simulate one run in this process; return its record."""
     from sim.report import summary_rows
     from sim.run import simulate
 
@@ -187,8 +196,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         rec["tokens_mean"] = float(result.tokens.mean())
         rec["step_latency_ms"] = [float(x) for x in result.strategies[0].step_latency * 1e3]
     rec["wall_s"] = time.perf_counter() - t0
-    if _W.get("cache") and rec["status"] != "error":
-        write_text_atomic(Path(_W["cache"]) / f"{job['key']}.json", seal(_clean(rec)))
     return _clean(rec)
 
 
@@ -214,42 +221,73 @@ def _clean(rec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- parent side
 
+#: seconds the local workers get to finish the runs under way after Ctrl-C or SIGTERM
+STOP_GRACE_S = 60.0
+
+
+def _stop_local(pool, stop) -> None:
+    """Stop a local pool between two runs: the workers skip the tasks still queued and exit once the
+    runs under way end; a worker still busy after :data:`STOP_GRACE_S` is killed (it writes no file)."""
+    stop.set()
+    pool.close()
+    joiner = threading.Thread(target=pool.join, daemon=True)
+    joiner.start()
+    joiner.join(STOP_GRACE_S)
+    if joiner.is_alive():
+        for proc in list(getattr(pool, "_pool", ())):   # multiprocessing keeps its workers there
+            proc.kill()
+        joiner.join(5.0)
+
 class Runner:
-    """Runs payloads in ``jobs`` processes (in this process when jobs == 1), skipping cached ones.
+    """Runs payloads in ``jobs`` local processes (in this process when jobs == 1), or as Ray tasks
+    (``backend="ray"``: on the cluster at ``address``, or on a local one of ``jobs`` CPUs started
+    for the sweep), skipping cached ones.
 
     Use as a context manager; the pool is closed at the end. On an exception (Ctrl-C, SIGTERM)
-    the workers skip the tasks still queued and the pool ends when the runs under way finish.
+    the local workers skip the tasks still queued and the pool ends when the runs under way
+    finish; on Ray nothing more is submitted and the sweep's tasks end with the driver.
     """
 
-    def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None):
+    def __init__(self, trace, seed: int, out_dir: str | os.PathLike | None, jobs: int, progress: bool | None,
+                 backend: str = "local", address: str | None = None):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.trace, self.seed, self.jobs = trace, seed, max(1, int(jobs))
+        self.backend, self.address = backend, address
         self.cache = None if out_dir is None else Path(out_dir) / "cache"
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.pool = None
+        self.stop = None                   # the local pool's stop flag
         self.fingerprint = trace_fingerprint(trace)
         self.digest = code_digest()
         self._done: set[str] = set()       # keys simulated by this runner
         self._cached: set[str] = set()     # keys read from the cache
 
     def __enter__(self) -> "Runner":
-        cache = None if self.cache is None else str(self.cache)
-        if self.jobs > 1:
+        if self.backend == "ray":
+            from moe_gps.recommend.ray_pool import RayPool
+
+            self.pool = RayPool(self.trace, _init, (self.seed,), self.address, self.jobs)
+            self.jobs = self.pool.cpus
+        elif self.jobs > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.stop = ctx.Event()
-            self.pool = ctx.Pool(self.jobs, initializer=_init_worker,
-                                 initargs=(self.trace, self.seed, cache, self.stop))
-        _init(self.trace, self.seed, cache)
+            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, self.stop))
+        _init(self.trace, self.seed)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.pool is not None:
-            if exc_type is not None:
-                self.stop.set()
-            self.pool.close()
-            self.pool.join()
+            if exc_type is None:
+                self.pool.close()
+                self.pool.join()
+            elif self.stop is None:
+                self.pool.terminate()          # Ray: disconnect; a cluster started here is shut down
+            else:
+                _stop_local(self.pool, self.stop)
             self.pool = None
 
     def _map(self, fn, items: list, desc: str, unit: str) -> Iterable:
@@ -324,9 +362,12 @@ class Runner:
                 todo.append(j)
         self._cached |= {rec["key"] for rec in records}
         for rec in self._map(run_one, todo, desc, "run"):
+            if self.cache is not None and rec["status"] in ("ok", "infeasible"):   # errors are retried by a rerun
+                write_text_atomic(self.cache / f"{rec['key']}.json", seal(rec))
             records.append(rec)
             self._done.add(rec["key"])
-        return records
+        order = {j["key"]: i for i, j in enumerate(jobs)}
+        return sorted(records, key=lambda rec: order[rec["key"]])       # the same order on every backend
 
     @property
     def simulated(self) -> int:

@@ -8,10 +8,10 @@
 
 from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace, expert_counts
 from moe_gps.trace.meta import SCHEMA_VERSION, TraceMeta
-from moe_gps.trace.reader import iter_steps, load_trace, read_meta
-from moe_gps.trace.writer import TraceWriter, write_trace
+from moe_gps.trace.reader import iter_steps, load_trace, read_meta, validate_trace
+from moe_gps.trace.writer import CountsWriter, TraceWriter, write_trace
 
 __all__ = [
-    "CountsTrace", "StepRouting", "TokensTrace", "TraceMeta", "TraceWriter", "SCHEMA_VERSION",
-    "expert_counts", "iter_steps", "load_trace", "read_meta", "write_trace",
+    "CountsTrace", "CountsWriter", "StepRouting", "TokensTrace", "TraceMeta", "TraceWriter", "SCHEMA_VERSION",
+    "expert_counts", "iter_steps", "load_trace", "read_meta", "validate_trace", "write_trace",
 ]

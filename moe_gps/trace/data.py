@@ -132,15 +132,30 @@ class CountsTrace:
 Trace = TokensTrace | CountsTrace
 
 
+#: tokens per bincount in :func:`expert_counts` (its key array is tokens x layers x k int64)
+COUNT_TOKENS = 1 << 14
+
+
 def expert_counts(experts: np.ndarray, step_offsets: np.ndarray, num_experts: int) -> np.ndarray:
     """Bincount of expert ids per (step, layer).
 
     experts: int [N, layers, k];  step_offsets: [steps + 1]  ->  int64 [steps, layers, experts]
+
+    Counted a group of whole steps (about ``COUNT_TOKENS`` tokens) at a time, so the
+    temporary keys stay small whatever the trace's size.
     """
-    n, num_layers, _ = experts.shape
+    _, num_layers, _ = experts.shape
     num_steps = len(step_offsets) - 1
-    step_of_token = np.repeat(np.arange(num_steps, dtype=np.int64), np.diff(step_offsets))
-    key = (step_of_token[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts
-    key = key + experts.astype(np.int64)
-    flat = np.bincount(key.ravel(), minlength=num_steps * num_layers * num_experts)
-    return flat.reshape(num_steps, num_layers, num_experts)
+    cells = num_layers * num_experts
+    out = np.empty((num_steps, num_layers, num_experts), dtype=np.int64)
+    layer = (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
+    s0 = 0
+    while s0 < num_steps:
+        s1 = int(np.searchsorted(step_offsets, step_offsets[s0] + COUNT_TOKENS, side="right")) - 1
+        s1 = min(max(s1, s0 + 1), num_steps)
+        lo, hi = int(step_offsets[s0]), int(step_offsets[s1])
+        step_key = np.repeat(np.arange(s1 - s0, dtype=np.int64) * cells, np.diff(step_offsets[s0:s1 + 1]))
+        key = (step_key[:, None, None] + layer + experts[lo:hi]).ravel()
+        out[s0:s1] = np.bincount(key, minlength=(s1 - s0) * cells).reshape(s1 - s0, num_layers, num_experts)
+        s0 = s1
+    return out

@@ -1,7 +1,9 @@
-"""Reading traces: whole (:func:`load_trace`) or step by step (:func:`iter_steps`).
+"""Reading traces: whole (:func:`load_trace`), step by step (:func:`iter_steps`), or only
+checked (:func:`validate_trace`).
 
-Both go through the same vectorised validation (:mod:`moe_gps.trace.validate`), so
-every bad file gets the same one-line error whichever way it is read.
+All three read the file in chunks of whole steps and validate each chunk as it arrives
+(:mod:`moe_gps.trace.validate`, vectorised), so memory beyond the arrays a trace keeps is
+that of one chunk, and every bad file gets the same one-line error whichever way it is read.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pyarrow.parquet as pq
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
 from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace
-from moe_gps.trace.meta import META_KEY, TraceMeta
+from moe_gps.trace.meta import META_KEY, TOKENS_OPTIONAL_COLUMNS, TraceMeta
 from moe_gps.trace.sniff import import_hint
-from moe_gps.trace.validate import check_columns, counts_array, token_rows
+from moe_gps.trace.validate import (CountsChunks, StepGap, TokenRows, UnsortedRows, check_columns, counts_array,
+                                    token_rows)
 
 
 def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
@@ -34,7 +37,7 @@ def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
     if magic != b"PAR1":
         raise UserError(f"{where}: not a Parquet file; {import_hint(p)}")
     try:
-        pf = pq.ParquetFile(p)
+        pf = pq.ParquetFile(p, pre_buffer=False)  # read column pages as needed: less memory per chunk
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"{where}: not a Parquet file ({str(err).splitlines()[0]})") from None
     kv = pf.schema_arrow.metadata or {}
@@ -71,9 +74,25 @@ def _columns(batch: pa.Table | pa.RecordBatch, where: str, row0: int) -> dict[st
     return cols
 
 
-def load_trace(path: str | os.PathLike) -> TokensTrace | CountsTrace:
-    """Load and validate a whole trace (tokens or counts kind)."""
+#: rows read and validated at a time (whole steps: a step longer than this is read whole)
+CHUNK_ROWS = 1 << 18
+
+
+def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> TokensTrace | CountsTrace:
+    """Load and validate a whole trace (tokens or counts kind).
+
+    Rows are read and validated ``chunk_rows`` at a time straight into the trace's arrays,
+    so memory beyond those arrays stays that of one chunk whatever the number of steps.
+    A file whose rows are not in step order is read whole and sorted (more memory), and so is
+    one with a missing step (which reading it whole reports, or finds later in the file).
+    """
     pf, meta, where = _open(path)
+    try:
+        if meta.kind == "counts":
+            return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta))
+        return _gather_tokens(_token_chunks(pf, meta, where, chunk_rows), pf, meta)
+    except (UnsortedRows, StepGap):  # out of step order (a missing step may come later): read it whole
+        pass                         # outside the handler, so that the partly filled arrays are freed first
     cols = _columns(pf.read(), where, 0)
     if meta.kind == "counts":
         return CountsTrace(meta, counts_array(cols, meta, where))
@@ -81,7 +100,22 @@ def load_trace(path: str | os.PathLike) -> TokensTrace | CountsTrace:
     return TokensTrace(meta, rows.experts, rows.step_offsets, rows.weights, **rows.extras)
 
 
-def iter_steps(path: str | os.PathLike, batch_rows: int = 1 << 20) -> Iterator[StepRouting]:
+def validate_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> tuple[TraceMeta, int]:
+    """Fully validate a trace without keeping its arrays; returns (metadata, number of steps).
+
+    Memory is that of one chunk of ``chunk_rows`` rows (a file out of step order is loaded whole).
+    """
+    pf, meta, where = _open(path)
+    try:
+        if meta.kind == "counts":
+            return meta, sum(len(c) for c in _count_chunks(pf, meta, where, chunk_rows))
+        return meta, sum(len(rows.steps) for rows in _token_chunks(pf, meta, where, chunk_rows))
+    except (UnsortedRows, StepGap):
+        pass
+    return meta, load_trace(path).num_steps
+
+
+def iter_steps(path: str | os.PathLike, batch_rows: int = CHUNK_ROWS) -> Iterator[StepRouting]:
     """Stream a sorted tokens trace one step at a time, holding about ``batch_rows`` rows.
 
     Each chunk of whole steps is validated as it arrives; a step may span batches.
@@ -89,29 +123,87 @@ def iter_steps(path: str | os.PathLike, batch_rows: int = 1 << 20) -> Iterator[S
     pf, meta, where = _open(path)
     if meta.kind != "tokens":
         raise UserError(f"{where}: step-by-step streaming needs a tokens trace, this one is {meta.kind}")
+    for rows in _token_chunks(pf, meta, where, batch_rows):
+        whole = TokensTrace(meta, rows.experts, rows.step_offsets, rows.weights, **rows.extras)
+        for i, s in enumerate(rows.steps):
+            routing = whole.step(i)
+            routing.step = int(s)
+            yield routing
+
+
+def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tuple[pa.Table, int]]:
+    """(rows of whole steps, file row of the first) in file order; UnsortedRows where steps go back."""
     pending: list[pa.RecordBatch] = []
-    row0, next_step = 0, 0
+    row0, last = 0, -1
     for batch in pf.iter_batches(batch_size=batch_rows):
+        if not batch.num_rows:
+            continue
         pending.append(batch)
-        last_step = batch.column("step")[-1].as_py()
         table = pa.Table.from_batches(pending)
-        step_col = table.column("step").to_numpy()
-        complete = int(np.searchsorted(step_col, last_step, side="left")) if (np.diff(step_col) >= 0).all() \
-            else len(step_col)  # unsorted: let validation report it
+        step = table.column("step").to_numpy()
+        if step[0] < last or (step[1:] < step[:-1]).any():
+            raise UnsortedRows(where)
+        complete = int(np.searchsorted(step, step[-1], side="left"))  # rows before the last step
         if complete == 0:
             continue
-        yield from _emit(table.slice(0, complete), meta, where, row0, next_step)
-        next_step = int(step_col[complete - 1]) + 1
+        yield table.slice(0, complete), row0
+        last = int(step[complete - 1])
         row0 += complete
         pending = table.slice(complete).to_batches()
     if pending:
-        yield from _emit(pa.Table.from_batches(pending), meta, where, row0, next_step)
+        yield pa.Table.from_batches(pending), row0
 
 
-def _emit(table: pa.Table, meta: TraceMeta, where: str, row0: int, first_step: int) -> Iterator[StepRouting]:
-    rows = token_rows(_columns(table, where, row0), meta, where, row0=row0, whole=False, first_step=first_step)
-    whole = TokensTrace(meta, rows.experts, rows.step_offsets, rows.weights, **rows.extras)
-    for i, s in enumerate(rows.steps):
-        routing = whole.step(i)
-        routing.step = int(s)
-        yield routing
+def _token_chunks(pf: pq.ParquetFile, meta: TraceMeta, where: str, batch_rows: int) -> Iterator[TokenRows]:
+    next_step = 0
+    for table, row0 in _step_chunks(pf, where, batch_rows):
+        rows = token_rows(_columns(table, where, row0), meta, where, row0=row0, first_step=next_step, sort=False)
+        next_step = int(rows.steps[-1]) + 1
+        yield rows
+
+
+def _count_chunks(pf: pq.ParquetFile, meta: TraceMeta, where: str, batch_rows: int) -> Iterator[np.ndarray]:
+    """int64 [steps of the chunk, layers, experts] per chunk, validated; the whole file's checks at the end."""
+    chunks = CountsChunks(meta, where)
+    for table, row0 in _step_chunks(pf, where, batch_rows):
+        yield chunks.add(_columns(table, where, row0), row0)
+    chunks.finish()
+
+
+def _gather_tokens(chunks: Iterator[TokenRows], pf: pq.ParquetFile, meta: TraceMeta) -> TokensTrace:
+    """Copy validated chunks into arrays sized once from the file's row count (rows = tokens x layers)."""
+    n_max = pf.metadata.num_rows // meta.num_layers
+    names = set(pf.schema_arrow.names)
+    shape = (n_max, meta.num_layers, meta.top_k)
+    experts = np.empty(shape, np.int16)
+    weights = np.empty(shape, np.float32) if "weight_0" in names else None
+    extras = {f: np.empty(n_max, TOKENS_OPTIONAL_COLUMNS[f]) for f in TOKENS_OPTIONAL_COLUMNS if f in names}
+    offsets, n = [np.zeros(1, np.int64)], 0
+    for rows in chunks:
+        m = len(rows.experts)
+        experts[n:n + m] = rows.experts
+        if weights is not None:
+            weights[n:n + m] = rows.weights
+        for f, a in extras.items():
+            a[n:n + m] = rows.extras[f]
+        offsets.append(n + rows.step_offsets[1:])
+        n += m
+    # every validated row belongs to a token with all its layers, so n == n_max here
+    return TokensTrace(meta, experts[:n], np.concatenate(offsets), None if weights is None else weights[:n],
+                       **{f: a[:n] for f, a in extras.items()})
+
+
+def _gather_counts(chunks: Iterator[np.ndarray], pf: pq.ParquetFile, meta: TraceMeta) -> np.ndarray:
+    """Copy validated chunks into one array, sized for a file with every (step, layer, expert) row and
+    grown (doubling) for one that leaves out zero counts."""
+    L, E = meta.num_layers, meta.num_experts
+    counts = np.empty((max(1, -(-pf.metadata.num_rows // (L * E))), L, E), np.int64)
+    n = 0
+    for c in chunks:
+        if n + len(c) > len(counts):
+            grown = np.empty((max(2 * len(counts), n + len(c)), L, E), np.int64)
+            grown[:n] = counts[:n]
+            counts = grown
+        counts[n:n + len(c)] = c
+        n += len(c)
+    return counts[:n] if n < len(counts) else counts

@@ -73,6 +73,12 @@ PROFILES: dict[str, SynthProfile] = {
         calibrated_to="MoE-GPS paper: skewness 1.99 for Mixtral 8x7B on SST2",
         popularity_sigma=1.0, sigma_spread=0.15,
     ),
+    "deepseek-v3": SynthProfile(
+        name="deepseek-v3", model="deepseek-v3", dataset="synthetic (DeepSeek-V3 shape)",
+        calibrated_to=("the shape of DeepSeek-V3 only (58 MoE layers, 256 routed experts, top-8); the load "
+                       "spread is not calibrated to a published measurement"),
+        num_layers=58, num_experts=256, top_k=8, popularity_sigma=0.3, sigma_spread=0.3, drift=0.05,
+    ),
 }
 
 
@@ -163,6 +169,38 @@ def available_memory() -> int | None:
     return None
 
 
+def resolve(profile: str | SynthProfile, num_steps: int, tokens_per_step: int, overrides: dict) -> SynthProfile:
+    """The profile to generate from (a name with ``overrides``, or a profile), checked with the sizes."""
+    p = get_profile(profile, **overrides) if isinstance(profile, str) else profile
+    _check(p)
+    if num_steps < 1 or tokens_per_step < 1:
+        raise UserError("synthetic trace: num_steps and tokens_per_step must be >= 1")
+    return p
+
+
+def base_popularity(p: SynthProfile, rng: np.random.Generator) -> np.ndarray:
+    """``base`` logits [layers, experts]: N(0, sigma_l^2) per expert, sigma_l = popularity_sigma *
+    exp(sigma_spread * N(0, 1)) per layer (the first draws of a seed, for the tokens and counts kinds alike)."""
+    sigma = p.popularity_sigma * np.exp(p.sigma_spread * rng.standard_normal(p.num_layers))
+    return sigma[:, None] * rng.standard_normal((p.num_layers, p.num_experts))
+
+
+def synth_meta(kind: str, p: SynthProfile, seed: int, num_steps: int, tokens_per_step: int,
+               generator: str) -> TraceMeta:
+    """The metadata of a synthetic trace: source synthetic, every generator parameter in the provenance."""
+    return TraceMeta(
+        kind=kind, num_layers=p.num_layers, num_experts=p.num_experts, top_k=p.top_k, model=p.model,
+        dataset=p.dataset, source="synthetic",
+        provenance={
+            "tool": "moe-gps trace synth", "generator": generator,
+            "profile": dataclasses.asdict(p), "seed": seed, "num_steps": num_steps,
+            "tokens_per_step": tokens_per_step,
+            "note": "SYNTHETIC routing from a seeded model (profile.calibrated_to says what it matches); "
+                    "not collected from a model",
+        },
+    )
+
+
 def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64,
                tokens_per_step: int = 512, seed: int = 0, with_weights: bool = False,
                **overrides) -> TokensTrace:
@@ -170,14 +208,10 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
 
     Deterministic for a given (profile, sizes, seed). ``overrides`` replace profile fields.
     """
-    p = get_profile(profile, **overrides) if isinstance(profile, str) else profile
-    _check(p)
-    if num_steps < 1 or tokens_per_step < 1:
-        raise UserError("synthetic trace: num_steps and tokens_per_step must be >= 1")
+    p = resolve(profile, num_steps, tokens_per_step, overrides)
     rng = np.random.default_rng(seed)
     L, E, k, V = p.num_layers, p.num_experts, p.top_k, p.vocab_size
-    sigma = p.popularity_sigma * np.exp(p.sigma_spread * rng.standard_normal(L))
-    base = sigma[:, None] * rng.standard_normal((L, E))
+    base = base_popularity(p, rng)
     pref = rng.standard_normal((L, V, E)).astype(np.float32)
     succ = np.stack([rng.permutation(E) for _ in range(L)])
     zipf = 1.0 / np.arange(1, V + 1) ** p.zipf_exponent
@@ -214,16 +248,7 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
                 weights[rows, l_] = w / w.sum(axis=1, keepdims=True)
             prev_top1 = top[:, 0]
     seq = (np.repeat(np.arange(num_steps), T) * seqs_per_step + np.tile(seq_in_step, num_steps)).astype(np.int32)
-    meta = TraceMeta(
-        kind="tokens", num_layers=L, num_experts=E, top_k=k, model=p.model, dataset=p.dataset,
-        source="synthetic",
-        provenance={
-            "tool": "moe-gps trace synth", "generator": "moe_gps.trace.synth",
-            "profile": dataclasses.asdict(p), "seed": seed, "num_steps": num_steps,
-            "tokens_per_step": tokens_per_step,
-            "note": "SYNTHETIC routing, calibrated to published statistics; not collected from a model",
-        },
-    )
+    meta = synth_meta("tokens", p, seed, num_steps, tokens_per_step, "moe_gps.trace.synth")
     offsets = np.arange(num_steps + 1, dtype=np.int64) * T
     return TokensTrace(meta, experts, offsets, weights, token_id=token_id, seq=seq,
                        pos=np.tile(pos, num_steps))

@@ -1,0 +1,247 @@
+"""Scale (not a test): DeepSeek-V3-scale runs through the CLI, long counts traces, and recommend
+sweeps on both backends; wall time and peak RSS of each command, and each as a ratio to its floor.
+
+Cases (every command runs in its own process; peak RSS is that process's, from
+``getrusage(RUSAGE_CHILDREN)`` of a wrapper that runs only it):
+
+1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
+   top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
+   at that size), ``moe-gps simulate`` on 64 GPUs (the 2x8xH100-ib preset scaled to 8 nodes)
+   with none, eplb, dist:profile, dist:ema and oracle; also ``trace validate`` alone.
+2. ``counts-1000`` and ``counts-10000``: ``moe-gps trace synth --profile deepseek-v3 --kind
+   counts`` (timed too), then ``trace validate`` and ``moe-gps simulate`` with none, eplb (vLLM's
+   cadence: window 1000, re-plan every 3000 steps) and dist:ema. Two step counts show what
+   grows with the steps and what does not.
+3. ``sweep``: the built-in ``moe-gps recommend`` sweep on traces/mixtral_mmlu.parquet
+   (4xA100-nvlink, 2 workers) with the local pool, with ``--backend ray --address`` on a Ray
+   head started here beforehand (2 CPUs), and with ``--backend ray`` starting its own local
+   cluster; the reports must be identical (runs.csv without wall_s, recommendation.json
+   without timings_s).
+
+The floor of a case is a process that only loads its trace and bincounts the expert loads
+(I/O plus bincount: what any simulation must do). ``--baseline DIR`` also measures
+``trace validate`` and the floor with another source tree (e.g. ``git archive REV | tar -x -C
+DIR``), for before/after figures.
+
+Usage:  python benchmarks/bench_scale.py [--skip-10k] [--no-simulate-counts] [--skip-cli] [--skip-sweep]
+                                        [--baseline DIR] [--work DIR]
+Writes benchmarks/results/bench_scale.json; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import save  # noqa: E402
+
+STRATEGIES_CLI = "none,eplb,dist:profile,dist:ema,oracle"
+STRATEGIES_LONG = "none,eplb,dist:ema"
+
+# Runs a command, then prints its wall time and its peak RSS (the largest of the process tree's
+# waited-for processes, in KB on Linux) as JSON on the wrapper's stderr's last line.
+_WRAPPER = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "wall = time.perf_counter() - t\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mb': peak / 1024}), file=sys.stderr)\n"
+)
+
+_FLOOR = (
+    "import sys; from moe_gps.trace import load_trace\n"
+    "t = load_trace(sys.argv[1]); c = t.counts(); print(c.shape, int(c.sum()))\n"
+)
+
+
+def measure(args: list[str], source: Path = ROOT, env: dict | None = None, quiet: bool = True) -> dict:
+    """Wall time and peak RSS of ``python -m ...``/``python -c ...`` with ``source`` first on the path."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(source)}
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, *args], cwd=source, env=env,
+                          stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    out = json.loads(proc.stderr.strip().splitlines()[-1])
+    if out["rc"] != 0:
+        raise SystemExit(f"failed ({out['rc']}): {' '.join(args)}\n{proc.stderr[-3000:]}")
+    return out
+
+
+def cli(*args: str) -> list[str]:
+    return ["-m", "moe_gps.cli.main", *args]
+
+
+def floor(trace: Path, source: Path = ROOT) -> dict:
+    return measure(["-c", _FLOOR, str(trace)], source)
+
+
+def with_ratio(fig: dict, base: dict) -> dict:
+    return {**fig, "x_floor_wall": fig["wall_s"] / base["wall_s"], "x_floor_rss": fig["peak_rss_mb"] / base["peak_rss_mb"]}
+
+
+def cluster_64(work: Path) -> Path:
+    from moe_gps.config import load_cluster
+    from moe_gps.config.loader import dump_yaml
+
+    c = load_cluster("2x8xH100-ib")
+    c = replace(c, name="8x8xH100-ib", num_gpus=64, description="8 nodes of 8 H100 (2x8xH100-ib scaled to 64 GPUs)")
+    path = work / "8x8xH100-ib.yaml"
+    path.write_text(dump_yaml(c))
+    return path
+
+
+def deepseek_case(work: Path, cluster: Path, baseline: Path | None) -> dict:
+    from bench_sim import pool_trace
+
+    from moe_gps.trace import write_trace
+
+    path = work / "deepseek_100x4096.parquet"
+    if not path.exists():
+        write_trace(path, pool_trace(100, 4096, 58, 256, 8))
+    fl = floor(path)
+    out = {"trace": "tokens, 100 steps x 4096 tokens, 58 layers, 256 experts, top-8", "floor": fl,
+           "validate": with_ratio(measure(cli("trace", "validate", str(path))), fl),
+           "simulate": with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
+                                              "deepseek-v3", "--strategies", STRATEGIES_CLI, "--train-steps", "20",
+                                              "-o", str(work / "sim-deepseek"), "--no-plots")), fl),
+           "strategies": STRATEGIES_CLI}
+    if baseline is not None:
+        out["baseline"] = {"source": str(baseline), "floor": floor(path, baseline),
+                           "validate": measure(cli("trace", "validate", str(path)), baseline)}
+    return out
+
+
+def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None, simulate: bool = True) -> dict:
+    path = work / f"deepseek_counts_{steps}.parquet"
+    synth = measure(cli("trace", "synth", "--profile", "deepseek-v3", "--kind", "counts", "--steps", str(steps),
+                        "--tokens", "4096", "-o", str(path)))
+    fl = floor(path)
+    out = {"trace": f"counts, {steps} steps x 4096 tokens, 58 layers, 256 experts, top-8", "synth": synth,
+           "file_mb": path.stat().st_size / 1e6, "counts_array_mb": steps * 58 * 256 * 8 / 1e6, "floor": fl,
+           "validate": with_ratio(measure(cli("trace", "validate", str(path))), fl),
+           "strategies": STRATEGIES_LONG + " (eplb at vLLM's cadence: window 1000, interval 3000)"}
+    if simulate:
+        out["simulate"] = with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
+                                                 "deepseek-v3", "--strategies", STRATEGIES_LONG, "-o",
+                                                 str(work / f"sim-counts-{steps}"), "--no-plots")), fl)
+    if baseline is not None:
+        out["baseline"] = {"source": str(baseline), "floor": floor(path, baseline),
+                           "validate": measure(cli("trace", "validate", str(path)), baseline)}
+    return out
+
+
+def _same_report(a: Path, b: Path) -> bool:
+    import pandas as pd
+
+    ra, rb = (pd.read_csv(d / "runs.csv").drop(columns=["wall_s"]) for d in (a, b))
+    ja, jb = (json.loads((d / "recommendation.json").read_text()) for d in (a, b))
+    for j in (ja, jb):
+        j.pop("timings_s")
+    return bool(ra.equals(rb) and ja == jb)
+
+
+def _ray_head(work: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    log = open(work / "ray-head.log", "w")
+    proc = subprocess.Popen([ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard",
+                             "false", "--disable-usage-stats", "--block"], env=env, stdout=log, stderr=log)
+    address = f"127.0.0.1:{port}"
+    probe = f"import ray; ray.init(address='{address}', log_to_driver=False); print(ray.cluster_resources())"
+    for _ in range(60):
+        if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0:
+            return proc, address
+        time.sleep(1)
+    proc.terminate()
+    raise SystemExit(f"the Ray head did not come up; see {work / 'ray-head.log'}")
+
+
+def sweep_case(work: Path) -> dict:
+    trace = ROOT / "traces" / "mixtral_mmlu.parquet"
+    fl = floor(trace)
+    env = {"RAY_AUTH_MODE": "disabled"}
+    base = ["recommend", str(trace), "--cluster", "4xA100-nvlink", "-j", "2"]
+    out: dict = {"trace": str(trace.relative_to(ROOT)), "sweep": "built-in", "jobs": 2, "floor": fl}
+    out["local"] = with_ratio(measure(cli(*base, "-o", str(work / "rec-local"))), fl)
+    head, address = _ray_head(work, {**os.environ, **env})
+    try:
+        out["ray_existing_cluster"] = with_ratio(
+            measure(cli(*base, "--backend", "ray", "--address", address, "-o", str(work / "rec-ray-head")), env=env), fl)
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+    out["ray_local_cluster"] = with_ratio(
+        measure(cli(*base, "--backend", "ray", "-o", str(work / "rec-ray-local")), env=env), fl)
+    runs = json.loads((work / "rec-local" / "recommendation.json").read_text())["runs"]["total"]
+    out["runs"] = runs
+    for k in ("ray_existing_cluster", "ray_local_cluster"):
+        out[k]["x_local"] = out[k]["wall_s"] / out["local"]["wall_s"]
+    out["identical_reports"] = (_same_report(work / "rec-local", work / "rec-ray-head")
+                                and _same_report(work / "rec-local", work / "rec-ray-local"))
+    return out
+
+
+def _row(name: str, fig: dict) -> str:
+    ratio = f"{fig['x_floor_wall']:6.1f}x {fig['x_floor_rss']:5.1f}x" if "x_floor_wall" in fig else " " * 14
+    return f"  {name:34s} {fig['wall_s']:8.1f} s {fig['peak_rss_mb']:8.0f} MB   {ratio}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-10k", action="store_true", help="only 10^3 steps for the counts case")
+    ap.add_argument("--no-simulate-counts", action="store_true",
+                    help="counts traces: synth, validate and load only, no simulate")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="another source tree to measure validation with (before/after)")
+    ap.add_argument("--work", type=Path, help="folder for traces and outputs (default: a temporary one, removed)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures: dict = {"cases": {}}
+    try:
+        cluster = cluster_64(work)
+        if not args.skip_cli:
+            figures["cases"]["deepseek-cli"] = deepseek_case(work, cluster, args.baseline)
+        for steps in (1000,) if args.skip_10k else (1000, 10000):
+            figures["cases"][f"counts-{steps}"] = counts_case(work, cluster, steps, args.baseline,
+                                                              simulate=not args.no_simulate_counts)
+        if not args.skip_sweep:
+            figures["cases"]["sweep"] = sweep_case(work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    path = save("bench_scale", figures)
+    print(f"{'case':36s} {'wall':>10s} {'peak RSS':>11s}   x floor (wall, RSS)")
+    for name, c in figures["cases"].items():
+        print(f"{name}: {c['trace']}")
+        for key in ("floor", "synth", "validate", "simulate", "local", "ray_existing_cluster", "ray_local_cluster"):
+            if key in c:
+                print(_row(key, c[key]))
+        for key in ("floor", "validate"):
+            if key in c.get("baseline", {}):
+                print(_row(f"{key} (baseline)", c["baseline"][key]))
+        if name == "sweep":
+            print(f"  {c['runs']} runs; ray / local: existing cluster {c['ray_existing_cluster']['x_local']:.2f}x, "
+                  f"cluster started for the run {c['ray_local_cluster']['x_local']:.2f}x; identical reports: "
+                  f"{c['identical_reports']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
