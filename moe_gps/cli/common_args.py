@@ -19,8 +19,33 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
-def add_deployment_args(p: argparse.ArgumentParser) -> None:
-    """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
+def output_folder(args: argparse.Namespace, command: str):
+    """The output folder: -o DIR, or moe-gps-out/<command>-<trace name>; a UserError if it is a file."""
+    from pathlib import Path
+
+    out = Path(args.output) if args.output else Path("moe-gps-out") / f"{command}-{Path(args.trace).stem}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    return out
+
+
+def print_written(written: list, out) -> None:
+    """The last line of a command that wrote an output folder."""
+    print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the default of --jobs)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def add_cluster_model_args(p: argparse.ArgumentParser) -> None:
+    """Add --cluster and --model to ``p``."""
     from moe_gps.config.loader import preset_names
 
     p.add_argument("--cluster", metavar="PRESET|FILE",
@@ -29,6 +54,11 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PRESET|FILE",
                    help=f"model preset ({', '.join(preset_names('models'))}), model YAML, or a Hugging Face "
                         "config.json / checkpoint folder (default: the preset named by the trace's metadata)")
+
+
+def add_deployment_args(p: argparse.ArgumentParser) -> None:
+    """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
+    add_cluster_model_args(p)
     p.add_argument("--workload", metavar="FILE",
                    help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md)")
     p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from moe_gps.cli.common_args import DEPLOYMENT_DESTS, add_deployment_args, deployment_from_args
+from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_deployment_args, cpu_cores, deployment_from_args,
+                                     output_folder)
 from moe_gps.errors import UserError
 
 
@@ -42,13 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _command(args: argparse.Namespace, out: Path) -> str:
     """The command line that reruns this report (the cache makes it instant)."""
     parts = ["moe-gps", "recommend", args.trace]
@@ -72,15 +65,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    out = Path(args.output) if args.output else Path("moe-gps-out") / f"recommend-{Path(args.trace).stem}"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+    out = output_folder(args, "recommend")
     sweep = load_sweep(args.sweep)
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
     trace = load_trace(args.trace)
     cluster, model, workload = deployment_from_args(args, trace)
-    jobs = args.jobs or _cores()
+    jobs = args.jobs or cpu_cores()
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace))
     except KeyboardInterrupt:
