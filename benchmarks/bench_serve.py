@@ -3,8 +3,9 @@ on 4xA100-nvlink, Mixtral 8x7B (traces/mixtral_mmlu.parquet), strategies none, e
 dist:ema (goal: at most 60 s on the 2-core development machine).
 
 Times the whole `serve` call (strategy preparation, every iteration, metrics and verdict),
-in one process and with --jobs processes, and each strategy's own run; writes
-benchmarks/results/serve.json.
+in one process and with --jobs processes, and each strategy's own run; also the CPU time
+(which other jobs on a shared machine do not inflate as much as the wall time) and the
+load average; writes benchmarks/results/serve.json.
 
 Usage:  python benchmarks/bench_serve.py [--requests 10000] [--rate R] [--jobs N]
 """
@@ -49,16 +50,18 @@ def main() -> None:
     figures = {"case": {"requests": args.requests, "rate_rps": rate, "strategies": list(STRATEGIES),
                         "trace": "traces/mixtral_mmlu.parquet", "cluster": "4xA100-nvlink"}}
     for jobs in sorted({1, args.jobs}):
-        t0 = time.perf_counter()
+        t0, c0, k0 = time.perf_counter(), time.process_time(), os.times()
         result = serve(trace, cfg, progress=False, jobs=jobs)
         wall = time.perf_counter() - t0
+        k1 = os.times()
+        cpu = time.process_time() - c0 + (k1.children_user + k1.children_system - k0.children_user - k0.children_system)
         rr = result.rates[0]
         figures[f"jobs_{jobs}"] = {
-            "wall_s": wall, "load_average": os.getloadavg()[0],
+            "wall_s": wall, "cpu_s": cpu, "load_average": os.getloadavg()[0],
             "per_strategy": {name: {"seconds": rr.seconds[name], "iterations": len(run.iterations),
                                     "event_iterations": run.event_iterations}
                              for name, run in rr.runs.items()}}
-        print(f"jobs={jobs}: {wall:.1f} s for {args.requests} requests x {len(STRATEGIES)} strategies at {rate:g} "
+        print(f"jobs={jobs}: {wall:.1f} s wall ({cpu:.1f} s CPU, load average {os.getloadavg()[0]:.1f}) for {args.requests} requests x {len(STRATEGIES)} strategies at {rate:g} "
               f"req/s; " + ", ".join(f"{n} {rr.seconds[n]:.1f} s ({len(r.iterations)} iterations)"
                                      for n, r in rr.runs.items()))
     print(f"wrote {save('serve', figures)}")

@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", help="tokens trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
     add_cluster_model_args(p)
+    from moe_gps.config.loader import preset_names
+
     p.add_argument("--workload", metavar="PRESET|FILE",
-                   help=f"request workload: bundled preset ({DEFAULT_WORKLOAD}) or workload YAML (docs/serving.md; "
-                        f"default: {DEFAULT_WORKLOAD})")
+                   help=f"request workload: bundled preset ({', '.join(preset_names('workloads'))}) or workload YAML "
+                        f"(docs/serving.md; default: {DEFAULT_WORKLOAD})")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, metavar="R", help="requests per second (default: the workload's rate)")
     rate.add_argument("--rates", type=float, nargs="+", metavar="R",
