@@ -166,7 +166,7 @@ def test_serve_command_writes_everything_and_reruns_from_its_config(small_trace,
     assert main(["serve", str(small_trace), "--model", str(model_yaml), "--vocab-size", "32000", "--requests", "20",
                  "--rate", "7", "--strategies", "none", "--train-steps", "2", "--json", "--no-plots",
                  "-o", str(tmp_path / "j")]) == 0
-    data = json.loads(capsys.readouterr().out)
+    data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert data["rates"][0]["rate_rps"] == 7.0 and data["rates"][0]["strategies"][0]["strategy"] == "none"
 
 
