@@ -89,3 +89,17 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``target`` atomically (UTF-8)."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv_atomic(target: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame to ``target`` as CSV atomically (no index, 6 significant digits)."""
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(target)
+
+
+def write_parquet_atomic(target: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame to ``target`` as Parquet atomically (no index)."""
+    with atomic_path(target) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(target)

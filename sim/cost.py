@@ -154,21 +154,37 @@ def permute_time(rows, passes: int, model: ModelConfig, hw: Hardware):
 
 
 def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Hardware):
-    """Attention block (+ shared experts) on one GPU for ``tokens`` of its own tokens.
+    """Attention block (+ shared experts) on one GPU for ``tokens`` of its own tokens, all of one
+    workload (every token attends to c keys and reads or writes its KV entries as below).
 
     tokens: [...] (float, may be fractional after workload scaling) -> seconds [...]
 
-    FLOPs = 2 n (P_attn + P_shared) + 4 n c H d,  c = seq_len (decode) or (seq_len + 1) / 2 (prefill)
-    bytes = (P_attn + P_shared) w + KV + 2 n h a,  KV = n seq_len k_b (decode) or n k_b (prefill, written)
+    c = seq_len (decode) or (seq_len + 1) / 2 (prefill);  KV entries = n seq_len (decode, read) or n
+    (prefill, written);  time = :func:`attention_block_time` (n, n c, KV entries)
+    """
+    n = np.asarray(tokens, dtype=np.float64)
+    decode = workload.phase == "decode"
+    ctx = workload.seq_len if decode else (workload.seq_len + 1) / 2
+    return attention_block_time(n, n * ctx, n * (workload.seq_len if decode else 1), model, hw)
+
+
+def attention_block_time(tokens, context, kv_entries, model: ModelConfig, hw: Hardware):
+    """Attention block (+ shared experts) on one GPU for a batch of ``tokens`` tokens whose queries
+    attend to ``context`` keys in all (summed over the tokens) and that read or write ``kv_entries``
+    KV-cache entries in all (any mix of prefill chunks and decodes; docs/serving.md).
+
+    tokens, context, kv_entries: [...] -> seconds [...]
+
+    FLOPs = 2 n (P_attn + P_shared) + 4 C H d
+    bytes = (P_attn + P_shared) w + K k_b + 2 n h a
     time = max(FLOPs / (peak x attention_efficiency), bytes / HBM) + attention overhead
     """
     n = np.asarray(tokens, dtype=np.float64)
     a = model.attention
     params = model.attention_params + model.shared_params
-    ctx = workload.seq_len if workload.phase == "decode" else (workload.seq_len + 1) / 2
-    flops = 2.0 * n * params + 4.0 * n * ctx * a.num_heads * a.head_dim
-    kv = n * model.kv_bytes_per_token * (workload.seq_len if workload.phase == "decode" else 1)
-    bytes_ = params * model.weight_bytes + kv + 2.0 * n * model.token_bytes
+    flops = 2.0 * n * params + 4.0 * np.asarray(context, dtype=np.float64) * (a.num_heads * a.head_dim)
+    bytes_ = params * model.weight_bytes + np.asarray(kv_entries, dtype=np.float64) * model.kv_bytes_per_token \
+        + 2.0 * n * model.token_bytes
     return np.where(n > 0, roofline(flops, bytes_, hw, hw.attn_flops) + hw.attn_overhead, 0.0)
 
 

@@ -48,6 +48,8 @@ class StepLoads:
     src_counts:  float [L, G, E] (token, expert) assignments by home GPU and expert
     experts:     int16 [T, L, k] the step's routing (None for a counts trace)
     home:        int64 [T] home GPU per token (None for a counts trace)
+    rows:        int64 [T] the trace rows of the step's tokens when they are not one whole trace step
+                 (a serving iteration, docs/serving.md), else None
     """
 
     step: int
@@ -57,6 +59,7 @@ class StepLoads:
     src_counts: np.ndarray
     experts: np.ndarray | None = None
     home: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
     @property
     def counts(self) -> np.ndarray:

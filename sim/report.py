@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.atomic import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from sim.run import PHASES, SimResult
 
@@ -131,29 +131,24 @@ def per_layer_frame(result: SimResult):
     return pd.concat(frames, ignore_index=True)
 
 
+def write_config_and_summary(out: Path, command: str, config, summary: str) -> list[Path]:
+    """``config.yaml`` (the exact config, with how to rerun it) and ``summary.txt`` (the terminal report)."""
+    write_text_atomic(out / "config.yaml", f"# moe-gps {command}: the exact config of this run; rerun with "
+                                           f"`moe-gps {command} TRACE --config config.yaml`\n" + dump_yaml(config))
+    write_text_atomic(out / "summary.txt", summary + "\n")
+    return [out / "config.yaml", out / "summary.txt"]
+
+
 def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
     """Write the output folder (every file atomically); returns the paths written."""
     import pandas as pd
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    summary = pd.DataFrame(summary_rows(result))
-    with atomic_path(out / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False, float_format="%.6g")
-    written.append(out / "summary.csv")
-    with atomic_path(out / "steps.csv") as tmp:
-        per_step_frame(result).to_csv(tmp, index=False, float_format="%.6g")
-    written.append(out / "steps.csv")
-    with atomic_path(out / "layers.parquet") as tmp:
-        per_layer_frame(result).to_parquet(tmp, index=False)
-    written.append(out / "layers.parquet")
-    write_text_atomic(out / "config.yaml", "# moe-gps simulate: the exact config of this run; rerun with "
-                                           "`moe-gps simulate TRACE --config config.yaml`\n"
-                      + dump_yaml(result.config))
-    written.append(out / "config.yaml")
-    write_text_atomic(out / "summary.txt", format_summary(result) + "\n")
-    written.append(out / "summary.txt")
+    written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(summary_rows(result))),
+               write_csv_atomic(out / "steps.csv", per_step_frame(result)),
+               write_parquet_atomic(out / "layers.parquet", per_layer_frame(result)),
+               *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
     if plots:
         from sim.plots import write_plots
         written += write_plots(result, out)

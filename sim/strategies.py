@@ -95,10 +95,11 @@ class StepDecision:
     replan_host: float = 0.0
     replanned: bool = False
 
-    def work(self, loads: StepLoads, ctx: SimContext) -> StepWork:
-        """The step's phase durations under this decision."""
+    def work(self, loads: StepLoads, ctx: SimContext, attention: np.ndarray | None = None) -> StepWork:
+        """The step's phase durations under this decision (``attention``: float [G] seconds per layer,
+        when the caller knows better than the workload; :func:`sim.work.build_step_work`)."""
         return build_step_work(self.plan, self.copies, loads, ctx.model, ctx.workload, ctx.hw, self.copy_bytes,
-                               self.replan_host)
+                               self.replan_host, attention)
 
 
 #: recent steps whose deviation from their mean a distribution-only plan is checked against
@@ -376,7 +377,9 @@ class OraclePlan(Strategy):
     def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
         self.i = i
         self._loads = {k: v for k, v in self._loads.items() if k >= i}
-        self._memo = {k: v for k, v in self._memo.items() if k[1] >= i}
+        # a serving iteration (loads.rows) is not the whole trace step: what was worked out for step i is not its
+        keep = (lambda k: k[1] > i) if loads.rows is not None else (lambda k: k[1] >= i)
+        self._memo = {k: v for k, v in self._memo.items() if keep(k)}
         self._loads[i] = loads
         return loads.counts
 
@@ -552,9 +555,12 @@ class TokenPlan(Strategy):
         self._total = 0.0
 
     def _step_guess(self, loads: StepLoads) -> tuple[np.ndarray, np.ndarray]:
-        lo = int(self.trace.step_offsets[loads.step]) - self.offset0
-        hi = int(self.trace.step_offsets[loads.step + 1]) - self.offset0
-        guess = self.guess[lo:hi]
+        if loads.rows is not None:
+            guess = self.guess[loads.rows - self.offset0]
+        else:
+            lo = int(self.trace.step_offsets[loads.step]) - self.offset0
+            hi = int(self.trace.step_offsets[loads.step + 1]) - self.offset0
+            guess = self.guess[lo:hi]
         true = loads.experts
         hit = true == guess[:, :, :1]          # [T, L, k]: the true expert is among the guesses
         for j in range(1, guess.shape[2]):

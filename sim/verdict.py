@@ -28,18 +28,28 @@ THIN_STEPS = 8
 
 
 def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
-                     resamples: int = RESAMPLES) -> tuple[float, float, float]:
+                     resamples: int = RESAMPLES, block: int = 1) -> tuple[float, float, float]:
     """(speed-up, low, high): mean(base) / mean(other) and its paired-bootstrap interval.
 
-    base, other: float [S] step latencies of the same steps."""
+    base, other: float [S] step latencies of the same steps. ``block`` > 1: a moving-block bootstrap,
+    which resamples runs of ``block`` consecutive samples (for samples that are correlated in time,
+    such as the requests of one queue)."""
     base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
     point = float(base.mean() / other.mean())
-    if len(base) < 2:
+    n = len(base)
+    if n < 2:
         return point, point, point
-    idx = np.random.default_rng(seed).integers(0, len(base), size=(resamples, len(base)))
-    ratio = base[idx].mean(axis=1) / other[idx].mean(axis=1)
+    rng = np.random.default_rng(seed)
+    block = max(1, min(int(block), n))
+    if block == 1:
+        idx = rng.integers(0, n, size=(resamples, n))
+    else:
+        starts = rng.integers(0, n - block + 1, size=(resamples, -(-n // block)))
+        idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = base[idx].mean(axis=1) / other[idx].mean(axis=1)
     a = (1 - level) / 2
-    lo, hi = np.quantile(ratio, [a, 1 - a])
+    lo, hi = np.nanquantile(ratio, [a, 1 - a])
     return point, float(min(lo, point)), float(max(hi, point))
 
 
@@ -97,21 +107,34 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     base = next((r for r in rows if r.config.kind == "none"), None)
     if base is None or not rows:
         return None
-    seed = result.config.seed
-    lat = {r.name: r.step_latency for r in rows}
-    stats = {name: speedup_interval(lat[base.name], x, seed) for name, x in lat.items()}
-    # on equal mean latency (to rounding) no duplication wins: a change must be faster to be named
-    best = min(float(r.step_latency.mean()) for r in rows)
-    tied = [r for r in rows if float(r.step_latency.mean()) <= best * (1 + 1e-9)]
-    winner = base.name if base in tied else min(tied, key=lambda r: r.name).name
-    S = len(result.steps)
-    point, lo, hi = stats[winner]
-    others = [n for n in lat if n != winner]
-    if winner == base.name:
-        ties = [n for n in others if stats[n][1] <= 1.0 + 1e-9 and stats[n][2] >= 1.0 - 1e-9]
-        best = max(others, key=lambda n: (stats[n][0], n), default=None)
-        runner = None if best is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
-                                                    (best, *stats[best])))
-        return Verdict("none", 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)
-    ties = [n for n in others if lo <= stats[n][0] <= hi]
+    return compare({r.name: r.step_latency for r in rows}, base.name, result.config.seed)
+
+
+def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_better: bool = False,
+            block: int = 1) -> Verdict:
+    """The verdict over deployable strategies' paired ``samples`` (name -> float [S], the same S
+    steps or requests for all, ``base`` among them). The winner has the best mean (lowest, or highest
+    when ``higher_is_better``; ``base`` on a tie); its *speed-up* over ``base`` is mean(base) / mean(it) (or the inverse),
+    with the interval of :func:`speedup_interval` (``block``: its block length)."""
+    def stats(x):
+        return speedup_interval(x, samples[base], seed, block=block) if higher_is_better else \
+            speedup_interval(samples[base], x, seed, block=block)
+
+    sign = -1.0 if higher_is_better else 1.0
+    st = {name: stats(x) for name, x in samples.items()}
+    # on equal means (to rounding) ``base`` wins: a change must be better to be named
+    mean = {n: sign * float(np.mean(x)) for n, x in samples.items()}
+    best = min(mean.values())
+    tied = [n for n in samples if mean[n] <= best + abs(best) * 1e-9]
+    winner = base if base in tied else min(tied)
+    S = len(samples[base])
+    point, lo, hi = st[winner]
+    others = [n for n in samples if n != winner]
+    if winner == base:
+        ties = [n for n in others if st[n][1] <= 1.0 + 1e-9 and st[n][2] >= 1.0 - 1e-9]
+        second = max(others, key=lambda n: (st[n][0], n), default=None)
+        runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
+                                                       (second, *st[second])))
+        return Verdict(base, 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)
+    ties = [n for n in others if lo <= st[n][0] <= hi]
     return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS)

@@ -231,16 +231,19 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
 
 def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, model: ModelConfig,
                     workload: WorkloadConfig, hw: Hardware, copy_bytes: np.ndarray | None = None,
-                    replan_host: float = 0.0) -> StepWork:
+                    replan_host: float = 0.0, attention: np.ndarray | None = None) -> StepWork:
     """Every phase's duration on every GPU for one step under one plan.
 
     copies: the weight copies to schedule inside the step's layers (or None); copy_bytes: float [L]
     bytes the step's re-plan copies (default: those of ``copies``); replan_host: seconds of host work
-    applying a new placement before the first layer.
+    applying a new placement before the first layer; attention: float [G] seconds of each GPU's
+    attention block per layer (default: :func:`attention_time` of its tokens under ``workload``).
     """
     L, G, E = loads.src_counts.shape
     ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw)
-    attn = np.broadcast_to(attention_time(loads.home_tokens, model, workload, hw), (L, G))
+    if attention is None:
+        attention = attention_time(loads.home_tokens, model, workload, hw)
+    attn = np.broadcast_to(attention, (L, G))
     pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
     if hw.predictor_overlap:
         pred = np.maximum(pred - attn, 0.0)        # beside the attention: only what sticks out

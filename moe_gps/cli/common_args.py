@@ -1,4 +1,4 @@
-"""Flags shared by ``moe-gps simulate`` and ``moe-gps recommend``, and how they become configs.
+"""Flags shared by ``moe-gps simulate``, ``recommend`` and ``serve``, and how they become configs.
 
 Both commands describe the deployment the same way: a cluster, a model and a workload
 (``--cluster``, ``--model``, ``--workload``), with the workload's fields overridable by
@@ -19,8 +19,34 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
-def add_deployment_args(p: argparse.ArgumentParser) -> None:
-    """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
+def output_folder(args: argparse.Namespace, command: str):
+    """The output folder, -o DIR or moe-gps-out/<command>-<trace name>, locked for this command
+    (:func:`moe_gps.outputs.hold_output_dir`: a UserError if it is a file or another command holds it)."""
+    from pathlib import Path
+
+    from moe_gps.outputs import hold_output_dir
+
+    out = Path(args.output) if args.output else Path("moe-gps-out") / f"{command}-{Path(args.trace).stem}"
+    return hold_output_dir(out)
+
+
+def print_written(written: list, out) -> None:
+    """The last line of a command that wrote an output folder."""
+    print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the default of --jobs)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def add_cluster_model_args(p: argparse.ArgumentParser) -> None:
+    """Add --cluster and --model to ``p``."""
     from moe_gps.config.loader import preset_names
 
     p.add_argument("--cluster", metavar="PRESET|FILE",
@@ -29,6 +55,11 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PRESET|FILE",
                    help=f"model preset ({', '.join(preset_names('models'))}), model YAML, or a Hugging Face "
                         "config.json / checkpoint folder (default: the preset named by the trace's metadata)")
+
+
+def add_deployment_args(p: argparse.ArgumentParser) -> None:
+    """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
+    add_cluster_model_args(p)
     p.add_argument("--workload", metavar="FILE",
                    help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md)")
     p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")

@@ -21,6 +21,7 @@ COMMANDS = (
     "moe_gps.cli.predict_cmd",
     "moe_gps.cli.plan_cmd",
     "moe_gps.cli.simulate_cmd",
+    "moe_gps.cli.serve_cmd",
     "moe_gps.cli.recommend_cmd",
     "moe_gps.cli.run_cmd",
     "moe_gps.cli.fidelity_cmd",

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from moe_gps.cli.common_args import DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, deployment_from_args
+from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, cpu_cores,
+                                     deployment_from_args, output_folder)
 from moe_gps.errors import UserError
 
 
@@ -53,13 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _command(args: argparse.Namespace, out: Path) -> str:
     """The command line that reruns this report (the cache makes it instant)."""
     parts = ["moe-gps", "recommend", args.trace]
@@ -77,7 +70,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from moe_gps import signals
-    from moe_gps.outputs import hold_output_dir
     from moe_gps.recommend.core import recommend
     from moe_gps.recommend.report import jsonable, summary, terminal, write_report
     from moe_gps.recommend.sweep import load_sweep
@@ -92,8 +84,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         from moe_gps.recommend.ray_pool import import_ray
         import_ray()                       # a missing Ray is one line now, not after loading the trace
-    out = Path(args.output) if args.output else Path("moe-gps-out") / f"recommend-{Path(args.trace).stem}"
-    hold_output_dir(out)
+    out = output_folder(args, "recommend")
     sweep = load_sweep(args.sweep)
     if args.seed is not None:
         sweep = replace(sweep, seed=args.seed)
@@ -101,7 +92,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         sweep = replace(sweep, assumptions=args.assumptions)
     trace = load_trace(args.trace)
     cluster, model, workload, phase_note = deployment_from_args(args, trace)
-    jobs = args.jobs or _cores()
+    jobs = args.jobs or cpu_cores()
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace),
                            backend=args.backend, address=args.address)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from moe_gps.cli.common_args import add_assumptions_arg, add_deployment_args, deployment_from_args, workload_from_args
+from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, deployment_from_args,
+                                     output_folder, print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -24,29 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
     add_deployment_args(p)
-    p.add_argument("--strategies", nargs="+", metavar="NAME",
-                   help="strategies to compare (space or comma separated): none, eplb, static:PLANNER, "
-                        "dist:PREDICTOR, token:PREDICTOR, oracle, and 'all' for every default strategy the trace supports (the "
-                        "default). Predictor options go in parentheses, e.g. "
-                        "'token:synthetic(accuracy=0.95,overhead=8.4e6)'")
-    p.add_argument("--redundant-slots", type=int, metavar="R",
-                   help="extra expert slots per layer over all GPUs for every duplicating strategy "
-                        "(default: one per GPU)")
+    add_strategy_args(p, "steps", "'all' for every default strategy the trace supports (the default)")
     add_assumptions_arg(p)
-    p.add_argument("--copy-policy", choices=COPY_POLICIES,
-                   help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
-                        "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
-                        "background at a share of the link; a new placement serves once its copies landed, as "
-                        "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async")
-    p.add_argument("--replan-interval", type=int, metavar="K",
-                   help="steps between re-plan checks, for every duplicating strategy (default: vLLM's "
-                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle)")
-    p.add_argument("--window", type=int, metavar="W",
-                   help="steps of history a plan is made from, for every duplicating strategy (default: "
-                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 for the oracle)")
-    p.add_argument("--min-gain", type=float, metavar="X",
-                   help="re-plan only when the predicted saving until the next check exceeds X times the "
-                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise)")
     p.add_argument("--train-steps", type=int, metavar="N",
                    help="steps used to fit predictors and profile the static plan (default: a quarter)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
@@ -64,13 +43,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
+def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str) -> None:
+    """Add --strategies, --redundant-slots, --copy-policy, --replan-interval, --window and --min-gain to
+    ``p``; ``unit``: what a re-plan interval counts (steps, iterations); ``default``: the default strategies."""
+    p.add_argument("--strategies", nargs="+", metavar="NAME",
+                   help="strategies to compare (space or comma separated): none, eplb, static:PLANNER, "
+                        f"dist:PREDICTOR, token:PREDICTOR, oracle, and {default}. Predictor options go in "
+                        "parentheses, e.g. 'token:synthetic(accuracy=0.95,overhead=8.4e6)'")
+    p.add_argument("--redundant-slots", type=int, metavar="R",
+                   help="extra expert slots per layer over all GPUs for every duplicating strategy "
+                        "(default: one per GPU)")
+    p.add_argument("--copy-policy", choices=COPY_POLICIES,
+                   help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
+                        "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
+                        "background at a share of the link; a new placement serves once its copies landed, as "
+                        "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async")
+    p.add_argument("--replan-interval", type=int, metavar="K",
+                   help=f"{unit} between re-plan checks, for every duplicating strategy (default: vLLM's "
+                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle)")
+    p.add_argument("--window", type=int, metavar="W",
+                   help="steps of history a plan is made from, for every duplicating strategy (default: "
+                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 for the oracle)")
+    p.add_argument("--min-gain", type=float, metavar="X",
+                   help="re-plan only when the predicted saving until the next check exceeds X times the "
+                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise)")
+
+
 def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], list[str]]:
     """The SimulateConfig the flags describe, notes for the user, and what was inferred from the trace."""
     from dataclasses import replace
 
-    from moe_gps.config import SimulateConfig, load_simulate_config, strategy_from_name
-    from moe_gps.config.loader import split_strategy_names
-    from sim.strategies import expand_strategies
+    from moe_gps.config import SimulateConfig, load_simulate_config
 
     notes: list[str] = []
     inferred: list[str] = []
@@ -84,16 +87,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
         cfg = replace(cfg, workload=workload_from_args(args, cfg.workload))
     else:
         cluster, model, workload, phase_note = deployment_from_args(args, trace)
-        requested = split_strategy_names(args.strategies) if args.strategies else ["all"]
-        names, notes = expand_strategies(requested, trace)
         inferred += [phase_note] if phase_note else []
-        strategies = [strategy_from_name(n) for n in names]
-        if args.redundant_slots is not None:
-            if args.redundant_slots < 0:
-                raise UserError(f"--redundant-slots must be >= 0, got {args.redundant_slots}")
-            strategies = [s if s.kind == "none" else replace(s, redundant_slots=args.redundant_slots)
-                          for s in strategies]
-        strategies = [s if s.kind == "none" else replace(s, **policy_overrides(args)) for s in strategies]
+        strategies, notes = strategies_from_args(args, trace, ["all"])
         cfg = SimulateConfig(cluster=cluster, model=model, workload=workload, strategies=strategies,
                              train_steps=args.train_steps)
         if args.copy_policy:
@@ -108,6 +103,27 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
         cfg = replace(cfg, seed=args.seed)
     cfg = replace(cfg, trace=str(args.trace))
     return cfg, notes, inferred
+
+
+def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) -> tuple[list, list[str]]:
+    """The StrategyConfigs that --strategies (or ``default``), --redundant-slots, --replan-interval, --window
+    and --min-gain describe, and notes for the user."""
+    from dataclasses import replace
+
+    from moe_gps.config import strategy_from_name
+    from moe_gps.config.loader import split_strategy_names
+    from sim.strategies import expand_strategies
+
+    requested = split_strategy_names(args.strategies) if args.strategies else default
+    names, notes = expand_strategies(requested, trace)
+    strategies = [strategy_from_name(n) for n in names]
+    if args.redundant_slots is not None:
+        if args.redundant_slots < 0:
+            raise UserError(f"--redundant-slots must be >= 0, got {args.redundant_slots}")
+        strategies = [s if s.kind == "none" else replace(s, redundant_slots=args.redundant_slots)
+                      for s in strategies]
+    strategies = [s if s.kind == "none" else replace(s, **policy_overrides(args)) for s in strategies]
+    return strategies, notes
 
 
 def policy_overrides(args: argparse.Namespace) -> dict:
@@ -126,13 +142,11 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from moe_gps.jsonsafe import dumps_json
-    from moe_gps.outputs import hold_output_dir
     from moe_gps.trace import load_trace
     from sim.report import format_summary, summary_rows, write_outputs
     from sim.run import simulate
 
-    out = Path(args.output) if args.output else Path("moe-gps-out") / f"simulate-{Path(args.trace).stem}"
-    hold_output_dir(out)
+    out = output_folder(args, "simulate")
     trace = load_trace(args.trace)
     cfg, notes, inferred = build_config(args, trace)
     steps = None
@@ -155,6 +169,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           "inferred": result.inferred, "notes": result.notes}, indent=2))
     else:
         print(format_summary(result))
-        print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+        print_written(written, out)
     sys.stdout.flush()
     return 0

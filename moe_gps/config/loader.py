@@ -25,7 +25,7 @@ from moe_gps.errors import UserError
 from moe_gps.files import parse_yaml, read_yaml
 
 T = TypeVar("T")
-PRESET_KINDS = ("clusters", "models")
+PRESET_KINDS = ("clusters", "models", "workloads")
 #: the range of a non-zero physical quantity in its unit (bandwidths, FLOP rates, capacities,
 #: latencies, efficiencies, bytes per value)
 SANE_RANGE = (1e-6, 1e12)
@@ -162,7 +162,7 @@ def dump_yaml(obj: Any) -> str:
 # ---------------------------------------------------------------------------- files and presets
 
 def preset_names(kind: str) -> list[str]:
-    """Names of the bundled presets of ``kind`` ("clusters" or "models")."""
+    """Names of the bundled presets of ``kind`` ("clusters", "models" or "workloads")."""
     folder = resources.files("moe_gps.config") / "presets" / kind
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 

@@ -1,0 +1,117 @@
+"""Request-level metrics of a serving run, goodput at an SLO, and the verdict between strategies.
+
+Definitions (docs/serving.md, "Metrics"), per request with arrival a, first token f, last
+token e and O output tokens:
+
+* TTFT = f - a;  TPOT = (e - f) / (O - 1) (undefined for O = 1);  end-to-end latency = e - a;
+* throughput = requests / (last finish - first arrival), and output tokens over the same span;
+* a request meets the SLO when TTFT <= ttft_ms and TPOT <= tpot_ms (each when given; a
+  one-token answer has no TPOT to miss); goodput = requests meeting it / the same span.
+
+The verdict compares strategies on the same requests: with an SLO, on goodput (the share of
+requests meeting it); without one, or when every strategy meets it for exactly the same
+requests, on mean end-to-end latency. Its 95% interval is a paired
+moving-block bootstrap over the requests in arrival order (blocks of sqrt(n) requests, since
+neighbours in a queue are not independent): :func:`sim.verdict.compare`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_gps.config.serving import SLOConfig
+from sim.serving.requests import Requests
+from sim.verdict import Verdict, compare
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestTimes:
+    """Per-request latencies in seconds, float [n] each (tpot: NaN for one-token answers)."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+    e2e: np.ndarray
+    queue: np.ndarray
+    span: float
+
+    @classmethod
+    def of(cls, req: Requests, admitted: np.ndarray, first: np.ndarray, finish: np.ndarray) -> "RequestTimes":
+        a = req.arrival_s
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(req.output > 1, (finish - first) / np.maximum(req.output - 1, 1), np.nan)
+        span = float(finish.max() - a.min()) if len(a) else 0.0
+        return cls(first - a, tpot, finish - a, admitted - a, span)
+
+    def met(self, slo: SLOConfig) -> np.ndarray:
+        """bool [n]: the request meets the SLO."""
+        ok = np.ones(len(self.ttft), dtype=bool)
+        if slo.ttft_ms is not None:
+            ok &= self.ttft <= slo.ttft_ms / 1e3
+        if slo.tpot_ms is not None:
+            ok &= np.isnan(self.tpot) | (self.tpot <= slo.tpot_ms / 1e3)
+        return ok
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    x = x[~np.isnan(x)]
+    return float(np.percentile(x, q)) if len(x) else math.nan
+
+
+def latency_row(t: RequestTimes, req: Requests, slo: SLOConfig) -> dict:
+    """Percentiles (ms), means, throughput and goodput of one run, units in the keys."""
+    row: dict = {}
+    for name, x in (("ttft", t.ttft), ("tpot", t.tpot), ("e2e", t.e2e)):
+        row[f"{name}_mean_ms"] = float(np.nanmean(x) * 1e3) if np.isfinite(x).any() else math.nan
+        for q in PERCENTILES:
+            row[f"{name}_p{q}_ms"] = _pct(x, q) * 1e3
+    row["queue_mean_ms"] = float(t.queue.mean() * 1e3) if len(t.queue) else math.nan
+    span = t.span if t.span > 0 else math.nan
+    row["throughput_rps"] = len(req) / span
+    row["output_tokens_per_s"] = float(req.output.sum()) / span
+    met = t.met(slo)
+    row["slo_attainment"] = float(met.mean()) if len(met) else math.nan
+    row["goodput_rps"] = float(met.sum()) / span
+    return row
+
+
+def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base: str | None, slo: SLOConfig,
+                    seed: int) -> tuple[Verdict | None, bool]:
+    """Which deployable strategy serves best (module docstring) -> (verdict, whether it compared goodput);
+    (None, False) without a ``none`` strategy."""
+    if base is None or base not in deployable:
+        return None, False
+    n = len(times[base].e2e)
+    block = max(1, math.ceil(math.sqrt(n)))
+    if slo.given:
+        samples = {s: times[s].met(slo).astype(np.float64) for s in deployable}
+        if not all(np.array_equal(x, samples[base]) for x in samples.values()):
+            if not samples[base].any():
+                # no request of the baseline meets the SLO: compare the shares met + 1/n (a finite ratio)
+                samples = {s: x + 1.0 / n for s, x in samples.items()}
+            return compare(samples, base, seed, higher_is_better=True, block=block), True
+    return compare({s: times[s].e2e for s in deployable}, base, seed, block=block), False
+
+
+def verdict_line(v: Verdict, on_goodput: bool) -> str:
+    """The one-line serving verdict (``on_goodput``: the verdict compared goodput, else mean latency)."""
+    what = "goodput" if on_goodput else "mean end-to-end latency"
+    n = f"{v.steps} requests"
+    ties = f"; ties within the interval: {', '.join(v.ties)}" if v.ties else ""
+    ratio = (lambda x: f"{x:.3f}x none's goodput") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
+    if v.strategy == "none":
+        text = f"verdict ({what}): none (no duplication) is the best deployable strategy"
+        if v.runner_up is not None:
+            r = v.runner_up
+            text += (f"; the best duplicating one, {r['strategy']}, is {ratio(r['speedup'])} "
+                     f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
+        return text + ties
+    text = (f"verdict ({what}): {v.strategy} is the best deployable strategy, {ratio(v.speedup)} "
+            f"(95% CI {v.ci_low:.3f}-{v.ci_high:.3f} over {n})")
+    if not v.beats_none:
+        text += ", not better than no duplication beyond the interval"
+    return text + ties

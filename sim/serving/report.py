@@ -1,0 +1,137 @@
+"""Results of ``moe-gps serve``: terminal tables, CSV/Parquet files, the exact config, plots.
+
+Columns: docs/serving.md, "Outputs".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from moe_gps.atomic import write_csv_atomic, write_parquet_atomic
+from moe_gps.tables import format_table
+from sim.report import write_config_and_summary
+from sim.serving.metrics import verdict_line
+from sim.serving.run import ServeResult
+from sim.serving.server import ITERATION_COLUMNS
+
+TABLE = [("strategy", "strategy", ""), ("ttft_p50_ms", "TTFT p50", ".1f"), ("ttft_p90_ms", "p90", ".1f"),
+         ("ttft_p99_ms", "p99 ms", ".1f"), ("tpot_p50_ms", "TPOT p50", ".2f"), ("tpot_p90_ms", "p90", ".2f"),
+         ("tpot_p99_ms", "p99 ms", ".2f"), ("e2e_p50_ms", "E2E p50", ".0f"), ("e2e_p99_ms", "p99 ms", ".0f"),
+         ("throughput_rps", "req/s", ".2f"), ("output_tokens_per_s", "out tok/s", ",.0f"),
+         ("slo_attainment", "SLO met", ".3f"), ("goodput_rps", "goodput", ".2f"),
+         ("kv_tokens_per_gpu", "KV tok/GPU", ",d"), ("copied_gb", "copied GB", ".1f")]
+
+
+def sustainable_rates(result: ServeResult) -> dict[str, float | None]:
+    """Per strategy, the highest simulated rate up to which every rate meets the SLO attainment target
+    (None: not even the lowest); empty without an SLO."""
+    slo = result.config.slo
+    if not slo.given:
+        return {}
+    out: dict[str, float | None] = {}
+    rows = sorted(result.rows(), key=lambda r: r["rate_rps"])
+    for s in result.config.simulate.strategies:
+        best = None
+        for r in (r for r in rows if r["strategy"] == s.name):
+            if not r["slo_attainment"] >= slo.attainment:
+                break
+            best = r["rate_rps"]
+        out[s.name] = best
+    return out
+
+
+def _slo_text(result: ServeResult) -> str:
+    slo = result.config.slo
+    if not slo.given:
+        return "no SLO (goodput = throughput)"
+    parts = [f"TTFT <= {slo.ttft_ms:g} ms" if slo.ttft_ms is not None else "",
+             f"TPOT <= {slo.tpot_ms:g} ms" if slo.tpot_ms is not None else ""]
+    return "SLO " + " and ".join(p for p in parts if p)
+
+
+def format_summary(result: ServeResult) -> str:
+    """The terminal report: one table and one verdict per rate, then sustainable rates and notes."""
+    cfg = result.config
+    sim_cfg, w, sch = cfg.simulate, cfg.workload, cfg.scheduler
+    head = (f"{sim_cfg.model.name} on {sim_cfg.cluster.name} ({sim_cfg.cluster.num_gpus} GPUs), workload {w.name}: "
+            f"{w.num_requests} requests per rate, {w.arrival.process} arrivals; per GPU: "
+            f"{sch.max_num_batched_tokens} tokens per iteration, {sch.max_num_seqs} running requests; copies "
+            f"{sim_cfg.copy_policy}, seed {sim_cfg.seed}; {_slo_text(result)}")
+    rows = result.rows()
+    blocks = [head]
+    for rr in result.rates:
+        sub = [r for r in rows if r["rate_rps"] == rr.rate]
+        text = format_table(sub, TABLE, title=f"rate {rr.rate:g} requests/s")
+        if rr.verdict is not None:
+            text += "\n" + verdict_line(rr.verdict, rr.on_goodput)
+        blocks.append(text)
+    sus = sustainable_rates(result)
+    if sus and len(result.rates) > 1:
+        lines = [f"  {name}: {'below ' + format(min(r.rate for r in result.rates), 'g') if v is None else format(v, 'g')}"
+                 f" requests/s" for name, v in sus.items()]
+        blocks.append(f"highest rate served with >= {cfg.slo.attainment:.0%} of requests within the SLO:\n"
+                      + "\n".join(lines))
+    if result.notes:
+        blocks.append("\n".join(f"note: {n}" for n in result.notes))
+    return "\n\n".join(blocks)
+
+
+def requests_frame(result: ServeResult):
+    """pandas DataFrame, one row per (rate, strategy, request)."""
+    import pandas as pd
+
+    frames = []
+    for rr in result.rates:
+        q = rr.requests
+        for name, run in rr.runs.items():
+            t = rr.times[name]
+            frames.append(pd.DataFrame({
+                "rate_rps": rr.rate, "strategy": name, "request": np.arange(len(q)), "arrival_s": q.arrival_s,
+                "prompt_tokens": q.prompt, "output_tokens": q.output, "gpu": run.rank, "admitted_s": run.admitted,
+                "first_token_s": run.first, "finish_s": run.finish, "ttft_ms": t.ttft * 1e3,
+                "tpot_ms": t.tpot * 1e3, "e2e_ms": t.e2e * 1e3, "met_slo": t.met(result.config.slo)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def iterations_frame(result: ServeResult):
+    """pandas DataFrame, one row per (rate, strategy, iteration)."""
+    import pandas as pd
+
+    frames = []
+    for rr in result.rates:
+        for name, run in rr.runs.items():
+            d = {"rate_rps": rr.rate, "strategy": name, "iteration": np.arange(len(run.iterations))}
+            for j, col in enumerate(ITERATION_COLUMNS):
+                x = run.iterations[:, j]
+                d[col] = x if col.endswith("_s") else x.astype(np.int64)
+            frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
+    """Write the output folder (every file atomically); returns the paths written."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(result.rows())),
+               write_csv_atomic(out / "requests.csv", requests_frame(result)),
+               write_parquet_atomic(out / "iterations.parquet", iterations_frame(result)),
+               *write_config_and_summary(out, "serve", result.config, format_summary(result))]
+    if plots:
+        from sim.serving.plots import write_plots
+        written += write_plots(result, out)
+    return written
+
+
+def json_summary(result: ServeResult, out: Path) -> dict:
+    """What ``--json`` prints."""
+    rows = result.rows()
+    return {"output": str(out), "slo": {"ttft_ms": result.config.slo.ttft_ms, "tpot_ms": result.config.slo.tpot_ms},
+            "rates": [{"rate_rps": rr.rate, "verdict": rr.verdict.to_dict() if rr.verdict is not None else None,
+                       "verdict_metric": "goodput" if rr.on_goodput else "mean_e2e_latency",
+                       "strategies": [r for r in rows if r["rate_rps"] == rr.rate]} for rr in result.rates],
+            "sustainable_rate_rps": sustainable_rates(result), "notes": result.notes}
