@@ -9,6 +9,7 @@ order, ``home[t] = floor(t * G / T)`` (a data-parallel batch split).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class StepLoads:
     home: np.ndarray | None = None
     rows: np.ndarray | None = None
 
-    @property
+    @cached_property
     def counts(self) -> np.ndarray:
         """float [L, E] true load per expert (scaled)."""
         return self.src_counts.sum(axis=1)
@@ -87,6 +88,31 @@ def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
         experts = home = None
     scale = 1.0 if tokens_per_step is None or T == 0 else tokens_per_step / T
     return StepLoads(step, T * scale, scale, home_tokens * scale, src * scale, experts, home)
+
+
+class StepFeed:
+    """The loads of the test steps (trace steps ``first`` on), each computed once: the run loop takes
+    them in order (:meth:`take`), and a strategy that looks ahead (the oracle) reads the same
+    objects (:meth:`ahead`). Only steps looked ahead of the run loop are kept."""
+
+    def __init__(self, trace: TokensTrace | CountsTrace, first: int, num_gpus: int,
+                 tokens_per_step: int | None = None) -> None:
+        self.trace, self.first, self.num_gpus, self.tokens_per_step = trace, first, num_gpus, tokens_per_step
+        self._kept: dict[int, StepLoads] = {}
+
+    def ahead(self, i: int) -> StepLoads | None:
+        """Test step ``i``'s loads (None past the end of the trace), kept until :meth:`take` takes it."""
+        if self.first + i >= self.trace.num_steps:
+            return None
+        if i not in self._kept:
+            self._kept[i] = step_loads(self.trace, self.first + i, self.num_gpus, self.tokens_per_step)
+        return self._kept[i]
+
+    def take(self, i: int) -> StepLoads:
+        """Test step ``i``'s loads for the run loop; steps before it are forgotten."""
+        for k in [k for k in self._kept if k < i]:
+            del self._kept[k]
+        return self._kept.pop(i, None) or step_loads(self.trace, self.first + i, self.num_gpus, self.tokens_per_step)
 
 
 def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:

@@ -72,8 +72,36 @@ class LayerTimeModel:
 
     def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
                  layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """slot_exp: int [n, P]; slot_tokens: float [n, P] in plan units; layers: int [n] -> (seconds
+        [n] per layer, seconds [n, G] per GPU), each the mean over the scenarios."""
+        return self._totals(layers, **self._sums(self._parts(slot_exp, slot_tokens, layers)))
+
+    # -- moves: what the timeaware planner tries, without evaluating whole layers again
+    def begin(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
+              layers: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+        """The per-GPU sums of ``n`` layers' contents, for :meth:`moved` and :meth:`apply`, and their
+        :meth:`evaluate`."""
+        state = {"layers": np.asarray(layers), **self._parts(slot_exp, slot_tokens, layers)}
+        return (state, *self._totals(state["layers"], **self._sums(state)))
+
+    def moved(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
+              x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`evaluate` of the ``state`` rows ``rows`` [m] with ``x`` [m] plan tokens of ``expert`` [m]
+        moved from slot ``src`` [m] to slot ``dst`` [m] (which takes the expert if it was empty). Only
+        the two GPUs' sums change (and, across nodes, what the two nodes take from every GPU), so a
+        move costs O(K G) instead of a layer's O(K P)."""
+        return self._totals(state["layers"][rows], **self._sums(self._move(state, rows, src, dst, expert, x)))
+
+    def apply(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
+              x: np.ndarray) -> None:
+        """Make the moves of :meth:`moved` in ``state`` (``rows`` distinct)."""
+        for k, v in self._move(state, rows, src, dst, expert, x).items():
+            state[k][:, rows] = v
+
+    def _parts(self, slot_exp: np.ndarray, slot_tokens: np.ndarray, layers: np.ndarray) -> dict:
+        """Per scenario: tokens per slot [K, n, P] and the per-GPU sums [K, n, G] the layer time is made of."""
         n, P = slot_exp.shape
-        S, hw = self.S, self.hw
+        S = self.S
         G = P // S
         e = np.maximum(slot_exp, 0)
         gpu = np.arange(P) // S
@@ -82,24 +110,65 @@ class LayerTimeModel:
         share = np.divide(slot_tokens, plan, out=np.zeros_like(slot_tokens), where=plan > 0)
         tok = share[None] * self.total[:, lr, e]                                  # [K, n, P]
         K = tok.shape[0]
-        ffn = ffn_time(tok, S, self.model, hw)                                    # [K, n, G]
-        if hw.compute_units:
-            ffn = shared_compute(ffn, hw)
-        local = (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3)
-        rows = tok.reshape(K, n, G, S).sum(axis=3)
-        home = self.home[:, layers]
-        if self.nodes == 1:
-            link = np.maximum(home - local, rows - local) * (self.bpt / hw.intra_bw) + self.lat_intra
-        else:
+        out = {"tok": tok, "ffn": ffn_time(tok, S, self.model, self.hw),
+               "local": (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3),
+               "rows": tok.reshape(K, n, G, S).sum(axis=3)}
+        if self.nodes > 1:
             # tokens g's replicas take from g's node, and tokens g sends to its node: per GPU, over the
             # slots of its own node only
             per = P // self.nodes
             own = (self.node[:, None] * per + np.arange(per)[None, :])           # [G, P / nodes] slots of g's node
-            e_own = e[:, own]                                                     # [n, G, Pn]
-            g_idx = np.arange(G)[None, :, None]
-            frac_own = self.frac[:, lr[:, :, None], g_idx, e_own]                 # [K, n, G, Pn]
-            to_node = (tok[:, :, own] * frac_own).sum(axis=3)                     # g -> its node's replicas
-            inn = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
+            frac_own = self.frac[:, lr[:, :, None], np.arange(G)[None, :, None], e[:, own]]   # [K, n, G, Pn]
+            out["to_node"] = (tok[:, :, own] * frac_own).sum(axis=3)              # g -> its node's replicas
+            out["inn"] = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
+        return out
+
+    @staticmethod
+    def _sums(parts: dict) -> dict:
+        return {k: v for k, v in parts.items() if k not in ("tok", "layers")}
+
+    def _move(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
+              x: np.ndarray) -> dict:
+        """The parts of ``state`` rows ``rows`` after the moves (new arrays, [K, m, ...])."""
+        S = self.S
+        lr = state["layers"][rows]
+        e = np.maximum(expert, 0)
+        m = len(rows)
+        ar = np.arange(m)
+        plan = self.plan[lr, e]
+        per = np.divide(x, plan, out=np.zeros(m), where=plan > 0)
+        dk = per[None, :] * self.total[:, lr, e]                                  # [K, m] tokens moved
+        h, c = src // S, dst // S
+        tok = state["tok"][:, rows]
+        tok[:, ar, src] -= dk
+        tok[:, ar, dst] += dk
+        out = {"tok": tok, "ffn": state["ffn"][:, rows], "local": state["local"][:, rows],
+               "rows": state["rows"][:, rows]}
+        for g, sign in ((h, -1.0), (c, 1.0)):
+            slots = g[:, None] * S + np.arange(S)[None, :]
+            out["ffn"][:, ar, g] = ffn_time(tok[:, ar[:, None], slots], S, self.model, self.hw)[..., 0]
+            out["local"][:, ar, g] += sign * dk * self.frac[:, lr, g, e]
+            out["rows"][:, ar, g] += sign * dk
+        if self.nodes > 1:
+            out["inn"] = state["inn"][:, rows]
+            out["inn"][:, ar, h] -= dk * self.fnode[:, lr, self.node[h], e]
+            out["inn"][:, ar, c] += dk * self.fnode[:, lr, self.node[c], e]
+            # every GPU of c's node sends the moved tokens it holds to c now, and those of h's node no longer to h
+            side = ((self.node[None, :] == self.node[c][:, None]).astype(np.float64)
+                    - (self.node[None, :] == self.node[h][:, None]))                       # [m, G]
+            frac = np.moveaxis(self.frac[:, lr, :, e], 0, 1)                              # [K, m, G]
+            out["to_node"] = state["to_node"][:, rows] + dk[:, :, None] * frac * side[None]
+        return out
+
+    def _totals(self, layers: np.ndarray, ffn: np.ndarray, local: np.ndarray, rows: np.ndarray,
+                to_node: np.ndarray | None = None, inn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        hw = self.hw
+        if hw.compute_units:
+            ffn = shared_compute(ffn, hw)
+        home = self.home[:, layers]
+        if to_node is None:
+            link = np.maximum(home - local, rows - local) * (self.bpt / hw.intra_bw) + self.lat_intra
+        else:
             intra = np.maximum(to_node - local, inn - local) * (self.bpt / hw.intra_bw) + self.lat_intra
             inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
             link = np.maximum(intra, inter)
@@ -135,6 +204,15 @@ def home_routing(p: Placement) -> Placement:
     share = np.where(at_home[:, None], (base >= 0).astype(np.float64), p.replica_share)
     return Placement(p.phy2log, p.num_gpus, p.num_experts, share, algorithm=p.algorithm,
                      allow_colocated=p.allow_colocated, meta=p.meta)
+
+
+def static_layout(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> Placement:
+    """No duplication in a shape with ``slots_per_gpu`` slots: every expert with all its tokens in its
+    home slot of the static layout; the other slots hold expert 0's weights and take no tokens. (A
+    layer of :func:`home_routing` at home has this one's times, whatever its other slots hold.)"""
+    base = contiguous(num_layers, num_experts, num_gpus, slots_per_gpu)
+    return Placement(np.where(base >= 0, base, 0), num_gpus, num_experts, (base >= 0).astype(np.float64),
+                     algorithm="none", allow_colocated=True)
 
 
 def pick_layers(a: Placement, b: Placement, keep_b: np.ndarray) -> Placement:

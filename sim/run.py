@@ -26,7 +26,7 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
 from sim.cost import Hardware
 from sim.engine import EventModel
-from sim.loads import as_counts_trace, step_loads, trace_counts
+from sim.loads import StepFeed, as_counts_trace, trace_counts
 from sim.strategies import SimContext, StrategyInfo, make_strategy
 from sim.verdict import Verdict, verdict_of
 from sim.work import StepWork
@@ -194,7 +194,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     config, notes = resolve_config(config, train, trace_name)
 
     hw = dataclasses.replace(hw, weight_reads=config.ffn_weight_reads, predictor_overlap=config.predictor_overlap)
-    ctx = SimContext(G, E, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share)
+    feed = StepFeed(trace, train, G, workload.tokens_per_step)
+    ctx = SimContext(G, E, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share, feed)
     factory = strategy_factory or (lambda cfg, c, seed: make_strategy(cfg, c, seed, cfg.resolved_policy(train)))
     strategies = [factory(cfg, ctx, config.seed) for cfg in config.strategies]
     K = len(strategies)
@@ -221,7 +222,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     timeline: dict[str, list[tuple]] = {}
     bar.set_postfix_str("steps")
     for i, s in enumerate(test_steps):
-        loads = step_loads(trace, int(s), G, workload.tokens_per_step)
+        loads = feed.take(i)
         tokens[i] = loads.tokens
         expert_skew[i] = _skew(loads.counts)
         base_skew[i] = _skew(base.gpu_loads(loads.counts))

@@ -41,8 +41,9 @@ from moe_gps.predict.base import shares
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from sim.cost import Hardware, attention_time, predictor_time
 from sim.engine import EventModel
-from sim.loads import StepLoads, source_counts, step_loads
-from sim.planning import CopyCost, copy_cost, home_routing, phases_time, pick_layers, time_model
+from sim.loads import StepFeed, StepLoads, source_counts, step_loads
+from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layout,
+                          time_model)
 from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, moves_weights,
                       placement_phases, weight_copies)
 
@@ -59,6 +60,7 @@ class SimContext:
     workload: WorkloadConfig
     copy_policy: str = "async"
     bandwidth_share: float = 0.5
+    steps: StepFeed | None = None       # the test steps' loads, shared with the run loop (None: made here)
 
     @property
     def copy_share(self) -> float:
@@ -141,6 +143,7 @@ class Strategy:
         self.scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // size))   # load scenarios a plan is weighed on
         self.history: deque = deque(maxlen=2 * NOISE_STEPS)   # the plan loads of recent steps, as predicted
         self.observed: deque = deque(maxlen=2 * NOISE_STEPS)   # true shares [L, E] of recent steps
+        self._static_times: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # id(src) -> (src, times [L])
 
     # -- lifecycle
     def prepare(self, trace: TokensTrace | CountsTrace, train_steps: int, counts: CountsTrace) -> None:
@@ -254,12 +257,16 @@ class Strategy:
     def _reshare(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> Placement:
         """``p``'s replicas with the tokens of ``belief`` re-split by the timeaware planner (no weights
         move; layers out of the static layout stay as they are)."""
+        return self._reshare_timed(p, belief, src)[0]
+
+    def _reshare_timed(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> tuple[Placement, np.ndarray]:
+        """:meth:`_reshare` and the placement's exact layer times on ``src`` (float [L])."""
         ctx = self.ctx
         opts = {k: v for k, v in self.cfg.planner_options.items() if k != "copy_penalty_s"}
         q = plan_placement(belief, self.num_gpus, self.redundant, "timeaware", previous=p,
                            cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct, belief),
                            copy_penalty_s=np.inf, **opts)
-        return self._no_worse_than_home(q, src)
+        return self._home_checked(q, src)
 
     def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
         """The placement in force at step ``i``, re-split to what the step is believed to route."""
@@ -268,11 +275,32 @@ class Strategy:
     def _no_worse_than_home(self, p: Placement, src: np.ndarray) -> Placement:
         """Per layer in the static layout, the better (exact closed form on ``src``) of ``p`` and its
         home routing (no duplication's)."""
-        home = home_routing(p)
+        return self._home_checked(p, src)[0]
+
+    def _home_checked(self, p: Placement, src: np.ndarray) -> tuple[Placement, np.ndarray]:
+        """:meth:`_no_worse_than_home` and its exact layer times on ``src`` (float [L])."""
         t_p = phases_time(p, src, self.ctx.model, self.hw, self.direct)
-        t_h = phases_time(home, src, self.ctx.model, self.hw, self.direct)
-        worse = t_p > t_h
-        return pick_layers(p, home, worse) if worse.any() else p
+        at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
+        if not at_home.any():
+            return p, t_p
+        # a layer at home routed as no duplication takes the static layout's time, whatever its replicas hold
+        t_h = self._static_time(p.slots_per_gpu, src)
+        worse = at_home & (t_p > t_h)
+        return (pick_layers(p, home_routing(p), worse), np.where(worse, t_h, t_p)) if worse.any() else (p, t_p)
+
+    def _static_time(self, slots_per_gpu: int, src: np.ndarray) -> np.ndarray:
+        """float [L]: the exact layer times on ``src`` of the static layout (no duplication's routing),
+        kept for the last few ``src`` arrays (a step's loads are judged many times)."""
+        hit = self._static_times.get(id(src))
+        if hit is not None and hit[0] is src:
+            return hit[1]
+        ctx = self.ctx
+        t = phases_time(static_layout(ctx.model.num_layers, ctx.num_experts, self.num_gpus, slots_per_gpu), src,
+                        ctx.model, self.hw, self.direct)
+        if len(self._static_times) >= 32:
+            self._static_times.pop(next(iter(self._static_times)))
+        self._static_times[id(src)] = (src, t)
+        return t
 
     # -- re-plan policy
     def _may_replan(self, i: int) -> bool:
@@ -372,7 +400,8 @@ class OraclePlan(Strategy):
     def prepare(self, trace, train_steps, counts) -> None:
         super().prepare(trace, train_steps, counts)
         self._loads: dict[int, StepLoads] = {}
-        self._memo: dict[tuple[int, int], Placement] = {}
+        # (id of a placement, step) -> (that placement, kept alive so that its id is not reused; as run)
+        self._memo: dict[tuple[int, int], tuple[Placement, Placement, np.ndarray]] = {}
 
     def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
         self.i = i
@@ -395,7 +424,9 @@ class OraclePlan(Strategy):
         if s >= self.trace.num_steps:
             return None
         if j not in self._loads:
-            self._loads[j] = step_loads(self.trace, s, self.num_gpus, self.ctx.workload.tokens_per_step)
+            feed = self.ctx.steps
+            self._loads[j] = (feed.ahead(j) if feed is not None
+                              else step_loads(self.trace, s, self.num_gpus, self.ctx.workload.tokens_per_step))
         return self._loads[j]
 
     def _ahead(self, first: int) -> list[int]:
@@ -404,20 +435,23 @@ class OraclePlan(Strategy):
 
     def _at(self, p: Placement, j: int) -> Placement:
         """``p`` as the oracle runs it at step ``j``: re-split to the step's true tokens (memoized)."""
+        return self._run_at(p, j)[0]
+
+    def _run_at(self, p: Placement, j: int) -> tuple[Placement, np.ndarray]:
+        """:meth:`_at` and its placement-decided layer times at step ``j`` (float [L])."""
         key = (id(p), j)
         if key not in self._memo:
             fut = self._future(j)
-            self._memo[key] = self._reshare(p, fut.counts, fut.src_counts)
-        return self._memo[key]
+            self._memo[key] = (p, *self._reshare_timed(p, fut.counts, fut.src_counts))
+        return self._memo[key][1:]
 
-    def _step_time(self, p: Placement, loads: StepLoads) -> float:
+    def _step_time(self, p: Placement) -> float:
         """The placement-decided time of the current step under ``p``, as the oracle runs it."""
-        return float(phases_time(self._at(p, self.i), loads.src_counts, self.ctx.model, self.hw, True).sum())
+        return float(self._run_at(p, self.i)[1].sum())
 
     def _layer_totals(self, p: Placement, steps: list[int]) -> np.ndarray:
         """float [L]: the placement-decided time of every layer summed over ``steps``, as run."""
-        return sum(phases_time(self._at(p, j), self._future(j).src_counts, self.ctx.model, self.hw, True)
-                   for j in steps)
+        return sum(self._run_at(p, j)[1] for j in steps)
 
     def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
         return self._at(self.current, i)
@@ -437,7 +471,14 @@ class OraclePlan(Strategy):
             return p
         home = self._plan(plan_loads, scen, previous, copy_penalty_s, balanced=False)
         slower = self._layer_totals(p, steps) > self._layer_totals(home, steps)
-        return pick_layers(p, home, slower & ~at_home) if slower.any() else p
+        mask = slower & ~at_home
+        if not mask.any():
+            return p
+        picked = pick_layers(p, home, mask)
+        for j in steps:      # layers are re-split on their own: the picked plan as run is the same pick
+            (a, ta), (b, tb) = self._run_at(p, j), self._run_at(home, j)
+            self._memo[(id(picked), j)] = (picked, pick_layers(a, b, mask), np.where(mask, tb, ta))
+        return picked
 
     def _initial(self, i: int, loads: StepLoads) -> Placement:
         return self._plan_from_ahead(i, None, 0.0)
@@ -448,12 +489,12 @@ class OraclePlan(Strategy):
         # free copies: the better of keeping and the plan for this step alone serves this step (no copy
         # cost to pay back later, so a choice per step never loses to none)
         step = self._plan(loads.counts, loads.src_counts, self.current, 0.0)
-        return min((self.current, step), key=lambda p: self._step_time(p, loads))
+        return min((self.current, step), key=self._step_time)
 
     def _worth(self, i, loads, src, cand, moves, cost) -> bool:
         ctx = self.ctx
         if ctx.copy_policy == "hidden":
-            return self._step_time(cand, loads) < self._step_time(self.current, loads)
+            return self._step_time(cand) < self._step_time(self.current)
         host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
         if ctx.copy_policy == "async":
             # a bound on the job's length (its copies one after another), the steps it spans (they

@@ -103,9 +103,10 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     its share of its expert's column, and a GPU's slots are summed.
     """
     L, G, E = src_counts.shape
-    by_expert = np.swapaxes(src_counts, 1, 2)                                   # [L, E, G]
-    per_slot = np.take_along_axis(by_expert, placement.phy2log[:, :, None], axis=1)  # [L, P, G]
-    per_slot = per_slot * placement.replica_share[:, :, None]
+    P = placement.phy2log.shape[1]
+    by_expert = np.ascontiguousarray(np.swapaxes(src_counts, 1, 2)).reshape(L * E, G)   # rows (layer, expert)
+    per_slot = by_expert[(np.arange(L)[:, None] * E + placement.phy2log).ravel()].reshape(L, P, G)
+    per_slot *= placement.replica_share[:, :, None]
     return np.swapaxes(per_slot.reshape(L, G, placement.slots_per_gpu, G).sum(axis=2), 1, 2)
 
 
@@ -200,7 +201,8 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
     gpu_tokens = slot_tokens.reshape(L, G, p.slots_per_gpu).sum(axis=2)
     bpt = model.token_bytes
     layout = layout_time(hw)[None, :]                        # [1, G]
-    if predicted_src is not None:
+    exact = predicted_src is src_counts                      # every token predicted right: no correction
+    if predicted_src is not None and not exact:
         # direct routing: the predicted layout is known, correct tokens go without a layout
         # exchange; the mispredicted ones follow in a correction all-to-all that needs one
         main = route(predicted_src, p)                       # [L, G, G]
@@ -214,9 +216,11 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
     else:
         traffic = route(src_counts, p)
         link = alltoall_time(traffic, bpt, hw)
-        dispatch = layout + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
+        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
         correction = np.zeros((L, G))
-    combine_link = alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
+    # without a correction the combine sends back what the dispatch sent: each GPU's max(send,
+    # receive) and its peers are the same
+    combine_link = link if predicted_src is None or exact else alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
     combine = combine_link + combine_host_time(traffic.sum(axis=2), model, hw)
     if hw.collective_skew:
         # the next phase starts when the latest rank has left the collective

@@ -44,13 +44,44 @@ TRIALS = (1.0, 0.5, 0.25)
 
 
 class TimeModel(Protocol):
-    """Predicted time of MoE layers as a function of where their tokens go."""
+    """Predicted time of MoE layers as a function of where their tokens go.
+
+    A model may also offer ``begin``, ``moved`` and ``apply`` (as
+    :class:`sim.planning.LayerTimeModel` does) to price a move from per-GPU sums instead of
+    whole layers; otherwise :class:`_Moves` prices moves with :meth:`evaluate`."""
 
     def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
                  layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """slot_exp: int [n, P] (-1 = empty, with 0 tokens); slot_tokens: float [n, P];
         layers: int [n], the layers the rows are -> (seconds [n] per layer, seconds [n, G]
         per GPU: the GPU's own share of the layer, used to pick the hottest and coldest)."""
+
+
+class _Moves:
+    """``begin`` / ``moved`` / ``apply`` of a time model that has only ``evaluate``: each move is
+    priced by evaluating its whole layer."""
+
+    def __init__(self, cost: TimeModel) -> None:
+        self.cost = cost
+
+    def begin(self, slot_exp, slot_tokens, layers):
+        state = {"exp": slot_exp.copy(), "tok": slot_tokens.copy(), "layers": np.asarray(layers)}
+        return (state, *self.cost.evaluate(slot_exp, slot_tokens, layers))
+
+    def _moved(self, state, rows, src, dst, expert, x):
+        ar = np.arange(len(rows))
+        exp, tok = state["exp"][rows], state["tok"][rows]
+        tok[ar, src] -= x
+        tok[ar, dst] += x
+        exp[ar, dst] = np.where(x > 0, expert, exp[ar, dst])
+        return exp, tok
+
+    def moved(self, state, rows, src, dst, expert, x):
+        exp, tok = self._moved(state, rows, src, dst, expert, x)
+        return self.cost.evaluate(exp, tok, state["layers"][rows])
+
+    def apply(self, state, rows, src, dst, expert, x) -> None:
+        state["exp"][rows], state["tok"][rows] = self._moved(state, rows, src, dst, expert, x)
 
 
 def home_layers(placement: Placement | None, base: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -140,7 +171,8 @@ def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds):
         slot_exp[at_home] = previous.phy2log[at_home]
     tokens = np.where(home, np.take_along_axis(loads, np.maximum(base, 0), axis=1), 0.0)
     gpu = np.arange(P) // S
-    obj, gpu_t = cost.evaluate(slot_exp, tokens, np.arange(L))
+    model = cost if hasattr(cost, "moved") else _Moves(cost)
+    state, obj, gpu_t = model.begin(slot_exp, tokens, np.arange(L))
     score = obj.copy()
     spread = (gpu_t ** 2).sum(axis=1)
     active = loads.sum(axis=1) > 0
@@ -170,12 +202,7 @@ def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds):
         # every trial amount at once: rows k * n + j are trial k of layer idx[j]
         K = len(TRIALS)
         x = np.where(ok, half, 0.0)[None, :] * np.asarray(TRIALS)[:, None]          # [K, n]
-        t_exp, t_tok = np.tile(ex, (K, 1)), np.tile(tk, (K, 1))
-        rk = np.arange(K * n)
-        t_tok[rk, np.tile(src, K)] -= x.ravel()
-        t_tok[rk, np.tile(dst, K)] += x.ravel()
-        t_exp[rk, np.tile(dst, K)] = np.where(np.tile(ok, K), np.tile(e, K), t_exp[rk, np.tile(dst, K)])
-        o, g = cost.evaluate(t_exp, t_tok, np.tile(idx, K))
+        o, g = model.moved(state, np.tile(idx, K), np.tile(src, K), np.tile(dst, K), np.tile(e, K), x.ravel())
         o, g = o.reshape(K, n), g.reshape(K, n, -1)
         s_k = o + np.where(ok & ~shift, penalty, 0.0)[None, :] + (score[idx] - obj[idx])[None, :]
         # a move must lower the layer's time (with penalties), or keep it and even out the GPUs (a
@@ -194,6 +221,7 @@ def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds):
         t = np.flatnonzero(take)
         li = idx[t]
         x = half[t] * np.asarray(TRIALS)[best_k[t]]
+        model.apply(state, li, src[t], dst[t], e[t], x)
         tokens[li, src[t]] -= x
         tokens[li, dst[t]] += x
         new = ~shift[t]

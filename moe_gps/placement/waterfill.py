@@ -251,7 +251,9 @@ def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: in
     S = P // N
     new_on = (split_experts(phy2log, N, E)[0] > 0).astype(np.float64)     # [L, N, E]
     old_on = (split_experts(prev, N, E)[0] > 0).astype(np.float64)
-    overlap = new_on @ np.transpose(old_on, (0, 2, 1))                  # [L, new GPU, old GPU]
+    # [L, new GPU, old GPU]; einsum's own loop, not BLAS: on a busy machine BLAS threads for such
+    # small products can wait on each other for hundreds of milliseconds
+    overlap = np.einsum("lne,lme->lnm", new_on, old_on)
     rows = np.arange(L)
     order = np.argsort(-overlap.max(axis=2), axis=1, kind="stable")     # surest matches first
     free_old = np.zeros((L, N))                                         # -inf once taken

@@ -1,0 +1,115 @@
+"""The planner's time model: a move priced from per-GPU sums equals evaluating the whole layer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from moe_gps.config import load_cluster, load_model
+from moe_gps.placement import Placement, plan_placement
+from moe_gps.placement.layouts import contiguous
+from moe_gps.placement.timeaware import _Moves
+from sim.cost import Hardware
+from sim.planning import time_model
+
+
+def _case(nodes: int, K: int, seed: int):
+    model = replace(load_model("mixtral-8x7b"), num_experts=16, num_layers=3, top_k=2)
+    cluster = load_cluster("2x8xH100-ib" if nodes > 1 else "4xA100-nvlink")
+    G = 8 if nodes > 1 else 4
+    cluster = replace(cluster, num_gpus=G)
+    hw = Hardware.from_config(cluster, model)
+    rng = np.random.default_rng(seed)
+    L, E = model.num_layers, model.num_experts
+    src = rng.gamma(0.7, 50.0, size=(K, L, G, E)) * rng.integers(0, 2, size=(K, L, G, E))
+    S = E // G + 1
+    return model, hw, src, S
+
+
+@pytest.mark.parametrize("nodes,K", [(1, 1), (1, 3), (2, 1), (2, 2)])
+def test_moved_equals_evaluate(nodes, K):
+    model, hw, src, S = _case(nodes, K, seed=nodes * 10 + K)
+    L, G, E = src.shape[1:]
+    P = G * S
+    tm = time_model(src, S, model, hw)
+    rng = np.random.default_rng(1)
+    p = plan_placement(src.mean(axis=0).sum(axis=1), G, P - E, "eplb")
+    exp = p.phy2log.copy()
+    exp[:, rng.integers(0, P, 2)] = -1                                   # some empty slots
+    tok = np.where(exp >= 0, rng.uniform(0, 40, size=exp.shape), 0.0)
+    layers = np.arange(L)
+    state, obj, gpu_t = tm.begin(exp, tok, layers)
+    o0, g0 = tm.evaluate(exp, tok, layers)
+    assert np.allclose(obj, o0) and np.allclose(gpu_t, g0)
+    m = 40
+    rows = rng.integers(0, L, m)
+    src_slot = rng.integers(0, P, m)
+    e = exp[rows, src_slot]
+    # as the planner moves: to a slot of the same expert or an empty one
+    dst_slot = np.array([rng.choice(np.flatnonzero(((exp[r] == x) | (exp[r] < 0)) & (np.arange(P) != s)))
+                         for r, s, x in zip(rows, src_slot, e)])
+    x = np.where(e >= 0, rng.uniform(0, 1, m) * tok[rows, src_slot], 0.0)
+    o, g = tm.moved(state, rows, src_slot, dst_slot, e, x)
+    ref = _Moves(tm)
+    ref_state = ref.begin(exp, tok, layers)[0]
+    o_ref, g_ref = ref.moved(ref_state, rows, src_slot, dst_slot, e, x)
+    assert np.allclose(o, o_ref, rtol=1e-10, atol=1e-15) and np.allclose(g, g_ref, rtol=1e-10, atol=1e-15)
+    # applied moves (one per layer) leave the state equal to evaluating the moved layers afresh
+    one = np.unique(rows, return_index=True)[1]
+    tm.apply(state, rows[one], src_slot[one], dst_slot[one], e[one], x[one])
+    ref.apply(ref_state, rows[one], src_slot[one], dst_slot[one], e[one], x[one])
+    o1, g1 = tm.moved(state, np.arange(L), np.zeros(L, int), np.zeros(L, int), np.zeros(L, int), np.zeros(L))
+    o2, g2 = tm.evaluate(ref_state["exp"], ref_state["tok"], layers)
+    assert np.allclose(o1, o2, rtol=1e-10) and np.allclose(g1, g2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_planner_plans_the_same_with_either_pricing(nodes):
+    """timeaware with the model's own move pricing gives the plan that pricing by whole layers gives."""
+    model, hw, src, S = _case(nodes, 2, seed=7)
+    L, G, E = src.shape[1:]
+    loads = src.mean(axis=0).sum(axis=1)
+    tm = time_model(src, S, model, hw)
+    prev = plan_placement(loads[::-1].copy(), G, G * S - E, "eplb")
+    for previous, penalty in ((None, 0.0), (prev, 1e-5), (prev, np.inf)):
+        a = plan_placement(loads, G, G * S - E, "timeaware", cost=tm, previous=previous, copy_penalty_s=penalty)
+        b = plan_placement(loads, G, G * S - E, "timeaware", cost=_Plain(tm), previous=previous,
+                           copy_penalty_s=penalty)
+        assert np.array_equal(a.phy2log, b.phy2log)
+        assert np.allclose(a.replica_share, b.replica_share, atol=1e-9)
+
+
+class _Plain:
+    """A time model with ``evaluate`` only (moves priced by whole layers)."""
+
+    def __init__(self, tm):
+        self.tm = tm
+
+    def evaluate(self, slot_exp, slot_tokens, layers):
+        return self.tm.evaluate(slot_exp, slot_tokens, layers)
+
+
+def test_static_layout_times_a_layer_at_home_whatever_its_replicas_hold():
+    """A layer of home_routing(p) that keeps the static layout takes the static layout's time (what
+    the strategies' no-worse-than-home check reads from a cache per step)."""
+    from sim.planning import home_routing, phases_time, static_layout
+
+    model, hw, src, S = _case(2, 1, seed=3)
+    src = src[0]
+    L, G, E = src.shape
+    base = contiguous(L, E, G, S)
+    # every layer at home, its spare slots holding replicas of other GPUs' experts that take half their tokens
+    spare = base < 0
+    other = (np.arange(L * G * S).reshape(L, G * S) * 5) % E
+    phy2log = np.where(spare, other, base)
+    share = np.where(spare, 0.5, 1.0)
+    for layer in range(L):
+        for e in np.unique(phy2log[layer][spare[layer]]):
+            reps = phy2log[layer] == e
+            share[layer, reps] = 1.0 / reps.sum()
+    p = Placement(phy2log, G, E, share, allow_colocated=True)
+    t_static = phases_time(static_layout(L, E, G, S), src, model, hw)
+    assert np.allclose(phases_time(home_routing(p), src, model, hw), t_static, rtol=1e-12)
+    assert not np.allclose(phases_time(p, src, model, hw), t_static)              # its replicas take tokens
