@@ -51,6 +51,8 @@ class StepLoads:
     home:        int64 [T] home GPU per token (None for a counts trace)
     rows:        int64 [T] the trace rows of the step's tokens when they are not one whole trace step
                  (a serving iteration, docs/serving.md), else None
+    home_frac:   float [G] when every GPU's tokens have the same expert mix (a counts trace:
+                 src_counts[l, g, e] = counts[l, e] x home_frac[g]), else None
     """
 
     step: int
@@ -61,6 +63,7 @@ class StepLoads:
     experts: np.ndarray | None = None
     home: np.ndarray | None = None
     rows: np.ndarray | None = None
+    home_frac: np.ndarray | None = None
 
     @cached_property
     def counts(self) -> np.ndarray:
@@ -76,18 +79,20 @@ def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
         r = trace.step(step)
         T = r.num_tokens
         home = home_gpus(T, num_gpus, r.rank)
-        src = source_counts(r.experts, home, num_gpus, E)
         home_tokens = np.bincount(home, minlength=num_gpus).astype(np.float64)
-        experts = r.experts
-    else:
-        counts = trace.counts()[step].astype(np.float64)  # [L, E]
-        T = int(trace.tokens_per_step[step])
-        home_tokens = np.bincount(home_gpus(T, num_gpus), minlength=num_gpus).astype(np.float64)
-        frac = home_tokens / max(T, 1)
-        src = counts[:, None, :] * frac[None, :, None]  # same expert mix on every GPU
-        experts = home = None
-    scale = 1.0 if tokens_per_step is None or T == 0 else tokens_per_step / T
-    return StepLoads(step, T * scale, scale, home_tokens * scale, src * scale, experts, home)
+        scale = _scale(T, tokens_per_step)
+        src = source_counts(r.experts, home, num_gpus, E) * scale
+        return StepLoads(step, T * scale, scale, home_tokens * scale, src, r.experts, home)
+    T = int(trace.tokens_per_step[step])
+    home_tokens = np.bincount(home_gpus(T, num_gpus), minlength=num_gpus).astype(np.float64)
+    frac = home_tokens / max(T, 1)
+    scale = _scale(T, tokens_per_step)
+    src = (trace.counts()[step] * scale)[:, None, :] * frac[None, :, None]   # the same expert mix on every GPU
+    return StepLoads(step, T * scale, scale, home_tokens * scale, src, home_frac=frac)
+
+
+def _scale(num_tokens: int, tokens_per_step: int | None) -> float:
+    return 1.0 if tokens_per_step is None or num_tokens == 0 else tokens_per_step / num_tokens
 
 
 class StepFeed:

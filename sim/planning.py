@@ -186,13 +186,14 @@ def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hard
 
 
 def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,
-                direct: bool = False) -> np.ndarray:
+                direct: bool = False, home_frac: np.ndarray | None = None) -> np.ndarray:
     """float [L]: the exact closed-form dispatch + FFN + combine time of each layer under ``p``
     (every token routed after the gate, or, with ``direct``, straight from the prediction ``src``);
-    ``src`` [K, L, G, E]: the mean over the K scenarios."""
+    ``src`` [K, L, G, E]: the mean over the K scenarios; ``home_frac``: float [G] when every GPU's
+    tokens have the same expert mix (:func:`sim.work.route`)."""
     if src.ndim == 4:
-        return np.mean([phases_time(p, x, model, hw, direct) for x in src], axis=0)
-    return placement_phases(p, src, src if direct else None, model, hw).layer_time()
+        return np.mean([phases_time(p, x, model, hw, direct, home_frac) for x in src], axis=0)
+    return placement_phases(p, src, src if direct else None, model, hw, home_frac).layer_time()
 
 
 def home_routing(p: Placement) -> Placement:

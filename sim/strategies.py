@@ -26,6 +26,7 @@ in the background and it takes effect at the first step after they have landed.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,7 +144,9 @@ class Strategy:
         self.scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // size))   # load scenarios a plan is weighed on
         self.history: deque = deque(maxlen=2 * NOISE_STEPS)   # the plan loads of recent steps, as predicted
         self.observed: deque = deque(maxlen=2 * NOISE_STEPS)   # true shares [L, E] of recent steps
-        self._static_times: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # id(src) -> (src, times [L])
+        # facts about recent load arrays, by identity (a weak reference: a dead array's id may be reused)
+        self._static_times: dict[int, tuple[weakref.ref, np.ndarray]] = {}   # id(src) -> (src, times [L])
+        self._mixes: dict[int, tuple[weakref.ref, np.ndarray]] = {}          # id(src) -> (src, home_frac [G])
 
     # -- lifecycle
     def prepare(self, trace: TokensTrace | CountsTrace, train_steps: int, counts: CountsTrace) -> None:
@@ -162,7 +165,8 @@ class Strategy:
         L = loads.src_counts.shape[0]
         belief = self._belief(i, loads)
         self.beliefs.append(belief)
-        src = self._src(loads, belief)
+        checks = self.current is not None and self.pending is None and self.since >= self.policy.interval
+        src = self._src(loads, belief) if checks or self.reshares else None      # what the strategy believes
         copies = background = None
         copy_bytes = np.zeros(L)
         host = 0.0
@@ -208,7 +212,23 @@ class Strategy:
         """float [L, G, E]: the believed assignments by home GPU (each GPU's tokens with the
         believed expert mix)."""
         b = belief if belief is not None else self._plan_loads()
-        return b[:, None, :] * _home_frac(loads)[None, :, None]
+        return self._same_mix(b, _home_frac(loads))
+
+    def _same_mix(self, counts: np.ndarray, home_frac: np.ndarray) -> np.ndarray:
+        """float [(K,) L, G, E]: ``counts`` [(K,) L, E] spread over the GPUs by ``home_frac`` [G] (the
+        same expert mix on every GPU), remembered as such so that its traffic is computed as an
+        outer product (:func:`sim.work.route`)."""
+        return self._remember_mix(counts[..., None, :] * home_frac[:, None], home_frac)
+
+    def _remember_mix(self, src: np.ndarray, home_frac: np.ndarray | None) -> np.ndarray:
+        """``src``, noted as made of one expert mix spread by ``home_frac`` (None: nothing noted)."""
+        if home_frac is not None:
+            _note(self._mixes, src, home_frac)
+        return src
+
+    def _mix(self, src: np.ndarray) -> np.ndarray | None:
+        """The home_frac [G] ``src`` was made with by :meth:`_same_mix` (None: any other array)."""
+        return _noted(self._mixes, src)
 
     def _plan_loads(self) -> np.ndarray:
         """float [L, E]: the loads a (re-)plan is made from: the mean of the last ``window`` beliefs."""
@@ -216,7 +236,7 @@ class Strategy:
 
     def _scenarios(self, loads: StepLoads, plan_loads: np.ndarray) -> np.ndarray:
         """float [L, G, E] (or [K, L, G, E]: K scenarios) that a plan for ``plan_loads`` is judged on."""
-        return plan_loads[:, None, :] * _home_frac(loads)[None, :, None]
+        return self._same_mix(plan_loads, _home_frac(loads))
 
     def _observe(self, loads: StepLoads) -> None:
         """The step's true routing, known once it has run."""
@@ -279,7 +299,7 @@ class Strategy:
 
     def _home_checked(self, p: Placement, src: np.ndarray) -> tuple[Placement, np.ndarray]:
         """:meth:`_no_worse_than_home` and its exact layer times on ``src`` (float [L])."""
-        t_p = phases_time(p, src, self.ctx.model, self.hw, self.direct)
+        t_p = phases_time(p, src, self.ctx.model, self.hw, self.direct, self._mix(src))
         at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
         if not at_home.any():
             return p, t_p
@@ -291,15 +311,12 @@ class Strategy:
     def _static_time(self, slots_per_gpu: int, src: np.ndarray) -> np.ndarray:
         """float [L]: the exact layer times on ``src`` of the static layout (no duplication's routing),
         kept for the last few ``src`` arrays (a step's loads are judged many times)."""
-        hit = self._static_times.get(id(src))
-        if hit is not None and hit[0] is src:
-            return hit[1]
-        ctx = self.ctx
-        t = phases_time(static_layout(ctx.model.num_layers, ctx.num_experts, self.num_gpus, slots_per_gpu), src,
-                        ctx.model, self.hw, self.direct)
-        if len(self._static_times) >= 32:
-            self._static_times.pop(next(iter(self._static_times)))
-        self._static_times[id(src)] = (src, t)
+        t = _noted(self._static_times, src)
+        if t is None:
+            ctx = self.ctx
+            t = phases_time(static_layout(ctx.model.num_layers, ctx.num_experts, self.num_gpus, slots_per_gpu),
+                            src, ctx.model, self.hw, self.direct, self._mix(src))
+            _note(self._static_times, src, t)
         return t
 
     # -- re-plan policy
@@ -309,7 +326,7 @@ class Strategy:
     def _copy_cost(self, loads: StepLoads, src: np.ndarray) -> CopyCost:
         ctx = self.ctx
         keep = self._reshare(self.current, self.beliefs[-1], src) if self.reshares else self.current
-        ph = placement_phases(keep, src, src if self.direct else None, ctx.model, self.hw)
+        ph = placement_phases(keep, src, src if self.direct else None, ctx.model, self.hw, self._mix(src))
         return copy_cost(ctx.copy_policy, ctx.bandwidth_share, ph, loads.home_tokens, self._predictor_time(loads),
                          ctx.model, ctx.workload, self.hw)
 
@@ -336,9 +353,10 @@ class Strategy:
         else:
             earlier = cand
         seen = np.stack(list(self.observed)[-late:]) * self._plan_loads().sum(axis=1)[None, :, None]
-        seen = seen[:, :, None, :] * _home_frac(loads)[None, None, :, None]
-        per_step = np.array([phases_time(self.current, x, ctx.model, self.hw, self.direct).sum()
-                             - phases_time(earlier, x, ctx.model, self.hw, self.direct).sum() for x in seen])
+        frac = _home_frac(loads)
+        seen = seen[:, :, None, :] * frac[None, None, :, None]
+        per_step = np.array([phases_time(self.current, x, ctx.model, self.hw, self.direct, frac).sum()
+                             - phases_time(earlier, x, ctx.model, self.hw, self.direct, frac).sum() for x in seen])
         saving = float(per_step.mean()) * self.policy.interval
         price = cost.replan(moves) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
         sure = late < 2 or per_step.mean() > 2 * per_step.std(ddof=1) / np.sqrt(late)
@@ -347,6 +365,19 @@ class Strategy:
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
         """Per-GPU seconds of a PredictorCost over each GPU's own tokens (one layer)."""
         return predictor_time(loads.home_tokens, cost, self.hw)
+
+
+def _note(facts: dict, array: np.ndarray, value: np.ndarray, keep: int = 64) -> None:
+    """Remember ``value`` for ``array`` (by identity, without keeping it alive); the last ``keep``."""
+    if len(facts) >= keep:
+        facts.pop(next(iter(facts)))
+    facts[id(array)] = (weakref.ref(array), value)
+
+
+def _noted(facts: dict, array: np.ndarray) -> np.ndarray | None:
+    """What :func:`_note` remembered for ``array`` (None: nothing, or another array that had its id)."""
+    hit = facts.get(id(array))
+    return hit[1] if hit is not None and hit[0]() is array else None
 
 
 def _home_frac(loads: StepLoads) -> np.ndarray:
@@ -370,15 +401,27 @@ class StaticPlan(Strategy):
 
     def prepare(self, trace, train_steps, counts) -> None:
         super().prepare(trace, train_steps, counts)
-        self.counts = counts.counts().astype(np.float64)
+        self.counts = counts.counts()                 # int [steps, L, E], the trace's own array
+        self._window = (0, 0)                         # steps [start, end) summed in _sum
+        self._sum = np.zeros(self.counts.shape[1:])
 
     def _belief(self, i: int, loads: StepLoads) -> None:
         self.i = i
         return None
 
     def _plan_loads(self) -> np.ndarray:
+        """The mean true loads of the ``window`` steps before the current one (a running sum: counts
+        are integers, so it is exact)."""
         end = self.train_steps + self.i          # steps before the current one are known
-        return self.counts[max(0, end - self.policy.window):end].mean(axis=0)
+        start = max(0, end - self.policy.window)
+        s0, e0 = self._window
+        if start >= e0 or start < s0 or end < e0:
+            self._sum = self.counts[start:end].sum(axis=0, dtype=np.float64)
+        else:
+            self._sum += self.counts[e0:end].sum(axis=0, dtype=np.float64)
+            self._sum -= self.counts[s0:start].sum(axis=0, dtype=np.float64)
+        self._window = (start, end)
+        return self._sum / max(end - start, 1)
 
 
 class OraclePlan(Strategy):
@@ -410,6 +453,7 @@ class OraclePlan(Strategy):
         keep = (lambda k: k[1] > i) if loads.rows is not None else (lambda k: k[1] >= i)
         self._memo = {k: v for k, v in self._memo.items() if keep(k)}
         self._loads[i] = loads
+        self._remember_mix(loads.src_counts, loads.home_frac)         # a counts trace's steps are one mix
         return loads.counts
 
     def _src(self, loads, belief) -> np.ndarray:
@@ -427,6 +471,7 @@ class OraclePlan(Strategy):
             feed = self.ctx.steps
             self._loads[j] = (feed.ahead(j) if feed is not None
                               else step_loads(self.trace, s, self.num_gpus, self.ctx.workload.tokens_per_step))
+            self._remember_mix(self._loads[j].src_counts, self._loads[j].home_frac)
         return self._loads[j]
 
     def _ahead(self, first: int) -> list[int]:
@@ -509,7 +554,7 @@ class OraclePlan(Strategy):
                 if fut is None:
                     return False                     # would land after the end of the trace
                 keep = self._at(self.current, j)
-                ph = placement_phases(keep, fut.src_counts, fut.src_counts, ctx.model, self.hw)
+                ph = placement_phases(keep, fut.src_counts, fut.src_counts, ctx.model, self.hw, fut.home_frac)
                 attn = attention_time(fut.home_tokens, ctx.model, ctx.workload, self.hw).max(initial=0.0)
                 elapsed += float(ph.layer_time().sum() + attn * len(ph.ffn))
                 price += float((ph.dispatch_link + ph.combine_link).max(axis=1).sum()) * stretch
@@ -561,7 +606,7 @@ class DistributionPlan(Strategy):
         recent = np.stack(list(self.observed)[-self.scenarios:])                # [K, L, E] shares
         dev = (recent - recent.mean(axis=0)) * plan_loads.sum(axis=1)[None, :, None]
         scen = np.maximum(plan_loads[None] + dev, 0.0)
-        return scen[:, :, None, :] * _home_frac(loads)[None, None, :, None]
+        return self._same_mix(scen, _home_frac(loads))
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         if self.hw.predictor_overlap:

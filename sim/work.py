@@ -96,13 +96,18 @@ def share_by_gpu(placement: Placement) -> np.ndarray:
     return flat.reshape(L, E, G)
 
 
-def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
+def route(src_counts: np.ndarray, placement: Placement, home_frac: np.ndarray | None = None) -> np.ndarray:
     """Tokens from home GPU g to GPU h when each expert's tokens split by replica share.
 
     src_counts: float [L, G, E] -> float [L, G, G]; no matrix product: each slot takes
-    its share of its expert's column, and a GPU's slots are summed.
+    its share of its expert's column, and a GPU's slots are summed. ``home_frac``: float [G]
+    when every GPU's tokens have the same expert mix (src_counts[l, g, e] = counts[l, e] x
+    home_frac[g]): the traffic is then home_frac[g] x the tokens GPU h takes.
     """
     L, G, E = src_counts.shape
+    if home_frac is not None:
+        takes = placement.slot_loads(src_counts.sum(axis=1)).reshape(L, G, placement.slots_per_gpu).sum(axis=2)
+        return home_frac[None, :, None] * takes[:, None, :]
     P = placement.phy2log.shape[1]
     by_expert = np.ascontiguousarray(np.swapaxes(src_counts, 1, 2)).reshape(L * E, G)   # rows (layer, expert)
     per_slot = by_expert[(np.arange(L)[:, None] * E + placement.phy2log).ravel()].reshape(L, P, G)
@@ -186,12 +191,13 @@ class PlacementPhases:
 
 
 def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.ndarray | None,
-                     model: ModelConfig, hw: Hardware) -> PlacementPhases:
+                     model: ModelConfig, hw: Hardware, home_frac: np.ndarray | None = None) -> PlacementPhases:
     """Dispatch, correction, FFN and combine of every layer and GPU under placement ``p``.
 
     src_counts: float [L, G, E] (token, expert) assignments by home GPU; predicted_src: the
     correctly predicted part of them when tokens are routed directly (token-to-expert
-    prediction), else None (every token is dispatched after the gate).
+    prediction), else None (every token is dispatched after the gate); home_frac: float [G]
+    when every GPU's tokens of ``src_counts`` have the same expert mix (:func:`route`).
     """
     L, G, E = src_counts.shape
     counts = src_counts.sum(axis=1)                          # [L, E]
@@ -214,7 +220,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
     else:
-        traffic = route(src_counts, p)
+        traffic = route(src_counts, p, home_frac)
         link = alltoall_time(traffic, bpt, hw)
         dispatch = (0.0 if exact else layout) + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
         correction = np.zeros((L, G))
@@ -244,7 +250,7 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     attention block per layer (default: :func:`attention_time` of its tokens under ``workload``).
     """
     L, G, E = loads.src_counts.shape
-    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw)
+    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac)
     if attention is None:
         attention = attention_time(loads.home_tokens, model, workload, hw)
     attn = np.broadcast_to(attention, (L, G))

@@ -113,3 +113,42 @@ def test_static_layout_times_a_layer_at_home_whatever_its_replicas_hold():
     t_static = phases_time(static_layout(L, E, G, S), src, model, hw)
     assert np.allclose(phases_time(home_routing(p), src, model, hw), t_static, rtol=1e-12)
     assert not np.allclose(phases_time(p, src, model, hw), t_static)              # its replicas take tokens
+
+
+def test_same_mix_traffic_is_the_outer_product():
+    """When every GPU's tokens have the same expert mix, route's outer product equals the gather."""
+    from sim.work import placement_phases, route
+
+    model, hw, src, S = _case(2, 1, seed=5)
+    L, G, E = src.shape[1:]
+    counts = src[0].sum(axis=1)
+    frac = np.random.default_rng(2).dirichlet(np.ones(G))
+    same = counts[:, None, :] * frac[None, :, None]
+    p = plan_placement(counts, G, G * S - E, "eplb")
+    assert np.allclose(route(same, p, frac), route(same, p), rtol=1e-12)
+    for predicted in (None, same):
+        a = placement_phases(p, same, predicted, model, hw, frac)
+        b = placement_phases(p, same, predicted, model, hw)
+        assert np.allclose(a.layer_time(), b.layer_time(), rtol=1e-12)
+
+
+def test_counts_trace_simulates_the_same_with_and_without_the_outer_product(monkeypatch):
+    from moe_gps.config import SimulateConfig, strategy_from_name
+    import sim.work
+    from moe_gps.trace.synth_counts import synthesize_counts
+    from sim.run import simulate
+
+    trace = synthesize_counts("mixtral-mmlu", num_steps=24, tokens_per_step=512, seed=3, num_layers=4)
+    model = replace(load_model("mixtral-8x7b"), num_layers=4)
+    cfg = SimulateConfig(cluster=replace(load_cluster("2x8xH100-ib"), num_gpus=8), model=model,
+                         strategies=[strategy_from_name(n) for n in ("none", "eplb", "dist:ema", "oracle")])
+    gather = sim.work.route
+    outer = []
+    monkeypatch.setattr(sim.work, "route", lambda src, p, home_frac=None: (outer.append(home_frac is not None),
+                                                                          gather(src, p, home_frac))[1])
+    fast = simulate(trace, cfg, progress=False)
+    assert sum(outer) > len(outer) / 2                  # most steps and judgements took the outer product
+    monkeypatch.setattr(sim.work, "route", lambda src, p, home_frac=None: gather(src, p))
+    slow = simulate(trace, cfg, progress=False)
+    for a, b in zip(fast.strategies, slow.strategies):
+        assert np.allclose(a.layer_time, b.layer_time, rtol=1e-9), a.name

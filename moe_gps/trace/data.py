@@ -10,6 +10,7 @@ array of the format.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class CountsTrace:
     def num_steps(self) -> int:
         return int(self.count_array.shape[0])
 
-    @property
+    @cached_property
     def tokens_per_step(self) -> np.ndarray:
         """int64 [steps]: layer 0's assignments / top_k (all layers agree after validation)."""
         return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
