@@ -35,6 +35,7 @@ from moe_gps.config.schema import SimulateConfig
 from moe_gps.errors import UserError
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
+from moe_gps.workers import unordered
 
 #: bump when the record format changes
 CACHE_VERSION = 2
@@ -302,7 +303,9 @@ class Runner:
                     bar.update(1)
             else:
                 chunk = max(1, min(8, len(items) // (self.jobs * 8)))
-                for res in self.pool.imap_unordered(fn, items, chunksize=chunk):
+                results = (self.pool.imap_unordered(fn, items, chunksize=chunk) if self.backend == "ray"
+                           else unordered(self.pool, fn, items, chunk))     # stoppable by Ctrl-C and SIGTERM
+                for res in results:
                     yield res
                     bar.update(1)
         finally:

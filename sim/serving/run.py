@@ -21,6 +21,7 @@ from moe_gps.config.schema import VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE, Workload
 from moe_gps.config.serving import ServeConfig
 from moe_gps.errors import UserError
 from moe_gps.trace.data import CountsTrace, TokensTrace
+from moe_gps.workers import unordered
 from sim.cost import Hardware
 from sim.loads import as_counts_trace, trace_counts
 from sim.run import default_train_steps, resolve_config
@@ -209,7 +210,7 @@ def _map(fn, items: list, jobs: int, progress: bool):
     bar = tqdm(total=len(items), desc="serve", unit="run", disable=not progress, file=sys.stderr)
     pool = multiprocessing.get_context("fork").Pool(jobs, initializer=_ignore_interrupt)
     try:
-        for res in pool.imap_unordered(fn, items):
+        for res in unordered(pool, fn, items):
             bar.update(1)
             yield res
         pool.close()
