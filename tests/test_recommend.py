@@ -118,6 +118,17 @@ def test_headline_when_duplication_pays(trace, sweep, cluster, tmp_path):
         assert r.headline.winner["redundant_slots"] in (4, 8)
 
 
+def test_paper_assumptions_explain_without_weight_reads(trace, sweep, cluster, tmp_path):
+    """Under --assumptions paper the FFN has no per-replica weight read: the first reason says so."""
+    from dataclasses import replace
+
+    r = recommend(trace, cluster, MODEL, WorkloadConfig(), replace(sweep, assumptions="paper"), out_dir=tmp_path,
+                  jobs=1, progress=False)
+    _check_headline(r)
+    assert r.headline.regime["weight_reads"] is False
+    assert "--assumptions paper" in r.headline.reasons[0] and "weight read" in r.headline.reasons[0]
+
+
 def test_a_change_is_recommended_only_beyond_its_interval(result):
     """Make the fastest duplicating run only noise-faster than none: the recommendation is none, the
     report names the fastest with its interval and never prints nan; 5 simulated steps are thin."""

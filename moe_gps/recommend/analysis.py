@@ -141,10 +141,13 @@ def regime(plan: SweepPlan) -> dict[str, float]:
     """
     from sim.cost import Hardware
 
+    from moe_gps.config.schema import ASSUMPTION_BUNDLES
+
     hw = Hardware.from_config(plan.cluster, plan.model)
     m = plan.model
     tokens = plan.workloads[0].tokens_per_step or plan.trace_tokens
-    return {"tokens_per_step": float(tokens),
+    return {"weight_reads": bool(ASSUMPTION_BUNDLES[plan.sweep.assumptions]["ffn_weight_reads"]),
+            "tokens_per_step": float(tokens),
             "tokens_per_expert": float(tokens) * m.top_k / m.num_experts,
             "compute_bound_above": hw.flops * m.weight_bytes / (2 * hw.hbm),
             "weight_read_us": m.expert_bytes / hw.hbm * 1e6,
@@ -196,10 +199,15 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
     out = []
     bound = "below" if g["tokens_per_expert"] < g["compute_bound_above"] else "above"
     kind = "weight-read (memory) bound" if bound == "below" else "compute bound"
-    out.append(f"At {g['tokens_per_step']:.0f} tokens per step each expert gets {g['tokens_per_expert']:.0f} tokens "
-               f"on average, {bound} the {g['compute_bound_above']:.0f} at which its GEMMs turn compute bound: the "
-               f"expert FFN is {kind}. Every replica reads its {g['expert_gb']:.3f} GB of weights once per layer "
-               f"({g['weight_read_us']:.0f} µs), however few tokens it gets.")
+    if g["weight_reads"]:
+        out.append(f"At {g['tokens_per_step']:.0f} tokens per step each expert gets {g['tokens_per_expert']:.0f} "
+                   f"tokens on average, {bound} the {g['compute_bound_above']:.0f} at which its GEMMs turn compute "
+                   f"bound: the expert FFN is {kind}. Every replica reads its {g['expert_gb']:.3f} GB of weights once "
+                   f"per layer ({g['weight_read_us']:.0f} µs), however few tokens it gets.")
+    else:
+        out.append("Under the paper's assumptions (--assumptions paper) an expert's FFN takes time in proportion to "
+                   "its tokens, with no weight read per replica, and copies are free: a replica costs only the tokens "
+                   "it takes, so levelling the tokens per GPU is what counts.")
     best_dup = next((r for r in h.ranking if r["candidate"] != "none"), None)
     if h.not_separated is not None:
         fast, c = h.not_separated
