@@ -116,7 +116,8 @@ def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int) 
 class MoveStats:
     """What one placement change did on this rank (and in total, for the plan counts)."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0              # on the critical path (async: the install)
+    background_s: float = 0.0         # async: from starting the transfers to their landing here
     bytes_sent: int = 0
     bytes_received: int = 0
     counts: dict = field(default_factory=dict)
@@ -204,18 +205,50 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
     ``fingerprints`` is given (raising on every rank if any slot is wrong).
     """
     t0 = time.perf_counter()
-    N, me = ctx.world_size, ctx.rank
     new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
-    old = np.stack([b.tables.phy2log for b in blocks])
-    plan = move_plan(old, new_phy2log, N)
-    S_old, S_new = plan.old_slots_per_gpu, plan.new_slots_per_gpu
-    in_place = S_old == S_new
+    plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), new_phy2log, ctx.world_size)
     stats = MoveStats(counts=plan.counts())
+    buffers, sources = _targets(blocks, plan, ctx.rank)
+    recv_into = _receivers(plan, ctx.rank)
+    ops = transfer_ops(blocks, plan, ctx.rank, lambda l, q: _old_row(sources, l, q),
+                       lambda i: buffers[recv_into[i][0]][int(recv_into[i][1][0])], ctx.group, stats)
+    if ops:
+        with ctx.guard(f"batch_isend_irecv of {len(plan.transfers)} expert transfers"):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+    _fill(blocks, plan, ctx, buffers, sources, recv_into, new_phy2log, new_share, fingerprints)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def transfer_ops(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int, send_row, recv_row, group,
+                 stats: MoveStats) -> list:
+    """This rank's sends and receives of ``plan.transfers``, in the order every rank issues them.
+
+    send_row(layer, old local slot) -> the row [numel] to send; recv_row(transfer index) -> the row
+    to receive into. Adds the bytes to ``stats``."""
+    ops = []
+    for i, t in enumerate(plan.transfers):
+        nbytes = blocks[t.layer].expert_bytes
+        if t.src_rank == me and t.dst_rank != me:
+            ops.append(dist.P2POp(dist.isend, send_row(t.layer, t.src_local).contiguous(), t.dst_rank, group=group))
+            stats.bytes_sent += nbytes
+        if t.dst_rank == me:
+            ops.append(dist.P2POp(dist.irecv, recv_row(i), t.src_rank, group=group))
+            stats.bytes_received += nbytes
+    return ops
+
+
+def _targets(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int) -> tuple[list, list]:
+    """The buffers the new slots are written into (``[S_new, numel]`` per layer: the live ones when the
+    slot count stays) and, per layer, (old buffer, snapshots of the old rows that are read after
+    being overwritten)."""
+    S_old, S_new = plan.old_slots_per_gpu, plan.new_slots_per_gpu
     buffers, sources = [], []
     for l, b in enumerate(blocks):
         old_buf = b.slot_weights
         act, src = plan.action[l, me], plan.source[l, me]
-        if in_place:
+        if S_old == S_new:
             new_buf = old_buf
             written = set(np.flatnonzero(act != KEEP).tolist())
             needed = {int(s) for s in src[act == LOCAL]}
@@ -226,34 +259,39 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
             snap = {}
         buffers.append(new_buf)
         sources.append((old_buf, snap))
+    return buffers, sources
 
-    def old_row(l: int, q: int) -> torch.Tensor:
-        old_buf, snap = sources[l]
-        return snap[q] if q in snap else old_buf[q]
 
-    ops, recv_into = [], {}
+def _old_row(sources: list, l: int, q: int) -> torch.Tensor:
+    old_buf, snap = sources[l]
+    return snap[q] if q in snap else old_buf[q]
+
+
+def _receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
+    """transfer index -> (layer, this rank's new local slots [n] that take the received expert)."""
+    out = {}
     for i, t in enumerate(plan.transfers):
-        nbytes = blocks[t.layer].expert_bytes
-        if t.src_rank == me and t.dst_rank != me:
-            ops.append(dist.P2POp(dist.isend, old_row(t.layer, t.src_local).contiguous(), t.dst_rank,
-                                  group=ctx.group))
-            stats.bytes_sent += nbytes
         if t.dst_rank == me:
-            slots = np.flatnonzero((plan.action[t.layer, me] == RECV) & (plan.source[t.layer, me] == i))
-            target = buffers[t.layer][int(slots[0])]
-            recv_into[i] = (t.layer, slots)
-            ops.append(dist.P2POp(dist.irecv, target, t.src_rank, group=ctx.group))
-            stats.bytes_received += nbytes
-    if ops:
-        with ctx.guard(f"batch_isend_irecv of {len(plan.transfers)} expert transfers"):
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            out[i] = (t.layer, np.flatnonzero((plan.action[t.layer, me] == RECV) & (plan.source[t.layer, me] == i)))
+    return out
+
+
+def _fill(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext, buffers: list, sources: list,
+          recv_into: dict, new_phy2log: np.ndarray, new_share: np.ndarray, fingerprints: Fingerprints | None,
+          staged: dict[int, torch.Tensor] | None = None) -> None:
+    """After the transfers: the received rows (``staged``: transfer index -> row, when they were received
+    aside), the local copies, the routing tables, then the check."""
+    me, S_new = ctx.rank, plan.new_slots_per_gpu
+    in_place = plan.old_slots_per_gpu == S_new
+    for i, row in (staged or {}).items():
+        l, slots = recv_into[i]
+        buffers[l][int(slots[0])].copy_(row)
     for l, b in enumerate(blocks):
         act, src = plan.action[l, me], plan.source[l, me]
         buf = buffers[l]
         for q in range(S_new):
             if act[q] == LOCAL or (act[q] == KEEP and not in_place):
-                buf[q].copy_(old_row(l, int(src[q])))
+                buf[q].copy_(_old_row(sources, l, int(src[q])))
     for i, (l, slots) in recv_into.items():
         for q in slots[1:]:
             buffers[l][int(q)].copy_(buffers[l][int(slots[0])])
@@ -261,16 +299,20 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
         tables = layer_tables(new_phy2log[l], np.asarray(new_share)[l], b.num_experts, S_new, ctx.device)
         b.set_slots(tables, buffers[l])
     if fingerprints is not None:
-        problems = fingerprints.check(blocks, ctx)
-        n_bad = torch.tensor([len(problems)], dtype=torch.int64, device=ctx.device)
-        if ctx.distributed:
-            with ctx.guard("all_reduce of the placement check"):
-                dist.all_reduce(n_bad, group=ctx.group)
-        total = int(n_bad.item())
-        if total:
-            mine = (f"{len(problems)} wrong slot(s) here: " + "; ".join(problems[:4])
-                    + ("; ..." if len(problems) > 4 else "")) if problems else "this rank's slots are all correct"
-            raise WeightCheckFailed(f"rank {ctx.rank}: weight check after the placement change at step {ctx.step} "
-                                    f"found {total} slot(s) with the wrong weights in all ranks; {mine}")
-    stats.seconds = time.perf_counter() - t0
-    return stats
+        check_slots(blocks, ctx, fingerprints)
+
+
+def check_slots(blocks: list[ExpertParallelMoE], ctx: DistContext, fingerprints: Fingerprints) -> None:
+    """Every slot of every rank holds the expert its tables say (one all_reduce), else
+    :class:`WeightCheckFailed` on every rank, each with one line."""
+    problems = fingerprints.check(blocks, ctx)
+    n_bad = torch.tensor([len(problems)], dtype=torch.int64, device=ctx.device)
+    if ctx.distributed:
+        with ctx.guard("all_reduce of the placement check"):
+            dist.all_reduce(n_bad, group=ctx.group)
+    total = int(n_bad.item())
+    if total:
+        mine = (f"{len(problems)} wrong slot(s) here: " + "; ".join(problems[:4])
+                + ("; ..." if len(problems) > 4 else "")) if problems else "this rank's slots are all correct"
+        raise WeightCheckFailed(f"rank {ctx.rank}: weight check after the placement change at step {ctx.step} "
+                                f"found {total} slot(s) with the wrong weights in all ranks; {mine}")

@@ -18,6 +18,10 @@ from moe_gps.errors import UserError
 from moe_gps.files import read_yaml
 
 DUPLICATION_MODES = ("off", "static", "dist-only", "token-to-expert")
+#: how the runtime moves weights for a new placement (the simulator's copy policies it can run)
+RUNTIME_COPY_POLICIES = ("critical", "async")
+#: keys renamed to the simulator's names: old -> new
+RENAMED_KEYS = {"duplication": {"replan_every": "replan_interval"}}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -63,7 +67,11 @@ class DuplicationSection:
     algorithm: str = "eplb"             # a moe_gps.placement algorithm
     algorithm_options: dict = field(default_factory=dict)
     warmup_steps: int = 4               # steps recorded before the first plan (the predictors' training split)
-    replan_every: int = 4               # K: plan and apply every K steps after the warm-up
+    replan_interval: int = 4            # K: a re-plan check every K steps after the warm-up
+    window: int | None = None           # steps of history a plan is made from (None: static all, others 1)
+    min_gain: float = 0.0               # re-plan only if the predicted saving > min_gain x the move's cost
+    cluster: str | None = None          # cluster YAML (moe-gps calibrate): the cost model min_gain needs
+    copy_policy: str = "critical"       # critical: move before the step; async: in the background
     distribution_predictor: str = "ema"
     distribution_params: dict = field(default_factory=dict)
     token_predictor: str = "token-id"
@@ -94,6 +102,9 @@ class RunConfig:
         d.pop("source")
         return d
 
+
+#: input paths resolved against the config file's folder
+_PATHS = (("model", "checkpoint"), ("input", "trace"), ("duplication", "placement"), ("duplication", "cluster"))
 
 _SECTIONS = {"model": ModelSection, "input": InputSection, "run": RunSection,
              "duplication": DuplicationSection, "output": OutputSection}
@@ -142,6 +153,9 @@ def parse_run_config(doc: Any, where: str = "run config", base: Path | None = No
         if not isinstance(sec, dict):
             raise UserError(f"{where}: section '{name}' must be a mapping")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        for old, new in RENAMED_KEYS.get(name, {}).items():
+            if old in sec:
+                raise UserError(f"{where}: {name}.{old} is now {name}.{new} (the simulator's name); rename it")
         bad = sorted(set(sec) - set(fields))
         if bad:
             raise UserError(f"{where}: {name}: unknown key(s) {', '.join(bad)} (known: {', '.join(fields)})")
@@ -149,7 +163,7 @@ def parse_run_config(doc: Any, where: str = "run config", base: Path | None = No
         parts[name] = cls(**values)
     cfg = RunConfig(**parts, source=where)
     base = base or Path(".")
-    for sec, key in (("model", "checkpoint"), ("input", "trace"), ("duplication", "placement")):
+    for sec, key in _PATHS:
         value = getattr(parts[sec], key)
         if value:
             p = Path(value).expanduser()
@@ -168,7 +182,7 @@ def check_run_config(cfg: RunConfig) -> None:
                                   ("input", "batch_size", i.batch_size, 1), ("input", "seq_len", i.seq_len, 1),
                                   ("run", "steps", r.steps, 1), ("duplication", "num_redundant", d.num_redundant, 0),
                                   ("duplication", "warmup_steps", d.warmup_steps, 1),
-                                  ("duplication", "replan_every", d.replan_every, 1)):
+                                  ("duplication", "replan_interval", d.replan_interval, 1)):
         if value < low:
             raise UserError(f"{w}: {sec}.{name} must be at least {low}, got {value}")
     if m.top_k > m.num_experts:
@@ -189,13 +203,33 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"{w}: run.threads must be at least 1")
     if i.zipf_exponent <= 1:
         raise UserError(f"{w}: input.zipf_exponent must be > 1")
-    for sec, key in (("model", "checkpoint"), ("input", "trace"), ("duplication", "placement")):
+    for sec, key in _PATHS:
         value = getattr(getattr(cfg, sec), key)
         if value and not Path(value).exists():
             raise UserError(f"{w}: {sec}.{key}: {value}: no such file or folder")
+    _check_replan_policy(cfg)
     from moe_gps.placement import ALGORITHMS
     if d.algorithm not in ALGORITHMS:
         raise UserError(f"{w}: duplication.algorithm {d.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+
+
+def _check_replan_policy(cfg: RunConfig) -> None:
+    """``window``, ``min_gain``, ``cluster`` and ``copy_policy`` of the duplication section."""
+    w, d = cfg.source, cfg.duplication
+    if d.window is not None and d.window < 1:
+        raise UserError(f"{w}: duplication.window must be at least 1 (or absent), got {d.window}")
+    if d.min_gain < 0:
+        raise UserError(f"{w}: duplication.min_gain must be >= 0, got {d.min_gain:g}")
+    if d.copy_policy not in RUNTIME_COPY_POLICIES:
+        raise UserError(f"{w}: duplication.copy_policy {d.copy_policy!r} is not one of "
+                        f"{', '.join(RUNTIME_COPY_POLICIES)} (the simulator's overlap and hidden need copies "
+                        "inside a layer, which the runtime does not do)")
+    if d.min_gain > 0 and not d.cluster:
+        raise UserError(f"{w}: duplication.min_gain={d.min_gain:g} needs a cost model: set duplication.cluster to "
+                        "a cluster file (e.g. one written by moe-gps calibrate), or set min_gain: 0")
+    if d.min_gain > 0 and cfg.model.checkpoint:
+        raise UserError(f"{w}: duplication.min_gain needs the runtime's random model (model.checkpoint: null), "
+                        "whose sizes the cost model knows")
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -217,6 +251,12 @@ def check_run_inputs(cfg: RunConfig) -> None:
             Placement.load(cfg.duplication.placement)
         except UserError as err:
             raise named("duplication", "placement", err) from None
+    if cfg.duplication.cluster:
+        from moe_gps.config.loader import load_cluster
+        try:
+            load_cluster(cfg.duplication.cluster)
+        except UserError as err:
+            raise named("duplication", "cluster", err) from None
 
 
 def load_run_config(path: str | Path) -> RunConfig:

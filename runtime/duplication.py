@@ -6,15 +6,23 @@ predictors of :mod:`moe_gps.predict`:
 * ``off``: every expert once, ``E / N`` contiguous experts per rank (algorithm ``none``,
   no redundant slots); never re-planned.
 * ``static``: the placement in ``duplication.placement`` (a ``moe-gps plan`` file) for
-  the whole run; without one, the warm-up steps' mean measured counts are planned once
-  at the end of the warm-up and kept.
-* ``dist-only``: after the warm-up, every ``replan_every`` steps the distribution
-  predictor (fitted on the warm-up steps, then online) forecasts the next step's load
-  shares ``p [L, E]``; the plan is made from ``loads = p * tokens_in_step * top_k``.
+  the whole run; without one, planned at the end of the warm-up and then at every check
+  from the mean measured counts of the last ``window`` steps (all steps so far when
+  ``window`` is absent).
+* ``dist-only``: at every check (the end of the warm-up, then every ``replan_interval``
+  steps) the distribution predictor (fitted on the warm-up steps, then online) forecasts
+  the step's load shares ``p [L, E]``; the belief is ``p * tokens_in_step * top_k``.
 * ``token-to-expert``: on the same schedule, the token predictor (fitted on the
   warm-up steps, then online) guesses every token of the coming step's top-k experts
-  from what is known before routing (its token id, its position); the plan is made
-  from the bincount of those guesses.
+  from what is known before routing (its token id, its position); the belief is the
+  bincount of those guesses.
+
+The predicting modes plan from the mean of their last ``window`` beliefs (default 1); with
+``window`` > 1 or ``min_gain`` > 0 they form a belief every step after the warm-up, as the
+simulator does. A check whose plan moves weights is kept only if it passes ``min_gain``
+(:mod:`runtime.gain`); the first plan always is. Under ``copy_policy: async`` an adopted
+plan is *pending* until its weights have landed (:meth:`DuplicationPolicy.landed`), and a
+check that falls while one is pending is skipped.
 
 Before the first plan, the modes with duplication run the algorithm's plan for uniform
 loads with ``num_redundant`` extra slots, so the slot count per rank never changes.
@@ -23,6 +31,7 @@ loads with ``num_redundant`` extra slots, so the slot count per rank never chang
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +39,12 @@ import numpy as np
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, plan_placement
 from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
+from moe_gps.predict.base import shares
 from moe_gps.trace.meta import TraceMeta
 from runtime.config import DUPLICATION_MODES, DuplicationSection
+
+#: recent steps the min_gain rule looks at (the simulator's: twice its NOISE_STEPS)
+RECENT_STEPS = 16
 
 #: token predictors that read only what is known before routing (token id, position, history)
 PRE_ROUTING_TOKEN_PREDICTORS = ("most-frequent", "token-id", "position")
@@ -52,13 +65,15 @@ class PlanInfo:
     predicted_rank_tokens: np.ndarray
     note: str = ""
     extra: dict = field(default_factory=dict)
+    declined: bool = False          # min_gain kept the placement in force
 
 
 class DuplicationPolicy:
     """Owns the placement schedule. Every rank builds one; only rank 0 calls :meth:`plan`/:meth:`observe`."""
 
     def __init__(self, mode: str, cfg: DuplicationSection, num_ranks: int, num_layers: int, num_experts: int,
-                 top_k: int, tokens_per_step: int) -> None:
+                 top_k: int, tokens_per_step: int, gain=None) -> None:
+        """``gain``: a :class:`runtime.gain.GainModel` (needed on rank 0 when ``cfg.min_gain`` > 0)."""
         if mode not in DUPLICATION_MODES:
             raise UserError(f"--duplication {mode!r} is not one of {', '.join(DUPLICATION_MODES)}")
         self.mode, self.cfg = mode, cfg
@@ -92,8 +107,19 @@ class DuplicationPolicy:
             from moe_gps.predict import make_token_predictor
             self.token_predictor = make_token_predictor(cfg.token_predictor, **cfg.token_params)
         self._fitted = False
-        self.history: list[StepRouting] = []
-        self.current: Placement | None = None
+        self.warmup: list[StepRouting] = []           # the warm-up steps, until the predictor is fitted
+        self.current: Placement | None = None         # the placement in force
+        self.pending: Placement | None = None         # async: adopted, its weights not landed yet
+        self.planned = False                          # a plan has been adopted (the first always is)
+        self.gain = gain
+        window = cfg.window or (None if mode == "static" else 1)
+        self.every_step = (window or 1) > 1 or cfg.min_gain > 0     # predicting modes believe every step
+        self.beliefs: deque = deque(maxlen=window)    # predicting modes: float [L, E] per step
+        self.counts: deque = deque(maxlen=window)     # static: true counts [L, E] of recent steps
+        self.history: deque = deque(maxlen=RECENT_STEPS)    # plan loads [L, E] of recent steps (min_gain)
+        self.observed: deque = deque(maxlen=RECENT_STEPS)   # true shares [L, E] of recent steps (min_gain)
+        self._loads: np.ndarray | None = None         # this step's plan loads (min_gain history)
+        self._times = (0.0, 0.0)                      # seconds predicting at this step, fitting
 
     # ------------------------------------------------------------- schedule
     def initial(self) -> Placement:
@@ -108,32 +134,76 @@ class DuplicationPolicy:
         self.current = p
         return p
 
-    def wants_plan(self, step: int) -> bool:
-        """Whether a new placement is planned before ``step`` (the same answer on every rank)."""
-        w, K = self.cfg.warmup_steps, self.cfg.replan_every
+    def due(self, step: int) -> bool:
+        """Whether a re-plan check falls before ``step``: the end of the warm-up, then every
+        ``replan_interval`` steps (the same answer on every rank)."""
+        w, K = self.cfg.warmup_steps, self.cfg.replan_interval
         if self.mode == "off" or self.fixed is not None:
             return False
-        if self.mode == "static":
-            return step == w
         return step >= w and (step - w) % K == 0
+
+    def due_ever(self) -> bool:
+        """Whether this run has re-plan checks at all."""
+        return self.mode != "off" and self.fixed is None
+
+    def wants_plan(self, step: int) -> bool:
+        """Whether a new placement is planned before ``step``: a check is due and no move is in flight."""
+        return self.due(step) and self.pending is None
+
+    def skips_check(self, step: int) -> bool:
+        """A check is due before ``step`` but a move is in flight (async), so it is skipped."""
+        return self.due(step) and self.pending is not None
+
+    # ------------------------------------------------------------- all ranks
+    def adopt(self, p: Placement, background: bool = False) -> None:
+        """The placement planned by rank 0 (and broadcast): in force now, or, with ``background``,
+        pending until :meth:`landed`."""
+        self.planned = True
+        if background:
+            self.pending = p
+        else:
+            self.current = p
+
+    def landed(self) -> Placement:
+        """The pending placement's weights have landed on every rank: it comes into force."""
+        if self.pending is None:
+            raise RuntimeError("no placement is pending")
+        self.current, self.pending = self.pending, None
+        return self.current
 
     # ------------------------------------------------------------- rank 0 only
     def observe(self, routing: StepRouting) -> None:
         """The routing of the step just run (all ranks' tokens)."""
+        if self.mode == "off" or self.fixed is not None:
+            return
+        counts = routing.counts(self.E)                                       # [L, E]
+        if self.min_gain_on:
+            self.observed.append(shares(counts))
+            if self._loads is not None:
+                self.history.append(self._loads)
+                self._loads = None
+        if self.mode == "static":
+            self.counts.append(counts.astype(np.float64))
+            return
         if not self._fitted:
-            self.history.append(routing)
+            self.warmup.append(routing)
             return
         if self.dist_predictor is not None:
-            self.dist_predictor.observe(routing.counts(self.E), routing)
+            self.dist_predictor.observe(counts, routing)
         if self.token_predictor is not None:
             self.token_predictor.observe(routing)
 
+    @property
+    def min_gain_on(self) -> bool:
+        return self.cfg.min_gain > 0 and self.mode in ("static", "dist-only", "token-to-expert") \
+            and self.fixed is None
+
     def _history_trace(self) -> TokensTrace:
-        sizes = [h.num_tokens for h in self.history]
+        sizes = [h.num_tokens for h in self.warmup]
         meta = TraceMeta("tokens", self.L, self.E, self.k, source="collected")
-        cat = lambda name: (None if any(getattr(h, name) is None for h in self.history)  # noqa: E731
-                            else np.concatenate([getattr(h, name) for h in self.history]))
-        return TokensTrace(meta, np.concatenate([h.experts for h in self.history]),
+        cat = lambda name: (None if any(getattr(h, name) is None for h in self.warmup)  # noqa: E731
+                            else np.concatenate([getattr(h, name) for h in self.warmup]))
+        return TokensTrace(meta, np.concatenate([h.experts for h in self.warmup]),
                            np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), None,
                            token_id=cat("token_id"), seq=cat("seq"), pos=cat("pos"))
 
@@ -144,37 +214,80 @@ class DuplicationPolicy:
         if self.token_predictor is not None:
             self.token_predictor.fit(train)
         self._fitted = True
-        self.history = []
+        self.warmup = []
 
-    def plan(self, step: int, token_id: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> tuple[Placement, PlanInfo]:
-        """Plan before ``step``; token_id/seq/pos [T] are the coming step's tokens (all ranks)."""
-        t0 = time.perf_counter()
+    def _belief(self, token_id: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """float [L, E]: the loads the predictor expects for the step of tokens ``token_id`` [T]."""
         T = len(token_id)
-        if self.mode == "static":
-            train = self._history_trace()
-            loads = train.counts().mean(axis=0).astype(np.float64)
-            note = f"mean counts of warm-up steps 0..{step - 1}"
-            self._fitted, self.history = True, []     # planned once; nothing more to learn
-        else:
-            if not self._fitted:
-                self._fit()
-            upcoming = StepRouting(step, np.zeros((T, self.L, self.k), dtype=np.int16), None,
-                                   token_id=token_id, seq=seq, pos=pos)
-            if self.dist_predictor is not None:
-                loads = self.dist_predictor.predict(upcoming) * (T * self.k)
-                note = f"distribution predictor {self.dist_predictor.describe()}"
-            else:
-                guess = self.token_predictor.predict(upcoming)
-                loads = expert_counts(guess, np.array([0, T]), self.E)[0].astype(np.float64)
-                note = f"token predictor {self.token_predictor.describe()}"
-        t1 = time.perf_counter()
-        p = plan_placement(loads, self.N, self.R, algorithm=self.cfg.algorithm, previous=self.current,
-                           **self.cfg.algorithm_options)
-        t2 = time.perf_counter()
-        self.current = p
-        info = PlanInfo(step, t1 - t0, t2 - t1, loads, p.gpu_loads(loads), note)
-        return p, info
+        upcoming = StepRouting(-1, np.zeros((T, self.L, self.k), dtype=np.int16), None,
+                               token_id=token_id, seq=seq, pos=pos)
+        if self.dist_predictor is not None:
+            return self.dist_predictor.predict(upcoming) * (T * self.k)
+        guess = self.token_predictor.predict(upcoming)
+        return expert_counts(guess, np.array([0, T]), self.E)[0].astype(np.float64)
 
-    def adopt(self, p: Placement) -> None:
-        """Ranks other than 0 learn the placement that rank 0 broadcast."""
-        self.current = p
+    def before(self, step: int, token_id: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> None:
+        """Before ``step`` (its tokens ``token_id, seq, pos`` [T], all ranks'): fit the predictor at the
+        end of the warm-up, and form the step's belief when a plan or the min_gain rule needs it."""
+        t0 = time.perf_counter()
+        w = self.cfg.warmup_steps
+        if self.mode in ("off", "static") or self.fixed is not None or step < w:
+            if self.mode == "static" and self.min_gain_on and step >= w:
+                self._loads = self.plan_loads()
+            return
+        if not self._fitted:
+            self._fit()
+        if self.every_step or self.wants_plan(step):
+            self.beliefs.append(self._belief(token_id, seq, pos))
+            if self.min_gain_on:
+                self._loads = self.plan_loads()
+        self._times = (time.perf_counter() - t0, 0.0)
+
+    def plan_loads(self) -> np.ndarray:
+        """float [L, E]: what a plan is made from: the mean true counts of the last ``window`` steps
+        (static), else the mean of the last ``window`` beliefs."""
+        if self.mode == "static":
+            return np.mean(np.stack(list(self.counts)), axis=0)
+        return np.mean(np.stack(list(self.beliefs)), axis=0)
+
+    def _place(self, loads: np.ndarray) -> Placement:
+        return plan_placement(loads, self.N, self.R, algorithm=self.cfg.algorithm, previous=self.current,
+                              **self.cfg.algorithm_options)
+
+    def plan(self, step: int) -> tuple[Placement | None, PlanInfo]:
+        """Plan before ``step`` (after :meth:`before`); the new placement, or None when ``min_gain``
+        keeps the one in force (the first plan is always kept)."""
+        t1 = time.perf_counter()
+        loads = self.plan_loads()
+        if self.mode == "static":
+            n = len(self.counts)
+            note = f"mean counts of steps {step - n}..{step - 1}"
+        elif self.dist_predictor is not None:
+            note = f"distribution predictor {self.dist_predictor.describe()}"
+        else:
+            note = f"token predictor {self.token_predictor.describe()}"
+        if len(self.beliefs) > 1:
+            note += f", mean of the last {len(self.beliefs)} beliefs"
+        p = self._place(loads)
+        declined = self.planned and self.min_gain_on and not self._worth(p, loads)
+        t2 = time.perf_counter()
+        info = PlanInfo(step, self._times[0], t2 - t1, loads, (self.current if declined else p).gpu_loads(loads),
+                        note + ("; min_gain keeps the placement in force" if declined else ""), declined=declined)
+        return (None if declined else p), info
+
+    def _worth(self, cand: Placement, loads: np.ndarray) -> bool:
+        """The simulator's ``min_gain`` rule (:class:`runtime.gain.GainModel`) for moving to ``cand``."""
+        from sim.strategies import NOISE_STEPS, SCENARIO_BUDGET, gain_split
+        from sim.work import moves_weights
+
+        if not moves_weights(self.current, cand):
+            return True                               # new shares only: a routing-table change
+        if self.gain is None:
+            raise UserError("duplication.min_gain > 0 needs the cost model of duplication.cluster")
+        scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // (self.L * self.N * self.E)))
+        h, late = gain_split(self.cfg.replan_interval, len(self.observed), len(self.history), scenarios)
+        fit = list(self.history)[-h:-late] if h >= 2 else []
+        earlier = self._place(np.mean(fit, axis=0)) if fit else cand
+        seen = np.stack(list(self.observed)[-late:]) * loads.sum(axis=1)[None, :, None]      # [K, L, E]
+        believed = loads if self.mode == "static" else self.beliefs[-1]
+        return self.gain.worth(self.current, earlier, cand, seen, believed)

@@ -110,12 +110,12 @@ def _fault(ctx, step: int) -> None:
 
 def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ctx=None) -> dict | None:
     """Run a whole job on this rank; rank 0 returns the summary dict (other ranks None)."""
-    import numpy as np
     import torch
-    import torch.distributed as dist
 
-    from moe_gps.placement import Placement
     from runtime.apply import Fingerprints, apply_placement
+    from runtime.background import BackgroundMove, all_landed, background_group
+    from runtime.gain import GainModel
+    from sim.work import moves_weights
     from runtime.build import build_model, forward
     from moe_gps.errors import UserError
     from runtime.dist import CollectiveFailure, init_distributed
@@ -143,7 +143,8 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             L, E, k = handle.num_layers, handle.num_experts, handle.top_k
             source = TokenSource(cfg.input, handle.vocab_size, ctx.world_size)
             T_rank = source.tokens_per_rank
-            policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size)
+            gain = GainModel(cfg, ctx.world_size) if cfg.duplication.min_gain > 0 and mode != "off" else None
+            policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size, gain)
             placement = policy.initial()
             handle.install(placement, ctx)
             recorder = RunRecorder(cfg, mode, ctx, handle, source, command) if ctx.rank == 0 else None
@@ -151,6 +152,9 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             setup_error = err
         _agree_on_setup(ctx, setup_error)
         fingerprints = Fingerprints(handle.experts, ctx) if cfg.duplication.verify else None
+        async_copies = cfg.duplication.copy_policy == "async" and policy.due_ever()
+        bg_group = background_group(ctx) if async_copies else None
+        moving = None                 # async: the move in flight (a BackgroundMove)
         handle.set_record(True)
         say(f"runtime: model {handle.name}: {L} MoE layers, {E} experts, top-{k}; "
             f"{placement.slots_per_gpu} slots per rank; input {source.description}")
@@ -164,25 +168,35 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                 t_step = time.perf_counter()
                 ctx.progress(step, "start")
                 _fault(ctx, step)
-                move, info = None, None
+                move, info, events = None, None, {"switched": 0, "planned_at": -1, "check_skipped": 0}
+                if moving is not None:
+                    ctx.progress(step, "landed?")
+                    if all_landed(ctx, moving):
+                        ctx.progress(step, "install")
+                        move = moving.install(fingerprints)
+                        placement = policy.landed()
+                        events.update(switched=1, planned_at=moving.started_at)
+                        moving = None
+                if ctx.rank == 0:
+                    policy.before(step, *source.step_tokens(step))
+                events["check_skipped"] = int(policy.skips_check(step))
                 if policy.wants_plan(step):
                     ctx.progress(step, "plan")
-                    buf = torch.zeros(2, L, P, dtype=torch.float64, device=ctx.device)
-                    if ctx.rank == 0:
-                        new, info = policy.plan(step, *source.step_tokens(step))
-                        buf[0] = torch.as_tensor(new.phy2log, dtype=torch.float64)
-                        buf[1] = torch.as_tensor(new.replica_share, dtype=torch.float64)
-                    if ctx.distributed:
-                        with ctx.guard("broadcast of the new placement"):
-                            dist.broadcast(buf, src=0, group=ctx.group)
-                    arr = buf.cpu().numpy()
-                    if ctx.rank != 0:
-                        new = Placement(arr[0].astype(np.int64), ctx.world_size, E, arr[1],
-                                        algorithm=cfg.duplication.algorithm, allow_colocated=True)
-                        policy.adopt(new)
-                    ctx.progress(step, "move")
-                    move = apply_placement(handle.experts, new.phy2log, new.replica_share, ctx, fingerprints)
-                    placement = new
+                    new, info = _agree_on_plan(ctx, policy, step, cfg.duplication.algorithm, P, E)
+                    if new is not None:
+                        background = async_copies and moves_weights(placement, new)
+                        policy.adopt(new, background)
+                        if background:
+                            ctx.progress(step, "start move")
+                            moving = BackgroundMove(handle.experts, new.phy2log, new.replica_share, ctx, bg_group,
+                                                    step)
+                        else:
+                            ctx.progress(step, "move")
+                            done = apply_placement(handle.experts, new.phy2log, new.replica_share, ctx,
+                                                   fingerprints)
+                            move = done if move is None else _added(move, done)
+                            placement = new
+                            events.update(switched=1, planned_at=step)
                 ctx.progress(step, "forward")
                 batch = source.batch(step, ctx.rank)
                 ids = torch.as_tensor(batch.token_id, device=ctx.device)
@@ -195,14 +209,25 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                 gathered = gather_step(ctx, handle, batch, step_s=time.perf_counter() - t_step, forward_s=forward_s,
                                        move=move)
                 if ctx.rank == 0:
-                    routing = recorder.add_step(step, gathered, placement, info, move)
+                    routing = recorder.add_step(step, gathered, placement, info, move, events)
                     policy.observe(routing)
                     if info is not None:
-                        say(f"runtime: step {step}: new placement ({info.note}); predicted max rank load "
-                            f"{info.predicted_rank_tokens.max(axis=1).mean():.0f} pairs/layer")
+                        say(f"runtime: step {step}: {'plan declined' if info.declined else 'new placement'} "
+                            f"({info.note}); predicted max rank load "
+                            f"{info.predicted_rank_tokens.max(axis=1).mean():.0f} pairs/layer"
+                            + (" (its weights move in the background)" if moving is not None
+                               and moving.started_at == step else ""))
+                    if events["switched"] and events["planned_at"] != step:
+                        say(f"runtime: step {step}: the placement planned at step {events['planned_at']} is in force")
+            if moving is not None:            # still in flight at the end: let the transfers finish, keep the old
+                ctx.progress(cfg.run.steps, "background transfers")
+                moving.join()
+                moving = None
             ctx.progress(cfg.run.steps, "done")
             summary = recorder.finish(placement) if recorder is not None else None
         except BaseException as err:
+            if moving is not None:
+                moving.join(quiet=True)
             if isinstance(err, KeyboardInterrupt) and (failure := ctx.stopped_by_peer(err)) is not None:
                 raise failure from err
             if not isinstance(err, (CollectiveFailure, SetupFailedElsewhere)):
@@ -217,6 +242,43 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             recorder.abort()          # nothing to do after finish(); else removes the temporary trace
         if own_ctx:
             ctx.close()
+
+
+def _agree_on_plan(ctx, policy, step: int, algorithm: str, P: int, E: int):
+    """Rank 0 plans before ``step`` and broadcasts the result: (the new placement, or None when
+    ``min_gain`` keeps the one in force; rank 0's PlanInfo, None on the other ranks)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from moe_gps.placement import Placement
+
+    L = policy.L
+    buf = torch.zeros(2 * L * P + 1, dtype=torch.float64, device=ctx.device)   # phy2log, shares, adopted
+    new, info = None, None
+    if ctx.rank == 0:
+        new, info = policy.plan(step)
+        if new is not None:
+            buf[:L * P] = torch.as_tensor(new.phy2log.reshape(-1), dtype=torch.float64)
+            buf[L * P:2 * L * P] = torch.as_tensor(new.replica_share.reshape(-1), dtype=torch.float64)
+            buf[-1] = 1.0
+    if ctx.distributed:
+        with ctx.guard("broadcast of the new placement"):
+            dist.broadcast(buf, src=0, group=ctx.group)
+    arr = buf.cpu().numpy()
+    if ctx.rank != 0 and arr[-1] == 1.0:
+        new = Placement(arr[:L * P].reshape(L, P).astype(np.int64), ctx.world_size, E,
+                        arr[L * P:2 * L * P].reshape(L, P), algorithm=algorithm, allow_colocated=True)
+    return new, info
+
+
+def _added(a, b):
+    """Two moves of one step (an install, then a change of shares only) as one MoveStats."""
+    a.seconds += b.seconds
+    a.bytes_sent += b.bytes_sent
+    a.bytes_received += b.bytes_received
+    a.counts = {k: a.counts.get(k, 0) + v for k, v in b.counts.items()}
+    return a
 
 
 def _agree_on_setup(ctx, error) -> None:

@@ -11,9 +11,16 @@ through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
   ``share_tokens`` = the pairs the placement's shares give the rank for the step's true
   counts (``Placement.gpu_loads``), which the measured ``expert_tokens`` must match to
   within one pair per replica;
-* ``steps.csv``: one row per (step, rank), columns ``STEP_FIELDS`` plus, for rank 0's
-  row, ``replanned``, ``predicted_max_rank_tokens`` (mean over layers of the plan's
-  max pairs per rank under the predicted loads) and ``measured_max_rank_tokens``;
+* ``steps.csv``: one row per (step, rank), columns ``STEP_FIELDS`` (``move_s``: seconds
+  applying a placement on the critical path, under ``copy_policy: async`` the install;
+  ``background_s``: async, from starting the transfers to their landing on the rank; both,
+  and the move's bytes and counts, on the row of the step the placement came into force)
+  plus, for rank 0's row, ``replanned`` (a new placement was adopted: in force now, or its
+  transfers started), ``declined`` (``min_gain`` kept the placement in force),
+  ``check_skipped`` (a check fell while a move was in flight), ``switched`` (a new
+  placement came into force at this step), ``planned_at`` (the step it was planned at; -1
+  when none), ``predicted_max_rank_tokens`` (mean over layers of the plan's max pairs per
+  rank under the predicted loads) and ``measured_max_rank_tokens``;
 * ``placement.yaml``: the placement in force at the end.
 """
 
@@ -35,8 +42,8 @@ from moe_gps.trace.data import StepRouting
 
 LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", "combine_s", "pairs_local",
                 "expert_tokens", "pairs_sent_remote")
-STEP_FIELDS = ("step_s", "forward_s", "move_s", "bytes_sent", "bytes_received", "transfers", "slots_kept",
-               "local_copies", "slots_received")
+STEP_FIELDS = ("step_s", "forward_s", "move_s", "background_s", "bytes_sent", "bytes_received", "transfers",
+               "slots_kept", "local_copies", "slots_received")
 
 
 def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> list[dict] | None:
@@ -47,8 +54,9 @@ def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> li
     layer = np.array([[attn[l]] + [float(b.experts.stats[f]) for f in LAYER_FIELDS[1:]]
                       for l, b in enumerate(handle.blocks)], dtype=np.float64)
     mv = move.counts if move is not None else {}
-    step = np.array([step_s, forward_s, move.seconds if move else 0.0, move.bytes_sent if move else 0,
-                     move.bytes_received if move else 0] + [mv.get(f, 0) for f in STEP_FIELDS[5:]], np.float64)
+    step = np.array([step_s, forward_s, move.seconds if move else 0.0, move.background_s if move else 0.0,
+                     move.bytes_sent if move else 0, move.bytes_received if move else 0]
+                    + [mv.get(f, 0) for f in STEP_FIELDS[6:]], np.float64)
     flat = np.concatenate([experts.reshape(-1).astype(np.float64), weights.reshape(-1).astype(np.float64),
                            layer.reshape(-1), step])
     mine = torch.as_tensor(flat, device=ctx.device)
@@ -89,7 +97,7 @@ class RunRecorder:
         prov = {"tool": "runtime.launch", "command": command,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
-                "duplication": mode, "model": handle.name, "input": source.description,
+                "duplication": mode, "run_dir": str(self.dir.resolve()), "model": handle.name, "input": source.description,
                 "torch": torch.__version__, "host": platform.node(), "config": cfg.to_dict()}
         meta = TraceMeta("tokens", handle.num_layers, handle.num_experts, handle.top_k, model=model,
                          dataset=dataset, source="collected", provenance=json.loads(json.dumps(prov, default=str)))
@@ -102,7 +110,10 @@ class RunRecorder:
         self.layer_rows: list[np.ndarray] = []
         self.step_rows: list[dict] = []
 
-    def add_step(self, step: int, parts: list[dict], placement, info, move) -> StepRouting:
+    def add_step(self, step: int, parts: list[dict], placement, info, move, events: dict | None = None) -> StepRouting:
+        """Record one step; ``events``: ``switched``, ``planned_at``, ``check_skipped`` (see the module
+        docstring)."""
+        events = events or {}
         N = len(parts)
         L, E = self.handle.num_layers, self.handle.num_experts
         ids, seq, pos = self.source.step_tokens(step)
@@ -119,7 +130,11 @@ class RunRecorder:
             self.layer_rows.append(rows)
             row = {"step": step, "rank": r, **{f: float(v) for f, v in zip(STEP_FIELDS, p["step"])}}
             if r == 0:
-                row["replanned"] = int(info is not None)
+                row["replanned"] = int(info is not None and not info.declined)
+                row["declined"] = int(info is not None and info.declined)
+                row["check_skipped"] = int(events.get("check_skipped", 0))
+                row["switched"] = int(events.get("switched", 0))
+                row["planned_at"] = int(events.get("planned_at", -1))
                 row["predicted_max_rank_tokens"] = (float(info.predicted_rank_tokens.max(axis=1).mean())
                                                     if info is not None else float("nan"))
                 row["plan_s"] = info.seconds_predict + info.seconds_plan if info is not None else float("nan")
@@ -176,7 +191,11 @@ class RunRecorder:
                                    f"pairs = (token, expert) assignments computed by a rank)")
         r0 = steps[steps["rank"] == 0]
         moved = steps.bytes_sent.sum()
-        tail = (f"{len(r0)} steps, mean step {r0.step_s.mean() * 1e3:.1f} ms; {int(r0.replanned.sum())} re-plan(s), "
+        extra = "".join(f", {int(r0[c].sum())} {what}" for c, what in (("declined", "declined by min_gain"),
+                                                                       ("check_skipped", "check(s) skipped in a move"))
+                        if r0[c].sum())
+        tail = (f"{len(r0)} steps, mean step {r0.step_s.mean() * 1e3:.1f} ms; {int(r0.replanned.sum())} re-plan(s)"
+                f"{extra}, "
                 f"{moved / 1e6:.2f} MB of expert weights moved\n"
                 f"wrote {self.trace_path}, {timings_path}, {steps_path}, {self.dir / 'placement.yaml'}")
         summary = {"table": table + "\n" + tail, "trace": str(self.trace_path), "timings": str(timings_path),

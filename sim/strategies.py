@@ -344,8 +344,7 @@ class Strategy:
         if self.policy.min_gain == 0:
             return True
         ctx = self.ctx
-        h = min(self.policy.interval, len(self.observed), len(self.history), 2 * self.scenarios)
-        late = max(1, h // 2)
+        h, late = gain_split(self.policy.interval, len(self.observed), len(self.history), self.scenarios)
         fit = list(self.history)[-h:-late] if h >= 2 else []
         if fit:
             earlier = self._plan(np.mean(fit, axis=0), self._scenarios(loads, np.mean(fit, axis=0)), self.current,
@@ -353,18 +352,39 @@ class Strategy:
         else:
             earlier = cand
         seen = np.stack(list(self.observed)[-late:]) * self._plan_loads().sum(axis=1)[None, :, None]
-        frac = _home_frac(loads)
-        seen = seen[:, :, None, :] * frac[None, None, :, None]
-        per_step = np.array([phases_time(self.current, x, ctx.model, self.hw, self.direct, frac).sum()
-                             - phases_time(earlier, x, ctx.model, self.hw, self.direct, frac).sum() for x in seen])
-        saving = float(per_step.mean()) * self.policy.interval
+        per_step = saving_per_step(self.current, earlier, seen, _home_frac(loads), ctx.model, self.hw, self.direct)
         price = cost.replan(moves) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
-        sure = late < 2 or per_step.mean() > 2 * per_step.std(ddof=1) / np.sqrt(late)
-        return bool(sure and saving > 0 and saving > self.policy.min_gain * price)
+        return passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, price)
 
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
         """Per-GPU seconds of a PredictorCost over each GPU's own tokens (one layer)."""
         return predictor_time(loads.home_tokens, cost, self.hw)
+
+
+def gain_split(interval: int, observed: int, history: int, scenarios: int) -> tuple[int, int]:
+    """The ``min_gain`` rule's steps: ``h`` recent steps (at most ``interval``, the steps known, and twice
+    the scenarios), of which the last ``late`` (half, at least 1) judge a plan made from the others."""
+    h = min(interval, observed, history, 2 * scenarios)
+    return h, max(1, h // 2)
+
+
+def saving_per_step(current: Placement, planned: Placement, seen: np.ndarray, home_frac: np.ndarray,
+                    model: ModelConfig, hw: Hardware, direct: bool) -> np.ndarray:
+    """float [K]: seconds per step (all layers) that ``planned`` saves over ``current`` on each of the
+    true loads ``seen`` [K, L, E], every GPU's tokens with the same expert mix (``home_frac`` [G])."""
+    src = seen[:, :, None, :] * home_frac[None, None, :, None]
+    return np.array([phases_time(current, x, model, hw, direct, home_frac).sum()
+                     - phases_time(planned, x, model, hw, direct, home_frac).sum() for x in src])
+
+
+def passes_min_gain(per_step: np.ndarray, interval: int, min_gain: float, price: float) -> bool:
+    """The ``min_gain`` rule on the savings ``per_step`` [K] measured out of sample: their mean over the
+    next ``interval`` steps exceeds ``min_gain`` x ``price`` (seconds the copies and applying cost), and
+    their mean is above 2 standard errors (with 2 or more of them)."""
+    late = len(per_step)
+    saving = float(per_step.mean()) * interval
+    sure = late < 2 or per_step.mean() > 2 * per_step.std(ddof=1) / np.sqrt(late)
+    return bool(sure and saving > 0 and saving > min_gain * price)
 
 
 def _note(facts: dict, array: np.ndarray, value: np.ndarray, keep: int = 64) -> None:

@@ -23,7 +23,7 @@ model: {num_layers: 2, hidden_size: 32, intermediate_size: 48, num_experts: 8, t
         router_bias_std: 1.0, seed: 1}
 input: {batch_size: 2, seq_len: 16}
 run: {steps: 8, timeout_s: 30}
-duplication: {num_redundant: 2, warmup_steps: 2, replan_every: 2, distribution_predictor: ema}
+duplication: {num_redundant: 2, warmup_steps: 2, replan_interval: 2, distribution_predictor: ema}
 """
 
 

@@ -158,7 +158,7 @@ def hf_ep_worker(ctx, checkpoints: dict, out_dir: str):
     cfg = parse_run_config({"model": {"checkpoint": checkpoints["mixtral"]},
                             "input": {"batch_size": 1, "seq_len": 8},
                             "run": {"steps": 3},
-                            "duplication": {"num_redundant": 2, "warmup_steps": 1, "replan_every": 1},
+                            "duplication": {"num_redundant": 2, "warmup_steps": 1, "replan_interval": 1},
                             "output": {"dir": out_dir}})
     summary = run(cfg, "dist-only", quiet=True, ctx=ctx)
     return errors, summary
