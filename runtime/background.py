@@ -110,9 +110,10 @@ class BackgroundMove:
         return self.stats
 
     def join(self, quiet: bool = False) -> None:
-        """Wait for the thread (at most the collective timeout and a little); raise its failure
-        (``quiet``: do not, when the run is failing anyway)."""
-        self._thread.join(self.ctx.timeout_s + 10.0)
+        """Wait for the thread (at most the collective timeout and a little) and raise its failure;
+        ``quiet``, when the run is failing anyway: wait at most 5 s (the daemon thread's transfers end
+        with their group's timeout) and raise nothing."""
+        self._thread.join(min(5.0, self.ctx.timeout_s) if quiet else self.ctx.timeout_s + 10.0)
         if self.error is not None and not quiet:
             raise self.error
 
