@@ -87,7 +87,7 @@ class LinkSpec:
         "bandwidth of expert-weight copies (batched point-to-point sends) per GPU per direction; `moe-gps "
         "calibrate` measures it. Absent: bandwidth_gb_s", unit="GB/s (1e9 B/s)", gt=0, default=None)
     copy_latency_us: float | None = spec(
-        "fixed time of one weight transfer (per source, destination and layer); absent: latency_us",
+        "fixed time of one weight transfer (one expert of one layer to one GPU); absent: latency_us",
         unit="us", ge=0, default=None)
 
 
