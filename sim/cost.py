@@ -247,6 +247,46 @@ def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
     return out
 
 
+def alltoall_outer_time(frac, takes, bytes_per_token: float, hw: Hardware):
+    """:func:`alltoall_time` of an all-to-all whose traffic is an outer product,
+    traffic[l, g, h] = frac[g] x takes[l, h] (every GPU's tokens with the same expert mix), in
+    O(L G) instead of O(L G^2).
+
+    frac: float [G] share of the tokens that start on each GPU;  takes: float [L, G] tokens each
+    GPU's replicas take  ->  seconds [L, G]. With N_f(g) the GPUs that g reaches over fabric f
+    and F = frac > 0, T = takes > 0:
+
+        S_f[g] = frac[g] x sum_{h in N_f(g)} takes[h];   R_f[g] = takes[g] x sum_{h in N_f(g)} frac[h]
+        m_f[g] = F[g] x #{h in N_f(g): T[h]} + T[g] x #{h in N_f(g): F[h]} - F[g] T[g] x #{h in N_f(g): F[h] T[h]}
+
+    (m_f: the peers g exchanges a non-zero amount with, either direction), then as :func:`alltoall_time`.
+    """
+    frac = np.asarray(frac, dtype=np.float64)
+    takes = np.asarray(takes, dtype=np.float64)
+    node = hw.node_of_gpu
+    nodes = int(node.max()) + 1 if len(node) else 0
+    onehot = (node[:, None] == np.arange(nodes)[None, :]).astype(np.float64)      # [G, nodes]
+
+    def reach(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [..., G] -> sums over the other GPUs of g's node and over the GPUs of other nodes."""
+        same = (x @ onehot)[..., node]
+        return same - x, x.sum(axis=-1, keepdims=True) - same
+
+    F = (frac > 0).astype(np.float64)
+    T = (takes > 0).astype(np.float64)
+    sums = zip(reach(takes), reach(frac), reach(T), reach(F), reach(F * T))
+    out = np.zeros(takes.shape)
+    per_node = int(np.sum(node == 0)) if len(node) else 0
+    fabrics = ((per_node > 1, hw.intra_bw, hw.intra_lat), (nodes > 1, hw.inter_bw, hw.inter_lat))
+    for (used, bw, lat), (to, of, t_n, f_n, ft_n) in zip(fabrics, sums):
+        if not used:
+            continue
+        send, recv = frac * to, takes * of
+        peers = F * t_n + T * f_n - F * T * ft_n
+        np.maximum(out, np.maximum(send, recv) * (bytes_per_token / bw) + lat * peers, out=out)
+    return out
+
+
 def layout_time(hw: Hardware) -> np.ndarray:
     """Per-GPU seconds [G] of the layout exchange before a dispatch: every GPU tells every
     other how many tokens it will send (a few bytes per peer, so latency only):

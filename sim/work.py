@@ -13,8 +13,9 @@ import numpy as np
 
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
-from sim.cost import (Hardware, alltoall_time, attention_time, collective_skew, combine_host_time,
-                      dispatch_host_time, ffn_time, layout_time, local_copy_time, shared_compute, transfer_time)
+from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
+                      combine_host_time, dispatch_host_time, ffn_time, layout_time, local_copy_time, shared_compute,
+                      transfer_time)
 from sim.loads import StepLoads
 
 
@@ -99,18 +100,15 @@ def share_by_gpu(placement: Placement) -> np.ndarray:
     return flat.reshape(L, E, G)
 
 
-def route(src_counts: np.ndarray, placement: Placement, home_frac: np.ndarray | None = None) -> np.ndarray:
+def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     """Tokens from home GPU g to GPU h when each expert's tokens split by replica share.
 
     src_counts: float [L, G, E] -> float [L, G, G]; no matrix product: each slot takes
-    its share of its expert's column, and a GPU's slots are summed. ``home_frac``: float [G]
-    when every GPU's tokens have the same expert mix (src_counts[l, g, e] = counts[l, e] x
-    home_frac[g]): the traffic is then home_frac[g] x the tokens GPU h takes.
+    its share of its expert's column, and a GPU's slots are summed. (When every GPU's tokens have
+    the same expert mix the traffic is an outer product, which :func:`placement_phases` prices
+    without building it: :func:`sim.cost.alltoall_outer_time`.)
     """
     L, G, E = src_counts.shape
-    if home_frac is not None:
-        takes = placement.slot_loads(src_counts.sum(axis=1)).reshape(L, G, placement.slots_per_gpu).sum(axis=2)
-        return home_frac[None, :, None] * takes[:, None, :]
     P = placement.phy2log.shape[1]
     by_expert = np.ascontiguousarray(np.swapaxes(src_counts, 1, 2)).reshape(L * E, G)   # rows (layer, expert)
     per_slot = by_expert[(np.arange(L)[:, None] * E + placement.phy2log).ravel()].reshape(L, P, G)
@@ -215,7 +213,11 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
     from the FFN finish times.
     """
     L, G, E = src_counts.shape
-    counts = src_counts.sum(axis=1)                          # [L, E]
+    if home_frac is not None:
+        g = int(np.argmax(home_frac))                        # one GPU's row holds the whole mix
+        counts = src_counts[:, g, :] / home_frac[g]          # [L, E]
+    else:
+        counts = src_counts.sum(axis=1)                      # [L, E]
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
     ffn = ffn_time(slot_tokens, p.slots_per_gpu, model, hw)  # [L, G]
@@ -234,15 +236,23 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
         correction = np.where(any_fix, layout + alltoall_time(fix, bpt, hw)
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
+        rows = traffic.sum(axis=2)
+    elif home_frac is not None:
+        # one expert mix on every GPU: the traffic is home_frac[g] x the tokens GPU h takes (:func:`route`)
+        link = alltoall_outer_time(home_frac, gpu_tokens, bpt, hw)
+        rows = home_frac[None, :] * gpu_tokens.sum(axis=1, keepdims=True)
+        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
+        correction = np.zeros((L, G))
     else:
-        traffic = route(src_counts, p, home_frac)
+        traffic = route(src_counts, p)
         link = alltoall_time(traffic, bpt, hw)
-        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
+        rows = traffic.sum(axis=2)
+        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     # without a correction the combine sends back what the dispatch sent: each GPU's max(send,
     # receive) and its peers are the same
     combine_link = link if predicted_src is None or exact else alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
-    combine = combine_link + combine_host_time(traffic.sum(axis=2), model, hw)
+    combine = combine_link + combine_host_time(rows, model, hw)
     if hw.compute_units:
         ffn = shared_compute(ffn, hw)
     skew = np.zeros((L, 3))
