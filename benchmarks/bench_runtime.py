@@ -94,7 +94,7 @@ def worker(ctx, hidden: int, inter: int, tokens: int, repeat: int):
             ctx.barrier()
             if ctx.rank == 0:
                 t0 = time.perf_counter()
-                ref = reference_moe(x, ex, w, wgu, wd)
+                reference_moe(x, ex, w, wgu, wd)
                 if i:
                     ref_s.append(time.perf_counter() - t0)
         err = float((y - reference_moe(x, ex, w, wgu, wd)[mine]).abs().max())

@@ -23,9 +23,12 @@ Benchmarks (``name``: what one sample times; its size axis):
   the caches see what they see in a run) on ``n`` tokens per rank with balanced routing
   (every expert gets the same pairs from every rank, so no rank waits for another), timed by
   the runtime's own phase timers (:func:`bench_model`);
+* ``imbalance_*``: the same model at the run config's batch with a share of every rank's tokens
+  routed to rank 0's experts, at several shares (:func:`bench_imbalance`): the collective skew
+  as a function of how much later the last rank reaches the combine;
 * ``move``: the runtime's own placement change (:func:`runtime.apply.apply_placement`) on that
-  model, to a placement in which every rank sends ``n`` experts and receives ``n``, and back
-  (:func:`bench_moves`).
+  model, to placements planned from random skewed loads (irregular moves, like a real re-plan),
+  and back (:func:`bench_moves`).
 
 Samples are ``(size, rank, seconds)`` in repeat order per (benchmark, size, rank).
 """
@@ -38,6 +41,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -177,8 +181,9 @@ def bench_model(b: Bench, spec: dict) -> None:
     from runtime.moe_layer import top_k_routing
 
     ctx = b.ctx
-    N, dev = ctx.world_size, ctx.device
+    dev = ctx.device
     L, E, k = spec["num_layers"], spec["num_experts"], spec["top_k"]
+    N = ctx.world_size
     section = ModelSection(num_layers=L, hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
                            num_experts=E, top_k=k, num_heads=spec["num_heads"], vocab_size=spec["vocab_size"],
                            dtype=spec["dtype"], seed=0)
@@ -190,6 +195,27 @@ def bench_model(b: Bench, spec: dict) -> None:
         placement = layout_placement(spec, N, R)
         handle.install(placement, ctx)
         models.append((handle, placement))
+
+    def forward(model, ids, routing) -> list[dict[str, float]]:
+        """DecoderLayer.forward and MoEBlock.forward with the given routing; the phase times of every layer."""
+        out = []
+        x = model.embed(ids)
+        for layer in model.layers:
+            t0 = b._now()
+            x = x + layer.attn(layer.attn_norm(x))
+            t1 = b._now()
+            y = layer.moe_norm(x).reshape(-1, x.shape[-1])
+            t2 = b._now()
+            experts, weights = top_k_routing(layer.moe.gate(y).float() + layer.moe.router_bias, k)
+            experts.to(torch.int16).cpu().numpy()
+            weights.float().cpu().numpy()
+            t3 = b._now()
+            x = x + layer.moe.experts(y, routing, weights).reshape(x.shape)
+            st = layer.moe.experts.stats
+            out.append({"attention": (t1 - t0) + (t3 - t2), "dispatch": st["counts_s"] + st["dispatch_s"],
+                        "expert": st["expert_s"], "combine": st["combine_s"]})
+        return out
+
     for i, batch in enumerate(spec["model_batches"]):
         T = batch * S
         b.say(f"the runtime's model, {L} layers, {' and '.join(str(p.slots_per_gpu) for _, p in models)} expert slots per rank, "
@@ -199,58 +225,91 @@ def bench_model(b: Bench, spec: dict) -> None:
         with torch.inference_mode():
             for rep in range(b.warmup + b.repeats):
                 for handle, placement in models:
-                    model, slots = handle.module, placement.slots_per_gpu
+                    slots = placement.slots_per_gpu
                     b.sync()
-                    own = 0.0
-                    x = model.embed(ids)
-                    for layer in model.layers:      # DecoderLayer.forward and MoEBlock.forward, routing balanced
-                        t0 = b._now()
-                        x = x + layer.attn(layer.attn_norm(x))
-                        t1 = b._now()
-                        y = layer.moe_norm(x).reshape(-1, x.shape[-1])
-                        t2 = b._now()
-                        experts, weights = top_k_routing(layer.moe.gate(y).float() + layer.moe.router_bias, k)
-                        experts.to(torch.int16).cpu().numpy()
-                        weights.float().cpu().numpy()
-                        t3 = b._now()
-                        x = x + layer.moe.experts(y, balanced, weights).reshape(x.shape)
-                        if rep >= b.warmup:
-                            st = layer.moe.experts.stats
-                            phases = {"model_attention": (t1 - t0) + (t3 - t2),
-                                      f"model_dispatch/{slots}": st["counts_s"] + st["dispatch_s"],
-                                      f"model_expert/{slots}": st["expert_s"],
-                                      f"model_combine/{slots}": st["combine_s"]}
-                            for name, seconds in phases.items():
-                                b.record(name, T, seconds)
-                            own += sum(phases.values())
-                    if rep >= b.warmup:
-                        b.record(f"model_step/{slots}", T, own)
+                    layers = forward(handle.module, ids, balanced)
+                    if rep < b.warmup:
+                        continue
+                    for ph in layers:
+                        for name, key in (("model_attention", "attention"), (f"model_dispatch/{slots}", "dispatch"),
+                                          (f"model_expert/{slots}", "expert"), (f"model_combine/{slots}", "combine")):
+                            b.record(name, T, ph[key])
+                    b.record(f"model_step/{slots}", T, sum(sum(ph.values()) for ph in layers))
+    bench_imbalance(b, spec, models[0][0], models[0][1], forward)
     bench_moves(b, spec, *models[-1])
 
 
+def imbalanced_experts(T: int, k: int, E: int, rank: int, fraction: float, hot: list[int], device) -> torch.Tensor:
+    """experts [T, k]: :func:`balanced_experts`, except that the first round(fraction x T) tokens choose the
+    ``hot`` experts (those rank 0 holds), distinct per token as far as there are enough of them."""
+    out = balanced_experts(T, k, E, rank, device)
+    n, h = int(round(fraction * T)), len(hot)
+    if n and h:
+        t = torch.arange(n, device=device)[:, None]
+        j = torch.arange(min(k, h), device=device)[None, :]
+        hot_t = torch.as_tensor(hot, dtype=torch.long, device=device)
+        out[:n, :min(k, h)] = hot_t[(t + j) % h]
+    return out
+
+
+def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
+    """The model of the first layout at the run config's batch, with a share ``fraction`` of every rank's
+    tokens routed to rank 0's experts (rank 0 computes longer, the others wait for it in the combine), for
+    every fraction of ``spec["imbalance_fractions"]`` (0: balanced), alternately repeat by repeat.
+    Samples ``imbalance_attention``, ``imbalance_dispatch``, ``imbalance_expert``, ``imbalance_combine``
+    (per layer, as the model's) and ``imbalance_step`` (the rank's own sum over the layers), size = the
+    fraction. They give the collective skew as a function of the ranks' arrival gap."""
+    fractions = spec.get("imbalance_fractions") or []
+    if not fractions or b.ctx.world_size < 2:
+        return
+    ctx, S = b.ctx, spec["seq_len"]
+    k, E = spec["top_k"], spec["num_experts"]
+    batch = spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
+    T = batch * S
+    slots = placement.slots_per_gpu
+    hot = sorted({int(e) for e in placement.phy2log[0][:slots]})
+    g = torch.Generator().manual_seed(11 + ctx.rank)
+    ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(ctx.device)
+    routes = [(f, imbalanced_experts(T, k, E, ctx.rank, f, hot, ctx.device)) for f in fractions]
+    b.say(f"the runtime's model, {batch} x {S} tokens per rank, a share {', '.join(f'{f:g}' for f in fractions)} "
+          f"of every rank's tokens to rank 0's experts")
+    with torch.inference_mode():
+        for rep in range(b.warmup + b.repeats):
+            for f, routing in routes:
+                b.sync()
+                layers = forward(handle.module, ids, routing)
+                if rep < b.warmup:
+                    continue
+                for ph in layers:
+                    for key, v in ph.items():
+                        b.record(f"imbalance_{key}", f, v)
+                b.record("imbalance_step", f, sum(sum(ph.values()) for ph in layers))
+
+
 def bench_moves(b: Bench, spec: dict, handle, placement) -> None:
-    """``move``: :func:`runtime.apply.apply_placement` (the runtime's own weight moves, snapshots
-    and routing tables) from ``placement`` to one where every rank sends n experts and receives n
-    (``moe_gps.fidelity.calibrate.moved_placement``), then back; n = 0 applies the same placement
-    again (the fixed cost of a re-plan). Samples: the rank's ``MoveStats.seconds``, both directions."""
-    from moe_gps.fidelity.calibrate import moved_placement
+    """``move``: :func:`runtime.apply.apply_placement` (the runtime's own weight moves, snapshots and
+    routing tables) between the placements of ``moe_gps.fidelity.calibrate.move_pairs``: size 0 applies
+    ``placement`` again (the fixed cost of a re-plan), size 2 i + 1 goes to ``spec["move_targets"][i]`` (a
+    re-plan of random skewed loads: irregular moves) and 2 i + 2 back. Samples: the rank's
+    ``MoveStats.seconds``."""
+    from moe_gps.fidelity.calibrate import move_pairs
     from runtime.apply import apply_placement
 
     ctx = b.ctx
-    home, share = placement.phy2log, placement.replica_share
-    sizes = spec["move_experts"]
-    for i, n in enumerate(sizes):
-        target = moved_placement(home, share, ctx.world_size, n)
-        if target is None:
-            continue
-        b.say(f"applying a placement that moves {n} expert(s) into and out of every rank, and back "
-              f"({i + 1}/{len(sizes)})")
+    pairs = move_pairs(spec, ctx.world_size)
+    if not np.array_equal(pairs[0][0].phy2log, placement.phy2log):
+        raise RuntimeError("the move benchmark's starting placement is not the model's")
+    cycles = [[0, 0]] + [[2 * i + 1, 2 * i + 2] for i in range(len(spec.get("move_targets", [])))]
+    for i, cycle in enumerate(cycles):
+        b.say(f"applying a placement {'again' if cycle[0] == 0 else 'of a re-plan, and back'} "
+              f"({i + 1}/{len(cycles)})")
         for rep in range(b.warmup + b.repeats):
-            for phy, sh in (target, (home, share)):
+            for size in cycle:
+                after = pairs[size][1]
                 b.sync()
-                stats = apply_placement(handle.experts, phy, sh, ctx)
+                stats = apply_placement(handle.experts, after.phy2log, after.replica_share, ctx)
                 if rep >= b.warmup:
-                    b.record("move", n, stats.seconds)
+                    b.record("move", size, stats.seconds)
 
 
 def run(spec: dict, out: str, quiet: bool = False) -> None:

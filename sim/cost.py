@@ -15,7 +15,8 @@ their reasons are in docs/simulator.md ("Cost model"); the names here follow it:
   time, a fixed time per expert slot with tokens, a fixed host time per dispatch and per
   combine, and token permutation (row gathers and scatters) at its own bandwidth;
 * collective skew: ranks leave a collective at different times, and the next one waits for
-  the latest: a fixed time added to every dispatch, correction and combine (the ``sync`` phase);
+  the latest: a time added to every dispatch, correction and combine (the ``sync`` phase),
+  smaller when one rank arrives clearly last (:func:`collective_skew`);
 * applying a new placement: a fixed host time per re-plan and per GPU, and copies between
   slots of one GPU at memory bandwidth (read + write).
 """
@@ -45,7 +46,9 @@ class Hardware:
     permute_bw: B/s of token permutation (0: not modelled)
     compute_units: processors the GPUs of a node share (0: not shared)
     intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
-    collective_skew: seconds between the first and the last GPU leaving a collective
+    collective_skew: seconds between the first and the last GPU leaving a collective (ranks arriving together)
+    skew_floor: share of collective_skew left when one GPU arrives clearly last (1: constant skew)
+    skew_gap: seconds of arrival gap over which the skew falls towards its floor (0: constant skew)
     replan_overhead: host seconds per GPU to apply a new placement
     weight_reads: an expert replica reads its weights once per layer it has tokens (False: FFN time in
                   proportion to tokens only, the MoE-GPS paper's model)
@@ -73,6 +76,8 @@ class Hardware:
     inter_copy_bw: float = 0.0
     inter_copy_lat: float = -1.0
     collective_skew: float = 0.0
+    skew_floor: float = 1.0
+    skew_gap: float = 0.0
     replan_overhead: float = 0.0
     weight_reads: bool = True
     predictor_overlap: bool = False
@@ -117,6 +122,8 @@ class Hardware:
             inter_copy_bw=(inter.copy_bandwidth_gb_s or 0.0) * 1e9,
             inter_copy_lat=_us(inter.copy_latency_us),
             collective_skew=cluster.collective_skew_us * 1e-6,
+            skew_floor=1.0 if cluster.collective_skew_floor is None else cluster.collective_skew_floor,
+            skew_gap=(cluster.collective_skew_gap_us or 0.0) * 1e-6,
             replan_overhead=g.replan_overhead_us * 1e-6,
         )
 
@@ -240,6 +247,46 @@ def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
     return out
 
 
+def alltoall_outer_time(frac, takes, bytes_per_token: float, hw: Hardware):
+    """:func:`alltoall_time` of an all-to-all whose traffic is an outer product,
+    traffic[l, g, h] = frac[g] x takes[l, h] (every GPU's tokens with the same expert mix), in
+    O(L G) instead of O(L G^2).
+
+    frac: float [G] share of the tokens that start on each GPU;  takes: float [L, G] tokens each
+    GPU's replicas take  ->  seconds [L, G]. With N_f(g) the GPUs that g reaches over fabric f
+    and F = frac > 0, T = takes > 0:
+
+        S_f[g] = frac[g] x sum_{h in N_f(g)} takes[h];   R_f[g] = takes[g] x sum_{h in N_f(g)} frac[h]
+        m_f[g] = F[g] x #{h in N_f(g): T[h]} + T[g] x #{h in N_f(g): F[h]} - F[g] T[g] x #{h in N_f(g): F[h] T[h]}
+
+    (m_f: the peers g exchanges a non-zero amount with, either direction), then as :func:`alltoall_time`.
+    """
+    frac = np.asarray(frac, dtype=np.float64)
+    takes = np.asarray(takes, dtype=np.float64)
+    node = hw.node_of_gpu
+    nodes = int(node.max()) + 1 if len(node) else 0
+    onehot = (node[:, None] == np.arange(nodes)[None, :]).astype(np.float64)      # [G, nodes]
+
+    def reach(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [..., G] -> sums over the other GPUs of g's node and over the GPUs of other nodes."""
+        same = (x @ onehot)[..., node]
+        return same - x, x.sum(axis=-1, keepdims=True) - same
+
+    F = (frac > 0).astype(np.float64)
+    T = (takes > 0).astype(np.float64)
+    sums = zip(reach(takes), reach(frac), reach(T), reach(F), reach(F * T))
+    out = np.zeros(takes.shape)
+    per_node = int(np.sum(node == 0)) if len(node) else 0
+    fabrics = ((per_node > 1, hw.intra_bw, hw.intra_lat), (nodes > 1, hw.inter_bw, hw.inter_lat))
+    for (used, bw, lat), (to, of, t_n, f_n, ft_n) in zip(fabrics, sums):
+        if not used:
+            continue
+        send, recv = frac * to, takes * of
+        peers = F * t_n + T * f_n - F * T * ft_n
+        np.maximum(out, np.maximum(send, recv) * (bytes_per_token / bw) + lat * peers, out=out)
+    return out
+
+
 def layout_time(hw: Hardware) -> np.ndarray:
     """Per-GPU seconds [G] of the layout exchange before a dispatch: every GPU tells every
     other how many tokens it will send (a few bytes per peer, so latency only):
@@ -277,6 +324,36 @@ def shared_compute(seconds, hw: Hardware):
     return out.reshape(t.shape)
 
 
+def arrival_gap(arrival):
+    """How much later the last GPU reaches a collective than the second-last: the largest minus the
+    second-largest of ``arrival`` over the last axis (0 with one GPU).  arrival: [..., G] -> seconds [...]"""
+    a = np.asarray(arrival, dtype=np.float64)
+    if a.shape[-1] < 2:
+        return np.zeros(a.shape[:-1])
+    top = np.partition(a, a.shape[-1] - 2, axis=-1)[..., -2:]
+    return top[..., 1] - top[..., 0]
+
+
+def collective_skew(arrival, hw: Hardware):
+    """Collective skew of a collective that the GPUs reach at times ``arrival`` (the time each spent since
+    they left the previous collective together):
+
+        skew = s0 x (floor + (1 - floor) x exp(-gap / w)),  gap = :func:`arrival_gap` (arrival)
+
+    with s0 = ``hw.collective_skew`` (GPUs arriving together: every GPU's lateness adds to the wait),
+    floor = ``hw.skew_floor`` and w = ``hw.skew_gap``. When one GPU is clearly last, the others' lateness
+    is absorbed while they wait for it, and only the floor is left. Without w (or floor = 1): s0.
+
+    arrival: [..., G] -> seconds [...]
+    """
+    a = np.asarray(arrival, dtype=np.float64)
+    s0 = hw.collective_skew
+    if not s0 or not hw.skew_gap or hw.skew_floor >= 1.0:
+        return np.full(a.shape[:-1], float(s0))
+    f = hw.skew_floor + (1.0 - hw.skew_floor) * np.exp(-arrival_gap(a) / hw.skew_gap)
+    return s0 * f
+
+
 def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):
     """Host work of one dispatch (or correction) on a GPU that sends ``rows`` rows (its own included):
     dispatch overhead + 1 permutation pass (gathering the rows into send order).  rows: [...] -> seconds"""
@@ -289,17 +366,19 @@ def combine_host_time(rows, model: ModelConfig, hw: Hardware):
     return hw.combine_overhead + permute_time(rows, 2, model, hw)
 
 
-def transfer_time(bytes_, same_node, hw: Hardware, bandwidth_share: float = 1.0):
-    """One point-to-point transfer (a weight copy): bytes / (share x copy bandwidth) + one copy
+def transfer_time(bytes_, same_node, hw: Hardware, bandwidth_share: float = 1.0, transfers=1):
+    """Weight copies between one pair of GPUs: bytes / (share x copy bandwidth) + transfers x copy
     latency (the link's own numbers unless the cluster gives copy_bandwidth_gb_s / copy_latency_us;
-    ``bandwidth_share`` < 1 for copies in the background that get only part of the link).
+    ``bandwidth_share`` < 1 for copies in the background that get only part of the link; one transfer
+    per expert copied, as the runtime sends them).
 
-    bytes_: [...];  same_node: bool [...] (intra- or inter-node fabric) -> seconds [...]
+    bytes_: [...];  same_node: bool [...] (intra- or inter-node fabric);  transfers: [...] or a number
+    -> seconds [...]
     """
     b = np.asarray(bytes_, dtype=np.float64)
     bw = np.where(same_node, hw.intra_copy_bw, hw.inter_copy_bw) * bandwidth_share
     lat = np.where(same_node, hw.intra_copy_lat, hw.inter_copy_lat)
-    return np.where(b > 0, b / bw + lat, 0.0)
+    return np.where(b > 0, b / bw + np.asarray(transfers, dtype=np.float64) * lat, 0.0)
 
 
 def local_copy_time(copies, expert_bytes: float, hw: Hardware):

@@ -20,8 +20,8 @@ from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.layouts import contiguous
 from moe_gps.placement.timeaware import home_layers
-from sim.cost import (Hardware, attention_time, combine_host_time, dispatch_host_time, ffn_time, layout_time,
-                      shared_compute, transfer_time)
+from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, dispatch_host_time, ffn_time,
+                      layout_time, shared_compute, transfer_time)
 from sim.work import Copies, PlacementPhases, copy_port_busy, placement_phases
 
 
@@ -38,11 +38,13 @@ class LayerTimeModel:
 
         recv_f(g) = tokens g's replicas take from peers on f;  send_f(g) = tokens g sends to them
         link(g) = max_f [max(send_f, recv_f) h a / B_f + alpha_f (peers on f)]
-        D(g) = [layout] + link(g) + dispatch host(home_g) + skew;  C(g) = link(g) + combine host(home_g) + skew
+        D(g) = [layout] + link(g) + dispatch host(home_g) + skew0
+        C(g) = link(g) + combine host(home_g) + skew(FFN)
         layer = max_g FFN(g) + max_g D(g) + max_g C(g)
 
-    the closed form of :func:`phases_time` except that every peer is counted in the latency
-    term (the exact form counts only peers that exchange tokens). ``direct``: tokens are routed
+    (skew0: the collective skew of GPUs arriving together; skew(FFN): that of the combine, which the GPUs
+    reach when their FFN ends, :func:`sim.cost.collective_skew`), the closed form of :func:`phases_time`
+    except that every peer is counted in the latency term (the exact form counts only peers that exchange tokens). ``direct``: tokens are routed
     without a layout exchange (token-to-expert prediction, the oracle).
     """
 
@@ -65,7 +67,7 @@ class LayerTimeModel:
         self.home = home
         skew = hw.collective_skew
         self.dhost = dispatch_host_time(home, model, hw) + skew + (0.0 if direct else layout_time(hw))
-        self.chost = combine_host_time(home, model, hw) + skew
+        self.chost = combine_host_time(home, model, hw)
         self.lat_intra = hw.intra_lat * (per_node - 1)
         self.lat_inter = hw.inter_lat * (G - per_node)
         self.bpt = model.token_bytes
@@ -173,7 +175,7 @@ class LayerTimeModel:
             inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
             link = np.maximum(intra, inter)
         d = link + self.dhost[:, layers]
-        c = link + self.chost[:, layers]
+        c = link + self.chost[:, layers] + collective_skew(ffn, hw)[..., None]
         layer = ffn.max(axis=2) + d.max(axis=2) + c.max(axis=2)
         return layer.mean(axis=0), (ffn + d + c).mean(axis=0)
 

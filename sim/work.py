@@ -13,8 +13,9 @@ import numpy as np
 
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
-from sim.cost import (Hardware, alltoall_time, attention_time, combine_host_time, dispatch_host_time, ffn_time,
-                      layout_time, local_copy_time, shared_compute, transfer_time)
+from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
+                      combine_host_time, dispatch_host_time, ffn_time, layout_time, local_copy_time, shared_compute,
+                      transfer_time)
 from sim.loads import StepLoads
 
 
@@ -66,7 +67,9 @@ class StepWork:
     gpu_tokens: float [L, G] tokens each GPU's experts process (FFN load)
     expert_counts: float [L, E] true tokens per expert
     copy_bytes: float [L] bytes of weights copied for each layer by a re-plan made at this step
-    skew: seconds of collective skew included in each dispatch, correction (when it has one) and combine
+    skew: seconds of collective skew of GPUs arriving together (the cluster's collective_skew)
+    skew_parts: float [L, 3] seconds of collective skew included in each layer's dispatch, correction (0
+                when it has none) and combine (:func:`sim.cost.collective_skew`); None: ``skew`` in each
     replan_host: seconds of host work applying a new placement, on every GPU before the first layer
     """
 
@@ -85,6 +88,7 @@ class StepWork:
     dispatch_link: np.ndarray | None = None
     combine_link: np.ndarray | None = None
     replan_host: float = 0.0
+    skew_parts: np.ndarray | None = None
 
 
 def share_by_gpu(placement: Placement) -> np.ndarray:
@@ -96,18 +100,15 @@ def share_by_gpu(placement: Placement) -> np.ndarray:
     return flat.reshape(L, E, G)
 
 
-def route(src_counts: np.ndarray, placement: Placement, home_frac: np.ndarray | None = None) -> np.ndarray:
+def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     """Tokens from home GPU g to GPU h when each expert's tokens split by replica share.
 
     src_counts: float [L, G, E] -> float [L, G, G]; no matrix product: each slot takes
-    its share of its expert's column, and a GPU's slots are summed. ``home_frac``: float [G]
-    when every GPU's tokens have the same expert mix (src_counts[l, g, e] = counts[l, e] x
-    home_frac[g]): the traffic is then home_frac[g] x the tokens GPU h takes.
+    its share of its expert's column, and a GPU's slots are summed. (When every GPU's tokens have
+    the same expert mix the traffic is an outer product, which :func:`placement_phases` prices
+    without building it: :func:`sim.cost.alltoall_outer_time`.)
     """
     L, G, E = src_counts.shape
-    if home_frac is not None:
-        takes = placement.slot_loads(src_counts.sum(axis=1)).reshape(L, G, placement.slots_per_gpu).sum(axis=2)
-        return home_frac[None, :, None] * takes[:, None, :]
     P = placement.phy2log.shape[1]
     by_expert = np.ascontiguousarray(np.swapaxes(src_counts, 1, 2)).reshape(L * E, G)   # rows (layer, expert)
     per_slot = by_expert[(np.arange(L)[:, None] * E + placement.phy2log).ravel()].reshape(L, P, G)
@@ -120,9 +121,12 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement).
 
     Between GPUs: a GPU needs one copy of expert e (expert_bytes) for each layer where it hosts
-    e now and did not before. The source is a GPU that hosted e before, preferring one on the
-    same node, then the first after the destination in ring order (to spread the senders).
-    ``bandwidth_share`` < 1: the copies get that share of the copy bandwidth (background copies).
+    e now and did not before: one transfer, as the runtime sends it (one per layer, expert and
+    destination). The source is a GPU that hosted e before, preferring one on the same node, then
+    the first after the destination in ring order (to spread the senders). One row per (layer,
+    source, destination): its bytes / copy bandwidth + its transfers x copy latency
+    (:func:`sim.cost.transfer_time`). ``bandwidth_share`` < 1: the copies get that share of the copy
+    bandwidth (background copies).
 
     Within a GPU (rows with src == dst, no link bytes): every slot that now holds another
     expert than before (every slot when the slots per GPU changed) and is not filled by a
@@ -145,7 +149,7 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     l, rest = np.divmod(uniq, G * G)
     s, d = np.divmod(rest, G)
     nbytes = counts * float(expert_bytes)
-    secs = transfer_time(nbytes, hw.same_node()[s, d], hw, bandwidth_share)
+    secs = transfer_time(nbytes, hw.same_node()[s, d], hw, bandwidth_share, counts)
     # within each GPU: slots rewritten, less those a transfer fills
     S_new, S_old = current.slots_per_gpu, previous.slots_per_gpu
     new_slots = current.phy2log.reshape(L, G, S_new)
@@ -171,7 +175,8 @@ class PlacementPhases:
     """The phases a placement decides, seconds [L, G] each (links, hosts and collective skew included).
 
     dispatch_link / combine_link: their link parts; traffic: float [L, G, G] tokens dispatched
-    from home GPU g to GPU h; gpu_tokens: float [L, G] FFN tokens per GPU.
+    from home GPU g to GPU h; gpu_tokens: float [L, G] FFN tokens per GPU; skew: float [L, 3] the
+    collective skew included in dispatch, correction and combine.
     """
 
     dispatch: np.ndarray
@@ -182,6 +187,7 @@ class PlacementPhases:
     combine_link: np.ndarray
     gpu_tokens: np.ndarray
     has_correction: bool
+    skew: np.ndarray | None = None
 
     def layer_time(self) -> np.ndarray:
         """float [L]: the part of the layer time the placement decides (closed form: the maxima
@@ -191,16 +197,27 @@ class PlacementPhases:
 
 
 def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.ndarray | None,
-                     model: ModelConfig, hw: Hardware, home_frac: np.ndarray | None = None) -> PlacementPhases:
+                     model: ModelConfig, hw: Hardware, home_frac: np.ndarray | None = None,
+                     arrival: np.ndarray | None = None) -> PlacementPhases:
     """Dispatch, correction, FFN and combine of every layer and GPU under placement ``p``.
 
     src_counts: float [L, G, E] (token, expert) assignments by home GPU; predicted_src: the
     correctly predicted part of them when tokens are routed directly (token-to-expert
     prediction), else None (every token is dispatched after the gate); home_frac: float [G]
-    when every GPU's tokens of ``src_counts`` have the same expert mix (:func:`route`).
+    when every GPU's tokens of ``src_counts`` have the same expert mix (:func:`route`); arrival:
+    float [L, G] seconds each GPU works between the previous combine and the dispatch (predictor +
+    attention), for the dispatch's collective skew (None: the GPUs arrive together).
+
+    Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, the
+    correction's as for GPUs arriving together (they leave the dispatch together), the combine's
+    from the FFN finish times.
     """
     L, G, E = src_counts.shape
-    counts = src_counts.sum(axis=1)                          # [L, E]
+    if home_frac is not None:
+        g = int(np.argmax(home_frac))                        # one GPU's row holds the whole mix
+        counts = src_counts[:, g, :] / home_frac[g]          # [L, E]
+    else:
+        counts = src_counts.sum(axis=1)                      # [L, E]
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
     ffn = ffn_time(slot_tokens, p.slots_per_gpu, model, hw)  # [L, G]
@@ -219,24 +236,36 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
         correction = np.where(any_fix, layout + alltoall_time(fix, bpt, hw)
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
+        rows = traffic.sum(axis=2)
+    elif home_frac is not None:
+        # one expert mix on every GPU: the traffic is home_frac[g] x the tokens GPU h takes (:func:`route`)
+        link = alltoall_outer_time(home_frac, gpu_tokens, bpt, hw)
+        rows = home_frac[None, :] * gpu_tokens.sum(axis=1, keepdims=True)
+        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
+        correction = np.zeros((L, G))
     else:
-        traffic = route(src_counts, p, home_frac)
+        traffic = route(src_counts, p)
         link = alltoall_time(traffic, bpt, hw)
-        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(traffic.sum(axis=2), model, hw)
+        rows = traffic.sum(axis=2)
+        dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     # without a correction the combine sends back what the dispatch sent: each GPU's max(send,
     # receive) and its peers are the same
     combine_link = link if predicted_src is None or exact else alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
-    combine = combine_link + combine_host_time(traffic.sum(axis=2), model, hw)
-    if hw.collective_skew:
-        # the next phase starts when the latest rank has left the collective
-        dispatch = dispatch + hw.collective_skew
-        correction = np.where(correction > 0, correction + hw.collective_skew, 0.0)
-        combine = combine + hw.collective_skew
+    combine = combine_link + combine_host_time(rows, model, hw)
     if hw.compute_units:
         ffn = shared_compute(ffn, hw)
+    skew = np.zeros((L, 3))
+    if hw.collective_skew:
+        # the next phase starts when the latest rank has left the collective
+        skew[:, 0] = hw.collective_skew if arrival is None else collective_skew(arrival, hw)
+        skew[:, 1] = np.where(correction.max(axis=1) > 0, hw.collective_skew, 0.0)
+        skew[:, 2] = collective_skew(ffn, hw)
+        dispatch = dispatch + skew[:, :1]
+        correction = np.where(correction > 0, correction + skew[:, 1:2], 0.0)
+        combine = combine + skew[:, 2:]
     return PlacementPhases(dispatch, correction, ffn, combine, link, combine_link, gpu_tokens,
-                           predicted_src is not None)
+                           predicted_src is not None, skew)
 
 
 def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, model: ModelConfig,
@@ -250,7 +279,6 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     attention block per layer (default: :func:`attention_time` of its tokens under ``workload``).
     """
     L, G, E = loads.src_counts.shape
-    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac)
     if attention is None:
         attention = attention_time(loads.home_tokens, model, workload, hw)
     attn = np.broadcast_to(attention, (L, G))
@@ -262,12 +290,14 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
         busy = pred + attn
         stretch = np.divide(shared_compute(busy, hw), busy, out=np.ones_like(busy), where=busy > 0)
         attn, pred = attn * stretch, pred * stretch
+    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
+                          arrival=pred + attn)
     copies = copies if copies is not None else Copies.empty()
     if copy_bytes is None:
         copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
     return StepWork(pred, attn, ph.dispatch, ph.correction, ph.ffn, ph.combine, copies, ph.gpu_tokens,
                     loads.counts, copy_bytes, ph.has_correction, hw.collective_skew, ph.dispatch_link,
-                    ph.combine_link, replan_host)
+                    ph.combine_link, replan_host, ph.skew)
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:

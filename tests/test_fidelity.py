@@ -59,12 +59,12 @@ def _truth(N: int, units: float | None = None) -> ClusterConfig:
     return ClusterConfig(name="truth", num_gpus=N, gpus_per_node=N, gpu=gpu,
                          intra_node=LinkSpec(bandwidth_gb_s=1.2, latency_us=200.0, copy_bandwidth_gb_s=0.6,
                                              copy_latency_us=300.0), compute_units_per_node=units,
-                         collective_skew_us=150.0)
+                         collective_skew_us=150.0, collective_skew_floor=0.2, collective_skew_gap_us=1000.0)
 
 
 def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, seed: int = 0) -> dict:
     """What runtime.fidelity_bench would record on a machine that follows the cost model exactly."""
-    from moe_gps.fidelity.calibrate import layouts, moved_layers
+    from moe_gps.fidelity.calibrate import layouts, move_model, move_pairs, move_ports
 
     rng = np.random.default_rng(seed)
     N = cluster.num_gpus
@@ -91,9 +91,9 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
     out.setdefault("crowd_solo", []).extend((20.0, 0, loop) for _ in range(7))
     for b in spec["alltoall_bytes"]:
         add("alltoall", b, (N - 1) * (b / hw.intra_bw + hw.intra_lat))
-    for n in spec["move_experts"]:                # one transfer per layer moved, as the simulator counts them
-        add("move", n, hw.replan_overhead + n * spec["expert_bytes"] / hw.intra_copy_bw
-            + moved_layers(spec, N, n) * hw.intra_copy_lat)
+    for n, pair in move_pairs(spec, N).items():   # irregular re-plans, as the simulator charges them
+        add("move", n, move_model(move_ports(*pair, spec["expert_bytes"], hw), hw.replan_overhead,
+                                  1 / hw.intra_copy_bw, hw.intra_copy_lat)[0])
     L = spec["num_layers"]
     for R in layouts(spec, N):
         p = plan_placement(np.ones((1, E)), N, R, "none" if R == 0 else "eplb")
@@ -115,6 +115,19 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
             add(f"model_combine/{S}", T, phases[3])
             # the step: every layer's phases + the collective skew of its dispatch and combine
             add(f"model_step/{S}", T, L * (sum(phases) + 2 * hw.collective_skew))
+    # imbalance: rank 0's FFN longer by gap; the combine's skew falls with it as the cluster says
+    from sim.cost import collective_skew
+    for f in spec["imbalance_fractions"]:
+        gap = 4e-3 * f
+        ffn = np.full(N, 2e-3)
+        ffn[0] += gap
+        comb_skew = float(collective_skew(ffn, hw))
+        for name, t in (("attention", 1e-3), ("dispatch", 0.5e-3), ("combine", 0.4e-3)):
+            add(f"imbalance_{name}", f, t, reps=7 * L)
+        for r in range(7 * L):
+            for rank in range(N):
+                out.setdefault("imbalance_expert", []).append((float(f), rank, float(ffn[rank])))
+        add("imbalance_step", f, L * (1e-3 + 0.5e-3 + ffn.max() + 0.4e-3 + hw.collective_skew + comb_skew))
     return out
 
 
@@ -138,10 +151,16 @@ def test_calibration_recovers_the_parameters_of_a_machine_that_follows_the_model
     assert g.permute_bandwidth_gb_s == rel(t.permute_bandwidth_gb_s, rel=1e-3)
     assert cal.cluster.intra_node.bandwidth_gb_s == rel(1.2, rel=1e-3)
     assert cal.cluster.intra_node.latency_us == rel(200.0, rel=1e-3)
-    assert cal.cluster.intra_node.copy_bandwidth_gb_s == rel(0.6, rel=1e-3)
-    assert cal.cluster.intra_node.copy_latency_us == rel(300.0, rel=1e-3)
+    # moves of one model cannot tell bytes from transfers: the bytes go at the link bandwidth, and the
+    # latency takes the rest of what one expert's transfer costs
+    eb = spec["expert_bytes"]
+    assert cal.cluster.intra_node.copy_bandwidth_gb_s == rel(1.2, rel=1e-3)
+    assert eb / 1.2e3 + cal.cluster.intra_node.copy_latency_us == rel(eb / 0.6e3 + 300.0, rel=1e-3)
     assert g.replan_overhead_us == rel(2000.0, rel=1e-3)
     assert cal.cluster.collective_skew_us == rel(150.0, rel=1e-3)
+    # the combine's skew over the arrival gap: floor and gap scale (w on a grid of 61 geometric points)
+    assert cal.cluster.collective_skew_floor == rel(0.2, abs=0.02)
+    assert cal.cluster.collective_skew_gap_us == rel(1000.0, rel=0.1)
     for f in ("attention_overhead_us", "expert_overhead_us", "kernel_overhead_us", "dispatch_overhead_us",
               "combine_overhead_us"):
         assert getattr(g, f) == rel(getattr(t, f), rel=2e-3, abs=0.5), f
@@ -170,22 +189,28 @@ def test_calibration_with_noise_stays_close_and_writes_a_loadable_cluster(tmp_pa
     assert len(pd.read_csv(raw)) == sum(len(v) for v in result["samples"].values())
 
 
-@pytest.mark.parametrize("N, R", [(2, 0), (4, 0), (2, 4), (4, 4)])
-def test_moved_placement_makes_every_rank_receive_n_experts(N, R):
-    from moe_gps.fidelity.calibrate import moved_placement
-    from runtime.apply import KEEP, LOCAL, RECV, move_plan
+@pytest.mark.parametrize("N", [2, 4])
+def test_move_patterns_are_irregular_and_the_simulator_counts_the_runtimes_transfers(N):
+    from moe_gps.fidelity.calibrate import make_spec, move_pairs, move_ports
+    from runtime.apply import move_plan
 
-    home = plan_placement(np.ones((4, 8)), N, R, "none" if R == 0 else "eplb")
-    phy, share = moved_placement(home.phy2log, home.replica_share, N, 0)
-    assert (phy == home.phy2log).all() and (share == home.replica_share).all()
-    for n in (1, 2, 4):
-        phy, share = moved_placement(home.phy2log, home.replica_share, N, n)
-        plan = move_plan(home.phy2log, phy, N)
-        assert ((plan.action == RECV).sum(axis=(0, 2)) == n).all()          # n experts into every rank
-        assert not (plan.action == LOCAL).any() and (plan.action == KEEP).sum() == phy.size - N * n
-        for l in range(4):                                                     # every expert keeps its share
-            assert np.bincount(phy[l], weights=share[l], minlength=8) == pytest.approx(np.ones(8))
-    assert moved_placement(home.phy2log, home.replica_share, N, home.phy2log.size) is None
+    run_cfg = parse_run_config(RUN)
+    spec = make_spec(run_cfg, N)
+    pairs = move_pairs(spec, N)
+    assert len(pairs) == 1 + 2 * len(spec["move_targets"]) and len(spec["move_targets"]) == 6
+    hw = Hardware.from_config(_truth(N), model_for_run(run_cfg))
+    assert not move_ports(*pairs[0], spec["expert_bytes"], hw)[1].any()          # the same placement: nothing
+    uneven = 0
+    for size, (before, after) in pairs.items():
+        plan = move_plan(before.phy2log, after.phy2log, N)
+        want = np.zeros((before.num_layers, N))
+        for t in plan.transfers:                                                # one per (layer, expert, dst)
+            want[t.layer, t.dst_rank] += 1
+        b_in, n_in, _, n_out, _ = move_ports(before, after, spec["expert_bytes"], hw)
+        assert n_in == pytest.approx(want) and b_in == pytest.approx(want * spec["expert_bytes"])
+        assert n_out.sum() == pytest.approx(len(plan.transfers))
+        uneven += int((want.max(axis=1) > want.min(axis=1)).any())
+    assert uneven >= len(pairs) // 2            # irregular: ranks receive different numbers of experts
 
 
 # ----------------------------------------------------------------------------- new cost-model terms

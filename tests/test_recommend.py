@@ -104,6 +104,8 @@ def test_headline_is_the_fastest_strategy_at_the_users_cluster(result):
     assert g["tokens_per_expert"] == pytest.approx(256 * 2 / 8)
     assert g["compute_bound_above"] == pytest.approx(312e12 * 2 / (2 * 2039e9))
     assert "memory" in r.headline.reasons[0]
+    # every reason is a whole sentence, even when the runner-up's phases equal the winner's
+    assert all(not line.rstrip(". ").endswith(":") for line in r.headline.reasons)
 
 
 def test_headline_when_duplication_pays(trace, sweep, cluster, tmp_path):

@@ -143,7 +143,7 @@ def hf_ep_worker(ctx, checkpoints: dict, out_dir: str):
     for kind, path in checkpoints.items():
         handle = build_model(ModelSection(checkpoint=path), ctx)
         ref = load_hf_model(path, torch.float32)
-        L, E = handle.num_layers, handle.num_experts
+        L = handle.num_layers
         p = plan_placement(np.array([[9.0, 1, 1, 1]] * L), ctx.world_size, 2, algorithm="eplb")
         handle.install(p, ctx)
         fp = Fingerprints(handle.experts, ctx)

@@ -165,3 +165,26 @@ def test_weight_copies_within_a_gpu_and_moves():
     per_gpu = np.bincount(c.dst[~link], weights=c.seconds[~link], minlength=4)
     received = np.bincount(c.dst[link], weights=c.bytes[link], minlength=4) / 12e6
     assert per_gpu == pytest.approx((3 - received) * local)
+
+
+def test_collective_skew_falls_with_the_arrival_gap_and_defaults_to_a_constant():
+    import dataclasses
+
+    from sim.cost import arrival_gap, collective_skew
+
+    arrival = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 3.0, 1.0, 2.5], [0.0, 0.0, 0.0, 9.0]]) * 1e-3     # [L, G]
+    assert arrival_gap(arrival) == pytest.approx([0.0, 0.5e-3, 9e-3])
+    const = dataclasses.replace(HW, collective_skew=200 * US)
+    assert collective_skew(arrival, const) == pytest.approx([200 * US] * 3)   # no floor / gap: the old constant
+    hw = dataclasses.replace(HW, collective_skew=200 * US, skew_floor=0.25, skew_gap=1e-3)
+    want = 200 * US * (0.25 + 0.75 * np.exp(-np.array([0.0, 0.5, 9.0])))
+    assert collective_skew(arrival, hw) == pytest.approx(want)
+    c = dataclasses.replace(CLUSTER, collective_skew_us=200.0, collective_skew_floor=0.25,
+                            collective_skew_gap_us=1000.0)
+    h = Hardware.from_config(c, MODEL)
+    assert (h.skew_floor, h.skew_gap) == (0.25, pytest.approx(1e-3))
+
+
+def test_copies_charge_one_latency_per_expert_transferred():
+    assert transfer_time(np.array([24e6]), np.array([True]), HW, transfers=np.array([2])) == \
+        pytest.approx(24e6 / HW.intra_copy_bw + 2 * HW.intra_copy_lat)

@@ -115,17 +115,27 @@ def test_static_layout_times_a_layer_at_home_whatever_its_replicas_hold():
     assert not np.allclose(phases_time(p, src, model, hw), t_static)              # its replicas take tokens
 
 
-def test_same_mix_traffic_is_the_outer_product():
-    """When every GPU's tokens have the same expert mix, route's outer product equals the gather."""
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_same_mix_traffic_is_priced_as_the_outer_product(nodes):
+    """When every GPU's tokens have the same expert mix, the O(L G) all-to-all equals the one of the
+    [L, G, G] traffic, idle GPUs (no tokens, no replicas with tokens) included."""
+    from sim.cost import alltoall_outer_time, alltoall_time
     from sim.work import placement_phases, route
 
-    model, hw, src, S = _case(2, 1, seed=5)
+    model, hw, src, S = _case(nodes, 1, seed=5 + nodes)
     L, G, E = src.shape[1:]
     counts = src[0].sum(axis=1)
     frac = np.random.default_rng(2).dirichlet(np.ones(G))
+    frac[1] = 0.0                                                            # a GPU with no tokens of its own
+    frac /= frac.sum()
     same = counts[:, None, :] * frac[None, :, None]
     p = plan_placement(counts, G, G * S - E, "eplb")
-    assert np.allclose(route(same, p, frac), route(same, p), rtol=1e-12)
+    traffic = route(same, p)
+    takes = traffic.sum(axis=1)
+    takes[0, 2] = 0.0                                                        # a GPU whose replicas take nothing
+    outer = frac[None, :, None] * takes[:, None, :]
+    assert np.allclose(alltoall_outer_time(frac, takes, model.token_bytes, hw),
+                       alltoall_time(outer, model.token_bytes, hw), rtol=1e-12)
     for predicted in (None, same):
         a = placement_phases(p, same, predicted, model, hw, frac)
         b = placement_phases(p, same, predicted, model, hw)
@@ -142,13 +152,16 @@ def test_counts_trace_simulates_the_same_with_and_without_the_outer_product(monk
     model = replace(load_model("mixtral-8x7b"), num_layers=4)
     cfg = SimulateConfig(cluster=replace(load_cluster("2x8xH100-ib"), num_gpus=8), model=model,
                          strategies=[strategy_from_name(n) for n in ("none", "eplb", "dist:ema", "oracle")])
-    gather = sim.work.route
+    fast_path = sim.work.alltoall_outer_time
     outer = []
-    monkeypatch.setattr(sim.work, "route", lambda src, p, home_frac=None: (outer.append(home_frac is not None),
-                                                                          gather(src, p, home_frac))[1])
+    monkeypatch.setattr(sim.work, "alltoall_outer_time", lambda *a: (outer.append(1), fast_path(*a))[1])
     fast = simulate(trace, cfg, progress=False)
-    assert sum(outer) > len(outer) / 2                  # most steps and judgements took the outer product
-    monkeypatch.setattr(sim.work, "route", lambda src, p, home_frac=None: gather(src, p))
+    assert len(outer) > 24                              # the steps and the judgements took the outer product
+
+    def gathered(frac, takes, bpt, hw):
+        return sim.work.alltoall_time(frac[None, :, None] * takes[:, None, :], bpt, hw)
+
+    monkeypatch.setattr(sim.work, "alltoall_outer_time", gathered)
     slow = simulate(trace, cfg, progress=False)
     for a, b in zip(fast.strategies, slow.strategies):
         assert np.allclose(a.layer_time, b.layer_time, rtol=1e-9), a.name

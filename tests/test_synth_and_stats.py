@@ -10,7 +10,7 @@ import pytest
 from moe_gps.cli.main import main
 from moe_gps.errors import UserError
 from moe_gps.trace import load_trace
-from moe_gps.trace.stats import gini, js_divergence, layer_affinity, mode_hit_rate, skewness, summarize, top_share
+from moe_gps.trace.stats import gini, js_divergence, mode_hit_rate, skewness, summarize, top_share
 from moe_gps.trace.synth import synthesize
 
 

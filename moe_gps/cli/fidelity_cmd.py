@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--quick", action="store_true", help="quick calibration (fewer sizes and repeats)")
     v.add_argument("--attempts", type=int, default=3,
                    help="calibration attempts while the machine is busy (see moe-gps calibrate; default: %(default)s)")
+    v.add_argument("--max-phase-error", type=float, metavar="PERCENT",
+                   help="exit 1 when any phase that takes at least 5%% of the measured step is predicted more than "
+                        "PERCENT %% of its measured median outside the measurement's 95%% interval (e.g. 10)")
     v.add_argument("-o", "--output", metavar="DIR", help="output folder (default: moe-gps-out/validate-<config name>)")
     v.set_defaults(func=cmd_validate)
 
@@ -111,18 +114,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _need_torch()
     from moe_gps.outputs import hold_output_dir
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
+    mpe = args.max_phase_error
+    if mpe is not None and not (0 <= mpe < float("inf")):
+        raise UserError(f"--max-phase-error must be a percentage >= 0 (e.g. 10), got {mpe:g}")
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
                           strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps,
                           skip=args.skip,
-                          repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts)
+                          repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts,
+                          max_phase_error=None if mpe is None else mpe / 100.0)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     hold_output_dir(out)
     try:
-        _, _, text = validate(opt)
+        comparisons, _, text = validate(opt)
     except MeasurementFailed as err:
         print(f"moe-gps: error: {err}", file=sys.stderr)
         return 1
     print(text)
     print(f"\nwrote {out}/: fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json (runs in {out}/runs/)")
+    if opt.max_phase_error is not None:
+        from moe_gps.fidelity.validate import phase_check_line
+        line = phase_check_line(comparisons, opt.max_phase_error)
+        if line:
+            print(f"moe-gps: error: {line}", file=sys.stderr)
+            return 1
+        print(f"every phase of at least 5% of the step is within {mpe:g}% of the measurement's 95% interval")
     return 0

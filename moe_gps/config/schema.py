@@ -87,7 +87,7 @@ class LinkSpec:
         "bandwidth of expert-weight copies (batched point-to-point sends) per GPU per direction; `moe-gps "
         "calibrate` measures it. Absent: bandwidth_gb_s", unit="GB/s (1e9 B/s)", gt=0, default=None)
     copy_latency_us: float | None = spec(
-        "fixed time of one weight transfer (per source, destination and layer); absent: latency_us",
+        "fixed time of one weight transfer (one expert of one layer to one GPU); absent: latency_us",
         unit="us", ge=0, default=None)
 
 
@@ -113,6 +113,15 @@ class ClusterConfig:
         "interrupted leave late, and the next collective waits for the latest; every dispatch, correction and "
         "combine adds it to the layer (`moe-gps calibrate` measures it: it matters when ranks share processors)",
         unit="us", ge=0, default=0.0)
+    collective_skew_floor: float | None = spec(
+        "share of collective_skew_us that a collective still costs when one rank arrives clearly last (the "
+        "others' lateness is absorbed while they wait for it): the skew of a collective is collective_skew_us x "
+        "(floor + (1 - floor) x exp(-gap / collective_skew_gap_us)), gap = how much later the last rank arrives "
+        "than the second-last (`moe-gps calibrate` fits it from runs at several imbalances). Absent: 1 (the same "
+        "skew at any gap)", ge=0, le=1, default=None)
+    collective_skew_gap_us: float | None = spec(
+        "the arrival gap over which the collective skew falls from collective_skew_us towards its floor (see "
+        "collective_skew_floor). Absent: the skew does not depend on the gap", unit="us", gt=0, default=None)
 
     @property
     def num_nodes(self) -> int:

@@ -53,19 +53,24 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
     # messages from a few bytes to 4 MiB per peer, so that the bandwidth term is well above the noise
     a2a = sorted({4, 4096, *(_round_to(T0 * k * row * f / nproc, 4) for f in (0.25, 1, 4)), 2**20, 4 * 2**20})
     expert_bytes = 3 * m.hidden_size * m.intermediate_size * DTYPE_BYTES[m.dtype]
-    moves = [0, 1, 2, 4, 8]
+    moves = 6
     permute = sorted({max(1, T0 * k // 4), T0 * k, 4 * T0 * k, 16 * T0 * k})
+    imbalance = [0.0, 0.15, 0.35, 0.7]
     if quick:
+        imbalance = [0.0, 0.35, 0.7]
         ffn_rows, batches = ffn_rows[::2], sorted({batches[0], batches[-1]})
-        a2a, moves, permute = [4, 2**20, 4 * 2**20], [0, 1, 4], permute[::2]
+        a2a, moves, permute = [4, 2**20, 4 * 2**20], 3, permute[::2]
         repeats = min(repeats, 5)
-    return {"dtype": m.dtype, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+    spec = {"dtype": m.dtype, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "intermediate_size": m.intermediate_size, "num_experts": E, "top_k": k, "num_heads": m.num_heads,
             "vocab_size": m.vocab_size, "seq_len": inp.seq_len, "num_redundant": d.num_redundant,
             "algorithm": d.algorithm, "repeats": int(repeats), "warmup": 2, "threads": run_cfg.run.threads,
             "device": device, "timeout_s": max(60.0, run_cfg.run.timeout_s),
             "ffn_rows": ffn_rows, "model_batches": batches, "permute_rows": permute,
-            "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "move_experts": moves, "expert_bytes": expert_bytes}
+            "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "expert_bytes": expert_bytes,
+            "imbalance_fractions": imbalance, "imbalance_batch": inp.batch_size}
+    spec["move_targets"] = [[p.phy2log.tolist(), p.replica_share.tolist()] for p in move_targets(spec, nproc, moves)]
+    return spec
 
 
 def layouts(spec: dict, num_ranks: int) -> list[int]:
@@ -89,38 +94,81 @@ def layout_placement(spec: dict, num_ranks: int, redundant: int, num_layers: int
                           "none" if redundant == 0 else spec["algorithm"])
 
 
-def moved_placement(phy2log: np.ndarray, share: np.ndarray, num_ranks: int,
-                    n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """A placement ([L, P] experts and shares) that every rank reaches from ``phy2log`` by receiving
-    ``n`` experts it does not hold: slot q of n (layer, q) pairs rotates one rank onward (rank r's
-    expert goes to rank r + 1's slot q), taking only pairs where no rank already holds what it gets.
-    ``n = 0``: the same placement. None when fewer than n such pairs exist."""
-    phy, sh = np.array(phy2log, dtype=np.int64), np.array(share, dtype=np.float64)
-    L, P = phy.shape
-    N = num_ranks
-    S = P // N
-    done = 0
-    for q in range(S):
-        for l in range(L):
-            if done == n:
-                return phy, sh
-            rows, shares = phy[l].reshape(N, S), sh[l].reshape(N, S)
-            incoming = np.roll(rows[:, q], 1)
-            if any(incoming[r] in rows[r] for r in range(N)):
-                continue
-            rows[:, q] = incoming
-            shares[:, q] = np.roll(shares[:, q], 1)
-            done += 1
-    return (phy, sh) if done == n else None
+def move_targets(spec: dict, num_ranks: int, count: int, seed: int = 0) -> list:
+    """``count`` placements drawn like real re-plans, for the ``move`` benchmark: the run config's planner
+    on random skewed loads (per layer and expert exp(sigma z), z standard normal, sigma cycling through
+    0.3, 0.6, 1.0, 1.5), with the slots of the layout the moves start from (:func:`move_pairs`). Moving
+    to them is irregular, as a real re-plan: some ranks receive several experts, others none."""
+    from moe_gps.placement import plan_placement
 
-
-def moved_layers(spec: dict, num_ranks: int, n: int) -> int:
-    """Transfers into each rank, as the simulator counts them (one per layer and source), when
-    :func:`moved_placement` moves ``n`` experts into every rank of the model ``runtime.fidelity_bench``
-    moves them on (its last layout)."""
     home = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[-1])
-    moved = moved_placement(home.phy2log, home.replica_share, num_ranks, n)
-    return 0 if moved is None else int((moved[0] != home.phy2log).any(axis=1).sum())
+    R = home.num_slots - spec["num_experts"]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count * 4):
+        if len(out) == count:
+            break
+        sigma = (0.3, 0.6, 1.0, 1.5)[i % 4]
+        loads = np.exp(sigma * rng.standard_normal((spec["num_layers"], spec["num_experts"])))
+        p = plan_placement(loads, num_ranks, R, spec["algorithm"] if R else "eplb")
+        if not np.array_equal(p.phy2log, home.phy2log):
+            out.append(p)
+    return out
+
+
+def move_pairs(spec: dict, num_ranks: int) -> dict:
+    """size of a ``move`` sample -> (placement before, placement after): 0 applies the starting layout
+    (the last of :func:`layouts`) again; 2 i + 1 goes from it to ``spec["move_targets"][i]``, 2 i + 2 back."""
+    from moe_gps.placement import Placement
+
+    home = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[-1])
+    out = {0: (home, Placement(home.phy2log.copy(), num_ranks, home.num_experts, home.replica_share.copy(),
+                               allow_colocated=True))}
+    for i, (phy, share) in enumerate(spec.get("move_targets", [])):
+        t = Placement(np.asarray(phy), num_ranks, home.num_experts, np.asarray(share, dtype=np.float64),
+                      allow_colocated=True)
+        out[2 * i + 1], out[2 * i + 2] = (home, t), (t, home)
+    return out
+
+
+def move_ports(before, after, expert_bytes: float, hw) -> tuple[np.ndarray, ...]:
+    """What the simulator's copy model charges for going from ``before`` to ``after``
+    (:func:`sim.work.weight_copies`), per layer and rank, split into its parts: bytes and transfers
+    received, bytes and transfers sent, and seconds of copies within the rank (at ``hw``'s memory
+    bandwidth). Each float [L, N]."""
+    from sim.work import weight_copies
+
+    L, N = after.num_layers, after.num_gpus
+    c = weight_copies(before, after, expert_bytes, hw)
+    link = c.src != c.dst
+    parts = [np.zeros((L, N)) for _ in range(5)]
+    n = c.bytes / expert_bytes
+    np.add.at(parts[0], (c.layer[link], c.dst[link]), c.bytes[link])
+    np.add.at(parts[1], (c.layer[link], c.dst[link]), n[link])
+    np.add.at(parts[2], (c.layer[link], c.src[link]), c.bytes[link])
+    np.add.at(parts[3], (c.layer[link], c.src[link]), n[link])
+    np.add.at(parts[4], (c.layer[~link], c.dst[~link]), c.seconds[~link])
+    return tuple(parts)
+
+
+def move_model(ports: tuple[np.ndarray, ...], replan: float, inv_bw: float, lat: float) -> tuple[float, np.ndarray]:
+    """The simulator's time of one placement change (copy policy critical, no contention):
+    replan + sum over layers of max over ranks of max(received bytes / bw + received transfers x lat +
+    copies within the rank, sent bytes / bw + sent transfers x lat); and float [3]: the coefficients of
+    (1, 1 / bw, lat) on the critical ports (their bytes and transfers summed over layers), for a linear refit."""
+    b_in, n_in, b_out, n_out, local = ports
+    t_in = b_in * inv_bw + n_in * lat + local
+    t_out = b_out * inv_bw + n_out * lat
+    busy = np.maximum(t_in, t_out)                                # [L, N]
+    L = busy.shape[0]
+    g = np.argmax(busy, axis=1)
+    rows = np.arange(L)
+    use_in = t_in[rows, g] >= t_out[rows, g]
+    has = busy[rows, g] > 0
+    bytes_ = np.where(use_in, b_in[rows, g], b_out[rows, g]) * has
+    n = np.where(use_in, n_in[rows, g], n_out[rows, g]) * has
+    fixed = float((np.where(use_in, local[rows, g], 0.0) * has).sum())
+    return replan + float(busy.max(axis=1).sum()), np.array([1.0, bytes_.sum(), n.sum(), fixed])
 
 
 def torchrun_env(threads: int | None, nproc: int) -> dict[str, str]:
@@ -259,20 +307,36 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     keep("alltoall", xs, xt, "bytes per peer")
     a2a_line = fit_line((N - 1) * xs, xt)
     link_bw, link_lat = 1.0 / a2a_line.slope, a2a_line.intercept / (N - 1)
-    # weight moves: the runtime's placement change with n experts into and out of every rank (critical:
-    # the last rank done is when the step can start), fitted with the simulator's own formula for that
-    # pattern: t = replan overhead + n x expert bytes / copy bandwidth + (transfers: layers moved) x latency
+    # weight moves: the runtime's placement change to placements drawn like real re-plans and back (critical:
+    # the last rank done is when the step can start), fitted with the simulator's own copy model for each
+    # pattern (move_model): t = replan overhead + sum over layers of the busiest port's bytes / copy bandwidth
+    # + its transfers x copy latency (+ copies within a rank at memory bandwidth). Every transfer carries one
+    # expert, so bytes and transfers are proportional and cannot be told apart from moves of one model: the
+    # bytes go at the link bandwidth the all-to-all measured over message sizes, and the latency is what
+    # each transfer costs beyond that. The busiest port depends on the parameters: refit 6 rounds.
     ms_, mt_ = critical(samples["move"])
-    keep("move", ms_, mt_, "experts into and out of every rank")
-    move_design = np.array([[1.0, n * spec["expert_bytes"], moved_layers(spec, N, int(n))] for n in ms_])
-    replan_over, inv_copy_bw, copy_lat = _lstsq_nonneg(move_design, mt_)
-    if inv_copy_bw <= 0:            # noise swamped the bytes term: charge the time per expert as bytes
-        copy_lat = 0.0
-        replan_over, inv_copy_bw = _lstsq_nonneg(move_design[:, :2], mt_)
-        if inv_copy_bw <= 0:
-            inv_copy_bw = float(np.max(mt_ / np.maximum(move_design[:, 1], 1.0)))
-    move_rel = float(np.sqrt(np.mean((move_design @ [replan_over, inv_copy_bw, copy_lat] / mt_ - 1) ** 2)))
+    keep("move", ms_, mt_, "pattern (0: the same placement; odd: to a re-plan; even: back)")
+    mem_probe = Hardware.from_config(ClusterConfig(
+        name="probe", num_gpus=N, gpus_per_node=N, gpu=GPUSpec(name="", peak_tflops_bf16=1.0,
+                                                               hbm_bandwidth_gb_s=hbm / 1e9, hbm_capacity_gb=1.0),
+        intra_node=LinkSpec(bandwidth_gb_s=1.0, latency_us=0.0)), model)
+    pairs = move_pairs(spec, N)
+    ports = [move_ports(*pairs[int(n)], spec["expert_bytes"], mem_probe) for n in ms_]
+    replan_over, inv_copy_bw, copy_lat = 0.0, 1.0 / link_bw, link_lat
+    for _ in range(6):
+        rows_m = np.array([move_model(p, replan_over, inv_copy_bw, copy_lat)[1] for p in ports])
+        target = mt_ - rows_m[:, 3] - rows_m[:, 1] * inv_copy_bw
+        replan_over, copy_lat = _lstsq_nonneg(rows_m[:, [0, 2]], np.maximum(target, 1e-9))
+    move_pred = np.array([move_model(p, replan_over, inv_copy_bw, copy_lat)[0] for p in ports])
+    move_rel = float(np.sqrt(np.mean((move_pred / mt_ - 1) ** 2)))
+    keep("check: move predicted", ms_, move_pred, "pattern")
     skew, skew_spread = collective_skew(samples, spec["num_layers"])
+    curve = skew_curve(samples, spec["num_layers"], skew)
+    if curve is not None:
+        keep("imbalance: arrival gap at the combine", curve["fractions"], curve["gap_s"],
+             "share of tokens to rank 0's experts")
+        keep("imbalance: combine's collective skew", curve["fractions"], curve["combine_skew_s"],
+             "share of tokens to rank 0's experts")
     for S, rows_ in sorted(_layouts(samples, "model_step").items()):
         keep(f"model_step/{S}", *collective(rows_), "tokens per rank")
 
@@ -335,7 +399,9 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                     copy_bandwidth_gb_s=1.0 / inv_copy_bw / 1e9, copy_latency_us=copy_lat * us)
     cluster = ClusterConfig(name="", num_gpus=N, gpus_per_node=N, gpu=gpu, intra_node=link,
                             compute_units_per_node=float(f"{units:.3g}") if shared else None,
-                            collective_skew_us=float(f"{skew * us:.4g}"))
+                            collective_skew_us=float(f"{skew * us:.4g}"),
+                            collective_skew_floor=None if curve is None else float(f"{curve['floor']:.3g}"),
+                            collective_skew_gap_us=None if curve is None else float(f"{curve['gap_scale_s'] * us:.4g}"))
     hw = Hardware.from_config(cluster, model)
     # dispatch and combine: what the phase takes beyond the link and permutation terms (median)
     meas_d, meas_c, mod_d, mod_c = [], [], [], []
@@ -401,18 +467,29 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                       f"per peer (rel. RMS {a2a_line.rel_rms:.1%})"),
         "intra_node.latency_us": (link_lat * us, "us", f"all_to_all_single: intercept {a2a_line.intercept * us:.0f} "
                                   f"us / {N - 1} peer(s)"),
-        "intra_node.copy_bandwidth_gb_s": (1.0 / inv_copy_bw / 1e9, "GB/s", f"the runtime's placement change "
-                                           f"moving 0-8 experts into and out of every rank: bytes term of "
-                                           f"overhead + bytes / bandwidth + transfers x latency (rel. RMS "
-                                           f"{move_rel:.1%})"),
-        "intra_node.copy_latency_us": (copy_lat * us, "us", "the same fit: per transfer (layer, source, "
-                                       "destination)"),
+        "intra_node.copy_bandwidth_gb_s": (1.0 / inv_copy_bw / 1e9, "GB/s", "the link bandwidth (all-to-all over "
+                                           "message sizes): every weight transfer carries one expert, so moves "
+                                           "alone cannot separate bytes from transfers"),
+        "intra_node.copy_latency_us": (copy_lat * us, "us", f"the runtime's placement change to "
+                                       f"{len(spec.get('move_targets', []))} re-plans of random skewed loads and "
+                                       f"back: overhead + sum over layers of the busiest port's [bytes / copy "
+                                       f"bandwidth + transfers x latency], least squares (rel. RMS "
+                                       f"{move_rel:.1%}); per transfer (one expert of one layer to one rank)"),
         "gpu.replan_overhead_us": (replan_over * us, "us", "the same fit: fixed part (a re-plan that moves "
                                    "nothing: planning the moves, routing tables)"),
         "collective_skew_us": (skew * us, "us", f"the model's step (per repeat the last rank to start) - the sum "
                                f"of its phases (as validate composes them), per dispatch and combine: median over "
                                f"layouts and T (+/- {skew_spread * us:.0f})"),
     }
+    if curve is not None:
+        pts = ", ".join(f"{g * us:.0f} us: {c * us:.0f} us" for g, c in zip(curve["gap_s"], curve["combine_skew_s"]))
+        shares = ", ".join(f"{f:g}" for f in curve["fractions"])
+        fits["collective_skew_floor"] = (curve["floor"], "", f"the model with a share {shares} of every rank's "
+                                         f"tokens on rank 0's experts: the combine's skew (step - phases - the "
+                                         f"dispatch's skew, per layer) at each arrival gap ({pts}) = "
+                                         f"skew x (floor + (1 - floor) exp(-gap / gap scale)), least squares "
+                                         f"(RMS {curve['rms']:.2f} of the skew)")
+        fits["collective_skew_gap_us"] = (curve["gap_scale_s"] * us, "us", "the same fit: gap scale")
     for obj in (gpu, link):               # plain floats, 4 significant digits (YAML, readability)
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
@@ -446,6 +523,66 @@ def collective_skew(samples: dict, num_layers: int) -> tuple[float, float]:
         _, c = collective(samples[f"model_combine/{S}"])
         gaps.extend((step - num_layers * (attn + d + f + c)) / (2 * num_layers))
     return median_residual(gaps, np.zeros(len(gaps)))
+
+
+def _per_rank_means(rows: list, size: float) -> np.ndarray:
+    """float [ranks]: each rank's mean over its samples of one size."""
+    by: dict[int, list[float]] = {}
+    for s_, rank, t in rows:
+        if s_ == size:
+            by.setdefault(int(rank), []).append(t)
+    return np.array([np.mean(by[r]) for r in sorted(by)])
+
+
+def fit_skew_curve(gaps: np.ndarray, ratios: np.ndarray) -> tuple[float, float, float]:
+    """(floor, gap scale w, relative RMS) of ``ratio = floor + (1 - floor) exp(-gap / w)`` fitted to the
+    combine's collective skew over the balanced one, ``ratios`` float [n], at arrival gaps ``gaps`` float [n]
+    (seconds): least squares, w on a grid from a tenth of the smallest positive gap to ten times the largest
+    (geometric, 61 points), floor in [0, 1] solved for each w."""
+    g, r = np.asarray(gaps, dtype=np.float64), np.asarray(ratios, dtype=np.float64)
+    pos = g[g > 0]
+    best = (1.0, 0.0, float("inf"))
+    if len(pos) == 0:
+        return best
+    for w in np.geomspace(pos.min() / 10, pos.max() * 10, 61):
+        x = np.exp(-g / w)
+        den = float(np.sum((1 - x) ** 2))
+        floor = float(np.clip(np.sum((1 - x) * (r - x)) / den, 0.0, 1.0)) if den > 0 else 1.0
+        sse = float(np.sum((floor + (1 - floor) * x - r) ** 2))
+        if sse < best[2]:
+            best = (floor, float(w), sse)
+    return best[0], best[1], float(np.sqrt(best[2] / len(r)))
+
+
+def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
+    """The combine's collective skew as a function of the ranks' arrival gap, from the ``imbalance_*``
+    benchmarks (runtime.fidelity_bench.bench_imbalance): per share f of the tokens sent to rank 0's experts,
+
+        gap_f   = largest - second largest over ranks of the rank's mean expert FFN time
+        extra_f = [imbalance_step (collective) - L x (attention (critical) + dispatch (collective)
+                   + FFN (critical) + combine (collective))] / L          (both collectives of a layer)
+        ratio_f = (extra_f - skew0) / skew0       (the dispatch's skew stays skew0: attention is balanced)
+
+    fitted with :func:`fit_skew_curve`. None without those samples or without a balanced skew."""
+    if "imbalance_step" not in samples or skew0 <= 0:
+        return None
+    fs, step = collective(samples["imbalance_step"])
+    _, attn = critical(samples["imbalance_attention"])
+    _, disp = collective(samples["imbalance_dispatch"])
+    _, ffn = critical(samples["imbalance_expert"])
+    _, comb = collective(samples["imbalance_combine"])
+    extra = step / num_layers - (attn + disp + ffn + comb)
+    gaps = []
+    for f in fs:
+        m = np.sort(_per_rank_means(samples["imbalance_expert"], f))
+        gaps.append(float(m[-1] - m[-2]) if len(m) > 1 else 0.0)
+    gaps_a = np.array(gaps)
+    ratio = (extra - skew0) / skew0
+    floor, w, rel = fit_skew_curve(gaps_a, ratio)
+    if w <= 0:
+        return None
+    return {"fractions": fs, "gap_s": gaps_a, "combine_skew_s": extra - skew0, "floor": floor, "gap_scale_s": w,
+            "rms": rel}
 
 
 def header_comment(cal: Calibration) -> str:

@@ -7,7 +7,10 @@ For one run (ranks N, strategy): on the compared steps (from ``first_step``), wi
     error     = predicted / measured - 1
 
 for the step's MoE time (``total``) and each phase (attention, dispatch, ffn, combine, sync;
-copy over the steps that moved weights only). The ranking orders the strategies of one N
+copy over the steps that moved weights only). Each measured median has a standard error
+(:meth:`RunComparison.stderr_of`) and a 95% interval of +/- 1.96 standard errors; a phase
+is *off* by how far the prediction lies outside that interval, as a fraction of the
+measured median (:meth:`RunComparison.beyond`). The ranking orders the strategies of one N
 by median measured total and by median predicted total; it agrees when the orders are
 the same.
 """
@@ -20,6 +23,11 @@ import numpy as np
 
 from moe_gps.fidelity.measured import PHASES
 
+#: z of a two-sided 95% interval (normal approximation of the median's sampling distribution)
+Z95 = 1.96
+#: a phase counts for ``--max-phase-error`` when its measured median is at least this share of the step's
+MIN_PHASE_SHARE = 0.05
+
 
 @dataclass
 class RunComparison:
@@ -27,6 +35,7 @@ class RunComparison:
 
     interference: the most cores other processes used during a pooled run (None: unknown)
     run_medians:  median measured total of each pooled run, seconds
+    run_of:       int [steps] the pooled run each compared step comes from (None: one run)
     """
 
     nproc: int
@@ -38,12 +47,14 @@ class RunComparison:
     interference: float | None = None
     run_medians: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    run_of: np.ndarray | None = None
+
+    def _values(self, which: str, phase: str) -> np.ndarray:
+        v = (self.predicted if which == "predicted" else self.measured)[phase]
+        return v[self.copy_steps] if phase == "copy" else v
 
     def median(self, which: str, phase: str) -> float:
-        src = self.predicted if which == "predicted" else self.measured
-        v = src[phase]
-        if phase == "copy":
-            v = v[self.copy_steps]
+        v = self._values(which, phase)
         return float(np.median(v)) if len(v) else float("nan")
 
     def error(self, phase: str) -> float:
@@ -52,17 +63,50 @@ class RunComparison:
 
     @property
     def stderr(self) -> float:
-        """Standard error of the measured median total (seconds): the larger of the within-run figure
-        1.253 sigma / sqrt(steps), sigma = interquartile range / 1.349 (robust to outlier steps), and,
-        with several runs, the between-run figure std(run medians) / sqrt(runs)."""
-        v = self.measured["total"]
+        """Standard error of the measured median total (seconds): :meth:`stderr_of` ``("total")``."""
+        return self.stderr_of("total")
+
+    def stderr_of(self, phase: str) -> float:
+        """Standard error of the measured median of ``phase`` (seconds; copy over its steps): the larger
+        of the within-run figure 1.253 sigma / sqrt(steps), sigma = interquartile range / 1.349 (robust to
+        outlier steps), and, with several runs, the between-run figure std(run medians) / sqrt(runs)."""
+        v = self._values("measured", phase)
         if len(v) < 2:
             return float("nan")
         q1, q3 = np.percentile(v, [25, 75])
         within = 1.253 * (q3 - q1) / 1.349 / np.sqrt(len(v))
-        r = np.asarray(self.run_medians)
+        if phase == "total" and self.run_of is None:
+            r = np.asarray(self.run_medians)
+        elif self.run_of is not None:
+            runs = self.run_of[self.copy_steps] if phase == "copy" else self.run_of
+            r = np.array([np.median(v[runs == i]) for i in np.unique(runs)])
+        else:
+            r = np.zeros(0)
         between = float(np.std(r, ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0
         return max(within, between)
+
+    def ci95(self, phase: str) -> float:
+        """Half-width of the 95% interval of the measured median of ``phase`` (seconds): 1.96 standard errors."""
+        return Z95 * self.stderr_of(phase)
+
+    def share(self, phase: str) -> float:
+        """|measured median of ``phase``| / measured median step (copy: both over the steps that moved weights)."""
+        if phase == "total":
+            return 1.0
+        m = abs(self.median("measured", phase))
+        tot = self.measured["total"][self.copy_steps] if phase == "copy" else self.measured["total"]
+        t = float(np.median(tot)) if len(tot) else float("nan")
+        return m / t if t > 0 else float("nan")
+
+    def beyond(self, phase: str) -> float:
+        """How far the predicted median lies outside the measurement's 95% interval, as a fraction of the
+        measured median: max(0, |predicted - measured| - ci95) / |measured| (0: inside the interval; nan when
+        the phase was not measured)."""
+        p, m = self.median("predicted", phase), self.median("measured", phase)
+        if not (np.isfinite(p) and np.isfinite(m)) or m == 0:
+            return float("nan")
+        ci = self.ci95(phase)
+        return max(0.0, abs(p - m) - (ci if np.isfinite(ci) else 0.0)) / abs(m)
 
     def rows(self) -> list[dict]:
         out = []
@@ -71,7 +115,9 @@ class RunComparison:
             out.append({"nproc": self.nproc, "strategy": self.strategy, "phase": phase, "steps": n,
                         "predicted_ms": self.median("predicted", phase) * 1e3,
                         "measured_ms": self.median("measured", phase) * 1e3, "error": self.error(phase),
-                        "measured_stderr_ms": self.stderr * 1e3 if phase == "total" else float("nan"),
+                        "measured_stderr_ms": self.stderr_of(phase) * 1e3,
+                        "measured_ci95_ms": self.ci95(phase) * 1e3, "share_of_step": self.share(phase),
+                        "beyond_ci95": self.beyond(phase),
                         "interference_cores": self.interference, "runs": len(self.run_medians)})
         return out
 
@@ -96,8 +142,8 @@ def compare_run(nproc: int, strategy: str, pairs: list[tuple], first_step: int) 
     """
     pred: dict[str, list[np.ndarray]] = {}
     meas: dict[str, list[np.ndarray]] = {p: [] for p in PHASES + ("total",)}
-    steps, medians = [], []
-    for sim_result, sim_steps, run in pairs:
+    steps, medians, run_of = [], [], []
+    for i, (sim_result, sim_steps, run) in enumerate(pairs):
         keep = sim_steps >= first_step
         for p, v in predicted_phases(sim_result, keep).items():
             pred.setdefault(p, []).append(v)
@@ -112,10 +158,27 @@ def compare_run(nproc: int, strategy: str, pairs: list[tuple], first_step: int) 
         meas["total"].append(run.total[idx])
         medians.append(float(np.median(run.total[idx])))
         steps.append(steps1)
+        run_of.append(np.full(len(steps1), i, dtype=np.int64))
     measured = {p: np.concatenate(v) for p, v in meas.items()}
     predicted = {p: np.concatenate(v) for p, v in pred.items()}
     moved = (measured["copy"] > 0) | (predicted["copy"] > 0)
-    return RunComparison(nproc, strategy, np.concatenate(steps), predicted, measured, moved, run_medians=medians)
+    return RunComparison(nproc, strategy, np.concatenate(steps), predicted, measured, moved, run_medians=medians,
+                         run_of=np.concatenate(run_of))
+
+
+def phase_failures(comparisons: list[RunComparison], max_error: float,
+                   min_share: float = MIN_PHASE_SHARE) -> list[tuple[int, str, str, float, float]]:
+    """The (ranks, strategy, phase, beyond, share) of every phase that takes at least ``min_share`` of the
+    measured step and whose predicted median lies more than ``max_error`` (a fraction of the measured
+    median) outside the measurement's 95% interval (:meth:`RunComparison.beyond`), worst first. The step
+    total is not a phase; ``sync`` is."""
+    out = []
+    for c in comparisons:
+        for p in PHASES:
+            share, off = c.share(p), c.beyond(p)
+            if np.isfinite(share) and share >= min_share and np.isfinite(off) and off > max_error:
+                out.append((c.nproc, c.strategy, p, off, share))
+    return sorted(out, key=lambda x: -x[3])
 
 
 def ranking(comparisons: list[RunComparison]) -> dict[int, dict]:

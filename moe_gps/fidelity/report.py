@@ -6,13 +6,37 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_gps.fidelity.compare import RunComparison
+from moe_gps.fidelity.compare import MIN_PHASE_SHARE, RunComparison
 from moe_gps.fidelity.measured import PHASES
 from moe_gps.tables import format_table
 
 
 def _pct(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def phase_table(comparisons: list[RunComparison]) -> str:
+    """Per (ranks, strategy, phase): share of the step, predicted and measured median with the measurement's
+    95% interval, error, and how far the prediction lies outside the interval (fraction of measured)."""
+    rows = []
+    for c in comparisons:
+        for p in PHASES:
+            m = c.median("measured", p)
+            if not np.isfinite(m):
+                continue
+            share = c.share(p)
+            rows.append({"nproc": c.nproc, "strategy": c.strategy, "phase": p,
+                         "share": "-" if not np.isfinite(share) else f"{share * 100:.0f}%",
+                         "pred": c.median("predicted", p) * 1e3, "meas": m * 1e3, "ci": c.ci95(p) * 1e3,
+                         "err": _pct(c.error(p)),
+                         "off": "-" if not np.isfinite(c.beyond(p)) else f"{c.beyond(p) * 100:.1f}%",
+                         "counts": "yes" if np.isfinite(share) and share >= MIN_PHASE_SHARE else "no"})
+    cols = [("nproc", "ranks", ""), ("strategy", "strategy", ""), ("phase", "phase", ""),
+            ("share", "share of step", ""), ("pred", "predicted ms", ".2f"), ("meas", "measured ms", ".2f"),
+            ("ci", "+/- 95%", ".2f"), ("err", "error", ""), ("off", "beyond 95% interval", ""),
+            ("counts", f">= {MIN_PHASE_SHARE:.0%} of step", "")]
+    return format_table(rows, cols, title="per phase, median over steps (copy: re-plan steps only); beyond = "
+                                          "max(0, |predicted - measured| - 95% half-width) / measured")
 
 
 def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], header: str = "") -> str:
@@ -32,6 +56,7 @@ def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], head
     out = [header] if header else []
     title = "per-step MoE time, median over steps (error = predicted / measured - 1)"
     out.append(format_table(rows, cols, title=title))
+    out.append(phase_table(comparisons))
     for n, r in ranks.items():
         line = (f"ranking, {n} ranks (fastest first): measured {' < '.join(r['measured'])}; "
                 f"predicted {' < '.join(r['predicted'])}: {'same order' if r['agrees'] else 'different order'}")
@@ -65,14 +90,16 @@ def step_rows(comparisons: list[RunComparison]) -> list[dict]:
 
 def plot(comparisons: list[RunComparison], path: Path) -> None:
     """Left: every step, predicted against measured MoE time, with the +/-10% band.
-    Right: median phase times, predicted (left bar) and measured (right bar) per run."""
+    Middle: median phase times, predicted (left bar) and measured (right bar) per run.
+    Right: every phase's error (predicted / measured - 1) per run, with the measurement's 95% interval
+    (as a fraction of the measured median) as the error bar, and the +/-10% band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from moe_gps.atomic import atomic_path
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(19, 5.4), gridspec_kw={"width_ratios": [1, 1.4, 1.4]})
     markers = {n: m for n, m in zip(sorted({c.nproc for c in comparisons}), "os^Dv")}
     names = sorted({c.strategy for c in comparisons}, key=[c.strategy for c in comparisons].index)
     colors = {s: plt.cm.tab10(i) for i, s in enumerate(names)}
@@ -107,6 +134,30 @@ def plot(comparisons: list[RunComparison], path: Path) -> None:
     bx.set_ylabel("median per step (ms)")
     bx.set_title("phases: predicted (plain) | measured (hatched)")
     bx.legend(fontsize=7)
+    width = 0.8 / len(PHASES)
+    for j, p in enumerate(PHASES):
+        xs, err, ci, share_ok = [], [], [], []
+        for i, c in enumerate(comparisons):
+            m = c.median("measured", p)
+            if not np.isfinite(m) or m == 0:
+                continue
+            xs.append(i - 0.4 + (j + 0.5) * width)
+            err.append(c.error(p) * 100)
+            ci.append(c.ci95(p) / abs(m) * 100 if np.isfinite(c.ci95(p)) else 0.0)
+            share_ok.append(np.isfinite(c.share(p)) and c.share(p) >= MIN_PHASE_SHARE)
+        if not xs:
+            continue
+        xs_a, err_a, ci_a, ok = np.array(xs), np.clip(err, -100, 100), np.array(ci), np.array(share_ok, bool)
+        cx.bar(xs_a, err_a, width * 0.9, color=phase_colors[p], label=p,
+               edgecolor=["k" if o else "none" for o in ok])
+        cx.errorbar(xs_a, np.zeros_like(xs_a), yerr=np.minimum(ci_a, 100), fmt="none", ecolor="0.3", lw=0.8,
+                    capsize=1.5)
+    cx.axhspan(-10, 10, color="k", alpha=0.08)
+    cx.axhline(0, color="k", lw=0.8)
+    cx.set_xticks(range(len(comparisons)), [f"{c.nproc}r\n{c.strategy}" for c in comparisons], fontsize=7)
+    cx.set_ylabel("phase error, % of measured (clipped at +/-100)")
+    cx.set_title(f"phase errors; bars around 0: measured 95% interval; outlined: >= {MIN_PHASE_SHARE:.0%} of step")
+    cx.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

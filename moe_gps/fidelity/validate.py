@@ -49,6 +49,7 @@ class ValidateOptions:
     quick: bool = False
     attempts: int = 3
     quiet: bool = False
+    max_phase_error: float | None = None     # fraction (0.1 = 10%); None: no check
 
 
 def check_inputs(opt: ValidateOptions):
@@ -92,6 +93,8 @@ def check_inputs(opt: ValidateOptions):
         raise UserError(f"--runs must be at least 1, got {opt.runs}")
     if opt.repeats < 3:
         raise UserError(f"--repeats must be at least 3, got {opt.repeats}")
+    if opt.max_phase_error is not None and not (0 <= opt.max_phase_error < float("inf")):
+        raise UserError(f"--max-phase-error must be a percentage >= 0, got {opt.max_phase_error * 100:g}")
     if opt.cluster:
         from moe_gps.config.loader import load_cluster
         c = load_cluster(opt.cluster)
@@ -244,3 +247,18 @@ def validate(opt: ValidateOptions):
                "ranking": {str(k): v for k, v in ranks.items()}, "rows": summary_rows(comparisons)}
     write_text_atomic(out / "summary.json", dumps_json(summary, indent=2) + "\n")
     return comparisons, ranks, text
+
+
+def phase_check_line(comparisons, max_error: float) -> str | None:
+    """None when every phase that takes at least 5% of the step is within ``max_error`` (fraction) of the
+    measurement's 95% interval, else one line naming the worst (ranks, strategy, phase) and how many fail."""
+    from moe_gps.fidelity.compare import MIN_PHASE_SHARE, phase_failures
+
+    bad = phase_failures(comparisons, max_error)
+    if not bad:
+        return None
+    n, mode, phase, off, share = bad[0]
+    more = f" (and {len(bad) - 1} more phase(s))" if len(bad) > 1 else ""
+    return (f"phase {phase} ({n} ranks, {mode}; {share:.0%} of the step) is predicted {off * 100:.1f}% of its "
+            f"measured median outside the measurement's 95% interval, more than --max-phase-error "
+            f"{max_error * 100:g}%{more}; phases under {MIN_PHASE_SHARE:.0%} of the step are not checked")

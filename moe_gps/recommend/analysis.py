@@ -219,9 +219,12 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
             c = compare(w, best_dup)
             what = ("balances the GPUs" if best_dup["gpu_skew_after"] < w["gpu_skew_after"] - 0.005
                     else "leaves its redundant slots without tokens")
+            why = c.reasons()
             out.append(f"The best duplicating strategy, {best_dup['candidate']}, {what} (GPU skew "
                        f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) and is "
-                       f"{c.speedup:.3f}x slower: " + "; ".join(c.reasons()) + ".")
+                       f"{c.speedup:.3f}x slower" + (": " + "; ".join(why) if why else
+                                                     ": no phase of its MoE layers differs by 0.05 µs or more")
+                       + ".")
     else:
         if h.vs_none is not None:
             c = h.vs_none

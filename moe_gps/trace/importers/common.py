@@ -20,7 +20,6 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
-from moe_gps.tables import format_indices  # noqa: F401  (re-exported for the importers)
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
 from moe_gps.trace.validate import MAX_ASSIGNMENTS

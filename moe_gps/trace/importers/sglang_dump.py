@@ -32,11 +32,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.tables import format_indices
 from moe_gps.trace.importers.common import (
     ImportResult,
     check_sources,
     counts_trace,
-    format_indices,
     make_meta,
     provenance,
     torch_load,

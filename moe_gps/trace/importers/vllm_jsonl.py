@@ -27,12 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.tables import format_indices
 from moe_gps.trace.importers.common import (
     ImportResult,
     check_sources,
     first_duplicate_in_rows,
     first_out_of_range,
-    format_indices,
     make_meta,
     order_by_weight,
     parse_passes,
