@@ -235,7 +235,7 @@ def _check_replan_policy(cfg: RunConfig) -> None:
 def check_run_inputs(cfg: RunConfig) -> None:
     """Read the files the config names as every rank will (input.trace fully validated, the
     duplication.placement plan), so that a damaged one is one line before any rank starts."""
-    from moe_gps.placement import Placement
+    from moe_gps.placement import load_placement
     from moe_gps.trace import load_trace
 
     def named(sec: str, key: str, err: UserError) -> UserError:
@@ -248,7 +248,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
             raise named("input", "trace", err) from None
     if cfg.duplication.placement:
         try:
-            Placement.load(cfg.duplication.placement)
+            load_placement(cfg.duplication.placement)
         except UserError as err:
             raise named("duplication", "placement", err) from None
     if cfg.duplication.cluster:

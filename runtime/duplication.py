@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moe_gps.errors import UserError
-from moe_gps.placement import Placement, plan_placement
+from moe_gps.placement import Placement, load_placement, plan_placement
 from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 from moe_gps.predict.base import shares
 from moe_gps.trace.meta import TraceMeta
@@ -82,7 +82,7 @@ class DuplicationPolicy:
         self.R = 0 if mode == "off" else cfg.num_redundant
         self.fixed: Placement | None = None
         if mode == "static" and cfg.placement:
-            self.fixed = Placement.load(cfg.placement)
+            self.fixed = load_placement(cfg.placement)
             p = self.fixed
             if (p.num_layers, p.num_experts, p.num_gpus) != (self.L, self.E, self.N):
                 raise UserError(f"{cfg.placement}: the plan is for {p.num_layers} layers, {p.num_experts} experts, "

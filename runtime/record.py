@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.placement import save_placement
 from moe_gps.trace import TraceMeta, TraceWriter
 from moe_gps.trace.data import StepRouting
 
@@ -171,7 +172,7 @@ class RunRecorder:
             layers.to_csv(tmp, index=False, float_format="%.6g")
         with atomic_path(steps_path) as tmp:
             steps.to_csv(tmp, index=False, float_format="%.6g")
-        placement.save(self.dir / "placement.yaml")
+        save_placement(placement, self.dir / "placement.yaml")
 
         w = self.cfg.duplication.warmup_steps if self.mode != "off" else 0
         post = layers[layers.step >= min(w, int(layers.step.max()))]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from moe_gps.errors import UserError
-from moe_gps.placement import (ALGORITHMS, Capacity, Placement, balancedness, bytes_moved, placement_metrics,
-                               plan_placement)
+from moe_gps.placement import (ALGORITHMS, Capacity, Placement, balancedness, bytes_moved, load_placement,
+                               placement_metrics, plan_placement, save_placement)
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.reference import eplb_reference
 from moe_gps.placement.shares import optimal_shares
@@ -309,8 +309,8 @@ def test_save_load_roundtrip(tmp_path, algorithm):
     p = plan_placement(loads, 4, 4, algorithm, capacity=Capacity(expert_bytes=1000))
     p.meta["trace"] = "x.parquet"
     path = tmp_path / "plan.yaml"
-    p.save(path)
-    q = Placement.load(path)
+    save_placement(p, path)
+    q = load_placement(path)
     assert q == p
     assert q.algorithm == algorithm and q.capacity.expert_bytes == 1000 and q.meta["trace"] == "x.parquet"
     assert q.shares_are_even == (algorithm == "eplb")
@@ -320,20 +320,20 @@ def test_save_load_roundtrip(tmp_path, algorithm):
 
 def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        Placement.load(tmp_path / "missing.yaml")
+        load_placement(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
     with pytest.raises(UserError, match="bad.yaml: not valid YAML at line 2"):
-        Placement.load(bad)
+        load_placement(bad)
     bad.write_text("algorithm: eplb\n")
     with pytest.raises(UserError, match="not a MoE-GPS placement"):
-        Placement.load(bad)
+        load_placement(bad)
     bad.write_text("moe_gps_placement: 99\n")
     with pytest.raises(UserError, match="schema version 99 is not supported"):
-        Placement.load(bad)
+        load_placement(bad)
     bad.write_text("moe_gps_placement: 1\nnum_experts: 3\nnum_gpus: 2\nphy2log:\n- [0, 1, 1, 0]\n")
     with pytest.raises(UserError, match=r"bad.yaml: placement: layer 0: logical expert 2 has no replica"):
-        Placement.load(bad)
+        load_placement(bad)
 
 
 # ------------------------------------------------------------------------------ exports

@@ -10,7 +10,7 @@ import pytest
 from moe_gps.cli.main import main
 from moe_gps.cli.plan_cmd import parse_steps
 from moe_gps.errors import UserError
-from moe_gps.placement import Placement, balancedness
+from moe_gps.placement import balancedness, load_placement
 from moe_gps.trace import CountsTrace, TraceMeta, write_trace
 
 
@@ -42,7 +42,7 @@ def test_plan_writes_yaml_and_exports(counts_trace, tmp_path, capsys):
         in text
     assert "run vLLM with pull request #49572 (in no vLLM release yet) with: --enable-expert-parallel --enable-eplb " \
            "--eplb-config '{\"num_redundant_experts\": 4, \"initial_expert_map_path\": " in text
-    p = Placement.load(out)
+    p = load_placement(out)
     loads = counts[:4].sum(axis=0)
     assert p.num_gpus == 4 and p.slots_per_gpu == 3 and p.algorithm == "eplb"
     assert p.meta["steps"] == "0:4" and p.meta["num_steps_used"] == 4 and p.meta["model"] == "test-moe"
@@ -72,7 +72,7 @@ def test_plan_waterfill_with_previous_json_and_export_note(counts_trace, tmp_pat
                                         "source": "--first-moe-layer"}
     assert report["exports"][0]["server_flags"].startswith("--ep-size 4 --ep-num-redundant-experts 4 ")
     assert len(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]) == 5
-    p = Placement.load(second)
+    p = load_placement(second)
     if not p.shares_are_even:
         assert "uneven shares are not in the exported map" in captured.err
 
@@ -147,7 +147,7 @@ def test_plan_sglang_rows_come_from_the_trace_provenance(tmp_path, capsys):
     assert "sglang rows: 6 decoder layers, the plan's 4 MoE layers on 1-2,4-5 (original_layer_ids" in text
     assert "run SGLang (runs its own EPLB on the counts) with: --ep-size 4 --ep-num-redundant-experts 4 " \
            f"--init-expert-location {tmp_path / 'lc.json'}" in text
-    p = Placement.load(tmp_path / "p.yaml")
+    p = load_placement(tmp_path / "p.yaml")
     rows = json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]
     assert len(rows) == 6 and [rows[i] for i in (1, 2, 4, 5)] == p.phy2log.tolist()
     assert rows[0] == rows[3] == [s % 8 for s in range(12)]
@@ -195,7 +195,7 @@ def test_plan_none_round_robin_layout_and_flag_checks(counts_trace, tmp_path, ca
     path, _ = counts_trace
     assert main(["plan", str(path), "--gpus", "4", "--algorithm", "none", "--layout", "round_robin",
                  "-o", str(tmp_path / "p.yaml")]) == 0
-    assert Placement.load(tmp_path / "p.yaml").phy2log[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert load_placement(tmp_path / "p.yaml").phy2log[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     capsys.readouterr()
     assert main(["plan", str(path), "--gpus", "4", "--layout", "round_robin", "-o", str(tmp_path / "q.yaml")]) == 2
     assert "--layout applies to --algorithm none only" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_gps.placement import ALGORITHMS, Placement, balancedness, bytes_moved, plan_placement
+from moe_gps.placement import (ALGORITHMS, Placement, balancedness, bytes_moved, load_placement, plan_placement,
+                               save_placement)
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,8 +110,8 @@ def test_yaml_roundtrip_is_exact(tmp_path_factory, cfg, algorithm):
     loads, N, R, _ = cfg
     p = plan_placement(loads, N, R, algorithm)
     path = tmp_path_factory.mktemp("plans") / "p.yaml"
-    p.save(path)
-    q = Placement.load(path)
+    save_placement(p, path)
+    q = load_placement(path)
     assert np.array_equal(q.phy2log, p.phy2log)
     np.testing.assert_allclose(q.replica_share, p.replica_share, rtol=0, atol=1e-15)
     assert q.allow_colocated == p.allow_colocated

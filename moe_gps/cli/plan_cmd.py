@@ -95,7 +95,7 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from moe_gps.placement import Capacity, Placement, placement_metrics, plan_placement
+    from moe_gps.placement import Capacity, load_placement, placement_metrics, plan_placement, save_placement
     from moe_gps.atomic import write_text_atomic
     from moe_gps.jsonsafe import dumps_json
     from moe_gps.outputs import check_output_file
@@ -133,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if expert_bytes is not None and expert_bytes <= 0:
         raise UserError(f"--expert-mib must be > 0, got {args.expert_mib}")
     capacity = Capacity(max_slots_per_gpu=args.max_slots_per_gpu, expert_bytes=expert_bytes)
-    previous = Placement.load(args.previous) if args.previous else None
+    previous = load_placement(args.previous) if args.previous else None
 
     plan = plan_placement(loads, args.gpus, args.redundant, args.algorithm, previous=previous,
                           capacity=capacity, **options)
@@ -151,7 +151,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                              ("vllm", args.vllm), ("vllm-ascend", args.vllm_ascend)) if path]
     # render every export first, so that a bad export flag fails before any file is written
     texts, layers = _export_texts(plan, loads, exports, meta, args)
-    plan.save(args.output)
+    save_placement(plan, args.output)
     for (_, path), text in zip(exports, texts):
         write_text_atomic(path, text)
     flags = [(fmt, path, server_flags(plan, fmt, path)) for fmt, path in exports]

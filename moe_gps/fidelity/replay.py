@@ -25,7 +25,7 @@ import numpy as np
 from moe_gps.config.schema import ClusterConfig, SimulateConfig, StrategyConfig
 from moe_gps.fidelity.model import MODE_KINDS, model_for_run, workload_for_run
 from moe_gps.errors import UserError
-from moe_gps.placement import Placement
+from moe_gps.placement import Placement, load_placement
 from moe_gps.trace.data import TokensTrace
 
 
@@ -121,7 +121,7 @@ def check_replay(placements: list[Placement], trace: TokensTrace, timings, run_d
                             f"the run recorded {want.round(1).tolist()}")
     final = run_dir / "placement.yaml"
     if final.exists():
-        end = Placement.load(final)
+        end = load_placement(final)
         if not np.array_equal(end.phy2log, placements[-1].phy2log):
             problems.append(f"{final}: the run's final placement differs from the replayed one")
     return problems

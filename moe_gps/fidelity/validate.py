@@ -77,6 +77,13 @@ def check_inputs(opt: ValidateOptions):
     if opt.cluster and len(opt.nprocs) != 1:
         raise UserError("--cluster describes one number of ranks; give exactly one --nproc with it")
     m, d = run_cfg.model, run_cfg.duplication
+    if d.min_gain > 0 and d.cluster:
+        from moe_gps.config.loader import load_cluster
+        g = load_cluster(d.cluster).num_gpus
+        if any(n != g for n in opt.nprocs):
+            raise UserError(f"{opt.config}: duplication.cluster {d.cluster} describes {g} GPUs, but --nproc asks "
+                            f"for {' '.join(map(str, opt.nprocs))} ranks; the min_gain rule needs the cluster of the "
+                            "run's ranks")
     for n in opt.nprocs:
         for mode in opt.strategies:
             try:
@@ -200,26 +207,25 @@ def validate(opt: ValidateOptions):
                 w = run_runtime(cfg_path, mode, n, run_dir, run_cfg.run.threads)
                 made[mode].append((run_dir, w.interference, r))
         for mode in opt.strategies:
-            runs = []
+            # each run is replayed from its own trace and steps.csv: under copy_policy async a move
+            # switches in when its weights have landed, which differs from run to run
+            runs, problems = [], []
             for d, busy, r in made[mode]:
                 timings, steps = read_run(d)
-                runs.append((d, busy, r, timings, measured_phases(timings, steps)))
+                trace = load_trace(d / run_cfg.output.trace)
+                placements = replay_placements(trace, run_cfg, mode, n, steps)
+                problems += check_replay(placements, trace, timings, d)
+                runs.append((d, busy, r, measured_phases(timings, steps), trace, placements))
             # pool the runs during which other processes used at most BUSY_CORES cores (else the quietest)
             quiet = [x for x in runs if x[1] is None or x[1] <= BUSY_CORES] or \
                 [min(runs, key=lambda x: x[1])]
-            trace_path = quiet[0][0] / run_cfg.output.trace
-            trace = load_trace(trace_path)            # every run of a mode routes the same tokens the same way
-            placements = replay_placements(trace, run_cfg, mode, n)
-            problems = []
-            for d, _, _, timings, _ in runs:
-                problems += check_replay(placements, load_trace(d / run_cfg.output.trace), timings, d)
-            say(f"simulating {trace_path} with the run's placements ({n} ranks, {mode})")
-            sims = {}
-            for _, _, r, _, _ in quiet:
-                if r not in sims:
-                    result, res = simulate_run(trace, run_cfg, mode, rounds[r], placements, first, str(trace_path))
-                    sims[r] = (res, result.steps)
-            comp = compare_run(n, mode, [(*sims[r], m) for _, _, r, _, m in quiet], first)
+            say(f"simulating the runs' traces with their placements ({n} ranks, {mode})")
+            pairs = []
+            for d, _, r, measured, trace, placements in quiet:
+                trace_path = d / run_cfg.output.trace
+                result, res = simulate_run(trace, run_cfg, mode, rounds[r], placements, first, str(trace_path))
+                pairs.append((res, result.steps, measured))
+            comp = compare_run(n, mode, pairs, first)
             known = [x[1] for x in quiet if x[1] is not None]
             comp.interference = max(known) if known else None
             comp.notes += problems[:3]

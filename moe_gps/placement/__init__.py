@@ -9,9 +9,11 @@ Algorithm 1), ``eplb`` (DeepSeek, global or hierarchical) and ``waterfill`` (our
 uneven shares, few copies, migration-aware). See docs/placement.md.
 """
 
+from moe_gps.placement.io import load_placement, save_placement
 from moe_gps.placement.metrics import PlacementMetrics, bytes_moved, placement_metrics
 from moe_gps.placement.placement import Capacity, Placement, balancedness, vllm_balancedness
 from moe_gps.placement.planner import ALGORITHMS, plan_placement
 
-__all__ = ["ALGORITHMS", "Capacity", "Placement", "PlacementMetrics", "balancedness", "bytes_moved",
-           "placement_metrics", "plan_placement", "vllm_balancedness"]
+__all__ = ["ALGORITHMS", "Capacity", "Placement", "PlacementMetrics", "balancedness", "bytes_moved", "load_placement",
+           "placement_metrics", "plan_placement", "save_placement",
+           "vllm_balancedness"]

@@ -56,12 +56,14 @@ def placement_yaml(p: Placement) -> str:
 
 
 def save_placement(p: Placement, path: str | os.PathLike) -> None:
+    """Write the plan as YAML (atomically: temporary name, then rename)."""
     text = placement_yaml(p)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def load_placement(path: str | os.PathLike) -> Placement:
+    """Read and validate a plan written by :func:`save_placement`; UserError naming the file on any problem."""
     where = str(path)
     doc = read_yaml(path, what="a placement file")
     if not isinstance(doc, dict) or "moe_gps_placement" not in doc:

@@ -24,7 +24,6 @@ Arrays (``L`` layers, ``E`` logical experts, ``P`` slots, ``N`` GPUs):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,17 +227,6 @@ class Placement:
             "phy2log": self.phy2log.tolist(),
             "replica_share": None if even else self.replica_share.tolist(),
         }
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the plan as YAML (atomically: temporary name, then rename)."""
-        from moe_gps.placement.io import save_placement
-        save_placement(self, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Placement":
-        """Read and validate a plan written by :meth:`save`."""
-        from moe_gps.placement.io import load_placement
-        return load_placement(path)
 
     def __repr__(self) -> str:
         return (f"Placement(algorithm={self.algorithm!r}, layers={self.num_layers}, experts={self.num_experts}, "

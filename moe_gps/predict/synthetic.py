@@ -31,6 +31,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.predict.base import DistributionPredictor, PredictorCost, TokenPredictor, shares
+from moe_gps.predict.tokens import MostFrequentTokens, PositionTokens, PrevLayerTokens, TokenIdTokens
 from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 
 PLACEMENTS = ("optimistic", "typical", "pessimistic")
@@ -188,12 +189,15 @@ class CurveTokenPredictor(SyntheticTokenPredictor):
                                         f"rate={self.curve.rate:.4g} at accuracy {self.accuracy:g}")
 
 
+#: the real token predictors the curve is fitted to: those that need neither torch nor the true routing
+CURVE_PREDICTORS = (MostFrequentTokens, TokenIdTokens, PositionTokens, PrevLayerTokens)
+
+
 def measured_curve(trace: TokensTrace) -> tuple[AccuracyOverheadCurve, list[tuple[str, float, float]]]:
     """The accuracy -> overhead curve fitted to the real token predictors on ``trace``: each (that the
     trace has the columns for, torch-free) fitted on its first half of steps, its top-k recall
     measured on the second half, paired with its FLOPs per token. -> (curve, [(name, recall, flops)])."""
     from moe_gps.predict.base import rollout_tokens
-    from moe_gps.predict.registry import DEFAULT_TOKEN, TOKEN_PREDICTORS, make_token_predictor
 
     if trace.num_steps < 2:
         raise UserError("curve predictor: fitting the accuracy-overhead curve needs at least 2 training steps "
@@ -201,16 +205,15 @@ def measured_curve(trace: TokensTrace) -> tuple[AccuracyOverheadCurve, list[tupl
     half = trace.num_steps // 2
     truth = trace.experts[int(trace.step_offsets[half]):]
     points = []
-    for name in DEFAULT_TOKEN:
-        cls = TOKEN_PREDICTORS[name]
-        if name in ("oracle", "mlp") or any(getattr(trace, f) is None for f in getattr(cls, "needs", ())):
+    for cls in CURVE_PREDICTORS:
+        if any(getattr(trace, f) is None for f in getattr(cls, "needs", ())):
             continue
-        pred = make_token_predictor(name)
+        pred = cls()
         guess = rollout_tokens(pred, trace, half)
         hit = (truth[:, :, :, None] == guess[:, :, None, :]).any(axis=3)
         flops = pred.cost().flops_per_token
         if flops > 0:
-            points.append((name, float(hit.mean()), float(flops)))
+            points.append((cls.name, float(hit.mean()), float(flops)))
     if len({round(p[1], 9) for p in points}) < 2:
         raise UserError("curve predictor: fewer than 2 measured predictors with distinct accuracies to fit the "
                         "accuracy-overhead curve on (give scale and rate)")
