@@ -7,13 +7,17 @@ placements are replayed and simulated again with the calibrated cluster files st
 some fields (docs/fidelity.md, "What the cost model gained for this"):
 
 * ``full``: the cluster files as calibrated (the validation's own numbers);
+* ``constant skew``: the collective skew of ranks arriving together at every collective, whatever
+  the gap between the last two ranks to arrive (no ``collective_skew_floor`` / ``collective_skew_gap_us``);
 * ``no collective skew``: without the time ranks lose leaving collectives at different times;
+* ``no copy latency``: weight copies at bandwidth only (no fixed time per expert transferred);
 * ``no host overheads``: without the dispatch/combine overheads and the permutation term;
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
   overhead (the attention overhead) for every compute phase: the datasheet-style model.
 
-Prints the error of the median per-step MoE time per variant and writes a CSV. No new runs:
-it reads DIR/runs and DIR/cluster-*.yaml.
+Prints the error of the median per-step MoE time, and of the phases the new terms model (sync,
+copy), per variant and writes a CSV. No new runs: it reads DIR/runs and DIR/cluster-*.yaml; every
+run is replayed from its own trace and steps.csv, as `moe-gps validate` does.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 def variants(cluster):
     g, link = cluster.gpu, cluster.intra_node
     yield "full", cluster
+    yield "constant skew", dataclasses.replace(cluster, collective_skew_floor=None, collective_skew_gap_us=None)
     yield "no collective skew", dataclasses.replace(cluster, collective_skew_us=0.0)
+    yield "no copy latency", dataclasses.replace(cluster, intra_node=dataclasses.replace(link, copy_latency_us=0.0))
     yield "no host overheads", dataclasses.replace(cluster, gpu=dataclasses.replace(
         g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None))
     plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
@@ -67,20 +73,25 @@ def main(argv=None) -> int:
             r = int(d.name.rsplit("-", 1)[1]) if re.search(r"-\d+$", d.name) else None
             f = root / (f"cluster-{n}-{r}.yaml" if r is not None else f"cluster-{n}.yaml")
             clusters[d] = load_cluster(str(f))
-        trace = load_trace(runs[0] / "trace.parquet")
-        placements = replay_placements(trace, run_cfg, mode, n)
+        replayed = {}
+        for d in runs:
+            trace = load_trace(d / "trace.parquet")
+            replayed[d] = (trace, replay_placements(trace, run_cfg, mode, n, read_run(d)[1]))
         measured = {d: measured_phases(*read_run(d)) for d in runs}
         for name, _ in variants(clusters[runs[0]]):
             pairs = []
             for d in runs:
                 cluster = dict(variants(clusters[d]))[name]
+                trace, placements = replayed[d]
                 result, res = simulate_run(trace, run_cfg, mode, cluster, placements, first)
                 pairs.append((res, result.steps, measured[d]))
             c = compare_run(n, mode, pairs, first)
             rows.append({"nproc": n, "strategy": mode, "variant": name, "runs": len(runs),
                          "predicted_ms": c.median("predicted", "total") * 1e3,
-                         "measured_ms": c.median("measured", "total") * 1e3, "error": c.error("total")})
-            print(f"{n} ranks {mode:16s} {name:22s} error {c.error('total') * 100:+6.1f}%", flush=True)
+                         "measured_ms": c.median("measured", "total") * 1e3, "error": c.error("total"),
+                         "sync_error": c.error("sync"), "copy_error": c.error("copy")})
+            print(f"{n} ranks {mode:16s} {name:20s} error {c.error('total') * 100:+6.1f}%  sync "
+                  f"{c.error('sync') * 100:+7.1f}%  copy {c.error('copy') * 100:+7.1f}%", flush=True)
     out = Path(args.out) if args.out else root / "ablation.csv"
     pd.DataFrame(rows).to_csv(out, index=False, float_format="%.6g")
     print(f"wrote {out} (every run of the folder pooled, also those the validation left out as busy)")
