@@ -218,7 +218,8 @@ def bench_model(b: Bench, spec: dict) -> None:
 
     for i, batch in enumerate(spec["model_batches"]):
         T = batch * S
-        b.say(f"the runtime's model, {L} layers, {' and '.join(str(p.slots_per_gpu) for _, p in models)} expert slots per rank, "
+        slots = " and ".join(str(p.slots_per_gpu) for _, p in models)
+        b.say(f"the runtime's model, {L} layers, {slots} expert slots per rank, "
               f"{batch} x {S} tokens per rank, balanced routing ({i + 1}/{len(spec['model_batches'])})")
         ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
         balanced = balanced_experts(T, k, E, ctx.rank, dev)

@@ -44,7 +44,8 @@ class LayerTimeModel:
 
     (skew0: the collective skew of GPUs arriving together; skew(FFN): that of the combine, which the GPUs
     reach when their FFN ends, :func:`sim.cost.collective_skew`), the closed form of :func:`phases_time`
-    except that every peer is counted in the latency term (the exact form counts only peers that exchange tokens). ``direct``: tokens are routed
+    except that every peer is counted in the latency term (the exact form counts only peers that exchange
+    tokens). ``direct``: tokens are routed
     without a layout exchange (token-to-expert prediction, the oracle).
     """
 

@@ -197,7 +197,7 @@ def test_move_patterns_are_irregular_and_the_simulator_counts_the_runtimes_trans
     run_cfg = parse_run_config(RUN)
     spec = make_spec(run_cfg, N)
     pairs = move_pairs(spec, N)
-    assert len(pairs) == 1 + 2 * len(spec["move_targets"]) and len(spec["move_targets"]) == 6
+    assert len(pairs) == 1 + 2 * len(spec["move_targets"]) and len(spec["move_targets"]) == 6 + 3
     hw = Hardware.from_config(_truth(N), model_for_run(run_cfg))
     assert not move_ports(*pairs[0], spec["expert_bytes"], hw)[1].any()          # the same placement: nothing
     uneven = 0

@@ -69,7 +69,8 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
             "ffn_rows": ffn_rows, "model_batches": batches, "permute_rows": permute,
             "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "expert_bytes": expert_bytes,
             "imbalance_fractions": imbalance, "imbalance_batch": inp.batch_size}
-    spec["move_targets"] = [[p.phy2log.tolist(), p.replica_share.tolist()] for p in move_targets(spec, nproc, moves)]
+    targets = move_targets(spec, nproc, moves) + small_move_targets(spec, nproc, 2 if quick else 3)
+    spec["move_targets"] = [[p.phy2log.tolist(), p.replica_share.tolist()] for p in targets]
     return spec
 
 
@@ -113,6 +114,33 @@ def move_targets(spec: dict, num_ranks: int, count: int, seed: int = 0) -> list:
         p = plan_placement(loads, num_ranks, R, spec["algorithm"] if R else "eplb")
         if not np.array_equal(p.phy2log, home.phy2log):
             out.append(p)
+    return out
+
+
+def small_move_targets(spec: dict, num_ranks: int, count: int, seed: int = 1) -> list:
+    """``count`` small re-plans for the ``move`` benchmark, like the re-plans after the first in a run
+    (the planner keeps most slots where they are): the starting layout with the experts of two slots on
+    different ranks swapped in 1, 2, ... layers (two transfers per layer), so that the fit covers the
+    sizes of moves a run makes, not only the first big one."""
+    from moe_gps.placement import Placement
+
+    home = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[-1])
+    if num_ranks < 2:
+        return []
+    S, L = home.slots_per_gpu, home.num_layers
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        phy, share = home.phy2log.copy(), home.replica_share.copy()
+        for layer in rng.choice(L, size=min(L, i + 1), replace=False):
+            r1, r2 = rng.choice(num_ranks, size=2, replace=False)
+            a, b = r1 * S + rng.integers(S), r2 * S + rng.integers(S)
+            if phy[layer, a] == phy[layer, b] or phy[layer, a] in phy[layer, r2 * S:(r2 + 1) * S] \
+                    or phy[layer, b] in phy[layer, r1 * S:(r1 + 1) * S]:
+                continue                               # a swap that moves nothing, or makes a rank hold an expert twice
+            phy[layer, [a, b]], share[layer, [a, b]] = phy[layer, [b, a]], share[layer, [b, a]]
+        if not np.array_equal(phy, home.phy2log):
+            out.append(Placement(phy, num_ranks, home.num_experts, share, allow_colocated=True))
     return out
 
 
@@ -471,10 +499,11 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                            "message sizes): every weight transfer carries one expert, so moves "
                                            "alone cannot separate bytes from transfers"),
         "intra_node.copy_latency_us": (copy_lat * us, "us", f"the runtime's placement change to "
-                                       f"{len(spec.get('move_targets', []))} re-plans of random skewed loads and "
-                                       f"back: overhead + sum over layers of the busiest port's [bytes / copy "
-                                       f"bandwidth + transfers x latency], least squares (rel. RMS "
-                                       f"{move_rel:.1%}); per transfer (one expert of one layer to one rank)"),
+                                       f"{len(spec.get('move_targets', []))} re-plans (big ones from random skewed "
+                                       f"loads, small ones swapping a few experts) and back: overhead + sum over "
+                                       f"layers of the busiest port's [bytes / copy bandwidth + transfers x "
+                                       f"latency], least squares (rel. RMS {move_rel:.1%}); per transfer (one "
+                                       f"expert of one layer to one rank)"),
         "gpu.replan_overhead_us": (replan_over * us, "us", "the same fit: fixed part (a re-plan that moves "
                                    "nothing: planning the moves, routing tables)"),
         "collective_skew_us": (skew * us, "us", f"the model's step (per repeat the last rank to start) - the sum "
