@@ -15,7 +15,7 @@ some fields (docs/fidelity.md, "What the cost model gained for this"):
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
   overhead (the attention overhead) for every compute phase: the datasheet-style model.
 
-Prints the error of the median per-step MoE time, and of the phases the new terms model (sync,
+Prints the error of the mean per-step MoE time, and of the phases the new terms model (sync,
 copy), per variant and writes a CSV. No new runs: it reads DIR/runs and DIR/cluster-*.yaml; every
 run is replayed from its own trace and steps.csv, as `moe-gps validate` does.
 """
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
                 pairs.append((res, result.steps, measured[d]))
             c = compare_run(n, mode, pairs, first)
             rows.append({"nproc": n, "strategy": mode, "variant": name, "runs": len(runs),
-                         "predicted_ms": c.median("predicted", "total") * 1e3,
-                         "measured_ms": c.median("measured", "total") * 1e3, "error": c.error("total"),
+                         "predicted_ms": c.mean("predicted", "total") * 1e3,
+                         "measured_ms": c.mean("measured", "total") * 1e3, "error": c.error("total"),
                          "sync_error": c.error("sync"), "copy_error": c.error("copy")})
             print(f"{n} ranks {mode:16s} {name:20s} error {c.error('total') * 100:+6.1f}%  sync "
                   f"{c.error('sync') * 100:+7.1f}%  copy {c.error('copy') * 100:+7.1f}%", flush=True)

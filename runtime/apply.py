@@ -208,15 +208,15 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
     new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
     plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), new_phy2log, ctx.world_size)
     stats = MoveStats(counts=plan.counts())
-    buffers, sources = _targets(blocks, plan, ctx.rank)
-    recv_into = _receivers(plan, ctx.rank)
+    buffers, sources = write_targets(blocks, plan, ctx.rank)
+    recv_into = receivers(plan, ctx.rank)
     ops = transfer_ops(blocks, plan, ctx.rank, lambda l, q: _old_row(sources, l, q),
                        lambda i: buffers[recv_into[i][0]][int(recv_into[i][1][0])], ctx.group, stats)
     if ops:
         with ctx.guard(f"batch_isend_irecv of {len(plan.transfers)} expert transfers"):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-    _fill(blocks, plan, ctx, buffers, sources, recv_into, new_phy2log, new_share, fingerprints)
+    fill_slots(blocks, plan, ctx, buffers, sources, recv_into, new_phy2log, new_share, fingerprints)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -239,7 +239,7 @@ def transfer_ops(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int, send_
     return ops
 
 
-def _targets(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int) -> tuple[list, list]:
+def write_targets(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int) -> tuple[list, list]:
     """The buffers the new slots are written into (``[S_new, numel]`` per layer: the live ones when the
     slot count stays) and, per layer, (old buffer, snapshots of the old rows that are read after
     being overwritten)."""
@@ -267,7 +267,7 @@ def _old_row(sources: list, l: int, q: int) -> torch.Tensor:
     return snap[q] if q in snap else old_buf[q]
 
 
-def _receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
+def receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
     """transfer index -> (layer, this rank's new local slots [n] that take the received expert)."""
     out = {}
     for i, t in enumerate(plan.transfers):
@@ -276,7 +276,7 @@ def _receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
     return out
 
 
-def _fill(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext, buffers: list, sources: list,
+def fill_slots(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext, buffers: list, sources: list,
           recv_into: dict, new_phy2log: np.ndarray, new_share: np.ndarray, fingerprints: Fingerprints | None,
           staged: dict[int, torch.Tensor] | None = None) -> None:
     """After the transfers: the received rows (``staged``: transfer index -> row, when they were received

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.apply import Fingerprints, MoveStats, _fill, _receivers, _targets, move_plan, transfer_ops
+from runtime.apply import Fingerprints, MoveStats, fill_slots, move_plan, receivers, transfer_ops, write_targets
 from runtime.dist import DistContext
 from runtime.moe_layer import ExpertParallelMoE
 
@@ -55,7 +55,7 @@ class BackgroundMove:
         self.new_share = np.asarray(new_share, dtype=np.float64)
         self.plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), self.new_phy2log, ctx.world_size)
         self.stats = MoveStats(counts=self.plan.counts())
-        self.recv_into = _receivers(self.plan, ctx.rank)
+        self.recv_into = receivers(self.plan, ctx.rank)
         self.staged = {i: torch.empty(blocks[l].expert_numel, dtype=blocks[l].slot_weights.dtype,
                                       device=blocks[l].slot_weights.device) for i, (l, _) in self.recv_into.items()}
         self.ops = transfer_ops(blocks, self.plan, ctx.rank, lambda l, q: blocks[l].slot_weights[q],
@@ -101,8 +101,8 @@ class BackgroundMove:
         time the install took on the critical path."""
         t0 = time.perf_counter()
         self.join()
-        buffers, sources = _targets(self.blocks, self.plan, self.ctx.rank)
-        _fill(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into, self.new_phy2log, self.new_share,
+        buffers, sources = write_targets(self.blocks, self.plan, self.ctx.rank)
+        fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into, self.new_phy2log, self.new_share,
               fingerprints, staged=self.staged)
         self.staged = {}
         self.stats.seconds = time.perf_counter() - t0

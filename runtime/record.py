@@ -98,7 +98,8 @@ class RunRecorder:
         prov = {"tool": "runtime.launch", "command": command,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
-                "duplication": mode, "run_dir": str(self.dir.resolve()), "model": handle.name, "input": source.description,
+                "duplication": mode, "run_dir": str(self.dir.resolve()), "model": handle.name,
+                "input": source.description,
                 "torch": torch.__version__, "host": platform.node(), "config": cfg.to_dict()}
         meta = TraceMeta("tokens", handle.num_layers, handle.num_experts, handle.top_k, model=model,
                          dataset=dataset, source="collected", provenance=json.loads(json.dumps(prov, default=str)))

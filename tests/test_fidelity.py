@@ -318,9 +318,9 @@ def test_runs_are_pooled_each_with_its_own_prediction():
     pairs = [(_Sim([10, 10, 10, 10]), steps, _measured(steps, [9, 9, 9, 9])),
              (_Sim([12, 12, 12, 12]), steps, _measured(steps, [13, 13, 13, 13]))]
     c = compare_run(2, "static", pairs, 2)
-    assert len(c.steps) == 8 and c.run_medians == pytest.approx([9e-3, 13e-3])
-    assert c.median("predicted", "total") == pytest.approx(11e-3)
-    assert c.median("measured", "total") == pytest.approx(11e-3)
+    assert len(c.steps) == 8 and c.run_means == pytest.approx([9e-3, 13e-3])
+    assert c.mean("predicted", "total") == pytest.approx(11e-3)
+    assert c.mean("measured", "total") == pytest.approx(11e-3)
     assert c.error("total") == pytest.approx(0.0)
     # the standard error takes the spread between runs: std(9, 13) / sqrt(2)
     assert c.stderr == pytest.approx(np.std([9e-3, 13e-3], ddof=1) / np.sqrt(2))

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("For each --nproc N: calibrate N ranks (or use --cluster), run the runtime under torchrun for "
                      "each strategy (duplication mode) with TRACE's token ids, replay the placements each run used, "
                      "simulate the run's own router trace with them, and report predicted against measured MoE time "
-                     "per step (median over steps) and per phase, with the error and the strategies' ranking. "
+                     "per step (mean over steps) and per phase, with the error and the strategies' ranking. "
                      "Writes fidelity.csv, steps.csv, fidelity.png and summary.txt to the output folder."))
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration attempts while the machine is busy (see moe-gps calibrate; default: %(default)s)")
     v.add_argument("--max-phase-error", type=float, metavar="PERCENT",
                    help="exit 1 when any phase that takes at least 5%% of the measured step is predicted more than "
-                        "PERCENT %% of its measured median outside the measurement's 95%% interval (e.g. 10)")
+                        "PERCENT %% of its measured mean outside the measurement's 95%% interval (e.g. 10)")
     v.add_argument("-o", "--output", metavar="DIR", help="output folder (default: moe-gps-out/validate-<config name>)")
     v.set_defaults(func=cmd_validate)
 

@@ -1,18 +1,19 @@
 """Predicted against measured, per strategy and phase, and the strategies' ranking.
 
-For one run (ranks N, strategy): on the compared steps (from ``first_step``), with
-``median`` the median over those steps,
+For one run (ranks N, strategy): on the compared steps (from ``first_step``),
 
-    predicted = median of the simulator's per-step time,   measured = median of the run's
+    predicted = mean of the simulator's per-step time,   measured = mean of the run's
     error     = predicted / measured - 1
 
 for the step's MoE time (``total``) and each phase (attention, dispatch, ffn, combine, sync;
-copy over the steps that moved weights only). Each measured median has a standard error
-(:meth:`RunComparison.stderr_of`) and a 95% interval of +/- 1.96 standard errors; a phase
-is *off* by how far the prediction lies outside that interval, as a fraction of the
-measured median (:meth:`RunComparison.beyond`). The ranking orders the strategies of one N
-by median measured total and by median predicted total; it agrees when the orders are
-the same.
+copy over the steps that moved weights only). Means, because the simulator's phase times are
+expected times: ``calibrate`` fits every phase on means over repeats, and a phase's time is
+right-skewed (a rank descheduled now and then), so its median is below the time the model
+charges for it while the step, a sum of many phases, is not. Each measured mean has a
+standard error (:meth:`RunComparison.stderr_of`) and a 95% interval of +/- 1.96 standard
+errors; a phase is *off* by how far the prediction lies outside that interval, as a fraction
+of the measured mean (:meth:`RunComparison.beyond`). The ranking orders the strategies of one
+N by mean measured total and by mean predicted total; it agrees when the orders are the same.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import numpy as np
 
 from moe_gps.fidelity.measured import PHASES
 
-#: z of a two-sided 95% interval (normal approximation of the median's sampling distribution)
+#: z of a two-sided 95% interval (normal approximation of the mean's sampling distribution)
 Z95 = 1.96
-#: a phase counts for ``--max-phase-error`` when its measured median is at least this share of the step's
+#: a phase counts for ``--max-phase-error`` when its measured mean is at least this share of the step's
 MIN_PHASE_SHARE = 0.05
 
 
@@ -34,7 +35,7 @@ class RunComparison:
     """One (ranks, strategy): per-step arrays over the compared steps (seconds) and the summary rows.
 
     interference: the most cores other processes used during a pooled run (None: unknown)
-    run_medians:  median measured total of each pooled run, seconds
+    run_means:    mean measured total of each pooled run, seconds
     run_of:       int [steps] the pooled run each compared step comes from (None: one run)
     """
 
@@ -45,7 +46,7 @@ class RunComparison:
     measured: dict[str, np.ndarray]
     copy_steps: np.ndarray
     interference: float | None = None
-    run_medians: list[float] = field(default_factory=list)
+    run_means: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_of: np.ndarray | None = None
 
@@ -53,56 +54,55 @@ class RunComparison:
         v = (self.predicted if which == "predicted" else self.measured)[phase]
         return v[self.copy_steps] if phase == "copy" else v
 
-    def median(self, which: str, phase: str) -> float:
+    def mean(self, which: str, phase: str) -> float:
         v = self._values(which, phase)
-        return float(np.median(v)) if len(v) else float("nan")
+        return float(np.mean(v)) if len(v) else float("nan")
 
     def error(self, phase: str) -> float:
-        p, m = self.median("predicted", phase), self.median("measured", phase)
+        p, m = self.mean("predicted", phase), self.mean("measured", phase)
         return p / m - 1.0 if m > 0 and np.isfinite(p) else float("nan")
 
     @property
     def stderr(self) -> float:
-        """Standard error of the measured median total (seconds): :meth:`stderr_of` ``("total")``."""
+        """Standard error of the measured mean total (seconds): :meth:`stderr_of` ``("total")``."""
         return self.stderr_of("total")
 
     def stderr_of(self, phase: str) -> float:
-        """Standard error of the measured median of ``phase`` (seconds; copy over its steps): the larger
-        of the within-run figure 1.253 sigma / sqrt(steps), sigma = interquartile range / 1.349 (robust to
-        outlier steps), and, with several runs, the between-run figure std(run medians) / sqrt(runs)."""
+        """Standard error of the measured mean of ``phase`` (seconds; copy over its steps): the larger of
+        the within-run figure std(steps) / sqrt(steps) and, with several runs, the between-run figure
+        std(run means) / sqrt(runs) (the machine's speed drifts between runs)."""
         v = self._values("measured", phase)
         if len(v) < 2:
             return float("nan")
-        q1, q3 = np.percentile(v, [25, 75])
-        within = 1.253 * (q3 - q1) / 1.349 / np.sqrt(len(v))
+        within = float(np.std(v, ddof=1) / np.sqrt(len(v)))
         if phase == "total" and self.run_of is None:
-            r = np.asarray(self.run_medians)
+            r = np.asarray(self.run_means)
         elif self.run_of is not None:
             runs = self.run_of[self.copy_steps] if phase == "copy" else self.run_of
-            r = np.array([np.median(v[runs == i]) for i in np.unique(runs)])
+            r = np.array([np.mean(v[runs == i]) for i in np.unique(runs)])
         else:
             r = np.zeros(0)
         between = float(np.std(r, ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0
         return max(within, between)
 
     def ci95(self, phase: str) -> float:
-        """Half-width of the 95% interval of the measured median of ``phase`` (seconds): 1.96 standard errors."""
+        """Half-width of the 95% interval of the measured mean of ``phase`` (seconds): 1.96 standard errors."""
         return Z95 * self.stderr_of(phase)
 
     def share(self, phase: str) -> float:
-        """|measured median of ``phase``| / measured median step (copy: both over the steps that moved weights)."""
+        """|measured mean of ``phase``| / measured mean step (copy: both over the steps that moved weights)."""
         if phase == "total":
             return 1.0
-        m = abs(self.median("measured", phase))
+        m = abs(self.mean("measured", phase))
         tot = self.measured["total"][self.copy_steps] if phase == "copy" else self.measured["total"]
-        t = float(np.median(tot)) if len(tot) else float("nan")
+        t = float(np.mean(tot)) if len(tot) else float("nan")
         return m / t if t > 0 else float("nan")
 
     def beyond(self, phase: str) -> float:
-        """How far the predicted median lies outside the measurement's 95% interval, as a fraction of the
-        measured median: max(0, |predicted - measured| - ci95) / |measured| (0: inside the interval; nan when
+        """How far the predicted mean lies outside the measurement's 95% interval, as a fraction of the
+        measured mean: max(0, |predicted - measured| - ci95) / |measured| (0: inside the interval; nan when
         the phase was not measured)."""
-        p, m = self.median("predicted", phase), self.median("measured", phase)
+        p, m = self.mean("predicted", phase), self.mean("measured", phase)
         if not (np.isfinite(p) and np.isfinite(m)) or m == 0:
             return float("nan")
         ci = self.ci95(phase)
@@ -113,12 +113,12 @@ class RunComparison:
         for phase in ("total",) + PHASES:
             n = int(self.copy_steps.sum()) if phase == "copy" else len(self.steps)
             out.append({"nproc": self.nproc, "strategy": self.strategy, "phase": phase, "steps": n,
-                        "predicted_ms": self.median("predicted", phase) * 1e3,
-                        "measured_ms": self.median("measured", phase) * 1e3, "error": self.error(phase),
+                        "predicted_ms": self.mean("predicted", phase) * 1e3,
+                        "measured_ms": self.mean("measured", phase) * 1e3, "error": self.error(phase),
                         "measured_stderr_ms": self.stderr_of(phase) * 1e3,
                         "measured_ci95_ms": self.ci95(phase) * 1e3, "share_of_step": self.share(phase),
                         "beyond_ci95": self.beyond(phase),
-                        "interference_cores": self.interference, "runs": len(self.run_medians)})
+                        "interference_cores": self.interference, "runs": len(self.run_means)})
         return out
 
 
@@ -142,7 +142,7 @@ def compare_run(nproc: int, strategy: str, pairs: list[tuple], first_step: int) 
     """
     pred: dict[str, list[np.ndarray]] = {}
     meas: dict[str, list[np.ndarray]] = {p: [] for p in PHASES + ("total",)}
-    steps, medians, run_of = [], [], []
+    steps, means, run_of = [], [], []
     for i, (sim_result, sim_steps, run) in enumerate(pairs):
         keep = sim_steps >= first_step
         for p, v in predicted_phases(sim_result, keep).items():
@@ -156,21 +156,21 @@ def compare_run(nproc: int, strategy: str, pairs: list[tuple], first_step: int) 
         for p in PHASES:
             meas[p].append(run.phases[p][idx])
         meas["total"].append(run.total[idx])
-        medians.append(float(np.median(run.total[idx])))
+        means.append(float(np.mean(run.total[idx])))
         steps.append(steps1)
         run_of.append(np.full(len(steps1), i, dtype=np.int64))
     measured = {p: np.concatenate(v) for p, v in meas.items()}
     predicted = {p: np.concatenate(v) for p, v in pred.items()}
     moved = (measured["copy"] > 0) | (predicted["copy"] > 0)
-    return RunComparison(nproc, strategy, np.concatenate(steps), predicted, measured, moved, run_medians=medians,
+    return RunComparison(nproc, strategy, np.concatenate(steps), predicted, measured, moved, run_means=means,
                          run_of=np.concatenate(run_of))
 
 
 def phase_failures(comparisons: list[RunComparison], max_error: float,
                    min_share: float = MIN_PHASE_SHARE) -> list[tuple[int, str, str, float, float]]:
     """The (ranks, strategy, phase, beyond, share) of every phase that takes at least ``min_share`` of the
-    measured step and whose predicted median lies more than ``max_error`` (a fraction of the measured
-    median) outside the measurement's 95% interval (:meth:`RunComparison.beyond`), worst first. The step
+    measured step and whose predicted mean lies more than ``max_error`` (a fraction of the measured
+    mean) outside the measurement's 95% interval (:meth:`RunComparison.beyond`), worst first. The step
     total is not a phase; ``sync`` is."""
     out = []
     for c in comparisons:
@@ -182,20 +182,20 @@ def phase_failures(comparisons: list[RunComparison], max_error: float,
 
 
 def ranking(comparisons: list[RunComparison]) -> dict[int, dict]:
-    """Per N: strategies ordered by median measured and by median predicted total; ``agrees`` when
-    the orders are the same. A pair is *resolved* when its measured medians differ by more than
+    """Per N: strategies ordered by mean measured and by mean predicted total; ``agrees`` when
+    the orders are the same. A pair is *resolved* when its measured means differ by more than
     twice the standard error of the difference; ``resolved_agrees``: the predicted order agrees on
     every resolved pair (``misordered`` lists those it does not, ``unresolved`` the others)."""
     out = {}
     for n in sorted({c.nproc for c in comparisons}):
         cs = [c for c in comparisons if c.nproc == n]
-        by_meas = [c.strategy for c in sorted(cs, key=lambda c: c.median("measured", "total"))]
-        by_pred = [c.strategy for c in sorted(cs, key=lambda c: c.median("predicted", "total"))]
+        by_meas = [c.strategy for c in sorted(cs, key=lambda c: c.mean("measured", "total"))]
+        by_pred = [c.strategy for c in sorted(cs, key=lambda c: c.mean("predicted", "total"))]
         wrong, unresolved = [], []
         for i, a in enumerate(cs):
             for b in cs[i + 1:]:
-                dm = a.median("measured", "total") - b.median("measured", "total")
-                dp = a.median("predicted", "total") - b.median("predicted", "total")
+                dm = a.mean("measured", "total") - b.mean("measured", "total")
+                dp = a.mean("predicted", "total") - b.mean("predicted", "total")
                 if not abs(dm) > 2 * np.hypot(a.stderr, b.stderr):
                     unresolved.append((a.strategy, b.strategy))
                 elif dm * dp <= 0:

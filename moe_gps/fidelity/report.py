@@ -16,18 +16,18 @@ def _pct(x: float) -> str:
 
 
 def phase_table(comparisons: list[RunComparison]) -> str:
-    """Per (ranks, strategy, phase): share of the step, predicted and measured median with the measurement's
+    """Per (ranks, strategy, phase): share of the step, predicted and measured mean with the measurement's
     95% interval, error, and how far the prediction lies outside the interval (fraction of measured)."""
     rows = []
     for c in comparisons:
         for p in PHASES:
-            m = c.median("measured", p)
+            m = c.mean("measured", p)
             if not np.isfinite(m):
                 continue
             share = c.share(p)
             rows.append({"nproc": c.nproc, "strategy": c.strategy, "phase": p,
                          "share": "-" if not np.isfinite(share) else f"{share * 100:.0f}%",
-                         "pred": c.median("predicted", p) * 1e3, "meas": m * 1e3, "ci": c.ci95(p) * 1e3,
+                         "pred": c.mean("predicted", p) * 1e3, "meas": m * 1e3, "ci": c.ci95(p) * 1e3,
                          "err": _pct(c.error(p)),
                          "off": "-" if not np.isfinite(c.beyond(p)) else f"{c.beyond(p) * 100:.1f}%",
                          "counts": "yes" if np.isfinite(share) and share >= MIN_PHASE_SHARE else "no"})
@@ -35,7 +35,7 @@ def phase_table(comparisons: list[RunComparison]) -> str:
             ("share", "share of step", ""), ("pred", "predicted ms", ".2f"), ("meas", "measured ms", ".2f"),
             ("ci", "+/- 95%", ".2f"), ("err", "error", ""), ("off", "beyond 95% interval", ""),
             ("counts", f">= {MIN_PHASE_SHARE:.0%} of step", "")]
-    return format_table(rows, cols, title="per phase, median over steps (copy: re-plan steps only); beyond = "
+    return format_table(rows, cols, title="per phase, mean over steps (copy: re-plan steps only); beyond = "
                                           "max(0, |predicted - measured| - 95% half-width) / measured")
 
 
@@ -43,18 +43,18 @@ def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], head
     rows = []
     for c in comparisons:
         r = {"nproc": c.nproc, "strategy": c.strategy, "steps": len(c.steps),
-             "pred": c.median("predicted", "total") * 1e3, "meas": c.median("measured", "total") * 1e3,
+             "pred": c.mean("predicted", "total") * 1e3, "meas": c.mean("measured", "total") * 1e3,
              "err": _pct(c.error("total")), "se": c.stderr * 1e3, "busy": c.interference}
         for p in PHASES:
-            r[p] = (f"{c.median('predicted', p) * 1e3:.2f}/{c.median('measured', p) * 1e3:.2f} "
-                    f"({_pct(c.error(p))})") if np.isfinite(c.median("measured", p)) else "-"
+            r[p] = (f"{c.mean('predicted', p) * 1e3:.2f}/{c.mean('measured', p) * 1e3:.2f} "
+                    f"({_pct(c.error(p))})") if np.isfinite(c.mean("measured", p)) else "-"
         rows.append(r)
     cols = [("nproc", "ranks", ""), ("strategy", "strategy", ""), ("steps", "steps", ""),
             ("pred", "predicted ms", ".2f"), ("meas", "measured ms", ".2f"),
             ("se", "+/- (s.e.)", ".2f"), ("err", "error", ""), ("busy", "others' cores", ".2f")]
     cols += [(p, f"{p} ms pred/meas (err)", "") for p in PHASES]
     out = [header] if header else []
-    title = "per-step MoE time, median over steps (error = predicted / measured - 1)"
+    title = "per-step MoE time, mean over steps (error = predicted / measured - 1)"
     out.append(format_table(rows, cols, title=title))
     out.append(phase_table(comparisons))
     for n, r in ranks.items():
@@ -90,9 +90,9 @@ def step_rows(comparisons: list[RunComparison]) -> list[dict]:
 
 def plot(comparisons: list[RunComparison], path: Path) -> None:
     """Left: every step, predicted against measured MoE time, with the +/-10% band.
-    Middle: median phase times, predicted (left bar) and measured (right bar) per run.
+    Middle: mean phase times per step, predicted (left bar) and measured (right bar) per run.
     Right: every phase's error (predicted / measured - 1) per run, with the measurement's 95% interval
-    (as a fraction of the measured median) as the error bar, and the +/-10% band."""
+    (as a fraction of the measured mean) as the error bar, and the +/-10% band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,7 +114,7 @@ def plot(comparisons: list[RunComparison], path: Path) -> None:
     ax.fill_between(x, 0.9 * x, 1.1 * x, color="k", alpha=0.08, label="within 10%")
     ax.set_xlabel("measured MoE time per step (ms)")
     ax.set_ylabel("predicted MoE time per step (ms)")
-    ax.set_title("every compared step (error of the medians in the legend)")
+    ax.set_title("every compared step (error of the means in the legend)")
     ax.legend(fontsize=7)
     phase_colors = {p: plt.cm.Set2(i) for i, p in enumerate(PHASES)}
     labels, pos = [], 0.0
@@ -123,7 +123,7 @@ def plot(comparisons: list[RunComparison], path: Path) -> None:
             bottom = 0.0
             for p in PHASES:
                 src = c.predicted if which == "predicted" else c.measured
-                v = float(np.median(src[p])) * 1e3      # mean-free stacking: medians of each phase
+                v = float(np.mean(src[p])) * 1e3        # the stack adds up to the mean step
                 bx.bar(pos + j * 0.4, v, 0.38, bottom=bottom, color=phase_colors[p],
                        hatch="" if which == "predicted" else "//", edgecolor="white",
                        label=p if (c is comparisons[0] and j == 0) else None)
@@ -131,14 +131,14 @@ def plot(comparisons: list[RunComparison], path: Path) -> None:
         labels.append((pos + 0.2, f"{c.nproc}r\n{c.strategy}"))
         pos += 1.0
     bx.set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=7)
-    bx.set_ylabel("median per step (ms)")
+    bx.set_ylabel("mean per step (ms)")
     bx.set_title("phases: predicted (plain) | measured (hatched)")
     bx.legend(fontsize=7)
     width = 0.8 / len(PHASES)
     for j, p in enumerate(PHASES):
         xs, err, ci, share_ok = [], [], [], []
         for i, c in enumerate(comparisons):
-            m = c.median("measured", p)
+            m = c.mean("measured", p)
             if not np.isfinite(m) or m == 0:
                 continue
             xs.append(i - 0.4 + (j + 0.5) * width)

@@ -12,7 +12,7 @@ For every number of ranks N:
    run recorded, and the run's own trace simulated with them on the cluster file;
 4. predicted against measured per step and phase (:mod:`moe_gps.fidelity.compare`).
 
-Outputs in DIR: ``fidelity.csv`` (per N, strategy, phase: medians and error),
+Outputs in DIR: ``fidelity.csv`` (per N, strategy, phase: means and error),
 ``steps.csv`` (every compared step), ``fidelity.png``, ``summary.txt``, ``summary.json``.
 """
 
@@ -230,8 +230,8 @@ def validate(opt: ValidateOptions):
             comp.interference = max(known) if known else None
             comp.notes += problems[:3]
             if len(runs) > 1:
-                comp.notes.append(f"{len(quiet)} of {len(runs)} runs pooled; run medians "
-                                  + ", ".join(f"{v * 1e3:.1f}" for v in comp.run_medians) + " ms; other processes "
+                comp.notes.append(f"{len(quiet)} of {len(runs)} runs pooled; run means "
+                                  + ", ".join(f"{v * 1e3:.1f}" for v in comp.run_means) + " ms; other processes "
                                   + ", ".join("?" if x[1] is None else f"{x[1]:.2f}" for x in runs) + " cores")
             comparisons.append(comp)
     loads.append(os.getloadavg()[0])
@@ -266,5 +266,5 @@ def phase_check_line(comparisons, max_error: float) -> str | None:
     n, mode, phase, off, share = bad[0]
     more = f" (and {len(bad) - 1} more phase(s))" if len(bad) > 1 else ""
     return (f"phase {phase} ({n} ranks, {mode}; {share:.0%} of the step) is predicted {off * 100:.1f}% of its "
-            f"measured median outside the measurement's 95% interval, more than --max-phase-error "
+            f"measured mean outside the measurement's 95% interval, more than --max-phase-error "
             f"{max_error * 100:g}%{more}; phases under {MIN_PHASE_SHARE:.0%} of the step are not checked")
