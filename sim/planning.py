@@ -22,7 +22,7 @@ from moe_gps.placement.layouts import contiguous
 from moe_gps.placement.timeaware import home_layers
 from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, dispatch_host_time, ffn_time,
                       layout_time, shared_compute, transfer_time)
-from sim.work import Copies, PlacementPhases, copy_port_busy, placement_phases
+from sim.work import Copies, PlacementPhases, copy_port_busy, install_time, placement_phases
 
 
 class LayerTimeModel:
@@ -249,9 +249,9 @@ class CopyCost:
 
         critical: sum over layers of max_g busy_g           (the layer waits for its copies)
         overlap:  sum over layers of max(0, max_g busy_g - attention)   (what attention does not hide)
-        async:    D * (sum of link / step) * share / (1 - share),  D = max_g busy_g over all layers
-                  (the job's length at the copies' share; meanwhile the collectives' link part
-                  runs at 1 - share of the bandwidth)
+        async:    D * (sum of link / step) * share / (1 - share) + install,  D = max_g busy_g over all
+                  layers (the job's length at the copies' share; meanwhile the collectives' link part
+                  runs at 1 - share of the bandwidth); install: :func:`sim.work.install_time`
         hidden:   0
         busy_g = the larger of g's sending and its receiving followed by its copies between slots.
         """
@@ -263,7 +263,7 @@ class CopyCost:
             busy = copy_port_busy(Copies(np.zeros_like(copies.layer), copies.src, copies.dst, copies.bytes,
                                          copies.seconds), 1, G)
             frac = float(self.link.sum() / self.step) if self.step > 0 else 0.0
-            return float(busy.max()) * frac * self.share / (1 - self.share)
+            return float(busy.max()) * frac * self.share / (1 - self.share) + install_time(copies, G, self.hw)
         busy = copy_port_busy(copies, L, G).max(axis=1)
         if self.policy == "critical":
             return float(busy.sum())

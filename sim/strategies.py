@@ -45,8 +45,8 @@ from sim.engine import EventModel
 from sim.loads import StepFeed, StepLoads, source_counts, step_loads
 from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layout,
                           time_model)
-from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, moves_weights,
-                      placement_phases, weight_copies)
+from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, install_time,
+                      moves_weights, placement_phases, weight_copies)
 
 
 @dataclass
@@ -136,6 +136,7 @@ class Strategy:
         self.info = StrategyInfo()
         self.current: Placement | None = None         # weights in place
         self.pending: Placement | None = None         # async: waiting for its copies
+        self.pending_moves = Copies.empty()            # async: the copies it waits for
         self.switch_at = 0                            # async: not before this step
         self.since = 0                                # steps since the last re-plan or check
         self.replans = 0
@@ -176,7 +177,7 @@ class Strategy:
         elif self.pending is not None:
             if not job_pending and i >= self.switch_at:      # its copies have landed: switch
                 self.current, self.pending = self.pending, None
-                host = self.hw.replan_overhead
+                host = self.hw.replan_overhead + install_time(self.pending_moves, self.num_gpus, self.hw)
                 self.since = 0
         elif self.since >= self.policy.interval and self._may_replan(i):
             cost = self._copy_cost(loads, src)
@@ -190,7 +191,7 @@ class Strategy:
                     self.replans += 1
                     copy_bytes = np.bincount(moves.layer, weights=moves.bytes, minlength=L)
                     if ctx.copy_policy == "async":
-                        self.pending, background = cand, moves
+                        self.pending, self.pending_moves, background = cand, moves, moves
                     else:
                         copies = moves if ctx.copy_policy != "hidden" else None
                         self.current = cand
@@ -567,7 +568,7 @@ class OraclePlan(Strategy):
             link = moves.src != moves.dst
             local = np.bincount(moves.dst[~link], weights=moves.seconds[~link], minlength=self.num_gpus)
             length = float(moves.seconds[link].sum() + local.max(initial=0.0))
-            price, elapsed, j = host, 0.0, i
+            price, elapsed, j = host + install_time(moves, self.num_gpus, self.hw), 0.0, i
             stretch = ctx.bandwidth_share / (1 - ctx.bandwidth_share)
             while elapsed < length:
                 fut = self._future(j)

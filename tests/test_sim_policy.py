@@ -62,7 +62,8 @@ def test_copy_cost_by_policy_by_hand():
     cost = lambda policy: CopyCost(policy, 0.5, hw, attention, link, 1000 * US).replan(copies)  # noqa: E731
     assert cost("critical") == pytest.approx(150 * US)               # the layer waits for GPU 0's sends
     assert cost("overlap") == pytest.approx(110 * US)                # 150 - 40 under attention
-    assert cost("async") == pytest.approx(150 * US * 20 / 1000)      # 150 us at 2% link time, x 0.5 / 0.5
+    # 150 us at 2% link time, x 0.5 / 0.5; then GPU 1 (or 2) copies its received 1 MB from staging into its slot
+    assert cost("async") == pytest.approx(150 * US * 20 / 1000 + 2 * 1e6 / hw.hbm)
     assert cost("hidden") == 0.0
 
 
@@ -101,8 +102,10 @@ def test_async_placement_serves_only_after_its_copies_land():
     assert crit.gpu_skew[first].mean() < asy.gpu_skew[first].mean()
     landed = first + 1 + int(np.argmax(asy.gpu_skew[first + 1:].mean(axis=1) < asy.gpu_skew[first].mean() - 0.1))
     assert landed > first + 1 and np.allclose(asy.gpu_skew[first:landed], asy.gpu_skew[first])
-    # the copies never wait on the critical path: only the dispatch and combine they meet slow down
+    # the copies never wait on the critical path: only the dispatch and combine they meet slow down, and
+    # installing the landed weights (staging -> slots) before the step that switches
     assert asy.phases["copy"].sum() < crit.phases["copy"].sum()
+    assert asy.phases["copy"][landed].sum() > asy.phases["copy"][first + 1:landed].sum(axis=1).max()
 
 
 # ---------------------------------------------------------------------------- the oracle bound

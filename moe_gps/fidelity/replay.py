@@ -136,7 +136,7 @@ class _Replay:
     def get(cls):
         if cls.cls is None:
             from sim.strategies import StepDecision, Strategy
-            from sim.work import StepPlan, moves_weights, weight_copies
+            from sim.work import StepPlan, install_time, moves_weights, weight_copies
 
             class ReplayStrategy(Strategy):
                 """Returns, for each step, the placement a real run had (no predictor time: the runtime
@@ -144,7 +144,8 @@ class _Replay:
                 costs the host time of applying it. Under copy policy critical its copies wait on the
                 critical path, as the runtime applies a placement between steps; under async a move's
                 copies start as a background job at the step the run started it (``moves``), and the
-                placement switches in at the step the run switched it in."""
+                placement switches in at the step the run switched it in, installing its weights
+                (:func:`sim.work.install_time`)."""
 
                 def __init__(self, cfg, ctx, seed, placements, moves=()):
                     super().__init__(cfg, ctx, seed)
@@ -171,8 +172,10 @@ class _Replay:
                         self.replans += 1
                     if prev is None or p is prev:
                         return StepDecision(plan, None, background, nbytes, 0.0, started)
-                    if s in self.landed:          # its weights were copied in the background
-                        return StepDecision(plan, None, background, nbytes, self.hw.replan_overhead, started)
+                    if s in self.landed:          # its weights were copied in the background: install them
+                        host = self.hw.replan_overhead + install_time(self._copies(prev, p, 1.0)[0], self.num_gpus,
+                                                                      self.hw)
+                        return StepDecision(plan, None, background, nbytes, host, started)
                     copies, moved_bytes = self._copies(prev, p, 1.0)
                     moved = moves_weights(prev, p)
                     self.replans += int(moved)
