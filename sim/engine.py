@@ -354,7 +354,7 @@ class EventModel:
             self._start_job(background)
         c = work.copies if self.policy in ("critical", "overlap") else Copies.empty()
         if self.closed_form and not len(c) and not self.job_pending() and self.log is None:
-            return self._closed_form_step(work)
+            return self.closed_form_step(work)
         self.by_layer = by_layer = [[] for _ in range(L)]
         for l, s, d, t in zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.seconds.tolist()):
             by_layer[l].append((s, d, t))
@@ -382,7 +382,7 @@ class EventModel:
         return marks
 
 
-    def _closed_form_step(self, work: StepWork) -> np.ndarray:
+    def closed_form_step(self, work: StepWork) -> np.ndarray:
         """A step without copies in flight: nothing contends, so every mark is the previous one plus
         the phase's maximum over GPUs (the closed form the event model equals then; tested), and
         the clock moves to the step's end with one event."""

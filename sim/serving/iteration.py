@@ -27,7 +27,6 @@ from sim.cost import Hardware, attention_block_time, expert_slot_time, roofline
 from sim.engine import EventModel
 from sim.loads import StepLoads
 from sim.strategies import SimContext, Strategy
-from sim.work import closed_form_layer_times
 
 #: vocabulary, dense layers before the MoE layers, their FFN dimension, for the bundled model presets
 #: (the models' Hugging Face config.json: vocab_size, first_k_dense_replace, intermediate_size)
@@ -131,9 +130,11 @@ class MoELayers:
     """One strategy's MoE layers over the iterations: its decisions and its event model.
 
     An iteration without copies (none made at it, none in flight, no placement applied) is the closed
-    form, which the event model equals in that case (tests/test_sim_engine.py); the others run the
-    event model, whose clock also covers the time spent outside the MoE layers while background copies
-    are in flight (:meth:`outside`). ``fast=False`` runs the event model for every iteration.
+    form, which the event model equals in that case (tests/test_sim_engine.py): the event model's clock
+    moves on by it without events; the others run the event model. The clock also covers the time
+    spent outside the MoE layers (:meth:`outside`), so that it reads the same absolute times whichever
+    way an iteration was computed (simultaneous events of background copies then fall in the same
+    order). ``fast=False`` runs the event model for every iteration.
     """
 
     def __init__(self, strategy: Strategy, ctx: SimContext, fast: bool = True) -> None:
@@ -149,14 +150,16 @@ class MoELayers:
         d = self.strategy.step(i, loads, pending)
         work = d.work(loads, self.ctx, attention)
         self.copy_bytes += float(work.copy_bytes.sum())
-        if self.fast and not pending and d.background is None and not len(work.copies) and not work.replan_host:
-            return float(closed_form_layer_times(work, self.ctx.copy_policy).sum())
-        self.event_iterations += 1
-        marks = self.engine.run_step(work, d.background)
+        quiet = not pending and d.background is None and not len(work.copies) and not work.replan_host
+        if self.fast and quiet:
+            marks = self.engine.closed_form_step(work)
+        else:
+            self.event_iterations += 1
+            marks = self.engine.run_step(work, d.background)
         return float(marks[-1, -1] - marks[0, 0])
 
     def outside(self, seconds: float) -> None:
         """``seconds`` pass outside the MoE layers (other parts of an iteration, or an idle server):
         background copies in flight keep running."""
-        if seconds > 0 and self.engine.job_pending():
+        if seconds > 0:
             self.engine.env.run(until=self.engine.now + seconds)
