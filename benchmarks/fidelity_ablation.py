@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run
     from moe_gps.fidelity.measured import measured_phases, read_run
-    from moe_gps.fidelity.replay import replay_placements, simulate_run
+    from runtime.replay import replay_placements, simulate_run
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
 

@@ -102,7 +102,7 @@ def _fake_validate(comparisons):
                                                  ("40", 0, "within 40%")])
 def test_max_phase_error_exit_code(limit, code, phrase, tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
-    import moe_gps.fidelity.validate as v
+    import runtime.validate as v
     monkeypatch.setattr(v, "validate", _fake_validate([_comparison({**SHARES, "dispatch": 0.26})]))
     rc = main(["validate", "traces/mixtral_mmlu.parquet", "--config", "benchmarks/fidelity/run.yaml",
                "--max-phase-error", limit, "-o", str(tmp_path / "o")])

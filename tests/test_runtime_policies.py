@@ -118,7 +118,7 @@ def test_example_configs_load():
 
 
 def test_replay_reproduces_every_run(policy_runs):
-    from moe_gps.fidelity.replay import check_replay, replay_placements, replay_run
+    from runtime.replay import check_replay, replay_placements, replay_run
 
     for name, (folder, mode, doc, _, _) in policy_runs.items():
         cfg = parse_run_config(doc)

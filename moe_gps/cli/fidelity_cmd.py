@@ -109,7 +109,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moe_gps.config.loader import split_strategy_names
     from moe_gps.fidelity.calibrate import MeasurementFailed
-    from moe_gps.fidelity.validate import ValidateOptions, validate
+    from runtime.validate import ValidateOptions, validate
 
     _need_torch()
     from moe_gps.outputs import hold_output_dir
@@ -133,7 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(text)
     print(f"\nwrote {out}/: fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json (runs in {out}/runs/)")
     if opt.max_phase_error is not None:
-        from moe_gps.fidelity.validate import phase_check_line
+        from runtime.validate import phase_check_line
         line = phase_check_line(comparisons, opt.max_phase_error)
         if line:
             print(f"moe-gps: error: {line}", file=sys.stderr)

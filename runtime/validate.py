@@ -8,7 +8,7 @@ For every number of ranks N:
    runtime.launch`` with the run config, its token ids taken from TRACE
    (``input.trace``), ``duplication.verify: false`` (the fingerprint check is not part of the
    strategy's cost) -> ``DIR/runs/N<N>-<mode>/``;
-3. the run's placements replayed (:mod:`moe_gps.fidelity.replay`), checked against what the
+3. the run's placements replayed (:mod:`runtime.replay`), checked against what the
    run recorded, and the run's own trace simulated with them on the cluster file;
 4. predicted against measured per step and phase (:mod:`moe_gps.fidelity.compare`).
 
@@ -163,7 +163,7 @@ def validate(opt: ValidateOptions):
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run, ranking
     from moe_gps.fidelity.measured import measured_phases, read_run
-    from moe_gps.fidelity.replay import check_replay, replay_placements, simulate_run
+    from runtime.replay import check_replay, replay_placements, simulate_run
     from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
     from moe_gps.outputs import check_output_dir
     from moe_gps.trace import load_trace
