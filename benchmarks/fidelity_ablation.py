@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run
     from moe_gps.fidelity.measured import measured_phases, read_run
-    from runtime.replay import replay_placements, simulate_run
+    from runtime.replay import replay_run, simulate_run
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
 
@@ -73,17 +73,18 @@ def main(argv=None) -> int:
             r = int(d.name.rsplit("-", 1)[1]) if re.search(r"-\d+$", d.name) else None
             f = root / (f"cluster-{n}-{r}.yaml" if r is not None else f"cluster-{n}.yaml")
             clusters[d] = load_cluster(str(f))
-        replayed = {}
+        replayed, measured = {}, {}
         for d in runs:
+            timings, steps = read_run(d)
             trace = load_trace(d / "trace.parquet")
-            replayed[d] = (trace, replay_placements(trace, run_cfg, mode, n, read_run(d)[1]))
-        measured = {d: measured_phases(*read_run(d)) for d in runs}
+            replayed[d] = (trace, replay_run(trace, run_cfg, mode, n, steps))
+            measured[d] = measured_phases(timings, steps)
         for name, _ in variants(clusters[runs[0]]):
             pairs = []
             for d in runs:
                 cluster = dict(variants(clusters[d]))[name]
-                trace, placements = replayed[d]
-                result, res = simulate_run(trace, run_cfg, mode, cluster, placements, first)
+                trace, replay = replayed[d]
+                result, res = simulate_run(trace, run_cfg, mode, cluster, replay, first)
                 pairs.append((res, result.steps, measured[d]))
             c = compare_run(n, mode, pairs, first)
             rows.append({"nproc": n, "strategy": mode, "variant": name, "runs": len(runs),

@@ -1,6 +1,6 @@
 """The simulator on a runtime run: same routing, same placements, same strategy.
 
-* :func:`replay_placements` re-runs the runtime's own duplication schedule
+* :func:`replay_run` re-runs the runtime's own duplication schedule
   (:class:`runtime.duplication.DuplicationPolicy`, numpy only: the same predictors,
   planner, ``window`` and ``min_gain`` rule on the same cluster file, fed the recorded
   routing in step order) and so recovers the placement that was in force at every step of
@@ -39,17 +39,20 @@ class ReplayedMove:
     placement: Placement
 
 
-def replay_placements(trace: TokensTrace, run_cfg, mode: str, num_ranks: int, steps=None) -> list[Placement]:
-    """The placement in force at each step of a run (list of length ``trace.num_steps``).
+@dataclass
+class Replay:
+    """What a run did, replayed: the placement in force at each step (list of length ``num_steps``)
+    and the background moves of an async run (in step order; empty otherwise)."""
+
+    placements: list[Placement]
+    moves: list[ReplayedMove]
+
+
+def replay_run(trace: TokensTrace, run_cfg, mode: str, num_ranks: int, steps=None) -> Replay:
+    """Re-run the runtime's schedule on a run's recorded trace (module docstring).
 
     steps: the run's steps.csv as a DataFrame (async runs; default: read from the folder the
     trace's provenance names)."""
-    return replay_run(trace, run_cfg, mode, num_ranks, steps)[0]
-
-
-def replay_run(trace: TokensTrace, run_cfg, mode: str, num_ranks: int,
-               steps=None) -> tuple[list[Placement], list[ReplayedMove]]:
-    """:func:`replay_placements`, and the background moves of an async run (in step order)."""
     from runtime.duplication import DuplicationPolicy
     from runtime.gain import GainModel
     from sim.work import moves_weights
@@ -80,7 +83,7 @@ def replay_run(trace: TokensTrace, run_cfg, mode: str, num_ranks: int,
                     placement = new
         out.append(placement)
         policy.observe(routing)
-    return out, moves
+    return Replay(out, moves)
 
 
 def recorded_switches(trace: TokensTrace, steps=None) -> dict[int, int]:
@@ -203,10 +206,10 @@ def strategy_config(mode: str, run_cfg, num_ranks: int) -> StrategyConfig:
                           direct_routing=False if kind == "token" else None)
 
 
-def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig, placements: list[Placement],
+def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig, replay: Replay,
                  first_step: int, trace_name: str = "trace"):
-    """Simulate steps ``first_step - 1 ..`` of a run's trace with its placements -> StrategyResult,
-    under the run's ``duplication.copy_policy`` (async: the moves re-found by :func:`replay_run`).
+    """Simulate steps ``first_step - 1 ..`` of a run's trace with its replayed placements (and, under
+    copy policy async, its background moves: :func:`replay_run`) -> StrategyResult.
 
     The step before ``first_step`` is simulated too (and dropped by the caller) so that the
     weight copies into ``first_step`` are charged from the placement that preceded it.
@@ -215,7 +218,6 @@ def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig,
     from sim.run import simulate
 
     policy = run_cfg.duplication.copy_policy
-    moves = replay_run(trace, run_cfg, mode, cluster.num_gpus)[1] if policy == "async" else []
     cfg = SimulateConfig(cluster=cluster, model=model_for_run(run_cfg), workload=workload_for_run(run_cfg),
                          strategies=[strategy_config(mode, run_cfg, cluster.num_gpus)], seed=0,
                          train_steps=max(1, first_step - 1), trace=trace_name, copy_policy=policy,
@@ -223,7 +225,7 @@ def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig,
     cls = _Replay.get()
 
     def factory(scfg, ctx, seed):
-        return cls(scfg, ctx, seed, placements, moves)
+        return cls(scfg, ctx, seed, replay.placements, replay.moves)
 
     result = simulate(trace, cfg, progress=False, trace_name=trace_name, strategy_factory=factory)
     return result, result.strategies[0]

@@ -163,7 +163,7 @@ def validate(opt: ValidateOptions):
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run, ranking
     from moe_gps.fidelity.measured import measured_phases, read_run
-    from runtime.replay import check_replay, replay_placements, simulate_run
+    from runtime.replay import check_replay, replay_run, simulate_run
     from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
     from moe_gps.outputs import check_output_dir
     from moe_gps.trace import load_trace
@@ -213,17 +213,17 @@ def validate(opt: ValidateOptions):
             for d, busy, r in made[mode]:
                 timings, steps = read_run(d)
                 trace = load_trace(d / run_cfg.output.trace)
-                placements = replay_placements(trace, run_cfg, mode, n, steps)
-                problems += check_replay(placements, trace, timings, d)
-                runs.append((d, busy, r, measured_phases(timings, steps), trace, placements))
+                replay = replay_run(trace, run_cfg, mode, n, steps)
+                problems += check_replay(replay.placements, trace, timings, d)
+                runs.append((d, busy, r, measured_phases(timings, steps), trace, replay))
             # pool the runs during which other processes used at most BUSY_CORES cores (else the quietest)
             quiet = [x for x in runs if x[1] is None or x[1] <= BUSY_CORES] or \
                 [min(runs, key=lambda x: x[1])]
             say(f"simulating the runs' traces with their placements ({n} ranks, {mode})")
             pairs = []
-            for d, _, r, measured, trace, placements in quiet:
+            for d, _, r, measured, trace, replay in quiet:
                 trace_path = d / run_cfg.output.trace
-                result, res = simulate_run(trace, run_cfg, mode, rounds[r], placements, first, str(trace_path))
+                result, res = simulate_run(trace, run_cfg, mode, rounds[r], replay, first, str(trace_path))
                 pairs.append((res, result.steps, measured))
             comp = compare_run(n, mode, pairs, first)
             known = [x[1] for x in quiet if x[1] is not None]

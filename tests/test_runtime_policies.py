@@ -118,15 +118,15 @@ def test_example_configs_load():
 
 
 def test_replay_reproduces_every_run(policy_runs):
-    from runtime.replay import check_replay, replay_placements, replay_run
+    from runtime.replay import check_replay, replay_run
 
     for name, (folder, mode, doc, _, _) in policy_runs.items():
         cfg = parse_run_config(doc)
         trace = load_trace(folder / "trace.parquet")
-        placements = replay_placements(trace, cfg, mode, 2)
-        assert check_replay(placements, trace, pd.read_csv(folder / "timings.csv"), folder) == [], name
+        replay = replay_run(trace, cfg, mode, 2)
+        assert check_replay(replay.placements, trace, pd.read_csv(folder / "timings.csv"), folder) == [], name
         if cfg.duplication.copy_policy == "async":
-            moves = replay_run(trace, cfg, mode, 2)[1]
+            moves = replay.moves
             r0 = _rank0(folder)
             assert [m.start for m in moves] == r0.index[r0.replanned == 1].tolist()[:len(moves)], name
             assert len(moves) >= 1
