@@ -43,9 +43,6 @@ from moe_gps.predict.base import shares
 from moe_gps.trace.meta import TraceMeta
 from runtime.config import DUPLICATION_MODES, DuplicationSection
 
-#: recent steps the min_gain rule looks at (the simulator's: twice its NOISE_STEPS)
-RECENT_STEPS = 16
-
 #: token predictors that read only what is known before routing (token id, position, history)
 PRE_ROUTING_TOKEN_PREDICTORS = ("most-frequent", "token-id", "position")
 
@@ -112,6 +109,8 @@ class DuplicationPolicy:
         self.pending: Placement | None = None         # async: adopted, its weights not landed yet
         self.planned = False                          # a plan has been adopted (the first always is)
         self.gain = gain
+        from sim.strategies import RECENT_STEPS
+
         window = cfg.window or (None if mode == "static" else 1)
         self.every_step = (window or 1) > 1 or cfg.min_gain > 0     # predicting modes believe every step
         self.beliefs: deque = deque(maxlen=window)    # predicting modes: float [L, E] per step
@@ -119,7 +118,7 @@ class DuplicationPolicy:
         self.history: deque = deque(maxlen=RECENT_STEPS)    # plan loads [L, E] of recent steps (min_gain)
         self.observed: deque = deque(maxlen=RECENT_STEPS)   # true shares [L, E] of recent steps (min_gain)
         self._loads: np.ndarray | None = None         # this step's plan loads (min_gain history)
-        self._times = (0.0, 0.0)                      # seconds predicting at this step, fitting
+        self._predict_s = 0.0                         # seconds fitting and predicting before this step
 
     # ------------------------------------------------------------- schedule
     def initial(self) -> Placement:
@@ -241,7 +240,7 @@ class DuplicationPolicy:
             self.beliefs.append(self._belief(token_id, seq, pos))
             if self.min_gain_on:
                 self._loads = self.plan_loads()
-        self._times = (time.perf_counter() - t0, 0.0)
+        self._predict_s = time.perf_counter() - t0
 
     def plan_loads(self) -> np.ndarray:
         """float [L, E]: what a plan is made from: the mean true counts of the last ``window`` steps
@@ -271,20 +270,20 @@ class DuplicationPolicy:
         p = self._place(loads)
         declined = self.planned and self.min_gain_on and not self._worth(p, loads)
         t2 = time.perf_counter()
-        info = PlanInfo(step, self._times[0], t2 - t1, loads, (self.current if declined else p).gpu_loads(loads),
+        info = PlanInfo(step, self._predict_s, t2 - t1, loads, (self.current if declined else p).gpu_loads(loads),
                         note + ("; min_gain keeps the placement in force" if declined else ""), declined=declined)
         return (None if declined else p), info
 
     def _worth(self, cand: Placement, loads: np.ndarray) -> bool:
         """The simulator's ``min_gain`` rule (:class:`runtime.gain.GainModel`) for moving to ``cand``."""
-        from sim.strategies import NOISE_STEPS, SCENARIO_BUDGET, gain_split
+        from sim.strategies import gain_split, scenario_count
         from sim.work import moves_weights
 
         if not moves_weights(self.current, cand):
             return True                               # new shares only: a routing-table change
         if self.gain is None:
             raise UserError("duplication.min_gain > 0 needs the cost model of duplication.cluster")
-        scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // (self.L * self.N * self.E)))
+        scenarios = scenario_count(self.L, self.N, self.E)
         h, late = gain_split(self.cfg.replan_interval, len(self.observed), len(self.history), scenarios)
         fit = list(self.history)[-h:-late] if h >= 2 else []
         earlier = self._place(np.mean(fit, axis=0)) if fit else cand

@@ -110,6 +110,8 @@ NOISE_STEPS = 8
 #: at most this many (scenario x layer x GPU x expert) numbers per evaluation of a plan: on large
 #: models and clusters fewer scenarios are weighed (at least 2), so that planning stays quick
 SCENARIO_BUDGET = 2_000_000
+#: recent steps the min_gain rule judges a re-plan on (and the plan loads and true shares kept for it)
+RECENT_STEPS = 2 * NOISE_STEPS
 #: steps ahead the oracle looks when it plans and when it weighs a re-plan
 ORACLE_LOOKAHEAD = 16
 #: future steps the oracle's planner balances over (evenly spaced within the lookahead)
@@ -141,10 +143,10 @@ class Strategy:
         self.since = 0                                # steps since the last re-plan or check
         self.replans = 0
         self.beliefs: deque = deque(maxlen=self.policy.window)
-        size = ctx.model.num_layers * ctx.num_gpus * ctx.num_experts
-        self.scenarios = max(2, min(NOISE_STEPS, SCENARIO_BUDGET // size))   # load scenarios a plan is weighed on
-        self.history: deque = deque(maxlen=2 * NOISE_STEPS)   # the plan loads of recent steps, as predicted
-        self.observed: deque = deque(maxlen=2 * NOISE_STEPS)   # true shares [L, E] of recent steps
+        # load scenarios a plan is weighed on
+        self.scenarios = scenario_count(ctx.model.num_layers, ctx.num_gpus, ctx.num_experts)
+        self.history: deque = deque(maxlen=RECENT_STEPS)   # the plan loads of recent steps, as predicted
+        self.observed: deque = deque(maxlen=RECENT_STEPS)   # true shares [L, E] of recent steps
         # facts about recent load arrays, by identity (a weak reference: a dead array's id may be reused)
         self._static_times: dict[int, tuple[weakref.ref, np.ndarray]] = {}   # id(src) -> (src, times [L])
         self._mixes: dict[int, tuple[weakref.ref, np.ndarray]] = {}          # id(src) -> (src, home_frac [G])
@@ -156,7 +158,7 @@ class Strategy:
         ``counts`` is the same trace as per-expert counts (computed once for all strategies).
         """
         self.trace, self.train_steps, self.counts_trace = trace, train_steps, counts
-        c = counts.counts()[max(0, train_steps - 2 * NOISE_STEPS):train_steps].astype(np.float64)
+        c = counts.counts()[max(0, train_steps - RECENT_STEPS):train_steps].astype(np.float64)
         self.observed.extend(shares(c))
 
     def step(self, i: int, loads: StepLoads, job_pending: bool) -> StepDecision:
@@ -360,6 +362,12 @@ class Strategy:
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
         """Per-GPU seconds of a PredictorCost over each GPU's own tokens (one layer)."""
         return predictor_time(loads.home_tokens, cost, self.hw)
+
+
+def scenario_count(num_layers: int, num_gpus: int, num_experts: int) -> int:
+    """How many recent steps' load scenarios a plan is weighed on: NOISE_STEPS, fewer where a scenario
+    ([layers, GPUs, experts] floats) is large, at least 2."""
+    return max(2, min(NOISE_STEPS, SCENARIO_BUDGET // (num_layers * num_gpus * num_experts)))
 
 
 def gain_split(interval: int, observed: int, history: int, scenarios: int) -> tuple[int, int]:
