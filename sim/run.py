@@ -107,7 +107,7 @@ def _skew(x: np.ndarray) -> np.ndarray:
 def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Split each layer's wall time [L] of one step into PHASES: nominal times on the critical GPU
     (predictor and attention of the GPU that was ready last, the maxima over GPUs of the others),
-    ``sync`` = the collective skew of the layer's collectives (``work.skew_parts``, taken out of dispatch,
+    ``sync`` = the collective skew of the layer's collectives (``work.skew``, taken out of dispatch,
     correction and combine), and ``copy`` = what the copies added on top (waiting for them, contention on links,
     the host time of applying a placement): the rest of the layer's time."""
     pa = work.predictor + work.attention                               # [L, G]
@@ -119,11 +119,7 @@ def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, 
     total = marks[:, -1] - marks[:, 0]
     copy = total - (pred + attn + d + x + f + c)
     copy = np.where(np.abs(copy) < 1e-12, 0.0, copy)
-    if work.skew_parts is not None:
-        d_skew, x_skew, c_skew = work.skew_parts.T
-    else:
-        d_skew = c_skew = work.skew
-        x_skew = np.where(x > 0, work.skew, 0.0)
+    d_skew, x_skew, c_skew = work.skew.T if work.skew is not None else np.zeros((3, len(total)))
     return total, {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d - d_skew,
                    "correction": x - x_skew, "ffn": f, "combine": c - c_skew, "sync": d_skew + x_skew + c_skew}
 

@@ -67,9 +67,8 @@ class StepWork:
     gpu_tokens: float [L, G] tokens each GPU's experts process (FFN load)
     expert_counts: float [L, E] true tokens per expert
     copy_bytes: float [L] bytes of weights copied for each layer by a re-plan made at this step
-    skew: seconds of collective skew of GPUs arriving together (the cluster's collective_skew)
-    skew_parts: float [L, 3] seconds of collective skew included in each layer's dispatch, correction (0
-                when it has none) and combine (:func:`sim.cost.collective_skew`); None: ``skew`` in each
+    skew: float [L, 3] seconds of collective skew included in each layer's dispatch, correction (0 when it
+          has none) and combine (:func:`sim.cost.collective_skew`); None: no skew
     replan_host: seconds of host work applying a new placement, on every GPU before the first layer
     """
 
@@ -84,11 +83,10 @@ class StepWork:
     expert_counts: np.ndarray
     copy_bytes: np.ndarray
     has_correction: bool = False
-    skew: float = 0.0
+    skew: np.ndarray | None = None
     dispatch_link: np.ndarray | None = None
     combine_link: np.ndarray | None = None
     replan_host: float = 0.0
-    skew_parts: np.ndarray | None = None
 
 
 def share_by_gpu(placement: Placement) -> np.ndarray:
@@ -307,8 +305,8 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     if copy_bytes is None:
         copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
     return StepWork(pred, attn, ph.dispatch, ph.correction, ph.ffn, ph.combine, copies, ph.gpu_tokens,
-                    loads.counts, copy_bytes, ph.has_correction, hw.collective_skew, ph.dispatch_link,
-                    ph.combine_link, replan_host, ph.skew)
+                    loads.counts, copy_bytes, ph.has_correction, ph.skew, ph.dispatch_link,
+                    ph.combine_link, replan_host)
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:
