@@ -114,7 +114,7 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
             block: int = 1) -> Verdict:
     """The verdict over deployable strategies' paired ``samples`` (name -> float [S], the same S
     steps or requests for all, ``base`` among them). The winner has the best mean (lowest, or highest
-    when ``higher_is_better``; ``base`` on a tie); its *speed-up* over ``base`` is mean(base) / mean(it) (or the inverse),
+    when ``higher_is_better``; ``base`` on a tie, else the first listed); its *speed-up* over ``base`` is mean(base) / mean(it) (or the inverse),
     with the interval of :func:`speedup_interval` (``block``: its block length)."""
     def stats(x):
         return speedup_interval(x, samples[base], seed, block=block) if higher_is_better else \
@@ -126,13 +126,13 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
     mean = {n: sign * float(np.mean(x)) for n, x in samples.items()}
     best = min(mean.values())
     tied = [n for n in samples if mean[n] <= best + abs(best) * 1e-9]
-    winner = base if base in tied else min(tied)
+    winner = base if base in tied else tied[0]          # else the first listed
     S = len(samples[base])
     point, lo, hi = st[winner]
     others = [n for n in samples if n != winner]
     if winner == base:
         ties = [n for n in others if st[n][1] <= 1.0 + 1e-9 and st[n][2] >= 1.0 - 1e-9]
-        second = max(others, key=lambda n: (st[n][0], n), default=None)
+        second = max(others, key=lambda n: st[n][0], default=None)      # the first listed of the best
         runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
                                                        (second, *st[second])))
         return Verdict(base, 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)

@@ -178,3 +178,29 @@ def test_no_duplication_wins_a_tie():
     none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
     v = verdict_of(fake({"none": none, "a": none * (1 - 1e-13)}))   # a strategy that changes nothing
     assert v.strategy == "none" and v.ties == ["a"]
+
+
+def test_equal_strategies_the_first_listed_is_named():
+    none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
+    same = none / 1.1
+    v = verdict_of(fake({"none": none, "z": same, "b": same.copy(), "a": same.copy()}))
+    assert v.strategy == "z" and v.ties == ["b", "a"]
+    slower = verdict_of(fake({"none": none, "z": none * 1.01, "a": none * 1.01}))
+    assert slower.strategy == "none" and slower.runner_up["strategy"] == "z"
+
+
+def test_predicting_strategies_load_the_plan_of_the_profiled_loads():
+    """Before serving there are no predictions, only the profile: every distribution predictor (a
+    one-step-ahead `previous` as much as the profile) loads the plan made from the true loads of
+    the last `window` steps, and differs only in its re-plans."""
+    rng = np.random.default_rng(3)
+    base = np.array([5.0, 1, 1, 1, 2, 1, 1, 4])
+    c = np.stack([[rng.multinomial(8192, rng.dirichlet(base * 20)) for _ in range(2)] for _ in range(10)])
+    trace = counts_trace(c)
+    names = [StrategyConfig(kind="distribution", predictor=p, redundant_slots=4, replan_interval=100, window=2)
+             for p in ("profile", "previous", "ema")]
+    res = run(trace, names)
+    lat = [r.step_latency for r in res.strategies]
+    assert all(r.replans == 0 for r in res.strategies)
+    np.testing.assert_array_equal(lat[0], lat[1])
+    np.testing.assert_array_equal(lat[0], lat[2])
