@@ -46,24 +46,34 @@ class LayerTimeModel:
     reach when their FFN ends, :func:`sim.cost.collective_skew`), the closed form of :func:`phases_time`
     except that every peer is counted in the latency term (the exact form counts only peers that exchange
     tokens). ``direct``: tokens are routed
-    without a layout exchange (token-to-expert prediction, the oracle).
+    without a layout exchange (token-to-expert prediction, the oracle). ``home_frac`` float [G]: every
+    GPU's tokens have the same expert mix (``src`` = counts x home_frac), so that the share of an
+    expert's tokens starting on g is home_frac[g] whatever the expert, and the sums above are
+    per-GPU products instead of gathers over [K, L, G, E].
     """
 
     def __init__(self, src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware,
-                 direct: bool = False, plan_loads: np.ndarray | None = None) -> None:
+                 direct: bool = False, plan_loads: np.ndarray | None = None,
+                 home_frac: np.ndarray | None = None) -> None:
         src = np.asarray(src, dtype=np.float64)
         self.src = src[None] if src.ndim == 3 else src                          # [K, L, G, E]
         K, L, G, E = self.src.shape
         self.S, self.model, self.hw = slots_per_gpu, model, hw
         self.total = self.src.sum(axis=2)                                         # [K, L, E]
         self.plan = self.total.mean(axis=0) if plan_loads is None else np.asarray(plan_loads, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.frac = np.where(self.total[:, :, None, :] > 0, self.src / self.total[:, :, None, :], 1.0 / G)
         self.node = hw.node_of_gpu
         self.nodes = int(self.node.max()) + 1 if G else 1
         per_node = G // self.nodes
-        if self.nodes > 1:      # share of each expert's tokens that start on each node: [K, L, nodes, E]
-            self.fnode = np.stack([self.frac[:, :, self.node == b, :].sum(axis=2) for b in range(self.nodes)], axis=2)
+        self.mix = None if home_frac is None else np.asarray(home_frac, dtype=np.float64)
+        if self.mix is not None:
+            # the share of an expert's tokens that start on g's node, per GPU g: [G]
+            self.mix_node = np.bincount(self.node, weights=self.mix, minlength=self.nodes)[self.node]
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self.frac = np.where(self.total[:, :, None, :] > 0, self.src / self.total[:, :, None, :], 1.0 / G)
+            if self.nodes > 1:      # share of each expert's tokens that start on each node: [K, L, nodes, E]
+                self.fnode = np.stack([self.frac[:, :, self.node == b, :].sum(axis=2) for b in range(self.nodes)],
+                                      axis=2)
         home = self.src.sum(axis=3)                                               # [K, L, G]
         self.home = home
         skew = hw.collective_skew
@@ -113,9 +123,16 @@ class LayerTimeModel:
         share = np.divide(slot_tokens, plan, out=np.zeros_like(slot_tokens), where=plan > 0)
         tok = share[None] * self.total[:, lr, e]                                  # [K, n, P]
         K = tok.shape[0]
-        out = {"tok": tok, "ffn": ffn_time(tok, S, self.model, self.hw),
-               "local": (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3),
-               "rows": tok.reshape(K, n, G, S).sum(axis=3)}
+        rows = tok.reshape(K, n, G, S).sum(axis=3)
+        out = {"tok": tok, "ffn": ffn_time(tok, S, self.model, self.hw), "rows": rows}
+        if self.mix is not None:
+            out["local"] = rows * self.mix
+            if self.nodes > 1:
+                on_node = rows.reshape(K, n, self.nodes, G // self.nodes).sum(axis=3)[:, :, self.node]   # [K, n, G]
+                out["to_node"] = on_node * self.mix
+                out["inn"] = rows * self.mix_node
+            return out
+        out["local"] = (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3)
         if self.nodes > 1:
             # tokens g's replicas take from g's node, and tokens g sends to its node: per GPU, over the
             # slots of its own node only
@@ -147,19 +164,25 @@ class LayerTimeModel:
         tok[:, ar, dst] += dk
         out = {"tok": tok, "ffn": state["ffn"][:, rows], "local": state["local"][:, rows],
                "rows": state["rows"][:, rows]}
+        mix = self.mix
         for g, sign in ((h, -1.0), (c, 1.0)):
             slots = g[:, None] * S + np.arange(S)[None, :]
             out["ffn"][:, ar, g] = ffn_time(tok[:, ar[:, None], slots], S, self.model, self.hw)[..., 0]
-            out["local"][:, ar, g] += sign * dk * self.frac[:, lr, g, e]
+            out["local"][:, ar, g] += sign * dk * (mix[g] if mix is not None else self.frac[:, lr, g, e])
             out["rows"][:, ar, g] += sign * dk
         if self.nodes > 1:
             out["inn"] = state["inn"][:, rows]
-            out["inn"][:, ar, h] -= dk * self.fnode[:, lr, self.node[h], e]
-            out["inn"][:, ar, c] += dk * self.fnode[:, lr, self.node[c], e]
+            if mix is not None:
+                out["inn"][:, ar, h] -= dk * self.mix_node[h]
+                out["inn"][:, ar, c] += dk * self.mix_node[c]
+                frac = mix[None, None, :]                                                  # [1, 1, G]
+            else:
+                out["inn"][:, ar, h] -= dk * self.fnode[:, lr, self.node[h], e]
+                out["inn"][:, ar, c] += dk * self.fnode[:, lr, self.node[c], e]
+                frac = np.moveaxis(self.frac[:, lr, :, e], 0, 1)                          # [K, m, G]
             # every GPU of c's node sends the moved tokens it holds to c now, and those of h's node no longer to h
             side = ((self.node[None, :] == self.node[c][:, None]).astype(np.float64)
                     - (self.node[None, :] == self.node[h][:, None]))                       # [m, G]
-            frac = np.moveaxis(self.frac[:, lr, :, e], 0, 1)                              # [K, m, G]
             out["to_node"] = state["to_node"][:, rows] + dk[:, :, None] * frac * side[None]
         return out
 
@@ -182,10 +205,11 @@ class LayerTimeModel:
 
 
 def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware, direct: bool = False,
-               plan_loads: np.ndarray | None = None) -> LayerTimeModel:
+               plan_loads: np.ndarray | None = None, home_frac: np.ndarray | None = None) -> LayerTimeModel:
     """The planner's time model of believed loads ``src``: float [L, G, E], or [K, L, G, E] for K
-    scenarios (then the mean over them), for plans made from ``plan_loads``."""
-    return LayerTimeModel(src, slots_per_gpu, model, hw, direct, plan_loads)
+    scenarios (then the mean over them), for plans made from ``plan_loads`` (``home_frac`` [G]: ``src``
+    is counts spread over the GPUs by it, the same expert mix on every GPU)."""
+    return LayerTimeModel(src, slots_per_gpu, model, hw, direct, plan_loads, home_frac)
 
 
 def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,

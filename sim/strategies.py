@@ -284,7 +284,8 @@ class Strategy:
         if not balanced:
             opts["balanced"] = False
         p = plan_placement(plan_loads, self.num_gpus, self.redundant, "timeaware", previous=previous,
-                           cost=time_model(src, S, ctx.model, self.hw, self.direct, plan_loads), **opts)
+                           cost=time_model(src, S, ctx.model, self.hw, self.direct, plan_loads, self._mix(src)),
+                           **opts)
         return self._no_worse_than_home(p, src)
 
     def _reshare(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> Placement:
@@ -297,7 +298,8 @@ class Strategy:
         ctx = self.ctx
         opts = {k: v for k, v in self.cfg.planner_options.items() if k != "copy_penalty_s"}
         q = plan_placement(belief, self.num_gpus, self.redundant, "timeaware", previous=p,
-                           cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct, belief),
+                           cost=time_model(src, p.slots_per_gpu, ctx.model, self.hw, self.direct, belief,
+                                           self._mix(src)),
                            copy_penalty_s=np.inf, **opts)
         return self._home_checked(q, src)
 

@@ -114,8 +114,9 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
             block: int = 1) -> Verdict:
     """The verdict over deployable strategies' paired ``samples`` (name -> float [S], the same S
     steps or requests for all, ``base`` among them). The winner has the best mean (lowest, or highest
-    when ``higher_is_better``; ``base`` on a tie, else the first listed); its *speed-up* over ``base`` is mean(base) / mean(it) (or the inverse),
-    with the interval of :func:`speedup_interval` (``block``: its block length)."""
+    when ``higher_is_better``; ``base`` on a tie, else the first listed); its *speed-up* over ``base``
+    is mean(base) / mean(it) (or the inverse), with the interval of :func:`speedup_interval`
+    (``block``: its block length)."""
     def stats(x):
         return speedup_interval(x, samples[base], seed, block=block) if higher_is_better else \
             speedup_interval(samples[base], x, seed, block=block)

@@ -165,3 +165,49 @@ def test_counts_trace_simulates_the_same_with_and_without_the_outer_product(monk
     slow = simulate(trace, cfg, progress=False)
     for a, b in zip(fast.strategies, slow.strategies):
         assert np.allclose(a.layer_time, b.layer_time, rtol=1e-9), a.name
+
+
+@pytest.mark.parametrize("nodes,K", [(1, 2), (2, 1), (2, 3)])
+def test_same_mix_time_model_equals_the_general_one(nodes, K):
+    """Loads with one expert mix on every GPU (src = counts x home_frac), priced from per-GPU
+    products, give the times, moves and plans of the general model that gathers per expert."""
+    model, hw, src, S = _case(nodes, K, seed=3 + nodes)
+    L, G, E = src.shape[1:]
+    P = G * S
+    rng = np.random.default_rng(5)
+    home = rng.dirichlet(np.ones(G) * 3)
+    mixed = src.sum(axis=2)[:, :, None, :] * home[None, None, :, None]
+    loads = mixed.mean(axis=0).sum(axis=1)
+    general, fast = time_model(mixed, S, model, hw), time_model(mixed, S, model, hw, home_frac=home)
+    p = plan_placement(loads, G, P - E, "eplb")
+    tok = np.where(p.phy2log >= 0, rng.uniform(0, 40, size=p.phy2log.shape), 0.0)
+    layers = np.arange(L)
+    for a, b in zip(general.evaluate(p.phy2log, tok, layers), fast.evaluate(p.phy2log, tok, layers)):
+        assert np.allclose(a, b, rtol=1e-12, atol=1e-18)
+    sa, sb = general.begin(p.phy2log, tok, layers)[0], fast.begin(p.phy2log, tok, layers)[0]
+    rows, src_slot = np.arange(L), rng.integers(0, P, L)
+    e = p.phy2log[rows, src_slot]
+    dst_slot = (src_slot + S) % P                                      # another GPU's slot
+    x = 0.5 * tok[rows, src_slot]
+    for a, b in zip(general.moved(sa, rows, src_slot, dst_slot, e, x), fast.moved(sb, rows, src_slot, dst_slot, e, x)):
+        assert np.allclose(a, b, rtol=1e-12, atol=1e-18)
+    prev = plan_placement(loads[::-1].copy(), G, P - E, "eplb")
+    for previous, penalty in ((None, 0.0), (prev, 1e-5), (prev, np.inf)):
+        a = plan_placement(loads, G, P - E, "timeaware", cost=general, previous=previous, copy_penalty_s=penalty)
+        b = plan_placement(loads, G, P - E, "timeaware", cost=fast, previous=previous, copy_penalty_s=penalty)
+        assert np.array_equal(a.phy2log, b.phy2log)
+        assert np.allclose(a.replica_share, b.replica_share, atol=1e-12)
+
+
+def test_relabel_counts_the_experts_gpus_share():
+    """relabel_gpus renumbers a plan's GPUs to the old numbers sharing the most experts: a plan whose
+    GPUs are the old ones in another order (an expert held twice counted once) gets the old order back."""
+    from moe_gps.placement.waterfill import relabel_gpus
+    rng = np.random.default_rng(2)
+    L, N, S, E = 4, 6, 3, 12
+    old = np.stack([rng.permutation(np.r_[np.arange(E), rng.integers(0, E, N * S - E)]) for _ in range(L)])
+    old[:, 1] = old[:, 0]                                               # GPU 0 holds an expert twice
+    perm = np.stack([rng.permutation(N) for _ in range(L)])
+    new = np.take_along_axis(old.reshape(L, N, S), perm[:, :, None], axis=1).reshape(L, N * S)
+    back, _ = relabel_gpus(new, np.zeros(new.shape), old, N, E)
+    assert np.array_equal(back, old)

@@ -249,11 +249,13 @@ def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: in
     """
     L, P = phy2log.shape
     S = P // N
-    new_on = (split_experts(phy2log, N, E)[0] > 0).astype(np.float64)     # [L, N, E]
-    old_on = (split_experts(prev, N, E)[0] > 0).astype(np.float64)
-    # [L, new GPU, old GPU]; einsum's own loop, not BLAS: on a busy machine BLAS threads for such
-    # small products can wait on each other for hundreds of milliseconds
-    overlap = np.einsum("lne,lme->lnm", new_on, old_on)
+    old_on = split_experts(prev, N, E)[0] > 0                            # [L, old GPU, E]
+    # [L, new GPU, old GPU]: experts in common, from each new GPU's S slots (an expert it holds
+    # twice counted once), without an [L, N, N, E] product
+    nb = phy2log.reshape(L, N, S)
+    first = ~(np.triu(np.ones((S, S), dtype=bool), 1)[None, None] & (nb[..., :, None] == nb[..., None, :])).any(axis=2)
+    held = np.take_along_axis(old_on.transpose(0, 2, 1)[:, None], nb[..., None], axis=2)   # [L, N, S, old GPU]
+    overlap = (held & first[..., None]).sum(axis=2, dtype=np.float64)
     rows = np.arange(L)
     order = np.argsort(-overlap.max(axis=2), axis=1, kind="stable")     # surest matches first
     free_old = np.zeros((L, N))                                         # -inf once taken
