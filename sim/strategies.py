@@ -168,7 +168,8 @@ class Strategy:
         L = loads.src_counts.shape[0]
         belief = self._belief(i, loads)
         self.beliefs.append(belief)
-        checks = self.current is not None and self.pending is None and self.since >= self.policy.interval
+        checks = (self.current is not None and self.pending is None and self.since >= self.policy.interval
+                  and self._may_replan(i))
         src = self._src(loads, belief) if checks or self.reshares else None      # what the strategy believes
         copies = background = None
         copy_bytes = np.zeros(L)
@@ -181,7 +182,7 @@ class Strategy:
                 self.current, self.pending = self.pending, None
                 host = self.hw.replan_overhead + install_time(self.pending_moves, self.num_gpus, self.hw)
                 self.since = 0
-        elif self.since >= self.policy.interval and self._may_replan(i):
+        elif checks:
             cost = self._copy_cost(loads, src)
             cand = self._candidate(i, loads, cost.per_expert(ctx.model.expert_bytes) / self.policy.interval)
             if not moves_weights(self.current, cand):
