@@ -630,18 +630,36 @@ class DistributionPlan(Strategy):
     check, whatever sampling noise the steps bring)."""
 
     def prepare(self, trace, train_steps, counts) -> None:
-        from moe_gps.predict import make_distribution_predictor, rollout_distribution
+        from moe_gps.predict import iter_rollout_distribution, make_distribution_predictor
         super().prepare(trace, train_steps, counts)
         self.predictor = _make(make_distribution_predictor, self.cfg, self.seed, self.ctx)
         source = trace if getattr(self.predictor, "needs_tokens", False) else counts
-        self.shares = rollout_distribution(self.predictor, source, train_steps)   # [test, L, E]
+        self._rollout = lambda: iter_rollout_distribution(self.predictor, source, train_steps)
+        self._restart()
         self.cost = self.predictor.cost()
         self.info.predictor = self.predictor.describe()
         self.info.predictor_cost = self.cost.to_dict()
 
+    def _restart(self) -> None:
+        """Fit the predictor and roll out its first chunk of test steps."""
+        self._chunks = self._rollout()
+        self._chunk = next(self._chunks)             # float [<= chunk, L, E]: the predicted shares
+        self._chunk_first = 0                        # of test steps chunk_first, ...
+
+    def _shares(self, i: int) -> np.ndarray:
+        """float [L, E]: the predicted shares of test step ``i``, rolled out a chunk at a time as the
+        steps are asked for in order (asked again from an earlier step, as serving's passes over
+        the trace do, the rollout starts again: the same predictions)."""
+        if i < self._chunk_first:
+            self._restart()
+        while i >= self._chunk_first + len(self._chunk):
+            self._chunk_first += len(self._chunk)
+            self._chunk = next(self._chunks)
+        return self._chunk[i - self._chunk_first]
+
     def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
         # the predicted shares of each layer x the step's (token, expert) assignments
-        return self.shares[i] * (loads.tokens * self.ctx.top_k)
+        return self._shares(i) * (loads.tokens * self.ctx.top_k)
 
     def _scenarios(self, loads: StepLoads, plan_loads: np.ndarray) -> np.ndarray:
         """The plan's loads shifted by each recent step's deviation from the recent mean (>= 0)."""

@@ -51,6 +51,20 @@ def test_oracles_have_zero_error(trace):
     assert all(v.min() == 1.0 for v in hits.values())
 
 
+@pytest.mark.parametrize("name,opts", [(n, {}) for n in REAL_DIST if n != "token-hist"]
+                         + [("profile", {"online": True}), ("window", {"online": True, "window": 3})])
+def test_rolled_out_a_chunk_at_a_time_equals_all_at_once(counts_trace, name, opts):
+    """The simulator rolls a predictor out a few steps at a time (bounded memory on long traces):
+    the same predictions as fitting it and rolling out every test step in one call."""
+    from moe_gps.predict import iter_rollout_distribution
+    whole = make_distribution_predictor(name, **opts)
+    whole.fit(counts_trace.counts()[:TRAIN])
+    ref = whole.rollout(counts_trace.counts()[TRAIN:])
+    chunks = list(iter_rollout_distribution(make_distribution_predictor(name, **opts), counts_trace, TRAIN, 3))
+    assert [len(c) for c in chunks] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks), ref)
+
+
 @pytest.mark.parametrize("name", REAL_DIST)
 def test_distribution_rollout_shape_and_rows(trace, counts_trace, name):
     pred = rollout_distribution(make_distribution_predictor(name), trace, TRAIN)

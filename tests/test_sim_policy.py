@@ -204,3 +204,28 @@ def test_predicting_strategies_load_the_plan_of_the_profiled_loads():
     assert all(r.replans == 0 for r in res.strategies)
     np.testing.assert_array_equal(lat[0], lat[1])
     np.testing.assert_array_equal(lat[0], lat[2])
+
+
+def test_distribution_strategy_reads_its_rollout_again_from_an_earlier_step(monkeypatch):
+    """Predictions are rolled out a chunk at a time as steps are asked for in order; asked again
+    from an earlier step (serving passes over the trace several times) they start again, the same."""
+    import moe_gps.predict.base as base
+    from moe_gps.predict import make_distribution_predictor, rollout_distribution
+    from sim.strategies import make_strategy
+
+    monkeypatch.setattr(base, "ROLLOUT_CHUNK", 3)
+    trace = shifting_trace(steps=12)
+    made = []
+
+    def factory(cfg, ctx, seed):
+        made.append(make_strategy(cfg, ctx, seed, cfg.resolved_policy(2)))
+        return made[-1]
+
+    cfg = SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=MODEL, train_steps=2,
+                         strategies=[StrategyConfig(kind="distribution", predictor="ema", redundant_slots=4)])
+    simulate(trace, cfg, progress=False, strategy_factory=factory)
+    ref = rollout_distribution(make_distribution_predictor("ema"), trace, 2)
+    st = made[0]
+    got = [st._shares(i) for i in (9, 1, 5, 0, 8)]
+    for i, g in zip((9, 1, 5, 0, 8), got):
+        np.testing.assert_array_equal(g, ref[i])

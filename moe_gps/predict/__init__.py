@@ -14,7 +14,8 @@ token's top-k experts. Definitions, metrics and cost formulas: docs/predictors.m
 """
 
 from moe_gps.predict.base import (DistributionPredictor, MissingFeature, PredictorCost, TokenPredictor,
-                                  default_train_steps, rollout_distribution, rollout_tokens, split_tokens)
+                                  default_train_steps, iter_rollout_distribution, rollout_distribution,
+                                  rollout_tokens, split_tokens)
 from moe_gps.predict.evaluate import Evaluation, PredictorReport, evaluate, parse_predictor_names
 from moe_gps.predict.metrics import (distribution_errors, planned_balancedness, predicted_counts,
                                      static_balancedness, token_hits)
@@ -29,7 +30,8 @@ __all__ = [
     "AccuracyOverheadCurve", "DistributionPredictor", "Evaluation", "MissingFeature", "PredictorCost",
     "PredictorReport", "SyntheticDistributionPredictor", "SyntheticTokenPredictor", "TokenPredictor",
     "accuracy_overhead_curve", "corrupt", "default_train_steps", "distribution_errors", "evaluate",
-    "make_distribution_predictor", "make_token_predictor", "parse_predictor_names", "planned_balancedness",
-    "predicted_counts", "rollout_distribution", "rollout_tokens", "split_tokens", "static_balancedness",
+    "iter_rollout_distribution", "make_distribution_predictor", "make_token_predictor", "parse_predictor_names",
+    "planned_balancedness", "predicted_counts", "rollout_distribution", "rollout_tokens", "split_tokens",
+    "static_balancedness",
     "token_hits", "torch_available",
 ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -300,14 +301,37 @@ def rollout_distribution(predictor: DistributionPredictor, trace: Trace, train_s
     -> float [steps - train_steps, layers, experts], rows sum to 1; row i predicts step
     ``train_steps + i`` having seen (in online mode) the true routing of all earlier steps.
     """
+    return np.concatenate(list(iter_rollout_distribution(predictor, trace, train_steps)))
+
+
+#: test steps a distribution predictor rolls out at a time in :func:`iter_rollout_distribution`
+ROLLOUT_CHUNK = 256
+
+
+def iter_rollout_distribution(predictor: DistributionPredictor, trace: Trace, train_steps: int,
+                              chunk_steps: int | None = None) -> Iterator[np.ndarray]:
+    """The rows of :func:`rollout_distribution` in order, ``chunk_steps`` test steps at a time:
+    float [<= chunk_steps, layers, experts] each.
+
+    The predictor is fitted when the first chunk is asked for, and observes each chunk's steps as
+    it rolls them out, so only one chunk of predictions is held whatever the number of steps (a
+    predictor that reads the steps' token ids rolls them all out at once). ``chunk_steps``: default
+    :data:`ROLLOUT_CHUNK`.
+    """
+    chunk_steps = chunk_steps or ROLLOUT_CHUNK
     train_steps = check_train_steps(trace, train_steps)
     counts = trace.counts()
     tokens = trace if isinstance(trace, TokensTrace) else None
     if predictor.needs_tokens and (tokens is None or tokens.token_id is None):
         raise MissingFeature(f"predictor {predictor.name!r} needs a tokens trace with a token_id column")
-    train_tok, test_tok = split_tokens(tokens, train_steps) if tokens is not None else (None, None)
-    predictor.fit(counts[:train_steps], train_tok)
-    return predictor.rollout(counts[train_steps:], test_tok)
+    if predictor.needs_tokens:
+        train_tok, test_tok = split_tokens(tokens, train_steps)
+        predictor.fit(counts[:train_steps], train_tok)
+        yield predictor.rollout(counts[train_steps:], test_tok)
+        return
+    predictor.fit(counts[:train_steps])
+    for lo in range(train_steps, len(counts), chunk_steps):
+        yield predictor.rollout(counts[lo:lo + chunk_steps])
 
 
 def rollout_tokens(predictor: TokenPredictor, trace: Trace, train_steps: int) -> np.ndarray:
