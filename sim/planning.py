@@ -116,6 +116,7 @@ class LayerTimeModel:
         n, P = slot_exp.shape
         S = self.S
         G = P // S
+        E = self.plan.shape[1]
         e = np.maximum(slot_exp, 0)
         gpu = np.arange(P) // S
         lr = layers[:, None]
@@ -136,10 +137,12 @@ class LayerTimeModel:
         if self.nodes > 1:
             # tokens g's replicas take from g's node, and tokens g sends to its node: per GPU, over the
             # slots of its own node only
-            per = P // self.nodes
-            own = (self.node[:, None] * per + np.arange(per)[None, :])           # [G, P / nodes] slots of g's node
-            frac_own = self.frac[:, lr[:, :, None], np.arange(G)[None, :, None], e[:, own]]   # [K, n, G, Pn]
-            out["to_node"] = (tok[:, :, own] * frac_own).sum(axis=3)              # g -> its node's replicas
+            # (the tokens of each expert on each node's slots, W [K, n, nodes, E], times g's share of them)
+            B = self.nodes
+            key = (np.arange(K * n)[:, None] * B + self.node[gpu][None, :]) * E + np.tile(e, (K, 1))
+            W = np.bincount(key.ravel(), weights=tok.ravel(), minlength=K * n * B * E).reshape(K, n, B, E)
+            frac = self.frac[:, layers].reshape(K, n, B, G // B, E)
+            out["to_node"] = np.einsum("knbje,knbe->knbj", frac, W).reshape(K, n, G)   # g -> its node's replicas
             out["inn"] = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
         return out
 

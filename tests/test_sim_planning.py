@@ -19,7 +19,7 @@ def _case(nodes: int, K: int, seed: int):
     model = replace(load_model("mixtral-8x7b"), num_experts=16, num_layers=3, top_k=2)
     cluster = load_cluster("2x8xH100-ib" if nodes > 1 else "4xA100-nvlink")
     G = 8 if nodes > 1 else 4
-    cluster = replace(cluster, num_gpus=G)
+    cluster = replace(cluster, num_gpus=G, gpus_per_node=G // nodes)
     hw = Hardware.from_config(cluster, model)
     rng = np.random.default_rng(seed)
     L, E = model.num_layers, model.num_experts
@@ -211,3 +211,27 @@ def test_relabel_counts_the_experts_gpus_share():
     new = np.take_along_axis(old.reshape(L, N, S), perm[:, :, None], axis=1).reshape(L, N * S)
     back, _ = relabel_gpus(new, np.zeros(new.shape), old, N, E)
     assert np.array_equal(back, old)
+
+
+def test_tokens_each_gpu_sends_to_its_node_by_hand():
+    """to_node[g]: the tokens starting on g that go to replicas on g's own node, counted slot by slot."""
+    model, hw, src, S = _case(2, 2, seed=11)
+    K, L, G, E = src.shape
+    tm = time_model(src, S, model, hw)
+    p = plan_placement(src.mean(axis=0).sum(axis=1), G, G * S - E, "eplb")
+    rng = np.random.default_rng(4)
+    tok = rng.uniform(0, 30, size=p.phy2log.shape)
+    layers = np.array([2, 0, 2])
+    got = tm._parts(p.phy2log[layers], tok[layers], layers)["to_node"]
+    node = hw.node_of_gpu
+    want = np.zeros_like(got)
+    for k in range(K):
+        for r, l in enumerate(layers):
+            total = src[k, l].sum(axis=0)                         # [E]
+            for g in range(G):
+                for slot in range(G * S):
+                    e = p.phy2log[l, slot]
+                    if node[slot // S] == node[g] and total[e] > 0:
+                        share = tok[l, slot] / tm.plan[l, e]
+                        want[k, r, g] += share * total[e] * src[k, l, g, e] / total[e]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
