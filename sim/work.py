@@ -107,9 +107,7 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     without building it: :func:`sim.cost.alltoall_outer_time`.)
     """
     L, G, E = src_counts.shape
-    P = placement.phy2log.shape[1]
-    by_expert = np.ascontiguousarray(np.swapaxes(src_counts, 1, 2)).reshape(L * E, G)   # rows (layer, expert)
-    per_slot = by_expert[(np.arange(L)[:, None] * E + placement.phy2log).ravel()].reshape(L, P, G)
+    per_slot = np.swapaxes(src_counts, 1, 2)[np.arange(L)[:, None], placement.phy2log]   # [L, P, G]
     per_slot *= placement.replica_share[:, :, None]
     return np.swapaxes(per_slot.reshape(L, G, placement.slots_per_gpu, G).sum(axis=2), 1, 2)
 
