@@ -28,8 +28,8 @@ same predictions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
