@@ -184,7 +184,7 @@ class Strategy:
                 self.since = 0
         elif checks:
             cost = self._copy_cost(loads, src)
-            cand = self._candidate(i, loads, cost.per_expert(ctx.model.expert_bytes) / self.policy.interval)
+            cand = self._candidate(i, loads, self._copy_penalty(cost))
             if not moves_weights(self.current, cand):
                 self.current = cand                  # new shares only: a routing-table change, free
             else:
@@ -346,6 +346,11 @@ class Strategy:
         return copy_cost(ctx.copy_policy, ctx.bandwidth_share, ph, loads.home_tokens, self._predictor_time(loads),
                          ctx.model, ctx.workload, self.hw)
 
+    def _copy_penalty(self, cost: CopyCost) -> float:
+        """Seconds a plan is charged per expert it copies: one copy's predicted cost spread over the
+        steps until the next check."""
+        return cost.per_expert(self.ctx.model.expert_bytes) / self.policy.interval
+
     def _worth(self, i: int, loads: StepLoads, src: np.ndarray, cand: Placement, moves: Copies,
                cost: CopyCost) -> bool:
         """The ``min_gain`` rule: the saving predicted over the next ``interval`` steps exceeds
@@ -364,7 +369,7 @@ class Strategy:
         fit = list(self.history)[-h:-late] if h >= 2 else []
         if fit:
             earlier = self._plan(np.mean(fit, axis=0), self._scenarios(loads, np.mean(fit, axis=0)), self.current,
-                                 0.0)
+                                 self._copy_penalty(cost))
         else:
             earlier = cand
         seen = np.stack(list(self.observed)[-late:]) * self._plan_loads().sum(axis=1)[None, :, None]
