@@ -158,7 +158,9 @@ class DistributionPredictor(_Predictor):
         if self.needs_tokens and (tokens is None or tokens.token_id is None):
             raise MissingFeature(f"predictor {self.name!r} needs a tokens trace with a token_id column")
         self.num_layers, self.num_experts = int(counts.shape[1]), int(counts.shape[2])
-        self._fit(counts.astype(np.float64), tokens)
+        # integer counts as they are (every sum of them is exact either way): no float copy of a long
+        # training split
+        self._fit(counts if counts.dtype.kind in "iu" else counts.astype(np.float64), tokens)
         self._fitted = True
         return self
 

@@ -169,10 +169,9 @@ class EMAPredictor(DistributionPredictor):
         return {"online": self.online, "alpha": self.alpha}
 
     def _fit(self, counts, tokens) -> None:
-        p = shares(counts)
-        m = p[0]
-        for s in range(1, len(p)):
-            m = self.alpha * p[s] + (1 - self.alpha) * m
+        m = shares(counts[0])
+        for s in range(1, len(counts)):
+            m = self.alpha * shares(counts[s]) + (1 - self.alpha) * m
         self.m = m
 
     def predict(self, step=None) -> np.ndarray:
@@ -206,29 +205,32 @@ class KalmanPredictor(DistributionPredictor):
     GRID = np.logspace(-4, 2, 25)
 
     def _fit(self, counts, tokens) -> None:
-        y = shares(counts)  # [S, L, E]
+        def y(s: int) -> np.ndarray:  # [L, E]: step s's shares (one step at a time, no [S, L, E] copy)
+            return shares(counts[s])
+
         n = np.maximum(counts.sum(axis=2), 1.0)  # [S, L] assignments per layer
         pbar = shares(counts.sum(axis=0))  # [L, E]
         self.base_var = np.maximum(pbar * (1 - pbar), 1e-12)
-        S = y.shape[0]
+        S = len(counts)
         scale = self.base_var.mean(axis=1) / n.mean(axis=0)  # [L]: mean observation variance
         if S >= 3:
             ratios = self.GRID[:, None]  # [G, 1]: candidate q_l / mean observation variance
-            x = np.broadcast_to(y[0], (len(self.GRID),) + y.shape[1:]).copy()
+            x = np.broadcast_to(y(0), (len(self.GRID),) + pbar.shape).copy()
             P = self.base_var[None] / n[0][None, :, None]
             sq = np.zeros((len(self.GRID), self.num_layers))
             q = (ratios * scale[None])[..., None]  # [G, L, 1]
             for s in range(1, S):
-                sq += ((y[s][None] - x) ** 2).sum(axis=2)
-                x, P = self._step(x, P, q, y[s][None], n[s][None, :, None])
+                ys = y(s)[None]
+                sq += ((ys - x) ** 2).sum(axis=2)
+                x, P = self._step(x, P, q, ys, n[s][None, :, None])
             self.ratio = self.GRID[np.argmin(sq, axis=0)]
         else:
             self.ratio = np.ones(self.num_layers)
         self.q = (self.ratio * scale)[:, None]  # [L, 1]
-        self.x = y[0].copy()
+        self.x = y(0)
         self.P = self.base_var / n[0][:, None]
         for s in range(1, S):
-            self.x, self.P = self._step(self.x, self.P, self.q, y[s], n[s][:, None])
+            self.x, self.P = self._step(self.x, self.P, self.q, y(s), n[s][:, None])
 
     def _step(self, x, P, q, y, n):
         P_pred = P + q
