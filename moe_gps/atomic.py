@@ -99,7 +99,26 @@ def write_csv_atomic(target: str | os.PathLike, frame) -> Path:
 
 
 def write_parquet_atomic(target: str | os.PathLike, frame) -> Path:
-    """Write a pandas DataFrame to ``target`` as Parquet atomically (no index)."""
+    """Write a pandas DataFrame to ``target`` as Parquet atomically (no index); or an iterable of
+    DataFrames with the same columns, one row group each, so that only one is held at a time."""
+    import pandas as pd
+
     with atomic_path(target) as tmp:
-        frame.to_parquet(tmp, index=False)
+        if isinstance(frame, pd.DataFrame):
+            frame.to_parquet(tmp, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            try:
+                for part in frame:
+                    table = pa.Table.from_pandas(part, preserve_index=False)
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                raise ValueError(f"{target}: no rows to write")
     return Path(target)

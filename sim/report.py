@@ -112,23 +112,21 @@ def per_step_frame(result: SimResult):
     return pd.concat(frames, ignore_index=True)
 
 
-def per_layer_frame(result: SimResult):
-    """pandas DataFrame, one row per (strategy, step, layer)."""
+def per_layer_frames(result: SimResult):
+    """pandas DataFrames, one per strategy, of one row per (step, layer) (a generator: a long run's
+    rows are written a strategy at a time)."""
     import pandas as pd
 
     S, L = result.expert_skew.shape
-    step = np.repeat(result.steps, L)
-    layer = np.tile(np.arange(L), S)
-    frames = []
+    step = np.repeat(result.steps, L).astype(np.int32)
+    layer = np.tile(np.arange(L), S).astype(np.int16)
     for r in result.strategies:
-        d = {"strategy": r.name, "step": step.astype(np.int32), "layer": layer.astype(np.int16),
-             "time_s": r.layer_time.ravel()}
+        d = {"strategy": r.name, "step": step, "layer": layer, "time_s": r.layer_time.ravel()}
         for p in PHASES:
             d[f"{p}_s"] = r.phases[p].ravel()
         d.update(expert_skew=result.expert_skew.ravel(), gpu_skew_before=result.base_gpu_skew.ravel(),
                  gpu_skew=r.gpu_skew.ravel(), copy_bytes=r.copy_bytes.ravel())
-        frames.append(pd.DataFrame(d))
-    return pd.concat(frames, ignore_index=True)
+        yield pd.DataFrame(d)
 
 
 def write_config_and_summary(out: Path, command: str, config, summary: str) -> list[Path]:
@@ -147,7 +145,7 @@ def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = T
     out.mkdir(parents=True, exist_ok=True)
     written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(summary_rows(result))),
                write_csv_atomic(out / "steps.csv", per_step_frame(result)),
-               write_parquet_atomic(out / "layers.parquet", per_layer_frame(result)),
+               write_parquet_atomic(out / "layers.parquet", per_layer_frames(result)),
                *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
     if plots:
         from sim.plots import write_plots

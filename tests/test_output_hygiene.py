@@ -78,3 +78,20 @@ def test_trace_inspect_into_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()                              # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == ""
+
+
+def test_parquet_written_a_frame_at_a_time(tmp_path):
+    """write_parquet_atomic takes an iterable of frames: one row group each, the rows of their concatenation."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from moe_gps.atomic import write_parquet_atomic
+
+    parts = [pd.DataFrame({"name": ["a"] * 3, "x": [1.0, 2.0, 3.0]}),
+             pd.DataFrame({"name": ["b"] * 2, "x": [4.0, 5.0]})]
+    path = write_parquet_atomic(tmp_path / "t.parquet", iter(parts))
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2
+    assert pd.read_parquet(path).equals(pd.concat(parts, ignore_index=True))
+    with pytest.raises(ValueError):
+        write_parquet_atomic(tmp_path / "empty.parquet", iter([]))
+    assert not (tmp_path / "empty.parquet").exists()
