@@ -141,7 +141,8 @@ class LayerTimeModel:
             B = self.nodes
             key = (np.arange(K * n)[:, None] * B + self.node[gpu][None, :]) * E + np.tile(e, (K, 1))
             W = np.bincount(key.ravel(), weights=tok.ravel(), minlength=K * n * B * E).reshape(K, n, B, E)
-            frac = self.frac[:, layers].reshape(K, n, B, G // B, E)
+            every = n == self.frac.shape[1] and (layers == np.arange(n)).all()
+            frac = (self.frac if every else self.frac[:, layers]).reshape(K, n, B, G // B, E)
             out["to_node"] = np.einsum("knbje,knbe->knbj", frac, W).reshape(K, n, G)   # g -> its node's replicas
             out["inn"] = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
         return out

@@ -260,12 +260,10 @@ class Strategy:
         return self._plan(profile, self._scenarios(loads, profile), None, 0.0)
 
     def _profiled(self, loads: StepLoads) -> np.ndarray:
-        """float [L, E]: the mean true expert shares of the last ``window`` steps before serving,
-        x the step's (token, expert) assignments."""
+        """float [L, E]: the expert shares of the last ``window`` steps before serving (their counts
+        summed, so a bigger step weighs more, as in EPLB), x the step's (token, expert) assignments."""
         c = self.counts_trace.counts()[max(0, self.train_steps - self.policy.window):self.train_steps]
-        if len(c) == 0:
-            return self._plan_loads()                 # nothing profiled: what the strategy believes
-        return shares(c.astype(np.float64)).mean(axis=0) * (loads.tokens * self.ctx.top_k)
+        return shares(c.sum(axis=0)) * (loads.tokens * self.ctx.top_k)
 
     def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
         """A re-plan from the current placement (``copy_penalty_s``: timeaware's charge per copy)."""

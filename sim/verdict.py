@@ -25,6 +25,8 @@ if TYPE_CHECKING:                       # pragma: no cover
 
 RESAMPLES = 2000
 THIN_STEPS = 8
+#: resampled indices held at a time by :func:`speedup_interval` (resamples x samples)
+BOOTSTRAP_CELLS = 1 << 20
 
 
 def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
@@ -41,13 +43,17 @@ def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: 
         return point, point, point
     rng = np.random.default_rng(seed)
     block = max(1, min(int(block), n))
-    if block == 1:
-        idx = rng.integers(0, n, size=(resamples, n))
-    else:
-        starts = rng.integers(0, n - block + 1, size=(resamples, -(-n // block)))
-        idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = base[idx].mean(axis=1) / other[idx].mean(axis=1)
+    ratio = np.empty(resamples)
+    rows = max(1, BOOTSTRAP_CELLS // n)             # resamples drawn at a time: memory bounded on long runs
+    for r0 in range(0, resamples, rows):
+        m = min(rows, resamples - r0)
+        if block == 1:
+            idx = rng.integers(0, n, size=(m, n))
+        else:
+            starts = rng.integers(0, n - block + 1, size=(m, -(-n // block)))
+            idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(m, -1)[:, :n]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio[r0:r0 + m] = base[idx].mean(axis=1) / other[idx].mean(axis=1)
     a = (1 - level) / 2
     lo, hi = np.nanquantile(ratio, [a, 1 - a])
     return point, float(min(lo, point)), float(max(hi, point))

@@ -52,7 +52,9 @@ def test_oracles_have_zero_error(trace):
 
 
 @pytest.mark.parametrize("name,opts", [(n, {}) for n in REAL_DIST if n != "token-hist"]
-                         + [("profile", {"online": True}), ("window", {"online": True, "window": 3})])
+                         + [("profile", {"online": True}), ("window", {"online": True, "window": 3}),
+                            ("ema", {"online": False}), ("kalman", {"online": False}),
+                            ("synthetic", {"error": 0.2, "seed": 1})])
 def test_rolled_out_a_chunk_at_a_time_equals_all_at_once(counts_trace, name, opts):
     """The simulator rolls a predictor out a few steps at a time (bounded memory on long traces):
     the same predictions as fitting it and rolling out every test step in one call."""
@@ -63,6 +65,17 @@ def test_rolled_out_a_chunk_at_a_time_equals_all_at_once(counts_trace, name, opt
     chunks = list(iter_rollout_distribution(make_distribution_predictor(name, **opts), counts_trace, TRAIN, 3))
     assert [len(c) for c in chunks] == [3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), ref)
+
+
+@pytest.mark.parametrize("name", [n for n in REAL_DIST if n != "token-hist"])
+def test_fit_on_integer_counts_equals_fit_on_floats(counts_trace, name):
+    """Counts are fitted as the integers they are (no float copy of the training split): the same
+    predictions as fitting their float64 copy."""
+    c = counts_trace.counts()
+    ints, floats = make_distribution_predictor(name), make_distribution_predictor(name)
+    ints.fit(c[:TRAIN])
+    floats.fit(c[:TRAIN].astype(np.float64))
+    np.testing.assert_array_equal(ints.rollout(c[TRAIN:]), floats.rollout(c[TRAIN:].astype(np.float64)))
 
 
 @pytest.mark.parametrize("name", REAL_DIST)

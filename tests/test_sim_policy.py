@@ -229,3 +229,16 @@ def test_distribution_strategy_reads_its_rollout_again_from_an_earlier_step(monk
     got = [st._shares(i) for i in (9, 1, 5, 0, 8)]
     for i, g in zip((9, 1, 5, 0, 8), got):
         np.testing.assert_array_equal(g, ref[i])
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_bootstrap_drawn_a_few_resamples_at_a_time_is_the_same(monkeypatch, block):
+    """The interval's resamples are drawn in bounded batches on long runs: the same interval as one draw."""
+    import sim.verdict as verdict
+    rng = np.random.default_rng(2)
+    a = rng.uniform(1, 2, 200)
+    b = a * rng.uniform(0.9, 1.1, 200)
+    monkeypatch.setattr(verdict, "BOOTSTRAP_CELLS", 10 ** 9)
+    whole = speedup_interval(a, b, 5, block=block)
+    monkeypatch.setattr(verdict, "BOOTSTRAP_CELLS", 333)              # one resample (and a bit) at a time
+    assert speedup_interval(a, b, 5, block=block) == whole

@@ -311,8 +311,10 @@ class StrategyConfig:
         ge=1, default=None)
     window: int | None = spec(
         "steps of history a plan is made from: static sums the true loads of the last `window` steps, the "
-        "predicting kinds average their last `window` predictions; absent: vLLM's window_size (1000) for "
-        "static, at most the profiling steps, and 1 otherwise", unit="steps", ge=1, default=None)
+        "predicting kinds average their last `window` predictions (and load, before serving, the plan of the "
+        "true loads of the last `window` steps); absent: vLLM's window_size (1000) for static, at most the "
+        "profiling steps, replan_interval for the predicting kinds and 1 for the oracle", unit="steps", ge=1,
+        default=None)
     min_gain: float | None = spec(
         "hysteresis: at a check, re-plan only if the predicted saving over the next replan_interval steps "
         "exceeds min_gain x the predicted cost of the copies, both from the cost model; 0: always re-plan "

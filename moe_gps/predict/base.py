@@ -303,7 +303,8 @@ def rollout_distribution(predictor: DistributionPredictor, trace: Trace, train_s
     -> float [steps - train_steps, layers, experts], rows sum to 1; row i predicts step
     ``train_steps + i`` having seen (in online mode) the true routing of all earlier steps.
     """
-    return np.concatenate(list(iter_rollout_distribution(predictor, trace, train_steps)))
+    chunks = list(iter_rollout_distribution(predictor, trace, train_steps))
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 #: test steps a distribution predictor rolls out at a time in :func:`iter_rollout_distribution`
@@ -313,14 +314,17 @@ ROLLOUT_CHUNK = 256
 def iter_rollout_distribution(predictor: DistributionPredictor, trace: Trace, train_steps: int,
                               chunk_steps: int | None = None) -> Iterator[np.ndarray]:
     """The rows of :func:`rollout_distribution` in order, ``chunk_steps`` test steps at a time:
-    float [<= chunk_steps, layers, experts] each.
+    float [<= chunk_steps, layers, experts] each (one chunk of every test step for a predictor that
+    reads the steps' token ids).
 
     The predictor is fitted when the first chunk is asked for, and observes each chunk's steps as
-    it rolls them out, so only one chunk of predictions is held whatever the number of steps (a
-    predictor that reads the steps' token ids rolls them all out at once). ``chunk_steps``: default
-    :data:`ROLLOUT_CHUNK`.
+    it rolls them out, so only one chunk of predictions is held whatever the number of steps. On
+    integer counts (every trace's) the predictions equal those of one rollout of every step.
+    ``chunk_steps``: default :data:`ROLLOUT_CHUNK`.
     """
-    chunk_steps = chunk_steps or ROLLOUT_CHUNK
+    chunk_steps = ROLLOUT_CHUNK if chunk_steps is None else chunk_steps
+    if int(chunk_steps) != chunk_steps or chunk_steps < 1:
+        raise UserError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
     train_steps = check_train_steps(trace, train_steps)
     counts = trace.counts()
     tokens = trace if isinstance(trace, TokensTrace) else None
