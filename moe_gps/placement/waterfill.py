@@ -254,7 +254,7 @@ def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: in
     # twice counted once), without an [L, N, N, E] product
     nb = phy2log.reshape(L, N, S)
     first = ~(np.triu(np.ones((S, S), dtype=bool), 1)[None, None] & (nb[..., :, None] == nb[..., None, :])).any(axis=2)
-    held = np.take_along_axis(old_on.transpose(0, 2, 1)[:, None], nb[..., None], axis=2)   # [L, N, S, old GPU]
+    held = old_on.transpose(0, 2, 1)[np.arange(L)[:, None, None], nb]       # [L, N, S, old GPU]
     overlap = (held & first[..., None]).sum(axis=2, dtype=np.float64)
     rows = np.arange(L)
     order = np.argsort(-overlap.max(axis=2), axis=1, kind="stable")     # surest matches first
