@@ -277,8 +277,8 @@ def receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
 
 
 def fill_slots(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext, buffers: list, sources: list,
-          recv_into: dict, new_phy2log: np.ndarray, new_share: np.ndarray, fingerprints: Fingerprints | None,
-          staged: dict[int, torch.Tensor] | None = None) -> None:
+               recv_into: dict, new_phy2log: np.ndarray, new_share: np.ndarray, fingerprints: Fingerprints | None,
+               staged: dict[int, torch.Tensor] | None = None) -> None:
     """After the transfers: the received rows (``staged``: transfer index -> row, when they were received
     aside), the local copies, the routing tables, then the check."""
     me, S_new = ctx.rank, plan.new_slots_per_gpu

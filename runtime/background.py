@@ -102,8 +102,8 @@ class BackgroundMove:
         t0 = time.perf_counter()
         self.join()
         buffers, sources = write_targets(self.blocks, self.plan, self.ctx.rank)
-        fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into, self.new_phy2log, self.new_share,
-              fingerprints, staged=self.staged)
+        fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into, self.new_phy2log,
+                   self.new_share, fingerprints, staged=self.staged)
         self.staged = {}
         self.stats.seconds = time.perf_counter() - t0
         self.stats.background_s = self.background_s

@@ -38,8 +38,8 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, load_placement, plan_placement
-from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 from moe_gps.predict.base import shares
+from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 from moe_gps.trace.meta import TraceMeta
 from runtime.config import DUPLICATION_MODES, DuplicationSection
 
@@ -276,17 +276,15 @@ class DuplicationPolicy:
 
     def _worth(self, cand: Placement, loads: np.ndarray) -> bool:
         """The simulator's ``min_gain`` rule (:class:`runtime.gain.GainModel`) for moving to ``cand``."""
-        from sim.strategies import gain_split, scenario_count
+        from sim.strategies import gain_samples, scenario_count
         from sim.work import moves_weights
 
         if not moves_weights(self.current, cand):
             return True                               # new shares only: a routing-table change
         if self.gain is None:
             raise UserError("duplication.min_gain > 0 needs the cost model of duplication.cluster")
-        scenarios = scenario_count(self.L, self.N, self.E)
-        h, late = gain_split(self.cfg.replan_interval, len(self.observed), len(self.history), scenarios)
-        fit = list(self.history)[-h:-late] if h >= 2 else []
-        earlier = self._place(np.mean(fit, axis=0)) if fit else cand
-        seen = np.stack(list(self.observed)[-late:]) * loads.sum(axis=1)[None, :, None]      # [K, L, E]
+        fit, seen = gain_samples(self.history, self.observed, self.cfg.replan_interval,
+                                 scenario_count(self.L, self.N, self.E), loads.sum(axis=1))
+        earlier = cand if fit is None else self._place(fit)
         believed = loads if self.mode == "static" else self.beliefs[-1]
         return self.gain.worth(self.current, earlier, cand, seen, believed)

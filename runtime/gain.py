@@ -16,11 +16,9 @@ import dataclasses
 
 import numpy as np
 
+from moe_gps.config.schema import COPY_BANDWIDTH_SHARE
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement
-
-#: copy_policy async: the share of a link the background copies are assumed to get (the simulator's default)
-ASYNC_BANDWIDTH_SHARE = 0.5
 
 
 class GainModel:
@@ -45,7 +43,7 @@ class GainModel:
         # the runtime's experts read their weights once per layer; predictors run on the host between steps
         self.hw = dataclasses.replace(hw, weight_reads=True, predictor_overlap=True)
         self.policy = d.copy_policy
-        self.share = ASYNC_BANDWIDTH_SHARE if self.policy == "async" else 1.0
+        self.share = COPY_BANDWIDTH_SHARE if self.policy == "async" else 1.0
         self.home_tokens = np.full(num_ranks, float(tokens_per_rank(run_cfg)))            # [G]
         self.home_frac = self.home_tokens / self.home_tokens.sum()                        # [G]
         self.min_gain, self.interval = d.min_gain, d.replan_interval

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_gps.config.schema import ClusterConfig, SimulateConfig, StrategyConfig
-from moe_gps.fidelity.model import MODE_KINDS, model_for_run, workload_for_run
+from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, ClusterConfig, SimulateConfig, StrategyConfig
 from moe_gps.errors import UserError
+from moe_gps.fidelity.model import MODE_KINDS, model_for_run, workload_for_run
 from moe_gps.placement import Placement, load_placement
 from moe_gps.trace.data import TokensTrace
 
@@ -214,14 +214,13 @@ def simulate_run(trace: TokensTrace, run_cfg, mode: str, cluster: ClusterConfig,
     The step before ``first_step`` is simulated too (and dropped by the caller) so that the
     weight copies into ``first_step`` are charged from the placement that preceded it.
     """
-    from runtime.gain import ASYNC_BANDWIDTH_SHARE
     from sim.run import simulate
 
     policy = run_cfg.duplication.copy_policy
     cfg = SimulateConfig(cluster=cluster, model=model_for_run(run_cfg), workload=workload_for_run(run_cfg),
                          strategies=[strategy_config(mode, run_cfg, cluster.num_gpus)], seed=0,
                          train_steps=max(1, first_step - 1), trace=trace_name, copy_policy=policy,
-                         copy_bandwidth_share=ASYNC_BANDWIDTH_SHARE)
+                         copy_bandwidth_share=COPY_BANDWIDTH_SHARE)
     cls = _Replay.get()
 
     def factory(scfg, ctx, seed):

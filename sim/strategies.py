@@ -363,14 +363,10 @@ class Strategy:
         if self.policy.min_gain == 0:
             return True
         ctx = self.ctx
-        h, late = gain_split(self.policy.interval, len(self.observed), len(self.history), self.scenarios)
-        fit = list(self.history)[-h:-late] if h >= 2 else []
-        if fit:
-            earlier = self._plan(np.mean(fit, axis=0), self._scenarios(loads, np.mean(fit, axis=0)), self.current,
-                                 self._copy_penalty(cost))
-        else:
-            earlier = cand
-        seen = np.stack(list(self.observed)[-late:]) * self._plan_loads().sum(axis=1)[None, :, None]
+        fit, seen = gain_samples(self.history, self.observed, self.policy.interval, self.scenarios,
+                                 self._plan_loads().sum(axis=1))
+        earlier = cand if fit is None else self._plan(fit, self._scenarios(loads, fit), self.current,
+                                                       self._copy_penalty(cost))
         per_step = saving_per_step(self.current, earlier, seen, _home_frac(loads), ctx.model, self.hw, self.direct)
         price = cost.replan(moves) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
         return passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, price)
@@ -386,11 +382,21 @@ def scenario_count(num_layers: int, num_gpus: int, num_experts: int) -> int:
     return max(2, min(NOISE_STEPS, SCENARIO_BUDGET // (num_layers * num_gpus * num_experts)))
 
 
-def gain_split(interval: int, observed: int, history: int, scenarios: int) -> tuple[int, int]:
-    """The ``min_gain`` rule's steps: ``h`` recent steps (at most ``interval``, the steps known, and twice
-    the scenarios), of which the last ``late`` (half, at least 1) judge a plan made from the others."""
-    h = min(interval, observed, history, 2 * scenarios)
-    return h, max(1, h // 2)
+def gain_samples(history, observed, interval: int, scenarios: int,
+                 tokens: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """The ``min_gain`` rule's steps: the last ``h`` recent steps (at most ``interval``, the steps known,
+    and twice the scenarios), of which the last ``late`` (half, at least 1) judge a plan made from the
+    others.
+
+    history: the plan loads [L, E] of recent steps, as believed; observed: their true shares [L, E];
+    tokens: float [L] (token, expert) assignments per layer the shares are scaled to
+    -> (float [L, E] the mean plan loads to make the out-of-sample plan from, None with fewer than 2
+    steps; float [late, L, E] the true loads it is judged on)."""
+    h = min(interval, len(observed), len(history), 2 * scenarios)
+    late = max(1, h // 2)
+    fit = list(history)[-h:-late] if h >= 2 else []
+    seen = np.stack(list(observed)[-late:]) * tokens[None, :, None]
+    return (np.mean(fit, axis=0) if fit else None), seen
 
 
 def saving_per_step(current: Placement, planned: Placement, seen: np.ndarray, home_frac: np.ndarray,

@@ -241,6 +241,8 @@ STRATEGY_KINDS = ("none", "static", "distribution", "token", "oracle")
 
 #: when copied expert weights arrive and what they delay (docs/simulator.md, "How strategies re-plan and copy")
 COPY_POLICIES = ("critical", "overlap", "async", "hidden")
+#: copy_policy async: the share of a link background copies get, unless given (the runtime's min_gain uses it too)
+COPY_BANDWIDTH_SHARE = 0.5
 
 #: the bundles of modelling choices behind ``assumptions``: the simulate-config fields they set, and the
 #: fields they set on every distribution and token strategy ("predicting"), on token strategies ("token")
@@ -458,7 +460,8 @@ class SimulateConfig:
         "assumptions (realistic: true; paper: false)", default=None)
     copy_bandwidth_share: float = spec(
         "copy_policy async: the share of a GPU's link bandwidth that background copies get while they run "
-        "(two transfers sharing NVLink or a NIC get about half each)", gt=0, le=0.95, default=0.5)
+        "(two transfers sharing NVLink or a NIC get about half each)", gt=0, le=0.95,
+        default=COPY_BANDWIDTH_SHARE)
 
     def with_assumptions(self) -> "SimulateConfig":
         """A copy with every field that the assumptions bundle sets and that was not given filled in from

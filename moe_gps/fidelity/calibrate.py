@@ -588,11 +588,14 @@ def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
     benchmarks (runtime.fidelity_bench.bench_imbalance): per share f of the tokens sent to rank 0's experts,
 
         gap_f   = largest - second largest over ranks of the rank's mean expert FFN time
+                  (:func:`sim.cost.arrival_gap`, as the simulator reads it)
         extra_f = [imbalance_step (collective) - L x (attention (critical) + dispatch (collective)
                    + FFN (critical) + combine (collective))] / L          (both collectives of a layer)
         ratio_f = (extra_f - skew0) / skew0       (the dispatch's skew stays skew0: attention is balanced)
 
     fitted with :func:`fit_skew_curve`. None without those samples or without a balanced skew."""
+    from sim.cost import arrival_gap
+
     if "imbalance_step" not in samples or skew0 <= 0:
         return None
     fs, step = collective(samples["imbalance_step"])
@@ -601,16 +604,12 @@ def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
     _, ffn = critical(samples["imbalance_expert"])
     _, comb = collective(samples["imbalance_combine"])
     extra = step / num_layers - (attn + disp + ffn + comb)
-    gaps = []
-    for f in fs:
-        m = np.sort(_per_rank_means(samples["imbalance_expert"], f))
-        gaps.append(float(m[-1] - m[-2]) if len(m) > 1 else 0.0)
-    gaps_a = np.array(gaps)
+    gaps = np.array([float(arrival_gap(_per_rank_means(samples["imbalance_expert"], f))) for f in fs])
     ratio = (extra - skew0) / skew0
-    floor, w, rel = fit_skew_curve(gaps_a, ratio)
+    floor, w, rel = fit_skew_curve(gaps, ratio)
     if w <= 0:
         return None
-    return {"fractions": fs, "gap_s": gaps_a, "combine_skew_s": extra - skew0, "floor": floor, "gap_scale_s": w,
+    return {"fractions": fs, "gap_s": gaps, "combine_skew_s": extra - skew0, "floor": floor, "gap_scale_s": w,
             "rms": rel}
 
 
