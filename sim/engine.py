@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from moe_gps.config.schema import COPY_POLICIES
+from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, COPY_POLICIES
 from sim.work import Copies, StepWork
 
 #: timestamps recorded per (step, layer), in this order
@@ -184,7 +184,8 @@ class EventModel:
 
     closed_form = True
 
-    def __init__(self, num_gpus: int, copy_policy: str = "overlap", bandwidth_share: float = 0.5) -> None:
+    def __init__(self, num_gpus: int, copy_policy: str = "overlap",
+                 bandwidth_share: float = COPY_BANDWIDTH_SHARE) -> None:
         if copy_policy not in COPY_POLICIES:
             raise ValueError(f"copy policy must be one of {', '.join(COPY_POLICIES)}, got {copy_policy!r}")
         if not 0 < bandwidth_share < 1:
@@ -401,7 +402,7 @@ class EventModel:
 
 def run_events(works: list[StepWork], num_gpus: int, copy_policy: str = "overlap",
                on_step: Callable[[int], None] | None = None, background: dict[int, Copies] | None = None,
-               bandwidth_share: float = 0.5) -> Timeline:
+               bandwidth_share: float = COPY_BANDWIDTH_SHARE) -> Timeline:
     """Simulate ``works`` (one per step, in order) on ``num_gpus`` GPUs; return the timeline.
     ``background``: step -> a job of background copies started with that step (policy async)."""
     model = EventModel(num_gpus, copy_policy, bandwidth_share)

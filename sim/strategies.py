@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from moe_gps.config.schema import ModelConfig, ReplanPolicy, StrategyConfig, WorkloadConfig
+from moe_gps.config.schema import (COPY_BANDWIDTH_SHARE, ModelConfig, ReplanPolicy, StrategyConfig,
+                                    WorkloadConfig)
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, plan_placement
 from moe_gps.placement.layouts import contiguous
@@ -60,7 +61,7 @@ class SimContext:
     model: ModelConfig
     workload: WorkloadConfig
     copy_policy: str = "async"
-    bandwidth_share: float = 0.5
+    bandwidth_share: float = COPY_BANDWIDTH_SHARE
     steps: StepFeed | None = None       # the test steps' loads, shared with the run loop (None: made here)
 
     @property

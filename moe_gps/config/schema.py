@@ -241,7 +241,8 @@ STRATEGY_KINDS = ("none", "static", "distribution", "token", "oracle")
 
 #: when copied expert weights arrive and what they delay (docs/simulator.md, "How strategies re-plan and copy")
 COPY_POLICIES = ("critical", "overlap", "async", "hidden")
-#: copy_policy async: the share of a link background copies get, unless given (the runtime's min_gain uses it too)
+#: copy_policy async: the share of a link background copies get, unless given (the simulator's default, and the
+#: share the runtime's min_gain rule prices async moves at)
 COPY_BANDWIDTH_SHARE = 0.5
 
 #: the bundles of modelling choices behind ``assumptions``: the simulate-config fields they set, and the

@@ -15,5 +15,4 @@ from moe_gps.placement.placement import Capacity, Placement, balancedness, vllm_
 from moe_gps.placement.planner import ALGORITHMS, plan_placement
 
 __all__ = ["ALGORITHMS", "Capacity", "Placement", "PlacementMetrics", "balancedness", "bytes_moved", "load_placement",
-           "placement_metrics", "plan_placement", "save_placement",
-           "vllm_balancedness"]
+           "placement_metrics", "plan_placement", "save_placement", "vllm_balancedness"]
