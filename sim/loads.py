@@ -28,14 +28,13 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
     """Assignments per (layer, home GPU, expert).
 
     experts: int [T, L, k];  home: int [T];  mask: bool [T, L, k] or None (count only True)
-    -> float64 [L, G, E]
+    -> float64 [L, G, E], laid out as [L, E, G] in memory (:func:`sim.work.route` reads it by expert)
     """
     T, L, k = experts.shape
-    key = (np.arange(L, dtype=np.int64)[None, :, None] * num_gpus + home[:, None, None]) * num_experts
-    key = key + experts.astype(np.int64)
+    key = (np.arange(L, dtype=np.int64)[None, :, None] * num_experts + experts) * num_gpus + home[:, None, None]
     weights = None if mask is None else mask.ravel().astype(np.float64)
     flat = np.bincount(key.ravel(), weights=weights, minlength=L * num_gpus * num_experts)
-    return flat.reshape(L, num_gpus, num_experts).astype(np.float64)
+    return np.swapaxes(flat.reshape(L, num_experts, num_gpus).astype(np.float64), 1, 2)
 
 
 @dataclass

@@ -227,13 +227,17 @@ def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,
     return placement_phases(p, src, src if direct else None, model, hw, home_frac).layer_time()
 
 
+def static_layers(p: Placement) -> np.ndarray:
+    """bool [L]: the layers of ``p`` that keep every expert's home slot of the static layout."""
+    return home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
+
+
 def home_routing(p: Placement) -> Placement:
     """The same slots with, in every layer that keeps the static layout's home slots, each expert's
     tokens on its home slot (no duplication's routing; the replicas elsewhere keep their weights
     and take no tokens). Other layers are unchanged."""
     base = contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu)
-    at_home = home_layers(p, base, p.num_gpus)
-    share = np.where(at_home[:, None], (base >= 0).astype(np.float64), p.replica_share)
+    share = np.where(static_layers(p)[:, None], (base >= 0).astype(np.float64), p.replica_share)
     return Placement(p.phy2log, p.num_gpus, p.num_experts, share, algorithm=p.algorithm,
                      allow_colocated=p.allow_colocated, meta=p.meta)
 

@@ -37,15 +37,13 @@ from moe_gps.config.schema import (COPY_BANDWIDTH_SHARE, ModelConfig, ReplanPoli
                                     WorkloadConfig)
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, plan_placement
-from moe_gps.placement.layouts import contiguous
-from moe_gps.placement.timeaware import home_layers
 from moe_gps.predict.base import shares
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from sim.cost import Hardware, attention_time, predictor_time
 from sim.engine import EventModel
 from sim.loads import StepFeed, StepLoads, source_counts, step_loads
-from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layout,
-                          time_model)
+from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layers,
+                          static_layout, time_model)
 from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, install_time,
                       moves_weights, placement_phases, weight_copies)
 
@@ -295,6 +293,8 @@ class Strategy:
 
     def _reshare_timed(self, p: Placement, belief: np.ndarray, src: np.ndarray) -> tuple[Placement, np.ndarray]:
         """:meth:`_reshare` and the placement's exact layer times on ``src`` (float [L])."""
+        if not static_layers(p).any():
+            return self._home_checked(p, src)        # nothing to re-split: no layer keeps the static layout
         ctx = self.ctx
         opts = {k: v for k, v in self.cfg.planner_options.items() if k != "copy_penalty_s"}
         q = plan_placement(belief, self.num_gpus, self.redundant, "timeaware", previous=p,
@@ -315,7 +315,7 @@ class Strategy:
     def _home_checked(self, p: Placement, src: np.ndarray) -> tuple[Placement, np.ndarray]:
         """:meth:`_no_worse_than_home` and its exact layer times on ``src`` (float [L])."""
         t_p = phases_time(p, src, self.ctx.model, self.hw, self.direct, self._mix(src))
-        at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
+        at_home = static_layers(p)
         if not at_home.any():
             return p, t_p
         # a layer at home routed as no duplication takes the static layout's time, whatever its replicas hold
@@ -562,8 +562,7 @@ class OraclePlan(Strategy):
         pick = np.unique(np.linspace(0, len(steps) - 1, k).round().astype(int))
         scen = np.stack([self._future(steps[k]).src_counts for k in pick])
         p = self._plan(plan_loads, scen, previous, copy_penalty_s)
-        at_home = home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu),
-                              self.num_gpus)
+        at_home = static_layers(p)
         if at_home.all():
             return p
         home = self._plan(plan_loads, scen, previous, copy_penalty_s, balanced=False)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_gps.errors import UserError
-from moe_gps.placement import plan_placement
+from moe_gps.placement import Placement, plan_placement
 from moe_gps.placement.layouts import contiguous
 from moe_gps.placement.timeaware import home_layers, new_pairs
 
@@ -81,6 +81,35 @@ def test_copy_penalty_and_resharing():
     free = plan_placement(moved, 4, 4, "timeaware", previous=first, cost=model, copy_penalty_s=0.0)
     assert new_pairs(free.phy2log, first, 4, 8).sum() > 0
     assert predicted(free, moved, model)[0] < predicted(again, moved, model)[0]
+
+
+class Asked(ReadPlusTokens):
+    """ReadPlusTokens that records which layers it was asked about."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.layers: set[int] = set()
+
+    def evaluate(self, slot_exp, slot_tokens, layers):
+        self.layers.update(int(x) for x in layers)
+        return super().evaluate(slot_exp, slot_tokens, layers)
+
+
+def test_resharing_without_copies_plans_only_the_layers_in_the_static_layout():
+    model = ReadPlusTokens(read=0.0, per_token=1e-3, num_gpus=4)
+    at_home = plan_placement(SKEWED, 4, 4, "timeaware", cost=model, balanced=False)
+    balanced = plan_placement(SKEWED, 4, 4, "eplb")
+    mixed = Placement(np.stack([at_home.phy2log[0], balanced.phy2log[1]]), 4, 8,
+                      np.stack([at_home.replica_share[0], balanced.replica_share[1]]), allow_colocated=True)
+    moved = SKEWED[:, ::-1].copy()
+    asked = Asked(0.0, 1e-3, 4)
+    again = plan_placement(moved, 4, 4, "timeaware", previous=mixed, cost=asked, copy_penalty_s=np.inf)
+    assert asked.layers == {0}                                   # layer 1 is not in the static layout: kept
+    assert np.array_equal(again.phy2log[1], balanced.phy2log[1])
+    assert np.array_equal(again.replica_share[1], balanced.replica_share[1])
+    alone = plan_placement(moved, 4, 4, "timeaware", previous=at_home, cost=model, copy_penalty_s=np.inf)
+    assert np.array_equal(again.phy2log[0], alone.phy2log[0])   # layer 0 re-split as if planned with the rest
+    assert np.array_equal(again.replica_share[0], alone.replica_share[0])
 
 
 def test_needs_a_time_model():

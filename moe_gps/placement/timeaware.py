@@ -129,24 +129,28 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
     base = contiguous(L, E, N, S)
     at_home = home_layers(previous, base, N)
     rounds = 4 * (N * S - E + N) + 16 if max_moves is None else int(max_moves)
-    phy2log, share, obj = _home(loads, N, S, base, previous, at_home, cost, penalty, rounds)
     kept = np.zeros(L, dtype=bool)
     chosen = np.zeros(L, dtype=bool)
     if penalty == np.inf and previous is not None:
         # nothing may be copied: a layer not in the static layout stays as it is
         kept = ~at_home
-        phy2log[kept], share[kept] = previous.phy2log[kept], previous.replica_share[kept]
-    elif balanced:
-        bal, _ = eplb(loads, N * S, N)
-        if previous is not None:
-            # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
-            bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
-        bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
-        score = obj + penalty * new_pairs(phy2log, previous, N, E)
-        bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N, E)
-        chosen = bal_score < score * (1 - 1e-12)
-        phy2log[chosen] = bal[chosen]
-        share[chosen] = 1.0 / _replicas(bal, E)[chosen]
+        phy2log, share = previous.phy2log.copy(), previous.replica_share.copy()
+        if at_home.any():
+            phy2log[at_home], share[at_home], _ = _home(loads, N, S, base, previous, at_home, cost, penalty, rounds,
+                                                        np.flatnonzero(at_home))
+    else:
+        phy2log, share, obj = _home(loads, N, S, base, previous, at_home, cost, penalty, rounds, np.arange(L))
+        if balanced:
+            bal, _ = eplb(loads, N * S, N)
+            if previous is not None:
+                # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
+                bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
+            bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
+            score = obj + penalty * new_pairs(phy2log, previous, N, E)
+            bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N, E)
+            chosen = bal_score < score * (1 - 1e-12)
+            phy2log[chosen] = bal[chosen]
+            share[chosen] = 1.0 / _replicas(bal, E)[chosen]
     copies = new_pairs(phy2log, previous, N, E)
     info = {"copy_penalty_s": penalty, "balanced_layers": int(chosen.sum()), "kept_layers": int(kept.sum()),
             "unused_slots": int(((share == 0) & ~chosen[:, None]).sum()), "copies": int(copies.sum()),
@@ -161,18 +165,19 @@ def _replicas(phy2log: np.ndarray, E: int) -> np.ndarray:
     return np.take_along_axis(cnt, phy2log, axis=1).astype(np.float64)
 
 
-def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds):
-    """The home candidate: (phy2log, share, predicted time [L])."""
+def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds, layers):
+    """The home candidate of ``layers`` (int [n]): (phy2log [n, P], share [n, P], predicted time [n])."""
+    loads, base, at_home = loads[layers], base[layers], at_home[layers]
     L, E = loads.shape
     P = N * S
     home = base >= 0
     slot_exp = base.copy()
     if at_home.any():
-        slot_exp[at_home] = previous.phy2log[at_home]
+        slot_exp[at_home] = previous.phy2log[layers[at_home]]
     tokens = np.where(home, np.take_along_axis(loads, np.maximum(base, 0), axis=1), 0.0)
     gpu = np.arange(P) // S
     model = cost if hasattr(cost, "moved") else _Moves(cost)
-    state, obj, gpu_t = model.begin(slot_exp, tokens, np.arange(L))
+    state, obj, gpu_t = model.begin(slot_exp, tokens, layers)
     score = obj.copy()
     spread = (gpu_t ** 2).sum(axis=1)
     active = loads.sum(axis=1) > 0
