@@ -166,7 +166,7 @@ class _Replay:
                     s = loads.step
                     p = self.placements[s]
                     prev, self.current = self.current, p
-                    L = loads.src_counts.shape[0]
+                    L = loads.counts.shape[0]
                     plan = StepPlan(p, np.zeros(self.num_gpus))
                     background, nbytes, started = None, np.zeros(L), False
                     if prev is not None and s in self.starts:

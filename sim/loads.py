@@ -45,29 +45,39 @@ class StepLoads:
     tokens:      tokens of the step after workload scaling (float)
     scale:       workload scale factor (1.0 = as in the trace)
     home_tokens: float [G] tokens starting on each GPU (attention work)
-    src_counts:  float [L, G, E] (token, expert) assignments by home GPU and expert
+    by_home:     float [L, G, E] (token, expert) assignments by home GPU and expert (None for one mix:
+                 made from ``mix_counts`` on first use of :attr:`src_counts`)
     experts:     int16 [T, L, k] the step's routing (None for a counts trace)
     home:        int64 [T] home GPU per token (None for a counts trace)
     rows:        int64 [T] the trace rows of the step's tokens when they are not one whole trace step
                  (a serving iteration, docs/serving.md), else None
     home_frac:   float [G] when every GPU's tokens have the same expert mix (a counts trace:
-                 src_counts[l, g, e] = counts[l, e] x home_frac[g]), else None
+                 src_counts[l, g, e] = mix_counts[l, e] x home_frac[g]), else None
+    mix_counts:  float [L, E] the expert counts of that one mix (scaled), else None
     """
 
     step: int
     tokens: float
     scale: float
     home_tokens: np.ndarray
-    src_counts: np.ndarray
+    by_home: np.ndarray | None
     experts: np.ndarray | None = None
     home: np.ndarray | None = None
     rows: np.ndarray | None = None
     home_frac: np.ndarray | None = None
+    mix_counts: np.ndarray | None = None
+
+    @property
+    def src_counts(self) -> np.ndarray:
+        """float [L, G, E] (token, expert) assignments by home GPU and expert."""
+        if self.by_home is None:
+            self.by_home = self.mix_counts[:, None, :] * self.home_frac[None, :, None]
+        return self.by_home
 
     @cached_property
     def counts(self) -> np.ndarray:
         """float [L, E] true load per expert (scaled)."""
-        return self.src_counts.sum(axis=1)
+        return self.mix_counts if self.mix_counts is not None else self.by_home.sum(axis=1)
 
 
 def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
@@ -86,8 +96,9 @@ def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
     home_tokens = np.bincount(home_gpus(T, num_gpus), minlength=num_gpus).astype(np.float64)
     frac = home_tokens / max(T, 1)
     scale = _scale(T, tokens_per_step)
-    src = (trace.counts()[step] * scale)[:, None, :] * frac[None, :, None]   # the same expert mix on every GPU
-    return StepLoads(step, T * scale, scale, home_tokens * scale, src, home_frac=frac)
+    # the same expert mix on every GPU: its [L, G, E] assignments are made only if a strategy asks for them
+    return StepLoads(step, T * scale, scale, home_tokens * scale, None, home_frac=frac,
+                     mix_counts=trace.counts()[step] * scale)
 
 
 def _scale(num_tokens: int, tokens_per_step: int | None) -> float:

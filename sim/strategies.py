@@ -164,7 +164,7 @@ class Strategy:
         """The decision for test step ``i`` (trace step ``train_steps + i``), asked in order;
         ``job_pending``: this strategy's background copies are still in flight."""
         ctx = self.ctx
-        L = loads.src_counts.shape[0]
+        L = loads.counts.shape[0]
         belief = self._belief(i, loads)
         self.beliefs.append(belief)
         checks = (self.current is not None and self.pending is None and self.since >= self.policy.interval

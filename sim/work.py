@@ -136,9 +136,9 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     need = now & ~before
     layer, dst, expert = np.nonzero(need)
     holders = before[layer, :, expert]          # [n, G]
-    same = hw.same_node()[dst]                  # [n, G]
-    ring = (np.arange(G)[None, :] - dst[:, None]) % G
-    score = holders * ((1 + same) * G - ring)
+    # preference of destination d for source h: same node first, then ring order after d
+    prefer = (1 + hw.same_node()) * G - (np.arange(G)[None, :] - np.arange(G)[:, None]) % G     # [G, G]
+    score = holders * prefer[dst]
     src = np.argmax(score, axis=1) if len(layer) else np.zeros(0, dtype=np.int64)
     key = (layer * G + src) * G + dst
     uniq, counts = np.unique(key, return_counts=True)
@@ -203,9 +203,9 @@ class PlacementPhases:
                 + self.combine.max(axis=1))
 
 
-def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.ndarray | None,
+def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src: np.ndarray | None,
                      model: ModelConfig, hw: Hardware, home_frac: np.ndarray | None = None,
-                     arrival: np.ndarray | None = None) -> PlacementPhases:
+                     arrival: np.ndarray | None = None, counts: np.ndarray | None = None) -> PlacementPhases:
     """Dispatch, correction, FFN and combine of every layer and GPU under placement ``p``.
 
     src_counts: float [L, G, E] (token, expert) assignments by home GPU; predicted_src: the
@@ -213,17 +213,23 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
     prediction), else None (every token is dispatched after the gate); home_frac: float [G]
     when every GPU's tokens of ``src_counts`` have the same expert mix (:func:`route`); arrival:
     float [L, G] seconds each GPU works between the previous combine and the dispatch (predictor +
-    attention), for the dispatch's collective skew (None: the GPUs arrive together).
+    attention), for the dispatch's collective skew (None: the GPUs arrive together); counts: float
+    [L, E] the expert counts of one mix, in place of ``src_counts`` (None) when ``home_frac`` is given
+    and ``predicted_src`` is None.
 
     Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, the
     correction's as for GPUs arriving together (they leave the dispatch together), the combine's
     from the FFN finish times.
     """
-    L, G, E = src_counts.shape
-    if home_frac is not None:
+    if counts is not None:
+        L, E = counts.shape
+        G = len(home_frac)
+    elif home_frac is not None:
+        L, G, E = src_counts.shape
         g = int(np.argmax(home_frac))                        # one GPU's row holds the whole mix
         counts = src_counts[:, g, :] / home_frac[g]          # [L, E]
     else:
+        L, G, E = src_counts.shape
         counts = src_counts.sum(axis=1)                      # [L, E]
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
@@ -231,7 +237,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray, predicted_src: np.nda
     gpu_tokens = slot_tokens.reshape(L, G, p.slots_per_gpu).sum(axis=2)
     bpt = model.token_bytes
     layout = layout_time(hw)[None, :]                        # [1, G]
-    exact = predicted_src is src_counts                      # every token predicted right: no correction
+    exact = predicted_src is not None and predicted_src is src_counts   # every token predicted right: no correction
     if predicted_src is not None and not exact:
         # direct routing: the predicted layout is known, correct tokens go without a layout
         # exchange; the mispredicted ones follow in a correction all-to-all that needs one
@@ -285,7 +291,7 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     applying a new placement before the first layer; attention: float [G] seconds of each GPU's
     attention block per layer (default: :func:`attention_time` of its tokens under ``workload``).
     """
-    L, G, E = loads.src_counts.shape
+    L, G = loads.counts.shape[0], len(loads.home_tokens)
     if attention is None:
         attention = attention_time(loads.home_tokens, model, workload, hw)
     attn = np.broadcast_to(attention, (L, G))
@@ -297,8 +303,11 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
         busy = pred + attn
         stretch = np.divide(shared_compute(busy, hw), busy, out=np.ones_like(busy), where=busy > 0)
         attn, pred = attn * stretch, pred * stretch
-    ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
-                          arrival=pred + attn)
+    if loads.mix_counts is not None and plan.predicted_src is None:     # one mix: priced from its counts
+        ph = placement_phases(plan.placement, None, None, model, hw, loads.home_frac, pred + attn, loads.mix_counts)
+    else:
+        ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
+                              arrival=pred + attn)
     copies = copies if copies is not None else Copies.empty()
     if copy_bytes is None:
         copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
