@@ -401,3 +401,29 @@ def test_split_tokens_keeps_everything(trace):
     assert a.num_steps == TRAIN and b.num_steps == trace.num_steps - TRAIN
     np.testing.assert_array_equal(np.concatenate([a.experts, b.experts]), trace.experts)
     np.testing.assert_array_equal(np.concatenate([a.token_id, b.token_id]), trace.token_id)
+
+
+@pytest.mark.parametrize("e,k", [(8, 2), (8, 8), (64, 4), (256, 3), (5, 1)])
+def test_topk_desc_is_the_stable_descending_order(e, k):
+    from moe_gps.predict.tables import topk_desc
+
+    scores = np.random.default_rng(e * k).integers(0, 4, size=(50, 3, e)).astype(np.float32)   # many ties
+    assert np.array_equal(topk_desc(scores, k), np.argsort(-scores, axis=-1, kind="stable")[..., :k])
+
+
+def test_keyed_counts_add_counts_every_routing_by_hand():
+    from moe_gps.predict.tables import KeyedCounts
+
+    rng = np.random.default_rng(1)
+    table = KeyedCounts(num_keys=1000, num_layers=3, num_experts=8, top_k=2)
+    want = np.zeros((1000, 3, 8), dtype=np.int64)
+    for _ in range(3):
+        keys = rng.integers(0, 1000, size=40)
+        experts = rng.integers(0, 8, size=(40, 3, 2)).astype(np.int16)
+        valid = rng.random(40) > 0.2
+        table.add(keys, experts, valid)
+        for t in np.flatnonzero(valid):
+            for layer in range(3):
+                for x in experts[t, layer]:
+                    want[keys[t], layer, x] += 1
+    assert np.array_equal(table.counts, want)

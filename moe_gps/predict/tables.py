@@ -38,6 +38,15 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
     if k >= e:
         idx = np.argsort(-scores, axis=-1, kind="stable")
         return idx[..., :k].astype(np.int16)
+    if k <= 4:
+        # a few argmax passes (each the first largest, so ties go to the lower index) beat a sort
+        work = np.array(scores, dtype=np.float64 if scores.dtype == np.float64 else np.float32)
+        out = np.empty(scores.shape[:-1] + (k,), dtype=np.int16)
+        for j in range(k):
+            top = work.argmax(axis=-1)
+            out[..., j] = top
+            np.put_along_axis(work, top[..., None], -np.inf, axis=-1)
+        return out
     if e <= 64:
         return np.argsort(-scores, axis=-1, kind="stable")[..., :k].astype(np.int16)
     part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
@@ -68,12 +77,12 @@ class KeyedCounts:
         if len(keys) == 0:
             return
         L, E = self.num_layers, self.num_experts
-        flat = ((keys.astype(np.int64)[:, None, None] * L + np.arange(L)[None, :, None]) * E + experts).ravel()
-        size = self.counts.size
-        if len(flat) * 4 >= size:
-            self.counts += np.bincount(flat, minlength=size).reshape(self.counts.shape).astype(np.int32)
-        else:
-            np.add.at(self.counts.reshape(-1), flat, 1)
+        # count over the distinct keys only, then add their rows (the table may have many more keys)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        flat = ((inv.reshape(-1).astype(np.int64)[:, None, None] * L + np.arange(L)[None, :, None]) * E
+                + experts).ravel()
+        size = len(uniq) * L * E
+        self.counts[uniq] += np.bincount(flat, minlength=size).reshape(len(uniq), L, E).astype(np.int32)
 
     def marginal(self) -> np.ndarray:
         """Layer expert shares over everything added, float [L, E] (uniform if nothing yet)."""
