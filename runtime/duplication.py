@@ -17,7 +17,9 @@ predictors of :mod:`moe_gps.predict`:
   from what is known before routing (its token id, its position); the belief is the
   bincount of those guesses.
 
-The predicting modes plan from the mean of their last ``window`` beliefs (default 1); with
+The predicting modes make their first plan (at the end of the warm-up) from the profile of the
+last ``window`` warm-up steps, as the simulator's predicting strategies load theirs, and later
+plans from the mean of their last ``window`` beliefs (default 1); with
 ``window`` > 1 or ``min_gain`` > 0 they form a belief every step after the warm-up, as the
 simulator does. A check whose plan moves weights is kept only if it passes ``min_gain``
 (:mod:`runtime.gain`); the first plan always is. Under ``copy_policy: async`` an adopted
@@ -119,6 +121,8 @@ class DuplicationPolicy:
         self.observed: deque = deque(maxlen=RECENT_STEPS)   # true shares [L, E] of recent steps (min_gain)
         self._loads: np.ndarray | None = None         # this step's plan loads (min_gain history)
         self._predict_s = 0.0                         # seconds fitting and predicting before this step
+        self._profile: np.ndarray | None = None       # predicting modes: shares [L, E] of the last warm-up steps
+        self._tokens = 0                              # tokens of the coming step
 
     # ------------------------------------------------------------- schedule
     def initial(self) -> Placement:
@@ -207,6 +211,10 @@ class DuplicationPolicy:
                            token_id=cat("token_id"), seq=cat("seq"), pos=cat("pos"))
 
     def _fit(self) -> None:
+        # the profile a first plan is made from, as the simulator's predicting strategies load theirs: the
+        # true loads of the last `window` warm-up steps, counts summed (a bigger step weighs more)
+        last = self.warmup[-self.beliefs.maxlen:]
+        self._profile = shares(sum(r.counts(self.E) for r in last).astype(np.float64))
         train = self._history_trace()
         if self.dist_predictor is not None:
             self.dist_predictor.fit(train.counts(), train)
@@ -236,6 +244,7 @@ class DuplicationPolicy:
             return
         if not self._fitted:
             self._fit()
+        self._tokens = len(token_id)
         if self.every_step or self.wants_plan(step):
             self.beliefs.append(self._belief(token_id, seq, pos))
             if self.min_gain_on:
@@ -249,6 +258,11 @@ class DuplicationPolicy:
             return np.mean(np.stack(list(self.counts)), axis=0)
         return np.mean(np.stack(list(self.beliefs)), axis=0)
 
+    def _profiled(self) -> np.ndarray:
+        """float [L, E]: the predicting modes' first plan loads: the warm-up profile's shares x the coming
+        step's (token, expert) assignments."""
+        return self._profile * float(self._tokens * self.k)
+
     def _place(self, loads: np.ndarray) -> Placement:
         return plan_placement(loads, self.N, self.R, algorithm=self.cfg.algorithm, previous=self.current,
                               **self.cfg.algorithm_options)
@@ -257,15 +271,19 @@ class DuplicationPolicy:
         """Plan before ``step`` (after :meth:`before`); the new placement, or None when ``min_gain``
         keeps the one in force (the first plan is always kept)."""
         t1 = time.perf_counter()
-        loads = self.plan_loads()
+        first = not self.planned and self.mode != "static"
+        loads = self._profiled() if first else self.plan_loads()
         if self.mode == "static":
             n = len(self.counts)
             note = f"mean counts of steps {step - n}..{step - 1}"
+        elif first:
+            n = min(self.beliefs.maxlen, step)
+            note = f"profile of the warm-up steps {step - n}..{step - 1} (the first plan)"
         elif self.dist_predictor is not None:
             note = f"distribution predictor {self.dist_predictor.describe()}"
         else:
             note = f"token predictor {self.token_predictor.describe()}"
-        if len(self.beliefs) > 1:
+        if len(self.beliefs) > 1 and not first:
             note += f", mean of the last {len(self.beliefs)} beliefs"
         p = self._place(loads)
         declined = self.planned and self.min_gain_on and not self._worth(p, loads)

@@ -182,6 +182,32 @@ def test_window_plans_from_the_mean_of_the_last_beliefs(policy_runs):
     assert len(p.beliefs) == 3
 
 
+def test_first_plan_is_the_warm_up_profile_as_in_the_simulator(policy_runs):
+    folder, mode, doc, _, _ = policy_runs["critical"]
+    from moe_gps.predict.base import shares
+    from runtime.duplication import DuplicationPolicy
+
+    cfg = parse_run_config(doc)
+    w = cfg.duplication.warmup_steps
+    trace = load_trace(folder / "trace.parquet")
+    p = DuplicationPolicy(mode, cfg.duplication, 2, 2, 8, 2, 64)
+    p.initial()
+    planned = []
+    for s in range(w + 2 * cfg.duplication.replan_interval + 1):
+        r = trace.step(s)
+        p.before(s, r.token_id, r.seq, r.pos)
+        if p.wants_plan(s):
+            new, info = p.plan(s)
+            planned.append((s, info, p.plan_loads()))
+            p.adopt(new)
+        p.observe(r)
+    (s0, first, _), (s1, later, beliefs) = planned[:2]
+    counts = trace.counts()[max(0, w - 3):w].sum(axis=0)            # window 3, over the warm-up
+    np.testing.assert_allclose(first.predicted_loads, shares(counts.astype(float)) * trace.step(s0).num_tokens * 2)
+    assert "profile of the warm-up steps" in first.note
+    np.testing.assert_allclose(later.predicted_loads, beliefs)        # then the mean of the beliefs
+
+
 def test_high_min_gain_keeps_the_first_plan(policy_runs):
     folder, *_ = policy_runs["min-gain"]
     r0 = _rank0(folder)
