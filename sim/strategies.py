@@ -26,10 +26,11 @@ in the background and it takes effect at the first step after they have landed.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -187,8 +188,11 @@ class Strategy:
             if not moves_weights(self.current, cand):
                 self.current = cand                  # new shares only: a routing-table change, free
             else:
-                moves = weight_copies(self.current, cand, ctx.model.expert_bytes, self.hw, ctx.copy_share)
-                if self._worth(i, loads, src, cand, moves, cost):
+                current = self.current
+                moves_of = functools.cache(lambda: weight_copies(current, cand, ctx.model.expert_bytes, self.hw,
+                                                                 ctx.copy_share))
+                if self._worth(i, loads, src, cand, moves_of, cost):
+                    moves = moves_of()
                     replanned = True
                     self.replans += 1
                     copy_bytes = np.bincount(moves.layer, weights=moves.bytes, minlength=L)
@@ -350,10 +354,11 @@ class Strategy:
         steps until the next check."""
         return cost.per_expert(self.ctx.model.expert_bytes) / self.policy.interval
 
-    def _worth(self, i: int, loads: StepLoads, src: np.ndarray, cand: Placement, moves: Copies,
+    def _worth(self, i: int, loads: StepLoads, src: np.ndarray, cand: Placement, moves_of: Callable[[], Copies],
                cost: CopyCost) -> bool:
         """The ``min_gain`` rule: the saving predicted over the next ``interval`` steps exceeds
-        min_gain x the predicted cost of the copies and of applying the placement.
+        min_gain x the predicted cost of the copies and of applying the placement (``moves_of()``: the
+        copies, worked out only when the saving is worth pricing).
 
         The saving per step is measured out of sample on the steps since the last check (h of them,
         at most twice the strategy's scenarios): a plan made, the same way, from what the strategy predicted for the
@@ -369,7 +374,9 @@ class Strategy:
         earlier = cand if fit is None else self._plan(fit, self._scenarios(loads, fit), self.current,
                                                        self._copy_penalty(cost))
         per_step = saving_per_step(self.current, earlier, seen, _home_frac(loads), ctx.model, self.hw, self.direct)
-        price = cost.replan(moves) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
+        if not passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, 0.0):
+            return False                             # no saving (or only noise): no price can pass
+        price = cost.replan(moves_of()) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
         return passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, price)
 
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
@@ -587,8 +594,9 @@ class OraclePlan(Strategy):
         step = self._plan(loads.counts, loads.src_counts, self.current, 0.0)
         return min((self.current, step), key=self._step_time)
 
-    def _worth(self, i, loads, src, cand, moves, cost) -> bool:
+    def _worth(self, i, loads, src, cand, moves_of, cost) -> bool:
         ctx = self.ctx
+        moves = moves_of()
         if ctx.copy_policy == "hidden":
             return self._step_time(cand) < self._step_time(self.current)
         host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
