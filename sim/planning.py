@@ -169,9 +169,10 @@ class LayerTimeModel:
         out = {"tok": tok, "ffn": state["ffn"][:, rows], "local": state["local"][:, rows],
                "rows": state["rows"][:, rows]}
         mix = self.mix
+        slots = np.concatenate([h[:, None] * S, c[:, None] * S], axis=1)[:, :, None] + np.arange(S)   # [m, 2, S]
+        both = ffn_time(tok[:, ar[:, None], slots.reshape(m, 2 * S)], S, self.model, self.hw)         # [K, m, 2]
+        out["ffn"][:, ar, h], out["ffn"][:, ar, c] = both[..., 0], both[..., 1]
         for g, sign in ((h, -1.0), (c, 1.0)):
-            slots = g[:, None] * S + np.arange(S)[None, :]
-            out["ffn"][:, ar, g] = ffn_time(tok[:, ar[:, None], slots], S, self.model, self.hw)[..., 0]
             out["local"][:, ar, g] += sign * dk * (mix[g] if mix is not None else self.frac[:, lr, g, e])
             out["rows"][:, ar, g] += sign * dk
         if self.nodes > 1:
