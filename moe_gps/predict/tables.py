@@ -38,9 +38,9 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
     if k >= e:
         idx = np.argsort(-scores, axis=-1, kind="stable")
         return idx[..., :k].astype(np.int16)
-    if k <= 4:
+    if k <= 4 and np.isfinite(scores).all():
         # a few argmax passes (each the first largest, so ties go to the lower index) beat a sort
-        work = np.array(scores, dtype=np.float64 if scores.dtype == np.float64 else np.float32)
+        work = np.array(scores, dtype=np.float32 if scores.dtype == np.float32 else np.float64)
         out = np.empty(scores.shape[:-1] + (k,), dtype=np.int16)
         for j in range(k):
             top = work.argmax(axis=-1)
