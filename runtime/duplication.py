@@ -122,6 +122,7 @@ class DuplicationPolicy:
         self._loads: np.ndarray | None = None         # this step's plan loads (min_gain history)
         self._predict_s = 0.0                         # seconds fitting and predicting before this step
         self._profile: np.ndarray | None = None       # predicting modes: shares [L, E] of the last warm-up steps
+        self._profiled_steps = 0                      # how many warm-up steps that profile sums
         self._tokens = 0                              # tokens of the coming step
 
     # ------------------------------------------------------------- schedule
@@ -215,6 +216,7 @@ class DuplicationPolicy:
         # true loads of the last `window` warm-up steps, counts summed (a bigger step weighs more)
         last = self.warmup[-self.beliefs.maxlen:]
         self._profile = shares(sum(r.counts(self.E) for r in last).astype(np.float64))
+        self._profiled_steps = len(last)
         train = self._history_trace()
         if self.dist_predictor is not None:
             self.dist_predictor.fit(train.counts(), train)
@@ -245,7 +247,7 @@ class DuplicationPolicy:
         if not self._fitted:
             self._fit()
         self._tokens = len(token_id)
-        if self.every_step or self.wants_plan(step):
+        if self.every_step or (self.wants_plan(step) and self.planned):     # the first plan needs no belief
             self.beliefs.append(self._belief(token_id, seq, pos))
             if self.min_gain_on:
                 self._loads = self.plan_loads()
@@ -277,7 +279,7 @@ class DuplicationPolicy:
             n = len(self.counts)
             note = f"mean counts of steps {step - n}..{step - 1}"
         elif first:
-            n = min(self.beliefs.maxlen, step)
+            n = self._profiled_steps
             note = f"profile of the warm-up steps {step - n}..{step - 1} (the first plan)"
         elif self.dist_predictor is not None:
             note = f"distribution predictor {self.dist_predictor.describe()}"

@@ -71,6 +71,8 @@ class StepLoads:
     def src_counts(self) -> np.ndarray:
         """float [L, G, E] (token, expert) assignments by home GPU and expert."""
         if self.by_home is None:
+            if self.mix_counts is None or self.home_frac is None:
+                raise ValueError("StepLoads: needs by_home, or mix_counts and home_frac")
             self.by_home = self.mix_counts[:, None, :] * self.home_frac[None, :, None]
         return self.by_home
 

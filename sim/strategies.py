@@ -596,9 +596,9 @@ class OraclePlan(Strategy):
 
     def _worth(self, i, loads, src, cand, moves_of, cost) -> bool:
         ctx = self.ctx
-        moves = moves_of()
         if ctx.copy_policy == "hidden":
             return self._step_time(cand) < self._step_time(self.current)
+        moves = moves_of()
         host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
         if ctx.copy_policy == "async":
             # a bound on the job's length (its copies one after another), the steps it spans (they

@@ -222,6 +222,9 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     from the FFN finish times.
     """
     if counts is not None:
+        if home_frac is None or predicted_src is not None:
+            raise ValueError("placement_phases: counts stand in for one mix's assignments: they need home_frac "
+                             "and no predicted_src")
         L, E = counts.shape
         G = len(home_frac)
     elif home_frac is not None:
@@ -304,7 +307,8 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
         stretch = np.divide(shared_compute(busy, hw), busy, out=np.ones_like(busy), where=busy > 0)
         attn, pred = attn * stretch, pred * stretch
     if loads.mix_counts is not None and plan.predicted_src is None:     # one mix: priced from its counts
-        ph = placement_phases(plan.placement, None, None, model, hw, loads.home_frac, pred + attn, loads.mix_counts)
+        ph = placement_phases(plan.placement, None, None, model, hw, loads.home_frac, arrival=pred + attn,
+                              counts=loads.mix_counts)
     else:
         ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
                               arrival=pred + attn)

@@ -165,8 +165,11 @@ def _replicas(phy2log: np.ndarray, E: int) -> np.ndarray:
     return np.take_along_axis(cnt, phy2log, axis=1).astype(np.float64)
 
 
-def _home(loads, N, S, base, previous, at_home, cost, penalty, rounds, layers):
-    """The home candidate of ``layers`` (int [n]): (phy2log [n, P], share [n, P], predicted time [n])."""
+def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placement | None, at_home: np.ndarray,
+          cost: TimeModel, penalty: float, rounds: int,
+          layers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The home candidate of ``layers`` (int [n]): (phy2log int [n, P], share float [n, P], predicted time
+    float [n]); loads float [L, E], base int [L, P] (the static layout), at_home bool [L]."""
     loads, base, at_home = loads[layers], base[layers], at_home[layers]
     L, E = loads.shape
     P = N * S
