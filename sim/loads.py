@@ -31,7 +31,10 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
     -> float64 [L, G, E], laid out as [L, E, G] in memory (:func:`sim.work.route` reads it by expert)
     """
     T, L, k = experts.shape
-    key = (np.arange(L, dtype=np.int64)[None, :, None] * num_experts + experts) * num_gpus + home[:, None, None]
+    # 32-bit keys where they fit (half the memory traffic of the [T, L, k] key array)
+    kind = np.int32 if L * num_experts * num_gpus < 2**31 else np.int64
+    key = ((np.arange(L, dtype=kind)[None, :, None] * num_experts + experts) * num_gpus
+           + home.astype(kind, copy=False)[:, None, None])
     weights = None if mask is None else mask.ravel().astype(np.float64)
     flat = np.bincount(key.ravel(), weights=weights, minlength=L * num_gpus * num_experts)
     return np.swapaxes(flat.reshape(L, num_experts, num_gpus).astype(np.float64), 1, 2)
