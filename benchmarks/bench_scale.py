@@ -62,9 +62,16 @@ _WRAPPER = (
     "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mb': peak / 1024}), file=sys.stderr)\n"
 )
 
+# The floor: load the trace and count its expert loads; a counts trace's steps are read a range at a
+# time (a long one stays in its temporary file), as a simulation reads them.
 _FLOOR = (
     "import sys; from moe_gps.trace import load_trace\n"
-    "t = load_trace(sys.argv[1]); c = t.counts(); print(c.shape, int(c.sum()))\n"
+    "t = load_trace(sys.argv[1])\n"
+    "if hasattr(t, 'counts_range'):\n"
+    "    n = sum(int(t.counts_range(lo, lo + 256).sum()) for lo in range(0, t.num_steps, 256))\n"
+    "else:\n"
+    "    n = int(t.counts().sum())\n"
+    "print(t.num_steps, n)\n"
 )
 
 

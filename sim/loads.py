@@ -103,7 +103,7 @@ def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
     scale = _scale(T, tokens_per_step)
     # the same expert mix on every GPU: its [L, G, E] assignments are made only if a strategy asks for them
     return StepLoads(step, T * scale, scale, home_tokens * scale, None, home_frac=frac,
-                     mix_counts=trace.counts()[step] * scale)
+                     mix_counts=trace.counts_range(step, step + 1)[0] * scale)
 
 
 def _scale(num_tokens: int, tokens_per_step: int | None) -> float:
@@ -147,6 +147,12 @@ def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:
         lo, hi = int(trace.step_offsets[s]), int(trace.step_offsets[s + 1])
         out[s] = expert_counts(trace.experts[lo:hi], np.array([0, hi - lo]), E)[0]
     return out
+
+
+def counts_view(trace: TokensTrace | CountsTrace) -> CountsTrace:
+    """The trace seen as per-expert counts: a counts trace itself (kept where it is, in memory or in
+    its file), a tokens trace's counts computed once."""
+    return trace if isinstance(trace, CountsTrace) else as_counts_trace(trace, trace_counts(trace))
 
 
 def as_counts_trace(trace: TokensTrace | CountsTrace, counts: np.ndarray) -> CountsTrace:

@@ -26,7 +26,7 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
 from sim.cost import Hardware
 from sim.engine import EventModel
-from sim.loads import StepFeed, as_counts_trace, trace_counts
+from sim.loads import StepFeed, counts_view
 from sim.strategies import SimContext, StrategyInfo, make_strategy
 from sim.verdict import Verdict, verdict_of
 from sim.work import StepWork
@@ -201,7 +201,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     bar = tqdm(total=K * (1 + S), desc="simulate", unit="step",
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
     seconds = [dict(prepare=0.0, plan=0.0, events=0.0) for _ in strategies]
-    counts = as_counts_trace(trace, trace_counts(trace))
+    counts = counts_view(trace)
     for k, st in enumerate(strategies):
         bar.set_postfix_str(f"fit {st.name}")
         t0 = time.perf_counter()

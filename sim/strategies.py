@@ -158,7 +158,7 @@ class Strategy:
         ``counts`` is the same trace as per-expert counts (computed once for all strategies).
         """
         self.trace, self.train_steps, self.counts_trace = trace, train_steps, counts
-        c = counts.counts()[max(0, train_steps - RECENT_STEPS):train_steps].astype(np.float64)
+        c = counts.counts_range(train_steps - RECENT_STEPS, train_steps).astype(np.float64)
         self.observed.extend(shares(c))
 
     def step(self, i: int, loads: StepLoads, job_pending: bool) -> StepDecision:
@@ -265,7 +265,7 @@ class Strategy:
     def _profiled(self, loads: StepLoads) -> np.ndarray:
         """float [L, E]: the expert shares of the last ``window`` steps before serving (their counts
         summed, so a bigger step weighs more, as in EPLB), x the step's (token, expert) assignments."""
-        c = self.counts_trace.counts()[max(0, self.train_steps - self.policy.window):self.train_steps]
+        c = self.counts_trace.counts_range(self.train_steps - self.policy.window, self.train_steps)
         return shares(c.sum(axis=0)) * (loads.tokens * self.ctx.top_k)
 
     def _candidate(self, i: int, loads: StepLoads, copy_penalty_s: float) -> Placement:
@@ -460,9 +460,8 @@ class StaticPlan(Strategy):
 
     def prepare(self, trace, train_steps, counts) -> None:
         super().prepare(trace, train_steps, counts)
-        self.counts = counts.counts()                 # int [steps, L, E], the trace's own array
         self._window = (0, 0)                         # steps [start, end) summed in _sum
-        self._sum = np.zeros(self.counts.shape[1:])
+        self._sum = np.zeros((counts.meta.num_layers, counts.meta.num_experts))
 
     def _belief(self, i: int, loads: StepLoads) -> None:
         self.i = i
@@ -474,11 +473,12 @@ class StaticPlan(Strategy):
         end = self.train_steps + self.i          # steps before the current one are known
         start = max(0, end - self.policy.window)
         s0, e0 = self._window
+        steps = self.counts_trace.counts_range
         if start >= e0 or start < s0 or end < e0:
-            self._sum = self.counts[start:end].sum(axis=0, dtype=np.float64)
+            self._sum = steps(start, end).sum(axis=0, dtype=np.float64)
         else:
-            self._sum += self.counts[e0:end].sum(axis=0, dtype=np.float64)
-            self._sum -= self.counts[s0:start].sum(axis=0, dtype=np.float64)
+            self._sum += steps(e0, end).sum(axis=0, dtype=np.float64)
+            self._sum -= steps(s0, start).sum(axis=0, dtype=np.float64)
         self._window = (start, end)
         return self._sum / max(end - start, 1)
 

@@ -130,6 +130,28 @@ def test_counts_trace_runs_all_but_token_strategies(trace):
         simulate(counts, config(["token:prev-layer"]), progress=False)
 
 
+def test_counts_trace_kept_in_a_file_simulates_the_same_without_reading_it_whole(trace, tmp_path, monkeypatch):
+    """A long counts trace stays in its temporary file (moe_gps.trace.reader): simulating it reads step
+    ranges only, with the results of the same trace in memory, for every kind that runs on counts."""
+    from moe_gps.trace import load_trace
+    from moe_gps.trace.data import StepStore
+
+    write_trace(tmp_path / "c.parquet", as_counts_trace(trace, trace_counts(trace)))
+    names = ["none", "eplb", "dist:profile", "dist:window", "dist:ema", "dist:kalman", "oracle"]
+    ref = simulate(load_trace(tmp_path / "c.parquet"), config(names), progress=False)
+    spilled = load_trace(tmp_path / "c.parquet", spill_bytes=1)
+    assert isinstance(spilled.count_array, StepStore)
+
+    def whole(*_args, **_kw):
+        raise AssertionError("read the whole counts array")
+
+    monkeypatch.setattr(StepStore, "__array__", whole)
+    got = simulate(spilled, config(names), progress=False)
+    for a, b in zip(ref.strategies, got.strategies):
+        np.testing.assert_array_equal(a.layer_time, b.layer_time)
+        np.testing.assert_array_equal(a.copy_bytes, b.copy_bytes)
+
+
 def test_workload_scaling_and_bad_inputs(trace):
     r = simulate(trace, config(["none"], workload=WorkloadConfig(tokens_per_step=1024)), progress=False)
     assert r.tokens.tolist() == [1024.0] * 8

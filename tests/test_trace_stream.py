@@ -91,6 +91,31 @@ def test_validation_memory_does_not_grow_with_steps(tmp_path):
     assert peaks[("load", 400)] < 1.25 * peaks[("load", 40)] + (64 << 10)
 
 
+def test_long_counts_trace_stays_in_a_temporary_file(tmp_path):
+    """A counts trace past ``spill_bytes`` is read into a temporary file, not memory: the same counts,
+    step ranges, tokens per step, written back and pickled (as its array); loading it holds one chunk."""
+    import pickle
+
+    from moe_gps.trace.data import StepStore
+
+    trace = synthesize_counts("mixtral-mmlu", num_steps=400, tokens_per_step=512, seed=0)
+    path = tmp_path / "c.parquet"
+    write_trace(path, trace)
+    back, peak = _peak(lambda: load_trace(path, chunk_rows=4096, spill_bytes=1))
+    assert isinstance(back.count_array, StepStore) and back.num_steps == 400
+    assert peak < trace.counts().nbytes / 4                       # never the whole array in memory
+    np.testing.assert_array_equal(back.counts(), trace.counts())
+    np.testing.assert_array_equal(back.counts_range(37, 91), trace.counts()[37:91])
+    np.testing.assert_array_equal(back.counts_range(-5, 3), trace.counts()[:3])
+    np.testing.assert_array_equal(back.count_array[-1], trace.counts()[-1])
+    np.testing.assert_array_equal(back.tokens_per_step, trace.tokens_per_step)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(back)).count_array, trace.counts())
+    write_trace(tmp_path / "again.parquet", back)
+    np.testing.assert_array_equal(load_trace(tmp_path / "again.parquet").counts(), trace.counts())
+    with pytest.raises(TypeError, match="one step or a range"):
+        back.count_array[::2]
+
+
 def test_counts_writer_streams_blocks_and_is_atomic(tmp_path):
     p, meta = counts_meta("mixtral-mmlu", 10, 64, 3)
     blocks = list(counts_blocks(p, 10, 64, 3, block_steps=3))

@@ -30,7 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -163,6 +163,14 @@ class DistributionPredictor(_Predictor):
         self._fit(counts if counts.dtype.kind in "iu" else counts.astype(np.float64), tokens)
         self._fitted = True
         return self
+
+    def fit_range(self, part: Callable[[int, int], np.ndarray], num_steps: int,
+                  chunk_steps: int = 256) -> "DistributionPredictor":
+        """:meth:`fit` on steps 0..num_steps-1 read through ``part(lo, hi)`` (int [hi - lo, layers,
+        experts]), for predictors that read no tokens. The same fit; a predictor that can (profile,
+        window, previous, EMA) reads them ``chunk_steps`` at a time, so a long training split is never
+        held whole; the others read it at once."""
+        return self.fit(part(0, num_steps))
 
     @abstractmethod
     def _fit(self, counts: np.ndarray, tokens: TokensTrace | None) -> None: ...
@@ -326,18 +334,23 @@ def iter_rollout_distribution(predictor: DistributionPredictor, trace: Trace, tr
     if int(chunk_steps) != chunk_steps or chunk_steps < 1:
         raise UserError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
     train_steps = check_train_steps(trace, train_steps)
-    counts = trace.counts()
     tokens = trace if isinstance(trace, TokensTrace) else None
     if predictor.needs_tokens and (tokens is None or tokens.token_id is None):
         raise MissingFeature(f"predictor {predictor.name!r} needs a tokens trace with a token_id column")
     if predictor.needs_tokens:
+        counts = trace.counts()
         train_tok, test_tok = split_tokens(tokens, train_steps)
         predictor.fit(counts[:train_steps], train_tok)
         yield predictor.rollout(counts[train_steps:], test_tok)
         return
-    predictor.fit(counts[:train_steps])
-    for lo in range(train_steps, len(counts), chunk_steps):
-        yield predictor.rollout(counts[lo:lo + chunk_steps])
+    if isinstance(trace, CountsTrace):
+        part = trace.counts_range                  # read as needed (a long trace may live in a file)
+    else:
+        counts = trace.counts()
+        part = lambda lo, hi: counts[lo:hi]  # noqa: E731
+    predictor.fit_range(part, train_steps, chunk_steps)
+    for lo in range(train_steps, trace.num_steps, chunk_steps):
+        yield predictor.rollout(part(lo, lo + chunk_steps))
 
 
 def rollout_tokens(predictor: TokenPredictor, trace: Trace, train_steps: int) -> np.ndarray:

@@ -67,6 +67,12 @@ class ProfilePredictor(DistributionPredictor):
     def _fit(self, counts, tokens) -> None:
         self.total = counts.sum(axis=0)
 
+    def fit_range(self, part, num_steps, chunk_steps=256):
+        self.fit(part(0, min(num_steps, chunk_steps)))
+        for lo in range(chunk_steps, num_steps, chunk_steps):   # integer sums: the same total
+            self.total = self.total + part(lo, min(num_steps, lo + chunk_steps)).sum(axis=0)
+        return self
+
     def predict(self, step=None) -> np.ndarray:
         return shares(self.total + self.smoothing)
 
@@ -108,6 +114,9 @@ class WindowPredictor(DistributionPredictor):
 
     def _fit(self, counts, tokens) -> None:
         self.history = deque((c for c in counts[-self.window:]), maxlen=self.window)
+
+    def fit_range(self, part, num_steps, chunk_steps=256):
+        return self.fit(part(max(0, num_steps - self.window), num_steps))        # only the last W are kept
 
     def predict(self, step=None) -> np.ndarray:
         return shares(np.sum(self.history, axis=0))
@@ -173,6 +182,13 @@ class EMAPredictor(DistributionPredictor):
         for s in range(1, len(counts)):
             m = self.alpha * shares(counts[s]) + (1 - self.alpha) * m
         self.m = m
+
+    def fit_range(self, part, num_steps, chunk_steps=256):
+        self.fit(part(0, min(num_steps, chunk_steps)))
+        for lo in range(chunk_steps, num_steps, chunk_steps):   # the same recursion, a chunk at a time
+            for c in part(lo, min(num_steps, lo + chunk_steps)):
+                self.m = self.alpha * shares(c) + (1 - self.alpha) * self.m
+        return self
 
     def predict(self, step=None) -> np.ndarray:
         return self.m / self.m.sum(axis=-1, keepdims=True)

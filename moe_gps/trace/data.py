@@ -9,6 +9,7 @@ array of the format.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -107,15 +108,76 @@ class TokensTrace:
                            **{f: take(getattr(self, f)) for f in OPTIONAL_TOKEN_FIELDS})
 
 
+#: counts read at a time from a :class:`StepStore` (elements)
+COUNT_CHUNK_ELEMENTS = 1 << 22
+
+
+class StepStore:
+    """int64 counts [steps, layers, experts] kept in a file rather than in memory (a long counts
+    trace, :func:`moe_gps.trace.reader.load_trace`): :meth:`read` returns a range of steps.
+
+    ``file``: an open binary file holding the array in C order from offset 0 (a temporary file:
+    it goes away when closed). Indexing takes one step or a range of steps; ``np.asarray`` reads
+    the whole array; a pickled store arrives as the whole array.
+    """
+
+    dtype = np.dtype(np.int64)
+    ndim = 3
+
+    def __init__(self, file, num_steps: int, num_layers: int, num_experts: int) -> None:
+        self.file, self.shape = file, (int(num_steps), int(num_layers), int(num_experts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """int64 [hi - lo, layers, experts]: steps lo..hi-1 (clipped to the store)."""
+        lo, hi = max(0, int(lo)), min(len(self), int(hi))
+        out = np.empty((max(0, hi - lo),) + self.shape[1:], dtype=self.dtype)
+        if not out.size:
+            return out
+        view, offset = memoryview(out.reshape(-1)).cast("B"), lo * out[0].nbytes
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"step store: the file ended after {offset + done} bytes")
+            done += n
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"step {key} out of range for {len(self)} steps")
+            return self.read(i, i + 1)[0]
+        if isinstance(key, slice) and key.step in (None, 1):
+            lo, hi, _ = key.indices(len(self))
+            return self.read(lo, max(lo, hi))
+        raise TypeError("a step store takes one step or a range of steps (start:stop)")
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.read(0, len(self))
+        return a if dtype is None else a.astype(dtype)
+
+    def __reduce__(self):
+        return (np.asarray, (self.read(0, len(self)),))
+
+
 @dataclass
 class CountsTrace:
     """Per-expert load only.
 
-    counts: int64 [steps, layers, experts], (token, expert) assignments per expert
+    count_array: int64 [steps, layers, experts], (token, expert) assignments per expert, in memory
+    or in a :class:`StepStore` (a long trace); :meth:`counts_range` reads some steps of either.
     """
 
     meta: TraceMeta
-    count_array: np.ndarray
+    count_array: np.ndarray | StepStore
 
     @property
     def num_steps(self) -> int:
@@ -124,10 +186,20 @@ class CountsTrace:
     @cached_property
     def tokens_per_step(self) -> np.ndarray:
         """int64 [steps]: layer 0's assignments / top_k (all layers agree after validation)."""
-        return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
+        if isinstance(self.count_array, np.ndarray):
+            return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
+        chunk = max(1, COUNT_CHUNK_ELEMENTS // max(1, self.meta.num_layers * self.meta.num_experts))
+        return np.concatenate([self.count_array.read(lo, lo + chunk)[:, 0, :].sum(axis=1)
+                               for lo in range(0, self.num_steps, chunk)] or [np.zeros(0, np.int64)]) \
+            // self.meta.top_k
 
     def counts(self) -> np.ndarray:
-        return self.count_array
+        """int64 [steps, layers, experts], the whole array (read from its file for a spilled trace)."""
+        return np.asarray(self.count_array)
+
+    def counts_range(self, lo: int, hi: int) -> np.ndarray:
+        """int64 [hi - lo, layers, experts]: the counts of steps lo..hi-1 only."""
+        return self.count_array[max(0, lo):max(0, hi)]
 
 
 Trace = TokensTrace | CountsTrace

@@ -9,6 +9,7 @@ that of one chunk, and every bad file gets the same one-line error whichever way
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
-from moe_gps.trace.data import CountsTrace, StepRouting, TokensTrace
+from moe_gps.trace.data import CountsTrace, StepRouting, StepStore, TokensTrace
 from moe_gps.trace.meta import META_KEY, TOKENS_OPTIONAL_COLUMNS, TraceMeta
 from moe_gps.trace.sniff import import_hint
 from moe_gps.trace.validate import (CountsChunks, StepGap, TokenRows, UnsortedRows, check_columns, counts_array,
@@ -76,20 +77,26 @@ def _columns(batch: pa.Table | pa.RecordBatch, where: str, row0: int) -> dict[st
 
 #: rows read and validated at a time (whole steps: a step longer than this is read whole)
 CHUNK_ROWS = 1 << 18
+#: a counts trace whose array would take more bytes is kept in a temporary file, not in memory
+SPILL_BYTES = 256 << 20
 
 
-def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS) -> TokensTrace | CountsTrace:
+def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
+               spill_bytes: int | None = None) -> TokensTrace | CountsTrace:
     """Load and validate a whole trace (tokens or counts kind).
 
     Rows are read and validated ``chunk_rows`` at a time straight into the trace's arrays,
     so memory beyond those arrays stays that of one chunk whatever the number of steps.
-    A file whose rows are not in step order is read whole and sorted (more memory), and so is
-    one with a missing step (which reading it whole reports, or finds later in the file).
+    A counts trace whose array would take more than ``spill_bytes`` is kept in a temporary file
+    instead (:class:`~moe_gps.trace.data.StepStore`), so that simulating it holds only the steps
+    in use (default :data:`SPILL_BYTES`). A file whose rows are not in step order is read whole and sorted (more memory), and
+    so is one with a missing step (which reading it whole reports, or finds later in the file).
     """
     pf, meta, where = _open(path)
     try:
         if meta.kind == "counts":
-            return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta))
+            return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta,
+                                                    SPILL_BYTES if spill_bytes is None else spill_bytes))
         return _gather_tokens(_token_chunks(pf, meta, where, chunk_rows), pf, meta)
     except (UnsortedRows, StepGap):  # out of step order (a missing step may come later): read it whole
         pass                         # outside the handler, so that the partly filled arrays are freed first
@@ -193,10 +200,25 @@ def _gather_tokens(chunks: Iterator[TokenRows], pf: pq.ParquetFile, meta: TraceM
                        **{f: a[:n] for f, a in extras.items()})
 
 
-def _gather_counts(chunks: Iterator[np.ndarray], pf: pq.ParquetFile, meta: TraceMeta) -> np.ndarray:
+def _gather_counts(chunks: Iterator[np.ndarray], pf: pq.ParquetFile, meta: TraceMeta,
+                   spill_bytes: int) -> np.ndarray | StepStore:
     """Copy validated chunks into one array, sized for a file with every (step, layer, expert) row and
-    grown (doubling) for one that leaves out zero counts."""
+    grown (doubling) for one that leaves out zero counts; or, when that array would take more than
+    ``spill_bytes``, append them to a temporary file read back a range of steps at a time
+    (:class:`StepStore`: memory stays that of one chunk whatever the number of steps)."""
     L, E = meta.num_layers, meta.num_experts
+    if pf.metadata.num_rows * 8 > spill_bytes:
+        f = tempfile.TemporaryFile(prefix="moe-gps-counts-")
+        try:
+            n = 0
+            for c in chunks:
+                f.write(np.ascontiguousarray(c, dtype=np.int64).tobytes())
+                n += len(c)
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        return StepStore(f, n, L, E)
     counts = np.empty((max(1, -(-pf.metadata.num_rows // (L * E))), L, E), np.int64)
     n = 0
     for c in chunks:

@@ -23,7 +23,7 @@ from moe_gps.errors import UserError
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.workers import unordered
 from sim.cost import Hardware
-from sim.loads import as_counts_trace, trace_counts
+from sim.loads import counts_view
 from sim.run import default_train_steps, resolve_config
 from sim.serving.iteration import DenseParts, MoELayers, kv_capacity, resolve_parts
 from sim.serving.metrics import RequestTimes, latency_row, serving_verdict
@@ -159,7 +159,7 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
     jobs = max(1, min(int(jobs), len(todo)))
     show = sys.stderr.isatty() if progress is None else bool(progress)
     _SHARED.clear()
-    _SHARED.update(config=config, trace=trace, train=train, counts=as_counts_trace(trace, trace_counts(trace)),
+    _SHARED.update(config=config, trace=trace, train=train, counts=counts_view(trace),
                    requests=requests, rates=rates, ctx=ctxs, kv=kv, fast=fast, bars=show and jobs == 1,
                    dense=DenseParts(model, parts, hw))
     try:
