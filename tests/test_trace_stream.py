@@ -112,6 +112,8 @@ def test_long_counts_trace_stays_in_a_temporary_file(tmp_path):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(back)).count_array, trace.counts())
     write_trace(tmp_path / "again.parquet", back)
     np.testing.assert_array_equal(load_trace(tmp_path / "again.parquet").counts(), trace.counts())
+    from moe_gps.trace.regroup import regroup
+    np.testing.assert_array_equal(regroup(back, 1536).counts(), regroup(trace, 1536).counts())   # 3 steps each
     with pytest.raises(TypeError, match="one step or a range"):
         back.count_array[::2]
 

@@ -144,6 +144,8 @@ class DistributionPredictor(_Predictor):
     kind = "distribution"
     #: True if the predictor needs a tokens trace (it reads the step's token ids)
     needs_tokens: ClassVar[bool] = False
+    #: False for a reference that reads the step's own routing and learns nothing when fitted
+    learns_from_counts: ClassVar[bool] = True
 
     def fit(self, counts: np.ndarray, tokens: TokensTrace | None = None) -> "DistributionPredictor":
         """Learn from the training steps.
@@ -169,8 +171,9 @@ class DistributionPredictor(_Predictor):
         """:meth:`fit` on steps 0..num_steps-1 read through ``part(lo, hi)`` (int [hi - lo, layers,
         experts]), for predictors that read no tokens. The same fit; a predictor that can (profile,
         window, previous, EMA) reads them ``chunk_steps`` at a time, so a long training split is never
-        held whole; the others read it at once."""
-        return self.fit(part(0, num_steps))
+        held whole; one that learns nothing from them (the references) reads one step; the others
+        read it at once."""
+        return self.fit(part(0, num_steps if self.learns_from_counts else 1))
 
     @abstractmethod
     def _fit(self, counts: np.ndarray, tokens: TokensTrace | None) -> None: ...

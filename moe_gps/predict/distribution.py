@@ -25,6 +25,7 @@ class OracleDistribution(DistributionPredictor):
     name = "oracle"
     uses = "the true routing of the step itself (reference only; cannot run before routing)"
     cost_formula = "0 (reference)"
+    learns_from_counts = False
 
     def _fit(self, counts, tokens) -> None:
         pass

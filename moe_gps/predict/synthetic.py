@@ -302,6 +302,7 @@ class SyntheticDistributionPredictor(DistributionPredictor):
     name = "synthetic"
     uses = "the true shares, perturbed to error ε (a what-if predictor, not a real one)"
     cost_formula = "whatever overhead it is given (FLOPs per step per layer, or a PredictorCost); default free"
+    learns_from_counts = False
 
     def __init__(self, error: float = 0.1, overhead=None, seed: int = 0, online: bool | None = None) -> None:
         super().__init__(online)

@@ -72,7 +72,7 @@ def _trim(trace, sweep: SweepConfig, notes: list[str]):
     meta = trace.meta
     if meta.tokens_per_step is not None:
         meta = replace(meta, tokens_per_step=list(meta.tokens_per_step[:train + sim]))
-    return CountsTrace(meta, trace.counts()[:train + sim]), sim
+    return CountsTrace(meta, trace.counts_range(0, train + sim)), sim
 
 
 def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[str, SkewVariant]:

@@ -10,8 +10,10 @@ array of the format.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from functools import cached_property
+from typing import BinaryIO
 
 import numpy as np
 
@@ -117,15 +119,16 @@ class StepStore:
     trace, :func:`moe_gps.trace.reader.load_trace`): :meth:`read` returns a range of steps.
 
     ``file``: an open binary file holding the array in C order from offset 0 (a temporary file:
-    it goes away when closed). Indexing takes one step or a range of steps; ``np.asarray`` reads
-    the whole array; a pickled store arrives as the whole array.
+    it goes away when closed). Indexing takes one step or a range of steps (a copy); ``np.asarray``
+    reads the whole array; a pickled or copied store arrives as the whole array (an ndarray).
     """
 
     dtype = np.dtype(np.int64)
     ndim = 3
 
-    def __init__(self, file, num_steps: int, num_layers: int, num_experts: int) -> None:
+    def __init__(self, file: BinaryIO, num_steps: int, num_layers: int, num_experts: int) -> None:
         self.file, self.shape = file, (int(num_steps), int(num_layers), int(num_experts))
+        self._lock = threading.Lock()             # for the seek + read fallback where pread is missing
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -143,14 +146,19 @@ class StepStore:
         view, offset = memoryview(out.reshape(-1)).cast("B"), lo * out[0].nbytes
         done = 0
         while done < len(view):
-            n = os.preadv(self.file.fileno(), [view[done:]], offset + done)
-            if n <= 0:
+            if hasattr(os, "preadv"):
+                n = os.preadv(self.file.fileno(), [view[done:]], offset + done)
+            else:
+                with self._lock:
+                    self.file.seek(offset + done)
+                    n = self.file.readinto(view[done:])
+            if not n:
                 raise OSError(f"step store: the file ended after {offset + done} bytes")
             done += n
         return out
 
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
+    def __getitem__(self, key: int | np.integer | slice) -> np.ndarray:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
                 raise IndexError(f"step {key} out of range for {len(self)} steps")
@@ -164,7 +172,7 @@ class StepStore:
         a = self.read(0, len(self))
         return a if dtype is None else a.astype(dtype)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         return (np.asarray, (self.read(0, len(self)),))
 
 
@@ -198,7 +206,9 @@ class CountsTrace:
         return np.asarray(self.count_array)
 
     def counts_range(self, lo: int, hi: int) -> np.ndarray:
-        """int64 [hi - lo, layers, experts]: the counts of steps lo..hi-1 only."""
+        """int64 [hi - lo, layers, experts]: the counts of steps lo..hi-1 only, the range clipped to the
+        trace (a negative ``lo`` means step 0, not a step from the end); a view of an in-memory array,
+        a copy read from the file of a spilled one."""
         return self.count_array[max(0, lo):max(0, hi)]
 
 

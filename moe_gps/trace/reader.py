@@ -95,8 +95,8 @@ def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
     pf, meta, where = _open(path)
     try:
         if meta.kind == "counts":
-            return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta,
-                                                    SPILL_BYTES if spill_bytes is None else spill_bytes))
+            spill = SPILL_BYTES if spill_bytes is None else spill_bytes
+            return CountsTrace(meta, _gather_counts(_count_chunks(pf, meta, where, chunk_rows), pf, meta, spill))
         return _gather_tokens(_token_chunks(pf, meta, where, chunk_rows), pf, meta)
     except (UnsortedRows, StepGap):  # out of step order (a missing step may come later): read it whole
         pass                         # outside the handler, so that the partly filled arrays are freed first
@@ -200,6 +200,11 @@ def _gather_tokens(chunks: Iterator[TokenRows], pf: pq.ParquetFile, meta: TraceM
                        **{f: a[:n] for f, a in extras.items()})
 
 
+def _no_room(what: str, err: OSError, nbytes: int) -> UserError:
+    return UserError(f"cannot {what} a temporary file for the counts of a long trace in {tempfile.gettempdir()} "
+                     f"({err.strerror or err}); set TMPDIR to a folder with room for {nbytes / 1e9:.1f} GB")
+
+
 def _gather_counts(chunks: Iterator[np.ndarray], pf: pq.ParquetFile, meta: TraceMeta,
                    spill_bytes: int) -> np.ndarray | StepStore:
     """Copy validated chunks into one array, sized for a file with every (step, layer, expert) row and
@@ -208,13 +213,19 @@ def _gather_counts(chunks: Iterator[np.ndarray], pf: pq.ParquetFile, meta: Trace
     (:class:`StepStore`: memory stays that of one chunk whatever the number of steps)."""
     L, E = meta.num_layers, meta.num_experts
     if pf.metadata.num_rows * 8 > spill_bytes:
-        f = tempfile.TemporaryFile(prefix="moe-gps-counts-")
+        try:
+            f = tempfile.TemporaryFile(prefix="moe-gps-counts-")
+        except OSError as err:
+            raise _no_room("make", err, pf.metadata.num_rows * 8) from None
         try:
             n = 0
             for c in chunks:
                 f.write(np.ascontiguousarray(c, dtype=np.int64).tobytes())
                 n += len(c)
             f.flush()
+        except OSError as err:
+            f.close()
+            raise _no_room("write", err, pf.metadata.num_rows * 8) from None
         except BaseException:
             f.close()
             raise

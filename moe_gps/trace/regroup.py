@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from moe_gps.errors import UserError
-from moe_gps.trace.data import OPTIONAL_TOKEN_FIELDS, CountsTrace, TokensTrace
+from moe_gps.trace.data import COUNT_CHUNK_ELEMENTS, OPTIONAL_TOKEN_FIELDS, CountsTrace, TokensTrace
 
 #: regrouped steps the simulator needs (1 to fit predictors, 8 to simulate, with margin)
 MIN_STEPS = 12
@@ -54,8 +54,12 @@ def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTra
         "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n)}}
     if isinstance(trace, CountsTrace):
         per = n // int(trace.tokens_per_step[0])
-        counts = trace.counts()[:steps * per]
-        merged = counts.reshape(steps, per, *counts.shape[1:]).sum(axis=1)
+        L, E = trace.meta.num_layers, trace.meta.num_experts
+        merged = np.empty((steps, L, E), dtype=np.int64)
+        block = max(1, COUNT_CHUNK_ELEMENTS // (per * L * E))              # merged steps read at a time
+        for lo in range(0, steps, block):
+            hi = min(steps, lo + block)
+            merged[lo:hi] = trace.counts_range(lo * per, hi * per).reshape(hi - lo, per, L, E).sum(axis=1)
         meta = dataclasses.replace(trace.meta, provenance=prov, tokens_per_step=[n] * steps)
         return CountsTrace(meta, merged)
     rows = steps * n
