@@ -197,9 +197,11 @@ class CountsTrace:
         if isinstance(self.count_array, np.ndarray):
             return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
         chunk = max(1, COUNT_CHUNK_ELEMENTS // max(1, self.meta.num_layers * self.meta.num_experts))
-        return np.concatenate([self.count_array.read(lo, lo + chunk)[:, 0, :].sum(axis=1)
-                               for lo in range(0, self.num_steps, chunk)] or [np.zeros(0, np.int64)]) \
-            // self.meta.top_k
+        out = np.zeros(self.num_steps, dtype=np.int64)
+        for lo in range(0, self.num_steps, chunk):      # a range of steps at a time from the file
+            part = self.count_array.read(lo, lo + chunk)
+            out[lo:lo + len(part)] = part[:, 0, :].sum(axis=1)
+        return out // self.meta.top_k
 
     def counts(self) -> np.ndarray:
         """int64 [steps, layers, experts], the whole array (read from its file for a spilled trace)."""

@@ -87,10 +87,11 @@ def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
 
     Rows are read and validated ``chunk_rows`` at a time straight into the trace's arrays,
     so memory beyond those arrays stays that of one chunk whatever the number of steps.
-    A counts trace whose array would take more than ``spill_bytes`` is kept in a temporary file
-    instead (:class:`~moe_gps.trace.data.StepStore`), so that simulating it holds only the steps
-    in use (default :data:`SPILL_BYTES`). A file whose rows are not in step order is read whole and sorted (more memory), and
-    so is one with a missing step (which reading it whole reports, or finds later in the file).
+    A counts trace whose array would take more than ``spill_bytes`` (default :data:`SPILL_BYTES`)
+    is kept in a temporary file instead (:class:`~moe_gps.trace.data.StepStore`), so that
+    simulating it holds only the steps in use. A file whose rows are not in step order is read
+    whole and sorted (more memory), and so is one with a missing step (which reading it whole
+    reports, or finds later in the file).
     """
     pf, meta, where = _open(path)
     try:
