@@ -169,10 +169,10 @@ class DistributionPredictor(_Predictor):
     def fit_range(self, part: Callable[[int, int], np.ndarray], num_steps: int,
                   chunk_steps: int = 256) -> "DistributionPredictor":
         """:meth:`fit` on steps 0..num_steps-1 read through ``part(lo, hi)`` (int [hi - lo, layers,
-        experts]), for predictors that read no tokens. The same fit; a predictor that can (profile,
-        window, previous, EMA) reads them ``chunk_steps`` at a time, so a long training split is never
-        held whole; one that learns nothing from them (the references) reads one step; the others
-        read it at once."""
+        experts]), for predictors that read no tokens. The same fit; the predictors of
+        :mod:`moe_gps.predict.distribution` read them ``chunk_steps`` at a time (Kalman in three
+        passes), so a long training split is never held whole; one that learns nothing from them
+        (the references) reads one step; any other reads them at once."""
         return self.fit(part(0, num_steps if self.learns_from_counts else 1))
 
     @abstractmethod

@@ -222,32 +222,47 @@ class KalmanPredictor(DistributionPredictor):
     GRID = np.logspace(-4, 2, 25)
 
     def _fit(self, counts, tokens) -> None:
-        def y(s: int) -> np.ndarray:  # [L, E]: step s's shares (one step at a time, no [S, L, E] copy)
-            return shares(counts[s])
+        self._fit_passes(counts.sum(axis=0), np.maximum(counts.sum(axis=2), 1.0), lambda: iter(counts))
 
-        n = np.maximum(counts.sum(axis=2), 1.0)  # [S, L] assignments per layer
-        pbar = shares(counts.sum(axis=0))  # [L, E]
+    def fit_range(self, part, num_steps, chunk_steps=256):
+        self.fit(part(0, 1))                     # shapes and checks; the passes below make the fit
+        chunks = lambda: (part(lo, min(num_steps, lo + chunk_steps))  # noqa: E731
+                          for lo in range(0, num_steps, chunk_steps))
+        total, per_step = 0, []
+        for c in chunks():                       # pass 1: the sums (integers: the same as at once)
+            total = total + c.sum(axis=0)
+            per_step.append(c.sum(axis=2))
+        self._fit_passes(total, np.maximum(np.concatenate(per_step), 1.0),
+                         lambda: (row for c in chunks() for row in c))
+        return self
+
+    def _fit_passes(self, total: np.ndarray, n: np.ndarray, steps) -> None:
+        """The fit from the training counts' sum ``total`` [L, E], assignments per step and layer ``n``
+        [S, L], and ``steps()``: a fresh iterator over the steps' counts [L, E] in order (read twice)."""
+        pbar = shares(total)  # [L, E]
         self.base_var = np.maximum(pbar * (1 - pbar), 1e-12)
-        S = len(counts)
+        S = len(n)
         scale = self.base_var.mean(axis=1) / n.mean(axis=0)  # [L]: mean observation variance
         if S >= 3:
             ratios = self.GRID[:, None]  # [G, 1]: candidate q_l / mean observation variance
-            x = np.broadcast_to(y(0), (len(self.GRID),) + pbar.shape).copy()
+            rows = steps()
+            x = np.broadcast_to(shares(next(rows)), (len(self.GRID),) + pbar.shape).copy()
             P = self.base_var[None] / n[0][None, :, None]
             sq = np.zeros((len(self.GRID), self.num_layers))
             q = (ratios * scale[None])[..., None]  # [G, L, 1]
-            for s in range(1, S):
-                ys = y(s)[None]
+            for s, c in enumerate(rows, start=1):   # one step's shares at a time, no [S, L, E] copy
+                ys = shares(c)[None]
                 sq += ((ys - x) ** 2).sum(axis=2)
                 x, P = self._step(x, P, q, ys, n[s][None, :, None])
             self.ratio = self.GRID[np.argmin(sq, axis=0)]
         else:
             self.ratio = np.ones(self.num_layers)
         self.q = (self.ratio * scale)[:, None]  # [L, 1]
-        self.x = y(0)
+        rows = steps()
+        self.x = shares(next(rows))
         self.P = self.base_var / n[0][:, None]
-        for s in range(1, S):
-            self.x, self.P = self._step(self.x, self.P, self.q, y(s), n[s][:, None])
+        for s, c in enumerate(rows, start=1):
+            self.x, self.P = self._step(self.x, self.P, self.q, shares(c), n[s][:, None])
 
     def _step(self, x, P, q, y, n):
         P_pred = P + q
