@@ -599,7 +599,7 @@ class OraclePlan(Strategy):
         if ctx.copy_policy == "hidden":
             return self._step_time(cand) < self._step_time(self.current)
         moves = moves_of()
-        host = self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0
+        host = self.hw.replan_overhead
         if ctx.copy_policy == "async":
             # a bound on the job's length (its copies one after another), the steps it spans (they
             # can only be longer than without copies), and what it slows down meanwhile
