@@ -1,13 +1,16 @@
 """Scale (not a test): DeepSeek-V3-scale runs through the CLI, long counts traces, and recommend
-sweeps on both backends; wall time and peak RSS of each command, and each as a ratio to its floor.
+sweeps on both backends; wall time and peak memory of each command, and each as a ratio to its floor.
 
-Cases (every command runs in its own process; peak RSS is that process's, from
-``getrusage(RUSAGE_CHILDREN)`` of a wrapper that runs only it):
+Every command runs under a wrapper that runs only it. Its peak memory is the larger of its
+largest process's peak RSS (``getrusage(RUSAGE_CHILDREN)``) and the peak of its whole process
+tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked worker
+processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
    top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
    at that size), ``moe-gps simulate`` on 64 GPUs (the 2x8xH100-ib preset scaled to 8 nodes)
-   with none, eplb, dist:profile, dist:ema and oracle; also ``trace validate`` alone.
+   with none, eplb, dist:profile, dist:ema and oracle (with the default ``--jobs``, the CPU cores
+   available, and with ``--jobs 1``); also ``trace validate`` alone.
 2. ``counts-1000`` and ``counts-10000``: ``moe-gps trace synth --profile deepseek-v3 --kind
    counts`` (timed too), then ``trace validate`` and ``moe-gps simulate`` with none, eplb (vLLM's
    cadence: window 1000, re-plan every 3000 steps) and dist:ema. Two step counts show what
@@ -52,14 +55,37 @@ from _common import save  # noqa: E402
 STRATEGIES_CLI = "none,eplb,dist:profile,dist:ema,oracle"
 STRATEGIES_LONG = "none,eplb,dist:ema"
 
-# Runs a command, then prints its wall time and its peak RSS (the largest of the process tree's
-# waited-for processes, in KB on Linux) as JSON on the wrapper's stderr's last line.
+# Runs a command, then prints as JSON on the wrapper's stderr's last line: its wall time, its peak RSS
+# (the largest of the process tree's waited-for processes, in KB on Linux), and the peak of the whole
+# tree's memory (the sum of its processes' PSS, so that pages forked workers share count once; sampled
+# every 20 ms from /proc, 0 where /proc has no smaps_rollup).
 _WRAPPER = (
-    "import json, resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "import json, resource, subprocess, sys, threading, time\n"
+    "def tree(pid):\n"
+    "    out = [pid]\n"
+    "    for p in out:\n"
+    "        try:\n"
+    "            with open(f'/proc/{p}/task/{p}/children') as f:\n"
+    "                out += [int(c) for c in f.read().split()]\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    return out\n"
+    "def pss(pid):\n"
+    "    try:\n"
+    "        with open(f'/proc/{pid}/smaps_rollup') as f:\n"
+    "            return next(int(l.split()[1]) for l in f if l.startswith('Pss:'))\n"
+    "    except (OSError, StopIteration):\n"
+    "        return 0\n"
+    "t = time.perf_counter(); proc = subprocess.Popen(sys.argv[1:]); top = [0]\n"
+    "def sample():\n"
+    "    while proc.poll() is None:\n"
+    "        top[0] = max(top[0], sum(pss(p) for p in tree(proc.pid)))\n"
+    "        time.sleep(0.02)\n"
+    "th = threading.Thread(target=sample, daemon=True); th.start(); rc = proc.wait(); th.join()\n"
     "wall = time.perf_counter() - t\n"
     "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mb': peak / 1024}), file=sys.stderr)\n"
+    "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mb': peak / 1024, 'peak_tree_pss_mb': top[0] / 1024}),\n"
+    "      file=sys.stderr)\n"
 )
 
 # The floor: load the trace and count its expert loads; a counts trace's steps are read a range at a
@@ -95,7 +121,12 @@ def floor(trace: Path, source: Path = ROOT) -> dict:
 
 
 def with_ratio(fig: dict, base: dict) -> dict:
-    return {**fig, "x_floor_wall": fig["wall_s"] / base["wall_s"], "x_floor_rss": fig["peak_rss_mb"] / base["peak_rss_mb"]}
+    return {**fig, "x_floor_wall": fig["wall_s"] / base["wall_s"], "x_floor_rss": peak_mb(fig) / peak_mb(base)}
+
+
+def peak_mb(fig: dict) -> float:
+    """The peak memory of a command: its largest process, or its process tree's PSS where that is more."""
+    return max(fig["peak_rss_mb"], fig.get("peak_tree_pss_mb", 0.0))
 
 
 def cluster_64(work: Path) -> Path:
@@ -123,6 +154,10 @@ def deepseek_case(work: Path, cluster: Path, baseline: Path | None) -> dict:
            "simulate": with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
                                               "deepseek-v3", "--strategies", STRATEGIES_CLI, "--train-steps", "20",
                                               "-o", str(work / "sim-deepseek"), "--no-plots")), fl),
+           "simulate_serial": with_ratio(measure(cli("simulate", str(path), "--cluster", str(cluster), "--model",
+                                                     "deepseek-v3", "--strategies", STRATEGIES_CLI, "--train-steps",
+                                                     "20", "-o", str(work / "sim-deepseek-1"), "--no-plots", "-j",
+                                                     "1")), fl),
            "strategies": STRATEGIES_CLI}
     if baseline is not None:
         out["baseline"] = {"source": str(baseline), "floor": floor(path, baseline),
@@ -204,7 +239,7 @@ def sweep_case(work: Path) -> dict:
 
 def _row(name: str, fig: dict) -> str:
     ratio = f"{fig['x_floor_wall']:6.1f}x {fig['x_floor_rss']:5.1f}x" if "x_floor_wall" in fig else " " * 14
-    return f"  {name:34s} {fig['wall_s']:8.1f} s {fig['peak_rss_mb']:8.0f} MB   {ratio}"
+    return f"  {name:34s} {fig['wall_s']:8.1f} s {peak_mb(fig):8.0f} MB   {ratio}"
 
 
 def main() -> int:
@@ -233,10 +268,10 @@ def main() -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     path = save("bench_scale", figures)
-    print(f"{'case':36s} {'wall':>10s} {'peak RSS':>11s}   x floor (wall, RSS)")
+    print(f"{'case':36s} {'wall':>10s} {'peak mem':>11s}   x floor (wall, RSS)")
     for name, c in figures["cases"].items():
         print(f"{name}: {c['trace']}")
-        for key in ("floor", "synth", "validate", "simulate", "local", "ray_existing_cluster", "ray_local_cluster"):
+        for key in ("floor", "synth", "validate", "simulate", "simulate_serial", "local", "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
         for key in ("floor", "validate"):

@@ -7,22 +7,30 @@ then held for ever, the pool's result thread blocks on it, and ``Pool.join`` (or
 clean-up at exit) never returns. :func:`unordered` submits the chunks with callbacks that
 append to a deque (no lock on the caller's side) and waits by sleeping, so an interruption
 always lands in plain code, and the pool can be closed and joined afterwards.
+
+:func:`fork_map` runs a function over items in forked processes, which inherit what the parent
+holds (a trace, configs) without pickling it; a worker reports progress with :func:`progress`.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
+
+#: in a worker of :func:`fork_map`: the queue its progress goes to (None elsewhere)
+_PROGRESS = None
 
 
 def _chunk(fn: Callable, items: list) -> list:
     return [fn(x) for x in items]
 
 
-def unordered(pool, fn: Callable, items: Iterable, chunksize: int = 1, poll_s: float = 0.005) -> Iterator[Any]:
+def unordered(pool, fn: Callable, items: Iterable, chunksize: int = 1, poll_s: float = 0.005,
+              waiting: Callable[[], None] | None = None) -> Iterator[Any]:
     """``fn(item)`` for every item, in the order they finish, ``chunksize`` items per task; a worker's
-    exception is raised here."""
+    exception is raised here. ``waiting()`` is called whenever no result is ready."""
     items = list(items)
     step = max(1, int(chunksize))
     done: deque = deque()
@@ -38,4 +46,58 @@ def unordered(pool, fn: Callable, items: Iterable, chunksize: int = 1, poll_s: f
             left -= 1
             yield from done.popleft()
         else:
+            if waiting is not None:
+                waiting()
             time.sleep(poll_s)
+
+
+def fork_map(fn: Callable, items: Iterable, jobs: int,
+             on_progress: Callable[[int], None] | None = None) -> Iterator[Any]:
+    """``fn(item)`` for every item in ``jobs`` forked processes, in the order they finish (here, one
+    after another, where processes cannot be forked). ``fn`` must be a module-level function; what
+    it needs besides its item, it finds in module globals set before the call (the workers are
+    forked, so they inherit them). A call to :func:`progress` in a worker calls ``on_progress`` here.
+    """
+    global _PROGRESS
+    items = list(items)
+    if jobs <= 1 or len(items) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for x in items:
+            yield fn(x)
+        return
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue() if on_progress is not None else None
+
+    def drain() -> None:
+        while queue is not None and not queue.empty():
+            on_progress(queue.get())
+
+    _PROGRESS = queue                      # the workers, forked now, inherit it
+    try:
+        pool = ctx.Pool(min(jobs, len(items)), initializer=_ignore_interrupt)
+    finally:
+        _PROGRESS = None
+    try:
+        for res in unordered(pool, fn, items, waiting=drain):
+            drain()
+            yield res
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        if queue is not None:
+            queue.close()
+
+
+def _ignore_interrupt() -> None:
+    """Worker start: Ctrl-C is the parent's to handle (it terminates the pool)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def progress(n: int = 1) -> None:
+    """In a worker of :func:`fork_map`: ``n`` more units of work done (nothing elsewhere)."""
+    if _PROGRESS is not None:
+        _PROGRESS.put(n)

@@ -29,15 +29,25 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
 
     experts: int [T, L, k];  home: int [T];  mask: bool [T, L, k] or None (count only True)
     -> float64 [L, G, E], laid out as [L, E, G] in memory (:func:`sim.work.route` reads it by expert)
+
+    Counted one home GPU's tokens at a time (a bincount into one layer-by-expert table that stays in
+    cache, written as that GPU's column), the tokens grouped by home GPU first where they are not.
     """
     T, L, k = experts.shape
-    # 32-bit keys where they fit (half the memory traffic of the [T, L, k] key array)
-    kind = np.int32 if L * num_experts * num_gpus < 2**31 else np.int64
-    key = ((np.arange(L, dtype=kind)[None, :, None] * num_experts + experts) * num_gpus
-           + home.astype(kind, copy=False)[:, None, None])
-    weights = None if mask is None else mask.ravel().astype(np.float64)
-    flat = np.bincount(key.ravel(), weights=weights, minlength=L * num_gpus * num_experts)
-    return np.swapaxes(flat.reshape(L, num_experts, num_gpus).astype(np.float64), 1, 2)
+    home = np.asarray(home)
+    if T > 1 and (home[1:] < home[:-1]).any():
+        order = np.argsort(home, kind="stable")
+        experts, home = experts[order], home[order]
+        mask = None if mask is None else mask[order]
+    key = np.arange(L, dtype=np.intp)[None, :, None] * num_experts + experts       # [T, L, k]
+    bounds = np.searchsorted(home, np.arange(num_gpus + 1))
+    out = np.zeros((L * num_experts, num_gpus))
+    for g in range(num_gpus):
+        a, b = bounds[g], bounds[g + 1]
+        if a < b:
+            w = None if mask is None else mask[a:b].ravel().astype(np.float64)
+            out[:, g] = np.bincount(key[a:b].ravel(), weights=w, minlength=L * num_experts)
+    return np.swapaxes(out.reshape(L, num_experts, num_gpus), 1, 2)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
+from moe_gps.workers import fork_map, progress
 from sim.cost import Hardware
 from sim.engine import EventModel
 from sim.loads import StepFeed, counts_view
@@ -161,13 +162,23 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
                                trace=config.trace or trace_name), notes
 
 
+#: relative work per step of a strategy kind, to split strategies over processes (``jobs``)
+_WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
+
+#: what the processes of one :func:`simulate` call share (forked workers inherit it)
+_SHARED: dict = {}
+
+
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
-             trace_name: str = "trace", strategy_factory=None, timeline_steps: range | None = None) -> SimResult:
+             trace_name: str = "trace", strategy_factory=None, timeline_steps: range | None = None,
+             jobs: int = 1) -> SimResult:
     """Simulate every strategy of ``config`` on ``trace``; deterministic for ``config.seed``.
 
     ``strategy_factory(cfg, ctx, seed) -> Strategy`` replaces :func:`sim.strategies.make_strategy`
     (e.g. to replay placements a real run chose; moe_gps.fidelity). ``timeline_steps``: trace steps
-    whose schedule is kept in ``SimResult.timeline`` (sim.timeline)."""
+    whose schedule is kept in ``SimResult.timeline`` (sim.timeline). ``jobs`` > 1 splits the
+    strategies into up to that many groups of about equal work, each served in a forked process
+    (the same results: a strategy never sees another's state)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -179,7 +190,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         warnings.append(f"some steps hold fewer tokens ({int(np.min(trace.tokens_per_step))}) than experts x top_k "
                         f"({m.num_experts} x {m.top_k}): their expert loads are mostly sampling noise; regroup "
                         f"them into larger steps with --tokens-per-step")
-    G, L, E = cluster.num_gpus, m.num_layers, m.num_experts
+    G = cluster.num_gpus
     tps = trace.tokens_per_step
     peak_tokens = float(workload.tokens_per_step or tps.max())
     if not config.strategies:
@@ -187,29 +198,89 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     check_combination(cluster, model, workload, config.strategies, peak_tokens)
     train = default_train_steps(config, trace.num_steps, int(trace.tokens_per_step.sum()))
     test_steps = np.arange(train, trace.num_steps)
-    S = len(test_steps)
     hw = Hardware.from_config(cluster, model)
 
     config, notes = resolve_config(config, train, trace_name)
 
     hw = dataclasses.replace(hw, weight_reads=config.ffn_weight_reads, predictor_overlap=config.predictor_overlap)
     feed = StepFeed(trace, train, G, workload.tokens_per_step)
-    ctx = SimContext(G, E, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share, feed)
+    ctx = SimContext(G, m.num_experts, m.top_k, hw, model, workload, config.copy_policy, config.copy_bandwidth_share,
+                     feed)
     factory = strategy_factory or (lambda cfg, c, seed: make_strategy(cfg, c, seed, cfg.resolved_policy(train)))
     strategies = [factory(cfg, ctx, config.seed) for cfg in config.strategies]
-    K = len(strategies)
+    K, S = len(strategies), len(test_steps)
+    groups = _groups([cfg.kind for cfg in config.strategies], jobs)
     bar = tqdm(total=K * (1 + S), desc="simulate", unit="step",
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
-    seconds = [dict(prepare=0.0, plan=0.0, events=0.0) for _ in strategies]
-    counts = counts_view(trace)
-    for k, st in enumerate(strategies):
-        bar.set_postfix_str(f"fit {st.name}")
-        t0 = time.perf_counter()
-        st.prepare(trace, train, counts)
-        seconds[k]["prepare"] = time.perf_counter() - t0
-        bar.update(1)
+    if len(groups) > 1:
+        bar.set_postfix_str(f"{len(groups)} processes")
+    _SHARED.update(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
+                   test_steps=test_steps, timeline_steps=timeline_steps, bar=bar if len(groups) == 1 else None)
+    try:
+        served = list(fork_map(_serve, groups, len(groups), on_progress=bar.update))
+    finally:
+        _SHARED.clear()
+        bar.close()
+    results: list[StrategyResult | None] = [None] * K
+    timeline: dict[str, list[tuple]] = {}
+    for part in served:
+        for k, r in zip(part.index, part.results):
+            results[k] = r
+        timeline.update(part.timeline)
+    first = served[0]
+    result = SimResult(config, test_steps, first.tokens, first.expert_skew, first.base_skew, results, notes,
+                       warnings=warnings, inferred=[regrouped] if regrouped else [],
+                       timeline={st.name: timeline[st.name] for st in strategies if st.name in timeline})
+    result.verdict = verdict_of(result)
+    return result
 
-    engines = [EventModel(G, config.copy_policy, config.copy_bandwidth_share) for _ in strategies]
+
+def _groups(kinds: list[str], jobs: int) -> list[list[int]]:
+    """Strategy indices in at most ``jobs`` groups of about equal work (:data:`_WORK`): the heaviest
+    first, each onto the lightest group so far; each group in config order."""
+    n = max(1, min(int(jobs), len(kinds)))
+    groups: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for k in sorted(range(len(kinds)), key=lambda k: -_WORK.get(kinds[k], 1)):
+        g = load.index(min(load))
+        groups[g].append(k)
+        load[g] += _WORK.get(kinds[k], 1)
+    return [sorted(g) for g in groups if g]
+
+
+@dataclass
+class _Served:
+    """One group of strategies over the test steps (:func:`_serve`)."""
+
+    index: list[int]                       # the strategies' positions in the config
+    results: list[StrategyResult]
+    tokens: np.ndarray                     # float [S]
+    expert_skew: np.ndarray                # float [S, L]
+    base_skew: np.ndarray                  # float [S, L]
+    timeline: dict[str, list[tuple]]
+
+
+def _serve(index: list[int]) -> _Served:
+    """Prepare the strategies at ``index`` and run every test step under each (what :func:`simulate`
+    shares is in ``_SHARED``). Progress goes to the bar here, or to the parent in a forked worker."""
+    sh = _SHARED
+    trace, train, ctx, test_steps = sh["trace"], sh["train"], sh["ctx"], sh["test_steps"]
+    timeline_steps, bar = sh["timeline_steps"], sh["bar"]
+    tick = bar.update if bar is not None else progress
+    strategies = [sh["strategies"][k] for k in index]
+    feed, model = ctx.steps, ctx.model
+    G, L, E = ctx.num_gpus, model.num_layers, ctx.num_experts
+    K, S = len(strategies), len(test_steps)
+    seconds = [dict(prepare=0.0, plan=0.0, events=0.0) for _ in strategies]
+    for k, st in enumerate(strategies):
+        if bar is not None:
+            bar.set_postfix_str(f"fit {st.name}")
+        t0 = time.perf_counter()
+        st.prepare(trace, train, sh["counts"])
+        seconds[k]["prepare"] = time.perf_counter() - t0
+        tick(1)
+
+    engines = [EventModel(G, ctx.copy_policy, ctx.bandwidth_share) for _ in strategies]
     layer_time = np.zeros((K, S, L))
     phases = {p: np.zeros((K, S, L)) for p in PHASES}
     gpu_skew = np.zeros((K, S, L))
@@ -219,7 +290,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     base_skew = np.zeros((S, L))
     base = plan_placement(np.ones((L, E)), G, (-E) % G, "none")
     timeline: dict[str, list[tuple]] = {}
-    bar.set_postfix_str("steps")
+    if bar is not None:
+        bar.set_postfix_str("steps")
     for i, s in enumerate(test_steps):
         loads = feed.take(i)
         tokens[i] = loads.tokens
@@ -242,7 +314,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
                 phases[p][k, i] = parts[p]
             gpu_skew[k, i] = _skew(work.gpu_tokens)
             copy_bytes[k, i] = work.copy_bytes
-        bar.update(K)
+        tick(K)
 
     results = []
     for k, st in enumerate(strategies):
@@ -250,8 +322,4 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
         extra = R / G * L * model.expert_bytes  # redundant slots per GPU x layers x expert bytes
         results.append(StrategyResult(st.name, st.cfg, st.info, layer_time[k], {p: phases[p][k] for p in PHASES},
                                       gpu_skew[k], copy_bytes[k], extra, R, st.replans, seconds[k]))
-    bar.close()
-    result = SimResult(config, test_steps, tokens, expert_skew, base_skew, results, notes, warnings=warnings,
-                       inferred=[regrouped] if regrouped else [], timeline=timeline)
-    result.verdict = verdict_of(result)
-    return result
+    return _Served(index, results, tokens, expert_skew, base_skew, timeline)

@@ -107,9 +107,18 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     without building it: :func:`sim.cost.alltoall_outer_time`.)
     """
     L, G, E = src_counts.shape
-    per_slot = np.swapaxes(src_counts, 1, 2)[np.arange(L)[:, None], placement.phy2log]   # [L, P, G]
-    per_slot *= placement.replica_share[:, :, None]
-    return np.swapaxes(per_slot.reshape(L, G, placement.slots_per_gpu, G).sum(axis=2), 1, 2)
+    S = placement.slots_per_gpu
+    by_expert = np.swapaxes(src_counts, 1, 2).reshape(L * E, G)     # a view where the layout is [L, E, G]
+    rows = (np.arange(L)[:, None] * E + placement.phy2log).reshape(L * G, S)
+    share = placement.replica_share.reshape(L * G, S)
+    # slot by slot of each GPU (the same sums, in the same order, as summing the GPU's slots at once)
+    out = by_expert.take(rows[:, 0], axis=0)                        # [L G, G]
+    out *= share[:, :1]
+    for s in range(1, S):
+        part = by_expert.take(rows[:, s], axis=0)
+        part *= share[:, s:s + 1]
+        out += part
+    return np.swapaxes(out.reshape(L, G, G), 1, 2)
 
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,

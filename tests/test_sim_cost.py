@@ -19,6 +19,7 @@ from moe_gps.config.schema import (AttentionSpec, ClusterConfig, GPUSpec, LinkSp
 from moe_gps.placement import Placement
 from sim.cost import (Hardware, alltoall_time, attention_time, expert_slot_time, ffn_time, layout_time,
                       predictor_time, transfer_time)
+from sim.loads import source_counts
 from sim.work import moves_weights, route, share_by_gpu, weight_copies
 
 US = 1e-6
@@ -127,6 +128,35 @@ def test_route_splits_by_replica_share():
     # expert 0 goes 0.9/0.1, expert 1 0.5/0.5
     assert route(src, uneven)[0].ravel() == pytest.approx([9 + 2, 1 + 2, 5.4, 0.6])
 
+
+
+def test_route_of_random_placements_equals_the_matrix_product():
+    rng = np.random.default_rng(4)
+    L, G, E, S = 3, 4, 10, 3
+    src = rng.integers(0, 20, (L, G, E)).astype(np.float64)
+    phy2log = np.stack([rng.permutation(np.r_[np.arange(E), rng.integers(0, E, G * S - E)]) for _ in range(L)])
+    share = rng.random(phy2log.shape)
+    total = np.stack([np.bincount(phy2log[layer], weights=share[layer], minlength=E) for layer in range(L)])
+    p = Placement(phy2log, G, E, replica_share=share / np.take_along_axis(total, phy2log, axis=1))
+    for counts in (src, np.ascontiguousarray(np.swapaxes(src, 1, 2)).swapaxes(1, 2)):   # either memory layout
+        assert np.allclose(route(counts, p), counts @ share_by_gpu(p))
+
+
+def test_source_counts_by_home_gpu_in_any_token_order_and_with_a_mask():
+    rng = np.random.default_rng(5)
+    T, L, k, G, E = 40, 3, 2, 4, 6
+    experts = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(T)])
+    for home in (np.repeat(np.arange(G), T // G), rng.integers(0, G, T), np.full(T, 2)):
+        for mask in (None, rng.random((T, L, k)) < 0.6):
+            want = np.zeros((L, G, E))
+            for t in range(T):
+                for layer in range(L):
+                    for j in range(k):
+                        if mask is None or mask[t, layer, j]:
+                            want[layer, home[t], experts[t, layer, j]] += 1
+            got = source_counts(experts, home, G, E, mask)
+            assert np.array_equal(got, want)
+            assert got.strides[1] < got.strides[2]               # laid out by expert: route reads its rows
 
 def test_weight_copies_prefer_the_same_node():
     # 4 GPUs x 2 slots; before: GPU0 (0,1) GPU1 (2,3) GPU2 (0,1) GPU3 (2,3); layer 1 unchanged

@@ -341,3 +341,63 @@ def test_the_closed_form_of_quiet_steps_equals_the_event_model(trace, monkeypatc
         assert np.allclose(a.layer_time, b.layer_time, rtol=1e-9, atol=1e-15), (policy, a.name)
         for p in PHASES:
             assert np.allclose(a.phases[p], b.phases[p], rtol=1e-9, atol=1e-12), (policy, a.name, p)
+
+
+SERVED_IN: list[int] = []           # the processes _recording_serve ran in (a forked worker's stay there)
+REAL_SERVE: list = []
+
+
+def _recording_serve(index):
+    import os
+
+    SERVED_IN.append(os.getpid())
+    return REAL_SERVE[0](index)
+
+
+def test_jobs_split_the_strategies_over_processes_with_the_same_results(trace, monkeypatch):
+    import os
+
+    import sim.run as run
+
+    names = ["none", "eplb", "dist:ema", "token:prev-layer", synthetic(0.8, placement="typical"), "oracle"]
+    cfg = config(names, seed=2)
+    REAL_SERVE[:] = [run._serve]
+    monkeypatch.setattr(run, "_serve", _recording_serve)
+    SERVED_IN.clear()
+    a = simulate(trace, cfg, progress=False, timeline_steps=range(5, 7))
+    assert SERVED_IN == [os.getpid()]                   # one job: served here
+    b = simulate(trace, cfg, progress=False, timeline_steps=range(5, 7), jobs=3)
+    assert SERVED_IN == [os.getpid()]                   # three jobs: served in forked workers only
+    assert [r.name for r in b.strategies] == [r.name for r in a.strategies]
+    for x, y in zip(a.strategies, b.strategies):
+        assert np.array_equal(x.layer_time, y.layer_time) and np.array_equal(x.copy_bytes, y.copy_bytes)
+        assert all(np.array_equal(x.phases[p], y.phases[p]) for p in PHASES)
+        assert (x.replans, x.info.accuracy, x.redundant_slots) == (y.replans, y.info.accuracy, y.redundant_slots)
+    assert np.array_equal(a.expert_skew, b.expert_skew) and np.array_equal(a.tokens, b.tokens)
+    assert a.timeline == b.timeline and list(a.timeline) == list(b.timeline)
+    assert a.verdict.to_dict() == b.verdict.to_dict()
+
+
+def test_strategy_groups_balance_the_work():
+    from sim.run import _groups
+
+    assert _groups(["none", "static", "distribution", "distribution", "oracle"], 2) == [[4], [0, 1, 2, 3]]
+    assert _groups(["none", "static"], 8) == [[0], [1]]
+    assert _groups(["oracle", "token", "none"], 1) == [[0, 1, 2]]
+    groups = _groups(["token"] * 5 + ["none"] * 3, 3)
+    assert sorted(k for g in groups for k in g) == list(range(8)) and len(groups) == 3
+
+
+def test_an_error_in_a_worker_is_the_same_one_line_error(trace):
+    from sim.strategies import make_strategy
+
+    def factory(cfg, ctx, seed):
+        st = make_strategy(cfg, ctx, seed, cfg.resolved_policy(4))
+        if cfg.kind == "distribution":
+            def prepare(*a):
+                raise UserError("dist:ema: cannot fit (a test)")
+            st.prepare = prepare
+        return st
+
+    with pytest.raises(UserError, match="cannot fit"):
+        simulate(trace, config(["none", "eplb", "dist:ema"]), progress=False, strategy_factory=factory, jobs=2)

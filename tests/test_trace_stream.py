@@ -205,3 +205,24 @@ def test_steps_out_of_order_across_chunks_load_whole(tmp_path):
     assert validate_trace(path, chunk_rows=8)[1] == 4
     with pytest.raises(UserError, match="row 20: gap in step numbers: step 1 is missing"):
         list(iter_steps(path, batch_rows=8))                     # streaming has not seen step 1 yet
+
+
+def test_reading_ahead_hands_over_errors_and_stops_with_its_reader():
+    import threading
+
+    from moe_gps.trace.reader import _read_ahead
+
+    def batches():
+        yield 1
+        yield 2
+        raise ValueError("bad page")
+
+    it = _read_ahead(batches())
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(ValueError, match="bad page"):
+        next(it)
+    it = _read_ahead(iter(range(100)), depth=1)
+    assert next(it) == 0
+    it.close()                                            # the reader stopped early: so does the thread
+    assert not any(t.name == "moe-gps-read-ahead" for t in threading.enumerate())
+    assert list(_read_ahead(iter(range(5)))) == list(range(5))

@@ -54,3 +54,23 @@ def test_interrupted_consumer_leaves_a_pool_that_closes_and_joins():
     joiner.start()
     joiner.join(30)
     assert not joiner.is_alive()
+
+
+def _ticks(x: int) -> int:
+    from moe_gps.workers import progress
+
+    progress(x)
+    return x * 10
+
+
+def test_fork_map_runs_in_forked_workers_and_passes_their_progress_here():
+    from moe_gps.workers import fork_map
+
+    seen: list[int] = []
+    assert sorted(fork_map(_ticks, [1, 2, 3, 4], jobs=2, on_progress=seen.append)) == [10, 20, 30, 40]
+    assert sorted(seen) == [1, 2, 3, 4]                 # every worker's progress reached this process
+    # one job: in this process, in order; progress outside a worker goes nowhere
+    assert list(fork_map(_ticks, [3, 1], jobs=1, on_progress=seen.append)) == [30, 10]
+    assert sorted(seen) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="three"):
+        list(fork_map(_fail, range(6), jobs=2))

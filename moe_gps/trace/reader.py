@@ -9,7 +9,9 @@ that of one chunk, and every bad file gets the same one-line error whichever way
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -143,7 +145,7 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
     """(rows of whole steps, file row of the first) in file order; UnsortedRows where steps go back."""
     pending: list[pa.RecordBatch] = []
     row0, last = 0, -1
-    for batch in pf.iter_batches(batch_size=batch_rows):
+    for batch in _read_ahead(pf.iter_batches(batch_size=batch_rows)):
         if not batch.num_rows:
             continue
         pending.append(batch)
@@ -160,6 +162,46 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
         pending = table.slice(complete).to_batches()
     if pending:
         yield pa.Table.from_batches(pending), row0
+
+
+def _read_ahead(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """``batches`` in order, up to ``depth`` of the next ones decoded in a thread meanwhile (Arrow decodes
+    without holding the GIL, so that reading overlaps the validation of the chunk before)."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read() -> None:
+        try:
+            for b in batches:
+                if not put((b, None)):
+                    return
+            put((end, None))
+        except BaseException as err:             # handed to the reader of the batches
+            put((None, err))
+
+    thread = threading.Thread(target=read, name="moe-gps-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            b, err = ready.get()
+            if err is not None:
+                raise err
+            if b is end:
+                return
+            yield b
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _token_chunks(pf: pq.ParquetFile, meta: TraceMeta, where: str, batch_rows: int) -> Iterator[TokenRows]:

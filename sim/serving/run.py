@@ -21,7 +21,7 @@ from moe_gps.config.schema import VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE, Workload
 from moe_gps.config.serving import ServeConfig
 from moe_gps.errors import UserError
 from moe_gps.trace.data import CountsTrace, TokensTrace
-from moe_gps.workers import unordered
+from moe_gps.workers import fork_map
 from sim.cost import Hardware
 from sim.loads import counts_view
 from sim.run import default_train_steps, resolve_config
@@ -187,36 +187,17 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
     return ServeResult(config, results, notes)
 
 
-def _ignore_interrupt() -> None:
-    """Worker start: Ctrl-C is the parent's to handle (it terminates the pool)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _map(fn, items: list, jobs: int, progress: bool):
     """``fn`` over ``items``, in this process or in ``jobs`` forked processes (a bar over items then)."""
     if jobs == 1:
         yield from map(fn, items)
         return
-    import multiprocessing
-
     from tqdm import tqdm
 
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" not in methods:                      # workers could not inherit the shared state
-        yield from map(fn, items)
-        return
     bar = tqdm(total=len(items), desc="serve", unit="run", disable=not progress, file=sys.stderr)
-    pool = multiprocessing.get_context("fork").Pool(jobs, initializer=_ignore_interrupt)
     try:
-        for res in unordered(pool, fn, items):
+        for res in fork_map(fn, items, jobs):
             bar.update(1)
             yield res
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
     finally:
-        pool.join()
         bar.close()
