@@ -39,14 +39,14 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
         order = np.argsort(home, kind="stable")
         experts, home = experts[order], home[order]
         mask = None if mask is None else mask[order]
-    key = np.arange(L, dtype=np.intp)[None, :, None] * num_experts + experts       # [T, L, k]
+    layer = np.arange(L, dtype=np.intp)[None, :, None] * num_experts
     bounds = np.searchsorted(home, np.arange(num_gpus + 1))
     out = np.zeros((L * num_experts, num_gpus))
     for g in range(num_gpus):
         a, b = bounds[g], bounds[g + 1]
         if a < b:
             w = None if mask is None else mask[a:b].ravel().astype(np.float64)
-            out[:, g] = np.bincount(key[a:b].ravel(), weights=w, minlength=L * num_experts)
+            out[:, g] = np.bincount((layer + experts[a:b]).ravel(), weights=w, minlength=L * num_experts)
     return np.swapaxes(out.reshape(L, num_experts, num_gpus), 1, 2)
 
 

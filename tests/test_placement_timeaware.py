@@ -74,12 +74,12 @@ def test_copy_penalty_and_resharing():
     assert np.array_equal(again.phy2log, first.phy2log) and not np.allclose(again.replica_share,
                                                                             first.replica_share)
     assert predicted(again, moved, model)[0] <= home_time(moved, 4, 3, model)[0]
-    assert new_pairs(again.phy2log, first, 4, 8).sum() == 0
+    assert new_pairs(again.phy2log, first, 4).sum() == 0
     # a copy penalty above any saving keeps the replicas it has; none lets it re-plan freely
     dear = plan_placement(moved, 4, 4, "timeaware", previous=first, cost=model, copy_penalty_s=10.0)
-    assert new_pairs(dear.phy2log, first, 4, 8).sum() == 0
+    assert new_pairs(dear.phy2log, first, 4).sum() == 0
     free = plan_placement(moved, 4, 4, "timeaware", previous=first, cost=model, copy_penalty_s=0.0)
-    assert new_pairs(free.phy2log, first, 4, 8).sum() > 0
+    assert new_pairs(free.phy2log, first, 4).sum() > 0
     assert predicted(free, moved, model)[0] < predicted(again, moved, model)[0]
 
 

@@ -37,7 +37,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.layouts import contiguous, fill_spares
 from moe_gps.placement.placement import Placement
-from moe_gps.placement.waterfill import relabel_gpus
+from moe_gps.placement.waterfill import arrivals, relabel_gpus
 
 #: token amounts tried per move, as fractions of half the gap between the two GPUs
 TRIALS = (1.0, 0.5, 0.25)
@@ -94,17 +94,12 @@ def home_layers(placement: Placement | None, base: np.ndarray, num_gpus: int) ->
     return ((placement.phy2log == base) | ~home).all(axis=1)
 
 
-def new_pairs(phy2log: np.ndarray, previous: Placement | None, num_gpus: int, num_experts: int) -> np.ndarray:
+def new_pairs(phy2log: np.ndarray, previous: Placement | None, num_gpus: int) -> np.ndarray:
     """int [L]: (GPU, expert) pairs per layer that ``phy2log`` holds and ``previous`` did not
     (the experts to copy); 0 without a previous placement."""
-    L, P = phy2log.shape
     if previous is None:
-        return np.zeros(L, dtype=np.int64)
-    gpu = np.arange(P) // (P // num_gpus)
-    key = (np.arange(L)[:, None] * num_gpus + gpu[None, :]) * num_experts + phy2log
-    now = np.bincount(key.ravel(), minlength=L * num_gpus * num_experts) > 0
-    before = previous.experts_on_gpu().ravel() > 0
-    return (now & ~before).reshape(L, -1).sum(axis=1)
+        return np.zeros(phy2log.shape[0], dtype=np.int64)
+    return arrivals(phy2log, previous.phy2log, num_gpus)
 
 
 def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cost: TimeModel | None = None,
@@ -146,12 +141,12 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
                 # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
                 bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
             bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
-            score = obj + penalty * new_pairs(phy2log, previous, N, E)
-            bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N, E)
+            score = obj + penalty * new_pairs(phy2log, previous, N)
+            bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N)
             chosen = bal_score < score * (1 - 1e-12)
             phy2log[chosen] = bal[chosen]
             share[chosen] = 1.0 / _replicas(bal, E)[chosen]
-    copies = new_pairs(phy2log, previous, N, E)
+    copies = new_pairs(phy2log, previous, N)
     info = {"copy_penalty_s": penalty, "balanced_layers": int(chosen.sum()), "kept_layers": int(kept.sum()),
             "unused_slots": int(((share == 0) & ~chosen[:, None]).sum()), "copies": int(copies.sum()),
             "allow_colocated": bool(chosen.any() or (kept.any() and previous.allow_colocated))}
