@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import sys
 import time
 from dataclasses import dataclass, field
@@ -214,23 +215,28 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
     if len(groups) > 1:
         bar.set_postfix_str(f"{len(groups)} processes")
+    arrays = _Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1)
     _SHARED.update(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
-                   test_steps=test_steps, timeline_steps=timeline_steps, bar=bar if len(groups) == 1 else None)
+                   test_steps=test_steps, timeline_steps=timeline_steps, arrays=arrays,
+                   bar=bar if len(groups) == 1 else None)
     try:
-        served = list(fork_map(_serve, groups, len(groups), on_progress=bar.update))
+        served = {k: facts for part in fork_map(_serve, groups, len(groups), on_progress=bar.update)
+                  for k, facts in part.items()}
     finally:
         _SHARED.clear()
         bar.close()
-    results: list[StrategyResult | None] = [None] * K
-    timeline: dict[str, list[tuple]] = {}
-    for part in served:
-        for k, r in zip(part.index, part.results):
-            results[k] = r
-        timeline.update(part.timeline)
-    first = served[0]
-    result = SimResult(config, test_steps, first.tokens, first.expert_skew, first.base_skew, results, notes,
-                       warnings=warnings, inferred=[regrouped] if regrouped else [],
-                       timeline={st.name: timeline[st.name] for st in strategies if st.name in timeline})
+    results, timeline = [], {}
+    for k, st in enumerate(strategies):
+        info, replans, seconds, rows = served[k]
+        R = st.redundant
+        extra = R / G * m.num_layers * model.expert_bytes  # redundant slots per GPU x layers x expert bytes
+        results.append(StrategyResult(st.name, st.cfg, info, arrays.layer_time[k],
+                                      {p: arrays.phases[p][k] for p in PHASES}, arrays.gpu_skew[k],
+                                      arrays.copy_bytes[k], extra, R, replans, seconds))
+        if rows:
+            timeline[st.name] = rows
+    result = SimResult(config, test_steps, arrays.tokens, arrays.expert_skew, arrays.base_skew, results, notes,
+                       warnings=warnings, inferred=[regrouped] if regrouped else [], timeline=timeline)
     result.verdict = verdict_of(result)
     return result
 
@@ -249,28 +255,43 @@ def _groups(kinds: list[str], jobs: int) -> list[list[int]]:
 
 
 @dataclass
-class _Served:
-    """One group of strategies over the test steps (:func:`_serve`)."""
+class _Arrays:
+    """The per-step results of every strategy (K strategies, S steps, L layers), float64. Where
+    ``shared``, in memory that forked workers write into and this process reads (no copies of them
+    sent back, so memory is that of one set whatever the number of workers)."""
 
-    index: list[int]                       # the strategies' positions in the config
-    results: list[StrategyResult]
-    tokens: np.ndarray                     # float [S]
-    expert_skew: np.ndarray                # float [S, L]
-    base_skew: np.ndarray                  # float [S, L]
-    timeline: dict[str, list[tuple]]
+    layer_time: np.ndarray                 # [K, S, L]
+    phases: dict[str, np.ndarray]          # PHASES -> [K, S, L]
+    gpu_skew: np.ndarray                   # [K, S, L]
+    copy_bytes: np.ndarray                 # [K, S, L]
+    tokens: np.ndarray                     # [S]
+    expert_skew: np.ndarray                # [S, L]
+    base_skew: np.ndarray                  # [S, L]
+
+    @classmethod
+    def zeros(cls, K: int, S: int, L: int, shared: bool) -> "_Arrays":
+        def z(*shape: int) -> np.ndarray:
+            if not shared:
+                return np.zeros(shape)
+            n = int(np.prod(shape))
+            return np.frombuffer(mmap.mmap(-1, max(8 * n, 1)), dtype=np.float64, count=n).reshape(shape)
+
+        return cls(z(K, S, L), {p: z(K, S, L) for p in PHASES}, z(K, S, L), z(K, S, L), z(S), z(S, L), z(S, L))
 
 
-def _serve(index: list[int]) -> _Served:
+def _serve(index: list[int]) -> dict[int, tuple]:
     """Prepare the strategies at ``index`` and run every test step under each (what :func:`simulate`
-    shares is in ``_SHARED``). Progress goes to the bar here, or to the parent in a forked worker."""
+    shares is in ``_SHARED``), writing their rows of the shared :class:`_Arrays` (and the steps' own,
+    by the group of strategy 0). Progress goes to the bar here, or to the parent in a forked worker.
+    -> strategy index -> (its StrategyInfo, re-plans, seconds spent, timeline rows)."""
     sh = _SHARED
     trace, train, ctx, test_steps = sh["trace"], sh["train"], sh["ctx"], sh["test_steps"]
-    timeline_steps, bar = sh["timeline_steps"], sh["bar"]
+    timeline_steps, bar, out = sh["timeline_steps"], sh["bar"], sh["arrays"]
     tick = bar.update if bar is not None else progress
     strategies = [sh["strategies"][k] for k in index]
     feed, model = ctx.steps, ctx.model
     G, L, E = ctx.num_gpus, model.num_layers, ctx.num_experts
-    K, S = len(strategies), len(test_steps)
+    K = len(strategies)
     seconds = [dict(prepare=0.0, plan=0.0, events=0.0) for _ in strategies]
     for k, st in enumerate(strategies):
         if bar is not None:
@@ -281,45 +302,33 @@ def _serve(index: list[int]) -> _Served:
         tick(1)
 
     engines = [EventModel(G, ctx.copy_policy, ctx.bandwidth_share) for _ in strategies]
-    layer_time = np.zeros((K, S, L))
-    phases = {p: np.zeros((K, S, L)) for p in PHASES}
-    gpu_skew = np.zeros((K, S, L))
-    copy_bytes = np.zeros((K, S, L))
-    tokens = np.zeros(S)
-    expert_skew = np.zeros((S, L))
-    base_skew = np.zeros((S, L))
+    own = 0 in index
     base = plan_placement(np.ones((L, E)), G, (-E) % G, "none")
-    timeline: dict[str, list[tuple]] = {}
+    timeline: list[list[tuple]] = [[] for _ in strategies]
     if bar is not None:
         bar.set_postfix_str("steps")
     for i, s in enumerate(test_steps):
         loads = feed.take(i)
-        tokens[i] = loads.tokens
-        expert_skew[i] = _skew(loads.counts)
-        base_skew[i] = _skew(base.gpu_loads(loads.counts))
+        if own:
+            out.tokens[i] = loads.tokens
+            out.expert_skew[i] = _skew(loads.counts)
+            out.base_skew[i] = _skew(base.gpu_loads(loads.counts))
         keep = timeline_steps is not None and int(s) in timeline_steps
-        for k, st in enumerate(strategies):
+        for j, (k, st) in enumerate(zip(index, strategies)):
             t0 = time.perf_counter()
-            decision = st.step(i, loads, engines[k].job_pending())
+            decision = st.step(i, loads, engines[j].job_pending())
             work = decision.work(loads, ctx)
             t1 = time.perf_counter()
-            engines[k].log = [] if keep else None
-            marks = engines[k].run_step(work, decision.background)
+            engines[j].log = [] if keep else None
+            marks = engines[j].run_step(work, decision.background)
             if keep:
-                timeline.setdefault(st.name, []).extend((*row, int(s)) for row in engines[k].log)
-            seconds[k]["plan"] += t1 - t0
-            seconds[k]["events"] += time.perf_counter() - t1
-            layer_time[k, i], parts = breakdown(work, marks)
+                timeline[j].extend((*row, int(s)) for row in engines[j].log)
+            seconds[j]["plan"] += t1 - t0
+            seconds[j]["events"] += time.perf_counter() - t1
+            out.layer_time[k, i], parts = breakdown(work, marks)
             for p in PHASES:
-                phases[p][k, i] = parts[p]
-            gpu_skew[k, i] = _skew(work.gpu_tokens)
-            copy_bytes[k, i] = work.copy_bytes
+                out.phases[p][k, i] = parts[p]
+            out.gpu_skew[k, i] = _skew(work.gpu_tokens)
+            out.copy_bytes[k, i] = work.copy_bytes
         tick(K)
-
-    results = []
-    for k, st in enumerate(strategies):
-        R = st.redundant
-        extra = R / G * L * model.expert_bytes  # redundant slots per GPU x layers x expert bytes
-        results.append(StrategyResult(st.name, st.cfg, st.info, layer_time[k], {p: phases[p][k] for p in PHASES},
-                                      gpu_skew[k], copy_bytes[k], extra, R, st.replans, seconds[k]))
-    return _Served(index, results, tokens, expert_skew, base_skew, timeline)
+    return {k: (st.info, st.replans, seconds[j], timeline[j]) for j, (k, st) in enumerate(zip(index, strategies))}
