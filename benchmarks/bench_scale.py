@@ -6,6 +6,8 @@ largest process's peak RSS (``getrusage(RUSAGE_CHILDREN)``) and the peak of its 
 tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked worker
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
+0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
+   without the plots).
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
    top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
    at that size), ``moe-gps simulate`` on 64 GPUs (the 2x8xH100-ib preset scaled to 8 nodes)
@@ -165,6 +167,15 @@ def deepseek_case(work: Path, cluster: Path, baseline: Path | None) -> dict:
     return out
 
 
+def bundled_case(work: Path) -> dict:
+    trace = ROOT / "traces" / "mixtral_mmlu.parquet"
+    fl = floor(trace)
+    return {"trace": f"{trace.relative_to(ROOT)}, every default strategy", "floor": fl,
+            "simulate": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled"))), fl),
+            "simulate_no_plots": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled-np"),
+                                                        "--no-plots")), fl)}
+
+
 def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None, simulate: bool = True) -> dict:
     path = work / f"deepseek_counts_{steps}.parquet"
     synth = measure(cli("trace", "synth", "--profile", "deepseek-v3", "--kind", "counts", "--steps", str(steps),
@@ -257,6 +268,7 @@ def main() -> int:
     figures: dict = {"cases": {}}
     try:
         cluster = cluster_64(work)
+        figures["cases"]["bundled"] = bundled_case(work)
         if not args.skip_cli:
             figures["cases"]["deepseek-cli"] = deepseek_case(work, cluster, args.baseline)
         for steps in (1000,) if args.skip_10k else (1000, 10000):
@@ -271,7 +283,7 @@ def main() -> int:
     print(f"{'case':36s} {'wall':>10s} {'peak mem':>11s}   x floor (wall, RSS)")
     for name, c in figures["cases"].items():
         print(f"{name}: {c['trace']}")
-        for key in ("floor", "synth", "validate", "simulate", "simulate_serial", "local", "ray_existing_cluster", "ray_local_cluster"):
+        for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_serial", "local", "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
         for key in ("floor", "validate"):

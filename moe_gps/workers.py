@@ -67,17 +67,29 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue() if on_progress is not None else None
 
-    def drain() -> None:
-        while queue is not None and not queue.empty():
-            on_progress(queue.get())
-
     _PROGRESS = queue                      # the workers, forked now, inherit it
     try:
         pool = ctx.Pool(min(jobs, len(items)), initializer=_ignore_interrupt)
     finally:
         _PROGRESS = None
+    workers = list(pool._pool)              # a pool replaces a worker that died, and its task is lost
+
+    def drain() -> None:
+        while queue is not None and not queue.empty():
+            on_progress(queue.get())
+
+    def waiting() -> None:
+        drain()
+        dead = next((w for w in workers if w.exitcode is not None), None)
+        if dead is not None:
+            if dead.exitcode == -9:
+                raise MemoryError(f"worker process {dead.pid} was killed with SIGKILL, as the kernel's out-of-memory "
+                                  "killer does; run fewer workers at once (--jobs)")
+            raise RuntimeError(f"a worker process (pid {dead.pid}) ended with exit code {dead.exitcode} before "
+                               "its work was done")
+
     try:
-        for res in unordered(pool, fn, items, waiting=drain):
+        for res in unordered(pool, fn, items, waiting=waiting):
             drain()
             yield res
         pool.close()

@@ -74,3 +74,20 @@ def test_fork_map_runs_in_forked_workers_and_passes_their_progress_here():
     assert sorted(seen) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="three"):
         list(fork_map(_fail, range(6), jobs=2))
+
+
+def _killed(x: int) -> int:
+    import os
+    import signal
+
+    if x == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    return x
+
+
+def test_fork_map_reports_a_killed_worker_instead_of_waiting_for_ever():
+    from moe_gps.workers import fork_map
+
+    with pytest.raises(MemoryError, match="killed with SIGKILL"):
+        list(fork_map(_killed, [1, 2, 3], jobs=3))
