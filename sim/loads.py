@@ -105,7 +105,8 @@ def step_loads(trace: TokensTrace | CountsTrace, step: int, num_gpus: int,
         home = home_gpus(T, num_gpus, r.rank)
         home_tokens = np.bincount(home, minlength=num_gpus).astype(np.float64)
         scale = _scale(T, tokens_per_step)
-        src = source_counts(r.experts, home, num_gpus, E) * scale
+        src = source_counts(r.experts, home, num_gpus, E)
+        src *= scale                        # in place: the array is large, and its layout is kept
         return StepLoads(step, T * scale, scale, home_tokens * scale, src, r.experts, home)
     T = int(trace.tokens_per_step[step])
     home_tokens = np.bincount(home_gpus(T, num_gpus), minlength=num_gpus).astype(np.float64)

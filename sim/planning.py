@@ -98,18 +98,20 @@ class LayerTimeModel:
         return (state, *self._totals(state["layers"], **self._sums(state)))
 
     def moved(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
-              x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         """:meth:`evaluate` of the ``state`` rows ``rows`` [m] with ``x`` [m] plan tokens of ``expert`` [m]
-        moved from slot ``src`` [m] to slot ``dst`` [m] (which takes the expert if it was empty). Only
-        the two GPUs' sums change (and, across nodes, what the two nodes take from every GPU), so a
-        move costs O(K G) instead of a layer's O(K P)."""
-        return self._totals(state["layers"][rows], **self._sums(self._move(state, rows, src, dst, expert, x)))
+        moved from slot ``src`` [m] to slot ``dst`` [m] (which takes the expert if it was empty), and
+        the moved rows' parts, for :meth:`apply`. Only the two GPUs' sums change (and, across nodes,
+        what the two nodes take from every GPU), so a move costs O(K G) instead of a layer's O(K P)."""
+        parts = self._move(state, rows, src, dst, expert, x)
+        return (*self._totals(state["layers"][rows], **self._sums(parts)), parts)
 
-    def apply(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
-              x: np.ndarray) -> None:
-        """Make the moves of :meth:`moved` in ``state`` (``rows`` distinct)."""
-        for k, v in self._move(state, rows, src, dst, expert, x).items():
-            state[k][:, rows] = v
+    @staticmethod
+    def apply(state: dict, rows: np.ndarray, moved: dict, pick: np.ndarray) -> None:
+        """Make moves priced by :meth:`moved` in ``state``: its rows ``pick`` [n] become the
+        ``state`` rows ``rows`` [n] (distinct)."""
+        for k, v in moved.items():
+            state[k][:, rows] = v[:, pick]
 
     def _parts(self, slot_exp: np.ndarray, slot_tokens: np.ndarray, layers: np.ndarray) -> dict:
         """Per scenario: tokens per slot [K, n, P] and the per-GPU sums [K, n, G] the layer time is made of."""

@@ -78,10 +78,12 @@ class _Moves:
 
     def moved(self, state, rows, src, dst, expert, x):
         exp, tok = self._moved(state, rows, src, dst, expert, x)
-        return self.cost.evaluate(exp, tok, state["layers"][rows])
+        return (*self.cost.evaluate(exp, tok, state["layers"][rows]), (exp, tok))
 
-    def apply(self, state, rows, src, dst, expert, x) -> None:
-        state["exp"][rows], state["tok"][rows] = self._moved(state, rows, src, dst, expert, x)
+    @staticmethod
+    def apply(state, rows, moved, pick) -> None:
+        exp, tok = moved
+        state["exp"][rows], state["tok"][rows] = exp[pick], tok[pick]
 
 
 def home_layers(placement: Placement | None, base: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -205,7 +207,8 @@ def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placeme
         # every trial amount at once: rows k * n + j are trial k of layer idx[j]
         K = len(TRIALS)
         x = np.where(ok, half, 0.0)[None, :] * np.asarray(TRIALS)[:, None]          # [K, n]
-        o, g = model.moved(state, np.tile(idx, K), np.tile(src, K), np.tile(dst, K), np.tile(e, K), x.ravel())
+        o, g, after = model.moved(state, np.tile(idx, K), np.tile(src, K), np.tile(dst, K), np.tile(e, K),
+                                  x.ravel())
         o, g = o.reshape(K, n), g.reshape(K, n, -1)
         s_k = o + np.where(ok & ~shift, penalty, 0.0)[None, :] + (score[idx] - obj[idx])[None, :]
         # a move must lower the layer's time (with penalties), or keep it and even out the GPUs (a
@@ -224,7 +227,7 @@ def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placeme
         t = np.flatnonzero(take)
         li = idx[t]
         x = half[t] * np.asarray(TRIALS)[best_k[t]]
-        model.apply(state, li, src[t], dst[t], e[t], x)
+        model.apply(state, li, after, best_k[t] * n + t)          # the moves priced above
         tokens[li, src[t]] -= x
         tokens[li, dst[t]] += x
         new = ~shift[t]
