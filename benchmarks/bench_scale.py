@@ -7,7 +7,9 @@ tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked 
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
-   without the plots).
+   without the plots); and in memory, imports excluded, ``simulate()`` with one process and with
+   ``--jobs``' default against a floor of loading the trace, counting its expert loads and working
+   out the GPU loads of every strategy's static placement at every step.
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
    top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
    at that size), ``moe-gps simulate`` on 64 GPUs (the 2x8xH100-ib preset scaled to 8 nodes)
@@ -167,10 +169,49 @@ def deepseek_case(work: Path, cluster: Path, baseline: Path | None) -> dict:
     return out
 
 
+# The bundled trace in memory, imports excluded: the floor (load, bincount, and the GPU loads of
+# every strategy's static placement at every step) and simulate() with one process and with --jobs'
+# default, the median of 3 runs of each.
+_IN_MEMORY = (
+    "import json, statistics, sys, time\n"
+    "import numpy as np\n"
+    "from moe_gps.cli.common_args import cpu_cores\n"
+    "from moe_gps.cli.main import build_parser\n"
+    "from moe_gps.cli.simulate_cmd import build_config\n"
+    "from moe_gps.placement import plan_placement\n"
+    "from moe_gps.trace import load_trace\n"
+    "from sim.loads import trace_counts\n"
+    "from sim.run import simulate\n"
+    "args = build_parser().parse_args(['simulate', sys.argv[1]])\n"
+    "cfg = build_config(args, load_trace(sys.argv[1]))[0]\n"
+    "G, K = cfg.cluster.num_gpus, len(cfg.strategies)\n"
+    "def floor():\n"
+    "    c = trace_counts(load_trace(sys.argv[1])).astype(np.float64)\n"
+    "    L, E = c.shape[1:]\n"
+    "    p = plan_placement(np.ones((L, E)), G, (-E) % G, 'none')\n"
+    "    return [p.gpu_loads(c[s]) for s in range(len(c)) for _ in range(K)]\n"
+    "def run(jobs):\n"
+    "    return simulate(load_trace(sys.argv[1]), cfg, progress=False, jobs=jobs)\n"
+    "def median(fn, *a):\n"
+    "    t = []\n"
+    "    for _ in range(3):\n"
+    "        t0 = time.perf_counter(); fn(*a); t.append(time.perf_counter() - t0)\n"
+    "    return statistics.median(t)\n"
+    "f = median(floor); one = median(run, 1); par = median(run, cpu_cores())\n"
+    "print(json.dumps({'floor_s': f, 'simulate_1_s': one, 'simulate_jobs_s': par, 'jobs': cpu_cores(),\n"
+    "                  'x_floor_1': one / f, 'x_floor_jobs': par / f}))\n"
+)
+
+
 def bundled_case(work: Path) -> dict:
     trace = ROOT / "traces" / "mixtral_mmlu.parquet"
     fl = floor(trace)
+    done = subprocess.run([sys.executable, "-c", _IN_MEMORY, str(trace)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"the in-memory bundled case failed:\n{done.stderr[-3000:]}")
     return {"trace": f"{trace.relative_to(ROOT)}, every default strategy", "floor": fl,
+            "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
             "simulate": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled"))), fl),
             "simulate_no_plots": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled-np"),
                                                         "--no-plots")), fl)}
@@ -286,6 +327,10 @@ def main() -> int:
         for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_serial", "local", "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
+        if "in_memory" in c:
+            m = c["in_memory"]
+            print(f"  in memory: floor {m['floor_s']:.2f} s; simulate() {m['simulate_1_s']:.2f} s with one process "
+                  f"({m['x_floor_1']:.1f}x), {m['simulate_jobs_s']:.2f} s with {m['jobs']} ({m['x_floor_jobs']:.1f}x)")
         for key in ("floor", "validate"):
             if key in c.get("baseline", {}):
                 print(_row(f"{key} (baseline)", c["baseline"][key]))

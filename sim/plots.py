@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_gps.atomic import atomic_path
+from moe_gps.workers import fork_map
 from sim.run import PHASES, SimResult
 
 COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
@@ -40,16 +41,41 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_plots(result: SimResult, out: Path) -> list[Path]:
+def write_plots(result: SimResult, out: Path, jobs: int = 1) -> list[Path]:
+    """The PNG figures of ``result`` in ``out``, drawn in up to ``jobs`` forked processes at once."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported once, before the workers fork)
+
+    figures = [(_breakdown, "breakdown.png"), (_skew, "skew_per_layer.png"), (_latency_cdf, "latency_cdf.png")]
+    if result.timeline:
+        figures.append((_timeline, "timeline.png"))
+    _SHARED.update(result=result, figures=[(draw, out / name) for draw, name in figures])
+    try:
+        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
+    finally:
+        _SHARED.clear()
+
+
+#: what the figures of one :func:`write_plots` call are drawn from (forked workers inherit it)
+_SHARED: dict = {}
+
+
+def _draw(i: int) -> tuple[int, Path]:
+    draw, path = _SHARED["figures"][i]
+    return i, draw(_SHARED["result"], path)
+
+
+def _title(result: SimResult) -> str:
+    cfg = result.config
+    return f"{cfg.model.name}, {cfg.cluster.name}, {result.tokens.mean():.0f} tokens/step"
+
+
+def _breakdown(result: SimResult, path: Path) -> Path:
+    """Mean MoE-layer time per strategy, stacked by phase."""
     import matplotlib.pyplot as plt
 
     names = [r.name for r in result.strategies]
-    cfg = result.config
-    title = f"{cfg.model.name}, {cfg.cluster.name}, {result.tokens.mean():.0f} tokens/step"
-    paths = []
-
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
     left = np.zeros(len(names))
     for p in PHASES:
@@ -60,25 +86,36 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
         left += v
     ax.invert_yaxis()
     ax.set_xlabel("mean MoE-layer time (µs)")
-    ax.set_title(f"Time breakdown per MoE layer — {title}")
+    ax.set_title(f"Time breakdown per MoE layer — {_title(result)}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=7, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    paths.append(_save(fig, out / "breakdown.png"))
+    _save(fig, path)
     plt.close(fig)
+    return path
+
+
+def _skew(result: SimResult, path: Path) -> Path:
+    """Max / mean tokens per GPU per layer for each strategy, with the experts' own skew."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    L = result.expert_skew.shape[1]
-    layers = np.arange(L)
+    layers = np.arange(result.expert_skew.shape[1])
     ax.plot(layers, np.nanmean(result.expert_skew, axis=0), "k--", label="experts (trace)")
     for r, st in zip(result.strategies, _styles(result)):
         ax.plot(layers, np.nanmean(r.gpu_skew, axis=0), marker=".", label=r.name, **st)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("skew: max / mean tokens (mean over steps)")
-    ax.set_title(f"Load skew per layer across GPUs — {title}")
+    ax.set_title(f"Load skew per layer across GPUs — {_title(result)}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / "skew_per_layer.png"))
+    _save(fig, path)
     plt.close(fig)
+    return path
+
+
+def _latency_cdf(result: SimResult, path: Path) -> Path:
+    """The distribution of step latency per strategy."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r, st in zip(result.strategies, _styles(result)):
@@ -86,14 +123,12 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
         ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=r.name, **st)
     ax.set_xlabel("step latency (ms, simulated MoE layers)")
     ax.set_ylabel("fraction of steps")
-    ax.set_title(f"Step latency CDF — {title}")
+    ax.set_title(f"Step latency CDF — {_title(result)}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / "latency_cdf.png"))
+    _save(fig, path)
     plt.close(fig)
-    if result.timeline:
-        paths.append(_timeline(result, out / "timeline.png"))
-    return paths
+    return path
 
 
 #: colours of the timeline's slices

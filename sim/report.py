@@ -137,8 +137,9 @@ def write_config_and_summary(out: Path, command: str, config, summary: str) -> l
     return [out / "config.yaml", out / "summary.txt"]
 
 
-def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
-    """Write the output folder (every file atomically); returns the paths written."""
+def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True, jobs: int = 1) -> list[Path]:
+    """Write the output folder (every file atomically; the plots in up to ``jobs`` processes at once);
+    returns the paths written."""
     import pandas as pd
 
     out = Path(out_dir)
@@ -149,5 +150,5 @@ def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = T
                *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
     if plots:
         from sim.plots import write_plots
-        written += write_plots(result, out)
+        written += write_plots(result, out, jobs)
     return written

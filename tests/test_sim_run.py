@@ -401,3 +401,16 @@ def test_an_error_in_a_worker_is_the_same_one_line_error(trace):
 
     with pytest.raises(UserError, match="cannot fit"):
         simulate(trace, config(["none", "eplb", "dist:ema"]), progress=False, strategy_factory=factory, jobs=2)
+
+
+def test_plots_drawn_in_workers_are_the_same_files(trace, tmp_path):
+    from sim.plots import write_plots
+
+    r = simulate(trace, config(["none", "eplb", "oracle"]), progress=False, timeline_steps=range(5, 6))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    serial, forked = write_plots(r, a, jobs=1), write_plots(r, b, jobs=4)
+    assert [p.name for p in serial] == [p.name for p in forked] == ["breakdown.png", "skew_per_layer.png",
+                                                                   "latency_cdf.png", "timeline.png"]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(serial, forked))

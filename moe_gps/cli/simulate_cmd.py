@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps used to fit predictors and profile the static plan (default: a quarter)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
-                   help="worker processes the strategies are split over, in groups of about equal work (default: "
-                        "the CPU cores available); the results do not depend on it")
+                   help="worker processes: the strategies are split over them in groups of about equal work, and "
+                        "the plots are drawn in them (default: the CPU cores available); the results do not depend "
+                        "on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole simulate config (e.g. the config.yaml of an earlier run) instead of the "
                         "flags above")
@@ -161,10 +162,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         first = default_train_steps(cfg, trace.num_steps, int(trace.tokens_per_step.sum()))
         steps = parse_steps(args.timeline, first, trace.num_steps - 1)
-    result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=args.jobs or cpu_cores())
+    jobs = args.jobs or cpu_cores()
+    result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
     result.notes += notes
     result.inferred[:0] = inferred
-    written = write_outputs(result, out, plots=not args.no_plots)
+    written = write_outputs(result, out, plots=not args.no_plots, jobs=jobs)
     if steps is not None:
         from sim.timeline import write_timeline
         written.append(write_timeline(out / "timeline.json", result.timeline, cfg.cluster.num_gpus))
