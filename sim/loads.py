@@ -89,6 +89,12 @@ class StepLoads:
             self.by_home = self.mix_counts[:, None, :] * self.home_frac[None, :, None]
         return self.by_home
 
+    def release(self) -> None:
+        """Forget the [L, G, E] assignments where they were made from ``mix_counts`` (made again on
+        next use): a step looked far ahead need not hold them until it is served."""
+        if self.mix_counts is not None and self.home_frac is not None:
+            self.by_home = None
+
     @cached_property
     def counts(self) -> np.ndarray:
         """float [L, E] true load per expert (scaled)."""

@@ -530,8 +530,12 @@ class OraclePlan(Strategy):
             feed = self.ctx.steps
             self._loads[j] = (feed.ahead(j) if feed is not None
                               else step_loads(self.trace, s, self.num_gpus, self.ctx.workload.tokens_per_step))
-            self._remember_mix(self._loads[j].src_counts, self._loads[j].home_frac)
         return self._loads[j]
+
+    def _src_of(self, fut: StepLoads) -> np.ndarray:
+        """float [L, G, E]: the assignments of a step ahead, noted as one expert mix where they are one
+        (a counts trace's: made again after :meth:`StepLoads.release`)."""
+        return self._remember_mix(fut.src_counts, fut.home_frac)
 
     def _ahead(self, first: int) -> list[int]:
         """Test steps from ``first`` to the end of the lookahead that the trace has."""
@@ -546,7 +550,7 @@ class OraclePlan(Strategy):
         key = (id(p), j)
         if key not in self._memo:
             fut = self._future(j)
-            self._memo[key] = (p, *self._reshare_timed(p, fut.counts, fut.src_counts))
+            self._memo[key] = (p, *self._reshare_timed(p, fut.counts, self._src_of(fut)))
         return self._memo[key][1:]
 
     def _step_time(self, p: Placement) -> float:
@@ -567,7 +571,7 @@ class OraclePlan(Strategy):
         plan_loads = np.mean([self._future(j).counts for j in steps], axis=0)
         k = min(ORACLE_SCENARIOS, self.scenarios, len(steps))
         pick = np.unique(np.linspace(0, len(steps) - 1, k).round().astype(int))
-        scen = np.stack([self._future(steps[k]).src_counts for k in pick])
+        scen = np.stack([self._src_of(self._future(steps[k])) for k in pick])
         p = self._plan(plan_loads, scen, previous, copy_penalty_s)
         at_home = static_layers(p)
         if at_home.all():
@@ -613,10 +617,13 @@ class OraclePlan(Strategy):
                 if fut is None:
                     return False                     # would land after the end of the trace
                 keep = self._at(self.current, j)
-                ph = placement_phases(keep, fut.src_counts, fut.src_counts, ctx.model, self.hw, fut.home_frac)
+                assigned = self._src_of(fut)
+                ph = placement_phases(keep, assigned, assigned, ctx.model, self.hw, fut.home_frac)
                 attn = attention_time(fut.home_tokens, ctx.model, ctx.workload, self.hw).max(initial=0.0)
                 elapsed += float(ph.layer_time().sum() + attn * len(ph.ffn))
                 price += float((ph.dispatch_link + ph.combine_link).max(axis=1).sum()) * stretch
+                if j >= i + ORACLE_LOOKAHEAD:
+                    fut.release()                    # far ahead: not priced again before it is served
                 j += 1
             first = j                                # landed by then: it serves from this step on
         else:

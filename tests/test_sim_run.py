@@ -414,3 +414,35 @@ def test_plots_drawn_in_workers_are_the_same_files(trace, tmp_path):
     assert [p.name for p in serial] == [p.name for p in forked] == ["breakdown.png", "skew_per_layer.png",
                                                                    "latency_cdf.png", "timeline.png"]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(serial, forked))
+
+
+def test_the_oracle_forgets_far_ahead_assignments_of_a_counts_trace_with_the_same_results(trace, monkeypatch):
+    from sim.loads import StepLoads
+
+    # a hot expert that changes half-way, and background copies at a trickle of the link: the oracle
+    # walks far past its lookahead to find where they would land
+    c = np.full((60, 4, 8), 40, dtype=np.int64)
+    c[:30, :, 0] += 192
+    c[30:, :, 5] += 192
+    counts = CountsTrace(as_counts_trace(trace, trace_counts(trace)).meta, c)
+    cfg = config(["none", "oracle"], copy_policy="async", copy_bandwidth_share=0.001,
+                 workload=WorkloadConfig(tokens_per_step=65536))
+    real = StepLoads.release
+    monkeypatch.setattr(StepLoads, "release", lambda self: None)
+    kept = simulate(counts, cfg, progress=False)                   # every step's assignments kept
+    released = []
+
+    def release(self):
+        released.append(self.by_home is not None)
+        real(self)
+
+    monkeypatch.setattr(StepLoads, "release", release)
+    again = simulate(counts, cfg, progress=False)
+    assert sum(released) > 10
+    for a, b in zip(kept.strategies, again.strategies):
+        assert np.array_equal(a.layer_time, b.layer_time) and a.replans == b.replans
+    loads = StepLoads(0, 10.0, 1.0, np.array([6.0, 4.0]), None, home_frac=np.array([0.6, 0.4]),
+                      mix_counts=np.array([[3.0, 7.0]]))
+    first = loads.src_counts.copy()
+    loads.release()
+    assert loads.by_home is None and np.array_equal(loads.src_counts, first)
