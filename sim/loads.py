@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moe_gps.trace.data import CountsTrace, TokensTrace
+from moe_gps.trace.data import CountsTrace, TokenCounts, TokensTrace
 
 
 def home_gpus(num_tokens: int, num_gpus: int, rank: np.ndarray | None = None) -> np.ndarray:
@@ -168,8 +168,9 @@ def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:
 
 def counts_view(trace: TokensTrace | CountsTrace) -> CountsTrace:
     """The trace seen as per-expert counts: a counts trace itself (kept where it is, in memory or in
-    its file), a tokens trace's counts computed once."""
-    return trace if isinstance(trace, CountsTrace) else as_counts_trace(trace, trace_counts(trace))
+    its file), a tokens trace's counted step by step as first read
+    (:class:`~moe_gps.trace.data.TokenCounts`)."""
+    return trace if isinstance(trace, CountsTrace) else as_counts_trace(trace, TokenCounts(trace))
 
 
 def as_counts_trace(trace: TokensTrace | CountsTrace, counts: np.ndarray) -> CountsTrace:

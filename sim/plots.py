@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +48,23 @@ def write_plots(result: SimResult, out: Path, jobs: int = 1) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (imported once, before the workers fork)
 
-    figures = [(_breakdown, "breakdown.png"), (_skew, "skew_per_layer.png"), (_latency_cdf, "latency_cdf.png")]
+    figures = [(_breakdown, out / "breakdown.png"), (_skew, out / "skew_per_layer.png"),
+               (_latency_cdf, out / "latency_cdf.png")]
     if result.timeline:
-        figures.append((_timeline, "timeline.png"))
-    _SHARED.update(result=result, figures=[(draw, out / name) for draw, name in figures])
-    try:
-        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
-    finally:
-        _SHARED.clear()
+        figures.append((_timeline, out / "timeline.png"))
+    if jobs <= 1:
+        return [draw(result, path) for draw, path in figures]
+    with _FORKING:                           # one parallel drawing at a time in this process
+        _SHARED.update(result=result, figures=figures)
+        try:
+            return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
+        finally:
+            _SHARED.clear()
 
 
-#: what the figures of one :func:`write_plots` call are drawn from (forked workers inherit it)
+#: what the worker processes of one :func:`write_plots` call draw from (forked workers inherit it)
 _SHARED: dict = {}
+_FORKING = threading.Lock()
 
 
 def _draw(i: int) -> tuple[int, Path]:

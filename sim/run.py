@@ -2,7 +2,8 @@
 
 1. check the model against the trace and the configs against each other;
 2. prepare each strategy (fit and roll out its predictor on the training steps);
-3. for every test step, in order, compute its true loads once; each strategy decides (re-plan,
+3. for every test step, in order, compute its true loads once (once per worker process when
+   ``jobs`` splits the strategies over processes); each strategy decides (re-plan,
    copies, re-split of tokens; :mod:`sim.strategies`), its phase durations follow
    (:mod:`sim.work`), and its SimPy event model runs the step (:mod:`sim.engine`);
 4. turn the timelines into :class:`StrategyResult` (breakdown, skew, bytes copied) and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -166,8 +168,9 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
 #: relative work per step of a strategy kind, to split strategies over processes (``jobs``)
 _WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
 
-#: what the processes of one :func:`simulate` call share (forked workers inherit it)
+#: what the worker processes of one :func:`simulate` call share (forked workers inherit it)
 _SHARED: dict = {}
+_FORKING = threading.Lock()
 
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
@@ -216,14 +219,21 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     if len(groups) > 1:
         bar.set_postfix_str(f"{len(groups)} processes")
     arrays = _Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1)
-    _SHARED.update(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
-                   test_steps=test_steps, timeline_steps=timeline_steps, arrays=arrays,
-                   bar=bar if len(groups) == 1 else None)
+    state = dict(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
+                 test_steps=test_steps, timeline_steps=timeline_steps, arrays=arrays)
+    served: dict[int, tuple] = {}
     try:
-        served = {k: facts for part in fork_map(_serve, groups, len(groups), on_progress=bar.update)
-                  for k, facts in part.items()}
+        if len(groups) == 1:
+            served.update(_serve(groups[0], {**state, "bar": bar}))
+        else:
+            with _FORKING:                   # one parallel simulation at a time in this process
+                _SHARED.update(state, bar=None)
+                try:
+                    for part in fork_map(_serve_forked, groups, len(groups), on_progress=bar.update):
+                        served.update(part)
+                finally:
+                    _SHARED.clear()
     finally:
-        _SHARED.clear()
         bar.close()
     results, timeline = [], {}
     for k, st in enumerate(strategies):
@@ -279,12 +289,16 @@ class _Arrays:
         return cls(z(K, S, L), {p: z(K, S, L) for p in PHASES}, z(K, S, L), z(K, S, L), z(S), z(S, L), z(S, L))
 
 
-def _serve(index: list[int]) -> dict[int, tuple]:
-    """Prepare the strategies at ``index`` and run every test step under each (what :func:`simulate`
-    shares is in ``_SHARED``), writing their rows of the shared :class:`_Arrays` (and the steps' own,
-    by the group of strategy 0). Progress goes to the bar here, or to the parent in a forked worker.
-    -> strategy index -> (its StrategyInfo, re-plans, seconds spent, timeline rows)."""
-    sh = _SHARED
+def _serve_forked(index: list[int]) -> dict[int, tuple]:
+    """:func:`_serve` in a forked worker, on the state it inherited."""
+    return _serve(index, _SHARED)
+
+
+def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
+    """Prepare the strategies at ``index`` and run every test step under each (``sh``: what
+    :func:`simulate` set up), writing their rows of ``sh["arrays"]`` (:class:`_Arrays`; and the steps'
+    own, by the group of strategy 0). Progress goes to ``sh["bar"]``, or to the parent in a forked
+    worker (no bar). -> strategy index -> (its StrategyInfo, re-plans, seconds spent, timeline rows)."""
     trace, train, ctx, test_steps = sh["trace"], sh["train"], sh["ctx"], sh["test_steps"]
     timeline_steps, bar, out = sh["timeline_steps"], sh["bar"], sh["arrays"]
     tick = bar.update if bar is not None else progress

@@ -347,11 +347,11 @@ SERVED_IN: list[int] = []           # the processes _recording_serve ran in (a f
 REAL_SERVE: list = []
 
 
-def _recording_serve(index):
+def _recording_serve(index, shared):
     import os
 
     SERVED_IN.append(os.getpid())
-    return REAL_SERVE[0](index)
+    return REAL_SERVE[0](index, shared)
 
 
 def test_jobs_split_the_strategies_over_processes_with_the_same_results(trace, monkeypatch):

@@ -114,21 +114,18 @@ class TokensTrace:
 COUNT_CHUNK_ELEMENTS = 1 << 22
 
 
-class StepStore:
-    """int64 counts [steps, layers, experts] kept in a file rather than in memory (a long counts
-    trace, :func:`moe_gps.trace.reader.load_trace`): :meth:`read` returns a range of steps.
-
-    ``file``: an open binary file holding the array in C order from offset 0 (a temporary file:
-    it goes away when closed). Indexing takes one step or a range of steps (a copy); ``np.asarray``
-    reads the whole array; a pickled or copied store arrives as the whole array (an ndarray).
-    """
+class StepReader:
+    """int64 counts [steps, layers, experts] read a range of steps at a time (:meth:`read`) instead of
+    held as one array. Indexing takes one step or a range of steps; ``np.asarray`` reads the whole
+    array; a pickled or copied reader arrives as the whole array (an ndarray)."""
 
     dtype = np.dtype(np.int64)
     ndim = 3
+    shape: tuple[int, int, int]
 
-    def __init__(self, file: BinaryIO, num_steps: int, num_layers: int, num_experts: int) -> None:
-        self.file, self.shape = file, (int(num_steps), int(num_layers), int(num_experts))
-        self._lock = threading.Lock()             # for the seek + read fallback where pread is missing
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """int64 [hi - lo, layers, experts]: steps lo..hi-1 (clipped to the reader's steps)."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -137,8 +134,38 @@ class StepStore:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
+    def __getitem__(self, key: int | np.integer | slice) -> np.ndarray:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"step {key} out of range for {len(self)} steps")
+            return self.read(i, i + 1)[0]
+        if isinstance(key, slice) and key.step in (None, 1):
+            lo, hi, _ = key.indices(len(self))
+            return self.read(lo, max(lo, hi))
+        raise TypeError(f"{type(self).__name__} takes one step or a range of steps (start:stop)")
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.read(0, len(self))
+        return a if dtype is None else a.astype(dtype)
+
+    def __reduce__(self) -> tuple:
+        return (np.asarray, (self.read(0, len(self)),))
+
+
+class StepStore(StepReader):
+    """Counts kept in a file rather than in memory (a long counts trace,
+    :func:`moe_gps.trace.reader.load_trace`); a read is a copy.
+
+    ``file``: an open binary file holding the array in C order from offset 0 (a temporary file:
+    it goes away when closed).
+    """
+
+    def __init__(self, file: BinaryIO, num_steps: int, num_layers: int, num_experts: int) -> None:
+        self.file, self.shape = file, (int(num_steps), int(num_layers), int(num_experts))
+        self._lock = threading.Lock()             # for the seek + read fallback where pread is missing
+
     def read(self, lo: int, hi: int) -> np.ndarray:
-        """int64 [hi - lo, layers, experts]: steps lo..hi-1 (clipped to the store)."""
         lo, hi = max(0, int(lo)), min(len(self), int(hi))
         out = np.empty((max(0, hi - lo),) + self.shape[1:], dtype=self.dtype)
         if not out.size:
@@ -157,23 +184,26 @@ class StepStore:
             done += n
         return out
 
-    def __getitem__(self, key: int | np.integer | slice) -> np.ndarray:
-        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
-            i = int(key) + (len(self) if key < 0 else 0)
-            if not 0 <= i < len(self):
-                raise IndexError(f"step {key} out of range for {len(self)} steps")
-            return self.read(i, i + 1)[0]
-        if isinstance(key, slice) and key.step in (None, 1):
-            lo, hi, _ = key.indices(len(self))
-            return self.read(lo, max(lo, hi))
-        raise TypeError("a step store takes one step or a range of steps (start:stop)")
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        a = self.read(0, len(self))
-        return a if dtype is None else a.astype(dtype)
+class TokenCounts(StepReader):
+    """The expert counts of a tokens trace's steps, each step counted the first time it is read (a
+    read of a few steps counts only those); a read is a view of the counts kept."""
 
-    def __reduce__(self) -> tuple:
-        return (np.asarray, (self.read(0, len(self)),))
+    def __init__(self, trace: "TokensTrace") -> None:
+        self.trace = trace
+        self.shape = (trace.num_steps, trace.meta.num_layers, trace.meta.num_experts)
+        self._counts = np.empty(self.shape, dtype=np.int64)
+        self._done = np.zeros(trace.num_steps, dtype=bool)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        lo = max(0, int(lo))
+        hi = max(lo, min(len(self), int(hi)))
+        t = self.trace
+        for s in lo + np.flatnonzero(~self._done[lo:hi]):
+            a, b = int(t.step_offsets[s]), int(t.step_offsets[s + 1])
+            self._counts[s] = expert_counts(t.experts[a:b], np.array([0, b - a]), self.shape[2])[0]
+            self._done[s] = True
+        return self._counts[lo:hi]
 
 
 @dataclass
@@ -181,11 +211,12 @@ class CountsTrace:
     """Per-expert load only.
 
     count_array: int64 [steps, layers, experts], (token, expert) assignments per expert, in memory
-    or in a :class:`StepStore` (a long trace); :meth:`counts_range` reads some steps of either.
+    or in a :class:`StepReader` (a :class:`StepStore`: a long trace in a file; :class:`TokenCounts`:
+    a tokens trace's, counted as read); :meth:`counts_range` reads some steps of any.
     """
 
     meta: TraceMeta
-    count_array: np.ndarray | StepStore
+    count_array: np.ndarray | StepReader
 
     @property
     def num_steps(self) -> int:
