@@ -226,3 +226,24 @@ def test_reading_ahead_hands_over_errors_and_stops_with_its_reader():
     it.close()                                            # the reader stopped early: so does the thread
     assert not any(t.name == "moe-gps-read-ahead" for t in threading.enumerate())
     assert list(_read_ahead(iter(range(5)))) == list(range(5))
+
+
+def test_a_tokens_traces_counts_are_counted_as_read():
+    import pickle
+
+    from moe_gps.trace.data import TokenCounts
+    from moe_gps.trace.synth import synthesize
+    from sim.loads import counts_view, trace_counts
+
+    t = synthesize("sst2", num_steps=6, tokens_per_step=64, seed=1, num_layers=3)
+    view = counts_view(t)
+    store = view.count_array
+    assert isinstance(store, TokenCounts) and store.shape == (6, 3, t.meta.num_experts)
+    want = trace_counts(t)
+    assert np.array_equal(view.counts_range(2, 4), want[2:4])
+    assert store._done.tolist() == [False, False, True, True, False, False]      # only what was read
+    assert np.array_equal(store[-1], want[-1]) and np.array_equal(view.counts_range(-3, 99), want)
+    assert np.array_equal(pickle.loads(pickle.dumps(view)).count_array, want)
+    assert np.array_equal(view.tokens_per_step, t.tokens_per_step)
+    with pytest.raises(TypeError, match="one step or a range"):
+        store[::2]
