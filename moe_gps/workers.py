@@ -15,9 +15,13 @@ holds (a trace, configs) without pickling it; a worker reports progress with :fu
 from __future__ import annotations
 
 import multiprocessing
+import signal
+import sys
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
+
+from moe_gps.signals import SIGNALS, Terminated
 
 #: in a worker of :func:`fork_map`: the queue its progress goes to (None elsewhere)
 _PROGRESS = None
@@ -60,7 +64,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
     """
     global _PROGRESS
     items = list(items)
-    if jobs <= 1 or len(items) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if jobs <= 1 or len(items) <= 1 or not can_fork():
         for x in items:
             yield fn(x)
         return
@@ -69,7 +73,11 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
 
     _PROGRESS = queue                      # the workers, forked now, inherit it
     try:
-        pool = ctx.Pool(min(jobs, len(items)), initializer=_ignore_interrupt)
+        pool = ctx.Pool(min(jobs, len(items)), initializer=_worker_signals)
+    except BaseException:
+        if queue is not None:
+            queue.close()
+        raise
     finally:
         _PROGRESS = None
     workers = list(pool._pool)              # a pool replaces a worker that died, and its task is lost
@@ -82,6 +90,8 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
         drain()
         dead = next((w for w in workers if w.exitcode is not None), None)
         if dead is not None:
+            if -dead.exitcode in SIGNALS:           # stopped with the whole process group
+                raise Terminated(-dead.exitcode)
             if dead.exitcode == -9:
                 raise MemoryError(f"worker process {dead.pid} was killed with SIGKILL, as the kernel's out-of-memory "
                                   "killer does; run fewer workers at once (--jobs)")
@@ -102,11 +112,19 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
             queue.close()
 
 
-def _ignore_interrupt() -> None:
-    """Worker start: Ctrl-C is the parent's to handle (it terminates the pool)."""
-    import signal
+def can_fork() -> bool:
+    """Whether :func:`fork_map` runs its items in forked processes here: where ``fork`` is a start
+    method and is safe with the system's libraries (not on macOS, where Python itself moved away
+    from it)."""
+    return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
+
+def _worker_signals() -> None:
+    """Worker start: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM, which the parent's
+    ``Pool.terminate`` sends, ends the worker quietly (not the parent's handler inherited)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
 
 
 def progress(n: int = 1) -> None:

@@ -156,14 +156,7 @@ def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:
     """int64 [steps, layers, experts], one step at a time (bounded memory on big traces)."""
     if isinstance(trace, CountsTrace):
         return trace.counts()
-    from moe_gps.trace.data import expert_counts
-
-    E = trace.meta.num_experts
-    out = np.empty((trace.num_steps, trace.meta.num_layers, E), dtype=np.int64)
-    for s in range(trace.num_steps):
-        lo, hi = int(trace.step_offsets[s]), int(trace.step_offsets[s + 1])
-        out[s] = expert_counts(trace.experts[lo:hi], np.array([0, hi - lo]), E)[0]
-    return out
+    return np.array(TokenCounts(trace))
 
 
 def counts_view(trace: TokensTrace | CountsTrace) -> CountsTrace:

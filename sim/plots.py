@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_gps.atomic import atomic_path
-from moe_gps.workers import fork_map
+from moe_gps.workers import can_fork, fork_map
 from sim.run import PHASES, SimResult
 
 COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
@@ -52,17 +52,18 @@ def write_plots(result: SimResult, out: Path, jobs: int = 1) -> list[Path]:
                (_latency_cdf, out / "latency_cdf.png")]
     if result.timeline:
         figures.append((_timeline, out / "timeline.png"))
-    if jobs <= 1:
+    if jobs <= 1 or not can_fork() or not _FORKING.acquire(blocking=False):
         return [draw(result, path) for draw, path in figures]
-    with _FORKING:                           # one parallel drawing at a time in this process
+    try:
         _SHARED.update(result=result, figures=figures)
-        try:
-            return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
-        finally:
-            _SHARED.clear()
+        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
+    finally:
+        _SHARED.clear()
+        _FORKING.release()
 
 
-#: what the worker processes of one :func:`write_plots` call draw from (forked workers inherit it)
+#: what the worker processes of one :func:`write_plots` call draw from (forked workers inherit it);
+#: one such call at a time in a process (``_FORKING``), the others draw in one process
 _SHARED: dict = {}
 _FORKING = threading.Lock()
 

@@ -27,7 +27,8 @@ from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
-from moe_gps.workers import fork_map, progress
+from moe_gps.workers import can_fork, fork_map
+from moe_gps.workers import progress as report_progress
 from sim.cost import Hardware
 from sim.engine import EventModel
 from sim.loads import StepFeed, counts_view
@@ -168,7 +169,8 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
 #: relative work per step of a strategy kind, to split strategies over processes (``jobs``)
 _WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
 
-#: what the worker processes of one :func:`simulate` call share (forked workers inherit it)
+#: what the worker processes of one :func:`simulate` call share (forked workers inherit it); one such
+#: call at a time in a process (``_FORKING``), the others run in one process
 _SHARED: dict = {}
 _FORKING = threading.Lock()
 
@@ -182,7 +184,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     (e.g. to replay placements a real run chose; moe_gps.fidelity). ``timeline_steps``: trace steps
     whose schedule is kept in ``SimResult.timeline`` (sim.timeline). ``jobs`` > 1 splits the
     strategies into up to that many groups of about equal work, each served in a forked process
-    (the same results: a strategy never sees another's state)."""
+    (the same results: a strategy never sees another's state; one process where the platform does
+    not fork, :func:`moe_gps.workers.can_fork`)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -213,27 +216,28 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     factory = strategy_factory or (lambda cfg, c, seed: make_strategy(cfg, c, seed, cfg.resolved_policy(train)))
     strategies = [factory(cfg, ctx, config.seed) for cfg in config.strategies]
     K, S = len(strategies), len(test_steps)
-    groups = _groups([cfg.kind for cfg in config.strategies], jobs)
     bar = tqdm(total=K * (1 + S), desc="simulate", unit="step",
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
-    if len(groups) > 1:
-        bar.set_postfix_str(f"{len(groups)} processes")
-    arrays = _Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1)
-    state = dict(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
-                 test_steps=test_steps, timeline_steps=timeline_steps, arrays=arrays)
+    counts = counts_view(trace)
     served: dict[int, tuple] = {}
+    # forked workers where this platform forks, and where this call is not already one of them
+    parallel = jobs > 1 and K > 1 and can_fork() and _FORKING.acquire(blocking=False)
     try:
+        groups = _groups([cfg.kind for cfg in config.strategies], jobs if parallel else 1)
+        arrays = _Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1)
+        state = dict(trace=trace, train=train, counts=counts, strategies=strategies, ctx=ctx, test_steps=test_steps,
+                     timeline_steps=timeline_steps, arrays=arrays)
         if len(groups) == 1:
             served.update(_serve(groups[0], {**state, "bar": bar}))
         else:
-            with _FORKING:                   # one parallel simulation at a time in this process
-                _SHARED.update(state, bar=None)
-                try:
-                    for part in fork_map(_serve_forked, groups, len(groups), on_progress=bar.update):
-                        served.update(part)
-                finally:
-                    _SHARED.clear()
+            bar.set_postfix_str(f"{len(groups)} processes")
+            _SHARED.update(state, bar=None)
+            for part in fork_map(_serve_forked, groups, len(groups), on_progress=bar.update):
+                served.update(part)
     finally:
+        if parallel:
+            _SHARED.clear()
+            _FORKING.release()
         bar.close()
     results, timeline = [], {}
     for k, st in enumerate(strategies):
@@ -267,8 +271,9 @@ def _groups(kinds: list[str], jobs: int) -> list[list[int]]:
 @dataclass
 class _Arrays:
     """The per-step results of every strategy (K strategies, S steps, L layers), float64. Where
-    ``shared``, in memory that forked workers write into and this process reads (no copies of them
-    sent back, so memory is that of one set whatever the number of workers)."""
+    ``shared``, in memory that forked workers write into and this process reads: no copies of them
+    are sent back, so the results take the memory of one set whatever the number of workers (each
+    worker still has its own working set: the steps' loads, its strategies' state)."""
 
     layer_time: np.ndarray                 # [K, S, L]
     phases: dict[str, np.ndarray]          # PHASES -> [K, S, L]
@@ -301,7 +306,7 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
     worker (no bar). -> strategy index -> (its StrategyInfo, re-plans, seconds spent, timeline rows)."""
     trace, train, ctx, test_steps = sh["trace"], sh["train"], sh["ctx"], sh["test_steps"]
     timeline_steps, bar, out = sh["timeline_steps"], sh["bar"], sh["arrays"]
-    tick = bar.update if bar is not None else progress
+    tick = bar.update if bar is not None else report_progress
     strategies = [sh["strategies"][k] for k in index]
     feed, model = ctx.steps, ctx.model
     G, L, E = ctx.num_gpus, model.num_layers, ctx.num_experts

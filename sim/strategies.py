@@ -623,7 +623,7 @@ class OraclePlan(Strategy):
                 elapsed += float(ph.layer_time().sum() + attn * len(ph.ffn))
                 price += float((ph.dispatch_link + ph.combine_link).max(axis=1).sum()) * stretch
                 if j >= i + ORACLE_LOOKAHEAD:
-                    fut.release()                    # far ahead: not priced again before it is served
+                    fut.release()                    # far ahead: made again if walked to again
                 j += 1
             first = j                                # landed by then: it serves from this step on
         else:

@@ -247,3 +247,8 @@ def test_a_tokens_traces_counts_are_counted_as_read():
     assert np.array_equal(view.tokens_per_step, t.tokens_per_step)
     with pytest.raises(TypeError, match="one step or a range"):
         store[::2]
+    with pytest.raises(ValueError, match="read-only"):
+        view.counts_range(0, 2)[0, 0, 0] = 7            # one reader cannot change what the others see
+    whole = np.array(store)
+    whole[0, 0, 0] += 7                                 # a copy
+    assert np.array_equal(view.counts(), want)

@@ -91,3 +91,22 @@ def test_fork_map_reports_a_killed_worker_instead_of_waiting_for_ever():
 
     with pytest.raises(MemoryError, match="killed with SIGKILL"):
         list(fork_map(_killed, [1, 2, 3], jobs=3))
+
+
+def _terminated(x: int) -> int:
+    import os
+    import signal
+
+    if x == 1:
+        os.kill(os.getpid(), signal.SIGTERM)          # as a kill of the whole process group would
+    time.sleep(0.2)
+    return x
+
+
+def test_fork_map_stops_like_the_parent_when_a_worker_gets_sigterm():
+    from moe_gps.signals import Terminated
+    from moe_gps.workers import fork_map
+
+    with pytest.raises(Terminated) as err:
+        list(fork_map(_terminated, [1, 2, 3], jobs=3))
+    assert err.value.exit_code == 143

@@ -48,7 +48,10 @@ class TimeModel(Protocol):
 
     A model may also offer ``begin``, ``moved`` and ``apply`` (as
     :class:`sim.planning.LayerTimeModel` does) to price a move from per-GPU sums instead of
-    whole layers; otherwise :class:`_Moves` prices moves with :meth:`evaluate`."""
+    whole layers: ``begin(slot_exp, slot_tokens, layers) -> (state, seconds [n], seconds [n, G])``;
+    ``moved(state, rows, src, dst, expert, x) -> (seconds [m], seconds [m, G], moved)`` prices m
+    moves; ``apply(state, rows, moved, pick)`` makes the moves ``pick`` of them in ``state``.
+    Otherwise :class:`_Moves` prices moves with :meth:`evaluate`."""
 
     def evaluate(self, slot_exp: np.ndarray, slot_tokens: np.ndarray,
                  layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

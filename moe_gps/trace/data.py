@@ -147,7 +147,7 @@ class StepReader:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         a = self.read(0, len(self))
-        return a if dtype is None else a.astype(dtype)
+        return a.astype(dtype if dtype is not None else a.dtype, copy=bool(copy))
 
     def __reduce__(self) -> tuple:
         return (np.asarray, (self.read(0, len(self)),))
@@ -187,7 +187,7 @@ class StepStore(StepReader):
 
 class TokenCounts(StepReader):
     """The expert counts of a tokens trace's steps, each step counted the first time it is read (a
-    read of a few steps counts only those); a read is a view of the counts kept."""
+    read of a few steps counts only those); a read is a read-only view of the counts kept."""
 
     def __init__(self, trace: "TokensTrace") -> None:
         self.trace = trace
@@ -203,7 +203,9 @@ class TokenCounts(StepReader):
             a, b = int(t.step_offsets[s]), int(t.step_offsets[s + 1])
             self._counts[s] = expert_counts(t.experts[a:b], np.array([0, b - a]), self.shape[2])[0]
             self._done[s] = True
-        return self._counts[lo:hi]
+        out = self._counts[lo:hi]
+        out.flags.writeable = False                  # a view: what one reader changed, all would see
+        return out
 
 
 @dataclass

@@ -88,7 +88,8 @@ def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
     """Load and validate a whole trace (tokens or counts kind).
 
     Rows are read and validated ``chunk_rows`` at a time straight into the trace's arrays,
-    so memory beyond those arrays stays that of one chunk whatever the number of steps.
+    so memory beyond those arrays stays that of a few chunks (one validated, the next ones
+    decoded meanwhile) whatever the number of steps.
     A counts trace whose array would take more than ``spill_bytes`` (default :data:`SPILL_BYTES`)
     is kept in a temporary file instead (:class:`~moe_gps.trace.data.StepStore`), so that
     simulating it holds only the steps in use. A file whose rows are not in step order is read
