@@ -65,7 +65,8 @@ class Verdict:
 
     speedup, ci_low, ci_high: over ``none``;  ties: strategies not separated from the winner;
     steps: simulated steps;  thin: fewer than THIN_STEPS of them;  runner_up: the best other
-    deployable strategy and its (speedup, low, high) when ``none`` wins.
+    deployable strategy, its (speedup, low, high) and whether its samples equal ``none``'s on every
+    step (``same_every_step``), when ``none`` wins.
     """
 
     strategy: str
@@ -88,7 +89,10 @@ class Verdict:
         ties = f"; ties within the interval: {', '.join(self.ties)}" if self.ties else ""
         if self.strategy == "none":
             text = "verdict: none (no duplication) is the fastest deployable strategy"
-            if self.runner_up is not None:
+            if self.runner_up is not None and self.runner_up.get("same_every_step"):
+                text += (f"; no duplicating strategy is faster: the best, {self.runner_up['strategy']}, takes the "
+                         f"same time on every one of the {n} (its plans route as no duplication does)")
+            elif self.runner_up is not None:
                 r = self.runner_up
                 text += (f"; the best duplicating one, {r['strategy']}, runs at {r['speedup']:.3f}x "
                          f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
@@ -141,7 +145,9 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
         ties = [n for n in others if st[n][1] <= 1.0 + 1e-9 and st[n][2] >= 1.0 - 1e-9]
         second = max(others, key=lambda n: st[n][0], default=None)      # the first listed of the best
         runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
-                                                       (second, *st[second])))
+                                                       (second, *st[second])),
+                                                   same_every_step=bool(np.array_equal(samples[second],
+                                                                                       samples[base])))
         return Verdict(base, 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)
     ties = [n for n in others if lo <= st[n][0] <= hi]
     return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS)

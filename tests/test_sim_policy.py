@@ -178,6 +178,11 @@ def test_no_duplication_wins_a_tie():
     none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
     v = verdict_of(fake({"none": none, "a": none * (1 - 1e-13)}))   # a strategy that changes nothing
     assert v.strategy == "none" and v.ties == ["a"]
+    assert not v.runner_up["same_every_step"] and "the best duplicating one, a, runs at 1.000x" in v.line()
+    same = verdict_of(fake({"none": none, "a": none.copy(), "b": none * 1.1}))   # routes as none does
+    assert same.runner_up["strategy"] == "a" and same.runner_up["same_every_step"]
+    assert "no duplicating strategy is faster: the best, a, takes the same time on every one of the 8 " \
+           "simulated steps" in same.line()
 
 
 def test_equal_strategies_the_first_listed_is_named():
