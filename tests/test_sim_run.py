@@ -178,7 +178,8 @@ def test_cli_writes_table_and_folder(trace, tmp_path, capsys):
                  "copies async"):
         assert word in text
     verdict = [line for line in text.splitlines() if line.startswith("verdict: ")]
-    assert len(verdict) == 1 and "95% CI" in verdict[0] and "nan" not in text
+    assert len(verdict) == 1 and "nan" not in text
+    assert "95% CI" in verdict[0] or "takes the same time on every one of the 8 simulated steps" in verdict[0]
     names = {p.name for p in out.iterdir()}
     assert {"summary.csv", "steps.csv", "layers.parquet", "config.yaml", "summary.txt", "breakdown.png",
             "skew_per_layer.png", "latency_cdf.png"} <= names
