@@ -207,3 +207,16 @@ def test_scheduler_budget_decodes_first_then_chunks():
     # GPU 0: request 0 still prefilling (36 left), then 2 takes the 28 left; GPU 1: two decodes
     assert dict(zip(b.ids.tolist(), b.alloc.tolist())) == {0: 36, 2: 28, 1: 1, 3: 1}
     assert b.prefill.tolist() == [True, True, False, False]
+
+
+def test_the_serving_verdict_says_when_the_best_duplicating_strategy_changes_nothing():
+    from sim.serving.metrics import verdict_line
+    from sim.verdict import compare
+
+    none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
+    same = compare({"none": none, "a": none.copy(), "b": none * 1.2}, "none", seed=0)
+    assert verdict_line(same, on_goodput=False).startswith(
+        "verdict (mean end-to-end latency): none (no duplication) is the best deployable strategy; no duplicating "
+        "strategy is better: the best, a, gives the same on every one of the 8 requests")
+    slower = compare({"none": none, "a": none * 1.01}, "none", seed=0)
+    assert "the best duplicating one, a, is 0.990x none's speed (95% CI" in verdict_line(slower, on_goodput=False)

@@ -105,7 +105,10 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
     ratio = (lambda x: f"{x:.3f}x none's goodput") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
     if v.strategy == "none":
         text = f"verdict ({what}): none (no duplication) is the best deployable strategy"
-        if v.runner_up is not None:
+        if v.runner_up is not None and v.runner_up.get("same_every_step"):
+            text += (f"; no duplicating strategy is better: the best, {v.runner_up['strategy']}, gives the same on "
+                     f"every one of the {n}")
+        elif v.runner_up is not None:
             r = v.runner_up
             text += (f"; the best duplicating one, {r['strategy']}, is {ratio(r['speedup'])} "
                      f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
