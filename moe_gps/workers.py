@@ -9,22 +9,27 @@ append to a deque (no lock on the caller's side) and waits by sleeping, so an in
 always lands in plain code, and the pool can be closed and joined afterwards.
 
 :func:`fork_map` runs a function over items in forked processes, which inherit what the parent
-holds (a trace, configs) without pickling it; a worker reports progress with :func:`progress`.
+holds (a trace, configs) without pickling it; a worker reports progress with :func:`progress`;
+:func:`forking` gives a parallel section its number of workers, one section at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from moe_gps.signals import SIGNALS, Terminated
 
-#: in a worker of :func:`fork_map`: the queue its progress goes to (None elsewhere)
-_PROGRESS = None
+#: in a worker of :func:`fork_map`: the call's context and the queue its progress goes to (empty elsewhere)
+_WORKER: dict = {}
+#: held by the parallel section (:func:`forking`) of this process that has forked workers
+_FORKING = threading.Lock()
 
 
 def _chunk(fn: Callable, items: list) -> list:
@@ -55,23 +60,38 @@ def unordered(pool, fn: Callable, items: Iterable, chunksize: int = 1, poll_s: f
             time.sleep(poll_s)
 
 
-def fork_map(fn: Callable, items: Iterable, jobs: int,
+@contextlib.contextmanager
+def forking(jobs: int) -> Iterator[int]:
+    """How many forked workers a parallel section may use: ``jobs``, or 1 where processes cannot be
+    forked (:func:`can_fork`) or another section of this process holds the workers (a call made in
+    a worker, or from another thread), which then runs in this process. Decide a section's split
+    inside it, then run it with :func:`fork_map` and that count."""
+    if jobs <= 1 or not can_fork() or not _FORKING.acquire(blocking=False):
+        yield 1
+        return
+    try:
+        yield jobs
+    finally:
+        _FORKING.release()
+
+
+def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
              on_progress: Callable[[int], None] | None = None) -> Iterator[Any]:
-    """``fn(item)`` for every item in ``jobs`` forked processes, in the order they finish (here, one
-    after another, where processes cannot be forked). ``fn`` must be a module-level function; what
-    it needs besides its item, it finds in module globals set before the call (the workers are
-    forked, so they inherit them). A call to :func:`progress` in a worker calls ``on_progress`` here.
+    """``fn(item, context)`` for every item, in ``jobs`` forked processes in the order they finish
+    (here, one after another, with one job or one item, or where processes cannot be forked).
+    ``fn`` must be a module-level function; ``context`` is what every item needs: the workers
+    inherit it when they are forked, nothing of it is pickled. Run it inside :func:`forking`, with
+    the count that gives. A call to :func:`progress` in a worker calls ``on_progress`` here.
     """
-    global _PROGRESS
     items = list(items)
     if jobs <= 1 or len(items) <= 1 or not can_fork():
         for x in items:
-            yield fn(x)
+            yield fn(x, context)
         return
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue() if on_progress is not None else None
 
-    _PROGRESS = queue                      # the workers, forked now, inherit it
+    _WORKER.update(context=context, progress=queue)    # the workers, forked now, inherit them
     try:
         pool = ctx.Pool(min(jobs, len(items)), initializer=_worker_signals)
     except BaseException:
@@ -79,7 +99,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
             queue.close()
         raise
     finally:
-        _PROGRESS = None
+        _WORKER.clear()
     workers = list(pool._pool)              # a pool replaces a worker that died, and its task is lost
 
     def drain() -> None:
@@ -99,7 +119,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
                                "its work was done")
 
     try:
-        for res in unordered(pool, fn, items, waiting=waiting):
+        for res in unordered(pool, _in_worker, [(fn, x) for x in items], waiting=waiting):
             drain()
             yield res
         pool.close()
@@ -110,6 +130,11 @@ def fork_map(fn: Callable, items: Iterable, jobs: int,
         pool.join()
         if queue is not None:
             queue.close()
+
+
+def _in_worker(job: tuple[Callable, Any]) -> Any:
+    fn, item = job
+    return fn(item, _WORKER["context"])
 
 
 def can_fork() -> bool:
@@ -129,5 +154,6 @@ def _worker_signals() -> None:
 
 def progress(n: int = 1) -> None:
     """In a worker of :func:`fork_map`: ``n`` more units of work done (nothing elsewhere)."""
-    if _PROGRESS is not None:
-        _PROGRESS.put(n)
+    queue = _WORKER.get("progress")
+    if queue is not None:
+        queue.put(n)

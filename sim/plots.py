@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from moe_gps.atomic import atomic_path
-from moe_gps.workers import can_fork, fork_map
+from moe_gps.workers import fork_map, forking
 from sim.run import PHASES, SimResult
 
 COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
@@ -52,25 +51,14 @@ def write_plots(result: SimResult, out: Path, jobs: int = 1) -> list[Path]:
                (_latency_cdf, out / "latency_cdf.png")]
     if result.timeline:
         figures.append((_timeline, out / "timeline.png"))
-    if jobs <= 1 or not can_fork() or not _FORKING.acquire(blocking=False):
-        return [draw(result, path) for draw, path in figures]
-    try:
-        _SHARED.update(result=result, figures=figures)
-        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), jobs))]
-    finally:
-        _SHARED.clear()
-        _FORKING.release()
+    with forking(jobs) as workers:
+        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), workers, (result, figures)))]
 
 
-#: what the worker processes of one :func:`write_plots` call draw from (forked workers inherit it);
-#: one such call at a time in a process (``_FORKING``), the others draw in one process
-_SHARED: dict = {}
-_FORKING = threading.Lock()
-
-
-def _draw(i: int) -> tuple[int, Path]:
-    draw, path = _SHARED["figures"][i]
-    return i, draw(_SHARED["result"], path)
+def _draw(i: int, context: tuple) -> tuple[int, Path]:
+    result, figures = context
+    draw, path = figures[i]
+    return i, draw(result, path)
 
 
 def _title(result: SimResult) -> str:

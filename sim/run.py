@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
-from moe_gps.workers import can_fork, fork_map
+from moe_gps.workers import fork_map, forking
 from moe_gps.workers import progress as report_progress
 from sim.cost import Hardware
 from sim.engine import EventModel
@@ -169,11 +168,6 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
 #: relative work per step of a strategy kind, to split strategies over processes (``jobs``)
 _WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
 
-#: what the worker processes of one :func:`simulate` call share (forked workers inherit it); one such
-#: call at a time in a process (``_FORKING``), the others run in one process
-_SHARED: dict = {}
-_FORKING = threading.Lock()
-
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
              trace_name: str = "trace", strategy_factory=None, timeline_steps: range | None = None,
@@ -185,7 +179,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     whose schedule is kept in ``SimResult.timeline`` (sim.timeline). ``jobs`` > 1 splits the
     strategies into up to that many groups of about equal work, each served in a forked process
     (the same results: a strategy never sees another's state; one process where the platform does
-    not fork, :func:`moe_gps.workers.can_fork`)."""
+    not fork, or inside another parallel section: :func:`moe_gps.workers.forking`)."""
     from tqdm import tqdm
 
     cluster, model, workload = config.cluster, config.model, config.workload
@@ -218,27 +212,21 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     K, S = len(strategies), len(test_steps)
     bar = tqdm(total=K * (1 + S), desc="simulate", unit="step",
                disable=(not sys.stderr.isatty()) if progress is None else not progress, file=sys.stderr)
-    counts = counts_view(trace)
+    state = dict(trace=trace, train=train, counts=counts_view(trace), strategies=strategies, ctx=ctx,
+                 test_steps=test_steps, timeline_steps=timeline_steps)
     served: dict[int, tuple] = {}
-    # forked workers where this platform forks, and where this call is not already one of them
-    parallel = jobs > 1 and K > 1 and can_fork() and _FORKING.acquire(blocking=False)
     try:
-        groups = _groups([cfg.kind for cfg in config.strategies], jobs if parallel else 1)
-        arrays = _Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1)
-        state = dict(trace=trace, train=train, counts=counts, strategies=strategies, ctx=ctx, test_steps=test_steps,
-                     timeline_steps=timeline_steps, arrays=arrays)
-        if len(groups) == 1:
-            served.update(_serve(groups[0], {**state, "bar": bar}))
-        else:
-            bar.set_postfix_str(f"{len(groups)} processes")
-            _SHARED.update(state, bar=None)
-            for part in fork_map(_serve_forked, groups, len(groups), on_progress=bar.update):
+        with forking(jobs if K > 1 else 1) as workers:
+            groups = _groups([cfg.kind for cfg in config.strategies], workers)
+            state.update(arrays=_Arrays.zeros(K, S, m.num_layers, shared=len(groups) > 1),
+                         bar=bar if len(groups) == 1 else None)      # forked workers send their progress here
+            if len(groups) > 1:
+                bar.set_postfix_str(f"{len(groups)} processes")
+            for part in fork_map(_serve, groups, len(groups), context=state, on_progress=bar.update):
                 served.update(part)
     finally:
-        if parallel:
-            _SHARED.clear()
-            _FORKING.release()
         bar.close()
+    arrays = state["arrays"]
     results, timeline = [], {}
     for k, st in enumerate(strategies):
         info, replans, seconds, rows = served[k]
@@ -292,11 +280,6 @@ class _Arrays:
             return np.frombuffer(mmap.mmap(-1, max(8 * n, 1)), dtype=np.float64, count=n).reshape(shape)
 
         return cls(z(K, S, L), {p: z(K, S, L) for p in PHASES}, z(K, S, L), z(K, S, L), z(S), z(S, L), z(S, L))
-
-
-def _serve_forked(index: list[int]) -> dict[int, tuple]:
-    """:func:`_serve` in a forked worker, on the state it inherited."""
-    return _serve(index, _SHARED)
 
 
 def _serve(index: list[int], sh: dict) -> dict[int, tuple]:

@@ -358,6 +358,7 @@ def _recording_serve(index, shared):
 def test_jobs_split_the_strategies_over_processes_with_the_same_results(trace, monkeypatch):
     import os
 
+    import moe_gps.workers as workers
     import sim.run as run
 
     names = ["none", "eplb", "dist:ema", "token:prev-layer", synthetic(0.8, placement="typical"), "oracle"]
@@ -377,7 +378,7 @@ def test_jobs_split_the_strategies_over_processes_with_the_same_results(trace, m
     assert np.array_equal(a.expert_skew, b.expert_skew) and np.array_equal(a.tokens, b.tokens)
     assert a.timeline == b.timeline and list(a.timeline) == list(b.timeline)
     assert a.verdict.to_dict() == b.verdict.to_dict()
-    with run._FORKING:                                  # as in a worker of another parallel call: one process
+    with workers._FORKING:                              # as in a worker of another parallel call: one process
         c = simulate(trace, cfg, progress=False, timeline_steps=range(5, 7), jobs=3)
     assert SERVED_IN == [os.getpid(), os.getpid()]
     assert all(np.array_equal(x.layer_time, y.layer_time) for x, y in zip(a.strategies, c.strategies))

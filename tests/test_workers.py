@@ -56,27 +56,45 @@ def test_interrupted_consumer_leaves_a_pool_that_closes_and_joins():
     assert not joiner.is_alive()
 
 
-def _ticks(x: int) -> int:
+def _ticks(x: int, scale: int) -> int:
     from moe_gps.workers import progress
 
     progress(x)
-    return x * 10
+    return x * scale
+
+
+def _fail_here(x: int, context) -> int:
+    return _fail(x)
 
 
 def test_fork_map_runs_in_forked_workers_and_passes_their_progress_here():
     from moe_gps.workers import fork_map
 
     seen: list[int] = []
-    assert sorted(fork_map(_ticks, [1, 2, 3, 4], jobs=2, on_progress=seen.append)) == [10, 20, 30, 40]
+    # the context reaches every item, in the workers too (inherited, not pickled)
+    assert sorted(fork_map(_ticks, [1, 2, 3, 4], jobs=2, context=10, on_progress=seen.append)) == [10, 20, 30, 40]
     assert sorted(seen) == [1, 2, 3, 4]                 # every worker's progress reached this process
     # one job: in this process, in order; progress outside a worker goes nowhere
-    assert list(fork_map(_ticks, [3, 1], jobs=1, on_progress=seen.append)) == [30, 10]
+    assert list(fork_map(_ticks, [3, 1], jobs=1, context=10, on_progress=seen.append)) == [30, 10]
     assert sorted(seen) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="three"):
-        list(fork_map(_fail, range(6), jobs=2))
+        list(fork_map(_fail_here, range(6), jobs=2))
 
 
-def _killed(x: int) -> int:
+def test_one_parallel_section_at_a_time():
+    from moe_gps.workers import can_fork, forking
+
+    with forking(3) as outer:
+        assert outer == (3 if can_fork() else 1)
+        with forking(3) as inner:                       # as in a worker, or another thread: here
+            assert inner == 1
+    with forking(1) as one:
+        assert one == 1
+    with forking(2) as again:                           # released: free again
+        assert again == (2 if can_fork() else 1)
+
+
+def _killed(x: int, context) -> int:
     import os
     import signal
 
@@ -93,7 +111,7 @@ def test_fork_map_reports_a_killed_worker_instead_of_waiting_for_ever():
         list(fork_map(_killed, [1, 2, 3], jobs=3))
 
 
-def _terminated(x: int) -> int:
+def _terminated(x: int, context) -> int:
     import os
     import signal
 

@@ -21,7 +21,7 @@ from moe_gps.config.schema import VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE, Workload
 from moe_gps.config.serving import ServeConfig
 from moe_gps.errors import UserError
 from moe_gps.trace.data import CountsTrace, TokensTrace
-from moe_gps.workers import fork_map
+from moe_gps.workers import fork_map, forking
 from sim.cost import Hardware
 from sim.loads import counts_view
 from sim.run import default_train_steps, resolve_config
@@ -97,16 +97,12 @@ def resolve_serve_config(config: ServeConfig, trace, trace_name: str) -> tuple[S
     return dataclasses.replace(config, simulate=sim_cfg, rates=rates, iteration=parts), train, notes
 
 
-#: what the runs of one :func:`serve` call share (forked workers inherit it)
-_SHARED: dict = {}
-
-
-def _run_one(job: tuple[int, int]) -> tuple[int, int, ServerRun, float]:
-    """Run strategy ``job[1]`` on the requests of rate ``job[0]`` (in this process or a forked worker)."""
+def _run_one(job: tuple[int, int], sh: dict) -> tuple[int, int, ServerRun, float]:
+    """Run strategy ``job[1]`` on the requests of rate ``job[0]`` (in this process or a forked worker;
+    ``sh``: what the runs of one :func:`serve` call share)."""
     from tqdm import tqdm
 
     r, k = job
-    sh = _SHARED
     config, req, ctx = sh["config"], sh["requests"][r], sh["ctx"][r]
     sim_cfg, sched, parts = config.simulate, config.scheduler, config.iteration
     cfg = sim_cfg.strategies[k]
@@ -156,16 +152,12 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
     slow = {"oracle": 0, "token": 0, "distribution": 1, "static": 2, "none": 3}
     todo = sorted(((r, k) for r in range(len(rates)) for k in range(len(sim_cfg.strategies))),
                   key=lambda j: (slow[sim_cfg.strategies[j[1]].kind], rates[j[0]]))
-    jobs = max(1, min(int(jobs), len(todo)))
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    _SHARED.clear()
-    _SHARED.update(config=config, trace=trace, train=train, counts=counts_view(trace),
-                   requests=requests, rates=rates, ctx=ctxs, kv=kv, fast=fast, bars=show and jobs == 1,
-                   dense=DenseParts(model, parts, hw))
-    try:
-        done = list(_map(_run_one, todo, jobs, show))
-    finally:
-        _SHARED.clear()
+    shared = dict(config=config, trace=trace, train=train, counts=counts_view(trace), requests=requests, rates=rates,
+                  ctx=ctxs, kv=kv, fast=fast, dense=DenseParts(model, parts, hw))
+    with forking(min(int(jobs), len(todo))) as workers:
+        shared["bars"] = show and workers == 1
+        done = list(_map(_run_one, todo, workers, show, shared))
     runs = {(r, k): (run, sec) for r, k, run, sec in done}
     results = []
     names = [s.name for s in sim_cfg.strategies]
@@ -187,16 +179,17 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
     return ServeResult(config, results, notes)
 
 
-def _map(fn, items: list, jobs: int, progress: bool):
-    """``fn`` over ``items``, in this process or in ``jobs`` forked processes (a bar over items then)."""
+def _map(fn, items: list, jobs: int, progress: bool, shared: dict):
+    """``fn(item, shared)`` over ``items``, in this process or in ``jobs`` forked processes (a bar over
+    items then)."""
     if jobs == 1:
-        yield from map(fn, items)
+        yield from fork_map(fn, items, 1, shared)
         return
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), desc="serve", unit="run", disable=not progress, file=sys.stderr)
     try:
-        for res in fork_map(fn, items, jobs):
+        for res in fork_map(fn, items, jobs, shared):
             bar.update(1)
             yield res
     finally:
