@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import cached_property
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -229,12 +229,17 @@ class CountsTrace:
         """int64 [steps]: layer 0's assignments / top_k (all layers agree after validation)."""
         if isinstance(self.count_array, np.ndarray):
             return self.count_array[:, 0, :].sum(axis=1) // self.meta.top_k
-        chunk = max(1, COUNT_CHUNK_ELEMENTS // max(1, self.meta.num_layers * self.meta.num_experts))
         out = np.zeros(self.num_steps, dtype=np.int64)
-        for lo in range(0, self.num_steps, chunk):      # a range of steps at a time from the file
-            part = self.count_array.read(lo, lo + chunk)
+        for lo, part in self.chunks():
             out[lo:lo + len(part)] = part[:, 0, :].sum(axis=1)
         return out // self.meta.top_k
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first step, int64 [steps, layers, experts]) over the whole trace, about
+        :data:`COUNT_CHUNK_ELEMENTS` counts at a time (a spilled trace stays in its file)."""
+        step = max(1, COUNT_CHUNK_ELEMENTS // max(1, self.meta.num_layers * self.meta.num_experts))
+        for lo in range(0, self.num_steps, step):
+            yield lo, self.counts_range(lo, lo + step)
 
     def counts(self) -> np.ndarray:
         """int64 [steps, layers, experts], the whole array (read from its file for a spilled trace)."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_gps.atomic import atomic_path
-from moe_gps.trace.data import COUNT_CHUNK_ELEMENTS, OPTIONAL_TOKEN_FIELDS, CountsTrace, StepRouting, TokensTrace
+from moe_gps.trace.data import OPTIONAL_TOKEN_FIELDS, CountsTrace, StepRouting, TokensTrace
 from moe_gps.trace.meta import (
     COUNTS_COLUMNS,
     META_KEY,
@@ -189,9 +189,8 @@ def write_trace(path: str | os.PathLike, trace: TokensTrace | CountsTrace) -> No
     """Write a whole trace atomically, in the layout the reader expects (sorted rows)."""
     if isinstance(trace, CountsTrace):
         with CountsWriter(path, trace.meta) as writer:
-            step = max(1, COUNT_CHUNK_ELEMENTS // max(1, trace.meta.num_layers * trace.meta.num_experts))
-            for lo in range(0, trace.num_steps, step):      # a range at a time: a spilled trace stays on disk
-                writer.write_steps(trace.counts_range(lo, lo + step))
+            for _, part in trace.chunks():
+                writer.write_steps(part)
         return
     optional = tuple(f for f in OPTIONAL_TOKEN_FIELDS if getattr(trace, f) is not None)
     with TraceWriter(path, trace.meta, with_weights=trace.weights is not None, optional=optional) as writer:
