@@ -1,15 +1,11 @@
 """Applying a new placement while running: move expert weights between ranks, then check.
 
-For every layer and every slot of the new placement (rank ``r``, local index ``q``,
-logical expert ``e``), :func:`move_plan` picks one action:
+The moves are :func:`moe_gps.placement.moves.move_plan`'s, the same ones the simulator
+prices (:func:`sim.work.weight_copies`): per new slot keep, copy from another slot of
+the rank, or receive (one transfer per layer, expert and destination rank).
 
-* ``keep``  the same slot already holds ``e`` (same rank, same local index): nothing moves;
-* ``local`` ``e`` is in another slot of rank ``r``: a copy in the rank's memory;
-* ``recv``  ``e`` is on other ranks only: one transfer per (layer, expert, destination
-  rank), from the expert's old replicas in turn (round-robin over destinations), so a
-  rank that needs ``e`` in two slots receives it once and copies it locally.
-
-:func:`apply_placement` runs the transfers of all layers in one
+:func:`apply_placement` copies aside the old rows that are read after being overwritten
+(:meth:`MovePlan.snapshots`), runs the transfers of all layers in one
 ``batch_isend_irecv``, fills the local copies, installs the new routing tables and
 then checks that every slot holds the expert it should (:class:`Fingerprints`: a
 digest of every slot's bytes), failing on every rank together, each with one line, if
@@ -25,91 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_gps.placement.moves import KEEP, LOCAL, RECV, MovePlan, move_plan
 from runtime.dist import DistContext, all_gather_flat
 from runtime.moe_layer import ExpertParallelMoE
 from runtime.routing import layer_tables
-
-KEEP, LOCAL, RECV = 0, 1, 2
-
-
-@dataclass
-class Transfer:
-    """One expert sent from one rank to another: ``layer, expert, src_rank, src_local, dst_rank``."""
-
-    layer: int
-    expert: int
-    src_rank: int
-    src_local: int
-    dst_rank: int
-
-
-@dataclass
-class MovePlan:
-    """What to do per layer and rank.
-
-    action [L, N, S_new]: KEEP, LOCAL or RECV per new slot;
-    source [L, N, S_new]: the old local slot to keep/copy from (KEEP/LOCAL) or the index
-    of the transfer in ``transfers`` (RECV);
-    transfers: sorted by (layer, expert, dst_rank), the order every rank issues them in.
-    """
-
-    action: np.ndarray
-    source: np.ndarray
-    transfers: list[Transfer]
-    old_slots_per_gpu: int
-    new_slots_per_gpu: int
-
-    def counts(self) -> dict[str, int]:
-        return {"slots_kept": int((self.action == KEEP).sum()), "local_copies": int((self.action == LOCAL).sum()),
-                "slots_received": int((self.action == RECV).sum()), "transfers": len(self.transfers)}
-
-
-def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int) -> MovePlan:
-    """Plan the weight moves from one placement to the next (numpy only, the same on every rank).
-
-    old_phy2log [L, N * S_old], new_phy2log [L, N * S_new] (slot = rank * S + i).
-    """
-    old = np.asarray(old_phy2log, dtype=np.int64)
-    new = np.asarray(new_phy2log, dtype=np.int64)
-    L, N = old.shape[0], num_ranks
-    if new.shape[0] != L:
-        raise ValueError(f"old placement has {L} layers, new has {new.shape[0]}")
-    if old.shape[1] % N or new.shape[1] % N:
-        raise ValueError(f"slots ({old.shape[1]} old, {new.shape[1]} new) do not divide over {N} ranks")
-    S_old, S_new = old.shape[1] // N, new.shape[1] // N
-    old_r = old.reshape(L, N, S_old)
-    new_r = new.reshape(L, N, S_new)
-    action = np.full((L, N, S_new), RECV, dtype=np.int8)
-    source = np.full((L, N, S_new), -1, dtype=np.int64)
-    q = min(S_old, S_new)
-    same = old_r[:, :, :q] == new_r[:, :, :q]
-    action[:, :, :q][same] = KEEP
-    source[:, :, :q][same] = np.broadcast_to(np.arange(q), same.shape)[same]
-    # local copies: the expert sits in some old slot of the same rank (take the first)
-    match = new_r[:, :, :, None] == old_r[:, :, None, :]                  # [L, N, S_new, S_old]
-    has = match.any(axis=3)
-    first = match.argmax(axis=3)
-    local = has & (action != KEEP)
-    action[local] = LOCAL
-    source[local] = first[local]
-    # transfers: one per (layer, expert, destination rank), sources round-robin over old replicas
-    transfers: list[Transfer] = []
-    need = action == RECV
-    if need.any():
-        l_idx, r_idx, s_idx = np.nonzero(need)
-        experts = new_r[l_idx, r_idx, s_idx]
-        key = np.stack([l_idx, experts, r_idx], axis=1)
-        uniq, inverse = np.unique(key, axis=0, return_inverse=True)          # sorted (layer, expert, dst)
-        inverse = inverse.reshape(-1)
-        turn: dict[tuple[int, int], int] = {}
-        for l, e, dst in uniq.tolist():
-            holders = np.flatnonzero(old[l] == e)
-            t = turn.get((l, e), 0)
-            turn[(l, e)] = t + 1
-            src = int(holders[t % len(holders)])
-            transfers.append(Transfer(l, e, src // S_old, src % S_old, dst))
-        source[l_idx, r_idx, s_idx] = inverse
-    return MovePlan(action, source, transfers, S_old, S_new)
 
 
 @dataclass
@@ -120,6 +35,7 @@ class MoveStats:
     background_s: float = 0.0         # async: from starting the transfers to their landing here
     bytes_sent: int = 0
     bytes_received: int = 0
+    row_copies: int = 0               # expert rows this rank copied between its slots (snapshots included)
     counts: dict = field(default_factory=dict)
 
 
@@ -206,7 +122,7 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
     """
     t0 = time.perf_counter()
     new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
-    plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), new_phy2log, ctx.world_size)
+    plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), new_phy2log, ctx.world_size, ctx.node_of)
     stats = MoveStats(counts=plan.counts())
     buffers, sources = write_targets(blocks, plan, ctx.rank)
     recv_into = receivers(plan, ctx.rank)
@@ -216,7 +132,8 @@ def apply_placement(blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, ne
         with ctx.guard(f"batch_isend_irecv of {len(plan.transfers)} expert transfers"):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-    fill_slots(blocks, plan, ctx, buffers, sources, recv_into, new_phy2log, new_share, fingerprints)
+    stats.row_copies = fill_slots(blocks, plan, ctx, buffers, sources, recv_into, new_phy2log, new_share,
+                                  fingerprints)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -228,32 +145,29 @@ def transfer_ops(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int, send_
     send_row(layer, old local slot) -> the row [numel] to send; recv_row(transfer index) -> the row
     to receive into. Adds the bytes to ``stats``."""
     ops = []
-    for i, t in enumerate(plan.transfers):
-        nbytes = blocks[t.layer].expert_bytes
-        if t.src_rank == me and t.dst_rank != me:
-            ops.append(dist.P2POp(dist.isend, send_row(t.layer, t.src_local).contiguous(), t.dst_rank, group=group))
+    for i, (l, _, src, src_local, dst) in enumerate(plan.transfers.tolist()):
+        nbytes = blocks[l].expert_bytes
+        if src == me and dst != me:
+            ops.append(dist.P2POp(dist.isend, send_row(l, src_local).contiguous(), dst, group=group))
             stats.bytes_sent += nbytes
-        if t.dst_rank == me:
-            ops.append(dist.P2POp(dist.irecv, recv_row(i), t.src_rank, group=group))
+        if dst == me:
+            ops.append(dist.P2POp(dist.irecv, recv_row(i), src, group=group))
             stats.bytes_received += nbytes
     return ops
 
 
-def write_targets(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int) -> tuple[list, list]:
+def write_targets(blocks: list[ExpertParallelMoE], plan: MovePlan, me: int, sends: bool = True) -> tuple[list, list]:
     """The buffers the new slots are written into (``[S_new, numel]`` per layer: the live ones when the
     slot count stays) and, per layer, (old buffer, snapshots of the old rows that are read after
-    being overwritten)."""
-    S_old, S_new = plan.old_slots_per_gpu, plan.new_slots_per_gpu
+    being overwritten: :meth:`MovePlan.snapshots`; ``sends`` False once the transfers have run)."""
+    S_new = plan.new_slots_per_gpu
+    snapshots = plan.snapshots(sends)[:, me]                            # [L, S_old]
     buffers, sources = [], []
     for l, b in enumerate(blocks):
         old_buf = b.slot_weights
-        act, src = plan.action[l, me], plan.source[l, me]
-        if S_old == S_new:
+        if plan.in_place:
             new_buf = old_buf
-            written = set(np.flatnonzero(act != KEEP).tolist())
-            needed = {int(s) for s in src[act == LOCAL]}
-            needed |= {t.src_local for t in plan.transfers if t.layer == l and t.src_rank == me}
-            snap = {q: old_buf[q].clone() for q in sorted(needed & written)}
+            snap = {int(q): old_buf[q].clone() for q in np.flatnonzero(snapshots[l])}
         else:
             new_buf = torch.empty(S_new, b.expert_numel, dtype=old_buf.dtype, device=old_buf.device)
             snap = {}
@@ -270,19 +184,20 @@ def _old_row(sources: list, l: int, q: int) -> torch.Tensor:
 def receivers(plan: MovePlan, me: int) -> dict[int, tuple[int, np.ndarray]]:
     """transfer index -> (layer, this rank's new local slots [n] that take the received expert)."""
     out = {}
-    for i, t in enumerate(plan.transfers):
-        if t.dst_rank == me:
-            out[i] = (t.layer, np.flatnonzero((plan.action[t.layer, me] == RECV) & (plan.source[t.layer, me] == i)))
+    for i, (l, _, _, _, dst) in enumerate(plan.transfers.tolist()):
+        if dst == me:
+            out[i] = (l, np.flatnonzero((plan.action[l, me] == RECV) & (plan.source[l, me] == i)))
     return out
 
 
 def fill_slots(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext, buffers: list, sources: list,
                recv_into: dict, new_phy2log: np.ndarray, new_share: np.ndarray, fingerprints: Fingerprints | None,
-               staged: dict[int, torch.Tensor] | None = None) -> None:
+               staged: dict[int, torch.Tensor] | None = None) -> int:
     """After the transfers: the received rows (``staged``: transfer index -> row, when they were received
-    aside), the local copies, the routing tables, then the check."""
+    aside), the local copies, the routing tables, then the check. Returns the expert rows copied between
+    this rank's slots, the snapshots ``sources`` holds included (the staged rows not)."""
     me, S_new = ctx.rank, plan.new_slots_per_gpu
-    in_place = plan.old_slots_per_gpu == S_new
+    copied = sum(len(snap) for _, snap in sources)
     for i, row in (staged or {}).items():
         l, slots = recv_into[i]
         buffers[l][int(slots[0])].copy_(row)
@@ -290,16 +205,19 @@ def fill_slots(blocks: list[ExpertParallelMoE], plan: MovePlan, ctx: DistContext
         act, src = plan.action[l, me], plan.source[l, me]
         buf = buffers[l]
         for q in range(S_new):
-            if act[q] == LOCAL or (act[q] == KEEP and not in_place):
+            if act[q] == LOCAL or (act[q] == KEEP and not plan.in_place):
                 buf[q].copy_(_old_row(sources, l, int(src[q])))
+                copied += 1
     for i, (l, slots) in recv_into.items():
         for q in slots[1:]:
             buffers[l][int(q)].copy_(buffers[l][int(slots[0])])
+            copied += 1
     for l, b in enumerate(blocks):
         tables = layer_tables(new_phy2log[l], np.asarray(new_share)[l], b.num_experts, S_new, ctx.device)
         b.set_slots(tables, buffers[l])
     if fingerprints is not None:
         check_slots(blocks, ctx, fingerprints)
+    return copied
 
 
 def check_slots(blocks: list[ExpertParallelMoE], ctx: DistContext, fingerprints: Fingerprints) -> None:

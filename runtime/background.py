@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.apply import Fingerprints, MoveStats, fill_slots, move_plan, receivers, transfer_ops, write_targets
+from moe_gps.placement.moves import move_plan
+from runtime.apply import Fingerprints, MoveStats, fill_slots, receivers, transfer_ops, write_targets
 from runtime.dist import DistContext
 from runtime.moe_layer import ExpertParallelMoE
 
@@ -53,7 +54,8 @@ class BackgroundMove:
         self.blocks, self.ctx, self.started_at = blocks, ctx, started_at
         self.new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
         self.new_share = np.asarray(new_share, dtype=np.float64)
-        self.plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), self.new_phy2log, ctx.world_size)
+        self.plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), self.new_phy2log, ctx.world_size,
+                              ctx.node_of)
         self.stats = MoveStats(counts=self.plan.counts())
         self.recv_into = receivers(self.plan, ctx.rank)
         self.staged = {i: torch.empty(blocks[l].expert_numel, dtype=blocks[l].slot_weights.dtype,
@@ -101,9 +103,9 @@ class BackgroundMove:
         time the install took on the critical path."""
         t0 = time.perf_counter()
         self.join()
-        buffers, sources = write_targets(self.blocks, self.plan, self.ctx.rank)
-        fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into, self.new_phy2log,
-                   self.new_share, fingerprints, staged=self.staged)
+        buffers, sources = write_targets(self.blocks, self.plan, self.ctx.rank, sends=False)
+        self.stats.row_copies = fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into,
+                                           self.new_phy2log, self.new_share, fingerprints, staged=self.staged)
         self.staged = {}
         self.stats.seconds = time.perf_counter() - t0
         self.stats.background_s = self.background_s

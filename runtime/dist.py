@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -80,6 +81,15 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def node_of(self) -> np.ndarray | None:
+        """int [world_size]: the node of each rank, from torchrun's ``LOCAL_WORLD_SIZE`` (ranks numbered
+        node by node, the same number on each node); None (one node) when that is not known."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if local <= 0 or local >= self.world_size or self.world_size % local:
+            return None
+        return np.arange(self.world_size) // local
 
     # ----------------------------------------------------------- progress
     def _set(self, kind: str, value: str) -> None:

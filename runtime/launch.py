@@ -277,6 +277,7 @@ def _added(a, b):
     a.seconds += b.seconds
     a.bytes_sent += b.bytes_sent
     a.bytes_received += b.bytes_received
+    a.row_copies += b.row_copies
     a.counts = {k: a.counts.get(k, 0) + v for k, v in b.counts.items()}
     return a
 

@@ -13,8 +13,10 @@ through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
   within one pair per replica;
 * ``steps.csv``: one row per (step, rank), columns ``STEP_FIELDS`` (``move_s``: seconds
   applying a placement on the critical path, under ``copy_policy: async`` the install;
-  ``background_s``: async, from starting the transfers to their landing on the rank; both,
-  and the move's bytes and counts, on the row of the step the placement came into force)
+  ``background_s``: async, from starting the transfers to their landing on the rank;
+  ``row_copies``: expert rows the rank copied between its slots, old rows copied aside
+  included; these, and the move's bytes and counts, on the row of the step the placement
+  came into force)
   plus, for rank 0's row, ``replanned`` (a new placement was adopted: in force now, or its
   transfers started), ``declined`` (``min_gain`` kept the placement in force),
   ``check_skipped`` (a check fell while a move was in flight), ``switched`` (a new
@@ -43,8 +45,8 @@ from moe_gps.trace.data import StepRouting
 
 LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", "combine_s", "pairs_local",
                 "expert_tokens", "pairs_sent_remote")
-STEP_FIELDS = ("step_s", "forward_s", "move_s", "background_s", "bytes_sent", "bytes_received", "transfers",
-               "slots_kept", "local_copies", "slots_received")
+STEP_FIELDS = ("step_s", "forward_s", "move_s", "background_s", "bytes_sent", "bytes_received", "row_copies",
+               "transfers", "slots_kept", "local_copies", "slots_received")
 
 
 def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> list[dict] | None:
@@ -56,8 +58,8 @@ def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> li
                       for l, b in enumerate(handle.blocks)], dtype=np.float64)
     mv = move.counts if move is not None else {}
     step = np.array([step_s, forward_s, move.seconds if move else 0.0, move.background_s if move else 0.0,
-                     move.bytes_sent if move else 0, move.bytes_received if move else 0]
-                    + [mv.get(f, 0) for f in STEP_FIELDS[6:]], np.float64)
+                     move.bytes_sent if move else 0, move.bytes_received if move else 0, move.row_copies if move else 0]
+                    + [mv.get(f, 0) for f in STEP_FIELDS[7:]], np.float64)
     flat = np.concatenate([experts.reshape(-1).astype(np.float64), weights.reshape(-1).astype(np.float64),
                            layer.reshape(-1), step])
     mine = torch.as_tensor(flat, device=ctx.device)

@@ -13,6 +13,7 @@ import numpy as np
 
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
+from moe_gps.placement.moves import move_plan
 from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
                       combine_host_time, dispatch_host_time, ffn_time, layout_time, local_copy_time, shared_compute,
                       transfer_time)
@@ -123,46 +124,35 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,
                   hw: Hardware, bandwidth_share: float = 1.0) -> Copies:
-    """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement).
+    """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement): the
+    moves the runtime makes (:func:`moe_gps.placement.moves.move_plan`).
 
-    Between GPUs: a GPU needs one copy of expert e (expert_bytes) for each layer where it hosts
-    e now and did not before: one transfer, as the runtime sends it (one per layer, expert and
-    destination). The source is a GPU that hosted e before, preferring one on the same node, then
-    the first after the destination in ring order (to spread the senders). One row per (layer,
-    source, destination): its bytes / copy bandwidth + its transfers x copy latency
-    (:func:`sim.cost.transfer_time`). ``bandwidth_share`` < 1: the copies get that share of the copy
-    bandwidth (background copies).
+    Between GPUs: one transfer of expert_bytes per (layer, expert, destination GPU), from a GPU that
+    held the expert (on the destination's node where one did). One row per (layer, source,
+    destination): its bytes / copy bandwidth + its transfers x copy latency
+    (:func:`sim.cost.transfer_time`).
 
-    Within a GPU (rows with src == dst, no link bytes): every slot that now holds another
-    expert than before (every slot when the slots per GPU changed) and is not filled by a
-    copy from another GPU is a copy between slots (:func:`sim.cost.local_copy_time`).
+    Within a GPU (rows with src == dst, no link bytes): the expert rows the GPU copies between its
+    slots (:meth:`~moe_gps.placement.moves.MovePlan.row_copies`: the old rows read after being
+    overwritten, copied aside first; local copies; a received expert's second slots), each
+    :func:`sim.cost.local_copy_time`.
+
+    ``bandwidth_share`` < 1: copies in the background (copy policy ``async``): the transfers get that
+    share of the copy bandwidth, and they run before the new placement is installed, so the install
+    copies aside only the sources of local copies.
     """
     if previous is None or previous is current:
         return Copies.empty()
-    L, G = current.phy2log.shape[0], current.num_gpus
-    now = current.experts_on_gpu() > 0          # [L, G, E]
-    before = previous.experts_on_gpu() > 0
-    need = now & ~before
-    layer, dst, expert = np.nonzero(need)
-    holders = before[layer, :, expert]          # [n, G]
-    # preference of destination d for source h: same node first, then ring order after d
-    prefer = (1 + hw.same_node()) * G - (np.arange(G)[None, :] - np.arange(G)[:, None]) % G     # [G, G]
-    score = holders * prefer[dst]
-    src = np.argmax(score, axis=1) if len(layer) else np.zeros(0, dtype=np.int64)
-    key = (layer * G + src) * G + dst
+    G = current.num_gpus
+    plan = move_plan(previous.phy2log, current.phy2log, G, hw.node_of_gpu)
+    t = plan.transfers
+    key = (t.layer.astype(np.int64) * G + t.src_rank) * G + t.dst_rank
     uniq, counts = np.unique(key, return_counts=True)
     l, rest = np.divmod(uniq, G * G)
     s, d = np.divmod(rest, G)
     nbytes = counts * float(expert_bytes)
     secs = transfer_time(nbytes, hw.same_node()[s, d], hw, bandwidth_share, counts)
-    # within each GPU: slots rewritten, less those a transfer fills
-    S_new, S_old = current.slots_per_gpu, previous.slots_per_gpu
-    new_slots = current.phy2log.reshape(L, G, S_new)
-    if S_new == S_old:
-        written = (new_slots != previous.phy2log.reshape(L, G, S_old)).sum(axis=2)
-    else:
-        written = np.full((L, G), S_new)
-    local = local_copy_time(written - need.sum(axis=2), expert_bytes, hw)      # [L, G]
+    local = local_copy_time(plan.row_copies(sends=bandwidth_share >= 1.0), expert_bytes, hw)      # [L, G]
     sl, sg = np.nonzero(local > 0)
     return Copies(np.concatenate([l, sl]), np.concatenate([s, sg]), np.concatenate([d, sg]),
                   np.concatenate([nbytes, np.zeros(len(sl))]), np.concatenate([secs, local[sl, sg]]))

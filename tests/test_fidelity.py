@@ -192,7 +192,7 @@ def test_calibration_with_noise_stays_close_and_writes_a_loadable_cluster(tmp_pa
 @pytest.mark.parametrize("N", [2, 4])
 def test_move_patterns_are_irregular_and_the_simulator_counts_the_runtimes_transfers(N):
     from moe_gps.fidelity.calibrate import make_spec, move_pairs, move_ports
-    from runtime.apply import move_plan
+    from moe_gps.placement.moves import move_plan
 
     run_cfg = parse_run_config(RUN)
     spec = make_spec(run_cfg, N)

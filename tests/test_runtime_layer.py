@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from moe_gps.placement import Placement, plan_placement  # noqa: E402
-from runtime.apply import KEEP, LOCAL, RECV, Fingerprints, apply_placement, move_plan  # noqa: E402
+from runtime.apply import Fingerprints, apply_placement  # noqa: E402
 from runtime.dist import DistContext  # noqa: E402
 from runtime.local import run_local  # noqa: E402
 from runtime.moe_layer import ExpertParallelMoE, reference_moe, top_k_routing  # noqa: E402
@@ -181,39 +181,6 @@ def two_rank_worker(ctx):
     ok &= float((ep(x[mine], ex[mine], w[mine]) - reference_moe(x, ex, w, wgu, wd)[mine]).abs().max()) < 1e-10
     out.update(moves_ok=bool(ok), moves=moves)
     return out
-
-
-def test_move_plan_unchanged_placement_moves_nothing():
-    phy = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])
-    plan = move_plan(phy, phy, 2)
-    assert (plan.action == KEEP).all() and plan.transfers == []
-
-
-def test_move_plan_local_copy_remote_transfer_and_duplicates():
-    old = np.array([[0, 1, 2, 3, 4, 5]])          # rank 0: 0 1 2 | rank 1: 3 4 5
-    new = np.array([[0, 2, 2, 5, 5, 3]])          # rank 0: 0 2 2 | rank 1: 5 5 3
-    plan = move_plan(old, new, 2)
-    assert plan.action[0, 0].tolist() == [KEEP, LOCAL, KEEP]
-    assert plan.source[0, 0, 1] == 2               # copied from rank 0's slot 2
-    assert plan.action[0, 1].tolist() == [LOCAL, LOCAL, LOCAL]   # a swap within rank 1
-    assert plan.source[0, 1].tolist() == [2, 2, 0]
-    assert plan.transfers == []
-    new2 = np.array([[4, 4, 1, 0, 2, 3]])          # rank 0 needs expert 4 twice, held only by rank 1
-    plan = move_plan(old, new2, 2)
-    assert [(t.expert, t.src_rank, t.src_local, t.dst_rank) for t in plan.transfers] == \
-        [(0, 0, 0, 1), (2, 0, 2, 1), (4, 1, 1, 0)]
-    assert plan.action[0, 0].tolist() == [RECV, RECV, LOCAL]
-    assert plan.source[0, 0, 0] == plan.source[0, 0, 1] == 2   # one transfer fills both slots
-
-
-def test_move_plan_spreads_sources_over_replicas():
-    old = np.array([[0, 1, 2, 0, 3, 4, 5, 6, 7, 1, 2, 3]])   # 4 ranks x 3 slots; expert 0 on ranks 0 and 1
-    new = np.array([[1, 2, 3, 4, 5, 6, 7, 0, 1, 0, 2, 3]])   # ranks 2 and 3 now need expert 0
-    plan = move_plan(old, new, 4)
-    src = {(t.expert, t.dst_rank): t.src_rank for t in plan.transfers}
-    assert src[(0, 2)] == 0 and src[(0, 3)] == 1             # one from each old replica
-    assert all(t.src_rank != t.dst_rank for t in plan.transfers)
-    assert all(old[0][t.src_rank * 3 + t.src_local] == t.expert for t in plan.transfers)
 
 
 def test_routing_matches_plan_shares_exactly():

@@ -132,6 +132,29 @@ def test_replay_reproduces_every_run(policy_runs):
             assert len(moves) >= 1
 
 
+def test_every_run_copies_the_rows_the_move_plan_counts(policy_runs):
+    # the simulator prices a move's copies inside a rank from MovePlan.row_copies (sim.work.weight_copies); the
+    # runtime records the rows it copied (snapshots included), per rank, at each switch: they must agree
+    from moe_gps.placement.moves import move_plan
+    from runtime.replay import replay_run
+
+    checked = 0
+    for name, (folder, mode, doc, _, _) in policy_runs.items():
+        cfg = parse_run_config(doc)
+        background = cfg.duplication.copy_policy == "async"
+        replay = replay_run(load_trace(folder / "trace.parquet"), cfg, mode, 2)
+        s = pd.read_csv(folder / "steps.csv").set_index(["step", "rank"])
+        for step in range(1, len(replay.placements)):
+            before, after = replay.placements[step - 1], replay.placements[step]
+            if np.array_equal(before.phy2log, after.phy2log):
+                continue
+            want = move_plan(before.phy2log, after.phy2log, 2).row_copies(sends=not background).sum(axis=0)
+            got = [int(s.loc[(step, r), "row_copies"]) for r in range(2)]
+            assert got == want.tolist(), (name, step)
+            checked += int(want.sum() > 0)
+    assert checked >= 2
+
+
 def test_async_switches_later_with_every_slot_verified_and_the_weights_of_a_critical_run(policy_runs):
     for name in ("async", "static-async"):
         folder, *_ = policy_runs[name]

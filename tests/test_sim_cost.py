@@ -172,14 +172,15 @@ def test_weight_copies_prefer_the_same_node():
 
 def test_weight_copies_within_a_gpu_and_moves():
     before = Placement(np.array([[0, 1, 2, 3, 0, 1, 2, 3]]), 4, 4)
-    # GPU 0 swaps its two slots (2 copies between slots); GPU 3 gets expert 1 in both slots: one
-    # transfer (from GPU 2, same node) and one copy between its slots
+    # GPU 0 swaps its two slots (both old rows copied aside, then each copied into the other slot: 4 copies
+    # between slots); GPU 3 gets expert 1 in both slots: one transfer (from GPU 2, same node) and one copy
+    # between its slots
     after = Placement(np.array([[1, 0, 2, 3, 0, 1, 1, 1]]), 4, 4, allow_colocated=True)
     c = weight_copies(before, after, MODEL.expert_bytes, HW)
     rows = sorted(zip(c.layer.tolist(), c.src.tolist(), c.dst.tolist(), c.bytes.tolist(), c.seconds.tolist()))
     local = 2 * 12e6 / 1e12                                              # read + write at 1000 GB/s: 24 us
     assert [r[:4] for r in rows] == [(0, 0, 0, 0.0), (0, 2, 3, 12e6), (0, 3, 3, 0.0)]
-    assert [r[4] for r in rows] == pytest.approx([2 * local, 121 * US, local])
+    assert [r[4] for r in rows] == pytest.approx([4 * local, 121 * US, local])
     # a re-plan to the same slots (a new object) copies nothing and moves no weights
     same = Placement(before.phy2log.copy(), 4, 4)
     assert len(weight_copies(before, same, MODEL.expert_bytes, HW)) == 0
@@ -195,6 +196,20 @@ def test_weight_copies_within_a_gpu_and_moves():
     per_gpu = np.bincount(c.dst[~link], weights=c.seconds[~link], minlength=4)
     received = np.bincount(c.dst[link], weights=c.bytes[link], minlength=4) / 12e6
     assert per_gpu == pytest.approx((3 - received) * local)
+
+
+def test_weight_copies_count_the_rows_copied_aside_before_they_are_overwritten():
+    # 4 GPUs x 2 slots: GPU 0 and GPU 1 swap the experts of their slot 0 (one transfer each way). Each slot 0 is
+    # sent and overwritten: moved with the slot writes (critical), each GPU copies it aside first (one row);
+    # in the background (async), the sends are done before the install: no row is copied
+    before = Placement(np.array([[0, 1, 2, 3, 4, 5, 6, 7]]), 4, 8)
+    after = Placement(np.array([[2, 1, 0, 3, 4, 5, 6, 7]]), 4, 8)
+    local = 2 * 12e6 / 1e12
+    for share, rows in ((1.0, 1), (0.5, 0)):
+        c = weight_copies(before, after, MODEL.expert_bytes, HW, bandwidth_share=share)
+        link = c.src != c.dst
+        assert sorted(zip(c.src[link].tolist(), c.dst[link].tolist())) == [(0, 1), (1, 0)]
+        assert np.bincount(c.dst[~link], weights=c.seconds[~link], minlength=4) == pytest.approx([rows * local] * 2 + [0, 0])
 
 
 def test_collective_skew_falls_with_the_arrival_gap_and_defaults_to_a_constant():
