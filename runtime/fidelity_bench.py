@@ -237,7 +237,11 @@ def bench_model(b: Bench, spec: dict) -> None:
                             b.record(name, T, ph[key])
                     b.record(f"model_step/{slots}", T, sum(sum(ph.values()) for ph in layers))
     bench_imbalance(b, spec, models[0][0], models[0][1], forward)
-    bench_moves(b, spec, *models[-1])
+    handle = models[-1][0]
+    batch = spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
+    step_ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
+    step_routing = balanced_experts(batch * S, k, E, ctx.rank, dev)
+    bench_moves(b, spec, *models[-1], lambda: forward(handle.module, step_ids, step_routing))
 
 
 def imbalanced_experts(T: int, k: int, E: int, rank: int, fraction: float, hot: list[int], device) -> torch.Tensor:
@@ -287,11 +291,13 @@ def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
                 b.record("imbalance_step", f, sum(sum(ph.values()) for ph in layers))
 
 
-def bench_moves(b: Bench, spec: dict, handle, placement) -> None:
+def bench_moves(b: Bench, spec: dict, handle, placement, step) -> None:
     """``move``: :func:`runtime.apply.apply_placement` (the runtime's own weight moves, snapshots and
     routing tables) between the placements of ``moe_gps.fidelity.calibrate.move_pairs``: size 0 applies
     ``placement`` again (the fixed cost of a re-plan), size 2 i + 1 goes to ``spec["move_targets"][i]`` (a
-    re-plan of random skewed loads: irregular moves) and 2 i + 2 back. Samples: the rank's
+    re-plan of random skewed loads: irregular moves) and 2 i + 2 back. Each move follows ``step()`` (a
+    forward pass of the model, untimed), as a run's re-plan follows a step: the weights it moves are
+    not the last thing the rank touched. ``spec["move_repeats"]`` repeats. Samples: the rank's
     ``MoveStats.seconds``."""
     from moe_gps.fidelity.calibrate import move_pairs
     from runtime.apply import apply_placement
@@ -301,12 +307,15 @@ def bench_moves(b: Bench, spec: dict, handle, placement) -> None:
     if not np.array_equal(pairs[0][0].phy2log, placement.phy2log):
         raise RuntimeError("the move benchmark's starting placement is not the model's")
     cycles = [[0, 0]] + [[2 * i + 1, 2 * i + 2] for i in range(len(spec.get("move_targets", [])))]
+    repeats = int(spec.get("move_repeats", b.repeats))
     for i, cycle in enumerate(cycles):
-        b.say(f"applying a placement {'again' if cycle[0] == 0 else 'of a re-plan, and back'} "
-              f"({i + 1}/{len(cycles)})")
-        for rep in range(b.warmup + b.repeats):
+        b.say(f"applying a placement {'again' if cycle[0] == 0 else 'of a re-plan, and back'}, each after a "
+              f"forward pass ({i + 1}/{len(cycles)})")
+        for rep in range(b.warmup + repeats):
             for size in cycle:
                 after = pairs[size][1]
+                with torch.inference_mode():
+                    step()
                 b.sync()
                 stats = apply_placement(handle.experts, after.phy2log, after.replica_share, ctx)
                 if rep >= b.warmup:

@@ -33,6 +33,10 @@ from moe_gps.fidelity.fit import collective, critical, fit_line, median_residual
 from moe_gps.fidelity.model import DTYPE_BYTES, model_for_run
 
 
+#: repeats of each weight move (each follows a forward pass of the model, so they cost more than other repeats)
+MOVE_REPEATS = 6
+
+
 class MeasurementFailed(RuntimeError):
     """The measuring ranks failed (not the user's input); the message says where to look."""
 
@@ -64,7 +68,8 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
     spec = {"dtype": m.dtype, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "intermediate_size": m.intermediate_size, "num_experts": E, "top_k": k, "num_heads": m.num_heads,
             "vocab_size": m.vocab_size, "seq_len": inp.seq_len, "num_redundant": d.num_redundant,
-            "algorithm": d.algorithm, "repeats": int(repeats), "warmup": 2, "threads": run_cfg.run.threads,
+            "algorithm": d.algorithm, "repeats": int(repeats), "move_repeats": min(int(repeats), MOVE_REPEATS),
+            "warmup": 2, "threads": run_cfg.run.threads,
             "device": device, "timeout_s": max(60.0, run_cfg.run.timeout_s),
             "ffn_rows": ffn_rows, "model_batches": batches, "permute_rows": permute,
             "memory_bytes": [64 * 2**20], "alltoall_bytes": a2a, "expert_bytes": expert_bytes,
