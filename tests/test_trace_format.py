@@ -93,6 +93,26 @@ def test_unsorted_rows_are_sorted_on_load(tmp_path):
     np.testing.assert_array_equal(back.experts, trace.experts)
 
 
+def test_rows_in_order_take_the_fast_check_and_anything_else_the_sorting_one():
+    # rows already grouped per token in (step, token, layer) order are checked without a 64-bit key per row;
+    # the fast check declines anything else (the sorting check then sorts, or says what is wrong), and both
+    # give the same tokens on rows in order
+    from moe_gps.trace.validate import _tokens_in_order, _tokens_sorted
+
+    cols = raw_table(small_trace())
+    L = 4
+    step, token, layer = cols["step"], cols["token"], cols["layer"]
+    fast = _tokens_in_order(step, token, layer, L)
+    order, slow = _tokens_sorted(step, token, layer, L, "t", 0, sort=False)
+    assert fast is not None and order is None
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+    swapped = np.r_[L:2 * L, 0:L, 2 * L:len(step)]                       # two tokens out of order
+    missing = np.r_[0:L - 1, L:len(step)]                                 # a token without its last layer
+    twice = np.r_[0:L, 0:len(step)]                                       # a token's rows twice
+    for rows in (swapped, missing, twice):
+        assert _tokens_in_order(step[rows], token[rows], layer[rows], L) is None
+
+
 def test_stream_steps_across_small_batches(tmp_path):
     trace = small_trace(steps=(5, 7, 3, 9))
     path = tmp_path / "t.parquet"

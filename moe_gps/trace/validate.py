@@ -176,36 +176,12 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
     layer = cols["layer"]
     _check_layers(layer, meta, where, row0)
 
-    # Sort rows by (step, token, layer) unless already sorted; keep `order` to report file rows.
-    step = cols["step"].astype(np.int64)
-    token = cols["token"].astype(np.int64)
-    key = (step << 40) | (token << 16) | layer.astype(np.int64)
     order = None
-    if len(key) > 1 and not (key[1:] > key[:-1]).all():
-        if not sort:
-            raise UnsortedRows(where)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
+    tokens = _tokens_in_order(cols["step"], cols["token"], layer, L)
+    if tokens is None:
+        order, tokens = _tokens_sorted(cols["step"], cols["token"], layer, L, where, row0, sort)
+    tok_step, tok_token = tokens
     file_row = (lambda i: row0 + int(i)) if order is None else (lambda i: row0 + int(order[i]))
-    same = np.flatnonzero(key[1:] == key[:-1])
-    if len(same):
-        i = int(same[0]) + 1
-        s, t, l_ = key[i] >> 40, (key[i] >> 16) & 0xFFFFFF, key[i] & 0xFFFF
-        raise _fail_at(where, "layer", file_row(i), f"duplicate row for step {s}, token {t}, layer {l_}")
-    # Every token must have exactly the rows for layers 0..L-1: sorted row i belongs to the
-    # group starting at g0 = i - i % L and must hold layer i % L of g0's token.
-    n_rows = len(key)
-    tok_key = key >> 16
-    idx = np.arange(n_rows, dtype=np.int64)
-    g0 = idx - idx % L
-    bad = np.flatnonzero(((key & 0xFFFF) != idx % L) | (tok_key != tok_key[g0]))
-    if len(bad) or n_rows % L:
-        owner, missing = (int(g0[bad[0]]), int(bad[0] % L)) if len(bad) else (n_rows - n_rows % L, n_rows % L)
-        s, t = tok_key[owner] >> 24, tok_key[owner] & 0xFFFFFF
-        raise _fail_at(where, "layer", file_row(owner),
-                       f"step {s}, token {t} has no row for layer {missing} (every token needs all {L} layers)")
-    tok_key = tok_key[::L]
-    tok_step, tok_token = tok_key >> 24, tok_key & 0xFFFFFF
     # Steps: contiguous from first_step.
     starts = np.flatnonzero(np.diff(tok_step, prepend=-1)) if len(tok_step) else np.zeros(0, np.int64)
     steps = tok_step[starts]
@@ -243,6 +219,60 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
                                f"differs between layers of one token (step {tok_step[j]}, token {tok_token[j]})")
             extras[name] = g[:, 0].astype(TOKENS_OPTIONAL_COLUMNS[name], copy=False)
     return TokenRows(steps, offsets, experts, weights, extras)
+
+
+def _tokens_in_order(step: np.ndarray, token: np.ndarray, layer: np.ndarray,
+                     L: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(step, token) int64 [tokens] of rows already grouped per token in (step, token, layer) order, every
+    token with its L layers once; None where they are not (:func:`_tokens_sorted` then sorts, or says what
+    is wrong). Comparisons of the columns as they are: no 64-bit key per row."""
+    n = len(layer)
+    if n % L:
+        return None
+    if not (layer.reshape(-1, L) == np.arange(L, dtype=layer.dtype)).all():
+        return None
+    s, t = step.reshape(-1, L), token.reshape(-1, L)
+    if not ((s == s[:, :1]).all() and (t == t[:, :1]).all()):
+        return None
+    tok_step, tok_token = s[:, 0].astype(np.int64), t[:, 0].astype(np.int64)
+    d_step = np.diff(tok_step)
+    if (d_step < 0).any() or ((d_step == 0) & (np.diff(tok_token) <= 0)).any():
+        return None
+    return tok_step, tok_token
+
+
+def _tokens_sorted(step: np.ndarray, token: np.ndarray, layer: np.ndarray, L: int, where: str, row0: int,
+                   sort: bool) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray]]:
+    """Rows sorted by (step, token, layer) where ``sort`` (else :class:`UnsortedRows`), checked for
+    duplicates and for every token having its L layers: (the sorting order, None when already sorted;
+    (step, token) int64 [tokens])."""
+    key = (step.astype(np.int64) << 40) | (token.astype(np.int64) << 16) | layer.astype(np.int64)
+    order = None
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        if not sort:
+            raise UnsortedRows(where)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+    file_row = (lambda i: row0 + int(i)) if order is None else (lambda i: row0 + int(order[i]))
+    same = np.flatnonzero(key[1:] == key[:-1])
+    if len(same):
+        i = int(same[0]) + 1
+        s, t, l_ = key[i] >> 40, (key[i] >> 16) & 0xFFFFFF, key[i] & 0xFFFF
+        raise _fail_at(where, "layer", file_row(i), f"duplicate row for step {s}, token {t}, layer {l_}")
+    # Every token must have exactly the rows for layers 0..L-1: sorted row i belongs to the
+    # group starting at g0 = i - i % L and must hold layer i % L of g0's token.
+    n_rows = len(key)
+    tok_key = key >> 16
+    idx = np.arange(n_rows, dtype=np.int64)
+    g0 = idx - idx % L
+    bad = np.flatnonzero(((key & 0xFFFF) != idx % L) | (tok_key != tok_key[g0]))
+    if len(bad) or n_rows % L:
+        owner, missing = (int(g0[bad[0]]), int(bad[0] % L)) if len(bad) else (n_rows - n_rows % L, n_rows % L)
+        s, t = tok_key[owner] >> 24, tok_key[owner] & 0xFFFFFF
+        raise _fail_at(where, "layer", file_row(owner),
+                       f"step {s}, token {t} has no row for layer {missing} (every token needs all {L} layers)")
+    tok_key = tok_key[::L]
+    return order, (tok_key >> 24, tok_key & 0xFFFFFF)
 
 
 class CountsChunks:
