@@ -57,9 +57,9 @@ class MovePlan:
     def snapshots(self, sends: bool = True) -> np.ndarray:
         """bool [L, N, S_old]: old slots that are read after being overwritten, so the runtime copies them
         aside first: sources of local copies and (``sends``: the transfers run with the slot writes, not
-        before them) of transfers, that the new placement rewrites. None when the slot count changes
-        (the new slots go to a new buffer)."""
-        L, N, S = self.action.shape
+        before them) of transfers, that the new placement rewrites. None are when the slot count
+        changes (the new slots go to a new buffer)."""
+        L, N, _ = self.action.shape
         needed = np.zeros((L, N, self.old_slots_per_gpu), dtype=bool)
         if not self.in_place:
             return needed
