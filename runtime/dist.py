@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,21 +76,13 @@ class DistContext:
     timeout_s: float = 60.0
     group: Any = None
     store: Any = None
+    node_of: np.ndarray | None = None   # int [world_size]: each rank's node (ranks on one host); None: one node
     _last: tuple[int, str] = (-1, "start")
     _stop: Any = None
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @property
-    def node_of(self) -> np.ndarray | None:
-        """int [world_size]: the node of each rank, from torchrun's ``LOCAL_WORLD_SIZE`` (ranks numbered
-        node by node, the same number on each node); None (one node) when that is not known."""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if local <= 0 or local >= self.world_size or self.world_size % local:
-            return None
-        return np.arange(self.world_size) // local
 
     # ----------------------------------------------------------- progress
     def _set(self, kind: str, value: str) -> None:
@@ -225,6 +218,12 @@ def init_distributed(device: str = "auto", timeout_s: float = 60.0, *, rank: int
     except Exception:  # private API; progress reports are then unavailable
         store = None
     ctx = DistContext(rank, world_size, dev, backend, timeout_s, None, store)
+    hosts: list = [None] * world_size
+    with ctx.guard("all_gather of the ranks' host names"):
+        dist.all_gather_object(hosts, socket.gethostname())
+    if len(set(hosts)) > 1:                   # nodes numbered in order of their first rank
+        first: dict = {}
+        ctx.node_of = np.array([first.setdefault(h, len(first)) for h in hosts], dtype=np.int64)
     ctx._set("pid", faults.whoami())
     ctx.progress(-1, "joined")
     ctx.start_heartbeat()
@@ -233,7 +232,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 60.0, *, rank: int
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for local test groups)."""
-    import socket
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

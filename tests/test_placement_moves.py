@@ -1,6 +1,7 @@
 """The weight moves between two placements: per-slot actions, transfers and their sources, row copies."""
 
 import numpy as np
+import pytest
 
 from moe_gps.placement.moves import KEEP, LOCAL, RECV, move_plan
 
@@ -66,3 +67,13 @@ def test_row_copies_count_local_copies_second_slots_and_snapshots():
     grown = np.array([[0, 1, 2, 2, 3, 4, 5, 5]])  # rank 0: 0 1 2 2 | rank 1: 3 4 5 5
     plan = move_plan(old, grown, 2)
     assert not plan.snapshots().any() and plan.row_copies().tolist() == [[4, 4]]
+
+
+def test_move_plan_refuses_an_expert_without_an_old_replica_and_bad_nodes():
+    old = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    with pytest.raises(ValueError, match="layer 0: expert 5 has no replica"):
+        move_plan(old, np.array([[0, 1, 2, 5], [4, 5, 6, 7]]), 2)
+    with pytest.raises(ValueError, match="node_of"):
+        move_plan(old, old, 2, node_of=np.array([0, 2]))
+    empty = move_plan(np.zeros((0, 4), dtype=np.int64), np.zeros((0, 4), dtype=np.int64), 2)
+    assert len(empty.transfers) == 0 and empty.row_copies().shape == (0, 2)

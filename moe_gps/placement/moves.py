@@ -97,8 +97,9 @@ def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int,
         raise ValueError(f"old placement has {L} layers, new has {new.shape[0]}")
     if old.shape[1] % N or new.shape[1] % N:
         raise ValueError(f"slots ({old.shape[1]} old, {new.shape[1]} new) do not divide over {N} ranks")
-    if node_of is not None and len(node_of) != N:
-        raise ValueError(f"node_of names the node of {len(node_of)} GPUs, not {N}")
+    if node_of is not None and (len(node_of) != N or np.any(np.asarray(node_of) < 0)
+                                or np.any(np.asarray(node_of) >= N)):
+        raise ValueError(f"node_of must give the node (0 .. {N - 1}) of each of the {N} GPUs, got {node_of}")
     S_old, S_new = old.shape[1] // N, new.shape[1] // N
     old_r = old.reshape(L, N, S_old)
     new_r = new.reshape(L, N, S_new)
@@ -133,7 +134,7 @@ def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int,
     by_expert = hl * E1 + old_r.ravel()
     order = np.lexsort((hq, hg, nodes[hg], by_expert))
     by_expert, by_node, hg, hq = by_expert[order], by_expert[order] * N + nodes[hg[order]], hg[order], hq[order]
-    first = np.r_[True, (by_expert[1:] != by_expert[:-1]) | (hg[1:] != hg[:-1])]
+    first = np.r_[np.ones(min(1, len(hg)), dtype=bool), (by_expert[1:] != by_expert[:-1]) | (hg[1:] != hg[:-1])]
     by_expert, by_node, hg, hq = by_expert[first], by_node[first], hg[first], hq[first]
     # the pool of each transfer: the replicas on the destination's node, or all of them where none is
     want = t_layer * E1 + t_expert
@@ -143,10 +144,13 @@ def move_plan(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_ranks: int,
     has_near = near_hi > near_lo
     lo = np.where(has_near, near_lo, all_lo)
     size = np.where(has_near, near_hi - near_lo, all_hi - all_lo)
+    if (size == 0).any():
+        i = int(np.argmax(size == 0))
+        raise ValueError(f"layer {t_layer[i]}: expert {t_expert[i]} has no replica in the old placement to copy from")
     # the destinations of one pool take its replicas in turn (in node, then GPU order), to spread the sends
     group = want * (N + 1) + np.where(has_near, nodes[t_dst], N)
     order = np.argsort(group, kind="stable")
-    starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
+    starts = np.flatnonzero(np.r_[np.ones(min(1, len(group)), dtype=bool), group[order][1:] != group[order][:-1]])
     turn = np.empty(len(group), dtype=np.int64)
     turn[order] = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
     pick = lo + turn % np.maximum(size, 1)
