@@ -468,7 +468,8 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     cluster.description = (f"measured by moe-gps calibrate on {host}, {date}: {N} ranks, backend {info['backend']}, "
                            f"device {info['device']}" + (f", {threads} thread(s) per rank" if cpu else "")
                            + f", torch {info['torch']}, model shapes of {run_cfg.source}, "
-                           f"{spec['repeats']} repeats per size ({spec.get('move_repeats', spec['repeats'])} per weight move)"
+                           f"{spec['repeats']} repeats per size "
+                           f"({spec.get('move_repeats', spec['repeats'])} per weight move)"
                            + (f", other processes used {info['interference']:.2f} cores meanwhile"
                               if info.get("interference") is not None else "") + " (docs/fidelity.md)")
     fits = {
