@@ -28,7 +28,9 @@ Benchmarks (``name``: what one sample times; its size axis):
   as a function of how much later the last rank reaches the combine;
 * ``move``: the runtime's own placement change (:func:`runtime.apply.apply_placement`) on that
   model, to placements planned from random skewed loads (irregular moves, like a real re-plan),
-  and back (:func:`bench_moves`).
+  and back (:func:`bench_moves`);
+* ``install``: the same changes with the weights moved in the background, the install timed
+  (:func:`bench_installs`).
 
 Samples are ``(size, rank, seconds)`` in repeat order per (benchmark, size, rank).
 """
@@ -320,6 +322,31 @@ def bench_moves(b: Bench, spec: dict, handle, placement, step) -> None:
                 stats = apply_placement(handle.experts, after.phy2log, after.replica_share, ctx)
                 if rep >= b.warmup:
                     b.record("move", size, stats.seconds)
+    bench_installs(b, handle, pairs, cycles, repeats, step)
+
+
+def bench_installs(b: Bench, handle, pairs: dict, cycles: list, repeats: int, step) -> None:
+    """``install``: the same placement changes with ``copy_policy: async`` (:class:`runtime.background.
+    BackgroundMove`): the transfers in the background, then, after ``step()`` and a barrier, the install
+    (the staged rows and local copies written into the slots, the routing tables), timed. Samples: the
+    rank's install seconds, size as for ``move``."""
+    from runtime.background import BackgroundMove, background_group
+
+    ctx = b.ctx
+    group = background_group(ctx)
+    for i, cycle in enumerate(cycles):
+        b.say(f"switching in a placement whose weights moved in the background ({i + 1}/{len(cycles)})")
+        for rep in range(b.warmup + repeats):
+            for size in cycle:
+                after = pairs[size][1]
+                move = BackgroundMove(handle.experts, after.phy2log, after.replica_share, ctx, group, 0)
+                move.join()
+                with torch.inference_mode():
+                    step()
+                b.sync()
+                stats = move.install(None)
+                if rep >= b.warmup:
+                    b.record("install", size, stats.seconds)
 
 
 def run(spec: dict, out: str, quiet: bool = False) -> None:

@@ -59,7 +59,7 @@ class GainModel:
         cost = copy_cost(self.policy, self.share, phases, self.home_tokens, np.zeros(len(self.home_tokens)),
                          self.model, self.workload, self.hw)
         moves = weight_copies(current, cand, self.model.expert_bytes, self.hw, self.share)
-        return float(cost.replan(moves)) + self.hw.replan_overhead
+        return float(cost.replan(moves))
 
     def worth(self, current: Placement, earlier: Placement, cand: Placement, seen: np.ndarray,
               believed: np.ndarray) -> bool:

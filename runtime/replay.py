@@ -176,8 +176,7 @@ class _Replay:
                     if prev is None or p is prev:
                         return StepDecision(plan, None, background, nbytes, 0.0, started)
                     if s in self.landed:          # its weights were copied in the background: install them
-                        host = self.hw.replan_overhead + install_time(self._copies(prev, p, 1.0)[0], self.num_gpus,
-                                                                      self.hw)
+                        host = install_time(self._copies(prev, p, self.ctx.copy_share)[0], self.num_gpus, self.hw)
                         return StepDecision(plan, None, background, nbytes, host, started)
                     copies, moved_bytes = self._copies(prev, p, 1.0)
                     moved = moves_weights(prev, p)

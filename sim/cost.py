@@ -50,6 +50,7 @@ class Hardware:
     skew_floor: share of collective_skew left when one GPU arrives clearly last (1: constant skew)
     skew_gap: seconds of arrival gap over which the skew falls towards its floor (0: constant skew)
     replan_overhead: host seconds per GPU to apply a new placement
+    install_overhead: host seconds per GPU to switch in a placement whose weights were copied in the background
     weight_reads: an expert replica reads its weights once per layer it has tokens (False: FFN time in
                   proportion to tokens only, the MoE-GPS paper's model)
     predictor_overlap: token predictors run beside the layer's attention and distribution predictors on
@@ -79,6 +80,7 @@ class Hardware:
     skew_floor: float = 1.0
     skew_gap: float = 0.0
     replan_overhead: float = 0.0
+    install_overhead: float = 0.0
     weight_reads: bool = True
     predictor_overlap: bool = False
 
@@ -125,6 +127,7 @@ class Hardware:
             skew_floor=1.0 if cluster.collective_skew_floor is None else cluster.collective_skew_floor,
             skew_gap=(cluster.collective_skew_gap_us or 0.0) * 1e-6,
             replan_overhead=g.replan_overhead_us * 1e-6,
+            install_overhead=(g.replan_overhead_us if g.install_overhead_us is None else g.install_overhead_us) * 1e-6,
         )
 
     @property

@@ -280,13 +280,15 @@ class CopyCost:
     step: float
 
     def replan(self, copies: Copies) -> float:
-        """Seconds a re-plan with ``copies`` adds (without the host time of applying it):
+        """Seconds a re-plan with ``copies`` adds, the host time of applying it included:
 
-        critical: sum over layers of max_g busy_g           (the layer waits for its copies)
-        overlap:  sum over layers of max(0, max_g busy_g - attention)   (what attention does not hide)
+        critical: replan_overhead + sum over layers of max_g busy_g        (the layer waits for its copies)
+        overlap:  replan_overhead + sum over layers of max(0, max_g busy_g - attention)   (what attention
+                  does not hide)
         async:    D * (sum of link / step) * share / (1 - share) + install,  D = max_g busy_g over all
                   layers (the job's length at the copies' share; meanwhile the collectives' link part
-                  runs at 1 - share of the bandwidth); install: :func:`sim.work.install_time`
+                  runs at 1 - share of the bandwidth); install: :func:`sim.work.install_time` (its fixed
+                  part: install_overhead)
         hidden:   0
         busy_g = the larger of g's sending and its receiving followed by its copies between slots.
         """
@@ -301,8 +303,8 @@ class CopyCost:
             return float(busy.max()) * frac * self.share / (1 - self.share) + install_time(copies, G, self.hw)
         busy = copy_port_busy(copies, L, G).max(axis=1)
         if self.policy == "critical":
-            return float(busy.sum())
-        return float(np.maximum(busy - self.attention, 0.0).sum())
+            return self.hw.replan_overhead + float(busy.sum())
+        return self.hw.replan_overhead + float(np.maximum(busy - self.attention, 0.0).sum())
 
     def per_expert(self, expert_bytes: float) -> float:
         """Seconds one expert copied into one layer adds (the ``timeaware`` planner's copy penalty,

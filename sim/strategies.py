@@ -180,7 +180,7 @@ class Strategy:
         elif self.pending is not None:
             if not job_pending and i >= self.switch_at:      # its copies have landed: switch
                 self.current, self.pending = self.pending, None
-                host = self.hw.replan_overhead + install_time(self.pending_moves, self.num_gpus, self.hw)
+                host = install_time(self.pending_moves, self.num_gpus, self.hw)
                 self.since = 0
         elif checks:
             cost = self._copy_cost(loads, src)
@@ -376,7 +376,7 @@ class Strategy:
         per_step = saving_per_step(self.current, earlier, seen, _home_frac(loads), ctx.model, self.hw, self.direct)
         if not passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, 0.0):
             return False                             # no saving (or only noise): no price can pass
-        price = cost.replan(moves_of()) + (self.hw.replan_overhead if ctx.copy_policy != "hidden" else 0.0)
+        price = cost.replan(moves_of())
         return passes_min_gain(per_step, self.policy.interval, self.policy.min_gain, price)
 
     def _charge(self, cost: Any, loads: StepLoads) -> np.ndarray:
@@ -603,14 +603,13 @@ class OraclePlan(Strategy):
         if ctx.copy_policy == "hidden":
             return self._step_time(cand) < self._step_time(self.current)
         moves = moves_of()
-        host = self.hw.replan_overhead
         if ctx.copy_policy == "async":
             # a bound on the job's length (its copies one after another), the steps it spans (they
             # can only be longer than without copies), and what it slows down meanwhile
             link = moves.src != moves.dst
             local = np.bincount(moves.dst[~link], weights=moves.seconds[~link], minlength=self.num_gpus)
             length = float(moves.seconds[link].sum() + local.max(initial=0.0))
-            price, elapsed, j = host + install_time(moves, self.num_gpus, self.hw), 0.0, i
+            price, elapsed, j = install_time(moves, self.num_gpus, self.hw), 0.0, i
             stretch = ctx.bandwidth_share / (1 - ctx.bandwidth_share)
             while elapsed < length:
                 fut = self._future(j)
@@ -627,7 +626,7 @@ class OraclePlan(Strategy):
                 j += 1
             first = j                                # landed by then: it serves from this step on
         else:
-            price = host + self._copy_delay(loads, cand, moves)
+            price = self.hw.replan_overhead + self._copy_delay(loads, cand, moves)
             first = i
         steps = self._ahead(first)
         if not steps:

@@ -160,13 +160,14 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
 
 def install_time(copies: Copies, num_gpus: int, hw: Hardware) -> float:
     """Seconds that switching in a placement whose weights were copied in the background adds before the
-    step's first layer, on the GPU that takes longest: its received experts copied from the staging
-    buffers into their slots (2 x bytes / HBM bandwidth: read + write) and its copies between slots (the
-    rows with src == dst of ``copies``, the background move)."""
+    step's first layer, on the GPU that takes longest: the install's fixed host work (``hw.install_overhead``:
+    the routing tables), its received experts copied from the staging buffers into their slots
+    (2 x bytes / HBM bandwidth: read + write) and its copies between slots (the rows with src == dst of
+    ``copies``, the background move)."""
     link = copies.src != copies.dst
     received = np.bincount(copies.dst[link], weights=copies.bytes[link], minlength=num_gpus)
     local = np.bincount(copies.dst[~link], weights=copies.seconds[~link], minlength=num_gpus)
-    return float((2.0 * received / hw.hbm + local).max(initial=0.0))
+    return hw.install_overhead + float((2.0 * received / hw.hbm + local).max(initial=0.0))
 
 
 def moves_weights(previous: Placement | None, current: Placement) -> bool:

@@ -19,7 +19,7 @@ from moe_gps.placement import plan_placement
 from runtime.config import parse_run_config
 from sim.cost import (Hardware, alltoall_time, attention_time, combine_host_time, dispatch_host_time, ffn_time,
                       layout_time, permute_time, shared_compute)
-from sim.work import route
+from sim.work import install_time, route, weight_copies
 
 RUN = {"model": {"num_layers": 2, "hidden_size": 64, "intermediate_size": 96, "num_experts": 8, "top_k": 2,
                  "num_heads": 2},
@@ -55,7 +55,8 @@ def _truth(N: int, units: float | None = None) -> ClusterConfig:
     gpu = GPUSpec(name="truth", peak_tflops_bf16=0.05, hbm_bandwidth_gb_s=10.0, hbm_capacity_gb=10.0,
                   compute_efficiency=0.8, attention_efficiency=0.5, kernel_overhead_us=150.0,
                   attention_overhead_us=700.0, expert_overhead_us=60.0, dispatch_overhead_us=900.0,
-                  combine_overhead_us=300.0, permute_bandwidth_gb_s=4.0, replan_overhead_us=2000.0)
+                  combine_overhead_us=300.0, permute_bandwidth_gb_s=4.0, replan_overhead_us=2000.0,
+                  install_overhead_us=700.0)
     return ClusterConfig(name="truth", num_gpus=N, gpus_per_node=N, gpu=gpu,
                          intra_node=LinkSpec(bandwidth_gb_s=1.2, latency_us=200.0, copy_bandwidth_gb_s=0.6,
                                              copy_latency_us=300.0), compute_units_per_node=units,
@@ -94,6 +95,7 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
     for n, pair in move_pairs(spec, N).items():   # irregular re-plans, as the simulator charges them
         add("move", n, move_model(move_ports(*pair, spec["expert_bytes"], hw), hw.replan_overhead,
                                   1 / hw.intra_copy_bw, hw.intra_copy_lat)[0])
+        add("install", n, install_time(weight_copies(*pair, spec["expert_bytes"], hw, 0.5), N, hw))
     L = spec["num_layers"]
     for R in layouts(spec, N):
         p = plan_placement(np.ones((1, E)), N, R, "none" if R == 0 else "eplb")
@@ -157,6 +159,7 @@ def test_calibration_recovers_the_parameters_of_a_machine_that_follows_the_model
     assert cal.cluster.intra_node.copy_bandwidth_gb_s == rel(1.2, rel=1e-3)
     assert eb / 1.2e3 + cal.cluster.intra_node.copy_latency_us == rel(eb / 0.6e3 + 300.0, rel=1e-3)
     assert g.replan_overhead_us == rel(2000.0, rel=1e-3)
+    assert g.install_overhead_us == rel(700.0, rel=1e-3)
     assert cal.cluster.collective_skew_us == rel(150.0, rel=1e-3)
     # the combine's skew over the arrival gap: floor and gap scale (w on a grid of 61 geometric points)
     assert cal.cluster.collective_skew_floor == rel(0.2, abs=0.02)

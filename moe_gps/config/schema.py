@@ -75,6 +75,10 @@ class GPUSpec:
     replan_overhead_us: float = spec(
         "fixed host time of applying a new placement on a GPU (planning its weight moves, rebuilding the "
         "routing tables), once per re-plan, before the step's first layer", unit="us", ge=0, default=0.0)
+    install_overhead_us: float | None = spec(
+        "fixed host time of switching in a placement whose weights were copied in the background (copy policy "
+        "async: rebuilding the routing tables; its copies within the GPU are charged apart), before the first "
+        "layer of the step it switches at. Absent: replan_overhead_us", unit="us", ge=0, default=None)
 
 
 @dataclass

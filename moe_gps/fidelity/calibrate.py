@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_gps.config.schema import ClusterConfig, GPUSpec, LinkSpec
+from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, ClusterConfig, GPUSpec, LinkSpec
 from moe_gps.errors import UserError
 from moe_gps.fidelity.fit import collective, critical, fit_line, median_residual, typical
 from moe_gps.fidelity.model import DTYPE_BYTES, model_for_run
@@ -294,7 +294,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     from moe_gps.fidelity.model import workload_for_run
     from sim.cost import (Hardware, alltoall_time, combine_host_time, dispatch_host_time, ffn_time, layout_time,
                           permute_time)
-    from sim.work import route
+    from sim.work import install_time, route, weight_copies
 
     spec, info, samples = result["spec"], result["info"], result["samples"]
     N = int(info["world_size"])
@@ -363,6 +363,15 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     move_pred = np.array([move_model(p, replan_over, inv_copy_bw, copy_lat)[0] for p in ports])
     move_rel = float(np.sqrt(np.mean((move_pred / mt_ - 1) ** 2)))
     keep("check: move predicted", ms_, move_pred, "pattern")
+    # installs (copy_policy async: the same changes, the weights moved in the background): what the install
+    # takes beyond the rows it writes (the staged rows and the copies between slots, at the memory bandwidth)
+    install = None
+    if samples.get("install"):
+        is_, it_ = critical(samples["install"])
+        keep("install", is_, it_, "pattern (as move)")
+        rows_written = [install_time(weight_copies(*pairs[int(n)], spec["expert_bytes"], mem_probe,
+                                                   COPY_BANDWIDTH_SHARE), N, mem_probe) for n in is_]
+        install = median_residual(it_, rows_written)
     skew, skew_spread = collective_skew(samples, spec["num_layers"])
     curve = skew_curve(samples, spec["num_layers"], skew)
     if curve is not None:
@@ -428,6 +437,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                   kernel_overhead_us=ffn_over * us, attention_overhead_us=attn_line.intercept * us,
                   expert_overhead_us=expert_over * us, permute_bandwidth_gb_s=permute_bw / 1e9)
     gpu.replan_overhead_us = replan_over * us
+    gpu.install_overhead_us = None if install is None else install[0] * us
     link = LinkSpec(bandwidth_gb_s=link_bw / 1e9, latency_us=link_lat * us,
                     copy_bandwidth_gb_s=1.0 / inv_copy_bw / 1e9, copy_latency_us=copy_lat * us)
     cluster = ClusterConfig(name="", num_gpus=N, gpus_per_node=N, gpu=gpu, intra_node=link,
@@ -512,6 +522,10 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                        f"expert of one layer to one rank)"),
         "gpu.replan_overhead_us": (replan_over * us, "us", "the same fit: fixed part (a re-plan that moves "
                                    "nothing: planning the moves, routing tables)"),
+        **({} if install is None else {"gpu.install_overhead_us": (
+            install[0] * us, "us", f"the same changes with the weights moved in the background (copy_policy "
+            f"async): the install (per repeat the last rank done) - the rows it writes (staged rows and copies "
+            f"between slots, 2 x bytes / memory bandwidth), median over the patterns (+/- {install[1] * us:.0f})")}),
         "collective_skew_us": (skew * us, "us", f"the model's step (per repeat the last rank to start) - the sum "
                                f"of its phases (as validate composes them), per dispatch and combine: median over "
                                f"layouts and T (+/- {skew_spread * us:.0f})"),
