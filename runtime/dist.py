@@ -77,6 +77,7 @@ class DistContext:
     group: Any = None
     store: Any = None
     node_of: np.ndarray | None = None   # int [world_size]: each rank's node (ranks on one host); None: one node
+    peers: list[str] | None = None      # every rank's "<host> <pid>", gathered when the group started
     _last: tuple[int, str] = (-1, "start")
     _stop: Any = None
 
@@ -129,7 +130,8 @@ class DistContext:
         (:func:`runtime.faults.diagnose`; ``wait_s`` > 0 also watches heartbeats), the backend's words;
         and the diagnosis itself."""
         step, phase = self._last
-        found = faults.diagnose(self.store, self.rank, self.world_size, self._last, wait_s=wait_s)
+        found = faults.diagnose(self.store, self.rank, self.world_size, self._last, wait_s=wait_s,
+                                peers=self.peers)
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return (f"rank {self.rank}: collective '{what}' at step {step} ({phase}) failed after {elapsed:.1f} s "
                 f"(timeout {self.timeout_s:g} s): {found.text(self.world_size)}; backend said: {cause[:300]}",
@@ -142,7 +144,7 @@ class DistContext:
             return None
         from moe_gps.signals import describe
 
-        found = faults.diagnose(self.store, self.rank, self.world_size, self._last)
+        found = faults.diagnose(self.store, self.rank, self.world_size, self._last, peers=self.peers)
         if not found.exited:
             return None
         step, phase = self._last
@@ -218,13 +220,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 60.0, *, rank: int
     except Exception:  # private API; progress reports are then unavailable
         store = None
     ctx = DistContext(rank, world_size, dev, backend, timeout_s, None, store)
-    hosts: list = [None] * world_size
-    with ctx.guard("all_gather of the ranks' host names"):
-        dist.all_gather_object(hosts, socket.gethostname())
+    ctx._set("pid", faults.whoami())
+    peers: list = [None] * world_size
+    with ctx.guard("all_gather of the ranks' host names and process ids"):
+        dist.all_gather_object(peers, faults.whoami())
+    ctx.peers = peers
+    hosts = [p.partition(" ")[0] for p in peers]
     if len(set(hosts)) > 1:                   # nodes numbered in order of their first rank
         first: dict = {}
         ctx.node_of = np.array([first.setdefault(h, len(first)) for h in hosts], dtype=np.int64)
-    ctx._set("pid", faults.whoami())
     ctx.progress(-1, "joined")
     ctx.start_heartbeat()
     return ctx

@@ -3,7 +3,8 @@
 Every rank writes under ``moe_gps/`` in the store (the one torchrun's agent hosts, or
 rank 0's in a local group):
 
-* ``pid/<rank>``: ``"<host> <pid>"``, when it joins;
+* ``pid/<rank>``: ``"<host> <pid>"``, when it joins (every rank also gathers all of them when
+  the group starts, so that it can look at its host's peers without the store);
 * ``progress/<rank>``: ``"<step> <phase>"``, as it goes (:data:`STEP_PHASES`);
 * ``heartbeat/<rank>``: a counter its background thread bumps every second;
 * ``exit/<rank>``: why it stopped, when it stops on an error it could catch.
@@ -88,45 +89,51 @@ class Diagnosis:
 
 
 def diagnose(store: Any, rank: int, world_size: int, mine: tuple[int, str], wait_s: float = 0.0,
-             poll_s: float = 0.3) -> Diagnosis:
+             poll_s: float = 0.3, peers: list[str] | None = None) -> Diagnosis:
     """Sort the other ranks into exited / not responding (see the module docstring).
 
     ``mine``: this rank's (step, phase). ``wait_s`` > 0 also watches the heartbeats that
     long; ``poll_s``: how long to look for a local peer's process to disappear (a peer's
-    sockets close a moment before its process becomes a zombie).
+    sockets close a moment before its process becomes a zombie); ``peers``: every rank's
+    ``"<host> <pid>"``, gathered when the group started (None: read from the store). With
+    them, the processes of this host are looked at even when the store cannot be reached.
     """
     d = Diagnosis()
-    if store is None:
-        d.store_ok = False
-        return d
     others = [r for r in range(world_size) if r != rank]
+    host = socket.gethostname()
+    known = None if peers is None else {r: peers[r] for r in others}
+    deadline = time.monotonic() + poll_s
 
     def get(k: str) -> str | None:
         return store.get(k).decode() if store.check([k]) else None
 
-    try:
-        pids = {r: get(key("pid", r)) for r in others}
-        exits = {r: get(key("exit", r)) for r in others}
-        d.progress = {r: p for r in range(world_size) if (p := get(key("progress", r))) is not None}
-        host = socket.gethostname()
-        deadline = time.monotonic() + poll_s
+    def look(pids: dict, exits: dict) -> None:
+        for r in others:
+            if r in d.exited:
+                continue
+            if exits.get(r):
+                d.exited[r] = exits[r]
+                continue
+            h, _, pid = (pids.get(r) or "").partition(" ")
+            state = process_state(int(pid)) if h == host and pid.isdigit() else None
+            if state in ("gone", "zombie"):
+                d.exited[r] = f"pid {pid}"
+            elif state == "stopped":
+                d.not_responding[r] = f"pid {pid} is stopped"
+
+    def poll(pids: dict, read_exits) -> None:
         while True:
-            for r in others:
-                if r in d.exited:
-                    continue
-                if exits[r]:
-                    d.exited[r] = exits[r]
-                    continue
-                h, _, pid = (pids[r] or "").partition(" ")
-                state = process_state(int(pid)) if h == host and pid.isdigit() else None
-                if state in ("gone", "zombie"):
-                    d.exited[r] = f"pid {pid}"
-                elif state == "stopped":
-                    d.not_responding[r] = f"pid {pid} is stopped"
+            look(pids, read_exits())
             if d.found or time.monotonic() >= deadline:
-                break
+                return
             time.sleep(0.05)
-            exits = {r: get(key("exit", r)) for r in others}
+
+    try:
+        if store is None:
+            raise LookupError("no key-value store")
+        pids = known if known is not None else {r: get(key("pid", r)) for r in others}
+        d.progress = {r: p for r in range(world_size) if (p := get(key("progress", r))) is not None}
+        poll(pids, lambda: {r: get(key("exit", r)) for r in others})
         if wait_s > 0 and not d.found:
             beats = [key("heartbeat", r) for r in others]
             first = [store.add(k, 0) for k in beats]
@@ -137,6 +144,8 @@ def diagnose(store: Any, rank: int, world_size: int, mine: tuple[int, str], wait
                     d.not_responding[r] = f"no heartbeat for {wait_s:g} s"
     except Exception:  # the store may be gone with the rank that hosted it
         d.store_ok = False
+        if known is not None:
+            poll(known, dict)
         return d
     me = _progress_key(f"{mine[0]} {mine[1]}")
     for r in others:

@@ -174,9 +174,10 @@ def test_raw_torchrun_config_error_is_one_line_and_exit_2_on_every_rank(tmp_path
 def test_crashed_rank_is_named_under_torchrun_and_leaves_no_temporary_file(tmp_path):
     proc = torchrun(tmp_path, "--duplication", "dist-only", "--out", "out", fault="1:3:exit")
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("runtime.launch:")]
-    # rank 0's collective fails, or torchrun stops it first: either way its one line names rank 1
+    # rank 0's collective fails, or torchrun stops it first: either way its one line names rank 1 (from its
+    # process, gathered at start, even when the store has gone with torchrun's agent)
     assert len(errors) == 1 and re.search(r"rank 0: (collective .*|terminated by SIGTERM) at step 3 .*: rank 1 "
-                                          r"exited \(pid \d+\);", errors[0]), proc.stderr
+                                          r"exited \(pid \d+\)(;|$)", errors[0]), proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
@@ -200,3 +201,18 @@ def test_sigterm_to_a_running_rank_removes_its_temporary_trace(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err == "runtime.launch: rank 0: terminated by SIGTERM\n", err
     assert not out.exists()
+
+
+def test_a_peer_that_exited_is_named_even_without_the_store():
+    # the ranks' "<host> <pid>" are gathered when the group starts: a rank whose store is gone (the host that kept
+    # it stopping first) still sees that a peer's process on its host has exited
+    from runtime.faults import diagnose, whoami
+
+    peer = subprocess.Popen([sys.executable, "-c", "pass"])
+    peer.wait()
+    host = whoami().split()[0]
+    found = diagnose(None, 0, 2, (3, "gather"), peers=[whoami(), f"{host} {peer.pid}"])
+    assert not found.store_ok and found.exited == {1: f"pid {peer.pid}"}
+    assert "rank 1 exited" in found.text(2)
+    alive = diagnose(None, 0, 2, (3, "gather"), poll_s=0.0, peers=[whoami(), whoami()])
+    assert not alive.found and not alive.store_ok
