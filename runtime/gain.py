@@ -58,7 +58,8 @@ class GainModel:
         phases = placement_phases(current, src, None, self.model, self.hw, self.home_frac)
         cost = copy_cost(self.policy, self.share, phases, self.home_tokens, np.zeros(len(self.home_tokens)),
                          self.model, self.workload, self.hw)
-        moves = weight_copies(current, cand, self.model.expert_bytes, self.hw, self.share)
+        moves = weight_copies(current, cand, self.model.expert_bytes, self.hw,
+                              self.share if self.policy == "async" else None)
         return float(cost.replan(moves))
 
     def worth(self, current: Placement, earlier: Placement, cand: Placement, seen: np.ndarray,

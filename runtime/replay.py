@@ -157,9 +157,9 @@ class _Replay:
                     self.landed = {m.switch for m in moves if m.switch is not None}
                     self.info.notes.append("placements replayed from a runtime run")
 
-                def _copies(self, prev, p, share):
+                def _copies(self, prev, p, background_share):
                     L = self.ctx.model.num_layers
-                    copies = weight_copies(prev, p, self.ctx.model.expert_bytes, self.hw, share)
+                    copies = weight_copies(prev, p, self.ctx.model.expert_bytes, self.hw, background_share)
                     return copies, np.bincount(copies.layer, weights=copies.bytes, minlength=L)
 
                 def step(self, i, loads, job_pending):
@@ -170,15 +170,15 @@ class _Replay:
                     plan = StepPlan(p, np.zeros(self.num_gpus))
                     background, nbytes, started = None, np.zeros(L), False
                     if prev is not None and s in self.starts:
-                        background, nbytes = self._copies(p, self.starts[s].placement, self.ctx.copy_share)
+                        background, nbytes = self._copies(p, self.starts[s].placement, self.ctx.background_share)
                         started = True
                         self.replans += 1
                     if prev is None or p is prev:
                         return StepDecision(plan, None, background, nbytes, 0.0, started)
                     if s in self.landed:          # its weights were copied in the background: install them
-                        host = install_time(self._copies(prev, p, self.ctx.copy_share)[0], self.num_gpus, self.hw)
+                        host = install_time(self._copies(prev, p, self.ctx.background_share)[0], self.num_gpus, self.hw)
                         return StepDecision(plan, None, background, nbytes, host, started)
-                    copies, moved_bytes = self._copies(prev, p, 1.0)
+                    copies, moved_bytes = self._copies(prev, p, None)
                     moved = moves_weights(prev, p)
                     self.replans += int(moved)
                     return StepDecision(plan, copies, background, nbytes + moved_bytes, self.hw.replan_overhead,

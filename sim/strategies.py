@@ -64,9 +64,10 @@ class SimContext:
     steps: StepFeed | None = None       # the test steps' loads, shared with the run loop (None: made here)
 
     @property
-    def copy_share(self) -> float:
-        """Share of the copy bandwidth a re-plan's copies get."""
-        return self.bandwidth_share if self.copy_policy == "async" else 1.0
+    def background_share(self) -> float | None:
+        """Share of the copy bandwidth a re-plan's copies get in the background (copy policy async); None:
+        they are made on the critical path, at the whole bandwidth."""
+        return self.bandwidth_share if self.copy_policy == "async" else None
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Strategy:
             else:
                 current = self.current
                 moves_of = functools.cache(lambda: weight_copies(current, cand, ctx.model.expert_bytes, self.hw,
-                                                                 ctx.copy_share))
+                                                                 ctx.background_share))
                 if self._worth(i, loads, src, cand, moves_of, cost):
                     moves = moves_of()
                     replanned = True

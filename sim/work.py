@@ -123,7 +123,7 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,
-                  hw: Hardware, bandwidth_share: float = 1.0) -> Copies:
+                  hw: Hardware, background_share: float | None = None) -> Copies:
     """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement): the
     moves the runtime makes (:func:`moe_gps.placement.moves.move_plan`).
 
@@ -137,9 +137,10 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     overwritten, copied aside first; local copies; a received expert's second slots), each
     :func:`sim.cost.local_copy_time`.
 
-    ``bandwidth_share`` < 1: copies in the background (copy policy ``async``): the transfers get that
+    ``background_share``: copies in the background (copy policy ``async``): the transfers get that
     share of the copy bandwidth, and they run before the new placement is installed, so the install
-    copies aside only the sources of local copies.
+    copies aside only the sources of local copies. None: the copies are made with the slot writes, at
+    the whole copy bandwidth.
     """
     if previous is None or previous is current:
         return Copies.empty()
@@ -151,8 +152,9 @@ def weight_copies(previous: Placement | None, current: Placement, expert_bytes: 
     l, rest = np.divmod(uniq, G * G)
     s, d = np.divmod(rest, G)
     nbytes = counts * float(expert_bytes)
-    secs = transfer_time(nbytes, hw.same_node()[s, d], hw, bandwidth_share, counts)
-    local = local_copy_time(plan.row_copies(sends=bandwidth_share >= 1.0), expert_bytes, hw)      # [L, G]
+    share = 1.0 if background_share is None else background_share
+    secs = transfer_time(nbytes, hw.same_node()[s, d], hw, share, counts)
+    local = local_copy_time(plan.row_copies(sends=background_share is None), expert_bytes, hw)      # [L, G]
     sl, sg = np.nonzero(local > 0)
     return Copies(np.concatenate([l, sl]), np.concatenate([s, sg]), np.concatenate([d, sg]),
                   np.concatenate([nbytes, np.zeros(len(sl))]), np.concatenate([secs, local[sl, sg]]))

@@ -186,7 +186,7 @@ def test_weight_copies_within_a_gpu_and_moves():
     assert len(weight_copies(before, same, MODEL.expert_bytes, HW)) == 0
     assert not moves_weights(before, same) and moves_weights(before, after)
     # background copies at half the copy bandwidth: the transfer takes twice as long, plus the latency
-    half = weight_copies(before, after, MODEL.expert_bytes, HW, bandwidth_share=0.5)
+    half = weight_copies(before, after, MODEL.expert_bytes, HW, background_share=0.5)
     link = half.src != half.dst
     assert half.seconds[link] == pytest.approx([2 * 12e6 / 1e11 + 1 * US])
     # slots per GPU changed: every slot is rewritten (a new buffer)
@@ -205,8 +205,8 @@ def test_weight_copies_count_the_rows_copied_aside_before_they_are_overwritten()
     before = Placement(np.array([[0, 1, 2, 3, 4, 5, 6, 7]]), 4, 8)
     after = Placement(np.array([[2, 1, 0, 3, 4, 5, 6, 7]]), 4, 8)
     local = 2 * 12e6 / 1e12
-    for share, rows in ((1.0, 1), (0.5, 0)):
-        c = weight_copies(before, after, MODEL.expert_bytes, HW, bandwidth_share=share)
+    for share, rows in ((None, 1), (0.5, 0)):
+        c = weight_copies(before, after, MODEL.expert_bytes, HW, background_share=share)
         link = c.src != c.dst
         assert sorted(zip(c.src[link].tolist(), c.dst[link].tolist())) == [(0, 1), (1, 0)]
         per_gpu = np.bincount(c.dst[~link], weights=c.seconds[~link], minlength=4)
