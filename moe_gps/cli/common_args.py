@@ -35,6 +35,18 @@ def print_written(written: list, out) -> None:
     print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
 
 
+def add_jobs_arg(p, help: str) -> None:
+    """``-j/--jobs N``: worker processes (``help`` says what runs in them)."""
+    p.add_argument("-j", "--jobs", type=int, metavar="N", help=help)
+
+
+def jobs_from_args(args) -> int:
+    """``--jobs``, checked (>= 1); default: :func:`cpu_cores`."""
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    return args.jobs or cpu_cores()
+
+
 def cpu_cores() -> int:
     """CPU cores this process may run on (the default of --jobs)."""
     import os

@@ -15,8 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, cpu_cores,
-                                     deployment_from_args, output_folder)
+from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, add_jobs_arg,
+                                     deployment_from_args, jobs_from_args, output_folder)
 from moe_gps.errors import UserError
 
 
@@ -37,9 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
     p.add_argument("--seed", type=int, help="override the sweep's seed")
     add_assumptions_arg(p)
-    p.add_argument("-j", "--jobs", type=int, metavar="N",
-                   help="parallel worker processes (default: the number of CPU cores available); with "
-                        "--backend ray and no --address, the CPUs of the local Ray cluster")
+    add_jobs_arg(p, "parallel worker processes (default: the number of CPU cores available); with "
+                    "--backend ray and no --address, the CPUs of the local Ray cluster")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: worker processes on this machine (default); ray: one Ray task per run, on the "
                         "cluster at --address or on a local one started for the sweep (pip install "
@@ -75,8 +74,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from moe_gps.recommend.sweep import load_sweep
     from moe_gps.trace import load_trace
 
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = jobs_from_args(args)
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.address and args.backend != "ray":
@@ -92,7 +90,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         sweep = replace(sweep, assumptions=args.assumptions)
     trace = load_trace(args.trace)
     cluster, model, workload, phase_note = deployment_from_args(args, trace)
-    jobs = args.jobs or cpu_cores()
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace),
                            backend=args.backend, address=args.address)

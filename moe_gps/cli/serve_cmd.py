@@ -6,8 +6,8 @@ import argparse
 import math
 import sys
 
-from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, cpu_cores,
-                                     model_from_args, output_folder, print_written)
+from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
+                                     jobs_from_args, model_from_args, output_folder, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.errors import UserError
 
@@ -68,9 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="SLO on time to first token, for goodput")
     p.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="SLO on time per output token, for goodput")
     p.add_argument("--seed", type=int, default=None, help="seed for requests, predictors and planners (default: 0)")
-    p.add_argument("-j", "--jobs", type=int, metavar="N",
-                   help="(rate, strategy) runs simulated at once in worker processes (default: the CPU cores "
-                        "available); the results do not depend on it")
+    add_jobs_arg(p, "(rate, strategy) runs simulated at once in worker processes (default: the CPU cores "
+                    "available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole serve config (e.g. the config.yaml of an earlier run) instead of the flags above "
                         "(--rate/--rates, --requests, --slo-* and --seed still apply)")
@@ -151,9 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     cfg, notes = build_config(args, trace)
     out = output_folder(args, "serve")
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    result = serve(trace, cfg, trace_name=str(args.trace), jobs=args.jobs or cpu_cores())
+    result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs_from_args(args))
     result.notes += notes
     written = write_outputs(result, out, plots=not args.no_plots)
     if args.json:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, cpu_cores, deployment_from_args,
-                                     output_folder, print_written, workload_from_args)
+from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
+                                     jobs_from_args, output_folder, print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -29,10 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, metavar="N",
                    help="steps used to fit predictors and profile the static plan (default: a quarter)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
-    p.add_argument("-j", "--jobs", type=int, metavar="N",
-                   help="worker processes: the strategies are split over them in groups of about equal work, and "
-                        "the plots are drawn in them (default: the CPU cores available); the results do not depend "
-                        "on it")
+    add_jobs_arg(p, "worker processes: the strategies are split over them in groups of about equal work, and "
+                    "the plots are drawn in them (default: the CPU cores available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole simulate config (e.g. the config.yaml of an earlier run) instead of the "
                         "flags above")
@@ -150,8 +148,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.report import format_summary, summary_rows, write_outputs
     from sim.run import simulate
 
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = jobs_from_args(args)
     out = output_folder(args, "simulate")
     trace = load_trace(args.trace)
     cfg, notes, inferred = build_config(args, trace)
@@ -162,7 +159,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         first = default_train_steps(cfg, trace.num_steps, int(trace.tokens_per_step.sum()))
         steps = parse_steps(args.timeline, first, trace.num_steps - 1)
-    jobs = args.jobs or cpu_cores()
     result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
     result.notes += notes
     result.inferred[:0] = inferred
