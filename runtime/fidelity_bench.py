@@ -30,7 +30,7 @@ Benchmarks (``name``: what one sample times; its size axis):
   model, to placements planned from random skewed loads (irregular moves, like a real re-plan),
   and back (:func:`bench_moves`);
 * ``install``: the same changes with the weights moved in the background, the install timed
-  (:func:`bench_installs`).
+  (also :func:`bench_moves`).
 
 Samples are ``(size, rank, seconds)`` in repeat order per (benchmark, size, rank).
 """
@@ -240,10 +240,15 @@ def bench_model(b: Bench, spec: dict) -> None:
                     b.record(f"model_step/{slots}", T, sum(sum(ph.values()) for ph in layers))
     bench_imbalance(b, spec, models[0][0], models[0][1], forward)
     handle = models[-1][0]
-    batch = spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
+    batch = _step_batch(spec)
     step_ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
     step_routing = balanced_experts(batch * S, k, E, ctx.rank, dev)
     bench_moves(b, spec, *models[-1], lambda: forward(handle.module, step_ids, step_routing))
+
+
+def _step_batch(spec: dict) -> int:
+    """Sequences per rank of the steps the imbalance and move benchmarks run: the run config's batch."""
+    return spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
 
 
 def imbalanced_experts(T: int, k: int, E: int, rank: int, fraction: float, hot: list[int], device) -> torch.Tensor:
@@ -271,7 +276,7 @@ def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
         return
     ctx, S = b.ctx, spec["seq_len"]
     k, E = spec["top_k"], spec["num_experts"]
-    batch = spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
+    batch = _step_batch(spec)
     T = batch * S
     slots = placement.slots_per_gpu
     hot = sorted({int(e) for e in placement.phy2log[0][:slots]})
@@ -300,9 +305,14 @@ def bench_moves(b: Bench, spec: dict, handle, placement, step) -> None:
     re-plan of random skewed loads: irregular moves) and 2 i + 2 back. Each move follows ``step()`` (a
     forward pass of the model, untimed), as a run's re-plan follows a step: the weights it moves are
     not the last thing the rank touched. ``spec["move_repeats"]`` repeats. Samples: the rank's
-    ``MoveStats.seconds``."""
+    ``MoveStats.seconds``.
+
+    ``install``: the same changes with ``copy_policy: async`` (:class:`runtime.background.BackgroundMove`):
+    the transfers in the background, then, after ``step()`` and a barrier, the install (the staged rows
+    and local copies written into the slots, the routing tables), timed."""
     from moe_gps.fidelity.calibrate import move_pairs
     from runtime.apply import apply_placement
+    from runtime.background import BackgroundMove, background_group
 
     ctx = b.ctx
     pairs = move_pairs(spec, ctx.world_size)
@@ -310,43 +320,33 @@ def bench_moves(b: Bench, spec: dict, handle, placement, step) -> None:
         raise RuntimeError("the move benchmark's starting placement is not the model's")
     cycles = [[0, 0]] + [[2 * i + 1, 2 * i + 2] for i in range(len(spec.get("move_targets", [])))]
     repeats = int(spec.get("move_repeats", b.repeats))
-    for i, cycle in enumerate(cycles):
-        b.say(f"applying a placement {'again' if cycle[0] == 0 else 'of a re-plan, and back'}, each after a "
-              f"forward pass ({i + 1}/{len(cycles)})")
-        for rep in range(b.warmup + repeats):
-            for size in cycle:
-                after = pairs[size][1]
-                with torch.inference_mode():
-                    step()
-                b.sync()
-                stats = apply_placement(handle.experts, after.phy2log, after.replica_share, ctx)
-                if rep >= b.warmup:
-                    b.record("move", size, stats.seconds)
-    bench_installs(b, handle, pairs, cycles, repeats, step)
 
+    def timed_changes(name: str, what: str, start) -> None:
+        """Every cycle's changes: ``start(after)`` (untimed) gives the function that makes the change,
+        timed after ``step()`` and a barrier; samples ``name``."""
+        for i, cycle in enumerate(cycles):
+            b.say(f"{what(cycle)}, each after a forward pass ({i + 1}/{len(cycles)})")
+            for rep in range(b.warmup + repeats):
+                for size in cycle:
+                    change = start(pairs[size][1])
+                    with torch.inference_mode():
+                        step()
+                    b.sync()
+                    stats = change()
+                    if rep >= b.warmup:
+                        b.record(name, size, stats.seconds)
 
-def bench_installs(b: Bench, handle, pairs: dict, cycles: list, repeats: int, step) -> None:
-    """``install``: the same placement changes with ``copy_policy: async`` (:class:`runtime.background.
-    BackgroundMove`): the transfers in the background, then, after ``step()`` and a barrier, the install
-    (the staged rows and local copies written into the slots, the routing tables), timed. Samples: the
-    rank's install seconds, size as for ``move``."""
-    from runtime.background import BackgroundMove, background_group
-
-    ctx = b.ctx
+    timed_changes("move", lambda c: f"applying a placement {'again' if c[0] == 0 else 'of a re-plan, and back'}",
+                  lambda after: lambda: apply_placement(handle.experts, after.phy2log, after.replica_share, ctx))
     group = background_group(ctx)
-    for i, cycle in enumerate(cycles):
-        b.say(f"switching in a placement whose weights moved in the background ({i + 1}/{len(cycles)})")
-        for rep in range(b.warmup + repeats):
-            for size in cycle:
-                after = pairs[size][1]
-                move = BackgroundMove(handle.experts, after.phy2log, after.replica_share, ctx, group, 0)
-                move.join()
-                with torch.inference_mode():
-                    step()
-                b.sync()
-                stats = move.install(None)
-                if rep >= b.warmup:
-                    b.record("install", size, stats.seconds)
+
+    def in_background(after):
+        move = BackgroundMove(handle.experts, after.phy2log, after.replica_share, ctx, group, 0)
+        move.join()
+        return lambda: move.install(None)
+
+    timed_changes("install", lambda c: "switching in a placement whose weights moved in the background",
+                  in_background)
 
 
 def run(spec: dict, out: str, quiet: bool = False) -> None:
