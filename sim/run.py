@@ -165,8 +165,8 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
                                trace=config.trace or trace_name), notes
 
 
-#: relative work per step of a strategy kind, to split strategies over processes (``jobs``)
-_WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
+#: relative work per step of a strategy kind, to share strategies out over worker processes
+STRATEGY_WORK = {"oracle": 8, "token": 3, "distribution": 2, "static": 1, "none": 1}
 
 
 def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress: bool | None = None,
@@ -244,15 +244,15 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
 
 
 def _groups(kinds: list[str], jobs: int) -> list[list[int]]:
-    """Strategy indices in at most ``jobs`` groups of about equal work (:data:`_WORK`): the heaviest
+    """Strategy indices in at most ``jobs`` groups of about equal work (:data:`STRATEGY_WORK`): the heaviest
     first, each onto the lightest group so far; each group in config order."""
     n = max(1, min(int(jobs), len(kinds)))
     groups: list[list[int]] = [[] for _ in range(n)]
     load = [0] * n
-    for k in sorted(range(len(kinds)), key=lambda k: -_WORK.get(kinds[k], 1)):
+    for k in sorted(range(len(kinds)), key=lambda k: -STRATEGY_WORK.get(kinds[k], 1)):
         g = load.index(min(load))
         groups[g].append(k)
-        load[g] += _WORK.get(kinds[k], 1)
+        load[g] += STRATEGY_WORK.get(kinds[k], 1)
     return [sorted(g) for g in groups if g]
 
 

@@ -24,7 +24,7 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.workers import fork_map, forking
 from sim.cost import Hardware
 from sim.loads import counts_view
-from sim.run import default_train_steps, resolve_config
+from sim.run import STRATEGY_WORK, default_train_steps, resolve_config
 from sim.serving.iteration import DenseParts, MoELayers, kv_capacity, resolve_parts
 from sim.serving.metrics import RequestTimes, latency_row, serving_verdict
 from sim.serving.requests import Requests, generate_requests
@@ -147,11 +147,10 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
         mean_ctx = max(1, int(round(float((req.prompt + req.output / 2).mean()))))
         ctxs.append(SimContext(G, E, model.top_k, hw, model, WorkloadConfig(phase="decode", seq_len=mean_ctx),
                                sim_cfg.copy_policy, sim_cfg.copy_bandwidth_share))
-    # the slowest runs first (predicting strategies plan often; low rates have the most iterations), so
-    # that parallel workers finish together
-    slow = {"oracle": 0, "token": 0, "distribution": 1, "static": 2, "none": 3}
+    # the slowest runs first (the strategies with the most work per step; low rates have the most
+    # iterations), so that parallel workers finish together
     todo = sorted(((r, k) for r in range(len(rates)) for k in range(len(sim_cfg.strategies))),
-                  key=lambda j: (slow[sim_cfg.strategies[j[1]].kind], rates[j[0]]))
+                  key=lambda j: (-STRATEGY_WORK.get(sim_cfg.strategies[j[1]].kind, 1), rates[j[0]]))
     show = sys.stderr.isatty() if progress is None else bool(progress)
     shared = dict(config=config, trace=trace, train=train, counts=counts_view(trace), requests=requests, rates=rates,
                   ctx=ctxs, kv=kv, fast=fast, dense=DenseParts(model, parts, hw))
@@ -181,13 +180,10 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
 
 def _map(fn, items: list, jobs: int, progress: bool, shared: dict):
     """``fn(item, shared)`` over ``items``, in this process or in ``jobs`` forked processes (a bar over
-    items then)."""
-    if jobs == 1:
-        yield from fork_map(fn, items, 1, shared)
-        return
+    items then; in one process, each run has its own bars)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), desc="serve", unit="run", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(items), desc="serve", unit="run", disable=not progress or jobs == 1, file=sys.stderr)
     try:
         for res in fork_map(fn, items, jobs, shared):
             bar.update(1)
