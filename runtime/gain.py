@@ -43,7 +43,7 @@ class GainModel:
         # the runtime's experts read their weights once per layer; predictors run on the host between steps
         self.hw = dataclasses.replace(hw, weight_reads=True, predictor_overlap=True)
         self.policy = d.copy_policy
-        self.share = COPY_BANDWIDTH_SHARE if self.policy == "async" else 1.0
+        self.background_share = COPY_BANDWIDTH_SHARE if self.policy == "async" else None    # as the simulator
         self.home_tokens = np.full(num_ranks, float(tokens_per_rank(run_cfg)))            # [G]
         self.home_frac = self.home_tokens / self.home_tokens.sum()                        # [G]
         self.min_gain, self.interval = d.min_gain, d.replan_interval
@@ -56,10 +56,9 @@ class GainModel:
 
         src = believed[:, None, :] * self.home_frac[None, :, None]                        # [L, G, E]
         phases = placement_phases(current, src, None, self.model, self.hw, self.home_frac)
-        cost = copy_cost(self.policy, self.share, phases, self.home_tokens, np.zeros(len(self.home_tokens)),
+        cost = copy_cost(self.policy, COPY_BANDWIDTH_SHARE, phases, self.home_tokens, np.zeros(len(self.home_tokens)),
                          self.model, self.workload, self.hw)
-        moves = weight_copies(current, cand, self.model.expert_bytes, self.hw,
-                              self.share if self.policy == "async" else None)
+        moves = weight_copies(current, cand, self.model.expert_bytes, self.hw, self.background_share)
         return float(cost.replan(moves))
 
     def worth(self, current: Placement, earlier: Placement, cand: Placement, seen: np.ndarray,
