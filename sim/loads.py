@@ -152,13 +152,6 @@ class StepFeed:
         return self._kept.pop(i, None) or step_loads(self.trace, self.first + i, self.num_gpus, self.tokens_per_step)
 
 
-def trace_counts(trace: TokensTrace | CountsTrace) -> np.ndarray:
-    """int64 [steps, layers, experts], one step at a time (bounded memory on big traces)."""
-    if isinstance(trace, CountsTrace):
-        return trace.counts()
-    return np.array(TokenCounts(trace))
-
-
 def counts_view(trace: TokensTrace | CountsTrace) -> CountsTrace:
     """The trace seen as per-expert counts: a counts trace itself (kept where it is, in memory or in
     its file), a tokens trace's counted step by step as first read

@@ -9,7 +9,7 @@ from moe_gps.recommend.skew import (mean_expert_skew, popularity, reweight, sear
                                     transport)
 from moe_gps.trace import CountsTrace
 from moe_gps.trace.synth import synthesize
-from sim.loads import as_counts_trace, trace_counts
+from sim.loads import as_counts_trace
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_search_gamma_reaches_target_or_says_it_cannot(trace):
 
 def test_counts_trace_variant_keeps_totals_and_caps():
     tr = synthesize("sst2", num_steps=6, tokens_per_step=128, seed=1, num_layers=3)
-    ct = as_counts_trace(tr, trace_counts(tr))
+    ct = as_counts_trace(tr, tr.counts())
     assert isinstance(ct, CountsTrace)
     for g in (0.0, 3.0, 12.0):
         v = reweight(ct, g)

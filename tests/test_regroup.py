@@ -14,7 +14,7 @@ from moe_gps.trace import load_trace, write_trace
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import MIN_STEPS, decode_shaped, regroup, regroup_or_scale
 from moe_gps.trace.synth import synthesize
-from sim.loads import as_counts_trace, trace_counts
+from sim.loads import as_counts_trace
 from sim.run import simulate
 
 MODEL = ModelConfig(name="mixtral-4l", num_layers=4, num_experts=8, top_k=2, hidden_size=4096,
@@ -82,7 +82,7 @@ def test_simulate_regroups_or_scales_with_a_warning(trace):
 
 
 def test_counts_traces_regroup_by_whole_steps(trace):
-    counts = as_counts_trace(trace, trace_counts(trace))
+    counts = as_counts_trace(trace, trace.counts())
     counts = CountsTrace(dataclasses.replace(counts.meta, tokens_per_step=[100] * 10), counts.counts())
     merged = regroup(counts, 200)
     assert merged.num_steps == 5 and np.array_equal(merged.counts()[1], counts.counts()[2] + counts.counts()[3])

@@ -16,7 +16,7 @@ from moe_gps.config.loader import load_simulate_config
 from moe_gps.errors import UserError
 from moe_gps.trace import CountsTrace, write_trace
 from moe_gps.trace.synth import synthesize
-from sim.loads import as_counts_trace, trace_counts
+from sim.loads import as_counts_trace
 from sim.run import PHASES, simulate
 from sim.work import closed_form_layer_times
 
@@ -120,7 +120,7 @@ def test_token_accuracy_is_measured_and_charged(trace):
 
 
 def test_counts_trace_runs_all_but_token_strategies(trace):
-    counts = as_counts_trace(trace, trace_counts(trace))
+    counts = as_counts_trace(trace, trace.counts())
     assert isinstance(counts, CountsTrace) and np.array_equal(counts.counts(), trace.counts())
     r_tok = simulate(trace, config(["none", "dist:ema"]), progress=False)
     r_cnt = simulate(counts, config(["none", "dist:ema"]), progress=False)
@@ -136,7 +136,7 @@ def test_counts_trace_kept_in_a_file_simulates_the_same_without_reading_it_whole
     from moe_gps.trace import load_trace
     from moe_gps.trace.data import StepStore
 
-    write_trace(tmp_path / "c.parquet", as_counts_trace(trace, trace_counts(trace)))
+    write_trace(tmp_path / "c.parquet", as_counts_trace(trace, trace.counts()))
     names = ["none", "eplb", "dist:profile", "dist:window", "dist:ema", "dist:kalman", "oracle"]
     ref = simulate(load_trace(tmp_path / "c.parquet"), config(names), progress=False)
     spilled = load_trace(tmp_path / "c.parquet", spill_bytes=1)
@@ -430,7 +430,7 @@ def test_the_oracle_forgets_far_ahead_assignments_of_a_counts_trace_with_the_sam
     c = np.full((60, 4, 8), 40, dtype=np.int64)
     c[:30, :, 0] += 192
     c[30:, :, 5] += 192
-    counts = CountsTrace(as_counts_trace(trace, trace_counts(trace)).meta, c)
+    counts = CountsTrace(as_counts_trace(trace, trace.counts()).meta, c)
     cfg = config(["none", "oracle"], copy_policy="async", copy_bandwidth_share=0.001,
                  workload=WorkloadConfig(tokens_per_step=65536))
     real = StepLoads.release

@@ -233,13 +233,13 @@ def test_a_tokens_traces_counts_are_counted_as_read():
 
     from moe_gps.trace.data import TokenCounts
     from moe_gps.trace.synth import synthesize
-    from sim.loads import counts_view, trace_counts
+    from sim.loads import counts_view
 
     t = synthesize("sst2", num_steps=6, tokens_per_step=64, seed=1, num_layers=3)
     view = counts_view(t)
     store = view.count_array
     assert isinstance(store, TokenCounts) and store.shape == (6, 3, t.meta.num_experts)
-    want = trace_counts(t)
+    want = t.counts()
     assert np.array_equal(view.counts_range(2, 4), want[2:4])
     assert store._done.tolist() == [False, False, True, True, False, False]      # only what was read
     assert np.array_equal(store[-1], want[-1]) and np.array_equal(view.counts_range(-3, 99), want)

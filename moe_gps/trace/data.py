@@ -146,8 +146,8 @@ class StepReader:
         raise TypeError(f"{type(self).__name__} takes one step or a range of steps (start:stop)")
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        a = self.read(0, len(self))
-        return a.astype(dtype if dtype is not None else a.dtype, copy=bool(copy))
+        a = self.read(0, len(self))              # a new array (TokenCounts, whose reads are views, copies it)
+        return a if dtype is None or a.dtype == dtype else a.astype(dtype)
 
     def __reduce__(self) -> tuple:
         return (np.asarray, (self.read(0, len(self)),))
@@ -206,6 +206,12 @@ class TokenCounts(StepReader):
         out = self._counts[lo:hi]
         out.flags.writeable = False                  # a view: what one reader changed, all would see
         return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.read(0, len(self))                  # a view of the counts kept: copied where asked to
+        if dtype is not None and a.dtype != dtype:
+            return a.astype(dtype)
+        return a.copy() if copy else a
 
 
 @dataclass
