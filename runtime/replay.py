@@ -155,6 +155,7 @@ class _Replay:
                     self.placements = placements
                     self.starts = {m.start: m for m in moves}
                     self.landed = {m.switch for m in moves if m.switch is not None}
+                    self.in_flight = None                    # the copies of the move in the background
                     self.info.notes.append("placements replayed from a runtime run")
 
                 def _copies(self, prev, p, background_share):
@@ -171,12 +172,13 @@ class _Replay:
                     background, nbytes, started = None, np.zeros(L), False
                     if prev is not None and s in self.starts:
                         background, nbytes = self._copies(p, self.starts[s].placement, self.ctx.background_share)
+                        self.in_flight = background          # installed where its placement switches in
                         started = True
                         self.replans += 1
                     if prev is None or p is prev:
                         return StepDecision(plan, None, background, nbytes, 0.0, started)
                     if s in self.landed:          # its weights were copied in the background: install them
-                        host = install_time(self._copies(prev, p, self.ctx.background_share)[0], self.num_gpus, self.hw)
+                        host = install_time(self.in_flight, self.num_gpus, self.hw)
                         return StepDecision(plan, None, background, nbytes, host, started)
                     copies, moved_bytes = self._copies(prev, p, None)
                     moved = moves_weights(prev, p)
