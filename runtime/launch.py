@@ -109,7 +109,11 @@ def _fault(ctx, step: int) -> None:
 
 
 def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ctx=None) -> dict | None:
-    """Run a whole job on this rank; rank 0 returns the summary dict (other ranks None)."""
+    """Run a whole job on this rank; rank 0 returns the summary dict (other ranks None).
+
+    Once it fails, the process ignores SIGTERM and SIGHUP: the error decides the exit, and the
+    clean-up (the temporary trace, the group) finishes even when torchrun stops every rank.
+    """
     import torch
 
     from runtime.apply import Fingerprints, apply_placement
@@ -117,6 +121,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
     from runtime.gain import GainModel
     from sim.work import moves_weights
     from runtime.build import build_model, forward
+    from moe_gps import signals
     from moe_gps.errors import UserError
     from runtime.dist import CollectiveFailure, init_distributed
     from runtime.duplication import DuplicationPolicy
@@ -232,6 +237,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                 raise failure from err
             if not isinstance(err, (CollectiveFailure, SetupFailedElsewhere)):
                 ctx.mark_exit(type(err).__name__ if not str(err) else f"{type(err).__name__}: {str(err)[:200]}")
+            signals.ignore()    # decided: torchrun's SIGTERM during the clean-up below must not replace this error
             raise
         if summary is not None:
             print(summary["table"], flush=True)

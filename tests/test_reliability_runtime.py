@@ -144,6 +144,38 @@ def test_rank_stopped_by_torchrun_names_the_rank_that_exited(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def sigterm_during_cleanup_worker(ctx, doc: dict, folder: str):
+    """Rank 1 exits at step 3; rank 0's next collective fails, and torchrun's SIGTERM reaches it while
+    it removes its temporary trace."""
+    import runtime.launch as launch
+    from runtime.record import RunRecorder
+
+    def fault(c, step: int) -> None:
+        if step == 3 and c.rank == 1:
+            os._exit(3)
+
+    abort = RunRecorder.abort
+
+    def abort_under_sigterm(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        abort(self)
+
+    launch._fault = fault
+    RunRecorder.abort = abort_under_sigterm
+    cfg = parse_run_config(doc)
+    cfg.output.dir = folder
+    return launch.run(cfg, "off", quiet=True, ctx=ctx)
+
+
+def test_a_sigterm_during_the_clean_up_keeps_the_error_that_named_the_failed_rank(tmp_path):
+    res = run_local(sigterm_during_cleanup_worker, 2, TINY, str(tmp_path / "out"), timeout_s=60,
+                    return_errors=True)
+    line = res[0].message.splitlines()[0]
+    assert re.match(r"CollectiveFailure: rank 0: collective .* at step 3 .*: rank 1 exited", line), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_setup_error_on_rank_0_stops_every_rank(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run_local(launch_worker, 2, TINY, [("off", str(tmp_path / "afile"))], timeout_s=60, return_errors=True)
