@@ -157,3 +157,90 @@ def progress(n: int = 1) -> None:
     queue = _WORKER.get("progress")
     if queue is not None:
         queue.put(n)
+
+
+class Warm:
+    """One call run in a process forked now, which imports ``modules`` meanwhile: a slow import
+    (matplotlib's) then costs no time where another core is free while this process goes on.
+
+    :meth:`submit` sends the call (``fn`` module-level; ``fn`` and its arguments are pickled, so
+    keep them small) and :meth:`result` waits for its return value, or raises its exception. One
+    call per instance. Use as a context manager: the process ends with it (at once, on an error).
+    With ``fork`` False, or where processes cannot be forked (:func:`can_fork`), the call runs in
+    this process, in :meth:`result`.
+    """
+
+    def __init__(self, modules: tuple[str, ...] = (), fork: bool = True) -> None:
+        self.proc = self.conn = None
+        self._call: tuple | None = None
+        if fork and can_fork():
+            ctx = multiprocessing.get_context("fork")
+            self.conn, child = ctx.Pipe()
+            # not a daemon: it forks workers of its own (sim.plots); it ends when this process closes the pipe
+            self.proc = ctx.Process(target=_warm_main, args=(child, modules), name="moe-gps-warm")
+            self.proc.start()
+            child.close()
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        if self.proc is None:
+            self._call = (fn, args)
+        else:
+            self.conn.send((fn, args))
+
+    def result(self) -> Any:
+        if self.proc is None:
+            fn, args = self._call
+            return fn(*args)
+        while not self.conn.poll(0.005):          # a short wait: Ctrl-C and SIGTERM land in plain code
+            pass
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:                          # the process ended without an answer
+            self.proc.join()
+            code = self.proc.exitcode
+            if -code in SIGNALS:
+                raise Terminated(-code) from None
+            raise RuntimeError(f"a worker process (pid {self.proc.pid}) ended with exit code {code} before "
+                               "its work was done") from None
+        if not ok:
+            raise value
+        return value
+
+    def __enter__(self) -> "Warm":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        if self.proc is None:
+            return
+        if exc_type is None:
+            with contextlib.suppress(OSError):
+                self.conn.send(None)          # no call, or the call is done: the process ends by itself
+        else:
+            self.proc.terminate()
+        self.proc.join()
+        self.conn.close()
+
+
+def _warm_main(conn, modules: tuple[str, ...]) -> None:
+    import importlib
+
+    _worker_signals()
+    for m in modules:
+        importlib.import_module(m)
+    try:
+        job = conn.recv()
+    except EOFError:                          # the parent has gone
+        return
+    if job is None:
+        return
+    fn, args = job
+    try:
+        reply = (True, fn(*args))
+    except Exception as err:  # noqa: BLE001 - raised in the parent
+        reply = (False, err)
+    try:
+        conn.send(reply)
+    except BrokenPipeError:
+        return
+    except Exception as err:  # noqa: BLE001 - a result or an exception that does not pickle
+        conn.send((False, RuntimeError(f"{type(err).__name__}: {err}")))

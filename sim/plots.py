@@ -7,10 +7,15 @@
 * ``timeline.png`` (with ``--timeline``): the simulated schedule of the chosen steps, one row
   per GPU and per GPU's incoming copies, one panel per strategy (the same slices as
   ``timeline.json``).
+
+The figures are drawn from :class:`PlotData`, the few numbers per strategy they show, which is
+small enough to send to a process that has imported matplotlib ahead of time
+(:class:`moe_gps.workers.Warm`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +31,53 @@ COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "di
 LINESTYLES = {"none": "-", "static": "--", "distribution": "-", "token": ":", "oracle": "-."}
 
 
-def _styles(result: SimResult) -> list[dict]:
+@dataclass(frozen=True)
+class PlotData:
+    """What the figures of one simulation show (K strategies, S steps, L layers).
+
+    names, kinds:  [K] strategy names and kinds
+    phase_means:   PHASES -> float [K] mean seconds of the phase per MoE layer
+    gpu_skew:      float [K, L] max / mean tokens per GPU, mean over steps
+    expert_skew:   float [L] max / mean tokens per expert (the trace's), mean over steps
+    step_latency:  float [K, S] seconds of each step's MoE layers
+    title:         model, cluster and tokens per step
+    model, cluster, num_gpus: for the timeline
+    timeline:      SimResult.timeline
+    """
+
+    names: list[str]
+    kinds: list[str]
+    phase_means: dict[str, np.ndarray]
+    gpu_skew: np.ndarray
+    expert_skew: np.ndarray
+    step_latency: np.ndarray
+    title: str
+    model: str
+    cluster: str
+    num_gpus: int
+    timeline: dict[str, list[tuple]]
+
+
+def plot_data(result: SimResult) -> PlotData:
+    """The :class:`PlotData` of ``result``."""
+    cfg, rs = result.config, result.strategies
+    return PlotData(
+        names=[r.name for r in rs], kinds=[r.config.kind for r in rs],
+        phase_means={p: np.array([r.phases[p].mean() for r in rs]) for p in PHASES},
+        gpu_skew=np.array([np.nanmean(r.gpu_skew, axis=0) for r in rs]).reshape(len(rs), -1),
+        expert_skew=np.nanmean(result.expert_skew, axis=0),
+        step_latency=np.array([r.step_latency for r in rs]).reshape(len(rs), -1),
+        title=f"{cfg.model.name}, {cfg.cluster.name}, {result.tokens.mean():.0f} tokens/step",
+        model=cfg.model.name, cluster=cfg.cluster.name, num_gpus=cfg.cluster.num_gpus, timeline=result.timeline)
+
+
+def _styles(data: PlotData) -> list[dict]:
     """A distinct colour per strategy (tab20) and a line style per kind."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    return [{"color": "black" if r.config.kind == "none" else cmap(i % 20),
-             "linestyle": LINESTYLES.get(r.config.kind, "-")} for i, r in enumerate(result.strategies)]
+    return [{"color": "black" if kind == "none" else cmap(i % 20), "linestyle": LINESTYLES.get(kind, "-")}
+            for i, kind in enumerate(data.kinds)]
 
 
 def _save(fig, path: Path) -> Path:
@@ -41,47 +86,42 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_plots(result: SimResult, out: Path, jobs: int = 1) -> list[Path]:
-    """The PNG figures of ``result`` in ``out``, drawn in up to ``jobs`` forked processes at once."""
+def write_plots(data: PlotData, out: Path, jobs: int = 1) -> list[Path]:
+    """The PNG figures of ``data`` in ``out``, drawn in up to ``jobs`` forked processes at once."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (imported once, before the workers fork)
 
     figures = [(_breakdown, out / "breakdown.png"), (_skew, out / "skew_per_layer.png"),
                (_latency_cdf, out / "latency_cdf.png")]
-    if result.timeline:
+    if data.timeline:
         figures.append((_timeline, out / "timeline.png"))
     with forking(jobs) as workers:
-        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), workers, (result, figures)))]
+        return [path for _, path in sorted(fork_map(_draw, range(len(figures)), workers, (data, figures)))]
 
 
 def _draw(i: int, context: tuple) -> tuple[int, Path]:
-    result, figures = context
+    data, figures = context
     draw, path = figures[i]
-    return i, draw(result, path)
+    return i, draw(data, path)
 
 
-def _title(result: SimResult) -> str:
-    cfg = result.config
-    return f"{cfg.model.name}, {cfg.cluster.name}, {result.tokens.mean():.0f} tokens/step"
-
-
-def _breakdown(result: SimResult, path: Path) -> Path:
+def _breakdown(data: PlotData, path: Path) -> Path:
     """Mean MoE-layer time per strategy, stacked by phase."""
     import matplotlib.pyplot as plt
 
-    names = [r.name for r in result.strategies]
+    names = data.names
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
     left = np.zeros(len(names))
     for p in PHASES:
-        v = np.array([r.phases[p].mean() * 1e6 for r in result.strategies])
+        v = data.phase_means[p] * 1e6
         if not v.any():
             continue
         ax.barh(names, v, left=left, color=COLORS[p], label=p)
         left += v
     ax.invert_yaxis()
     ax.set_xlabel("mean MoE-layer time (µs)")
-    ax.set_title(f"Time breakdown per MoE layer — {_title(result)}")
+    ax.set_title(f"Time breakdown per MoE layer — {data.title}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=7, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
@@ -89,18 +129,18 @@ def _breakdown(result: SimResult, path: Path) -> Path:
     return path
 
 
-def _skew(result: SimResult, path: Path) -> Path:
+def _skew(data: PlotData, path: Path) -> Path:
     """Max / mean tokens per GPU per layer for each strategy, with the experts' own skew."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    layers = np.arange(result.expert_skew.shape[1])
-    ax.plot(layers, np.nanmean(result.expert_skew, axis=0), "k--", label="experts (trace)")
-    for r, st in zip(result.strategies, _styles(result)):
-        ax.plot(layers, np.nanmean(r.gpu_skew, axis=0), marker=".", label=r.name, **st)
+    layers = np.arange(len(data.expert_skew))
+    ax.plot(layers, data.expert_skew, "k--", label="experts (trace)")
+    for name, skew, st in zip(data.names, data.gpu_skew, _styles(data)):
+        ax.plot(layers, skew, marker=".", label=name, **st)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("skew: max / mean tokens (mean over steps)")
-    ax.set_title(f"Load skew per layer across GPUs — {_title(result)}")
+    ax.set_title(f"Load skew per layer across GPUs — {data.title}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -108,17 +148,17 @@ def _skew(result: SimResult, path: Path) -> Path:
     return path
 
 
-def _latency_cdf(result: SimResult, path: Path) -> Path:
+def _latency_cdf(data: PlotData, path: Path) -> Path:
     """The distribution of step latency per strategy."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r, st in zip(result.strategies, _styles(result)):
-        lat = np.sort(r.step_latency * 1e3)
-        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=r.name, **st)
+    for name, latency, st in zip(data.names, data.step_latency, _styles(data)):
+        lat = np.sort(latency * 1e3)
+        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=name, **st)
     ax.set_xlabel("step latency (ms, simulated MoE layers)")
     ax.set_ylabel("fraction of steps")
-    ax.set_title(f"Step latency CDF — {_title(result)}")
+    ax.set_title(f"Step latency CDF — {data.title}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -132,16 +172,16 @@ SLICE_COLORS = {"predictor + attention": COLORS["attention"], "dispatch": COLORS
                 "applying the placement": COLORS["copy"]}
 
 
-def _timeline(result: SimResult, path: Path) -> Path:
-    """Gantt chart of ``result.timeline``: per strategy, rows GPU g and GPU g's copies in."""
+def _timeline(data: PlotData, path: Path) -> Path:
+    """Gantt chart of ``data.timeline``: per strategy, rows GPU g and GPU g's copies in."""
     import matplotlib.pyplot as plt
 
-    G = result.config.cluster.num_gpus
-    names = list(result.timeline)
+    G = data.num_gpus
+    names = list(data.timeline)
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 0.5 * 2 * G * len(names) + 1.2), squeeze=False)
     seen = set()
     for ax, name in zip(axes[:, 0], names):
-        rows = result.timeline[name]
+        rows = data.timeline[name]
         t0 = min(r[3] for r in rows)
         for track, g, what, start, end, _layer, _step in rows:
             y = 2 * g + (1 if track == "link" else 0)
@@ -157,7 +197,7 @@ def _timeline(result: SimResult, path: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("simulated time from the first chosen step (ms)")
     fig.legend(loc="lower center", ncol=7, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"Simulated schedule, {result.config.model.name} on {result.config.cluster.name}", fontsize=10)
+    fig.suptitle(f"Simulated schedule, {data.model} on {data.cluster}", fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     out = _save(fig, path)
     plt.close(fig)

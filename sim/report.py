@@ -14,6 +14,7 @@ import numpy as np
 
 from moe_gps.atomic import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
+from moe_gps.workers import Warm
 from sim.run import PHASES, SimResult
 
 
@@ -137,18 +138,23 @@ def write_config_and_summary(out: Path, command: str, config, summary: str) -> l
     return [out / "config.yaml", out / "summary.txt"]
 
 
-def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True, jobs: int = 1) -> list[Path]:
-    """Write the output folder (every file atomically; the plots in up to ``jobs`` processes at once);
-    returns the paths written."""
+def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True, jobs: int = 1,
+                  drawer: Warm | None = None) -> list[Path]:
+    """Write the output folder (every file atomically); returns the paths written. The plots are drawn
+    in up to ``jobs`` processes at once, by ``drawer`` (a process that imported matplotlib while this
+    one simulated) while this one writes the tables, or here without one."""
     import pandas as pd
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from sim.plots import plot_data, write_plots
+        drawer = drawer if drawer is not None else Warm(fork=False)
+        drawer.submit(write_plots, plot_data(result), out, jobs)
     written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(summary_rows(result))),
                write_csv_atomic(out / "steps.csv", per_step_frame(result)),
                write_parquet_atomic(out / "layers.parquet", per_layer_frames(result)),
                *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
     if plots:
-        from sim.plots import write_plots
-        written += write_plots(result, out, jobs)
+        written += drawer.result()
     return written

@@ -410,9 +410,9 @@ def test_an_error_in_a_worker_is_the_same_one_line_error(trace):
 
 
 def test_plots_drawn_in_workers_are_the_same_files(trace, tmp_path):
-    from sim.plots import write_plots
+    from sim.plots import plot_data, write_plots
 
-    r = simulate(trace, config(["none", "eplb", "oracle"]), progress=False, timeline_steps=range(5, 6))
+    r = plot_data(simulate(trace, config(["none", "eplb", "oracle"]), progress=False, timeline_steps=range(5, 6)))
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()

@@ -128,3 +128,56 @@ def test_fork_map_stops_like_the_parent_when_a_worker_gets_sigterm():
     with pytest.raises(Terminated) as err:
         list(fork_map(_terminated, [1, 2, 3], jobs=3))
     assert err.value.exit_code == 143
+
+
+def _where(name: str) -> tuple[int, bool]:
+    import os
+    import sys
+    return os.getpid(), name in sys.modules
+
+
+def _exit_now(code: int) -> None:
+    import os
+    os._exit(code)
+
+
+def test_warm_runs_the_call_in_a_process_that_imported_the_modules_first():
+    import os
+    import sys
+
+    from moe_gps.workers import Warm
+
+    name = "xml.dom.minidom"
+    assert name not in sys.modules            # imported by the warm process, not here
+    with Warm((name,)) as warm:
+        warm.submit(_where, name)
+        pid, imported = warm.result()
+    assert pid != os.getpid() and imported and name not in sys.modules
+    assert not warm.proc.is_alive()
+    with Warm((name,), fork=False) as here:
+        here.submit(_where, "os")
+        assert here.result() == (os.getpid(), True)
+
+
+def test_warm_raises_the_call_error_here_and_names_a_process_that_died():
+    from moe_gps.workers import Warm
+
+    with Warm() as warm:
+        warm.submit(_fail, 3)
+        with pytest.raises(ValueError, match="three"):
+            warm.result()
+    with Warm() as warm:
+        warm.submit(_exit_now, 7)
+        with pytest.raises(RuntimeError, match=r"ended with exit code 7 before its work was done"):
+            warm.result()
+
+
+def test_leaving_warm_on_an_error_ends_its_process_at_once():
+    from moe_gps.workers import Warm
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with Warm() as warm:
+            warm.submit(time.sleep, 30)
+            raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 10 and warm.proc.exitcode is not None

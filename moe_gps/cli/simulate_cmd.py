@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      jobs_from_args, output_folder, print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
+from moe_gps.workers import Warm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps used to fit predictors and profile the static plan (default: a quarter)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
     add_jobs_arg(p, "worker processes: the strategies are split over them in groups of about equal work, and "
-                    "the plots are drawn in them (default: the CPU cores available); the results do not depend on it")
+                    "the plots are drawn in them, by a process that imports matplotlib while the trace loads (default: "
+                    "the CPU cores available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole simulate config (e.g. the config.yaml of an earlier run) instead of the "
                         "flags above")
@@ -143,13 +146,19 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    jobs = jobs_from_args(args)
+    out = output_folder(args, "simulate")
+    # the plots' process imports matplotlib while this one loads the trace (a core is free then)
+    with Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1) as drawer:
+        return _simulate(args, jobs, out, drawer)
+
+
+def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer: Warm) -> int:
     from moe_gps.jsonsafe import dumps_json
     from moe_gps.trace import load_trace
     from sim.report import format_summary, summary_rows, write_outputs
     from sim.run import simulate
 
-    jobs = jobs_from_args(args)
-    out = output_folder(args, "simulate")
     trace = load_trace(args.trace)
     cfg, notes, inferred = build_config(args, trace)
     steps = None
@@ -162,7 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
     result.notes += notes
     result.inferred[:0] = inferred
-    written = write_outputs(result, out, plots=not args.no_plots, jobs=jobs)
+    written = write_outputs(result, out, plots=not args.no_plots, jobs=jobs, drawer=drawer)
     if steps is not None:
         from sim.timeline import write_timeline
         written.append(write_timeline(out / "timeline.json", result.timeline, cfg.cluster.num_gpus))
