@@ -38,6 +38,7 @@ Writes benchmarks/results/bench_scale.json; prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -252,7 +253,8 @@ def _ray_head(work: Path, env: dict) -> tuple[subprocess.Popen, str]:
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     log = open(work / "ray-head.log", "w")
     proc = subprocess.Popen([ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard",
-                             "false", "--disable-usage-stats", "--block"], env=env, stdout=log, stderr=log)
+                             "false", "--disable-usage-stats", "--block"], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
     address = f"127.0.0.1:{port}"
     probe = f"import ray; ray.init(address='{address}', log_to_driver=False); print(ray.cluster_resources())"
     for _ in range(60):
@@ -261,6 +263,22 @@ def _ray_head(work: Path, env: dict) -> tuple[subprocess.Popen, str]:
         time.sleep(1)
     proc.terminate()
     raise SystemExit(f"the Ray head did not come up; see {work / 'ray-head.log'}")
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM to the Ray head's session, then wait until all of it has exited (its GCS, raylet and
+    workers shutting down would otherwise take CPU from the next measurement)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def sweep_case(work: Path) -> dict:
@@ -275,8 +293,7 @@ def sweep_case(work: Path) -> dict:
         out["ray_existing_cluster"] = with_ratio(
             measure(cli(*base, "--backend", "ray", "--address", address, "-o", str(work / "rec-ray-head")), env=env), fl)
     finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
+        _stop_group(head)
     out["ray_local_cluster"] = with_ratio(
         measure(cli(*base, "--backend", "ray", "-o", str(work / "rec-ray-local")), env=env), fl)
     runs = json.loads((work / "rec-local" / "recommendation.json").read_text())["runs"]["total"]

@@ -8,7 +8,9 @@ both backends. What goes to the cluster:
 * the trace, once, through the object store (``ray.put``); each task carries only its
   reference, and a worker process fetches and unpickles it on its first task only;
 * the code of ``moe_gps`` and ``sim`` as they are on this machine (Ray's ``py_modules``),
-  so that workers compute what the cache keys (which include a digest of that code) say;
+  so that workers compute what the cache keys (which include a digest of that code) say; not
+  to a local cluster started here, whose workers import the same files (same interpreter,
+  folder and environment) without the packaging;
 * per task, a chunk of runs: each a simulate config and the run's coordinates (a few KB).
 
 Records come back to this process, which writes the cache files; workers never write to
@@ -69,10 +71,9 @@ class RayPool:
             import moe_gps
             import sim
 
-            options: dict[str, Any] = dict(
-                runtime_env={"py_modules": [moe_gps, sim]}, logging_level=logging.ERROR, log_to_driver=False)
+            options: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False)
             if address:
-                options["address"] = address
+                options.update(address=address, runtime_env={"py_modules": [moe_gps, sim]})
             else:  # "local": a new cluster even where `ray start` left one running on this machine
                 options.update(address="local", num_cpus=num_cpus, include_dashboard=False)
             handlers = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
