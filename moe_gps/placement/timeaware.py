@@ -131,6 +131,7 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
     rounds = 4 * (N * S - E + N) + 16 if max_moves is None else int(max_moves)
     kept = np.zeros(L, dtype=bool)
     chosen = np.zeros(L, dtype=bool)
+    copies = None
     if penalty == np.inf and previous is not None:
         # nothing may be copied: a layer not in the static layout stays as it is
         kept = ~at_home
@@ -146,12 +147,15 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
                 # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
                 bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
             bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
-            score = obj + penalty * new_pairs(phy2log, previous, N)
-            bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * new_pairs(bal, previous, N)
+            home_copies, bal_copies = new_pairs(phy2log, previous, N), new_pairs(bal, previous, N)
+            score = obj + penalty * home_copies
+            bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * bal_copies
             chosen = bal_score < score * (1 - 1e-12)
             phy2log[chosen] = bal[chosen]
             share[chosen] = 1.0 / _replicas(bal, E)[chosen]
-    copies = new_pairs(phy2log, previous, N)
+            copies = np.where(chosen, bal_copies, home_copies)      # new_pairs is per layer
+    if copies is None:
+        copies = new_pairs(phy2log, previous, N)
     info = {"copy_penalty_s": penalty, "balanced_layers": int(chosen.sum()), "kept_layers": int(kept.sum()),
             "unused_slots": int(((share == 0) & ~chosen[:, None]).sum()), "copies": int(copies.sum()),
             "allow_colocated": bool(chosen.any() or (kept.any() and previous.allow_colocated))}
