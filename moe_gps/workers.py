@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -222,9 +223,28 @@ class Warm:
 
 
 def _warm_main(conn, modules: tuple[str, ...]) -> None:
+    """The warm process: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's
+    ``terminate``) raises, so that workers the call forked are stopped before this process ends
+    (by that signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _warm_call(conn, modules)
+    except Terminated as err:
+        signal.signal(err.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), err.signum)
+
+
+def _stop(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _warm_call(conn, modules: tuple[str, ...]) -> None:
     import importlib
 
-    _worker_signals()
     for m in modules:
         importlib.import_module(m)
     try:

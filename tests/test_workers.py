@@ -181,3 +181,47 @@ def test_leaving_warm_on_an_error_ends_its_process_at_once():
             warm.submit(time.sleep, 30)
             raise KeyboardInterrupt
     assert time.monotonic() - t0 < 10 and warm.proc.exitcode is not None
+
+
+def _forked_sleepers(folder: str) -> list:
+    """Two forked workers (fork_map) that write their pids, then sleep."""
+    from moe_gps.workers import fork_map, forking
+
+    with forking(2) as jobs:
+        return list(fork_map(_sleep_after_pid, range(2), jobs, folder))
+
+
+def _sleep_after_pid(i: int, folder: str) -> int:
+    import os
+    from pathlib import Path
+
+    (Path(folder) / f"{i}.pid").write_text(str(os.getpid()))
+    time.sleep(30)
+    return i
+
+
+def test_leaving_warm_on_an_error_also_stops_the_workers_its_call_forked(tmp_path):
+    import os
+
+    from moe_gps.workers import Warm
+
+    with pytest.raises(KeyboardInterrupt):
+        with Warm() as warm:
+            warm.submit(_forked_sleepers, str(tmp_path))
+            deadline = time.monotonic() + 30
+            while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            raise KeyboardInterrupt
+    assert warm.proc.exitcode == -15
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    for pid in pids:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"worker {pid} still runs")
