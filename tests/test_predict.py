@@ -403,7 +403,7 @@ def test_split_tokens_keeps_everything(trace):
     np.testing.assert_array_equal(np.concatenate([a.token_id, b.token_id]), trace.token_id)
 
 
-@pytest.mark.parametrize("e,k", [(8, 2), (8, 8), (64, 4), (256, 3), (5, 1)])
+@pytest.mark.parametrize("e,k", [(8, 2), (8, 8), (64, 4), (256, 3), (5, 1), (256, 8), (100, 6)])
 def test_topk_desc_is_the_stable_descending_order(e, k):
     from moe_gps.predict.tables import topk_desc
 
