@@ -427,3 +427,8 @@ def test_keyed_counts_add_counts_every_routing_by_hand():
                 for x in experts[t, layer]:
                     want[keys[t], layer, x] += 1
     assert np.array_equal(table.counts, want)
+    total = table.layer_total.copy()
+    for bad in (-1, 1000):          # a negative key would have wrapped around to the last rows
+        with pytest.raises(ValueError, match=r"keys must be in \[0, 1000\)"):
+            table.add(np.array([3, bad]), np.zeros((2, 3, 2), dtype=np.int16))
+    assert np.array_equal(table.counts, want) and np.array_equal(table.layer_total, total)   # nothing added

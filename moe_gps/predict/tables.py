@@ -80,9 +80,13 @@ class KeyedCounts:
 
     def add(self, keys: np.ndarray, experts: np.ndarray, valid: np.ndarray | None = None) -> None:
         """keys int [T] (0 <= key < num_keys); experts int [T, L, k]; valid bool [T] or None."""
+        kept = keys if valid is None else keys[valid]
+        if len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= self.num_keys):   # a negative key would wrap
+            raise ValueError(f"KeyedCounts.add: keys must be in [0, {self.num_keys}), got "
+                             f"{int(kept.min())}..{int(kept.max())}")
         self.layer_total += expert_counts(experts, np.array([0, len(experts)]), self.num_experts)[0]
         if valid is not None:
-            keys, experts = keys[valid], experts[valid]
+            keys, experts = kept, experts[valid]
         if len(keys) == 0:
             return
         L, E = self.num_layers, self.num_experts
