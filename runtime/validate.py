@@ -101,7 +101,7 @@ def check_inputs(opt: ValidateOptions):
     if opt.repeats < 3:
         raise UserError(f"--repeats must be at least 3, got {opt.repeats}")
     if opt.max_phase_error is not None and not (0 <= opt.max_phase_error < float("inf")):
-        raise UserError(f"--max-phase-error must be a percentage >= 0, got {opt.max_phase_error * 100:g}")
+        raise UserError(f"--max-phase-error must be a percentage >= 0 (e.g. 10), got {opt.max_phase_error * 100:g}")
     if opt.cluster:
         from moe_gps.config.loader import load_cluster
         c = load_cluster(opt.cluster)

@@ -114,9 +114,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _need_torch()
     from moe_gps.outputs import hold_output_dir
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
-    mpe = args.max_phase_error
-    if mpe is not None and not (0 <= mpe < float("inf")):
-        raise UserError(f"--max-phase-error must be a percentage >= 0 (e.g. 10), got {mpe:g}")
+    mpe = args.max_phase_error       # checked with the other options by validate()
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
                           strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps,
                           skip=args.skip,
