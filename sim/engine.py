@@ -45,7 +45,7 @@ import numpy as np
 import simpy
 
 from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, COPY_POLICIES
-from sim.work import Copies, StepWork
+from sim.work import Copies, StepWork, phase_maxima
 
 #: timestamps recorded per (step, layer), in this order
 MARKS = ("start", "ready", "dispatched", "corrected", "computed", "end")
@@ -389,8 +389,7 @@ class EventModel:
         the clock moves to the step's end with one event."""
         env = self.env
         host = work.replan_host if self.policy != "hidden" else 0.0
-        phases = np.stack([(work.predictor + work.attention).max(axis=1), work.dispatch.max(axis=1),
-                           work.correction.max(axis=1), work.ffn.max(axis=1), work.combine.max(axis=1)], axis=1)
+        phases = phase_maxima(work)
         phases[0, 0] += host
         ends = env.now + np.cumsum(phases.ravel()).reshape(phases.shape)            # [L, 5]
         starts = np.concatenate([[env.now], ends[:-1, -1]])

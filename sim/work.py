@@ -333,6 +333,13 @@ def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray
     return np.maximum(out, send)
 
 
+def phase_maxima(work: StepWork) -> np.ndarray:
+    """float [L, 5]: per layer, the maxima over GPUs of predictor + attention, dispatch, correction,
+    FFN and combine, in the order they run (the closed form's terms)."""
+    return np.stack([(work.predictor + work.attention).max(axis=1), work.dispatch.max(axis=1),
+                     work.correction.max(axis=1), work.ffn.max(axis=1), work.combine.max(axis=1)], axis=1)
+
+
 def closed_form_layer_times(work: StepWork, copy_policy: str) -> np.ndarray:
     """Layer times [L] with no overlap effects and no contention (docs/simulator.md):
 
@@ -344,8 +351,7 @@ def closed_form_layer_times(work: StepWork, copy_policy: str) -> np.ndarray:
     copies at once, and no background copy is in flight.
     """
     L, G = work.attention.shape
-    t = ((work.predictor + work.attention).max(axis=1) + work.dispatch.max(axis=1)
-         + work.correction.max(axis=1) + work.ffn.max(axis=1) + work.combine.max(axis=1))
+    t = phase_maxima(work).sum(axis=1)
     if copy_policy == "critical" and len(work.copies):
         t = t + copy_port_busy(work.copies, L, G).max(axis=1)
     if work.replan_host:
