@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="SLO on time to first token, for goodput")
     p.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="SLO on time per output token, for goodput")
     p.add_argument("--seed", type=int, default=None, help="seed for requests, predictors and planners (default: 0)")
-    add_jobs_arg(p, "(rate, strategy) runs simulated at once in worker processes (default: the CPU cores "
-                    "available); the results do not depend on it")
+    add_jobs_arg(p, "(rate, strategy) runs simulated at once in worker processes, and with more than one the "
+                    "plots are drawn by a process that imports matplotlib while the runs go on (default: the CPU "
+                    "cores available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole serve config (e.g. the config.yaml of an earlier run) instead of the flags above "
                         "(--rate/--rates, --requests, --slo-* and --seed still apply)")
@@ -142,6 +143,15 @@ def build_config(args: argparse.Namespace, trace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from moe_gps.workers import Warm
+
+    jobs = jobs_from_args(args)
+    # the plots' process imports matplotlib while this one loads the trace and serves
+    with Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1) as drawer:
+        return _serve(args, jobs, drawer)
+
+
+def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     from moe_gps.jsonsafe import dumps_json
     from moe_gps.trace import load_trace
     from sim.serving.report import format_summary, json_summary, write_outputs
@@ -150,9 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     cfg, notes = build_config(args, trace)
     out = output_folder(args, "serve")
-    result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs_from_args(args))
+    result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
     result.notes += notes
-    written = write_outputs(result, out, plots=not args.no_plots)
+    written = write_outputs(result, out, plots=not args.no_plots, drawer=drawer)
     if args.json:
         print(dumps_json(json_summary(result, out), indent=2))
     else:

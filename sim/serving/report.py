@@ -12,6 +12,7 @@ import numpy as np
 
 from moe_gps.atomic import write_csv_atomic, write_parquet_atomic
 from moe_gps.tables import format_table
+from moe_gps.workers import Warm
 from sim.report import write_config_and_summary
 from sim.serving.metrics import verdict_line
 from sim.serving.run import ServeResult
@@ -111,19 +112,25 @@ def iterations_frame(result: ServeResult):
     return pd.concat(frames, ignore_index=True)
 
 
-def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
-    """Write the output folder (every file atomically); returns the paths written."""
+def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool = True,
+                  drawer: Warm | None = None) -> list[Path]:
+    """Write the output folder (every file atomically); returns the paths written. The plots are drawn
+    by ``drawer`` (a process that imported matplotlib while this one simulated) while this one writes
+    the tables, or here without one."""
     import pandas as pd
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from sim.serving.plots import write_plots
+        drawer = drawer if drawer is not None else Warm(fork=False)
+        drawer.submit(write_plots, result, out)
     written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(result.rows())),
                write_csv_atomic(out / "requests.csv", requests_frame(result)),
                write_parquet_atomic(out / "iterations.parquet", iterations_frame(result)),
                *write_config_and_summary(out, "serve", result.config, format_summary(result))]
     if plots:
-        from sim.serving.plots import write_plots
-        written += write_plots(result, out)
+        written += drawer.result()
     return written
 
 
