@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-from moe_gps.signals import SIGNALS, Terminated
+from moe_gps.signals import SIGNALS, Terminated, held
 
 #: in a worker of :func:`fork_map`: the call's context and the queue its progress goes to (empty elsewhere)
 _WORKER: dict = {}
@@ -174,12 +174,14 @@ class Warm:
     def __init__(self, modules: tuple[str, ...] = (), fork: bool = True) -> None:
         self.proc = self.conn = None
         self._call: tuple | None = None
-        if fork and can_fork():
+        # only from a process of one thread: a lock another thread holds would stay locked in the fork
+        if fork and can_fork() and threading.active_count() == 1:
             ctx = multiprocessing.get_context("fork")
             self.conn, child = ctx.Pipe()
             # not a daemon: it forks workers of its own (sim.plots); it ends when this process closes the pipe
-            self.proc = ctx.Process(target=_warm_main, args=(child, modules), name="moe-gps-warm")
-            self.proc.start()
+            self.proc = ctx.Process(target=_warm_main, args=(child, self.conn, modules), name="moe-gps-warm")
+            with held():        # the process starts with the signals held, until it has its own handlers
+                self.proc.start()
             child.close()
 
     def submit(self, fn: Callable, *args: Any) -> None:
@@ -216,21 +218,30 @@ class Warm:
         if exc_type is None:
             with contextlib.suppress(OSError):
                 self.conn.send(None)          # no call, or the call is done: the process ends by itself
+            self.proc.join()
         else:
-            self.proc.terminate()
-        self.proc.join()
+            self.conn.close()                 # a process waiting for its call reads the end of the pipe
+            self.proc.terminate()             # one making the call stops it (and the workers it forked)
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
         self.conn.close()
 
 
-def _warm_main(conn, modules: tuple[str, ...]) -> None:
+def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
     """The warm process: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's
     ``terminate``) raises, so that workers the call forked are stopped before this process ends
     (by that signal)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    parent_end.close()                          # so that the parent closing its end is the end of the pipe
+    # (a SIGTERM already pending, held since the fork, must not be discarded by ignoring it on the way)
     signal.signal(signal.SIGTERM, _stop)
+    for sig in (signal.SIGINT, *SIGNALS):
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
     try:
+        if hasattr(signal, "pthread_sigmask"):  # held by the parent while it forked (Warm.__init__)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *SIGNALS})
         _warm_call(conn, modules)
     except Terminated as err:
         signal.signal(err.signum, signal.SIG_DFL)

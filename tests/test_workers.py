@@ -225,3 +225,18 @@ def test_leaving_warm_on_an_error_also_stops_the_workers_its_call_forked(tmp_pat
             time.sleep(0.05)
         else:
             raise AssertionError(f"worker {pid} still runs")
+
+
+def test_leaving_warm_at_once_on_an_error_ends_its_process_every_time():
+    """The SIGTERM can reach the process before it has its own handlers (held since the fork, not lost),
+    here from a parent whose SIGTERM raises, as the CLI's does."""
+    from moe_gps.signals import handled
+    from moe_gps.workers import Warm
+
+    with handled():
+        for _ in range(6):
+            t0 = time.monotonic()
+            with pytest.raises(ValueError):
+                with Warm(("xml.dom.minidom",)) as warm:
+                    raise ValueError
+            assert warm.proc.exitcode == -15 and time.monotonic() - t0 < 5

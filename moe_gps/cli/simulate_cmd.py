@@ -147,10 +147,10 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
-    out = output_folder(args, "simulate")
-    # the plots' process imports matplotlib while this one loads the trace (a core is free then)
+    # the plots' process imports matplotlib while this one loads the trace (a core is free then); it is
+    # forked before the output folder is locked, so that it does not hold the lock
     with Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1) as drawer:
-        return _simulate(args, jobs, out, drawer)
+        return _simulate(args, jobs, output_folder(args, "simulate"), drawer)
 
 
 def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer: Warm) -> int:
