@@ -130,6 +130,19 @@ def test_fork_map_stops_like_the_parent_when_a_worker_gets_sigterm():
     assert err.value.exit_code == 143
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Warm forks only from a process of one thread: stop the tqdm monitor thread an earlier test may
+    have started (and keep tqdm from starting another)."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
+    if tqdm.tqdm.monitor is not None:
+        tqdm.tqdm.monitor.exit()
+        tqdm.tqdm.monitor = None
+    assert threading.active_count() == 1, threading.enumerate()
+
+
 def _where(name: str) -> tuple[int, bool]:
     import os
     import sys
@@ -141,13 +154,15 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def test_warm_runs_the_call_in_a_process_that_imported_the_modules_first():
+def test_warm_runs_the_call_in_a_process_that_imported_the_modules_first(tmp_path, monkeypatch, one_thread):
     import os
     import sys
 
     from moe_gps.workers import Warm
 
-    name = "xml.dom.minidom"
+    name = f"warm_probe_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     assert name not in sys.modules            # imported by the warm process, not here
     with Warm((name,)) as warm:
         warm.submit(_where, name)
@@ -159,7 +174,7 @@ def test_warm_runs_the_call_in_a_process_that_imported_the_modules_first():
         assert here.result() == (os.getpid(), True)
 
 
-def test_warm_raises_the_call_error_here_and_names_a_process_that_died():
+def test_warm_raises_the_call_error_here_and_names_a_process_that_died(one_thread):
     from moe_gps.workers import Warm
 
     with Warm() as warm:
@@ -167,12 +182,13 @@ def test_warm_raises_the_call_error_here_and_names_a_process_that_died():
         with pytest.raises(ValueError, match="three"):
             warm.result()
     with Warm() as warm:
+        assert warm.proc is not None            # (in this process, the call would end the test run)
         warm.submit(_exit_now, 7)
         with pytest.raises(RuntimeError, match=r"ended with exit code 7 before its work was done"):
             warm.result()
 
 
-def test_leaving_warm_on_an_error_ends_its_process_at_once():
+def test_leaving_warm_on_an_error_ends_its_process_at_once(one_thread):
     from moe_gps.workers import Warm
 
     t0 = time.monotonic()
@@ -200,7 +216,7 @@ def _sleep_after_pid(i: int, folder: str) -> int:
     return i
 
 
-def test_leaving_warm_on_an_error_also_stops_the_workers_its_call_forked(tmp_path):
+def test_leaving_warm_on_an_error_also_stops_the_workers_its_call_forked(tmp_path, one_thread):
     import os
 
     from moe_gps.workers import Warm
@@ -227,7 +243,7 @@ def test_leaving_warm_on_an_error_also_stops_the_workers_its_call_forked(tmp_pat
             raise AssertionError(f"worker {pid} still runs")
 
 
-def test_leaving_warm_at_once_on_an_error_ends_its_process_every_time():
+def test_leaving_warm_at_once_on_an_error_ends_its_process_every_time(one_thread):
     """The SIGTERM can reach the process before it has its own handlers (held since the fork, not lost),
     here from a parent whose SIGTERM raises, as the CLI's does."""
     from moe_gps.signals import handled
