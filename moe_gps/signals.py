@@ -36,7 +36,8 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + self.signum
 
 
-def _raise(signum: int, frame) -> None:
+def raise_terminated(signum: int, frame) -> None:
+    """Signal handler: ignore SIGTERM and SIGHUP from now on, and raise :class:`Terminated`."""
     for sig in SIGNALS:              # clean-up runs once: later signals are ignored
         signal.signal(sig, signal.SIG_IGN)
     raise Terminated(signum)
@@ -51,7 +52,7 @@ def install() -> dict:
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig, old in before.items():
         if old is not signal.SIG_IGN:
-            signal.signal(sig, _raise)
+            signal.signal(sig, raise_terminated)
     return before
 
 

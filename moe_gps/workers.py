@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-from moe_gps.signals import SIGNALS, Terminated, held
+from moe_gps.signals import SIGNALS, Terminated, held, raise_terminated
 
 #: in a worker of :func:`fork_map`: the call's context and the queue its progress goes to (empty elsewhere)
 _WORKER: dict = {}
@@ -111,13 +111,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
         drain()
         dead = next((w for w in workers if w.exitcode is not None), None)
         if dead is not None:
-            if -dead.exitcode in SIGNALS:           # stopped with the whole process group
-                raise Terminated(-dead.exitcode)
-            if dead.exitcode == -9:
-                raise MemoryError(f"worker process {dead.pid} was killed with SIGKILL, as the kernel's out-of-memory "
-                                  "killer does; run fewer workers at once (--jobs)")
-            raise RuntimeError(f"a worker process (pid {dead.pid}) ended with exit code {dead.exitcode} before "
-                               "its work was done")
+            raise _ended(dead.pid, dead.exitcode)
 
     try:
         for res in unordered(pool, _in_worker, [(fn, x) for x in items], waiting=waiting):
@@ -131,6 +125,16 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
         pool.join()
         if queue is not None:
             queue.close()
+
+
+def _ended(pid: int, exitcode: int) -> BaseException:
+    """What to raise for a worker process that ended before its work was done."""
+    if -exitcode in SIGNALS:                        # stopped with the whole process group
+        return Terminated(-exitcode)
+    if exitcode == -9:
+        return MemoryError(f"worker process {pid} was killed with SIGKILL, as the kernel's out-of-memory "
+                           "killer does; run fewer workers at once (--jobs)")
+    return RuntimeError(f"a worker process (pid {pid}) ended with exit code {exitcode} before its work was done")
 
 
 def _in_worker(job: tuple[Callable, Any]) -> Any:
@@ -200,11 +204,7 @@ class Warm:
             ok, value = self.conn.recv()
         except EOFError:                          # the process ended without an answer
             self.proc.join()
-            code = self.proc.exitcode
-            if -code in SIGNALS:
-                raise Terminated(-code) from None
-            raise RuntimeError(f"a worker process (pid {self.proc.pid}) ended with exit code {code} before "
-                               "its work was done") from None
+            raise _ended(self.proc.pid, self.proc.exitcode) from None
         if not ok:
             raise value
         return value
@@ -235,7 +235,7 @@ def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
     (by that signal)."""
     parent_end.close()                          # so that the parent closing its end is the end of the pipe
     # (a SIGTERM already pending, held since the fork, must not be discarded by ignoring it on the way)
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, raise_terminated)
     for sig in (signal.SIGINT, *SIGNALS):
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
@@ -246,11 +246,6 @@ def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
     except Terminated as err:
         signal.signal(err.signum, signal.SIG_DFL)
         os.kill(os.getpid(), err.signum)
-
-
-def _stop(signum: int, frame) -> None:
-    signal.signal(signum, signal.SIG_IGN)
-    raise Terminated(signum)
 
 
 def _warm_call(conn, modules: tuple[str, ...]) -> None:
