@@ -51,14 +51,13 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
         return np.argsort(-scores, axis=-1, kind="stable")[..., :k].astype(np.int16)
     part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
     # where more scores tie with the k-th largest than places are left for them, argpartition may take
-    # any of them: take the lowest indices
+    # any of them: those rows take a stable sort (lowest indices first)
     kth = np.take_along_axis(scores, part, axis=-1).min(axis=-1, keepdims=True)
     tied = scores == kth
     left = k - (scores > kth).sum(axis=-1)
     fix = tied.sum(axis=-1) > left
     if fix.any():
-        chosen = (scores[fix] > kth[fix]) | (tied[fix] & (np.cumsum(tied[fix], axis=-1) <= left[fix][:, None]))
-        part[fix] = np.argsort(~chosen, axis=-1, kind="stable")[:, :k]
+        part[fix] = np.argsort(-scores[fix], axis=-1, kind="stable")[:, :k]
     part.sort(axis=-1)  # index order first, so the stable sort below breaks ties by index
     vals = np.take_along_axis(scores, part, axis=-1)
     order = np.argsort(-vals, axis=-1, kind="stable")
