@@ -47,6 +47,15 @@ def jobs_from_args(args) -> int:
     return args.jobs or cpu_cores()
 
 
+def plot_drawer(args, jobs: int):
+    """The process the command's plots are drawn by (:class:`moe_gps.workers.Warm`): forked now, it
+    imports matplotlib while the command loads and simulates; none with ``--no-plots`` or one job
+    (the plots are then drawn in this process). Use as a context manager around the command."""
+    from moe_gps.workers import Warm
+
+    return Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1)
+
+
 def cpu_cores() -> int:
     """CPU cores this process may run on (the default of --jobs)."""
     import os

@@ -7,7 +7,8 @@ import math
 import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
-                                     jobs_from_args, model_from_args, output_folder, print_written)
+                                     jobs_from_args, model_from_args, output_folder, plot_drawer,
+                                     print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.errors import UserError
 
@@ -143,11 +144,8 @@ def build_config(args: argparse.Namespace, trace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from moe_gps.workers import Warm
-
     jobs = jobs_from_args(args)
-    # the plots' process imports matplotlib while this one loads the trace and serves
-    with Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1) as drawer:
+    with plot_drawer(args, jobs) as drawer:
         return _serve(args, jobs, drawer)
 
 

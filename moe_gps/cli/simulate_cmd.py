@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
-                                     jobs_from_args, output_folder, print_written, workload_from_args)
+                                     jobs_from_args, output_folder, plot_drawer, print_written,
+                                     workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
-from moe_gps.workers import Warm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,13 +147,12 @@ def policy_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
-    # the plots' process imports matplotlib while this one loads the trace (a core is free then); it is
-    # forked before the output folder is locked, so that it does not hold the lock
-    with Warm(("matplotlib.pyplot",), fork=not args.no_plots and jobs > 1) as drawer:
+    # the plots' process, forked before the output folder is locked (so that it does not hold the lock)
+    with plot_drawer(args, jobs) as drawer:
         return _simulate(args, jobs, output_folder(args, "simulate"), drawer)
 
 
-def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer: Warm) -> int:
+def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     from moe_gps.jsonsafe import dumps_json
     from moe_gps.trace import load_trace
     from sim.report import format_summary, summary_rows, write_outputs
