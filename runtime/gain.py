@@ -28,6 +28,7 @@ class GainModel:
         from moe_gps.config.loader import load_cluster
         from moe_gps.fidelity.model import model_for_run, tokens_per_rank, workload_for_run
         from sim.cost import Hardware
+        from sim.work import background_share
 
         d = run_cfg.duplication
         if not d.cluster:
@@ -43,7 +44,7 @@ class GainModel:
         # the runtime's experts read their weights once per layer; predictors run on the host between steps
         self.hw = dataclasses.replace(hw, weight_reads=True, predictor_overlap=True)
         self.policy = d.copy_policy
-        self.background_share = COPY_BANDWIDTH_SHARE if self.policy == "async" else None    # as the simulator
+        self.background_share = background_share(self.policy, COPY_BANDWIDTH_SHARE)
         self.home_tokens = np.full(num_ranks, float(tokens_per_rank(run_cfg)))            # [G]
         self.home_frac = self.home_tokens / self.home_tokens.sum()                        # [G]
         self.min_gain, self.interval = d.min_gain, d.replan_interval

@@ -45,8 +45,8 @@ from sim.engine import EventModel
 from sim.loads import StepFeed, StepLoads, source_counts, step_loads
 from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layers,
                           static_layout, time_model)
-from sim.work import (Copies, StepPlan, StepWork, build_step_work, closed_form_layer_times, install_time,
-                      moves_weights, placement_phases, weight_copies)
+from sim.work import (Copies, StepPlan, StepWork, background_share, build_step_work, closed_form_layer_times,
+                      install_time, moves_weights, placement_phases, weight_copies)
 
 
 @dataclass
@@ -65,9 +65,8 @@ class SimContext:
 
     @property
     def background_share(self) -> float | None:
-        """Share of the copy bandwidth a re-plan's copies get in the background (copy policy async); None:
-        they are made on the critical path, at the whole bandwidth."""
-        return self.bandwidth_share if self.copy_policy == "async" else None
+        """:func:`sim.work.background_share` of this run's copy policy."""
+        return background_share(self.copy_policy, self.bandwidth_share)
 
 
 @dataclass

@@ -122,6 +122,13 @@ def route(src_counts: np.ndarray, placement: Placement) -> np.ndarray:
     return np.swapaxes(out.reshape(L, G, G), 1, 2)
 
 
+def background_share(copy_policy: str, bandwidth_share: float) -> float | None:
+    """Share of the copy bandwidth a re-plan's copies get in the background (copy policy ``async``);
+    None: they are made on the critical path, at the whole bandwidth (the ``background_share`` of
+    :func:`weight_copies`)."""
+    return bandwidth_share if copy_policy == "async" else None
+
+
 def weight_copies(previous: Placement | None, current: Placement, expert_bytes: float,
                   hw: Hardware, background_share: float | None = None) -> Copies:
     """Copies needed to go from ``previous`` to ``current`` (none when it is the same placement): the
