@@ -269,7 +269,8 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """SIGTERM to the Ray head's session, then wait until all of it has exited (its GCS, raylet and
     workers shutting down would otherwise take CPU from the next measurement)."""
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=timeout_s)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -279,6 +280,7 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def sweep_case(work: Path) -> dict:
