@@ -36,7 +36,7 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + self.signum
 
 
-def raise_terminated(signum: int, frame) -> None:
+def _raise_terminated(signum: int, frame) -> None:
     """Signal handler: ignore SIGTERM and SIGHUP from now on, and raise :class:`Terminated`."""
     for sig in SIGNALS:              # clean-up runs once: later signals are ignored
         signal.signal(sig, signal.SIG_IGN)
@@ -52,7 +52,7 @@ def install() -> dict:
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig, old in before.items():
         if old is not signal.SIG_IGN:
-            signal.signal(sig, raise_terminated)
+            signal.signal(sig, _raise_terminated)
     return before
 
 

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-from moe_gps.signals import SIGNALS, Terminated, held, raise_terminated
+from moe_gps.signals import SIGNALS, Terminated, held
 
 #: in a worker of :func:`fork_map`: the call's context and the queue its progress goes to (empty elsewhere)
 _WORKER: dict = {}
@@ -229,13 +229,16 @@ class Warm:
         self.conn.close()
 
 
+#: in the warm process: whether it is making its call
+_WARM_CALLING = [False]
+
+
 def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
-    """The warm process: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's
-    ``terminate``) raises, so that workers the call forked are stopped before this process ends
-    (by that signal)."""
+    """The warm process. Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's
+    ``terminate``) is :func:`_warm_sigterm`'s."""
     parent_end.close()                          # so that the parent closing its end is the end of the pipe
     # (a SIGTERM already pending, held since the fork, must not be discarded by ignoring it on the way)
-    signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, _warm_sigterm)
     for sig in (signal.SIGINT, *SIGNALS):
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
@@ -243,9 +246,23 @@ def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
         if hasattr(signal, "pthread_sigmask"):  # held by the parent while it forked (Warm.__init__)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *SIGNALS})
         _warm_call(conn, modules)
-    except Terminated as err:
-        signal.signal(err.signum, signal.SIG_DFL)
-        os.kill(os.getpid(), err.signum)
+    except Terminated as err:                   # the call's workers are stopped: end by the signal
+        _end_by(err.signum)
+
+
+def _warm_sigterm(signum: int, frame) -> None:
+    """SIGTERM in the warm process: while it makes its call, raise :class:`Terminated`, so that the
+    workers the call forked are stopped first; otherwise end at once by the signal, without a word.
+    The handler is never swapped for another while a signal may come (CPython reports a signal that
+    arrives during the swap on stderr)."""
+    if _WARM_CALLING[0]:
+        raise Terminated(signum)
+    _end_by(signum)
+
+
+def _end_by(signum: int) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _warm_call(conn, modules: tuple[str, ...]) -> None:
@@ -260,10 +277,12 @@ def _warm_call(conn, modules: tuple[str, ...]) -> None:
     if job is None:
         return
     fn, args = job
+    _WARM_CALLING[0] = True
     try:
         reply = (True, fn(*args))
     except Exception as err:  # noqa: BLE001 - raised in the parent
         reply = (False, err)
+    _WARM_CALLING[0] = False
     try:
         conn.send(reply)
     except BrokenPipeError:

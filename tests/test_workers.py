@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 
@@ -255,4 +257,26 @@ def test_leaving_warm_at_once_on_an_error_ends_its_process_every_time(one_thread
             with pytest.raises(ValueError):
                 with Warm(("xml.dom.minidom",)) as warm:
                     raise ValueError
-            assert warm.proc.exitcode == -15 and time.monotonic() - t0 < 5
+            # -15: stopped by the SIGTERM; 0, rarely: it had read the end of the pipe and left by itself
+            assert warm.proc.exitcode in (-15, 0) and time.monotonic() - t0 < 5
+
+
+def _warm_then_a_late_sigterm(child, parent_end) -> None:
+    from moe_gps.workers import _warm_main
+
+    _warm_main(child, parent_end, ())
+    os.kill(os.getpid(), signal.SIGTERM)      # the parent's terminate(), once this process is done
+    time.sleep(0.5)
+
+
+def test_a_sigterm_after_the_warm_process_is_done_ends_it_quietly(one_thread, capfd):
+    """A parent that leaves on an error closes the pipe, then terminates: the process may have read the
+    end of the pipe and returned already. That SIGTERM ends it by the signal, without a traceback."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_warm_then_a_late_sigterm, args=(child, parent))
+    proc.start()
+    child.close()
+    parent.close()
+    proc.join(timeout=10)
+    assert proc.exitcode == -15 and capfd.readouterr().err == ""
