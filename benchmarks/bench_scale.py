@@ -7,7 +7,7 @@ tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked 
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
-   without the plots); and in memory, imports excluded, ``simulate()`` with one process and with
+   without the plots) and its floor, five times each in turn (the median of each); and in memory, imports excluded, ``simulate()`` with one process and with
    ``--jobs``' default against a floor of loading the trace, counting its expert loads and working
    out the GPU loads of every strategy's static placement at every step.
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
@@ -58,6 +58,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import save  # noqa: E402
 
 STRATEGIES_CLI = "none,eplb,dist:profile,dist:ema,oracle"
+#: runs of each bundled command (the case of about a second)
+BUNDLED_ROUNDS = 5
 STRATEGIES_LONG = "none,eplb,dist:ema"
 
 # Runs a command, then prints as JSON on the wrapper's stderr's last line: its wall time, its peak RSS
@@ -203,18 +205,35 @@ _IN_MEMORY = (
 )
 
 
-def bundled_case(work: Path) -> dict:
+def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
+    """The floor and both simulate commands ``rounds`` times each, in turn (a command of about a second is
+    at the mercy of the machine's other work): the median wall time of each, the largest peak memory."""
     trace = ROOT / "traces" / "mixtral_mmlu.parquet"
-    fl = floor(trace)
     done = subprocess.run([sys.executable, "-c", _IN_MEMORY, str(trace)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
         raise SystemExit(f"the in-memory bundled case failed:\n{done.stderr[-3000:]}")
-    return {"trace": f"{trace.relative_to(ROOT)}, every default strategy", "floor": fl,
+    commands = {"floor": lambda i: ["-c", _FLOOR, str(trace)],
+                "simulate": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-{i}")),
+                "simulate_no_plots": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-np-{i}"),
+                                                   "--no-plots")}
+    runs: dict[str, list[dict]] = {k: [] for k in commands}
+    for i in range(rounds):
+        for k, args in commands.items():
+            runs[k].append(measure(args(i)))
+    figs = {k: _median_run(v) for k, v in runs.items()}
+    fl = figs["floor"]
+    return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)", "floor": fl,
             "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
-            "simulate": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled"))), fl),
-            "simulate_no_plots": with_ratio(measure(cli("simulate", str(trace), "-o", str(work / "sim-bundled-np"),
-                                                        "--no-plots")), fl)}
+            "simulate": with_ratio(figs["simulate"], fl), "simulate_no_plots": with_ratio(figs["simulate_no_plots"], fl)}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time, with every run's wall time and the largest peak memory of them."""
+    mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    return {**mid, "walls_s": [r["wall_s"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "peak_tree_pss_mb": max(r.get("peak_tree_pss_mb", 0.0) for r in runs)}
 
 
 def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None, simulate: bool = True) -> dict:
