@@ -243,9 +243,9 @@ def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
     for mask, bw, lat in ((same & off, hw.intra_bw, hw.intra_lat), (~same, hw.inter_bw, hw.inter_lat)):
         if not mask.any():
             continue
-        t = traffic * mask
-        send, recv = t.sum(axis=-1), t.sum(axis=-2)
-        peers = (talks & mask).sum(axis=-1)
+        m = mask.astype(np.float64)            # the fabric's sums without a masked copy of the traffic
+        send, recv = np.einsum("...gh,gh->...g", traffic, m), np.einsum("...gh,gh->...h", traffic, m)
+        peers = np.count_nonzero(talks & mask, axis=-1)
         np.maximum(out, np.maximum(send, recv) * (bytes_per_token / bw) + lat * peers, out=out)
     return out
 
