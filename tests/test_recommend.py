@@ -314,3 +314,14 @@ def test_users_point_must_fit(trace, sweep, tmp_path):
     tiny.gpu = dataclasses.replace(tiny.gpu, hbm_capacity_gb=1.0, reserved_memory_gb=0)
     with pytest.raises(UserError, match="does not fit cluster tiny-hbm"):
         recommend(trace, tiny, MODEL, WorkloadConfig(), sweep, out_dir=tmp_path, jobs=1, progress=False)
+
+
+def test_figures_drawn_in_forked_processes_are_the_serial_ones_in_report_order(result):
+    from moe_gps.recommend.report import CAPTIONS, figures
+
+    r, out, files = result
+    serial, forked = figures(r, jobs=1), figures(r, jobs=2)
+    assert list(forked) == list(serial) == [n for n in CAPTIONS if n in serial] and len(serial) >= 5
+    assert all(forked[n] == serial[n] for n in serial)
+    pngs = [p.name for p in files if p.suffix == ".png"]
+    assert pngs == [f"{n}.png" for n in serial]

@@ -99,7 +99,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"moe-gps: {signals.describe(err)}; finished runs are cached in {out / 'cache'}: run the same "
               "command to resume", file=sys.stderr)
         return signals.exit_code(err)
-    written = write_report(result, out, command=_command(args, out))
+    # the figures in forked processes, but not from a process that has had Ray's threads
+    written = write_report(result, out, command=_command(args, out), jobs=1 if args.backend == "ray" else jobs)
     if args.json:
         data = summary(result)
         data["output"] = str(out)

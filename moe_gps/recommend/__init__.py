@@ -19,11 +19,11 @@ from moe_gps.recommend.skew import SkewVariant, reweight, search_gamma
 from moe_gps.recommend.sweep import SweepConfig, load_sweep, parse_sweep
 
 
-def write_report(result, out_dir, command: str = ""):
+def write_report(result, out_dir, command: str = "", jobs: int = 1):
     """Write the report folder of ``result`` (see :func:`moe_gps.recommend.report.write_report`)."""
     from moe_gps.recommend.report import write_report as _write
 
-    return _write(result, out_dir, command)
+    return _write(result, out_dir, command, jobs)
 
 
 __all__ = ["Recommendation", "SkewVariant", "SweepConfig", "load_sweep", "parse_sweep", "recommend", "reweight",

@@ -25,7 +25,8 @@ DPI = 110
 NEAR_TIE = 1.01
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, with the report's font sizes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -36,7 +37,7 @@ def _plt():
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -135,7 +136,7 @@ def _legend(ax, used: set[str], colors: dict[str, tuple]) -> None:
 
 
 def decision_map_png(m: DecisionMap, colors: dict[str, tuple], title: str) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 0.7 * len(m.rows) + 1.6))
     used = _map_axes(ax, m, colors, title)
     _legend(ax, used, colors)
@@ -144,7 +145,7 @@ def decision_map_png(m: DecisionMap, colors: dict[str, tuple], title: str) -> by
 
 def two_maps_png(a: DecisionMap, b: DecisionMap, colors: dict[str, tuple], ta: str, tb: str) -> bytes:
     """Two decision maps, one above the other, one legend."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(12, 0.7 * (len(a.rows) + len(b.rows)) + 3.4),
                              gridspec_kw={"height_ratios": [len(a.rows), len(b.rows)], "hspace": 0.45})
     used = _map_axes(axes[0], a, colors, ta) | _map_axes(axes[1], b, colors, tb)
@@ -158,7 +159,7 @@ def token_vs_dist_png(m: DecisionMap, hypo_label: str) -> bytes | None:
     v = m.hypo_vs_dist
     if np.all(np.isnan(v)):
         return None
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(12, 0.7 * len(m.rows) + 1.6))
@@ -189,13 +190,13 @@ def token_vs_dist_png(m: DecisionMap, hypo_label: str) -> bytes | None:
 
 
 def predictor_png(studies: list[PredictorStudy]) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     n = len(studies)
     fig, axes = plt.subplots(1, n, figsize=(6.8 * n, 4.6), squeeze=False)
     for ax, st in zip(axes[0], studies):
         order = np.argsort(st.accuracies)
         acc = np.asarray(st.accuracies)[order]
-        cmap = _plt().get_cmap("viridis")
+        cmap = pyplot().get_cmap("viridis")
         for i, c in enumerate(st.overheads):
             col = cmap(i / max(1, len(st.overheads) - 1) * 0.9)
             ax.plot(acc, st.speedup[i, order], marker="o", color=col, label=f"overhead {c / 1e6:g} MFLOP/token")
@@ -225,7 +226,7 @@ def sensitivity_png(df, plan, labels: list[str], colors: dict[str, tuple], rec: 
     from moe_gps.recommend.analysis import at_point
     from moe_gps.recommend.plan import Point
 
-    plt = _plt()
+    plt = pyplot()
     u = plan.user
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"wspace": 0.25})
     sk = plan.skew_order()
@@ -266,7 +267,7 @@ def sensitivity_png(df, plan, labels: list[str], colors: dict[str, tuple], rec: 
 
 def headline_png(ranking: list[dict], extra: list[dict], colors_by_family: bool = True) -> bytes:
     """Stacked per-layer breakdown (µs) of the candidates at your point, fastest on top."""
-    plt = _plt()
+    plt = pyplot()
     rows = ranking + [r for r in extra if r is not None and r["candidate"] not in {x["candidate"] for x in ranking}]
     names = [r["candidate"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.34 * len(rows) + 1.8))

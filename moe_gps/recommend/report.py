@@ -162,41 +162,54 @@ def _versus(c) -> str:
 
 # ---------------------------------------------------------------------------- figures
 
-def figures(r: Recommendation) -> dict[str, tuple[bytes, str]]:
-    """name -> (PNG bytes, caption)."""
-    h = r.headline
-    rec = h.winner["candidate"]
+#: the report's figures, in report order: name -> caption
+CAPTIONS = {
+    "headline": "Mean MoE-layer time of every strategy at your cluster, split by phase (µs), fastest on top; the "
+                "text is the mean step latency (all MoE layers of a step).",
+    "decision_bw_skew": "Which deployable strategy is fastest for each interconnect bandwidth and expert skew (your "
+                        "GPU count and workload); the text is its speed-up over no duplication; your cluster is "
+                        "boxed in red.",
+    "token_vs_distribution": "Where token-to-expert prediction would beat distribution-only prediction: best "
+                             "distribution-only time / time of the hypothetical token predictor (> 1, purple: "
+                             "token-to-expert faster; < 1, orange: slower); your GPU count and workload.",
+    "decision_gpus_tokens": "The same for GPU count (top; your workload and the trace's skew) and for the workload "
+                            "(bottom; your GPU count and the trace's skew).",
+    "predictor": "Speed-up over no duplication of a synthetic token-to-expert predictor against its accuracy "
+                 "(top-k recall), one line per overhead (FLOPs per token per MoE layer).",
+    "sensitivity": "Speed-up over no duplication of each map strategy along the bandwidth (left) and skew (right) "
+                   "axes through your point (red line); the thick line is the recommendation.",
+}
+
+
+def figures(r: Recommendation, jobs: int = 1) -> dict[str, tuple[bytes, str]]:
+    """name -> (PNG bytes, caption), in report order, drawn in up to ``jobs`` forked processes at once (a
+    figure with nothing to show is left out)."""
+    from moe_gps.workers import fork_map, forking
+
+    plots.pyplot()                      # matplotlib imported once, before the workers fork
+    with forking(jobs) as workers:
+        drawn = dict(fork_map(_figure, list(CAPTIONS), workers, context=r))
+    return {name: (drawn[name], caption) for name, caption in CAPTIONS.items() if drawn[name] is not None}
+
+
+def _figure(name: str, r: Recommendation) -> tuple[str, bytes | None]:
+    """(name, PNG bytes of the figure ``name`` of :data:`CAPTIONS`, or None where it has nothing to show)."""
+    h, maps = r.headline, r.maps
     labels = sorted(set(r.map_labels) | {x["candidate"] for x in h.ranking}
                     | ({h.oracle["candidate"]} if h.oracle else set()))
     colors = plots.colors_for(labels)
-    maps = r.maps
-    out: dict[str, tuple[bytes, str]] = {}
-    out["headline"] = (plots.headline_png(h.ranking, [h.oracle]),
-                       "Mean MoE-layer time of every strategy at your cluster, split by phase (µs), fastest on "
-                       "top; the text is the mean step latency (all MoE layers of a step).")
-    out["decision_bw_skew"] = (plots.decision_map_png(
-        maps["map-bw-skew"], colors, "Decision map: bandwidth x skew"),
-        "Which deployable strategy is fastest for each interconnect bandwidth and expert skew "
-        "(your GPU count and workload); the text is its speed-up over no duplication; your cluster is boxed in red.")
-    tv = plots.token_vs_dist_png(maps["map-bw-skew"], _hypo_label(r))
-    if tv is not None:
-        out["token_vs_distribution"] = (tv, "Where token-to-expert prediction would beat distribution-only "
-                                            "prediction: best distribution-only time / time of the hypothetical "
-                                            "token predictor (> 1, purple: token-to-expert faster; < 1, orange: "
-                                            "slower); your GPU count and workload.")
-    out["decision_gpus_tokens"] = (plots.two_maps_png(
-        maps["map-gpus-bw"], maps["map-tokens-bw"], colors, "Decision map: GPU count x bandwidth",
-        "Decision map: tokens per step x bandwidth"),
-        "The same for GPU count (top; your workload and the trace's skew) and for the workload (bottom; your "
-        "GPU count and the trace's skew).")
-    out["predictor"] = (plots.predictor_png(r.predictor),
-                        "Speed-up over no duplication of a synthetic token-to-expert predictor against its accuracy "
-                        "(top-k recall), one line per overhead (FLOPs per token per MoE layer).")
-    map_labels = [lab for lab in r.map_labels]
-    out["sensitivity"] = (plots.sensitivity_png(r.df, r.plan, map_labels, colors, rec),
-                          "Speed-up over no duplication of each map strategy along the bandwidth (left) and skew "
-                          "(right) axes through your point (red line); the thick line is the recommendation.")
-    return out
+    if name == "headline":
+        return name, plots.headline_png(h.ranking, [h.oracle])
+    if name == "decision_bw_skew":
+        return name, plots.decision_map_png(maps["map-bw-skew"], colors, "Decision map: bandwidth x skew")
+    if name == "token_vs_distribution":
+        return name, plots.token_vs_dist_png(maps["map-bw-skew"], _hypo_label(r))
+    if name == "decision_gpus_tokens":
+        return name, plots.two_maps_png(maps["map-gpus-bw"], maps["map-tokens-bw"], colors,
+                                        "Decision map: GPU count x bandwidth", "Decision map: tokens per step x bandwidth")
+    if name == "predictor":
+        return name, plots.predictor_png(r.predictor)
+    return name, plots.sensitivity_png(r.df, r.plan, list(r.map_labels), colors, h.winner["candidate"])
 
 
 def _hypo_label(r: Recommendation) -> str:
@@ -212,13 +225,14 @@ def _sections(r: Recommendation) -> dict[str, Any]:
     return {"summary": s, "verdict": _verdict(r), "title": _title_line(r), "keys": key_numbers(r)}
 
 
-def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "") -> list[Path]:
-    """Write the report folder; returns the files written (the cache folder is not listed)."""
+def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "", jobs: int = 1) -> list[Path]:
+    """Write the report folder; returns the files written (the cache folder is not listed). The figures are
+    drawn in up to ``jobs`` forked processes at once."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     sec = _sections(r)
-    figs = figures(r)
+    figs = figures(r, jobs)
     for name, (png, _) in figs.items():
         with atomic_path(out / "plots" / f"{name}.png") as tmp:
             tmp.write_bytes(png)
