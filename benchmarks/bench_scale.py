@@ -7,8 +7,8 @@ tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked 
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
-   without the plots) and its floor, five times each in turn (the median of each); and in memory, imports excluded, ``simulate()`` with one process and with
-   ``--jobs``' default against a floor of loading the trace, counting its expert loads and working
+   without the plots) and its floor, five times each in turn (the median of each); and in memory,
+   imports excluded, ``simulate()`` with one process and with ``--jobs``' default against a floor of loading the trace, counting its expert loads and working
    out the GPU loads of every strategy's static placement at every step.
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
    top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
@@ -223,7 +223,8 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
             runs[k].append(measure(args(i)))
     figs = {k: _median_run(v) for k, v in runs.items()}
     fl = figs["floor"]
-    return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)", "floor": fl,
+    return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)",
+            "floor": fl,
             "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
             "simulate": with_ratio(figs["simulate"], fl), "simulate_no_plots": with_ratio(figs["simulate_no_plots"], fl)}
 

@@ -206,7 +206,8 @@ def _figure(name: str, r: Recommendation) -> tuple[str, bytes | None]:
         return name, plots.token_vs_dist_png(maps["map-bw-skew"], _hypo_label(r))
     if name == "decision_gpus_tokens":
         return name, plots.two_maps_png(maps["map-gpus-bw"], maps["map-tokens-bw"], colors,
-                                        "Decision map: GPU count x bandwidth", "Decision map: tokens per step x bandwidth")
+                                        "Decision map: GPU count x bandwidth",
+                                        "Decision map: tokens per step x bandwidth")
     if name == "predictor":
         return name, plots.predictor_png(r.predictor)
     return name, plots.sensitivity_png(r.df, r.plan, list(r.map_labels), colors, h.winner["candidate"])
