@@ -8,8 +8,9 @@ processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cas
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
    without the plots) and its floor, five times each in turn (the median of each); and in memory,
-   imports excluded, ``simulate()`` with one process and with ``--jobs``' default against a floor of loading the trace, counting its expert loads and working
-   out the GPU loads of every strategy's static placement at every step.
+   imports excluded, ``simulate()`` with one process and with ``--jobs``' default against a floor
+   of loading the trace, counting its expert loads and working out the GPU loads of every
+   strategy's static placement at every step.
 1. ``deepseek-cli``: a tokens trace of 100 steps x 4096 tokens, 58 layers, 256 experts,
    top-8 (made with ``bench_sim.pool_trace``; the calibrated tokens generator needs minutes
    at that size), ``moe-gps simulate`` on 64 GPUs (the 2x8xH100-ib preset scaled to 8 nodes)
@@ -226,7 +227,8 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
     return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)",
             "floor": fl,
             "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
-            "simulate": with_ratio(figs["simulate"], fl), "simulate_no_plots": with_ratio(figs["simulate_no_plots"], fl)}
+            "simulate": with_ratio(figs["simulate"], fl),
+            "simulate_no_plots": with_ratio(figs["simulate_no_plots"], fl)}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -362,7 +364,8 @@ def main() -> int:
     print(f"{'case':36s} {'wall':>10s} {'peak mem':>11s}   x floor (wall, RSS)")
     for name, c in figures["cases"].items():
         print(f"{name}: {c['trace']}")
-        for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_serial", "local", "ray_existing_cluster", "ray_local_cluster"):
+        for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_serial", "local",
+                    "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
         if "in_memory" in c:
