@@ -116,6 +116,10 @@ RECENT_STEPS = 2 * NOISE_STEPS
 ORACLE_LOOKAHEAD = 16
 #: future steps the oracle's planner balances over (evenly spaced within the lookahead)
 ORACLE_SCENARIOS = 4
+#: a token strategy re-splits at most this many steps ahead in one planner call, holding at most this many
+#: bytes of their guessed assignments
+RESPLIT_STEPS = 64
+RESPLIT_BYTES = 32 * 2**20
 
 
 class Strategy:
@@ -333,7 +337,7 @@ class Strategy:
         t = _noted(self._static_times, src)
         if t is None:
             ctx = self.ctx
-            t = phases_time(static_layout(ctx.model.num_layers, ctx.num_experts, self.num_gpus, slots_per_gpu),
+            t = phases_time(static_layout(src.shape[-3], ctx.num_experts, self.num_gpus, slots_per_gpu),
                             src, ctx.model, self.hw, self.direct, self._mix(src))
             _note(self._static_times, src, t)
         return t
@@ -722,14 +726,51 @@ class TokenPlan(Strategy):
         self.info.predictor_cost = self.cost.to_dict()
         self._hits = 0.0
         self._total = 0.0
+        self._resplits: tuple[Placement, dict[int, Placement]] | None = None    # (placement in force, step -> re-split)
+
+    def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
+        """The re-splits of the steps up to the next re-plan check are worked out together, at the first of
+        them: the placement in force holds until then, and every step's guesses are known (rolled out in
+        :meth:`prepare`), so they are one planner call over the steps' layers stacked (the planner treats
+        layers one by one: the same placements as one call per step, in fewer, larger array operations)."""
+        held = self._resplits
+        if held is None or held[0] is not self.current or i not in held[1]:
+            held = self._resplits = (self.current, self._resplit_ahead(i, src))
+        return held[1].pop(i)
+
+    def _resplit_ahead(self, i: int, src: np.ndarray) -> dict[int, Placement]:
+        """Test step -> the current placement re-split to its guesses, for step ``i`` (whose guessed
+        assignments are ``src``) and the steps after it before the next check (at most RESPLIT_STEPS, and
+        RESPLIT_BYTES of assignments)."""
+        n = max(1, min(RESPLIT_STEPS, RESPLIT_BYTES // max(src.nbytes, 1), self.policy.interval - self.since))
+        feed = self.ctx.steps
+        srcs = [src]
+        for j in range(i + 1, i + n):
+            fut = feed.ahead(j) if feed is not None else None
+            if fut is None:
+                break
+            srcs.append(self._guessed_src(fut, self._guesses(fut)))
+        if len(srcs) == 1:
+            return {i: self._reshare(self.current, self.beliefs[-1], src)}
+        L, n = src.shape[0], len(srcs)
+        every = np.concatenate(srcs)                                         # [n L, G, E]
+        q = self._reshare(self.current.take_layers(np.tile(np.arange(L), n)), every.sum(axis=1), every)
+        return {i + b: q.take_layers(np.arange(b * L, (b + 1) * L)) for b in range(n)}
+
+    def _guessed_src(self, loads: StepLoads, guess: np.ndarray) -> np.ndarray:
+        """float [L, G, E]: the step's guessed (token, expert) assignments by home GPU."""
+        return source_counts(guess, loads.home, self.num_gpus, loads.src_counts.shape[2]) * loads.scale
+
+    def _guesses(self, loads: StepLoads) -> np.ndarray:
+        """int16 [T, L, k]: the predictor's guesses for the step's tokens."""
+        if loads.rows is not None:
+            return self.guess[loads.rows - self.offset0]
+        lo = int(self.trace.step_offsets[loads.step]) - self.offset0
+        hi = int(self.trace.step_offsets[loads.step + 1]) - self.offset0
+        return self.guess[lo:hi]
 
     def _step_guess(self, loads: StepLoads) -> tuple[np.ndarray, np.ndarray]:
-        if loads.rows is not None:
-            guess = self.guess[loads.rows - self.offset0]
-        else:
-            lo = int(self.trace.step_offsets[loads.step]) - self.offset0
-            hi = int(self.trace.step_offsets[loads.step + 1]) - self.offset0
-            guess = self.guess[lo:hi]
+        guess = self._guesses(loads)
         true = loads.experts
         hit = true == guess[:, :, :1]          # [T, L, k]: the true expert is among the guesses
         for j in range(1, guess.shape[2]):
@@ -742,8 +783,7 @@ class TokenPlan(Strategy):
         self._hits += float(hit.sum())
         self._total += float(hit.size)
         self.info.accuracy = self._hits / self._total if self._total else None
-        G, E = self.num_gpus, loads.src_counts.shape[2]
-        self._guess_src = source_counts(guess, loads.home, G, E) * loads.scale
+        self._guess_src = self._guessed_src(loads, guess)
         return self._guess_src.sum(axis=1)
 
     def _src(self, loads, belief) -> np.ndarray:

@@ -384,3 +384,24 @@ def test_real_mixtral_popularity(real_traces):
     assert bal["none"] < bal["eplb"] <= bal["waterfill"]
     assert bal["none"] < bal["greedy"]
     assert bal["waterfill"] > 0.99
+
+
+def test_take_layers_keeps_the_same_floats():
+    """Layers taken out of a placement (and stacked, with repeats) keep their shares bit for bit; a new
+    placement of the same arrays would normalise them again (rounding changes most of them)."""
+    rng = np.random.default_rng(0)
+    phy = np.tile([0, 1, 2, 0, 1, 0], (50, 1))
+    share = rng.uniform(0.05, 1, (50, 6))
+    key = np.arange(50)[:, None] * 3 + phy
+    share /= np.bincount(key.ravel(), share.ravel(), minlength=150).reshape(50, 3)[np.arange(50)[:, None], phy]
+    p = Placement(phy, 3, 3, share, algorithm="custom", allow_colocated=True, meta={"a": 1})
+    again = Placement(p.phy2log, 3, 3, p.replica_share, allow_colocated=True)
+    assert not np.array_equal(again.replica_share, p.replica_share)        # what take_layers must not do
+    index = np.array([7, 3, 3, 49])
+    q = p.take_layers(index)
+    assert np.array_equal(q.replica_share, p.replica_share[index]) and np.array_equal(q.phy2log, phy[index])
+    assert q.num_layers == 4 and q.algorithm == "custom" and q.allow_colocated and q.meta == {"a": 1}
+    assert np.array_equal(q.replica_count, p.replica_count[index])
+    assert np.array_equal(q.log2phy, Placement(phy[index], 3, 3, share[index], allow_colocated=True).log2phy)
+    twice = p.take_layers(np.tile(np.arange(50), 2))
+    assert np.array_equal(twice.replica_share, np.tile(p.replica_share, (2, 1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -452,3 +453,47 @@ def test_the_oracle_forgets_far_ahead_assignments_of_a_counts_trace_with_the_sam
     first = loads.src_counts.copy()
     loads.release()
     assert loads.by_home is None and np.array_equal(loads.src_counts, first)
+
+
+@pytest.mark.parametrize("policy", ["hidden", "async"])
+def test_token_strategies_resplit_steps_ahead_to_the_same_numbers(trace, monkeypatch, policy):
+    """A token strategy re-splits the steps up to its next check in one planner call: the same placements,
+    to the last bit, as one call per step, across re-plans (which drop the steps worked out ahead)."""
+    import sim.strategies as strategies
+    names = ["token:prev-layer", "token:most-frequent",
+             dataclasses.replace(strategy_from_name("token:position"), replan_interval=3, window=2, min_gain=0.0)]
+    cfg = config(names, copy_policy=policy)
+    calls = []
+    real = strategies.TokenPlan._resplit_ahead
+
+    def spy(self, i, src):
+        out = real(self, i, src)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(strategies.TokenPlan, "_resplit_ahead", spy)
+    ahead = simulate(trace, cfg, progress=False)
+    assert max(calls) > 1 and sum(calls) >= 3 * len(ahead.steps)
+    monkeypatch.setattr(strategies, "RESPLIT_STEPS", 1)          # one step at a time
+    one = simulate(trace, cfg, progress=False)
+    assert ahead.get("token:position").replans >= 1
+    for a, b in zip(ahead.strategies, one.strategies):
+        assert np.array_equal(a.layer_time, b.layer_time) and a.replans == b.replans, a.name
+        for p in PHASES:
+            assert np.array_equal(a.phases[p], b.phases[p]), (a.name, p)
+        assert np.array_equal(a.gpu_skew, b.gpu_skew, equal_nan=True), a.name
+
+
+def test_token_strategies_resplit_steps_ahead_to_the_same_bits_on_the_bundled_trace(monkeypatch):
+    """On the bundled trace (32 layers, 48 steps), where rounding would show: every float the same."""
+    import sim.strategies as strategies
+    from moe_gps.config import load_model
+    from moe_gps.trace import load_trace
+    bundled = load_trace(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
+    cfg = SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=load_model("mixtral-8x7b"),
+                         strategies=[strategy_from_name("token:position")])
+    ahead = simulate(bundled, cfg, progress=False)
+    monkeypatch.setattr(strategies, "RESPLIT_STEPS", 1)
+    one = simulate(bundled, cfg, progress=False)
+    a, b = ahead.strategies[0], one.strategies[0]
+    assert np.array_equal(a.layer_time, b.layer_time) and np.array_equal(a.gpu_skew, b.gpu_skew)

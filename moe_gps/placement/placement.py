@@ -23,6 +23,7 @@ Arrays (``L`` layers, ``E`` logical experts, ``P`` slots, ``N`` GPUs):
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,16 @@ class Placement:
                 raise UserError(f"placement: {S} slots x {self.num_layers} layers x {cap.expert_bytes} bytes = "
                                 f"{need} bytes of expert weights per GPU exceed the cap of "
                                 f"{cap.max_expert_bytes_per_gpu} bytes")
+
+    def take_layers(self, index: np.ndarray) -> "Placement":
+        """The layers at ``index`` (int [n], repeats allowed) as a placement of n layers, with the same
+        slots and shares (checked already, so not normalised again: the same floats)."""
+        out = copy.copy(self)
+        out.phy2log, out.replica_share = self.phy2log[index], self.replica_share[index]
+        out.replica_count = self.replica_count[index]
+        out.log2phy = _log2phy(out.phy2log, self.num_experts, int(out.replica_count.max()))
+        out.meta = dict(self.meta)
+        return out
 
     # ------------------------------------------------------------------ loads
     @property
