@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from moe_gps.errors import UserError, environment_error
 from moe_gps.signals import held
@@ -91,34 +91,106 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_csv_atomic(target: str | os.PathLike, frame) -> Path:
-    """Write a pandas DataFrame to ``target`` as CSV atomically (no index, 6 significant digits)."""
+def write_csv_atomic(target: str | os.PathLike, columns: Mapping[str, Any]) -> Path:
+    """Write a table to ``target`` as CSV atomically: ``columns`` maps each column's name to its
+    values (sequences of one length). Floats have 6 significant digits (``%.6g``), a missing value
+    (None or NaN) is an empty field, a column of Python numbers with a float or a None in it is a
+    float column (as pandas reads it back)."""
+    import csv
+    import io
+
+    names = list(columns)
+    fields = [_csv_fields(columns[n]) for n in names]
+    if len({len(f) for f in fields}) > 1:
+        raise ValueError(f"{target}: columns of different lengths: "
+                         + ", ".join(f"{n} {len(f)}" for n, f in zip(names, fields)))
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(names)
+    out.writerows(zip(*fields))
     with atomic_path(target) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
     return Path(target)
 
 
-def write_parquet_atomic(target: str | os.PathLike, frame) -> Path:
-    """Write a pandas DataFrame to ``target`` as Parquet atomically (no index); or an iterable of
-    DataFrames with the same columns, one row group each, so that only one is held at a time."""
-    import pandas as pd
+def _column(values: Any):
+    """One column's values as a NumPy array, typed as pandas would type them: Python numbers with a
+    None among them are floats (None as NaN); text, or anything mixed, stays an object array."""
+    import numpy as np
 
+    a = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if a.dtype.kind == "O":
+        vals = a.tolist()
+        if vals and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in vals):
+            return np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+    return a
+
+
+def _csv_fields(values: Any) -> list[str]:
+    """One column's CSV fields (:func:`write_csv_atomic`)."""
+    a = _column(values)
+    if a.dtype.kind == "f":
+        return ["" if x != x else "%.6g" % x for x in a.tolist()]
+    if a.dtype.kind != "O":
+        return [str(x) for x in a.tolist()]
+    return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in a.tolist()]
+
+
+def write_parquet_atomic(target: str | os.PathLike,
+                         tables: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Path:
+    """Write a table (column name -> values, as for :func:`write_csv_atomic`) to ``target`` as Parquet
+    atomically; or an iterable of tables with the same columns, one row group each, so that only one
+    is held at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [tables] if isinstance(tables, Mapping) else tables
     with atomic_path(target) as tmp:
-        if isinstance(frame, pd.DataFrame):
-            frame.to_parquet(tmp, index=False)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            writer = None
-            try:
-                for part in frame:
-                    table = pa.Table.from_pandas(part, preserve_index=False)
-                    writer = writer or pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-            finally:
-                if writer is not None:
-                    writer.close()
-            if writer is None:
-                raise ValueError(f"{target}: no rows to write")
+        writer = None
+        try:
+            for part in parts:
+                table = pa.Table.from_arrays([_arrow_column(v) for v in part.values()], names=list(part))
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"{target}: no rows to write")
     return Path(target)
+
+
+def _arrow_column(values: Any):
+    """One column as an Arrow array, made from its buffers (pyarrow's own conversions import pandas, a
+    third of a second): numbers as they are with NaN as null (as pandas writes it), booleans, and
+    anything else as text (``large_string``; None as null)."""
+    import numpy as np
+    import pyarrow as pa
+
+    a = _column(values)
+    n = len(a)
+    if a.dtype.kind == "b":
+        return pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(np.packbits(a, bitorder="little"))])
+    if a.dtype.kind in "iuf":
+        a = np.ascontiguousarray(a)
+        missing = np.isnan(a) if a.dtype.kind == "f" else np.zeros(n, dtype=bool)
+        return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), n, [_validity(missing), pa.py_buffer(a)],
+                                     null_count=int(missing.sum()))
+    missing = np.array([v is None for v in a.tolist()], dtype=bool)
+    if n and not missing.any() and (a == a[0]).all():                 # one value: its bytes n times
+        one = str(a[0]).encode()
+        data, offsets = one * n, np.arange(n + 1, dtype=np.int64) * len(one)
+    else:
+        text = [b"" if m else str(v).encode() for v, m in zip(a.tolist(), missing)]
+        data, offsets = b"".join(text), np.concatenate([[0], np.cumsum([len(t) for t in text])]).astype(np.int64)
+    return pa.Array.from_buffers(pa.large_string(), n,
+                                 [_validity(missing), pa.py_buffer(offsets), pa.py_buffer(data)],
+                                 null_count=int(missing.sum()))
+
+
+def _validity(missing):
+    """An Arrow validity bitmap (None when nothing is missing)."""
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None

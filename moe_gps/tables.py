@@ -1,9 +1,10 @@
-"""Plain-text tables for the terminal (right-aligned numbers, left-aligned text)."""
+"""Plain-text tables for the terminal (right-aligned numbers, left-aligned text), and tables as
+columns (column name -> values) for the output files (:func:`moe_gps.atomic.write_csv_atomic`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 def format_value(value: Any, fmt: str = "") -> str:
@@ -61,3 +62,17 @@ def format_indices(indices: Iterable[int]) -> str:
         parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def concat_columns(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The tables ``parts`` (column name -> values, the same names in each) one after the other."""
+    import numpy as np
+
+    parts = list(parts)
+    return {n: np.concatenate([np.asarray(p[n]) for p in parts]) for n in (parts[0] if parts else {})}
+
+
+def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """Rows (dicts) as a table: every key any row has, in the order first seen; None where a row lacks it."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return {n: [r.get(n) for r in rows] for n in names}

@@ -14,6 +14,7 @@ import numpy as np
 
 from moe_gps.atomic import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
+from moe_gps.tables import concat_columns, rows_to_columns
 from moe_gps.workers import Warm
 from sim.run import PHASES, SimResult
 
@@ -95,39 +96,37 @@ def format_summary(result: SimResult) -> str:
     return f"{head}{warn}\n\n{t1}\n\n{t2}\n\n{skew}{notes}{verdict}"
 
 
-def per_step_frame(result: SimResult):
-    """pandas DataFrame, one row per (strategy, step)."""
-    import pandas as pd
-
-    frames = []
+def per_step_columns(result: SimResult) -> dict[str, np.ndarray]:
+    """A table (column name -> values), one row per (strategy, step)."""
+    parts = []
     for r in result.strategies:
         lat = r.step_latency
-        d = {"strategy": r.name, "step": result.steps, "tokens": result.tokens, "latency_s": lat,
+        d = {"strategy": np.full(len(lat), r.name, dtype=object), "step": result.steps, "tokens": result.tokens,
+             "latency_s": lat,
              "tokens_per_s": np.divide(result.tokens, lat, out=np.full_like(lat, np.nan), where=lat > 0)}
         for p in PHASES:
             d[f"{p}_s"] = r.phases[p].sum(axis=1)
         d.update(expert_skew=np.nanmean(result.expert_skew, axis=1),
                  gpu_skew_before=np.nanmean(result.base_gpu_skew, axis=1),
                  gpu_skew=np.nanmean(r.gpu_skew, axis=1), copy_bytes=r.copy_bytes.sum(axis=1))
-        frames.append(pd.DataFrame(d))
-    return pd.concat(frames, ignore_index=True)
+        parts.append(d)
+    return concat_columns(parts)
 
 
-def per_layer_frames(result: SimResult):
-    """pandas DataFrames, one per strategy, of one row per (step, layer) (a generator: a long run's
-    rows are written a strategy at a time)."""
-    import pandas as pd
-
+def per_layer_columns(result: SimResult):
+    """Tables (column name -> values), one per strategy, of one row per (step, layer) (a generator: a long
+    run's rows are written a strategy at a time)."""
     S, L = result.expert_skew.shape
     step = np.repeat(result.steps, L).astype(np.int32)
     layer = np.tile(np.arange(L), S).astype(np.int16)
     for r in result.strategies:
-        d = {"strategy": r.name, "step": step, "layer": layer, "time_s": r.layer_time.ravel()}
+        d = {"strategy": np.full(S * L, r.name, dtype=object), "step": step, "layer": layer,
+             "time_s": r.layer_time.ravel()}
         for p in PHASES:
             d[f"{p}_s"] = r.phases[p].ravel()
         d.update(expert_skew=result.expert_skew.ravel(), gpu_skew_before=result.base_gpu_skew.ravel(),
                  gpu_skew=r.gpu_skew.ravel(), copy_bytes=r.copy_bytes.ravel())
-        yield pd.DataFrame(d)
+        yield d
 
 
 def write_config_and_summary(out: Path, command: str, config, summary: str) -> list[Path]:
@@ -143,17 +142,15 @@ def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = T
     """Write the output folder (every file atomically); returns the paths written. The plots are drawn
     in up to ``jobs`` processes at once, by ``drawer`` (a process that imported matplotlib while this
     one simulated) while this one writes the tables, or here without one."""
-    import pandas as pd
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if plots:
         from sim.plots import plot_data, write_plots
         drawer = drawer if drawer is not None else Warm(fork=False)
         drawer.submit(write_plots, plot_data(result), out, jobs)
-    written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(summary_rows(result))),
-               write_csv_atomic(out / "steps.csv", per_step_frame(result)),
-               write_parquet_atomic(out / "layers.parquet", per_layer_frames(result)),
+    written = [write_csv_atomic(out / "summary.csv", rows_to_columns(summary_rows(result))),
+               write_csv_atomic(out / "steps.csv", per_step_columns(result)),
+               write_parquet_atomic(out / "layers.parquet", per_layer_columns(result)),
                *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
     if plots:
         written += drawer.result()

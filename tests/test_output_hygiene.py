@@ -80,18 +80,55 @@ def test_trace_inspect_into_a_closed_pipe_ends_quietly(tmp_path):
     assert proc.wait(timeout=60) == 141 and err == ""
 
 
-def test_parquet_written_a_frame_at_a_time(tmp_path):
-    """write_parquet_atomic takes an iterable of frames: one row group each, the rows of their concatenation."""
+def test_parquet_written_a_table_at_a_time(tmp_path):
+    """write_parquet_atomic takes an iterable of tables: one row group each, the rows of their concatenation
+    (as pandas writes them: NaN as null, text as large_string), without importing pandas."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from moe_gps.atomic import write_parquet_atomic
 
-    parts = [pd.DataFrame({"name": ["a"] * 3, "x": [1.0, 2.0, 3.0]}),
-             pd.DataFrame({"name": ["b"] * 2, "x": [4.0, 5.0]})]
+    parts = [{"name": ["a"] * 3, "x": [1.0, float("nan"), 3.0], "i": np.arange(3, dtype=np.int16),
+              "ok": [True, False, True], "note": ["p", None, "q,r"]},
+             {"name": ["b"] * 2, "x": [4.0, 5.0], "i": np.arange(2, dtype=np.int16), "ok": [False, False],
+              "note": ["s", "t"]}]
     path = write_parquet_atomic(tmp_path / "t.parquet", iter(parts))
     assert pq.ParquetFile(path).metadata.num_row_groups == 2
-    assert pd.read_parquet(path).equals(pd.concat(parts, ignore_index=True))
+    frame = pd.concat([pd.DataFrame(p) for p in parts], ignore_index=True)
+    want = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    assert pq.read_table(path).equals(want)
     with pytest.raises(ValueError):
         write_parquet_atomic(tmp_path / "empty.parquet", iter([]))
     assert not (tmp_path / "empty.parquet").exists()
+    code = ("import sys, numpy as np; from moe_gps.atomic import write_csv_atomic, write_parquet_atomic\n"
+            "t = {'s': ['a', 'b'], 'x': np.array([0.5, np.nan])}\n"
+            "write_parquet_atomic(sys.argv[1] + '.parquet', t); write_csv_atomic(sys.argv[1] + '.csv', t)\n"
+            "print('pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "u")], capture_output=True, text=True, check=True)
+    assert done.stdout == "False\n" and (tmp_path / "u.csv").read_text() == "s,x\na,0.5\nb,\n"
+
+
+def test_csv_is_written_as_pandas_writes_it(tmp_path):
+    """write_csv_atomic writes the bytes pandas' to_csv(index=False, float_format="%.6g") writes, for the
+    kinds of columns the outputs have (numbers, text with commas and quotes, missing values, booleans)."""
+    import pandas as pd
+
+    from moe_gps.atomic import write_csv_atomic
+    from moe_gps.tables import rows_to_columns
+
+    rows = [{"strategy": "none", "predictor": None, "slots": 0, "mean_ms": 15.1309871, "accuracy": None,
+             "ok": True, "big": 123456789, "tiny": 1.5e-9},
+            {"strategy": 'dist:ema, "x"', "predictor": "ema", "slots": 4, "mean_ms": float("nan"),
+             "accuracy": 0.321, "ok": False, "big": 2, "tiny": float("inf")}]
+    cases = {"rows": rows_to_columns(rows),
+             "arrays": {"step": np.arange(3), "x": np.array([1.0, np.nan, -0.0]), "flag": np.array([True, False, True]),
+                        "name": np.array(["a", "b", ""], dtype=object)},
+             "one": {"x": [np.nan, 2.0]}}
+    for name, columns in cases.items():
+        ours = write_csv_atomic(tmp_path / f"{name}.csv", columns).read_bytes()
+        pd.DataFrame(columns).to_csv(tmp_path / f"{name}-pandas.csv", index=False, float_format="%.6g")
+        assert ours == (tmp_path / f"{name}-pandas.csv").read_bytes(), name
+    with pytest.raises(ValueError, match="different lengths"):
+        write_csv_atomic(tmp_path / "bad.csv", {"a": [1, 2], "b": [1]})
+    assert not (tmp_path / "bad.csv").exists()

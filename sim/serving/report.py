@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_gps.atomic import write_csv_atomic, write_parquet_atomic
-from moe_gps.tables import format_table
+from moe_gps.tables import concat_columns, format_table, rows_to_columns
 from moe_gps.workers import Warm
 from sim.report import write_config_and_summary
 from sim.serving.metrics import verdict_line
@@ -80,36 +80,36 @@ def format_summary(result: ServeResult) -> str:
     return "\n\n".join(blocks)
 
 
-def requests_frame(result: ServeResult):
-    """pandas DataFrame, one row per (rate, strategy, request)."""
-    import pandas as pd
-
-    frames = []
+def requests_columns(result: ServeResult) -> dict[str, np.ndarray]:
+    """A table (column name -> values), one row per (rate, strategy, request)."""
+    parts = []
     for rr in result.rates:
         q = rr.requests
+        n = len(q)
         for name, run in rr.runs.items():
             t = rr.times[name]
-            frames.append(pd.DataFrame({
-                "rate_rps": rr.rate, "strategy": name, "request": np.arange(len(q)), "arrival_s": q.arrival_s,
-                "prompt_tokens": q.prompt, "output_tokens": q.output, "gpu": run.rank, "admitted_s": run.admitted,
-                "first_token_s": run.first, "finish_s": run.finish, "ttft_ms": t.ttft * 1e3,
-                "tpot_ms": t.tpot * 1e3, "e2e_ms": t.e2e * 1e3, "met_slo": t.met(result.config.slo)}))
-    return pd.concat(frames, ignore_index=True)
+            parts.append({
+                "rate_rps": np.full(n, rr.rate, dtype=np.float64), "strategy": np.full(n, name, dtype=object),
+                "request": np.arange(n), "arrival_s": q.arrival_s, "prompt_tokens": q.prompt, "output_tokens": q.output,
+                "gpu": run.rank, "admitted_s": run.admitted, "first_token_s": run.first, "finish_s": run.finish,
+                "ttft_ms": t.ttft * 1e3, "tpot_ms": t.tpot * 1e3, "e2e_ms": t.e2e * 1e3,
+                "met_slo": t.met(result.config.slo)})
+    return concat_columns(parts)
 
 
-def iterations_frame(result: ServeResult):
-    """pandas DataFrame, one row per (rate, strategy, iteration)."""
-    import pandas as pd
-
-    frames = []
+def iterations_columns(result: ServeResult) -> dict[str, np.ndarray]:
+    """A table (column name -> values), one row per (rate, strategy, iteration)."""
+    parts = []
     for rr in result.rates:
         for name, run in rr.runs.items():
-            d = {"rate_rps": rr.rate, "strategy": name, "iteration": np.arange(len(run.iterations))}
+            n = len(run.iterations)
+            d = {"rate_rps": np.full(n, rr.rate, dtype=np.float64), "strategy": np.full(n, name, dtype=object),
+                 "iteration": np.arange(n)}
             for j, col in enumerate(ITERATION_COLUMNS):
                 x = run.iterations[:, j]
                 d[col] = x if col.endswith("_s") else x.astype(np.int64)
-            frames.append(pd.DataFrame(d))
-    return pd.concat(frames, ignore_index=True)
+            parts.append(d)
+    return concat_columns(parts)
 
 
 def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool = True,
@@ -117,17 +117,15 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
     """Write the output folder (every file atomically); returns the paths written. The plots are drawn
     by ``drawer`` (a process that imported matplotlib while this one simulated) while this one writes
     the tables, or here without one."""
-    import pandas as pd
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if plots:
         from sim.serving.plots import write_plots
         drawer = drawer if drawer is not None else Warm(fork=False)
         drawer.submit(write_plots, result, out)
-    written = [write_csv_atomic(out / "summary.csv", pd.DataFrame(result.rows())),
-               write_csv_atomic(out / "requests.csv", requests_frame(result)),
-               write_parquet_atomic(out / "iterations.parquet", iterations_frame(result)),
+    written = [write_csv_atomic(out / "summary.csv", rows_to_columns(result.rows())),
+               write_csv_atomic(out / "requests.csv", requests_columns(result)),
+               write_parquet_atomic(out / "iterations.parquet", iterations_columns(result)),
                *write_config_and_summary(out, "serve", result.config, format_summary(result))]
     if plots:
         written += drawer.result()
