@@ -7,7 +7,9 @@ tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked 
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
-   without the plots) and its floor, five times each in turn (the median of each); and in memory,
+   without the plots), its floor, and a floor that also works out the GPU loads of every default
+   strategy's static placement at every step (the floor the goal for this case was stated against),
+   five times each in turn (the median of each); and in memory,
    imports excluded, ``simulate()`` with one process and with ``--jobs``' default against a floor
    of loading the trace, counting its expert loads and working out the GPU loads of every
    strategy's static placement at every step.
@@ -106,6 +108,18 @@ _FLOOR = (
     "else:\n"
     "    n = int(t.counts().sum())\n"
     "print(t.num_steps, n)\n"
+)
+
+
+# The bundled case's floor as the goal for it was stated: load, bincount, and the GPU loads of K strategies'
+# static placements on G GPUs at every step (argv: trace, G, K).
+_FLOOR_LOADS = (
+    "import sys; import numpy as np\n"
+    "from moe_gps.placement import plan_placement; from moe_gps.trace import load_trace\n"
+    "c = load_trace(sys.argv[1]).counts().astype(np.float64)\n"
+    "(L, E), G, K = c.shape[1:], int(sys.argv[2]), int(sys.argv[3])\n"
+    "p = plan_placement(np.ones((L, E)), G, (-E) % G, 'none')\n"
+    "print(len([p.gpu_loads(c[s]) for s in range(len(c)) for _ in range(K)]))\n"
 )
 
 
@@ -214,7 +228,14 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
         raise SystemExit(f"the in-memory bundled case failed:\n{done.stderr[-3000:]}")
+    from moe_gps.cli.main import build_parser
+    from moe_gps.cli.simulate_cmd import build_config
+    from moe_gps.trace import load_trace
+
+    cfg = build_config(build_parser().parse_args(["simulate", str(trace)]), load_trace(trace))[0]
+    sizes = [str(cfg.cluster.num_gpus), str(len(cfg.strategies))]
     commands = {"floor": lambda i: ["-c", _FLOOR, str(trace)],
+                "floor_loads": lambda i: ["-c", _FLOOR_LOADS, str(trace), *sizes],
                 "simulate": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-{i}")),
                 "simulate_no_plots": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-np-{i}"),
                                                    "--no-plots")}
@@ -224,11 +245,12 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
             runs[k].append(measure(args(i)))
     figs = {k: _median_run(v) for k, v in runs.items()}
     fl = figs["floor"]
+    loads = figs["floor_loads"]
     return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)",
-            "floor": fl,
+            "floor": fl, "floor_loads": loads,
             "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
-            "simulate": with_ratio(figs["simulate"], fl),
-            "simulate_no_plots": with_ratio(figs["simulate_no_plots"], fl)}
+            **{k: {**with_ratio(figs[k], fl), "x_floor_loads_wall": figs[k]["wall_s"] / loads["wall_s"]}
+               for k in ("simulate", "simulate_no_plots")}}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -368,6 +390,10 @@ def main() -> int:
                     "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
+        if "floor_loads" in c:
+            print(f"  against a floor with the GPU loads of every strategy ({c['floor_loads']['wall_s']:.2f} s): "
+                  f"simulate {c['simulate']['x_floor_loads_wall']:.1f}x, without plots "
+                  f"{c['simulate_no_plots']['x_floor_loads_wall']:.1f}x")
         if "in_memory" in c:
             m = c["in_memory"]
             print(f"  in memory: floor {m['floor_s']:.2f} s; simulate() {m['simulate_1_s']:.2f} s with one process "
