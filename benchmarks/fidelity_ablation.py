@@ -10,13 +10,15 @@ some fields (docs/fidelity.md, "What the cost model gained for this"):
 * ``constant skew``: the collective skew of ranks arriving together at every collective, whatever
   the gap between the last two ranks to arrive (no ``collective_skew_floor`` / ``collective_skew_gap_us``);
 * ``no collective skew``: without the time ranks lose leaving collectives at different times;
+* ``combine at any gap``: the combine's host cost of ranks arriving together charged whatever the gap
+  (``combine_together_us`` added to ``combine_overhead_us``: one constant, as fitted on every repeat);
 * ``no copy latency``: weight copies at bandwidth only (no fixed time per expert transferred);
 * ``no host overheads``: without the dispatch/combine overheads and the permutation term;
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
   overhead (the attention overhead) for every compute phase: the datasheet-style model.
 
-Prints the error of the mean per-step MoE time, and of the phases the new terms model (sync,
-copy), per variant and writes a CSV. No new runs: it reads DIR/runs and DIR/cluster-*.yaml; every
+Prints the error of the mean per-step MoE time, and of the phases the new terms model (combine,
+sync, copy), per variant and writes a CSV. No new runs: it reads DIR/runs and DIR/cluster-*.yaml; every
 run is replayed from its own trace and steps.csv, as `moe-gps validate` does.
 """
 
@@ -34,11 +36,14 @@ def variants(cluster):
     yield "full", cluster
     yield "constant skew", dataclasses.replace(cluster, collective_skew_floor=None, collective_skew_gap_us=None)
     yield "no collective skew", dataclasses.replace(cluster, collective_skew_us=0.0)
+    yield "combine at any gap", dataclasses.replace(cluster, gpu=dataclasses.replace(
+        g, combine_overhead_us=g.combine_overhead_us + g.combine_together_us, combine_together_us=0.0))
     yield "no copy latency", dataclasses.replace(cluster, intra_node=dataclasses.replace(link, copy_latency_us=0.0))
     yield "no host overheads", dataclasses.replace(cluster, gpu=dataclasses.replace(
-        g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None))
+        g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0, permute_bandwidth_gb_s=None))
     plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
-                                dispatch_overhead_us=0.0, combine_overhead_us=0.0, permute_bandwidth_gb_s=None,
+                                dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0,
+                                permute_bandwidth_gb_s=None,
                                 replan_overhead_us=0.0,
                                 kernel_overhead_us=g.attention_overhead_us or g.kernel_overhead_us)
     yield "roofline only", dataclasses.replace(cluster, gpu=plain, compute_units_per_node=None, collective_skew_us=0.0,
@@ -90,9 +95,11 @@ def main(argv=None) -> int:
             rows.append({"nproc": n, "strategy": mode, "variant": name, "runs": len(runs),
                          "predicted_ms": c.mean("predicted", "total") * 1e3,
                          "measured_ms": c.mean("measured", "total") * 1e3, "error": c.error("total"),
-                         "sync_error": c.error("sync"), "copy_error": c.error("copy")})
-            print(f"{n} ranks {mode:16s} {name:20s} error {c.error('total') * 100:+6.1f}%  sync "
-                  f"{c.error('sync') * 100:+7.1f}%  copy {c.error('copy') * 100:+7.1f}%", flush=True)
+                         "sync_error": c.error("sync"), "copy_error": c.error("copy"),
+                         "combine_error": c.error("combine")})
+            print(f"{n} ranks {mode:16s} {name:20s} error {c.error('total') * 100:+6.1f}%  combine "
+                  f"{c.error('combine') * 100:+7.1f}%  sync {c.error('sync') * 100:+7.1f}%  copy "
+                  f"{c.error('copy') * 100:+7.1f}%", flush=True)
     out = Path(args.out) if args.out else root / "ablation.csv"
     pd.DataFrame(rows).to_csv(out, index=False, float_format="%.6g")
     print(f"wrote {out} (every run of the folder pooled, also those the validation left out as busy)")

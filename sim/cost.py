@@ -43,6 +43,7 @@ class Hardware:
     attn_overhead: seconds added to an attention phase that has tokens
     expert_overhead: seconds per expert slot with tokens in the FFN
     dispatch_overhead, combine_overhead: host seconds per dispatch (or correction) / combine per GPU
+    combine_together: host seconds a combine adds when the GPUs reach it together (:func:`combine_together`)
     permute_bw: B/s of token permutation (0: not modelled)
     compute_units: processors the GPUs of a node share (0: not shared)
     intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
@@ -70,6 +71,7 @@ class Hardware:
     expert_overhead: float = 0.0
     dispatch_overhead: float = 0.0
     combine_overhead: float = 0.0
+    combine_together: float = 0.0
     permute_bw: float = 0.0
     compute_units: float = 0.0
     intra_copy_bw: float = 0.0
@@ -117,6 +119,7 @@ class Hardware:
             expert_overhead=g.expert_overhead_us * 1e-6,
             dispatch_overhead=g.dispatch_overhead_us * 1e-6,
             combine_overhead=g.combine_overhead_us * 1e-6,
+            combine_together=g.combine_together_us * 1e-6,
             permute_bw=(g.permute_bandwidth_gb_s or 0.0) * 1e9,
             compute_units=cluster.compute_units_per_node or 0.0,
             intra_copy_bw=(cluster.intra_node.copy_bandwidth_gb_s or 0.0) * 1e9,
@@ -355,6 +358,24 @@ def collective_skew(arrival, hw: Hardware):
         return np.full(a.shape[:-1], float(s0))
     f = hw.skew_floor + (1.0 - hw.skew_floor) * np.exp(-arrival_gap(a) / hw.skew_gap)
     return s0 * f
+
+
+def combine_together(arrival, hw: Hardware):
+    """What a combine costs beyond its host overhead when the GPUs reach it at times ``arrival``, for
+    GPUs arriving together: they all exchange at once, while a GPU that arrives clearly last finds the
+    others waiting, ready to receive. "Together" is within about the collective skew (the spread of the
+    GPUs leaving the previous collective), so it falls with the arrival gap over that:
+
+        together x exp(-gap / s0),  gap = :func:`arrival_gap` (arrival)
+
+    with together = ``hw.combine_together`` and s0 = ``hw.collective_skew`` (without s0: at any gap).
+
+    arrival: [..., G] -> seconds [...]
+    """
+    a = np.asarray(arrival, dtype=np.float64)
+    if not hw.combine_together or not hw.collective_skew:
+        return np.full(a.shape[:-1], float(hw.combine_together))
+    return hw.combine_together * np.exp(-arrival_gap(a) / hw.collective_skew)
 
 
 def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):

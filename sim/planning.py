@@ -20,8 +20,8 @@ from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.layouts import contiguous
 from moe_gps.placement.timeaware import home_layers
-from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, dispatch_host_time, ffn_time,
-                      layout_time, shared_compute, transfer_time)
+from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, combine_together,
+                      dispatch_host_time, ffn_time, layout_time, shared_compute, transfer_time)
 from sim.work import Copies, PlacementPhases, copy_port_busy, install_time, placement_phases
 
 
@@ -206,7 +206,7 @@ class LayerTimeModel:
             inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
             link = np.maximum(intra, inter)
         d = link + self.dhost[:, layers]
-        c = link + self.chost[:, layers] + collective_skew(ffn, hw)[..., None]
+        c = link + self.chost[:, layers] + (collective_skew(ffn, hw) + combine_together(ffn, hw))[..., None]
         layer = ffn.max(axis=2) + d.max(axis=2) + c.max(axis=2)
         return layer.mean(axis=0), (ffn + d + c).mean(axis=0)
 

@@ -15,8 +15,8 @@ from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.moves import move_plan
 from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
-                      combine_host_time, dispatch_host_time, ffn_time, layout_time, local_copy_time, shared_compute,
-                      transfer_time)
+                      combine_host_time, combine_together, dispatch_host_time, ffn_time, layout_time, local_copy_time,
+                      shared_compute, transfer_time)
 from sim.loads import StepLoads
 
 
@@ -280,6 +280,8 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     combine = combine_link + combine_host_time(rows, model, hw)
     if hw.compute_units:
         ffn = shared_compute(ffn, hw)
+    if hw.combine_together:
+        combine = combine + combine_together(ffn, hw)[:, None]
     skew = np.zeros((L, 3))
     if hw.collective_skew:
         # the next phase starts when the latest rank has left the collective

@@ -192,6 +192,57 @@ def test_calibration_with_noise_stays_close_and_writes_a_loadable_cluster(tmp_pa
     assert len(pd.read_csv(raw)) == sum(len(v) for v in result["samples"].values())
 
 
+def test_a_combine_reached_together_is_fitted_apart_from_one_reached_with_a_rank_clearly_last():
+    """Half the model bench's repeats have one rank clearly last at the combine (the others' FFNs end more
+    than the collective skew earlier) and a plain combine; the others arrive together and their combine
+    takes X more. The calibration finds the overhead of the first and, as combine_together_us, what the
+    second add to the mean (X / 2); the simulator charges it at a zero arrival gap only."""
+    from moe_gps.fidelity.calibrate import fit_cluster, make_spec
+    from sim.cost import combine_together
+    from sim.work import placement_phases
+
+    N, X = 2, 400e-6
+    run_cfg = parse_run_config(RUN)
+    spec = make_spec(run_cfg, N)
+    truth = _truth(N)
+    samples = _samples_from(truth, spec, run_cfg, noise=0.0)
+    apart = 3 * truth.collective_skew_us * 1e-6
+    for name, rows in samples.items():
+        if name.startswith(("model_expert/", "model_combine/")):
+            for j, (size, rank, t) in enumerate(rows):
+                together = (j % (7 * N)) // N % 2 == 1                # 7 repeats x N ranks per size, in order
+                if name.startswith("model_expert/") and not together and rank > 0:
+                    rows[j] = (size, rank, t - apart)                 # rank 0 clearly last; its time, the max, kept
+                if name.startswith("model_combine/") and together:
+                    rows[j] = (size, rank, t + X)
+    result = {"spec": spec, "info": {"world_size": N, "backend": "gloo", "device": "cpu", "threads_per_rank": 1,
+                                     "torch": "x", "interference": 0.0}, "samples": samples}
+    cal = fit_cluster(result, run_cfg)
+    g = cal.cluster.gpu
+    assert g.combine_overhead_us == pytest.approx(truth.gpu.combine_overhead_us, rel=2e-3)
+    reps = 7
+    assert g.combine_together_us == pytest.approx(X * 1e6 * (reps // 2) / reps, rel=2e-3)
+    assert g.expert_overhead_us == pytest.approx(truth.gpu.expert_overhead_us, rel=2e-3)
+    assert "gpu.combine_together_us" in cal.fits
+    # the simulator: the whole of it at a zero gap, e^-1 of it at a gap of one collective skew, none far apart
+    hw = Hardware.from_config(cal.cluster, model_for_run(run_cfg))
+    s0 = hw.collective_skew
+    got = combine_together(np.array([[1e-3, 1e-3], [1e-3 + s0, 1e-3], [1e-3 + 100 * s0, 1e-3]]), hw)
+    assert got == pytest.approx([hw.combine_together, hw.combine_together / np.e, 0.0], abs=1e-12)
+    assert combine_together(np.zeros((1, 2)), dataclasses.replace(hw, collective_skew=0.0)) == pytest.approx(
+        [hw.combine_together])
+    # counted in the combine (as validate measures it), not in the collective skew
+    p = plan_placement(np.ones((1, 8)), N, 0, "none")
+    src = np.full((1, N, 8), 16.0)
+    with_it = placement_phases(p, src, None, model_for_run(run_cfg), hw)
+    without = placement_phases(p, src, None, model_for_run(run_cfg), dataclasses.replace(hw, combine_together=0.0))
+    assert with_it.combine - without.combine == pytest.approx(np.full((1, N), hw.combine_together))
+    assert np.array_equal(with_it.skew, without.skew)
+    # a calibration whose ranks always arrive together (no jitter): no split, the old single overhead
+    plain = fit_cluster({**result, "samples": _samples_from(truth, spec, run_cfg, noise=0.0)}, run_cfg)
+    assert plain.cluster.gpu.combine_together_us == 0.0
+
+
 @pytest.mark.parametrize("N", [2, 4])
 def test_move_patterns_are_irregular_and_the_simulator_counts_the_runtimes_transfers(N):
     from moe_gps.fidelity.calibrate import make_spec, move_pairs, move_ports

@@ -67,6 +67,11 @@ class GPUSpec:
     combine_overhead_us: float = spec(
         "fixed host time of every combine on a GPU beyond its link time: restoring token order, weighted sum",
         unit="us", ge=0, default=0.0)
+    combine_together_us: float = spec(
+        "what a combine adds beyond combine_overhead_us when the GPUs' work before it is balanced, so that they "
+        "reach it together and exchange at once (one that arrives clearly last finds the others waiting): "
+        "combine_together_us x exp(-gap / collective_skew_us), gap = how much later the last GPU reaches the "
+        "combine than the second-last (at any gap without collective_skew_us)", unit="us", ge=0, default=0.0)
     permute_bandwidth_gb_s: float | None = spec(
         "bandwidth of token permutation (gathering or scattering hidden-state rows in another order): one pass "
         "reads and writes every row once; dispatch makes 1 pass over the GPU's sent rows, the FFN 2 over its "

@@ -29,12 +29,14 @@ import numpy as np
 
 from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, ClusterConfig, GPUSpec, LinkSpec
 from moe_gps.errors import UserError
-from moe_gps.fidelity.fit import collective, critical, fit_line, median_residual, typical
+from moe_gps.fidelity.fit import collective, collective_apart, critical, fit_line, median_residual, typical
 from moe_gps.fidelity.model import DTYPE_BYTES, model_for_run
 
 
 #: repeats of each weight move (each follows a forward pass of the model, so they cost more than other repeats)
 MOVE_REPEATS = 6
+#: the share of a combine's repeats that must have one rank clearly last to fit combine_together_us from them
+APART_SHARE = 0.1
 
 
 class MeasurementFailed(RuntimeError):
@@ -453,6 +455,16 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
             s_, t = collective(rows_)
             keep(f"{name}/{S}", s_, t, "tokens per rank")
             meas.extend(t)
+    # the combine of the repeats where one rank reached it clearly last (its FFN ended more than the
+    # collective skew after the others'), and what reaching it together added to the mean
+    apart, apart_share = [], []
+    for S, rows_ in sorted(_layouts(samples, "model_combine").items()):
+        s_, t, share_ = collective_apart(rows_, samples[f"model_expert/{S}"], skew)
+        keep(f"model_combine/{S}, a rank clearly last", s_, t, "tokens per rank")
+        apart.extend(t)
+        apart_share.extend(share_)
+    apart, apart_share = np.array(apart), np.array(apart_share)
+    split = skew > 0 and len(apart) == len(meas_c) and bool(np.all(apart_share >= APART_SHARE))
     for S, T, placement, src, _ in cases:
         traffic = route(src, placement)                                   # [1, N, N]
         sent = traffic.sum(axis=2)
@@ -462,8 +474,14 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                             + combine_host_time(sent, model, hw)).max()))
     disp_over, disp_spread = median_residual(meas_d, mod_d)
     comb_over, comb_spread = median_residual(meas_c, mod_c)
+    together = 0.0
+    if split:       # the overhead of a rank clearly last, and what arriving together adds to it
+        apart_over, apart_spread = median_residual(apart, mod_c)
+        if apart_over < comb_over:
+            comb_over, together, comb_spread = apart_over, comb_over - apart_over, apart_spread
     gpu.dispatch_overhead_us = disp_over * us
     gpu.combine_overhead_us = comb_over * us
+    gpu.combine_together_us = together * us
     from sim.cost import shared_compute
     ffn_check = [float(shared_compute(ffn_time(p.slot_loads(src.sum(axis=1)), p.slots_per_gpu, model, hw),
                                       hw).max()) for _, _, p, src, _ in cases]
@@ -506,7 +524,13 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
         "gpu.dispatch_overhead_us": (disp_over * us, "us", f"counts+dispatch phase of the model - layout - "
                                      f"all-to-all - permutation, median (+/- {disp_spread * us:.0f})"),
         "gpu.combine_overhead_us": (comb_over * us, "us", f"combine phase of the model - all-to-all - permutation, "
-                                    f"median (+/- {comb_spread * us:.0f})"),
+                                    f"median (+/- {comb_spread * us:.0f})" + (
+                                        f", over the repeats where one rank reached it more than the collective "
+                                        f"skew after the others ({np.min(apart_share):.0%} to "
+                                        f"{np.max(apart_share):.0%} of them)" if split else "")),
+        "gpu.combine_together_us": (together * us, "us", (
+            "the combine overhead fitted on every repeat - the one above" if split else
+            f"0: too few repeats where one rank reached the combine clearly last (fewer than {APART_SHARE:.0%})")),
         "intra_node.bandwidth_gb_s": (link_bw / 1e9, "GB/s", f"all_to_all_single: slope of time over (N-1) x bytes "
                                       f"per peer (rel. RMS {a2a_line.rel_rms:.1%})"),
         "intra_node.latency_us": (link_lat * us, "us", f"all_to_all_single: intercept {a2a_line.intercept * us:.0f} "

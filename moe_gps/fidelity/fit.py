@@ -59,6 +59,26 @@ def collective(rows) -> tuple[np.ndarray, np.ndarray]:
     return _per_repeat(rows, np.min)
 
 
+def collective_apart(rows, arrivals, apart: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The :func:`collective` mean over only the repeats where one rank reached the collective clearly
+    last: (sizes [n], that mean [n] (NaN where no repeat was), the share of repeats it is over [n]).
+    ``arrivals`` are the ranks' times before the collective (rows like ``rows``, repeat for repeat; e.g.
+    each rank's FFN before the combine); a repeat counts where the largest of them exceeds the
+    second-largest by at least ``apart`` seconds."""
+    by, before = _by_size(rows), _by_size(arrivals)
+    sizes = np.array(sorted(by))
+    mean, share = [], []
+    for s in sizes:
+        ranks = sorted(by[s])
+        reps = min(min(len(by[s][r]) for r in ranks), min(len(before.get(s, {}).get(r, [])) for r in ranks))
+        t = np.stack([np.asarray(by[s][r][:reps]) for r in ranks]).min(axis=0)
+        a = np.sort(np.stack([np.asarray(before[s][r][:reps]) for r in ranks]), axis=0)
+        keep = (a[-1] - a[-2] >= apart) if len(ranks) > 1 else np.ones(reps, dtype=bool)
+        mean.append(float(t[keep].mean()) if keep.any() else np.nan)
+        share.append(float(keep.mean()) if reps else 0.0)
+    return sizes, np.array(mean), np.array(share)
+
+
 def critical(rows) -> tuple[np.ndarray, np.ndarray]:
     """(sizes [n], mean over repeats of the maximum over ranks), sizes ascending."""
     return _per_repeat(rows, np.max)
