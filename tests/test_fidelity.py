@@ -192,6 +192,27 @@ def test_calibration_with_noise_stays_close_and_writes_a_loadable_cluster(tmp_pa
     assert len(pd.read_csv(raw)) == sum(len(v) for v in result["samples"].values())
 
 
+def test_the_move_fit_weighs_each_pattern_by_its_measured_time():
+    """The moves' fixed costs are fitted on what the bytes leave of each move's time. With the link
+    bandwidth under-estimated, a pattern of big transfers leaves nothing (clipped at 1 ns); weighed by
+    that remainder it outweighed every other pattern and drove both costs to 0 (4 of 6 calibrations on
+    one day, moves then predicted a third low). Weighed by each move's own time, the fit predicts them."""
+    from moe_gps.fidelity.calibrate import _lstsq_nonneg
+
+    A = np.array([[1.0, 0.0], [1.0, 10.0], [1.0, 20.0], [1.0, 2.0], [1.0, 6.0]])   # (1, transfers) per pattern
+    bytes_s = np.array([0.0, 8e-3, 12e-3, 15e-3, 6e-3])                          # the bytes' true time
+    measured = A @ [1e-3, 5e-4] + bytes_s
+    estimated = 1.25 * bytes_s                                                  # bandwidth 20% low
+    target = measured - estimated
+    assert target.min() <= 0
+    old = _lstsq_nonneg(A, np.maximum(target, 1e-9))
+    new = _lstsq_nonneg(A, target, scale=measured)
+    def rms(c):
+        return float(np.sqrt(np.mean(((A @ c + estimated) / measured - 1) ** 2)))
+    assert old[0] == pytest.approx(0.0, abs=1e-6) and rms(old) > 0.2
+    assert new[0] > 5e-4 and new[1] > 0 and rms(new) < 0.1
+
+
 def test_a_combine_reached_together_is_fitted_apart_from_one_reached_with_a_rank_clearly_last():
     """Half the model bench's repeats have one rank clearly last at the combine (the others' FFNs end more
     than the collective skew earlier) and a plain combine; the others arrive together and their combine

@@ -277,10 +277,10 @@ def _layouts(samples: dict, prefix: str) -> dict[int, list]:
     return {int(name.split("/")[1]): rows for name, rows in samples.items() if name.startswith(prefix + "/")}
 
 
-def _lstsq_nonneg(A: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Relative least squares (rows weighted by 1 / y) with every coefficient >= 0: negative ones are
-    fixed at 0 and the rest refitted."""
-    w = 1.0 / np.maximum(y, 1e-12)
+def _lstsq_nonneg(A: np.ndarray, y: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Relative least squares (rows weighted by 1 / ``scale``, default y) with every coefficient >= 0:
+    negative ones are fixed at 0 and the rest refitted."""
+    w = 1.0 / np.maximum(y if scale is None else scale, 1e-12)
     free = np.ones(A.shape[1], dtype=bool)
     while True:
         coef = np.zeros(A.shape[1])
@@ -361,7 +361,9 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     for _ in range(6):
         rows_m = np.array([move_model(p, replan_over, inv_copy_bw, copy_lat)[1] for p in ports])
         target = mt_ - rows_m[:, 3] - rows_m[:, 1] * inv_copy_bw
-        replan_over, copy_lat = _lstsq_nonneg(rows_m[:, [0, 2]], np.maximum(target, 1e-9))
+        # relative to the move's measured time (a pattern whose bytes alone take about its time leaves
+        # a target near 0, which must not outweigh the others)
+        replan_over, copy_lat = _lstsq_nonneg(rows_m[:, [0, 2]], target, scale=mt_)
     move_pred = np.array([move_model(p, replan_over, inv_copy_bw, copy_lat)[0] for p in ports])
     move_rel = float(np.sqrt(np.mean((move_pred / mt_ - 1) ** 2)))
     keep("check: move predicted", ms_, move_pred, "pattern")
