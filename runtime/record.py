@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.atomic import write_csv_atomic, write_text_atomic
 from moe_gps.placement import save_placement
 from moe_gps.trace import TraceMeta, TraceWriter
 from moe_gps.trace.data import StepRouting
@@ -171,10 +171,8 @@ class RunRecorder:
             layers[c] = layers[c].astype(np.int64)
         steps = pd.DataFrame(self.step_rows)
         timings_path, steps_path = self.dir / self.cfg.output.timings, self.dir / self.cfg.output.steps
-        with atomic_path(timings_path) as tmp:
-            layers.to_csv(tmp, index=False, float_format="%.6g")
-        with atomic_path(steps_path) as tmp:
-            steps.to_csv(tmp, index=False, float_format="%.6g")
+        write_csv_atomic(timings_path, layers)
+        write_csv_atomic(steps_path, steps)
         save_placement(placement, self.dir / "placement.yaml")
 
         w = self.cfg.duplication.warmup_steps if self.mode != "off" else 0

@@ -157,9 +157,8 @@ def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: in
 
 def validate(opt: ValidateOptions):
     """Run everything; returns (comparisons, ranking, text report). Writes the files in ``opt.out``."""
-    import pandas as pd
-
-    from moe_gps.atomic import atomic_path, write_text_atomic
+    from moe_gps.atomic import write_csv_atomic, write_text_atomic
+    from moe_gps.tables import rows_to_columns
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run, ranking
     from moe_gps.fidelity.measured import measured_phases, read_run
@@ -242,10 +241,8 @@ def validate(opt: ValidateOptions):
               + f"; 1-minute load average (this job's ranks included) {min(loads):.2f}-{max(loads):.2f} "
               f"on {os.cpu_count()} cores")
     text = format_report(comparisons, ranks, header)
-    with atomic_path(out / "fidelity.csv") as tmp:
-        pd.DataFrame(summary_rows(comparisons)).to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(out / "steps.csv") as tmp:
-        pd.DataFrame(step_rows(comparisons)).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv_atomic(out / "fidelity.csv", rows_to_columns(summary_rows(comparisons)))
+    write_csv_atomic(out / "steps.csv", rows_to_columns(step_rows(comparisons)))
     plot(comparisons, out / "fidelity.png")
     write_text_atomic(out / "summary.txt", text + "\n")
     summary = {"trace": opt.trace, "config": opt.config, "first_step": first, "clusters": clusters,

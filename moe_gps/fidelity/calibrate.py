@@ -670,19 +670,16 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> tuple[Path, 
     """Write the cluster YAML (loadable with ``--cluster``), ``<stem>.measurements.csv`` (the means
     the fits used), ``<stem>.samples.csv`` (every raw sample) and ``<stem>.model.yaml`` (the measured
     model for ``--model``, so that a trace the runtime recorded can be simulated on this cluster)."""
-    import pandas as pd
-
-    from moe_gps.atomic import atomic_path, write_text_atomic
+    from moe_gps.atomic import write_csv_atomic, write_text_atomic
     from moe_gps.config.loader import dump_yaml
+    from moe_gps.tables import rows_to_columns
 
     path = Path(path)
     write_text_atomic(path, header_comment(cal) + dump_yaml(cal.cluster))
     csv = path.with_name(path.stem + ".measurements.csv")
-    with atomic_path(csv) as tmp:
-        pd.DataFrame(cal.rows).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv_atomic(csv, rows_to_columns(cal.rows))
     raw = path.with_name(path.stem + ".samples.csv")
-    with atomic_path(raw) as tmp:
-        pd.DataFrame(cal.samples).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv_atomic(raw, rows_to_columns(cal.samples))
     if cal.model is not None:
         write_text_atomic(path.with_name(path.stem + ".model.yaml"),
                           "# The model these measurements are for, as the simulator describes it (moe-gps calibrate)\n"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moe_gps.atomic import atomic_path, write_text_atomic
+from moe_gps.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.recommend import plots
@@ -239,12 +239,10 @@ def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "
             tmp.write_bytes(png)
         written.append(out / "plots" / f"{name}.png")
     # runs.csv
-    import pandas as pd
     df = r.df.copy()
     cols = [c for c in CSV_COLUMNS if c in df.columns]
     df = df.sort_values(["num_gpus", "bandwidth_gb_s", "workload", "skew", "latency_mean_ms"], na_position="last")
-    with atomic_path(out / "runs.csv") as tmp:
-        pd.DataFrame(df[cols]).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv_atomic(out / "runs.csv", df[cols])
     written.append(out / "runs.csv")
     # the exact sweep, and a simulate config of the headline comparison
     rerun = command or "moe-gps recommend TRACE --sweep sweep.yaml"
