@@ -78,15 +78,30 @@ def held() -> Iterator[None]:
     """Hold back Ctrl-C, SIGTERM and SIGHUP during the block (main thread); they arrive when it ends.
 
     For the few steps that must not be cut in two, e.g. creating a temporary file and
-    remembering its name (so that the clean-up knows what to remove)."""
+    remembering its name (so that the clean-up knows what to remove). Two things hold them:
+    the thread's signal mask (which a process forked in the block inherits), and, for a signal
+    the kernel hands to another thread (Ray's, a worker pool's), whose Python handler would
+    still run in this thread at once, a handler that only notes it until the block ends."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *SIGNALS})
+    caught = (signal.SIGINT, *SIGNALS)
+    noted: list[int] = []
+    handlers = {sig: signal.getsignal(sig) for sig in caught}
+    handlers = {sig: h for sig, h in handlers.items() if callable(h)}     # Python handlers only
+    before = None
     try:
+        for sig in handlers:
+            signal.signal(sig, lambda signum, frame: noted.append(signum))
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, set(caught))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum in dict.fromkeys(noted):        # each signal once, in the order it came
+            handlers[signum](signum, None)
 
 
 def ignore() -> None:

@@ -114,3 +114,32 @@ def test_signals_are_passed_to_a_child_and_handlers_restored(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["trace", "synth", "--steps", "2", "--tokens", "8", "-o", str(tmp_path / "t.parquet")]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_held_holds_a_signal_the_kernel_hands_to_another_thread(sig):
+    """With other threads alive (Ray's, a pool's), a signal the main thread blocks is delivered to one of
+    them, and its Python handler would run in the main thread at once: held() must still hold it until the
+    block ends (else a temporary file can be created and not yet named when the interruption lands)."""
+    import threading
+
+    from moe_gps.signals import Terminated, handled, held
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    reached = False
+    try:
+        with handled(), pytest.raises(KeyboardInterrupt) as caught:
+            with held():
+                signal.pthread_kill(other.ident, sig)   # as the kernel does when the main thread blocks it
+                deadline = time.monotonic() + 0.2
+                while time.monotonic() < deadline:  # bytecodes, where a pending handler would run
+                    pass
+                reached = True
+    finally:
+        stop.set()
+        other.join()
+    assert reached
+    assert isinstance(caught.value, Terminated) == (sig == signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers as they were
