@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_gps.cli.main import main
-from moe_gps.fidelity.compare import Z95, compare_run, phase_failures
+from moe_gps.fidelity.compare import compare_run, phase_failures, ranking, t95
 from moe_gps.fidelity.measured import MeasuredRun
 from moe_gps.fidelity.report import format_report, phase_table, plot
 
@@ -45,10 +45,10 @@ def test_phase_interval_is_the_standard_error_of_the_mean():
     v = c.measured["dispatch"]
     se = np.std(v, ddof=1) / np.sqrt(len(v))
     assert c.stderr_of("dispatch") == pytest.approx(se)
-    assert c.ci95("dispatch") == pytest.approx(Z95 * se)
+    assert c.ci95("dispatch") == pytest.approx(t95(len(v) - 1) * se)          # 40 steps: t = 2.02
     assert c.share("dispatch") == pytest.approx(0.2, rel=1e-2) and c.share("total") == 1.0
     row = {r["phase"]: r for r in c.rows()}
-    assert row["dispatch"]["measured_ci95_ms"] == pytest.approx(Z95 * se * 1e3)
+    assert row["dispatch"]["measured_ci95_ms"] == pytest.approx(t95(len(v) - 1) * se * 1e3)
     assert row["dispatch"]["share_of_step"] == pytest.approx(0.2, rel=1e-2)
 
 
@@ -59,6 +59,35 @@ def test_between_run_spread_widens_a_phase_interval():
     # no spread within a run: the interval is the spread of the two runs' means, phase by phase
     assert c.stderr_of("ffn") == pytest.approx(np.std([0.3 * 0.09, 0.3 * 0.11], ddof=1) / np.sqrt(2))
     assert c.stderr_of("total") == pytest.approx(c.stderr)
+    # ... and its 95% interval is Student's t of 1 degree of freedom (two runs), not the normal 1.96
+    assert c.ci95("ffn") == pytest.approx(12.706 * c.stderr_of("ffn"), rel=1e-4)
+
+
+def test_t95_is_students_two_sided_quantile():
+    # the tabulated values (e.g. Abramowitz & Stegun 26.7), and the normal limit
+    for dof, q in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t95(dof) == pytest.approx(q, abs=1e-4)
+    assert t95(10 ** 6) == pytest.approx(1.95996, abs=1e-4)
+    with pytest.raises(ValueError):
+        t95(0)
+
+
+def test_ranking_resolves_a_pair_of_three_runs_only_beyond_their_t_interval():
+    """Three runs a strategy: the difference's standard error has 2 degrees of freedom, so a pair is
+    separated only beyond 4.30 standard errors (a pair 3 apart is not; with the normal 2 it was)."""
+    steps = np.arange(2, 12)
+
+    def runs(strategy, means, predicted):
+        pairs = [(_Sim(np.full(10, predicted), SHARES), steps, _measured(steps, np.full(10, t))) for t in means]
+        return compare_run(4, strategy, pairs, 2)
+
+    a = runs("off", (99.0, 100.0, 101.0), 90.0)              # se of the mean 0.577 each
+    for gap, resolved in ((3.0, False), (5.0, True)):
+        se_diff = np.hypot(a.stderr, a.stderr) * 1e3                   # ms
+        b = runs("static", tuple(m + gap * se_diff for m in (99.0, 100.0, 101.0)), 80.0)   # predicted faster
+        r = ranking([a, b])[4]
+        assert (("off", "static") in r["misordered"]) == resolved
+        assert (("off", "static") in r["unresolved"]) == (not resolved)
 
 
 def test_beyond_counts_only_what_lies_outside_the_interval():

@@ -10,24 +10,50 @@ copy over the steps that moved weights only). Means, because the simulator's pha
 expected times: ``calibrate`` fits every phase on means over repeats, and a phase's time is
 right-skewed (a rank descheduled now and then), so its median is below the time the model
 charges for it while the step, a sum of many phases, is not. Each measured mean has a
-standard error (:meth:`RunComparison.stderr_of`) and a 95% interval of +/- 1.96 standard
-errors; a phase is *off* by how far the prediction lies outside that interval, as a fraction
-of the measured mean (:meth:`RunComparison.beyond`). The ranking orders the strategies of one
-N by mean measured total and by mean predicted total; it agrees when the orders are the same.
+standard error (:meth:`RunComparison.stderr_of`) with its degrees of freedom, and a 95% interval
+of +/- t standard errors, t the two-sided 95% quantile of Student's t (:func:`t95`: 4.30 for the
+spread of 3 runs' means, 1.96 for many steps); a phase is *off* by how far the prediction lies
+outside that interval, as a fraction of the measured mean (:meth:`RunComparison.beyond`). The
+ranking orders the strategies of one N by mean measured total and by mean predicted total; it
+agrees when the orders are the same.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moe_gps.fidelity.measured import PHASES
 
-#: z of a two-sided 95% interval (normal approximation of the mean's sampling distribution)
-Z95 = 1.96
 #: a phase counts for ``--max-phase-error`` when its measured mean is at least this share of the step's
 MIN_PHASE_SHARE = 0.05
+
+
+@functools.lru_cache(maxsize=None)
+def t95(dof: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``dof`` degrees of freedom: the q with
+    P(|T| <= q) = 0.95 (12.71 for 1, 4.30 for 2, 2.78 for 4, 1.96 as dof grows). By bisection on
+    2 x the integral of the density from 0 to q (Simpson's rule on 4000 intervals, exact to 1e-6)."""
+    nu = float(dof)
+    if not nu >= 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {dof}")
+    c = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(nu * math.pi)
+
+    def inside(q: float) -> float:                      # P(|T| <= q)
+        x = np.linspace(0.0, q, 4001)
+        f = c * (1 + x * x / nu) ** (-(nu + 1) / 2)
+        w = np.ones_like(x)
+        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+        return 2 * float(w @ f) * (q / 4000) / 3
+
+    lo, hi = 1.9, 13.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if inside(mid) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
 
 
 @dataclass
@@ -71,9 +97,13 @@ class RunComparison:
         """Standard error of the measured mean of ``phase`` (seconds; copy over its steps): the larger of
         the within-run figure std(steps) / sqrt(steps) and, with several runs, the between-run figure
         std(run means) / sqrt(runs) (the machine's speed drifts between runs)."""
+        return self.spread(phase)[0]
+
+    def spread(self, phase: str) -> tuple[float, int]:
+        """(:meth:`stderr_of`, its degrees of freedom: steps - 1 or runs - 1, whichever figure it is)."""
         v = self._values("measured", phase)
         if len(v) < 2:
-            return float("nan")
+            return float("nan"), 0
         within = float(np.std(v, ddof=1) / np.sqrt(len(v)))
         if phase == "total" and self.run_of is None:
             r = np.asarray(self.run_means)
@@ -83,11 +113,13 @@ class RunComparison:
         else:
             r = np.zeros(0)
         between = float(np.std(r, ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0
-        return max(within, between)
+        return (between, len(r) - 1) if between > within else (within, len(v) - 1)
 
     def ci95(self, phase: str) -> float:
-        """Half-width of the 95% interval of the measured mean of ``phase`` (seconds): 1.96 standard errors."""
-        return Z95 * self.stderr_of(phase)
+        """Half-width of the 95% interval of the measured mean of ``phase`` (seconds): :func:`t95` of the
+        standard error's degrees of freedom, times the standard error (:meth:`stderr_of`)."""
+        se, dof = self.spread(phase)
+        return t95(dof) * se if dof >= 1 else float("nan")
 
     def share(self, phase: str) -> float:
         """|measured mean of ``phase``| / measured mean step (copy: both over the steps that moved weights)."""
@@ -183,8 +215,9 @@ def phase_failures(comparisons: list[RunComparison], max_error: float,
 
 def ranking(comparisons: list[RunComparison]) -> dict[int, dict]:
     """Per N: strategies ordered by mean measured and by mean predicted total; ``agrees`` when
-    the orders are the same. A pair is *resolved* when its measured means differ by more than
-    twice the standard error of the difference; ``resolved_agrees``: the predicted order agrees on
+    the orders are the same. A pair is *resolved* when its measured means differ by more than the
+    95% interval of the difference: :func:`t95` (the smaller degrees of freedom of the two) times its
+    standard error, sqrt(se_a^2 + se_b^2); ``resolved_agrees``: the predicted order agrees on
     every resolved pair (``misordered`` lists those it does not, ``unresolved`` the others)."""
     out = {}
     for n in sorted({c.nproc for c in comparisons}):
@@ -196,7 +229,9 @@ def ranking(comparisons: list[RunComparison]) -> dict[int, dict]:
             for b in cs[i + 1:]:
                 dm = a.mean("measured", "total") - b.mean("measured", "total")
                 dp = a.mean("predicted", "total") - b.mean("predicted", "total")
-                if not abs(dm) > 2 * np.hypot(a.stderr, b.stderr):
+                (se_a, dof_a), (se_b, dof_b) = a.spread("total"), b.spread("total")
+                dof = min(dof_a, dof_b)
+                if not (dof >= 1 and abs(dm) > t95(dof) * np.hypot(se_a, se_b)):
                     unresolved.append((a.strategy, b.strategy))
                 elif dm * dp <= 0:
                     wrong.append((a.strategy, b.strategy))
