@@ -88,6 +88,9 @@ def test_ranking_resolves_a_pair_of_three_runs_only_beyond_their_t_interval():
         r = ranking([a, b])[4]
         assert (("off", "static") in r["misordered"]) == resolved
         assert (("off", "static") in r["unresolved"]) == (not resolved)
+        line = [ln for ln in format_report([a, b], ranking([a, b])).splitlines() if ln.startswith("ranking, 4")][0]
+        assert ("misordered beyond the 95% interval: off/static" in line) == resolved
+        assert line.endswith(f"({0 if resolved else 1} of 1 pairs not separated)")
 
 
 def test_beyond_counts_only_what_lies_outside_the_interval():
