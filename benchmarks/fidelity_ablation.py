@@ -12,6 +12,8 @@ some fields (docs/fidelity.md, "What the cost model gained for this"):
 * ``no collective skew``: without the time ranks lose leaving collectives at different times;
 * ``combine at any gap``: the combine's host cost of ranks arriving together charged whatever the gap
   (``combine_together_us`` added to ``combine_overhead_us``: one constant, as fitted on every repeat);
+* ``no combine return rows``: the combine without its cost per row a GPU sends back
+  (``combine_return_row_us``, fitted from the imbalance benchmark);
 * ``no copy latency``: weight copies at bandwidth only (no fixed time per expert transferred);
 * ``no host overheads``: without the dispatch/combine overheads and the permutation term;
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel
@@ -38,11 +40,14 @@ def variants(cluster):
     yield "no collective skew", dataclasses.replace(cluster, collective_skew_us=0.0)
     yield "combine at any gap", dataclasses.replace(cluster, gpu=dataclasses.replace(
         g, combine_overhead_us=g.combine_overhead_us + g.combine_together_us, combine_together_us=0.0))
+    yield "no combine return rows", dataclasses.replace(cluster, gpu=dataclasses.replace(g, combine_return_row_us=0.0))
     yield "no copy latency", dataclasses.replace(cluster, intra_node=dataclasses.replace(link, copy_latency_us=0.0))
     yield "no host overheads", dataclasses.replace(cluster, gpu=dataclasses.replace(
-        g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0, permute_bandwidth_gb_s=None))
+        g, dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0, combine_return_row_us=0.0,
+        permute_bandwidth_gb_s=None))
     plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
                                 dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0,
+                                combine_return_row_us=0.0,
                                 permute_bandwidth_gb_s=None,
                                 replan_overhead_us=0.0,
                                 kernel_overhead_us=g.attention_overhead_us or g.kernel_overhead_us)

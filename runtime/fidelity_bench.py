@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_gps.fidelity import routing
+from moe_gps.fidelity.calibrate import step_batch
 from runtime.dist import DistContext, init_distributed
 
 
@@ -163,10 +165,8 @@ def bench_links(b: Bench, spec: dict) -> None:
 
 
 def balanced_experts(T: int, k: int, E: int, rank: int, device) -> torch.Tensor:
-    """experts [T, k] with every expert chosen exactly T*k/E times (when E divides T*k), distinct per token."""
-    t = torch.arange(T, device=device)[:, None]
-    j = torch.arange(k, device=device)[None, :]
-    return ((t * k + j + rank) % E).long()
+    """experts [T, k]: :func:`moe_gps.fidelity.routing.balanced_experts` on ``device``."""
+    return torch.as_tensor(routing.balanced_experts(T, k, E, rank), device=device)
 
 
 def bench_model(b: Bench, spec: dict) -> None:
@@ -240,28 +240,15 @@ def bench_model(b: Bench, spec: dict) -> None:
                     b.record(f"model_step/{slots}", T, sum(sum(ph.values()) for ph in layers))
     bench_imbalance(b, spec, models[0][0], models[0][1], forward)
     handle = models[-1][0]
-    batch = _step_batch(spec)
+    batch = step_batch(spec)
     step_ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(dev)
     step_routing = balanced_experts(batch * S, k, E, ctx.rank, dev)
     bench_moves(b, spec, *models[-1], lambda: forward(handle.module, step_ids, step_routing))
 
 
-def _step_batch(spec: dict) -> int:
-    """Sequences per rank of the steps the imbalance and move benchmarks run: the run config's batch."""
-    return spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
-
-
 def imbalanced_experts(T: int, k: int, E: int, rank: int, fraction: float, hot: list[int], device) -> torch.Tensor:
-    """experts [T, k]: :func:`balanced_experts`, except that the first round(fraction x T) tokens choose the
-    ``hot`` experts (those rank 0 holds), distinct per token as far as there are enough of them."""
-    out = balanced_experts(T, k, E, rank, device)
-    n, h = int(round(fraction * T)), len(hot)
-    if n and h:
-        t = torch.arange(n, device=device)[:, None]
-        j = torch.arange(min(k, h), device=device)[None, :]
-        hot_t = torch.as_tensor(hot, dtype=torch.long, device=device)
-        out[:n, :min(k, h)] = hot_t[(t + j) % h]
-    return out
+    """experts [T, k]: :func:`moe_gps.fidelity.routing.imbalanced_experts` on ``device``."""
+    return torch.as_tensor(routing.imbalanced_experts(T, k, E, rank, fraction, hot), device=device)
 
 
 def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
@@ -276,7 +263,7 @@ def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
         return
     ctx, S = b.ctx, spec["seq_len"]
     k, E = spec["top_k"], spec["num_experts"]
-    batch = _step_batch(spec)
+    batch = step_batch(spec)
     T = batch * S
     slots = placement.slots_per_gpu
     hot = sorted({int(e) for e in placement.phy2log[0][:slots]})
@@ -287,9 +274,9 @@ def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
           f"of every rank's tokens to rank 0's experts")
     with torch.inference_mode():
         for rep in range(b.warmup + b.repeats):
-            for f, routing in routes:
+            for f, experts in routes:
                 b.sync()
-                layers = forward(handle.module, ids, routing)
+                layers = forward(handle.module, ids, experts)
                 if rep < b.warmup:
                     continue
                 for ph in layers:

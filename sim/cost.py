@@ -44,6 +44,7 @@ class Hardware:
     expert_overhead: seconds per expert slot with tokens in the FFN
     dispatch_overhead, combine_overhead: host seconds per dispatch (or correction) / combine per GPU
     combine_together: host seconds a combine adds when the GPUs reach it together (:func:`combine_together`)
+    combine_return_row: host seconds per row a GPU sends back in a combine (:func:`combine_host_time`)
     permute_bw: B/s of token permutation (0: not modelled)
     compute_units: processors the GPUs of a node share (0: not shared)
     intra_copy_bw, intra_copy_lat, inter_copy_bw, inter_copy_lat: weight copies (unset: the link's numbers)
@@ -72,6 +73,7 @@ class Hardware:
     dispatch_overhead: float = 0.0
     combine_overhead: float = 0.0
     combine_together: float = 0.0
+    combine_return_row: float = 0.0
     permute_bw: float = 0.0
     compute_units: float = 0.0
     intra_copy_bw: float = 0.0
@@ -120,6 +122,7 @@ class Hardware:
             dispatch_overhead=g.dispatch_overhead_us * 1e-6,
             combine_overhead=g.combine_overhead_us * 1e-6,
             combine_together=g.combine_together_us * 1e-6,
+            combine_return_row=g.combine_return_row_us * 1e-6,
             permute_bw=(g.permute_bandwidth_gb_s or 0.0) * 1e9,
             compute_units=cluster.compute_units_per_node or 0.0,
             intra_copy_bw=(cluster.intra_node.copy_bandwidth_gb_s or 0.0) * 1e9,
@@ -384,10 +387,12 @@ def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):
     return hw.dispatch_overhead + permute_time(rows, 1, model, hw)
 
 
-def combine_host_time(rows, model: ModelConfig, hw: Hardware):
-    """Host work of one combine on a GPU whose ``rows`` rows come back: combine overhead + 2
-    permutation passes (back to token order, weighted sum over the top-k).  rows: [...] -> seconds"""
-    return hw.combine_overhead + permute_time(rows, 2, model, hw)
+def combine_host_time(rows, model: ModelConfig, hw: Hardware, returned=0.0):
+    """Host work of one combine on a GPU whose ``rows`` rows come back and that sends back ``returned``
+    rows it computed for other GPUs: combine overhead + 2 permutation passes (back to token order,
+    weighted sum over the top-k) + combine_return_row x returned.  rows, returned: [...] -> seconds"""
+    out = hw.combine_overhead + permute_time(rows, 2, model, hw)
+    return out + hw.combine_return_row * np.asarray(returned, dtype=np.float64) if hw.combine_return_row else out
 
 
 def transfer_time(bytes_, same_node, hw: Hardware, bandwidth_share: float = 1.0, transfers=1):

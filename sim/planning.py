@@ -39,7 +39,7 @@ class LayerTimeModel:
         recv_f(g) = tokens g's replicas take from peers on f;  send_f(g) = tokens g sends to them
         link(g) = max_f [max(send_f, recv_f) h a / B_f + alpha_f (peers on f)]
         D(g) = [layout] + link(g) + dispatch host(home_g) + skew0
-        C(g) = link(g) + combine host(home_g) + skew(FFN)
+        C(g) = link(g) + combine host(home_g, rows g took from the others) + skew(FFN)
         layer = max_g FFN(g) + max_g D(g) + max_g C(g)
 
     (skew0: the collective skew of GPUs arriving together; skew(FFN): that of the combine, which the GPUs
@@ -207,6 +207,8 @@ class LayerTimeModel:
             link = np.maximum(intra, inter)
         d = link + self.dhost[:, layers]
         c = link + self.chost[:, layers] + (collective_skew(ffn, hw) + combine_together(ffn, hw))[..., None]
+        if hw.combine_return_row:
+            c = c + hw.combine_return_row * (rows - local)                          # rows g sends back
         layer = ffn.max(axis=2) + d.max(axis=2) + c.max(axis=2)
         return layer.mean(axis=0), (ffn + d + c).mean(axis=0)
 

@@ -262,22 +262,25 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
         rows = traffic.sum(axis=2)
+        returned = returned_rows(traffic, hw)
     elif home_frac is not None:
         # one expert mix on every GPU: the traffic is home_frac[g] x the tokens GPU h takes (:func:`route`)
         link = alltoall_outer_time(home_frac, gpu_tokens, bpt, hw)
         rows = home_frac[None, :] * gpu_tokens.sum(axis=1, keepdims=True)
+        returned = gpu_tokens * (1.0 - home_frac[None, :])                  # what g takes from the others
         dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     else:
         traffic = route(src_counts, p)
         link = alltoall_time(traffic, bpt, hw)
         rows = traffic.sum(axis=2)
+        returned = returned_rows(traffic, hw)
         dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     # without a correction the combine sends back what the dispatch sent: each GPU's max(send,
     # receive) and its peers are the same
     combine_link = link if predicted_src is None or exact else alltoall_time(np.swapaxes(traffic, 1, 2), bpt, hw)
-    combine = combine_link + combine_host_time(rows, model, hw)
+    combine = combine_link + combine_host_time(rows, model, hw, returned)
     if hw.compute_units:
         ffn = shared_compute(ffn, hw)
     if hw.combine_together:
@@ -293,6 +296,14 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
         combine = combine + skew[:, 2:]
     return PlacementPhases(dispatch, correction, ffn, combine, link, combine_link, gpu_tokens,
                            predicted_src is not None, skew)
+
+
+def returned_rows(traffic: np.ndarray, hw: Hardware):
+    """float [..., G]: the rows each GPU took from the others in a dispatch of ``traffic`` [..., G, G] (and
+    sends back in the combine); 0 when the combine does not charge them (``hw.combine_return_row``)."""
+    if not hw.combine_return_row:
+        return 0.0
+    return traffic.sum(axis=-2) - np.diagonal(traffic, axis1=-2, axis2=-1)
 
 
 def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, model: ModelConfig,

@@ -490,3 +490,80 @@ def test_new_terms_in_the_event_model_match_the_closed_form_and_add_exactly_thei
     alone = run(dataclasses.replace(cluster, compute_units_per_node=None))
     for a, s in zip(alone.strategies, r.strategies):
         assert (s.phases["ffn"] >= a.phases["ffn"] - 1e-12).all() and (s.phases["ffn"] > a.phases["ffn"]).any()
+
+
+def test_the_imbalance_benchmark_routes_as_the_calibration_models_it():
+    """runtime.fidelity_bench sends the very tokens moe_gps.fidelity.routing describes (the calibration
+    prices them): balanced, every expert T k / E times; with a share f, rank 0's experts take it."""
+    torch = pytest.importorskip("torch")
+    from moe_gps.fidelity.routing import expert_counts
+    from runtime.fidelity_bench import balanced_experts, imbalanced_experts
+
+    T, k, E = 64, 2, 8
+    assert np.array_equal(expert_counts(T, k, E, 2), np.full((2, E), T * k / E))
+    hot = [0, 1]
+    counts = expert_counts(T, k, E, 2, 0.5, hot)
+    assert counts[:, hot].sum(axis=1).tolist() == [32 * 2 + 32 * 2 * 2 / 8] * 2     # 32 tokens x 2, + their share
+    for rank in range(2):
+        ex = imbalanced_experts(T, k, E, rank, 0.5, hot, "cpu")
+        assert ex.dtype == torch.int64
+        assert np.array_equal(np.bincount(ex.numpy().ravel(), minlength=E), counts[rank])
+        assert (ex.numpy() != np.roll(ex.numpy(), 1, axis=1)).all()                     # distinct per token
+    assert np.array_equal(balanced_experts(T, k, E, 1, "cpu").numpy(), imbalanced_experts(T, k, E, 1, 0.0, hot, "cpu"))
+
+
+@pytest.mark.parametrize("per_row_us", [0.0, 3.0])
+def test_the_combine_cost_per_row_sent_back_is_fitted_where_the_imbalance_benchmark_shows_it(per_row_us):
+    """The imbalance benchmark's combine on a machine whose combine costs per_row_us for every row the
+    busiest rank sends back (plus noise): the calibration finds it (within its interval), or 0 where
+    there is none; the simulator charges it per GPU for the rows that GPU took from the others, in the
+    event model's phases and in the planner's time model alike."""
+    from moe_gps.fidelity.calibrate import combine_return_row, fit_cluster, layout_placement, layouts, make_spec
+    from moe_gps.fidelity.routing import expert_counts
+    from sim.planning import time_model
+    from sim.work import placement_phases
+
+    N = 4
+    run_cfg = parse_run_config(RUN)
+    spec = make_spec(run_cfg, N)
+    truth = _truth(N)
+    model = model_for_run(run_cfg)
+    hw = Hardware.from_config(truth, model)
+    samples = _samples_from(truth, spec, run_cfg, noise=0.0)
+    p = layout_placement(spec, N, layouts(spec, N)[0], num_layers=1)
+    hot = sorted({int(e) for e in p.phy2log[0][:p.slots_per_gpu]})
+    T = spec["imbalance_batch"] * spec["seq_len"]
+    rng = np.random.default_rng(3)
+    rows = []
+    for f in spec["imbalance_fractions"]:
+        traffic = route(expert_counts(T, model.top_k, model.num_experts, N, f, hot)[None], p)
+        back = traffic[0].sum(axis=0) - np.diag(traffic[0])                       # rows each rank sends back
+        t = (alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
+             + combine_host_time(traffic.sum(axis=2), model, hw))[0] + per_row_us * 1e-6 * back
+        for _ in range(7 * spec["num_layers"]):
+            noisy = t.max() * (1 + 0.03 * rng.standard_normal())
+            rows.extend((float(f), rank, noisy + 1e-4 * rank) for rank in range(N))
+    samples["imbalance_combine"] = rows
+    got = combine_return_row(samples, spec, N, model, hw)
+    assert got["slope_s"] == pytest.approx(per_row_us * 1e-6, abs=got["interval_s"])
+    assert got["per_row_s"] == (got["slope_s"] if per_row_us else 0.0)
+    cal = fit_cluster({"spec": spec, "info": {"world_size": N, "backend": "gloo", "device": "cpu",
+                                              "threads_per_rank": 1, "torch": "x", "interference": 0.0},
+                       "samples": samples}, run_cfg)
+    assert cal.cluster.gpu.combine_return_row_us == pytest.approx(got["per_row_s"] * 1e6, rel=1e-3)   # 4 digits
+    assert "gpu.combine_return_row_us" in cal.fits
+    # the simulator: c x (rows g took from the others) in g's combine, nothing else
+    c = 2e-6
+    src = np.random.default_rng(0).gamma(0.7, 40.0, size=(2, N, 8))
+    plan = plan_placement(src.sum(axis=1), N, 4, "eplb")
+    with_it, without = (placement_phases(plan, src, None, model, dataclasses.replace(hw, combine_return_row=x))
+                        for x in (c, 0.0))
+    traffic = route(src, plan)
+    back = traffic.sum(axis=1) - np.diagonal(traffic, axis1=1, axis2=2)
+    assert with_it.combine - without.combine == pytest.approx(c * back)
+    assert np.array_equal(with_it.dispatch, without.dispatch) and np.array_equal(with_it.ffn, without.ffn)
+    layers = np.arange(2)
+    tok = plan.slot_loads(src.sum(axis=1))
+    per_gpu = [time_model(src, plan.slots_per_gpu, model, dataclasses.replace(hw, combine_return_row=x))
+               .evaluate(plan.phy2log, tok, layers)[1] for x in (c, 0.0)]
+    assert per_gpu[0] - per_gpu[1] == pytest.approx(c * back)

@@ -72,6 +72,9 @@ class GPUSpec:
         "reach it together and exchange at once (one that arrives clearly last finds the others waiting): "
         "combine_together_us x exp(-gap / collective_skew_us), gap = how much later the last GPU reaches the "
         "combine than the second-last (at any gap without collective_skew_us)", unit="us", ge=0, default=0.0)
+    combine_return_row_us: float = spec(
+        "host time per row a GPU sends back in a combine (the rows it computed for other GPUs), beyond the link "
+        "time: a GPU that took a larger share of the tokens sends more of them back", unit="us", ge=0, default=0.0)
     permute_bandwidth_gb_s: float | None = spec(
         "bandwidth of token permutation (gathering or scattering hidden-state rows in another order): one pass "
         "reads and writes every row once; dispatch makes 1 pass over the GPU's sent rows, the FFN 2 over its "

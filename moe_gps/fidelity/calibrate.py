@@ -29,7 +29,8 @@ import numpy as np
 
 from moe_gps.config.schema import COPY_BANDWIDTH_SHARE, ClusterConfig, GPUSpec, LinkSpec
 from moe_gps.errors import UserError
-from moe_gps.fidelity.fit import collective, collective_apart, critical, fit_line, median_residual, typical
+from moe_gps.fidelity.fit import (collective, collective_apart, collective_repeats, critical, fit_line,
+                                  median_residual, typical)
 from moe_gps.fidelity.model import DTYPE_BYTES, model_for_run
 
 
@@ -79,6 +80,11 @@ def make_spec(run_cfg, nproc: int, repeats: int = 20, quick: bool = False, devic
     targets = move_targets(spec, nproc, moves) + small_move_targets(spec, nproc, 2 if quick else 3)
     spec["move_targets"] = [[p.phy2log.tolist(), p.replica_share.tolist()] for p in targets]
     return spec
+
+
+def step_batch(spec: dict) -> int:
+    """Sequences per rank of the steps the imbalance and move benchmarks run: the run config's batch."""
+    return spec.get("imbalance_batch") or spec["model_batches"][len(spec["model_batches"]) // 2]
 
 
 def layouts(spec: dict, num_ranks: int) -> list[int]:
@@ -296,7 +302,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     from moe_gps.fidelity.model import workload_for_run
     from sim.cost import (Hardware, alltoall_time, combine_host_time, dispatch_host_time, ffn_time, layout_time,
                           permute_time)
-    from sim.work import install_time, route, weight_copies
+    from sim.work import install_time, returned_rows, route, weight_copies
 
     spec, info, samples = result["spec"], result["info"], result["samples"]
     N = int(info["world_size"])
@@ -450,6 +456,14 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                             collective_skew_floor=None if curve is None else float(f"{curve['floor']:.3g}"),
                             collective_skew_gap_us=None if curve is None else float(f"{curve['gap_scale_s'] * us:.4g}"))
     hw = Hardware.from_config(cluster, model)
+    # the combine's cost per row a rank sends back (the rows it computed for the others): from the
+    # imbalance benchmark, where rank 0 takes a growing share of the tokens
+    ret = combine_return_row(samples, spec, N, model, hw)
+    if ret is not None:
+        keep("imbalance: rows the busiest rank sends back in the combine", ret["fractions"], ret["rows"],
+             "share of tokens to rank 0's experts")
+        gpu.combine_return_row_us = ret["per_row_s"] * us
+        hw = dataclasses.replace(hw, combine_return_row=ret["per_row_s"])
     # dispatch and combine: what the phase takes beyond the link and permutation terms (median)
     meas_d, meas_c, mod_d, mod_c = [], [], [], []
     for name, meas in (("model_dispatch", meas_d), ("model_combine", meas_c)):
@@ -473,7 +487,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
         mod_d.append(float((layout_time(hw)[None] + alltoall_time(traffic, model.token_bytes, hw)
                             + dispatch_host_time(sent, model, hw)).max()))
         mod_c.append(float((alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
-                            + combine_host_time(sent, model, hw)).max()))
+                            + combine_host_time(sent, model, hw, returned_rows(traffic, hw))).max()))
     disp_over, disp_spread = median_residual(meas_d, mod_d)
     comb_over, comb_spread = median_residual(meas_c, mod_c)
     together = 0.0
@@ -530,6 +544,11 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                         f", over the repeats where one rank reached it more than the collective "
                                         f"skew after the others ({np.min(apart_share):.0%} to "
                                         f"{np.max(apart_share):.0%} of them)" if split else "")),
+        **({} if ret is None else {"gpu.combine_return_row_us": (ret["per_row_s"] * us, "us", (
+            f"the imbalance benchmark's combine (per repeat the first rank done) - the model's without its "
+            f"overhead and this term, over the rows the busiest rank sends back: slope {ret['slope_s'] * us:.3g} us "
+            f"+/- {ret['interval_s'] * us:.2g} (95%, {ret['repeats']} repeats)" + (
+                "" if ret["per_row_s"] else "; 0: not above its interval"))) }),
         "gpu.combine_together_us": (together * us, "us", (
             "the combine overhead fitted on every repeat - the one above" if split else
             f"0: too few repeats where one rank reached the combine clearly last (fewer than {APART_SHARE:.0%})")),
@@ -627,6 +646,53 @@ def fit_skew_curve(gaps: np.ndarray, ratios: np.ndarray) -> tuple[float, float, 
         if sse < best[2]:
             best = (floor, float(w), sse)
     return best[0], best[1], float(np.sqrt(best[2] / len(r)))
+
+
+def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> dict | None:
+    """The combine's host cost per row a rank sends back (``gpu.combine_return_row_us``), from the
+    ``imbalance_combine`` benchmark (runtime.fidelity_bench.bench_imbalance: a share f of every rank's
+    tokens to rank 0's experts, :func:`moe_gps.fidelity.routing.imbalanced_experts`). Per repeat:
+
+        y = combine (the first rank done) - [all-to-all + 2 permutation passes] of the model at f
+        x = the rows that the rank with the largest modelled combine took from the others at f
+
+    least squares y = a + c x over every repeat (a: what the overhead fit takes); c is kept where it is
+    positive beyond its 95% interval (Student's t of repeats - 2 degrees of freedom times its standard
+    error), else 0: the term is charged only where the benchmark shows it. None without the benchmark.
+    Returns per_row_s (c or 0), slope_s (c), interval_s, repeats, and per f the fractions and x (``rows``)."""
+    from moe_gps.fidelity.compare import t95
+    from moe_gps.fidelity.routing import expert_counts
+    from sim.cost import alltoall_time, permute_time
+    from sim.work import route
+
+    if not samples.get("imbalance_combine"):
+        return None
+    f_rep, y_rep = collective_repeats(samples["imbalance_combine"])
+    placement = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[0], num_layers=1)
+    hot = sorted({int(e) for e in placement.phy2log[0][:placement.slots_per_gpu]})
+    T = step_batch(spec) * spec["seq_len"]
+    fractions = np.unique(f_rep)
+    model_s, rows = {}, {}
+    for f in fractions:
+        src = expert_counts(T, spec["top_k"], spec["num_experts"], num_ranks, float(f), hot)[None]    # [1, N, E]
+        traffic = route(src, placement)
+        t = (alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
+             + permute_time(traffic.sum(axis=2), 2, model, hw))[0]                                # [N]
+        g = int(np.argmax(t))
+        model_s[f] = float(t[g])
+        rows[f] = float(traffic[0, :, g].sum() - traffic[0, g, g])
+    x = np.array([rows[f] for f in f_rep])
+    y = y_rep - np.array([model_s[f] for f in f_rep])
+    n = len(y)
+    if n < 3 or np.ptp(x) <= 0:
+        return None
+    A = np.stack([np.ones(n), x], axis=1)
+    (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
+    resid = y - A @ np.array([a, c])
+    se = float(np.sqrt(resid @ resid / (n - 2) / np.sum((x - x.mean()) ** 2)))
+    interval = t95(n - 2) * se
+    return {"per_row_s": float(c) if c > interval else 0.0, "slope_s": float(c), "interval_s": interval,
+            "repeats": n, "fractions": fractions, "rows": np.array([rows[f] for f in fractions])}
 
 
 def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:

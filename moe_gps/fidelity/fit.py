@@ -59,6 +59,18 @@ def collective(rows) -> tuple[np.ndarray, np.ndarray]:
     return _per_repeat(rows, np.min)
 
 
+def collective_repeats(rows) -> tuple[np.ndarray, np.ndarray]:
+    """(size of each repeat [n], its minimum over ranks [n]): :func:`collective` before the mean."""
+    by = _by_size(rows)
+    sizes, out = [], []
+    for s in sorted(by):
+        per_rank = list(by[s].values())
+        reps = min(len(v) for v in per_rank)
+        out.append(np.stack([np.asarray(v[:reps]) for v in per_rank]).min(axis=0))
+        sizes.append(np.full(reps, s))
+    return np.concatenate(sizes), np.concatenate(out)
+
+
 def collective_apart(rows, arrivals, apart: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The :func:`collective` mean over only the repeats where one rank reached the collective clearly
     last: (sizes [n], that mean [n] (NaN where no repeat was), the share of repeats it is over [n]).
