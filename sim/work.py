@@ -267,7 +267,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
         # one expert mix on every GPU: the traffic is home_frac[g] x the tokens GPU h takes (:func:`route`)
         link = alltoall_outer_time(home_frac, gpu_tokens, bpt, hw)
         rows = home_frac[None, :] * gpu_tokens.sum(axis=1, keepdims=True)
-        returned = gpu_tokens * (1.0 - home_frac[None, :])                  # what g takes from the others
+        returned = gpu_tokens * (1.0 - home_frac[None, :]) if hw.combine_return_row else 0.0   # g's from others
         dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     else:

@@ -562,6 +562,14 @@ def test_the_combine_cost_per_row_sent_back_is_fitted_where_the_imbalance_benchm
     back = traffic.sum(axis=1) - np.diagonal(traffic, axis1=1, axis2=2)
     assert with_it.combine - without.combine == pytest.approx(c * back)
     assert np.array_equal(with_it.dispatch, without.dispatch) and np.array_equal(with_it.ffn, without.ffn)
+    # one expert mix on every GPU (priced from its counts): the same rows as routing that mix token by token
+    mix = np.array([0.4, 0.3, 0.2, 0.1])
+    counts = src.sum(axis=1)
+    one = [placement_phases(plan, None, None, model, dataclasses.replace(hw, combine_return_row=x), mix,
+                            counts=counts) for x in (c, 0.0)]
+    full = route(counts[:, None, :] * mix[None, :, None], plan)
+    back_mix = full.sum(axis=1) - np.diagonal(full, axis1=1, axis2=2)
+    assert one[0].combine - one[1].combine == pytest.approx(c * back_mix)
     layers = np.arange(2)
     tok = plan.slot_loads(src.sum(axis=1))
     per_gpu = [time_model(src, plan.slots_per_gpu, model, dataclasses.replace(hw, combine_return_row=x))

@@ -548,7 +548,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
             f"the imbalance benchmark's combine (per repeat the first rank done) - the model's without its "
             f"overhead and this term, over the rows the busiest rank sends back: slope {ret['slope_s'] * us:.3g} us "
             f"+/- {ret['interval_s'] * us:.2g} (95%, {ret['repeats']} repeats)" + (
-                "" if ret["per_row_s"] else "; 0: not above its interval"))) }),
+                "" if ret["per_row_s"] else "; 0: not above its interval")))}),
         "gpu.combine_together_us": (together * us, "us", (
             "the combine overhead fitted on every repeat - the one above" if split else
             f"0: too few repeats where one rank reached the combine clearly last (fewer than {APART_SHARE:.0%})")),

@@ -39,12 +39,6 @@ def phase_table(comparisons: list[RunComparison]) -> str:
                                           "max(0, |predicted - measured| - 95% half-width) / measured")
 
 
-def _resolved(r: dict) -> int:
-    """Pairs of a :func:`~moe_gps.fidelity.compare.ranking` entry the measurement separates."""
-    n = len(r["measured"])
-    return n * (n - 1) // 2 - len(r["unresolved"])
-
-
 def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], header: str = "") -> str:
     rows = []
     for c in comparisons:
@@ -70,7 +64,8 @@ def format_report(comparisons: list[RunComparison], ranks: dict[int, dict], head
             line += ("; every pair the measurement separates (difference beyond its 95% interval) is in the same "
                      "order" if r["resolved_agrees"] else
                      "; misordered beyond the 95% interval: " + ", ".join(f"{a}/{b}" for a, b in r["misordered"]))
-            line += f" ({len(r['unresolved'])} of {len(r['unresolved']) + _resolved(r)} pairs not separated)"
+            pairs = len(r["measured"]) * (len(r["measured"]) - 1) // 2
+            line += f" ({len(r['unresolved'])} of {pairs} pairs not separated)"
         out.append(line)
     worst = max((abs(c.error("total")) for c in comparisons if np.isfinite(c.error("total"))), default=float("nan"))
     out.append(f"largest |error| of the per-step MoE time: {worst * 100:.1f}%")
