@@ -64,7 +64,7 @@ def test_between_run_spread_widens_a_phase_interval():
 
 
 def test_t95_is_students_two_sided_quantile():
-    # the tabulated values (e.g. Abramowitz & Stegun 26.7), and the normal limit
+    # the tabulated two-sided 95% values, and the normal limit
     for dof, q in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
         assert t95(dof) == pytest.approx(q, abs=1e-4)
     assert t95(10 ** 6) == pytest.approx(1.95996, abs=1e-4)
