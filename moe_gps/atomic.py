@@ -93,9 +93,9 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 
 def write_csv_atomic(target: str | os.PathLike, columns: Mapping[str, Any]) -> Path:
     """Write a table to ``target`` as CSV atomically: ``columns`` maps each column's name to its
-    values (sequences of one length; a pandas DataFrame is such a mapping). Floats have 6 significant digits (``%.6g``), a missing value
-    (None or NaN) is an empty field, a column of Python numbers with a float or a None in it is a
-    float column (as pandas reads it back)."""
+    values (sequences of one length; a pandas DataFrame is such a mapping). Floats have 6 significant
+    digits (``%.6g``), a missing value (None or NaN) is an empty field, a column of Python numbers
+    with a float or a None in it is a float column (as pandas reads it back)."""
     import csv
     import io
 

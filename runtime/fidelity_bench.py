@@ -265,8 +265,7 @@ def bench_imbalance(b: Bench, spec: dict, handle, placement, forward) -> None:
     k, E = spec["top_k"], spec["num_experts"]
     batch = step_batch(spec)
     T = batch * S
-    slots = placement.slots_per_gpu
-    hot = sorted({int(e) for e in placement.phy2log[0][:slots]})
+    hot = routing.rank0_experts(placement)
     g = torch.Generator().manual_seed(11 + ctx.rank)
     ids = torch.randint(0, spec["vocab_size"], (batch, S), generator=g).to(ctx.device)
     routes = [(f, imbalanced_experts(T, k, E, ctx.rank, f, hot, ctx.device)) for f in fractions]

@@ -519,7 +519,7 @@ def test_the_combine_cost_per_row_sent_back_is_fitted_where_the_imbalance_benchm
     there is none; the simulator charges it per GPU for the rows that GPU took from the others, in the
     event model's phases and in the planner's time model alike."""
     from moe_gps.fidelity.calibrate import combine_return_row, fit_cluster, layout_placement, layouts, make_spec
-    from moe_gps.fidelity.routing import expert_counts
+    from moe_gps.fidelity.routing import expert_counts, rank0_experts
     from sim.planning import time_model
     from sim.work import placement_phases
 
@@ -531,7 +531,7 @@ def test_the_combine_cost_per_row_sent_back_is_fitted_where_the_imbalance_benchm
     hw = Hardware.from_config(truth, model)
     samples = _samples_from(truth, spec, run_cfg, noise=0.0)
     p = layout_placement(spec, N, layouts(spec, N)[0], num_layers=1)
-    hot = sorted({int(e) for e in p.phy2log[0][:p.slots_per_gpu]})
+    hot = rank0_experts(p)
     T = spec["imbalance_batch"] * spec["seq_len"]
     rng = np.random.default_rng(3)
     rows = []

@@ -661,7 +661,7 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
     error), else 0: the term is charged only where the benchmark shows it. None without the benchmark.
     Returns per_row_s (c or 0), slope_s (c), interval_s, repeats, and per f the fractions and x (``rows``)."""
     from moe_gps.fidelity.compare import t95
-    from moe_gps.fidelity.routing import expert_counts
+    from moe_gps.fidelity.routing import expert_counts, rank0_experts
     from sim.cost import alltoall_time, permute_time
     from sim.work import route
 
@@ -669,7 +669,7 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
         return None
     f_rep, y_rep = collective_repeats(samples["imbalance_combine"])
     placement = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[0], num_layers=1)
-    hot = sorted({int(e) for e in placement.phy2log[0][:placement.slots_per_gpu]})
+    hot = rank0_experts(placement)
     T = step_batch(spec) * spec["seq_len"]
     fractions = np.unique(f_rep)
     model_s, rows = {}, {}

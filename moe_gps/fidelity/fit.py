@@ -43,15 +43,21 @@ def typical(rows) -> tuple[np.ndarray, np.ndarray]:
     return sizes, mean
 
 
-def _per_repeat(rows, reduce) -> tuple[np.ndarray, np.ndarray]:
+def _repeats(rows, reduce) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(sizes [n] ascending, per size the ``reduce`` over ranks of each repeat [repeats])."""
     by = _by_size(rows)
     sizes = np.array(sorted(by))
     out = []
     for s in sizes:
         per_rank = list(by[s].values())
         reps = min(len(v) for v in per_rank)
-        out.append(np.mean(reduce(np.stack([np.asarray(v[:reps]) for v in per_rank]), axis=0)))
-    return sizes, np.array(out)
+        out.append(reduce(np.stack([np.asarray(v[:reps]) for v in per_rank]), axis=0))
+    return sizes, out
+
+
+def _per_repeat(rows, reduce) -> tuple[np.ndarray, np.ndarray]:
+    sizes, per = _repeats(rows, reduce)
+    return sizes, np.array([np.mean(v) for v in per])
 
 
 def collective(rows) -> tuple[np.ndarray, np.ndarray]:
@@ -61,14 +67,8 @@ def collective(rows) -> tuple[np.ndarray, np.ndarray]:
 
 def collective_repeats(rows) -> tuple[np.ndarray, np.ndarray]:
     """(size of each repeat [n], its minimum over ranks [n]): :func:`collective` before the mean."""
-    by = _by_size(rows)
-    sizes, out = [], []
-    for s in sorted(by):
-        per_rank = list(by[s].values())
-        reps = min(len(v) for v in per_rank)
-        out.append(np.stack([np.asarray(v[:reps]) for v in per_rank]).min(axis=0))
-        sizes.append(np.full(reps, s))
-    return np.concatenate(sizes), np.concatenate(out)
+    sizes, per = _repeats(rows, np.min)
+    return np.repeat(sizes, [len(v) for v in per]), np.concatenate(per)
 
 
 def collective_apart(rows, arrivals, apart: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

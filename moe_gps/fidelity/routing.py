@@ -4,12 +4,19 @@
 * :func:`balanced_experts`: every expert chosen equally often, distinct per token;
 * :func:`imbalanced_experts`: the same, except that a share of the tokens choose the experts of
   rank 0 (the imbalance benchmark: rank 0 computes longer, the others wait for it);
-* :func:`expert_counts`: every rank's per-expert pair counts of one of them.
+* :func:`expert_counts`: every rank's per-expert pair counts of one of them;
+* :func:`rank0_experts`: the experts that share goes to.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def rank0_experts(placement) -> list[int]:
+    """The experts rank 0 holds in the first layer of ``placement``, ascending: those the imbalance
+    benchmark sends its share of the tokens to (``hot`` of :func:`imbalanced_experts`)."""
+    return sorted({int(e) for e in placement.phy2log[0][:placement.slots_per_gpu]})
 
 
 def balanced_experts(T: int, k: int, E: int, rank: int) -> np.ndarray:
