@@ -47,9 +47,7 @@ def variants(cluster):
         permute_bandwidth_gb_s=None))
     plain = dataclasses.replace(g, attention_efficiency=None, attention_overhead_us=None, expert_overhead_us=0.0,
                                 dispatch_overhead_us=0.0, combine_overhead_us=0.0, combine_together_us=0.0,
-                                combine_return_row_us=0.0,
-                                permute_bandwidth_gb_s=None,
-                                replan_overhead_us=0.0,
+                                combine_return_row_us=0.0, permute_bandwidth_gb_s=None, replan_overhead_us=0.0,
                                 kernel_overhead_us=g.attention_overhead_us or g.kernel_overhead_us)
     yield "roofline only", dataclasses.replace(cluster, gpu=plain, compute_units_per_node=None, collective_skew_us=0.0,
                                                intra_node=dataclasses.replace(link, copy_bandwidth_gb_s=None,
@@ -59,12 +57,14 @@ def variants(cluster):
 def main(argv=None) -> int:
     import pandas as pd
 
+    from moe_gps.atomic import write_csv_atomic
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run
     from moe_gps.fidelity.measured import measured_phases, read_run
-    from runtime.replay import replay_run, simulate_run
+    from moe_gps.tables import rows_to_columns
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
+    from runtime.replay import replay_run, simulate_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                   f"{c.error('combine') * 100:+7.1f}%  sync {c.error('sync') * 100:+7.1f}%  copy "
                   f"{c.error('copy') * 100:+7.1f}%", flush=True)
     out = Path(args.out) if args.out else root / "ablation.csv"
-    pd.DataFrame(rows).to_csv(out, index=False, float_format="%.6g")
+    write_csv_atomic(out, rows_to_columns(rows))
     print(f"wrote {out} (every run of the folder pooled, also those the validation left out as busy)")
     return 0
 

@@ -158,13 +158,13 @@ def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: in
 def validate(opt: ValidateOptions):
     """Run everything; returns (comparisons, ranking, text report). Writes the files in ``opt.out``."""
     from moe_gps.atomic import write_csv_atomic, write_text_atomic
-    from moe_gps.tables import rows_to_columns
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run, ranking
     from moe_gps.fidelity.measured import measured_phases, read_run
     from runtime.replay import check_replay, replay_run, simulate_run
     from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
     from moe_gps.outputs import check_output_dir
+    from moe_gps.tables import rows_to_columns
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
 

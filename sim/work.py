@@ -262,7 +262,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
                               + dispatch_host_time(fix.sum(axis=2), model, hw), 0.0)
         traffic = main + fix
         rows = traffic.sum(axis=2)
-        returned = returned_rows(traffic, hw)
+        returned = returned_rows(traffic) if hw.combine_return_row else 0.0
     elif home_frac is not None:
         # one expert mix on every GPU: the traffic is home_frac[g] x the tokens GPU h takes (:func:`route`)
         link = alltoall_outer_time(home_frac, gpu_tokens, bpt, hw)
@@ -274,7 +274,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
         traffic = route(src_counts, p)
         link = alltoall_time(traffic, bpt, hw)
         rows = traffic.sum(axis=2)
-        returned = returned_rows(traffic, hw)
+        returned = returned_rows(traffic) if hw.combine_return_row else 0.0
         dispatch = (0.0 if exact else layout) + link + dispatch_host_time(rows, model, hw)
         correction = np.zeros((L, G))
     # without a correction the combine sends back what the dispatch sent: each GPU's max(send,
@@ -298,11 +298,9 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
                            predicted_src is not None, skew)
 
 
-def returned_rows(traffic: np.ndarray, hw: Hardware):
+def returned_rows(traffic: np.ndarray) -> np.ndarray:
     """float [..., G]: the rows each GPU took from the others in a dispatch of ``traffic`` [..., G, G] (and
-    sends back in the combine); 0 when the combine does not charge them (``hw.combine_return_row``)."""
-    if not hw.combine_return_row:
-        return 0.0
+    sends back in the combine)."""
     return traffic.sum(axis=-2) - np.diagonal(traffic, axis1=-2, axis2=-1)
 
 

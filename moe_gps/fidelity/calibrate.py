@@ -487,7 +487,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
         mod_d.append(float((layout_time(hw)[None] + alltoall_time(traffic, model.token_bytes, hw)
                             + dispatch_host_time(sent, model, hw)).max()))
         mod_c.append(float((alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
-                            + combine_host_time(sent, model, hw, returned_rows(traffic, hw))).max()))
+                            + combine_host_time(sent, model, hw, returned_rows(traffic))).max()))
     disp_over, disp_spread = median_residual(meas_d, mod_d)
     comb_over, comb_spread = median_residual(meas_c, mod_c)
     together = 0.0
@@ -663,7 +663,7 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
     from moe_gps.fidelity.compare import t95
     from moe_gps.fidelity.routing import expert_counts, rank0_experts
     from sim.cost import alltoall_time, permute_time
-    from sim.work import route
+    from sim.work import returned_rows, route
 
     if not samples.get("imbalance_combine"):
         return None
@@ -680,7 +680,7 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
              + permute_time(traffic.sum(axis=2), 2, model, hw))[0]                                # [N]
         g = int(np.argmax(t))
         model_s[f] = float(t[g])
-        rows[f] = float(traffic[0, :, g].sum() - traffic[0, g, g])
+        rows[f] = float(returned_rows(traffic)[0, g])
     x = np.array([rows[f] for f in f_rep])
     y = y_rep - np.array([model_s[f] for f in f_rep])
     n = len(y)
