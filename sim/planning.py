@@ -19,6 +19,7 @@ import numpy as np
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.layouts import contiguous
+from moe_gps.placement.placement import gpu_sums
 from moe_gps.placement.timeaware import home_layers
 from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, combine_together,
                       dispatch_host_time, ffn_time, layout_time, shared_compute, transfer_time)
@@ -126,7 +127,7 @@ class LayerTimeModel:
         share = np.divide(slot_tokens, plan, out=np.zeros_like(slot_tokens), where=plan > 0)
         tok = share[None] * self.total[:, lr, e]                                  # [K, n, P]
         K = tok.shape[0]
-        rows = tok.reshape(K, n, G, S).sum(axis=3)
+        rows = gpu_sums(tok, S)
         out = {"tok": tok, "ffn": ffn_time(tok, S, self.model, self.hw), "rows": rows}
         if self.mix is not None:
             out["local"] = rows * self.mix
@@ -135,7 +136,7 @@ class LayerTimeModel:
                 out["to_node"] = on_node * self.mix
                 out["inn"] = rows * self.mix_node
             return out
-        out["local"] = (tok * self.frac[:, lr, gpu[None, :], e]).reshape(K, n, G, S).sum(axis=3)
+        out["local"] = gpu_sums(tok * self.frac[:, lr, gpu[None, :], e], S)
         if self.nodes > 1:
             # tokens g's replicas take from g's node, and tokens g sends to its node: per GPU, over the
             # slots of its own node only
@@ -146,7 +147,7 @@ class LayerTimeModel:
             every = n == self.frac.shape[1] and (layers == np.arange(n)).all()
             frac = (self.frac if every else self.frac[:, layers]).reshape(K, n, B, G // B, E)
             out["to_node"] = np.einsum("knbje,knbe->knbj", frac, W).reshape(K, n, G)   # g -> its node's replicas
-            out["inn"] = (tok * self.fnode[:, lr, self.node[gpu][None, :], e]).reshape(K, n, G, S).sum(axis=3)
+            out["inn"] = gpu_sums(tok * self.fnode[:, lr, self.node[gpu][None, :], e], S)
         return out
 
     @staticmethod

@@ -14,6 +14,7 @@ import numpy as np
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.moves import move_plan
+from moe_gps.placement.placement import gpu_sums
 from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
                       combine_host_time, combine_together, dispatch_host_time, ffn_time, layout_time, local_copy_time,
                       shared_compute, transfer_time)
@@ -246,7 +247,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
     ffn = ffn_time(slot_tokens, p.slots_per_gpu, model, hw)  # [L, G]
-    gpu_tokens = slot_tokens.reshape(L, G, p.slots_per_gpu).sum(axis=2)
+    gpu_tokens = gpu_sums(slot_tokens, p.slots_per_gpu)
     bpt = model.token_bytes
     layout = layout_time(hw)[None, :]                        # [1, G]
     exact = predicted_src is not None and predicted_src is src_counts   # every token predicted right: no correction

@@ -210,6 +210,30 @@ def test_gpu_loads_conserve_tokens_and_take_leading_axes():
     assert balancedness(g).shape == (2, 3)
 
 
+def test_gpu_sums_and_gpu_any_are_numpys_reductions_over_each_gpus_slots():
+    from moe_gps.placement.placement import gpu_any, gpu_sums
+
+    rng = np.random.default_rng(3)
+    for S in (1, 2, 5, 7, 8, 11):
+        # magnitudes far apart, so that a different order of the additions would round differently
+        x = rng.random((3, 4, 6 * S)) * 10.0 ** rng.integers(-8, 17, (3, 4, 6 * S))
+        blocks = x.reshape(3, 4, 6, S)
+        in_order = blocks[..., 0].copy()
+        for j in range(1, S):
+            in_order += blocks[..., j]
+        got = gpu_sums(x, S)
+        assert got.shape == (3, 4, 6)
+        if S < 8:
+            assert np.array_equal(got, in_order)
+        # numpy's own reduction: the same numbers below 8 terms, pairwise sums from 8
+        np.testing.assert_allclose(got, blocks.sum(axis=-1), rtol=1e-14)
+        flags = x > np.median(x) * 3
+        assert np.array_equal(gpu_any(flags, S), flags.reshape(3, 4, 6, S).any(axis=-1))
+    counts = np.arange(12).reshape(2, 6)                      # integers: numpy's sum, exact
+    assert gpu_sums(counts, 3).tolist() == [[3, 12], [21, 30]]
+    assert gpu_any(counts > 10, 3).tolist() == [[False, False], [False, True]]
+
+
 def test_balancedness_values():
     assert balancedness(np.array([2.0, 2.0, 2.0])) == 1.0
     assert balancedness(np.array([4.0, 2.0, 0.0])) == pytest.approx(0.5)

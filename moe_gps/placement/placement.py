@@ -211,8 +211,7 @@ class Placement:
 
     def gpu_loads(self, counts: np.ndarray) -> np.ndarray:
         """Tokens per GPU under the shares: counts [..., L, E] -> float64 [..., L, N]."""
-        slot = self.slot_loads(counts)
-        return slot.reshape(slot.shape[:-1] + (self.num_gpus, self.slots_per_gpu)).sum(axis=-1)
+        return gpu_sums(self.slot_loads(counts), self.slots_per_gpu)
 
     def experts_on_gpu(self) -> np.ndarray:
         """int64 [L, N, E]: how many replicas of each expert each GPU holds."""
@@ -276,6 +275,38 @@ def vllm_balancedness(gpu_loads: np.ndarray) -> np.ndarray:
     mx = g.max(axis=-1).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mx > 0, mean / np.where(mx > 0, mx, 1.0), 1.0)
+
+
+def gpu_sums(slot_values: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    """Sums over each GPU's slots, added in slot order: [..., N * S] -> [..., N] (S = ``slots_per_gpu``).
+
+    ``slot_values.reshape(..., N, S).sum(axis=-1)``, several times faster for a few slots per GPU
+    (numpy reduces a short axis slowly; below 8 terms it too adds them in order, so the numbers
+    are the same).
+    """
+    x = np.asarray(slot_values)
+    blocks = x.reshape(x.shape[:-1] + (-1, slots_per_gpu))
+    if slots_per_gpu >= 8 or not np.issubdtype(x.dtype, np.floating):
+        return blocks.sum(axis=-1)
+    out = blocks[..., 0].copy()
+    for j in range(1, slots_per_gpu):
+        out += blocks[..., j]
+    return out
+
+
+def gpu_any(slot_flags: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    """Whether any of each GPU's slots is set: bool [..., N * S] -> [..., N] (S = ``slots_per_gpu``).
+
+    ``slot_flags.reshape(..., N, S).any(axis=-1)``, several times faster for a few slots per GPU.
+    """
+    blocks = np.asarray(slot_flags, dtype=bool)
+    blocks = blocks.reshape(blocks.shape[:-1] + (-1, slots_per_gpu))
+    if slots_per_gpu >= 8:
+        return blocks.any(axis=-1)
+    out = blocks[..., 0].copy()
+    for j in range(1, slots_per_gpu):
+        out |= blocks[..., j]
+    return out
 
 
 def expert_sums(values: np.ndarray, phy2log: np.ndarray, num_experts: int) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 from moe_gps.errors import UserError
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.layouts import contiguous, fill_spares
-from moe_gps.placement.placement import Placement
+from moe_gps.placement.placement import Placement, gpu_any, gpu_sums
 from moe_gps.placement.waterfill import arrivals, relabel_gpus
 
 #: token amounts tried per move, as fractions of half the gap between the two GPUs
@@ -200,15 +200,15 @@ def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placeme
         e = ex[r, src]
         src_tok = tk[r, src]
         holds_e = ex == e[:, None]
-        gpu_has_e = holds_e.reshape(n, N, S).any(axis=2)
+        gpu_has_e = gpu_any(holds_e, S)
         open_slot = ~home[idx] & (tk <= 0) & ~gpu_has_e[:, gpu]              # may take a copy of e
-        can = gpu_has_e | (open_slot.reshape(n, N, S).any(axis=2) & (penalty < np.inf))
+        can = gpu_has_e | (gpu_any(open_slot, S) & (penalty < np.inf))
         can[r, h] = False
         c = np.where(can, gt, np.inf).argmin(axis=1)
         shift = gpu_has_e[r, c]
         on_c = gpu[None, :] == c[:, None]
         dst = np.where(shift, (holds_e & on_c).argmax(axis=1), (open_slot & on_c).argmax(axis=1))
-        g_tok = tk.reshape(n, N, S).sum(axis=2)
+        g_tok = gpu_sums(tk, S)
         half = np.minimum(src_tok, (g_tok[r, h] - g_tok[r, c]) / 2)
         ok = can[r, c] & (src_tok > 0) & (half > 0)
         # every trial amount at once: rows k * n + j are trial k of layer idx[j]
