@@ -457,7 +457,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                             collective_skew_gap_us=None if curve is None else float(f"{curve['gap_scale_s'] * us:.4g}"))
     hw = Hardware.from_config(cluster, model)
     # the combine's cost per row a rank sends back (the rows it computed for the others): from the
-    # imbalance benchmark, where rank 0 takes a growing share of the tokens
+    # imbalance benchmark, where rank 0 takes a growing share of the tokens, and the balanced one's batches
     ret = combine_return_row(samples, spec, N, model, hw)
     if ret is not None:
         keep("imbalance: rows the busiest rank sends back in the combine", ret["fractions"], ret["rows"],
@@ -545,9 +545,10 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                         f"skew after the others ({np.min(apart_share):.0%} to "
                                         f"{np.max(apart_share):.0%} of them)" if split else "")),
         **({} if ret is None else {"gpu.combine_return_row_us": (ret["per_row_s"] * us, "us", (
-            f"the imbalance benchmark's combine (per repeat the first rank done) - the model's without its "
-            f"overhead and this term, over the rows the busiest rank sends back: slope {ret['slope_s'] * us:.3g} us "
-            f"+/- {ret['interval_s'] * us:.2g} (95%, {ret['repeats']} repeats)" + (
+            f"the imbalance and balanced model benchmarks' combine (per repeat the first rank done) - the "
+            f"model's without its overhead and this term, over the rows the busiest rank sends back, an intercept "
+            f"for each benchmark: slope {ret['slope_s'] * us:.3g} us +/- {ret['interval_s'] * us:.2g} (95%, "
+            f"{ret['repeats']} repeats)" + (
                 "" if ret["per_row_s"] else "; 0: not above its interval")))}),
         "gpu.combine_together_us": (together * us, "us", (
             "the combine overhead fitted on every repeat - the one above" if split else
@@ -649,50 +650,71 @@ def fit_skew_curve(gaps: np.ndarray, ratios: np.ndarray) -> tuple[float, float, 
 
 
 def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> dict | None:
-    """The combine's host cost per row a rank sends back (``gpu.combine_return_row_us``), from the
-    ``imbalance_combine`` benchmark (runtime.fidelity_bench.bench_imbalance: a share f of every rank's
-    tokens to rank 0's experts, :func:`moe_gps.fidelity.routing.imbalanced_experts`). Per repeat:
+    """The combine's host cost per row a rank sends back (``gpu.combine_return_row_us``), from two
+    benchmarks where the busiest rank's rows sent back grow in different ways: ``imbalance_combine``
+    (runtime.fidelity_bench.bench_imbalance: a share f of every rank's tokens to rank 0's experts,
+    :func:`moe_gps.fidelity.routing.imbalanced_experts`; the rows moved in all stay the same) and the
+    balanced model benchmark's ``model_combine/S`` (every rank's rows grow with the batch). Per repeat
+    of either:
 
-        y = combine (the first rank done) - [all-to-all + 2 permutation passes] of the model at f
-        x = the rows that the rank with the largest modelled combine took from the others at f
+        y = combine (the first rank done) - [all-to-all + 2 permutation passes] of the model
+        x = the rows that the rank with the largest of these took from the others (and sends back)
 
-    least squares y = a + c x over every repeat (a: what the overhead fit takes); c is kept where it is
-    positive beyond its 95% interval (Student's t of repeats - 2 degrees of freedom times its standard
-    error), else 0: the term is charged only where the benchmark shows it. None without the benchmark.
-    Returns per_row_s (c or 0), slope_s (c), interval_s, repeats, and per f the fractions and x (``rows``)."""
+    least squares y = a_b + c x over every repeat of both, an intercept a_b for each benchmark (what
+    arriving together or apart adds; the overhead fits take it) and one slope c, kept where it is
+    positive beyond its 95% interval (Student's t of repeats - parameters degrees of freedom times its
+    standard error), else 0: the term is charged only where the benchmarks show it. None without them.
+    Returns per_row_s (c or 0), slope_s (c), interval_s, repeats, and per f of the imbalance benchmark
+    the fractions and x (``rows``)."""
     from moe_gps.fidelity.compare import t95
     from moe_gps.fidelity.routing import expert_counts, rank0_experts
     from sim.cost import alltoall_time, permute_time
     from sim.work import returned_rows, route
 
-    if not samples.get("imbalance_combine"):
-        return None
-    f_rep, y_rep = collective_repeats(samples["imbalance_combine"])
-    placement = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[0], num_layers=1)
-    hot = rank0_experts(placement)
-    T = step_batch(spec) * spec["seq_len"]
-    fractions = np.unique(f_rep)
-    model_s, rows = {}, {}
-    for f in fractions:
-        src = expert_counts(T, spec["top_k"], spec["num_experts"], num_ranks, float(f), hot)[None]    # [1, N, E]
-        traffic = route(src, placement)
+    def busiest(src: np.ndarray, placement) -> tuple[float, float]:
+        """(the model's seconds, rows sent back) of the rank with the largest modelled combine."""
+        traffic = route(src, placement)                                                     # [1, N, N]
         t = (alltoall_time(np.swapaxes(traffic, 1, 2), model.token_bytes, hw)
-             + permute_time(traffic.sum(axis=2), 2, model, hw))[0]                                # [N]
+             + permute_time(traffic.sum(axis=2), 2, model, hw))[0]                          # [N]
         g = int(np.argmax(t))
-        model_s[f] = float(t[g])
-        rows[f] = float(returned_rows(traffic)[0, g])
-    x = np.array([rows[f] for f in f_rep])
-    y = y_rep - np.array([model_s[f] for f in f_rep])
-    n = len(y)
-    if n < 3 or np.ptp(x) <= 0:
+        return float(t[g]), float(returned_rows(traffic)[0, g])
+
+    k, E = spec["top_k"], spec["num_experts"]
+    xs, ys, bench = [], [], []
+    fractions, rows = np.array([]), np.array([])
+    if samples.get("imbalance_combine"):
+        f_rep, y_rep = collective_repeats(samples["imbalance_combine"])
+        placement = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[0], num_layers=1)
+        hot = rank0_experts(placement)
+        T = step_batch(spec) * spec["seq_len"]
+        fractions = np.unique(f_rep)
+        fit = {f: busiest(expert_counts(T, k, E, num_ranks, float(f), hot)[None], placement) for f in fractions}
+        rows = np.array([fit[f][1] for f in fractions])
+        xs.append(np.array([fit[f][1] for f in f_rep]))
+        ys.append(y_rep - np.array([fit[f][0] for f in f_rep]))
+        bench.append(np.zeros(len(f_rep), dtype=int))
+    for S, rows_ in sorted(_layouts(samples, "model_combine").items()):
+        placement = layout_placement(spec, num_ranks, S * num_ranks - E, num_layers=1)
+        t_rep, y_rep = collective_repeats(rows_)
+        fit = {T: busiest(np.full((1, num_ranks, E), T * k / E), placement) for T in np.unique(t_rep)}
+        xs.append(np.array([fit[T][1] for T in t_rep]))
+        ys.append(y_rep - np.array([fit[T][0] for T in t_rep]))
+        bench.append(np.ones(len(t_rep), dtype=int))
+    if not xs:
         return None
-    A = np.stack([np.ones(n), x], axis=1)
-    (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
-    resid = y - A @ np.array([a, c])
-    se = float(np.sqrt(resid @ resid / (n - 2) / np.sum((x - x.mean()) ** 2)))
-    interval = t95(n - 2) * se
-    return {"per_row_s": float(c) if c > interval else 0.0, "slope_s": float(c), "interval_s": interval,
-            "repeats": n, "fractions": fractions, "rows": np.array([rows[f] for f in fractions])}
+    x, y, b = np.concatenate(xs), np.concatenate(ys), np.concatenate(bench)
+    groups = np.unique(b)
+    A = np.column_stack([(b == g).astype(np.float64) for g in groups] + [x])
+    n, params = A.shape
+    if n <= params or np.linalg.matrix_rank(A) < params:
+        return None
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    c = float(coef[-1])
+    resid = y - A @ coef
+    se = float(np.sqrt(resid @ resid / (n - params) * np.linalg.inv(A.T @ A)[-1, -1]))
+    interval = t95(n - params) * se
+    return {"per_row_s": c if c > interval else 0.0, "slope_s": c, "interval_s": interval,
+            "repeats": n, "fractions": fractions, "rows": rows}
 
 
 def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
