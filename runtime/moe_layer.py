@@ -80,9 +80,9 @@ class ExpertParallelMoE(nn.Module):
     ctx:               the process group (:class:`runtime.dist.DistContext`)
     act:               the expert activation (SiLU for Mixtral, Qwen and OLMoE)
 
-    After a forward, ``stats`` holds the phase times (:data:`PHASES`, seconds),
-    ``pairs_local`` (T * k), ``expert_tokens`` (pairs this rank's experts computed) and
-    ``slot_tokens`` int64 [S] (pairs per local slot).
+    After a forward, ``stats`` holds the phase times (:data:`PHASES`, seconds), ``expert_cpu_s`` (the
+    process's CPU time during the expert compute), ``pairs_local`` (T * k), ``expert_tokens`` (pairs this
+    rank's experts computed) and ``slot_tokens`` int64 [S] (pairs per local slot).
     """
 
     def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int, ctx: DistContext,
@@ -189,6 +189,7 @@ class ExpertParallelMoE(nn.Module):
         t2 = self._now()
 
         # 5. grouped expert compute
+        c2 = time.process_time()
         index, per_slot = slot_major_order(recv_blocks)
         index_t = torch.as_tensor(index, device=x.device)
         xs = recv_x[index_t]
@@ -202,6 +203,7 @@ class ExpertParallelMoE(nn.Module):
         y_recv = torch.empty_like(ys)
         y_recv[index_t] = ys
         t3 = self._now()
+        c3 = time.process_time()
 
         # 6. combine
         if ctx.distributed:
@@ -216,8 +218,9 @@ class ExpertParallelMoE(nn.Module):
         out = (y_pairs.view(T, k, -1) * weights.to(x.dtype).unsqueeze(-1)).sum(dim=1)
         t4 = self._now()
         self.stats = {"route_s": route_s, "counts_s": t1 - t0, "dispatch_s": t2 - t1, "expert_s": t3 - t2,
-                      "combine_s": t4 - t3, "pairs_local": T * k, "expert_tokens": int(per_slot.sum()),
-                      "slot_tokens": per_slot, "pairs_sent_remote": int(sum(send_splits) - send_splits[me])}
+                      "combine_s": t4 - t3, "expert_cpu_s": c3 - c2, "pairs_local": T * k,
+                      "expert_tokens": int(per_slot.sum()), "slot_tokens": per_slot,
+                      "pairs_sent_remote": int(sum(send_splits) - send_splits[me])}
         return out
 
 

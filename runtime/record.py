@@ -43,8 +43,8 @@ from moe_gps.placement import save_placement
 from moe_gps.trace import TraceMeta, TraceWriter
 from moe_gps.trace.data import StepRouting
 
-LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", "combine_s", "pairs_local",
-                "expert_tokens", "pairs_sent_remote")
+LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", "combine_s", "expert_cpu_s",
+                "pairs_local", "expert_tokens", "pairs_sent_remote")
 STEP_FIELDS = ("step_s", "forward_s", "move_s", "background_s", "bytes_sent", "bytes_received", "row_copies",
                "transfers", "slots_kept", "local_copies", "slots_received")
 

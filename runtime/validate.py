@@ -232,6 +232,11 @@ def validate(opt: ValidateOptions):
                 comp.notes.append(f"{len(quiet)} of {len(runs)} runs pooled; run means "
                                   + ", ".join(f"{v * 1e3:.1f}" for v in comp.run_means) + " ms; other processes "
                                   + ", ".join("?" if x[1] is None else f"{x[1]:.2f}" for x in runs) + " cores")
+            shares = [x[3].ffn_cpu_share for x in quiet if x[3].ffn_cpu_share is not None]
+            if shares:
+                comp.notes.append(f"the busiest rank's expert compute (each layer's): its CPU time "
+                                  f"{sum(shares) / len(shares):.0%} of its time (on CPU ranks, the share of a processor "
+                                  "it had)")
             comparisons.append(comp)
     loads.append(os.getloadavg()[0])
     ranks = ranking(comparisons)

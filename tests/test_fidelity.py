@@ -354,6 +354,10 @@ def test_measured_phases_follow_the_critical_path():
     # what the total has beyond the phases: ranks leaving collectives at different times
     assert m.phases["sync"][0] == pytest.approx(min(own0, own1) - (2.7 + 0.9 + 5.0 + 0.3))
     assert m.replanned.tolist() == [True]
+    assert m.ffn_cpu_share is None                     # a run recorded without expert_cpu_s
+    # the busiest rank of each layer (rank 1 both times): its CPU time over its time in the expert compute
+    t["expert_cpu_s"] = [2.0, 1.5, 1.0, 1.0]
+    assert measured_phases(t, s).ffn_cpu_share == pytest.approx((1.5 + 1.0) / (3.0 + 2.0))
 
 
 # ----------------------------------------------------------------------------- comparison and ranking

@@ -69,6 +69,10 @@ def test_calibrate_then_validate_two_strategies_on_two_ranks(tmp_path, capsys, m
     assert "replayed placement gives" not in text
     steps = pd.read_csv(out / "steps.csv")
     assert len(steps) == 12 and {"predicted_total_ms", "measured_ffn_ms"} <= set(steps.columns)
+    # each rank's CPU time in its expert compute is recorded, and the busiest rank's share of a processor reported
+    timings = pd.read_csv(out / "runs" / "N2-off" / "timings.csv")
+    assert (timings.expert_cpu_s > 0).all() and (timings.expert_cpu_s < 2 * timings.expert_s + 1e-3).all()
+    assert "the busiest rank's expert compute (each layer's): its CPU time" in text
     assert (out / "fidelity.png").stat().st_size > 10_000
     # the cluster and model files simulate a trace the runtime recorded
     capsys.readouterr()

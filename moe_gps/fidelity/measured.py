@@ -45,12 +45,15 @@ PHASES = ("attention", "dispatch", "ffn", "combine", "copy", "sync")
 
 @dataclass
 class MeasuredRun:
-    """Per step of a run: ``steps`` int [S]; ``phases[name]`` and ``total`` float seconds [S]."""
+    """Per step of a run: ``steps`` int [S]; ``phases[name]`` and ``total`` float seconds [S];
+    ``ffn_cpu_share``: the busiest rank's CPU time over its wall time in the expert compute, summed over
+    the run's layers and steps (None for runs recorded without ``expert_cpu_s``)."""
 
     steps: np.ndarray
     phases: dict[str, np.ndarray]
     total: np.ndarray
     replanned: np.ndarray
+    ffn_cpu_share: float | None = None
 
 
 def read_run(run_dir: str | Path):
@@ -85,4 +88,9 @@ def measured_phases(timings, steps) -> MeasuredRun:
     total = own.reindex(idx).to_numpy(dtype=np.float64) + phases["copy"]
     phases["sync"] = total - sum(phases[p] for p in PHASES[:5])
     rp = (replanned.reindex(idx).fillna(0).to_numpy() > 0) if replanned is not None else np.zeros(len(idx), bool)
-    return MeasuredRun(idx.astype(np.int64), phases, total, rp)
+    share = None
+    if "expert_cpu_s" in t:
+        busiest = t.loc[t.groupby(["step", "layer"])["expert_s"].idxmax()]
+        wall = float(busiest.expert_s.sum())
+        share = float(busiest.expert_cpu_s.sum()) / wall if wall > 0 else None
+    return MeasuredRun(idx.astype(np.int64), phases, total, rp, share)
