@@ -13,7 +13,7 @@ some fields (docs/fidelity.md, "What the cost model gained for this"):
 * ``combine at any gap``: the combine's host cost of ranks arriving together charged whatever the gap
   (``combine_together_us`` added to ``combine_overhead_us``: one constant, as fitted on every repeat);
 * ``no combine return rows``: the combine without its cost per row a GPU sends back
-  (``combine_return_row_us``, fitted from the imbalance benchmark);
+  (``combine_return_row_us``, fitted from the imbalance and balanced model benchmarks);
 * ``no copy latency``: weight copies at bandwidth only (no fixed time per expert transferred);
 * ``no host overheads``: without the dispatch/combine overheads and the permutation term;
 * ``roofline only``: only peak, HBM bandwidth, link bandwidth and latency, one kernel

@@ -681,25 +681,29 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
 
     k, E = spec["top_k"], spec["num_experts"]
     xs, ys, bench = [], [], []
+
+    def add(bench_rows: list, placement, src_of, b: int) -> dict[float, tuple[float, float]]:
+        """The (x, y) of every repeat of one benchmark (``src_of(size)``: its [1, N, E] counts) -> per size
+        :func:`busiest`."""
+        sizes, y_rep = collective_repeats(bench_rows)
+        fit = {s: busiest(src_of(s), placement) for s in np.unique(sizes)}
+        xs.append(np.array([fit[s][1] for s in sizes]))
+        ys.append(y_rep - np.array([fit[s][0] for s in sizes]))
+        bench.append(np.full(len(sizes), b))
+        return fit
+
     fractions, rows = np.array([]), np.array([])
     if samples.get("imbalance_combine"):
-        f_rep, y_rep = collective_repeats(samples["imbalance_combine"])
         placement = layout_placement(spec, num_ranks, layouts(spec, num_ranks)[0], num_layers=1)
         hot = rank0_experts(placement)
         T = step_batch(spec) * spec["seq_len"]
-        fractions = np.unique(f_rep)
-        fit = {f: busiest(expert_counts(T, k, E, num_ranks, float(f), hot)[None], placement) for f in fractions}
+        fit = add(samples["imbalance_combine"], placement,
+                  lambda f: expert_counts(T, k, E, num_ranks, float(f), hot)[None], 0)
+        fractions = np.array(sorted(fit))
         rows = np.array([fit[f][1] for f in fractions])
-        xs.append(np.array([fit[f][1] for f in f_rep]))
-        ys.append(y_rep - np.array([fit[f][0] for f in f_rep]))
-        bench.append(np.zeros(len(f_rep), dtype=int))
     for S, rows_ in sorted(_layouts(samples, "model_combine").items()):
-        placement = layout_placement(spec, num_ranks, S * num_ranks - E, num_layers=1)
-        t_rep, y_rep = collective_repeats(rows_)
-        fit = {T: busiest(np.full((1, num_ranks, E), T * k / E), placement) for T in np.unique(t_rep)}
-        xs.append(np.array([fit[T][1] for T in t_rep]))
-        ys.append(y_rep - np.array([fit[T][0] for T in t_rep]))
-        bench.append(np.ones(len(t_rep), dtype=int))
+        add(rows_, layout_placement(spec, num_ranks, S * num_ranks - E, num_layers=1),
+            lambda T: np.full((1, num_ranks, E), T * k / E), 1)
     if not xs:
         return None
     x, y, b = np.concatenate(xs), np.concatenate(ys), np.concatenate(bench)
