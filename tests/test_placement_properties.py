@@ -115,3 +115,87 @@ def test_yaml_roundtrip_is_exact(tmp_path_factory, cfg, algorithm):
     assert np.array_equal(q.phy2log, p.phy2log)
     np.testing.assert_allclose(q.replica_share, p.replica_share, rtol=0, atol=1e-15)
     assert q.allow_colocated == p.allow_colocated
+
+
+# -- the vectorised building blocks against plain-Python references of what their docstrings say
+
+
+@st.composite
+def weight_rows(draw):
+    """(weights [B, packs x per_pack] with ties, zeros or all positive; packs)."""
+    B, packs, per = draw(st.integers(1, 4)), draw(st.integers(1, 8)), draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["float", "ties", "zeros", "positive ties"]))
+    shape = (B, packs * per)
+    w = {"float": lambda: rng.random(shape), "ties": lambda: rng.integers(0, 4, shape).astype(float),
+         "zeros": lambda: np.where(rng.random(shape) < 0.5, 0.0, rng.random(shape)),
+         "positive ties": lambda: rng.integers(1, 3, shape).astype(float)}[kind]()
+    return w, packs
+
+
+def _pack_reference(w: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Heaviest first (ties by index) onto the lightest pack with room (ties to the lowest id)."""
+    B, n = w.shape
+    pack_of, pos_of = np.zeros((B, n), dtype=np.int64), np.zeros((B, n), dtype=np.int64)
+    for b in range(B):
+        level, held = [0.0] * packs, [0] * packs
+        for i in sorted(range(n), key=lambda i: (-w[b, i], i)):
+            p = min((q for q in range(packs) if held[q] < n // packs), key=lambda q: (level[q], q))
+            pack_of[b, i], pos_of[b, i] = p, held[p]
+            level[p] += w[b, i]
+            held[p] += 1
+    return pack_of, pos_of
+
+
+@SETTINGS
+@given(weight_rows())
+def test_pack_is_the_greedy_it_describes(case):
+    from moe_gps.placement.eplb import pack
+
+    w, packs = case
+    if w.shape[1] // packs == 1:
+        return                                   # one item a pack: in order (its own branch)
+    got, want = pack(w, packs), _pack_reference(w, packs)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@st.composite
+def two_layouts(draw):
+    """(new [R, N x S], old [R, N x S_old], N, E): random experts, repeats within a GPU allowed."""
+    N, S, S_old = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    E, R = draw(st.integers(1, 12)), draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.integers(0, E, (R, N * S)), rng.integers(0, E, (R, N * S_old)), N, E
+
+
+@SETTINGS
+@given(two_layouts())
+def test_arrivals_counts_each_gpus_new_experts_once(case):
+    from moe_gps.placement.waterfill import arrivals
+
+    new, old, N, _ = case
+    blocks = lambda x, r, g: set(x[r].reshape(N, -1)[g].tolist())  # noqa: E731
+    want = [sum(len(blocks(new, r, g) - blocks(old, r, g)) for g in range(N)) for r in range(len(new))]
+    assert arrivals(new, old, N).tolist() == want
+
+
+@SETTINGS
+@given(two_layouts())
+def test_relabel_gpus_is_the_greedy_matching_it_describes(case):
+    """Surest new GPUs first (most experts in common with some old GPU, ties by number), each onto the
+    free old number it shares most experts with (ties to the lowest)."""
+    from moe_gps.placement.waterfill import relabel_gpus
+
+    new, old, N, E = case
+    share = np.random.default_rng(0).random(new.shape)
+    got, got_share = relabel_gpus(new, share, old, N, E)
+    for r in range(len(new)):
+        nb, ob = new[r].reshape(N, -1), old[r].reshape(N, -1)
+        common = [[len(set(nb[a].tolist()) & set(ob[b].tolist())) for b in range(N)] for a in range(N)]
+        taken, number = set(), {}
+        for a in sorted(range(N), key=lambda a: (-max(common[a]), a)):
+            number[a] = min((b for b in range(N) if b not in taken), key=lambda b: (-common[a][b], b))
+            taken.add(number[a])
+        want = np.concatenate([nb[a] for a in sorted(range(N), key=lambda a: number[a])])
+        want_share = np.concatenate([share[r].reshape(N, -1)[a] for a in sorted(range(N), key=lambda a: number[a])])
+        assert np.array_equal(got[r], want) and np.array_equal(got_share[r], want_share)

@@ -74,7 +74,19 @@ def pack(weight: np.ndarray, num_packs: int, capacity: np.ndarray | None = None)
     level2d = level.reshape(B, num_packs)
     chosen = np.empty((B, n), dtype=np.int64)  # pack of the j-th heaviest item
     base = np.arange(B) * num_packs
-    for j in range(n):
+    first = 0
+    if capacity is None and per_pack >= 2 and (sorted_w[:, :num_packs] > 0).all():
+        # the first num_packs items, all heavier than 0, go one to each empty pack in order
+        chosen[:, :num_packs] = np.arange(num_packs)
+        level2d[:] = sorted_w[:, :num_packs]
+        filled[:] = 1
+        first = num_packs
+    for j in range(first, n):
+        if capacity is None and j == n - num_packs and (filled == per_pack - 1).all():
+            # one free place left in every pack: the last items go, heaviest first, to the packs from
+            # the lightest (ties to the lowest id), one each
+            chosen[:, j:] = np.argsort(level2d, axis=1, kind="stable")
+            break
         p = level2d.argmin(axis=1)
         fp = base + p
         chosen[:, j] = p

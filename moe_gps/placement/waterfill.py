@@ -35,7 +35,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement.eplb import pack, replicate
 from moe_gps.placement.greedy import best_fit_copies, copy_hot_to_cold
 from moe_gps.placement.layouts import fill_spares, shares_from_tokens
-from moe_gps.placement.shares import optimal_shares, split_experts
+from moe_gps.placement.shares import optimal_shares
 
 
 def gpu_balancedness(phy2log: np.ndarray, share: np.ndarray, loads: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -225,18 +225,35 @@ def incremental(loads: np.ndarray, N: int, S: int, prev: np.ndarray, prev_share:
 
 
 def arrivals(new: np.ndarray, old: np.ndarray, N: int) -> np.ndarray:
-    """int64 [rows]: (GPU, expert) pairs in ``new`` that ``old`` lacks (weights to send)."""
+    """int64 [rows]: (GPU, expert) pairs in ``new`` that ``old`` lacks (weights to send).
+
+    new: int [rows, N * S]; old: int [rows, N * S_old]. Each GPU's few slots are compared one slot
+    column at a time (numpy's reductions over a short last axis are several times slower)."""
     R, P = new.shape
-    S = P // N
-    nb = new.reshape(R, N, S)
+    nb = new.reshape(R, N, P // N)
     ob = old.reshape(R, N, old.shape[1] // N)
-    had = (nb[:, :, :, None] == ob[:, :, None, :]).any(axis=3)
-    # count each (GPU, expert) once even if the new layout holds it twice
-    srt = np.sort(nb, axis=2)
-    dup = np.zeros_like(had)
-    dup[:, :, 1:] = srt[:, :, 1:] == srt[:, :, :-1]
-    had_sorted = np.take_along_axis(had, np.argsort(nb, axis=2, kind="stable"), axis=2)
-    return (~had_sorted & ~dup).sum(axis=(1, 2))
+    sent = np.zeros(R, dtype=np.int64)
+    for s, first in enumerate(first_copies(nb)):
+        col = nb[:, :, s]
+        had = col == ob[:, :, 0]
+        for t in range(1, ob.shape[2]):
+            had |= col == ob[:, :, t]
+        # an expert a GPU newly holds twice is sent once: count its first slot only
+        sent += (first & ~had).sum(axis=1)
+    return sent
+
+
+def first_copies(blocks: np.ndarray) -> list[np.ndarray]:
+    """For each slot column s of ``blocks`` int [..., N, S] (each GPU's S slots): bool [..., N], whether
+    slot s holds the first copy of its expert on its GPU (no earlier slot of the GPU holds it)."""
+    out = []
+    for s in range(blocks.shape[-1]):
+        col = blocks[..., s]
+        first = np.ones(col.shape, dtype=bool)
+        for t in range(s):
+            first &= col != blocks[..., t]
+        out.append(first)
+    return out
 
 
 def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: int,
@@ -249,13 +266,15 @@ def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: in
     """
     L, P = phy2log.shape
     S = P // N
-    old_on = split_experts(prev, N, E)[0] > 0                            # [L, old GPU, E]
+    layer = np.arange(L)[:, None]
+    old_on = np.zeros((L, E, N), dtype=bool)                            # [L, E, old GPU]: held it
+    old_on[layer[:, :, None], prev.reshape(L, N, -1), np.arange(N)[None, :, None]] = True
     # [L, new GPU, old GPU]: experts in common, from each new GPU's S slots (an expert it holds
-    # twice counted once), without an [L, N, N, E] product
+    # twice counted once), a slot column at a time
     nb = phy2log.reshape(L, N, S)
-    first = ~(np.triu(np.ones((S, S), dtype=bool), 1)[None, None] & (nb[..., :, None] == nb[..., None, :])).any(axis=2)
-    held = old_on.transpose(0, 2, 1)[np.arange(L)[:, None, None], nb]       # [L, N, S, old GPU]
-    overlap = (held & first[..., None]).sum(axis=2, dtype=np.float64)
+    overlap = np.zeros((L, N, N))
+    for s, first in enumerate(first_copies(nb)):
+        overlap += old_on[layer, nb[:, :, s]] & first[:, :, None]
     rows = np.arange(L)
     order = np.argsort(-overlap.max(axis=2), axis=1, kind="stable")     # surest matches first
     free_old = np.zeros((L, N))                                         # -inf once taken
