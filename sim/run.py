@@ -176,7 +176,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
 
     ``strategy_factory(cfg, ctx, seed) -> Strategy`` replaces :func:`sim.strategies.make_strategy`
     (e.g. to replay placements a real run chose; moe_gps.fidelity). ``timeline_steps``: trace steps
-    whose schedule is kept in ``SimResult.timeline`` (sim.timeline). ``jobs`` > 1 splits the
+    whose schedule is kept in ``SimResult.timeline`` (sim.timeline; simulated steps of the trace after
+    regrouping, else a UserError). ``jobs`` > 1 splits the
     strategies into up to that many groups of about equal work, each served in a forked process
     (the same results: a strategy never sees another's state; one process where the platform does
     not fork, or inside another parallel section: :func:`moe_gps.workers.forking`)."""
@@ -199,6 +200,11 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     check_combination(cluster, model, workload, config.strategies, peak_tokens)
     train = default_train_steps(config, trace.num_steps, int(trace.tokens_per_step.sum()))
     test_steps = np.arange(train, trace.num_steps)
+    if timeline_steps is not None and not train <= timeline_steps.start < timeline_steps.stop <= trace.num_steps:
+        a, b = timeline_steps.start, timeline_steps.stop - 1
+        asked = f"timeline step {a} is" if a == b else f"timeline steps {a}..{b} are"
+        raise UserError(f"{asked} not among the simulated steps, {train}..{trace.num_steps - 1}"
+                        + (f" ({regrouped})" if regrouped else ""))
     hw = Hardware.from_config(cluster, model)
 
     config, notes = resolve_config(config, train, trace_name)

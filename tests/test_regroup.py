@@ -113,3 +113,23 @@ def test_the_phase_is_read_from_the_trace(trace, tmp_path, capsys):
     assert main(["simulate", str(path), "--model", str(model), "--strategies", "none", "--no-plots", "--phase",
                  "prefill", "-o", str(tmp_path / "o2")]) == 0
     assert ", prefill, " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_timeline_steps_are_those_of_the_regrouped_trace(tmp_path, capsys):
+    """--timeline names steps of the trace as simulated: after --tokens-per-step regroups the bundled
+    trace's 64 steps of 512 tokens into 16 of 2048 (simulated: 4..15), step 5 is drawn and step 40 is
+    refused with the simulated range, and nothing is written."""
+    import json
+    from pathlib import Path
+
+    bundled = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
+    common = ["simulate", bundled, "--tokens-per-step", "2048", "--strategies", "none,eplb", "--no-plots"]
+    assert main([*common, "--timeline", "5", "-o", str(tmp_path / "ok")]) == 0
+    steps = {e["args"]["step"] for e in json.loads((tmp_path / "ok" / "timeline.json").read_text())["traceEvents"]
+             if e["ph"] == "X"}
+    assert steps == {5}
+    capsys.readouterr()
+    assert main([*common, "--timeline", "40", "-o", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "timeline step 40 is not among the simulated steps, 4..15 (regrouped" in err and err.count("\n") == 1
+    assert not (tmp_path / "no").exists()

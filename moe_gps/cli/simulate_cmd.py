@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--timeline", metavar="STEP[:END]",
                    help="also write timeline.json: the simulated schedule of trace steps STEP..END-1 (default: one "
-                        "step) as a Chrome/Perfetto trace, one track per GPU and per GPU's copies (open it in "
+                        "step; steps of the trace as simulated, after any --tokens-per-step regrouping) as a "
+                        "Chrome/Perfetto trace, one track per GPU and per GPU's copies (open it in "
                         "https://ui.perfetto.dev)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     p.set_defaults(func=cmd_simulate)
@@ -162,11 +163,9 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     cfg, notes, inferred = build_config(args, trace)
     steps = None
     if args.timeline:
-        from sim.run import default_train_steps
         from sim.timeline import parse_steps
 
-        first = default_train_steps(cfg, trace.num_steps, int(trace.tokens_per_step.sum()))
-        steps = parse_steps(args.timeline, first, trace.num_steps - 1)
+        steps = parse_steps(args.timeline)
     result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
     result.notes += notes
     result.inferred[:0] = inferred
