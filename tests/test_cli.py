@@ -29,3 +29,13 @@ def test_help_lists_every_command():
     assert proc.returncode == 0
     for name in ("trace", "predict", "plan", "simulate", "recommend", "run", "record"):
         assert re.search(rf"^    {name}\b", proc.stdout, re.M), name
+
+
+@pytest.mark.parametrize("flag", ["-o", "--output", "--out"])
+def test_every_command_takes_its_output_folder_as_o_or_output(flag):
+    """predict evaluate and run take -o/--output as every other command does (and --out, as before)."""
+    from moe_gps.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["predict", "evaluate", "t.parquet", flag, "D"]).out == "D"
+    assert parser.parse_args(["run", "--config", "r.yaml", "--duplication", "off", flag, "D"]).out == "D"

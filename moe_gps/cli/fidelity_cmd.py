@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "measure: the expert FFN's FLOP rate and per-call overhead for the model's expert shapes, the "
                      "attention block's rate and overhead, memory and token-permutation bandwidth, "
                      "all_to_all_single latency and bandwidth, P2P bandwidth, and the fixed costs of the runtime's "
-                     "MoE-layer phases. Medians over repeats; writes a cluster YAML that `moe-gps simulate --cluster` "
+                     "MoE-layer phases. Means over repeats; writes a cluster YAML that `moe-gps simulate --cluster` "
                      "reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster YAML to write")
     c.add_argument("--nproc", type=int, default=2, help="ranks, as the runs the file will describe (default: 2)")
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "each strategy (duplication mode) with TRACE's token ids, replay the placements each run used, "
                      "simulate the run's own router trace with them, and report predicted against measured MoE time "
                      "per step (mean over steps) and per phase, with the error and the strategies' ranking. "
-                     "Writes fidelity.csv, steps.csv, fidelity.png and summary.txt to the output folder."))
+                     "Writes fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json and, without --cluster, "
+                     "each round's calibration cluster-N-R.yaml to the output folder, and the runs in its runs/ folder."))
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")

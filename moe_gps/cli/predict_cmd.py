@@ -111,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: eps_mean,recall)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MLP and synthetic predictors (default: 0)")
     p.add_argument("--json", action="store_true", help="print all results as JSON instead of tables")
-    p.add_argument("-o", "--out", metavar="DIR",
+    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR",
                    help="also write predict_summary.csv, predict_per_layer.csv and predict.json there")
     p.set_defaults(func=cmd_evaluate)
 

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="off | static | dist-only | token-to-expert (docs/runtime.md)")
     p.add_argument("--nproc", type=int, default=2, help="ranks on this machine (default: %(default)s)")
     p.add_argument("--steps", type=int, help="override run.steps")
-    p.add_argument("--out", help="override output.dir")
+    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR", help="override output.dir")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.set_defaults(func=cmd_run)

@@ -314,7 +314,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
 
     def keep(name: str, sizes, med, unit: str) -> None:
         for s_, t in zip(sizes, med):
-            rows.append({"benchmark": name, "size": float(s_), "size_unit": unit, "median_s": float(t)})
+            rows.append({"benchmark": name, "size": float(s_), "size_unit": unit, "mean_s": float(t)})
 
     # memory: copy of a large buffer, read + write
     ms, mt = typical(samples["memory"])
@@ -592,7 +592,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                 setattr(obj, f.name, float(f"{float(v):.4g}"))
     for (S, T, *_), pred in zip(cases, ffn_check):
         rows.append({"benchmark": f"check: model_expert/{S} predicted", "size": float(T),
-                     "size_unit": "tokens per rank", "median_s": pred})
+                     "size_unit": "tokens per rank", "mean_s": pred})
     raw = []
     for name, rows_ in samples.items():
         seen: dict[tuple[float, int], int] = {}

@@ -8,8 +8,8 @@ token e and O output tokens:
 * a request meets the SLO when TTFT <= ttft_ms and TPOT <= tpot_ms (each when given; a
   one-token answer has no TPOT to miss); goodput = requests meeting it / the same span.
 
-The verdict compares strategies on the same requests: with an SLO, on goodput (the share of
-requests meeting it); without one, or when every strategy meets it for exactly the same
+The verdict compares strategies on the same requests: with an SLO, on SLO attainment (the share of
+requests meeting it, paired request by request; goodput's ratio where the runs take the same span); without one, or when every strategy meets it for exactly the same
 requests, on mean end-to-end latency. Its 95% interval is a paired
 moving-block bootstrap over the requests in arrival order (blocks of sqrt(n) requests, since
 neighbours in a queue are not independent): :func:`sim.verdict.compare`.
@@ -81,7 +81,7 @@ def latency_row(t: RequestTimes, req: Requests, slo: SLOConfig) -> dict:
 
 def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base: str | None, slo: SLOConfig,
                     seed: int) -> tuple[Verdict | None, bool]:
-    """Which deployable strategy serves best (module docstring) -> (verdict, whether it compared goodput);
+    """Which deployable strategy serves best (module docstring) -> (verdict, whether it compared SLO attainment);
     (None, False) without a ``none`` strategy."""
     if base is None or base not in deployable:
         return None, False
@@ -98,11 +98,11 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
 
 
 def verdict_line(v: Verdict, on_goodput: bool) -> str:
-    """The one-line serving verdict (``on_goodput``: the verdict compared goodput, else mean latency)."""
-    what = "goodput" if on_goodput else "mean end-to-end latency"
+    """The one-line serving verdict (``on_goodput``: the verdict compared SLO attainment, else mean latency)."""
+    what = "SLO attainment" if on_goodput else "mean end-to-end latency"
     n = f"{v.steps} requests"
     ties = f"; ties within the interval: {', '.join(v.ties)}" if v.ties else ""
-    ratio = (lambda x: f"{x:.3f}x none's goodput") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
+    ratio = (lambda x: f"{x:.3f}x none's SLO attainment") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
     if v.strategy == "none":
         text = f"verdict ({what}): none (no duplication) is the best deployable strategy"
         if v.runner_up is not None and v.runner_up.get("same_every_step"):

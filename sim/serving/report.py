@@ -137,6 +137,6 @@ def json_summary(result: ServeResult, out: Path) -> dict:
     rows = result.rows()
     return {"output": str(out), "slo": {"ttft_ms": result.config.slo.ttft_ms, "tpot_ms": result.config.slo.tpot_ms},
             "rates": [{"rate_rps": rr.rate, "verdict": rr.verdict.to_dict() if rr.verdict is not None else None,
-                       "verdict_metric": "goodput" if rr.on_goodput else "mean_e2e_latency",
+                       "verdict_metric": "slo_attainment" if rr.on_goodput else "mean_e2e_latency",
                        "strategies": [r for r in rows if r["rate_rps"] == rr.rate]} for rr in result.rates],
             "sustainable_rate_rps": sustainable_rates(result), "notes": result.notes}

@@ -37,7 +37,7 @@ from sim.verdict import Verdict
 @dataclass
 class RateResult:
     """One rate: its requests, every strategy's run and request times, the verdict (``on_goodput``: it
-    compared goodput at the SLO, else mean end-to-end latency)."""
+    compared SLO attainment, else mean end-to-end latency)."""
 
     rate: float
     requests: Requests
