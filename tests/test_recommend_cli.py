@@ -122,6 +122,28 @@ def test_cli_json_and_exit_code_0(files, capsys):
     assert rec["candidate"] in text.splitlines()[3]
 
 
+def test_the_report_folder_holds_what_reruns_the_headline(files, capsys):
+    """simulate_config.yaml is the headline comparison with the sweep's assumptions and every default
+    explicit (as simulate's own config.yaml), and runs.csv has every phase of the layer time."""
+    from moe_gps.config.loader import load_simulate_config
+
+    sweep = yaml.safe_load((files / "sweep.yaml").read_text())
+    (files / "paper.yaml").write_text(yaml.safe_dump({**sweep, "assumptions": "paper"}))
+    out = files / "paper-report"
+    assert main(["recommend", str(files / "t.parquet"), "--model", str(files / "model.yaml"), "--sweep",
+                 str(files / "paper.yaml"), "-o", str(out), "-j", "1"]) == 0
+    capsys.readouterr()
+    cfg = load_simulate_config(out / "simulate_config.yaml")
+    assert cfg.assumptions == "paper" and cfg.copy_policy == "hidden"
+    predicting = [s for s in cfg.strategies if s.kind == "distribution"]
+    assert all(s.replan_interval == 1 and s.min_gain == 0 and s.planner == "greedy" for s in predicting)
+    assert all(s.planner is not None and s.replan_interval is not None for s in cfg.strategies if s.kind != "none")
+    header = (out / "runs.csv").read_text().splitlines()[0].split(",")
+    assert "layer_sync_us" in header
+    assert main(["simulate", str(files / "t.parquet"), "--config", str(out / "simulate_config.yaml"), "--no-plots",
+                 "-o", str(files / "paper-simulate")]) == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),

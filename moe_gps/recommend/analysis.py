@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from moe_gps.recommend.plan import TRACE_SKEW, Point, SweepPlan, workload_label
+from sim.run import PHASES
 from sim.verdict import THIN_STEPS
 
-PHASES = ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine")
 POINT_COLS = ["num_gpus", "bandwidth_gb_s", "workload", "skew_variant"]
 
 
@@ -216,7 +216,7 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
                    f"interval, so the recommendation stays no duplication.")
     elif not h.duplicates:
         if best_dup is not None:
-            c = compare(w, best_dup)
+            c = compare(w, best_dup, plan.sweep.seed)
             what = ("balances the GPUs" if best_dup["gpu_skew_after"] < w["gpu_skew_after"] - 0.005
                     else "leaves its redundant slots without tokens")
             why = c.reasons()

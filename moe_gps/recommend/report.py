@@ -21,6 +21,7 @@ from moe_gps.recommend.plan import workload_label
 from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
 from moe_gps.recommend.sweep import sweep_to_dict
 from moe_gps.tables import format_table
+from sim.run import PHASES
 from sim.verdict import THIN_STEPS
 
 CSV_COLUMNS = [
@@ -28,8 +29,7 @@ CSV_COLUMNS = [
     "skew", "candidate", "strategy", "family", "deployable", "redundant_slots", "status", "latency_mean_ms",
     "latency_p50_ms", "latency_p99_ms", "tokens_per_s", "speedup_vs_none", "gpu_skew_before", "gpu_skew_after",
     "copied_gb", "extra_memory_gb_per_gpu", "accuracy", "synthetic_accuracy", "synthetic_overhead_flops",
-    *(f"layer_{p}_us" for p in ("predictor", "attention", "copy", "dispatch", "correction", "ffn", "combine",
-                                "total")),
+    *(f"layer_{p}_us" for p in (*PHASES, "total")),
     "replans", "predictor", "planner", "sim_steps", "skew_gamma", "reason", "wall_s", "key",
 ]
 # ---------------------------------------------------------------------------- content
@@ -97,8 +97,12 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
             out.append(f"{where.capitalize()}, a token-to-expert predictor would beat {st.reference[0]} "
                        f"({st.reference[1]:.3f}x vs none) with {txt} (best: {best:.3f}x).")
         else:
+            top = (f"not even a perfect, free one ({best:.3f}x)"
+                   if max(st.accuracies) >= 1.0 and min(st.overheads) == 0 else
+                   f"not even the most accurate and cheapest swept, accuracy {max(st.accuracies):g} at "
+                   f"{min(st.overheads) / 1e6:g} MFLOP/token (best: {best:.3f}x)")
             out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep beats {st.reference[0]} "
-                       f"({st.reference[1]:.3f}x vs none), not even a perfect, free one ({best:.3f}x).")
+                       f"({st.reference[1]:.3f}x vs none), {top}.")
         knees = [f"{a:g} at {o / 1e6:g} MFLOP" for o, a in zip(st.overheads, st.knee) if a is not None]
         if knees:
             out.append(f"{where.capitalize()}, better accuracy stops paying (within 1% of the best) at: "
@@ -247,7 +251,9 @@ def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "
     # the exact sweep, and a simulate config of the headline comparison
     rerun = command or "moe-gps recommend TRACE --sweep sweep.yaml"
     write_text_atomic(out / "sweep.yaml", f"# moe-gps recommend: the exact sweep of this report (seed "
-                                          f"{r.plan.sweep.seed}).\n# command: {rerun}\n"
+                                          f"{r.plan.sweep.seed}). Your point (cluster, model, workload) is "
+                                          f"not in it:\n# it is the command's flags (resolved in "
+                                          f"simulate_config.yaml). The command: {rerun}\n"
                       + dump_yaml_plain(sweep_to_dict(r.plan.sweep)))
     written.append(out / "sweep.yaml")
     write_text_atomic(out / "simulate_config.yaml", _simulate_config_text(r))
@@ -265,6 +271,8 @@ def _simulate_config_text(r: Recommendation) -> str:
     from dataclasses import replace
 
     from moe_gps.config.schema import SimulateConfig
+    from sim.run import resolve_config
+
     h, plan = r.headline, r.plan
     by_label = {c.label: c for c in plan.headline_candidates}
     rows = [x for x in (h.none, h.winner, h.runner_up) if x is not None]
@@ -277,7 +285,9 @@ def _simulate_config_text(r: Recommendation) -> str:
         cfg = c.config(plan.cluster.num_gpus, plan.model.num_experts, plan.sweep.predictor_placement)
         strategies.append(replace(cfg, name=c.label))
     cfg = SimulateConfig(cluster=plan.cluster, model=plan.model, workload=plan.workloads[0], strategies=strategies,
-                         seed=plan.sweep.seed, train_steps=plan.sweep.train_steps, trace=r.trace_name)
+                         seed=plan.sweep.seed, train_steps=plan.sweep.train_steps, trace=r.trace_name,
+                         assumptions=plan.sweep.assumptions)
+    cfg = resolve_config(cfg, plan.sweep.train_steps, r.trace_name)[0]      # every default explicit, as simulate's
     return ("# The headline comparison (none, the recommendation, the runner-up) as a simulate config.\n"
             "# `moe-gps simulate TRACE --config simulate_config.yaml` runs it on every step after train_steps\n"
             f"# (the sweep simulated {plan.sweep.sim_steps} steps per run).\n" + dump_yaml(cfg))

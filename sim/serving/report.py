@@ -123,7 +123,9 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
         from sim.serving.plots import write_plots
         drawer = drawer if drawer is not None else Warm(fork=False)
         drawer.submit(write_plots, result, out)
-    written = [write_csv_atomic(out / "summary.csv", rows_to_columns(result.rows())),
+    # without sim_seconds (this machine's wall time, in --json only): the file is the same on every rerun
+    rows = [{k: v for k, v in r.items() if k != "sim_seconds"} for r in result.rows()]
+    written = [write_csv_atomic(out / "summary.csv", rows_to_columns(rows)),
                write_csv_atomic(out / "requests.csv", requests_columns(result)),
                write_parquet_atomic(out / "iterations.parquet", iterations_columns(result)),
                *write_config_and_summary(out, "serve", result.config, format_summary(result))]
