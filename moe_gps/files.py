@@ -9,6 +9,8 @@ and traces all go through here.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,25 @@ import yaml
 
 from moe_gps.errors import UserError
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (the C one when available), stricter where YAML 1.1 is silent: a key given twice
+    in one mapping is an error (not the last one winning), and ``3e2`` / ``8.4e6`` are numbers (YAML 1.1
+    reads a float with an exponent but without a dot or a sign, as YAML 1.2 writes them, as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
@@ -26,13 +46,36 @@ def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
         raise UserError(f"{path}: no such file")
     if p.is_dir():
         raise UserError(f"{path}: is a folder, not {what}")
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):                # a named pipe or a device: never opened (it could block)
+        raise UserError(f"{path}: is {_file_type(mode)}, not a regular file")
     return p
+
+
+def _file_type(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same path once links and spellings such as ``./x`` are
+    resolved, or, where both exist, the same file (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def parse_yaml(text: str, where: str) -> Any:
     """Parse YAML text; ``where`` (the file name) prefixes error messages. Empty text is an error."""
     try:
-        data = yaml.load(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from moe_gps.errors import UserError
+from moe_gps.files import same_file
 
 ALGORITHM_HELP = ("none: no copies, vLLM's linear (E/N contiguous experts per GPU) or round_robin layout "
                   "(--layout); greedy: MoE-GPS paper Algorithm 1; "
@@ -94,6 +96,40 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
     return sorted(out)
 
 
+def check_distinct_outputs(outputs: list[tuple[str, str]], trace: str, previous: str | None) -> None:
+    """Every output file (flag, path) is its own file: not the input trace, not another output of the
+    command, and, for the exports, not the ``--previous`` placement."""
+    for i, (flag, path) in enumerate(outputs):
+        if same_file(path, trace):
+            raise UserError(f"{flag} {path}: the output would overwrite the input trace {trace}")
+        if previous and flag != "-o" and same_file(path, previous):
+            raise UserError(f"{flag} {path}: the export would overwrite the --previous placement {previous}")
+        for other_flag, other in outputs[:i]:
+            if same_file(path, other):
+                raise UserError(f"{flag} {path}: the output would overwrite the {other_flag} output {other}; "
+                                "give each output its own file")
+
+
+def check_threshold(threshold: float | None) -> None:
+    """The greedy/waterfill threshold (hottest - coldest GPU, in units of the mean GPU load): finite and >= 0."""
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise UserError(f"--threshold must be >= 0 and finite, got {threshold}")
+
+
+def expert_mib_bytes(mib: float | None) -> int | None:
+    """Bytes of one expert's weights in one layer, from --expert-mib (finite, > 0, at least one byte)."""
+    if mib is None:
+        return None
+    if not (math.isfinite(mib) and mib > 0):
+        raise UserError(f"--expert-mib must be > 0 and finite, got {mib}")
+    size = mib * 2**20
+    if not math.isfinite(size):
+        raise UserError(f"--expert-mib {mib} is too large for the MiB of one expert's weights in one layer")
+    if round(size) <= 0:
+        raise UserError(f"--expert-mib {mib} is less than one byte; give the MiB of one expert's weights in one layer")
+    return int(round(size))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, load_placement, placement_metrics, plan_placement, save_placement
     from moe_gps.atomic import write_text_atomic
@@ -103,9 +139,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.tables import format_indices, format_table
     from moe_gps.trace import load_trace
 
-    for flag in ("output", "sglang", "sglang_logical_count", "vllm", "vllm_ascend"):
-        if getattr(args, flag):
-            check_output_file(getattr(args, flag), "-o" if flag == "output" else "--" + flag.replace("_", "-"))
+    outputs = [("-o" if flag == "output" else "--" + flag.replace("_", "-"), getattr(args, flag))
+               for flag in ("output", "sglang", "sglang_logical_count", "vllm", "vllm_ascend") if getattr(args, flag)]
+    for flag, path in outputs:
+        check_output_file(path, flag)
+    check_distinct_outputs(outputs, args.trace, args.previous)
+    check_threshold(args.threshold)
+    expert_bytes = expert_mib_bytes(args.expert_mib)
     trace = load_trace(args.trace)
     counts = trace.counts()                                   # [steps, layers, experts]
     steps = parse_steps(args.steps, counts.shape[0])
@@ -129,9 +169,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             options["max_copies"] = args.max_copies
     elif args.threshold is not None or args.max_copies is not None:
         raise UserError("--threshold and --max-copies apply to --algorithm greedy and waterfill only")
-    expert_bytes = None if args.expert_mib is None else int(round(args.expert_mib * 2**20))
-    if expert_bytes is not None and expert_bytes <= 0:
-        raise UserError(f"--expert-mib must be > 0, got {args.expert_mib}")
     capacity = Capacity(max_slots_per_gpu=args.max_slots_per_gpu, expert_bytes=expert_bytes)
     previous = load_placement(args.previous) if args.previous else None
 

@@ -214,6 +214,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--per-layer: unknown metric(s) {', '.join(bad)} (choose from {', '.join(LAYER_METRICS)})")
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     overhead = None
     if args.synthetic_flops is not None:
         if args.synthetic_flops < 0:

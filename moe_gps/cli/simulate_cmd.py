@@ -80,6 +80,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
     from dataclasses import replace
 
     from moe_gps.config import SimulateConfig, load_simulate_config
+    from moe_gps.files import same_file
 
     notes: list[str] = []
     inferred: list[str] = []
@@ -91,6 +92,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
             raise UserError(f"--config already holds the whole config; drop --{flags[0].replace('_', '-')}")
         cfg = load_simulate_config(args.config)
         cfg = replace(cfg, workload=workload_from_args(args, cfg.workload))
+        if cfg.trace and not same_file(cfg.trace, args.trace):
+            notes.append(f"{args.config} was written for the trace {cfg.trace}; this run simulates {args.trace}")
     else:
         cluster, model, workload, phase_note = deployment_from_args(args, trace)
         inferred += [phase_note] if phase_note else []

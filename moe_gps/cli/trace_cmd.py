@@ -129,6 +129,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from moe_gps.trace.synth import available_memory, get_profile, memory_needed, parse_setting, synthesize
     from moe_gps.trace.synth_counts import counts_blocks, counts_meta
 
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output_file(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 
 from moe_gps.errors import UserError
 
@@ -157,13 +156,13 @@ def import_options(args: argparse.Namespace) -> dict:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from moe_gps.files import same_file
     from moe_gps.outputs import check_output_file
     from moe_gps.trace.importers import import_trace
 
     out = check_output_file(args.output)
-    resolved = out.resolve()
     for src in args.sources:
-        if Path(src).resolve() == resolved:
+        if same_file(src, out):
             raise UserError(f"{args.output}: the output would overwrite the source {src}")
     options = import_options(args)
     result = import_trace(args.fmt, args.sources, out, command=_command_line(args), **options)

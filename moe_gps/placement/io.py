@@ -75,6 +75,11 @@ def load_placement(path: str | os.PathLike) -> Placement:
     for key in ("num_experts", "num_gpus", "phy2log"):
         if key not in doc:
             raise UserError(f"{where}: missing key '{key}'")
+    for key in ("num_experts", "num_gpus", "num_layers", "slots_per_gpu", "num_redundant"):
+        if key in doc and (isinstance(doc[key], bool) or not isinstance(doc[key], int)):
+            raise UserError(f"{where}: {key} must be an integer, got {doc[key]!r}")
+    if not isinstance(doc.get("allow_colocated", False), bool):
+        raise UserError(f"{where}: allow_colocated must be true or false, got {doc['allow_colocated']!r}")
     try:
         phy2log = np.asarray(doc["phy2log"])
         share = doc.get("replica_share")
@@ -94,4 +99,7 @@ def load_placement(path: str | os.PathLike) -> Placement:
     for key in ("num_layers", "slots_per_gpu"):
         if key in doc and int(doc[key]) != getattr(p, key):
             raise UserError(f"{where}: {key} says {doc[key]} but phy2log gives {getattr(p, key)}")
+    if "shares" in doc and doc["shares"] != ("even" if p.shares_are_even else "uneven"):
+        raise UserError(f"{where}: shares says {doc['shares']!r} but replica_share gives "
+                        f"{'even' if p.shares_are_even else 'uneven'} shares")
     return p

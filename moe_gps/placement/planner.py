@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.options import check_options
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.greedy import copy_hot_to_cold
 from moe_gps.placement.layouts import STATIC_LAYOUTS, contiguous, fill_spares, round_robin, shares_from_tokens
@@ -144,6 +145,7 @@ def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str
     if unknown:
         raise UserError(f"algorithm {algorithm!r} does not take option(s) {', '.join(unknown)}; "
                         f"it takes: {', '.join(accepted) or 'none'}")
+    check_options(fn, options, f"algorithm {algorithm!r}")
     t0 = time.perf_counter()
     phy2log, share, info = fn(w, N, S, previous, **options)
     elapsed = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 from moe_gps.errors import UserError
+from moe_gps.options import check_options
 from moe_gps.predict.base import DistributionPredictor, TokenPredictor
 from moe_gps.predict.distribution import (EMAPredictor, KalmanPredictor, OracleDistribution, PreviousPredictor,
                                           ProfilePredictor, TokenHistogramPredictor, WindowPredictor)
@@ -43,6 +44,7 @@ def _make(table: dict, kind: str, name: str, params: dict):
     if bad:
         raise UserError(f"{kind} predictor {name!r} has no parameter(s) {', '.join(bad)} "
                         f"(it takes {', '.join(accepted) or 'none'})")
+    check_options(cls, params, f"{kind} predictor {name!r}")
     return cls(**params)
 
 

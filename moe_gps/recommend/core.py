@@ -19,7 +19,7 @@ from moe_gps.config.loader import check_combination, check_model_matches_trace
 from moe_gps.config.schema import ClusterConfig, ModelConfig, WorkloadConfig
 from moe_gps.errors import UserError
 from moe_gps.recommend import analysis as an
-from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, make_plan
+from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, check_gpu_counts, make_plan
 from moe_gps.recommend.runner import Runner
 from moe_gps.recommend.skew import SkewVariant, mean_expert_skew
 from moe_gps.recommend.sweep import SweepConfig
@@ -108,6 +108,7 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     peak = float(workload.tokens_per_step or trace.tokens_per_step.max())
     check_combination(cluster, model, workload, [Candidate("none").config(cluster.num_gpus, m.num_experts)], peak,
                       where=f"cluster {cluster.name}")
+    check_gpu_counts(sweep, cluster)
     timings: dict[str, float] = {}
     with Runner(trace, sweep.seed, out_dir, jobs, progress, backend, address) as runner:
         t0 = time.perf_counter()

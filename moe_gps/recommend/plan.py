@@ -228,18 +228,23 @@ class SweepPlan:
                 for a in self.sweep.predictor_accuracy for c in self.sweep.predictor_overhead_flops]
 
 
-def make_plan(sweep: SweepConfig, trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig,
-              skews: dict[str, SkewVariant], where: str = "sweep") -> SweepPlan:
-    """Resolve the axes around the user's point and the headline candidates."""
-    fabric, user_bw = fabric_bandwidth(cluster)
-    G = cluster.num_gpus
-    gpus = sorted(set(sweep.num_gpus) | {G})
+def check_gpu_counts(sweep: SweepConfig, cluster: ClusterConfig, where: str = "sweep") -> None:
+    """UserError where a GPU count of the sweep does not fill whole nodes of a multi-node cluster."""
     if cluster.num_nodes > 1:
         for i, g in enumerate(sweep.num_gpus):
             if g > cluster.gpus_per_node and g % cluster.gpus_per_node:
                 raise UserError(f"{where}: num_gpus[{i}]: {g} GPUs do not fill whole nodes of "
                                 f"{cluster.gpus_per_node} (cluster {cluster.name}); use a multiple of "
                                 f"{cluster.gpus_per_node} or at most {cluster.gpus_per_node}")
+
+
+def make_plan(sweep: SweepConfig, trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig,
+              skews: dict[str, SkewVariant], where: str = "sweep") -> SweepPlan:
+    """Resolve the axes around the user's point and the headline candidates."""
+    check_gpu_counts(sweep, cluster, where)
+    fabric, user_bw = fabric_bandwidth(cluster)
+    G = cluster.num_gpus
+    gpus = sorted(set(sweep.num_gpus) | {G})
     bandwidths = sorted(set(float(b) for b in sweep.bandwidth_gb_s) | {float(user_bw)})
     trace_tokens = float(trace.tokens_per_step.mean())
     workloads = [workload]

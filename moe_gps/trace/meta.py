@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from moe_gps.errors import UserError
 
@@ -29,6 +29,64 @@ SOURCES = ("collected", "imported", "synthetic")
 TOKENS_KEY_COLUMNS = {"step": "int32", "token": "int32", "layer": "int16"}
 TOKENS_OPTIONAL_COLUMNS = {"rank": "int16", "seq": "int32", "pos": "int32", "token_id": "int32"}
 COUNTS_COLUMNS = {"step": "int32", "layer": "int16", "expert": "int16", "count": "int64"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list_of(item: Callable[[Any], bool], what: str) -> tuple:
+    return (lambda v: isinstance(v, list) and all(item(x) for x in v)), what, item
+
+
+#: what each metadata field must be: (test, words for the message[, test of a list's entries])
+_INTEGER = (_is_int, "an integer")
+_STRING = (lambda v: isinstance(v, str), "a string")
+_TOKENS = _list_of(lambda x: _is_int(x) and x >= 0, "a list of non-negative integers")
+FIELD_TYPES = {
+    "schema_version": _INTEGER, "kind": _STRING, "num_layers": _INTEGER, "num_experts": _INTEGER,
+    "top_k": _INTEGER, "model": _STRING, "dataset": _STRING, "source": _STRING,
+    "provenance": (lambda v: isinstance(v, dict), "a JSON object"),
+    "tokens_per_step": ((lambda v: v is None or _TOKENS[0](v)), "null or " + _TOKENS[1], _TOKENS[2]),
+}
+#: the provenance entries that MoE-GPS reads (:mod:`moe_gps.trace.layer_ids`), when present
+PROVENANCE_TYPES = {
+    "original_layer_ids": _list_of(_is_int, "a list of integers"),
+    "num_hidden_layers": _INTEGER,
+    "moe_layers": _list_of(lambda x: isinstance(x, str), "a list of strings"),
+    "dropped_zero_layers": _list_of(_is_int, "a list of integers"),
+}
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON type of a parsed value, with a short copy of it: ``a number (123)``."""
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "a string" if isinstance(value, str) else "a list" if isinstance(value, list) else "a JSON object")
+    text = json.dumps(value)
+    return f"{kind} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _check_type(name: str, value: Any, rule: tuple, where: str) -> None:
+    if rule[0](value):
+        return
+    got = _json_kind(value)
+    if len(rule) == 3 and isinstance(value, list):
+        i, bad = next((i, x) for i, x in enumerate(value) if not rule[2](x))
+        got = f"a list whose entry {i} is {_json_kind(bad)}"
+    raise UserError(f"{where}: metadata field '{name}' must be {rule[1]}, got {got}")
+
+
+def check_field_types(data: dict[str, Any], where: str) -> None:
+    """Raise :class:`UserError` naming the first field of parsed metadata JSON (or of the provenance
+    entries MoE-GPS reads) whose JSON type is not the one the format gives it."""
+    for name, rule in FIELD_TYPES.items():
+        if name in data:
+            _check_type(name, data[name], rule, where)
+    for name, rule in PROVENANCE_TYPES.items():
+        if name in data["provenance"]:
+            _check_type(f"provenance.{name}", data["provenance"][name], rule, where)
 
 
 def expert_columns(top_k: int) -> list[str]:
@@ -108,6 +166,7 @@ class TraceMeta:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"{where}: metadata entry 'moe_gps' has unknown field(s) {', '.join(unknown)}")
+        check_field_types(data, where)
         try:
             meta = cls(**data)
         except UserError as err:

@@ -29,7 +29,7 @@ from moe_gps.trace.validate import (CountsChunks, StepGap, TokenRows, UnsortedRo
 
 def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
     where = str(path)
-    p = input_file(path, what="a trace file")
+    p = input_file(path, what="a Parquet trace")
     if p.stat().st_size == 0:
         raise UserError(f"{where}: empty file (0 bytes), not a Parquet trace")
     try:

@@ -60,19 +60,23 @@ def kv_capacity(cluster: ClusterConfig, model: ModelConfig, parts: IterationPart
     """
     L, D = model.num_layers, parts.dense_layers
     per_token = (L + D) * model.kv_bytes_per_token
+    mem = memory_use(cluster, model, WorkloadConfig(), slots_per_gpu, 0.0)
+    dense = D * (model.attention_params + model.expert_matrices * model.hidden_size
+                 * (parts.dense_intermediate_size or 0)) * model.weight_bytes
+    vocab = (1 if parts.tied_embeddings else 2) * parts.vocab_size * model.hidden_size * model.weight_bytes
+    weights = mem.expert_weights + mem.dense_weights + dense + vocab
+    free = mem.available - weights
+    room = (f"cluster {cluster.name}: {mem.available / 1e9:.1f} GB available, {weights / 1e9:.1f} GB of weights of "
+            f"model {model.name} with {slots_per_gpu} expert slots per GPU")
     if sched.kv_cache_gb is not None:
         kv = sched.kv_cache_gb * 1e9
+        if kv > free:
+            raise UserError(f"scheduler.kv_cache_gb (--kv-cache-gb) {sched.kv_cache_gb:g} GB does not fit one GPU of "
+                            f"{room}: at most {max(free, 0.0) / 1e9:.1f} GB are left for the KV cache")
     else:
-        mem = memory_use(cluster, model, WorkloadConfig(), slots_per_gpu, 0.0)
-        dense = D * (model.attention_params + model.expert_matrices * model.hidden_size
-                     * (parts.dense_intermediate_size or 0)) * model.weight_bytes
-        vocab = (1 if parts.tied_embeddings else 2) * parts.vocab_size * model.hidden_size * model.weight_bytes
-        kv = mem.available - mem.expert_weights - mem.dense_weights - dense - vocab
+        kv = free
         if kv < per_token * sched.block_size:
-            raise UserError(
-                f"model {model.name} with {slots_per_gpu} expert slots per GPU leaves no room for a KV cache on "
-                f"cluster {cluster.name}: {mem.available / 1e9:.1f} GB available, "
-                f"{(mem.expert_weights + mem.dense_weights + dense + vocab) / 1e9:.1f} GB of weights")
+            raise UserError(f"no room for a KV cache on {room}")
     blocks = int(kv // (per_token * sched.block_size))
     return blocks * sched.block_size
 

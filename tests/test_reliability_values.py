@@ -1,0 +1,111 @@
+"""Values of the wrong type or out of reach that used to end in a traceback or pass silently: predictor
+and planner options, YAML keys given twice and YAML 1.2 floats, a sweep's GPU counts on a multi-node
+cluster, a KV cache bigger than the GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from moe_gps.cli.main import main
+from moe_gps.errors import UserError
+from moe_gps.files import parse_yaml
+from moe_gps.placement import plan_placement
+
+BUNDLED = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
+
+
+def one_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("dist:ema(alpha=abc)", "distribution predictor 'ema': alpha must be a number, got 'abc'"),
+    ("dist:window(window=4.5)", "distribution predictor 'window': window must be an integer, got 4.5"),
+    ("dist:window(window=abc)", "window must be an integer, got 'abc'"),
+    ("token:synthetic(accuracy=true)", "token predictor 'synthetic': accuracy must be a number, got True"),
+    ("token:most-frequent(online=maybe)", "online must be true or false or null, got 'maybe'"),
+])
+def test_predictor_options_of_the_wrong_type_are_one_line(tmp_path, capsys, strategy, message):
+    code = main(["simulate", BUNDLED, "--strategies", f"none,{strategy}", "--no-plots", "-o", str(tmp_path / "o")])
+    assert message in one_line(capsys, code)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("algorithm, options, message", [
+    ("eplb", {"num_groups": "x"}, "num_groups must be an integer, got 'x'"),
+    ("eplb", {"num_nodes": 2.5}, "num_nodes must be an integer, got 2.5"),
+    ("eplb", {"num_groups": True}, "num_groups must be an integer, got True"),
+    ("greedy", {"threshold": float("nan")}, "threshold must be a number, got nan"),
+    ("waterfill", {"max_copies": [1, 2]}, "max_copies must be an integer or null, got [1, 2]"),
+])
+def test_planner_options_of_the_wrong_type_are_user_errors(algorithm, options, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        plan_placement(np.ones((2, 8)), 4, 4, algorithm, **options)
+    # the right types (numpy's included) still plan
+    plan_placement(np.ones((2, 8)), 4, 4, "eplb", num_nodes=np.int64(2), num_groups=2)
+
+
+def test_a_yaml_key_given_twice_is_an_error_and_yaml_12_floats_are_numbers(tmp_path, capsys):
+    with pytest.raises(UserError, match=r"c.yaml: not valid YAML at line 3, column 1: key 'num_gpus' given twice"):
+        parse_yaml("name: x\nnum_gpus: 4\nnum_gpus: 8\n", "c.yaml")
+    assert parse_yaml("a: 3e2\nb: 8.4e6\nc: 1.0e-3\nd: '3e2'\ne: 300\n", "f") == {
+        "a": 300.0, "b": 8.4e6, "c": 1e-3, "d": "3e2", "e": 300}
+    # a cluster file whose link bandwidth is written 3e2
+    from moe_gps.config import load_cluster
+    from moe_gps.config.loader import dump_yaml
+    text = dump_yaml(load_cluster("4xA100-nvlink")).replace("bandwidth_gb_s: 300.0", "bandwidth_gb_s: 3e2", 1)
+    assert "3e2" in text
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_cluster(str(tmp_path / "c.yaml")).intra_node.bandwidth_gb_s == 300.0
+
+
+def test_sweep_gpu_counts_that_do_not_fill_nodes_are_refused_before_anything_is_written(tmp_path, capsys):
+    from test_recommend import TINY
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**TINY, "num_gpus": [12], "strategies": ["none"]}))
+    code = main(["recommend", BUNDLED, "--cluster", "2x8xH100-ib", "--sweep", str(tmp_path / "s.yaml"),
+                 "-o", str(tmp_path / "r"), "-j", "1"])
+    assert "num_gpus[0]: 12 GPUs do not fill whole nodes of 8" in one_line(capsys, code)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_kv_cache_bigger_than_the_gpu_is_refused(tmp_path, capsys):
+    code = main(["serve", BUNDLED, "--kv-cache-gb", "1000", "--requests", "20", "--strategies", "none", "--no-plots",
+                 "-o", str(tmp_path / "s")])
+    err = one_line(capsys, code)
+    assert "--kv-cache-gb) 1000 GB does not fit one GPU of cluster 4xA100-nvlink: 72.0 GB available" in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("shares: even", "shares: lumpy", "shares says 'lumpy' but replica_share gives even shares"),
+    ("num_gpus: 4", "num_gpus: abc", "num_gpus must be an integer, got 'abc'"),
+    ("allow_colocated: true", "allow_colocated: maybe", "allow_colocated must be true or false, got 'maybe'"),
+])
+def test_a_placement_file_with_a_wrong_field_is_refused(tmp_path, capsys, old, new, message):
+    from moe_gps.placement import load_placement
+    assert main(["plan", BUNDLED, "--gpus", "4", "--redundant", "4", "-o", str(tmp_path / "p.yaml")]) == 0
+    text = (tmp_path / "p.yaml").read_text()
+    assert old in text
+    (tmp_path / "q.yaml").write_text(text.replace(old, new, 1))
+    with pytest.raises(UserError, match=message):
+        load_placement(tmp_path / "q.yaml")
+
+
+def test_a_config_written_for_another_trace_is_noted(tmp_path, capsys):
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--no-plots", "-o", str(tmp_path / "a")]) == 0
+    other = tmp_path / "other.parquet"
+    other.write_bytes(Path(BUNDLED).read_bytes())
+    capsys.readouterr()
+    assert main(["simulate", str(other), "--config", str(tmp_path / "a" / "config.yaml"), "--no-plots",
+                 "-o", str(tmp_path / "b")]) == 0
+    assert f"was written for the trace {BUNDLED}; this run simulates {other}" in capsys.readouterr().out
+    assert main(["simulate", BUNDLED, "--config", str(tmp_path / "a" / "config.yaml"), "--no-plots",
+                 "-o", str(tmp_path / "c")]) == 0
+    assert "was written for the trace" not in capsys.readouterr().out
