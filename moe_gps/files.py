@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from moe_gps.errors import UserError
+from moe_gps.outputs import special_kind
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -46,19 +46,11 @@ def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
         raise UserError(f"{path}: no such file")
     if p.is_dir():
         raise UserError(f"{path}: is a folder, not {what}")
-    mode = p.stat().st_mode
-    if not stat.S_ISREG(mode):                # a named pipe or a device: never opened (it could block)
-        raise UserError(f"{path}: is {_file_type(mode)}, not a regular file")
+    kind = special_kind(p.stat().st_mode)
+    if kind:                                  # a FIFO or a device: never opened (it could block)
+        raise UserError(f"{path}: is {kind}, not a regular file")
     return p
 
-
-def _file_type(mode: int) -> str:
-    """What a file that is not a regular file is, in words."""
-    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

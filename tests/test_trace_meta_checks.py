@@ -109,7 +109,7 @@ def test_named_pipe_is_not_a_regular_file(tmp_path, capsys):
     fifo = tmp_path / "pipe.parquet"
     os.mkfifo(fifo)
     err = one_line_error(["trace", "validate", str(fifo)], capsys)   # must not wait for a writer
-    assert err == f"moe-gps: error: {fifo}: is a named pipe, not a regular file"
+    assert err == f"moe-gps: error: {fifo}: is a FIFO, not a regular file"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
