@@ -86,16 +86,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+#: the figures :func:`write_plots` may draw (timeline.png only for a run with a timeline)
+FIGURE_FILES = ("breakdown.png", "skew_per_layer.png", "latency_cdf.png", "timeline.png")
+
+
 def write_plots(data: PlotData, out: Path, jobs: int = 1) -> list[Path]:
     """The PNG figures of ``data`` in ``out``, drawn in up to ``jobs`` forked processes at once."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (imported once, before the workers fork)
 
-    figures = [(_breakdown, out / "breakdown.png"), (_skew, out / "skew_per_layer.png"),
-               (_latency_cdf, out / "latency_cdf.png")]
-    if data.timeline:
-        figures.append((_timeline, out / "timeline.png"))
+    figures = [(draw, out / name) for draw, name in zip((_breakdown, _skew, _latency_cdf, _timeline), FIGURE_FILES)
+               if draw is not _timeline or data.timeline]
     with forking(jobs) as workers:
         return [path for _, path in sorted(fork_map(_draw, range(len(figures)), workers, (data, figures)))]
 

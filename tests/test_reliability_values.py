@@ -109,3 +109,19 @@ def test_a_config_written_for_another_trace_is_noted(tmp_path, capsys):
     assert main(["simulate", BUNDLED, "--config", str(tmp_path / "a" / "config.yaml"), "--no-plots",
                  "-o", str(tmp_path / "c")]) == 0
     assert "was written for the trace" not in capsys.readouterr().out
+
+
+def test_a_rerun_into_a_folder_removes_the_earlier_runs_plots_it_does_not_draw(tmp_path, capsys):
+    """Tables of one run beside plots of another would disagree: a rerun with --no-plots (or without
+    --timeline) removes the earlier run's figures and timeline, and nothing else of the folder's."""
+    out = tmp_path / "o"
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--timeline", "20", "-o", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert (out / "breakdown.png").is_file() and (out / "timeline.json").is_file()
+    capsys.readouterr()
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--no-plots", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "removed an earlier run's breakdown.png, skew_per_layer.png, latency_cdf.png, timeline.png, " \
+           "timeline.json" in text
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "layers.parquet", "notes.txt", "steps.csv",
+                                                      "summary.csv", "summary.txt"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      jobs_from_args, output_folder, plot_drawer, print_written,
-                                     workload_from_args)
+                                     remove_earlier_outputs, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -176,12 +176,14 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     if steps is not None:
         from sim.timeline import write_timeline
         written.append(write_timeline(out / "timeline.json", result.timeline, cfg.cluster.num_gpus))
+    from sim.plots import FIGURE_FILES
+    removed = remove_earlier_outputs(out, written, (*FIGURE_FILES, "timeline.json"))
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
                           "inferred": result.inferred, "notes": result.notes}, indent=2))
     else:
         print(format_summary(result))
-        print_written(written, out)
+        print_written(written, out, removed)
     sys.stdout.flush()
     return 0

@@ -15,6 +15,9 @@ import numpy as np
 from sim.plots import LINESTYLES, _save
 from sim.serving.run import ServeResult
 
+#: the figures :func:`write_plots` draws
+FIGURE_FILES = ("latency_cdf.png", "latency_throughput.png")
+
 
 def _styles(result: ServeResult) -> dict[str, dict]:
     import matplotlib
@@ -56,7 +59,7 @@ def write_plots(result: ServeResult, out: Path) -> list[Path]:
     axes[-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Request latency at {rr.rate:g} requests/s — {title}")
     fig.tight_layout()
-    paths.append(_save(fig, out / "latency_cdf.png"))
+    paths.append(_save(fig, out / FIGURE_FILES[0]))
     plt.close(fig)
 
     if len(result.rates) < 2:
@@ -90,6 +93,6 @@ def write_plots(result: ServeResult, out: Path) -> list[Path]:
     axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Latency against throughput — {title}")
     fig.tight_layout()
-    paths.append(_save(fig, out / "latency_throughput.png"))
+    paths.append(_save(fig, out / FIGURE_FILES[1]))
     plt.close(fig)
     return paths
