@@ -125,3 +125,17 @@ def test_a_rerun_into_a_folder_removes_the_earlier_runs_plots_it_does_not_draw(t
            "timeline.json" in text
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "layers.parquet", "notes.txt", "steps.csv",
                                                       "summary.csv", "summary.txt"]
+
+
+def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):
+    """--synthetic-flops without --synthetic, and a run in which no asked predictor can run (token
+    predictors on a counts trace): one line, exit 2, no output folder."""
+    code = main(["predict", "evaluate", BUNDLED, "--synthetic-flops", "1e6"])
+    assert "--synthetic-flops is the overhead of the predictors of --synthetic" in one_line(capsys, code)
+    assert main(["trace", "synth", "--kind", "counts", "--steps", "20", "--tokens", "512",
+                 "-o", str(tmp_path / "c.parquet")]) == 0
+    capsys.readouterr()
+    code = main(["predict", "evaluate", str(tmp_path / "c.parquet"), "--predictors", "most-frequent",
+                 "-o", str(tmp_path / "pe")])
+    assert "no predictor could run on this trace: most-frequent: " in one_line(capsys, code)
+    assert not (tmp_path / "pe").exists()

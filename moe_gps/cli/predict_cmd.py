@@ -218,6 +218,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     overhead = None
     if args.synthetic_flops is not None:
+        if not args.synthetic:
+            raise UserError("--synthetic-flops is the overhead of the predictors of --synthetic; give --synthetic too")
         if args.synthetic_flops < 0:
             raise UserError("--synthetic-flops must be >= 0")
         overhead = args.synthetic_flops
@@ -260,6 +262,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   progress=sys.stderr.isatty())
 
     ev.warnings = warnings
+    if ev.reports and all(r.skipped for r in ev.reports):
+        raise UserError("no predictor could run on this trace: " + "; ".join(f"{r.name}: {r.skipped}"
+                                                                           for r in ev.reports))
     if args.out:
         _write_outputs(ev, args.out)
     if args.json:
