@@ -9,6 +9,8 @@ folder; ``output.dir`` against the current folder. This module needs no torch.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,8 +126,8 @@ def _check_type(where: str, value: Any, default: Any, annotation: str) -> Any:
             raise UserError(f"{where}: must be an integer, got {value!r}")
         return value
     if "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if "dict" in annotation:
         if not isinstance(value, dict):
@@ -180,6 +182,7 @@ def check_run_config(cfg: RunConfig) -> None:
                                   ("model", "num_experts", m.num_experts, 1), ("model", "top_k", m.top_k, 1),
                                   ("model", "num_heads", m.num_heads, 1), ("model", "vocab_size", m.vocab_size, 2),
                                   ("input", "batch_size", i.batch_size, 1), ("input", "seq_len", i.seq_len, 1),
+                                  ("model", "seed", m.seed, 0), ("input", "seed", i.seed, 0),
                                   ("run", "steps", r.steps, 1), ("duplication", "num_redundant", d.num_redundant, 0),
                                   ("duplication", "warmup_steps", d.warmup_steps, 1),
                                   ("duplication", "replan_interval", d.replan_interval, 1)):
@@ -203,6 +206,7 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"{w}: run.threads must be at least 1")
     if i.zipf_exponent <= 1:
         raise UserError(f"{w}: input.zipf_exponent must be > 1")
+    _check_output_names(cfg)
     for sec, key in _PATHS:
         value = getattr(getattr(cfg, sec), key)
         if value and not Path(value).exists():
@@ -211,6 +215,23 @@ def check_run_config(cfg: RunConfig) -> None:
     from moe_gps.placement import ALGORITHMS
     if d.algorithm not in ALGORITHMS:
         raise UserError(f"{w}: duplication.algorithm {d.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+
+
+#: the files a run writes into output.dir besides the three the output section names
+FIXED_OUTPUTS = ("placement.yaml", "summary.json")
+
+
+def _check_output_names(cfg: RunConfig) -> None:
+    """output.trace, .timings and .steps: file names, each its own file, none of FIXED_OUTPUTS."""
+    taken = {name: f"the run's {name}" for name in FIXED_OUTPUTS}
+    for key in ("trace", "timings", "steps"):
+        name = getattr(cfg.output, key)
+        if not name.strip():
+            raise UserError(f"{cfg.source}: output.{key} must name a file, got {name!r}")
+        other = taken.get(os.path.normpath(name))
+        if other:
+            raise UserError(f"{cfg.source}: output.{key} {name!r} is also {other}; give each output its own name")
+        taken[os.path.normpath(name)] = f"output.{key}"
 
 
 def _check_replan_policy(cfg: RunConfig) -> None:

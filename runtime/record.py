@@ -199,10 +199,14 @@ class RunRecorder:
         tail = (f"{len(r0)} steps, mean step {r0.step_s.mean() * 1e3:.1f} ms; {int(r0.replanned.sum())} re-plan(s)"
                 f"{extra}, "
                 f"{moved / 1e6:.2f} MB of expert weights moved\n"
-                f"wrote {self.trace_path}, {timings_path}, {steps_path}, {self.dir / 'placement.yaml'}")
+                f"wrote {self.trace_path}, {timings_path}, {steps_path}, {self.dir / 'placement.yaml'}, "
+                f"{self.dir / 'summary.json'}")
+        # the table's rows (phase times in ms, as printed) and the totals
         summary = {"table": table + "\n" + tail, "trace": str(self.trace_path), "timings": str(timings_path),
                    "steps": str(steps_path), "max_rank_tokens": float(per_layer.mean()),
-                   "balancedness": float((mean_layer / per_layer).mean()), "mean_step_s": float(r0.step_s.mean())}
+                   "balancedness": float((mean_layer / per_layer).mean()), "mean_step_s": float(r0.step_s.mean()),
+                   "per_layer": [{(k[:-2] + "_ms" if k.endswith("_s") else k): (v if k == "layer" else float(v))
+                                  for k, v in row.items()} for row in rows]}
         write_text_atomic(self.dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"},
                                                                 indent=2) + "\n")
         self._stack.close()

@@ -4,6 +4,7 @@ cluster, a KV cache bigger than the GPU."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,39 @@ def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):
                  "-o", str(tmp_path / "pe")])
     assert "no predictor could run on this trace: most-frequent: " in one_line(capsys, code)
     assert not (tmp_path / "pe").exists()
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"output": {"timings": "steps.csv"}}, "output.steps 'steps.csv' is also output.timings"),
+    ({"output": {"trace": ""}}, "output.trace must name a file, got ''"),
+    ({"output": {"steps": "summary.json"}}, "output.steps 'summary.json' is also the run's summary.json"),
+    ({"run": {"timeout_s": float("nan")}}, "run.timeout_s: must be a finite number, got nan"),
+    ({"run": {"timeout_s": float("inf")}}, "run.timeout_s: must be a finite number, got inf"),
+    ({"model": {"router_bias_std": float("nan")}}, "model.router_bias_std: must be a finite number, got nan"),
+    ({"model": {"seed": -1}}, "model.seed must be at least 0, got -1"),
+    ({"input": {"seed": -2}}, "input.seed must be at least 0, got -2"),
+])
+def test_run_config_values_that_used_to_fail_on_every_rank(doc, message):
+    from runtime.config import parse_run_config
+    with pytest.raises(UserError, match=re.escape(f"r.yaml: {message}")):
+        parse_run_config(doc, "r.yaml")
+
+
+@pytest.mark.parametrize("mode, duplication, message", [
+    ("dist-only", {"distribution_predictor": "nope"}, "unknown distribution predictor 'nope'"),
+    ("dist-only", {"distribution_params": {"alpha": -0.5}}, "ema: alpha must be in (0, 1], got -0.5"),
+    ("token-to-expert", {"token_predictor": "prev-layer"}, "token predictor 'prev-layer' reads routing of the step"),
+    ("static", {"algorithm_options": {"bogus": 1}}, "algorithm 'eplb' does not take option(s) bogus"),
+])
+def test_moe_gps_run_builds_the_policy_before_torchrun(tmp_path, capsys, mode, duplication, message):
+    """What every rank builds first (the predictor, step 0's placement) is built by `moe-gps run` before it
+    starts torchrun: one line and exit 2, not a line per rank and torchrun's failure dump."""
+    pytest.importorskip("torch")
+    doc = {"model": {"num_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_heads": 2},
+           "input": {"batch_size": 2, "seq_len": 16}, "run": {"steps": 4},
+           "duplication": {"num_redundant": 2, "warmup_steps": 2, **duplication}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    code = main(["run", "--nproc", "2", "--config", str(tmp_path / "r.yaml"), "--duplication", mode,
+                 "-o", str(tmp_path / "out")])
+    assert message in one_line(capsys, code)
+    assert not (tmp_path / "out").exists()

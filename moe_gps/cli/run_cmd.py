@@ -69,6 +69,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (E + R) % args.nproc and not (args.duplication == "static" and cfg.duplication.placement):
             raise UserError(f"{args.config}: {E} experts + {R} redundant slots do not divide over {args.nproc} "
                             "ranks; change duplication.num_redundant or --nproc")
+        # what every rank builds first: the duplication policy (its predictor, its plan file) and step 0's placement
+        from runtime.duplication import DuplicationPolicy
+        m, i = cfg.model, cfg.input
+        try:
+            DuplicationPolicy(args.duplication, cfg.duplication, args.nproc, m.num_layers, E, m.top_k,
+                              args.nproc * i.batch_size * i.seq_len).initial()
+        except UserError as err:
+            raise UserError(f"{args.config}: {err}") from None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            "-m", "runtime.launch", "--config", args.config, "--duplication", args.duplication]
     for flag, value in (("--steps", args.steps), ("--out", args.out), ("--device", args.device)):
