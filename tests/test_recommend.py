@@ -79,6 +79,11 @@ def _check_headline(r) -> None:
         # the fastest is not faster than no duplication beyond its interval: none is recommended
         fast, c = r.headline.not_separated
         assert fast["candidate"] == best["candidate"] and w["candidate"] == "none" and c.ci_low <= 1.0
+    elif r.headline.more_slots is not None:
+        # the same strategy with fewer slots is not slower beyond the interval: the fewer slots are recommended
+        big, c = r.headline.more_slots
+        assert big["candidate"] == best["candidate"] and c.ci_low <= 1.0
+        assert w["strategy"] == big["strategy"] and w["redundant_slots"] < big["redundant_slots"]
     else:
         assert w["candidate"] == best["candidate"]
         assert w["latency_mean_ms"] == pytest.approx(float(cands["latency_mean_ms"].min()))
@@ -157,6 +162,32 @@ def test_a_change_is_recommended_only_beyond_its_interval(result):
     s = summary(r2)["recommendation"]
     assert s["duplicate"] is False and s["thin_evidence"] is True
     assert s["fastest_not_separated"]["candidate"] == "eplb +1/GPU"
+
+
+def test_the_fewest_slots_not_beaten_beyond_the_interval_are_recommended(result):
+    """Make eplb +2/GPU noise-faster than eplb +1/GPU, both clearly faster than none: the recommendation
+    is eplb +1/GPU (less memory, as fast), and the report says why and how much memory it saves."""
+    from moe_gps.recommend import analysis as an
+
+    r, _, _ = result
+    df = r.df.copy()
+    here = at_point(df, r.plan, r.plan.user)
+    none = np.asarray(here[here["candidate"] == "none"].iloc[0]["step_latency_ms"], dtype=float)
+    one = none * 0.8
+    two = one * (1 - np.array([0.003, -0.002, 0.0025, -0.003, 0.002])[:len(one)])
+    for label, x in (("eplb +1/GPU", one), ("eplb +2/GPU", two)):
+        idx = here[here["candidate"] == label].index[0]
+        df.at[idx, "step_latency_ms"] = list(x)
+        df.at[idx, "latency_mean_ms"] = float(np.mean(x))
+    for label in set(here["candidate"]) - {"none", "eplb +1/GPU", "eplb +2/GPU"}:
+        idx = here[here["candidate"] == label].index[0]                      # the others: slower than none
+        df.at[idx, "step_latency_ms"] = list(none * 1.1)
+        df.at[idx, "latency_mean_ms"] = float(np.mean(none * 1.1))
+    assert np.mean(two) < np.mean(one)
+    h = an.headline(df, r.plan)
+    assert h.winner["candidate"] == "eplb +1/GPU" and h.more_slots[0]["candidate"] == "eplb +2/GPU"
+    assert h.more_slots[1].ci_low <= 1.0 and h.vs_none.ci_low > 1.0
+    assert "so the recommendation takes the fewer slots" in " ".join(h.reasons)
 
 
 def test_decision_maps_pick_the_fastest_deployable_in_every_cell(result):
@@ -325,3 +356,34 @@ def test_figures_drawn_in_forked_processes_are_the_serial_ones_in_report_order(r
     assert all(forked[n] == serial[n] for n in serial)
     pngs = [p.name for p in files if p.suffix == ".png"]
     assert pngs == [f"{n}.png" for n in serial]
+
+
+def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
+    from moe_gps.recommend.analysis import Sensitivity
+    one = Sensitivity("GPU count", "GPUs", ["4"], ["none"], 0, "4", "4", None, None)
+    assert one.sentence("none") == "GPU count: only 4 GPUs swept."
+    tie = Sensitivity("GPU count", "GPUs", ["4", "8"], ["dist:ema +2/GPU", "none"], 0, "4", "4", None,
+                      ("8", "none", 1.0))
+    assert tie.sentence("dist:ema +2/GPU") == ("GPU count: dist:ema +2/GPU stays the fastest only at 4 GPUs; at 8 GPUs "
+                                               "none ties it (the same time) and comes first on a tie.")
+    win = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
+                      ("8", "eplb +1/GPU", 1.25))
+    assert win.sentence("none").endswith("at 8 GPUs eplb +1/GPU wins (1.250x faster).")
+
+
+def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(result):
+    from moe_gps.recommend.report import hypothetical_lines
+
+    r, _, _ = result
+    st = r.predictor[0]
+    A = len(st.accuracies)
+    flat = dataclasses.replace(st, speedup=np.full((len(st.overheads), A), 1.0),
+                               knee=[min(st.accuracies)] * len(st.overheads),
+                               reference=(st.reference[0], 2.0) if st.reference else ("none", 2.0))
+    text = " ".join(hypothetical_lines(dataclasses.replace(r, predictor=[flat])))
+    assert "accuracy makes no difference" in text and "stops paying" not in text
+    if A > 1:
+        rising = dataclasses.replace(flat, speedup=np.tile(np.linspace(1.0, 1.5, A), (len(st.overheads), 1)),
+                                     knee=[max(st.accuracies)] * len(st.overheads))
+        text = " ".join(hypothetical_lines(dataclasses.replace(r, predictor=[rising])))
+        assert f"still pays at the highest swept ({max(st.accuracies):g})" in text

@@ -125,6 +125,9 @@ class Headline:
     #: the fastest deployable candidate when it is not faster than none beyond its interval (then
     #: the recommendation is none), with that comparison
     not_separated: tuple[dict, Comparison] | None = None
+    #: the fastest candidate when the same strategy with fewer redundant slots (the winner) is not slower
+    #: beyond the interval, with that comparison (more slots, more memory, for no separable gain)
+    more_slots: tuple[dict, Comparison] | None = None
     #: fewer than sim.verdict.THIN_STEPS simulated steps at the user's point
     thin: bool = False
 
@@ -182,12 +185,21 @@ def headline(df, plan: SweepPlan) -> Headline:
         if c.ci_low <= 1.0:
             # a change is recommended only when it is faster beyond its interval
             not_separated, win = (win, c), none
+    more_slots = None
+    if win is not none:
+        # the fewest redundant slots of the winning strategy that the fastest budget does not beat beyond the interval
+        for r in sorted((r for r in rows if r["strategy"] == win["strategy"]
+                         and r["redundant_slots"] < win["redundant_slots"]), key=lambda r: r["redundant_slots"]):
+            c = compare(win, r, seed)
+            if c.ci_low <= 1.0 and (none is None or compare(r, none, seed).ci_low > 1.0):
+                more_slots, win = (win, c), r
+                break
     runner = next((r for r in rows if r is not win and r["strategy"] != win["strategy"]), None)
     orc = here[here["family"] == "oracle"].sort_values("latency_mean_ms").to_dict("records")
     h = Headline(win, runner, none, orc[0] if orc else None,
                  compare(win, none, seed) if none is not None and none is not win else None,
                  compare(win, runner, seed) if runner is not None else None, rows, regime(plan),
-                 infeasible=infeasible, not_separated=not_separated,
+                 infeasible=infeasible, not_separated=not_separated, more_slots=more_slots,
                  thin=len(win["step_latency_ms"]) < THIN_STEPS)
     h.reasons = _reasons(h, plan)
     return h
@@ -220,21 +232,31 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
             what = ("balances the GPUs" if best_dup["gpu_skew_after"] < w["gpu_skew_after"] - 0.005
                     else "leaves its redundant slots without tokens")
             why = c.reasons()
+            same = c.diff_ms == 0 and c.steps_won == 0
             out.append(f"The best duplicating strategy, {best_dup['candidate']}, {what} (GPU skew "
-                       f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) and is "
-                       f"{c.speedup:.3f}x slower" + (": " + "; ".join(why) if why else
-                                                     ": no phase of its MoE layers differs by 0.05 µs or more")
+                       f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) and "
+                       + ("takes the same time on every step (no duplication is kept on a tie)" if same else
+                          f"is {c.speedup:.3f}x slower")
+                       + (": " + "; ".join(why) if why else
+                          ": no phase of its MoE layers differs by 0.05 µs or more")
                        + ".")
     else:
         if h.vs_none is not None:
             c = h.vs_none
-            out.append(f"{w['candidate']} cuts the GPU skew of the expert FFN from {c.gpu_skew[1]:.2f} (none) to "
-                       f"{c.gpu_skew[0]:.2f}: " + "; ".join(c.reasons()) + ".")
+            out.append(f"{w['candidate']} against none, the phases that change most: " + "; ".join(c.reasons())
+                       + f" (GPU skew of the expert FFN {c.gpu_skew[1]:.2f} -> {c.gpu_skew[0]:.2f}).")
         if w["copied_gb"] > 0:
             out.append(f"It copies {w['copied_gb']:.1f} GB of expert weights over the {w['sim_steps']} simulated steps "
                        f"({g['copy_us_per_expert']:.0f} µs per expert at {plan.user.bandwidth_gb_s:g} GB/s); the "
                        f"copies add {w['layer_copy_us']:.1f} µs per layer on the critical path.")
-    if h.vs_runner_up is not None and (h.duplicates or h.runner_up["candidate"] != best_dup["candidate"]):
+    if h.more_slots is not None:
+        big, c = h.more_slots
+        out.append(f"{big['candidate']} is {c.speedup:.4f}x of {w['candidate']} (95% CI {c.ci_low:.4f}-{c.ci_high:.4f} "
+                   f"over {c.steps} simulated steps): not faster beyond that interval, so the recommendation takes the "
+                   f"fewer slots ({big['extra_memory_gb_per_gpu'] - w['extra_memory_gb_per_gpu']:.2f} GB less per "
+                   f"GPU).")
+    if h.vs_runner_up is not None and (h.duplicates or h.runner_up["candidate"] != best_dup["candidate"]) \
+            and not (h.runner_up["candidate"] == "none" and h.vs_none is not None):
         c = h.vs_runner_up
         out.append(f"Against the runner-up {c.b}: " + "; ".join(c.reasons()) + ".")
     return out
@@ -307,7 +329,8 @@ def decision_map(df, plan: SweepPlan, name: str, labels: set[str]) -> DecisionMa
             sub = at_point(df, plan, point(r, c))
             sub = sub[sub["candidate"].isin(labels)]
             win[i][j], sp[i, j], mg[i, j], hv[i, j] = _cell_stats(sub)
-    return DecisionMap(name, row_name, f"{plan.fabric} bandwidth (GB/s per GPU per direction)", list(rows), cols,
+    fabric = plan.fabric_label(plan.gpus if name == "map-gpus-bw" else [u.num_gpus])
+    return DecisionMap(name, row_name, f"{fabric} bandwidth (GB/s per GPU per direction)", list(rows), cols,
                        row_labels, col_labels, win, sp, mg, hv, user_rc)
 
 
@@ -329,13 +352,17 @@ class Sensitivity:
     change_above: tuple[str, str, float] | None
 
     def sentence(self, rec: str) -> str:
+        if len(self.values) == 1:
+            return f"{self.axis}: only {' '.join(x for x in (self.values[0], self.unit) if x)} swept."
         rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip() if self.holds_from != self.holds_to
                else f"only at {self.holds_from} {self.unit}".strip())
         s = f"{self.axis}: {rec} stays the fastest {rng}"
         parts = []
         for side, ch in (("below", self.change_below), ("above", self.change_above)):
             if ch is not None:
-                parts.append(f"at {ch[0]} {self.unit}".rstrip() + f" {ch[1]} wins ({ch[2]:.3f}x faster)")
+                parts.append(f"at {ch[0]} {self.unit}".rstrip()
+                             + (f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
+                                f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
         if not parts:
             return s + " (the whole swept range)."
         return s + "; " + "; ".join(parts) + "."

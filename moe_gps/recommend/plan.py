@@ -186,6 +186,17 @@ class SweepPlan:
     def point_cluster(self, p: Point) -> ClusterConfig:
         return cluster_at(self.cluster, p.num_gpus, p.bandwidth_gb_s)
 
+    def fabric_of(self, num_gpus: int) -> str:
+        """The fabric the bandwidth axis sets at ``num_gpus`` GPUs (intra_node where they fit one node)."""
+        return fabric_bandwidth(cluster_at(self.cluster, num_gpus, 1.0))[0]
+
+    def fabric_label(self, gpu_counts) -> str:
+        """The bandwidth axis's fabric over ``gpu_counts``, in words."""
+        names = {self.fabric_of(g) for g in gpu_counts}
+        if len(names) == 1:
+            return names.pop()
+        return f"all-to-all fabric (intra_node up to {self.cluster.gpus_per_node} GPUs, inter_node above)"
+
     # -- studies
     def headline_runs(self) -> list[RunSpec]:
         return [RunSpec(self.user, c) for c in self.headline_candidates]

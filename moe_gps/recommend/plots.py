@@ -266,7 +266,8 @@ def sensitivity_png(df, plan, labels: list[str], colors: dict[str, tuple], rec: 
 
 
 def headline_png(ranking: list[dict], extra: list[dict], colors_by_family: bool = True) -> bytes:
-    """Stacked per-layer breakdown (µs) of the candidates at your point, fastest on top."""
+    """Stacked per-layer breakdown (µs) of the candidates at your point: the ranking fastest on top, then
+    ``extra`` (the bounds and what-ifs not in it)."""
     plt = pyplot()
     rows = ranking + [r for r in extra if r is not None and r["candidate"] not in {x["candidate"] for x in ranking}]
     names = [r["candidate"] for r in rows]
@@ -283,7 +284,8 @@ def headline_png(ranking: list[dict], extra: list[dict], colors_by_family: bool 
     ax.invert_yaxis()
     ax.set_xlim(0, left.max() * 1.22)
     ax.set_xlabel("mean MoE-layer time (µs), by phase")
-    ax.set_title("Every strategy at your cluster (fastest on top); text: mean step latency")
+    ax.set_title("Every strategy at your cluster (deployable ones fastest on top, then the bounds); "
+                 "text: mean step latency")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, title="phase",
               title_fontsize=8)
     ax.grid(axis="x", alpha=0.3)

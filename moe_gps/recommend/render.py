@@ -112,7 +112,8 @@ def render_html(r, sec: dict, figs: dict, command: str) -> str:
              + "".join(f"<li>{e(x)}</li>" for x in s["hypothetical"]) + "</ul>",
              f"<div class='sub'>From {s['runs']['total']} simulated runs ({r.plan.sweep.sim_steps} steps each after "
              f"{r.plan.sweep.train_steps} training steps, seed {r.plan.sweep.seed}); every number is traceable to "
-             f"runs.csv and docs/recommend.md.</div></div>"]
+             f"runs.csv (the intervals and steps won to the per-step latencies in cache/) and docs/recommend.md."
+             f"</div></div>"]
     n = 0
 
     def fig(name: str, title: str) -> None:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moe_gps.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
@@ -103,14 +105,32 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
                    f"{min(st.overheads) / 1e6:g} MFLOP/token (best: {best:.3f}x)")
             out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep beats {st.reference[0]} "
                        f"({st.reference[1]:.3f}x vs none), {top}.")
-        knees = [f"{a:g} at {o / 1e6:g} MFLOP" for o, a in zip(st.overheads, st.knee) if a is not None]
+        knees, flat, rising = [], [], []
+        for row, o, a in zip(st.speedup, st.overheads, st.knee):
+            if a is None:
+                continue
+            if np.nanmax(row) - np.nanmin(row) <= 0.01 * np.nanmax(row):
+                flat.append(f"{o / 1e6:g} MFLOP")            # every accuracy within 1%: nothing to stop paying
+            elif a >= max(st.accuracies):
+                rising.append(f"{o / 1e6:g} MFLOP")          # the best is at the top of the grid
+            else:
+                knees.append(f"{a:g} at {o / 1e6:g} MFLOP")
         if knees:
             out.append(f"{where.capitalize()}, better accuracy stops paying (within 1% of the best) at: "
                        + "; ".join(knees) + ".")
+        if flat:
+            out.append(f"{where.capitalize()}, the predictor's accuracy makes no difference (every accuracy swept "
+                       f"within 1%) at: " + "; ".join(flat) + ".")
+        if rising:
+            out.append(f"{where.capitalize()}, better accuracy still pays at the highest swept "
+                       f"({max(st.accuracies):g}) at: " + "; ".join(rising) + ".")
     if h.oracle is not None and h.none is not None:
-        out.append(f"The oracle (true loads known in advance, no predictor, the same copy policy) bounds duplication with "
-                   f"this slot budget at {h.none['latency_mean_ms'] / h.oracle['latency_mean_ms']:.3f}x vs none "
-                   f"at your point.")
+        o, n = h.oracle, h.none
+        out.append(f"The oracle ({o['candidate']}: true loads known in advance, no predictor cost, the same copy "
+                   f"policy, and every token sent straight to its replica, which skips the layout exchange: dispatch "
+                   f"{o['layer_dispatch_us']:.1f} µs against none's {n['layer_dispatch_us']:.1f} µs per layer) runs "
+                   f"at {n['latency_mean_ms'] / o['latency_mean_ms']:.3f}x vs none at your point: the bound for "
+                   f"prediction with that slot budget, direct routing included.")
     return out
 
 
@@ -161,6 +181,8 @@ def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
 
 def _versus(c) -> str:
     """'1.101x (95% CI 1.097-1.104; faster on 40/48 steps)'."""
+    if c.diff_ms == 0 and c.steps_won == 0:
+        return f"1.000x (the same time on every one of {c.steps} steps)"
     return (f"{c.speedup:.3f}x (95% CI {c.ci_low:.3f}-{c.ci_high:.3f}; faster on {c.steps_won}/{c.steps} steps)")
 
 
@@ -168,8 +190,9 @@ def _versus(c) -> str:
 
 #: the report's figures, in report order: name -> caption
 CAPTIONS = {
-    "headline": "Mean MoE-layer time of every strategy at your cluster, split by phase (µs), fastest on top; the "
-                "text is the mean step latency (all MoE layers of a step).",
+    "headline": "Mean MoE-layer time of every strategy at your cluster, split by phase (µs): the deployable ones "
+                "fastest on top, then the bounds and what-ifs (the oracle, synthetic predictors); the text is the "
+                "mean step latency (all MoE layers of a step).",
     "decision_bw_skew": "Which deployable strategy is fastest for each interconnect bandwidth and expert skew (your "
                         "GPU count and workload); the text is its speed-up over no duplication; your cluster is "
                         "boxed in red.",

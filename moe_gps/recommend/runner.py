@@ -108,7 +108,7 @@ def describe(plan: SweepPlan, spec: RunSpec) -> dict[str, Any]:
     w = plan.workloads[p.workload]
     v = plan.skews[p.skew]
     return {
-        "num_gpus": p.num_gpus, "bandwidth_gb_s": p.bandwidth_gb_s, "fabric": plan.fabric,
+        "num_gpus": p.num_gpus, "bandwidth_gb_s": p.bandwidth_gb_s, "fabric": plan.fabric_of(p.num_gpus),
         "workload": workload_label(w, plan.trace_tokens), "phase": w.phase, "seq_len": w.seq_len,
         "tokens_per_step": workload_tokens(w, plan.trace_tokens), "skew_variant": p.skew,
         "skew_target": v.target, "skew_gamma": v.gamma,
