@@ -35,6 +35,7 @@ TOKEN_COLUMNS = [
     ("balancedness_vllm", "bal. vLLM", ".4f"),
     ("flops_per_token", "flops/tok", ".4g"),
     ("bytes_per_token", "B/tok", ".4g"),
+    ("fixed_flops_per_step", "flops/step", ".4g"),
     ("fixed_bytes_per_step", "B/step", ".4g"),
     ("seconds", "time s", ".2f"),
 ]

@@ -92,19 +92,20 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
                         and x["status"] != "ok"), "no run")
             out.append(f"{where.capitalize()}, the token-to-expert what-if could not run: {why}")
             continue
+        slots = f"+{r.plan.sweep.map_redundant_slots_per_gpu}/GPU"      # the synthetic predictors' slot budget
         wins = [(o, a) for o, a in zip(st.overheads, st.break_even) if a is not None]
         best = float(max(v for v in st.speedup.ravel() if v == v))
         if wins:
             txt = ", ".join(f"accuracy >= {a:g} at {o / 1e6:g} MFLOP/token" for o, a in wins)
-            out.append(f"{where.capitalize()}, a token-to-expert predictor would beat {st.reference[0]} "
+            out.append(f"{where.capitalize()}, a token-to-expert predictor ({slots}) would beat {st.reference[0]} "
                        f"({st.reference[1]:.3f}x vs none) with {txt} (best: {best:.3f}x).")
         else:
             top = (f"not even a perfect, free one ({best:.3f}x)"
                    if max(st.accuracies) >= 1.0 and min(st.overheads) == 0 else
                    f"not even the most accurate and cheapest swept, accuracy {max(st.accuracies):g} at "
                    f"{min(st.overheads) / 1e6:g} MFLOP/token (best: {best:.3f}x)")
-            out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep beats {st.reference[0]} "
-                       f"({st.reference[1]:.3f}x vs none), {top}.")
+            out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep ({slots}) beats "
+                       f"{st.reference[0]} ({st.reference[1]:.3f}x vs none), {top}.")
         knees, flat, rising = [], [], []
         for row, o, a in zip(st.speedup, st.overheads, st.knee):
             if a is None:
