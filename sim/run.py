@@ -154,7 +154,7 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
     for s in config.strategies:
         s = dataclasses.replace(s, name=s.resolved_name(), planner=s.resolved_planner(),
                                 redundant_slots=s.resolved_redundant(G, E),
-                                predictor_options=dict(s.predictor_options),
+                                predictor_options=_resolved_predictor_options(s),
                                 planner_options=dict(s.planner_options))
         if s.kind != "none":
             pol = s.resolved_policy(train_steps)
@@ -163,6 +163,21 @@ def resolve_config(config: SimulateConfig, train_steps: int, trace_name: str) ->
         strategies.append(s)
     return dataclasses.replace(config, strategies=strategies, train_steps=train_steps,
                                trace=config.trace or trace_name), notes
+
+
+def _resolved_predictor_options(s: StrategyConfig) -> dict:
+    """The strategy's predictor options with the predictor's own defaults written out (its ``params()``:
+    plain numbers, flags and names; the seed is the config's): what config.yaml records."""
+    given = dict(s.predictor_options)
+    if s.kind not in ("distribution", "token") or "cost" in given or "overhead" in given:
+        return given
+    from moe_gps.predict import make_distribution_predictor, make_token_predictor
+    make = make_distribution_predictor if s.kind == "distribution" else make_token_predictor
+    try:
+        params = make(s.predictor, **given).params()
+    except (UserError, ImportError):          # a bad option is reported when the strategy is built
+        return given
+    return {**{k: v for k, v in params.items() if k != "seed" and isinstance(v, (bool, int, float, str))}, **given}
 
 
 #: relative work per step of a strategy kind, to share strategies out over worker processes

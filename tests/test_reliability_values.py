@@ -176,3 +176,19 @@ def test_moe_gps_run_builds_the_policy_before_torchrun(tmp_path, capsys, mode, d
                  "-o", str(tmp_path / "out")])
     assert message in one_line(capsys, code)
     assert not (tmp_path / "out").exists()
+
+
+def test_config_yaml_writes_out_the_predictors_defaults(tmp_path, capsys):
+    """config.yaml makes every default explicit, the predictors' own included (ema's alpha, window's
+    window); a rerun from it writes the same config."""
+    from moe_gps.config.loader import load_simulate_config
+    assert main(["simulate", BUNDLED, "--strategies", "none,dist:ema,dist:window(window=4)", "--no-plots",
+                 "-o", str(tmp_path / "a")]) == 0
+    cfg = load_simulate_config(tmp_path / "a" / "config.yaml")
+    opts = {s.name: s.predictor_options for s in cfg.strategies}
+    assert opts["dist:ema"] == {"online": True, "alpha": 0.3}
+    assert opts["dist:window(window=4)"] == {"online": True, "window": 4}
+    assert main(["simulate", BUNDLED, "--config", str(tmp_path / "a" / "config.yaml"), "--no-plots",
+                 "-o", str(tmp_path / "b")]) == 0
+    for name in ("config.yaml", "summary.csv", "steps.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
