@@ -10,7 +10,8 @@ take the ratio of the means each time, and keep the 2.5th and 97.5th percentiles
   ``none`` can win, and wins ties (to rounding).
 * A *tie* is another deployable strategy whose speed-up lies inside the winner's interval
   (when ``none`` wins: one whose own interval contains 1.0).
-* Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so.
+* Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so;
+  steps that are exact copies of another (the same tokens and routing) do not count.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Verdict:
     steps: int
     thin: bool
     runner_up: dict[str, Any] | None = field(default=None)
+    #: simulated steps that are not exact copies of another (the same routing): copies add no evidence
+    #: (None: not counted, as for serving's requests)
+    distinct_steps: int | None = None
 
     @property
     def beats_none(self) -> bool:
@@ -86,6 +90,8 @@ class Verdict:
     def line(self) -> str:
         """The one-line verdict printed after the tables."""
         n = f"{self.steps} simulated step{'s' if self.steps != 1 else ''}"
+        ci = (lambda lo, hi: f"95% CI {lo:.3f}-{hi:.3f} over {n}") if self.steps > 1 else \
+            (lambda lo, hi: f"no interval from {n}")
         ties = f"; ties within the interval: {', '.join(self.ties)}" if self.ties else ""
         if self.strategy == "none":
             text = "verdict: none (no duplication) is the fastest deployable strategy"
@@ -95,15 +101,18 @@ class Verdict:
             elif self.runner_up is not None:
                 r = self.runner_up
                 text += (f"; the best duplicating one, {r['strategy']}, runs at {r['speedup']:.3f}x "
-                         f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
+                         f"({ci(r['ci_low'], r['ci_high'])})")
             text += ties
         else:
             text = (f"verdict: {self.strategy} is the fastest deployable strategy, {self.speedup:.3f}x over none "
-                    f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f} over {n})")
+                    f"({ci(self.ci_low, self.ci_high)})")
             if not self.beats_none:
                 text += ", not faster than no duplication beyond the interval"
             text += ties
-        if self.thin:
+        if self.thin and self.distinct_steps is not None and self.distinct_steps < self.steps:
+            text += (f" [thin evidence: {self.distinct_steps} distinct of the {n} (the others are exact copies), "
+                     f"fewer than {THIN_STEPS}]")
+        elif self.thin:
             text += f" [thin evidence: fewer than {THIN_STEPS} simulated steps]"
         return text
 
@@ -117,7 +126,13 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     base = next((r for r in rows if r.config.kind == "none"), None)
     if base is None or not rows:
         return None
-    return compare({r.name: r.step_latency for r in rows}, base.name, result.config.seed)
+    v = compare({r.name: r.step_latency for r in rows}, base.name, result.config.seed)
+    # steps with the same routing (tokens, each layer's expert skew, none's latency) are copies of one step
+    # (to 1e-12: the event model's clock adds rounding of the order of 1e-17 s to equal steps' latencies)
+    routing = np.column_stack([result.tokens, result.expert_skew, base.step_latency])
+    v.distinct_steps = len(np.unique(np.round(routing, 12), axis=0))
+    v.thin = v.distinct_steps < THIN_STEPS
+    return v
 
 
 def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_better: bool = False,

@@ -192,3 +192,27 @@ def test_config_yaml_writes_out_the_predictors_defaults(tmp_path, capsys):
                  "-o", str(tmp_path / "b")]) == 0
     for name in ("config.yaml", "summary.csv", "steps.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_steps_that_are_copies_of_one_step_are_thin_evidence():
+    """24 copies of one trace step are one step of evidence: the verdict says so, however many there are;
+    a single simulated step gives no interval."""
+    from moe_gps.cli.main import build_parser
+    from moe_gps.cli.simulate_cmd import build_config
+    from moe_gps.trace import load_trace
+    from sim.run import simulate
+
+    t = load_trace(BUNDLED)
+    copies = t.select_steps([3] * 24)
+    cfg = build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,eplb,dist:ema"]), copies)[0]
+    v = simulate(copies, cfg, progress=False).verdict
+    assert v.thin and v.distinct_steps == 1 and v.steps == 18
+    assert "[thin evidence: 1 distinct of the 18 simulated steps (the others are exact copies)" in v.line()
+    full = simulate(t, build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,eplb"]),
+                                    t)[0], progress=False).verdict
+    assert not full.thin and full.distinct_steps == full.steps == 48
+    two = t.select_steps([3, 4])
+    cfg = build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,eplb", "--train-steps",
+                                                  "1"]), two)[0]
+    line = simulate(two, cfg, progress=False).verdict.line()
+    assert "eplb, runs at" in line and "(no interval from 1 simulated step)" in line and "95% CI" not in line
