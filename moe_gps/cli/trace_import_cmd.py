@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 from moe_gps.errors import UserError
 
@@ -155,6 +156,19 @@ def import_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _other_format(fmt: str, sources: list[str]) -> str:
+    """' (X looks like ...: did you mean --from F?)' when a source file looks like another format, else ''."""
+    from moe_gps.trace.sniff import likely_format
+
+    for src in sources:
+        p = Path(src)
+        if p.is_file():
+            other, what = likely_format(p)
+            if other is not None and other != fmt:
+                return f" ({p.name} looks like {what}: did you mean --from {other}?)"
+    return ""
+
+
 def run_import(args: argparse.Namespace) -> int:
     from moe_gps.files import same_file
     from moe_gps.outputs import check_output_file
@@ -165,7 +179,10 @@ def run_import(args: argparse.Namespace) -> int:
         if same_file(src, out):
             raise UserError(f"{args.output}: the output would overwrite the source {src}")
     options = import_options(args)
-    result = import_trace(args.fmt, args.sources, out, command=_command_line(args), **options)
+    try:
+        result = import_trace(args.fmt, args.sources, out, command=_command_line(args), **options)
+    except UserError as err:
+        raise UserError(f"{err}{_other_format(args.fmt, args.sources)}") from None
     for line in result.summary:
         print(line)
     trace, meta = result.trace, result.trace.meta
