@@ -225,3 +225,15 @@ def test_trace_import_with_the_wrong_format_names_the_likely_one(tmp_path, capsy
     err = one_line(capsys, code)
     assert "(calls.jsonl looks like JSON lines of topk_ids" in err and "did you mean --from vllm-jsonl?)" in err
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_eplb_keeps_vllms_step_interval_when_its_window_is_given():
+    """vLLM's step_interval (3000) does not depend on window_size: only a window scaled to a short
+    history scales the interval with it (3 x the window)."""
+    from moe_gps.config import StrategyConfig
+    given = StrategyConfig(kind="static", eplb_config={"window_size": 500})
+    given.check("test")
+    assert given.resolved_policy(5000).interval == 3000 and given.resolved_policy(5000).window == 500
+    assert StrategyConfig(kind="static", window=8).resolved_policy(16).interval == 3000
+    short = StrategyConfig(kind="static").resolved_policy(16)
+    assert (short.window, short.interval) == (16, 48)

@@ -146,7 +146,9 @@ def fake(latencies: dict[str, list[float]], kinds: dict[str, str] | None = None)
                StrategyConfig(kind=kinds.get(n, "none" if n == "none" else "static"))) for n in latencies}
     rows = [SimpleNamespace(name=n, config=cfg[n], step_latency=np.asarray(v, dtype=float)) for n, v in latencies.items()]
     S = len(next(iter(latencies.values())))
-    return SimpleNamespace(strategies=rows, config=SimpleNamespace(seed=0), steps=np.arange(S))
+    # every step routes differently (a distinct expert skew per step)
+    return SimpleNamespace(strategies=rows, config=SimpleNamespace(seed=0), steps=np.arange(S),
+                           tokens=np.full(S, 512.0), expert_skew=1.0 + np.arange(S, dtype=float)[:, None])
 
 
 def test_verdict_winner_interval_and_ties():

@@ -402,8 +402,9 @@ class StrategyConfig:
                                  f"step_interval={VLLM_STEP_INTERVAL} scaled to the trace's {history_steps} "
                                  f"profiling steps")
             interval = self.replan_interval
-            if interval is None:
-                interval = min(VLLM_STEP_INTERVAL, window * VLLM_STEP_INTERVAL // VLLM_WINDOW_SIZE)
+            if interval is None:            # vLLM's step_interval; scaled with the window only where that was
+                interval = VLLM_STEP_INTERVAL if self.window is not None else \
+                    min(VLLM_STEP_INTERVAL, window * VLLM_STEP_INTERVAL // VLLM_WINDOW_SIZE)
             min_gain = 0.0 if self.min_gain is None else self.min_gain
         else:
             interval = PREDICTING_INTERVAL if self.replan_interval is None else self.replan_interval
