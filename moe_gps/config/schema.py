@@ -242,7 +242,8 @@ class WorkloadConfig:
     seq_len: int = spec("prefill: prompt length; decode: context (KV) length", unit="tokens", ge=1,
                         default=512)
     tokens_per_step: int | None = spec(
-        "tokens per forward pass over all GPUs; absent: as in the trace. When set, each step's expert "
+        "tokens per forward pass over all GPUs; absent: as in the trace. When set, the trace's tokens are "
+        "regrouped into steps of tokens_per_step where that leaves at least 12 steps, else each step's expert "
         "loads are scaled by tokens_per_step / (the step's tokens in the trace)", unit="tokens", ge=1,
         default=None)
 
