@@ -90,6 +90,9 @@ def test_counts_traces_regroup_by_whole_steps(trace):
         regroup(counts, 150)
     same, note, warning = regroup_or_scale(counts, 150)
     assert same is counts and note is None and "whole multiples" in warning
+    assert "keeps the sampling noise of the smaller step" in warning          # 100 tokens scaled up to 150
+    _, _, down = regroup_or_scale(counts, 50)                                  # 100 tokens scaled down to 50
+    assert "less sampling noise than a real step of 50 tokens" in down
 
 
 def test_the_phase_is_read_from_the_trace(trace, tmp_path, capsys):

@@ -101,8 +101,10 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
         why = f"the counts trace makes only {steps} steps of {n} (regrouping needs {MIN_STEPS})"
     else:
         why = f"a counts trace regroups only into whole multiples of its steps ({have} tokens)"
+    noise = ("which keeps the sampling noise of the smaller step" if float(trace.tokens_per_step.mean()) <= n else
+             f"which has less sampling noise than a real step of {n} tokens")
     return trace, None, (f"--tokens-per-step {n}: {why}; each step's expert counts are scaled from its {have} "
-                         f"tokens instead, which keeps the sampling noise of the smaller step")
+                         f"tokens instead, {noise}")
 
 
 def decode_shaped(trace: TokensTrace | CountsTrace) -> str | None:
