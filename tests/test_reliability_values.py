@@ -237,3 +237,19 @@ def test_eplb_keeps_vllms_step_interval_when_its_window_is_given():
     assert StrategyConfig(kind="static", window=8).resolved_policy(16).interval == 3000
     short = StrategyConfig(kind="static").resolved_policy(16)
     assert (short.window, short.interval) == (16, 48)
+
+
+def test_vllm_jsonl_warns_when_the_kept_passes_look_like_dummy_ones(tmp_path, capsys):
+    import json
+    rng = np.random.default_rng(0)
+
+    def call(T):
+        ids = [sorted(rng.choice(8, 2, replace=False).tolist()) for _ in range(T)]
+        return json.dumps({"topk_weights": [T, 2], "topk_ids": ids})
+    (tmp_path / "c.jsonl").write_text("\n".join(call(T) for T in (4, 64, 4, 64)) + "\n")
+    args = ["trace", "import", "--from", "vllm-jsonl", str(tmp_path / "c.jsonl"), "--num-layers", "1",
+            "--num-experts", "8", "-o", str(tmp_path / "t.parquet")]
+    assert main(args) == 0
+    assert "warning: the kept passes hold 4 to 64 tokens" in capsys.readouterr().out
+    assert main([*args, "--min-tokens", "10"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -239,6 +239,11 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
         summary.append(f"  kept {len(kept)} pass(es): "
                        + (", ".join(f"{p} ({pass_tokens[p]} tokens)" for p in kept[:8])
                           + (" ..." if len(kept) > 8 else "") if len(kept) else "none"))
+        sizes = pass_tokens[kept]
+        if wanted is None and min_tokens <= 1 and len(kept) > 1 and sizes.max() >= 10 * sizes.min():
+            summary.append(f"  warning: the kept passes hold {sizes.min()} to {sizes.max()} tokens; the small ones are "
+                           "likely dummy or padding passes (a server's warm-up, graph capture): keep the real ones "
+                           "with --min-tokens N or --passes")
     if not selected:
         sizes = sorted({int(t) for c in files for t in c.tokens})
         raise UserError(f"no forward pass selected (passes hold {', '.join(map(str, sizes))} tokens; "
