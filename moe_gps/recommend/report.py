@@ -63,9 +63,15 @@ def summary(r: Recommendation) -> dict[str, Any]:
             "thin_evidence": h.thin,
             "runner_up": h.runner_up["candidate"] if h.runner_up else None,
             "speedup_vs_runner_up": vs_run.speedup if vs_run else None,
+            "speedup_ci_vs_runner_up": [vs_run.ci_low, vs_run.ci_high] if vs_run else None,
             "steps_won_vs_runner_up": f"{vs_run.steps_won}/{vs_run.steps}" if vs_run else None,
+            "more_slots_not_separated": ({"candidate": h.more_slots[0]["candidate"],
+                                          "speedup_over_recommendation": h.more_slots[1].speedup,
+                                          "ci": [h.more_slots[1].ci_low, h.more_slots[1].ci_high]}
+                                         if h.more_slots else None),
             "oracle_speedup_vs_none": (h.none["latency_mean_ms"] / h.oracle["latency_mean_ms"])
             if h.none and h.oracle else None,
+            "oracle": h.oracle["candidate"] if h.oracle else None,
         },
         "reasons": h.reasons,
         "sensitivity": [s.sentence(w["candidate"]) for s in r.sensitivities],
