@@ -607,3 +607,18 @@ def test_console_script_help():
     done = subprocess.run([sys.executable, "-m", "moe_gps.cli.main", "trace", "import", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "vllm-jsonl" in done.stdout and "--min-tokens" in done.stdout
+
+
+def test_gate_csv_warns_when_folders_are_not_in_the_numeric_order_of_their_names(tmp_path):
+    """A shell glob lists 10th before 1st: the import keeps the order given and says so."""
+    folders = []
+    for n in ("10th", "1st", "2nd"):
+        d = tmp_path / n
+        d.mkdir()
+        write_gate_csv(d / "layer0.csv", gate_scores(4, 8, 2, len(folders)), layer_id=0)
+        folders.append(d)
+    r = import_gate_csv([str(d) for d in folders])
+    assert any(line.startswith("warning: the steps are not in the numeric order of their names (10th, 1st, 2nd)")
+               for line in r.summary)
+    r = import_gate_csv([str(tmp_path / n) for n in ("1st", "2nd", "10th")])
+    assert not any("warning" in line for line in r.summary)

@@ -214,6 +214,13 @@ def import_gate_csv(sources: Sequence[str | os.PathLike], *, model: str = "unkno
                    f"num_experts={E} (expert columns), top_k={k} (non-zero scores per row)")
     summary.append(f"steps: one per folder (or run of files from one folder), in the order given; "
                    f"{len(step_experts)} step(s)")
+    numbers = [re.search(r"\d+", Path(r["source"]).name) for r in step_records]
+    if len(numbers) > 1 and all(numbers) and any(int(b.group()) < int(a.group()) for a, b in zip(numbers, numbers[1:])):
+        summary.append("warning: the steps are not in the numeric order of their names ("
+                       + ", ".join(Path(r["source"]).name for r in step_records[:4])
+                       + (", ..." if len(step_records) > 4 else "") + "): they follow the order given; a shell "
+                       "glob sorts 10th before 1st, list the folders in numeric order (`ls -v`) if that is the order "
+                       "the steps ran in")
     prov = provenance(
         FORMAT, [str(s) for s in sources],
         steps=step_records,
