@@ -253,3 +253,16 @@ def test_vllm_jsonl_warns_when_the_kept_passes_look_like_dummy_ones(tmp_path, ca
     assert "warning: the kept passes hold 4 to 64 tokens" in capsys.readouterr().out
     assert main([*args, "--min-tokens", "10"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_serve_knows_a_presets_dense_layers_under_another_spelling_of_its_name():
+    """A DeepSeek-V3 config.json loads as 'DeepSeek-V3' (its folder) or with the hub name as an alias:
+    serve still counts its 3 dense layers and its vocabulary."""
+    import dataclasses
+    from moe_gps.config import load_model
+    from moe_gps.config.serving import IterationParts
+    from sim.serving.iteration import resolve_parts
+    m = load_model("deepseek-v3")
+    for name, aliases in (("DeepSeek-V3", []), ("dsv3", ["deepseek-ai/DeepSeek-V3"])):
+        p = resolve_parts(IterationParts(), dataclasses.replace(m, name=name, aliases=aliases))
+        assert (p.vocab_size, p.dense_layers, p.dense_intermediate_size) == (129280, 3, 18432)

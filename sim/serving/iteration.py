@@ -36,9 +36,21 @@ KNOWN_PARTS = {"mixtral-8x7b": (32000, 0, None), "qwen3-30b-a3b": (151936, 0, No
 LOGIT_BYTES = 4.0
 
 
+def _preset_name(model: ModelConfig) -> str:
+    """The bundled preset ``model`` is (by its name or an alias, e.g. a config.json's
+    ``deepseek-ai/DeepSeek-V3``, with the preset's layers, experts and top-k), else its own name."""
+    from moe_gps.config.loader import infer_model
+
+    for name in (model.name, *model.aliases):
+        preset = infer_model(name, model.num_layers, model.num_experts, model.top_k)
+        if preset is not None:
+            return preset.name
+    return model.name
+
+
 def resolve_parts(parts: IterationParts, model: ModelConfig) -> IterationParts:
     """``parts`` with vocab_size, dense_layers and dense_intermediate_size made explicit."""
-    vocab, dense, inter = KNOWN_PARTS.get(model.name, (None, 0, None))
+    vocab, dense, inter = KNOWN_PARTS.get(_preset_name(model), (None, 0, None))
     parts = dataclasses.replace(parts, vocab_size=parts.vocab_size or vocab,
                                 dense_layers=dense if parts.dense_layers is None else parts.dense_layers,
                                 dense_intermediate_size=parts.dense_intermediate_size or inter)
