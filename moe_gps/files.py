@@ -52,7 +52,6 @@ def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
     return p
 
 
-
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file: the same path once links and spellings such as ``./x`` are
     resolved, or, where both exist, the same file (hard links)."""

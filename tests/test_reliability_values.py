@@ -221,7 +221,8 @@ def test_steps_that_are_copies_of_one_step_are_thin_evidence():
 def test_trace_import_with_the_wrong_format_names_the_likely_one(tmp_path, capsys):
     lines = "\n".join('{"topk_weights": [2, 2], "topk_ids": [[0, 1], [2, 3]]}' for _ in range(4)) + "\n"
     (tmp_path / "calls.jsonl").write_text(lines)
-    code = main(["trace", "import", "--from", "gate-csv", str(tmp_path / "calls.jsonl"), "-o", str(tmp_path / "t.parquet")])
+    code = main(["trace", "import", "--from", "gate-csv", str(tmp_path / "calls.jsonl"),
+                 "-o", str(tmp_path / "t.parquet")])
     err = one_line(capsys, code)
     assert "(calls.jsonl looks like JSON lines of topk_ids" in err and "did you mean --from vllm-jsonl?)" in err
     assert not (tmp_path / "t.parquet").exists()

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "simulate the run's own router trace with them, and report predicted against measured MoE time "
                      "per step (mean over steps) and per phase, with the error and the strategies' ranking. "
                      "Writes fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json and, without --cluster, "
-                     "each round's calibration cluster-N-R.yaml to the output folder, and the runs in its runs/ folder."))
+                     "each round's calibration cluster-N-R.yaml to the output folder, and the runs in its runs/ "
+                     "folder."))
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")

@@ -63,16 +63,20 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str) -> No
                    help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
                         "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
                         "background at a share of the link; a new placement serves once its copies landed, as "
-                        "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async; hidden with --assumptions paper")
+                        "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async; "
+                        "hidden with --assumptions paper")
     p.add_argument("--replan-interval", type=int, metavar="K",
                    help=f"{unit} between re-plan checks, for every duplicating strategy (default: vLLM's "
-                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle, 1 for them with --assumptions paper)")
+                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle, 1 for them with "
+                        "--assumptions paper)")
     p.add_argument("--window", type=int, metavar="W",
                    help="steps of history a plan is made from, for every duplicating strategy (default: "
-                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 with --assumptions paper, 1 for the oracle)")
+                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 with "
+                        "--assumptions paper, 1 for the oracle)")
     p.add_argument("--min-gain", type=float, metavar="X",
                    help="re-plan only when the predicted saving until the next check exceeds X times the "
-                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise; 0 with --assumptions paper)")
+                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise; 0 with "
+                        "--assumptions paper)")
 
 
 def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], list[str]]:

@@ -8,10 +8,11 @@ token e and O output tokens:
 * a request meets the SLO when TTFT <= ttft_ms and TPOT <= tpot_ms (each when given; a
   one-token answer has no TPOT to miss); goodput = requests meeting it / the same span.
 
-The verdict compares strategies on the same requests: with an SLO, on SLO attainment (the share of
-requests meeting it, paired request by request; goodput's ratio where the runs take the same span); without one, or when every strategy meets it for exactly the same
-requests, on mean end-to-end latency. Its 95% interval is a paired
-moving-block bootstrap over the requests in arrival order (blocks of sqrt(n) requests, since
+The verdict compares strategies on the same requests: with an SLO, on SLO attainment (the share
+of requests meeting it, paired request by request; goodput's ratio where the runs take the same
+span); without one, or when every strategy meets it for exactly the same requests, on mean
+end-to-end latency. Its 95% interval is a paired moving-block bootstrap over the requests in
+arrival order (blocks of ceil(sqrt(n)) requests, since
 neighbours in a queue are not independent): :func:`sim.verdict.compare`.
 """
 

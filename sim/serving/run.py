@@ -140,7 +140,8 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
             if need > cap:
                 raise UserError(f"strategy {s.name}: a request of {need} tokens (prompt + output) does not fit the KV "
                                 f"cache of one GPU ({cap} tokens with {(E + s.resolved_redundant(G, E)) // G} expert "
-                                "slots per GPU); shorten the workload's lengths or give scheduler.kv_cache_gb (--kv-cache-gb)")
+                                "slots per GPU); shorten the workload's lengths or give scheduler.kv_cache_gb "
+                                "(--kv-cache-gb)")
         requests.append(req)
         rates.append(float(rate) if rate is not None else (len(req) - 1) / max(float(req.arrival_s[-1]), 1e-300))
         # the attention time re-plans assume when they price their copies: decodes at the mean context
