@@ -383,10 +383,16 @@ def test_exports(tmp_path):
     assert lc["logical_count"][1] == [0] * 12 and lc["logical_count"][2] == np.round(loads[1]).astype(int).tolist()
     export_placement(p, "vllm", tmp_path / "v.json")
     assert json.loads((tmp_path / "v.json").read_text()) == p.phy2log.tolist()
-    export_placement(p, "vllm-ascend", tmp_path / "a.json")
+    # vLLM Ascend maps each expert of a device to one slot: a device holding an expert twice is refused
+    blocks = np.sort(p.phy2log.reshape(3, 4, 4), axis=2)
+    if (blocks[:, :, 1:] == blocks[:, :, :-1]).any():
+        with pytest.raises(UserError, match="holds expert .* twice, which vLLM Ascend's expert map cannot express"):
+            export_placement(p, "vllm-ascend", tmp_path / "a.json")
+    q = plan_placement(loads, 4, 4, "waterfill")
+    export_placement(q, "vllm-ascend", tmp_path / "a.json")
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["moe_layer_count"] == 3 and a["layer_list"][2]["device_count"] == 4
-    assert a["layer_list"][2]["device_list"][1] == {"device_id": 1, "device_expert": p.phy2log[2, 4:8].tolist()}
+    assert a["layer_list"][2]["device_list"][1] == {"device_id": 1, "device_expert": q.phy2log[2, 4:8].tolist()}
     with pytest.raises(UserError, match="do not fit in 3 decoder layers"):
         decoder_layers(3, None, num_hidden_layers=3, first_moe_layer=1)
     with pytest.raises(UserError, match="needs one row per decoder layer"):

@@ -32,8 +32,7 @@ def test_plan_writes_yaml_and_exports(counts_trace, tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--algorithm", "eplb", "--steps", "0:4",
                "-o", str(out), "--sglang", str(tmp_path / "s.json"), "--vllm", str(tmp_path / "v.json"),
-               "--vllm-ascend", str(tmp_path / "a.json"), "--expert-mib", "336", "--per-layer",
-               "--num-hidden-layers", "4"])
+               "--expert-mib", "336", "--per-layer", "--num-hidden-layers", "4"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "balancedness (mean over layers)" in text and "static (none)" in text and "wrote" in text
@@ -50,7 +49,13 @@ def test_plan_writes_yaml_and_exports(counts_trace, tmp_path, capsys):
     assert p.capacity.expert_bytes == 336 * 2**20
     assert json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"] == p.phy2log.tolist()
     assert json.loads((tmp_path / "v.json").read_text()) == p.phy2log.tolist()
+    # vLLM Ascend: from a plan that never puts an expert twice on a GPU, with its eplb_config flags
+    capsys.readouterr()
+    assert main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill", "--steps", "0:4",
+                 "-o", str(tmp_path / "w.yaml"), "--vllm-ascend", str(tmp_path / "a.json")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["moe_layer_count"] == 4
+    assert ("--additional-config '{\"eplb_config\": {\"expert_map_path\": " + json.dumps(str(tmp_path / "a.json"))
+            + ', \"num_redundant_experts\": 4}}\'') in capsys.readouterr().out
 
 
 def test_plan_waterfill_with_previous_json_and_export_note(counts_trace, tmp_path, capsys):

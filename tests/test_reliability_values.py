@@ -267,3 +267,19 @@ def test_serve_knows_a_presets_dense_layers_under_another_spelling_of_its_name()
     for name, aliases in (("DeepSeek-V3", []), ("dsv3", ["deepseek-ai/DeepSeek-V3"])):
         p = resolve_parts(IterationParts(), dataclasses.replace(m, name=name, aliases=aliases))
         assert (p.vocab_size, p.dense_layers, p.dense_intermediate_size) == (129280, 3, 18432)
+
+
+def test_exports_the_servers_cannot_read_are_refused(tmp_path, capsys):
+    """vLLM Ascend cannot express a device holding one expert twice; SGLang and vLLM Ascend read a
+    placement file as JSON only when its name ends in .json."""
+    from moe_gps.placement import Placement
+    from moe_gps.placement.export import export_text
+    twice = Placement(np.array([[0, 0, 1, 2, 3, 1]]), 3, 4, allow_colocated=True)     # device 0: expert 0 twice
+    with pytest.raises(UserError, match="layer 0, device 0 holds expert 0 twice"):
+        export_text(twice, "vllm-ascend")
+    for flag in ("--sglang", "--vllm-ascend"):
+        code = main(["plan", BUNDLED, "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill",
+                     "--num-hidden-layers", "32", "-o", str(tmp_path / "p.yaml"), flag, str(tmp_path / "map.txt")])
+        assert f"{flag} {tmp_path / 'map.txt'}: the server reads this file as JSON only when its name ends in " \
+               f".json" in one_line(capsys, code)
+    assert not (tmp_path / "p.yaml").exists()

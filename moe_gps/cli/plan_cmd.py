@@ -144,6 +144,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for flag, path in outputs:
         check_output_file(path, flag)
     check_distinct_outputs(outputs, args.trace, args.previous)
+    for flag, path in outputs:
+        if flag in ("--sglang", "--sglang-logical-count", "--vllm-ascend") and not path.endswith(".json"):
+            raise UserError(f"{flag} {path}: the server reads this file as JSON only when its name ends in .json "
+                            "(SGLang parses any other name as inline JSON text; vLLM Ascend refuses it)")
     check_threshold(args.threshold)
     expert_bytes = expert_mib_bytes(args.expert_mib)
     trace = load_trace(args.trace)

@@ -23,7 +23,8 @@ it comes from, is documented in docs/placement.md ("Exporting to SGLang and vLLM
   ``EplbState.physical_to_logical_map`` (MoE layers only), as accepted by the proposed
   ``eplb_config.initial_expert_map_path`` (vLLM pull request #49572, not in a vLLM
   release at the time of writing).
-* ``vllm-ascend``: the ``expert_map_path`` file of the vLLM Ascend plugin:
+* ``vllm-ascend``: the ``eplb_config.expert_map_path`` file of the vLLM Ascend plugin (a
+  top-level ``expert_map_path`` before its v0.14); no device may hold an expert twice:
   ``{"moe_layer_count": L, "layer_list": [{"layer_id": l, "device_count": N,
   "device_list": [{"device_id": g, "device_expert": [logical experts of GPU g in slot
   order]}]}]}``, MoE layers only.
@@ -88,8 +89,17 @@ def vllm_expert_map(p: Placement) -> str:
 
 
 def vllm_ascend_expert_map(p: Placement) -> str:
-    """vLLM Ascend ``expert_map_path`` JSON text (one device per line)."""
+    """vLLM Ascend ``expert_map_path`` JSON text (one device per line). UserError where a device holds one
+    expert twice: vLLM Ascend maps each expert of a device to one slot, and numbers the other devices'
+    slots by the count of distinct experts, so such a map would send tokens to the wrong experts."""
     S = p.slots_per_gpu
+    blocks = np.sort(p.phy2log.reshape(p.num_layers, p.num_gpus, S), axis=2)
+    twice = np.argwhere(blocks[:, :, 1:] == blocks[:, :, :-1])
+    if len(twice):
+        l, g, i = (int(x) for x in twice[0])
+        raise UserError(f"--vllm-ascend: layer {l}, device {g} holds expert {int(blocks[l, g, i])} twice, which vLLM "
+                        f"Ascend's expert map cannot express; plan with --algorithm waterfill or greedy, which "
+                        f"never put two replicas of an expert on one GPU")
     layers = []
     for l in range(p.num_layers):
         devices = ",\n".join(
@@ -139,5 +149,6 @@ def server_flags(p: Placement, fmt: str, path: str) -> str:
         cfg = json.dumps({"num_redundant_experts": p.num_redundant, "initial_expert_map_path": path})
         return f"--enable-expert-parallel --enable-eplb --eplb-config {shlex.quote(cfg)}"
     if fmt == "vllm-ascend":
-        return f"--enable-expert-parallel --additional-config {shlex.quote(json.dumps({'expert_map_path': path}))}"
+        cfg = {"eplb_config": {"expert_map_path": path, "num_redundant_experts": p.num_redundant}}
+        return f"--enable-expert-parallel --additional-config {shlex.quote(json.dumps(cfg))}"
     raise UserError(f"unknown export format {fmt!r}")
