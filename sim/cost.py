@@ -193,14 +193,14 @@ def attention_block_time(tokens, context, kv_entries, model: ModelConfig, hw: Ha
     tokens, context, kv_entries: [...] -> seconds [...]
 
     FLOPs = 2 n (P_attn + P_shared) + 4 C H d
-    bytes = (P_attn + P_shared) w + K k_b + 2 n h a
+    bytes = (P_attn + P_shared) w_dense + K k_b + 2 n h a
     time = max(FLOPs / (peak x attention_efficiency), bytes / HBM) + attention overhead
     """
     n = np.asarray(tokens, dtype=np.float64)
     a = model.attention
     params = model.attention_params + model.shared_params
     flops = 2.0 * n * params + 4.0 * np.asarray(context, dtype=np.float64) * (a.num_heads * a.head_dim)
-    bytes_ = params * model.weight_bytes + np.asarray(kv_entries, dtype=np.float64) * model.kv_bytes_per_token \
+    bytes_ = params * model.dense_bytes + np.asarray(kv_entries, dtype=np.float64) * model.kv_bytes_per_token \
         + 2.0 * n * model.token_bytes
     return np.where(n > 0, roofline(flops, bytes_, hw, hw.attn_flops) + hw.attn_overhead, 0.0)
 

@@ -283,3 +283,25 @@ def test_exports_the_servers_cannot_read_are_refused(tmp_path, capsys):
         assert f"{flag} {tmp_path / 'map.txt'}: the server reads this file as JSON only when its name ends in " \
                f".json" in one_line(capsys, code)
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_gpt_oss_attention_weights_keep_the_checkpoints_dtype(tmp_path):
+    """gpt-oss quantizes its experts to MXFP4 and keeps the attention in BF16 (modules_to_not_convert):
+    the attention's weights count 2 bytes each in the memory check and the attention's weight reads."""
+    import json
+    from moe_gps.config import load_cluster, load_model
+    from moe_gps.config.loader import memory_use
+    from moe_gps.config.schema import WorkloadConfig
+    cfg = {"model_type": "gpt_oss", "hidden_size": 2880, "num_attention_heads": 64, "num_key_value_heads": 8,
+           "head_dim": 64, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
+           "intermediate_size": 2880, "torch_dtype": "bfloat16",
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                      "lm_head"]}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path / "config.json"))
+    assert m.weight_bytes == 4.25 / 8 and m.dense_weight_bytes == 2.0 and m.dense_bytes == 2.0
+    use = memory_use(load_cluster("4xA100-nvlink"), m, WorkloadConfig(), 33, 0.0)
+    assert use.dense_weights == 36 * m.attention_params * 2.0
+    del cfg["quantization_config"]["modules_to_not_convert"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(tmp_path / "config.json")).dense_weight_bytes is None

@@ -193,7 +193,23 @@ def hf_model_dict(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
     }
     if shared_ffn is not None:
         model["shared_intermediate_size"] = shared_ffn
+    dense = _dense_weight_bytes(cfg, outer, weight_bytes)
+    if dense is not None:
+        model["dense_weight_bytes"] = dense
+        model["source"] += f"; attention weights {dense:g} bytes (quantization_config.modules_to_not_convert)"
     return model, where
+
+
+def _dense_weight_bytes(cfg: dict[str, Any], outer: dict[str, Any], weight_bytes: float) -> float | None:
+    """Bytes per attention weight where the quantization leaves the attention out (gpt-oss: MXFP4 experts,
+    ``modules_to_not_convert`` naming ``self_attn``): the checkpoint's dtype; None where it is quantized too."""
+    quant = outer.get("quantization_config") or cfg.get("quantization_config")
+    keep = quant.get("modules_to_not_convert") if isinstance(quant, dict) else None
+    if not isinstance(keep, list) or not any("self_attn" in str(m) for m in keep):
+        return None
+    dtype = outer.get("torch_dtype") or outer.get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    dense = float(_DTYPE_BYTES.get(str(dtype), 2))
+    return dense if dense != weight_bytes else None
 
 
 def _mla_attention(f: _Fields, hidden: int, heads: int) -> dict[str, Any]:

@@ -315,7 +315,7 @@ def memory_use(cluster: ClusterConfig, model: ModelConfig, workload: WorkloadCon
     """Per-GPU memory (formulas in docs/configs.md, "Memory check")."""
     L = model.num_layers
     experts = slots_per_gpu * L * model.expert_bytes
-    dense = L * (model.attention_params + model.shared_params) * model.weight_bytes
+    dense = L * (model.attention_params + model.shared_params) * model.dense_bytes
     tokens_per_gpu = tokens_per_step / cluster.num_gpus
     kv_tokens = tokens_per_gpu * (workload.seq_len if workload.phase == "decode" else 1)
     kv = kv_tokens * L * model.kv_bytes_per_token

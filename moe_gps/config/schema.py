@@ -182,6 +182,10 @@ class ModelConfig:
         "FFN dimension of one shared expert; absent: moe_intermediate_size", ge=1, default=None)
     expert_matrices: int = spec("weight matrices per expert (3 for SwiGLU: gate, up, down)", ge=1, default=3)
     weight_bytes: float = spec("bytes per weight (2 = BF16, 1 = FP8)", unit="bytes", gt=0, default=2)
+    dense_weight_bytes: float | None = spec(
+        "bytes per weight of the attention and shared-expert weights where they are stored apart from the "
+        "routed experts (e.g. BF16 attention beside 4-bit experts); absent: weight_bytes", unit="bytes", gt=0,
+        default=None)
     activation_bytes: float = spec(
         "bytes per element of a hidden state sent in dispatch/combine and of the KV cache",
         unit="bytes", gt=0, default=2)
@@ -205,6 +209,11 @@ class ModelConfig:
     @property
     def expert_bytes(self) -> float:
         return self.expert_params * self.weight_bytes
+
+    @property
+    def dense_bytes(self) -> float:
+        """Bytes per weight of the attention and shared-expert weights."""
+        return self.dense_weight_bytes or self.weight_bytes
 
     @property
     def shared_params(self) -> int:

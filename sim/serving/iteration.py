@@ -68,14 +68,15 @@ def kv_capacity(cluster: ClusterConfig, model: ModelConfig, parts: IterationPart
     """Tokens of KV cache one GPU holds (a whole number of blocks), with ``slots_per_gpu`` expert slots.
 
     KV bytes = kv_cache_gb, or HBM - reserved - weights, where weights = slots x L x expert bytes
-    + L (P_attn + P_shared) w + D (P_attn + m h f_dense) w + (1 or 2) V h w;  per token: (L + D) k_b.
+    + L (P_attn + P_shared) w_d + D (P_attn + m h f_dense) w_d + (1 or 2) V h w_d (w_d: the dense weights'
+    bytes);  per token: (L + D) k_b.
     """
     L, D = model.num_layers, parts.dense_layers
     per_token = (L + D) * model.kv_bytes_per_token
     mem = memory_use(cluster, model, WorkloadConfig(), slots_per_gpu, 0.0)
     dense = D * (model.attention_params + model.expert_matrices * model.hidden_size
-                 * (parts.dense_intermediate_size or 0)) * model.weight_bytes
-    vocab = (1 if parts.tied_embeddings else 2) * parts.vocab_size * model.hidden_size * model.weight_bytes
+                 * (parts.dense_intermediate_size or 0)) * model.dense_bytes
+    vocab = (1 if parts.tied_embeddings else 2) * parts.vocab_size * model.hidden_size * model.dense_bytes
     weights = mem.expert_weights + mem.dense_weights + dense + vocab
     free = mem.available - weights
     room = (f"cluster {cluster.name}: {mem.available / 1e9:.1f} GB available, {weights / 1e9:.1f} GB of weights of "
@@ -112,7 +113,8 @@ class DenseParts:
 
     def __init__(self, model: ModelConfig, parts: IterationParts, hw: Hardware) -> None:
         self.model, self.parts, self.hw = model, parts, hw
-        self.dense_model = (dataclasses.replace(model, moe_intermediate_size=parts.dense_intermediate_size)
+        self.dense_model = (dataclasses.replace(model, moe_intermediate_size=parts.dense_intermediate_size,
+                                                weight_bytes=model.dense_bytes)
                             if parts.dense_layers else None)
 
     def attention(self, b: BatchShape) -> np.ndarray:
@@ -134,11 +136,11 @@ class DenseParts:
         return t
 
     def after(self, b: BatchShape) -> np.ndarray:
-        """float [G]: the LM head over the sampled tokens s: FLOPs 2 s h V, bytes V h w + s h a + 4 s V,
+        """float [G]: the LM head over the sampled tokens s: FLOPs 2 s h V, bytes V h w_d + s h a + 4 s V,
         + one kernel overhead when s > 0."""
         m, hw, s, V = self.model, self.hw, b.sampled, self.parts.vocab_size
         flops = 2.0 * s * m.hidden_size * V
-        bytes_ = V * m.hidden_size * m.weight_bytes + s * m.token_bytes + LOGIT_BYTES * s * V
+        bytes_ = V * m.hidden_size * m.dense_bytes + s * m.token_bytes + LOGIT_BYTES * s * V
         return np.where(s > 0, roofline(flops, bytes_, hw) + hw.overhead, 0.0)
 
 
