@@ -91,16 +91,17 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_csv_atomic(target: str | os.PathLike, columns: Mapping[str, Any]) -> Path:
+def write_csv_atomic(target: str | os.PathLike, columns: Mapping[str, Any], exact: tuple[str, ...] = ()) -> Path:
     """Write a table to ``target`` as CSV atomically: ``columns`` maps each column's name to its
     values (sequences of one length; a pandas DataFrame is such a mapping). Floats have 6 significant
-    digits (``%.6g``), a missing value (None or NaN) is an empty field, a column of Python numbers
-    with a float or a None in it is a float column (as pandas reads it back)."""
+    digits (``%.6g``), or, in the columns named in ``exact``, the shortest text that reads back the same
+    float; a missing value (None or NaN) is an empty field, a column of Python numbers with a float or a
+    None in it is a float column (as pandas reads it back)."""
     import csv
     import io
 
     names = list(columns)
-    fields = [_csv_fields(columns[n]) for n in names]
+    fields = [_csv_fields(columns[n], n in exact) for n in names]
     if len({len(f) for f in fields}) > 1:
         raise ValueError(f"{target}: columns of different lengths: "
                          + ", ".join(f"{n} {len(f)}" for n, f in zip(names, fields)))
@@ -126,11 +127,11 @@ def _column(values: Any):
     return a
 
 
-def _csv_fields(values: Any) -> list[str]:
+def _csv_fields(values: Any, exact: bool = False) -> list[str]:
     """One column's CSV fields (:func:`write_csv_atomic`)."""
     a = _column(values)
     if a.dtype.kind == "f":
-        return ["" if x != x else "%.6g" % x for x in a.tolist()]
+        return ["" if x != x else (repr(x) if exact else "%.6g" % x) for x in a.tolist()]
     if a.dtype.kind != "O":
         return [str(x) for x in a.tolist()]
     return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in a.tolist()]

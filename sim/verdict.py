@@ -53,10 +53,14 @@ def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: 
         else:
             starts = rng.integers(0, n - block + 1, size=(m, -(-n // block)))
             idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(m, -1)[:, :n]
+        num, den = base[idx].mean(axis=1), other[idx].mean(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio[r0:r0 + m] = base[idx].mean(axis=1) / other[idx].mean(axis=1)
+            # a resample where both means are 0 (neither meets an SLO on any request drawn) is a tie
+            ratio[r0:r0 + m] = np.where((num == 0) & (den == 0), 1.0, num / den)
     a = (1 - level) / 2
-    lo, hi = np.nanquantile(ratio, [a, 1 - a])
+    # where some resamples' ratio is infinite (no SLO met under the base in them), interpolating between
+    # infinities gives NaN: take observed values then (the interval is open above)
+    lo, hi = np.nanquantile(ratio, [a, 1 - a], method="linear" if np.isfinite(ratio).all() else "inverted_cdf")
     return point, float(min(lo, point)), float(max(hi, point))
 
 

@@ -305,3 +305,25 @@ def test_gpt_oss_attention_weights_keep_the_checkpoints_dtype(tmp_path):
     del cfg["quantization_config"]["modules_to_not_convert"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert load_model(str(tmp_path / "config.json")).dense_weight_bytes is None
+
+
+def test_a_bootstrap_with_resamples_where_nothing_is_met_has_no_nan():
+    """Resamples where the base meets the SLO on no request drawn: 0/0 is a tie, x/0 is unbounded; the
+    interval is never NaN."""
+    from sim.verdict import speedup_interval
+    rng = np.random.default_rng(0)
+    base = (rng.random(40) < 0.05).astype(float)            # the base meets the SLO for about 2 requests
+    other = (rng.random(40) < 0.5).astype(float)
+    point, lo, hi = speedup_interval(other, base, seed=1)
+    assert not np.isnan([point, lo, hi]).any() and lo <= point <= hi
+
+
+def test_serve_verdict_from_one_request_has_no_interval_and_request_times_are_exact(tmp_path, capsys):
+    import csv
+    assert main(["serve", BUNDLED, "--requests", "1", "--strategies", "none,eplb", "--no-plots",
+                 "-o", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "(no interval from 1 request) [thin evidence: fewer than 8 requests]" in out and "95% CI" not in out
+    row = next(csv.DictReader(open(tmp_path / "s" / "requests.csv")))
+    first, arrival = float(row["first_token_s"]), float(row["arrival_s"])
+    assert (first - arrival) * 1e3 == pytest.approx(float(row["ttft_ms"]), rel=1e-5)

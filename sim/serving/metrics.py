@@ -25,7 +25,7 @@ import numpy as np
 
 from moe_gps.config.serving import SLOConfig
 from sim.serving.requests import Requests
-from sim.verdict import Verdict, compare
+from sim.verdict import THIN_STEPS, Verdict, compare
 
 PERCENTILES = (50, 90, 99)
 
@@ -101,7 +101,10 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
 def verdict_line(v: Verdict, on_goodput: bool) -> str:
     """The one-line serving verdict (``on_goodput``: the verdict compared SLO attainment, else mean latency)."""
     what = "SLO attainment" if on_goodput else "mean end-to-end latency"
-    n = f"{v.steps} requests"
+    n = f"{v.steps} request{'s' if v.steps != 1 else ''}"
+    ci = (lambda lo, hi: f"95% CI {lo:.3f}-{hi:.3f} over {n}") if v.steps > 1 else \
+        (lambda lo, hi: f"no interval from {n}")
+    thin = f" [thin evidence: fewer than {THIN_STEPS} requests]" if v.thin else ""
     ties = f"; ties within the interval: {', '.join(v.ties)}" if v.ties else ""
     ratio = (lambda x: f"{x:.3f}x none's SLO attainment") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
     if v.strategy == "none":
@@ -112,10 +115,10 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
         elif v.runner_up is not None:
             r = v.runner_up
             text += (f"; the best duplicating one, {r['strategy']}, is {ratio(r['speedup'])} "
-                     f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f} over {n})")
-        return text + ties
+                     f"({ci(r['ci_low'], r['ci_high'])})")
+        return text + ties + thin
     text = (f"verdict ({what}): {v.strategy} is the best deployable strategy, {ratio(v.speedup)} "
-            f"(95% CI {v.ci_low:.3f}-{v.ci_high:.3f} over {n})")
+            f"({ci(v.ci_low, v.ci_high)})")
     if not v.beats_none:
         text += ", not better than no duplication beyond the interval"
-    return text + ties
+    return text + ties + thin

@@ -80,6 +80,11 @@ def format_summary(result: ServeResult) -> str:
     return "\n\n".join(blocks)
 
 
+#: requests.csv's times (seconds from the first arrival), written exactly: 6 digits would round them to
+#: a millisecond after 100 s of a run, a few percent of a TTFT
+REQUEST_TIMES = ("arrival_s", "admitted_s", "first_token_s", "finish_s")
+
+
 def requests_columns(result: ServeResult) -> dict[str, np.ndarray]:
     """A table (column name -> values), one row per (rate, strategy, request)."""
     parts = []
@@ -126,7 +131,7 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
     # without sim_seconds (this machine's wall time, in --json only): the file is the same on every rerun
     rows = [{k: v for k, v in r.items() if k != "sim_seconds"} for r in result.rows()]
     written = [write_csv_atomic(out / "summary.csv", rows_to_columns(rows)),
-               write_csv_atomic(out / "requests.csv", requests_columns(result)),
+               write_csv_atomic(out / "requests.csv", requests_columns(result), exact=REQUEST_TIMES),
                write_parquet_atomic(out / "iterations.parquet", iterations_columns(result)),
                *write_config_and_summary(out, "serve", result.config, format_summary(result))]
     if plots:
