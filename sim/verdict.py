@@ -94,8 +94,7 @@ class Verdict:
     def line(self) -> str:
         """The one-line verdict printed after the tables."""
         n = f"{self.steps} simulated step{'s' if self.steps != 1 else ''}"
-        ci = (lambda lo, hi: f"95% CI {lo:.3f}-{hi:.3f} over {n}") if self.steps > 1 else \
-            (lambda lo, hi: f"no interval from {n}")
+        ci = lambda lo, hi: interval_text(lo, hi, self.steps, "simulated step")  # noqa: E731
         ties = f"; ties within the interval: {', '.join(self.ties)}" if self.ties else ""
         if self.strategy == "none":
             text = "verdict: none (no duplication) is the fastest deployable strategy"
@@ -122,6 +121,12 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def interval_text(lo: float, hi: float, n: int, unit: str) -> str:
+    """``95% CI lo-hi over n units``, or ``no interval from 1 unit`` (one sample gives none)."""
+    what = f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"95% CI {lo:.3f}-{hi:.3f} over {what}" if n > 1 else f"no interval from {what}"
 
 
 def verdict_of(result: "SimResult") -> Verdict | None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from moe_gps.config.serving import SLOConfig
 from sim.serving.requests import Requests
-from sim.verdict import THIN_STEPS, Verdict, compare
+from sim.verdict import THIN_STEPS, Verdict, compare, interval_text
 
 PERCENTILES = (50, 90, 99)
 
@@ -102,8 +102,7 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
     """The one-line serving verdict (``on_goodput``: the verdict compared SLO attainment, else mean latency)."""
     what = "SLO attainment" if on_goodput else "mean end-to-end latency"
     n = f"{v.steps} request{'s' if v.steps != 1 else ''}"
-    ci = (lambda lo, hi: f"95% CI {lo:.3f}-{hi:.3f} over {n}") if v.steps > 1 else \
-        (lambda lo, hi: f"no interval from {n}")
+    ci = lambda lo, hi: interval_text(lo, hi, v.steps, "request")  # noqa: E731
     thin = f" [thin evidence: fewer than {THIN_STEPS} requests]" if v.thin else ""
     ties = f"; ties within the interval: {', '.join(v.ties)}" if v.ties else ""
     ratio = (lambda x: f"{x:.3f}x none's SLO attainment") if on_goodput else (lambda x: f"{x:.3f}x none's speed")
