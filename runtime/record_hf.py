@@ -12,7 +12,7 @@ ordinary forward passes; no ``torch.distributed`` is involved.
 * transformers v4 routers are linear layers returning logits only: the logits are
   converted with :func:`moe_gps.trace.importers.hf_router_logits.routing_from_router_logits`
   (softmax, top-k, renormalised when the config's ``norm_topk_prob`` says so, always for
-  Mixtral), the same function ``moe-gps trace import --format hf-router-logits`` uses.
+  Mixtral), the same function ``moe-gps trace import --from hf-router-logits`` uses.
 
 One step = one forward pass of ``batch`` sequences of ``seq_len`` tokens; token ids
 come from a trace's ``token_id`` column, a text file tokenised with the checkpoint's
@@ -112,6 +112,10 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
     if token_stream is not None:
         source.stream = np.asarray(token_stream, dtype=np.int64) % vocab
         source.description = f"tokenised text ({len(token_stream)} tokens)"
+    need = steps * batch * seq_len
+    have = None if source.stream is None else len(source.stream)
+    warnings = ([f"the input holds {have} tokens, fewer than the {need} of {steps} steps x {batch} x {seq_len}: "
+                 f"they are cycled {need / have:.1f} times"] if have and have < need else [])
     rec = RouterRecorder(model)
     L, E, k = len(rec.blocks), rec.num_experts, rec.top_k
     prov = {"tool": "runtime.record_hf", "command": command, "model": model_name,
@@ -119,7 +123,7 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
             "transformers": transformers.__version__, "torch": torch.__version__, "input": source.description,
             "batch": batch, "seq_len": seq_len, "moe_layers": rec.layer_names,
             "num_hidden_layers": int(model.config.get_text_config().num_hidden_layers),
-            "normalize_topk": rec.normalize}
+            "normalize_topk": rec.normalize, "warnings": warnings}
     model.eval()
     dev = torch.device(device)
     model.to(dev)
@@ -144,7 +148,7 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
     finally:
         rec.remove()
     return {"trace": str(out), "steps": steps, "tokens_per_step": batch * seq_len, "layers": L, "experts": E,
-            "top_k": k, "router_output": rec.router_output}
+            "top_k": k, "router_output": rec.router_output, "warnings": warnings}
 
 
 def _progress(it):
@@ -156,8 +160,10 @@ def _progress(it):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local HuggingFace checkpoint folder (Mixtral, Qwen2/Qwen3-MoE, "
-                                                  "OLMoE or any transformers MoE with gate/experts blocks)")
+    p.add_argument("--model", required=True, help="local HuggingFace checkpoint folder of a Mixtral, Qwen2-MoE, "
+                                                  "Qwen3-MoE or OLMoE model (their softmax routers)")
+    p.add_argument("--model-name", help="model name for the trace metadata (default: the checkpoint's folder, or "
+                                        "ORG/NAME for a Hugging Face cache snapshot)")
     p.add_argument("-o", "--output", required=True, help="trace to write (.parquet)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input-trace", help="take token ids from this trace's token_id column")
@@ -182,19 +188,31 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device visible to this PyTorch build")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    # what can be checked before a checkpoint of many GB loads
+    if args.input_trace and not Path(args.input_trace).exists():
+        raise UserError(f"{args.input_trace}: no such trace")
+    stream = text_token_stream(Path(args.model), Path(args.text)) if args.text else None
     from runtime.hf import load_hf_model
     from runtime.model import TORCH_DTYPES
     model = load_hf_model(args.model, TORCH_DTYPES[dtype_name])
-    stream = text_token_stream(Path(args.model), Path(args.text)) if args.text else None
-    if args.input_trace and not Path(args.input_trace).exists():
-        raise UserError(f"{args.input_trace}: no such trace")
     return record_trace(model, args.output, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                         input_trace=args.input_trace, token_stream=stream, seed=args.seed, device=device,
-                        model_name=Path(args.model).resolve().name,
+                        model_name=args.model_name or checkpoint_name(Path(args.model)),
                         dataset=args.dataset or (Path(args.text).name if args.text else None), command=command)
+
+
+def checkpoint_name(path: Path) -> str:
+    """A readable model name for a checkpoint folder: ORG/NAME for a Hugging Face cache snapshot
+    (``models--ORG--NAME/snapshots/HASH``), else the folder's name."""
+    p = path.resolve()
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name[len("models--"):].replace("--", "/")
+    return p.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if failed is None:
             raise
         return failed
+    for w in s["warnings"]:
+        print(f"warning: {w}")
     print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
           f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
     return 0

@@ -176,3 +176,26 @@ def test_expert_parallel_checkpoint_equals_the_model_on_2_ranks(tmp_path):
     trace = load_trace(tmp_path / "run" / "trace.parquet")
     assert trace.meta.model == "mixtral" and trace.meta.num_layers == 2 and trace.num_steps == 3
     assert trace.meta.provenance["model"].startswith(str(tmp_path / "mixtral"))
+
+
+def test_record_checks_its_inputs_before_loading_and_names_what_it_repeats(tmp_path, capsys):
+    """--device cuda without CUDA and a missing --input-trace are one line before the checkpoint loads; a
+    snapshot of the Hugging Face cache is named ORG/NAME; input shorter than the run is cycled, with a warning."""
+    import torch
+
+    from moe_gps.cli.main import main
+    from runtime.record_hf import checkpoint_name
+    if not torch.cuda.is_available():
+        assert main(["record", "--model", str(tmp_path / "nowhere"), "--device", "cuda",
+                     "-o", str(tmp_path / "t.parquet")]) == 2
+        assert "--device cuda: no CUDA device visible" in capsys.readouterr().err
+    assert main(["record", "--model", str(tmp_path / "nowhere"), "--input-trace", str(tmp_path / "none.parquet"),
+                 "-o", str(tmp_path / "t.parquet")]) == 2
+    assert "none.parquet: no such trace" in capsys.readouterr().err        # not "no config.json": checked first
+    snap = tmp_path / "hub" / "models--org--Tiny-MoE" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    assert checkpoint_name(snap) == "org/Tiny-MoE" and checkpoint_name(tmp_path / "hub") == "hub"
+    s = record_trace(tiny_model("mixtral"), tmp_path / "r.parquet", steps=2, batch=2, seq_len=8,
+                     token_stream=np.arange(9))
+    assert s["warnings"] == ["the input holds 9 tokens, fewer than the 32 of 2 steps x 2 x 8: they are cycled "
+                             "3.6 times"]
