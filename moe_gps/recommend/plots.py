@@ -170,7 +170,7 @@ def token_vs_dist_png(m: DecisionMap, hypo_label: str) -> bytes | None:
     for i in range(len(m.rows)):
         for j in range(len(m.cols)):
             if v[i, j] == v[i, j]:
-                ax.text(j + 0.5, i + 0.5, f"{v[i, j]:.2f}", ha="center", va="center", fontsize=8.5,
+                ax.text(j + 0.5, i + 0.5, f"{v[i, j]:.3f}", ha="center", va="center", fontsize=8.5,
                         color="white" if abs(lv[i, j]) > 0.6 * span else "black")
     ui, uj = m.user_cell
     ax.add_patch(Rectangle((uj, ui), 1, 1, fill=False, edgecolor="red", linewidth=2.8))
@@ -189,7 +189,9 @@ def token_vs_dist_png(m: DecisionMap, hypo_label: str) -> bytes | None:
     return _png(fig)
 
 
-def predictor_png(studies: list[PredictorStudy]) -> bytes:
+def predictor_png(studies: list[PredictorStudy], slots_per_gpu: int | None = None) -> bytes:
+    """Speed-up of the synthetic token predictor against its accuracy, a line per overhead, at each study's
+    point (``slots_per_gpu``: the redundant slots per GPU it ran with, for the title)."""
     plt = pyplot()
     n = len(studies)
     fig, axes = plt.subplots(1, n, figsize=(6.8 * n, 4.6), squeeze=False)
@@ -200,8 +202,9 @@ def predictor_png(studies: list[PredictorStudy]) -> bytes:
         for i, c in enumerate(st.overheads):
             col = cmap(i / max(1, len(st.overheads) - 1) * 0.9)
             ax.plot(acc, st.speedup[i, order], marker="o", color=col, label=f"overhead {c / 1e6:g} MFLOP/token")
-            k = st.knee[i]
-            if k is not None:
+            k, row = st.knee[i], st.speedup[i]
+            flat = np.nanmax(row) - np.nanmin(row) <= 0.01 * np.nanmax(row)
+            if k is not None and not flat and k < max(st.accuracies):     # a knee inside the grid, as the text
                 y = st.speedup[i, st.accuracies.index(k)]
                 ax.plot([k], [y], marker="*", markersize=13, color=col, markeredgecolor="black")
         ax.axhline(1.0, color="grey", linewidth=1, label="none (no duplication)")
@@ -213,7 +216,9 @@ def predictor_png(studies: list[PredictorStudy]) -> bytes:
                        label=f"best distribution-only: {st.best_distribution[0]}")
         ax.set_xlabel("token predictor accuracy (top-k recall)")
         ax.set_ylabel("speed-up vs no duplication (x)")
-        ax.set_title(f"Synthetic token-to-expert predictor — {st.label} tokens/step")
+        budget = f", +{slots_per_gpu}/GPU" if slots_per_gpu is not None else ""
+        ax.set_title(f"Synthetic token-to-expert predictor — {st.label} tokens/step{budget}")
+        ax.margins(y=0.08)                            # the reference lines off the frame
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.text(0.5, -0.02, "★ = the accuracy beyond which better accuracy gains < 1% (knee)", ha="center",
@@ -250,8 +255,10 @@ def sensitivity_png(df, plan, labels: list[str], colors: dict[str, tuple], rec: 
     axes[0].set_xscale("log")
     axes[0].set_xticks(plan.bandwidths)
     axes[0].set_xticklabels([f"{b:g}" for b in plan.bandwidths])
+    from matplotlib.ticker import NullFormatter
+    axes[0].xaxis.set_minor_formatter(NullFormatter())                # only the swept bandwidths labelled
     axes[0].axvline(u.bandwidth_gb_s, color="red", linewidth=1.2)
-    axes[0].set_xlabel(f"{plan.fabric} bandwidth (GB/s per GPU per direction, log scale)")
+    axes[0].set_xlabel(f"{plan.fabric_label([u.num_gpus])} bandwidth (GB/s per GPU per direction, log scale)")
     axes[0].set_title(f"Along bandwidth (skew {plan.skews[u.skew].achieved:.2f}, your workload)")
     axes[1].axvline(plan.skews[u.skew].achieved, color="red", linewidth=1.2)
     axes[1].set_xlabel("expert skew (max / mean tokens per expert)")

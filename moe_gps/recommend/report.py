@@ -243,7 +243,7 @@ def _figure(name: str, r: Recommendation) -> tuple[str, bytes | None]:
                                         "Decision map: GPU count x bandwidth",
                                         "Decision map: tokens per step x bandwidth")
     if name == "predictor":
-        return name, plots.predictor_png(r.predictor)
+        return name, plots.predictor_png(r.predictor, r.plan.sweep.map_redundant_slots_per_gpu)
     return name, plots.sensitivity_png(r.df, r.plan, list(r.map_labels), colors, h.winner["candidate"])
 
 
