@@ -116,9 +116,14 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
     have = None if source.stream is None else len(source.stream)
     warnings = ([f"the input holds {have} tokens, fewer than the {need} of {steps} steps x {batch} x {seq_len}: "
                  f"they are cycled {need / have:.1f} times"] if have and have < need else [])
+    longest = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(longest, int) and seq_len > longest:
+        warnings.append(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({longest}): "
+                        "positions beyond it are outside what the model was trained on")
     rec = RouterRecorder(model)
     L, E, k = len(rec.blocks), rec.num_experts, rec.top_k
-    prov = {"tool": "runtime.record_hf", "command": command, "model": model_name,
+    prov = {"tool": "moe-gps record" if command.startswith("moe-gps record") else "runtime.record_hf",
+            "command": command, "model": model_name,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "transformers": transformers.__version__, "torch": torch.__version__, "input": source.description,
             "batch": batch, "seq_len": seq_len, "moe_layers": rec.layer_names,
