@@ -327,3 +327,18 @@ def test_serve_verdict_from_one_request_has_no_interval_and_request_times_are_ex
     row = next(csv.DictReader(open(tmp_path / "s" / "requests.csv")))
     first, arrival = float(row["first_token_s"]), float(row["arrival_s"])
     assert (first - arrival) * 1e3 == pytest.approx(float(row["ttft_ms"]), rel=1e-5)
+
+
+def test_no_expert_takes_more_than_the_steps_tokens(tmp_path, capsys):
+    """A token takes an expert once: a counts trace with an expert above its step's tokens is refused, and
+    the synthesizer never writes one (sst2's skew reaches the cap of 8 experts, top-2, 512 tokens)."""
+    from moe_gps.trace import TraceMeta, load_trace, write_trace
+    from moe_gps.trace.data import CountsTrace
+    bad = np.array([[[5, 1, 0, 0]]], dtype=np.int64)               # 3 tokens, top-2: 6 assignments, 5 on one
+    write_trace(tmp_path / "bad.parquet", CountsTrace(TraceMeta("counts", 1, 4, 2, tokens_per_step=[3]), bad))
+    err = one_line(capsys, main(["trace", "validate", str(tmp_path / "bad.parquet")]))
+    assert "step 0, layer 0: expert 0 takes 5 assignments, more than the step's 3 tokens" in err
+    assert main(["trace", "synth", "--profile", "sst2", "--kind", "counts", "--steps", "32", "--tokens", "512",
+                 "-o", str(tmp_path / "c.parquet")]) == 0
+    c = load_trace(tmp_path / "c.parquet").counts()
+    assert c.max() <= 512 and (c.sum(axis=2) == 1024).all()

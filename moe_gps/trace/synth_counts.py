@@ -11,7 +11,9 @@ layer l:
   (water-filling: no expert can be taken by more than every token);
 * the step's ``top_k * tokens_per_step`` (token, expert) assignments are one multinomial
   draw with probabilities ``pi / k``: every layer sums to exactly ``top_k * tokens``, and
-  expert e gets ``tokens * pi[e]`` on average.
+  expert e gets ``tokens * pi[e]`` on average. An expert drawn above the step's tokens (a
+  token takes an expert once) is cut to them, its excess drawn again over the others
+  (:func:`cap_at_tokens`).
 
 Per-token effects (token and layer affinity) have no counts to show, so those profile
 parameters do not apply. Work is vectorised over blocks of steps: 10^4 steps at
@@ -81,7 +83,25 @@ def counts_blocks(p: SynthProfile, num_steps: int, tokens_per_step: int, seed: i
             pop[i] = base + walk
         share = inclusion(pop, k) / k                    # [m, L, E], sums to 1
         share /= share.sum(axis=-1, keepdims=True)
-        yield draw_rng.multinomial(n, share).astype(np.int64, copy=False)
+        counts = draw_rng.multinomial(n, share).astype(np.int64, copy=False)
+        yield cap_at_tokens(counts, tokens_per_step, share, seed, lo)
+
+
+def cap_at_tokens(counts: np.ndarray, tokens: int, share: np.ndarray, seed: int, first_step: int) -> np.ndarray:
+    """``counts`` [m, L, E] with no expert above the step's ``tokens`` (a token takes an expert once): the
+    excess of an expert drawn above it goes, by a multinomial draw, to the experts below it in proportion to
+    their share [m, L, E]. Each (step, layer) draws from its own stream, so the block size does not change
+    the numbers."""
+    for i, layer in np.argwhere((counts > tokens).any(axis=2)):
+        rng = np.random.default_rng([seed, 3, first_step + int(i), int(layer)])
+        row = counts[i, layer]
+        while (row > tokens).any():
+            excess = int((row - tokens).clip(min=0).sum())
+            row = np.minimum(row, tokens)
+            room = np.where(row < tokens, share[i, layer], 0.0)
+            row = row + rng.multinomial(excess, room / room.sum())
+        counts[i, layer] = row
+    return counts
 
 
 def synthesize_counts(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64,

@@ -283,7 +283,7 @@ class CountsChunks:
     experts]; :meth:`finish` checks what only the whole file can tell. Missing (step,
     layer, expert) rows count as 0. Every layer of a step must sum to the same number of
     assignments, a multiple of top_k, and to ``top_k * tokens_per_step[s]`` where the
-    metadata gives tokens_per_step. Memory grows with a chunk's rows, never with the file.
+    metadata gives tokens_per_step; no expert may take more than the step's tokens. Memory grows with a chunk's rows, never with the file.
     """
 
     def __init__(self, meta: TraceMeta, where: str):
@@ -338,12 +338,19 @@ class CountsChunks:
             raise UserError(f"{where}: column 'count': layer {int(self.totals.argmax())} sums to "
                             f"{self.totals.max():.4g} assignments over the whole trace, more than the 2^62 that a "
                             "counts trace may hold")
-        self._check_sums(counts.sum(axis=2), step, layer, row0)
+        tokens = self._check_sums(counts.sum(axis=2), step, layer, row0)
+        over = np.argwhere(counts > tokens[:, None, None])
+        if len(over):
+            s, l_, e = (int(x) for x in over[0])
+            r = int(np.flatnonzero(flat == (s * L + l_) * E + e)[0])
+            raise _fail_at(where, "count", row0 + r, f"step {first + s}, layer {l_}: expert {e} takes "
+                                                     f"{counts[s, l_, e]} assignments, more than the step's "
+                                                     f"{tokens[s]} tokens (a token takes an expert once)")
         self.num_steps += S
         return counts
 
-    def _check_sums(self, sums: np.ndarray, step: np.ndarray, layer: np.ndarray, row0: int) -> None:
-        """sums: [S_chunk, L] assignments per layer of this chunk's steps."""
+    def _check_sums(self, sums: np.ndarray, step: np.ndarray, layer: np.ndarray, row0: int) -> np.ndarray:
+        """sums: [S_chunk, L] assignments per layer of this chunk's steps -> int64 [S_chunk] their tokens."""
         first, k, where = self.num_steps, self.meta.top_k, self.where
         S = len(sums)
         if self.tokens is not None:
@@ -366,6 +373,7 @@ class CountsChunks:
                 problem = (f"step {first + s}, layer {l_} sums to {sums[s, l_]} assignments but top_k × tokens = "
                            f"{k} × {tokens[s]} = {k * tokens[s]}")
             raise _fail_at(where, "count", row0 + r, problem)
+        return tokens
 
     def finish(self) -> None:
         """The checks of the whole file, after the last chunk."""
