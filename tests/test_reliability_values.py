@@ -342,3 +342,20 @@ def test_no_expert_takes_more_than_the_steps_tokens(tmp_path, capsys):
                  "-o", str(tmp_path / "c.parquet")]) == 0
     c = load_trace(tmp_path / "c.parquet").counts()
     assert c.max() <= 512 and (c.sum(axis=2) == 1024).all()
+
+
+def test_rechunk_leaves_the_target_alone_when_the_regrouped_trace_fails_validation(tmp_path, capsys):
+    from moe_gps.trace import TraceMeta, write_trace
+    from moe_gps.trace.data import CountsTrace
+    big = 2 ** 39                                            # each step 2^39 tokens: two make one over 2^40
+    counts = np.zeros((4, 1, 2), dtype=np.int64)
+    counts[:, 0, 0] = big
+    write_trace(tmp_path / "huge.parquet", CountsTrace(TraceMeta("counts", 1, 2, 1, tokens_per_step=[big] * 4),
+                                                       counts))
+    (tmp_path / "old.parquet").write_bytes(b"the user's file")
+    code = main(["trace", "rechunk", str(tmp_path / "huge.parquet"), "--tokens-per-step", str(2 * big),
+                 "-o", str(tmp_path / "old.parquet")])
+    err = one_line(capsys, code)
+    assert str(tmp_path / "old.parquet") in err and "more than the 2^40" in err
+    assert (tmp_path / "old.parquet").read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.parquet", "old.parquet"]

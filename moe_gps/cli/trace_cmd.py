@@ -159,6 +159,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
+    from moe_gps.atomic import atomic_path
     from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace, write_trace
     from moe_gps.trace.regroup import regroup
@@ -168,8 +169,12 @@ def cmd_rechunk(args: argparse.Namespace) -> int:
         raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     trace = load_trace(args.file)
     out = regroup(trace, args.tokens_per_step)
-    write_trace(args.output, out)
-    load_trace(args.output)                 # the written file passes the full validation
+    with atomic_path(args.output) as tmp:   # in place only once the written file passes the full validation
+        write_trace(tmp, out)
+        try:
+            load_trace(tmp)
+        except UserError as err:
+            raise UserError(str(err).replace(str(tmp), str(args.output))) from None
     r = out.meta.provenance["regrouped"]
     left = f"; {r['tokens_left_out']} tokens after the last whole step left out" if r["tokens_left_out"] else ""
     print(f"wrote {args.output}: {trace.num_steps} steps of {r['from_tokens_per_step']} tokens regrouped into "
