@@ -359,3 +359,13 @@ def test_rechunk_leaves_the_target_alone_when_the_regrouped_trace_fails_validati
     assert str(tmp_path / "old.parquet") in err and "more than the 2^40" in err
     assert (tmp_path / "old.parquet").read_bytes() == b"the user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.parquet", "old.parquet"]
+
+
+def test_synth_refuses_what_the_trace_format_cannot_hold_and_takes_a_profile_name(tmp_path, capsys):
+    code = main(["trace", "synth", "--kind", "counts", "--steps", "2", "--tokens", str(2 ** 40),
+                 "-o", str(tmp_path / "h.parquet")])
+    assert "more than the 2^40 a counts trace may hold" in one_line(capsys, code)
+    assert not (tmp_path / "h.parquet").exists()
+    assert main(["trace", "synth", "--set", "name=mine", "--steps", "2", "--tokens", "64",
+                 "-o", str(tmp_path / "n.parquet")]) == 0
+    assert "profile mine" in capsys.readouterr().out

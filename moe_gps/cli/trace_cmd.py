@@ -128,12 +128,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from moe_gps.trace import CountsWriter, write_trace
     from moe_gps.trace.synth import available_memory, get_profile, memory_needed, parse_setting, synthesize
     from moe_gps.trace.synth_counts import counts_blocks, counts_meta
+    from moe_gps.trace.validate import MAX_ASSIGNMENTS
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output_file(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
+    if args.kind == "counts" and profile.top_k * args.tokens >= MAX_ASSIGNMENTS:
+        raise UserError(f"--tokens {args.tokens}: top_k x tokens = {profile.top_k * args.tokens} assignments per step "
+                        f"and layer, more than the 2^40 a counts trace may hold")
     sizes = " ".join([f"--steps {args.steps} --tokens {args.tokens}"] + [f"--set {s}" for s in args.set])
     try:
         if args.kind == "counts":

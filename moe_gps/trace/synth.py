@@ -90,8 +90,10 @@ def _fields_of(kind: str) -> list[str]:
     return [name for name, k in _FIELD_TYPES.items() if k == kind]
 
 
-def get_profile(name: str, **overrides) -> SynthProfile:
-    """A named profile with some fields replaced; unknown names or fields are UserErrors."""
+def get_profile(profile_name: str, **overrides) -> SynthProfile:
+    """A named profile with some fields replaced (``name`` among them: the profile's own name in the
+    metadata); unknown names or fields are UserErrors."""
+    name = profile_name
     if name not in PROFILES:
         raise UserError(f"unknown synthetic profile {name!r} (choose from {', '.join(PROFILES)})")
     bad = sorted(set(overrides) - set(_FIELD_TYPES))
