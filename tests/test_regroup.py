@@ -53,7 +53,7 @@ def test_a_single_step_trace_regroups_into_several(trace, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the trace has 1 step" in err and "--tokens-per-step 6 (16 steps)" in err and err.count("\n") == 1
     assert main(["trace", "rechunk", str(path), "--tokens-per-step", "10", "-o", str(tmp_path / "r.parquet")]) == 0
-    assert "1 steps of 100 tokens regrouped into 10 steps of 10" in capsys.readouterr().out
+    assert "1 step of 100 tokens regrouped into 10 steps of 10" in capsys.readouterr().out
     r = load_trace(tmp_path / "r.parquet")
     assert r.num_steps == 10 and np.array_equal(r.experts, one.experts)
     # predict evaluate regroups the same way, and warns when steps hold fewer tokens than experts x top_k
@@ -136,3 +136,18 @@ def test_timeline_steps_are_those_of_the_regrouped_trace(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "timeline step 40 is not among the simulated steps, 4..15 (regrouped" in err and err.count("\n") == 1
     assert not (tmp_path / "no").exists()
+
+
+def test_rechunk_says_why_a_counts_trace_cannot_regroup_and_keeps_every_regrouping(trace, tmp_path):
+    counts = as_counts_trace(trace, trace.counts())
+    counts = CountsTrace(dataclasses.replace(counts.meta, tokens_per_step=[100] * 10), counts.counts())
+    with pytest.raises(UserError, match="the trace holds 1000 tokens, fewer than one step of 1100"):
+        regroup(counts, 1100)
+    c = counts.counts().copy()
+    c[1::2] *= 2                                                        # steps of 100 and 200 tokens
+    uneven = CountsTrace(dataclasses.replace(counts.meta, tokens_per_step=[100, 200] * 5), c)
+    with pytest.raises(UserError, match="which must then all hold the same tokens; these hold"):
+        regroup(uneven, 100)
+    twice = regroup(regroup(trace, 100), 300)
+    r = twice.meta.provenance["regrouped"]
+    assert r["tokens_per_step"] == 300 and r["earlier"]["tokens_per_step"] == 100

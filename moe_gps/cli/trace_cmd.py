@@ -181,6 +181,7 @@ def cmd_rechunk(args: argparse.Namespace) -> int:
             raise UserError(str(err).replace(str(tmp), str(args.output))) from None
     r = out.meta.provenance["regrouped"]
     left = f"; {r['tokens_left_out']} tokens after the last whole step left out" if r["tokens_left_out"] else ""
-    print(f"wrote {args.output}: {trace.num_steps} steps of {r['from_tokens_per_step']} tokens regrouped into "
-          f"{out.num_steps} steps of {args.tokens_per_step}{left}")
+    steps = lambda n: f"{n} step{'s' if n != 1 else ''}"  # noqa: E731
+    print(f"wrote {args.output}: {steps(trace.num_steps)} of {r['from_tokens_per_step']} tokens regrouped into "
+          f"{steps(out.num_steps)} of {args.tokens_per_step}{left}")
     return 0

@@ -45,13 +45,20 @@ def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTra
         raise UserError(f"tokens per step must be >= 1, got {tokens_per_step}")
     steps = regrouped_steps(trace, n)
     if steps < 1:
-        if isinstance(trace, CountsTrace):
-            raise UserError(f"a counts trace regroups only into whole multiples of its steps "
-                            f"({_describe_tps(trace)}); {n} is not one")
-        raise UserError(f"the trace holds {trace.num_tokens} tokens, fewer than one step of {n}")
-    prov = {**trace.meta.provenance, "regrouped": {
-        "tokens_per_step": n, "from_steps": int(trace.num_steps), "from_tokens_per_step": _describe_tps(trace),
-        "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n)}}
+        tps = trace.tokens_per_step
+        if int(tps.sum()) < n:
+            raise UserError(f"the trace holds {int(tps.sum())} tokens, fewer than one step of {n}")
+        if len(tps) and np.any(tps != tps[0]):
+            raise UserError(f"a counts trace regroups only into whole multiples of its steps, which must then all "
+                            f"hold the same tokens; these hold {_describe_tps(trace)}")
+        raise UserError(f"a counts trace regroups only into whole multiples of its steps "
+                        f"({_describe_tps(trace)}); {n} is not one")
+    # each regrouping is kept, the earlier ones in the list (its own provenance replaces no earlier record)
+    earlier = trace.meta.provenance.get("regrouped")
+    record = {"tokens_per_step": n, "from_steps": int(trace.num_steps), "from_tokens_per_step": _describe_tps(trace),
+              "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n),
+              **({"earlier": earlier} if earlier is not None else {})}
+    prov = {**trace.meta.provenance, "regrouped": record}
     if isinstance(trace, CountsTrace):
         per = n // int(trace.tokens_per_step[0])
         L, E = trace.meta.num_layers, trace.meta.num_experts
