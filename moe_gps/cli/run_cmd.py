@@ -64,16 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
     if not cfg.model.checkpoint:
-        E = cfg.model.num_experts
-        R = 0 if args.duplication == "off" else cfg.duplication.num_redundant
-        if (E + R) % args.nproc and not (args.duplication == "static" and cfg.duplication.placement):
-            raise UserError(f"{args.config}: {E} experts + {R} redundant slots do not divide over {args.nproc} "
-                            "ranks; change duplication.num_redundant or --nproc")
-        # what every rank builds first: the duplication policy (its predictor, its plan file) and step 0's placement
+        # what every rank builds first: the duplication policy (the slots dividing over the ranks, its
+        # predictor, its plan file) and step 0's placement
         from runtime.duplication import DuplicationPolicy
         m, i = cfg.model, cfg.input
         try:
-            DuplicationPolicy(args.duplication, cfg.duplication, args.nproc, m.num_layers, E, m.top_k,
+            DuplicationPolicy(args.duplication, cfg.duplication, args.nproc, m.num_layers, m.num_experts, m.top_k,
                               args.nproc * i.batch_size * i.seq_len).initial()
         except UserError as err:
             raise UserError(f"{args.config}: {err}") from None

@@ -38,7 +38,7 @@ import numpy as np
 
 from moe_gps.atomic import write_text_atomic
 from moe_gps.errors import UserError
-from moe_gps.placement.placement import Placement, balancedness
+from moe_gps.placement.placement import Placement, balancedness, first_copies
 from moe_gps.trace.layer_ids import DecoderLayers
 
 EXPORT_FORMATS = ("sglang", "vllm", "vllm-ascend")
@@ -93,8 +93,8 @@ def vllm_ascend_expert_map(p: Placement) -> str:
     expert twice: vLLM Ascend maps each expert of a device to one slot, and numbers the other devices'
     slots by the count of distinct experts, so such a map would send tokens to the wrong experts."""
     S = p.slots_per_gpu
-    blocks = np.sort(p.phy2log.reshape(p.num_layers, p.num_gpus, S), axis=2)
-    twice = np.argwhere(blocks[:, :, 1:] == blocks[:, :, :-1])
+    blocks = p.phy2log.reshape(p.num_layers, p.num_gpus, S)
+    twice = np.argwhere(~np.stack(first_copies(blocks), axis=-1))              # [l, g, slot] of a second copy
     if len(twice):
         l, g, i = (int(x) for x in twice[0])
         raise UserError(f"--vllm-ascend: layer {l}, device {g} holds expert {int(blocks[l, g, i])} twice, which vLLM "

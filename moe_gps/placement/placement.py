@@ -300,6 +300,19 @@ def gpu_any(slot_flags: np.ndarray, slots_per_gpu: int) -> np.ndarray:
     return _by_slot_column(x.reshape(x.shape[:-1] + (-1, slots_per_gpu)), np.logical_or)
 
 
+def first_copies(blocks: np.ndarray) -> list[np.ndarray]:
+    """For each slot column s of ``blocks`` int [..., N, S] (each GPU's S slots): bool [..., N], whether
+    slot s holds the first copy of its expert on its GPU (no earlier slot of the GPU holds it)."""
+    out = []
+    for s in range(blocks.shape[-1]):
+        col = blocks[..., s]
+        first = np.ones(col.shape, dtype=bool)
+        for t in range(s):
+            first &= col != blocks[..., t]
+        out.append(first)
+    return out
+
+
 def _by_slot_column(blocks: np.ndarray, op: np.ufunc) -> np.ndarray:
     """``op.reduce`` over the last axis of ``blocks`` [..., N, S]; with fewer than 8 slots one slot column
     at a time, in order (numpy's reduction over a short axis is several times slower)."""

@@ -35,6 +35,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement.eplb import pack, replicate
 from moe_gps.placement.greedy import best_fit_copies, copy_hot_to_cold
 from moe_gps.placement.layouts import fill_spares, shares_from_tokens
+from moe_gps.placement.placement import first_copies
 from moe_gps.placement.shares import optimal_shares
 
 
@@ -241,19 +242,6 @@ def arrivals(new: np.ndarray, old: np.ndarray, N: int) -> np.ndarray:
         # an expert a GPU newly holds twice is sent once: count its first slot only
         sent += (first & ~had).sum(axis=1)
     return sent
-
-
-def first_copies(blocks: np.ndarray) -> list[np.ndarray]:
-    """For each slot column s of ``blocks`` int [..., N, S] (each GPU's S slots): bool [..., N], whether
-    slot s holds the first copy of its expert on its GPU (no earlier slot of the GPU holds it)."""
-    out = []
-    for s in range(blocks.shape[-1]):
-        col = blocks[..., s]
-        first = np.ones(col.shape, dtype=bool)
-        for t in range(s):
-            first &= col != blocks[..., t]
-        out.append(first)
-    return out
 
 
 def relabel_gpus(phy2log: np.ndarray, share: np.ndarray, prev: np.ndarray, N: int,

@@ -75,6 +75,11 @@ class Comparison:
     gpu_skew: tuple[float, float]
     copied_gb: tuple[float, float]
 
+    @property
+    def same_every_step(self) -> bool:
+        """A and B took the same time on every step (no step won, no mean difference)."""
+        return self.diff_ms == 0 and self.steps_won == 0
+
     def reasons(self, top: int = 3) -> list[str]:
         """The phases that differ most, as 'ffn 412.0 -> 350.1 µs per layer'."""
         diffs = sorted(self.phases_us.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))
@@ -232,10 +237,9 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
             what = ("balances the GPUs" if best_dup["gpu_skew_after"] < w["gpu_skew_after"] - 0.005
                     else "leaves its redundant slots without tokens")
             why = c.reasons()
-            same = c.diff_ms == 0 and c.steps_won == 0
             out.append(f"The best duplicating strategy, {best_dup['candidate']}, {what} (GPU skew "
                        f"{w['gpu_skew_after']:.2f} -> {best_dup['gpu_skew_after']:.2f}) and "
-                       + ("takes the same time on every step (no duplication is kept on a tie)" if same else
+                       + ("takes the same time on every step (no duplication is kept on a tie)" if c.same_every_step else
                           f"is {c.speedup:.3f}x slower")
                        + (": " + "; ".join(why) if why else
                           ": no phase of its MoE layers differs by 0.05 µs or more")
@@ -435,6 +439,14 @@ class PredictorStudy:
     best_distribution: tuple[str, float] | None
     knee: list[float | None]
     break_even: list[float | None]
+
+    def accuracy_effect(self, i: int) -> str:
+        """What better accuracy does at overhead ``i``: "flat" (every accuracy within 1% of the best),
+        "rising" (the best at the highest accuracy swept) or "knee" (it stops paying at ``knee[i]``)."""
+        row = self.speedup[i]
+        if np.nanmax(row) - np.nanmin(row) <= 0.01 * np.nanmax(row):
+            return "flat"
+        return "rising" if self.knee[i] is not None and self.knee[i] >= max(self.accuracies) else "knee"
 
 
 def predictor_study(df, plan: SweepPlan, p: Point, labels: set[str]) -> PredictorStudy:

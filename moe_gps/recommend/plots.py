@@ -202,9 +202,8 @@ def predictor_png(studies: list[PredictorStudy], slots_per_gpu: int | None = Non
         for i, c in enumerate(st.overheads):
             col = cmap(i / max(1, len(st.overheads) - 1) * 0.9)
             ax.plot(acc, st.speedup[i, order], marker="o", color=col, label=f"overhead {c / 1e6:g} MFLOP/token")
-            k, row = st.knee[i], st.speedup[i]
-            flat = np.nanmax(row) - np.nanmin(row) <= 0.01 * np.nanmax(row)
-            if k is not None and not flat and k < max(st.accuracies):     # a knee inside the grid, as the text
+            k = st.knee[i]
+            if k is not None and st.accuracy_effect(i) == "knee":        # a knee inside the grid, as the text
                 y = st.speedup[i, st.accuracies.index(k)]
                 ax.plot([k], [y], marker="*", markersize=13, color=col, markeredgecolor="black")
         ax.axhline(1.0, color="grey", linewidth=1, label="none (no duplication)")

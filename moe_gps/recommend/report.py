@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moe_gps.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
@@ -113,13 +111,14 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
             out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep ({slots}) beats "
                        f"{st.reference[0]} ({st.reference[1]:.3f}x vs none), {top}.")
         knees, flat, rising = [], [], []
-        for row, o, a in zip(st.speedup, st.overheads, st.knee):
+        for i, (o, a) in enumerate(zip(st.overheads, st.knee)):
             if a is None:
                 continue
-            if np.nanmax(row) - np.nanmin(row) <= 0.01 * np.nanmax(row):
-                flat.append(f"{o / 1e6:g} MFLOP")            # every accuracy within 1%: nothing to stop paying
-            elif a >= max(st.accuracies):
-                rising.append(f"{o / 1e6:g} MFLOP")          # the best is at the top of the grid
+            effect = st.accuracy_effect(i)
+            if effect == "flat":
+                flat.append(f"{o / 1e6:g} MFLOP")
+            elif effect == "rising":
+                rising.append(f"{o / 1e6:g} MFLOP")
             else:
                 knees.append(f"{a:g} at {o / 1e6:g} MFLOP")
         if knees:
@@ -188,7 +187,7 @@ def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
 
 def _versus(c) -> str:
     """'1.101x (95% CI 1.097-1.104; faster on 40/48 steps)'."""
-    if c.diff_ms == 0 and c.steps_won == 0:
+    if c.same_every_step:
         return f"1.000x (the same time on every one of {c.steps} steps)"
     return (f"{c.speedup:.3f}x (95% CI {c.ci_low:.3f}-{c.ci_high:.3f}; faster on {c.steps_won}/{c.steps} steps)")
 

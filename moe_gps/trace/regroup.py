@@ -53,7 +53,7 @@ def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTra
                             f"hold the same tokens; these hold {_describe_tps(trace)}")
         raise UserError(f"a counts trace regroups only into whole multiples of its steps "
                         f"({_describe_tps(trace)}); {n} is not one")
-    # each regrouping is kept, the earlier ones in the list (its own provenance replaces no earlier record)
+    # an earlier regrouping's record is kept inside this one's, under 'earlier'
     earlier = trace.meta.provenance.get("regrouped")
     record = {"tokens_per_step": n, "from_steps": int(trace.num_steps), "from_tokens_per_step": _describe_tps(trace),
               "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n),

@@ -93,14 +93,13 @@ def _fields_of(kind: str) -> list[str]:
 def get_profile(profile_name: str, **overrides) -> SynthProfile:
     """A named profile with some fields replaced (``name`` among them: the profile's own name in the
     metadata); unknown names or fields are UserErrors."""
-    name = profile_name
-    if name not in PROFILES:
-        raise UserError(f"unknown synthetic profile {name!r} (choose from {', '.join(PROFILES)})")
+    if profile_name not in PROFILES:
+        raise UserError(f"unknown synthetic profile {profile_name!r} (choose from {', '.join(PROFILES)})")
     bad = sorted(set(overrides) - set(_FIELD_TYPES))
     if bad:
         raise UserError(f"unknown synthetic profile parameter(s) {', '.join(bad)} "
                         f"(parameters: {', '.join(_FIELD_TYPES)})")
-    profile = dataclasses.replace(PROFILES[name], **overrides)
+    profile = dataclasses.replace(PROFILES[profile_name], **overrides)
     _check(profile)
     return profile
 

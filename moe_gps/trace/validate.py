@@ -283,7 +283,8 @@ class CountsChunks:
     experts]; :meth:`finish` checks what only the whole file can tell. Missing (step,
     layer, expert) rows count as 0. Every layer of a step must sum to the same number of
     assignments, a multiple of top_k, and to ``top_k * tokens_per_step[s]`` where the
-    metadata gives tokens_per_step; no expert may take more than the step's tokens. Memory grows with a chunk's rows, never with the file.
+    metadata gives tokens_per_step; no expert may take more than the step's tokens. Memory grows
+    with a chunk's rows, never with the file.
     """
 
     def __init__(self, meta: TraceMeta, where: str):
