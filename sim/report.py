@@ -17,6 +17,7 @@ from moe_gps.config.loader import dump_yaml
 from moe_gps.tables import concat_columns, rows_to_columns
 from moe_gps.workers import Warm
 from sim.run import PHASES, SimResult
+from sim.verdict import bound_lines
 
 
 def _pct(x: np.ndarray, q: float) -> float:
@@ -92,6 +93,7 @@ def format_summary(result: SimResult) -> str:
     skew = f"expert skew (max/mean tokens per expert) of the simulated steps: {rows[0]['expert_skew']:.2f}"
     notes = "".join(f"\nnote: {n}" for n in result.notes)
     verdict = f"\n\n{result.verdict.line()}" if result.verdict is not None else ""
+    verdict += "".join(f"\n{line}" for line in bound_lines(result))
     warn = "".join(f"\n  {w}" for w in result.inferred) + "".join(f"\nwarning: {w}" for w in result.warnings)
     return f"{head}{warn}\n\n{t1}\n\n{t2}\n\n{skew}{notes}{verdict}"
 

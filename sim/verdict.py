@@ -144,6 +144,30 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     return v
 
 
+def bound_lines(result: "SimResult") -> list[str]:
+    """One line per oracle strategy beside ``none``: its speed-up over none with the interval of
+    :func:`speedup_interval`, and where its gain comes from. The oracle knows the true loads in advance
+    and sends every token straight to its replica, so no layout exchange precedes its dispatch (direct
+    routing); its FFN against none's is what its placement gains, its dispatch against none's what
+    direct routing gains."""
+    base = next((r for r in result.strategies if r.config.kind == "none"), None)
+    if base is None:
+        return []
+    us = lambda r, p: float(r.phases[p].mean() * 1e6)  # noqa: E731
+    out = []
+    for r in result.strategies:
+        if r.config.kind != "oracle":
+            continue
+        point, lo, hi = speedup_interval(base.step_latency, r.step_latency, result.config.seed)
+        S = len(base.step_latency)
+        out.append(f"bound: {r.name} ({r.redundant_slots} redundant slots, true loads known in advance, no "
+                   f"predictor cost) runs at {point:.3f}x over none ({interval_text(lo, hi, S, 'simulated step')}); "
+                   f"per MoE layer its expert FFN takes {us(r, 'ffn'):.1f} µs against none's {us(base, 'ffn'):.1f} "
+                   f"(its placement), its dispatch {us(r, 'dispatch'):.1f} µs against {us(base, 'dispatch'):.1f} "
+                   f"(every token sent straight to its replica, no layout exchange: direct routing)")
+    return out
+
+
 def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_better: bool = False,
             block: int = 1) -> Verdict:
     """The verdict over deployable strategies' paired ``samples`` (name -> float [S], the same S
