@@ -14,6 +14,7 @@ import numpy as np
 
 from moe_gps.atomic import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
+from moe_gps.provenance import provenance_comment
 from moe_gps.tables import concat_columns, rows_to_columns
 from moe_gps.workers import Warm
 from sim.run import PHASES, SimResult
@@ -131,10 +132,12 @@ def per_layer_columns(result: SimResult):
         yield d
 
 
-def write_config_and_summary(out: Path, command: str, config, summary: str) -> list[Path]:
-    """``config.yaml`` (the exact config, with how to rerun it) and ``summary.txt`` (the terminal report)."""
+def write_config_and_summary(out: Path, command: str, config, summary: str, trace: str | None) -> list[Path]:
+    """``config.yaml`` (the exact config, with how to rerun it, and the code and trace it ran on:
+    :func:`moe_gps.provenance.provenance_comment`) and ``summary.txt`` (the terminal report)."""
     write_text_atomic(out / "config.yaml", f"# moe-gps {command}: the exact config of this run; rerun with "
-                                           f"`moe-gps {command} TRACE --config config.yaml`\n" + dump_yaml(config))
+                                           f"`moe-gps {command} TRACE --config config.yaml`\n"
+                      + provenance_comment(trace) + dump_yaml(config))
     write_text_atomic(out / "summary.txt", summary + "\n")
     return [out / "config.yaml", out / "summary.txt"]
 
@@ -153,7 +156,7 @@ def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = T
     written = [write_csv_atomic(out / "summary.csv", rows_to_columns(summary_rows(result))),
                write_csv_atomic(out / "steps.csv", per_step_columns(result)),
                write_parquet_atomic(out / "layers.parquet", per_layer_columns(result)),
-               *write_config_and_summary(out, "simulate", result.config, format_summary(result))]
+               *write_config_and_summary(out, "simulate", result.config, format_summary(result), result.config.trace)]
     if plots:
         written += drawer.result()
     return written

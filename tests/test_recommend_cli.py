@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -135,6 +136,9 @@ def test_the_report_folder_holds_what_reruns_the_headline(files, capsys):
     capsys.readouterr()
     cfg = load_simulate_config(out / "simulate_config.yaml")
     assert cfg.assumptions == "paper" and cfg.copy_policy == "hidden"
+    digest = hashlib.sha256((files / "t.parquet").read_bytes()).hexdigest()
+    for name in ("simulate_config.yaml", "sweep.yaml"):
+        assert f"sha256 {digest}" in (out / name).read_text(), name
     predicting = [s for s in cfg.strategies if s.kind == "distribution"]
     assert all(s.replan_interval == 1 and s.min_gain == 0 and s.planner == "greedy" for s in predicting)
     assert all(s.planner is not None and s.replan_interval is not None for s in cfg.strategies if s.kind != "none")

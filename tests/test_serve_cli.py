@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -158,6 +159,7 @@ def test_serve_command_writes_everything_and_reruns_from_its_config(small_trace,
     assert len(reqs) == 2 * 2 * 40 and reqs.e2e_ms.notna().all()
     config = (out / "config.yaml").read_text()
     assert "seed: 0" in config and "vocab_size: 32000" in config and "replan_interval: 3000" in config
+    assert f"sha256 {hashlib.sha256(small_trace.read_bytes()).hexdigest()}" in config.splitlines()[1]
     again = tmp_path / "again"
     assert main(["serve", str(small_trace), "--config", str(out / "config.yaml"), "--no-plots", "-o", str(again)]) == 0
     capsys.readouterr()

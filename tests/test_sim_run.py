@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -191,6 +192,8 @@ def test_cli_writes_table_and_folder(trace, tmp_path, capsys):
     assert len(pd.read_csv(out / "steps.csv")) == 4 * 8
     assert len(pd.read_parquet(out / "layers.parquet")) == 4 * 8 * 4
     assert "seed: 3" in (out / "config.yaml").read_text()
+    # the code and the trace file the numbers came from
+    assert f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}" in (out / "config.yaml").read_text().splitlines()[1]
     # rerunning the written config gives the same numbers
     out2 = tmp_path / "out2"
     assert main(["simulate", str(path), "--config", str(out / "config.yaml"), "--no-plots", "--json",

@@ -15,6 +15,7 @@ from typing import Any
 from moe_gps.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
+from moe_gps.provenance import provenance_comment
 from moe_gps.recommend import plots
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
@@ -283,7 +284,7 @@ def write_report(r: Recommendation, out_dir: str | os.PathLike, command: str = "
                                           f"{r.plan.sweep.seed}). Your point (cluster, model, workload) is "
                                           f"not in it:\n# it is the command's flags (resolved in "
                                           f"simulate_config.yaml). The command: {rerun}\n"
-                      + dump_yaml_plain(sweep_to_dict(r.plan.sweep)))
+                      + provenance_comment(r.trace_name) + dump_yaml_plain(sweep_to_dict(r.plan.sweep)))
     written.append(out / "sweep.yaml")
     write_text_atomic(out / "simulate_config.yaml", _simulate_config_text(r))
     written.append(out / "simulate_config.yaml")
@@ -319,7 +320,8 @@ def _simulate_config_text(r: Recommendation) -> str:
     cfg = resolve_config(cfg, plan.sweep.train_steps, r.trace_name)[0]      # every default explicit, as simulate's
     return ("# The headline comparison (none, the recommendation, the runner-up) as a simulate config.\n"
             "# `moe-gps simulate TRACE --config simulate_config.yaml` runs it on every step after train_steps\n"
-            f"# (the sweep simulated {plan.sweep.sim_steps} steps per run).\n" + dump_yaml(cfg))
+            f"# (the sweep simulated {plan.sweep.sim_steps} steps per run).\n" + provenance_comment(r.trace_name)
+            + dump_yaml(cfg))
 
 
 def terminal(r: Recommendation) -> str:

@@ -33,28 +33,13 @@ from moe_gps.atomic import write_text_atomic
 from moe_gps.config.loader import to_dict
 from moe_gps.config.schema import SimulateConfig
 from moe_gps.errors import UserError
+from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
 from moe_gps.workers import unordered
 
 #: bump when the record format changes
 CACHE_VERSION = 2
-#: source folders whose code decides a run's numbers (their digest is part of every key)
-_CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
-
-
-def code_digest() -> str:
-    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files."""
-    root = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for rel in _CODE:
-        p = root / rel
-        files = sorted(p.glob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            if f.exists():
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def trace_fingerprint(trace) -> str:

@@ -133,7 +133,8 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
     written = [write_csv_atomic(out / "summary.csv", rows_to_columns(rows)),
                write_csv_atomic(out / "requests.csv", requests_columns(result), exact=REQUEST_TIMES),
                write_parquet_atomic(out / "iterations.parquet", iterations_columns(result)),
-               *write_config_and_summary(out, "serve", result.config, format_summary(result))]
+               *write_config_and_summary(out, "serve", result.config, format_summary(result),
+                                         result.config.simulate.trace)]
     if plots:
         written += drawer.result()
     return written

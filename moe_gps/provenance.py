@@ -1,0 +1,48 @@
+"""Where a run's numbers come from: the code that computed them and the trace file they were
+computed from, as output folders record them (and as ``recommend``'s cache keys use them)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from moe_gps import __version__
+
+#: source folders whose code decides a simulation's numbers
+_CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
+#: bytes read at a time when hashing a file
+_CHUNK = 1 << 20
+
+
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in _CODE:
+        p = root / rel
+        files = sorted(p.glob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints), or None where ``path`` is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance_comment(trace: str | None) -> str:
+    """A YAML comment line naming the moe-gps version, its code digest and the trace file's SHA-256."""
+    digest = file_sha256(trace) if trace else None
+    where = (f"trace {trace}, sha256 {digest}" if digest else
+             f"trace {trace} (not a file here: no checksum)" if trace else "no trace file")
+    return f"# moe-gps {__version__}, simulator code {code_digest()}; {where}\n"

@@ -1,0 +1,27 @@
+"""Output folders record the code and the trace file their numbers came from."""
+
+from __future__ import annotations
+
+import hashlib
+
+from moe_gps import __version__
+from moe_gps.provenance import _CHUNK, code_digest, file_sha256, provenance_comment
+
+
+def test_file_sha256_is_what_sha256sum_prints_over_several_blocks(tmp_path):
+    data = bytes(range(256)) * (3 * _CHUNK // 256 + 7)          # more than 3 blocks, the last one partial
+    path = tmp_path / "t.parquet"
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path) is None and file_sha256(tmp_path / "missing") is None
+
+
+def test_the_comment_names_version_code_and_trace(tmp_path):
+    path = tmp_path / "t.parquet"
+    path.write_bytes(b"routing")
+    line = provenance_comment(str(path))
+    assert line == (f"# moe-gps {__version__}, simulator code {code_digest()}; trace {path}, sha256 "
+                    f"{hashlib.sha256(b'routing').hexdigest()}\n")
+    assert "(not a file here: no checksum)" in provenance_comment(str(tmp_path / "gone.parquet"))
+    assert provenance_comment(None).endswith("; no trace file\n")
+    assert len(code_digest()) == 16 and code_digest() == code_digest()
