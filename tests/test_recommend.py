@@ -387,3 +387,17 @@ def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(
                                      knee=[max(st.accuracies)] * len(st.overheads))
         text = " ".join(hypothetical_lines(dataclasses.replace(r, predictor=[rising])))
         assert f"still pays at the highest swept ({max(st.accuracies):g})" in text
+
+
+def test_the_oracle_line_splits_its_gain_into_the_layout_exchange_and_its_placement(result):
+    from moe_gps.recommend.report import hypothetical_lines
+
+    r, _, _ = result
+    h = r.headline
+    assert h.oracle is not None and h.none is not None
+    line = next(x for x in hypothetical_lines(r) if x.startswith("The oracle ("))
+    saved = h.none["layer_total_us"] - h.oracle["layer_total_us"]
+    # 4 GPUs of one NVLink node: the layout exchange is 3 peers x 3.4 µs
+    assert (f"it saves {saved:.1f} µs a MoE layer: 10.2 µs is the layout exchange it skips" in line
+            and f"the other {saved - 10.2:.1f} µs its placement" in line)
+    assert f"{h.none['latency_mean_ms'] / h.oracle['latency_mean_ms']:.3f}x vs none" in line

@@ -132,12 +132,15 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
             out.append(f"{where.capitalize()}, better accuracy still pays at the highest swept "
                        f"({max(st.accuracies):g}) at: " + "; ".join(rising) + ".")
     if h.oracle is not None and h.none is not None:
+        from sim.cost import Hardware, layout_time
+        from sim.verdict import oracle_gain_text
+
         o, n = h.oracle, h.none
+        layout = float(layout_time(Hardware.from_config(r.plan.cluster, r.plan.model)).max() * 1e6)
+        us = lambda x: {"total": x["layer_total_us"], "ffn": x["layer_ffn_us"]}  # noqa: E731
         out.append(f"The oracle ({o['candidate']}: true loads known in advance, no predictor cost, the same copy "
-                   f"policy, and every token sent straight to its replica, which skips the layout exchange: dispatch "
-                   f"{o['layer_dispatch_us']:.1f} µs against none's {n['layer_dispatch_us']:.1f} µs per layer) runs "
-                   f"at {n['latency_mean_ms'] / o['latency_mean_ms']:.3f}x vs none at your point: the bound for "
-                   f"prediction with that slot budget, direct routing included.")
+                   f"policy) runs at {n['latency_mean_ms'] / o['latency_mean_ms']:.3f}x vs none at your point, the "
+                   f"bound for prediction with that slot budget; {oracle_gain_text(us(n), us(o), layout)}.")
     return out
 
 
