@@ -15,15 +15,16 @@ _CHUNK = 1 << 20
 
 
 def code_digest() -> str:
-    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files."""
+    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files (their
+    folders' sub-folders included, each file by its path in the source tree)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for rel in _CODE:
         p = root / rel
-        files = sorted(p.glob("*.py")) if p.is_dir() else [p]
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         for f in files:
             if f.exists():
-                h.update(f.name.encode())
+                h.update(f.relative_to(root).as_posix().encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -77,7 +77,7 @@ def format_summary(result: SimResult) -> str:
     size = (f"{tok.mean():.0f}" if np.ptp(tok) < 0.5 else
             f"{tok.min():.0f}/{np.median(tok):.0f}/{tok.max():.0f} (min/median/max)")
     head = (f"{cfg.model.name} on {cfg.cluster.name} ({cfg.cluster.num_gpus} GPUs), {cfg.workload.phase}, "
-            f"{len(result.steps)} simulated steps of {size} tokens "
+            f"{len(result.steps)} simulated step{'s' if len(result.steps) != 1 else ''} of {size} tokens "
             f"(steps {result.steps[0]}..{result.steps[-1]}; {result.steps[0]} earlier steps fit the predictors), "
             f"copies {cfg.copy_policy}, seed {cfg.seed}")
     t1 = _table(

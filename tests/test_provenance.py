@@ -25,3 +25,18 @@ def test_the_comment_names_version_code_and_trace(tmp_path):
     assert "(not a file here: no checksum)" in provenance_comment(str(tmp_path / "gone.parquet"))
     assert provenance_comment(None).endswith("; no trace file\n")
     assert len(code_digest()) == 16 and code_digest() == code_digest()
+
+
+def test_the_code_digest_covers_sub_folders(monkeypatch, tmp_path):
+    """sim/serving is part of the simulator: a change there changes the digest."""
+    import moe_gps.provenance as prov
+
+    root = tmp_path / "src"
+    (root / "moe_gps").mkdir(parents=True)
+    (root / "sim" / "serving").mkdir(parents=True)
+    (root / "sim" / "run.py").write_text("a = 1\n")
+    (root / "sim" / "serving" / "run.py").write_text("b = 1\n")
+    monkeypatch.setattr(prov, "__file__", str(root / "moe_gps" / "provenance.py"))
+    first = prov.code_digest()
+    (root / "sim" / "serving" / "run.py").write_text("b = 2\n")
+    assert prov.code_digest() != first
