@@ -196,7 +196,8 @@ def test_impossible_combinations():
     cluster, model, w = load_cluster("4xA100-nvlink"), load_model("mixtral-8x7b"), WorkloadConfig()
     uneven = dataclasses.replace(strategy_from_name("eplb"), redundant_slots=3)
     with pytest.raises(UserError, match=r"strategies\[0\] \(eplb\): redundant_slots: num_experts \(8\) \+ "
-                                        r"redundant_slots \(3\) = 11 slots do not divide evenly over 4 GPUs"):
+                                        r"redundant_slots \(3\) = 11 slots do not divide evenly over 4 GPUs "
+                                        r"\(use 0 plus a multiple of 4, e.g. 4\)"):
         check_combination(cluster, model, w, [uneven], 512)
     # 8 slots per GPU x 32 layers x 0.352 GB = 90 GB > 72 GB
     big = dataclasses.replace(strategy_from_name("oracle"), redundant_slots=24)
@@ -275,3 +276,16 @@ def test_cli_unbalanced_strategy_is_named(capsys):
     trace = ROOT / "traces" / "mixtral_mmlu.parquet"
     assert main(["simulate", str(trace), "--strategies", "token:synthetic(accuracy=", "--no-plots"]) == 2
     assert "moe-gps: error: strategy 'token:synthetic(accuracy=': '(' without ')'" in capsys.readouterr().err
+
+
+def test_default_redundant_slots_divide_when_experts_do_not_fill_the_gpus():
+    """By default a duplicating strategy has one slot per GPU beyond the spares that make the experts divide
+    over the GPUs; none only those spares (8 experts on 16 GPUs: 8 spares, 24 for the others)."""
+    for E, G, none, dup in ((8, 4, 0, 4), (8, 16, 8, 24), (60, 8, 4, 12), (256, 64, 0, 64)):
+        assert strategy_from_name("none").resolved_redundant(G, E) == none
+        for name in ("eplb", "dist:ema", "token:prev-layer", "oracle"):
+            assert strategy_from_name(name).resolved_redundant(G, E) == dup
+            assert (E + dup) % G == 0
+    cluster, model = load_cluster("2x8xH100-ib"), load_model("mixtral-8x7b")
+    check_combination(cluster, model, WorkloadConfig(), [strategy_from_name(n) for n in ("none", "eplb", "oracle")],
+                      512)

@@ -58,7 +58,7 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str) -> No
                         "parentheses, e.g. 'token:synthetic(accuracy=0.95,overhead=8.4e6)'")
     p.add_argument("--redundant-slots", type=int, metavar="R",
                    help="extra expert slots per layer over all GPUs for every duplicating strategy "
-                        "(default: one per GPU)")
+                        "(default: one per GPU, beyond the spares that make the experts divide over the GPUs)")
     p.add_argument("--copy-policy", choices=COPY_POLICIES,
                    help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
                         "overlap (during the layer's attention, sharing links with the dispatch), async (in the "

@@ -343,8 +343,10 @@ def check_combination(cluster: ClusterConfig, model: ModelConfig, workload: Work
             raise UserError(f"{key}: redundant_slots: {slots} slots for {G} GPUs; every GPU needs at least "
                             f"one expert slot (add {G - slots} redundant slots or use fewer GPUs)")
         if slots % G:
+            spare = (-E) % G
             raise UserError(f"{key}: redundant_slots: num_experts ({E}) + redundant_slots ({R}) = {slots} "
-                            f"slots do not divide evenly over {G} GPUs")
+                            f"slots do not divide evenly over {G} GPUs (use {spare} plus a multiple of {G}, "
+                            f"e.g. {R + (-slots) % G})")
         mem = memory_use(cluster, model, workload, slots // G, tokens_per_step)
         if mem.total > mem.available:
             gb = 1e9

@@ -394,10 +394,12 @@ class StrategyConfig:
 
     def resolved_redundant(self, num_gpus: int, num_experts: int) -> int:
         """Slots beyond one per expert. Kind none: only the spare slots that make the
-        experts divide evenly over the GPUs (they hold idle copies)."""
+        experts divide evenly over the GPUs (they hold idle copies); the others, by default, one
+        slot per GPU more than that."""
         if self.redundant_slots is not None:
             return self.redundant_slots
-        return (-num_experts) % num_gpus if self.kind == "none" else num_gpus
+        spare = (-num_experts) % num_gpus
+        return spare if self.kind == "none" else spare + num_gpus
 
     def resolved_policy(self, history_steps: int) -> ReplanPolicy:
         """The re-plan policy, defaults made explicit. ``history_steps``: steps seen before the first
