@@ -119,7 +119,7 @@ def test_cli_json_and_exit_code_0(files, capsys):
     code = main(["recommend", str(files / "t.parquet"), "--model", str(files / "model.yaml"), "--sweep",
                  str(files / "sweep.yaml"), "-o", str(out)])
     text = capsys.readouterr().out
-    assert code == 0 and "RECOMMENDATION:" in text and f"{data['runs']['total']} cached" in text
+    assert code == 0 and "RECOMMENDATION:" in text and f"{data['runs']['total']} read from the cache" in text
     assert rec["candidate"] in text.splitlines()[3]
 
 

@@ -1,6 +1,7 @@
 """The recommendation sweep end to end: :func:`recommend`.
 
-1. cut the trace to ``train_steps + sim_steps`` steps and make its skew variants;
+1. regroup the trace into steps of your point's ``tokens_per_step`` (as ``simulate`` does), cut it to
+   ``train_steps + sim_steps`` of those steps and make its skew variants;
 2. simulate every candidate at the user's point (the headline study);
 3. simulate the decision maps (with the headline's winner and runner-up) and the
    predictor study;
@@ -19,10 +20,11 @@ from moe_gps.config.loader import check_combination, check_model_matches_trace
 from moe_gps.config.schema import ClusterConfig, ModelConfig, WorkloadConfig
 from moe_gps.errors import UserError
 from moe_gps.recommend import analysis as an
-from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, check_gpu_counts, make_plan
+from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, check_gpu_counts, make_plan, workload_label
 from moe_gps.recommend.runner import Runner
 from moe_gps.recommend.skew import SkewVariant, mean_expert_skew
 from moe_gps.recommend.sweep import SweepConfig
+from moe_gps.trace.regroup import MIN_STEPS, regroup_or_scale, regrouped_steps
 
 #: two skew variants closer than this (in achieved skew) are one
 SKEW_DEDUP = 0.02
@@ -75,6 +77,20 @@ def _trim(trace, sweep: SweepConfig, notes: list[str]):
     return CountsTrace(meta, trace.counts_range(0, train + sim)), sim
 
 
+def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
+    """Notes on the sweep's other workloads whose runs regroup the (cut) trace into steps of their size
+    (as simulate does): train_steps and the simulated steps count those larger or smaller steps."""
+    out = []
+    for w in plan.workloads[1:]:
+        n = w.tokens_per_step
+        if n and n != plan.trace_tokens and regrouped_steps(trace, n) >= MIN_STEPS:
+            out.append(f"workload {workload_label(w, plan.trace_tokens)}: its runs regroup the {trace.num_steps} "
+                       f"steps into {regrouped_steps(trace, n)} steps of {n} tokens, of which the first "
+                       f"{plan.sweep.train_steps} fit the predictors (runs.csv's sim_steps: the steps each run "
+                       f"simulated)")
+    return out
+
+
 def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[str, SkewVariant]:
     first = sweep.train_steps
     out = {TRACE_SKEW: SkewVariant(TRACE_SKEW, None, 1.0, mean_expert_skew(trace, first))}
@@ -100,6 +116,9 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     notes: list[str] = []
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
+    # the steps of your point, as simulate makes them: train_steps, sim_steps and the skews count these
+    trace, regrouped, scaled = regroup_or_scale(trace, workload.tokens_per_step)
+    notes += [x for x in (regrouped, scaled) if x]
     trace, sim_steps = _trim(trace, sweep, notes)
     if sim_steps != sweep.sim_steps:
         from dataclasses import replace
@@ -115,7 +134,7 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
         skews = _skews(runner, trace, sweep, notes)
         timings["skew_variants_s"] = time.perf_counter() - t0
         plan = make_plan(sweep, trace, cluster, model, workload, skews)
-        notes += plan.notes
+        notes += plan.notes + _regrouping_workloads(plan, trace)
         t0 = time.perf_counter()
         records = runner.run(plan, plan.headline_runs(), "headline")
         timings["headline_s"] = time.perf_counter() - t0

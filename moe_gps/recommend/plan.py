@@ -154,7 +154,8 @@ class SweepPlan:
     """The resolved axes (the user's values included) and the runs of each study.
 
     workloads[0] is the user's workload; skews maps variant key -> SkewVariant
-    ("trace" first); bandwidths and gpus are sorted and hold the user's values.
+    ("trace" first); bandwidths and gpus are sorted and hold the user's values; trace_tokens is the
+    mean of the trace's step sizes, trace_token_range their smallest and largest.
     """
 
     sweep: SweepConfig
@@ -169,6 +170,7 @@ class SweepPlan:
     fabric: str
     headline_candidates: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    trace_token_range: tuple[int, int] = (0, 0)
 
     # -- axes
     def workload_order(self) -> list[int]:
@@ -276,6 +278,7 @@ def make_plan(sweep: SweepConfig, trace, cluster: ClusterConfig, model: ModelCon
         cands.insert(0, Candidate("none"))
         notes.append("none (no duplication) added to the strategies: every speed-up is against it")
     user = Point(G, float(user_bw), 0, TRACE_SKEW)
+    tps = trace.tokens_per_step
     plan = SweepPlan(sweep, cluster, model, trace_tokens, user, bandwidths, gpus, workloads, skews, fabric,
-                     cands, notes)
+                     cands, notes, (int(tps.min()), int(tps.max())) if len(tps) else (0, 0))
     return plan

@@ -148,7 +148,10 @@ def _title_line(r: Recommendation) -> str:
     plan = r.plan
     c = plan.cluster
     w = plan.workloads[0]
-    tok = f"{w.tokens_per_step} tokens/step" if w.tokens_per_step else f"{plan.trace_tokens:.0f} tokens/step (as in the trace)"
+    lo, hi = plan.trace_token_range
+    tok = (f"{w.tokens_per_step} tokens/step" if w.tokens_per_step else
+           f"{plan.trace_tokens:.0f} tokens/step (as in the trace)" if lo == hi else
+           f"{lo}-{hi} tokens/step (as in the trace; mean {plan.trace_tokens:.0f}, at which the reasons are priced)")
     ctx = f", context {w.seq_len}" if w.phase == "decode" else f", prompts of {w.seq_len}"
     return (f"{plan.model.name} on {c.name}: {c.num_gpus} GPUs, {plan.fabric} {plan.user.bandwidth_gb_s:g} GB/s; "
             f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}")
@@ -161,7 +164,7 @@ def _verdict(r: Recommendation) -> str:
     fam = {"static": "static duplication", "distribution": "distribution-only prediction",
            "token": "token-to-expert prediction"}.get(w["family"], w["family"])
     extra = w.get("slots_per_gpu_extra")
-    return (f"{fam}: {w['strategy']} with {w['redundant_slots']} redundant slots "
+    return (f"{fam}: {w['strategy']} with {int(w['redundant_slots'])} redundant slots "
             f"({extra} extra per GPU)")
 
 
@@ -169,7 +172,7 @@ def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
     h = r.headline
     w = h.winner
     rows = [("strategy", w["candidate"]), ("predictor", w.get("predictor") or "none"),
-            ("redundant slots", f"{w.get('redundant_slots', 0)} over {r.plan.cluster.num_gpus} GPUs"),
+            ("redundant slots", f"{int(w.get('redundant_slots', 0))} over {r.plan.cluster.num_gpus} GPUs"),
             ("mean step latency", f"{w['latency_mean_ms']:.3f} ms (p99 {w['latency_p99_ms']:.3f} ms), "
                                   f"{w['tokens_per_s']:,.0f} tokens/s")]
     if h.vs_none is not None:
@@ -339,6 +342,8 @@ def terminal(r: Recommendation) -> str:
     lines += ["", format_table(r.headline.ranking[:15], [(k, h, f) for k, h, f in RANK_COLUMNS[:8]],
                                title="strategies at your cluster (fastest first):")]
     lines += [f"note: {x}" for x in r.notes]
-    lines += [f"runs: {s['runs']['total']} ({r.simulated} simulated, {r.from_cache} cached, "
-              f"{s['runs']['infeasible']} infeasible, {s['runs']['errors']} errors) in {r.timings['total_s']:.1f} s"]
+    n = s["runs"]
+    ok = n["total"] - n["infeasible"] - n["errors"]
+    lines += [f"runs: {n['total']} ({ok} ok, {n['infeasible']} infeasible, {n['errors']} errors; {r.simulated} "
+              f"simulated now, {r.from_cache} read from the cache) in {r.timings['total_s']:.1f} s"]
     return "\n".join(lines)
