@@ -369,6 +369,9 @@ def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
     win = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
                       ("8", "eplb +1/GPU", 1.25))
     assert win.sentence("none").endswith("at 8 GPUs eplb +1/GPU wins (1.250x faster).")
+    near = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
+                       ("8", "eplb +1/GPU", 1.00014))
+    assert near.sentence("none").endswith("at 8 GPUs eplb +1/GPU comes first by 0.01% (a near tie).")
 
 
 def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(result):
@@ -401,3 +404,16 @@ def test_the_oracle_line_splits_its_gain_into_the_layout_exchange_and_its_placem
     assert (f"it saves {saved:.1f} µs a MoE layer: 10.2 µs is the layout exchange it skips" in line
             and f"the other {saved - 10.2:.1f} µs its placement" in line)
     assert f"{h.none['latency_mean_ms'] / h.oracle['latency_mean_ms']:.3f}x vs none" in line
+
+
+def test_a_predictor_that_beats_the_reference_by_less_than_one_percent_is_a_near_tie(result):
+    from moe_gps.recommend.report import hypothetical_lines
+
+    r, _, _ = result
+    st = r.predictor[0]
+    A, O = len(st.accuracies), len(st.overheads)
+    row = np.linspace(1.10798, 1.11528, A)
+    close = dataclasses.replace(st, speedup=np.tile(row, (O, 1)), reference=("dist:ema +1/GPU", 1.10877),
+                                break_even=[max(st.accuracies)] * O, knee=[max(st.accuracies)] * O)
+    line = next(x for x in hypothetical_lines(dataclasses.replace(r, predictor=[close])) if "would beat" in x)
+    assert line.endswith("(best: 1.115x, 0.59% faster: a near tie).")

@@ -52,6 +52,10 @@ def at_point(df, plan: SweepPlan, p: Point):
 
 # ---------------------------------------------------------------------------- comparisons
 
+#: a runner-up less than this factor slower than the fastest is a near tie (the maps hatch such cells)
+NEAR_TIE = 1.01
+
+
 @dataclass
 class Comparison:
     """A (faster) against B, from their per-step latencies on the same steps.
@@ -366,7 +370,8 @@ class Sensitivity:
             if ch is not None:
                 parts.append(f"at {ch[0]} {self.unit}".rstrip()
                              + (f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
-                                f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
+                                f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
+                                else f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
         if not parts:
             return s + " (the whole swept range)."
         return s + "; " + "; ".join(parts) + "."

@@ -14,15 +14,13 @@ import math
 
 import numpy as np
 
-from moe_gps.recommend.analysis import PHASES, DecisionMap, PredictorStudy
+from moe_gps.recommend.analysis import NEAR_TIE, PHASES, DecisionMap, PredictorStudy
 
 FAMILY_CMAPS = {"none": None, "static": "Oranges", "distribution": "Blues", "token": "Greens",
                 "token (hypothetical)": "Purples", "oracle": None}
 PHASE_COLORS = {"predictor": "#9467bd", "attention": "#1f77b4", "copy": "#d62728", "dispatch": "#ff7f0e",
                 "correction": "#e377c2", "ffn": "#2ca02c", "combine": "#bcbd22"}
 DPI = 110
-#: a map cell whose runner-up is less than this factor slower is hatched (a near tie)
-NEAR_TIE = 1.01
 
 
 def pyplot():

@@ -17,6 +17,7 @@ from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.provenance import provenance_comment
 from moe_gps.recommend import plots
+from moe_gps.recommend.analysis import NEAR_TIE
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
 from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
@@ -102,8 +103,11 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
         best = float(max(v for v in st.speedup.ravel() if v == v))
         if wins:
             txt = ", ".join(f"accuracy >= {a:g} at {o / 1e6:g} MFLOP/token" for o, a in wins)
+            margin = best / st.reference[1]
+            by = (f"best: {best:.3f}x, {100 * (margin - 1):.2f}% faster: a near tie" if margin < NEAR_TIE else
+                  f"best: {best:.3f}x")
             out.append(f"{where.capitalize()}, a token-to-expert predictor ({slots}) would beat {st.reference[0]} "
-                       f"({st.reference[1]:.3f}x vs none) with {txt} (best: {best:.3f}x).")
+                       f"({st.reference[1]:.3f}x vs none) with {txt} ({by}).")
         else:
             top = (f"not even a perfect, free one ({best:.3f}x)"
                    if max(st.accuracies) >= 1.0 and min(st.overheads) == 0 else
