@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from moe_gps.cli.main import main
 from moe_gps.cli.plan_cmd import parse_steps
 from moe_gps.errors import UserError
 from moe_gps.placement import balancedness, load_placement
-from moe_gps.trace import CountsTrace, TraceMeta, write_trace
+from moe_gps.trace import CountsTrace, TraceMeta, load_trace, write_trace
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +207,17 @@ def test_plan_none_round_robin_layout_and_flag_checks(counts_trace, tmp_path, ca
     assert "--layout applies to --algorithm none only" in capsys.readouterr().err
     assert main(["plan", str(path), "--gpus", "4", "--first-moe-layer", "1", "-o", str(tmp_path / "q.yaml")]) == 2
     assert "apply to the --sglang and --sglang-logical-count exports only" in capsys.readouterr().err
+
+
+def test_plan_says_which_sglang_model_classes_read_the_file_and_warns_for_mixtral(tmp_path, capsys):
+    path, _ = _meta_trace(tmp_path, {"num_hidden_layers": 4})
+    argv = ["plan", str(path), "--gpus", "4", "--redundant", "4", "-o", str(tmp_path / "p.yaml"),
+            "--sglang", str(tmp_path / "s.json")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "only for a model class that describes its expert layout to SGLang" in out and "warning" not in err
+    t = load_trace(path)
+    write_trace(path, CountsTrace(dataclasses.replace(t.meta, model="Mixtral-8x7B-v0.1"), t.counts()))
+    assert main(argv) == 0
+    assert "warning: Mixtral-8x7B-v0.1: SGLang's Mixtral class did not describe its expert layout" in \
+        capsys.readouterr().err

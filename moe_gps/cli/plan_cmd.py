@@ -235,6 +235,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if fmt == "vllm":
                 print(f"  (EP size = --tensor-parallel-size x --data-parallel-size must be {plan.num_gpus}; vLLM "
                       "re-plans every step_interval steps, default 3000, from its own load window)")
+            if fmt.startswith("sglang"):
+                print("  (only for a model class that describes its expert layout to SGLang, as DeepSeek-V2/V3's "
+                      "and Qwen-MoE's do; with any other SGLang assumes one expert per layer and fails on the file "
+                      "at start-up)")
+                if "mixtral" in str(meta.model).lower():
+                    print(f"moe-gps: warning: {meta.model}: SGLang's Mixtral class did not describe its expert "
+                          "layout in the versions read (docs/placement.md); check yours before using the file",
+                          file=sys.stderr)
     if exports and not plan.shares_are_even:
         sys.stdout.flush()
         even = float(even_share_balancedness(plan, loads).mean())
