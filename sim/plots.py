@@ -180,7 +180,8 @@ def _timeline(data: PlotData, path: Path) -> Path:
 
     G = data.num_gpus
     names = list(data.timeline)
-    fig, axes = plt.subplots(len(names), 1, figsize=(11, 0.5 * 2 * G * len(names) + 1.2), squeeze=False)
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 0.5 * 2 * G * len(names) + 1.2), squeeze=False,
+                             layout="constrained")
     seen = set()
     for ax, name in zip(axes[:, 0], names):
         rows = data.timeline[name]
@@ -198,9 +199,9 @@ def _timeline(data: PlotData, path: Path) -> Path:
         ax.set_title(name, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("simulated time from the first chosen step (ms)")
-    fig.legend(loc="lower center", ncol=7, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    # constrained layout keeps room for the title above the first panel and the legend below the last
+    fig.legend(loc="outside lower center", ncol=7, fontsize=8, frameon=False)
     fig.suptitle(f"Simulated schedule, {data.model} on {data.cluster}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
     out = _save(fig, path)
     plt.close(fig)
     return out

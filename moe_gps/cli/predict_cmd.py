@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 
@@ -241,12 +242,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     trace = load_trace(args.trace)
     warnings = []
+    regrouped = None
     if args.tokens_per_step is not None:
-        from moe_gps.trace.regroup import regroup
+        from moe_gps.trace.regroup import regroup, regroup_note
 
         if args.tokens_per_step < 1:
             raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-        trace = regroup(trace, args.tokens_per_step)
+        trace, regrouped = regroup(trace, args.tokens_per_step), regroup_note(trace, args.tokens_per_step)
     m = trace.meta
     if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k:
         warnings.append(f"some steps hold fewer tokens ({int(trace.tokens_per_step.min())}) than experts x top_k "
@@ -266,10 +268,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if ev.reports and all(r.skipped for r in ev.reports):
         raise UserError("no predictor could run on this trace: " + "; ".join(f"{r.name}: {r.skipped}"
                                                                            for r in ev.reports))
+    run = run_record(args, regrouped)
     if args.out:
-        _write_outputs(ev, args.out)
+        _write_outputs(ev, run, args.out)
     if args.json:
-        print(dumps_json(ev.to_dict(), indent=2))
+        print(dumps_json({"run": run, **ev.to_dict()}, indent=2))
         return 0
 
     t = ev.trace
@@ -277,6 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{t['layers']} layers, {t['experts']} experts, top-{t['top_k']}")
     print(f"fit on steps 0-{ev.train_steps - 1}, tested on steps {ev.train_steps}-{t['steps'] - 1} "
           f"({ev.test_steps} step{'s' if ev.test_steps != 1 else ''})")
+    if regrouped:
+        print(regrouped)
     if "static_balancedness" in ev.reference:
         print(f"balanced = mean/max GPU load of the true tokens under a '{ev.algorithm}' plan made from the "
               f"prediction ({ev.num_gpus} GPUs, {ev.num_redundant} redundant slots), mean over layers and steps; "
@@ -306,16 +311,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if counts_only:
             print(counts_only)
     if args.out:
-        print(f"\nwrote {args.out}/predict_summary.csv, predict_per_layer.csv, predict.json")
+        print(f"\nwrote {args.out}/predict_summary.csv, predict_per_layer.csv, predict.json, predict_config.yaml")
     return 0
 
 
-def _write_outputs(ev, out_dir: str) -> None:
+#: the options of ``predict evaluate`` that decide its numbers: (flag, attribute)
+NUMBER_OPTIONS = (("--predictors", "predictors"), ("--train-steps", "train_steps"),
+                  ("--tokens-per-step", "tokens_per_step"), ("--mode", "mode"), ("--gpus", "gpus"),
+                  ("--redundant", "redundant"), ("--algorithm", "algorithm"), ("--synthetic", "synthetic"),
+                  ("--placement", "placement"), ("--synthetic-flops", "synthetic_flops"),
+                  ("--overhead-curve", "overhead_curve"), ("--seed", "seed"))
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reruns this evaluation: every option that decides the numbers written out."""
+    words = ["moe-gps", "predict", "evaluate", str(args.trace)]
+    for flag, attr in NUMBER_OPTIONS:
+        if getattr(args, attr) is not None:
+            words += [flag, str(getattr(args, attr))]
+    words += ["--per-layer", args.per_layer] + (["--json"] if args.json else [])
+    words += ["-o", args.out] if args.out else []
+    return shlex.join(words)
+
+
+def run_record(args: argparse.Namespace, regrouped: str | None) -> dict:
+    """Where the numbers come from: the command, the code, the trace file (its SHA-256), the seed, how the
+    steps were regrouped, and every option that decides the numbers (None: the default, resolved in the
+    results' ``train_steps``, ``num_redundant`` and ``predictors``)."""
+    from moe_gps import __version__
+    from moe_gps.provenance import code_digest, file_sha256
+
+    return {"command": command_line(args), "moe_gps_version": __version__, "code_digest": code_digest(),
+            "trace": str(args.trace), "trace_sha256": file_sha256(args.trace), "regrouped": regrouped,
+            **{attr: getattr(args, attr) for _, attr in NUMBER_OPTIONS}}
+
+
+def _write_outputs(ev, run: dict, out_dir: str) -> None:
     import csv
     import io
     from pathlib import Path
 
+    import yaml
+
     from moe_gps.atomic import write_text_atomic
+    from moe_gps.provenance import provenance_comment
 
     out = Path(out_dir)
     for name, rows in (("predict_summary.csv", summary_rows(ev)), ("predict_per_layer.csv", per_layer_rows(ev))):
@@ -327,4 +366,7 @@ def _write_outputs(ev, out_dir: str) -> None:
         w.writeheader()
         w.writerows(rows)
         write_text_atomic(out / name, buf.getvalue())
-    write_text_atomic(out / "predict.json", dumps_json(ev.to_dict(), indent=2) + "\n")
+    write_text_atomic(out / "predict.json", dumps_json({"run": run, **ev.to_dict()}, indent=2) + "\n")
+    write_text_atomic(out / "predict_config.yaml",
+                      f"# moe-gps predict evaluate: the options of this run; rerun with `{run['command']}`\n"
+                      + provenance_comment(run["trace"]) + yaml.safe_dump(run, sort_keys=False, width=100))

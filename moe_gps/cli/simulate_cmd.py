@@ -185,7 +185,8 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
-                          "inferred": result.inferred, "notes": result.notes}, indent=2))
+                          "inferred": result.inferred, "notes": result.notes, "warnings": result.warnings},
+                         indent=2))
     else:
         print(format_summary(result))
         print_written(written, out, removed)

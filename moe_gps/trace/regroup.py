@@ -84,6 +84,16 @@ def _describe_tps(trace) -> str:
     return f"{lo}" if lo == hi else f"{lo}/{med}/{hi} (min/median/max)"
 
 
+def regroup_note(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> str:
+    """What :func:`regroup` of ``trace`` into steps of ``tokens_per_step`` does, in one sentence."""
+    n = int(tokens_per_step)
+    steps = regrouped_steps(trace, n)
+    left = int(trace.tokens_per_step.sum() - steps * n)
+    tail = f"; the last {left} tokens are left out" if left else ""
+    return (f"regrouped the trace's {trace.num_steps} steps of {_describe_tps(trace)} tokens into {steps} steps "
+            f"of {n}, in trace order{tail}")
+
+
 def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None):
     """The simulator's rule for ``--tokens-per-step``: -> (trace, note, warning).
 
@@ -97,10 +107,7 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
     have = _describe_tps(trace)
     steps = regrouped_steps(trace, n)
     if steps >= MIN_STEPS:
-        left = int(trace.tokens_per_step.sum() - steps * n)
-        tail = f"; the last {left} tokens are left out" if left else ""
-        return regroup(trace, n), (f"regrouped the trace's {trace.num_steps} steps of {have} tokens into {steps} "
-                                   f"steps of {n}, in trace order{tail}"), None
+        return regroup(trace, n), regroup_note(trace, n), None
     if isinstance(trace, TokensTrace):
         why = (f"the trace holds {trace.num_tokens} tokens, {steps} steps of {n} (regrouping needs "
                f"{MIN_STEPS}, {MIN_STEPS * n} tokens)")
@@ -108,10 +115,23 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
         why = f"the counts trace makes only {steps} steps of {n} (regrouping needs {MIN_STEPS})"
     else:
         why = f"a counts trace regroups only into whole multiples of its steps ({have} tokens)"
-    noise = ("which keeps the sampling noise of the smaller step" if float(trace.tokens_per_step.mean()) <= n else
-             f"which has less sampling noise than a real step of {n} tokens")
     return trace, None, (f"--tokens-per-step {n}: {why}; each step's expert counts are scaled from its {have} "
-                         f"tokens instead, {noise}")
+                         f"tokens instead, {_scaling_noise(trace.tokens_per_step, n)}")
+
+
+def _scaling_noise(tokens_per_step: np.ndarray, n: int) -> str:
+    """What scaling steps of ``tokens_per_step`` tokens to ``n`` does to their sampling noise: a step
+    smaller than ``n`` keeps its larger noise, a larger one gets less than a real step of ``n`` has."""
+    lo, hi = (int(tokens_per_step.min()), int(tokens_per_step.max())) if len(tokens_per_step) else (n, n)
+    smaller, larger = lo < n, hi > n
+    if smaller and larger:
+        return (f"which keeps the sampling noise of the steps smaller than {n} tokens and gives the larger ones "
+                f"less sampling noise than a real step of {n} tokens")
+    if smaller:
+        return "which keeps the sampling noise of the smaller step"
+    if larger:
+        return f"which has less sampling noise than a real step of {n} tokens"
+    return f"which changes nothing: every step holds {n} tokens"
 
 
 def decode_shaped(trace: TokensTrace | CountsTrace) -> str | None:

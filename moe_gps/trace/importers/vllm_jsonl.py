@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -163,6 +164,20 @@ def num_layers_hint(files: Sequence[LayerCalls]) -> str:
             if g > 1 else "; the line pattern allows only 1: check that the file holds one rank's layer calls")
 
 
+def passes_per_real_pass(pass_tokens: Sequence[np.ndarray]) -> int:
+    """How many of the passes cut with the given L likely make one real forward pass (1: no sign of more).
+
+    pass_tokens: per file, int64 [passes], T of each pass. T changes between real passes and is the
+    same on every layer of one, so when every run of passes with equal T (in files where T changes
+    at all) is a multiple of g > 1 passes long, each real pass was likely cut into g and the model
+    has g x L layers. A file with one T throughout says nothing of its own, but its pass count must
+    divide by g too."""
+    runs = [_runs(t) for t in pass_tokens if len(t)]
+    if all(len(r) == 1 for r in runs):
+        return 1
+    return int(math.gcd(*(int(x) for r in runs for x in (r if len(r) > 1 else [r.sum()]))))
+
+
 def _rle(values: list[int], limit: int = 12) -> str:
     """``[19, 4, 2050, 4, 4, 4]`` -> ``"19, 4, 2050, 4 x3"`` (at most ``limit`` groups shown)."""
     out, i = [], 0
@@ -206,7 +221,7 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
     k = ks.pop()
 
     selected: list[tuple[LayerCalls, int]] = []  # (file, pass index)
-    kept_per_file, passes_per_file = {}, {}
+    kept_per_file, passes_per_file, all_pass_tokens = {}, {}, []
     for c in files:
         n = len(c.tokens)
         if n % L:
@@ -221,6 +236,7 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
                             f"(layer 0 of pass {p}) has T={T[p, 0]}; with {L} layers per pass "
                             f"({layers_note}) every layer of a pass needs the same tokens")
         pass_tokens = T[:, 0]
+        all_pass_tokens.append(pass_tokens)
         num_passes = len(pass_tokens)
         if wanted is not None and wanted and wanted[-1] >= num_passes:
             raise UserError(f"{c.path}: --passes asks for pass {wanted[-1]} but the file has "
@@ -244,6 +260,11 @@ def import_vllm_jsonl(sources: Sequence[str | os.PathLike], *, model: str = "unk
             summary.append(f"  warning: the kept passes hold {sizes.min()} to {sizes.max()} tokens; the small ones are "
                            "likely dummy or padding passes (a server's warm-up, graph capture): keep the real ones "
                            "with --min-tokens N or --passes")
+    g = passes_per_real_pass(all_pass_tokens)
+    if g > 1:
+        print(f"moe-gps: warning: with --num-layers {L} the passes come in runs of {g} (or a multiple of {g}) with "
+              f"the same token count, as if each real forward pass were cut into {g}: the model likely has {g * L} "
+              f"MoE layers (give --num-layers {g * L} if so)", file=sys.stderr)
     if not selected:
         sizes = sorted({int(t) for c in files for t in c.tokens})
         raise UserError(f"no forward pass selected (passes hold {', '.join(map(str, sizes))} tokens; "
