@@ -41,9 +41,13 @@ def file_sha256(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
-def provenance_comment(trace: str | None) -> str:
-    """A YAML comment line naming the moe-gps version, its code digest and the trace file's SHA-256."""
-    digest = file_sha256(trace) if trace else None
-    where = (f"trace {trace}, sha256 {digest}" if digest else
-             f"trace {trace} (not a file here: no checksum)" if trace else "no trace file")
-    return f"# moe-gps {__version__}, simulator code {code_digest()}; {where}\n"
+def provenance_comment(trace: str | None, **inputs: str | None) -> str:
+    """A YAML comment line naming the moe-gps version, its code digest, the trace file's SHA-256 and that
+    of every other input file given by name (e.g. ``requests_csv=path``; None: not used)."""
+    def where(name: str, path: str) -> str:
+        digest = file_sha256(path)
+        return f"{name} {path}, sha256 {digest}" if digest else f"{name} {path} (not a file here: no checksum)"
+
+    files = [where("trace", trace) if trace else "no trace file"]
+    files += [where(name, path) for name, path in inputs.items() if path]
+    return f"# moe-gps {__version__}, simulator code {code_digest()}; {'; '.join(files)}\n"

@@ -132,12 +132,13 @@ def per_layer_columns(result: SimResult):
         yield d
 
 
-def write_config_and_summary(out: Path, command: str, config, summary: str, trace: str | None) -> list[Path]:
+def write_config_and_summary(out: Path, command: str, config, summary: str, trace: str | None,
+                             **inputs: str | None) -> list[Path]:
     """``config.yaml`` (the exact config, with how to rerun it, and the code and trace it ran on:
     :func:`moe_gps.provenance.provenance_comment`) and ``summary.txt`` (the terminal report)."""
     write_text_atomic(out / "config.yaml", f"# moe-gps {command}: the exact config of this run; rerun with "
                                            f"`moe-gps {command} TRACE --config config.yaml`\n"
-                      + provenance_comment(trace) + dump_yaml(config))
+                      + provenance_comment(trace, **inputs) + dump_yaml(config))
     write_text_atomic(out / "summary.txt", summary + "\n")
     return [out / "config.yaml", out / "summary.txt"]
 

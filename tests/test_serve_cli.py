@@ -50,7 +50,9 @@ def test_csv_replay_and_empirical_lengths(tmp_path):
     r = generate_requests(w, None, 5, seed=0)                       # the log's own timing, repeated end to end
     assert r.arrival_s.tolist() == [0.0, 0.5, 2.0, 3.0, 3.5] and r.prompt.tolist() == [100, 200, 300, 100, 200]
     assert r.output.tolist() == [5, 6, 7, 5, 6]
+    assert r.rate == 1.0                                             # the log's mean rate: 2 gaps in 2 s
     fast = generate_requests(w, 2.0, 3, seed=0)                      # mean rate of the log: 1 per second
+    assert fast.rate == 2.0
     assert fast.arrival_s.tolist() == [0.0, 0.25, 1.0]
     drawn = generate_requests(dataclasses.replace(w, arrival=ArrivalSpec()), 1.0, 500, seed=0)
     pairs = set(zip(drawn.prompt.tolist(), drawn.output.tolist()))
@@ -208,3 +210,37 @@ def test_serve_needs_a_tokens_trace_and_a_known_vocabulary(tmp_path, model_yaml,
     write_trace(trace, synthesize("mixtral-mmlu", num_steps=4, tokens_per_step=64, seed=2, num_layers=4))
     assert main(["serve", str(trace), "--model", str(model_yaml), "--train-steps", "2", "-o", str(tmp_path / "o")]) == 2
     assert "give --vocab-size N" in capsys.readouterr().err
+
+
+def test_a_replayed_log_reruns_from_its_config_anywhere_and_is_labelled_with_its_rate(small_trace, model_yaml,
+                                                                                       tmp_path, capsys, monkeypatch):
+    """The config stores the requests CSV's absolute path and its SHA-256; a run replaying a log with no rate
+    is labelled with the log's mean rate (1 / its mean gap), not with the span of the requests replayed."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "reqs.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,100,5\n0.5,200,6\n2.0,300,7\n")
+    (work / "replay.yaml").write_text("name: replay\narrival: {process: csv}\nrequests_csv: reqs.csv\n"
+                                      "prompt_tokens: {dist: empirical}\noutput_tokens: {dist: empirical}\n"
+                                      "num_requests: 5\n")
+    monkeypatch.chdir(work)
+    out = tmp_path / "out"
+    assert main(["serve", str(small_trace), "--model", str(model_yaml), "--vocab-size", "32000",
+                 "--workload", "replay.yaml", "--strategies", "none", "--train-steps", "2", "--no-plots", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rate 1 requests/s" in text                         # 2 gaps over 2 s; the 5 replayed span 3.5 s
+    config = (out / "config.yaml").read_text()
+    digest = hashlib.sha256((work / "reqs.csv").read_bytes()).hexdigest()
+    assert f"requests_csv {work / 'reqs.csv'}, sha256 {digest}" in config.splitlines()[1]
+    monkeypatch.chdir(tmp_path)
+    again = tmp_path / "again"
+    assert main(["serve", str(small_trace), "--config", str(out / "config.yaml"), "--no-plots", "-o", str(again)]) == 0
+    assert (again / "summary.csv").read_bytes() == (out / "summary.csv").read_bytes()
+
+
+def test_the_goodput_note_names_a_higher_goodput_than_the_verdicts_winner():
+    from sim.serving.report import goodput_note
+
+    rows = [{"strategy": "none", "goodput_rps": 27.88}, {"strategy": "eplb", "goodput_rps": 27.02}]
+    assert goodput_note("eplb", rows) == ("\n  (goodput: none 27.88 against eplb's 27.02 requests/s: eplb meets the "
+                                          "SLO for more requests, but its run ends later)")
+    assert goodput_note("none", rows) == ""

@@ -151,23 +151,35 @@ class ServeConfig:
 
 
 def load_request_workload(name_or_path: str) -> RequestWorkload:
-    """A bundled workload (``chat``) or a workload YAML; ``requests_csv`` is resolved against the file's folder."""
-    import dataclasses
-
+    """A bundled workload (``chat``) or a workload YAML; ``requests_csv`` is resolved against the file's folder
+    (an absolute path, so that a config written with it reruns from anywhere)."""
     from moe_gps.config.loader import _load, preset_names
 
     w = _load("workloads", RequestWorkload, name_or_path)
-    if w.requests_csv is not None and name_or_path not in preset_names("workloads"):
-        path = Path(w.requests_csv)
-        if not path.is_absolute():
-            path = Path(name_or_path).parent / path
-        w = dataclasses.replace(w, requests_csv=str(path))
-    return w
+    if name_or_path in preset_names("workloads"):
+        return w
+    return _csv_beside(w, name_or_path)
+
+
+def _csv_beside(w: RequestWorkload, config_path: str) -> RequestWorkload:
+    """``w`` with its ``requests_csv`` made absolute, a relative one taken from ``config_path``'s folder."""
+    import dataclasses
+
+    if w.requests_csv is None:
+        return w
+    path = Path(w.requests_csv)
+    if not path.is_absolute():
+        path = Path(config_path).parent / path
+    return dataclasses.replace(w, requests_csv=str(path.resolve()))
 
 
 def load_serve_config(path: str) -> ServeConfig:
-    """A whole serve config (as written to the output folder), fully checked."""
+    """A whole serve config (as written to the output folder), fully checked; a relative ``requests_csv``
+    is taken from the config file's folder."""
+    import dataclasses
+
     from moe_gps.config.loader import build
     from moe_gps.files import read_yaml
 
-    return build(ServeConfig, read_yaml(path), str(path))
+    cfg = build(ServeConfig, read_yaml(path), str(path))
+    return dataclasses.replace(cfg, workload=_csv_beside(cfg.workload, path))

@@ -53,6 +53,17 @@ def _slo_text(result: ServeResult) -> str:
     return "SLO " + " and ".join(p for p in parts if p)
 
 
+def goodput_note(winner: str, rows: list[dict]) -> str:
+    """A line under an SLO-attainment verdict whose winner has not the highest goodput of the rate's runs
+    (goodput divides by each run's own span: a run that meets the SLO for more requests can end later)."""
+    good = {r["strategy"]: r["goodput_rps"] for r in rows}
+    best = max(good, key=lambda k: good[k])
+    if best == winner or good[best] <= good.get(winner, 0.0):
+        return ""
+    return (f"\n  (goodput: {best} {good[best]:.2f} against {winner}'s {good[winner]:.2f} requests/s: {winner} meets "
+            f"the SLO for more requests, but its run ends later)")
+
+
 def format_summary(result: ServeResult) -> str:
     """The terminal report: one table and one verdict per rate, then sustainable rates and notes."""
     cfg = result.config
@@ -68,6 +79,7 @@ def format_summary(result: ServeResult) -> str:
         text = format_table(sub, TABLE, title=f"rate {rr.rate:g} requests/s")
         if rr.verdict is not None:
             text += "\n" + verdict_line(rr.verdict, rr.on_goodput)
+            text += goodput_note(rr.verdict.strategy, sub) if rr.on_goodput else ""
         blocks.append(text)
     sus = sustainable_rates(result)
     if sus and len(result.rates) > 1:
@@ -134,7 +146,8 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
                write_csv_atomic(out / "requests.csv", requests_columns(result), exact=REQUEST_TIMES),
                write_parquet_atomic(out / "iterations.parquet", iterations_columns(result)),
                *write_config_and_summary(out, "serve", result.config, format_summary(result),
-                                         result.config.simulate.trace)]
+                                         result.config.simulate.trace,
+                                         requests_csv=result.config.workload.requests_csv)]
     if plots:
         written += drawer.result()
     return written

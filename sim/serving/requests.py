@@ -21,12 +21,14 @@ class Requests:
     """n requests in arrival order.
 
     arrival_s: float [n] seconds from the start;  prompt, output: int64 [n] tokens (output >= 1: the
-    first output token comes out of the prefill)
+    first output token comes out of the prefill);  rate: the mean rate they arrive at, requests/s (a
+    replayed log's own, 1 / its mean gap, where no rate scales it; None: not known)
     """
 
     arrival_s: np.ndarray
     prompt: np.ndarray
     output: np.ndarray
+    rate: float | None = None
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -97,18 +99,20 @@ def generate_requests(workload: RequestWorkload, rate: float | None, num_request
         arrival = np.cumsum(rng.standard_gamma(k, n) / k) / rate
         rows = None
     else:
-        arrival, rows = _replay(csv[0], n, rate, workload.requests_csv)
+        arrival, rows, log_rate = _replay(csv[0], n, rate, workload.requests_csv)
+        rate = log_rate if rate is None else rate
     # lengths: empirical ones take the replayed rows, or rows drawn together for prompt and output
     if rows is None and "empirical" in (workload.prompt_tokens.dist, workload.output_tokens.dist):
         rows = rng.integers(0, len(csv[0]), size=n)
     prompt = _lengths(workload.prompt_tokens, n, rng, csv[1] if csv else None, rows)
     output = _lengths(workload.output_tokens, n, rng, csv[2] if csv else None, rows)
-    return Requests(arrival.astype(np.float64), prompt, output)
+    return Requests(arrival.astype(np.float64), prompt, output, float(rate))
 
 
-def _replay(times: np.ndarray, n: int, rate: float | None, path: str) -> tuple[np.ndarray, np.ndarray]:
+def _replay(times: np.ndarray, n: int, rate: float | None, path: str) -> tuple[np.ndarray, np.ndarray, float]:
     """The log's arrivals in time order, the first at 0, repeated end to end (one mean gap apart) when
-    more requests are asked for than it has, and time-scaled to ``rate``. -> (arrival_s [n], rows [n])."""
+    more requests are asked for than it has, and time-scaled to ``rate``.
+    -> (arrival_s [n], rows [n], the log's own mean rate 1 / gap)."""
     order = np.argsort(times, kind="stable")
     t = times[order] - times[order[0]]
     m = len(t)
@@ -121,4 +125,4 @@ def _replay(times: np.ndarray, n: int, rate: float | None, path: str) -> tuple[n
     rows = np.tile(order, laps)[:n]
     if rate is not None:
         arrival = arrival * ((1.0 / gap) / rate)
-    return arrival, rows
+    return arrival, rows, 1.0 / gap

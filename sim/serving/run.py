@@ -135,15 +135,16 @@ def serve(trace: TokensTrace | CountsTrace, config: ServeConfig, progress: bool 
     requests, rates, ctxs = [], [], []
     for rate in (config.rates or [None]):
         req = generate_requests(config.workload, rate, config.workload.num_requests, sim_cfg.seed)
-        need = int(-(-int((req.prompt + req.output).max()) // sched.block_size) * sched.block_size)
+        longest = int((req.prompt + req.output).max())
+        need = int(-(-longest // sched.block_size) * sched.block_size)
         for s, cap in zip(sim_cfg.strategies, kv):
             if need > cap:
-                raise UserError(f"strategy {s.name}: a request of {need} tokens (prompt + output) does not fit the KV "
-                                f"cache of one GPU ({cap} tokens with {(E + s.resolved_redundant(G, E)) // G} expert "
-                                "slots per GPU); shorten the workload's lengths or give scheduler.kv_cache_gb "
-                                "(--kv-cache-gb)")
+                raise UserError(f"strategy {s.name}: a request of {longest} tokens (prompt + output; {need} in whole "
+                                f"KV blocks of {sched.block_size}) does not fit the KV cache of one GPU ({cap} tokens "
+                                f"with {(E + s.resolved_redundant(G, E)) // G} expert slots per GPU); shorten the "
+                                "workload's lengths or give a larger KV cache (scheduler.kv_cache_gb, --kv-cache-gb)")
         requests.append(req)
-        rates.append(float(rate) if rate is not None else (len(req) - 1) / max(float(req.arrival_s[-1]), 1e-300))
+        rates.append(float(req.rate))
         # the attention time re-plans assume when they price their copies: decodes at the mean context
         mean_ctx = max(1, int(round(float((req.prompt + req.output / 2).mean()))))
         ctxs.append(SimContext(G, E, model.top_k, hw, model, WorkloadConfig(phase="decode", seq_len=mean_ctx),
