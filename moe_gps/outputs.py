@@ -4,7 +4,9 @@
   file (FIFO, device, socket), not under a regular file, in a folder this process can
   write (or can create).
 * :func:`check_output_dir` - the ``-o DIR`` of a command: not a file, and writable (or
-  creatable).
+  creatable). Both try it: they create the missing folders (or, for an existing folder, a
+  file in it) and remove them again, since the permission bits alone do not tell (root,
+  /proc, a file system that refuses writes).
 * :func:`locked_output_dir` - create the folder and hold an advisory lock
   (``fcntl.flock``) on it while a run writes there, so that a second run into the same
   folder fails at once with one line naming the first (its pid and command).
@@ -21,6 +23,7 @@ import contextlib
 import os
 import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +83,42 @@ def _check_folder(folder: Path, where: str) -> None:
         except OSError:
             pass
         raise UserError(f"{where}: cannot write in {anc}/ ({reason})")
+    try:
+        _try_writing(folder, anc)
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__)
+        raise UserError(f"{where}: cannot write in {anc}/ ({reason[:1].lower() + reason[1:]})") from None
+
+
+def _try_writing(folder: Path, anc: Path) -> None:
+    """Do what writing into ``folder`` needs and undo it: create the missing folders from ``anc`` (its
+    nearest existing ancestor) down to it, or, when it exists, a file in it; then remove what was made.
+    os.access alone cannot tell, e.g. for root under /proc or on a file system that refuses writes;
+    OSError when the file system refuses."""
+    if anc == folder:
+        with held():              # made and removed before a signal can arrive
+            fd, name = tempfile.mkstemp(prefix=".moe-gps-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(name)
+        return
+    missing = []
+    d = folder
+    while d != anc:
+        missing.append(d)
+        d = d.parent
+    made: list[Path] = []
+    with held():
+        try:
+            for d in reversed(missing):
+                try:
+                    os.mkdir(d)
+                except FileExistsError:
+                    continue      # made meanwhile by someone else: not ours to remove
+                made.append(d)
+        finally:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
 
 
 def check_output_file(path: str | os.PathLike, flag: str | None = "-o") -> Path:

@@ -5,10 +5,13 @@ issues this rank's sends (straight from the live slots, which the forward passes
 and receives (into staging rows, one per received expert) with ``batch_isend_irecv`` on the
 *background group*, a second process group created at start-up (gloo on CPU; on a GPU its
 own NCCL communicator, driven from a side stream), and waits for them. The following steps
-run with the old placement. At each step boundary the ranks agree, with one small
-``all_reduce`` on the main group, whether every rank's transfers have landed
-(:func:`all_landed`); when they have, :meth:`BackgroundMove.install` writes the staged rows
-and the local copies into the slots, switches the routing tables and checks every slot
+run with the old placement. With ``verify``, the thread also checks the received rows
+against the digests taken at load time once they have landed (:meth:`Fingerprints.check_received`),
+off the critical path. At each step boundary the ranks agree, with one small ``all_reduce``
+on the main group, whether every rank's transfers have landed and passed that check
+(:func:`all_landed`; a row that failed it fails every rank with one line, before any switch);
+when they have, :meth:`BackgroundMove.install` writes the staged rows and the local copies
+into the slots, switches the routing tables and checks the slots the local copies wrote
 (:mod:`runtime.apply`), on every rank at the same step.
 
 A failed or timed-out transfer becomes the usual one-line :class:`runtime.dist.CollectiveFailure`
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moe_gps.placement.moves import move_plan
-from runtime.apply import Fingerprints, MoveStats, fill_slots, receivers, transfer_ops, write_targets
+from runtime.apply import Fingerprints, MoveStats, check_failed, fill_slots, receivers, transfer_ops, write_targets
 from runtime.dist import DistContext
 from runtime.moe_layer import ExpertParallelMoE
 
@@ -46,12 +49,13 @@ def background_group(ctx: DistContext):
 class BackgroundMove:
     """The transfers of one placement change, running in a thread.
 
-    new_phy2log, new_share [L, P]: the placement to install; started_at: the step it was adopted at.
+    new_phy2log, new_share [L, P]: the placement to install; started_at: the step it was adopted at;
+    fingerprints: the digests the received rows and the installed slots are checked against (None: no check).
     """
 
     def __init__(self, blocks: list[ExpertParallelMoE], new_phy2log: np.ndarray, new_share: np.ndarray,
-                 ctx: DistContext, group, started_at: int) -> None:
-        self.blocks, self.ctx, self.started_at = blocks, ctx, started_at
+                 ctx: DistContext, group, started_at: int, fingerprints: Fingerprints | None = None) -> None:
+        self.blocks, self.ctx, self.started_at, self.fingerprints = blocks, ctx, started_at, fingerprints
         self.new_phy2log = np.asarray(new_phy2log, dtype=np.int64)
         self.new_share = np.asarray(new_share, dtype=np.float64)
         self.plan = move_plan(np.stack([b.tables.phy2log for b in blocks]), self.new_phy2log, ctx.world_size,
@@ -63,6 +67,7 @@ class BackgroundMove:
         self.ops = transfer_ops(blocks, self.plan, ctx.rank, lambda l, q: blocks[l].slot_weights[q],
                                 lambda i: self.staged[i], group, self.stats)
         self.background_s = 0.0
+        self.wrong: list[str] = []        # the received rows that failed the check (set before landing)
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moe-gps-background-move", daemon=True)
@@ -84,6 +89,8 @@ class BackgroundMove:
                     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                         for req in dist.batch_isend_irecv(self.ops):
                             req.wait()
+                        if self.fingerprints is not None:
+                            self.wrong = self.fingerprints.check_received(self.plan, self.staged)
                     if stream is not None:
                         stream.synchronize()
         except BaseException as err:          # raised on the main thread at the next step boundary
@@ -93,19 +100,20 @@ class BackgroundMove:
             self._done.set()
 
     def landed_here(self) -> bool:
-        """This rank's transfers are done (raises their failure, if they failed)."""
+        """This rank's transfers are done and, with fingerprints, checked (raises their failure, if they
+        failed)."""
         if self._done.is_set() and self.error is not None:
             raise self.error
         return self._done.is_set()
 
-    def install(self, fingerprints: Fingerprints | None) -> MoveStats:
-        """Put the new placement in force (call when :func:`all_landed`); its stats, ``seconds`` being the
-        time the install took on the critical path."""
+    def install(self) -> MoveStats:
+        """Put the new placement in force (call when :func:`all_landed`: the received rows have passed
+        their check); its stats, ``seconds`` being the time the install took on the critical path."""
         t0 = time.perf_counter()
         self.join()
         buffers, sources = write_targets(self.blocks, self.plan, self.ctx.rank, sends=False)
         self.stats.row_copies = fill_slots(self.blocks, self.plan, self.ctx, buffers, sources, self.recv_into,
-                                           self.new_phy2log, self.new_share, fingerprints, staged=self.staged)
+                                           self.new_phy2log, self.new_share, self.fingerprints, staged=self.staged)
         self.staged = {}
         self.stats.seconds = time.perf_counter() - t0
         self.stats.background_s = self.background_s
@@ -121,10 +129,18 @@ class BackgroundMove:
 
 
 def all_landed(ctx: DistContext, move: BackgroundMove) -> bool:
-    """Whether every rank's transfers of ``move`` have landed (one all_reduce on the main group; a rank
-    whose transfers failed raises their one-line failure first)."""
-    mine = torch.tensor([int(move.landed_here())], dtype=torch.int64, device=ctx.device)
+    """Whether every rank's transfers of ``move`` have landed and passed their check (one all_reduce on the
+    main group of [ranks still waiting, wrong received rows]; a rank whose transfers failed raises their
+    one-line failure first). A wrong received row on any rank raises
+    :class:`runtime.apply.WeightCheckFailed` on every rank, each with one line, before any switch."""
+    landed = move.landed_here()
+    wrong = move.wrong if landed else []
+    mine = torch.tensor([int(not landed), len(wrong)], dtype=torch.int64, device=ctx.device)
     if ctx.distributed:
         with ctx.guard("all_reduce of the background transfers' status"):
-            dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=ctx.group)
-    return bool(int(mine.item()))
+            dist.all_reduce(mine, group=ctx.group)
+    waiting, total = (int(v) for v in mine.tolist())
+    if total:
+        raise check_failed(ctx, wrong, total, f"of the experts received in the background for the placement of "
+                                              f"step {move.started_at}", "received expert")
+    return waiting == 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_gps.errors import UserError
 from runtime import faults
 
 
@@ -44,13 +45,16 @@ class CollectiveFailure(RuntimeError):
     """A collective failed or timed out; the message names the rank(s) behind."""
 
 
-def choose_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: ``cuda:<local_rank>`` when a GPU is visible, else CPU; or the named device."""
+def choose_device(device: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
+    """``auto``: ``cuda:<local_rank>`` when a GPU is visible, else CPU; or the named device.
+
+    ``cuda`` with no GPU visible is a :class:`UserError` naming ``where`` (the flag or key that asked)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' asked for, but torch sees no GPU (torch.cuda.is_available() is False)")
+            raise UserError(f"{where} cuda: torch sees no GPU (torch.cuda.is_available() is False); "
+                            "use cpu, or auto to take a GPU when there is one")
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device(device)
 

@@ -6,7 +6,7 @@ predictors of :mod:`moe_gps.predict`:
 * ``off``: every expert once, ``E / N`` contiguous experts per rank (algorithm ``none``,
   no redundant slots); never re-planned.
 * ``static``: the placement in ``duplication.placement`` (a ``moe-gps plan`` file) for
-  the whole run; without one, planned at the end of the warm-up and then at every check
+  the whole run (the other modes refuse the key); without one, planned at the end of the warm-up and then at every check
   from the mean measured counts of the last ``window`` steps (all steps so far when
   ``window`` is absent).
 * ``dist-only``: at every check (the end of the warm-up, then every ``replan_interval``
@@ -105,6 +105,9 @@ class DuplicationPolicy:
                                 f"{', '.join(PRE_ROUTING_TOKEN_PREDICTORS)}")
             from moe_gps.predict import make_token_predictor
             self.token_predictor = make_token_predictor(cfg.token_predictor, **cfg.token_params)
+        if mode != "static" and cfg.placement:
+            raise UserError(f"duplication.placement {cfg.placement} is a plan for --duplication static, which "
+                            f"--duplication {mode} would not use; remove the key, or run --duplication static")
         self._fitted = False
         self.warmup: list[StepRouting] = []           # the warm-up steps, until the predictor is fitted
         self.current: Placement | None = None         # the placement in force

@@ -329,7 +329,7 @@ def bench_moves(b: Bench, spec: dict, handle, placement, step) -> None:
     def in_background(after):
         move = BackgroundMove(handle.experts, after.phy2log, after.replica_share, ctx, group, 0)
         move.join()
-        return lambda: move.install(None)
+        return lambda: move.install()
 
     timed_changes("install", lambda c: "switching in a placement whose weights moved in the background",
                   in_background)

@@ -71,3 +71,11 @@ class GainModel:
 
         per_step = saving_per_step(current, earlier, seen, self.home_frac, self.model, self.hw, False)
         return passes_min_gain(per_step, self.interval, self.min_gain, self.price(current, cand, believed))
+
+
+def gain_model_for(run_cfg, mode: str, num_ranks: int) -> GainModel | None:
+    """The cost model a run of ``mode`` on ``num_ranks`` ranks needs: a :class:`GainModel` when
+    ``duplication.min_gain`` > 0 and the mode plans, else None (a bad cluster file is a UserError)."""
+    if run_cfg.duplication.min_gain > 0 and mode != "off":
+        return GainModel(run_cfg, num_ranks)
+    return None

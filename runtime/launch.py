@@ -118,7 +118,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
 
     from runtime.apply import Fingerprints, apply_placement
     from runtime.background import BackgroundMove, all_landed, background_group
-    from runtime.gain import GainModel
+    from runtime.gain import gain_model_for
     from sim.work import moves_weights
     from runtime.build import build_model, forward
     from moe_gps import signals
@@ -148,7 +148,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
             L, E, k = handle.num_layers, handle.num_experts, handle.top_k
             source = TokenSource(cfg.input, handle.vocab_size, ctx.world_size)
             T_rank = source.tokens_per_rank
-            gain = GainModel(cfg, ctx.world_size) if cfg.duplication.min_gain > 0 and mode != "off" else None
+            gain = gain_model_for(cfg, mode, ctx.world_size)
             policy = DuplicationPolicy(mode, cfg.duplication, ctx.world_size, L, E, k, T_rank * ctx.world_size, gain)
             placement = policy.initial()
             handle.install(placement, ctx)
@@ -178,7 +178,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                     ctx.progress(step, "landed?")
                     if all_landed(ctx, moving):
                         ctx.progress(step, "install")
-                        move = moving.install(fingerprints)
+                        move = moving.install()
                         placement = policy.landed()
                         events.update(switched=1, planned_at=moving.started_at)
                         moving = None
@@ -194,7 +194,7 @@ def run(cfg, mode: str, quiet: bool = False, command: str = "runtime.launch", ct
                         if background:
                             ctx.progress(step, "start move")
                             moving = BackgroundMove(handle.experts, new.phy2log, new.replica_share, ctx, bg_group,
-                                                    step)
+                                                    step, fingerprints)
                         else:
                             ctx.progress(step, "move")
                             done = apply_placement(handle.experts, new.phy2log, new.replica_share, ctx,

@@ -13,7 +13,8 @@ through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
   within one pair per replica;
 * ``steps.csv``: one row per (step, rank), columns ``STEP_FIELDS`` (``move_s``: seconds
   applying a placement on the critical path, under ``copy_policy: async`` the install;
-  ``background_s``: async, from starting the transfers to their landing on the rank;
+  ``background_s``: async, from starting the transfers to their landing (and, with ``verify``,
+  the check of the received rows) on the rank; counts such as bytes are integers, written exactly;
   ``row_copies``: expert rows the rank copied between its slots, old rows copied aside
   included; these, and the move's bytes and counts, on the row of the step the placement
   came into force)
@@ -47,6 +48,10 @@ LAYER_FIELDS = ("attention_s", "route_s", "counts_s", "dispatch_s", "expert_s", 
                 "pairs_local", "expert_tokens", "pairs_sent_remote")
 STEP_FIELDS = ("step_s", "forward_s", "move_s", "background_s", "bytes_sent", "bytes_received", "row_copies",
                "transfers", "slots_kept", "local_copies", "slots_received")
+#: the STEP_FIELDS that count things (bytes, rows, transfers, slots): integers, written exactly
+STEP_COUNTS = STEP_FIELDS[4:]
+#: float columns that hold (token, expert) pairs: written with every digit (the others with 6)
+EXACT_FLOATS = ("share_tokens", "predicted_max_rank_tokens", "measured_max_rank_tokens")
 
 
 def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> list[dict] | None:
@@ -132,7 +137,8 @@ class RunRecorder:
         for r, p in enumerate(parts):
             rows = np.column_stack([np.full(L, step), np.full(L, r), np.arange(L), p["layer"], share_tokens[:, r]])
             self.layer_rows.append(rows)
-            row = {"step": step, "rank": r, **{f: float(v) for f, v in zip(STEP_FIELDS, p["step"])}}
+            row = {"step": step, "rank": r, **{f: int(v) if f in STEP_COUNTS else float(v)
+                                               for f, v in zip(STEP_FIELDS, p["step"])}}
             if r == 0:
                 row["replanned"] = int(info is not None and not info.declined)
                 row["declined"] = int(info is not None and info.declined)
@@ -171,8 +177,8 @@ class RunRecorder:
             layers[c] = layers[c].astype(np.int64)
         steps = pd.DataFrame(self.step_rows)
         timings_path, steps_path = self.dir / self.cfg.output.timings, self.dir / self.cfg.output.steps
-        write_csv_atomic(timings_path, layers)
-        write_csv_atomic(steps_path, steps)
+        write_csv_atomic(timings_path, layers, exact=EXACT_FLOATS)
+        write_csv_atomic(steps_path, steps, exact=EXACT_FLOATS)
         save_placement(placement, self.dir / "placement.yaml")
 
         w = self.cfg.duplication.warmup_steps if self.mode != "off" else 0

@@ -54,12 +54,12 @@ def replay_run(trace: TokensTrace, run_cfg, mode: str, num_ranks: int, steps=Non
     steps: the run's steps.csv as a DataFrame (async runs; default: read from the folder the
     trace's provenance names)."""
     from runtime.duplication import DuplicationPolicy
-    from runtime.gain import GainModel
+    from runtime.gain import gain_model_for
     from sim.work import moves_weights
 
     m, d = trace.meta, run_cfg.duplication
     T = int(trace.tokens_per_step[0]) if trace.num_steps else 0
-    gain = GainModel(run_cfg, num_ranks) if d.min_gain > 0 and mode != "off" else None
+    gain = gain_model_for(run_cfg, mode, num_ranks)
     policy = DuplicationPolicy(mode, d, num_ranks, m.num_layers, m.num_experts, m.top_k, T, gain)
     background = d.copy_policy == "async" and policy.due_ever()
     switches = recorded_switches(trace, steps) if background else {}

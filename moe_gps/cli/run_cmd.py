@@ -63,14 +63,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--nproc must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
+    device = args.device or cfg.run.device
+    if device == "cuda":          # the one setting that can fail here (auto falls back to the CPU)
+        from runtime.dist import choose_device
+        choose_device(device, where="--device" if args.device else f"{args.config}: run.device")
     if not cfg.model.checkpoint:
-        # what every rank builds first: the duplication policy (the slots dividing over the ranks, its
-        # predictor, its plan file) and step 0's placement
+        # what every rank builds first: the min_gain cost model (its cluster file against the ranks), the
+        # duplication policy (the slots dividing over the ranks, its predictor, its plan file) and step 0's
+        # placement
         from runtime.duplication import DuplicationPolicy
+        from runtime.gain import gain_model_for
         m, i = cfg.model, cfg.input
         try:
+            gain = gain_model_for(cfg, args.duplication, args.nproc)
             DuplicationPolicy(args.duplication, cfg.duplication, args.nproc, m.num_layers, m.num_experts, m.top_k,
-                              args.nproc * i.batch_size * i.seq_len).initial()
+                              args.nproc * i.batch_size * i.seq_len, gain).initial()
         except UserError as err:
             raise UserError(f"{args.config}: {err}") from None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
