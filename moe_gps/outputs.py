@@ -7,6 +7,9 @@
   creatable). Both try it: they create the missing folders (or, for an existing folder, a
   file in it) and remove them again, since the permission bits alone do not tell (root,
   /proc, a file system that refuses writes).
+* :func:`staged_outputs` - a run's files are written into a hidden folder inside the output
+  folder and moved into it together at the end, so that a run cut short (Ctrl-C, a full disk,
+  an error) leaves the folder as it was, never new tables beside an earlier run's.
 * :func:`locked_output_dir` - create the folder and hold an advisory lock
   (``fcntl.flock``) on it while a run writes there, so that a second run into the same
   folder fails at once with one line naming the first (its pid and command).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -33,6 +37,8 @@ from moe_gps.signals import held
 
 #: name of the lock file inside a locked output folder (removed when the run ends)
 LOCK_NAME = ".moe-gps.lock"
+#: the name of the folder a run's files are staged in (:func:`staged_outputs`) begins with this
+STAGE_PREFIX = ".moe-gps-staging-"
 
 
 def special_kind(mode: int) -> str | None:
@@ -218,9 +224,12 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
     try:
         with held():              # taken and named before a signal can arrive, so the clean-up below knows it
             fd = _take_lock(lock, where)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                         f"{' '.join([_program()] + sys.argv[1:])}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                             f"{' '.join([_program()] + sys.argv[1:])}\n".encode())
+            except OSError as err:
+                raise UserError(f"{where}: cannot write in the folder ({err.strerror})") from None
         yield p
     finally:
         if fd is not None:
@@ -255,3 +264,48 @@ def hold_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
     stack = contextlib.ExitStack()
     atexit.register(stack.close)
     return stack.enter_context(locked_output_dir(path, flag))
+
+
+class Staged:
+    """The files of one run, staged (:func:`staged_outputs`). path: the folder to write them into;
+    after the block, removed: the earlier run's optional files removed because this run did not make
+    them."""
+
+    def __init__(self, path: Path, out: Path) -> None:
+        self.path, self.out = path, out
+        self.removed: list[Path] = []
+
+    def final(self, paths: list) -> list[Path]:
+        """Where files written into :attr:`path` are once moved into the output folder (same order)."""
+        return [self.out / Path(p).relative_to(self.path) for p in paths]
+
+
+@contextlib.contextmanager
+def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = ()) -> Iterator[Staged]:
+    """Write a run's files into ``Staged.path``, a hidden folder inside ``out``; when the block ends
+    without an error they move into ``out`` together (renames in one file system, with signals held),
+    replacing an earlier run's files of the same names, and the earlier run's files named in
+    ``optional`` (paths relative to ``out``: plots, a timeline) that this run did not make are removed.
+    On an error or a signal the staging folder is removed and ``out`` keeps what it had."""
+    out = Path(out)
+    try:
+        with held():              # made and remembered before a signal can arrive
+            stage = Staged(Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out)), out)
+    except OSError as err:
+        raise UserError(f"{out}: cannot write in the folder ({err.strerror})") from None
+    try:
+        yield stage
+        files = sorted(f for f in stage.path.rglob("*") if f.is_file())
+        with held():              # every file moves, or (a signal before the block) none
+            made = set()
+            for f in files:
+                rel = f.relative_to(stage.path)
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, out / rel)
+                made.add(rel.as_posix())
+            for name in optional:
+                if name not in made and (out / name).is_file():
+                    (out / name).unlink()
+                    stage.removed.append(out / name)
+    finally:
+        shutil.rmtree(stage.path, ignore_errors=True)

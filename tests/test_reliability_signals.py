@@ -93,7 +93,7 @@ def test_sigterm_during_recommend_stops_the_pool_cleanly_and_the_rerun_resumes(s
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)                                  # every worker has gone
     assert main(args) == 0
-    assert "cached" in capsys.readouterr().out and len(list((out / "cache").glob("*.json"))) >= cached
+    assert "read from the cache" in capsys.readouterr().out and len(list((out / "cache").glob("*.json"))) >= cached
 
 
 def test_signals_are_passed_to_a_child_and_handlers_restored(tmp_path):

@@ -37,18 +37,6 @@ def print_written(written: list, out, removed: list | None = None) -> None:
         print(f"removed an earlier run's {', '.join(p.name for p in removed)} from {out}/ (not made by this run)")
 
 
-def remove_earlier_outputs(out, written: list, names) -> list:
-    """Delete the files ``names`` (a command's optional outputs: plots, a timeline) in ``out`` that this
-    run did not write: an earlier run's, which would sit beside tables of other results. -> the paths removed."""
-    from pathlib import Path
-
-    done = {Path(p).name for p in written}
-    removed = [Path(out) / n for n in names if n not in done and (Path(out) / n).is_file()]
-    for p in removed:
-        p.unlink()
-    return removed
-
-
 def add_jobs_arg(p, help: str) -> None:
     """``-j/--jobs N``: worker processes (``help`` says what runs in them)."""
     p.add_argument("-j", "--jobs", type=int, metavar="N", help=help)

@@ -270,7 +270,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                            for r in ev.reports))
     run = run_record(args, regrouped)
     if args.out:
-        _write_outputs(ev, run, args.out)
+        from moe_gps.outputs import staged_outputs
+
+        with staged_outputs(args.out) as stage:          # moved in together: a run cut short changes nothing
+            _write_outputs(ev, run, stage.path)
     if args.json:
         print(dumps_json({"run": run, **ev.to_dict()}, indent=2))
         return 0

@@ -99,8 +99,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"moe-gps: {signals.describe(err)}; finished runs are cached in {out / 'cache'}: run the same "
               "command to resume", file=sys.stderr)
         return signals.exit_code(err)
-    # the figures in forked processes, but not from a process that has had Ray's threads
-    written = write_report(result, out, command=_command(args, out), jobs=1 if args.backend == "ray" else jobs)
+    # the figures in forked processes, but not from a process that has had Ray's threads; the report written
+    # aside and moved in together (a run cut short leaves an earlier report whole), an earlier report's figure
+    # that this one has nothing for removed
+    from moe_gps.outputs import staged_outputs
+    from moe_gps.recommend.report import CAPTIONS
+
+    with staged_outputs(out, tuple(f"plots/{name}.png" for name in CAPTIONS)) as stage:
+        written = write_report(result, stage.path, command=_command(args, out),
+                               jobs=1 if args.backend == "ray" else jobs)
+    written = stage.final(written)
     if args.json:
         data = summary(result)
         data["output"] = str(out)

@@ -8,7 +8,7 @@ import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
                                      jobs_from_args, model_from_args, output_folder, plot_drawer,
-                                     print_written, remove_earlier_outputs)
+                                     print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.errors import UserError
 
@@ -160,9 +160,12 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     out = output_folder(args, "serve")
     result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
     result.notes += notes
-    written = write_outputs(result, out, plots=not args.no_plots, drawer=drawer)
+    from moe_gps.outputs import staged_outputs
     from sim.serving.plots import FIGURE_FILES
-    removed = remove_earlier_outputs(out, written, FIGURE_FILES)
+
+    with staged_outputs(out, FIGURE_FILES) as stage:     # moved in together: a run cut short changes nothing
+        written = write_outputs(result, stage.path, plots=not args.no_plots, drawer=drawer)
+    written, removed = stage.final(written), stage.removed
     if args.json:
         print(dumps_json(json_summary(result, out), indent=2))
     else:

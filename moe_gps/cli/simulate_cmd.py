@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      jobs_from_args, output_folder, plot_drawer, print_written,
-                                     remove_earlier_outputs, workload_from_args)
+                                     workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -176,12 +176,16 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
     result.notes += notes
     result.inferred[:0] = inferred
-    written = write_outputs(result, out, plots=not args.no_plots, jobs=jobs, drawer=drawer)
-    if steps is not None:
-        from sim.timeline import write_timeline
-        written.append(write_timeline(out / "timeline.json", result.timeline, cfg.cluster.num_gpus))
+    from moe_gps.outputs import staged_outputs
     from sim.plots import FIGURE_FILES
-    removed = remove_earlier_outputs(out, written, (*FIGURE_FILES, "timeline.json"))
+
+    # written aside and moved in together: a run cut short leaves the folder as it was
+    with staged_outputs(out, (*FIGURE_FILES, "timeline.json")) as stage:
+        written = write_outputs(result, stage.path, plots=not args.no_plots, jobs=jobs, drawer=drawer)
+        if steps is not None:
+            from sim.timeline import write_timeline
+            written.append(write_timeline(stage.path / "timeline.json", result.timeline, cfg.cluster.num_gpus))
+    written, removed = stage.final(written), stage.removed
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),

@@ -1,0 +1,60 @@
+"""A run's files move into its output folder together: a run cut short (an error, a full disk, a signal)
+leaves the folder as the earlier run left it, never new tables beside old ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_gps.cli.main import main
+from moe_gps.outputs import STAGE_PREFIX, staged_outputs
+from moe_gps.trace import write_trace
+from moe_gps.trace.synth import synthesize
+
+
+def test_files_move_in_together_and_an_error_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.csv").write_text("old a\n")
+    (out / "old.png").write_text("old figure\n")
+    (out / "mine.txt").write_text("the user's\n")
+    with pytest.raises(RuntimeError):
+        with staged_outputs(out, ("old.png",)) as stage:
+            (stage.path / "a.csv").write_text("new a\n")
+            raise RuntimeError("cut short")
+    assert (out / "a.csv").read_text() == "old a\n" and (out / "old.png").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
+    with staged_outputs(out, ("old.png", "plots/x.png")) as stage:
+        (stage.path / "a.csv").write_text("new a\n")
+        (stage.path / "plots").mkdir()
+        (stage.path / "plots" / "y.png").write_text("new figure\n")
+        written = [stage.path / "a.csv", stage.path / "plots" / "y.png"]
+    assert stage.final(written) == [out / "a.csv", out / "plots" / "y.png"]
+    assert (out / "a.csv").read_text() == "new a\n" and (out / "plots" / "y.png").read_text() == "new figure\n"
+    # the earlier run's optional file this run did not make goes; files the command never writes stay
+    assert stage.removed == [out / "old.png"] and not (out / "old.png").exists()
+    assert (out / "mine.txt").read_text() == "the user's\n"
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "mine.txt", "plots"]
+
+
+def test_a_simulate_cut_short_while_writing_leaves_the_earlier_results_whole(tmp_path, monkeypatch, capsys):
+    import sim.report
+
+    path = tmp_path / "t.parquet"
+    write_trace(path, synthesize("sst2", num_steps=12, tokens_per_step=256, seed=3, num_layers=4))
+    model = tmp_path / "m.yaml"
+    model.write_text("name: m4\nnum_layers: 4\nnum_experts: 8\ntop_k: 2\nhidden_size: 4096\n"
+                     "moe_intermediate_size: 14336\nattention: {num_heads: 32, num_kv_heads: 8, head_dim: 128}\n")
+    out = tmp_path / "out"
+    argv = ["simulate", str(path), "--model", str(model), "--strategies", "none,eplb", "--train-steps", "4",
+            "--no-plots", "-o", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sim.report, "write_parquet_atomic", full_disk)   # after summary.csv and steps.csv
+    assert main(argv + ["--train-steps", "5"]) == 2                        # other numbers: a mix would show
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
