@@ -167,10 +167,12 @@ def test_serve_command_writes_everything_and_reruns_from_its_config(small_trace,
     capsys.readouterr()
     assert (again / "summary.csv").read_bytes() == (out / "summary.csv").read_bytes()
     assert main(["serve", str(small_trace), "--model", str(model_yaml), "--vocab-size", "32000", "--requests", "20",
-                 "--rate", "7", "--strategies", "none", "--train-steps", "2", "--json", "--no-plots",
+                 "--rate", "7", "--strategies", "none,eplb", "--train-steps", "2", "--json", "--no-plots",
                  "-o", str(tmp_path / "j")]) == 0
     data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert data["rates"][0]["rate_rps"] == 7.0 and data["rates"][0]["strategies"][0]["strategy"] == "none"
+    verdict = data["rates"][0]["verdict"]
+    assert verdict["requests"] == 20 and "steps" not in verdict and "distinct_steps" not in verdict
 
 
 def _counts_trace(tmp_path) -> Path:

@@ -153,11 +153,21 @@ def write_outputs(result: ServeResult, out_dir: str | os.PathLike, plots: bool =
     return written
 
 
+def _verdict_dict(v) -> dict | None:
+    """A serving verdict as data: its samples are requests (``requests``, not the simulator's ``steps``)."""
+    if v is None:
+        return None
+    d = v.to_dict()
+    d["requests"] = d.pop("steps")
+    d.pop("distinct_steps", None)           # counted for simulated steps only
+    return d
+
+
 def json_summary(result: ServeResult, out: Path) -> dict:
     """What ``--json`` prints."""
     rows = result.rows()
     return {"output": str(out), "slo": {"ttft_ms": result.config.slo.ttft_ms, "tpot_ms": result.config.slo.tpot_ms},
-            "rates": [{"rate_rps": rr.rate, "verdict": rr.verdict.to_dict() if rr.verdict is not None else None,
+            "rates": [{"rate_rps": rr.rate, "verdict": _verdict_dict(rr.verdict),
                        "verdict_metric": "slo_attainment" if rr.on_goodput else "mean_e2e_latency",
                        "strategies": [r for r in rows if r["rate_rps"] == rr.rate]} for rr in result.rates],
             "sustainable_rate_rps": sustainable_rates(result), "notes": result.notes}
