@@ -1,9 +1,9 @@
 """Token loads per GPU from a trace, vectorised (no Python loop over tokens).
 
 Where a token starts (its *home* GPU, where its attention runs and where its expert
-outputs come back): the trace's ``rank`` column when it has one and every rank is below
-the number of GPUs; otherwise tokens are split into contiguous equal blocks in trace
-order, ``home[t] = floor(t * G / T)`` (a data-parallel batch split).
+outputs come back): the trace's ``rank`` column when it has one and every rank of the step
+is a GPU of the cluster (0 .. GPUs - 1); otherwise tokens are split into contiguous equal
+blocks in trace order, ``home[t] = floor(t * G / T)`` (a data-parallel batch split).
 """
 
 from __future__ import annotations
@@ -18,9 +18,30 @@ from moe_gps.trace.data import CountsTrace, TokenCounts, TokensTrace
 
 def home_gpus(num_tokens: int, num_gpus: int, rank: np.ndarray | None = None) -> np.ndarray:
     """int64 [T]: the GPU each token of a step starts on."""
-    if rank is not None and len(rank) == num_tokens and (num_tokens == 0 or int(rank.max()) < num_gpus):
+    if rank is not None and len(rank) == num_tokens and (
+            num_tokens == 0 or (int(rank.min()) >= 0 and int(rank.max()) < num_gpus)):
         return rank.astype(np.int64)
     return (np.arange(num_tokens, dtype=np.int64) * num_gpus) // max(num_tokens, 1)
+
+
+def unused_rank_note(trace: TokensTrace | CountsTrace, num_gpus: int, steps: np.ndarray) -> str | None:
+    """Why :func:`home_gpus` ignores the trace's ``rank`` column in some of ``steps`` (a rank the cluster
+    does not have), in one sentence; None when it is used in all of them or the trace has none."""
+    rank = getattr(trace, "rank", None)
+    if rank is None or len(steps) == 0:
+        return None
+    lo, hi = trace.step_offsets[steps], trace.step_offsets[np.asarray(steps) + 1]
+    unused = [(int(a), int(b)) for a, b in zip(lo, hi)
+              if b > a and (int(rank[a:b].min()) < 0 or int(rank[a:b].max()) >= num_gpus)]
+    if not unused:
+        return None
+    ranks = np.concatenate([rank[a:b] for a, b in unused])
+    outside = ranks[(ranks < 0) | (ranks >= num_gpus)]
+    shown = int(outside.max()) if outside.max() >= num_gpus else int(outside.min())
+    which = "any simulated step" if len(unused) == len(steps) else f"{len(unused)} of the {len(steps)} simulated steps"
+    return (f"the trace's rank column was not used in {which}: it names rank {shown}, and the "
+            f"cluster has {num_gpus} GPUs (ranks 0..{num_gpus - 1}); those steps' tokens start on the GPUs in "
+            "equal contiguous blocks, in trace order")
 
 
 def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_experts: int,

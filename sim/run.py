@@ -30,7 +30,7 @@ from moe_gps.workers import fork_map, forking
 from moe_gps.workers import progress as report_progress
 from sim.cost import Hardware
 from sim.engine import EventModel
-from sim.loads import StepFeed, counts_view
+from sim.loads import StepFeed, counts_view, unused_rank_note
 from sim.strategies import SimContext, StrategyInfo, make_strategy
 from sim.verdict import Verdict, verdict_of
 from sim.work import StepWork
@@ -78,7 +78,8 @@ class SimResult:
     expert_skew: float [S, L] max / mean tokens per expert (the trace's skewness)
     base_gpu_skew: float [S, L] max / mean tokens per GPU with no duplication
     warnings:    what makes the numbers less trustworthy (printed under the header)
-    inferred:    what was read from the trace rather than given (regrouping, the phase)
+    inferred:    what was read from the trace rather than given (regrouping, the phase), and a rank column
+                 it could not use
     timeline:    strategy -> the event model's slices of the chosen steps, (track, GPU, name, start_s,
                  end_s, layer, step) (sim.timeline)
     """
@@ -258,8 +259,9 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
                                       arrays.copy_bytes[k], extra, R, replans, seconds))
         if rows:
             timeline[st.name] = rows
+    inferred = [line for line in (regrouped, unused_rank_note(trace, G, test_steps)) if line]
     result = SimResult(config, test_steps, arrays.tokens, arrays.expert_skew, arrays.base_skew, results, notes,
-                       warnings=warnings, inferred=[regrouped] if regrouped else [], timeline=timeline)
+                       warnings=warnings, inferred=inferred, timeline=timeline)
     result.verdict = verdict_of(result)
     return result
 

@@ -102,6 +102,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{s.num_tokens} tokens ({s.tokens_per_step_min}..{s.tokens_per_step_max} per step)")
     extras = (["gate weights"] if s.has_weights else []) + s.optional_columns
     print(f"  columns beyond the experts: {', '.join(extras) if extras else 'none'}")
+    if s.empty_steps:
+        n = s.empty_steps
+        print(f"  {n} step{'s route' if n != 1 else ' routes'} no token; the per-step skew and the drift (between "
+              f"consecutive steps that route tokens) leave {'them' if n != 1 else 'it'} out")
     print()
     rows = [vars(layer) for layer in s.layers]
     overall = {"layer": "mean", **s.overall()}
@@ -166,7 +170,7 @@ def cmd_rechunk(args: argparse.Namespace) -> int:
     from moe_gps.atomic import atomic_path
     from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace, write_trace
-    from moe_gps.trace.regroup import regroup
+    from moe_gps.trace.regroup import describe_tokens_per_step, regroup
 
     check_output_file(args.output)
     if args.tokens_per_step < 1:
@@ -182,6 +186,6 @@ def cmd_rechunk(args: argparse.Namespace) -> int:
     r = out.meta.provenance["regrouped"]
     left = f"; {r['tokens_left_out']} tokens after the last whole step left out" if r["tokens_left_out"] else ""
     steps = lambda n: f"{n} step{'s' if n != 1 else ''}"  # noqa: E731
-    print(f"wrote {args.output}: {steps(trace.num_steps)} of {r['from_tokens_per_step']} tokens regrouped into "
+    print(f"wrote {args.output}: {steps(trace.num_steps)} of {describe_tokens_per_step(trace)} tokens regrouped into "
           f"{steps(out.num_steps)} of {args.tokens_per_step}{left}")
     return 0

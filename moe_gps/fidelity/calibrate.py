@@ -271,11 +271,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_gb() -> float:
+def _ram_gb() -> float | None:
+    """This machine's memory in GB, None where the system does not say."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError, AttributeError):
-        return 16.0
+        return None
 
 
 def _layouts(samples: dict, prefix: str) -> dict[int, list]:
@@ -340,9 +341,10 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
         share = float(min(1.0, np.median(st / ct)))
     else:
         share = 1.0
-    units = N * share
-    shared = share < 1.0
-    scale = units / N if shared else 1.0          # time with all ranks computing -> time on a processor of its own
+    units = float(f"{N * share:.4g}")             # as the cluster file and its comment give it
+    shared = units < N
+    share = units / N
+    scale = share if shared else 1.0              # time with all ranks computing -> time on a processor of its own
     # links: all_to_all_single with b bytes per peer: t = t0 + (N - 1) b / B;  latency per peer = t0 / (N - 1)
     xs, xt = collective(samples["alltoall"])
     keep("alltoall", xs, xt, "bytes per peer")
@@ -451,9 +453,9 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     link = LinkSpec(bandwidth_gb_s=link_bw / 1e9, latency_us=link_lat * us,
                     copy_bandwidth_gb_s=1.0 / inv_copy_bw / 1e9, copy_latency_us=copy_lat * us)
     cluster = ClusterConfig(name="", num_gpus=N, gpus_per_node=N, gpu=gpu, intra_node=link,
-                            compute_units_per_node=float(f"{units:.3g}") if shared else None,
+                            compute_units_per_node=units if shared else None,
                             collective_skew_us=float(f"{skew * us:.4g}"),
-                            collective_skew_floor=None if curve is None else float(f"{curve['floor']:.3g}"),
+                            collective_skew_floor=None if curve is None else float(f"{curve['floor']:.4g}"),
                             collective_skew_gap_us=None if curve is None else float(f"{curve['gap_scale_s'] * us:.4g}"))
     hw = Hardware.from_config(cluster, model)
     # the combine's cost per row a rank sends back (the rows it computed for the others): from the
@@ -505,7 +507,14 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     cpu = info["device"].startswith("cpu")
     threads = info.get("threads_per_rank")
     gpu.name = (f"CPU rank, {threads} thread(s) of {_cpu_name()}" if cpu else info.get("device_name", "GPU"))
-    gpu.hbm_capacity_gb = round(_ram_gb() / N if cpu else float(info.get("device_memory_gb", 80.0)), 1)
+    ram_gb = _ram_gb()
+    gpu.hbm_capacity_gb = round((ram_gb or 16.0) / N if cpu else float(info.get("device_memory_gb", 80.0)), 1)
+    if cpu:
+        memory_source = (f"this machine's memory, {ram_gb:.1f} GB, / {N} ranks" if ram_gb is not None else
+                         f"16 GB assumed (the system does not say how much memory it has) / {N} ranks")
+    else:
+        memory_source = ("the device's total memory (torch.cuda.get_device_properties)" if "device_memory_gb" in info
+                         else "80 GB assumed: the device did not report its memory")
     host = platform.node() or "this machine"
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     cluster.name = f"calibrated-{N}x{'cpu' if cpu else 'gpu'}-{info['backend']}"
@@ -518,9 +527,9 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                               if info.get("interference") is not None else "") + " (docs/fidelity.md)")
     fits = {
         "compute_units_per_node": (units, "processors", f"{N} ranks x (a 50 ms compute loop on one rank alone / "
-                                   f"on all ranks at once) = {N} x {share:.3f}; "
+                                   f"on all ranks at once) = {N} x {share:.4g}; "
                                    + (f"shared: compute phases measured on all ranks at once are scaled by "
-                                      f"{scale:.3f} to a processor of their own" if shared else
+                                      f"{scale:.4g} to a processor of their own" if shared else
                                       "not written (every rank has a processor of its own)")),
         "gpu.peak_tflops_bf16": (peak / 1e12, "TFLOP/s", "the faster of the expert-FFN and attention FLOP rates"),
         "gpu.compute_efficiency": (gpu.compute_efficiency, "", f"expert FFN rate {ffn_rate / 1e9:.2f} GFLOP/s in the "
@@ -585,6 +594,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                          f"skew x (floor + (1 - floor) exp(-gap / gap scale)), least squares "
                                          f"(RMS {curve['rms']:.2f} of the skew)")
         fits["collective_skew_gap_us"] = (curve["gap_scale_s"] * us, "us", "the same fit: gap scale")
+    fits["gpu.hbm_capacity_gb"] = (gpu.hbm_capacity_gb, "GB", memory_source)
     for obj in (gpu, link):               # plain floats, 4 significant digits (YAML, readability)
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)

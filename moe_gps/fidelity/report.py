@@ -15,6 +15,17 @@ def _pct(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{x * 100:+.1f}%"
 
 
+def share_text(share: float) -> str:
+    """A phase's share of the step in percent with one decimal, rounded so that it reads on the same side
+    of :data:`MIN_PHASE_SHARE` as the share itself (0.04996 is 4.9%, not 5.0%, since it does not count)."""
+    if not np.isfinite(share):
+        return "-"
+    tenths = round(share * 1000)
+    if share < MIN_PHASE_SHARE <= tenths / 1000:
+        tenths = round(MIN_PHASE_SHARE * 1000) - 1
+    return f"{tenths / 10:.1f}%"
+
+
 def phase_table(comparisons: list[RunComparison]) -> str:
     """Per (ranks, strategy, phase): share of the step, predicted and measured mean with the measurement's
     95% interval, error, and how far the prediction lies outside the interval (fraction of measured)."""
@@ -26,7 +37,7 @@ def phase_table(comparisons: list[RunComparison]) -> str:
                 continue
             share = c.share(p)
             rows.append({"nproc": c.nproc, "strategy": c.strategy, "phase": p,
-                         "share": "-" if not np.isfinite(share) else f"{share * 100:.0f}%",
+                         "share": share_text(share),
                          "pred": c.mean("predicted", p) * 1e3, "meas": m * 1e3, "ci": c.ci95(p) * 1e3,
                          "err": _pct(c.error(p)),
                          "off": "-" if not np.isfinite(c.beyond(p)) else f"{c.beyond(p) * 100:.1f}%",

@@ -58,7 +58,7 @@ PROVENANCE_TYPES = {
 }
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """The JSON type of a parsed value, with a short copy of it: ``a number (123)``."""
     if value is None:
         return "null"
@@ -71,10 +71,10 @@ def _json_kind(value: Any) -> str:
 def _check_type(name: str, value: Any, rule: tuple, where: str) -> None:
     if rule[0](value):
         return
-    got = _json_kind(value)
+    got = json_kind(value)
     if len(rule) == 3 and isinstance(value, list):
         i, bad = next((i, x) for i, x in enumerate(value) if not rule[2](x))
-        got = f"a list whose entry {i} is {_json_kind(bad)}"
+        got = f"a list whose entry {i} is {json_kind(bad)}"
     raise UserError(f"{where}: metadata field '{name}' must be {rule[1]}, got {got}")
 
 
@@ -103,9 +103,9 @@ def weight_columns(top_k: int) -> list[str]:
 class TraceMeta:
     """What a trace describes. Stored as JSON under the Parquet metadata key ``moe_gps``.
 
-    ``tokens_per_step`` is optional and only meaningful for counts traces (a tokens
-    trace knows its tokens); when present, every layer of step ``s`` must sum to
-    ``top_k * tokens_per_step[s]``.
+    ``tokens_per_step`` is optional and for counts traces only (a tokens trace knows its
+    tokens, and one that has it is refused); when present, every layer of step ``s`` must
+    sum to ``top_k * tokens_per_step[s]``.
     """
 
     kind: str
@@ -136,6 +136,9 @@ class TraceMeta:
             raise UserError(f"{where}: num_experts={self.num_experts} does not fit int16 expert ids")
         if self.top_k > self.num_experts:
             raise UserError(f"{where}: top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.kind == "tokens" and self.tokens_per_step is not None:
+            raise UserError(f"{where}: metadata field 'tokens_per_step' is for counts traces only (a tokens trace's "
+                            "rows give the tokens of each step)")
         if self.schema_version != SCHEMA_VERSION:
             raise UserError(
                 f"{where}: schema_version {self.schema_version!r} is not supported "

@@ -5,7 +5,8 @@ every step would keep the sampling noise of its own few tokens. Regrouping inste
 the trace's own tokens, in trace order, into steps of ``N`` tokens: consecutive small
 steps are concatenated, a large step is split, and every (token, layer, expert)
 assignment keeps its order, token id, sequence, position, rank and gate weights. The
-tokens after the last whole step of ``N`` are left out (said in the provenance).
+tokens after the last whole step of ``N`` are left out (said in the provenance, whose
+``regrouped`` entry records the regrouping in numbers).
 
 A counts trace has no tokens to cut: it regroups only when ``N`` is a whole multiple of
 its (constant) tokens per step, by summing consecutive steps.
@@ -26,6 +27,9 @@ from moe_gps.trace.data import COUNT_CHUNK_ELEMENTS, OPTIONAL_TOKEN_FIELDS, Coun
 
 #: regrouped steps the simulator needs (1 to fit predictors, 8 to simulate, with margin)
 MIN_STEPS = 12
+#: provenance entries that describe a trace's steps (a generator's sizes, an importer's grouping of
+#: forward passes into steps): a regrouping moves them into its own record
+STEP_PROVENANCE = ("num_steps", "tokens_per_step", "step_grouping")
 
 
 def regrouped_steps(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> int:
@@ -50,15 +54,12 @@ def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTra
             raise UserError(f"the trace holds {int(tps.sum())} tokens, fewer than one step of {n}")
         if len(tps) and np.any(tps != tps[0]):
             raise UserError(f"a counts trace regroups only into whole multiples of its steps, which must then all "
-                            f"hold the same tokens; these hold {_describe_tps(trace)}")
+                            f"hold the same tokens; these hold {describe_tokens_per_step(trace)}")
         raise UserError(f"a counts trace regroups only into whole multiples of its steps "
-                        f"({_describe_tps(trace)}); {n} is not one")
-    # an earlier regrouping's record is kept inside this one's, under 'earlier'
-    earlier = trace.meta.provenance.get("regrouped")
-    record = {"tokens_per_step": n, "from_steps": int(trace.num_steps), "from_tokens_per_step": _describe_tps(trace),
-              "tokens_left_out": int(trace.tokens_per_step.sum() - steps * n),
-              **({"earlier": earlier} if earlier is not None else {})}
-    prov = {**trace.meta.provenance, "regrouped": record}
+                        f"({describe_tokens_per_step(trace)}); {n} is not one")
+    prov = {**trace.meta.provenance, "regrouped": regroup_record(trace, n, steps)}
+    for name in STEP_PROVENANCE:
+        prov.pop(name, None)
     if isinstance(trace, CountsTrace):
         per = n // int(trace.tokens_per_step[0])
         L, E = trace.meta.num_layers, trace.meta.num_experts
@@ -76,7 +77,28 @@ def regroup(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> TokensTra
                        **{f: cut(getattr(trace, f)) for f in OPTIONAL_TOKEN_FIELDS})
 
 
-def _describe_tps(trace) -> str:
+def regroup_record(trace: TokensTrace | CountsTrace, n: int, steps: int) -> dict:
+    """The provenance entry ``regrouped`` of :func:`regroup` into ``steps`` steps of ``n`` tokens: its numbers,
+    the steps it was made from (tokens per step as min/median/max), the provenance entries that described
+    those steps (moved here from the top level, where they no longer hold), and an earlier regrouping's record
+    (under ``earlier``)."""
+    tps = trace.tokens_per_step                                         # [>= 1 steps]
+    med = float(np.median(tps))
+    record = {"tokens_per_step": n, "num_steps": steps, "from_steps": int(trace.num_steps),
+              "from_tokens_per_step": {"min": int(tps.min()), "median": int(med) if med.is_integer() else med,
+                                       "max": int(tps.max())},
+              "tokens_left_out": int(tps.sum() - steps * n)}
+    prov = trace.meta.provenance
+    before = {name: prov[name] for name in STEP_PROVENANCE if name in prov}
+    if before:
+        record["from_provenance"] = before
+    if "regrouped" in prov:
+        record["earlier"] = prov["regrouped"]
+    return record
+
+
+def describe_tokens_per_step(trace: TokensTrace | CountsTrace) -> str:
+    """The trace's tokens per step in words: ``512``, or ``100/256/512 (min/median/max)``."""
     tps = trace.tokens_per_step
     if len(tps) == 0:
         return "no steps"
@@ -90,8 +112,8 @@ def regroup_note(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> str:
     steps = regrouped_steps(trace, n)
     left = int(trace.tokens_per_step.sum() - steps * n)
     tail = f"; the last {left} tokens are left out" if left else ""
-    return (f"regrouped the trace's {trace.num_steps} steps of {_describe_tps(trace)} tokens into {steps} steps "
-            f"of {n}, in trace order{tail}")
+    return (f"regrouped the trace's {trace.num_steps} steps of {describe_tokens_per_step(trace)} tokens into "
+            f"{steps} steps of {n}, in trace order{tail}")
 
 
 def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None):
@@ -104,7 +126,7 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
     if tokens_per_step is None:
         return trace, None, None
     n = int(tokens_per_step)
-    have = _describe_tps(trace)
+    have = describe_tokens_per_step(trace)
     steps = regrouped_steps(trace, n)
     if steps >= MIN_STEPS:
         return regroup(trace, n), regroup_note(trace, n), None

@@ -8,16 +8,18 @@ All functions are vectorised over leading axes. Definitions (also in docs/trace-
 * Gini coefficient of the per-expert loads, in [0, 1 - 1/E];
 * top-expert share = max_e c_e / sum_e c_e;
 * drift = Jensen-Shannon divergence (base 2, in [0, 1]) between the load distributions
-  of consecutive steps;
+  of consecutive steps that route tokens (a step without tokens has none);
 * layer affinity = how well a token's top-1 expert at layer l predicts its top-1 expert
   at layer l+1: the hit rate of the most frequent successor, cross-fitted (table built on
-  even tokens and scored on odd tokens, and the reverse), against the baseline of always
-  guessing the layer's most frequent top-1 expert;
+  even tokens and scored on odd tokens, and the reverse), against the baseline of
+  guessing the layer's most frequent top-1 expert, cross-fitted the same way (the most
+  frequent among the even tokens for the odd ones, and the reverse);
 * token-id affinity = the same hit rate when the predictor is the token's vocabulary id.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,11 +54,12 @@ def top_share(counts: np.ndarray) -> np.ndarray:
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence, base 2, over the last axis. Inputs are normalised."""
+    """Jensen-Shannon divergence, base 2, over the last axis. Inputs are normalised; NaN where one is all 0."""
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
-    p = p / p.sum(axis=-1, keepdims=True)
-    q = q / q.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / p.sum(axis=-1, keepdims=True)
+        q = q / q.sum(axis=-1, keepdims=True)
     m = 0.5 * (p + q)
 
     def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,8 +75,8 @@ def mode_hit_rate(group: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np
     group, target: int [tokens, columns]; column c is scored on its own. The table is
     fitted on even tokens and scored on odd ones, and the reverse; a group unseen in the
     fitting half falls back to the column's most frequent target. Returns
-    (hit [columns], baseline [columns]) where baseline always guesses the most frequent
-    target. Sparse (sort-based), so any number of groups works.
+    (hit [columns], baseline [columns]) where baseline guesses the column's most frequent
+    target of the fitting half, cross-fitted the same way. Sparse (sort-based), so any number of groups works.
     """
     n, C = target.shape
     hits, base = np.zeros(C), np.zeros(C)
@@ -125,10 +128,10 @@ class LayerStats:
     skewness_step_max: float
     gini: float
     top_share: float
-    drift_jsd: float           # mean JSD between consecutive steps (NaN for one step)
+    drift_jsd: float           # mean JSD between consecutive steps that route tokens (NaN for fewer than two)
     affinity_next: float       # cross-fitted top-1 hit rate l -> l+1 (NaN for counts traces / last layer)
     affinity_token_id: float   # cross-fitted top-1 hit rate from token_id (NaN without token ids)
-    affinity_baseline: float   # always guessing the layer's most frequent top-1 expert
+    affinity_baseline: float   # guessing the layer's most frequent top-1 expert of the other half (cross-fitted)
 
 
 @dataclass
@@ -146,6 +149,7 @@ class TraceSummary:
     tokens_per_step_max: int
     has_weights: bool
     optional_columns: list[str]
+    empty_steps: int           # steps that route no token (left out of the per-step skew and the drift)
     layers: list[LayerStats]
 
     def overall(self) -> dict[str, float]:
@@ -171,8 +175,11 @@ def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
     counts = trace.counts()                                   # [S, L, E]
     total = counts.sum(axis=0)                                # [L, E]
     step_skew = skewness(counts)                              # [S, L]
-    if trace.num_steps > 1:
-        drift = js_divergence(counts[1:], counts[:-1]).mean(axis=0)
+    # drift between consecutive steps that route tokens: a step without tokens has no load distribution
+    routed = counts.sum(axis=2)[:, 0] > 0                     # [S] (every layer of a step holds the same)
+    loads = counts[routed]
+    if len(loads) > 1:
+        drift = js_divergence(loads[1:], loads[:-1]).mean(axis=0)
     else:
         drift = np.full(meta.num_layers, np.nan)
     hit = np.full(meta.num_layers, np.nan)
@@ -185,8 +192,11 @@ def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
         if trace.token_id is not None:
             tok_hit = token_id_affinity(trace.experts, trace.token_id)[0]
     skew, g, share = skewness(total), gini(total), top_share(total)
+    with warnings.catch_warnings():                            # a layer of no load: NaN, shown as '-'
+        warnings.simplefilter("ignore", RuntimeWarning)
+        skew_mean, skew_max = np.nanmean(step_skew, axis=0), np.nanmax(step_skew, axis=0)
     layers = [
-        LayerStats(l_, float(skew[l_]), float(np.nanmean(step_skew[:, l_])), float(np.nanmax(step_skew[:, l_])),
+        LayerStats(l_, float(skew[l_]), float(skew_mean[l_]), float(skew_max[l_]),
                    float(g[l_]), float(share[l_]), float(drift[l_]), float(hit[l_]), float(tok_hit[l_]),
                    float(base[l_]))
         for l_ in range(meta.num_layers)
@@ -198,5 +208,5 @@ def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
         num_steps=trace.num_steps, num_layers=meta.num_layers, num_experts=meta.num_experts,
         top_k=meta.top_k, num_tokens=int(tps.sum()), tokens_per_step_min=int(tps.min()),
         tokens_per_step_max=int(tps.max()), has_weights=getattr(trace, "weights", None) is not None,
-        optional_columns=optional, layers=layers,
+        optional_columns=optional, empty_steps=int((~routed).sum()), layers=layers,
     )

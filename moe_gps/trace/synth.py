@@ -182,8 +182,20 @@ def resolve(profile: str | SynthProfile, num_steps: int, tokens_per_step: int, o
 def base_popularity(p: SynthProfile, rng: np.random.Generator) -> np.ndarray:
     """``base`` logits [layers, experts]: N(0, sigma_l^2) per expert, sigma_l = popularity_sigma *
     exp(sigma_spread * N(0, 1)) per layer (the first draws of a seed, for the tokens and counts kinds alike)."""
-    sigma = p.popularity_sigma * np.exp(p.sigma_spread * rng.standard_normal(p.num_layers))
-    return sigma[:, None] * rng.standard_normal((p.num_layers, p.num_experts))
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = np.exp(p.sigma_spread * rng.standard_normal(p.num_layers))
+        sigma = p.popularity_sigma * spread if p.popularity_sigma else np.zeros(p.num_layers)
+        base = sigma[:, None] * rng.standard_normal((p.num_layers, p.num_experts))
+    check_logits(base, p, "the popularity logits of a layer", ("popularity_sigma", "sigma_spread"))
+    return base
+
+
+def check_logits(logits: np.ndarray, p: SynthProfile, what: str, names: tuple[str, ...]) -> None:
+    """A UserError naming the profile parameters ``names`` when ``logits`` are not all finite numbers (the
+    parameters are too large for floating point: a generated trace would hold NaN)."""
+    if not np.isfinite(logits).all():
+        settings = ", ".join(f"{n}={getattr(p, n):g}" for n in names)
+        raise UserError(f"synthetic profile: {what} overflow floating point with {settings}; use smaller values")
 
 
 def synth_meta(kind: str, p: SynthProfile, seed: int, num_steps: int, tokens_per_step: int,
@@ -229,15 +241,19 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
     seqs_per_step = int(seq_in_step[-1]) + 1
     walk = np.zeros((L, E))
     for s in range(num_steps):
-        walk = p.drift_memory * walk + p.drift * rng.standard_normal((L, E))
-        pop = base + walk
+        with np.errstate(over="ignore", invalid="ignore"):
+            walk = p.drift_memory * walk + p.drift * rng.standard_normal((L, E))
+            pop = base + walk
+        check_logits(pop, p, "the popularity logits (base + drift)", ("popularity_sigma", "drift"))
         rows = slice(s * T, (s + 1) * T)
         ids = token_id[rows]
         prev_top1 = None
         for l_ in range(L):
-            z = pop[l_][None, :] + p.token_affinity * pref[l_, ids] + rng.gumbel(size=(T, E))
-            if prev_top1 is not None and p.layer_affinity:
-                z[np.arange(T), succ[l_, prev_top1]] += p.layer_affinity
+            with np.errstate(over="ignore", invalid="ignore"):
+                z = pop[l_][None, :] + p.token_affinity * pref[l_, ids] + rng.gumbel(size=(T, E))
+                if prev_top1 is not None and p.layer_affinity:
+                    z[np.arange(T), succ[l_, prev_top1]] += p.layer_affinity
+            check_logits(z, p, "the router logits", ("popularity_sigma", "token_affinity", "layer_affinity"))
             top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
             zt = np.take_along_axis(z, top, axis=1)
             order = np.argsort(-zt, axis=1)

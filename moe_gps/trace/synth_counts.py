@@ -30,7 +30,7 @@ import numpy as np
 
 from moe_gps.trace.data import CountsTrace
 from moe_gps.trace.meta import TraceMeta
-from moe_gps.trace.synth import SynthProfile, base_popularity, resolve, synth_meta
+from moe_gps.trace.synth import SynthProfile, base_popularity, check_logits, resolve, synth_meta
 
 #: steps drawn at a time
 BLOCK_STEPS = 256
@@ -39,21 +39,31 @@ BLOCK_STEPS = 256
 def inclusion(pop: np.ndarray, k: int) -> np.ndarray:
     """Probability that a token takes each expert: pop [..., E] logits -> [..., E], summing to k.
 
-    ``min(1, c * softmax(pop))`` with c water-filled so that the sum is k.
+    ``min(1, c * softmax(pop))`` with c water-filled so that the sum is k: the experts capped at 1
+    are taken by every token, and the others share what is left, ``k - capped``, as the softmax of
+    their own logits. That softmax is taken over the uncapped experts alone (shifted by their largest
+    logit), so that logits far apart (extreme skew) give the limit, each of the k most popular experts
+    taken by every token, instead of 0 / 0.
     """
-    w = np.exp(pop - pop.max(axis=-1, keepdims=True))
-    w /= w.sum(axis=-1, keepdims=True)
-    pi = k * w
-    capped = np.zeros(pi.shape, dtype=bool)
+    capped = np.zeros(pop.shape, dtype=bool)
+    pi = k * _softmax(pop, capped)
     for _ in range(k):
         now = capped | (pi > 1.0)
         if (now == capped).all():
             break
         capped = now
-        free = np.where(capped, 0.0, w).sum(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pi = np.where(capped, 1.0, w * (k - capped.sum(axis=-1, keepdims=True)) / free)
+        left = k - capped.sum(axis=-1, keepdims=True)
+        pi = np.where(capped, 1.0, left * _softmax(pop, capped))
     return np.minimum(pi, 1.0)
+
+
+def _softmax(pop: np.ndarray, left_out: np.ndarray) -> np.ndarray:
+    """softmax over the last axis of the logits not ``left_out`` (0 where left out; all 0 where all are)."""
+    z = np.where(left_out, -np.inf, pop)
+    top = z.max(axis=-1, keepdims=True)
+    w = np.exp(z - np.where(np.isfinite(top), top, 0.0))
+    total = w.sum(axis=-1, keepdims=True)
+    return w / np.where(total > 0, total, 1.0)
 
 
 def counts_meta(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64, tokens_per_step: int = 512,
@@ -78,9 +88,11 @@ def counts_blocks(p: SynthProfile, num_steps: int, tokens_per_step: int, seed: i
         m = min(block_steps, num_steps - lo)
         noise = walk_rng.standard_normal((m, L, E))
         pop = np.empty((m, L, E))
-        for i in range(m):
-            walk = p.drift_memory * walk + p.drift * noise[i]
-            pop[i] = base + walk
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(m):
+                walk = p.drift_memory * walk + p.drift * noise[i]
+                pop[i] = base + walk
+        check_logits(pop, p, "the popularity logits (base + drift)", ("popularity_sigma", "drift"))
         share = inclusion(pop, k) / k                    # [m, L, E], sums to 1
         share /= share.sum(axis=-1, keepdims=True)
         counts = draw_rng.multinomial(n, share).astype(np.int64, copy=False)

@@ -175,6 +175,8 @@ def token_rows(cols: dict[str, np.ndarray], meta: TraceMeta, where: str, row0: i
             raise _fail_at(where, w_names[c], row0 + int(r), f"gate weight is {kind}")
     layer = cols["layer"]
     _check_layers(layer, meta, where, row0)
+    # rank, seq, pos and token_id count from 0, like step, token and layer
+    _check_nonnegative(cols, [n for n in TOKENS_OPTIONAL_COLUMNS if n in cols], where, row0)
 
     order = None
     tokens = _tokens_in_order(cols["step"], cols["token"], layer, L)

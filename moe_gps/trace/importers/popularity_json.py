@@ -27,6 +27,7 @@ from moe_gps.trace.importers.common import (
     provenance,
     read_text,
 )
+from moe_gps.trace.meta import json_kind
 from moe_gps.trace.validate import MAX_ASSIGNMENTS
 
 FORMAT = "popularity-json"
@@ -50,10 +51,16 @@ def read_popularity(path: Path) -> tuple[np.ndarray, int | None]:
         layer = int(np.argmax(np.asarray(lengths) != lengths[0]))
         raise UserError(f"{path}: 'expert_popularity' layer {layer} has {lengths[layer]} experts but "
                         f"layer 0 has {lengths[0]}")
+    for layer, row in enumerate(rows):
+        for e, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{path}: 'expert_popularity' layer {layer}, expert {e}: {json_kind(value)} is not a "
+                                "count (a non-negative integer below 2^40)")
     try:
         counts = np.asarray(rows, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise UserError(f"{path}: 'expert_popularity' holds something that is not a number") from None
+    except OverflowError:                   # an integer too large for a float: infinite, far beyond 2^40
+        counts = np.asarray([[float(v) if abs(v) < 2 ** 64 else np.inf if v > 0 else -np.inf for v in row]
+                             for row in rows])
     if counts.ndim != 2 or counts.shape[1] == 0:
         raise UserError(f"{path}: 'expert_popularity' must be [layers][experts], got shape {list(counts.shape)}")
     bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts)) | (counts >= MAX_ASSIGNMENTS)
