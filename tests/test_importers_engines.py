@@ -450,3 +450,14 @@ def test_plan_sglang_rows_from_a_per_token_dump(tmp_path):
     assert main(["plan", str(tmp_path / "t.parquet"), "--gpus", "2", "-o", str(tmp_path / "p.yaml"),
                  "--sglang", str(tmp_path / "s.json")]) == 0
     assert len(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]) == HIDDEN_LAYERS
+
+
+@pytest.mark.parametrize("field, value", [("rank", -1), ("rank", 1.5), ("forward_pass_id", -3), ("rank", True)])
+def test_sglang_records_with_a_bad_rank_or_pass_id_are_one_line(tmp_path, field, value):
+    torch = pytest.importorskip("torch")
+    files, _ = sglang_detail_dumps(tmp_path, [(1, 0, 4)], "per_token")
+    dump = torch.load(files[0], weights_only=False)
+    dump["records"][0][field] = value
+    torch.save(dump, files[0])
+    with pytest.raises(UserError, match=rf"records\[0\]\.{field}: must be an integer >= 0, got {value!r}"):
+        import_sglang_dump(files)

@@ -94,7 +94,8 @@ def import_sglang_records(paths: list[Path], objs: list[dict], *, top_k: int | N
     records = []                                                   # (pass id, rank, file, index, record)
     for p, o in zip(paths, objs):
         for i, r in enumerate(_records_of(o, str(p))):
-            records.append((int(r["forward_pass_id"]), int(r.get("rank", 0)), p, i, r))
+            records.append((_count(r["forward_pass_id"], f"{p}: records[{i}].forward_pass_id"),
+                            _count(r.get("rank", 0), f"{p}: records[{i}].rank"), p, i, r))
     if not records:
         raise UserError(f"{paths[0]}: the dump holds no records (start and stop the recorder around the requests)")
     records.sort(key=lambda t: (t[0], t[1]))
@@ -241,3 +242,12 @@ def _per_token(paths, records, phys2log, logical, top_k, model, dataset, summary
                         token_id=cat(1)[routed].astype(np.int32), pos=cat(2)[routed].astype(np.int32),
                         rank=rank[routed].astype(np.int16))
     return ImportResult(trace, summary)
+
+
+def _count(value, where: str) -> int:
+    """An integer >= 0 of a record (a rank, a pass id), else a UserError naming ``where``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise UserError(f"{where}: must be an integer >= 0, got {value!r}")
+    return int(value)
