@@ -358,10 +358,14 @@ class Sensitivity:
     holds_to: str
     change_below: tuple[str, str, float] | None     # (value, new winner, its speed-up over ours there)
     change_above: tuple[str, str, float] | None
+    #: value -> a short clause on what its runs are (e.g. a workload whose steps are scaled, not regrouped)
+    caveats: dict[str, str] = field(default_factory=dict)
 
     def sentence(self, rec: str) -> str:
         if len(self.values) == 1:
-            return f"{self.axis}: only {' '.join(x for x in (self.values[0], self.unit) if x)} swept."
+            v = self.values[0]
+            cav = f" ({self.caveats[v]})" if v in self.caveats else ""
+            return f"{self.axis}: only {' '.join(x for x in (v, self.unit) if x)} swept{cav}."
         rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip() if self.holds_from != self.holds_to
                else f"only at {self.holds_from} {self.unit}".strip())
         s = f"{self.axis}: {rec} stays the fastest {rng}"
@@ -372,14 +376,21 @@ class Sensitivity:
                              + (f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
                                 f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
                                 else f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
-        if not parts:
-            return s + " (the whole swept range)."
-        return s + "; " + "; ".join(parts) + "."
+        s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
+        # the values named (the range and where it changes) whose runs carry a caveat: one clause for them all
+        lo, hi = self.values.index(self.holds_from), self.values.index(self.holds_to)
+        named = self.values[lo:hi + 1] + [ch[0] for ch in (self.change_below, self.change_above) if ch is not None]
+        named = [v for v in self.values if v in named and v in self.caveats]
+        if named:
+            names = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+            s += f"; at {names}, {self.caveats[named[0]]}"
+        return s + "."
 
 
 def sensitivity(m: DecisionMap, df, plan: SweepPlan, rec: str, along: str, unit: str, axis: str,
-                labels: set[str]) -> Sensitivity:
-    """Walk the user's row (along='cols') or column (along='rows') of a decision map."""
+                labels: set[str], caveats: dict[str, str] | None = None) -> Sensitivity:
+    """Walk the user's row (along='cols') or column (along='rows') of a decision map; ``caveats``: value
+    label -> a clause the sentence adds where it names that value."""
     i0, j0 = m.user_cell
     if along == "cols":
         winners = m.winner[i0]
@@ -408,9 +419,10 @@ def sensitivity(m: DecisionMap, df, plan: SweepPlan, rec: str, along: str, unit:
         ratio = float(ours.iloc[0] / theirs.iloc[0]) if len(ours) and len(theirs) else math.nan
         return values[k], winners[k], ratio
 
+    cav = {v: c for v, c in (caveats or {}).items() if v in values}
     if winners[k0] != rec:
-        return Sensitivity(axis, unit, values, winners, k0, values[k0], values[k0], change(k0), None)
-    return Sensitivity(axis, unit, values, winners, k0, values[lo], values[hi], change(lo - 1), change(hi + 1))
+        return Sensitivity(axis, unit, values, winners, k0, values[k0], values[k0], change(k0), None, cav)
+    return Sensitivity(axis, unit, values, winners, k0, values[lo], values[hi], change(lo - 1), change(hi + 1), cav)
 
 
 def _sub_at(df, plan: SweepPlan, name: str, r, c):
@@ -433,6 +445,9 @@ class PredictorStudy:
     speedup: [overheads, accuracies];  reference: best deployable candidate there (label, speed-up)
     knee: per overhead, the lowest accuracy within 1% of that overhead's best speed-up
     break_even: per overhead, the lowest accuracy that beats the reference (None if none does)
+    predictor_us: [overheads, accuracies] the predictor's time per MoE layer on the critical path (runs.csv's
+                  layer_predictor_us; 0 where it is hidden beside the attention)
+    attention_us: the attention's time per MoE layer there (layer_attention_us)
     """
 
     point: Point
@@ -444,6 +459,26 @@ class PredictorStudy:
     best_distribution: tuple[str, float] | None
     knee: list[float | None]
     break_even: list[float | None]
+    predictor_us: np.ndarray | None = None
+    attention_us: float = math.nan
+
+    def clear_win(self, i: int) -> float | None:
+        """At overhead ``i``, the lowest accuracy faster than the reference by NEAR_TIE or more (None: none is)."""
+        if self.reference is None:
+            return None
+        return next((a for a in sorted(self.accuracies) if self.at(i, a) >= self.reference[1] * NEAR_TIE), None)
+
+    def at(self, i: int, accuracy: float) -> float:
+        """The speed-up vs none at overhead ``i`` and ``accuracy``."""
+        return float(self.speedup[i, self.accuracies.index(accuracy)])
+
+    def hidden(self) -> list[int]:
+        """The overheads (indices) whose predictor takes no time on the critical path at any accuracy (0: free,
+        or hidden beside the attention)."""
+        if self.predictor_us is None:
+            return []
+        return [i for i in range(len(self.overheads)) if not np.any(np.nan_to_num(self.predictor_us[i]) > 0)
+                and not np.all(np.isnan(self.predictor_us[i]))]
 
     def accuracy_effect(self, i: int) -> str:
         """What better accuracy does at overhead ``i``: "flat" (every accuracy within 1% of the best),
@@ -454,14 +489,24 @@ class PredictorStudy:
         return "rising" if self.knee[i] is not None and self.knee[i] >= max(self.accuracies) else "knee"
 
 
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return float(np.mean(xs)) if xs else math.nan
+
+
 def predictor_study(df, plan: SweepPlan, p: Point, labels: set[str]) -> PredictorStudy:
     here = at_point(df, plan, p)
     acc, ovh = list(plan.sweep.predictor_accuracy), list(plan.sweep.predictor_overhead_flops)
     syn = here[here["family"] == "token (hypothetical)"]
     sp = np.full((len(ovh), len(acc)), np.nan)
+    pred_us = np.full((len(ovh), len(acc)), np.nan)
+    attn = []
     for _, r in syn.iterrows():
         if r["synthetic_accuracy"] in acc and r["synthetic_overhead_flops"] in ovh:
-            sp[ovh.index(r["synthetic_overhead_flops"]), acc.index(r["synthetic_accuracy"])] = r["speedup_vs_none"]
+            ij = ovh.index(r["synthetic_overhead_flops"]), acc.index(r["synthetic_accuracy"])
+            sp[ij] = r["speedup_vs_none"]
+            pred_us[ij] = float(r.get("layer_predictor_us", math.nan))
+            attn.append(float(r.get("layer_attention_us", math.nan)))
     dep = fastest_first(here[here["deployable"].astype(bool) & here["candidate"].isin(labels)])
     ref = (str(dep.iloc[0]["candidate"]), float(dep.iloc[0]["speedup_vs_none"])) if len(dep) else None
     dist = dep[dep["family"] == "distribution"]
@@ -479,4 +524,4 @@ def predictor_study(df, plan: SweepPlan, p: Point, labels: set[str]) -> Predicto
         knee.append(next(a for a, v in zip(a_sorted, row) if v == v and v >= best / 1.01))
         be.append(next((a for a, v in zip(a_sorted, row) if ref is not None and v == v and v > ref[1]), None))
     return PredictorStudy(p, workload_label(plan.workloads[p.workload], plan.trace_tokens), acc, ovh, sp, ref,
-                          bdist, knee, be)
+                          bdist, knee, be, pred_us, _mean(attn))

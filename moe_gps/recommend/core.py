@@ -47,6 +47,9 @@ class Recommendation:
     timings: dict[str, float] = field(default_factory=dict)
     simulated: int = 0
     from_cache: int = 0
+    #: workload label -> why its steps are not what a real step of its size is (the trace's steps scaled, not
+    #: regrouped); the sentences that name the workload carry it
+    scaled: dict[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[dict[str, Any]]:
@@ -89,6 +92,44 @@ def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
                        f"{plan.sweep.train_steps} fit the predictors (runs.csv's sim_steps: the steps each run "
                        f"simulated)")
     return out
+
+
+def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The workloads whose runs scale the trace's steps instead of regrouping them (simulate's rule,
+    :func:`moe_gps.trace.regroup.regroup_or_scale`: regroup only into at least ``MIN_STEPS`` steps).
+
+    ``trace``: the trace the runs get (cut to train_steps + sim_steps); ``user_scaled``: the user's own
+    workload scales too (its note is the one ``regroup_or_scale`` gave). -> (notes on the swept ones, workload
+    label -> a short clause for the sentences that name it)."""
+    from moe_gps.trace.data import TokensTrace
+    from moe_gps.trace.regroup import describe_tokens_per_step, scaling_noise
+
+    tps = trace.tokens_per_step
+    have = describe_tokens_per_step(trace)
+    notes, clauses = [], {}
+    for i, w in enumerate(plan.workloads):
+        n = w.tokens_per_step
+        if i == 0:
+            scaled = bool(user_scaled and n)
+        else:
+            scaled = bool(n) and n != plan.trace_tokens and regrouped_steps(trace, n) < MIN_STEPS
+        if not scaled:
+            continue
+        label = workload_label(w, plan.trace_tokens)
+        direction = "up" if int(tps.max()) < n else "down" if int(tps.min()) > n else ""
+        clauses[label] = (f"steps scaled {direction} from the trace's {have} tokens, with their sampling noise: "
+                          f"see the notes").replace("  ", " ")
+        if i == 0:
+            continue
+        k = regrouped_steps(trace, n)
+        few = f"{k} step{'s' if k != 1 else ''} of {n}, fewer than the {MIN_STEPS} that regrouping needs"
+        why = (f"the {trace.num_steps} steps hold {int(tps.sum())} tokens, {few}" if isinstance(trace, TokensTrace)
+               else f"the {trace.num_steps} steps make {few}" if k else
+               "a counts trace regroups only into whole multiples of its steps")
+        notes.append(f"the runs of workload {label} scale each step's expert counts from its {have} tokens to {n}, "
+                     f"as simulate does ({why}), {scaling_noise(tps, n)}; the expert and GPU skew of these runs are "
+                     f"those of the trace's steps (runs.csv's gpu_skew_before)")
+    return notes, clauses
 
 
 def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[str, SkewVariant]:
@@ -134,7 +175,8 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
         skews = _skews(runner, trace, sweep, notes)
         timings["skew_variants_s"] = time.perf_counter() - t0
         plan = make_plan(sweep, trace, cluster, model, workload, skews)
-        notes += plan.notes + _regrouping_workloads(plan, trace)
+        scaled_notes, scaled_clauses = scaled_workloads(plan, trace, bool(scaled))
+        notes += plan.notes + _regrouping_workloads(plan, trace) + scaled_notes
         t0 = time.perf_counter()
         records = runner.run(plan, plan.headline_runs(), "headline")
         timings["headline_s"] = time.perf_counter() - t0
@@ -161,7 +203,7 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     sens = [
         an.sensitivity(maps["map-bw-skew"], df, plan, rec, "cols", "GB/s", "interconnect bandwidth", labels),
         an.sensitivity(maps["map-bw-skew"], df, plan, rec, "rows", "", "expert skew", labels),
-        an.sensitivity(maps["map-tokens-bw"], df, plan, rec, "rows", "", "workload", labels),
+        an.sensitivity(maps["map-tokens-bw"], df, plan, rec, "rows", "", "workload", labels, scaled_clauses),
         an.sensitivity(maps["map-gpus-bw"], df, plan, rec, "rows", "GPUs", "GPU count", labels),
     ]
     all_labels = labels | {c.label for c in plan.headline_candidates}
@@ -169,4 +211,4 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     timings["analysis_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return Recommendation(plan, records, df, head, maps, sens, pred, sorted(labels), trace_name, notes, timings,
-                          simulated, cached)
+                          simulated, cached, scaled_clauses)

@@ -180,11 +180,28 @@ def token_vs_dist_png(m: DecisionMap, hypo_label: str) -> bytes | None:
     ax.set_ylabel(m.row_name)
     ax.set_title(f"Token-to-expert ({hypo_label}) vs best distribution-only prediction")
     cb = fig.colorbar(im, ax=ax, pad=0.02)
-    ticks = [t for t in (-6, -4, -3, -2, -1, -0.5, 0, 0.5, 1, 2, 3, 4, 6) if abs(t) <= span]
+    ticks, labels = ratio_ticks(span)
     cb.set_ticks(ticks)
-    cb.set_ticklabels([f"{2.0 ** t:.3g}" for t in ticks])
+    cb.set_ticklabels(labels)
     cb.set_label("distribution-only time / token-to-expert time\n(> 1, purple: token-to-expert faster)")
     return _png(fig)
+
+
+def ratio_ticks(span: float) -> tuple[list[float], list[str]]:
+    """Colour-bar ticks of a log2 scale from -span to span: (positions in log2, the ratios written at them), at
+    least three, 1 among them: powers of 2 on a wide scale, evenly spaced round ratios on a narrow one."""
+    from matplotlib.ticker import MaxNLocator
+
+    wide = [t for t in (-6, -4, -3, -2, -1, -0.5, 0, 0.5, 1, 2, 3, 4, 6) if abs(t) <= span]
+    if len(wide) >= 3:
+        return wide, [f"{2.0 ** t:.3g}" for t in wide]
+    lo, hi = 2.0 ** -span, 2.0 ** span
+    ratios = [x for x in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= x <= hi]
+    if not any(abs(x - 1) < 1e-12 for x in ratios):
+        ratios = sorted(ratios + [1.0])
+    gap = min(b - a for a, b in zip(ratios, ratios[1:]))
+    digits = max(0, -int(math.floor(math.log10(gap) + 1e-9)))
+    return [math.log2(x) for x in ratios], [f"{x:.{digits}f}" for x in ratios]
 
 
 def predictor_png(studies: list[PredictorStudy], slots_per_gpu: int | None = None) -> bytes:
@@ -197,9 +214,15 @@ def predictor_png(studies: list[PredictorStudy], slots_per_gpu: int | None = Non
         order = np.argsort(st.accuracies)
         acc = np.asarray(st.accuracies)[order]
         cmap = pyplot().get_cmap("viridis")
+        same = _same_rows(st.speedup)
         for i, c in enumerate(st.overheads):
             col = cmap(i / max(1, len(st.overheads) - 1) * 0.9)
-            ax.plot(acc, st.speedup[i, order], marker="o", color=col, label=f"overhead {c / 1e6:g} MFLOP/token")
+            if same[i] != i:
+                continue                  # drawn with the first overhead of the same speed-ups
+            group = [st.overheads[k] for k in range(len(st.overheads)) if same[k] == i]
+            label = (f"overhead {c / 1e6:g} MFLOP/token" if len(group) == 1 else
+                     "overhead " + ", ".join(f"{g / 1e6:g}" for g in group) + " MFLOP/token (the same)")
+            ax.plot(acc, st.speedup[i, order], marker="o", color=col, label=label)
             k = st.knee[i]
             if k is not None and st.accuracy_effect(i) == "knee":        # a knee inside the grid, as the text
                 y = st.speedup[i, st.accuracies.index(k)]
@@ -214,13 +237,21 @@ def predictor_png(studies: list[PredictorStudy], slots_per_gpu: int | None = Non
         ax.set_xlabel("token predictor accuracy (top-k recall)")
         ax.set_ylabel("speed-up vs no duplication (x)")
         budget = f", +{slots_per_gpu}/GPU" if slots_per_gpu is not None else ""
-        ax.set_title(f"Synthetic token-to-expert predictor — {st.label} tokens/step{budget}")
+        ax.set_title(f"Synthetic token-to-expert predictor{budget}\nat {st.label} tokens/step")
         ax.margins(y=0.08)                            # the reference lines off the frame
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.text(0.5, -0.02, "★ = the accuracy beyond which better accuracy gains < 1% (knee)", ha="center",
              fontsize=9, color="dimgrey")
     return _png(fig)
+
+
+def _same_rows(v: np.ndarray) -> list[int]:
+    """Per row of ``v``, the first row with the very same values (itself where none before it is)."""
+    out = []
+    for i in range(len(v)):
+        out.append(next(k for k in range(i + 1) if np.array_equal(v[k], v[i], equal_nan=True)))
+    return out
 
 
 def sensitivity_png(df, plan, labels: list[str], colors: dict[str, tuple], rec: str) -> bytes:

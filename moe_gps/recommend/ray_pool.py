@@ -41,6 +41,32 @@ def import_ray():
     return ray
 
 
+#: seconds to wait for the head of a Ray cluster (--address) to accept a TCP connection
+CONNECT_TIMEOUT_S = 3.0
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A UserError naming --address unless ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a TCP connection
+    within ``timeout`` seconds: ray.init would otherwise retry an unreachable head for minutes. Addresses
+    without a port (``auto``, ``local``) are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    if ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")                      # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address {address}: not HOST:PORT of a Ray cluster's head (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        why = (f"no answer within {timeout:g} s" if isinstance(err, socket.timeout) else
+               (err.strerror or str(err) or type(err).__name__).lower())
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({why}); give the address that "
+                        f"`ray start --head` printed on the head node") from None
+
+
 def _task(box: list, init: Callable, init_args: tuple, fn: Callable, items: list) -> list:
     """Worker side: ``init(trace, *init_args)`` once per worker and trace, then ``fn`` over ``items``.
 
@@ -73,6 +99,7 @@ class RayPool:
 
             options: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False)
             if address:
+                check_address(address)
                 options.update(address=address, runtime_env={"py_modules": [moe_gps, sim]})
             else:  # "local": a new cluster even where `ray start` left one running on this machine
                 options.update(address="local", num_cpus=num_cpus, include_dashboard=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import numbers
 from typing import Any
 
 from moe_gps.recommend.sweep import sweep_to_dict
@@ -13,13 +14,13 @@ from moe_gps.recommend.sweep import sweep_to_dict
 TABLE_COLUMNS = [("num_gpus", "GPUs", ""), ("bandwidth_gb_s", "GB/s", "g"), ("workload", "workload", ""),
                  ("skew", "skew", ".2f"), ("candidate", "strategy", ""), ("status", "status", ""),
                  ("latency_mean_ms", "mean ms", ".3f"), ("speedup_vs_none", "vs none", ".3f"),
-                 ("gpu_skew_after", "GPU skew", ".2f"), ("copied_gb", "copied GB", ".1f"),
+                 ("gpu_skew_after", "GPU skew after dup.", ".2f"), ("copied_gb", "copied GB", ".1f"),
                  ("accuracy", "accuracy", ".3f")]
 
 
 RANK_COLUMNS = [("candidate", "strategy", ""), ("latency_mean_ms", "mean ms", ".3f"),
                 ("latency_p99_ms", "p99 ms", ".3f"), ("speedup_vs_none", "vs none", ".3f"),
-                ("gpu_skew_after", "GPU skew", ".2f"), ("copied_gb", "copied GB", ".1f"),
+                ("gpu_skew_after", "GPU skew after dup.", ".2f"), ("copied_gb", "copied GB", ".1f"),
                 ("extra_memory_gb_per_gpu", "extra GB/GPU", ".2f"), ("accuracy", "accuracy", ".3f"),
                 ("layer_ffn_us", "ffn µs", ".1f"), ("layer_copy_us", "copy µs", ".1f"),
                 ("layer_total_us", "layer µs", ".1f")]
@@ -90,6 +91,18 @@ def _md_table(rows: list[dict], columns) -> str:
     return "\n".join(lines)
 
 
+def steps_text(r) -> str:
+    """The simulated steps per run as the records have them: '17 steps each after 16 training steps', or
+    '17 to 50 steps each after 16 training steps, each run's count in runs.csv's sim_steps' where workloads
+    regroup the steps."""
+    steps = sorted({int(x["sim_steps"]) for x in r.records
+                    if x.get("status") == "ok" and isinstance(x.get("sim_steps"), numbers.Real)
+                    and x["sim_steps"] == x["sim_steps"]}) or [r.plan.sweep.sim_steps]
+    text = f"{steps[0]} steps each" if len(steps) == 1 else f"{steps[0]} to {steps[-1]} steps each"
+    text += f" after {r.plan.sweep.train_steps} training steps"
+    return text if len(steps) == 1 else text + ", each run's count in runs.csv's sim_steps"
+
+
 def _img(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -110,8 +123,8 @@ def render_html(r, sec: dict, figs: dict, command: str) -> str:
              "<h3>How far it holds</h3><ul>" + "".join(f"<li>{e(x)}</li>" for x in s["sensitivity"]) + "</ul>",
              "<h3>Token-to-expert prediction, what it would take</h3><ul>"
              + "".join(f"<li>{e(x)}</li>" for x in s["hypothetical"]) + "</ul>",
-             f"<div class='sub'>From {s['runs']['total']} simulated runs ({r.plan.sweep.sim_steps} steps each after "
-             f"{r.plan.sweep.train_steps} training steps, seed {r.plan.sweep.seed}); every number is traceable to "
+             f"<div class='sub'>From {s['runs']['total']} simulated runs ({steps_text(r)}, seed {r.plan.sweep.seed}); "
+             f"every number is traceable to "
              f"runs.csv (the intervals and steps won to the per-step latencies in cache/) and docs/recommend.md."
              f"</div></div>"]
     n = 0
@@ -164,9 +177,8 @@ def render_markdown(r, sec: dict, figs: dict, command: str) -> str:
     L += ["", "**Why**", ""] + [f"- {x}" for x in h.reasons]
     L += ["", "**How far it holds**", ""] + [f"- {x}" for x in s["sensitivity"]]
     L += ["", "**Token-to-expert prediction, what it would take**", ""] + [f"- {x}" for x in s["hypothetical"]]
-    L += ["", f"From {s['runs']['total']} simulated runs ({r.plan.sweep.sim_steps} steps each after "
-              f"{r.plan.sweep.train_steps} training steps, seed {r.plan.sweep.seed}); definitions in "
-              "docs/recommend.md.", ""]
+    L += ["", f"From {s['runs']['total']} simulated runs ({steps_text(r)}, seed {r.plan.sweep.seed}); "
+              "definitions in docs/recommend.md.", ""]
     titles = {"headline": "Every strategy at your cluster", "decision_bw_skew": "Decision map: bandwidth x skew",
               "token_vs_distribution": "Token-to-expert vs distribution-only prediction",
               "decision_gpus_tokens": "Decision maps: GPU count and tokens per step",

@@ -12,12 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moe_gps.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.provenance import provenance_comment
 from moe_gps.recommend import plots
-from moe_gps.recommend.analysis import NEAR_TIE
+from moe_gps.recommend.analysis import NEAR_TIE, at_point
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
 from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
@@ -65,6 +67,7 @@ def summary(r: Recommendation) -> dict[str, Any]:
             "speedup_vs_runner_up": vs_run.speedup if vs_run else None,
             "speedup_ci_vs_runner_up": [vs_run.ci_low, vs_run.ci_high] if vs_run else None,
             "steps_won_vs_runner_up": f"{vs_run.steps_won}/{vs_run.steps}" if vs_run else None,
+            "near_tie_with_runner_up": near_tie(vs_run),
             "more_slots_not_separated": ({"candidate": h.more_slots[0]["candidate"],
                                           "speedup_over_recommendation": h.more_slots[1].speedup,
                                           "ci": [h.more_slots[1].ci_low, h.more_slots[1].ci_high]}
@@ -93,28 +96,29 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
         where = "at your point" if st.point == r.plan.user else f"at {st.label} tokens/step"
         if st.reference is None:
             continue
+        # the first line on a workload whose steps are scaled, not regrouped, says so
+        first = where + (f" ({r.scaled[st.label]})" if st.label in r.scaled else "")
         if all(v != v for v in st.speedup.ravel()):
             why = next((x["reason"] for x in r.records if x["family"] == "token (hypothetical)"
                         and x["status"] != "ok"), "no run")
-            out.append(f"{where.capitalize()}, the token-to-expert what-if could not run: {why}")
+            out.append(f"{first.capitalize()}, the token-to-expert what-if could not run: {why}")
             continue
         slots = f"+{r.plan.sweep.map_redundant_slots_per_gpu}/GPU"      # the synthetic predictors' slot budget
         wins = [(o, a) for o, a in zip(st.overheads, st.break_even) if a is not None]
         best = float(max(v for v in st.speedup.ravel() if v == v))
         if wins:
-            txt = ", ".join(f"accuracy >= {a:g} at {o / 1e6:g} MFLOP/token" for o, a in wins)
-            margin = best / st.reference[1]
-            by = (f"best: {best:.3f}x, {100 * (margin - 1):.2f}% faster: a near tie" if margin < NEAR_TIE else
-                  f"best: {best:.3f}x")
-            out.append(f"{where.capitalize()}, a token-to-expert predictor ({slots}) would beat {st.reference[0]} "
-                       f"({st.reference[1]:.3f}x vs none) with {txt} ({by}).")
+            out.append(f"{first.capitalize()}, a token-to-expert predictor ({slots}) would beat {st.reference[0]} "
+                       f"({st.reference[1]:.3f}x vs none) with {_break_even_text(st)} ({_best_text(st, best)}).")
         else:
             top = (f"not even a perfect, free one ({best:.3f}x)"
                    if max(st.accuracies) >= 1.0 and min(st.overheads) == 0 else
                    f"not even the most accurate and cheapest swept, accuracy {max(st.accuracies):g} at "
                    f"{min(st.overheads) / 1e6:g} MFLOP/token (best: {best:.3f}x)")
-            out.append(f"{where.capitalize()}, no token-to-expert predictor in the sweep ({slots}) beats "
+            out.append(f"{first.capitalize()}, no token-to-expert predictor in the sweep ({slots}) beats "
                        f"{st.reference[0]} ({st.reference[1]:.3f}x vs none), {top}.")
+        hidden = _hidden_text(st)
+        if hidden:
+            out.append(f"{where.capitalize()}, {hidden}")
         knees, flat, rising = [], [], []
         for i, (o, a) in enumerate(zip(st.overheads, st.knee)):
             if a is None:
@@ -148,6 +152,63 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
     return out
 
 
+def _and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _break_even_text(st) -> str:
+    """The break-even accuracy of every overhead (overheads with the same break-even, speed-up there and
+    accuracy that wins clearly are named together), each with its margin over the reference there, a near tie
+    when under NEAR_TIE: 'accuracy >= 0.9 at 0 and 8.4 MFLOP/token, by only 0.06% there (1.1124x against
+    1.1118x): a near tie, by 1% or more from accuracy 0.99'."""
+    ref = st.reference[1]
+    groups: dict[tuple, list[float]] = {}
+    for i, (o, a) in enumerate(zip(st.overheads, st.break_even)):
+        if a is not None:
+            groups.setdefault((a, st.at(i, a), st.clear_win(i)), []).append(o)
+    parts = []
+    for (a, v, clear), os_ in groups.items():
+        m = v / ref
+        txt = f"accuracy >= {a:g} at {_and([f'{o / 1e6:g}' for o in os_])} MFLOP/token"
+        if m < NEAR_TIE:
+            txt += f", by only {100 * (m - 1):.2f}% there ({v:.4f}x against {ref:.4f}x): a near tie"
+            if clear is not None:
+                txt += f", by {100 * (NEAR_TIE - 1):.0f}% or more from accuracy {clear:g}"
+        else:
+            txt += f", by {100 * (m - 1):.2f}% there ({v:.4f}x)"
+        parts.append(txt)
+    return "; ".join(parts)
+
+
+def _best_text(st, best: float) -> str:
+    margin = best / st.reference[1]
+    return f"best: {best:.3f}x, {100 * (margin - 1):.2f}% faster: a near tie" if margin < NEAR_TIE else \
+        f"best: {best:.3f}x"
+
+
+def _hidden_text(st) -> str | None:
+    """Why some overheads give the same speed-ups: a token predictor runs beside the attention
+    (predictor_overlap), so its time is hidden up to the cost where it outlasts the attention; None where no
+    overhead above 0 is hidden."""
+    hid = st.hidden()
+    if not any(st.overheads[i] > 0 for i in hid):
+        return None
+    names = _and([f"{st.overheads[i] / 1e6:g}" for i in hid])
+    what = (f"overheads {names} MFLOP/token give the same speed-ups" if len(hid) > 1 else
+            f"an overhead of {names} MFLOP/token costs no time")
+    top = max(st.overheads[i] for i in hid)
+    shown = [i for i in range(len(st.overheads)) if i not in hid and not np.all(np.isnan(st.predictor_us[i]))]
+    tail = ""
+    if shown:
+        j = min(shown, key=lambda i: st.overheads[i])
+        tail = (f"; at {st.overheads[j] / 1e6:g} MFLOP/token it outlasts it, by {np.nanmax(st.predictor_us[j]):.0f} µs "
+                f"a layer")
+    return (f"{what}: a token predictor runs beside the attention ({st.attention_us:.0f} µs per MoE layer here), so "
+            f"its time is hidden up to the cost where it outlasts the attention (runs.csv's layer_predictor_us: 0 up "
+            f"to {top / 1e6:g} MFLOP/token{tail}).")
+
+
 def _title_line(r: Recommendation) -> str:
     plan = r.plan
     c = plan.cluster
@@ -161,15 +222,37 @@ def _title_line(r: Recommendation) -> str:
             f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}")
 
 
+def near_tie(c) -> bool:
+    """The recommendation's lead over the runner-up is a near tie: under NEAR_TIE, or within its 95% interval."""
+    return c is not None and (c.speedup < NEAR_TIE or c.ci_low <= 1.0)
+
+
 def _verdict(r: Recommendation) -> str:
-    w = r.headline.winner
-    if not r.headline.duplicates:
-        return "no duplication (strategy none)"
-    fam = {"static": "static duplication", "distribution": "distribution-only prediction",
-           "token": "token-to-expert prediction"}.get(w["family"], w["family"])
-    extra = w.get("slots_per_gpu_extra")
-    return (f"{fam}: {w['strategy']} with {int(w['redundant_slots'])} redundant slots "
-            f"({extra} extra per GPU)")
+    h = r.headline
+    w = h.winner
+    if not h.duplicates:
+        text = "no duplication (strategy none)"
+    else:
+        fam = {"static": "static duplication", "distribution": "distribution-only prediction",
+               "token": "token-to-expert prediction"}.get(w["family"], w["family"])
+        extra = w.get("slots_per_gpu_extra")
+        text = (f"{fam}: {w['strategy']} with {int(w['redundant_slots'])} redundant slots "
+                f"({extra} extra per GPU)")
+    c = h.vs_runner_up
+    if not near_tie(c):
+        return text
+    # the rule still picks one; what is said is that the runner-up is as good
+    lead = (f"{100 * (c.speedup - 1):.2f}% faster than {c.b}" if c.speedup >= 1 else
+            f"{c.b} {100 * (1 / c.speedup - 1):.2f}% faster")
+    if c.same_every_step:
+        tie = f"a tie (the same time as {c.b} on every step)"
+    elif 1 / NEAR_TIE < c.speedup < NEAR_TIE:
+        tie = f"a near tie ({lead})"
+    else:
+        tie = f"not separated from {c.b} ({lead}, within the 95% interval)"
+    either = ("either is as fast, and no duplication needs no redundant slots" if not h.duplicates else
+              "either is as good")
+    return f"{text}; {tie}: {either}"
 
 
 def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
@@ -187,7 +270,11 @@ def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
         fast, c = h.not_separated
         rows.append(("fastest, not separated", f"{fast['candidate']}: {_versus(c)}"))
     if h.vs_runner_up is not None:
-        rows.append(("speed-up vs runner-up", f"{_versus(h.vs_runner_up)} over {h.vs_runner_up.b}"))
+        c = h.vs_runner_up
+        tie = ("" if not near_tie(c) else ": a tie, either is as fast" if c.same_every_step else
+               ": a near tie, either is as good" if 1 / NEAR_TIE < c.speedup < NEAR_TIE else
+               ": not separated (within the 95% interval), either is as good")
+        rows.append(("speed-up vs runner-up", f"{_versus(h.vs_runner_up)} over {h.vs_runner_up.b}{tie}"))
     if h.thin:
         rows.append(("evidence", f"thin: {len(w['step_latency_ms'])} simulated steps (fewer than {THIN_STEPS}); "
                                  f"a longer trace or a larger sim_steps gives a firmer answer"))
@@ -208,8 +295,8 @@ def _versus(c) -> str:
 #: the report's figures, in report order: name -> caption
 CAPTIONS = {
     "headline": "Mean MoE-layer time of every strategy at your cluster, split by phase (µs): the deployable ones "
-                "fastest on top, then the bounds and what-ifs (the oracle, synthetic predictors); the text is the "
-                "mean step latency (all MoE layers of a step).",
+                "fastest on top, then the bound (the oracle at each slot budget; the synthetic predictors are in "
+                "the predictor study's figure); the text is the mean step latency (all MoE layers of a step).",
     "decision_bw_skew": "Which deployable strategy is fastest for each interconnect bandwidth and expert skew (your "
                         "GPU count and workload); the text is its speed-up over no duplication; your cluster is "
                         "boxed in red.",
@@ -219,7 +306,8 @@ CAPTIONS = {
     "decision_gpus_tokens": "The same for GPU count (top; your workload and the trace's skew) and for the workload "
                             "(bottom; your GPU count and the trace's skew).",
     "predictor": "Speed-up over no duplication of a synthetic token-to-expert predictor against its accuracy "
-                 "(top-k recall), one line per overhead (FLOPs per token per MoE layer).",
+                 "(top-k recall), one line per overhead (FLOPs per token per MoE layer); overheads with the very "
+                 "same speed-ups share one line.",
     "sensitivity": "Speed-up over no duplication of each map strategy along the bandwidth (left) and skew (right) "
                    "axes through your point (red line); the thick line is the recommendation.",
 }
@@ -233,7 +321,21 @@ def figures(r: Recommendation, jobs: int = 1) -> dict[str, tuple[bytes, str]]:
     plots.pyplot()                      # matplotlib imported once, before the workers fork
     with forking(jobs) as workers:
         drawn = dict(fork_map(_figure, list(CAPTIONS), workers, context=r))
-    return {name: (drawn[name], caption) for name, caption in CAPTIONS.items() if drawn[name] is not None}
+    return {name: (drawn[name], caption(name, r)) for name in CAPTIONS if drawn[name] is not None}
+
+
+def caption(name: str, r: Recommendation) -> str:
+    """The caption of figure ``name``: :data:`CAPTIONS`, and for the predictor study why overheads whose
+    predictor is hidden beside the attention give the same speed-ups."""
+    text = CAPTIONS[name]
+    if name == "predictor":
+        why = [f"at {'your point' if st.point == r.plan.user else st.label + ' tokens/step'}, "
+               + _and([f"{st.overheads[i] / 1e6:g}" for i in st.hidden()]) + " MFLOP/token"
+               for st in r.predictor if any(st.overheads[i] > 0 for i in st.hidden())]
+        if why:
+            text += (" A token predictor runs beside the attention, so its time is hidden up to the cost where it "
+                     "outlasts the attention: the same speed-ups " + "; ".join(why) + ".")
+    return text
 
 
 def _figure(name: str, r: Recommendation) -> tuple[str, bytes | None]:
@@ -243,7 +345,11 @@ def _figure(name: str, r: Recommendation) -> tuple[str, bytes | None]:
                     | ({h.oracle["candidate"]} if h.oracle else set()))
     colors = plots.colors_for(labels)
     if name == "headline":
-        return name, plots.headline_png(h.ranking, [h.oracle])
+        here = at_point(r.df, r.plan, r.plan.user)
+        labels_here = {c.label for c in r.plan.headline_candidates}
+        bounds = here[(here["family"] == "oracle") & here["candidate"].isin(labels_here)]
+        return name, plots.headline_png(h.ranking, bounds.sort_values(["latency_mean_ms", "candidate"])
+                                        .to_dict("records"))
     if name == "decision_bw_skew":
         return name, plots.decision_map_png(maps["map-bw-skew"], colors, "Decision map: bandwidth x skew")
     if name == "token_vs_distribution":
@@ -334,6 +440,10 @@ def _simulate_config_text(r: Recommendation) -> str:
             + dump_yaml(cfg))
 
 
+#: rows of the ranking the terminal shows
+TERMINAL_ROWS = 15
+
+
 def terminal(r: Recommendation) -> str:
     """The terminal summary: verdict, key numbers, reasons, sensitivity, the ranking."""
     sec = _sections(r)
@@ -343,8 +453,11 @@ def terminal(r: Recommendation) -> str:
     lines += ["", "why:"] + [f"  - {x}" for x in r.headline.reasons]
     lines += ["", "how far it holds:"] + [f"  - {x}" for x in s["sensitivity"]]
     lines += ["", "token-to-expert prediction:"] + [f"  - {x}" for x in s["hypothetical"]]
-    lines += ["", format_table(r.headline.ranking[:15], [(k, h, f) for k, h, f in RANK_COLUMNS[:8]],
-                               title="strategies at your cluster (fastest first):")]
+    rank = r.headline.ranking
+    shown = f"; {TERMINAL_ROWS} of {len(rank)}, every one in runs.csv and report.html" if len(rank) > TERMINAL_ROWS \
+        else ""
+    lines += ["", format_table(rank[:TERMINAL_ROWS], [(k, h, f) for k, h, f in RANK_COLUMNS[:8]],
+                               title=f"strategies at your cluster (fastest first{shown}):")]
     lines += [f"note: {x}" for x in r.notes]
     n = s["runs"]
     ok = n["total"] - n["infeasible"] - n["errors"]

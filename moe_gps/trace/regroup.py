@@ -138,10 +138,10 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
     else:
         why = f"a counts trace regroups only into whole multiples of its steps ({have} tokens)"
     return trace, None, (f"--tokens-per-step {n}: {why}; each step's expert counts are scaled from its {have} "
-                         f"tokens instead, {_scaling_noise(trace.tokens_per_step, n)}")
+                         f"tokens instead, {scaling_noise(trace.tokens_per_step, n)}")
 
 
-def _scaling_noise(tokens_per_step: np.ndarray, n: int) -> str:
+def scaling_noise(tokens_per_step: np.ndarray, n: int) -> str:
     """What scaling steps of ``tokens_per_step`` tokens to ``n`` does to their sampling noise: a step
     smaller than ``n`` keeps its larger noise, a larger one gets less than a real step of ``n`` has."""
     lo, hi = (int(tokens_per_step.min()), int(tokens_per_step.max())) if len(tokens_per_step) else (n, n)
