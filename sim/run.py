@@ -202,7 +202,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     cluster, model, workload = config.cluster, config.model, config.workload
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
-    trace, regrouped, warning = regroup_or_scale(trace, workload.tokens_per_step)
+    trace, regrouped, warning = regroup_or_scale(trace, workload.tokens_per_step, config.train_steps)
     warnings = [warning] if warning else []
     if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k and not warning:
         warnings.append(f"some steps hold fewer tokens ({int(np.min(trace.tokens_per_step))}) than experts x top_k "

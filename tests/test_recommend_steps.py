@@ -66,3 +66,16 @@ def test_uneven_counts_steps_and_the_run_counts_are_said_as_they_are():
     infeasible = sum(x["status"] == "infeasible" for x in r.records)
     assert infeasible >= 1            # the hypothetical token predictor cannot run on counts
     assert runs.startswith(f"runs: {n} ({n - infeasible} ok, {infeasible} infeasible, 0 errors; ")
+
+
+def test_a_workload_that_would_regroup_into_no_step_to_simulate_scales_instead():
+    """40 steps of 128 tokens would regroup into 13 steps of 384: enough for MIN_STEPS, but train_steps=13 would
+    leave none of them to simulate; the runs scale the steps instead (as simulate does) and run."""
+    trace = synthesize("sst2", num_steps=40, tokens_per_step=128, seed=1, num_layers=4)
+    sweep = parse_sweep({**SWEEP, "train_steps": 13, "sim_steps": 27,
+                         "workloads": [{"phase": "prefill", "tokens_per_step": 384}]}, "sweep")
+    r = recommend(trace, load_cluster("4xA100-nvlink"), MODEL, WorkloadConfig(), sweep, jobs=1, progress=False)
+    note = next(n for n in r.notes if n.startswith("the runs of workload prefill 384 scale"))
+    assert "fewer than the 14 that regrouping needs" in note
+    runs = r.df[r.df["workload"] == "prefill 384"]
+    assert len(runs) and set(runs["status"]) == {"ok"} and set(runs["sim_steps"]) == {27}

@@ -151,3 +151,13 @@ def test_rechunk_says_why_a_counts_trace_cannot_regroup_and_keeps_every_regroupi
     twice = regroup(regroup(trace, 100), 300)
     r = twice.meta.provenance["regrouped"]
     assert r["tokens_per_step"] == 300 and r["earlier"]["tokens_per_step"] == 100
+
+
+def test_regrouping_that_would_leave_no_step_after_train_steps_scales_instead():
+    t = synthesize("sst2", num_steps=40, tokens_per_step=128, seed=1, num_layers=4)     # 13 steps of 384
+    regrouped, note, warning = regroup_or_scale(t, 384)
+    assert regrouped.num_steps == 13 and warning is None
+    same, note, warning = regroup_or_scale(t, 384, train_steps=13)
+    assert same is t and note is None
+    assert "regrouping makes 13 steps of 384, and train_steps=13 would leave none of them to simulate" in warning
+    assert regroup_or_scale(t, 384, train_steps=12)[0].num_steps == 13

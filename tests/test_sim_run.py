@@ -235,9 +235,11 @@ def test_cli_errors(trace, tmp_path, capsys):
     for flag, value, message in (("--min-gain", "-1", "--min-gain must be a finite number >= 0, got -1.0"),
                                  ("--replan-interval", "0", "--replan-interval must be a finite number >= 1, got 0"),
                                  ("--min-gain", "nan", "--min-gain must be a finite number >= 0, got nan")):
-        assert main(["simulate", str(path), "--model", str(model), flag, value, "-o", str(tmp_path / "o")]) == 2
-        err = capsys.readouterr().err
-        assert err == f"moe-gps: error: {message}\n", err
+        for only in ([], ["--strategies", "none"]):   # checked even where no strategy takes it
+            assert main(["simulate", str(path), "--model", str(model), flag, value, *only,
+                         "-o", str(tmp_path / "o")]) == 2
+            err = capsys.readouterr().err
+            assert err == f"moe-gps: error: {message}\n", err
     assert not (tmp_path / "o").exists()
 
 

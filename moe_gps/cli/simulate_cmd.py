@@ -135,7 +135,8 @@ def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) ->
             raise UserError(f"--redundant-slots must be >= 0, got {args.redundant_slots}")
         strategies = [s if s.kind == "none" else replace(s, redundant_slots=args.redundant_slots)
                       for s in strategies]
-    strategies = [s if s.kind == "none" else replace(s, **policy_overrides(args)) for s in strategies]
+    overrides = policy_overrides(args)          # checked whether or not a strategy takes them
+    strategies = [s if s.kind == "none" else replace(s, **overrides) for s in strategies]
     return strategies, notes
 
 

@@ -24,7 +24,7 @@ from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, check_gpu_c
 from moe_gps.recommend.runner import Runner
 from moe_gps.recommend.skew import SkewVariant, mean_expert_skew
 from moe_gps.recommend.sweep import SweepConfig
-from moe_gps.trace.regroup import MIN_STEPS, regroup_or_scale, regrouped_steps
+from moe_gps.trace.regroup import regroup_or_scale, regrouped_steps, steps_needed
 
 #: two skew variants closer than this (in achieved skew) are one
 SKEW_DEDUP = 0.02
@@ -86,7 +86,7 @@ def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
     out = []
     for w in plan.workloads[1:]:
         n = w.tokens_per_step
-        if n and n != plan.trace_tokens and regrouped_steps(trace, n) >= MIN_STEPS:
+        if n and n != plan.trace_tokens and regrouped_steps(trace, n) >= steps_needed(plan.sweep.train_steps):
             out.append(f"workload {workload_label(w, plan.trace_tokens)}: its runs regroup the {trace.num_steps} "
                        f"steps into {regrouped_steps(trace, n)} steps of {n} tokens, of which the first "
                        f"{plan.sweep.train_steps} fit the predictors (runs.csv's sim_steps: the steps each run "
@@ -96,23 +96,24 @@ def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
 
 def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple[list[str], dict[str, str]]:
     """The workloads whose runs scale the trace's steps instead of regrouping them (simulate's rule,
-    :func:`moe_gps.trace.regroup.regroup_or_scale`: regroup only into at least ``MIN_STEPS`` steps).
+    :func:`moe_gps.trace.regroup.regroup_or_scale`: regroup only into :func:`steps_needed` steps or more).
 
     ``trace``: the trace the runs get (cut to train_steps + sim_steps); ``user_scaled``: the user's own
     workload scales too (its note is the one ``regroup_or_scale`` gave). -> (notes on the swept ones, workload
     label -> a short clause for the sentences that name it)."""
     from moe_gps.trace.data import TokensTrace
-    from moe_gps.trace.regroup import describe_tokens_per_step, scaling_noise
+    from moe_gps.trace.regroup import MIN_STEPS, describe_tokens_per_step, scaling_noise
 
     tps = trace.tokens_per_step
     have = describe_tokens_per_step(trace)
+    need = steps_needed(plan.sweep.train_steps)
     notes, clauses = [], {}
     for i, w in enumerate(plan.workloads):
         n = w.tokens_per_step
         if i == 0:
             scaled = bool(user_scaled and n)
         else:
-            scaled = bool(n) and n != plan.trace_tokens and regrouped_steps(trace, n) < MIN_STEPS
+            scaled = bool(n) and n != plan.trace_tokens and regrouped_steps(trace, n) < need
         if not scaled:
             continue
         label = workload_label(w, plan.trace_tokens)
@@ -122,7 +123,8 @@ def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple
         if i == 0:
             continue
         k = regrouped_steps(trace, n)
-        few = f"{k} step{'s' if k != 1 else ''} of {n}, fewer than the {MIN_STEPS} that regrouping needs"
+        few = (f"{k} step{'s' if k != 1 else ''} of {n}, fewer than the {need} that regrouping needs (at least "
+               f"{MIN_STEPS}, and one more than train_steps={plan.sweep.train_steps})")
         why = (f"the {trace.num_steps} steps hold {int(tps.sum())} tokens, {few}" if isinstance(trace, TokensTrace)
                else f"the {trace.num_steps} steps make {few}" if k else
                "a counts trace regroups only into whole multiples of its steps")
@@ -158,7 +160,7 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
     # the steps of your point, as simulate makes them: train_steps, sim_steps and the skews count these
-    trace, regrouped, scaled = regroup_or_scale(trace, workload.tokens_per_step)
+    trace, regrouped, scaled = regroup_or_scale(trace, workload.tokens_per_step, sweep.train_steps)
     notes += [x for x in (regrouped, scaled) if x]
     trace, sim_steps = _trim(trace, sweep, notes)
     if sim_steps != sweep.sim_steps:

@@ -12,8 +12,8 @@ A counts trace has no tokens to cut: it regroups only when ``N`` is a whole mult
 its (constant) tokens per step, by summing consecutive steps.
 
 :func:`regroup` does it; :func:`regroup_or_scale` is the simulator's rule: regroup when
-that leaves at least :data:`MIN_STEPS` steps, else keep the trace (and the simulator
-scales each step's counts to ``N``, with a warning saying why).
+that leaves at least :data:`MIN_STEPS` steps and more than the given ``train_steps``, else keep
+the trace (and the simulator scales each step's counts to ``N``, with a warning saying why).
 """
 
 from __future__ import annotations
@@ -116,10 +116,17 @@ def regroup_note(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> str:
             f"{steps} steps of {n}, in trace order{tail}")
 
 
-def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None):
+def steps_needed(train_steps: int | None = None) -> int:
+    """The fewest regrouped steps the simulator regroups into: :data:`MIN_STEPS`, and one more than a
+    given ``train_steps`` (so that some step is left to simulate)."""
+    return MIN_STEPS if train_steps is None else max(MIN_STEPS, int(train_steps) + 1)
+
+
+def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None,
+                     train_steps: int | None = None):
     """The simulator's rule for ``--tokens-per-step``: -> (trace, note, warning).
 
-    Regroup when that leaves at least :data:`MIN_STEPS` steps (note says so); otherwise return
+    Regroup when that leaves at least :func:`steps_needed` steps (note says so); otherwise return
     the trace as it is (the simulator then scales each step's counts to ``tokens_per_step``)
     and a warning with the reason. Without ``tokens_per_step``: the trace, no note, no warning.
     """
@@ -128,9 +135,12 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
     n = int(tokens_per_step)
     have = describe_tokens_per_step(trace)
     steps = regrouped_steps(trace, n)
-    if steps >= MIN_STEPS:
+    if steps >= steps_needed(train_steps):
         return regroup(trace, n), regroup_note(trace, n), None
-    if isinstance(trace, TokensTrace):
+    if steps >= MIN_STEPS:
+        why = (f"regrouping makes {steps} steps of {n}, and train_steps={train_steps} would leave none of them to "
+               "simulate")
+    elif isinstance(trace, TokensTrace):
         why = (f"the trace holds {trace.num_tokens} tokens, {steps} steps of {n} (regrouping needs "
                f"{MIN_STEPS}, {MIN_STEPS * n} tokens)")
     elif steps:
