@@ -76,6 +76,6 @@ def test_a_workload_that_would_regroup_into_no_step_to_simulate_scales_instead()
                          "workloads": [{"phase": "prefill", "tokens_per_step": 384}]}, "sweep")
     r = recommend(trace, load_cluster("4xA100-nvlink"), MODEL, WorkloadConfig(), sweep, jobs=1, progress=False)
     note = next(n for n in r.notes if n.startswith("the runs of workload prefill 384 scale"))
-    assert "fewer than the 14 that regrouping needs" in note
+    assert "fewer than the 14 that regrouping needs (one more than train_steps=13)" in note
     runs = r.df[r.df["workload"] == "prefill 384"]
     assert len(runs) and set(runs["status"]) == {"ok"} and set(runs["sim_steps"]) == {27}

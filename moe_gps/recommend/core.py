@@ -123,8 +123,8 @@ def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple
         if i == 0:
             continue
         k = regrouped_steps(trace, n)
-        few = (f"{k} step{'s' if k != 1 else ''} of {n}, fewer than the {need} that regrouping needs (at least "
-               f"{MIN_STEPS}, and one more than train_steps={plan.sweep.train_steps})")
+        few = (f"{k} step{'s' if k != 1 else ''} of {n}, fewer than the {need} that regrouping needs"
+               + (f" (one more than train_steps={plan.sweep.train_steps})" if need > MIN_STEPS else ""))
         why = (f"the {trace.num_steps} steps hold {int(tps.sum())} tokens, {few}" if isinstance(trace, TokensTrace)
                else f"the {trace.num_steps} steps make {few}" if k else
                "a counts trace regroups only into whole multiples of its steps")
