@@ -176,7 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="forward passes (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator when no input is given")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed (>= 0) of the generator when no input is given (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
@@ -193,6 +194,8 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device visible to this PyTorch build")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \

@@ -10,6 +10,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from moe_gps.cli.run_cmd import NPROC_HELP, check_nproc, local_device
 from moe_gps.errors import UserError
 
 MODES = ("off", "static", "dist-only", "token-to-expert")
@@ -25,16 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "MoE-layer phases. Means over repeats; writes a cluster YAML that `moe-gps simulate --cluster` "
                      "reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster YAML to write")
-    c.add_argument("--nproc", type=int, default=2, help="ranks, as the runs the file will describe (default: 2)")
+    c.add_argument("--nproc", type=int, default=2,
+                   help=f"ranks, at least 2, as the runs the file will describe ({NPROC_HELP}; default: %(default)s)")
     c.add_argument("--config", metavar="RUN_YAML",
                    help="run config whose model shapes are measured (default: the runtime's default model)")
-    c.add_argument("--repeats", type=int, default=20, help="timed repeats per size (default: %(default)s)")
+    c.add_argument("--repeats", type=int, default=20,
+                   help="timed repeats per size, at least 3; every number is a mean over them (default: %(default)s)")
     c.add_argument("--quick", action="store_true", help="fewer sizes and at most 5 repeats (a few seconds)")
     c.add_argument("--attempts", type=int, default=3,
-                   help="measure again, at most this many times in all, while other processes use more than a "
-                        "quarter of a core; the quietest attempt is kept (default: %(default)s)")
+                   help="measure again, at most this many times in all (at least 1), while other processes use more "
+                        "than a quarter of a core; the quietest attempt is kept (default: %(default)s)")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: a GPU (NCCL) when torch sees one, else CPU (gloo)")
+                   help="auto: a GPU (NCCL) when torch sees one, else CPU (gloo) (default: %(default)s)")
     c.set_defaults(func=cmd_calibrate)
 
     v = sub.add_parser(
@@ -49,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")
-    v.add_argument("--nproc", type=int, nargs="+", default=[2], metavar="N", help="numbers of ranks (default: 2)")
+    v.add_argument("--nproc", type=int, nargs="+", default=[2], metavar="N",
+                   help=f"numbers of ranks, each at least 2 ({NPROC_HELP}; default: 2)")
     v.add_argument("--strategies", nargs="+", default=list(MODES), metavar="MODE",
                    help=f"duplication modes to compare (default: all of {', '.join(MODES)})")
     v.add_argument("--cluster", metavar="FILE", help="a cluster file from `moe-gps calibrate` instead of calibrating "
@@ -59,10 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--runs", type=int, default=1,
                    help="rounds: each calibrates (unless --cluster), then runs every strategy once; steps pooled, "
                         "each run predicted from its own round's calibration (default: %(default)s)")
-    v.add_argument("--repeats", type=int, default=20, help="calibration repeats per size (default: %(default)s)")
-    v.add_argument("--quick", action="store_true", help="quick calibration (fewer sizes and repeats)")
-    v.add_argument("--attempts", type=int, default=3,
-                   help="calibration attempts while the machine is busy (see moe-gps calibrate; default: %(default)s)")
+    v.add_argument("--repeats", type=int,
+                   help="calibration repeats per size, at least 3 (default: 20; not with --cluster)")
+    v.add_argument("--quick", action="store_true",
+                   help="quick calibration (fewer sizes and repeats; not with --cluster)")
+    v.add_argument("--attempts", type=int,
+                   help="calibration attempts while the machine is busy, at least 1 (see moe-gps calibrate; "
+                        "default: 3; not with --cluster)")
     v.add_argument("--max-phase-error", type=float, metavar="PERCENT",
                    help="exit 1 when any phase that takes at least 5%% of the measured step is predicted more than "
                         "PERCENT %% of its measured mean outside the measurement's 95%% interval (e.g. 10)")
@@ -75,12 +82,25 @@ def _need_torch() -> None:
         raise UserError("this command runs the runtime and needs torch: pip install 'moe-gps[runtime]'")
 
 
+def check_calibration_flags(repeats: int, attempts: int) -> None:
+    """--repeats and --attempts of a calibration, as calibrate and validate take them."""
+    if repeats < 3:
+        raise UserError(f"--repeats must be at least 3 (every number is a mean over the repeats), got {repeats}")
+    if attempts < 1:
+        raise UserError(f"--attempts must be at least 1, got {attempts}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moe_gps.fidelity.calibrate import MeasurementFailed, calibrate
     from moe_gps.tables import format_table
     from runtime.config import load_run_config, parse_run_config
 
     _need_torch()
+    if args.nproc < 2:
+        raise UserError(f"--nproc must be at least 2 (the links are measured between ranks), got {args.nproc}")
+    check_calibration_flags(args.repeats, args.attempts)
+    device = local_device(args.device, "--device")
+    check_nproc(args.nproc, device)
     from moe_gps.outputs import check_output_file
     out = check_output_file(args.output)
     if out.suffix not in (".yaml", ".yml"):
@@ -88,10 +108,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for suffix in (".model.yaml", ".measurements.csv", ".samples.csv"):
         check_output_file(out.with_name(out.stem + suffix), None)
     run_cfg = load_run_config(args.config) if args.config else parse_run_config({}, "runtime defaults")
-    device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cal = calibrate(run_cfg, args.nproc, out, repeats=args.repeats, quick=args.quick, device=device,
                         attempts=args.attempts)
@@ -114,16 +130,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from runtime.validate import ValidateOptions, validate
 
     _need_torch()
-    from moe_gps.outputs import hold_output_dir
+    from moe_gps.outputs import check_output_dir, hold_output_dir
+    from runtime.config import load_run_config
+    from runtime.validate import check_inputs
+
+    # every flag before anything is printed or created
     out = Path(args.output) if args.output else Path("moe-gps-out") / f"validate-{Path(args.config).stem}"
-    mpe = args.max_phase_error       # checked with the other options by validate()
+    if args.cluster:
+        given = [flag for flag, v in (("--repeats", args.repeats), ("--quick", args.quick or None),
+                                      ("--attempts", args.attempts)) if v is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to the calibration, which --cluster replaces; drop "
+                            f"{' and '.join(given)} or --cluster")
+    repeats = 20 if args.repeats is None else args.repeats
+    attempts = 3 if args.attempts is None else args.attempts
+    check_calibration_flags(repeats, attempts)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    mpe = args.max_phase_error       # checked with the other options by check_inputs()
     opt = ValidateOptions(trace=args.trace, config=args.config, out=out, nprocs=list(args.nproc),
                           strategies=split_strategy_names(args.strategies), cluster=args.cluster, steps=args.steps,
                           skip=args.skip,
-                          repeats=args.repeats, runs=args.runs, quick=args.quick, attempts=args.attempts,
+                          repeats=repeats, runs=args.runs, quick=args.quick, attempts=attempts,
                           max_phase_error=None if mpe is None else mpe / 100.0)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    check_output_dir(out)
+    device = local_device(load_run_config(args.config).run.device, f"{args.config}: run.device")
+    for n in opt.nprocs:
+        check_nproc(n, device)
+        if not args.cluster:          # the calibrations' ranks run on the CPU
+            check_nproc(n, "cpu")
+    check_inputs(opt)
     hold_output_dir(out)
     try:
         comparisons, _, text = validate(opt)

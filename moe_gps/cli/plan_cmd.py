@@ -11,7 +11,7 @@ from moe_gps.files import same_file
 
 ALGORITHM_HELP = ("none: no copies, vLLM's linear (E/N contiguous experts per GPU) or round_robin layout "
                   "(--layout); greedy: MoE-GPS paper Algorithm 1; "
-                  "eplb: DeepSeek EPLB (hierarchical with --nodes/--groups); waterfill: ours, uneven "
+                  "eplb: DeepSeek EPLB (hierarchical with --nodes > 1 and --groups); waterfill: ours, uneven "
                   "replica shares, migration-aware with --previous")
 
 
@@ -25,27 +25,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "static layout. "
                      "Definitions: docs/placement.md."))
     p.add_argument("trace", help="trace file (.parquet), tokens or counts kind")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in the expert-parallel group")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the expert-parallel group (at least 1)")
     p.add_argument("--redundant", type=int, default=0,
-                   help="extra slots per layer in total; experts + redundant must divide by --gpus (default 0)")
+                   help="extra slots per layer in total, >= 0; experts + redundant must divide by --gpus (default 0)")
     from moe_gps.placement.planner import ALGORITHMS
     p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS, help=ALGORITHM_HELP + " (default: eplb)")
     p.add_argument("--steps", default="all",
                    help="steps whose loads are summed: 'all', 'A:B' (half-open, like Python), or a comma list "
-                        "such as '0,4,8' or '0:16,32:48' (default: all)")
-    p.add_argument("--nodes", type=int, default=1, help="eplb: nodes (hierarchical when > 1; default 1)")
-    p.add_argument("--groups", type=int, default=1, help="eplb: expert groups (default 1)")
+                        "such as '0,4,8' or '0:16,32:48'; a step named twice counts once, with a note (default: all)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="eplb: nodes; more than 1 runs DeepSeek's hierarchical variant (expert groups packed onto "
+                        "nodes, then replicas placed within each node), which needs --groups a multiple of --nodes "
+                        "and --gpus a multiple of --nodes (default 1: the global variant)")
+    p.add_argument("--groups", type=int, default=1,
+                   help="eplb with --nodes > 1: expert groups, a multiple of --nodes that divides the experts "
+                        "(default 1)")
     p.add_argument("--threshold", type=float, default=None,
                    help="greedy/waterfill: stop copying when hottest - coldest GPU <= threshold x mean "
                         "(defaults: greedy 0.05, waterfill 0)")
-    p.add_argument("--max-copies", type=int, default=None, help="greedy/waterfill: copies per layer at most")
+    p.add_argument("--max-copies", type=int, default=None,
+                   help="greedy/waterfill: copies per layer at most (>= 0)")
     p.add_argument("--previous", metavar="PLAN", help="placement in force (YAML): bytes moved, and migration-"
                                                       "aware planning for waterfill")
     p.add_argument("--expert-mib", type=float, default=None,
                    help="MiB of one expert's weights in one layer, for memory and bytes moved "
                         "(e.g. Mixtral 8x7B bf16: 336)")
-    p.add_argument("--max-slots-per-gpu", type=int, default=None, help="capacity: slots per GPU at most")
-    p.add_argument("-o", "--output", required=True, help="placement file to write (.yaml)")
+    p.add_argument("--max-slots-per-gpu", type=int, default=None,
+                   help="capacity: slots per GPU at most (at least 1)")
+    p.add_argument("-o", "--output", required=True, help="placement file to write (.yaml or .yml)")
     p.add_argument("--layout", choices=("linear", "round_robin"), default=None,
                    help="--algorithm none: vLLM's --expert-placement-strategy layout (default: linear)")
     p.add_argument("--sglang", metavar="FILE", help="also write SGLang --init-expert-location JSON "
@@ -69,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def parse_steps(spec: str, num_steps: int) -> list[int]:
-    """'all' | 'A:B' | 'a,b,c' | mixes such as '0:4,9' -> sorted unique step indices."""
+def parse_steps(spec: str, num_steps: int, repeated: list[int] | None = None) -> list[int]:
+    """'all' | 'A:B' | 'a,b,c' | mixes such as '0:4,9' -> sorted unique step indices. A step named more than
+    once (also by overlapping pieces) counts once; ``repeated``, when given, receives those steps."""
     spec = spec.strip()
     if spec in ("all", ""):
         return list(range(num_steps))
@@ -81,18 +89,20 @@ def parse_steps(spec: str, num_steps: int) -> list[int]:
             if ":" in part:
                 a, b = part.split(":", 1)
                 sl = slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
-                picked = range(num_steps)[sl]
+                picked = list(range(num_steps)[sl])
                 if len(picked) == 0:
                     raise UserError(f"--steps: '{part}' selects no step (the trace has {num_steps} steps)")
-                out.update(picked)
             else:
                 s = int(part)
                 if not -num_steps <= s < num_steps:
                     raise UserError(f"--steps: step {s} is out of range (the trace has {num_steps} steps, 0.."
                                     f"{num_steps - 1})")
-                out.add(s % num_steps)
+                picked = [s % num_steps]
         except ValueError:
             raise UserError(f"--steps: cannot read '{part}'; use 'all', 'A:B' or a comma list of steps") from None
+        if repeated is not None:
+            repeated += sorted(set(picked) & out - set(repeated))
+        out.update(picked)
     return sorted(out)
 
 
@@ -130,6 +140,43 @@ def expert_mib_bytes(mib: float | None) -> int | None:
     return int(round(size))
 
 
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """The numbers of ``moe-gps plan`` that need no trace, each named by its flag."""
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.redundant < 0:
+        raise UserError(f"--redundant must be >= 0, got {args.redundant}")
+    for flag, value in (("--nodes", args.nodes), ("--groups", args.groups), ("--max-slots-per-gpu",
+                                                                              args.max_slots_per_gpu)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.max_copies is not None and args.max_copies < 0:
+        raise UserError(f"--max-copies must be >= 0, got {args.max_copies}")
+    if args.algorithm == "eplb":
+        if args.nodes == 1 and args.groups != 1:
+            raise UserError(f"--groups {args.groups}: expert groups apply to the hierarchical EPLB only, with "
+                            "--nodes > 1 (with one node EPLB runs its global variant, which has no groups)")
+        if args.nodes > 1 and args.groups % args.nodes:
+            raise UserError(f"--nodes {args.nodes} --groups {args.groups}: the hierarchical EPLB packs whole "
+                            f"expert groups onto nodes, so --groups must be a multiple of --nodes (DeepSeek's EPLB "
+                            "would silently fall back to its global variant)")
+        if args.gpus % args.nodes:
+            raise UserError(f"--gpus {args.gpus}: {args.gpus} GPUs do not divide over --nodes {args.nodes}")
+
+
+def check_plan_shape(args: argparse.Namespace, num_experts: int) -> None:
+    """The numbers of ``moe-gps plan`` checked against the trace's experts, each named by its flag."""
+    E, N, R = num_experts, args.gpus, args.redundant
+    if (E + R) % N == 0 and args.max_slots_per_gpu is not None and (E + R) // N > args.max_slots_per_gpu:
+        raise UserError(f"--max-slots-per-gpu {args.max_slots_per_gpu}: {E} experts + {R} redundant = {E + R} "
+                        f"slots over {N} GPUs is {(E + R) // N} slots per GPU, more than the capacity of "
+                        f"{args.max_slots_per_gpu}; allow more, or use fewer redundant slots or more GPUs")
+    if args.algorithm == "eplb" and args.nodes > 1:
+        if E % args.groups:
+            raise UserError(f"--groups {args.groups}: the trace's {E} experts do not divide into {args.groups} "
+                            "groups")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.placement import Capacity, load_placement, placement_metrics, plan_placement, save_placement
     from moe_gps.atomic import write_text_atomic
@@ -141,9 +188,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     outputs = [("-o" if flag == "output" else "--" + flag.replace("_", "-"), getattr(args, flag))
                for flag in ("output", "sglang", "sglang_logical_count", "vllm", "vllm_ascend") if getattr(args, flag)]
+    check_plan_flags(args)
     for flag, path in outputs:
         check_output_file(path, flag)
     check_distinct_outputs(outputs, args.trace, args.previous)
+    if not args.output.lower().endswith((".yaml", ".yml")):
+        raise UserError(f"-o {args.output}: the placement is written as YAML; give a file name ending in .yaml "
+                        "or .yml")
     for flag, path in outputs:
         if flag in ("--sglang", "--sglang-logical-count", "--vllm-ascend") and not path.endswith(".json"):
             raise UserError(f"{flag} {path}: the server reads this file as JSON only when its name ends in .json "
@@ -151,8 +202,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_threshold(args.threshold)
     expert_bytes = expert_mib_bytes(args.expert_mib)
     trace = load_trace(args.trace)
+    check_plan_shape(args, trace.meta.num_experts)
     counts = trace.counts()                                   # [steps, layers, experts]
-    steps = parse_steps(args.steps, counts.shape[0])
+    repeated: list[int] = []
+    steps = parse_steps(args.steps, counts.shape[0], repeated)
+    if repeated:
+        print(f"moe-gps: note: --steps names step{'s' if len(repeated) > 1 else ''} {format_indices(repeated)} more "
+              "than once; the loads of every step are summed once", file=sys.stderr)
     loads = counts[steps].sum(axis=0)
     if loads.sum() == 0:
         raise UserError(f"{args.trace}: the selected steps route no tokens; nothing to balance")

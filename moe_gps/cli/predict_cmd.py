@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictors", metavar="LIST",
                    help="comma-separated names (default: all but synthetic); a name in both kinds (oracle) "
                         "selects both, 'distribution:NAME' or 'token:NAME' one")
-    p.add_argument("--train-steps", type=int, metavar="N", help="steps to fit on (default: half the steps)")
+    p.add_argument("--train-steps", type=int, metavar="N",
+                   help="steps to fit on, at least 1 and fewer than the trace's steps (default: half the steps)")
     p.add_argument("--tokens-per-step", type=int, metavar="N",
                    help="regroup the trace's own tokens, in order, into steps of N tokens first (as `moe-gps trace "
                         "rechunk`): errors are then those of N-token steps")
@@ -94,15 +95,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "predictor's own (profile and mlp offline, the rest online)")
     p.add_argument("--gpus", type=int, default=4, metavar="G", help="GPUs for the balancedness metric (default: 4)")
     p.add_argument("--redundant", type=int, metavar="R",
-                   help="redundant expert slots per layer (default: one per GPU, or what makes experts + R "
+                   help="redundant expert slots per layer, >= 0 (default: one per GPU, or what makes experts + R "
                         "divide over the GPUs)")
     p.add_argument("--algorithm", default="eplb",
                    help="placement algorithm that plans replicas from each prediction (default: eplb; see "
                         "docs/placement.md)")
     p.add_argument("--synthetic", metavar="A[,A...]",
                    help="add synthetic token predictors of these accuracies (top-k recall), e.g. 0.9,0.7")
-    p.add_argument("--placement", default="typical", choices=("optimistic", "typical", "pessimistic"),
-                   help="where the synthetic predictor's errors go (default: typical; docs/predictors.md)")
+    p.add_argument("--placement", choices=("optimistic", "typical", "pessimistic"),
+                   help="with --synthetic: where the synthetic predictors' errors go (default: typical; "
+                        "docs/predictors.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--synthetic-flops", type=float, metavar="F",
                    help="the synthetic predictors' cost in FLOPs per token per layer (default: 0)")
@@ -216,8 +218,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--per-layer: unknown metric(s) {', '.join(bad)} (choose from {', '.join(LAYER_METRICS)})")
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.redundant is not None and args.redundant < 0:
+        raise UserError(f"--redundant must be >= 0, got {args.redundant}")
+    if args.train_steps is not None and args.train_steps < 1:
+        raise UserError(f"--train-steps must be at least 1, got {args.train_steps}")
+    if args.tokens_per_step is not None and args.tokens_per_step < 1:
+        raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.placement is not None and not args.synthetic:
+        raise UserError("--placement is where the errors of the predictors of --synthetic go; give --synthetic too")
+    args.placement = args.placement or "typical"
     overhead = None
     if args.synthetic_flops is not None:
         if not args.synthetic:
@@ -244,11 +255,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     warnings = []
     regrouped = None
     if args.tokens_per_step is not None:
-        from moe_gps.trace.regroup import regroup, regroup_note
+        from moe_gps.cli.trace_cmd import regroup_by_flag
+        from moe_gps.trace.regroup import regroup_note
 
-        if args.tokens_per_step < 1:
-            raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-        trace, regrouped = regroup(trace, args.tokens_per_step), regroup_note(trace, args.tokens_per_step)
+        trace, regrouped = regroup_by_flag(trace, args.tokens_per_step), regroup_note(trace, args.tokens_per_step)
+    if args.train_steps is not None and trace.num_steps >= 2 and args.train_steps >= trace.num_steps:
+        raise UserError(f"--train-steps {args.train_steps}: train steps must be between 1 and {trace.num_steps - 1} "
+                        f"for a trace of {trace.num_steps} steps{' (once regrouped)' if regrouped else ''}, so that "
+                        "a step is left to test")
     m = trace.meta
     if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k:
         warnings.append(f"some steps hold fewer tokens ({int(trace.tokens_per_step.min())}) than experts x top_k "

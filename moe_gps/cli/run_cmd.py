@@ -16,6 +16,38 @@ import sys
 from moe_gps.errors import UserError
 
 MODES = ("off", "static", "dist-only", "token-to-expert")
+#: ranks per CPU core at most on CPU (gloo): each rank is a process with its own threads and memory, and more
+#: only time-share the cores (``moe-gps run``, ``calibrate`` and ``validate`` refuse more)
+RANKS_PER_CORE = 8
+NPROC_HELP = (f"at most {RANKS_PER_CORE} per CPU core on CPU, at most the GPUs torch sees on GPUs")
+
+
+def local_device(device: str, where: str) -> str:
+    """``cuda`` or ``cpu``: what ``device`` (auto, cpu, cuda) means for ranks on this machine; a UserError
+    naming ``where`` (the flag or config key) for cuda when torch sees no GPU."""
+    from runtime.dist import choose_device
+
+    return choose_device(device, where=where).type
+
+
+def check_nproc(nproc: int, device: str, flag: str = "--nproc") -> None:
+    """The one limit on local ranks (``run``, ``calibrate``, ``validate``): on GPUs (``device`` cuda) one rank per
+    GPU torch sees; on CPU at most :data:`RANKS_PER_CORE` per core this process may use."""
+    if device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(f"{flag} {nproc}: more ranks than the {gpus} GPU(s) torch sees (one rank per GPU); "
+                            f"use at most {gpus}, or --device cpu")
+        return
+    from moe_gps.cli.common_args import cpu_cores
+
+    cores = cpu_cores()
+    if nproc > RANKS_PER_CORE * cores:
+        raise UserError(f"{flag} {nproc}: more than {RANKS_PER_CORE} ranks per CPU core ({cores} core(s) here: at "
+                        f"most {RANKS_PER_CORE * cores}); each rank is a process with its own threads and memory, "
+                        "and more ranks only share the cores")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="run config (YAML; example: runtime/examples/run.yaml)")
     p.add_argument("--duplication", required=True, choices=MODES,
                    help="off | static | dist-only | token-to-expert (docs/runtime.md)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks on this machine (default: %(default)s)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help=f"ranks on this machine ({NPROC_HELP}; default: %(default)s)")
     p.add_argument("--steps", type=int, help="override run.steps")
     p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR", help="override output.dir")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
@@ -63,10 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--nproc must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
-    device = args.device or cfg.run.device
-    if device == "cuda":          # the one setting that can fail here (auto falls back to the CPU)
-        from runtime.dist import choose_device
-        choose_device(device, where="--device" if args.device else f"{args.config}: run.device")
+    device = local_device(args.device or cfg.run.device, "--device" if args.device else f"{args.config}: run.device")
+    check_nproc(args.nproc, device)
     if not cfg.model.checkpoint:
         # what every rank builds first: the min_gain cost model (its cluster file against the ranks), the
         # duplication policy (the slots dividing over the ranks, its predictor, its plan file) and step 0's

@@ -48,10 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, metavar="R", help="requests per second (default: the workload's rate)")
     rate.add_argument("--rates", type=float, nargs="+", metavar="R",
-                      help="several request rates: one run each, and the latency-throughput figure")
+                      help="several request rates: one run each (a rate named twice runs once, with a note), and the "
+                           "latency-throughput figure")
     p.add_argument("--requests", type=int, metavar="N", help="requests per rate (default: the workload's)")
+    # re-plan checks count iterations; a window, the trace steps the iterations' tokens came from
     add_strategy_args(p, "iterations", f"'all' for every default strategy the trace supports (default: "
-                                       f"{' '.join(DEFAULT_STRATEGIES)})")
+                                       f"{' '.join(DEFAULT_STRATEGIES)})", window="trace steps")
     add_assumptions_arg(p)
     p.add_argument("--train-steps", type=int, metavar="N",
                    help="trace steps used to fit predictors and profile the static plan; the rest route the "
@@ -109,6 +111,9 @@ def build_config(args: argparse.Namespace, trace):
     else:
         if args.train_steps is not None and args.train_steps < 1:
             raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
+        if args.train_steps is not None and trace.num_steps >= 2 and args.train_steps >= trace.num_steps:
+            raise UserError(f"--train-steps {args.train_steps} leaves no trace step to route the requests' tokens: "
+                            f"the trace has {trace.num_steps} steps; use at most {trace.num_steps - 1}")
         strategies, notes = strategies_from_args(args, trace, DEFAULT_STRATEGIES)
         sim_cfg = SimulateConfig(cluster=load_cluster(args.cluster or DEFAULT_CLUSTER), model=model_from_args(args, trace),
                                  strategies=strategies, train_steps=args.train_steps)
@@ -130,6 +135,10 @@ def build_config(args: argparse.Namespace, trace):
         rates = [args.rate] if args.rate is not None else list(args.rates)
         for r in rates:
             _number("rate" if args.rate is not None else "rates", r, False, 0, True)
+        repeated = sorted({r for i, r in enumerate(rates) if r in rates[:i]})
+        if repeated:
+            print(f"moe-gps: note: --rates names {', '.join(f'{r:g}' for r in repeated)} more than once; each rate "
+                  "runs once", file=sys.stderr)
         cfg = replace(cfg, rates=sorted(set(rates)))
     if args.requests is not None:
         if args.requests < 1:

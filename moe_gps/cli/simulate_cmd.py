@@ -49,9 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str) -> None:
+def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, window: str = "steps") -> None:
     """Add --strategies, --redundant-slots, --copy-policy, --replan-interval, --window and --min-gain to
-    ``p``; ``unit``: what a re-plan interval counts (steps, iterations); ``default``: the default strategies."""
+    ``p``; ``unit``: what a re-plan interval counts (steps, iterations); ``window``: what a window counts;
+    ``default``: the default strategies."""
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help="strategies to compare (space or comma separated): none, eplb, static:PLANNER, "
                         f"dist:PREDICTOR, token:PREDICTOR, oracle, and {default}. Predictor options go in "
@@ -70,13 +71,29 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str) -> No
                         "EPLB cadence for eplb, 16 for the predicting strategies and the oracle, 1 for them with "
                         "--assumptions paper)")
     p.add_argument("--window", type=int, metavar="W",
-                   help="steps of history a plan is made from, for every duplicating strategy (default: "
+                   help=f"{window} of history a plan is made from, for every duplicating strategy (default: "
                         "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 with "
                         "--assumptions paper, 1 for the oracle)")
     p.add_argument("--min-gain", type=float, metavar="X",
                    help="re-plan only when the predicted saving until the next check exceeds X times the "
-                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise; 0 with "
-                        "--assumptions paper)")
+                        "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise; 0 for "
+                        "the distribution and token strategies with --assumptions paper, the oracle keeping 1)")
+
+
+def check_train_steps(n: int, trace, tokens_per_step: int | None) -> None:
+    """``--train-steps n`` leaves a step to simulate, in the steps the simulation has (the trace's, or those
+    ``--tokens-per-step`` regroups it into); else a UserError naming the flag."""
+    from moe_gps.trace.regroup import regrouped_steps, steps_needed
+
+    if n < 1:
+        raise UserError(f"--train-steps must be >= 1, got {n}")
+    steps = trace.num_steps
+    if tokens_per_step is not None and regrouped_steps(trace, tokens_per_step) >= steps_needed(n):
+        steps = regrouped_steps(trace, tokens_per_step)
+    if n >= steps:
+        raise UserError(f"--train-steps {n} leaves no step to simulate: the trace has {steps} steps"
+                        + (f" (as --tokens-per-step {tokens_per_step} gives them)" if tokens_per_step else "")
+                        + f"; use at most {steps - 1}")
 
 
 def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], list[str]]:
@@ -108,8 +125,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
             cfg = replace(cfg, copy_policy=args.copy_policy)
         if args.assumptions:
             cfg = replace(cfg, assumptions=args.assumptions)
-        if args.train_steps is not None and args.train_steps < 1:
-            raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
+        if args.train_steps is not None:
+            check_train_steps(args.train_steps, trace, workload.tokens_per_step)
     if args.seed is not None:
         if args.seed < 0:
             raise UserError(f"--seed must be >= 0, got {args.seed}")
@@ -128,6 +145,10 @@ def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) ->
     from sim.strategies import expand_strategies
 
     requested = split_strategy_names(args.strategies) if args.strategies else default
+    repeated = sorted({n for i, n in enumerate(requested) if n in requested[:i]})
+    if repeated:
+        print(f"moe-gps: note: --strategies names {', '.join(repeated)} more than once; each runs once",
+              file=sys.stderr)
     names, notes = expand_strategies(requested, trace)
     strategies = [strategy_from_name(n) for n in names]
     if args.redundant_slots is not None:

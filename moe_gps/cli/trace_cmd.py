@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moe_gps.errors import UserError
 
@@ -59,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", default="tokens", choices=("tokens", "counts"),
                    help="tokens: every token's experts; counts: tokens per expert per step and layer "
                         "(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=64, help="forward passes (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=512, help="tokens per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="forward passes, at least 1 (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per step, at least 1 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--weights", action="store_true", help="also write gate weights (larger file)")
     p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
@@ -77,12 +78,42 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "whole step are left out. A counts trace regroups only into whole multiples of its steps. "
                      "The result is validated and written atomically."))
     p.add_argument("file", help="trace file (.parquet)")
-    p.add_argument("--tokens-per-step", type=int, required=True, metavar="N", help="tokens per regrouped step")
+    p.add_argument("--tokens-per-step", type=int, required=True, metavar="N",
+                   help="tokens per regrouped step (at least 1, at most the trace's tokens)")
     p.add_argument("-o", "--output", required=True, help="output trace (.parquet)")
     p.set_defaults(func=cmd_rechunk)
 
     from moe_gps.cli.trace_import_cmd import register_import
     register_import(tsub)
+
+
+def check_trace_output(path: str, flag: str = "-o"):
+    """The output trace file (:func:`~moe_gps.outputs.check_output_file`), whose name must end in .parquet (a
+    trace is written as Parquet whatever the name says)."""
+    from moe_gps.outputs import check_output_file
+
+    out = check_output_file(path, flag)
+    if not str(path).lower().endswith(".parquet"):
+        raise UserError(f"{flag} {path}: a trace is written as Parquet; give a file name ending in .parquet")
+    return out
+
+
+def regroup_by_flag(trace, tokens_per_step: int, flag: str = "--tokens-per-step"):
+    """:func:`~moe_gps.trace.regroup.regroup` with the problems of ``flag``'s value named by the flag."""
+    from moe_gps.trace.regroup import regroup, regrouped_steps
+
+    n = tokens_per_step
+    if n < 1:
+        raise UserError(f"{flag} must be >= 1, got {n}")
+    if regrouped_steps(trace, n) < 1:
+        total = int(trace.tokens_per_step.sum())
+        if total < n:
+            raise UserError(f"{flag} {n}: the trace holds {total} tokens, fewer than one step of {n}")
+        try:
+            regroup(trace, n)
+        except UserError as err:
+            raise UserError(f"{flag} {n}: {err}") from None
+    return regroup(trace, n)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -91,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moe_gps.trace import load_trace
     from moe_gps.trace.stats import summarize
 
-    summary = summarize(load_trace(args.file))
+    summary = summarize(load_trace(args.file), progress=sys.stderr.isatty())
     if args.json:
         print(dumps_json(summary.to_dict(), indent=2))
         return 0
@@ -125,9 +156,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: bytes per (step, layer, expert) count of a counts trace before compression (an int64)
+COUNT_BYTES = 8
+
+
+def check_counts_disk(output: str, steps: int, profile, sizes: str) -> None:
+    """A UserError naming the size flags when a counts trace's counts (steps x layers x experts x 8 bytes
+    before compression) exceed the free space of the output's folder."""
+    import os
+    import shutil
+
+    from moe_gps.tables import format_bytes
+
+    need = steps * profile.num_layers * profile.num_experts * COUNT_BYTES
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return                           # unknown: the writer reports a full disk as one line
+    if need > free:
+        raise UserError(f"{sizes}: the counts take about {format_bytes(need)} before compression ({steps} steps x "
+                        f"{profile.num_layers} layers x {profile.num_experts} experts x {COUNT_BYTES} bytes), more "
+                        f"than the {format_bytes(free)} free in {folder}; make it smaller")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from moe_gps.errors import environment_error
-    from moe_gps.outputs import check_output_file
     from moe_gps.tables import format_bytes
     from moe_gps.trace import CountsWriter, write_trace
     from moe_gps.trace.synth import available_memory, get_profile, memory_needed, parse_setting, synthesize
@@ -136,28 +190,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    check_output_file(args.output)
+    for flag, value in (("--steps", args.steps), ("--tokens", args.tokens)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.kind == "counts" and args.weights:
+        raise UserError("--weights: a counts trace has no gate weights (use --kind tokens)")
+    check_trace_output(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
     if args.kind == "counts" and profile.top_k * args.tokens >= MAX_ASSIGNMENTS:
         raise UserError(f"--tokens {args.tokens}: top_k x tokens = {profile.top_k * args.tokens} assignments per step "
                         f"and layer, more than the 2^40 a counts trace may hold")
     sizes = " ".join([f"--steps {args.steps} --tokens {args.tokens}"] + [f"--set {s}" for s in args.set])
+    if args.kind == "counts":
+        check_counts_disk(args.output, args.steps, profile, sizes)
+    progress = sys.stderr.isatty()
     try:
         if args.kind == "counts":
-            if args.weights:
-                raise UserError("--weights: a counts trace has no gate weights (use --kind tokens)")
+            from tqdm import tqdm
+
             profile, meta = counts_meta(profile, args.steps, args.tokens, args.seed)
-            with CountsWriter(args.output, meta) as writer:
+            with CountsWriter(args.output, meta) as writer, \
+                    tqdm(total=args.steps, desc="synth", unit="step", leave=False, disable=not progress,
+                         file=sys.stderr) as bar:
                 for block in counts_blocks(profile, args.steps, args.tokens, args.seed):
                     writer.write_steps(block)
+                    bar.update(len(block))
         else:
             need, have = memory_needed(profile, args.steps, args.tokens, args.weights), available_memory()
             if have is not None and need > have:
                 raise UserError(f"{sizes}: the trace needs about {format_bytes(need)} of memory, "
                                 f"{format_bytes(have)} is available; make it smaller")
             write_trace(args.output, synthesize(profile, num_steps=args.steps, tokens_per_step=args.tokens,
-                                                seed=args.seed, with_weights=args.weights))
+                                                seed=args.seed, with_weights=args.weights, progress=progress))
     except MemoryError as err:
         raise environment_error(err, flag=sizes) from None
     print(f"wrote {args.output}: synthetic {args.kind} trace, profile {profile.name}, {args.steps} steps x "
@@ -168,15 +233,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
     from moe_gps.atomic import atomic_path
-    from moe_gps.outputs import check_output_file
     from moe_gps.trace import load_trace, write_trace
-    from moe_gps.trace.regroup import describe_tokens_per_step, regroup
+    from moe_gps.trace.regroup import describe_tokens_per_step
 
-    check_output_file(args.output)
+    check_trace_output(args.output)
     if args.tokens_per_step < 1:
         raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     trace = load_trace(args.file)
-    out = regroup(trace, args.tokens_per_step)
+    out = regroup_by_flag(trace, args.tokens_per_step)
     with atomic_path(args.output) as tmp:   # in place only once the written file passes the full validation
         write_trace(tmp, out)
         try:

@@ -96,8 +96,8 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--model", default="unknown", help="model name for the metadata (default: unknown)")
     p.add_argument("--dataset", default="unknown", help="dataset name for the metadata (default: unknown)")
     p.add_argument("--top-k", type=_positive_int, help="experts per token (required for popularity-json, "
-                   "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; checked "
-                   "against the data where it shows)")
+                   "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; gate-csv: "
+                   "optional; checked against the data where it shows, e.g. gate-csv's non-zero scores per row)")
     p.add_argument("--num-layers", type=_positive_int, help="vllm-jsonl: MoE layers per forward pass (required); "
                    "sglang-routed: layers of the flat array (the model's num_hidden_layers)")
     p.add_argument("--num-experts", type=_positive_int, help="vllm-jsonl, vllm-routed, sglang-routed: routed "
@@ -170,11 +170,11 @@ def _other_format(fmt: str, sources: list[str]) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from moe_gps.cli.trace_cmd import check_trace_output
     from moe_gps.files import same_file
-    from moe_gps.outputs import check_output_file
     from moe_gps.trace.importers import import_trace
 
-    out = check_output_file(args.output)
+    out = check_trace_output(args.output)
     for src in args.sources:
         if same_file(src, out):
             raise UserError(f"{args.output}: the output would overwrite the source {src}")

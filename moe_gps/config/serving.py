@@ -16,6 +16,8 @@ from moe_gps.errors import UserError
 
 ARRIVAL_PROCESSES = ("poisson", "gamma", "csv")
 LENGTH_DISTS = ("fixed", "uniform", "empirical")
+#: the coefficient of variation of gamma arrival gaps when the workload does not give one
+GAMMA_CV = 2.0
 #: the columns of a requests CSV (as exported from a server's logs)
 CSV_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
@@ -29,8 +31,16 @@ class ArrivalSpec:
         "variation `cv` (> 1 is burstier than Poisson); csv: the `arrival_s` column of `requests_csv`, in "
         "order, time-scaled so that its mean rate is `rate` (the bursts of the log are kept)",
         choices=ARRIVAL_PROCESSES, default="poisson")
-    cv: float = spec("process gamma: standard deviation / mean of the gaps between arrivals (1 = Poisson)",
-                     gt=0, default=2.0)
+    cv: float | None = spec("process gamma: standard deviation / mean of the gaps between arrivals (1 = Poisson; "
+                            "default 2); not used, and not written, for the other processes", gt=0, default=None)
+
+    def __post_init__(self) -> None:
+        # cv means something for gamma gaps only: 2 there unless given, and absent (not written) elsewhere
+        if self.process == "gamma":
+            if self.cv is None:
+                self.cv = GAMMA_CV
+        else:
+            self.cv = None
 
 
 @dataclass

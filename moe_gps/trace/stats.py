@@ -169,8 +169,24 @@ class TraceSummary:
         return d
 
 
-def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
-    """Per-layer statistics of a trace (see the module docstring for definitions)."""
+def _by_layer(fn, group: np.ndarray, target: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
+    """``fn(group, target)`` (:func:`mode_hit_rate`) a column (layer) at a time, advancing ``bar`` by one per
+    column: the same numbers, since every column is scored on its own."""
+    C = target.shape[1]
+    hit, base = np.full(C, np.nan), np.full(C, np.nan)
+    for c in range(C):
+        hit[c:c + 1], base[c:c + 1] = fn(group[:, c:c + 1], target[:, c:c + 1])
+        bar.update()
+    return hit, base
+
+
+def summarize(trace: TokensTrace | CountsTrace, progress: bool = False) -> TraceSummary:
+    """Per-layer statistics of a trace (see the module docstring for definitions). ``progress``: a progress
+    bar of the per-layer hit rates (the slow part of a tokens trace) on stderr."""
+    import sys
+
+    from tqdm import tqdm
+
     meta = trace.meta
     counts = trace.counts()                                   # [S, L, E]
     total = counts.sum(axis=0)                                # [L, E]
@@ -186,11 +202,16 @@ def summarize(trace: TokensTrace | CountsTrace) -> TraceSummary:
     tok_hit = np.full(meta.num_layers, np.nan)
     base = np.full(meta.num_layers, np.nan)
     if isinstance(trace, TokensTrace):
-        hit[:-1] = layer_affinity(trace.experts)[0]
-        top1 = trace.experts[:, :, 0].astype(np.int64)
-        base = mode_hit_rate(np.zeros_like(top1), top1)[1]
-        if trace.token_id is not None:
-            tok_hit = token_id_affinity(trace.experts, trace.token_id)[0]
+        L = meta.num_layers
+        total_work = (L - 1) + L + (L if trace.token_id is not None else 0)
+        with tqdm(total=total_work, desc="inspect", unit="layer", leave=False, disable=not progress,
+                  file=sys.stderr) as bar:
+            top1 = trace.experts[:, :, 0].astype(np.int64)
+            hit[:-1] = _by_layer(mode_hit_rate, top1[:, :-1], top1[:, 1:], bar)[0]         # layer_affinity
+            base = _by_layer(mode_hit_rate, np.zeros_like(top1), top1, bar)[1]
+            if trace.token_id is not None:                                                  # token_id_affinity
+                tok_hit = _by_layer(mode_hit_rate, np.broadcast_to(trace.token_id[:, None], top1.shape), top1,
+                                    bar)[0]
     skew, g, share = skewness(total), gini(total), top_share(total)
     with warnings.catch_warnings():                            # a layer of no load: NaN, shown as '-'
         warnings.simplefilter("ignore", RuntimeWarning)

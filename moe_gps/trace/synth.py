@@ -215,12 +215,17 @@ def synth_meta(kind: str, p: SynthProfile, seed: int, num_steps: int, tokens_per
 
 
 def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64,
-               tokens_per_step: int = 512, seed: int = 0, with_weights: bool = False,
+               tokens_per_step: int = 512, seed: int = 0, with_weights: bool = False, progress: bool = False,
                **overrides) -> TokensTrace:
     """Generate a tokens trace [num_steps x tokens_per_step tokens] from a profile.
 
     Deterministic for a given (profile, sizes, seed). ``overrides`` replace profile fields.
+    ``progress``: a progress bar of the steps on stderr.
     """
+    import sys
+
+    from tqdm import tqdm
+
     p = resolve(profile, num_steps, tokens_per_step, overrides)
     rng = np.random.default_rng(seed)
     L, E, k, V = p.num_layers, p.num_experts, p.top_k, p.vocab_size
@@ -240,30 +245,35 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
     seq_in_step = np.arange(T) // p.seq_len
     seqs_per_step = int(seq_in_step[-1]) + 1
     walk = np.zeros((L, E))
-    for s in range(num_steps):
-        with np.errstate(over="ignore", invalid="ignore"):
-            walk = p.drift_memory * walk + p.drift * rng.standard_normal((L, E))
-            pop = base + walk
-        check_logits(pop, p, "the popularity logits (base + drift)", ("popularity_sigma", "drift"))
-        rows = slice(s * T, (s + 1) * T)
-        ids = token_id[rows]
-        prev_top1 = None
-        for l_ in range(L):
+    bar = tqdm(total=num_steps, desc="synth", unit="step", leave=False, disable=not progress, file=sys.stderr)
+    try:
+        for s in range(num_steps):
             with np.errstate(over="ignore", invalid="ignore"):
-                z = pop[l_][None, :] + p.token_affinity * pref[l_, ids] + rng.gumbel(size=(T, E))
-                if prev_top1 is not None and p.layer_affinity:
-                    z[np.arange(T), succ[l_, prev_top1]] += p.layer_affinity
-            check_logits(z, p, "the router logits", ("popularity_sigma", "token_affinity", "layer_affinity"))
-            top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
-            zt = np.take_along_axis(z, top, axis=1)
-            order = np.argsort(-zt, axis=1)
-            top = np.take_along_axis(top, order, axis=1)
-            experts[rows, l_] = top
-            if weights is not None:
-                zt = np.take_along_axis(zt, order, axis=1)
-                w = np.exp(zt - zt[:, :1])
-                weights[rows, l_] = w / w.sum(axis=1, keepdims=True)
-            prev_top1 = top[:, 0]
+                walk = p.drift_memory * walk + p.drift * rng.standard_normal((L, E))
+                pop = base + walk
+            check_logits(pop, p, "the popularity logits (base + drift)", ("popularity_sigma", "drift"))
+            rows = slice(s * T, (s + 1) * T)
+            ids = token_id[rows]
+            prev_top1 = None
+            for l_ in range(L):
+                with np.errstate(over="ignore", invalid="ignore"):
+                    z = pop[l_][None, :] + p.token_affinity * pref[l_, ids] + rng.gumbel(size=(T, E))
+                    if prev_top1 is not None and p.layer_affinity:
+                        z[np.arange(T), succ[l_, prev_top1]] += p.layer_affinity
+                check_logits(z, p, "the router logits", ("popularity_sigma", "token_affinity", "layer_affinity"))
+                top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
+                zt = np.take_along_axis(z, top, axis=1)
+                order = np.argsort(-zt, axis=1)
+                top = np.take_along_axis(top, order, axis=1)
+                experts[rows, l_] = top
+                if weights is not None:
+                    zt = np.take_along_axis(zt, order, axis=1)
+                    w = np.exp(zt - zt[:, :1])
+                    weights[rows, l_] = w / w.sum(axis=1, keepdims=True)
+                prev_top1 = top[:, 0]
+            bar.update()
+    finally:
+        bar.close()
     seq = (np.repeat(np.arange(num_steps), T) * seqs_per_step + np.tile(seq_in_step, num_steps)).astype(np.int32)
     meta = synth_meta("tokens", p, seed, num_steps, tokens_per_step, "moe_gps.trace.synth")
     offsets = np.arange(num_steps + 1, dtype=np.int64) * T

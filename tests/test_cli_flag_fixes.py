@@ -1,0 +1,376 @@
+"""Command-line flags: a bad value is one line naming the flag (exit 2) before any work, nothing silently
+ignored or dropped, help that says what the code does, and progress bars on a terminal only."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_gps.cli.main import main
+from moe_gps.trace import write_trace
+from moe_gps.trace.synth import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = str(ROOT / "traces" / "mixtral_mmlu.parquet")          # 64 steps x 512 tokens, 8 experts
+RUN_YAML = str(ROOT / "runtime" / "examples" / "run.yaml")
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="the runtime commands need torch")
+
+
+def one_line(capsys, code: int, *words: str) -> str:
+    """Exit 2 and exactly one stderr line (no traceback) holding every one of ``words``."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err.strip()
+
+
+def help_text(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as ex:
+        main(argv + ["--help"])
+    assert ex.value.code == 0
+    return " ".join(capsys.readouterr().out.split())          # words joined as one line
+
+
+def option_help(text: str, option: str, chars: int = 400) -> str:
+    """The help of ``option`` (e.g. '--seed SEED') in a help text: what follows its last mention."""
+    return text.rsplit(option, 1)[1][:chars]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    """8 steps x 32 tokens, 4 layers x 8 experts, top-2, with token ids."""
+    path = tmp_path_factory.mktemp("small") / "small.parquet"
+    write_trace(path, synthesize("mixtral-mmlu", num_steps=8, tokens_per_step=32, seed=1, num_layers=4))
+    return str(path)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Fail a test that starts ranks (calibration, runtime runs, torchrun)."""
+    def started(*a, **k):
+        raise AssertionError("ranks were started")
+
+    import moe_gps.fidelity.calibrate as cal
+    from moe_gps import signals
+    monkeypatch.setattr(cal, "run_benchmarks", started)
+    monkeypatch.setattr(signals, "run_child", started)
+    if HAS_TORCH:
+        import runtime.validate as val
+        monkeypatch.setattr(val, "run_runtime", started)
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    import moe_gps.cli.common_args as common
+    monkeypatch.setattr(common, "cpu_cores", lambda: 2)
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """torch sees one GPU."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+# --------------------------------------------------------------------------- 1. record --seed
+
+def test_record_refuses_a_negative_seed_in_one_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    # checked before the checkpoint loads: no checkpoint is needed to see it
+    code = main(["record", "--model", str(tmp_path / "no-checkpoint"), "-o", str(tmp_path / "r.parquet"),
+                 "--seed", "-1"])
+    one_line(capsys, code, "--seed must be >= 0, got -1")
+    assert not (tmp_path / "r.parquet").exists()
+    assert "(default: 0)" in option_help(help_text(capsys, ["record"]), "--seed SEED", 200)
+
+
+# --------------------------------------------------------------------------- 2. --device cuda without a GPU
+
+@needs_torch
+def test_calibrate_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys, no_ranks):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code = main(["calibrate", "--device", "cuda", "-o", str(tmp_path / "c.yaml")])
+    one_line(capsys, code, "--device cuda: torch sees no GPU")
+
+
+@needs_torch
+def test_validate_run_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys, no_ranks):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    doc = yaml.safe_load(Path(RUN_YAML).read_text())
+    doc["input"]["trace"] = BUNDLED
+    doc["run"]["device"] = "cuda"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    code = main(["validate", BUNDLED, "--config", str(cfg), "-o", str(tmp_path / "v")])
+    one_line(capsys, code, "run.device cuda: torch sees no GPU")
+    assert not (tmp_path / "v").exists()
+
+
+# --------------------------------------------------------------------------- 3. validate: flags before anything
+
+@needs_torch
+@pytest.mark.parametrize("flags, words", [
+    (["--attempts", "0"], ["--attempts must be at least 1"]),
+    (["--repeats", "2"], ["--repeats must be at least 3"]),
+])
+def test_validate_checks_flags_before_printing_or_creating(tmp_path, capsys, no_ranks, flags, words):
+    out = tmp_path / "vnew"
+    code = main(["validate", BUNDLED, "--config", RUN_YAML, *flags, "-o", str(out)])
+    one_line(capsys, code, *words)                   # the only line: no "validate: calibrating ..."
+    assert not out.exists()
+
+
+@needs_torch
+@pytest.mark.parametrize("flags, named", [
+    (["--quick"], "--quick"), (["--repeats", "5"], "--repeats"), (["--attempts", "2"], "--attempts"),
+    (["--quick", "--attempts", "2"], "--quick and --attempts"),
+])
+def test_validate_refuses_calibration_flags_with_cluster(tmp_path, capsys, no_ranks, flags, named):
+    code = main(["validate", BUNDLED, "--config", RUN_YAML, "--cluster", str(tmp_path / "cluster.yaml"), *flags,
+                 "-o", str(tmp_path / "v")])
+    one_line(capsys, code, "applies to the calibration, which --cluster replaces", f"drop {named} or --cluster")
+    assert not (tmp_path / "v").exists()
+
+
+# --------------------------------------------------------------------------- 4. --nproc limits
+
+@needs_torch
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--nproc", "17", "--device", "cpu", "-o", "{tmp}/c.yaml"],
+    ["validate", BUNDLED, "--config", RUN_YAML, "--nproc", "2", "17", "-o", "{tmp}/v"],
+    ["run", "--config", RUN_YAML, "--duplication", "off", "--nproc", "17", "--device", "cpu", "-o", "{tmp}/r"],
+])
+def test_nproc_above_eight_ranks_per_core_is_refused(tmp_path, capsys, no_ranks, two_cores, argv):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    one_line(capsys, code, "--nproc 17: more than 8 ranks per CPU core (2 core(s) here: at most 16)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_torch
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--nproc", "2", "--device", "cuda", "-o", "{tmp}/c.yaml"],
+    ["run", "--config", RUN_YAML, "--duplication", "off", "--nproc", "2", "--device", "cuda", "-o", "{tmp}/r"],
+])
+def test_nproc_above_the_gpus_is_refused(tmp_path, capsys, no_ranks, one_gpu, argv):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    one_line(capsys, code, "--nproc 2: more ranks than the 1 GPU(s) torch sees")
+
+
+# --------------------------------------------------------------------------- 5. progress and disk space
+
+@pytest.mark.parametrize("kind", ["tokens", "counts"])
+def test_trace_synth_shows_progress_on_a_terminal_only(tmp_path, capsys, monkeypatch, kind):
+    argv = ["trace", "synth", "--kind", kind, "--steps", "3", "--tokens", "16", "--set", "num_layers=2"]
+    assert main(argv + ["-o", str(tmp_path / "pipe.parquet")]) == 0
+    assert capsys.readouterr().err == ""                             # stderr not a terminal: no bar
+    term = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", term)
+    assert main(argv + ["-o", str(tmp_path / "tty.parquet")]) == 0
+    assert "synth:" in term.getvalue() and "step" in term.getvalue()
+
+
+def test_trace_inspect_shows_progress_on_a_terminal_only(small, capsys, monkeypatch):
+    assert main(["trace", "inspect", small]) == 0
+    assert capsys.readouterr().err == ""
+    term = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", term)
+    assert main(["trace", "inspect", small]) == 0
+    assert "inspect:" in term.getvalue() and "layer" in term.getvalue()
+
+
+def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "c.parquet"
+    code = main(["trace", "synth", "--kind", "counts", "--steps", "100", "--tokens", "8", "-o", str(out)])
+    # 100 steps x 32 layers x 8 experts x 8 bytes = 204800 bytes = 200 KiB
+    one_line(capsys, code, "--steps 100 --tokens 8: the counts take about 200.00 KiB before compression",
+             "100 steps x 32 layers x 8 experts x 8 bytes", "more than the 1000 B free in")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 6. messages that name the flag
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "{small}", "--gpus", "0"], "--gpus must be at least 1, got 0"),
+    (["plan", "{small}", "--gpus", "4", "--redundant", "-1"], "--redundant must be >= 0, got -1"),
+    (["plan", "{small}", "--gpus", "4", "--nodes", "0"], "--nodes must be at least 1, got 0"),
+    (["plan", "{small}", "--gpus", "4", "--groups", "0"], "--groups must be at least 1, got 0"),
+    (["plan", "{small}", "--gpus", "4", "--max-slots-per-gpu", "0"], "--max-slots-per-gpu must be at least 1"),
+    (["plan", "{small}", "--gpus", "4", "--max-slots-per-gpu", "1"],
+     "--max-slots-per-gpu 1: 8 experts + 0 redundant = 8 slots over 4 GPUs is 2 slots per GPU, more than the "
+     "capacity of 1"),
+    (["plan", "{small}", "--gpus", "4", "--algorithm", "greedy", "--max-copies", "-1"],
+     "--max-copies must be >= 0, got -1"),
+    (["predict", "evaluate", "{small}", "--redundant", "-1"], "--redundant must be >= 0, got -1"),
+    (["predict", "evaluate", "{small}", "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
+    (["predict", "evaluate", "{small}", "--train-steps", "8"],
+     "--train-steps 8: train steps must be between 1 and 7 for a trace of 8 steps"),
+    (["predict", "evaluate", "{small}", "--tokens-per-step", "100000"],
+     "--tokens-per-step 100000: the trace holds 256 tokens, fewer than one step of 100000"),
+    (["trace", "rechunk", "{small}", "--tokens-per-step", "100000", "-o", "{tmp}/r.parquet"],
+     "--tokens-per-step 100000: the trace holds 256 tokens, fewer than one step of 100000"),
+    (["trace", "synth", "--steps", "0", "-o", "{tmp}/s.parquet"], "--steps must be at least 1, got 0"),
+    (["trace", "synth", "--tokens", "0", "-o", "{tmp}/s.parquet"], "--tokens must be at least 1, got 0"),
+    (["serve", BUNDLED, "--train-steps", "64", "--no-plots", "-o", "{tmp}/sv"],
+     "--train-steps 64 leaves no trace step to route the requests' tokens: the trace has 64 steps"),
+])
+def test_bad_values_name_their_flag(small, tmp_path, capsys, argv, words):
+    argv = argv + (["-o", "{tmp}/p.yaml"] if argv[0] == "plan" else [])
+    code = main([a.replace("{small}", small).replace("{tmp}", str(tmp_path)) for a in argv])
+    one_line(capsys, code, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_counts_rechunk_refusal_names_the_flag(tmp_path, capsys):
+    src = tmp_path / "c.parquet"
+    assert main(["trace", "synth", "--kind", "counts", "--steps", "4", "--tokens", "8", "-o", str(src)]) == 0
+    capsys.readouterr()
+    code = main(["trace", "rechunk", str(src), "--tokens-per-step", "12", "-o", str(tmp_path / "r.parquet")])
+    one_line(capsys, code, "--tokens-per-step 12: a counts trace regroups only into whole multiples")
+
+
+# --------------------------------------------------------------------------- 7. flags silently ignored
+
+def test_predict_placement_needs_synthetic(small, capsys):
+    code = main(["predict", "evaluate", small, "--predictors", "ema", "--placement", "optimistic"])
+    one_line(capsys, code, "--placement", "give --synthetic too")
+    # with --synthetic it applies, and is recorded as before
+    assert main(["predict", "evaluate", small, "--predictors", "ema", "--synthetic", "0.9", "--placement",
+                 "optimistic", "--per-layer", "none", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert run["placement"] == "optimistic" and "--placement optimistic" in run["command"]
+    assert main(["predict", "evaluate", small, "--predictors", "ema", "--per-layer", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["placement"] == "typical"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nodes", "2"], "--nodes 2 --groups 1: the hierarchical EPLB packs whole expert groups onto nodes"),
+    (["--nodes", "2", "--groups", "3"], "--groups must be a multiple of --nodes"),
+    (["--nodes", "2", "--groups", "6"], "--groups 6: the trace's 8 experts do not divide into 6 groups"),
+    (["--nodes", "3", "--groups", "3"], "--gpus 4: 4 GPUs do not divide over --nodes 3"),
+    (["--groups", "2"], "--groups 2: expert groups apply to the hierarchical EPLB only"),
+])
+def test_plan_refuses_node_and_group_settings_eplb_cannot_honour(small, tmp_path, capsys, flags, words):
+    code = main(["plan", small, "--gpus", "4", "--redundant", "4", *flags, "-o", str(tmp_path / "p.yaml")])
+    one_line(capsys, code, words)
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_plan_hierarchical_runs_when_asked(small, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["plan", small, "--gpus", "4", "--redundant", "4", "--nodes", "2", "--groups", "4", "-o",
+                 str(out)]) == 0
+    assert "variant=hierarchical" in capsys.readouterr().out
+    assert yaml.safe_load(out.read_text())["meta"]["options"]["variant"] == "hierarchical"
+    assert "--groups a multiple of --nodes" in help_text(capsys, ["plan"])
+
+
+# --------------------------------------------------------------------------- 8. help and config text
+
+def test_serve_help_says_what_min_gain_and_window_do(capsys):
+    text = help_text(capsys, ["serve"])
+    gain = option_help(text, "--min-gain X")
+    assert "0 with --assumptions paper)" not in gain and "the oracle keeping 1" in gain
+    assert "iterations between re-plan checks" in text
+    window = option_help(text, "--window W", 200)
+    assert window.strip().startswith("trace steps of history")
+
+
+@needs_torch
+def test_calibrate_repeats_error_says_means(tmp_path, capsys, no_ranks):
+    code = main(["calibrate", "--repeats", "2", "-o", str(tmp_path / "c.yaml")])
+    err = one_line(capsys, code, "--repeats must be at least 3", "mean")
+    assert "median" not in err
+    assert "mean over them" in help_text(capsys, ["calibrate"])
+
+
+def test_import_top_k_help_names_gate_csv(capsys):
+    top_k = option_help(help_text(capsys, ["trace", "import"]), "--top-k TOP_K")
+    assert "gate-csv" in top_k
+
+
+def test_readme_command_table_lists_predict_list():
+    table = (ROOT / "README.md").read_text().split("## Commands", 1)[1].split("\n\n", 2)[1]
+    assert "| `moe-gps predict list`" in table
+
+
+def test_serve_config_writes_cv_only_for_gamma_arrivals():
+    from moe_gps.config.loader import to_dict
+    from moe_gps.config.serving import ArrivalSpec, load_request_workload
+
+    assert to_dict(ArrivalSpec()) == {"process": "poisson"}
+    assert to_dict(load_request_workload("chat").arrival) == {"process": "poisson"}
+    assert ArrivalSpec(process="gamma").cv == 2.0 and ArrivalSpec(process="gamma", cv=3.0).cv == 3.0
+    assert to_dict(ArrivalSpec(process="gamma")) == {"process": "gamma", "cv": 2.0}
+
+
+# --------------------------------------------------------------------------- 9. trace outputs end in .parquet
+
+@pytest.mark.parametrize("argv, words", [
+    (["trace", "synth", "--steps", "2", "--tokens", "8", "-o", "{tmp}/x.csv"], "-o {tmp}/x.csv: a trace is written"),
+    (["trace", "rechunk", "{small}", "--tokens-per-step", "64", "-o", "{tmp}/x.csv"], "a trace is written as Parquet"),
+    (["trace", "import", "--from", "popularity-json", "{tmp}/pop.json", "--top-k", "2", "-o", "{tmp}/x.csv"],
+     "give a file name ending in .parquet"),
+    (["plan", "{small}", "--gpus", "4", "-o", "{tmp}/x.csv"], "the placement is written as YAML"),
+])
+def test_outputs_must_be_named_for_their_format(small, tmp_path, capsys, argv, words):
+    (tmp_path / "pop.json").write_text(json.dumps({"expert_popularity": [[3, 1, 2, 2]]}))
+    code = main([a.replace("{small}", small).replace("{tmp}", str(tmp_path)) for a in argv])
+    one_line(capsys, code, words.replace("{tmp}", str(tmp_path)))
+    assert not (tmp_path / "x.csv").exists()
+
+
+# --------------------------------------------------------------------------- 10. values named twice
+
+def test_serve_notes_a_rate_named_twice(tmp_path, capsys):
+    out = tmp_path / "sv"
+    assert main(["serve", BUNDLED, "--rates", "5", "10", "5", "--requests", "5", "--strategies", "none",
+                 "--no-plots", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err == "moe-gps: note: --rates names 5 more than once; each rate runs once\n"
+    assert yaml.safe_load((out / "config.yaml").read_text())["rates"] == [5.0, 10.0]
+
+
+@pytest.mark.parametrize("steps, note", [
+    ("0,0,0", "--steps names step 0 more than once"),
+    ("0:4,2:6,5", "--steps names steps 2-3,5 more than once"),
+])
+def test_plan_notes_a_step_named_twice(small, tmp_path, capsys, steps, note):
+    assert main(["plan", small, "--gpus", "4", "--steps", steps, "-o", str(tmp_path / "p.yaml")]) == 0
+    assert capsys.readouterr().err == f"moe-gps: note: {note}; the loads of every step are summed once\n"
+    assert main(["plan", small, "--gpus", "4", "--steps", "0:4,6", "-o", str(tmp_path / "q.yaml")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_simulate_train_steps_name_the_flag_and_strategies_named_twice_run_once(tmp_path, capsys):
+    trace = BUNDLED
+    assert main(["simulate", trace, "--train-steps", "64", "-o", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == ("moe-gps: error: --train-steps 64 leaves no step to simulate: the trace has 64 "
+                                       "steps; use at most 63\n")
+    assert not (tmp_path / "a").exists()
+    assert main(["simulate", trace, "--strategies", "none", "eplb", "none", "--no-plots", "--json",
+                 "-o", str(tmp_path / "b")]) == 0
+    out, err = capsys.readouterr()
+    assert "moe-gps: note: --strategies names none more than once; each runs once" in err
+    assert [s["strategy"] for s in json.loads(out)["strategies"]] == ["none", "eplb"]
