@@ -7,7 +7,7 @@
 3. :func:`fit_cluster`: robust fits (:mod:`moe_gps.fidelity.fit`) -> a
    :class:`~moe_gps.config.ClusterConfig` the simulator reads;
 4. :func:`write_calibration`: the cluster YAML (every number's source in a comment) and a
-   CSV of the medians behind it.
+   CSV of the means behind it.
 
 The formulas of every fitted number are in docs/fidelity.md ("Calibration").
 """
@@ -248,7 +248,7 @@ def run_benchmarks(spec: dict, nproc: int, quiet: bool = False) -> dict:
 class Calibration:
     """A fitted cluster and what it was fitted from.
 
-    rows:   the medians behind it, one dict per (benchmark, size)
+    rows:   the means behind it, one dict per (benchmark, size)
     samples: every raw sample, one dict per (benchmark, size, rank, repeat)
     fits:   name -> (value, unit, how it was obtained), in the order of docs/fidelity.md
     """
@@ -799,7 +799,7 @@ def calibrate(run_cfg, nproc: int, out: str | os.PathLike, repeats: int = 20, qu
     if nproc < 2:
         raise UserError(f"--nproc must be at least 2 (the links are measured between ranks), got {nproc}")
     if repeats < 3:
-        raise UserError(f"--repeats must be at least 3 (medians), got {repeats}")
+        raise UserError(f"--repeats must be at least 3 (means over repeats), got {repeats}")
     if attempts < 1:
         raise UserError(f"--attempts must be at least 1, got {attempts}")
     model_for_run(run_cfg)
