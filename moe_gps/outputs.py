@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from moe_gps.errors import UserError
 from moe_gps.signals import held
@@ -281,21 +281,39 @@ class Staged:
 
 
 @contextlib.contextmanager
-def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = ()) -> Iterator[Staged]:
-    """Write a run's files into ``Staged.path``, a hidden folder inside ``out``; when the block ends
-    without an error they move into ``out`` together (renames in one file system, with signals held),
-    replacing an earlier run's files of the same names, and the earlier run's files named in
-    ``optional`` (paths relative to ``out``: plots, a timeline) that this run did not make are removed.
-    On an error or a signal the staging folder is removed and ``out`` keeps what it had."""
+def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
+                   stop: Callable[[], None] | None = None) -> Iterator[Staged]:
+    """Write a run's files into ``Staged.path``, a hidden folder inside ``out`` (held locked by the
+    caller); when the block ends without an error they move into ``out`` together (renames in one file
+    system, with signals held), replacing an earlier run's files of the same names, and the earlier run's
+    files named in ``optional`` (paths relative to ``out``: plots, a timeline) that this run did not make
+    are removed. On an error or a signal, ``stop`` ends whatever else still writes into the staging
+    folder (a process drawing the plots), the folder is removed and ``out`` keeps what it had. Staging
+    folders a killed run left behind are removed first."""
     out = Path(out)
+    for old in out.glob(STAGE_PREFIX + "*"):          # a run killed outright (SIGKILL) left it: the lock is ours
+        shutil.rmtree(old, ignore_errors=True)
     try:
         with held():              # made and remembered before a signal can arrive
             stage = Staged(Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out)), out)
     except OSError as err:
         raise UserError(f"{out}: cannot write in the folder ({err.strerror})") from None
     try:
-        yield stage
+        try:
+            yield stage
+        except BaseException:
+            if stop is not None:
+                stop()
+            raise
         files = sorted(f for f in stage.path.rglob("*") if f.is_file())
+        for f in files:           # checked before any moves: a folder where a file goes, a file where a folder
+            rel = f.relative_to(stage.path)
+            folders = [out.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+            if (out / rel).is_dir():
+                raise UserError(f"{out / rel}: a folder where this run writes the file {rel}; move it")
+            for d in folders:
+                if d.exists() and not d.is_dir():
+                    raise UserError(f"{d}: a file where this run writes the folder {d.name}/; move it")
         with held():              # every file moves, or (a signal before the block) none
             made = set()
             for f in files:

@@ -213,20 +213,27 @@ class Warm:
         return self
 
     def __exit__(self, exc_type, *_: Any) -> None:
-        if self.proc is None:
+        if self.proc is None or self.conn.closed:
             return
         if exc_type is None:
             with contextlib.suppress(OSError):
                 self.conn.send(None)          # no call, or the call is done: the process ends by itself
             self.proc.join()
+            self.conn.close()
         else:
-            self.conn.close()                 # a process waiting for its call reads the end of the pipe
-            self.proc.terminate()             # one making the call stops it (and the workers it forked)
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-        self.conn.close()
+            self.stop()
+
+    def stop(self) -> None:
+        """End the process now, a call it is making with it (e.g. before the folder it writes into is
+        removed); the context's exit then has nothing left to do."""
+        if self.proc is None or self.conn.closed:
+            return
+        self.conn.close()                     # a process waiting for its call reads the end of the pipe
+        self.proc.terminate()                 # one making the call stops it (and the workers it forked)
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
 
 
 #: in the warm process: whether it is making its call

@@ -18,6 +18,7 @@ Outputs in DIR: ``fidelity.csv`` (per N, strategy, phase: means and error),
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def check_inputs(opt: ValidateOptions):
     for n in opt.nprocs:
         for mode in opt.strategies:
             try:
-                DuplicationPolicy(mode, d, n, m.num_layers, m.num_experts, m.top_k,
+                DuplicationPolicy(mode, for_mode(run_cfg, mode).duplication, n, m.num_layers, m.num_experts, m.top_k,
                                   n * run_cfg.input.batch_size * run_cfg.input.seq_len)
             except UserError as err:
                 raise UserError(f"{opt.config}: --nproc {n}, strategy {mode}: {err}") from None
@@ -108,6 +109,14 @@ def check_inputs(opt: ValidateOptions):
         if c.num_gpus != opt.nprocs[0]:
             raise UserError(f"{opt.cluster}: num_gpus is {c.num_gpus}, but --nproc is {opt.nprocs[0]}")
     return run_cfg, trace
+
+
+def for_mode(run_cfg, mode: str):
+    """The run config of one strategy: a plan file (``duplication.placement``) is ``static``'s alone, which
+    the other modes refuse, so their runs go without it."""
+    if mode == "static" or not run_cfg.duplication.placement:
+        return run_cfg
+    return dataclasses.replace(run_cfg, duplication=dataclasses.replace(run_cfg.duplication, placement=None))
 
 
 def first_step(opt: ValidateOptions, run_cfg) -> int:
@@ -174,6 +183,10 @@ def validate(opt: ValidateOptions):
     say = (lambda *a: None) if opt.quiet else (lambda msg: print(f"validate: {msg}", file=sys.stderr, flush=True))
     cfg_path = write_run_config(run_cfg, opt, out / "runs" / "run.yaml")
     run_cfg = load_run_config(cfg_path)
+    # a plan file is static's: the other strategies run from the same config without it
+    cfg_paths = {mode: cfg_path if for_mode(run_cfg, mode) is run_cfg else
+                 write_run_config(for_mode(run_cfg, mode), opt, out / "runs" / "run-without-plan.yaml")
+                 for mode in opt.strategies}
     first = first_step(opt, run_cfg)
     comparisons, clusters, loads = [], {}, []
     for n in opt.nprocs:
@@ -203,7 +216,7 @@ def validate(opt: ValidateOptions):
                 loads.append(os.getloadavg()[0])
                 say(f"running the runtime: {n} ranks, --duplication {mode}, {run_cfg.run.steps} steps"
                     + (f", round {r + 1}/{opt.runs}" if opt.runs > 1 else "") + f" -> {run_dir}")
-                w = run_runtime(cfg_path, mode, n, run_dir, run_cfg.run.threads)
+                w = run_runtime(cfg_paths[mode], mode, n, run_dir, run_cfg.run.threads)
                 made[mode].append((run_dir, w.interference, r))
         for mode in opt.strategies:
             # each run is replayed from its own trace and steps.csv: under copy_policy async a move
@@ -212,7 +225,7 @@ def validate(opt: ValidateOptions):
             for d, busy, r in made[mode]:
                 timings, steps = read_run(d)
                 trace = load_trace(d / run_cfg.output.trace)
-                replay = replay_run(trace, run_cfg, mode, n, steps)
+                replay = replay_run(trace, for_mode(run_cfg, mode), mode, n, steps)
                 problems += check_replay(replay.placements, trace, timings, d)
                 runs.append((d, busy, r, measured_phases(timings, steps), trace, replay))
             # pool the runs during which other processes used at most BUSY_CORES cores (else the quietest)
@@ -222,7 +235,8 @@ def validate(opt: ValidateOptions):
             pairs = []
             for d, _, r, measured, trace, replay in quiet:
                 trace_path = d / run_cfg.output.trace
-                result, res = simulate_run(trace, run_cfg, mode, rounds[r], replay, first, str(trace_path))
+                result, res = simulate_run(trace, for_mode(run_cfg, mode), mode, rounds[r], replay, first,
+                                           str(trace_path))
                 pairs.append((res, result.steps, measured))
             comp = compare_run(n, mode, pairs, first)
             known = [x[1] for x in quiet if x[1] is not None]

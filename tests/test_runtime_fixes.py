@@ -275,3 +275,21 @@ def test_an_output_folder_the_file_system_refuses_is_one_line_though_access_says
     check_output_file(tmp_path / "f.csv")
     check_output_dir(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_validate_runs_the_plan_file_for_static_only(tmp_path):
+    """validate runs every strategy from one config: a plan file there is static's, and the other strategies
+    run without it (they would refuse it)."""
+    from runtime.config import load_run_config
+    from runtime.validate import ValidateOptions, check_inputs, for_mode
+
+    plan = tmp_path / "plan.yaml"
+    save_placement(plan_placement(np.array([[9.0, 1, 1, 5, 1, 1, 1, 1]] * 2), 2, 2, algorithm="greedy"), plan)
+    cfg = _config(tmp_path, placement=str(plan))
+    trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
+    run_cfg, _ = check_inputs(ValidateOptions(trace, cfg, tmp_path / "v", nprocs=[2], steps=8))
+    assert for_mode(run_cfg, "static") is run_cfg
+    for mode in ("off", "dist-only", "token-to-expert"):
+        assert for_mode(run_cfg, mode).duplication.placement is None
+        assert for_mode(run_cfg, mode).duplication.copy_policy == run_cfg.duplication.copy_policy
+    assert load_run_config(cfg).duplication.placement == str(plan)

@@ -58,3 +58,69 @@ def test_a_simulate_cut_short_while_writing_leaves_the_earlier_results_whole(tmp
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
+
+
+def test_a_name_taken_by_a_folder_or_a_file_is_one_line_before_anything_moves(tmp_path):
+    from moe_gps.errors import UserError
+
+    out = tmp_path / "out"
+    (out / "summary.csv").mkdir(parents=True)                 # a folder where a file goes
+    (out / "a.csv").write_text("old\n")
+    with pytest.raises(UserError, match=r"summary.csv: a folder where this run writes the file summary.csv"):
+        with staged_outputs(out) as stage:
+            (stage.path / "a.csv").write_text("new\n")
+            (stage.path / "summary.csv").write_text("new\n")
+    assert (out / "a.csv").read_text() == "old\n"             # nothing moved
+    (out / "summary.csv").rmdir()
+    (out / "plots").write_text("a file\n")                    # a file where a folder goes
+    with pytest.raises(UserError, match=r"plots: a file where this run writes the folder plots/"):
+        with staged_outputs(out) as stage:
+            (stage.path / "plots").mkdir()
+            (stage.path / "plots" / "x.png").write_text("png\n")
+    assert not [p for p in out.iterdir() if p.name.startswith(STAGE_PREFIX)]
+
+
+def test_what_writes_into_the_staging_folder_is_stopped_before_it_is_removed_and_leftovers_go(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / (STAGE_PREFIX + "killed")                    # what a run killed outright leaves
+    (left / "plots").mkdir(parents=True)
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with staged_outputs(out, stop=lambda: order.append(stage.path.exists())) as stage:
+            assert not left.exists()
+            raise KeyboardInterrupt
+    assert order == [True]                                    # stopped while the folder still existed
+    assert list(out.iterdir()) == []
+
+
+def _write_later(folder):
+    """What the plot process does: a while later, a file in the folder (its parents made as needed)."""
+    import time
+
+    time.sleep(0.5)
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    (folder / "plots" / "late.png").write_text("png\n")
+    return [folder / "plots" / "late.png"]
+
+
+def test_the_plot_process_is_stopped_before_the_staging_folder_is_removed(tmp_path, monkeypatch):
+    """The plots are drawn by another process into the staging folder (simulate and serve pass its stop):
+    a failure while the tables are written stops it first, so it cannot write the folder back."""
+    import time
+
+    import moe_gps.workers
+    from moe_gps.workers import Warm
+
+    # forked as in a command (earlier tests may have left an idle thread, e.g. a progress bar's monitor)
+    monkeypatch.setattr(moe_gps.workers.threading, "active_count", lambda: 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with Warm() as drawer:
+        assert drawer.proc is not None                        # a process of its own, as in the commands
+        with pytest.raises(OSError):
+            with staged_outputs(out, stop=drawer.stop) as stage:
+                drawer.submit(_write_later, stage.path)
+                raise OSError(28, "No space left on device")
+        time.sleep(1.0)                                       # long after the late file would have come
+    assert list(out.iterdir()) == []

@@ -33,8 +33,29 @@ def output_folder(args: argparse.Namespace, command: str):
 def print_written(written: list, out, removed: list | None = None) -> None:
     """The last line of a command that wrote an output folder (and the earlier run's files it removed)."""
     print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+    print_removed(removed, out)
+
+
+def print_removed(removed: list | None, out) -> None:
+    """The line naming an earlier run's files removed from ``out`` because this run did not make them."""
     if removed:
-        print(f"removed an earlier run's {', '.join(p.name for p in removed)} from {out}/ (not made by this run)")
+        from pathlib import Path
+        names = ", ".join(Path(p).relative_to(out).as_posix() for p in removed)
+        print(f"removed an earlier run's {names} from {out}/ (not made by this run)")
+
+
+def note_repeated(flag: str, values: list, what: str = "each runs once") -> None:
+    """A note on stderr naming the values ``flag`` gives more than once (they count once)."""
+    import sys
+
+    seen, repeated = [], []
+    for v in values:
+        if v in seen and v not in repeated:
+            repeated.append(v)
+        seen.append(v)
+    if repeated:
+        print(f"moe-gps: note: {flag} names {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in repeated)}"
+              f" more than once; {what}", file=sys.stderr)
 
 
 def add_jobs_arg(p, help: str) -> None:

@@ -228,7 +228,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.placement is not None and not args.synthetic:
         raise UserError("--placement is where the errors of the predictors of --synthetic go; give --synthetic too")
-    args.placement = args.placement or "typical"
+    if args.synthetic:
+        args.placement = args.placement or "typical"      # recorded only where it applies (a rerun takes it)
     overhead = None
     if args.synthetic_flops is not None:
         if not args.synthetic:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, add_jobs_arg,
-                                     deployment_from_args, jobs_from_args, output_folder)
+                                     deployment_from_args, jobs_from_args, output_folder, print_removed)
 from moe_gps.errors import UserError
 
 
@@ -117,6 +117,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         print(terminal(result))
         print(f"\nwrote the report to {out}/: " + ", ".join(str(p.relative_to(out)) for p in written))
+        print_removed(stage.removed, out)
     errors = result.errors
     if errors:
         print(f"moe-gps: {len(errors)} run(s) failed with an internal error (see runs.csv, status 'error'); "

@@ -7,8 +7,8 @@ import math
 import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
-                                     jobs_from_args, model_from_args, output_folder, plot_drawer,
-                                     print_written)
+                                     jobs_from_args, model_from_args, note_repeated, output_folder,
+                                     plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.errors import UserError
 
@@ -135,10 +135,7 @@ def build_config(args: argparse.Namespace, trace):
         rates = [args.rate] if args.rate is not None else list(args.rates)
         for r in rates:
             _number("rate" if args.rate is not None else "rates", r, False, 0, True)
-        repeated = sorted({r for i, r in enumerate(rates) if r in rates[:i]})
-        if repeated:
-            print(f"moe-gps: note: --rates names {', '.join(f'{r:g}' for r in repeated)} more than once; each rate "
-                  "runs once", file=sys.stderr)
+        note_repeated("--rates", rates, "each rate runs once")
         cfg = replace(cfg, rates=sorted(set(rates)))
     if args.requests is not None:
         if args.requests < 1:
@@ -172,7 +169,7 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     from moe_gps.outputs import staged_outputs
     from sim.serving.plots import FIGURE_FILES
 
-    with staged_outputs(out, FIGURE_FILES) as stage:     # moved in together: a run cut short changes nothing
+    with staged_outputs(out, FIGURE_FILES, stop=drawer.stop) as stage:     # moved in together: a run cut short changes nothing
         written = write_outputs(result, stage.path, plots=not args.no_plots, drawer=drawer)
     written, removed = stage.final(written), stage.removed
     if args.json:

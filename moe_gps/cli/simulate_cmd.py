@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
-                                     jobs_from_args, output_folder, plot_drawer, print_written,
-                                     workload_from_args)
+                                     jobs_from_args, note_repeated, output_folder, plot_drawer,
+                                     print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -145,10 +145,7 @@ def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) ->
     from sim.strategies import expand_strategies
 
     requested = split_strategy_names(args.strategies) if args.strategies else default
-    repeated = sorted({n for i, n in enumerate(requested) if n in requested[:i]})
-    if repeated:
-        print(f"moe-gps: note: --strategies names {', '.join(repeated)} more than once; each runs once",
-              file=sys.stderr)
+    note_repeated("--strategies", requested)
     names, notes = expand_strategies(requested, trace)
     strategies = [strategy_from_name(n) for n in names]
     if args.redundant_slots is not None:
@@ -202,7 +199,7 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     from sim.plots import FIGURE_FILES
 
     # written aside and moved in together: a run cut short leaves the folder as it was
-    with staged_outputs(out, (*FIGURE_FILES, "timeline.json")) as stage:
+    with staged_outputs(out, (*FIGURE_FILES, "timeline.json"), stop=drawer.stop) as stage:
         written = write_outputs(result, stage.path, plots=not args.no_plots, jobs=jobs, drawer=drawer)
         if steps is not None:
             from sim.timeline import write_timeline

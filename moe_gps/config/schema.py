@@ -304,6 +304,13 @@ class ReplanPolicy:
     notes: list[str]
 
 
+def redundant_slots(num_gpus: int, num_experts: int, per_gpu: int) -> int:
+    """Redundant slots over all GPUs for ``per_gpu`` extra slots per GPU beyond the ceil(E / G) every GPU
+    needs: R = G (ceil(E / G) + per_gpu) - E, always a valid budget (E + R divides over G). per_gpu 0:
+    only the spares that make the experts divide; 1: the default of a duplicating strategy."""
+    return num_gpus * (-(-num_experts // num_gpus) + per_gpu) - num_experts
+
+
 @dataclass
 class StrategyConfig:
     """One way of placing experts, compared with the others on the same trace."""
@@ -395,11 +402,10 @@ class StrategyConfig:
     def resolved_redundant(self, num_gpus: int, num_experts: int) -> int:
         """Slots beyond one per expert. Kind none: only the spare slots that make the
         experts divide evenly over the GPUs (they hold idle copies); the others, by default, one
-        slot per GPU more than that."""
+        slot per GPU more than that (:func:`redundant_slots`)."""
         if self.redundant_slots is not None:
             return self.redundant_slots
-        spare = (-num_experts) % num_gpus
-        return spare if self.kind == "none" else spare + num_gpus
+        return redundant_slots(num_gpus, num_experts, 0 if self.kind == "none" else 1)
 
     def resolved_policy(self, history_steps: int) -> ReplanPolicy:
         """The re-plan policy, defaults made explicit. ``history_steps``: steps seen before the first

@@ -77,9 +77,11 @@ class Evaluation:
 
 
 def default_redundant(num_experts: int, num_gpus: int) -> int:
-    """One spare slot per GPU when experts divide evenly, else just enough to make them divide."""
-    rem = num_experts % num_gpus
-    return num_gpus if rem == 0 else num_gpus - rem
+    """The simulator's default: one slot per GPU beyond the spares that make the experts divide
+    (:func:`moe_gps.config.schema.redundant_slots`)."""
+    from moe_gps.config.schema import redundant_slots
+
+    return redundant_slots(num_gpus, num_experts, 1)
 
 
 def parse_predictor_names(spec: str | Sequence[str] | None) -> tuple[list[str], list[str]]:

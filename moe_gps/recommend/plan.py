@@ -21,10 +21,9 @@ The maps simulate the map strategies (plus the headline's winner and runner-up),
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-from moe_gps.config.schema import ClusterConfig, ModelConfig, StrategyConfig, WorkloadConfig
+from moe_gps.config.schema import ClusterConfig, ModelConfig, StrategyConfig, WorkloadConfig, redundant_slots
 from moe_gps.errors import UserError
 from moe_gps.recommend.skew import SkewVariant
 from moe_gps.recommend.sweep import SweepConfig
@@ -87,11 +86,6 @@ class Candidate:
         if cfg.kind != "none":
             cfg = dataclasses.replace(cfg, redundant_slots=redundant_slots(num_gpus, num_experts, self.per_gpu))
         return cfg
-
-
-def redundant_slots(num_gpus: int, num_experts: int, per_gpu: int) -> int:
-    """R = G * (ceil(E / G) + per_gpu) - E: always a valid budget (E + R divides over G)."""
-    return num_gpus * (math.ceil(num_experts / num_gpus) + per_gpu) - num_experts
 
 
 @dataclass(frozen=True)

@@ -141,10 +141,11 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
         why = (f"regrouping makes {steps} steps of {n}, and train_steps={train_steps} would leave none of them to "
                "simulate")
     elif isinstance(trace, TokensTrace):
+        need = steps_needed(train_steps)
         why = (f"the trace holds {trace.num_tokens} tokens, {steps} steps of {n} (regrouping needs "
-               f"{MIN_STEPS}, {MIN_STEPS * n} tokens)")
+               f"{need}, {need * n} tokens)")
     elif steps:
-        why = f"the counts trace makes only {steps} steps of {n} (regrouping needs {MIN_STEPS})"
+        why = f"the counts trace makes only {steps} steps of {n} (regrouping needs {steps_needed(train_steps)})"
     else:
         why = f"a counts trace regroups only into whole multiples of its steps ({have} tokens)"
     return trace, None, (f"--tokens-per-step {n}: {why}; each step's expert counts are scaled from its {have} "
