@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from moe_gps.errors import UserError, environment_error
+from moe_gps.outputs import fsync_path, special_kind
 from moe_gps.signals import held
 
 
 def _refuse_non_regular(target: Path, shown: object) -> None:
-    from moe_gps.outputs import special_kind
-
     try:
         st = os.stat(target)
     except (FileNotFoundError, NotADirectoryError):
@@ -34,17 +33,6 @@ def _refuse_non_regular(target: Path, shown: object) -> None:
     kind = special_kind(st.st_mode)
     if kind:
         raise UserError(f"{shown}: is {kind}, not a regular file; refusing to replace it")
-
-
-def _fsync(path: Path, folder: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not folder:      # some file systems cannot sync a folder; the file itself must be synced
-            raise
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -66,10 +54,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         yield tmp_path
-        _fsync(tmp_path)
+        fsync_path(tmp_path)
         _refuse_non_regular(target, shown)       # may have appeared while the file was written
         os.replace(tmp_path, target)
-        _fsync(target.parent, folder=True)
+        fsync_path(target.parent, folder=True)
     except BaseException as err:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)

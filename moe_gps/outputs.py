@@ -266,6 +266,18 @@ def hold_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
     return stack.enter_context(locked_output_dir(path, flag))
 
 
+def fsync_path(path: Path, folder: bool = False) -> None:
+    """Flush a file (or, ``folder``, a folder's entries: a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:      # some file systems cannot sync a folder; the file itself must be synced
+            raise
+    finally:
+        os.close(fd)
+
+
 class Staged:
     """The files of one run, staged (:func:`staged_outputs`). path: the folder to write them into;
     after the block, removed: the earlier run's optional files removed because this run did not make
@@ -321,6 +333,8 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(f, out / rel)
                 made.add(rel.as_posix())
+            for d in sorted({(out / rel).parent for rel in map(Path, made)}):
+                fsync_path(d, folder=True)                # the renames on disk, as the atomic writers' are
             for name in optional:
                 if name not in made and (out / name).is_file():
                     (out / name).unlink()

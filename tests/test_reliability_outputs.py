@@ -180,7 +180,7 @@ def test_disk_full_during_the_write_is_one_line(tmp_path, monkeypatch, capsys):
     def full(path, folder=False):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(atomic, "_fsync", full)
+    monkeypatch.setattr(atomic, "fsync_path", full)
     err = one_line(capsys, main(["plan", str(trace), "--gpus", "4", "-o", str(out)]))
     assert err == f"moe-gps: error: {out}: cannot write (No space left on device)"
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "t.parquet"]

@@ -124,3 +124,19 @@ def test_the_plot_process_is_stopped_before_the_staging_folder_is_removed(tmp_pa
                 raise OSError(28, "No space left on device")
         time.sleep(1.0)                                       # long after the late file would have come
     assert list(out.iterdir()) == []
+
+
+def test_the_moves_are_flushed_to_disk(tmp_path, monkeypatch):
+    """After the renames, each folder that took files is synced, as the atomic writers sync theirs."""
+    import moe_gps.outputs as outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    synced = []
+    monkeypatch.setattr(outputs, "fsync_path", lambda p, folder=False: synced.append((p, folder, p.exists())))
+    with staged_outputs(out) as stage:
+        (stage.path / "plots").mkdir()
+        (stage.path / "plots" / "x.png").write_text("png\n")
+        (stage.path / "a.csv").write_text("a\n")
+    assert sorted(synced) == [(out, True, True), (out / "plots", True, True)]
+    assert (out / "a.csv").exists() and (out / "plots" / "x.png").exists()
