@@ -317,24 +317,20 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
             if stop is not None:
                 stop()
             raise
-        files = sorted(f for f in stage.path.rglob("*") if f.is_file())
-        for f in files:           # checked before any moves: a folder where a file goes, a file where a folder
-            rel = f.relative_to(stage.path)
-            folders = [out.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+        rels = sorted(f.relative_to(stage.path) for f in stage.path.rglob("*") if f.is_file())
+        for rel in rels:          # checked before any moves: a folder where a file goes, a file where a folder
             if (out / rel).is_dir():
                 raise UserError(f"{out / rel}: a folder where this run writes the file {rel}; move it")
-            for d in folders:
+            for d in (out.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))):
                 if d.exists() and not d.is_dir():
                     raise UserError(f"{d}: a file where this run writes the folder {d.name}/; move it")
         with held():              # every file moves, or (a signal before the block) none
-            made = set()
-            for f in files:
-                rel = f.relative_to(stage.path)
+            for rel in rels:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, out / rel)
-                made.add(rel.as_posix())
-            for d in sorted({(out / rel).parent for rel in map(Path, made)}):
+                os.replace(stage.path / rel, out / rel)
+            for d in sorted({(out / rel).parent for rel in rels}):
                 fsync_path(d, folder=True)                # the renames on disk, as the atomic writers' are
+            made = {rel.as_posix() for rel in rels}
             for name in optional:
                 if name not in made and (out / name).is_file():
                     (out / name).unlink()

@@ -3,6 +3,7 @@ computed from, as output folders record them (and as ``recommend``'s cache keys 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -30,12 +31,20 @@ def code_digest() -> str:
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file's bytes (what ``sha256sum`` prints), or None where ``path`` is not a file."""
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints), or None where ``path`` is not a file. A file
+    unchanged since it was last hashed here (the same size and modification time) is not read again: a
+    command that records its trace in several files hashes it once."""
     p = Path(path)
     if not p.is_file():
         return None
+    st = p.stat()
+    return _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()

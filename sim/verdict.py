@@ -144,11 +144,15 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     return v
 
 
-def oracle_gain_text(none_us: dict[str, float], oracle_us: dict[str, float], layout_us: float) -> str:
+def oracle_gain_text(none_us: dict[str, float], oracle_us: dict[str, float], cluster, model) -> str:
     """Where the oracle's time per MoE layer goes against none's: the layout exchange its direct routing
-    skips (``layout_us``: it knows every token's replica, so no exchange of counts precedes its
-    dispatch), and the rest, which is its placement (its FFN, and the dispatch and combine traffic its
-    placement changes). none_us, oracle_us: mean µs per MoE layer of ``total`` and ``ffn``."""
+    skips (:func:`sim.cost.layout_time` on ``cluster`` for ``model``: it knows every token's replica, so
+    no exchange of counts precedes its dispatch), and the rest, which is its placement (its FFN, and the
+    dispatch and combine traffic its placement changes). none_us, oracle_us: mean µs per MoE layer of
+    ``total`` and ``ffn``."""
+    from sim.cost import Hardware, layout_time
+
+    layout_us = float(layout_time(Hardware.from_config(cluster, model)).max() * 1e6)
     saved = none_us["total"] - oracle_us["total"]
     return (f"it saves {saved:.1f} µs a MoE layer: {layout_us:.1f} µs is the layout exchange it skips by "
             f"sending every token straight to its replica (direct routing), the other {saved - layout_us:.1f} µs "
@@ -158,12 +162,9 @@ def oracle_gain_text(none_us: dict[str, float], oracle_us: dict[str, float], lay
 def bound_lines(result: "SimResult") -> list[str]:
     """One line per oracle strategy beside ``none``: its speed-up over none with the interval of
     :func:`speedup_interval`, and where its gain comes from (:func:`oracle_gain_text`)."""
-    from sim.cost import Hardware, layout_time
-
     base = next((r for r in result.strategies if r.config.kind == "none"), None)
     if base is None:
         return []
-    layout = float(layout_time(Hardware.from_config(result.config.cluster, result.config.model)).max() * 1e6)
     us = lambda r: {"total": float(r.layer_time.mean() * 1e6), "ffn": float(r.phases["ffn"].mean() * 1e6)}  # noqa: E731
     out = []
     for r in result.strategies:
@@ -173,7 +174,7 @@ def bound_lines(result: "SimResult") -> list[str]:
         S = len(base.step_latency)
         out.append(f"bound: {r.name} ({r.redundant_slots} redundant slots, true loads known in advance, no "
                    f"predictor cost) runs at {point:.3f}x over none ({interval_text(lo, hi, S, 'simulated step')}); "
-                   + oracle_gain_text(us(base), us(r), layout))
+                   + oracle_gain_text(us(base), us(r), result.config.cluster, result.config.model))
     return out
 
 

@@ -55,3 +55,14 @@ def port_serves_two(copies, num_layers: int):
 @pytest.fixture
 def queued_layers():
     return port_serves_two
+
+
+def one_line(capsys, code: int, *words: str) -> str:
+    """Exit 2 and exactly one stderr line (no traceback) holding every one of ``words``: how every command
+    reports bad input. Returns the line."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err.strip()

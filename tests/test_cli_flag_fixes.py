@@ -16,21 +16,13 @@ from moe_gps.cli.main import main
 from moe_gps.trace import write_trace
 from moe_gps.trace.synth import synthesize
 
+from conftest import one_line
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = str(ROOT / "traces" / "mixtral_mmlu.parquet")          # 64 steps x 512 tokens, 8 experts
 RUN_YAML = str(ROOT / "runtime" / "examples" / "run.yaml")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="the runtime commands need torch")
-
-
-def one_line(capsys, code: int, *words: str) -> str:
-    """Exit 2 and exactly one stderr line (no traceback) holding every one of ``words``."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err.strip()
 
 
 def help_text(capsys, argv: list[str]) -> str:

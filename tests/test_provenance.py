@@ -40,3 +40,19 @@ def test_the_code_digest_covers_sub_folders(monkeypatch, tmp_path):
     first = prov.code_digest()
     (root / "sim" / "serving" / "run.py").write_text("b = 2\n")
     assert prov.code_digest() != first
+
+
+def test_a_file_is_hashed_once_while_unchanged_and_again_once_changed(tmp_path, monkeypatch):
+    import builtins
+    import os
+
+    path = tmp_path / "t.parquet"
+    path.write_bytes(b"first")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    assert file_sha256(path) == file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert opened.count(str(path.resolve())) == 1                    # recorded in two files, read once
+    path.write_bytes(b"other")                                       # the same size, another time
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    assert file_sha256(path) == hashlib.sha256(b"other").hexdigest()

@@ -24,14 +24,8 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.importers import import_popularity_json, import_vllm_jsonl
 from moe_gps.trace.synth import synthesize
 
+from conftest import one_line
 from test_recommend import MODEL, TINY
-
-
-def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def test_counts_whose_sum_passes_2_63_are_rejected_not_wrapped(tmp_path, capsys):

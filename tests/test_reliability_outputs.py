@@ -26,6 +26,8 @@ from moe_gps.outputs import LOCK_NAME, locked_output_dir
 from moe_gps.trace import write_trace
 from moe_gps.trace.synth import synthesize
 
+from conftest import one_line
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 CLI = [sys.executable, "-m", "moe_gps.cli.main"]
@@ -40,13 +42,6 @@ def work(tmp_path_factory):
     (d / "afile").write_text("not a folder\n")
     (d / "adir").mkdir()
     return d
-
-
-def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def temporary_files(folder: Path) -> list[Path]:

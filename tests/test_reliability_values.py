@@ -16,14 +16,9 @@ from moe_gps.errors import UserError
 from moe_gps.files import parse_yaml
 from moe_gps.placement import plan_placement
 
+from conftest import one_line
+
 BUNDLED = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
-
-
-def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 @pytest.mark.parametrize("strategy, message", [

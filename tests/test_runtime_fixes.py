@@ -27,6 +27,7 @@ from runtime.local import run_local  # noqa: E402
 from runtime.moe_layer import ExpertParallelMoE  # noqa: E402
 from runtime.routing import layer_tables  # noqa: E402
 
+from conftest import one_line  # noqa: E402
 from test_runtime_launch import TINY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,13 +200,6 @@ def no_torchrun(monkeypatch):
     return started
 
 
-def _one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("moe-gps: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
-
-
 def _config(tmp_path: Path, **dup) -> str:
     doc = {**TINY, "duplication": {**TINY["duplication"], **dup}}
     path = tmp_path / "run.yaml"
@@ -220,13 +214,13 @@ def test_cuda_without_a_gpu_is_one_line_before_torchrun(tmp_path, capsys, monkey
     with pytest.raises(UserError, match="torch sees no GPU"):          # what every rank does too
         choose_device("cuda")
     cfg = _config(tmp_path)
-    err = _one_line(capsys, main(["run", "--config", cfg, "--duplication", "off", "--device", "cuda",
-                                  "--out", str(tmp_path / "out")]))
+    err = one_line(capsys, main(["run", "--config", cfg, "--duplication", "off", "--device", "cuda",
+                                 "--out", str(tmp_path / "out")]))
     assert err.startswith("moe-gps: error: --device cuda: torch sees no GPU")
     doc = yaml.safe_load(Path(cfg).read_text())
     doc["run"]["device"] = "cuda"
     Path(cfg).write_text(yaml.safe_dump(doc))
-    err = _one_line(capsys, main(["run", "--config", cfg, "--duplication", "off", "--out", str(tmp_path / "out")]))
+    err = one_line(capsys, main(["run", "--config", cfg, "--duplication", "off", "--out", str(tmp_path / "out")]))
     assert err.startswith(f"moe-gps: error: {cfg}: run.device cuda: torch sees no GPU")
     assert no_torchrun == [] and not (tmp_path / "out").exists()
 
@@ -234,8 +228,8 @@ def test_cuda_without_a_gpu_is_one_line_before_torchrun(tmp_path, capsys, monkey
 def test_a_cluster_file_for_other_ranks_is_one_line_before_torchrun(tmp_path, capsys, no_torchrun):
     cluster = ROOT / "moe_gps/config/presets/clusters/4xA100-nvlink.yaml"
     cfg = _config(tmp_path, min_gain=1.0, cluster=str(cluster))
-    err = _one_line(capsys, main(["run", "--config", cfg, "--duplication", "dist-only", "--nproc", "2",
-                                  "--out", str(tmp_path / "out")]))
+    err = one_line(capsys, main(["run", "--config", cfg, "--duplication", "dist-only", "--nproc", "2",
+                                 "--out", str(tmp_path / "out")]))
     assert "the cluster has 4 GPUs, this run 2 ranks" in err
     assert no_torchrun == []
     assert main(["run", "--config", cfg, "--duplication", "off", "--nproc", "2",       # off: no cost model
@@ -253,7 +247,7 @@ def test_a_plan_file_outside_static_is_refused_naming_the_mode(tmp_path, capsys,
         with pytest.raises(UserError, match=f"is a plan for --duplication static, which --duplication {mode} "
                                             "would not use"):
             DuplicationPolicy(mode, d, 2, 2, 8, 2, 64)
-        err = _one_line(capsys, main(["run", "--config", cfg, "--duplication", mode, "--out", str(tmp_path / "o")]))
+        err = one_line(capsys, main(["run", "--config", cfg, "--duplication", mode, "--out", str(tmp_path / "o")]))
         assert f"--duplication {mode} would not use" in err
     assert DuplicationPolicy("static", d, 2, 2, 8, 2, 64).initial().num_redundant == 2
     assert no_torchrun == []
@@ -267,8 +261,8 @@ def test_an_output_folder_the_file_system_refuses_is_one_line_though_access_says
     monkeypatch.setattr(os, "access", lambda *a, **k: True)      # as for root
     with pytest.raises(UserError, match=r"^--out /proc/x/y: cannot write in /proc/ \("):
         check_output_dir("/proc/x/y", "--out")
-    err = _one_line(capsys, main(["run", "--config", _config(tmp_path), "--duplication", "off",
-                                  "--out", "/proc/x/y"]))
+    err = one_line(capsys, main(["run", "--config", _config(tmp_path), "--duplication", "off",
+                                 "--out", "/proc/x/y"]))
     assert "cannot write in /proc/" in err and no_torchrun == []
     # the checks leave nothing behind where they can write
     check_output_dir(tmp_path / "a" / "b" / "c")

@@ -83,12 +83,12 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, windo
 def check_train_steps(n: int, trace, tokens_per_step: int | None) -> None:
     """``--train-steps n`` leaves a step to simulate, in the steps the simulation has (the trace's, or those
     ``--tokens-per-step`` regroups it into); else a UserError naming the flag."""
-    from moe_gps.trace.regroup import regrouped_steps, steps_needed
+    from moe_gps.trace.regroup import regrouped_steps, regroups
 
     if n < 1:
         raise UserError(f"--train-steps must be >= 1, got {n}")
     steps = trace.num_steps
-    if tokens_per_step is not None and regrouped_steps(trace, tokens_per_step) >= steps_needed(n):
+    if tokens_per_step is not None and regroups(trace, tokens_per_step, n):
         steps = regrouped_steps(trace, tokens_per_step)
     if n >= steps:
         raise UserError(f"--train-steps {n} leaves no step to simulate: the trace has {steps} steps"

@@ -99,12 +99,11 @@ def check_trace_output(path: str, flag: str = "-o"):
 
 
 def regroup_by_flag(trace, tokens_per_step: int, flag: str = "--tokens-per-step"):
-    """:func:`~moe_gps.trace.regroup.regroup` with the problems of ``flag``'s value named by the flag."""
+    """:func:`~moe_gps.trace.regroup.regroup` with the problems of ``flag``'s value named by the flag (a value
+    >= 1: the callers check that before the trace loads)."""
     from moe_gps.trace.regroup import regroup, regrouped_steps
 
     n = tokens_per_step
-    if n < 1:
-        raise UserError(f"{flag} must be >= 1, got {n}")
     total = int(trace.tokens_per_step.sum())
     if regrouped_steps(trace, n) < 1 and total < n:
         raise UserError(f"{flag} {n}: the trace holds {total} tokens, fewer than one step of {n}")

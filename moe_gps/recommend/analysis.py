@@ -56,6 +56,11 @@ def at_point(df, plan: SweepPlan, p: Point):
 NEAR_TIE = 1.01
 
 
+def and_list(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 @dataclass
 class Comparison:
     """A (faster) against B, from their per-step latencies on the same steps.
@@ -382,8 +387,7 @@ class Sensitivity:
         named = self.values[lo:hi + 1] + [ch[0] for ch in (self.change_below, self.change_above) if ch is not None]
         named = [v for v in self.values if v in named and v in self.caveats]
         if named:
-            names = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
-            s += f"; at {names}, {self.caveats[named[0]]}"
+            s += f"; at {and_list(named)}, {self.caveats[named[0]]}"
         return s + "."
 
 

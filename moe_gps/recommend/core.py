@@ -24,7 +24,7 @@ from moe_gps.recommend.plan import TRACE_SKEW, Candidate, SweepPlan, check_gpu_c
 from moe_gps.recommend.runner import Runner
 from moe_gps.recommend.skew import SkewVariant, mean_expert_skew
 from moe_gps.recommend.sweep import SweepConfig
-from moe_gps.trace.regroup import regroup_or_scale, regrouped_steps, steps_needed
+from moe_gps.trace.regroup import regroup_or_scale, regrouped_steps, regroups, steps_needed
 
 #: two skew variants closer than this (in achieved skew) are one
 SKEW_DEDUP = 0.02
@@ -86,7 +86,7 @@ def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
     out = []
     for w in plan.workloads[1:]:
         n = w.tokens_per_step
-        if n and n != plan.trace_tokens and regrouped_steps(trace, n) >= steps_needed(plan.sweep.train_steps):
+        if n and n != plan.trace_tokens and regroups(trace, n, plan.sweep.train_steps):
             out.append(f"workload {workload_label(w, plan.trace_tokens)}: its runs regroup the {trace.num_steps} "
                        f"steps into {regrouped_steps(trace, n)} steps of {n} tokens, of which the first "
                        f"{plan.sweep.train_steps} fit the predictors (runs.csv's sim_steps: the steps each run "
@@ -96,7 +96,7 @@ def _regrouping_workloads(plan: SweepPlan, trace) -> list[str]:
 
 def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple[list[str], dict[str, str]]:
     """The workloads whose runs scale the trace's steps instead of regrouping them (simulate's rule,
-    :func:`moe_gps.trace.regroup.regroup_or_scale`: regroup only into :func:`steps_needed` steps or more).
+    :func:`moe_gps.trace.regroup.regroups`).
 
     ``trace``: the trace the runs get (cut to train_steps + sim_steps); ``user_scaled``: the user's own
     workload scales too (its note is the one ``regroup_or_scale`` gave). -> (notes on the swept ones, workload
@@ -113,7 +113,7 @@ def scaled_workloads(plan: SweepPlan, trace, user_scaled: bool = False) -> tuple
         if i == 0:
             scaled = bool(user_scaled and n)
         else:
-            scaled = bool(n) and n != plan.trace_tokens and regrouped_steps(trace, n) < need
+            scaled = bool(n) and n != plan.trace_tokens and not regroups(trace, n, plan.sweep.train_steps)
         if not scaled:
             continue
         label = workload_label(w, plan.trace_tokens)

@@ -19,7 +19,7 @@ from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.provenance import provenance_comment
 from moe_gps.recommend import plots
-from moe_gps.recommend.analysis import NEAR_TIE, at_point
+from moe_gps.recommend.analysis import NEAR_TIE, and_list, at_point
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
 from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
@@ -140,21 +140,15 @@ def hypothetical_lines(r: Recommendation) -> list[str]:
             out.append(f"{where.capitalize()}, better accuracy still pays at the highest swept "
                        f"({max(st.accuracies):g}) at: " + "; ".join(rising) + ".")
     if h.oracle is not None and h.none is not None:
-        from sim.cost import Hardware, layout_time
         from sim.verdict import oracle_gain_text
 
         o, n = h.oracle, h.none
-        layout = float(layout_time(Hardware.from_config(r.plan.cluster, r.plan.model)).max() * 1e6)
         us = lambda x: {"total": x["layer_total_us"], "ffn": x["layer_ffn_us"]}  # noqa: E731
+        gain = oracle_gain_text(us(n), us(o), r.plan.cluster, r.plan.model)
         out.append(f"The oracle ({o['candidate']}: true loads known in advance, no predictor cost, the same copy "
                    f"policy) runs at {n['latency_mean_ms'] / o['latency_mean_ms']:.3f}x vs none at your point, the "
-                   f"bound for prediction with that slot budget; {oracle_gain_text(us(n), us(o), layout)}.")
+                   f"bound for prediction with that slot budget; {gain}.")
     return out
-
-
-def _and(items: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _break_even_text(st) -> str:
@@ -170,7 +164,7 @@ def _break_even_text(st) -> str:
     parts = []
     for (a, v, clear), os_ in groups.items():
         m = v / ref
-        txt = f"accuracy >= {a:g} at {_and([f'{o / 1e6:g}' for o in os_])} MFLOP/token"
+        txt = f"accuracy >= {a:g} at {and_list([f'{o / 1e6:g}' for o in os_])} MFLOP/token"
         if m < NEAR_TIE:
             txt += f", by only {100 * (m - 1):.2f}% there ({v:.4f}x against {ref:.4f}x): a near tie"
             if clear is not None:
@@ -194,7 +188,7 @@ def _hidden_text(st) -> str | None:
     hid = st.hidden()
     if not any(st.overheads[i] > 0 for i in hid):
         return None
-    names = _and([f"{st.overheads[i] / 1e6:g}" for i in hid])
+    names = and_list([f"{st.overheads[i] / 1e6:g}" for i in hid])
     what = (f"overheads {names} MFLOP/token give the same speed-ups" if len(hid) > 1 else
             f"an overhead of {names} MFLOP/token costs no time")
     top = max(st.overheads[i] for i in hid)
@@ -227,6 +221,16 @@ def near_tie(c) -> bool:
     return c is not None and (c.speedup < NEAR_TIE or c.ci_low <= 1.0)
 
 
+def tie_kind(c) -> str | None:
+    """What kind of near tie (:func:`near_tie`) the lead ``c`` is: "same" (the same time on every step),
+    "near" (under NEAR_TIE either way), "interval" (within its 95% interval), or None (none)."""
+    if not near_tie(c):
+        return None
+    if c.same_every_step:
+        return "same"
+    return "near" if 1 / NEAR_TIE < c.speedup < NEAR_TIE else "interval"
+
+
 def _verdict(r: Recommendation) -> str:
     h = r.headline
     w = h.winner
@@ -239,17 +243,14 @@ def _verdict(r: Recommendation) -> str:
         text = (f"{fam}: {w['strategy']} with {int(w['redundant_slots'])} redundant slots "
                 f"({extra} extra per GPU)")
     c = h.vs_runner_up
-    if not near_tie(c):
+    kind = tie_kind(c)
+    if kind is None:
         return text
     # the rule still picks one; what is said is that the runner-up is as good
     lead = (f"{100 * (c.speedup - 1):.2f}% faster than {c.b}" if c.speedup >= 1 else
             f"{c.b} {100 * (1 / c.speedup - 1):.2f}% faster")
-    if c.same_every_step:
-        tie = f"a tie (the same time as {c.b} on every step)"
-    elif 1 / NEAR_TIE < c.speedup < NEAR_TIE:
-        tie = f"a near tie ({lead})"
-    else:
-        tie = f"not separated from {c.b} ({lead}, within the 95% interval)"
+    tie = {"same": f"a tie (the same time as {c.b} on every step)", "near": f"a near tie ({lead})",
+           "interval": f"not separated from {c.b} ({lead}, within the 95% interval)"}[kind]
     either = ("either is as fast, and no duplication needs no redundant slots" if not h.duplicates else
               "either is as good")
     return f"{text}; {tie}: {either}"
@@ -271,9 +272,8 @@ def key_numbers(r: Recommendation) -> list[tuple[str, str]]:
         rows.append(("fastest, not separated", f"{fast['candidate']}: {_versus(c)}"))
     if h.vs_runner_up is not None:
         c = h.vs_runner_up
-        tie = ("" if not near_tie(c) else ": a tie, either is as fast" if c.same_every_step else
-               ": a near tie, either is as good" if 1 / NEAR_TIE < c.speedup < NEAR_TIE else
-               ": not separated (within the 95% interval), either is as good")
+        tie = {None: "", "same": ": a tie, either is as fast", "near": ": a near tie, either is as good",
+               "interval": ": not separated (within the 95% interval), either is as good"}[tie_kind(c)]
         rows.append(("speed-up vs runner-up", f"{_versus(h.vs_runner_up)} over {h.vs_runner_up.b}{tie}"))
     if h.thin:
         rows.append(("evidence", f"thin: {len(w['step_latency_ms'])} simulated steps (fewer than {THIN_STEPS}); "
@@ -330,7 +330,7 @@ def caption(name: str, r: Recommendation) -> str:
     text = CAPTIONS[name]
     if name == "predictor":
         why = [f"at {'your point' if st.point == r.plan.user else st.label + ' tokens/step'}, "
-               + _and([f"{st.overheads[i] / 1e6:g}" for i in st.hidden()]) + " MFLOP/token"
+               + and_list([f"{st.overheads[i] / 1e6:g}" for i in st.hidden()]) + " MFLOP/token"
                for st in r.predictor if any(st.overheads[i] > 0 for i in st.hidden())]
         if why:
             text += (" A token predictor runs beside the attention, so its time is hidden up to the cost where it "

@@ -122,11 +122,17 @@ def steps_needed(train_steps: int | None = None) -> int:
     return MIN_STEPS if train_steps is None else max(MIN_STEPS, int(train_steps) + 1)
 
 
+def regroups(trace: TokensTrace | CountsTrace, tokens_per_step: int, train_steps: int | None = None) -> bool:
+    """The simulator's rule: ``--tokens-per-step`` regroups ``trace`` (else it scales each step's counts)
+    when that makes at least :func:`steps_needed` steps."""
+    return regrouped_steps(trace, tokens_per_step) >= steps_needed(train_steps)
+
+
 def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | None,
                      train_steps: int | None = None):
     """The simulator's rule for ``--tokens-per-step``: -> (trace, note, warning).
 
-    Regroup when that leaves at least :func:`steps_needed` steps (note says so); otherwise return
+    Regroup where :func:`regroups` (note says so); otherwise return
     the trace as it is (the simulator then scales each step's counts to ``tokens_per_step``)
     and a warning with the reason. Without ``tokens_per_step``: the trace, no note, no warning.
     """
@@ -135,7 +141,7 @@ def regroup_or_scale(trace: TokensTrace | CountsTrace, tokens_per_step: int | No
     n = int(tokens_per_step)
     have = describe_tokens_per_step(trace)
     steps = regrouped_steps(trace, n)
-    if steps >= steps_needed(train_steps):
+    if regroups(trace, n, train_steps):
         return regroup(trace, n), regroup_note(trace, n), None
     if steps >= MIN_STEPS:
         why = (f"regrouping makes {steps} steps of {n}, and train_steps={train_steps} would leave none of them to "

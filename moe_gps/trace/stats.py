@@ -102,22 +102,36 @@ def mode_hit_rate(group: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np
     return hits / n, base / n
 
 
-def layer_affinity(experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def layer_affinity(experts: np.ndarray, bar=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 hit rate of layer l -> l+1 (cross-fitted) and the most-frequent baseline.
 
-    experts: int [tokens, layers, k]  ->  (hit [layers - 1], baseline [layers - 1])
+    experts: int [tokens, layers, k]  ->  (hit [layers - 1], baseline [layers - 1]); ``bar``: a progress bar
+    advanced by one per layer (:func:`_by_layer`)
     """
     top1 = experts[:, :, 0].astype(np.int64)
-    return mode_hit_rate(top1[:, :-1], top1[:, 1:])
+    return _by_layer(top1[:, :-1], top1[:, 1:], bar)
 
 
-def token_id_affinity(experts: np.ndarray, token_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def token_id_affinity(experts: np.ndarray, token_id: np.ndarray, bar=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 hit rate from the token's vocabulary id, per layer (cross-fitted), and the baseline.
 
-    experts: int [tokens, layers, k], token_id: int [tokens] -> (hit [layers], baseline [layers])
+    experts: int [tokens, layers, k], token_id: int [tokens] -> (hit [layers], baseline [layers]); ``bar``: as
+    :func:`layer_affinity`'s
     """
     top1 = experts[:, :, 0].astype(np.int64)
-    return mode_hit_rate(np.broadcast_to(token_id[:, None], top1.shape), top1)
+    return _by_layer(np.broadcast_to(token_id[:, None], top1.shape), top1, bar)
+
+
+def _by_layer(group: np.ndarray, target: np.ndarray, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mode_hit_rate` a column (layer) at a time, advancing ``bar`` (when given) by one per column: the
+    same numbers as all columns at once, since every column is scored on its own."""
+    C = target.shape[1]
+    hit, base = np.full(C, np.nan), np.full(C, np.nan)
+    for c in range(C):
+        hit[c:c + 1], base[c:c + 1] = mode_hit_rate(group[:, c:c + 1], target[:, c:c + 1])
+        if bar is not None:
+            bar.update()
+    return hit, base
 
 
 @dataclass
@@ -169,17 +183,6 @@ class TraceSummary:
         return d
 
 
-def _by_layer(fn, group: np.ndarray, target: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
-    """``fn(group, target)`` (:func:`mode_hit_rate`) a column (layer) at a time, advancing ``bar`` by one per
-    column: the same numbers, since every column is scored on its own."""
-    C = target.shape[1]
-    hit, base = np.full(C, np.nan), np.full(C, np.nan)
-    for c in range(C):
-        hit[c:c + 1], base[c:c + 1] = fn(group[:, c:c + 1], target[:, c:c + 1])
-        bar.update()
-    return hit, base
-
-
 def summarize(trace: TokensTrace | CountsTrace, progress: bool = False) -> TraceSummary:
     """Per-layer statistics of a trace (see the module docstring for definitions). ``progress``: a progress
     bar of the per-layer hit rates (the slow part of a tokens trace) on stderr."""
@@ -207,11 +210,11 @@ def summarize(trace: TokensTrace | CountsTrace, progress: bool = False) -> Trace
         with tqdm(total=total_work, desc="inspect", unit="layer", leave=False, disable=not progress,
                   file=sys.stderr) as bar:
             top1 = trace.experts[:, :, 0].astype(np.int64)
-            hit[:-1] = _by_layer(mode_hit_rate, top1[:, :-1], top1[:, 1:], bar)[0]         # layer_affinity
-            base = _by_layer(mode_hit_rate, np.zeros_like(top1), top1, bar)[1]
-            if trace.token_id is not None:                                                  # token_id_affinity
-                tok_hit = _by_layer(mode_hit_rate, np.broadcast_to(trace.token_id[:, None], top1.shape), top1,
-                                    bar)[0]
+            base = _by_layer(np.zeros_like(top1), top1, bar)[1]
+            del top1                                           # each affinity makes its own: one copy at a time
+            hit[:-1] = layer_affinity(trace.experts, bar)[0]
+            if trace.token_id is not None:
+                tok_hit = token_id_affinity(trace.experts, trace.token_id, bar)[0]
     skew, g, share = skewness(total), gini(total), top_share(total)
     with warnings.catch_warnings():                            # a layer of no load: NaN, shown as '-'
         warnings.simplefilter("ignore", RuntimeWarning)
