@@ -9,7 +9,8 @@ processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cas
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
    without the plots), its floor, and a floor that also works out the GPU loads of every default
    strategy's static placement at every step (the floor the goal for this case was stated against),
-   once unrecorded, then five times each in turn (the median of each); and in memory,
+   once with the memory sampled, then five times each in turn without the sampler (the median wall
+   time of each); and in memory,
    imports excluded, ``simulate()`` with one process and with ``--jobs``' default against a floor
    of loading the trace, counting its expert loads and working out the GPU loads of every
    strategy's static placement at every step.
@@ -66,10 +67,12 @@ STRATEGIES_CLI = "none,eplb,dist:profile,dist:ema,oracle"
 BUNDLED_ROUNDS = 5
 STRATEGIES_LONG = "none,eplb,dist:ema"
 
-# Runs a command, then prints as JSON on the wrapper's stderr's last line: its wall time, its peak RSS
-# (the largest of the process tree's waited-for processes, in KB on Linux), and the peak of the whole
-# tree's memory (the sum of its processes' PSS, so that pages forked workers share count once; sampled
-# every 20 ms from /proc, 0 where /proc has no smaps_rollup).
+# Runs a command (argv[2:]), then prints as JSON on the wrapper's stderr's last line: its wall time, its
+# peak RSS (the largest of the process tree's waited-for processes, in KB on Linux), and, where argv[1] is
+# "1", the peak of the whole tree's memory (the sum of its processes' PSS, so that pages forked workers
+# share count once; sampled every 20 ms from /proc, 0 where /proc has no smaps_rollup). The sampling
+# costs CPU (the kernel walks each process's pages), more for a command of several processes: wall
+# times compared as ratios are measured without it.
 _WRAPPER = (
     "import json, resource, subprocess, sys, threading, time\n"
     "def tree(pid):\n"
@@ -87,9 +90,9 @@ _WRAPPER = (
     "            return next(int(l.split()[1]) for l in f if l.startswith('Pss:'))\n"
     "    except (OSError, StopIteration):\n"
     "        return 0\n"
-    "t = time.perf_counter(); proc = subprocess.Popen(sys.argv[1:]); top = [0]\n"
+    "t = time.perf_counter(); proc = subprocess.Popen(sys.argv[2:]); top = [0]\n"
     "def sample():\n"
-    "    while proc.poll() is None:\n"
+    "    while proc.poll() is None and sys.argv[1] == '1':\n"
     "        top[0] = max(top[0], sum(pss(p) for p in tree(proc.pid)))\n"
     "        time.sleep(0.02)\n"
     "th = threading.Thread(target=sample, daemon=True); th.start(); rc = proc.wait(); th.join()\n"
@@ -130,12 +133,13 @@ _FLOOR_LOADS = (
 PYCACHE = Path(tempfile.gettempdir()) / "moe-gps-bench-pycache"
 
 
-def measure(args: list[str], source: Path = ROOT, env: dict | None = None, quiet: bool = True) -> dict:
+def measure(args: list[str], source: Path = ROOT, env: dict | None = None, quiet: bool = True,
+            sample: bool = True) -> dict:
     """Wall time and peak RSS of ``python -m ...``/``python -c ...`` with ``source`` first on the path
-    (and bytecode cached in :data:`PYCACHE`)."""
+    (and bytecode cached in :data:`PYCACHE`); ``sample``: also the peak of its process tree's PSS."""
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, **(env or {}),
            "PYTHONPATH": str(source), "PYTHONPYCACHEPREFIX": str(PYCACHE)}
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, *args], cwd=source, env=env,
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, "1" if sample else "0", sys.executable, *args], cwd=source, env=env,
                           stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
     out = json.loads(proc.stderr.strip().splitlines()[-1])
     if out["rc"] != 0:
@@ -249,12 +253,13 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
                 "simulate_no_plots": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-np-{i}"),
                                                    "--no-plots")}
     runs: dict[str, list[dict]] = {k: [] for k in commands}
-    for k, args in commands.items():
-        measure(args(rounds))                     # once unrecorded: the bytecode cached, the files warm
+    # first with the memory sampled (the bytecode cached, the files warm; its wall time is not counted),
+    # then timed without the sampler, which would slow simulate's several processes more than the floor's one
+    sampled = {k: measure(args(rounds)) for k, args in commands.items()}
     for i in range(rounds):
         for k, args in commands.items():
-            runs[k].append(measure(args(i)))
-    figs = {k: _median_run(v) for k, v in runs.items()}
+            runs[k].append(measure(args(i), sample=False))
+    figs = {k: _median_run(v + [sampled[k]], walls=v) for k, v in runs.items()}
     fl = figs["floor"]
     loads = figs["floor_loads"]
     return {"trace": f"{trace.relative_to(ROOT)}, every default strategy (median of {rounds} runs each)",
@@ -264,10 +269,12 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
                for k in ("simulate", "simulate_no_plots")}}
 
 
-def _median_run(runs: list[dict]) -> dict:
-    """The run of median wall time, with every run's wall time and the largest peak memory of them."""
-    mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-    return {**mid, "walls_s": [r["wall_s"] for r in runs],
+def _median_run(runs: list[dict], walls: list[dict] | None = None) -> dict:
+    """The run of median wall time (of ``walls``, default ``runs``), with those runs' wall times and the
+    largest peak memory of ``runs``."""
+    walls = runs if walls is None else walls
+    mid = sorted(walls, key=lambda r: r["wall_s"])[len(walls) // 2]
+    return {**mid, "walls_s": [r["wall_s"] for r in walls],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "peak_tree_pss_mb": max(r.get("peak_tree_pss_mb", 0.0) for r in runs)}
 
