@@ -23,6 +23,7 @@ their reasons are in docs/simulator.md ("Cost model"); the names here follow it:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +146,41 @@ class Hardware:
         """bool [G, G]: True where two GPUs share a node (diagonal included)."""
         return self.node_of_gpu[:, None] == self.node_of_gpu[None, :]
 
+    # -- constants of the cluster's shape, worked out once (read-only arrays; the fields never change)
+    @functools.cached_property
+    def _fabrics(self) -> tuple[tuple[np.ndarray, np.ndarray, float, float], ...]:
+        """Per fabric with GPU pairs on it (peers on the node, then GPUs of other nodes): (its pairs,
+        bool [G, G]; the same as float [G, G]; bandwidth B/s; latency s)."""
+        same = self.same_node()
+        off = ~np.eye(len(self.node_of_gpu), dtype=bool)
+        out = []
+        for mask, bw, lat in ((same & off, self.intra_bw, self.intra_lat), (~same, self.inter_bw, self.inter_lat)):
+            if mask.any():
+                out.append((_frozen(mask), _frozen(mask.astype(np.float64)), bw, lat))
+        return tuple(out)
+
+    @functools.cached_property
+    def _layout(self) -> np.ndarray:
+        """float [G]: :func:`layout_time` (read-only)."""
+        same = self.same_node()
+        intra = same.sum(axis=1) - 1
+        inter = (~same).sum(axis=1)
+        return _frozen(self.intra_lat * intra + self.inter_lat * inter)
+
+    @functools.cached_property
+    def _nodes(self) -> tuple[int, int, np.ndarray]:
+        """(nodes, GPUs on node 0, one-hot float [G, nodes] of each GPU's node)."""
+        node = self.node_of_gpu
+        nodes = int(node.max()) + 1 if len(node) else 0
+        per_node = int(np.sum(node == 0)) if len(node) else 0
+        return nodes, per_node, _frozen((node[:, None] == np.arange(nodes)[None, :]).astype(np.float64))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a``, made read-only (a constant shared by every call)."""
+    a.setflags(write=False)
+    return a
+
 
 def _us(value: float | None) -> float:
     """Microseconds to seconds; None (not set) -> -1 (take the link's latency)."""
@@ -230,6 +266,12 @@ def ffn_time(slot_tokens, slots_per_gpu: int, model: ModelConfig, hw: Hardware):
 
     slot_tokens: [..., slots] (slot s on GPU s // slots_per_gpu) -> seconds [..., GPUs]
     """
+    return ffn_time_rows(slot_tokens, slots_per_gpu, model, hw)[0]
+
+
+def ffn_time_rows(slot_tokens, slots_per_gpu: int, model: ModelConfig, hw: Hardware) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ffn_time` and each GPU's rows (the tokens of its slots, summed in slot order: :func:`gpu_sums`):
+    slot_tokens [..., slots] -> (seconds [..., GPUs], tokens [..., GPUs])."""
     n = np.asarray(slot_tokens, dtype=np.float64)
     t = expert_slot_time(n, model, hw)
     if hw.expert_overhead:
@@ -240,7 +282,7 @@ def ffn_time(slot_tokens, slots_per_gpu: int, model: ModelConfig, hw: Hardware):
         np.add(t, hw.overhead, out=t, where=rows > 0)
     if hw.permute_bw:
         t += permute_time(rows, 2, model, hw)
-    return t
+    return t, rows
 
 
 def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
@@ -253,16 +295,11 @@ def alltoall_time(traffic, bytes_per_token: float, hw: Hardware):
     on fabric f that g exchanges a non-zero amount with (either direction).
     """
     traffic = np.asarray(traffic, dtype=np.float64)
-    G = traffic.shape[-1]
-    same = hw.same_node()
-    off = ~np.eye(G, dtype=bool)
     nz = traffic > 0
     talks = nz | np.swapaxes(nz, -1, -2)                      # g and h exchange something
     out = np.zeros(traffic.shape[:-1])
-    for mask, bw, lat in ((same & off, hw.intra_bw, hw.intra_lat), (~same, hw.inter_bw, hw.inter_lat)):
-        if not mask.any():
-            continue
-        m = mask.astype(np.float64)            # the fabric's sums without a masked copy of the traffic
+    for mask, m, bw, lat in hw._fabrics:
+        # the fabric's sums without a masked copy of the traffic (m: the mask as floats)
         send, recv = np.einsum("...gh,gh->...g", traffic, m), np.einsum("...gh,gh->...h", traffic, m)
         peers = np.count_nonzero(talks & mask, axis=-1)
         np.maximum(out, np.maximum(send, recv) * (bytes_per_token / bw) + lat * peers, out=out)
@@ -286,19 +323,18 @@ def alltoall_outer_time(frac, takes, bytes_per_token: float, hw: Hardware):
     frac = np.asarray(frac, dtype=np.float64)
     takes = np.asarray(takes, dtype=np.float64)
     node = hw.node_of_gpu
-    nodes = int(node.max()) + 1 if len(node) else 0
-    onehot = (node[:, None] == np.arange(nodes)[None, :]).astype(np.float64)      # [G, nodes]
+    nodes, per_node, onehot = hw._nodes
 
-    def reach(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x [..., G] -> sums over the other GPUs of g's node and over the GPUs of other nodes."""
+    def reach(x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """x [..., G] -> sums over the other GPUs of g's node and over the GPUs of other nodes (None: a fabric
+        without GPU pairs, not needed)."""
         same = (x @ onehot)[..., node]
-        return same - x, x.sum(axis=-1, keepdims=True) - same
+        return same - x if per_node > 1 else None, x.sum(axis=-1, keepdims=True) - same if nodes > 1 else None
 
     F = (frac > 0).astype(np.float64)
     T = (takes > 0).astype(np.float64)
     sums = zip(reach(takes), reach(frac), reach(T), reach(F), reach(F * T))
     out = np.zeros(takes.shape)
-    per_node = int(np.sum(node == 0)) if len(node) else 0
     fabrics = ((per_node > 1, hw.intra_bw, hw.intra_lat), (nodes > 1, hw.inter_bw, hw.inter_lat))
     for (used, bw, lat), (to, of, t_n, f_n, ft_n) in zip(fabrics, sums):
         if not used:
@@ -312,11 +348,8 @@ def alltoall_outer_time(frac, takes, bytes_per_token: float, hw: Hardware):
 def layout_time(hw: Hardware) -> np.ndarray:
     """Per-GPU seconds [G] of the layout exchange before a dispatch: every GPU tells every
     other how many tokens it will send (a few bytes per peer, so latency only):
-    lat_intra * (intra-node peers) + lat_inter * (inter-node peers)."""
-    same = hw.same_node()
-    intra = same.sum(axis=1) - 1
-    inter = (~same).sum(axis=1)
-    return hw.intra_lat * intra + hw.inter_lat * inter
+    lat_intra * (intra-node peers) + lat_inter * (inter-node peers). Read-only (worked out once per cluster)."""
+    return hw._layout
 
 
 def shared_compute(seconds, hw: Hardware):
@@ -392,6 +425,15 @@ def combine_together(arrival, hw: Hardware):
     if not hw.combine_together or not hw.collective_skew:
         return np.full(a.shape[:-1], float(hw.combine_together))
     return hw.combine_together * np.exp(-arrival_gap(a) / hw.collective_skew)
+
+
+def combine_wait(arrival, hw: Hardware):
+    """:func:`collective_skew` + :func:`combine_together` of a combine the GPUs reach at ``arrival`` [..., G]:
+    seconds [...], or one number (a float) when neither depends on the arrival times."""
+    if (not hw.collective_skew or not hw.skew_gap or hw.skew_floor >= 1.0) and not (hw.combine_together
+                                                                                   and hw.collective_skew):
+        return float(hw.collective_skew) + float(hw.combine_together)
+    return collective_skew(arrival, hw) + combine_together(arrival, hw)
 
 
 def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):

@@ -51,24 +51,33 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
     experts: int [T, L, k];  home: int [T];  mask: bool [T, L, k] or None (count only True)
     -> float64 [L, G, E], laid out as [L, E, G] in memory (:func:`sim.work.route` reads it by expert)
 
-    Counted one home GPU's tokens at a time (a bincount into one layer-by-expert table that stays in
-    cache, written as that GPU's column), the tokens grouped by home GPU first where they are not.
+    A bincount of the keys (layer, home GPU, expert), built slot by slot ([k, tokens, L], so that every
+    array operation runs along whole rows in one dtype), at most ``budget`` keys at a time; tokens whose
+    home is not a GPU 0 .. G-1 are not counted.
     """
     T, L, k = experts.shape
+    G, E = num_gpus, num_experts
     home = np.asarray(home)
-    if T > 1 and (home[1:] < home[:-1]).any():
-        order = np.argsort(home, kind="stable")
-        experts, home = experts[order], home[order]
-        mask = None if mask is None else mask[order]
-    layer = np.arange(L, dtype=np.intp)[None, :, None] * num_experts
-    bounds = np.searchsorted(home, np.arange(num_gpus + 1))
-    out = np.zeros((L * num_experts, num_gpus))
-    for g in range(num_gpus):
-        a, b = bounds[g], bounds[g + 1]
-        if a < b:
-            w = None if mask is None else mask[a:b].ravel().astype(np.float64)
-            out[:, g] = np.bincount((layer + experts[a:b]).ravel(), weights=w, minlength=L * num_experts)
-    return np.swapaxes(out.reshape(L, num_experts, num_gpus), 1, 2)
+    if T and (home.min() < 0 or home.max() >= G):
+        keep = (home >= 0) & (home < G)
+        experts, home = experts[keep], home[keep]
+        mask = None if mask is None else mask[keep]
+        T = len(home)
+    cells = L * G * E
+    out = np.zeros(cells + 1, dtype=np.int64)                  # one extra bin for the masked-out assignments
+    layer = np.arange(L, dtype=np.intp) * G
+    budget = 1 << 20
+    step = max(1, budget // max(1, L * k))
+    for lo in range(0, T, step):
+        hi = min(T, lo + step)
+        key = np.empty((k, hi - lo, L), dtype=np.intp)
+        key[...] = experts[lo:hi].transpose(2, 0, 1)
+        key += (layer + home[lo:hi].astype(np.intp)[:, None]) * E
+        if mask is not None:
+            key = np.where(mask[lo:hi].transpose(2, 0, 1), key, cells)
+        out += np.bincount(key.ravel(), minlength=cells + 1)
+    out = out[:cells].reshape(L, G, E)
+    return np.swapaxes(out.transpose(0, 2, 1).astype(np.float64, order="C"), 1, 2)
 
 
 @dataclass

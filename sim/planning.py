@@ -12,17 +12,17 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
-from moe_gps.placement.layouts import contiguous
-from moe_gps.placement.placement import gpu_sums
-from moe_gps.placement.timeaware import home_layers
-from sim.cost import (Hardware, attention_time, collective_skew, combine_host_time, combine_together,
-                      dispatch_host_time, ffn_time, layout_time, shared_compute, transfer_time)
+from moe_gps.placement.placement import gpu_sums, row_max
+from moe_gps.placement.timeaware import home_layers, static_slots
+from sim.cost import (Hardware, attention_time, combine_host_time, combine_wait,
+                      dispatch_host_time, ffn_time, ffn_time_rows, layout_time, shared_compute, transfer_time)
 from sim.work import Copies, PlacementPhases, copy_port_busy, install_time, placement_phases
 
 
@@ -105,14 +105,18 @@ class LayerTimeModel:
         the moved rows' parts, for :meth:`apply`. Only the two GPUs' sums change (and, across nodes,
         what the two nodes take from every GPU), so a move costs O(K G) instead of a layer's O(K P)."""
         parts = self._move(state, rows, src, dst, expert, x)
-        return (*self._totals(state["layers"][rows], **self._sums(parts)), parts)
+        return (*self._totals(parts["layers"], **self._sums(parts)), parts)
 
     @staticmethod
     def apply(state: dict, rows: np.ndarray, moved: dict, pick: np.ndarray) -> None:
         """Make moves priced by :meth:`moved` in ``state``: its rows ``pick`` [n] become the
         ``state`` rows ``rows`` [n] (distinct)."""
+        m = moved["layers"].shape[0]
+        both = np.concatenate((pick, pick + m))               # the move's two GPUs' slots, as in "tok"
+        state["tok"][:, np.concatenate((rows, rows))[:, None], moved["slots"][both]] = moved["tok"][:, both]
         for k, v in moved.items():
-            state[k][:, rows] = v[:, pick]
+            if k not in ("tok", "slots", "layers"):
+                state[k][:, rows] = v[:, pick]
 
     def _parts(self, slot_exp: np.ndarray, slot_tokens: np.ndarray, layers: np.ndarray) -> dict:
         """Per scenario: tokens per slot [K, n, P] and the per-GPU sums [K, n, G] the layer time is made of."""
@@ -127,8 +131,8 @@ class LayerTimeModel:
         share = np.divide(slot_tokens, plan, out=np.zeros_like(slot_tokens), where=plan > 0)
         tok = share[None] * self.total[:, lr, e]                                  # [K, n, P]
         K = tok.shape[0]
-        rows = gpu_sums(tok, S)
-        out = {"tok": tok, "ffn": ffn_time(tok, S, self.model, self.hw), "rows": rows}
+        ffn, rows = ffn_time_rows(tok, S, self.model, self.hw)
+        out = {"tok": tok, "ffn": ffn, "rows": rows}
         if self.mix is not None:
             out["local"] = rows * self.mix
             if self.nodes > 1:
@@ -152,11 +156,13 @@ class LayerTimeModel:
 
     @staticmethod
     def _sums(parts: dict) -> dict:
-        return {k: v for k, v in parts.items() if k not in ("tok", "layers")}
+        return {k: v for k, v in parts.items() if k not in ("tok", "layers", "slots")}
 
     def _move(self, state: dict, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, expert: np.ndarray,
               x: np.ndarray) -> dict:
-        """The parts of ``state`` rows ``rows`` after the moves (new arrays, [K, m, ...])."""
+        """The parts of ``state`` rows ``rows`` after the moves (new arrays, [K, m, ...]; "tok" and "slots":
+        only the slots of the two GPUs of each move, [K, 2 m, S] and int [2 m, S], the source GPUs' first;
+        "layers": int [m])."""
         S = self.S
         lr = state["layers"][rows]
         e = np.maximum(expert, 0)
@@ -166,15 +172,20 @@ class LayerTimeModel:
         per = np.divide(x, plan, out=np.zeros(m), where=plan > 0)
         dk = per[None, :] * self.total[:, lr, e]                                  # [K, m] tokens moved
         h, c = src // S, dst // S
-        tok = state["tok"][:, rows]
-        tok[:, ar, src] -= dk
-        tok[:, ar, dst] += dk
-        out = {"tok": tok, "ffn": state["ffn"][:, rows], "local": state["local"][:, rows],
-               "rows": state["rows"][:, rows]}
+        # the slots of each move's two GPUs: rows j < m of h's, rows m + j of c's (the same where h == c)
+        g2 = np.concatenate((h, c))
+        slots = (g2 * S)[:, None] + np.arange(S)                                    # [2 m, S]
+        tok = state["tok"][:, np.concatenate((rows, rows))[:, None], slots]         # [K, 2 m, S]
+        tok[:, ar, src - h * S] -= dk
+        tok[:, m + ar, dst - c * S] += dk
+        within = np.flatnonzero(h == c)
+        if len(within):             # a move within one GPU: both changes in its block, in this order
+            tok[:, within, dst[within] - h[within] * S] += dk[:, within]
+            tok[:, m + within] = tok[:, within]
+        out = {"tok": tok, "slots": slots, "layers": lr, "ffn": state["ffn"][:, rows],
+               "local": state["local"][:, rows], "rows": state["rows"][:, rows]}
         mix = self.mix
-        slots = np.concatenate([h[:, None] * S, c[:, None] * S], axis=1)[:, :, None] + np.arange(S)   # [m, 2, S]
-        both = ffn_time(tok[:, ar[:, None], slots.reshape(m, 2 * S)], S, self.model, self.hw)         # [K, m, 2]
-        out["ffn"][:, ar, h], out["ffn"][:, ar, c] = both[..., 0], both[..., 1]
+        out["ffn"][:, np.concatenate((ar, ar)), g2] = ffn_time(tok, S, self.model, self.hw)[..., 0]
         for g, sign in ((h, -1.0), (c, 1.0)):
             out["local"][:, ar, g] += sign * dk * (mix[g] if mix is not None else self.frac[:, lr, g, e])
             out["rows"][:, ar, g] += sign * dk
@@ -207,11 +218,17 @@ class LayerTimeModel:
             inter = np.maximum(home - to_node, rows - inn) * (self.bpt / hw.inter_bw) + self.lat_inter
             link = np.maximum(intra, inter)
         d = link + self.dhost[:, layers]
-        c = link + self.chost[:, layers] + (collective_skew(ffn, hw) + combine_together(ffn, hw))[..., None]
+        wait = combine_wait(ffn, hw)
+        c = link + self.chost[:, layers] + (wait[..., None] if isinstance(wait, np.ndarray) else wait)
         if hw.combine_return_row:
             c = c + hw.combine_return_row * (rows - local)                          # rows g sends back
-        layer = ffn.max(axis=2) + d.max(axis=2) + c.max(axis=2)
-        return layer.mean(axis=0), (ffn + d + c).mean(axis=0)
+        layer = row_max(ffn) + row_max(d) + row_max(c)
+        return _mean0(layer), _mean0(ffn + d + c)
+
+
+def _mean0(x: np.ndarray) -> np.ndarray:
+    """``x.mean(axis=0)`` (the same numbers: the sum over the first axis / its length), without its overhead."""
+    return np.add.reduce(x, axis=0) / x.shape[0]
 
 
 def time_model(src: np.ndarray, slots_per_gpu: int, model: ModelConfig, hw: Hardware, direct: bool = False,
@@ -235,24 +252,26 @@ def phases_time(p: Placement, src: np.ndarray, model: ModelConfig, hw: Hardware,
 
 def static_layers(p: Placement) -> np.ndarray:
     """bool [L]: the layers of ``p`` that keep every expert's home slot of the static layout."""
-    return home_layers(p, contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
+    return home_layers(p, static_slots(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu), p.num_gpus)
 
 
 def home_routing(p: Placement) -> Placement:
     """The same slots with, in every layer that keeps the static layout's home slots, each expert's
     tokens on its home slot (no duplication's routing; the replicas elsewhere keep their weights
     and take no tokens). Other layers are unchanged."""
-    base = contiguous(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu)
+    base = static_slots(p.num_layers, p.num_experts, p.num_gpus, p.slots_per_gpu)
     share = np.where(static_layers(p)[:, None], (base >= 0).astype(np.float64), p.replica_share)
     return Placement(p.phy2log, p.num_gpus, p.num_experts, share, algorithm=p.algorithm,
                      allow_colocated=p.allow_colocated, meta=p.meta)
 
 
+@functools.lru_cache(maxsize=16)
 def static_layout(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> Placement:
     """No duplication in a shape with ``slots_per_gpu`` slots: every expert with all its tokens in its
     home slot of the static layout; the other slots hold expert 0's weights and take no tokens. (A
-    layer of :func:`home_routing` at home has this one's times, whatever its other slots hold.)"""
-    base = contiguous(num_layers, num_experts, num_gpus, slots_per_gpu)
+    layer of :func:`home_routing` at home has this one's times, whatever its other slots hold.) Made
+    once per shape (a placement is not changed once made)."""
+    base = static_slots(num_layers, num_experts, num_gpus, slots_per_gpu)
     return Placement(np.where(base >= 0, base, 0), num_gpus, num_experts, (base >= 0).astype(np.float64),
                      algorithm="none", allow_colocated=True)
 

@@ -24,6 +24,7 @@ from moe_gps.config.loader import check_combination, check_model_matches_trace
 from moe_gps.config.schema import SimulateConfig, StrategyConfig
 from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
+from moe_gps.placement.placement import row_max
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
 from moe_gps.workers import fork_map, forking
@@ -106,7 +107,7 @@ class SimResult:
 def _skew(x: np.ndarray) -> np.ndarray:
     mean = x.mean(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mean > 0, x.max(axis=-1) / np.where(mean > 0, mean, 1), np.nan)
+        return np.where(mean > 0, row_max(x) / np.where(mean > 0, mean, 1), np.nan)
 
 
 def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -116,11 +117,11 @@ def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, 
     correction and combine), and ``copy`` = what the copies added on top (waiting for them, contention on links,
     the host time of applying a placement): the rest of the layer's time."""
     pa = work.predictor + work.attention                               # [L, G]
-    crit = np.argmax(pa, axis=1)[:, None]
-    pred = np.take_along_axis(work.predictor, crit, axis=1)[:, 0]
-    attn = np.take_along_axis(pa, crit, axis=1)[:, 0] - pred
-    d, x = work.dispatch.max(axis=1), work.correction.max(axis=1)
-    f, c = work.ffn.max(axis=1), work.combine.max(axis=1)
+    layer, crit = np.arange(len(pa)), np.argmax(pa, axis=1)
+    pred = work.predictor[layer, crit]
+    attn = pa[layer, crit] - pred
+    d, x = row_max(work.dispatch), row_max(work.correction)
+    f, c = row_max(work.ffn), row_max(work.combine)
     total = marks[:, -1] - marks[:, 0]
     copy = total - (pred + attn + d + x + f + c)
     copy = np.where(np.abs(copy) < 1e-12, 0.0, copy)

@@ -727,6 +727,7 @@ class TokenPlan(Strategy):
         self._hits = 0.0
         self._total = 0.0
         self._resplits: tuple[Placement, dict[int, Placement]] | None = None    # (placement in force, step -> re-split)
+        self._ahead_src: dict[int, tuple[StepLoads, np.ndarray]] = {}   # step -> (loads, guessed src) re-split ahead
 
     def _reshared(self, i: int, loads: StepLoads, src: np.ndarray) -> Placement:
         """The re-splits of the steps up to the next re-plan check are worked out together, at the first of
@@ -750,6 +751,7 @@ class TokenPlan(Strategy):
             if fut is None:
                 break
             srcs.append(self._guessed_src(fut, self._guesses(fut)))
+            self._ahead_src[j] = (fut, srcs[-1])                       # its belief when it is served
         if len(srcs) == 1:
             return {i: self._reshare(self.current, self.beliefs[-1], src)}
         L, n = src.shape[0], len(srcs)
@@ -770,20 +772,26 @@ class TokenPlan(Strategy):
         return self.guess[lo:hi]
 
     def _step_guess(self, loads: StepLoads) -> tuple[np.ndarray, np.ndarray]:
+        """(the guesses int16 [T, L, k], bool [T, L, k]: the true expert is among them), compared slot by
+        slot ([k, T, L] in memory, so that every comparison runs along whole rows)."""
         guess = self._guesses(loads)
-        true = loads.experts
-        hit = true == guess[:, :, :1]          # [T, L, k]: the true expert is among the guesses
-        for j in range(1, guess.shape[2]):
-            hit |= true == guess[:, :, j:j + 1]
-        return guess, hit
+        true = np.ascontiguousarray(loads.experts.transpose(2, 0, 1))     # [k, T, L]
+        by_slot = np.ascontiguousarray(guess.transpose(2, 0, 1))
+        hit = true == by_slot[0]
+        for j in range(1, len(by_slot)):
+            hit |= true == by_slot[j]
+        return guess, hit.transpose(1, 2, 0)
 
     def _belief(self, i: int, loads: StepLoads) -> np.ndarray:
         self._cur = self._step_guess(loads)
         guess, hit = self._cur
-        self._hits += float(hit.sum())
+        self._hits += float(np.count_nonzero(hit))
         self._total += float(hit.size)
         self.info.accuracy = self._hits / self._total if self._total else None
-        self._guess_src = self._guessed_src(loads, guess)
+        held = self._ahead_src.pop(i, None)
+        for j in [j for j in self._ahead_src if j < i]:
+            del self._ahead_src[j]
+        self._guess_src = held[1] if held is not None and held[0] is loads else self._guessed_src(loads, guess)
         return self._guess_src.sum(axis=1)
 
     def _src(self, loads, belief) -> np.ndarray:

@@ -14,10 +14,10 @@ import numpy as np
 from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.moves import move_plan
-from moe_gps.placement.placement import gpu_sums
+from moe_gps.placement.placement import row_max
 from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
-                      combine_host_time, combine_together, dispatch_host_time, ffn_time, layout_time, local_copy_time,
-                      shared_compute, transfer_time)
+                      combine_host_time, combine_together, dispatch_host_time, ffn_time_rows, layout_time,
+                      local_copy_time, shared_compute, transfer_time)
 from sim.loads import StepLoads
 
 
@@ -209,8 +209,7 @@ class PlacementPhases:
     def layer_time(self) -> np.ndarray:
         """float [L]: the part of the layer time the placement decides (closed form: the maxima
         over GPUs of dispatch, correction, FFN and combine)."""
-        return (self.dispatch.max(axis=1) + self.correction.max(axis=1) + self.ffn.max(axis=1)
-                + self.combine.max(axis=1))
+        return row_max(self.dispatch) + row_max(self.correction) + row_max(self.ffn) + row_max(self.combine)
 
 
 def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src: np.ndarray | None,
@@ -225,13 +224,16 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     float [L, G] seconds each GPU works between the previous combine and the dispatch (predictor +
     attention), for the dispatch's collective skew (None: the GPUs arrive together); counts: float
     [L, E] the expert counts of one mix, in place of ``src_counts`` (None) when ``home_frac`` is given
-    and ``predicted_src`` is None.
+    and ``predicted_src`` is None; or, without ``home_frac``, ``src_counts.sum(axis=1)`` where the caller
+    has it already.
 
     Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, the
     correction's as for GPUs arriving together (they leave the dispatch together), the combine's
     from the FFN finish times.
     """
-    if counts is not None:
+    if counts is not None and home_frac is None and src_counts is not None:
+        L, G, E = src_counts.shape                           # counts: their sum over the GPUs
+    elif counts is not None:
         if home_frac is None or predicted_src is not None:
             raise ValueError("placement_phases: counts stand in for one mix's assignments: they need home_frac "
                              "and no predicted_src")
@@ -246,8 +248,7 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
         counts = src_counts.sum(axis=1)                      # [L, E]
     # FFN: tokens per slot = expert tokens x the slot's share
     slot_tokens = p.slot_loads(counts)                       # [L, P]
-    ffn = ffn_time(slot_tokens, p.slots_per_gpu, model, hw)  # [L, G]
-    gpu_tokens = gpu_sums(slot_tokens, p.slots_per_gpu)
+    ffn, gpu_tokens = ffn_time_rows(slot_tokens, p.slots_per_gpu, model, hw)   # [L, G] each
     bpt = model.token_bytes
     layout = layout_time(hw)[None, :]                        # [1, G]
     exact = predicted_src is not None and predicted_src is src_counts   # every token predicted right: no correction
@@ -317,9 +318,9 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     """
     L, G = loads.counts.shape[0], len(loads.home_tokens)
     if attention is None:
-        attention = attention_time(loads.home_tokens, model, workload, hw)
-    attn = np.broadcast_to(attention, (L, G))
-    pred = np.broadcast_to(np.asarray(plan.predictor_s, dtype=np.float64), (L, G))
+        attention = _attention(loads.home_tokens, model, workload, hw)
+    attn = _on_layers(attention, L, G)
+    pred = _on_layers(np.asarray(plan.predictor_s, dtype=np.float64), L, G)
     if hw.predictor_overlap:
         pred = np.maximum(pred - attn, 0.0)        # beside the attention: only what sticks out
     if hw.compute_units:
@@ -332,13 +333,38 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
                               counts=loads.mix_counts)
     else:
         ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
-                              arrival=pred + attn)
+                              arrival=pred + attn,
+                              counts=loads.counts if loads.home_frac is None and loads.mix_counts is None else None)
     copies = copies if copies is not None else Copies.empty()
     if copy_bytes is None:
         copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
     return StepWork(pred, attn, ph.dispatch, ph.correction, ph.ffn, ph.combine, copies, ph.gpu_tokens,
                     loads.counts, copy_bytes, ph.has_correction, ph.skew, ph.dispatch_link,
                     ph.combine_link, replan_host)
+
+
+def _on_layers(per_gpu: np.ndarray, L: int, G: int) -> np.ndarray:
+    """[L, G]: ``per_gpu`` [G] (or what broadcasts to it) on every layer."""
+    per_gpu = np.asarray(per_gpu)
+    return per_gpu[None, :].repeat(L, axis=0) if per_gpu.shape == (G,) else np.broadcast_to(per_gpu, (L, G))
+
+
+#: the inputs and result of the last :func:`_attention` (the strategies of one step ask for the same)
+_last_attention: list = []
+
+
+def _attention(home_tokens: np.ndarray, model: ModelConfig, workload: WorkloadConfig, hw: Hardware) -> np.ndarray:
+    """:func:`attention_time` of ``home_tokens`` [G], worked out again only for other inputs than the last
+    call's (read-only)."""
+    n = np.asarray(home_tokens, dtype=np.float64)
+    key = (n.shape, n.tobytes())
+    if _last_attention and _last_attention[0] == key and all(a is b for a, b in zip(_last_attention[1],
+                                                                                    (model, workload, hw))):
+        return _last_attention[2]
+    out = attention_time(n, model, workload, hw)
+    out.setflags(write=False)
+    _last_attention[:] = [key, (model, workload, hw), out]
+    return out
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:
@@ -355,8 +381,11 @@ def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray
 def phase_maxima(work: StepWork) -> np.ndarray:
     """float [L, 5]: per layer, the maxima over GPUs of predictor + attention, dispatch, correction,
     FFN and combine, in the order they run (the closed form's terms)."""
-    return np.stack([(work.predictor + work.attention).max(axis=1), work.dispatch.max(axis=1),
-                     work.correction.max(axis=1), work.ffn.max(axis=1), work.combine.max(axis=1)], axis=1)
+    out = np.empty((work.attention.shape[0], 5))
+    for j, phase in enumerate((work.predictor + work.attention, work.dispatch, work.correction, work.ffn,
+                               work.combine)):
+        out[:, j] = row_max(phase)
+    return out
 
 
 def closed_form_layer_times(work: StepWork, copy_policy: str) -> np.ndarray:

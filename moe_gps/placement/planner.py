@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from typing import Any, Callable
@@ -78,6 +79,12 @@ ALGORITHMS: tuple[str, ...] = tuple(name for name in PLANNERS if name != "timeaw
 _COLOCATED = {"eplb": True}
 
 
+@functools.cache
+def _options_of(fn: Callable) -> tuple[str, ...]:
+    """The options a planner takes: its parameters after loads, N, S and previous."""
+    return tuple(p for p in inspect.signature(fn).parameters if p not in ("loads", "N", "S", "previous"))
+
+
 def check_loads(loads: Any, where: str = "loads") -> np.ndarray:
     """float64 [layers, experts], finite and >= 0, or UserError."""
     try:
@@ -140,7 +147,7 @@ def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str
                             f"experts, {previous.num_gpus} GPUs; these loads need {L} layers, {E} experts, "
                             f"{N} GPUs")
     fn = PLANNERS[algorithm]
-    accepted = [p for p in inspect.signature(fn).parameters if p not in ("loads", "N", "S", "previous")]
+    accepted = _options_of(fn)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise UserError(f"algorithm {algorithm!r} does not take option(s) {', '.join(unknown)}; "

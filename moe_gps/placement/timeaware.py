@@ -29,6 +29,7 @@ their tokens over the replicas in place, the others are kept as they are.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 from moe_gps.errors import UserError
 from moe_gps.placement.eplb import eplb
 from moe_gps.placement.layouts import contiguous, fill_spares
-from moe_gps.placement.placement import Placement, gpu_any, gpu_sums
+from moe_gps.placement.placement import Placement, gpu_any, gpu_sums, row_sums
 from moe_gps.placement.waterfill import arrivals, relabel_gpus
 
 #: token amounts tried per move, as fractions of half the gap between the two GPUs
@@ -89,6 +90,15 @@ class _Moves:
         state["exp"][rows], state["tok"][rows] = exp[pick], tok[pick]
 
 
+@functools.lru_cache(maxsize=16)
+def static_slots(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """:func:`~moe_gps.placement.layouts.contiguous` (the static layout, int64 [L, P], -1 in the slots left
+    over), made once per shape: read-only."""
+    base = contiguous(num_layers, num_experts, num_gpus, slots_per_gpu)
+    base.setflags(write=False)
+    return base
+
+
 def home_layers(placement: Placement | None, base: np.ndarray, num_gpus: int) -> np.ndarray:
     """bool [L]: the layers of ``placement`` that keep every expert's home slot of ``base`` (the
     static layout); all False without a placement of the same shape."""
@@ -126,7 +136,7 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
     if not penalty >= 0:
         raise UserError(f"timeaware: copy_penalty_s must be >= 0, got {copy_penalty_s}")
     L, E = loads.shape
-    base = contiguous(L, E, N, S)
+    base = static_slots(L, E, N, S)
     at_home = home_layers(previous, base, N)
     rounds = 4 * (N * S - E + N) + 16 if max_moves is None else int(max_moves)
     kept = np.zeros(L, dtype=bool)
@@ -146,7 +156,7 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
             if previous is not None:
                 # GPU numbers are arbitrary: keep as many experts where they are as the layout allows
                 bal = relabel_gpus(bal, np.zeros(bal.shape), previous.phy2log, N, E)[0]
-            bal_tok = np.take_along_axis(loads, bal, axis=1) / _replicas(bal, E)
+            bal_tok = loads[np.arange(L)[:, None], bal] / _replicas(bal, E)
             home_copies, bal_copies = new_pairs(phy2log, previous, N), new_pairs(bal, previous, N)
             score = obj + penalty * home_copies
             bal_score = cost.evaluate(bal, bal_tok, np.arange(L))[0] + penalty * bal_copies
@@ -164,9 +174,9 @@ def timeaware(loads: np.ndarray, N: int, S: int, previous: Placement | None, cos
 
 def _replicas(phy2log: np.ndarray, E: int) -> np.ndarray:
     """float [L, P]: how many replicas the slot's expert has in its layer."""
-    L = phy2log.shape[0]
-    cnt = np.bincount((np.arange(L)[:, None] * E + phy2log).ravel(), minlength=L * E).reshape(L, E)
-    return np.take_along_axis(cnt, phy2log, axis=1).astype(np.float64)
+    L, P = phy2log.shape
+    key = (np.arange(L)[:, None] * E + phy2log).ravel()
+    return np.bincount(key, minlength=L * E)[key].reshape(L, P).astype(np.float64)
 
 
 def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placement | None, at_home: np.ndarray,
@@ -174,81 +184,89 @@ def _home(loads: np.ndarray, N: int, S: int, base: np.ndarray, previous: Placeme
           layers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The home candidate of ``layers`` (int [n]): (phy2log int [n, P], share float [n, P], predicted time
     float [n]); loads float [L, E], base int [L, P] (the static layout), at_home bool [L]."""
-    loads, base, at_home = loads[layers], base[layers], at_home[layers]
+    loads, at_home = loads[layers], at_home[layers]
+    slot_exp = base[layers]                                  # a copy (rows of the static layout)
     L, E = loads.shape
     P = N * S
-    home = base >= 0
-    slot_exp = base.copy()
+    home = slot_exp >= 0
+    spare = ~home
+    tokens = np.where(home, loads[np.arange(L)[:, None], np.maximum(slot_exp, 0)], 0.0)
     if at_home.any():
         slot_exp[at_home] = previous.phy2log[layers[at_home]]
-    tokens = np.where(home, np.take_along_axis(loads, np.maximum(base, 0), axis=1), 0.0)
     gpu = np.arange(P) // S
     model = cost if hasattr(cost, "moved") else _Moves(cost)
     state, obj, gpu_t = model.begin(slot_exp, tokens, layers)
     score = obj.copy()
     spread = (gpu_t ** 2).sum(axis=1)
     active = loads.sum(axis=1) > 0
+    copies = penalty < np.inf
+    K = len(TRIALS)
+    trials = np.asarray(TRIALS)
     for _ in range(rounds):
         idx = np.flatnonzero(active)
-        if not len(idx):
-            break
         n = len(idx)
+        if not n:
+            break
         r = np.arange(n)
         ex, tk, gt = slot_exp[idx], tokens[idx], gpu_t[idx]
         h = gt.argmax(axis=1)
-        src = np.where(gpu[None, :] == h[:, None], tk, -1.0).argmax(axis=1)   # h's replica with most tokens
+        src = np.where(gpu == h[:, None], tk, -1.0).argmax(axis=1)              # h's replica with most tokens
         e = ex[r, src]
         src_tok = tk[r, src]
         holds_e = ex == e[:, None]
         gpu_has_e = gpu_any(holds_e, S)
-        open_slot = ~home[idx] & (tk <= 0) & ~gpu_has_e[:, gpu]              # may take a copy of e
-        can = gpu_has_e | (gpu_any(open_slot, S) & (penalty < np.inf))
+        if copies:
+            open_slot = spare[idx] & (tk <= 0) & ~gpu_has_e[:, gpu]              # may take a copy of e
+            can = gpu_has_e | gpu_any(open_slot, S)
+        else:
+            can = gpu_has_e.copy()
         can[r, h] = False
         c = np.where(can, gt, np.inf).argmin(axis=1)
         shift = gpu_has_e[r, c]
-        on_c = gpu[None, :] == c[:, None]
-        dst = np.where(shift, (holds_e & on_c).argmax(axis=1), (open_slot & on_c).argmax(axis=1))
+        on_c = gpu == c[:, None]
+        dst = (holds_e & on_c).argmax(axis=1)
+        if copies:
+            dst = np.where(shift, dst, (open_slot & on_c).argmax(axis=1))
+        # (without copies every move that can be made is a shift: a row without one moves nothing, x = 0)
         g_tok = gpu_sums(tk, S)
         half = np.minimum(src_tok, (g_tok[r, h] - g_tok[r, c]) / 2)
         ok = can[r, c] & (src_tok > 0) & (half > 0)
         # every trial amount at once: rows k * n + j are trial k of layer idx[j]
-        K = len(TRIALS)
-        x = np.where(ok, half, 0.0)[None, :] * np.asarray(TRIALS)[:, None]          # [K, n]
-        o, g, after = model.moved(state, np.tile(idx, K), np.tile(src, K), np.tile(dst, K), np.tile(e, K),
-                                  x.ravel())
+        x = np.where(ok, half, 0.0) * trials[:, None]                                  # [K, n]
+        o, g, after = model.moved(state, np.concatenate((idx,) * K), np.concatenate((src,) * K),
+                                  np.concatenate((dst,) * K), np.concatenate((e,) * K), x.ravel())
         o, g = o.reshape(K, n), g.reshape(K, n, -1)
-        s_k = o + np.where(ok & ~shift, penalty, 0.0)[None, :] + (score[idx] - obj[idx])[None, :]
+        cur = score[idx]
+        s_k = o + np.where(ok & ~shift, penalty, 0.0) + (cur - obj[idx])
         # a move must lower the layer's time (with penalties), or keep it and even out the GPUs (a
         # lower sum of squared GPU times): with two GPUs at the top, either one alone cannot lower it
-        sq_k = (g ** 2).sum(axis=2)
-        cur = score[idx]
-        gain = (s_k < cur * (1 - 1e-12)) | ((s_k <= cur * (1 + 1e-12)) & (sq_k < spread[idx][None, :] * (1 - 1e-9)))
-        s_k = np.where(ok[None, :] & gain, s_k, np.inf)
+        sq_k = row_sums(g ** 2)
+        gain = (s_k < cur * (1 - 1e-12)) | ((s_k <= cur * (1 + 1e-12)) & (sq_k < spread[idx] * (1 - 1e-9)))
+        s_k = np.where(ok & gain, s_k, np.inf)
         best_k = _best(s_k, sq_k)
         best = s_k[best_k, r]
-        best_k = np.where(np.isfinite(best), best_k, -1)
-        take = best_k >= 0
+        take = np.isfinite(best)
         active[idx[~take]] = False
-        if not take.any():
-            continue
         t = np.flatnonzero(take)
+        if not len(t):
+            continue
         li = idx[t]
-        x = half[t] * np.asarray(TRIALS)[best_k[t]]
-        model.apply(state, li, after, best_k[t] * n + t)          # the moves priced above
+        bk = best_k[t]
+        x = half[t] * trials[bk]
+        model.apply(state, li, after, bk * n + t)          # the moves priced above
         tokens[li, src[t]] -= x
         tokens[li, dst[t]] += x
         new = ~shift[t]
         slot_exp[li[new], dst[t][new]] = e[t][new]
-        obj[li] = o[best_k[t], t]
-        gpu_t[li] = g[best_k[t], t]
+        obj[li] = o[bk, t]
+        gpu_t[li] = g[bk, t]
         score[li] = best[t]
-        spread[li] = sq_k[best_k[t], t]
+        spread[li] = sq_k[bk, t]
     tokens = np.maximum(tokens, 0.0)
     if (slot_exp < 0).any():
         slot_exp = fill_spares(slot_exp, loads, N)
-    key = np.arange(L)[:, None] * E + slot_exp
-    tot = np.take_along_axis(np.bincount(key.ravel(), weights=tokens.ravel(), minlength=L * E).reshape(L, E),
-                             slot_exp, axis=1)
+    key = (np.arange(L)[:, None] * E + slot_exp).ravel()
+    tot = np.bincount(key, weights=tokens.ravel(), minlength=L * E)[key].reshape(L, P)   # the slot's expert's tokens
     # each replica's tokens / its expert's tokens; an expert without tokens keeps them at home
     share = np.where(tot > 0, tokens / np.where(tot > 0, tot, 1.0), home.astype(np.float64))
     return slot_exp, share, obj

@@ -13,7 +13,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.predict.base import DistributionPredictor, PredictorCost, shares
-from moe_gps.predict.tables import KeyIndex, KeyedCounts
+from moe_gps.predict.tables import KeyedCounts, KeyIndex, compact_keys
 from moe_gps.trace.data import StepRouting, TokensTrace
 
 F32 = 4  # bytes of one stored share or count
@@ -318,30 +318,48 @@ class TokenHistogramPredictor(DistributionPredictor):
         self.correction = np.ones((self.num_layers, self.num_experts))
 
     def _build(self, ids: np.ndarray) -> None:
-        L, E = self.num_layers, self.num_experts
-        cap = max(1, min(self.max_keys, (1 << 24) // (L * E)))
+        cap = max(1, min(self.max_keys, (1 << 24) // (self.num_layers * self.num_experts)))
         self.index = KeyIndex(ids, cap)
-        self.table = KeyedCounts(self.index.size + 1, L, E, self._train.meta.top_k)
-        keys = self.index(self._train.token_id)
-        self.table.add(keys, self._train.experts, keys < self.index.size)
+        self._table = None          # the training steps are counted under the new rows when next read
+        self._predicted = None      # (step, its rows, raw shares) of the last prediction
 
-    def _raw(self, step: StepRouting | None) -> np.ndarray:
+    @property
+    def table(self) -> KeyedCounts:
+        """The count table of the ids' rows (the training steps counted on first use after an index is
+        made: a rollout makes its own before it reads the table)."""
+        if self._table is None:
+            self._table = KeyedCounts(self.index.size + 1, self.num_layers, self.num_experts, self._train.meta.top_k)
+            keys = self.index(self._train.token_id)
+            self._table.add(keys, self._train.experts, keys < self.index.size)
+        return self._table
+
+    def _raw(self, step: StepRouting | None) -> tuple[np.ndarray, np.ndarray]:
+        """(the step's table rows int64 [T], raw shares float [L, E]); the ones :meth:`predict` worked out
+        when it is asked again for the step it last predicted (nothing was counted in between)."""
+        held = self._predicted
+        if held is not None and held[0] is step:
+            return held[1], held[2]
         if step is None or step.token_id is None:
             raise UserError("token-hist needs the step's token ids")
         keys = self.index(step.token_id)
-        uniq, freq = np.unique(keys, return_counts=True)
+        uniq, inv = compact_keys(keys, self.index.size + 1)
+        freq = np.bincount(inv, minlength=len(uniq))
         probs = self.table.probabilities(uniq, self.prior_tokens)  # [U, L, E]
-        return np.tensordot(freq / freq.sum(), probs, axes=(0, 0))
+        return keys, np.tensordot(freq / freq.sum(), probs, axes=(0, 0))
 
     def predict(self, step: StepRouting | None = None) -> np.ndarray:
-        return shares(self._raw(step) * self.correction)
+        keys, raw = self._raw(step)
+        self._predicted = (step, keys, raw)
+        return shares(raw * self.correction)
 
     def _observe(self, counts, step: StepRouting | None) -> None:
         if self.alpha > 0:
-            raw = self._raw(step)
+            keys, raw = self._raw(step)
             ratio = np.divide(shares(counts), raw, out=np.ones_like(raw), where=raw > 1e-12)
             self.correction = self.alpha * ratio + (1 - self.alpha) * self.correction
-        keys = self.index(step.token_id)
+        else:
+            keys = self.index(step.token_id)
+        self._predicted = None
         self.table.add(keys, step.experts, keys < self.index.size)
 
     def rollout(self, counts, tokens: TokensTrace | None = None) -> np.ndarray:

@@ -14,8 +14,6 @@ from typing import Iterator
 
 import numpy as np
 
-from moe_gps.trace.data import expert_counts
-
 #: tie-break weight of the layer marginal, in tokens (< 1, see the module docstring)
 PRIOR = 0.5
 #: largest float work array built at once (elements); bigger jobs go in token chunks
@@ -39,14 +37,18 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
         idx = np.argsort(-scores, axis=-1, kind="stable")
         return idx[..., :k].astype(np.int16)
     if k <= 4 and np.isfinite(scores).all():
+        if scores.dtype == np.float32 and scores.size >= SMALL_TOPK_KEYS:
+            return _topk_keys(scores, k)
         # a few argmax passes (each the first largest, so ties go to the lower index) beat a sort
-        work = np.array(scores, dtype=np.float32 if scores.dtype == np.float32 else np.float64)
-        out = np.empty(scores.shape[:-1] + (k,), dtype=np.int16)
+        work = np.array(scores, dtype=np.float32 if scores.dtype == np.float32 else np.float64).reshape(-1, e)
+        out = np.empty((len(work), k), dtype=np.int16)
+        rows = np.arange(len(work))
         for j in range(k):
             top = work.argmax(axis=-1)
-            out[..., j] = top
-            np.put_along_axis(work, top[..., None], -np.inf, axis=-1)
-        return out
+            out[:, j] = top
+            if j + 1 < k:
+                work[rows, top] = -np.inf
+        return out.reshape(scores.shape[:-1] + (k,))
     if e <= 64:
         return np.argsort(-scores, axis=-1, kind="stable")[..., :k].astype(np.int16)
     part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
@@ -62,6 +64,46 @@ def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
     vals = np.take_along_axis(scores, part, axis=-1)
     order = np.argsort(-vals, axis=-1, kind="stable")
     return np.take_along_axis(part, order, axis=-1).astype(np.int16)
+
+
+#: finite float32 scores of at least this many elements are ranked by :func:`_topk_keys` (below, argmax
+#: passes over the rows cost less than its setup)
+SMALL_TOPK_KEYS = 1 << 15
+
+
+def _topk_keys(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`topk_desc` of finite float32 scores [..., E], k < E, as k column-wise maxima of int64 keys
+    (an argmax along a short last axis costs a call per row): each score's bits mapped to an integer of the
+    same order (-0.0 as 0.0, as comparisons see it), shifted left, with E - 1 - index in the low bits, so
+    that the largest key of a row is its first largest score, and all its keys differ. -> int16 [..., k]"""
+    e = scores.shape[-1]
+    bits = (e - 1).bit_length()
+    w = np.ascontiguousarray(np.moveaxis(scores, -1, 0))        # [E, ...]: a maximum over E rows
+    w += np.float32(0.0)                                       # -0.0 -> 0.0
+    b = w.view(np.int32)
+    b ^= (b >> 31) & 0x7FFFFFFF                                # negative scores: lower bits flipped
+    key = b.astype(np.int64)
+    key += 1 << 31                                             # > 0
+    key <<= bits
+    key |= (e - 1 - np.arange(e, dtype=np.int64)).reshape((e,) + (1,) * (w.ndim - 1))
+    out = np.empty(scores.shape[:-1] + (k,), dtype=np.int16)
+    for j in range(k):
+        top = key.max(axis=0)
+        out[..., j] = (e - 1) - (top & ((1 << bits) - 1))
+        if j + 1 < k:
+            key *= key != top                                  # the chosen key -> 0, below every other
+    return out
+
+
+def compact_keys(keys: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` of keys int [T] in [0, num_keys), by a table of the
+    ``num_keys`` keys instead of a sort -> (distinct keys int64 [U] ascending, intp [T] position of each)."""
+    seen = np.zeros(num_keys, dtype=bool)
+    seen[keys] = True
+    uniq = np.flatnonzero(seen)
+    row = np.empty(num_keys, dtype=np.intp)
+    row[uniq] = np.arange(len(uniq))
+    return uniq.astype(np.int64), row[keys]
 
 
 class KeyedCounts:
@@ -83,18 +125,22 @@ class KeyedCounts:
         if len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= self.num_keys):   # a negative key would wrap
             raise ValueError(f"KeyedCounts.add: keys must be in [0, {self.num_keys}), got "
                              f"{int(kept.min())}..{int(kept.max())}")
-        self.layer_total += expert_counts(experts, np.array([0, len(experts)]), self.num_experts)[0]
-        if valid is not None:
-            keys, experts = kept, experts[valid]
         if len(keys) == 0:
             return
-        L, E = self.num_layers, self.num_experts
-        # count over the distinct keys only, then add their rows (the table may have many more keys)
-        uniq, inv = np.unique(keys, return_inverse=True)
-        flat = ((inv.reshape(-1).astype(np.int64)[:, None, None] * L + np.arange(L)[None, :, None]) * E
-                + experts).ravel()
-        size = len(uniq) * L * E
-        self.counts[uniq] += np.bincount(flat, minlength=size).reshape(len(uniq), L, E).astype(np.int32)
+        L, E, K = self.num_layers, self.num_experts, self.num_keys
+        # count over the distinct keys only, then add their rows (the table may have many more keys); the
+        # tokens left out share an extra key K, so that one count gives the layer totals of every token too
+        if valid is not None:
+            keys = np.where(valid, keys, K)
+        uniq, inv = compact_keys(keys, K + (valid is not None))
+        flat = np.empty((experts.shape[2],) + experts.shape[:2], dtype=np.intp)   # [k, T, L]: by slot, so that
+        flat[...] = experts.transpose(2, 0, 1)                # the sums below run in one dtype along whole rows
+        flat += (inv[:, None] * L + np.arange(L)) * E
+        by_key = np.bincount(flat.ravel(), minlength=len(uniq) * L * E).reshape(len(uniq), L, E)
+        self.layer_total += by_key.sum(axis=0)
+        if uniq[-1] == K:
+            uniq, by_key = uniq[:-1], by_key[:-1]
+        self.counts[uniq] += by_key.astype(np.int32)
 
     def marginal(self) -> np.ndarray:
         """Layer expert shares over everything added, float [L, E] (uniform if nothing yet)."""
@@ -105,22 +151,23 @@ class KeyedCounts:
     def topk(self, keys: np.ndarray) -> np.ndarray:
         """Most frequent k experts of each token's key: keys int [T] -> int16 [T, L, k]."""
         prior = (PRIOR * self.top_k * self.marginal()).astype(np.float32)
-        out = np.empty((len(keys), self.num_layers, self.top_k), dtype=np.int16)
-        uniq, inv = np.unique(keys, return_inverse=True)
+        if len(keys) and 0 <= keys.min() and keys.max() < self.num_keys:
+            uniq, inv = compact_keys(keys, self.num_keys)
+        else:
+            uniq, inv = np.unique(keys, return_inverse=True)
         # rank once per distinct key, then broadcast to the tokens
         ranked = np.empty((len(uniq), self.num_layers, self.top_k), dtype=np.int16)
         for sl in chunks(len(uniq), self.num_layers * self.num_experts):
             ranked[sl] = topk_desc(self.counts[uniq[sl]].astype(np.float32) + prior, self.top_k)
-        out[:] = ranked[inv.reshape(-1)]
-        return out
+        return np.take(ranked, inv.reshape(-1), axis=0)
 
     def probabilities(self, keys: np.ndarray, prior_tokens: float) -> np.ndarray:
         """Smoothed expert shares per distinct key: keys int [U] -> float [U, L, E], rows sum to 1."""
         k = self.top_k
         m = self.marginal()
         c = self.counts[keys].astype(np.float64)
-        n = c.sum(axis=2, keepdims=True)  # = k * tokens of the key
-        return (c + prior_tokens * k * m) / (n + prior_tokens * k)
+        n = c @ np.ones(self.num_experts)  # = k * tokens of the key (sums of integers: exact in any order)
+        return (c + prior_tokens * k * m) / (n + prior_tokens * k)[..., None]
 
 
 class KeyIndex:

@@ -17,6 +17,8 @@ from moe_gps.predict.tables import PRIOR, KeyedCounts, KeyIndex, chunks, topk_de
 from moe_gps.trace.data import StepRouting, TokensTrace
 
 I16, F32, I32 = 2, 4, 4  # bytes
+#: largest key array of one co-occurrence count in :class:`PrevLayerTokens` (elements; it stays in cache)
+COUNT_ELEMENTS = 1 << 18
 
 
 class OracleTokens(TokenPredictor):
@@ -113,6 +115,7 @@ class TokenIdTokens(_KeyedTokens):
     cost_formula = "per token: 0 flops, reads its id (4 B) and a k-entry row (2k B); online: +k+E flops, +4E B"
     needs = ("token_id",)
     _spare = 1
+    _table: KeyedCounts | None = None
 
     def __init__(self, online: bool | None = None, max_keys: int = 65536) -> None:
         super().__init__(online)
@@ -127,21 +130,36 @@ class TokenIdTokens(_KeyedTokens):
     def _fit(self, trace: TokensTrace) -> None:
         self._train = trace
         self._make_index(trace.token_id)
-        super()._fit(trace)
 
     def _make_index(self, ids: np.ndarray) -> None:
         cap = max(1, min(self.max_keys, (1 << 24) // (self.num_layers * self.num_experts)))
         self.index = KeyIndex(ids, cap)
+        self._table = None          # the training steps are counted under the new rows when next read
+        self._held_keys = None      # (step, its rows) last looked up
+
+    @property
+    def table(self) -> KeyedCounts:
+        """The count table of the ids' rows (the training steps counted on first use after an index is
+        made: a rollout makes its own before it reads the table)."""
+        if self._table is None:
+            _KeyedTokens._fit(self, self._train)
+        return self._table
+
+    @table.setter
+    def table(self, table: KeyedCounts) -> None:
+        self._table = table
 
     def _keys(self, step) -> np.ndarray:
-        return self.index(step.token_id)
+        held = self._held_keys            # a step is looked up to predict it, then again to count it
+        if held is None or held[0] is not step:
+            held = self._held_keys = (step, self.index(step.token_id))
+        return held[1]
 
     def prepare(self, test: TokensTrace) -> None:
         """Give the test steps' ids table rows too (ids are known before routing; only
-        observed routing is ever counted), then recount the training steps."""
+        observed routing is ever counted); the training steps are recounted when the table is next read."""
         self.check_features(test)
         self._make_index(np.concatenate([self._train.token_id, test.token_id]))
-        _KeyedTokens._fit(self, self._train)
 
     def rollout(self, trace: TokensTrace) -> np.ndarray:
         self._check_fitted()
@@ -213,11 +231,15 @@ class PrevLayerTokens(TokenPredictor):
         self.freq.add(np.zeros(n, dtype=np.int64), experts)
         if L < 2 or n == 0:
             return
-        prev = experts[:, :-1, :].astype(np.int64)  # [n, L-1, k]
-        cur = experts[:, 1:, :].astype(np.int64)
-        lay = np.arange(1, L, dtype=np.int64)[None, :, None, None]
-        flat = ((lay * E + prev[:, :, :, None]) * E + cur[:, :, None, :]).ravel()
-        self.A += np.bincount(flat, minlength=L * E * E).reshape(L, E, E)
+        # (layer, expert at the layer before, expert) of every slot pair, counted a cache-sized chunk of
+        # tokens at a time, laid out [k, L, tokens] so that every array operation runs along the tokens
+        row = (np.arange(1, L, dtype=np.intp) * (E * E))[:, None]     # [L-1, 1]
+        for sl in chunks(n, (L - 1) * k * k, COUNT_ELEMENTS):
+            ex = np.empty((k, L, sl.stop - sl.start), dtype=np.intp)
+            ex[...] = experts[sl].transpose(2, 1, 0)
+            prev = ex[:, :-1] * E + row                                # [k, L-1, c]
+            flat = (prev[:, None] + ex[None, :, 1:]).ravel()           # [k, k, L-1, c]
+            self.A += np.bincount(flat, minlength=L * E * E).reshape(L, E, E)
 
     def _conditional(self) -> np.ndarray:
         k = self.top_k
@@ -233,15 +255,29 @@ class PrevLayerTokens(TokenPredictor):
         if L < 2:
             return out
         P = self._conditional()  # [L, E, E]
-        lay = np.arange(1, L)[None, :]
-        for sl in chunks(n, (L - 1) * E * (k + 1)):
-            prev = step.experts[sl, :-1, :].astype(np.int64)  # [c, L-1, k]
-            score = P[lay, prev[:, :, 0]]
+        if E ** k <= n:
+            # fewer (layer, expert list) pairs than tokens: rank every pair once, then look the tokens' up
+            combos = np.indices((E,) * k).reshape(k, -1).T          # [E^k, k]: expert lists in code order
+            ranked = self._ranked(P, combos[None], np.arange(1, L)[:, None])      # [L-1, E^k, k]
+            code = step.experts[:, :-1, 0].astype(np.intp)              # [n, L-1]: row of the token's list
             for j in range(1, k):
-                if self.slot_decay > 0:
-                    score += np.float32(self.slot_decay ** j) * P[lay, prev[:, :, j]]
-            out[sl, 1:] = topk_desc(score, k)
+                code *= E
+                code += step.experts[:, :-1, j]
+            code += np.arange(L - 1, dtype=np.intp) * E ** k
+            out[:, 1:] = np.take(ranked.reshape(-1, k), code, axis=0)
+            return out
+        for sl in chunks(n, (L - 1) * E * (k + 1)):
+            out[sl, 1:] = self._ranked(P, step.experts[sl, :-1, :].astype(np.int64), np.arange(1, L)[None, :])
         return out
+
+    def _ranked(self, P: np.ndarray, prev: np.ndarray, lay: np.ndarray) -> np.ndarray:
+        """The k best experts after the expert lists ``prev`` int64 [..., k] at the layer before, at the
+        layers ``lay`` (1.., broadcasting with ``prev[..., 0]``) -> int16 [<that broadcast shape>, k]."""
+        score = P[lay, prev[..., 0]]
+        for j in range(1, self.top_k):
+            if self.slot_decay > 0:
+                score += np.float32(self.slot_decay ** j) * P[lay, prev[..., j]]
+        return topk_desc(score, self.top_k)
 
     def _observe(self, step: StepRouting) -> None:
         self._count(step.experts)
