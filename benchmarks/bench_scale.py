@@ -7,7 +7,8 @@ tree's PSS, sampled every 20 ms (``simulate`` splits its strategies over forked 
 processes, ``--jobs``, which share the trace's pages: PSS counts them once). Cases:
 
 0. ``bundled``: ``moe-gps simulate traces/mixtral_mmlu.parquet`` (every default strategy, with and
-   without the plots), its floor, and a floor that also works out the GPU loads of every default
+   without the plots, and with the one strategy ``none`` and the plots: what the command and its plots
+   cost without the strategies' work), its floor, and a floor that also works out the GPU loads of every default
    strategy's static placement at every step (the floor the goal for this case was stated against),
    once with the memory sampled, then five times each in turn without the sampler (the median wall
    time of each); and in memory,
@@ -251,7 +252,10 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
                 "floor_loads": lambda i: ["-c", _FLOOR_LOADS, str(trace), *sizes],
                 "simulate": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-{i}")),
                 "simulate_no_plots": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-np-{i}"),
-                                                   "--no-plots")}
+                                                   "--no-plots"),
+                # the command's cost without the strategies' work: one strategy, with the plots
+                "simulate_none": lambda i: cli("simulate", str(trace), "-o", str(work / f"sim-bundled-none-{i}"),
+                                               "--strategies", "none")}
     runs: dict[str, list[dict]] = {k: [] for k in commands}
     # first with the memory sampled (the bytecode cached, the files warm; its wall time is not counted),
     # then timed without the sampler, which would slow simulate's several processes more than the floor's one
@@ -266,7 +270,7 @@ def bundled_case(work: Path, rounds: int = BUNDLED_ROUNDS) -> dict:
             "floor": fl, "floor_loads": loads,
             "in_memory": json.loads(done.stdout.strip().splitlines()[-1]),
             **{k: {**with_ratio(figs[k], fl), "x_floor_loads_wall": figs[k]["wall_s"] / loads["wall_s"]}
-               for k in ("simulate", "simulate_no_plots")}}
+               for k in ("simulate", "simulate_no_plots", "simulate_none")}}
 
 
 def _median_run(runs: list[dict], walls: list[dict] | None = None) -> dict:
@@ -404,14 +408,16 @@ def main() -> int:
     print(f"{'case':36s} {'wall':>10s} {'peak mem':>11s}   x floor (wall, RSS)")
     for name, c in figures["cases"].items():
         print(f"{name}: {c['trace']}")
-        for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_serial", "local",
+        for key in ("floor", "synth", "validate", "simulate", "simulate_no_plots", "simulate_none", "simulate_serial",
+                    "local",
                     "ray_existing_cluster", "ray_local_cluster"):
             if key in c:
                 print(_row(key, c[key]))
         if "floor_loads" in c:
             print(f"  against a floor with the GPU loads of every strategy ({c['floor_loads']['wall_s']:.2f} s): "
                   f"simulate {c['simulate']['x_floor_loads_wall']:.1f}x, without plots "
-                  f"{c['simulate_no_plots']['x_floor_loads_wall']:.1f}x")
+                  f"{c['simulate_no_plots']['x_floor_loads_wall']:.1f}x; the command and its plots with the one "
+                  f"strategy none {c['simulate_none']['x_floor_loads_wall']:.1f}x")
         if "in_memory" in c:
             m = c["in_memory"]
             print(f"  in memory: floor {m['floor_s']:.2f} s; simulate() {m['simulate_1_s']:.2f} s with one process "

@@ -51,33 +51,31 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
     experts: int [T, L, k];  home: int [T];  mask: bool [T, L, k] or None (count only True)
     -> float64 [L, G, E], laid out as [L, E, G] in memory (:func:`sim.work.route` reads it by expert)
 
-    A bincount of the keys (layer, home GPU, expert), built slot by slot ([k, tokens, L], so that every
-    array operation runs along whole rows in one dtype), at most ``budget`` keys at a time; tokens whose
-    home is not a GPU 0 .. G-1 are not counted.
+    Counted one home GPU's tokens at a time (a bincount into one layer-by-expert table that stays in
+    cache, written as that GPU's column), the tokens grouped by home GPU first where they are not; the
+    keys built slot by slot ([k, tokens, L], so that every array operation runs along whole rows in one
+    dtype). Tokens whose home is not a GPU 0 .. G-1 are not counted.
     """
     T, L, k = experts.shape
-    G, E = num_gpus, num_experts
+    E = num_experts
     home = np.asarray(home)
-    if T and (home.min() < 0 or home.max() >= G):
-        keep = (home >= 0) & (home < G)
-        experts, home = experts[keep], home[keep]
-        mask = None if mask is None else mask[keep]
-        T = len(home)
-    cells = L * G * E
-    out = np.zeros(cells + 1, dtype=np.int64)                  # one extra bin for the masked-out assignments
-    layer = np.arange(L, dtype=np.intp) * G
-    budget = 1 << 20
-    step = max(1, budget // max(1, L * k))
-    for lo in range(0, T, step):
-        hi = min(T, lo + step)
-        key = np.empty((k, hi - lo, L), dtype=np.intp)
-        key[...] = experts[lo:hi].transpose(2, 0, 1)
-        key += (layer + home[lo:hi].astype(np.intp)[:, None]) * E
-        if mask is not None:
-            key = np.where(mask[lo:hi].transpose(2, 0, 1), key, cells)
-        out += np.bincount(key.ravel(), minlength=cells + 1)
-    out = out[:cells].reshape(L, G, E)
-    return np.swapaxes(out.transpose(0, 2, 1).astype(np.float64, order="C"), 1, 2)
+    if T > 1 and (home[1:] < home[:-1]).any():
+        order = np.argsort(home, kind="stable")
+        experts, home = experts[order], home[order]
+        mask = None if mask is None else mask[order]
+    layer = np.arange(L, dtype=np.intp) * E
+    bounds = np.searchsorted(home, np.arange(num_gpus + 1))
+    out = np.zeros((L * E, num_gpus))
+    for g in range(num_gpus):
+        a, b = bounds[g], bounds[g + 1]
+        if a < b:
+            key = np.empty((k, b - a, L), dtype=np.intp)
+            key[...] = experts[a:b].transpose(2, 0, 1)
+            key += layer
+            if mask is not None:                   # masked-out assignments go to one extra bin
+                key = np.where(mask[a:b].transpose(2, 0, 1), key, L * E)
+            out[:, g] = np.bincount(key.ravel(), minlength=L * E + 1)[:L * E]
+    return np.swapaxes(out.reshape(L, E, num_gpus), 1, 2)
 
 
 @dataclass
