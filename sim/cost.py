@@ -329,7 +329,9 @@ def alltoall_outer_time(frac, takes, bytes_per_token: float, hw: Hardware):
         """x [..., G] -> sums over the other GPUs of g's node and over the GPUs of other nodes (None: a fabric
         without GPU pairs, not needed)."""
         same = (x @ onehot)[..., node]
-        return same - x if per_node > 1 else None, x.sum(axis=-1, keepdims=True) - same if nodes > 1 else None
+        intra = same - x if per_node > 1 else None
+        inter = x.sum(axis=-1, keepdims=True) - same if nodes > 1 else None
+        return intra, inter
 
     F = (frac > 0).astype(np.float64)
     T = (takes > 0).astype(np.float64)

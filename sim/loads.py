@@ -72,9 +72,11 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
             key = np.empty((k, b - a, L), dtype=np.intp)
             key[...] = experts[a:b].transpose(2, 0, 1)
             key += layer
-            if mask is not None:                   # masked-out assignments go to one extra bin
+            if mask is None:
+                out[:, g] = np.bincount(key.ravel(), minlength=L * E)
+            else:                                  # masked-out assignments go to one extra bin
                 key = np.where(mask[a:b].transpose(2, 0, 1), key, L * E)
-            out[:, g] = np.bincount(key.ravel(), minlength=L * E + 1)[:L * E]
+                out[:, g] = np.bincount(key.ravel(), minlength=L * E + 1)[:L * E]
     return np.swapaxes(out.reshape(L, E, num_gpus), 1, 2)
 
 

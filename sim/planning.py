@@ -219,7 +219,7 @@ class LayerTimeModel:
             link = np.maximum(intra, inter)
         d = link + self.dhost[:, layers]
         wait = combine_wait(ffn, hw)
-        c = link + self.chost[:, layers] + (wait[..., None] if isinstance(wait, np.ndarray) else wait)
+        c = link + self.chost[:, layers] + np.asarray(wait)[..., None]
         if hw.combine_return_row:
             c = c + hw.combine_return_row * (rows - local)                          # rows g sends back
         layer = row_max(ffn) + row_max(d) + row_max(c)
@@ -270,10 +270,13 @@ def static_layout(num_layers: int, num_experts: int, num_gpus: int, slots_per_gp
     """No duplication in a shape with ``slots_per_gpu`` slots: every expert with all its tokens in its
     home slot of the static layout; the other slots hold expert 0's weights and take no tokens. (A
     layer of :func:`home_routing` at home has this one's times, whatever its other slots hold.) Made
-    once per shape (a placement is not changed once made)."""
+    once per shape, read-only (every caller shares it)."""
     base = static_slots(num_layers, num_experts, num_gpus, slots_per_gpu)
-    return Placement(np.where(base >= 0, base, 0), num_gpus, num_experts, (base >= 0).astype(np.float64),
-                     algorithm="none", allow_colocated=True)
+    p = Placement(np.where(base >= 0, base, 0), num_gpus, num_experts, (base >= 0).astype(np.float64),
+                  algorithm="none", allow_colocated=True)
+    p.phy2log.setflags(write=False)                    # shared by every caller
+    p.replica_share.setflags(write=False)
+    return p
 
 
 def pick_layers(a: Placement, b: Placement, keep_b: np.ndarray) -> Placement:

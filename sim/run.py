@@ -29,7 +29,7 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
 from moe_gps.workers import fork_map, forking
 from moe_gps.workers import progress as report_progress
-from sim.cost import Hardware
+from sim.cost import Hardware, attention_time
 from sim.engine import EventModel
 from sim.loads import StepFeed, counts_view, unused_rank_note
 from sim.strategies import SimContext, StrategyInfo, make_strategy
@@ -340,10 +340,11 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
             out.expert_skew[i] = _skew(loads.counts)
             out.base_skew[i] = _skew(base.gpu_loads(loads.counts))
         keep = timeline_steps is not None and int(s) in timeline_steps
+        attention = attention_time(loads.home_tokens, model, ctx.workload, ctx.hw)     # the same for every strategy
         for j, (k, st) in enumerate(zip(index, strategies)):
             t0 = time.perf_counter()
             decision = st.step(i, loads, engines[j].job_pending())
-            work = decision.work(loads, ctx)
+            work = decision.work(loads, ctx, attention)
             t1 = time.perf_counter()
             engines[j].log = [] if keep else None
             marks = engines[j].run_step(work, decision.background)

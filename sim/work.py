@@ -224,16 +224,13 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     float [L, G] seconds each GPU works between the previous combine and the dispatch (predictor +
     attention), for the dispatch's collective skew (None: the GPUs arrive together); counts: float
     [L, E] the expert counts of one mix, in place of ``src_counts`` (None) when ``home_frac`` is given
-    and ``predicted_src`` is None; or, without ``home_frac``, ``src_counts.sum(axis=1)`` where the caller
-    has it already.
+    and ``predicted_src`` is None.
 
     Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, the
     correction's as for GPUs arriving together (they leave the dispatch together), the combine's
     from the FFN finish times.
     """
-    if counts is not None and home_frac is None and src_counts is not None:
-        L, G, E = src_counts.shape                           # counts: their sum over the GPUs
-    elif counts is not None:
+    if counts is not None:
         if home_frac is None or predicted_src is not None:
             raise ValueError("placement_phases: counts stand in for one mix's assignments: they need home_frac "
                              "and no predicted_src")
@@ -318,7 +315,7 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
     """
     L, G = loads.counts.shape[0], len(loads.home_tokens)
     if attention is None:
-        attention = _attention(loads.home_tokens, model, workload, hw)
+        attention = attention_time(loads.home_tokens, model, workload, hw)
     attn = _on_layers(attention, L, G)
     pred = _on_layers(np.asarray(plan.predictor_s, dtype=np.float64), L, G)
     if hw.predictor_overlap:
@@ -333,8 +330,7 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
                               counts=loads.mix_counts)
     else:
         ph = placement_phases(plan.placement, loads.src_counts, plan.predicted_src, model, hw, loads.home_frac,
-                              arrival=pred + attn,
-                              counts=loads.counts if loads.home_frac is None and loads.mix_counts is None else None)
+                              arrival=pred + attn)
     copies = copies if copies is not None else Copies.empty()
     if copy_bytes is None:
         copy_bytes = np.bincount(copies.layer, weights=copies.bytes, minlength=L) if len(copies) else np.zeros(L)
@@ -344,27 +340,9 @@ def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, mod
 
 
 def _on_layers(per_gpu: np.ndarray, L: int, G: int) -> np.ndarray:
-    """[L, G]: ``per_gpu`` [G] (or what broadcasts to it) on every layer."""
-    per_gpu = np.asarray(per_gpu)
-    return per_gpu[None, :].repeat(L, axis=0) if per_gpu.shape == (G,) else np.broadcast_to(per_gpu, (L, G))
-
-
-#: the inputs and result of the last :func:`_attention` (the strategies of one step ask for the same)
-_last_attention: list = []
-
-
-def _attention(home_tokens: np.ndarray, model: ModelConfig, workload: WorkloadConfig, hw: Hardware) -> np.ndarray:
-    """:func:`attention_time` of ``home_tokens`` [G], worked out again only for other inputs than the last
-    call's (read-only)."""
-    n = np.asarray(home_tokens, dtype=np.float64)
-    key = (n.shape, n.tobytes())
-    if _last_attention and _last_attention[0] == key and all(a is b for a, b in zip(_last_attention[1],
-                                                                                    (model, workload, hw))):
-        return _last_attention[2]
-    out = attention_time(n, model, workload, hw)
-    out.setflags(write=False)
-    _last_attention[:] = [key, (model, workload, hw), out]
-    return out
+    """float [L, G]: ``per_gpu`` [G] (or what broadcasts to it) on every layer, a new array (the phases'
+    arithmetic on it runs faster than on a broadcast view)."""
+    return np.array(np.broadcast_to(per_gpu, (L, G)))
 
 
 def copy_port_busy(copies: Copies, num_layers: int, num_gpus: int) -> np.ndarray:

@@ -146,7 +146,7 @@ class Placement:
 
     @functools.cached_property
     def _slot_index(self) -> np.ndarray:
-        """int64 [L P]: the flat index in an [L, E] array of each slot's expert (for :meth:`slot_loads`)."""
+        """int64 [L * P]: the flat index in an [L, E] array of each slot's expert (for :meth:`slot_loads`)."""
         L, P = self.phy2log.shape
         return (np.arange(L)[:, None] * self.num_experts + self.phy2log).ravel()
 

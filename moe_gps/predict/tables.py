@@ -78,7 +78,7 @@ def _topk_keys(scores: np.ndarray, k: int) -> np.ndarray:
     that the largest key of a row is its first largest score, and all its keys differ. -> int16 [..., k]"""
     e = scores.shape[-1]
     bits = (e - 1).bit_length()
-    w = np.ascontiguousarray(np.moveaxis(scores, -1, 0))        # [E, ...]: a maximum over E rows
+    w = np.array(np.moveaxis(scores, -1, 0), order="C")        # [E, ...] (a copy): a maximum over E rows
     w += np.float32(0.0)                                       # -0.0 -> 0.0
     b = w.view(np.int32)
     b ^= (b >> 31) & 0x7FFFFFFF                                # negative scores: lower bits flipped
@@ -91,7 +91,7 @@ def _topk_keys(scores: np.ndarray, k: int) -> np.ndarray:
         top = key.max(axis=0)
         out[..., j] = (e - 1) - (top & ((1 << bits) - 1))
         if j + 1 < k:
-            key *= key != top                                  # the chosen key -> 0, below every other
+            key[key == top] = 0                                # the chosen key: below every other
     return out
 
 
@@ -132,7 +132,7 @@ class KeyedCounts:
         # tokens left out share an extra key K, so that one count gives the layer totals of every token too
         if valid is not None:
             keys = np.where(valid, keys, K)
-        uniq, inv = compact_keys(keys, K + (valid is not None))
+        uniq, inv = compact_keys(keys, K + 1 if valid is not None else K)
         flat = np.empty((experts.shape[2],) + experts.shape[:2], dtype=np.intp)   # [k, T, L]: by slot, so that
         flat[...] = experts.transpose(2, 0, 1)                # the sums below run in one dtype along whole rows
         flat += (inv[:, None] * L + np.arange(L)) * E

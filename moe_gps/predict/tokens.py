@@ -13,7 +13,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.predict.base import PredictorCost, TokenPredictor
-from moe_gps.predict.tables import PRIOR, KeyedCounts, KeyIndex, chunks, topk_desc
+from moe_gps.predict.tables import CHUNK_ELEMENTS, PRIOR, KeyedCounts, KeyIndex, chunks, topk_desc
 from moe_gps.trace.data import StepRouting, TokensTrace
 
 I16, F32, I32 = 2, 4, 4  # bytes
@@ -255,8 +255,9 @@ class PrevLayerTokens(TokenPredictor):
         if L < 2:
             return out
         P = self._conditional()  # [L, E, E]
-        if E ** k <= n:
-            # fewer (layer, expert list) pairs than tokens: rank every pair once, then look the tokens' up
+        if E ** k <= n and (L - 1) * E ** k * E <= CHUNK_ELEMENTS:
+            # fewer (layer, expert list) pairs than tokens, and their scores fit one work array: rank every
+            # pair once, then look the tokens' up
             combos = np.indices((E,) * k).reshape(k, -1).T          # [E^k, k]: expert lists in code order
             ranked = self._ranked(P, combos[None], np.arange(1, L)[:, None])      # [L-1, E^k, k]
             code = step.experts[:, :-1, 0].astype(np.intp)              # [n, L-1]: row of the token's list
