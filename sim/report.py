@@ -144,10 +144,11 @@ def write_config_and_summary(out: Path, command: str, config, summary: str, trac
 
 
 def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = True, jobs: int = 1,
-                  drawer: Warm | None = None) -> list[Path]:
+                  drawer: Warm | None = None, summary: str | None = None) -> list[Path]:
     """Write the output folder (every file atomically); returns the paths written. The plots are drawn
     in up to ``jobs`` processes at once, by ``drawer`` (a process that imported matplotlib while this
-    one simulated) while this one writes the tables, or here without one."""
+    one simulated) while this one writes the tables, or here without one. ``summary``: the terminal
+    report for summary.txt, where the caller has it (default :func:`format_summary`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if plots:
@@ -157,7 +158,8 @@ def write_outputs(result: SimResult, out_dir: str | os.PathLike, plots: bool = T
     written = [write_csv_atomic(out / "summary.csv", rows_to_columns(summary_rows(result))),
                write_csv_atomic(out / "steps.csv", per_step_columns(result)),
                write_parquet_atomic(out / "layers.parquet", per_layer_columns(result)),
-               *write_config_and_summary(out, "simulate", result.config, format_summary(result), result.config.trace)]
+               *write_config_and_summary(out, "simulate", result.config,
+                                         format_summary(result) if summary is None else summary, result.config.trace)]
     if plots:
         written += drawer.result()
     return written

@@ -200,7 +200,9 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
 
     # written aside and moved in together: a run cut short leaves the folder as it was
     with staged_outputs(out, (*FIGURE_FILES, "timeline.json"), stop=drawer.stop) as stage:
-        written = write_outputs(result, stage.path, plots=not args.no_plots, jobs=jobs, drawer=drawer)
+        summary = format_summary(result)
+        written = write_outputs(result, stage.path, plots=not args.no_plots, jobs=jobs, drawer=drawer,
+                                summary=summary)
         if steps is not None:
             from sim.timeline import write_timeline
             written.append(write_timeline(stage.path / "timeline.json", result.timeline, cfg.cluster.num_gpus))
@@ -211,7 +213,7 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
                           "inferred": result.inferred, "notes": result.notes, "warnings": result.warnings},
                          indent=2))
     else:
-        print(format_summary(result))
+        print(summary)
         print_written(written, out, removed)
     sys.stdout.flush()
     return 0
