@@ -270,21 +270,26 @@ def expert_counts(experts: np.ndarray, step_offsets: np.ndarray, num_experts: in
 
     experts: int [N, layers, k];  step_offsets: [steps + 1]  ->  int64 [steps, layers, experts]
 
-    Counted a group of whole steps (about ``COUNT_TOKENS`` tokens) at a time, so the
-    temporary keys stay small whatever the trace's size.
+    Counted a group of whole steps (about ``COUNT_TOKENS`` tokens, fewer where their keys would
+    pass 2**17, a cache-sized array) at a time, so the temporary keys stay small whatever the
+    trace's size; the keys are made in the routing's own layout ([tokens, layers k]: a cast,
+    then sums in one dtype along whole rows).
     """
-    _, num_layers, _ = experts.shape
+    _, num_layers, k = experts.shape
+    group = max(1, min(COUNT_TOKENS, (1 << 17) // max(1, num_layers * k)))    # tokens per bincount
     num_steps = len(step_offsets) - 1
     cells = num_layers * num_experts
     out = np.empty((num_steps, num_layers, num_experts), dtype=np.int64)
-    layer = (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
+    layer = (np.arange(num_layers, dtype=np.intp) * num_experts).repeat(k)     # [L k]
     s0 = 0
     while s0 < num_steps:
-        s1 = int(np.searchsorted(step_offsets, step_offsets[s0] + COUNT_TOKENS, side="right")) - 1
+        s1 = int(np.searchsorted(step_offsets, step_offsets[s0] + group, side="right")) - 1
         s1 = min(max(s1, s0 + 1), num_steps)
         lo, hi = int(step_offsets[s0]), int(step_offsets[s1])
-        step_key = np.repeat(np.arange(s1 - s0, dtype=np.int64) * cells, np.diff(step_offsets[s0:s1 + 1]))
-        key = (step_key[:, None, None] + layer + experts[lo:hi]).ravel()
-        out[s0:s1] = np.bincount(key, minlength=(s1 - s0) * cells).reshape(s1 - s0, num_layers, num_experts)
+        step_key = np.repeat(np.arange(s1 - s0, dtype=np.intp) * cells, np.diff(step_offsets[s0:s1 + 1]))
+        key = experts[lo:hi].astype(np.intp).reshape(hi - lo, num_layers * k)  # [n, L k]
+        key += layer
+        key += step_key[:, None]
+        out[s0:s1] = np.bincount(key.ravel(), minlength=(s1 - s0) * cells).reshape(s1 - s0, num_layers, num_experts)
         s0 = s1
     return out
