@@ -405,7 +405,7 @@ def collective_skew(arrival, hw: Hardware):
     """
     a = np.asarray(arrival, dtype=np.float64)
     s0 = hw.collective_skew
-    if not s0 or not hw.skew_gap or hw.skew_floor >= 1.0:
+    if _skew_constant(hw):
         return np.full(a.shape[:-1], float(s0))
     f = hw.skew_floor + (1.0 - hw.skew_floor) * np.exp(-arrival_gap(a) / hw.skew_gap)
     return s0 * f
@@ -424,7 +424,7 @@ def combine_together(arrival, hw: Hardware):
     arrival: [..., G] -> seconds [...]
     """
     a = np.asarray(arrival, dtype=np.float64)
-    if not hw.combine_together or not hw.collective_skew:
+    if _together_constant(hw):
         return np.full(a.shape[:-1], float(hw.combine_together))
     return hw.combine_together * np.exp(-arrival_gap(a) / hw.collective_skew)
 
@@ -432,10 +432,19 @@ def combine_together(arrival, hw: Hardware):
 def combine_wait(arrival, hw: Hardware):
     """:func:`collective_skew` + :func:`combine_together` of a combine the GPUs reach at ``arrival`` [..., G]:
     seconds [...], or one number (a float) when neither depends on the arrival times."""
-    if (not hw.collective_skew or not hw.skew_gap or hw.skew_floor >= 1.0) and not (hw.combine_together
-                                                                                   and hw.collective_skew):
+    if _skew_constant(hw) and _together_constant(hw):
         return float(hw.collective_skew) + float(hw.combine_together)
     return collective_skew(arrival, hw) + combine_together(arrival, hw)
+
+
+def _skew_constant(hw: Hardware) -> bool:
+    """:func:`collective_skew` does not depend on the arrival times (no skew, no gap scale, or floor 1)."""
+    return not hw.collective_skew or not hw.skew_gap or hw.skew_floor >= 1.0
+
+
+def _together_constant(hw: Hardware) -> bool:
+    """:func:`combine_together` does not depend on the arrival times (no together term, or no skew)."""
+    return not hw.combine_together or not hw.collective_skew
 
 
 def dispatch_host_time(rows, model: ModelConfig, hw: Hardware):

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moe_gps.trace.data import CountsTrace, TokenCounts, TokensTrace
+from moe_gps.trace.data import CountsTrace, TokenCounts, TokensTrace, slot_major
 
 
 def home_gpus(num_tokens: int, num_gpus: int, rank: np.ndarray | None = None) -> np.ndarray:
@@ -53,10 +53,9 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
 
     Counted one home GPU's tokens at a time (a bincount into one layer-by-expert table that stays in
     cache, written as that GPU's column), the tokens grouped by home GPU first where they are not; the
-    keys built slot by slot ([k, tokens, L], so that every array operation runs along whole rows in one
-    dtype). Tokens whose home is not a GPU 0 .. G-1 are not counted.
+    keys built slot by slot (:func:`~moe_gps.trace.data.slot_major`). Tokens whose home is not a GPU 0 .. G-1 are not counted.
     """
-    T, L, k = experts.shape
+    T, L, _ = experts.shape
     E = num_experts
     home = np.asarray(home)
     if T > 1 and (home[1:] < home[:-1]).any():
@@ -69,8 +68,7 @@ def source_counts(experts: np.ndarray, home: np.ndarray, num_gpus: int, num_expe
     for g in range(num_gpus):
         a, b = bounds[g], bounds[g + 1]
         if a < b:
-            key = np.empty((k, b - a, L), dtype=np.intp)
-            key[...] = experts[a:b].transpose(2, 0, 1)
+            key = slot_major(experts[a:b])
             key += layer
             if mask is None:
                 out[:, g] = np.bincount(key.ravel(), minlength=L * E)

@@ -131,12 +131,17 @@ class Placement:
             raise UserError(f"placement: layer {l}: logical expert {e} has no replica "
                             f"(every expert needs at least one slot; {P} slots for {E} experts)")
         self.replica_count = count
-        self.__dict__.pop("log2phy", None)          # worked out again from these slots when asked for
-        self.__dict__.pop("_slot_index", None)
+        self._forget_derived()
         if not self.allow_colocated:
             self._check_colocated()
         self.replica_share = self._checked_shares(self.replica_share)
         self._check_capacity()
+
+    def _forget_derived(self) -> None:
+        """Drop the values worked out from the slots (:attr:`log2phy`, :attr:`_slot_index`): they are
+        worked out again from the current slots when next asked for."""
+        for name in ("log2phy", "_slot_index"):
+            self.__dict__.pop(name, None)
 
     @functools.cached_property
     def log2phy(self) -> np.ndarray:
@@ -204,8 +209,7 @@ class Placement:
         out = copy.copy(self)
         out.phy2log, out.replica_share = self.phy2log[index], self.replica_share[index]
         out.replica_count = self.replica_count[index]
-        out.__dict__.pop("log2phy", None)           # derived from the slots: worked out again when asked for
-        out.__dict__.pop("_slot_index", None)
+        out._forget_derived()
         out.meta = dict(self.meta)
         return out
 

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from moe_gps.trace.data import slot_major
+
 #: tie-break weight of the layer marginal, in tokens (< 1, see the module docstring)
 PRIOR = 0.5
 #: largest float work array built at once (elements); bigger jobs go in token chunks
@@ -133,8 +135,7 @@ class KeyedCounts:
         if valid is not None:
             keys = np.where(valid, keys, K)
         uniq, inv = compact_keys(keys, K + 1 if valid is not None else K)
-        flat = np.empty((experts.shape[2],) + experts.shape[:2], dtype=np.intp)   # [k, T, L]: by slot, so that
-        flat[...] = experts.transpose(2, 0, 1)                # the sums below run in one dtype along whole rows
+        flat = slot_major(experts)                            # [k, T, L]
         flat += (inv[:, None] * L + np.arange(L)) * E
         by_key = np.bincount(flat.ravel(), minlength=len(uniq) * L * E).reshape(len(uniq), L, E)
         self.layer_total += by_key.sum(axis=0)

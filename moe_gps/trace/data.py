@@ -261,6 +261,14 @@ class CountsTrace:
 Trace = TokensTrace | CountsTrace
 
 
+def slot_major(experts: np.ndarray) -> np.ndarray:
+    """intp [k, T, L]: a copy of ``experts`` int [T, L, k] laid out slot by slot, for index sums (numpy
+    adds int16 ids to intp offsets several times slower with the short k axis last and mixed dtypes)."""
+    out = np.empty((experts.shape[2],) + experts.shape[:2], dtype=np.intp)
+    out[...] = experts.transpose(2, 0, 1)
+    return out
+
+
 #: tokens per bincount in :func:`expert_counts` (its key array is tokens x layers x k int64)
 COUNT_TOKENS = 1 << 14
 
