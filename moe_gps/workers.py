@@ -10,7 +10,9 @@ always lands in plain code, and the pool can be closed and joined afterwards.
 
 :func:`fork_map` runs a function over items in forked processes, which inherit what the parent
 holds (a trace, configs) without pickling it; a worker reports progress with :func:`progress`;
-:func:`forking` gives a parallel section its number of workers, one section at a time.
+:func:`forking` gives a parallel section its number of workers, one section at a time;
+:func:`watch` makes :func:`unordered` raise when a pool's worker is killed, where the pool itself
+would wait for ever.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
         raise
     finally:
         _WORKER.clear()
-    workers = list(pool._pool)              # a pool replaces a worker that died, and its task is lost
+    check = watch(pool)
 
     def drain() -> None:
         while queue is not None and not queue.empty():
@@ -109,9 +111,7 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
 
     def waiting() -> None:
         drain()
-        dead = next((w for w in workers if w.exitcode is not None), None)
-        if dead is not None:
-            raise _ended(dead.pid, dead.exitcode)
+        check()
 
     try:
         for res in unordered(pool, _in_worker, [(fn, x) for x in items], waiting=waiting):
@@ -125,6 +125,20 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
         pool.join()
         if queue is not None:
             queue.close()
+
+
+def watch(pool) -> Callable[[], None]:
+    """A ``waiting`` callback for :func:`unordered` on a ``multiprocessing`` pool just started: it raises
+    once one of the pool's workers has ended (killed, e.g. by the out-of-memory killer). The pool itself
+    would start a new worker and wait for ever for the task the dead one held."""
+    workers = list(pool._pool)              # multiprocessing keeps its workers there
+
+    def check() -> None:
+        dead = next((w for w in workers if w.exitcode is not None), None)
+        if dead is not None:
+            raise _ended(dead.pid, dead.exitcode)
+
+    return check
 
 
 def _ended(pid: int, exitcode: int) -> BaseException:

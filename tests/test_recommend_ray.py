@@ -171,3 +171,35 @@ def test_local_pool_stops_on_sigterm_like_ctrl_c(files, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert json.loads(out)["runs"]["from_cache"] >= done - 3        # skew-variant files are not runs
+
+
+def _pool_workers(pid: int) -> list[int]:
+    """The forked children of ``pid`` (its pool's workers: the same command line; not the resource tracker)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    out = []
+    for c in kids:
+        try:
+            if Path(f"/proc/{c}/cmdline").read_bytes() == own:
+                out.append(int(c))
+        except OSError:                                # it has just ended
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="finds the pool's workers in /proc")
+def test_local_pool_reports_a_killed_worker_instead_of_waiting_for_ever(files, tmp_path):
+    out_dir = tmp_path / "killed"
+    proc = _cli(_args(files, out_dir, trace="long.parquet", sweep="long.yaml"), dict(os.environ))
+    cache = out_dir / "cache"
+    while proc.poll() is None and len(list(cache.glob("*.json")) if cache.exists() else []) < 4:
+        time.sleep(0.05)
+    workers = _pool_workers(proc.pid)
+    assert len(workers) == 2, workers                  # -j 2
+    os.kill(workers[0], signal.SIGKILL)                # as the kernel's out-of-memory killer does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert "killed with SIGKILL" in err.splitlines()[-1] and "--jobs" in err.splitlines()[-1]
+    assert not list(out_dir.rglob("*.tmp"))
+    assert list(cache.glob("*.json"))                   # the finished runs stay cached for a rerun

@@ -36,7 +36,7 @@ from moe_gps.errors import UserError
 from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
-from moe_gps.workers import unordered
+from moe_gps.workers import unordered, watch
 
 #: bump when the record format changes
 CACHE_VERSION = 2
@@ -224,6 +224,19 @@ def _stop_local(pool, stop) -> None:
             proc.kill()
         joiner.join(5.0)
 
+def _kill_local(pool) -> None:
+    """End a local pool at once. Its workers ignore SIGTERM (:func:`_init_worker`), which is what
+    ``Pool.terminate`` sends them before it waits for them, so they are killed, and so is any worker
+    the pool starts in place of a dead one before ``terminate`` stops it doing so."""
+    ender = threading.Thread(target=pool.terminate, daemon=True)
+    ender.start()
+    while ender.is_alive():
+        for proc in list(getattr(pool, "_pool", ())):
+            if proc.exitcode is None:
+                proc.kill()
+        ender.join(0.05)
+
+
 class Runner:
     """Runs payloads in ``jobs`` local processes (in this process when jobs == 1), or as Ray tasks
     (``backend="ray"``: on the cluster at ``address``, or on a local one of ``jobs`` CPUs started
@@ -246,6 +259,7 @@ class Runner:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.pool = None
         self.stop = None                   # the local pool's stop flag
+        self._check = None                 # the local pool's check for a killed worker (workers.watch)
         self.fingerprint = trace_fingerprint(trace)
         self.digest = code_digest()
         self._done: set[str] = set()       # keys simulated by this runner
@@ -262,6 +276,7 @@ class Runner:
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.stop = ctx.Event()
             self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, self.stop))
+            self._check = watch(self.pool)
         _init(self.trace, self.seed)
         return self
 
@@ -270,10 +285,12 @@ class Runner:
             if exc_type is None:
                 self.pool.close()
                 self.pool.join()
-            elif self.stop is None:
-                self.pool.terminate()          # Ray: disconnect; a cluster started here is shut down
+            elif self.stop is not None and issubclass(exc_type, KeyboardInterrupt):
+                _stop_local(self.pool, self.stop)      # Ctrl-C, SIGTERM: the runs under way finish
+            elif self.stop is not None:
+                _kill_local(self.pool)                  # a failure, e.g. a worker killed: stop at once
             else:
-                _stop_local(self.pool, self.stop)
+                self.pool.terminate()          # Ray: disconnect; a cluster started here is shut down
             self.pool = None
 
     def _map(self, fn, items: list, desc: str, unit: str) -> Iterable:
@@ -288,8 +305,9 @@ class Runner:
                     bar.update(1)
             else:
                 chunk = max(1, min(8, len(items) // (self.jobs * 8)))
+                # the local pool's results: stoppable by Ctrl-C and SIGTERM; a killed worker raises
                 results = (self.pool.imap_unordered(fn, items, chunksize=chunk) if self.backend == "ray"
-                           else unordered(self.pool, fn, items, chunk))     # stoppable by Ctrl-C and SIGTERM
+                           else unordered(self.pool, fn, items, chunk, waiting=self._check))
                 for res in results:
                     yield res
                     bar.update(1)
