@@ -155,12 +155,18 @@ def test_existing_cluster_resumes_the_local_pools_cache_and_interrupts_cleanly(f
     assert probe.stdout.strip().splitlines()[-1] == "2.0", probe.stderr[-2000:]   # no task left running
 
 
-def test_local_pool_stops_on_sigterm_like_ctrl_c(files, tmp_path):
-    out_dir = tmp_path / "stop"
+def _long_sweep_under_way(files, out_dir: Path, cached: int) -> tuple[subprocess.Popen, Path]:
+    """The long sweep on the local pool (-j 2), once ``cached`` records are in its cache: (process, cache)."""
     proc = _cli(_args(files, out_dir, trace="long.parquet", sweep="long.yaml"), dict(os.environ))
     cache = out_dir / "cache"
-    while proc.poll() is None and len(list(cache.glob("*.json")) if cache.exists() else []) < 8:
+    while proc.poll() is None and len(list(cache.glob("*.json")) if cache.exists() else []) < cached:
         time.sleep(0.05)
+    return proc, cache
+
+
+def test_local_pool_stops_on_sigterm_like_ctrl_c(files, tmp_path):
+    out_dir = tmp_path / "stop"
+    proc, cache = _long_sweep_under_way(files, out_dir, 8)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -191,10 +197,7 @@ def _pool_workers(pid: int) -> list[int]:
                     reason="finds the pool's workers in /proc")
 def test_local_pool_reports_a_killed_worker_instead_of_waiting_for_ever(files, tmp_path):
     out_dir = tmp_path / "killed"
-    proc = _cli(_args(files, out_dir, trace="long.parquet", sweep="long.yaml"), dict(os.environ))
-    cache = out_dir / "cache"
-    while proc.poll() is None and len(list(cache.glob("*.json")) if cache.exists() else []) < 4:
-        time.sleep(0.05)
+    proc, cache = _long_sweep_under_way(files, out_dir, 4)
     workers = _pool_workers(proc.pid)
     assert len(workers) == 2, workers                  # -j 2
     os.kill(workers[0], signal.SIGKILL)                # as the kernel's out-of-memory killer does
