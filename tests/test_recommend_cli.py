@@ -175,3 +175,21 @@ def test_cli_bad_sweep_file_and_trace(files, capsys):
     code = main(["recommend", str(files / "t.parquet"), "-o", str(files / "r4")])
     err = capsys.readouterr().err
     assert code == 2 and "give --model" in err
+
+
+def test_workloads_that_differ_only_in_prompt_length_are_two_points(files, capsys):
+    """Two prefill workloads of one size and different prompt lengths (your own --seq-len beside the sweep's
+    workload of that size, say) are labelled apart, and the report is made."""
+    sweep = yaml.safe_load((files / "sweep.yaml").read_text())
+    sweep["workloads"] = [{"phase": "prefill", "tokens_per_step": 1024},
+                          {"phase": "prefill", "tokens_per_step": 1024, "seq_len": 8192}]
+    path = files / "prompts.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = files / "prompts"
+    code = main(["recommend", str(files / "t.parquet"), "--model", str(files / "model.yaml"), "--sweep",
+                 str(path), "-o", str(out), "--json", "-j", "1", "--tokens-per-step", "1024", "--seq-len", "2048"])
+    assert code == 0
+    import pandas as pd
+
+    labels = set(pd.read_csv(out / "runs.csv")["workload"])
+    assert {"prefill 1024, prompt 2048", "prefill 1024", "prefill 1024, prompt 8192"} <= labels

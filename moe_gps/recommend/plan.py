@@ -135,12 +135,18 @@ def workload_tokens(w: WorkloadConfig, trace_tokens: float) -> float:
     return float(w.tokens_per_step) if w.tokens_per_step else float(trace_tokens)
 
 
+#: the prompt length a prefill workload's label leaves out
+DEFAULT_SEQ_LEN = WorkloadConfig().seq_len
+
+
 def workload_label(w: WorkloadConfig, trace_tokens: float) -> str:
+    """A workload's name in reports: phase and tokens per step, with decode's context length and a prompt
+    length other than the default (one label per distinct workload of a plan, see :func:`make_plan`)."""
     tok = f"{workload_tokens(w, trace_tokens):.0f}"
     tail = " (trace)" if not w.tokens_per_step else ""
     if w.phase == "decode":
         return f"decode {tok}{tail}, ctx {w.seq_len}"
-    return f"prefill {tok}{tail}"
+    return f"prefill {tok}{tail}" + (f", prompt {w.seq_len}" if w.seq_len != DEFAULT_SEQ_LEN else "")
 
 
 @dataclass
