@@ -278,18 +278,33 @@ def fsync_path(path: Path, folder: bool = False) -> None:
         os.close(fd)
 
 
+#: in an output folder: the files moe-gps runs wrote there (relative paths, one a line), so that a later
+#: run removes only its own command's stale files, never a file of the user's that has the same name
+MANIFEST = ".moe-gps-files"
+
+
 class Staged:
     """The files of one run, staged (:func:`staged_outputs`). path: the folder to write them into;
-    after the block, removed: the earlier run's optional files removed because this run did not make
-    them."""
+    after the block, removed: an earlier run's optional files removed because this run did not make
+    them; kept: optional files this run did not make that no earlier run is recorded to have written
+    (the user's own, or an old version's), left alone."""
 
     def __init__(self, path: Path, out: Path) -> None:
         self.path, self.out = path, out
         self.removed: list[Path] = []
+        self.kept: list[Path] = []
 
     def final(self, paths: list) -> list[Path]:
         """Where files written into :attr:`path` are once moved into the output folder (same order)."""
         return [self.out / Path(p).relative_to(self.path) for p in paths]
+
+
+def _manifest(out: Path) -> set[str]:
+    """The files :data:`MANIFEST` in ``out`` records (none where it is missing or unreadable)."""
+    try:
+        return {line for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines() if line}
+    except (OSError, UnicodeDecodeError):
+        return set()
 
 
 @contextlib.contextmanager
@@ -299,7 +314,8 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
     caller); when the block ends without an error they move into ``out`` together (renames in one file
     system, with signals held), replacing an earlier run's files of the same names, and the earlier run's
     files named in ``optional`` (paths relative to ``out``: plots, a timeline) that this run did not make
-    are removed. On an error or a signal, ``stop`` ends whatever else still writes into the staging
+    are removed where :data:`MANIFEST` records that a run wrote them (else they are kept: ``Staged.kept``).
+    On an error or a signal, ``stop`` ends whatever else still writes into the staging
     folder (a process drawing the plots), the folder is removed and ``out`` keeps what it had. Staging
     folders a killed run left behind are removed first."""
     out = Path(out)
@@ -317,6 +333,12 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
             if stop is not None:
                 stop()
             raise
+        earlier = _manifest(out)
+        made = {f.relative_to(stage.path).as_posix() for f in stage.path.rglob("*") if f.is_file()}
+        stale = [name for name in optional if name not in made and (out / name).is_file()]
+        ours = sorted(made | {name for name in earlier if name not in stale and (out / name).is_file()})
+        (stage.path / MANIFEST).write_text("".join(f"{name}\n" for name in ours if name != MANIFEST),
+                                           encoding="utf-8")
         rels = sorted(f.relative_to(stage.path) for f in stage.path.rglob("*") if f.is_file())
         for rel in rels:          # checked before any moves: a folder where a file goes, a file where a folder
             if (out / rel).is_dir():
@@ -330,10 +352,11 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                 os.replace(stage.path / rel, out / rel)
             for d in sorted({(out / rel).parent for rel in rels}):
                 fsync_path(d, folder=True)                # the renames on disk, as the atomic writers' are
-            made = {rel.as_posix() for rel in rels}
-            for name in optional:
-                if name not in made and (out / name).is_file():
+            for name in stale:
+                if name in earlier:
                     (out / name).unlink()
                     stage.removed.append(out / name)
+                else:
+                    stage.kept.append(out / name)
     finally:
         shutil.rmtree(stage.path, ignore_errors=True)

@@ -119,8 +119,22 @@ def test_a_rerun_into_a_folder_removes_the_earlier_runs_plots_it_does_not_draw(t
     text = capsys.readouterr().out
     assert "removed an earlier run's breakdown.png, skew_per_layer.png, latency_cdf.png, timeline.png, " \
            "timeline.json" in text
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "layers.parquet", "notes.txt", "steps.csv",
-                                                      "summary.csv", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".moe-gps-files", "config.yaml", "layers.parquet", "notes.txt",
+                                                      "steps.csv", "summary.csv", "summary.txt"]
+
+
+def test_files_of_the_users_named_like_a_figure_are_kept(tmp_path, capsys):
+    """Only what a moe-gps run recorded writing is removed as stale: a file of the user's that has a
+    figure's name, in a folder no run wrote (or written there after), stays, and the run says so."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "breakdown.png").write_text("my own plot")
+    (out / "timeline.json").write_text("my timeline")
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--no-plots", "-o", str(out)]) == 0
+    assert "kept breakdown.png, timeline.json in" in capsys.readouterr().out
+    assert (out / "breakdown.png").read_text() == "my own plot" and (out / "timeline.json").read_text() == "my timeline"
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--no-plots", "-o", str(out)]) == 0
+    assert (out / "timeline.json").read_text() == "my timeline"          # the record does not adopt them
 
 
 def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moe_gps.cli.main import main
-from moe_gps.outputs import STAGE_PREFIX, staged_outputs
+from moe_gps.outputs import MANIFEST, STAGE_PREFIX, staged_outputs
 from moe_gps.trace import write_trace
 from moe_gps.trace.synth import synthesize
 
@@ -17,6 +17,7 @@ def test_files_move_in_together_and_an_error_changes_nothing(tmp_path):
     (out / "a.csv").write_text("old a\n")
     (out / "old.png").write_text("old figure\n")
     (out / "mine.txt").write_text("the user's\n")
+    (out / MANIFEST).write_text("a.csv\nold.png\n")          # an earlier run wrote those two
     with pytest.raises(RuntimeError):
         with staged_outputs(out, ("old.png",)) as stage:
             (stage.path / "a.csv").write_text("new a\n")
@@ -33,7 +34,8 @@ def test_files_move_in_together_and_an_error_changes_nothing(tmp_path):
     # the earlier run's optional file this run did not make goes; files the command never writes stay
     assert stage.removed == [out / "old.png"] and not (out / "old.png").exists()
     assert (out / "mine.txt").read_text() == "the user's\n"
-    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "mine.txt", "plots"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a.csv", "mine.txt", "plots"]
+    assert (out / MANIFEST).read_text() == "a.csv\nplots/y.png\n"
 
 
 def test_a_simulate_cut_short_while_writing_leaves_the_earlier_results_whole(tmp_path, monkeypatch, capsys):

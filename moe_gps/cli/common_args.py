@@ -30,18 +30,26 @@ def output_folder(args: argparse.Namespace, command: str):
     return hold_output_dir(out)
 
 
-def print_written(written: list, out, removed: list | None = None) -> None:
-    """The last line of a command that wrote an output folder (and the earlier run's files it removed)."""
+def print_written(written: list, out, stage=None) -> None:
+    """The last line of a command that wrote an output folder (and what it did with files it did not
+    make: ``stage``, a :class:`moe_gps.outputs.Staged`)."""
     print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
-    print_removed(removed, out)
+    print_removed(stage, out)
 
 
-def print_removed(removed: list | None, out) -> None:
-    """The line naming an earlier run's files removed from ``out`` because this run did not make them."""
-    if removed:
-        from pathlib import Path
-        names = ", ".join(Path(p).relative_to(out).as_posix() for p in removed)
-        print(f"removed an earlier run's {names} from {out}/ (not made by this run)")
+def print_removed(stage, out) -> None:
+    """The lines naming an earlier run's files removed from ``out`` because this run did not make them,
+    and the files of those names kept because no earlier run is recorded to have written them."""
+    from pathlib import Path
+
+    def names(paths: list) -> str:
+        return ", ".join(Path(p).relative_to(out).as_posix() for p in paths)
+
+    if stage is not None and stage.removed:
+        print(f"removed an earlier run's {names(stage.removed)} from {out}/ (not made by this run)")
+    if stage is not None and stage.kept:
+        print(f"kept {names(stage.kept)} in {out}/: not made by this run, nor recorded as an earlier run's "
+              f"(delete any that are out of date)")
 
 
 def note_repeated(flag: str, values: list, what: str = "each runs once") -> None:

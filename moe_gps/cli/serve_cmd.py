@@ -171,11 +171,11 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
 
     with staged_outputs(out, FIGURE_FILES, stop=drawer.stop) as stage:     # moved in together: a run cut short changes nothing
         written = write_outputs(result, stage.path, plots=not args.no_plots, drawer=drawer)
-    written, removed = stage.final(written), stage.removed
+    written = stage.final(written)
     if args.json:
         print(dumps_json(json_summary(result, out), indent=2))
     else:
         print(format_summary(result))
-        print_written(written, out, removed)
+        print_written(written, out, stage)
     sys.stdout.flush()
     return 0

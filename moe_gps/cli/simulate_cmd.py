@@ -206,7 +206,7 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
         if steps is not None:
             from sim.timeline import write_timeline
             written.append(write_timeline(stage.path / "timeline.json", result.timeline, cfg.cluster.num_gpus))
-    written, removed = stage.final(written), stage.removed
+    written = stage.final(written)
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
         print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
@@ -214,6 +214,6 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
                          indent=2))
     else:
         print(summary)
-        print_written(written, out, removed)
+        print_written(written, out, stage)
     sys.stdout.flush()
     return 0
