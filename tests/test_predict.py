@@ -432,3 +432,17 @@ def test_keyed_counts_add_counts_every_routing_by_hand():
         with pytest.raises(ValueError, match=r"keys must be in \[0, 1000\)"):
             table.add(np.array([3, bad]), np.zeros((2, 3, 2), dtype=np.int16))
     assert np.array_equal(table.counts, want) and np.array_equal(table.layer_total, total)   # nothing added
+
+
+def test_seeds_beyond_64_bits_work_where_a_64_bit_seed_is_taken(trace):
+    """A seed the command line accepts (any integer >= 0) also seeds torch's generator and the skew
+    variants' hash, which take 64 bits: it is reduced to them, not an overflow."""
+    from moe_gps.recommend.skew import hash_uniform
+
+    idx = np.arange(6)
+    u = hash_uniform(idx, idx % 2, idx % 3, salt=7, seed=10**30)
+    assert u.shape == (6,) and ((u >= 0) & (u < 1)).all()
+    np.testing.assert_array_equal(hash_uniform(idx, idx, idx, 1, 5), hash_uniform(idx, idx, idx, 1, 5 + 2**64 * 3))
+    pytest.importorskip("torch")
+    a = rollout_tokens(make_token_predictor("mlp", iterations=5, seed=2**64 + 1), trace, TRAIN)
+    assert a.min() >= 0 and a.max() < trace.meta.num_experts
