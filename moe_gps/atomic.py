@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from moe_gps.errors import UserError, environment_error
-from moe_gps.outputs import fsync_path, special_kind
+from moe_gps.outputs import arrow_path, fsync_path, special_kind
 from moe_gps.signals import held
 
 
@@ -134,12 +134,12 @@ def write_parquet_atomic(target: str | os.PathLike,
     import pyarrow.parquet as pq
 
     parts = [tables] if isinstance(tables, Mapping) else tables
-    with atomic_path(target) as tmp:
+    with atomic_path(arrow_path(target)) as tmp:
         writer = None
         try:
             for part in parts:
                 table = pa.Table.from_arrays([_arrow_column(v) for v in part.values()], names=list(part))
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer = writer or pq.ParquetWriter(str(tmp), table.schema)
                 writer.write_table(table)
         finally:
             if writer is not None:

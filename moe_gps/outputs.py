@@ -41,6 +41,19 @@ LOCK_NAME = ".moe-gps.lock"
 STAGE_PREFIX = ".moe-gps-staging-"
 
 
+def arrow_path(path: str | os.PathLike) -> str:
+    """``path`` as pyarrow opens files by name: a UTF-8 string. A name that is not valid UTF-8 (bytes
+    Python keeps as surrogates) is a UserError, not pyarrow's traceback."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise UserError(f"{shown}: the file name is not valid UTF-8, which Parquet files (pyarrow) need; "
+                        "rename the file or choose another name") from None
+    return name
+
+
 def special_kind(mode: int) -> str | None:
     """'a FIFO', 'a character device', ... for a non-regular, non-folder file mode; None otherwise."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -227,7 +240,7 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                             f"{' '.join([_program()] + sys.argv[1:])}\n".encode())
+                             f"{' '.join([_program()] + sys.argv[1:])}\n".encode("utf-8", "surrogateescape"))
             except OSError as err:
                 raise UserError(f"{where}: cannot write in the folder ({err.strerror})") from None
         yield p

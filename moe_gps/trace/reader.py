@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from moe_gps.errors import UserError
 from moe_gps.files import input_file
+from moe_gps.outputs import arrow_path
 from moe_gps.trace.data import CountsTrace, StepRouting, StepStore, TokensTrace
 from moe_gps.trace.meta import META_KEY, TOKENS_OPTIONAL_COLUMNS, TraceMeta
 from moe_gps.trace.sniff import import_hint
@@ -40,7 +41,7 @@ def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, TraceMeta, str]:
     if magic != b"PAR1":
         raise UserError(f"{where}: not a Parquet file; {import_hint(p)}")
     try:
-        pf = pq.ParquetFile(p, pre_buffer=False)  # read column pages as needed: less memory per chunk
+        pf = pq.ParquetFile(arrow_path(p), pre_buffer=False)  # read column pages as needed: less memory per chunk
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"{where}: not a Parquet file ({str(err).splitlines()[0]})") from None
     kv = pf.schema_arrow.metadata or {}

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_gps.atomic import atomic_path
+from moe_gps.outputs import arrow_path
 from moe_gps.trace.data import OPTIONAL_TOKEN_FIELDS, CountsTrace, StepRouting, TokensTrace
 from moe_gps.trace.meta import (
     COUNTS_COLUMNS,
@@ -45,9 +46,9 @@ class _ParquetOut:
     def __init__(self, path: str | os.PathLike, schema: pa.Schema):
         self.schema = schema
         self._stack = contextlib.ExitStack()
-        self._tmp = self._stack.enter_context(atomic_path(path))
+        self._tmp = self._stack.enter_context(atomic_path(arrow_path(path)))
         try:
-            self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+            self._writer = pq.ParquetWriter(str(self._tmp), schema, compression="zstd")
         except BaseException as err:
             self._stack.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
             raise
