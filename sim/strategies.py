@@ -870,8 +870,8 @@ def default_strategy_names(trace: TokensTrace | CountsTrace) -> tuple[list[str],
             notes.append(f"token:{n} left out: it needs the trace's {', '.join(missing)} column")
             continue
         if n in SLOW_BY_DEFAULT:
-            notes.append(f"token:{n} left out of the default set ({SLOW_BY_DEFAULT[n]}); ask for it with "
-                         f"--strategies ... token:{n}")
+            notes.append(f"token:{n} left out of the default set ({SLOW_BY_DEFAULT[n]}); name it among the "
+                         f"strategies to run it (simulate's --strategies, a sweep file's strategies)")
             continue
         names.append(f"token:{n}")
     names.append("oracle")
