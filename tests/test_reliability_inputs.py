@@ -192,3 +192,17 @@ def test_a_parquet_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys, monk
                            "-o", "out", "--cluster", os.fsdecode(b"c\xff.yaml")], capture_output=True)
     assert done.returncode == 2 and done.stderr.splitlines() == [b"moe-gps: error: c\\udcff.yaml: no such file"]
     assert sorted(os.listdir(tmp_path)) == sorted(["ok.parquet", name])          # nothing half-written
+
+
+def test_a_prompt_or_context_beyond_any_model_is_one_line(tmp_path, capsys):
+    """seq_len is bounded (100M tokens): a prompt of 10^13 tokens once ran to hours a layer and a
+    report of them; from the flag, a workload file and a sweep's workloads it is one line."""
+    trace = tmp_path / "t.parquet"
+    write_trace(trace, synthesize("sst2", num_steps=16, tokens_per_step=64, seed=0))
+    (tmp_path / "w.yaml").write_text("phase: prefill\nseq_len: 1000000000000\n")
+    base = ["simulate", str(trace), "--no-plots", "--strategies", "none", "-o", str(tmp_path / "o")]
+    one_line(capsys, main(base + ["--seq-len", "10000000000000"]), "--seq-len must be in [1, 100000000]")
+    one_line(capsys, main(base + ["--workload", str(tmp_path / "w.yaml")]), "w.yaml: seq_len", "<= 1e+08")
+    with pytest.raises(UserError, match=r"workloads\[0\]\.seq_len"):
+        parse_sweep({"workloads": [{"phase": "prefill", "tokens_per_step": 64, "seq_len": 10**13}]}, "s.yaml")
+    assert not (tmp_path / "o").exists()

@@ -144,8 +144,10 @@ def workload_from_args(args: argparse.Namespace, workload):
     if args.phase:
         workload = replace(workload, phase=args.phase)
     if args.seq_len is not None:
-        if args.seq_len < 1:
-            raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
+        from moe_gps.config.schema import MAX_SEQ_LEN
+
+        if not 1 <= args.seq_len <= MAX_SEQ_LEN:
+            raise UserError(f"--seq-len must be in [1, {MAX_SEQ_LEN}] tokens, got {args.seq_len}")
         workload = replace(workload, seq_len=args.seq_len)
     if args.tokens_per_step is not None:
         if args.tokens_per_step < 1:

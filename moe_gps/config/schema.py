@@ -242,6 +242,10 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------- workload
 
+#: the longest prompt or context a workload may name (far beyond any model's context window)
+MAX_SEQ_LEN = 100_000_000
+
+
 @dataclass
 class WorkloadConfig:
     """What is being served."""
@@ -249,7 +253,7 @@ class WorkloadConfig:
     phase: str = spec("prefill (whole prompts) or decode (one new token per sequence)",
                       choices=("prefill", "decode"), default="prefill")
     seq_len: int = spec("prefill: prompt length; decode: context (KV) length", unit="tokens", ge=1,
-                        default=512)
+                        le=MAX_SEQ_LEN, default=512)
     tokens_per_step: int | None = spec(
         "tokens per forward pass over all GPUs; absent: as in the trace. When set, the trace's tokens are "
         "regrouped into steps of tokens_per_step where that leaves at least 12 steps, else each step's expert "
