@@ -393,6 +393,8 @@ def test_vllm_synthetic_round_trip_with_weights(tmp_path):
     ("dup", r"v.jsonl:4: 'topk_ids' row 1 chooses expert 3 twice"),
     ("ragged", r"v.jsonl:2: 'topk_ids' rows have different lengths"),
     ("float", r"v.jsonl:1: 'topk_ids' must hold integer expert ids, found float64 values"),
+    ("bool", r"v.jsonl:2: 'topk_ids' holds true/false where expert ids go"),
+    ("k0", r"v.jsonl:1: 'topk_ids' has empty rows; every token needs its k >= 1 expert ids"),
 ])
 def test_vllm_malformed_lines(tmp_path, case, message):
     calls = passes_of([3, 4], layers=3)
@@ -403,6 +405,8 @@ def test_vllm_malformed_lines(tmp_path, case, message):
         "dup": {3: json.dumps({"topk_ids": [[0, 1], [3, 3], [4, 5], [1, 2]]})},
         "ragged": {1: json.dumps({"topk_ids": [[0, 1], [2], [3, 4]]})},
         "float": {0: json.dumps({"topk_ids": [[0.5, 1], [2, 3], [3, 4]]})},
+        "bool": {1: json.dumps({"topk_ids": [[True, 2], [1, 2], [3, 4]]})},
+        "k0": {0: json.dumps({"topk_ids": [[], [], []]})},
     }[case]
     src = write_jsonl(tmp_path / "v.jsonl", calls, edits)
     with pytest.raises(UserError, match=message):

@@ -102,6 +102,11 @@ def read_layer_calls(path: Path) -> LayerCalls:
                 if arr.ndim != 2:
                     raise UserError(f"{where}: 'topk_ids' must be a list of T lists of k expert ids, "
                                     f"got an array of shape {list(arr.shape)}")
+                if arr.shape[1] == 0:
+                    raise UserError(f"{where}: 'topk_ids' has empty rows; every token needs its k >= 1 expert ids")
+                # numpy reads true/false as 1/0: look for them where the line could hold them
+                if (b"true" in raw or b"false" in raw) and any(type(x) is bool for row in raw_ids for x in row):
+                    raise UserError(f"{where}: 'topk_ids' holds true/false where expert ids go")
                 if arr.dtype.kind not in "iu":
                     raise UserError(f"{where}: 'topk_ids' must hold integer expert ids, found {arr.dtype} values")
                 if (np.abs(arr) > np.iinfo(np.int32).max).any():
