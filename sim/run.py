@@ -219,8 +219,9 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     test_steps = np.arange(train, trace.num_steps)
     if timeline_steps is not None and not train <= timeline_steps.start < timeline_steps.stop <= trace.num_steps:
         a, b = timeline_steps.start, timeline_steps.stop - 1
-        asked = f"timeline step {a} is" if a == b else f"timeline steps {a}..{b} are"
-        raise UserError(f"{asked} not among the simulated steps, {train}..{trace.num_steps - 1}"
+        asked = (f"timeline step {a} is" if a == b else f"timeline steps {a}..{b} are") + \
+            (" not all" if a != b and a < trace.num_steps and b >= train else " not")
+        raise UserError(f"{asked} among the simulated steps, {train}..{trace.num_steps - 1}"
                         + (f" ({regrouped})" if regrouped else ""))
     hw = Hardware.from_config(cluster, model)
 

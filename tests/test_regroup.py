@@ -136,6 +136,8 @@ def test_timeline_steps_are_those_of_the_regrouped_trace(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "timeline step 40 is not among the simulated steps, 4..15 (regrouped" in err and err.count("\n") == 1
     assert not (tmp_path / "no").exists()
+    assert main([*common, "--timeline", "15:20", "-o", str(tmp_path / "no")]) == 2    # runs past the last
+    assert "timeline steps 15..19 are not all among the simulated steps, 4..15" in capsys.readouterr().err
 
 
 def test_rechunk_says_why_a_counts_trace_cannot_regroup_and_keeps_every_regrouping(trace, tmp_path):
