@@ -124,7 +124,7 @@ def breakdown(work: StepWork, marks: np.ndarray) -> tuple[np.ndarray, dict[str, 
     f, c = row_max(work.ffn), row_max(work.combine)
     total = marks[:, -1] - marks[:, 0]
     copy = total - (pred + attn + d + x + f + c)
-    copy = np.where(np.abs(copy) < 1e-12, 0.0, copy)
+    copy = np.where(np.abs(copy) < 1e-12 * np.maximum(1.0, total), 0.0, copy)     # rounding, also of long layers
     d_skew, x_skew, c_skew = work.skew.T if work.skew is not None else np.zeros((3, len(total)))
     return total, {"predictor": pred, "attention": attn, "copy": copy, "dispatch": d - d_skew,
                    "correction": x - x_skew, "ffn": f, "combine": c - c_skew, "sync": d_skew + x_skew + c_skew}
