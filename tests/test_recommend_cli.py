@@ -193,3 +193,14 @@ def test_workloads_that_differ_only_in_prompt_length_are_two_points(files, capsy
 
     labels = set(pd.read_csv(out / "runs.csv")["workload"])
     assert {"prefill 1024, prompt 2048", "prefill 1024", "prefill 1024, prompt 8192"} <= labels
+
+
+def test_a_file_where_the_cache_folder_goes_is_one_line(files, capsys):
+    out = files / "cachefile"
+    out.mkdir()
+    (out / "cache").write_text("mine")
+    code = main(["recommend", str(files / "t.parquet"), "--model", str(files / "model.yaml"), "--sweep",
+                 str(files / "sweep.yaml"), "-o", str(out), "-j", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "a file where the sweep keeps its cache folder" in err
+    assert (out / "cache").read_text() == "mine"

@@ -61,7 +61,7 @@ def _trim(trace, sweep: SweepConfig, notes: list[str]):
     train, sim = sweep.train_steps, sweep.sim_steps
     if n < train + 1:
         raise UserError(f"the trace has {n} steps; train_steps={train} leaves none to simulate "
-                        f"(set train_steps below {n} in the sweep file)")
+                        f"(set train_steps below {n} in a sweep file, given with --sweep)")
     if n < train + sim:
         notes.append(f"the trace has {n} steps: {n - train} simulated per run instead of sim_steps={sim}")
         sim = n - train

@@ -255,6 +255,8 @@ class Runner:
         self.backend, self.address = backend, address
         self.cache = None if out_dir is None else Path(out_dir) / "cache"
         if self.cache is not None:
+            if self.cache.exists() and not self.cache.is_dir():
+                raise UserError(f"{self.cache}: a file where the sweep keeps its cache folder; move it")
             self.cache.mkdir(parents=True, exist_ok=True)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.pool = None
