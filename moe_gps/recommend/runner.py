@@ -224,6 +224,7 @@ def _stop_local(pool, stop) -> None:
             proc.kill()
         joiner.join(5.0)
 
+
 def _kill_local(pool) -> None:
     """End a local pool at once. Its workers ignore SIGTERM (:func:`_init_worker`), which is what
     ``Pool.terminate`` sends them before it waits for them, so they are killed, and so is any worker
