@@ -94,7 +94,7 @@ def test_simulate_config_file_takes_the_workload_overrides(files, tmp_path):
 
 @pytest.mark.parametrize("command", ["simulate", "recommend"])
 @pytest.mark.parametrize("flag, message", [
-    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be in [1, 100000000] tokens, got 0"),
     (["--tokens-per-step", "-3"], "--tokens-per-step must be >= 1, got -3"),
 ])
 def test_bad_workload_flags_are_one_line_exit_2(files, capsys, command, flag, message):

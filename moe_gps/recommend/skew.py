@@ -60,7 +60,8 @@ def hash_uniform(ident: np.ndarray, layer: np.ndarray, expert: np.ndarray, salt:
     ident, layer, expert: int arrays of one shape -> float64 of that shape.
     """
     with np.errstate(over="ignore"):
-        key = _mix(np.asarray(ident, dtype=np.uint64) ^ _mix(np.uint64((seed * 1_000_003 + salt) % 2**64) + np.zeros(1, np.uint64)))
+        base = np.uint64((seed * 1_000_003 + salt) % 2**64)       # any seed >= 0, reduced to 64 bits
+        key = _mix(np.asarray(ident, dtype=np.uint64) ^ _mix(base + np.zeros(1, np.uint64)))
         key = _mix(key ^ (np.asarray(layer, dtype=np.uint64) << np.uint64(20)) ^ np.asarray(expert, dtype=np.uint64))
     return (key >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
