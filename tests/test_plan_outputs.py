@@ -116,3 +116,17 @@ def test_plan_still_writes_every_output_to_its_own_file(trace, tmp_path, capsys)
                  "-o", "p.yaml"]) == 0
     assert all((tmp_path / f).is_file() for f in ("p.yaml", "v.json", "a.json"))
     assert "wrote p.yaml, v.json (vllm), a.json (vllm-ascend)" in capsys.readouterr().out
+
+
+def test_plan_yaml_records_the_traces_contents_and_the_version(trace, capsys):
+    """Like every other output, plan.yaml names the trace's sha256 and the moe-gps version, not only its path."""
+    import hashlib
+
+    import yaml
+
+    from moe_gps import __version__
+
+    assert main(["plan", str(trace), "--gpus", "2", "--redundant", "2", "-o", "plan.yaml"]) == 0
+    meta = yaml.safe_load(Path("plan.yaml").read_text())["meta"]
+    assert meta["trace_sha256"] == hashlib.sha256(trace.read_bytes()).hexdigest()
+    assert meta["moe_gps_version"] == __version__

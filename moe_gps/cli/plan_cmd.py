@@ -238,8 +238,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     m = placement_metrics(plan, loads, previous, expert_bytes)
     m0 = placement_metrics(static, loads, previous, expert_bytes)
     meta = trace.meta
+    from moe_gps import __version__
+    from moe_gps.provenance import file_sha256
+
     plan.meta.update({
-        "trace": str(args.trace), "model": meta.model, "dataset": meta.dataset, "trace_source": meta.source,
+        "trace": str(args.trace), "trace_sha256": file_sha256(args.trace), "moe_gps_version": __version__,
+        "model": meta.model, "dataset": meta.dataset, "trace_source": meta.source,
         "steps": args.steps, "num_steps_used": len(steps), "tokens_per_layer": float(loads.sum(axis=1).mean()),
         "previous": args.previous, "command": "moe-gps " + " ".join(sys.argv[1:]),
         "predicted": {k: v for k, v in m.summary().items() if v is not None},
