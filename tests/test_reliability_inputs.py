@@ -206,3 +206,14 @@ def test_a_prompt_or_context_beyond_any_model_is_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match=r"workloads\[0\]\.seq_len"):
         parse_sweep({"workloads": [{"phase": "prefill", "tokens_per_step": 64, "seq_len": 10**13}]}, "s.yaml")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_config_whose_train_steps_leave_nothing_to_simulate_names_the_file(tmp_path, capsys):
+    trace = tmp_path / "t.parquet"
+    write_trace(trace, synthesize("sst2", num_steps=16, tokens_per_step=64, seed=0))
+    assert main(["simulate", str(trace), "--no-plots", "--strategies", "none", "-o", str(tmp_path / "a")]) == 0
+    cfg = tmp_path / "a" / "config.yaml"
+    cfg.write_text(re.sub(r"(?m)^train_steps: .*$", "train_steps: 100", cfg.read_text()))
+    capsys.readouterr()
+    one_line(capsys, main(["simulate", str(trace), "--no-plots", "--config", str(cfg), "-o", str(tmp_path / "b")]),
+             f"{cfg}: train_steps 100 leaves no step to simulate", "use at most 15")

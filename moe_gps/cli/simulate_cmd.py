@@ -80,9 +80,10 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, windo
                         "the distribution and token strategies with --assumptions paper, the oracle keeping 1)")
 
 
-def check_train_steps(n: int, trace, tokens_per_step: int | None) -> None:
+def check_train_steps(n: int, trace, tokens_per_step: int | None, name: str = "--train-steps") -> None:
     """``--train-steps n`` leaves a step to simulate, in the steps the simulation has (the trace's, or those
-    ``--tokens-per-step`` regroups it into); else a UserError naming the flag."""
+    ``--tokens-per-step`` regroups it into); else a UserError naming the flag (or ``name``: where else
+    train_steps was given)."""
     from moe_gps.trace.regroup import regrouped_steps, regroups
 
     if n < 1:
@@ -91,7 +92,7 @@ def check_train_steps(n: int, trace, tokens_per_step: int | None) -> None:
     if tokens_per_step is not None and regroups(trace, tokens_per_step, n):
         steps = regrouped_steps(trace, tokens_per_step)
     if n >= steps:
-        raise UserError(f"--train-steps {n} leaves no step to simulate: the trace has {steps} steps"
+        raise UserError(f"{name} {n} leaves no step to simulate: the trace has {steps} steps"
                         + (f" (as --tokens-per-step {tokens_per_step} gives them)" if tokens_per_step else "")
                         + f"; use at most {steps - 1}")
 
@@ -113,6 +114,8 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
             raise UserError(f"--config already holds the whole config; drop --{flags[0].replace('_', '-')}")
         cfg = load_simulate_config(args.config)
         cfg = replace(cfg, workload=workload_from_args(args, cfg.workload))
+        if cfg.train_steps is not None:
+            check_train_steps(cfg.train_steps, trace, cfg.workload.tokens_per_step, f"{args.config}: train_steps")
         if cfg.trace and not same_file(cfg.trace, args.trace):
             notes.append(f"{args.config} was written for the trace {cfg.trace}; this run simulates {args.trace}")
     else:
