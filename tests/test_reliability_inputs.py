@@ -217,3 +217,16 @@ def test_a_config_whose_train_steps_leave_nothing_to_simulate_names_the_file(tmp
     capsys.readouterr()
     one_line(capsys, main(["simulate", str(trace), "--no-plots", "--config", str(cfg), "-o", str(tmp_path / "b")]),
              f"{cfg}: train_steps 100 leaves no step to simulate", "use at most 15")
+
+
+def test_a_model_file_that_does_not_match_the_trace_is_named(tmp_path, capsys):
+    from pathlib import Path
+
+    import moe_gps.config as config
+
+    trace = tmp_path / "t.parquet"
+    write_trace(trace, synthesize("sst2", num_steps=16, tokens_per_step=64, seed=0))
+    preset = Path(config.__file__).parent / "presets" / "models" / "mixtral-8x7b.yaml"
+    (tmp_path / "m16.yaml").write_text(preset.read_text().replace("num_experts: 8", "num_experts: 16"))
+    one_line(capsys, main(["simulate", str(trace), "--no-plots", "--model", str(tmp_path / "m16.yaml"),
+                           "-o", str(tmp_path / "o")]), f"(--model {tmp_path / 'm16.yaml'}): num_experts=16")

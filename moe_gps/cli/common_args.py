@@ -124,11 +124,17 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace, trace):
-    """The ModelConfig of --model, or else the preset the trace's metadata names."""
-    from moe_gps.config import infer_model, load_model
+    """The ModelConfig of --model (checked against ``trace`` where one is given), or else the preset the
+    trace's metadata names."""
+    from moe_gps.config import check_model_matches_trace, infer_model, load_model
 
     if args.model:
-        return load_model(args.model)
+        model = load_model(args.model)
+        if trace is not None:
+            m = trace.meta
+            check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, str(args.trace),
+                                      f"--model {args.model}")
+        return model
     m = trace.meta
     model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
     if model is None:

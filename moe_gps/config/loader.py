@@ -360,9 +360,12 @@ def check_combination(cluster: ClusterConfig, model: ModelConfig, workload: Work
 
 
 def check_model_matches_trace(model: ModelConfig, num_layers: int, num_experts: int, top_k: int,
-                              trace_name: str) -> None:
+                              trace_name: str, source: str | None = None) -> None:
+    """UserError unless the model's layers, experts and top-k are the trace's; ``source``: the file or
+    preset the model came from, named in the message."""
     for field_name, want in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
         have = getattr(model, field_name)
         if have != want:
-            raise UserError(f"model {model.name}: {field_name}={have} but trace {trace_name} has "
+            named = f"model {model.name}" + (f" ({source})" if source else "")
+            raise UserError(f"{named}: {field_name}={have} but trace {trace_name} has "
                             f"{field_name}={want}; give a model that matches the trace (--model FILE)")
