@@ -312,6 +312,15 @@ class Staged:
         return [self.out / Path(p).relative_to(self.path) for p in paths]
 
 
+def _name_the_output(err: BaseException, stage: Path, out: Path) -> None:
+    """An error about a file being written into the staging folder names the file it was to become in
+    ``out`` (a full disk, say), not the hidden folder."""
+    if isinstance(err, OSError) and isinstance(err.filename, str):
+        err.filename = err.filename.replace(str(stage), str(out))
+    elif isinstance(err, UserError) and err.args and isinstance(err.args[0], str):
+        err.args = (err.args[0].replace(str(stage), str(out)), *err.args[1:])
+
+
 def _manifest(out: Path) -> set[str]:
     """The files :data:`MANIFEST` in ``out`` records (none where it is missing or unreadable)."""
     try:
@@ -342,9 +351,10 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
     try:
         try:
             yield stage
-        except BaseException:
+        except BaseException as err:
             if stop is not None:
                 stop()
+            _name_the_output(err, stage.path, out)
             raise
         earlier = _manifest(out)
         made = {f.relative_to(stage.path).as_posix() for f in stage.path.rglob("*") if f.is_file()}

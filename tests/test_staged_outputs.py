@@ -142,3 +142,22 @@ def test_the_moves_are_flushed_to_disk(tmp_path, monkeypatch):
         (stage.path / "a.csv").write_text("a\n")
     assert sorted(synced) == [(out, True, True), (out / "plots", True, True)]
     assert (out / "a.csv").exists() and (out / "plots" / "x.png").exists()
+
+
+def test_an_error_writing_a_staged_file_names_the_file_in_the_output_folder(tmp_path):
+    """A full disk while writing summary.csv aside says out/summary.csv, not the hidden staging folder."""
+    import errno
+
+    from moe_gps.errors import UserError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError) as user:
+        with staged_outputs(out) as stage:
+            raise UserError(f"{stage.path / 'summary.csv'}: cannot write (No space left on device)")
+    assert str(user.value) == f"{out / 'summary.csv'}: cannot write (No space left on device)"
+    with pytest.raises(OSError) as system:
+        with staged_outputs(out) as stage:
+            raise OSError(errno.ENOSPC, "No space left on device", str(stage.path / "plots" / "a.png"))
+    assert system.value.filename == str(out / "plots" / "a.png")
+    assert STAGE_PREFIX not in str(system.value)
