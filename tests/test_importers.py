@@ -485,6 +485,7 @@ def test_gate_csv_layer_ids_from_column_and_shuffled_rows(tmp_path):
     ("k", r"a.csv: line 4: 3 non-zero gate scores but line 2 has 2"),
     ("negative", r"a.csv: line 3, column 'expert_1': negative gate score -0.5"),
     ("text", r"a.csv: line 3, column 'expert_2': 'abc' is not a number"),
+    ("nan", r"a.csv: line 3, column 'expert_2': empty or NaN cell"),
     ("empty", r"a.csv: empty file"),
     ("token", r"b.csv: its token_id values differ from those of .*a.csv"),
     ("layers", r"cannot tell the layers apart: the layer_id columns hold \[0\]"),
@@ -509,6 +510,11 @@ def test_gate_csv_errors(tmp_path, case, message):
     elif case == "text":
         fields = text[2].split(",")
         fields[4] = "abc"
+        text[2] = ",".join(fields)
+        a.write_text("\n".join(text))
+    elif case == "nan":
+        fields = text[2].split(",")
+        fields[4] = "nan"
         text[2] = ",".join(fields)
         a.write_text("\n".join(text))
     elif case == "empty":

@@ -93,7 +93,7 @@ def read_layer_scores(path: Path) -> LayerScores:
     if bad.any():
         r, c = np.unravel_index(int(np.argmax(bad)), bad.shape)
         what = "an integer id" if c < 2 else "a finite gate score"
-        problem = "empty cell" if np.isnan(values[r, c]) else f"{values[r, c]} is not {what}"
+        problem = "empty or NaN cell" if np.isnan(values[r, c]) else f"{values[r, c]} is not {what}"
         raise UserError(f"{path}: line {r + 2}, column {cols[c]!r}: {problem}")
     ids = values[:, :2].astype(np.int64)
     scores = values[:, 2:]
