@@ -324,7 +324,10 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
         if bar is not None:
             bar.set_postfix_str(f"fit {st.name}")
         t0 = time.perf_counter()
-        st.prepare(trace, train, sh["counts"])
+        try:
+            st.prepare(trace, train, sh["counts"])
+        except UserError as err:            # a predictor's or planner's option: say whose
+            raise UserError(f"strategies[{index[k]}] ({st.name}): {err}") from None
         seconds[k]["prepare"] = time.perf_counter() - t0
         tick(1)
 

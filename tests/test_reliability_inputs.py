@@ -230,3 +230,11 @@ def test_a_model_file_that_does_not_match_the_trace_is_named(tmp_path, capsys):
     (tmp_path / "m16.yaml").write_text(preset.read_text().replace("num_experts: 8", "num_experts: 16"))
     one_line(capsys, main(["simulate", str(trace), "--no-plots", "--model", str(tmp_path / "m16.yaml"),
                            "-o", str(tmp_path / "o")]), f"(--model {tmp_path / 'm16.yaml'}): num_experts=16")
+
+
+def test_a_bad_predictor_option_names_its_strategy(tmp_path, capsys):
+    trace = tmp_path / "t.parquet"
+    write_trace(trace, synthesize("sst2", num_steps=16, tokens_per_step=64, seed=0))
+    one_line(capsys, main(["simulate", str(trace), "--no-plots", "--strategies", "none,dist:ema(alpha=5)",
+                           "-o", str(tmp_path / "o")]),
+             "strategies[1] (dist:ema(alpha=5)): ema: alpha must be in (0, 1], got 5")
