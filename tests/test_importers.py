@@ -559,6 +559,8 @@ def test_popularity_needs_top_k(tmp_path):
     (tmp_path / "p.json").write_text('{"expert_popularity": [[1, 1]]}')
     with pytest.raises(UserError, match="popularity-json needs --top-k"):
         import_popularity_json([tmp_path / "p.json"], top_k=None)
+    with pytest.raises(UserError, match=r"--top-k 4 exceeds the 2 experts of .*p.json"):
+        import_popularity_json([tmp_path / "p.json"], top_k=4)
 
 
 # --------------------------------------------------------------------------- the command

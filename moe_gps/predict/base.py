@@ -288,8 +288,9 @@ def default_train_steps(num_steps: int) -> int:
     """Half the steps (at least 1), leaving at least one step to test."""
     if num_steps < 2:
         raise UserError(f"a trace needs at least 2 steps to evaluate predictors (1 to fit, 1 to test); "
-                        f"this one has {num_steps}: regroup its tokens into several steps with "
-                        f"--tokens-per-step N (or `moe-gps trace rechunk TRACE --tokens-per-step N -o OUT`)")
+                        f"this one has {num_steps} (after any --tokens-per-step): regroup its tokens into "
+                        f"several steps with a smaller --tokens-per-step N (or `moe-gps trace rechunk TRACE "
+                        f"--tokens-per-step N -o OUT`)")
     return max(1, num_steps // 2)
 
 

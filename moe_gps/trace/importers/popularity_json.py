@@ -87,6 +87,8 @@ def import_popularity_json(sources: Sequence[str | os.PathLike], *, top_k: int, 
     arrays, totals, summary = [], {}, []
     for p in paths:
         counts, total = read_popularity(p)
+        if top_k > counts.shape[1]:
+            raise UserError(f"--top-k {top_k} exceeds the {counts.shape[1]} experts of {p}")
         if arrays and counts.shape != arrays[0].shape:
             raise UserError(f"{p}: {counts.shape[0]} layers x {counts.shape[1]} experts but {paths[0]} has "
                             f"{arrays[0].shape[0]} x {arrays[0].shape[1]}")
