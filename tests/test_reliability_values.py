@@ -67,7 +67,7 @@ def test_sweep_gpu_counts_that_do_not_fill_nodes_are_refused_before_anything_is_
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**TINY, "num_gpus": [12], "strategies": ["none"]}))
     code = main(["recommend", BUNDLED, "--cluster", "2x8xH100-ib", "--sweep", str(tmp_path / "s.yaml"),
                  "-o", str(tmp_path / "r"), "-j", "1"])
-    assert "num_gpus[0]: 12 GPUs do not fill whole nodes of 8" in one_line(capsys, code)
+    assert f"{tmp_path / 's.yaml'}: num_gpus[0]: 12 GPUs do not fill whole nodes of 8" in one_line(capsys, code)
     assert not (tmp_path / "r").exists()
 
 
