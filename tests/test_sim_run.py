@@ -502,3 +502,18 @@ def test_token_strategies_resplit_steps_ahead_to_the_same_bits_on_the_bundled_tr
     one = simulate(bundled, cfg, progress=False)
     a, b = ahead.strategies[0], one.strategies[0]
     assert np.array_equal(a.layer_time, b.layer_time) and np.array_equal(a.gpu_skew, b.gpu_skew)
+
+
+def test_a_cluster_whose_traffic_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch):
+    """Thousands of GPUs: the step's GPU-to-GPU traffic arrays grow as L x G^2; refused up front with the
+    memory they need, not left to the out-of-memory killer."""
+    import moe_gps.trace.synth as synth
+    from sim.run import TRAFFIC_ARRAYS, check_traffic_memory
+
+    monkeypatch.setattr(synth, "available_memory", lambda: 2**30)
+    check_traffic_memory(64, 58, 2, "c")                                   # DeepSeek-V3 on 64 GPUs: 7 MB
+    need = TRAFFIC_ARRAYS * 8 * 32 * 4096 ** 2 * 2 / 2**30
+    with pytest.raises(UserError, match=rf"cluster c: 4096 GPUs need about {need:.1f} GiB .* 1.0 GiB available"):
+        check_traffic_memory(4096, 32, 2, "c")
+    monkeypatch.setattr(synth, "available_memory", lambda: None)          # unknown: no check
+    check_traffic_memory(4096, 32, 2, "c")
