@@ -116,6 +116,15 @@ def test_parse_steps():
     assert parse_steps("-1", 5) == [4]
     with pytest.raises(UserError, match="selects no step"):
         parse_steps("3:3", 5)
+    cut: list[str] = []
+    assert parse_steps("0:100,1:3", 5, cut=cut) == [0, 1, 2, 3, 4] and cut == ["0:100"]    # said in a note
+
+
+def test_plan_says_when_a_step_range_runs_past_the_trace(counts_trace, tmp_path, capsys):
+    path, _ = counts_trace
+    assert main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--steps", "0:100",
+                 "-o", str(tmp_path / "p.yaml")]) == 0
+    assert "--steps 0:100 runs past the trace's" in capsys.readouterr().err
 
 
 def test_plan_bad_export_flags_write_nothing(counts_trace, tmp_path, capsys):

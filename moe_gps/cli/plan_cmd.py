@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS, help=ALGORITHM_HELP + " (default: eplb)")
     p.add_argument("--steps", default="all",
                    help="steps whose loads are summed: 'all', 'A:B' (half-open, like Python), or a comma list "
-                        "such as '0,4,8' or '0:16,32:48'; a step named twice counts once, with a note (default: all)")
+                        "such as '0,4,8' or '0:16,32:48'; a step named twice counts once, and a range past the "
+                        "last step is cut to it, each with a note (default: all)")
     p.add_argument("--nodes", type=int, default=1,
                    help="eplb: nodes; more than 1 runs DeepSeek's hierarchical variant (expert groups packed onto "
                         "nodes, then replicas placed within each node), which needs --groups a multiple of --nodes "
@@ -76,9 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def parse_steps(spec: str, num_steps: int, repeated: list[int] | None = None) -> list[int]:
+def parse_steps(spec: str, num_steps: int, repeated: list[int] | None = None,
+                cut: list[str] | None = None) -> list[int]:
     """'all' | 'A:B' | 'a,b,c' | mixes such as '0:4,9' -> sorted unique step indices. A step named more than
-    once (also by overlapping pieces) counts once; ``repeated``, when given, receives those steps."""
+    once (also by overlapping pieces) counts once; ``repeated``, when given, receives those steps, and
+    ``cut`` the 'A:B' pieces that run past the trace's last step (cut to it, as Python slices are)."""
     spec = spec.strip()
     if spec in ("all", ""):
         return list(range(num_steps))
@@ -92,6 +95,8 @@ def parse_steps(spec: str, num_steps: int, repeated: list[int] | None = None) ->
                 picked = list(range(num_steps)[sl])
                 if len(picked) == 0:
                     raise UserError(f"--steps: '{part}' selects no step (the trace has {num_steps} steps)")
+                if cut is not None and sl.stop is not None and sl.stop > num_steps:
+                    cut.append(part)
             else:
                 s = int(part)
                 if not -num_steps <= s < num_steps:
@@ -205,7 +210,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_plan_shape(args, trace.meta.num_experts)
     counts = trace.counts()                                   # [steps, layers, experts]
     repeated: list[int] = []
-    steps = parse_steps(args.steps, counts.shape[0], repeated)
+    cut: list[str] = []
+    steps = parse_steps(args.steps, counts.shape[0], repeated, cut)
+    if cut:
+        print(f"moe-gps: note: --steps {', '.join(cut)} runs past the trace's {counts.shape[0]} steps; "
+              f"its steps up to {counts.shape[0] - 1} are used", file=sys.stderr)
     if repeated:
         print(f"moe-gps: note: --steps names step{'s' if len(repeated) > 1 else ''} {format_indices(repeated)} more "
               "than once; the loads of every step are summed once", file=sys.stderr)
