@@ -90,12 +90,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         sweep = replace(sweep, assumptions=args.assumptions)
     trace = load_trace(args.trace)
     cluster, model, workload, phase_note = deployment_from_args(args, trace)
-    from moe_gps.recommend.plan import check_gpu_counts
-
-    check_gpu_counts(sweep, cluster, args.sweep or "the built-in sweep")      # named here, where the file is known
     try:
         result = recommend(trace, cluster, model, workload, sweep, out_dir=out, jobs=jobs, trace_name=str(args.trace),
-                           backend=args.backend, address=args.address)
+                           backend=args.backend, address=args.address, sweep_name=args.sweep or "the built-in sweep")
         if phase_note:
             result.notes.insert(0, phase_note)
     except KeyboardInterrupt as err:

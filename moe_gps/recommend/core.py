@@ -149,11 +149,12 @@ def _skews(runner: Runner, trace, sweep: SweepConfig, notes: list[str]) -> dict[
 
 def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: WorkloadConfig, sweep: SweepConfig,
               out_dir=None, jobs: int = 1, progress: bool | None = None, trace_name: str = "trace",
-              backend: str = "local", address: str | None = None) -> Recommendation:
+              backend: str = "local", address: str | None = None, sweep_name: str = "sweep") -> Recommendation:
     """Run the sweep (cached under ``out_dir``/cache when given) and analyse it.
 
     ``backend`` "local" runs ``jobs`` processes here; "ray" runs Ray tasks on the cluster at
-    ``address``, or on a local one of ``jobs`` CPUs started for the sweep.
+    ``address``, or on a local one of ``jobs`` CPUs started for the sweep. ``sweep_name``: where the
+    sweep came from (its file), as its errors name it.
     """
     t_start = time.perf_counter()
     notes: list[str] = []
@@ -170,13 +171,13 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     peak = float(workload.tokens_per_step or trace.tokens_per_step.max())
     check_combination(cluster, model, workload, [Candidate("none").config(cluster.num_gpus, m.num_experts)], peak,
                       where=f"cluster {cluster.name}")
-    check_gpu_counts(sweep, cluster)
+    check_gpu_counts(sweep, cluster, sweep_name)
     timings: dict[str, float] = {}
     with Runner(trace, sweep.seed, out_dir, jobs, progress, backend, address) as runner:
         t0 = time.perf_counter()
         skews = _skews(runner, trace, sweep, notes)
         timings["skew_variants_s"] = time.perf_counter() - t0
-        plan = make_plan(sweep, trace, cluster, model, workload, skews)
+        plan = make_plan(sweep, trace, cluster, model, workload, skews, sweep_name)
         scaled_notes, scaled_clauses = scaled_workloads(plan, trace, bool(scaled))
         notes += plan.notes + _regrouping_workloads(plan, trace) + scaled_notes
         t0 = time.perf_counter()
