@@ -362,7 +362,7 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
         ours = sorted(made | {name for name in earlier if name not in stale and (out / name).is_file()})
         (stage.path / MANIFEST).write_text("".join(f"{name}\n" for name in ours if name != MANIFEST),
                                            encoding="utf-8")
-        rels = sorted(f.relative_to(stage.path) for f in stage.path.rglob("*") if f.is_file())
+        rels = sorted(Path(name) for name in made | {MANIFEST})
         for rel in rels:          # checked before any moves: a folder where a file goes, a file where a folder
             if (out / rel).is_dir():
                 raise UserError(f"{out / rel}: a folder where this run writes the file {rel}; move it")

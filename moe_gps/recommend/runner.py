@@ -220,8 +220,7 @@ def _stop_local(pool, stop) -> None:
     joiner.start()
     joiner.join(STOP_GRACE_S)
     if joiner.is_alive():
-        for proc in list(getattr(pool, "_pool", ())):   # multiprocessing keeps its workers there
-            proc.kill()
+        _kill_local(pool)
         joiner.join(5.0)
 
 
