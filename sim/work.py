@@ -226,9 +226,10 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
     [L, E] the expert counts of one mix, in place of ``src_counts`` (None) when ``home_frac`` is given
     and ``predicted_src`` is None.
 
-    Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, the
-    correction's as for GPUs arriving together (they leave the dispatch together), the combine's
-    from the FFN finish times.
+    Collective skew (:func:`sim.cost.collective_skew`): the dispatch's from ``arrival``, and from
+    layer 1 on no more than the previous layer's combine's (the GPUs leave a combine that one of them
+    reached clearly last together); the correction's as for GPUs arriving together (they leave the
+    dispatch together); the combine's from the FFN finish times.
     """
     if counts is not None:
         if home_frac is None or predicted_src is not None:
@@ -290,6 +291,9 @@ def placement_phases(p: Placement, src_counts: np.ndarray | None, predicted_src:
         skew[:, 0] = hw.collective_skew if arrival is None else collective_skew(arrival, hw)
         skew[:, 1] = np.where(correction.max(axis=1) > 0, hw.collective_skew, 0.0)
         skew[:, 2] = collective_skew(ffn, hw)
+        # ranks that all waited in a combine for one last rank leave it together: the next layer's dispatch
+        # keeps no more skew than that combine
+        skew[1:, 0] = np.minimum(skew[1:, 0], skew[:-1, 2])
         dispatch = dispatch + skew[:, :1]
         correction = np.where(correction > 0, correction + skew[:, 1:2], 0.0)
         combine = combine + skew[:, 2:]

@@ -117,7 +117,8 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
             add(f"model_combine/{S}", T, phases[3])
             # the step: every layer's phases + the collective skew of its dispatch and combine
             add(f"model_step/{S}", T, L * (sum(phases) + 2 * hw.collective_skew))
-    # imbalance: rank 0's FFN longer by gap; the combine's skew falls with it as the cluster says
+    # imbalance: rank 0's FFN longer by gap; the combine's skew falls with it as the cluster says, and every
+    # dispatch after the first with it (the ranks leave the combine before it together)
     from sim.cost import collective_skew
     for f in spec["imbalance_fractions"]:
         gap = 4e-3 * f
@@ -129,7 +130,8 @@ def _samples_from(cluster: ClusterConfig, spec: dict, run_cfg, noise: float, see
         for r in range(7 * L):
             for rank in range(N):
                 out.setdefault("imbalance_expert", []).append((float(f), rank, float(ffn[rank])))
-        add("imbalance_step", f, L * (1e-3 + 0.5e-3 + ffn.max() + 0.4e-3 + hw.collective_skew + comb_skew))
+        add("imbalance_step", f, L * (1e-3 + 0.5e-3 + ffn.max() + 0.4e-3) + hw.collective_skew
+            + (2 * L - 1) * comb_skew)
     return out
 
 

@@ -231,6 +231,29 @@ def test_collective_skew_falls_with_the_arrival_gap_and_defaults_to_a_constant()
     assert (h.skew_floor, h.skew_gap) == (0.25, pytest.approx(1e-3))
 
 
+def test_a_dispatch_keeps_no_more_skew_than_the_combine_before_it():
+    """GPUs that all waited in a combine for one last GPU leave it together: the next layer's dispatch
+    has that combine's skew, not the balanced one; the first layer's dispatch keeps the balanced skew."""
+    import dataclasses
+
+    from sim.cost import collective_skew
+    from sim.work import placement_phases
+
+    hw = dataclasses.replace(HW, collective_skew=200 * US, skew_floor=0.0, skew_gap=5 * US)
+    p = Placement(np.array([[0, 1, 2, 3]] * 2), 4, 4)          # expert e on GPU e, 2 layers
+    src = np.zeros((2, 4, 4))
+    src[:, :, 0] = 400.0                      # every GPU's tokens to expert 0: GPU 0 computes, the others wait
+    src[:, :, 1:] = 1.0
+    ph = placement_phases(p, src, None, MODEL, hw)
+    comb = collective_skew(ph.ffn, hw)        # [L]: GPU 0 far last, so far below the balanced skew
+    assert comb.max() < 0.1 * hw.collective_skew
+    assert ph.skew[:, 2] == pytest.approx(comb)
+    assert ph.skew[:, 0] == pytest.approx([hw.collective_skew, comb[0]])
+    # balanced routing: every collective at the balanced skew, as before
+    even = placement_phases(p, np.full((2, 4, 4), 8.0), None, MODEL, hw)
+    assert even.skew[:, [0, 2]] == pytest.approx(np.full((2, 2), hw.collective_skew))
+
+
 def test_copies_charge_one_latency_per_expert_transferred():
     assert transfer_time(np.array([24e6]), np.array([True]), HW, transfers=np.array([2])) == \
         pytest.approx(24e6 / HW.intra_copy_bw + 2 * HW.intra_copy_lat)

@@ -389,7 +389,7 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
     if curve is not None:
         keep("imbalance: arrival gap at the combine", curve["fractions"], curve["gap_s"],
              "share of tokens to rank 0's experts")
-        keep("imbalance: combine's collective skew", curve["fractions"], curve["combine_skew_s"],
+        keep("imbalance: collective skew after the first dispatch", curve["fractions"], curve["skew_s"],
              "share of tokens to rank 0's experts")
     for S, rows_ in sorted(_layouts(samples, "model_step").items()):
         keep(f"model_step/{S}", *collective(rows_), "tokens per rank")
@@ -586,11 +586,12 @@ def fit_cluster(result: dict, run_cfg) -> Calibration:
                                f"layouts and T (+/- {skew_spread * us:.0f})"),
     }
     if curve is not None:
-        pts = ", ".join(f"{g * us:.0f} us: {c * us:.0f} us" for g, c in zip(curve["gap_s"], curve["combine_skew_s"]))
+        pts = ", ".join(f"{g * us:.0f} us: {c * us:.0f} us" for g, c in zip(curve["gap_s"], curve["skew_s"]))
         shares = ", ".join(f"{f:g}" for f in curve["fractions"])
         fits["collective_skew_floor"] = (curve["floor"], "", f"the model with a share {shares} of every rank's "
-                                         f"tokens on rank 0's experts: the combine's skew (step - phases - the "
-                                         f"dispatch's skew, per layer) at each arrival gap ({pts}) = "
+                                         f"tokens on rank 0's experts: the skew of each collective but the first "
+                                         f"dispatch (step - phases, as (L x per layer / skew - 1) / (2 L - 1) of "
+                                         f"the skew) at each arrival gap at the combine ({pts}) = "
                                          f"skew x (floor + (1 - floor) exp(-gap / gap scale)), least squares "
                                          f"(RMS {curve['rms']:.2f} of the skew)")
         fits["collective_skew_gap_us"] = (curve["gap_scale_s"] * us, "us", "the same fit: gap scale")
@@ -641,7 +642,7 @@ def _per_rank_means(rows: list, size: float) -> np.ndarray:
 
 def fit_skew_curve(gaps: np.ndarray, ratios: np.ndarray) -> tuple[float, float, float]:
     """(floor, gap scale w, relative RMS) of ``ratio = floor + (1 - floor) exp(-gap / w)`` fitted to the
-    combine's collective skew over the balanced one, ``ratios`` float [n], at arrival gaps ``gaps`` float [n]
+    collective skew over the balanced one, ``ratios`` float [n] (:func:`skew_curve`), at arrival gaps ``gaps`` float [n]
     (seconds): least squares, w on a grid from a tenth of the smallest positive gap to ten times the largest
     (geometric, 61 points), floor in [0, 1] solved for each w."""
     g, r = np.asarray(gaps, dtype=np.float64), np.asarray(ratios, dtype=np.float64)
@@ -732,14 +733,18 @@ def combine_return_row(samples: dict, spec: dict, num_ranks: int, model, hw) -> 
 
 
 def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
-    """The combine's collective skew as a function of the ranks' arrival gap, from the ``imbalance_*``
+    """The collective skew as a function of the ranks' arrival gap at the combine, from the ``imbalance_*``
     benchmarks (runtime.fidelity_bench.bench_imbalance): per share f of the tokens sent to rank 0's experts,
 
         gap_f   = largest - second largest over ranks of the rank's mean expert FFN time
                   (:func:`sim.cost.arrival_gap`, as the simulator reads it)
         extra_f = [imbalance_step (collective) - L x (attention (critical) + dispatch (collective)
                    + FFN (critical) + combine (collective))] / L          (both collectives of a layer)
-        ratio_f = (extra_f - skew0) / skew0       (the dispatch's skew stays skew0: attention is balanced)
+        ratio_f = (L x extra_f / skew0 - 1) / (2 L - 1)
+
+    the share of skew0 left at every collective but the first layer's dispatch, as the simulator charges
+    it (:func:`sim.work.placement_phases`): every combine from its gap, every later dispatch as the combine
+    before it (the ranks leave that combine together), the first dispatch skew0 (attention is balanced).
 
     fitted with :func:`fit_skew_curve`. None without those samples or without a balanced skew."""
     from sim.cost import arrival_gap
@@ -753,11 +758,12 @@ def skew_curve(samples: dict, num_layers: int, skew0: float) -> dict | None:
     _, comb = collective(samples["imbalance_combine"])
     extra = step / num_layers - (attn + disp + ffn + comb)
     gaps = np.array([float(arrival_gap(_per_rank_means(samples["imbalance_expert"], f))) for f in fs])
-    ratio = (extra - skew0) / skew0
+    L = num_layers
+    ratio = (L * extra / skew0 - 1.0) / (2 * L - 1)
     floor, w, rel = fit_skew_curve(gaps, ratio)
     if w <= 0:
         return None
-    return {"fractions": fs, "gap_s": gaps, "combine_skew_s": extra - skew0, "floor": floor, "gap_scale_s": w,
+    return {"fractions": fs, "gap_s": gaps, "skew_s": skew0 * ratio, "floor": floor, "gap_scale_s": w,
             "rms": rel}
 
 
