@@ -154,8 +154,9 @@ def oracle_gain_text(none_us: dict[str, float], oracle_us: dict[str, float], clu
 
     layout_us = float(layout_time(Hardware.from_config(cluster, model)).max() * 1e6)
     saved = none_us["total"] - oracle_us["total"]
+    rest = round(saved - layout_us, 1) + 0.0        # + 0.0: a rest that rounds to -0.0 is printed 0.0
     return (f"it saves {saved:.1f} µs a MoE layer: {layout_us:.1f} µs is the layout exchange it skips by "
-            f"sending every token straight to its replica (direct routing), the other {saved - layout_us:.1f} µs "
+            f"sending every token straight to its replica (direct routing), the other {rest:.1f} µs "
             f"its placement, copies included (expert FFN {oracle_us['ffn']:.1f} against none's {none_us['ffn']:.1f} µs)")
 
 

@@ -44,3 +44,20 @@ def test_no_bound_line_without_an_oracle_or_without_none():
     assert bound_lines(_result(["none", "eplb"], 256)) == []
     r = _result(["eplb", "oracle"], 256)
     assert bound_lines(r) == [] and "bound:" not in format_summary(r)
+
+
+def test_a_placement_share_that_rounds_to_zero_is_not_printed_negative():
+    """The oracle's saving less the layout exchange, when it is a hair below 0, prints 0.0, not -0.0."""
+    from sim.verdict import oracle_gain_text
+
+    from sim.cost import Hardware, layout_time
+
+    cluster = load_cluster("4xA100-nvlink")
+    layout = float(layout_time(Hardware.from_config(cluster, MODEL)).max() * 1e6)
+    # a saving 0.02 µs short of the layout exchange
+    text = oracle_gain_text({"total": 100.0, "ffn": 80.0}, {"total": 100.0 - layout + 0.02, "ffn": 80.0}, cluster,
+                            MODEL)
+    assert "the other 0.0 µs its placement" in text and "-0.0" not in text
+    text = oracle_gain_text({"total": 100.0, "ffn": 80.0}, {"total": 100.0 - layout + 0.5, "ffn": 80.0}, cluster,
+                            MODEL)
+    assert "the other -0.5 µs its placement" in text

@@ -271,7 +271,10 @@ def _reasons(h: Headline, plan: SweepPlan) -> list[str]:
     if h.vs_runner_up is not None and (h.duplicates or h.runner_up["candidate"] != best_dup["candidate"]) \
             and not (h.runner_up["candidate"] == "none" and h.vs_none is not None):
         c = h.vs_runner_up
-        out.append(f"Against the runner-up {c.b}: " + "; ".join(c.reasons()) + ".")
+        why = c.reasons()
+        out.append(f"Against the runner-up {c.b}: " + ("; ".join(why) if why else
+                   ("the same time on every step, " if c.same_every_step else "")
+                   + "no phase of their MoE layers differs by 0.05 µs or more") + ".")
     return out
 
 
