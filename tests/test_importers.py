@@ -270,6 +270,7 @@ def test_hf_pt_tuple_bf16_and_attention_mask(logits, tmp_path):
     assert (trace.experts[:38] == e_ref[keep]).all()
     assert np.allclose(trace.weights[:38], w_ref[keep], atol=1e-6)
     assert trace.meta.provenance["normalize"] is False
+    assert trace.meta.provenance["step_grouping"] == "one step per file (one forward pass), in the order given"
 
 
 def test_hf_errors(logits, tmp_path, monkeypatch):
@@ -476,6 +477,7 @@ def test_gate_csv_layer_ids_from_column_and_shuffled_rows(tmp_path):
     write_gate_csv(step / "a.csv", s3[perm], layer_id=3, token_ids=perm)
     trace = import_gate_csv([step], top_k=2).trace
     assert trace.meta.provenance["original_layer_ids"] == [3, 7]
+    assert trace.meta.provenance["step_grouping"].startswith("one step per folder")
     assert (np.sort(trace.experts[:, 0], axis=1) == np.sort(np.argsort(-s3, axis=1)[:, :2], axis=1)).all()
     assert (trace.experts[:, 1, 0] == np.argmax(s7, axis=1)).all()
 
@@ -579,6 +581,7 @@ def test_cli_import_summary_and_provenance(tmp_path, capsys):
     assert prov["sources"] == [str(tmp_path / "p.json")] and "date" in prov
     assert prov["command"].startswith("moe-gps trace import --from popularity-json ")
     assert "--top-k 2" in prov["command"]
+    assert prov["step_grouping"] == "one step per file, in the order given"
 
 
 def test_cli_flag_errors_leave_no_output(tmp_path, capsys):

@@ -223,6 +223,7 @@ def import_gate_csv(sources: Sequence[str | os.PathLike], *, model: str = "unkno
                        "the steps ran in")
     prov = provenance(
         FORMAT, [str(s) for s in sources],
+        step_grouping="one step per folder (or run of files from one folder), in the order given",
         steps=step_records,
         original_layer_ids=ref["layer_ids"],
         layer_renumbering=f"original layer ids {ref['layer_ids']} -> 0..{L - 1} in increasing order",

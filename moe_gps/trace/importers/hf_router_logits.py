@@ -235,6 +235,7 @@ def import_hf_router_logits(sources: Sequence[str | os.PathLike], *, top_k: int,
         some = any(i is not None for i in step_ids)
         summary.append("token_id: not stored (" + ("some files lack input_ids" if some else "no input_ids given") + ")")
     prov = provenance(FORMAT, [str(p) for p in paths], top_k_source="from --top-k", normalize=normalize,
+                      step_grouping="one step per file (one forward pass), in the order given",
                       weights=rule, layouts=layouts,
                       token_id="from input_ids" if with_ids else "not stored")
     meta = make_meta("tokens", L, E, top_k, model, dataset, prov)

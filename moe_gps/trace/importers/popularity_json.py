@@ -108,6 +108,7 @@ def import_popularity_json(sources: Sequence[str | os.PathLike], *, top_k: int, 
     prov = provenance(
         FORMAT, [str(p) for p in paths],
         top_k_source="from --top-k",
+        step_grouping="one step per file, in the order given",
         tokens_per_step_formula="sum of one layer's counts / top_k (all layers agree)",
         total_input_tokens=totals,
     )
