@@ -25,6 +25,11 @@ RUNTIME_COPY_POLICIES = ("critical", "async")
 #: keys renamed to the simulator's names: old -> new
 RENAMED_KEYS = {"duplication": {"replan_every": "replan_interval"}}
 DTYPES = ("float32", "bfloat16", "float16")
+#: the largest model.router_bias_std: a logit bias of this many standard deviations already makes the routing
+#: one-hot, and far larger ones overflow the gate weights
+MAX_ROUTER_BIAS_STD = 100.0
+#: the largest seed torch takes
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -151,7 +156,8 @@ def parse_run_config(doc: Any, where: str = "run config", base: Path | None = No
         raise UserError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
     parts = {}
     for name, cls in _SECTIONS.items():
-        sec = doc.get(name) or {}
+        sec = doc.get(name)
+        sec = {} if sec is None else sec
         if not isinstance(sec, dict):
             raise UserError(f"{where}: section '{name}' must be a mapping")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -196,8 +202,13 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"{w}: model.hidden_size / model.num_heads must be even (rotary embedding)")
     if m.dtype not in DTYPES:
         raise UserError(f"{w}: model.dtype {m.dtype!r} is not one of {', '.join(DTYPES)}")
-    if m.router_bias_std < 0:
-        raise UserError(f"{w}: model.router_bias_std must be >= 0")
+    if not 0 <= m.router_bias_std <= MAX_ROUTER_BIAS_STD:
+        raise UserError(f"{w}: model.router_bias_std must be in [0, {MAX_ROUTER_BIAS_STD:g}] (a router logit's "
+                        f"standard deviation: far below that the routing is one-hot already), got "
+                        f"{m.router_bias_std:g}")
+    for sec, name, value in (("model", "seed", m.seed), ("input", "seed", i.seed)):
+        if value > MAX_SEED:
+            raise UserError(f"{w}: {sec}.{name} must be at most 2^63 - 1, got {value}")
     if r.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{w}: run.device {r.device!r} is not one of auto, cpu, cuda")
     if r.timeout_s <= 0:
@@ -217,17 +228,32 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"{w}: duplication.algorithm {d.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
 
 
+#: --help of the run's flags, shared by `moe-gps run` and `python -m runtime.launch`
+FLAG_HELP = {
+    "duplication": "off: no replicas; static: duplication.placement for the whole run, else re-planned at every "
+                   "check from the true counts of recent steps (EPLB as vLLM runs it); dist-only: re-planned from a "
+                   "distribution predictor; token-to-expert: re-planned from per-token guesses (docs/runtime.md)",
+    "steps": "steps to run (default: the config's run.steps, else 16)",
+    "out": "output folder for the trace, timings, steps and placement (default: the config's output.dir, "
+           "else runs/run)",
+    "device": "auto (cuda where torch sees a GPU, else cpu), cpu or cuda (default: the config's run.device, "
+              "else auto)",
+}
+
 #: the files a run writes into output.dir besides the three the output section names
 FIXED_OUTPUTS = ("placement.yaml", "summary.json")
 
 
 def _check_output_names(cfg: RunConfig) -> None:
-    """output.trace, .timings and .steps: file names, each its own file, none of FIXED_OUTPUTS."""
+    """output.trace, .timings and .steps: file names (in output.dir), each its own file, none of FIXED_OUTPUTS."""
     taken = {name: f"the run's {name}" for name in FIXED_OUTPUTS}
     for key in ("trace", "timings", "steps"):
         name = getattr(cfg.output, key)
         if not name.strip():
             raise UserError(f"{cfg.source}: output.{key} must name a file, got {name!r}")
+        if "/" in name or os.sep in name or name in (".", ".."):
+            raise UserError(f"{cfg.source}: output.{key} must be a file name in output.dir, without a folder, "
+                            f"got {name!r}")
         other = taken.get(os.path.normpath(name))
         if other:
             raise UserError(f"{cfg.source}: output.{key} {name!r} is also {other}; give each output its own name")
@@ -251,6 +277,21 @@ def _check_replan_policy(cfg: RunConfig) -> None:
     if d.min_gain > 0 and cfg.model.checkpoint:
         raise UserError(f"{w}: duplication.min_gain needs the runtime's random model (model.checkpoint: null), "
                         "whose sizes the cost model knows")
+
+
+def check_outputs_spare_inputs(cfg: RunConfig, out_dir: str, out_name: str) -> None:
+    """A UserError when a file the run would write into ``out_dir`` (named ``out_name`` in the message:
+    ``--out`` or output.dir) is one of its inputs: the run config itself, input.trace,
+    duplication.placement or duplication.cluster (the run would overwrite what it reads)."""
+    inputs = {"input.trace": cfg.input.trace, "duplication.placement": cfg.duplication.placement,
+              "duplication.cluster": cfg.duplication.cluster,
+              "the run config": cfg.source if Path(cfg.source).is_file() else None}
+    read = {Path(p).resolve(): what for what, p in inputs.items() if p}
+    for name in (cfg.output.trace, cfg.output.timings, cfg.output.steps, *FIXED_OUTPUTS):
+        what = read.get((Path(out_dir) / name).resolve())
+        if what:
+            raise UserError(f"{cfg.source}: {out_name} {out_dir}: the run would write its {name} over {what} "
+                            f"({(Path(out_dir) / name)}); write the run to another folder")
 
 
 def check_run_inputs(cfg: RunConfig) -> None:

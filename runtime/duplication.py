@@ -47,6 +47,9 @@ from runtime.config import DUPLICATION_MODES, DuplicationSection
 
 #: token predictors that read only what is known before routing (token id, position, history)
 PRE_ROUTING_TOKEN_PREDICTORS = ("most-frequent", "token-id", "position")
+#: distribution predictors that read the step's own routing (a reference and a what-if), which the runtime
+#: does not have before the step
+ROUTING_DISTRIBUTION_PREDICTORS = ("oracle", "synthetic")
 
 
 @dataclass
@@ -96,15 +99,33 @@ class DuplicationPolicy:
         self.dist_predictor = None
         self.token_predictor = None
         if mode == "dist-only":
-            from moe_gps.predict import make_distribution_predictor
-            self.dist_predictor = make_distribution_predictor(cfg.distribution_predictor, **cfg.distribution_params)
+            from moe_gps.predict import DISTRIBUTION_PREDICTORS, make_distribution_predictor
+            name = cfg.distribution_predictor
+            usable = [n for n in DISTRIBUTION_PREDICTORS if n not in ROUTING_DISTRIBUTION_PREDICTORS]
+            if name not in DISTRIBUTION_PREDICTORS:
+                raise UserError(f"duplication.distribution_predictor: unknown predictor {name!r} "
+                                f"(choose from {', '.join(usable)})")
+            if name in ROUTING_DISTRIBUTION_PREDICTORS:
+                raise UserError(f"duplication.distribution_predictor: {name!r} reads the routing of the step itself, "
+                                f"which the runtime does not have before the step; use one of {', '.join(usable)}")
+            try:
+                self.dist_predictor = make_distribution_predictor(name, **cfg.distribution_params)
+            except UserError as err:
+                raise UserError(f"duplication.distribution_params: {err}") from None
         if mode == "token-to-expert":
-            if cfg.token_predictor not in PRE_ROUTING_TOKEN_PREDICTORS:
-                raise UserError(f"token predictor {cfg.token_predictor!r} reads routing of the step itself, which "
+            from moe_gps.predict import TOKEN_PREDICTORS, make_token_predictor
+            name = cfg.token_predictor
+            if name not in TOKEN_PREDICTORS:
+                raise UserError(f"duplication.token_predictor: unknown predictor {name!r} "
+                                f"(choose from {', '.join(PRE_ROUTING_TOKEN_PREDICTORS)})")
+            if name not in PRE_ROUTING_TOKEN_PREDICTORS:
+                raise UserError(f"duplication.token_predictor: {name!r} reads the routing of the step itself, which "
                                 f"the runtime does not have before the step; use one of "
                                 f"{', '.join(PRE_ROUTING_TOKEN_PREDICTORS)}")
-            from moe_gps.predict import make_token_predictor
-            self.token_predictor = make_token_predictor(cfg.token_predictor, **cfg.token_params)
+            try:
+                self.token_predictor = make_token_predictor(name, **cfg.token_params)
+            except UserError as err:
+                raise UserError(f"duplication.token_params: {err}") from None
         if mode != "static" and cfg.placement:
             raise UserError(f"duplication.placement {cfg.placement} is a plan for --duplication static, which "
                             f"--duplication {mode} would not use; remove the key, or run --duplication static")

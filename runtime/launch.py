@@ -23,15 +23,13 @@ DESCRIPTION = ("Run expert-parallel MoE inference on torch.distributed, applying
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.config import DUPLICATION_MODES
+    from runtime.config import DUPLICATION_MODES, FLAG_HELP
     p = argparse.ArgumentParser(prog="python -m runtime.launch", description=DESCRIPTION)
     p.add_argument("--config", required=True, help="run config (YAML, see runtime/examples/run.yaml)")
-    p.add_argument("--duplication", required=True, choices=DUPLICATION_MODES,
-                   help="off: no replicas; static: one plan for the run; dist-only: re-plan from a "
-                        "distribution predictor every K steps; token-to-expert: re-plan from per-token guesses")
-    p.add_argument("--steps", type=int, help="override run.steps")
-    p.add_argument("--out", help="override output.dir (folder for trace, timings, plan)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
+    p.add_argument("--duplication", required=True, choices=DUPLICATION_MODES, help=FLAG_HELP["duplication"])
+    p.add_argument("--steps", type=int, help=FLAG_HELP["steps"])
+    p.add_argument("--out", metavar="DIR", help=FLAG_HELP["out"])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help=FLAG_HELP["device"])
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p
 
@@ -59,10 +57,14 @@ def _main(argv: list[str] | None) -> int:
             if args.steps < 1:
                 raise UserError("--steps must be at least 1")
             cfg.run.steps = args.steps
-        if args.out:
+        if args.out is not None:
+            if not args.out.strip():
+                raise UserError(f"--out must name a folder, got {args.out!r}")
             cfg.output.dir = args.out
         if args.device:
             cfg.run.device = args.device
+        from runtime.config import check_outputs_spare_inputs
+        check_outputs_spare_inputs(cfg, cfg.output.dir, "--out" if args.out else "output.dir")
     except UserError as err:
         if rank == 0:
             print(f"runtime.launch: error: {err}", file=sys.stderr)

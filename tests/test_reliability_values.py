@@ -160,6 +160,13 @@ def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):
     ({"model": {"router_bias_std": float("nan")}}, "model.router_bias_std: must be a finite number, got nan"),
     ({"model": {"seed": -1}}, "model.seed must be at least 0, got -1"),
     ({"input": {"seed": -2}}, "input.seed must be at least 0, got -2"),
+    ({"model": {"seed": 10**23}}, "model.seed must be at most 2^63 - 1, got 100000000000000000000000"),
+    ({"model": {"router_bias_std": 1e300}}, "model.router_bias_std must be in [0, 100]"),
+    ({"output": {"trace": "../escape.parquet"}}, "output.trace must be a file name in output.dir, without a folder"),
+    ({"output": {"timings": "/tmp/t.csv"}}, "output.timings must be a file name in output.dir, without a folder"),
+    ({"output": {"steps": "."}}, "output.steps must be a file name in output.dir, without a folder"),
+    ({"model": False}, "section 'model' must be a mapping"),
+    ({"run": []}, "section 'run' must be a mapping"),
 ])
 def test_run_config_values_that_used_to_fail_on_every_rank(doc, message):
     from runtime.config import parse_run_config
@@ -167,10 +174,50 @@ def test_run_config_values_that_used_to_fail_on_every_rank(doc, message):
         parse_run_config(doc, "r.yaml")
 
 
+def test_a_run_never_writes_over_its_own_inputs(tmp_path, capsys):
+    """An output folder that holds the run's input trace or its config would have them overwritten by the
+    run's outputs of the same names: one line naming both, exit 2, the inputs untouched."""
+    pytest.importorskip("torch")
+    from moe_gps.trace import write_trace
+    from moe_gps.trace.synth import synthesize
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_trace(folder / "trace.parquet", synthesize("mixtral-mmlu", num_steps=4, tokens_per_step=64, seed=0,
+                                                     num_layers=2))
+    before = (folder / "trace.parquet").read_bytes()
+    doc = {"model": {"num_layers": 2, "hidden_size": 64, "intermediate_size": 64, "num_heads": 2},
+           "input": {"trace": "trace.parquet", "batch_size": 2, "seq_len": 16}, "run": {"steps": 2},
+           "duplication": {"num_redundant": 2}}
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    run = ["run", "--nproc", "2", "--config", str(config), "--duplication", "off"]
+    code = main(run + ["-o", str(folder)])
+    assert "the run would write its trace.parquet over input.trace" in one_line(capsys, code)
+    assert (folder / "trace.parquet").read_bytes() == before
+    config.write_text(yaml.safe_dump({**doc, "output": {"dir": str(folder), "trace": "t.parquet",
+                                                        "timings": "run.yaml"}}))
+    text = config.read_text()
+    code = main(run)
+    assert "output.dir" in (line := one_line(capsys, code)) and "its run.yaml over the run config" in line
+    assert config.read_text() == text
+    # an empty --out is refused, not read as "no --out"
+    code = main(run + ["--out", ""])
+    assert "--out must name a folder, got ''" in one_line(capsys, code)
+
+
 @pytest.mark.parametrize("mode, duplication, message", [
-    ("dist-only", {"distribution_predictor": "nope"}, "unknown distribution predictor 'nope'"),
-    ("dist-only", {"distribution_params": {"alpha": -0.5}}, "ema: alpha must be in (0, 1], got -0.5"),
-    ("token-to-expert", {"token_predictor": "prev-layer"}, "token predictor 'prev-layer' reads routing of the step"),
+    ("dist-only", {"distribution_predictor": "nope"}, "duplication.distribution_predictor: unknown predictor 'nope'"),
+    ("dist-only", {"distribution_predictor": "oracle"},
+     "duplication.distribution_predictor: 'oracle' reads the routing of the step itself"),
+    ("dist-only", {"distribution_predictor": "synthetic"},
+     "duplication.distribution_predictor: 'synthetic' reads the routing of the step itself"),
+    ("dist-only", {"distribution_params": {"alpha": -0.5}},
+     "duplication.distribution_params: ema: alpha must be in (0, 1], got -0.5"),
+    ("token-to-expert", {"token_predictor": "prev-layer"},
+     "duplication.token_predictor: 'prev-layer' reads the routing of the step"),
+    ("token-to-expert", {"token_predictor": "bogus"},
+     "duplication.token_predictor: unknown predictor 'bogus' (choose from most-frequent, token-id, position)"),
     ("static", {"algorithm_options": {"bogus": 1}}, "algorithm 'eplb' does not take option(s) bogus"),
 ])
 def test_moe_gps_run_builds_the_policy_before_torchrun(tmp_path, capsys, mode, duplication, message):

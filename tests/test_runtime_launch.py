@@ -176,7 +176,7 @@ def test_config_errors_name_file_and_key(tmp_path):
     with pytest.raises(UserError, match=r"p.yaml: the plan is for 2 layers, 8 experts, 2 GPUs; this run has 2 MoE "
                                         r"layers, 8 experts, 4 ranks"):
         DuplicationPolicy("static", cfg.duplication, 4, 2, 8, 2, 64)
-    with pytest.raises(UserError, match="reads routing of the step itself"):
+    with pytest.raises(UserError, match="reads the routing of the step itself"):
         cfg.duplication.token_predictor = "prev-layer"
         DuplicationPolicy("token-to-expert", cfg.duplication, 2, 2, 8, 2, 64)
     from moe_gps.cli.main import main

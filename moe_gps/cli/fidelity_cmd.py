@@ -12,8 +12,7 @@ from pathlib import Path
 
 from moe_gps.cli.run_cmd import NPROC_HELP, check_nproc, local_device
 from moe_gps.errors import UserError
-
-MODES = ("off", "static", "dist-only", "token-to-expert")
+from runtime.config import DUPLICATION_MODES as MODES      # no torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -14,8 +14,8 @@ import importlib.util
 import sys
 
 from moe_gps.errors import UserError
+from runtime.config import DUPLICATION_MODES as MODES, FLAG_HELP      # no torch
 
-MODES = ("off", "static", "dist-only", "token-to-expert")
 #: ranks per CPU core at most on CPU (gloo): each rank is a process with its own threads and memory, and more
 #: only time-share the cores (``moe-gps run``, ``calibrate`` and ``validate`` refuse more)
 RANKS_PER_CORE = 8
@@ -59,13 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "writes the router trace (source: collected) and per step/rank/layer timings. For several "
                      "nodes call torchrun yourself (docs/runtime.md)."))
     p.add_argument("--config", required=True, help="run config (YAML; example: runtime/examples/run.yaml)")
-    p.add_argument("--duplication", required=True, choices=MODES,
-                   help="off | static | dist-only | token-to-expert (docs/runtime.md)")
+    p.add_argument("--duplication", required=True, choices=MODES, help=FLAG_HELP["duplication"])
     p.add_argument("--nproc", type=int, default=2,
                    help=f"ranks on this machine ({NPROC_HELP}; default: %(default)s)")
-    p.add_argument("--steps", type=int, help="override run.steps")
-    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR", help="override output.dir")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override run.device")
+    p.add_argument("--steps", type=int, help=FLAG_HELP["steps"])
+    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR", help=FLAG_HELP["out"])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help=FLAG_HELP["device"])
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.set_defaults(func=cmd_run)
 
@@ -88,9 +87,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _need("torch", "runtime")
     from moe_gps import signals
     from moe_gps.outputs import check_output_dir
-    from runtime.config import check_run_inputs, load_run_config
+    from runtime.config import check_outputs_spare_inputs, check_run_inputs, load_run_config
     cfg = load_run_config(args.config)
-    check_output_dir(args.out or cfg.output.dir, "--out" if args.out else f"{args.config}: output.dir")
+    if args.out is not None and not args.out.strip():
+        raise UserError(f"--out must name a folder, got {args.out!r}")
+    out, out_name = (args.out, "--out") if args.out else (cfg.output.dir, "output.dir")
+    check_output_dir(out, out_name if args.out else f"{args.config}: output.dir")
+    check_outputs_spare_inputs(cfg, out, out_name)
     check_run_inputs(cfg)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
