@@ -215,10 +215,22 @@ def attention_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Har
     c = seq_len (decode) or (seq_len + 1) / 2 (prefill);  KV entries = n seq_len (decode, read) or n
     (prefill, written);  time = :func:`attention_block_time` (n, n c, KV entries)
     """
+    return attention_block_time(*_workload_block(tokens, workload), model, hw)
+
+
+def attention_compute_time(tokens, model: ModelConfig, workload: WorkloadConfig, hw: Hardware):
+    """The compute part of :func:`attention_time`: its FLOPs at the attention block's rate (no memory
+    term, no overhead).  tokens: [...] -> seconds [...]"""
+    n, context, _ = _workload_block(tokens, workload)
+    return attention_block_compute(n, context, model, hw)
+
+
+def _workload_block(tokens, workload: WorkloadConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, context, KV entries) of ``tokens`` tokens of one workload (:func:`attention_time`)."""
     n = np.asarray(tokens, dtype=np.float64)
     decode = workload.phase == "decode"
     ctx = workload.seq_len if decode else (workload.seq_len + 1) / 2
-    return attention_block_time(n, n * ctx, n * (workload.seq_len if decode else 1), model, hw)
+    return n, n * ctx, n * (workload.seq_len if decode else 1)
 
 
 def attention_block_time(tokens, context, kv_entries, model: ModelConfig, hw: Hardware):
@@ -233,12 +245,25 @@ def attention_block_time(tokens, context, kv_entries, model: ModelConfig, hw: Ha
     time = max(FLOPs / (peak x attention_efficiency), bytes / HBM) + attention overhead
     """
     n = np.asarray(tokens, dtype=np.float64)
-    a = model.attention
     params = model.attention_params + model.shared_params
-    flops = 2.0 * n * params + 4.0 * np.asarray(context, dtype=np.float64) * (a.num_heads * a.head_dim)
     bytes_ = params * model.dense_bytes + np.asarray(kv_entries, dtype=np.float64) * model.kv_bytes_per_token \
         + 2.0 * n * model.token_bytes
-    return np.where(n > 0, roofline(flops, bytes_, hw, hw.attn_flops) + hw.attn_overhead, 0.0)
+    return np.where(n > 0, roofline(_attention_flops(n, context, model), bytes_, hw, hw.attn_flops)
+                    + hw.attn_overhead, 0.0)
+
+
+def attention_block_compute(tokens, context, model: ModelConfig, hw: Hardware):
+    """The compute part of :func:`attention_block_time`: FLOPs / (peak x attention_efficiency), no memory
+    term, no overhead.  tokens, context: [...] -> seconds [...]"""
+    n = np.asarray(tokens, dtype=np.float64)
+    return np.where(n > 0, _attention_flops(n, context, model) / hw.attn_flops, 0.0)
+
+
+def _attention_flops(n: np.ndarray, context, model: ModelConfig) -> np.ndarray:
+    """FLOPs of the attention block (+ shared experts): 2 n (P_attn + P_shared) + 4 C H d."""
+    a = model.attention
+    params = model.attention_params + model.shared_params
+    return 2.0 * n * params + 4.0 * np.asarray(context, dtype=np.float64) * (a.num_heads * a.head_dim)
 
 
 def expert_slot_time(tokens, model: ModelConfig, hw: Hardware):
@@ -498,3 +523,26 @@ def predictor_time(tokens, cost, hw: Hardware):
     t = roofline(cost.fixed_flops_per_step + n * cost.flops_per_token,
                  cost.fixed_bytes_per_step + n * cost.bytes_per_token, hw)
     return np.where(n > 0, t + hw.overhead + cost.latency_s, 0.0)
+
+
+def predictor_compute_time(tokens, cost, hw: Hardware):
+    """The compute part of :func:`predictor_time`: its FLOPs at the GPU's rate (no memory term, no
+    overhead, no serial latency).  tokens: [...] -> seconds [...]"""
+    n = np.asarray(tokens, dtype=np.float64)
+    return np.where(n > 0, (cost.fixed_flops_per_step + n * cost.flops_per_token) / hw.flops, 0.0)
+
+
+def beside_attention(attention, attention_compute, predictor, predictor_compute, hw: Hardware):
+    """Seconds a predictor run beside the attention block on the same GPU adds to it (token-to-expert
+    predictors under ``predictor_overlap``). The two share the GPU's compute units, so together they
+    take the longer of the two, and at least their compute times added (with the attention's fixed
+    time):
+
+        busy = max(T_attn, T_pred, C_attn + attention overhead + C_pred);  added = busy - T_attn
+
+    (C: FLOPs / rate, :func:`attention_compute_time`, :func:`predictor_compute_time`). All [...] -> [...].
+    """
+    attn = np.asarray(attention, dtype=np.float64)
+    shared = np.where(attn > 0, np.asarray(attention_compute, dtype=np.float64) + hw.attn_overhead, 0.0) \
+        + np.asarray(predictor_compute, dtype=np.float64)
+    return np.maximum(np.maximum(attn, predictor), shared) - attn

@@ -21,8 +21,9 @@ from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.placement import gpu_sums, row_max
 from moe_gps.placement.timeaware import home_layers, static_slots
-from sim.cost import (Hardware, attention_time, combine_host_time, combine_wait,
-                      dispatch_host_time, ffn_time, ffn_time_rows, layout_time, shared_compute, transfer_time)
+from sim.cost import (Hardware, attention_compute_time, attention_time, beside_attention, combine_host_time,
+                      combine_wait, dispatch_host_time, ffn_time, ffn_time_rows, layout_time, shared_compute,
+                      transfer_time)
 from sim.work import Copies, PlacementPhases, copy_port_busy, install_time, placement_phases
 
 
@@ -348,11 +349,18 @@ class CopyCost:
 
 
 def copy_cost(policy: str, share: float, phases: PlacementPhases, home_tokens: np.ndarray, predictor_s: np.ndarray,
-              model: ModelConfig, workload: WorkloadConfig, hw: Hardware) -> CopyCost:
+              model: ModelConfig, workload: WorkloadConfig, hw: Hardware,
+              predictor_compute: np.ndarray | float = 0.0) -> CopyCost:
     """The :class:`CopyCost` of a step whose placement-decided phases are ``phases`` (the
-    placement in force) and whose GPUs hold ``home_tokens`` [G]."""
+    placement in force) and whose GPUs hold ``home_tokens`` [G]; ``predictor_s`` [G] the predictor's
+    seconds per layer and ``predictor_compute`` their compute part (:func:`sim.work.build_step_work`)."""
     a = attention_time(home_tokens, model, workload, hw)
-    attn = float(np.max(np.maximum(a, predictor_s) if hw.predictor_overlap else a + predictor_s, initial=0.0))
+    if hw.predictor_overlap:
+        a = a + beside_attention(a, attention_compute_time(home_tokens, model, workload, hw), predictor_s,
+                                 predictor_compute, hw)
+    else:
+        a = a + predictor_s
+    attn = float(np.max(a, initial=0.0))
     L = phases.ffn.shape[0]
     link = (phases.dispatch_link + phases.combine_link).max(axis=1)
     step = float(phases.layer_time().sum() + attn * L)

@@ -29,7 +29,7 @@ from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.regroup import regroup_or_scale
 from moe_gps.workers import fork_map, forking
 from moe_gps.workers import progress as report_progress
-from sim.cost import Hardware, attention_time
+from sim.cost import Hardware, attention_compute_time, attention_time
 from sim.engine import EventModel
 from sim.loads import StepFeed, counts_view, unused_rank_note
 from sim.strategies import SimContext, StrategyInfo, make_strategy
@@ -365,10 +365,11 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
             out.base_skew[i] = _skew(base.gpu_loads(loads.counts))
         keep = timeline_steps is not None and int(s) in timeline_steps
         attention = attention_time(loads.home_tokens, model, ctx.workload, ctx.hw)     # the same for every strategy
+        attention_compute = attention_compute_time(loads.home_tokens, model, ctx.workload, ctx.hw)
         for j, (k, st) in enumerate(zip(index, strategies)):
             t0 = time.perf_counter()
             decision = st.step(i, loads, engines[j].job_pending())
-            work = decision.work(loads, ctx, attention)
+            work = decision.work(loads, ctx, attention, attention_compute)
             t1 = time.perf_counter()
             engines[j].log = [] if keep else None
             marks = engines[j].run_step(work, decision.background)

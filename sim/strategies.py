@@ -40,7 +40,7 @@ from moe_gps.errors import UserError
 from moe_gps.placement import Placement, plan_placement
 from moe_gps.predict.base import shares
 from moe_gps.trace.data import CountsTrace, TokensTrace
-from sim.cost import Hardware, attention_time, predictor_time
+from sim.cost import Hardware, attention_time, predictor_compute_time, predictor_time
 from sim.engine import EventModel
 from sim.loads import StepFeed, StepLoads, source_counts, step_loads
 from sim.planning import (CopyCost, copy_cost, home_routing, phases_time, pick_layers, static_layers,
@@ -98,11 +98,13 @@ class StepDecision:
     replan_host: float = 0.0
     replanned: bool = False
 
-    def work(self, loads: StepLoads, ctx: SimContext, attention: np.ndarray | None = None) -> StepWork:
-        """The step's phase durations under this decision (``attention``: float [G] seconds per layer,
-        when the caller knows better than the workload; :func:`sim.work.build_step_work`)."""
+    def work(self, loads: StepLoads, ctx: SimContext, attention: np.ndarray | None = None,
+             attention_compute: np.ndarray | None = None) -> StepWork:
+        """The step's phase durations under this decision (``attention``: float [G] seconds per layer, and
+        ``attention_compute`` its compute part, when the caller knows better than the workload;
+        :func:`sim.work.build_step_work`)."""
         return build_step_work(self.plan, self.copies, loads, ctx.model, ctx.workload, ctx.hw, self.copy_bytes,
-                               self.replan_host, attention)
+                               self.replan_host, attention, attention_compute)
 
 
 #: recent steps whose deviation from their mean a distribution-only plan is checked against
@@ -211,7 +213,8 @@ class Strategy:
         self.since += 1
         self.history.append(self._plan_loads())
         self._observe(loads)
-        plan = StepPlan(placement, self._predictor_time(loads), self._predicted_src(i, loads))
+        plan = StepPlan(placement, self._predictor_time(loads), self._predicted_src(i, loads),
+                        self._predictor_compute(loads))
         return StepDecision(plan, copies, background, copy_bytes, host, replanned)
 
     # -- what the kind believes
@@ -255,6 +258,11 @@ class Strategy:
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return np.zeros(self.num_gpus)
+
+    def _predictor_compute(self, loads: StepLoads) -> np.ndarray | None:
+        """float [G]: the compute part of :meth:`_predictor_time` (for a predictor run beside the
+        attention, :func:`sim.cost.beside_attention`), or None: none."""
+        return None
 
     def _predicted_src(self, i: int, loads: StepLoads) -> np.ndarray | None:
         return None
@@ -350,8 +358,9 @@ class Strategy:
         ctx = self.ctx
         keep = self._reshare(self.current, self.beliefs[-1], src) if self.reshares else self.current
         ph = placement_phases(keep, src, src if self.direct else None, ctx.model, self.hw, self._mix(src))
+        compute = self._predictor_compute(loads)
         return copy_cost(ctx.copy_policy, ctx.bandwidth_share, ph, loads.home_tokens, self._predictor_time(loads),
-                         ctx.model, ctx.workload, self.hw)
+                         ctx.model, ctx.workload, self.hw, 0.0 if compute is None else compute)
 
     def _copy_penalty(self, cost: CopyCost) -> float:
         """Seconds a plan is charged per expert it copies: one copy's predicted cost spread over the
@@ -799,6 +808,9 @@ class TokenPlan(Strategy):
 
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return self._charge(self.cost, loads)
+
+    def _predictor_compute(self, loads: StepLoads) -> np.ndarray:
+        return predictor_compute_time(loads.home_tokens, self.cost, self.hw)
 
     def _predicted_src(self, i: int, loads: StepLoads) -> np.ndarray | None:
         if not self.cfg.direct_routing:

@@ -15,9 +15,9 @@ from moe_gps.config.schema import ModelConfig, WorkloadConfig
 from moe_gps.placement import Placement
 from moe_gps.placement.moves import move_plan
 from moe_gps.placement.placement import row_max
-from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_time, collective_skew,
-                      combine_host_time, combine_together, dispatch_host_time, ffn_time_rows, layout_time,
-                      local_copy_time, shared_compute, transfer_time)
+from sim.cost import (Hardware, alltoall_outer_time, alltoall_time, attention_compute_time, attention_time,
+                      beside_attention, collective_skew, combine_host_time, combine_together, dispatch_host_time,
+                      ffn_time_rows, layout_time, local_copy_time, shared_compute, transfer_time)
 from sim.loads import StepLoads
 
 
@@ -29,11 +29,14 @@ class StepPlan:
     predictor_s:    float [G] seconds of predictor work per layer on each GPU
     predicted_src:  float [L, G, E] correctly predicted assignments by home GPU (token kind
                     with direct routing, and the oracle), or None
+    predictor_compute_s: float [G] the compute part of predictor_s (:func:`sim.cost.predictor_compute_time`),
+                    for a predictor that runs beside the attention; None: no compute
     """
 
     placement: Placement
     predictor_s: np.ndarray
     predicted_src: np.ndarray | None = None
+    predictor_compute_s: np.ndarray | None = None
 
 
 @dataclass
@@ -309,21 +312,27 @@ def returned_rows(traffic: np.ndarray) -> np.ndarray:
 
 def build_step_work(plan: StepPlan, copies: Copies | None, loads: StepLoads, model: ModelConfig,
                     workload: WorkloadConfig, hw: Hardware, copy_bytes: np.ndarray | None = None,
-                    replan_host: float = 0.0, attention: np.ndarray | None = None) -> StepWork:
+                    replan_host: float = 0.0, attention: np.ndarray | None = None,
+                    attention_compute: np.ndarray | None = None) -> StepWork:
     """Every phase's duration on every GPU for one step under one plan.
 
     copies: the weight copies to schedule inside the step's layers (or None); copy_bytes: float [L]
     bytes the step's re-plan copies (default: those of ``copies``); replan_host: seconds of host work
     applying a new placement before the first layer; attention: float [G] seconds of each GPU's
-    attention block per layer (default: :func:`attention_time` of its tokens under ``workload``).
+    attention block per layer (default: :func:`attention_time` of its tokens under ``workload``), and
+    attention_compute its compute part (default: :func:`attention_compute_time` of the same; needed
+    for a predictor that runs beside it, :func:`sim.cost.beside_attention`).
     """
     L, G = loads.counts.shape[0], len(loads.home_tokens)
     if attention is None:
         attention = attention_time(loads.home_tokens, model, workload, hw)
     attn = _on_layers(attention, L, G)
     pred = _on_layers(np.asarray(plan.predictor_s, dtype=np.float64), L, G)
-    if hw.predictor_overlap:
-        pred = np.maximum(pred - attn, 0.0)        # beside the attention: only what sticks out
+    if hw.predictor_overlap:                       # beside the attention: only what sticks out
+        if attention_compute is None:
+            attention_compute = attention_compute_time(loads.home_tokens, model, workload, hw)
+        pred_compute = 0.0 if plan.predictor_compute_s is None else plan.predictor_compute_s
+        pred = _on_layers(beside_attention(attention, attention_compute, plan.predictor_s, pred_compute, hw), L, G)
     if hw.compute_units:
         # GPUs of a node share processors: predictor and attention, which all GPUs start at once, stretch
         busy = pred + attn

@@ -131,7 +131,8 @@ def test_overheads_hidden_beside_the_attention_are_explained(result):
     line = next(x for x in lines if "beside the attention" in x)
     assert line.startswith("At prefill 16384 tokens/step, overheads 0, 8.4 and 67 MFLOP/token give the same "
                            "speed-ups: a token predictor runs beside the attention (1161 µs per MoE layer here)")
-    assert "0 up to 67 MFLOP/token; at 350 MFLOP/token it outlasts it, by 3438 µs a layer" in line
+    assert "the two sharing the GPU's compute" in line
+    assert "0 up to 67 MFLOP/token; at 350 MFLOP/token it no longer fits and adds 3438 µs a layer" in line
     assert "the same speed-ups at prefill 16384 tokens/step, 0, 8.4 and 67 MFLOP/token" in \
         caption("predictor", dataclasses.replace(r, predictor=[st]))
     # a predictor that shows up at every overhead above 0 (predictors before the attention): nothing to explain
@@ -148,10 +149,14 @@ def test_the_sweeps_hidden_predictor_is_read_from_the_runs(result):
         for i, o in enumerate(st.overheads):
             us = syn[syn["synthetic_overhead_flops"] == o]["layer_predictor_us"]
             assert (i in st.hidden()) == bool((us == 0).all())
-    big = r.predictor[-1]                                 # 8192 tokens/step: 8.4 MFLOP/token hides behind attention
-    assert 1 in big.hidden() and np.array_equal(big.speedup[0], big.speedup[1])
-    assert any(x.startswith("At prefill 8192 tokens/step, overheads 0 and 8.4 MFLOP/token give the same speed-ups")
+    # the user's 256 tokens/step: 8.4 MFLOP/token fits beside the memory-bound attention; 8192 tokens/step: the
+    # attention is compute bound, and the predictor's FLOPs add to it
+    small, big = r.predictor[0], r.predictor[-1]
+    assert 1 in small.hidden() and np.array_equal(small.speedup[0], small.speedup[1])
+    assert any(x.startswith("At your point, overheads 0 and 8.4 MFLOP/token give the same speed-ups")
                for x in hypothetical_lines(r))
+    assert big.hidden() == [0] and np.nanmax(big.predictor_us[1]) > 0
+    assert (big.speedup[1] < big.speedup[0]).all()
 
 
 # ---------------------------------------------------------------------------- 4. steps per run
@@ -204,6 +209,26 @@ def test_a_recommendation_within_one_percent_of_the_runner_up_is_a_near_tie(resu
     lead = dataclasses.replace(r, headline=dataclasses.replace(h, winner=win, vs_runner_up=_vs(1.05, 1.03, 1.07)))
     assert "tie" not in terminal(lead).splitlines()[2] and NEAR_TIE < 1.05
     assert summary(lead)["recommendation"]["near_tie_with_runner_up"] is False
+
+
+def test_a_runner_up_whose_phases_do_not_differ_is_said_so(result):
+    """The reasons against the runner-up name the phases that differ; when none does (a tie on every step),
+    the line says so instead of ending on an empty list."""
+    from moe_gps.recommend.analysis import _reasons
+
+    r, _ = result
+    h = r.headline
+    win = {**h.winner, "candidate": "eplb +1/GPU", "strategy": "eplb", "family": "static", "redundant_slots": 4,
+           "slots_per_gpu_extra": 1}
+    same = dataclasses.replace(h, winner=win, vs_runner_up=dataclasses.replace(_vs(1.0, 1.0, 1.0, won=0), diff_ms=0.0))
+    line = next(x for x in _reasons(same, r.plan) if x.startswith("Against the runner-up"))
+    assert line == ("Against the runner-up dist:ema +1/GPU: the same time on every step, no phase of their MoE "
+                    "layers differs by 0.05 µs or more.")
+    differs = dataclasses.replace(h, winner=win, vs_runner_up=dataclasses.replace(
+        _vs(1.02, 1.01, 1.03), phases_us={"ffn": (350.0, 380.0)}))
+    line = next(x for x in _reasons(differs, r.plan) if x.startswith("Against the runner-up"))
+    assert line == "Against the runner-up dist:ema +1/GPU: ffn 380.0 µs (dist:ema +1/GPU) vs 350.0 µs (eplb +1/GPU) " \
+                   "per MoE layer."
 
 
 # ---------------------------------------------------------------------------- 7. figures

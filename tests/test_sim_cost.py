@@ -254,6 +254,25 @@ def test_a_dispatch_keeps_no_more_skew_than_the_combine_before_it():
     assert even.skew[:, [0, 2]] == pytest.approx(np.full((2, 2), hw.collective_skew))
 
 
+def test_a_predictor_beside_the_attention_shares_its_compute():
+    """What a predictor run beside the attention adds: nothing while both fit in the attention's time,
+    what it sticks out when it is the longer, and at least their compute times added when the two
+    together need more compute than the attention's time holds."""
+    from sim.cost import beside_attention
+
+    ovh = HW.attn_overhead
+    # a light predictor beside a memory-bound attention (100 us, 20 us of it compute): hidden
+    assert beside_attention(100e-6, 20e-6, 30e-6, 10e-6, HW) == pytest.approx(0.0)
+    # a predictor longer than the attention: what sticks out
+    assert beside_attention(100e-6, 20e-6, 150e-6, 40e-6, HW) == pytest.approx(50e-6)
+    # both compute bound: 90 + 80 us of compute (+ the attention's fixed time) do not fit in 100 us
+    assert beside_attention(100e-6, 90e-6, 85e-6, 80e-6, HW) == pytest.approx(90e-6 + ovh + 80e-6 - 100e-6)
+    # elementwise, and nothing on a GPU without tokens
+    got = beside_attention(np.array([0.0, 100e-6]), np.array([0.0, 90e-6]), np.array([0.0, 85e-6]),
+                           np.array([0.0, 80e-6]), HW)
+    assert got == pytest.approx([0.0, 70e-6 + ovh])
+
+
 def test_copies_charge_one_latency_per_expert_transferred():
     assert transfer_time(np.array([24e6]), np.array([True]), HW, transfers=np.array([2])) == \
         pytest.approx(24e6 / HW.intra_copy_bw + 2 * HW.intra_copy_lat)

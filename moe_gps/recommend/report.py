@@ -183,8 +183,8 @@ def _best_text(st, best: float) -> str:
 
 def _hidden_text(st) -> str | None:
     """Why some overheads give the same speed-ups: a token predictor runs beside the attention
-    (predictor_overlap), so its time is hidden up to the cost where it outlasts the attention; None where no
-    overhead above 0 is hidden."""
+    (predictor_overlap), so its time is hidden while it fits beside it (the two share the GPU's compute,
+    :func:`sim.cost.beside_attention`); None where no overhead above 0 is hidden."""
     hid = st.hidden()
     if not any(st.overheads[i] > 0 for i in hid):
         return None
@@ -196,11 +196,11 @@ def _hidden_text(st) -> str | None:
     tail = ""
     if shown:
         j = min(shown, key=lambda i: st.overheads[i])
-        tail = (f"; at {st.overheads[j] / 1e6:g} MFLOP/token it outlasts it, by {np.nanmax(st.predictor_us[j]):.0f} µs "
-                f"a layer")
+        tail = (f"; at {st.overheads[j] / 1e6:g} MFLOP/token it no longer fits and adds "
+                f"{np.nanmax(st.predictor_us[j]):.0f} µs a layer")
     return (f"{what}: a token predictor runs beside the attention ({st.attention_us:.0f} µs per MoE layer here), so "
-            f"its time is hidden up to the cost where it outlasts the attention (runs.csv's layer_predictor_us: 0 up "
-            f"to {top / 1e6:g} MFLOP/token{tail}).")
+            f"its time is hidden while it fits beside it, the two sharing the GPU's compute (runs.csv's "
+            f"layer_predictor_us: 0 up to {top / 1e6:g} MFLOP/token{tail}).")
 
 
 def _title_line(r: Recommendation) -> str:
@@ -333,8 +333,8 @@ def caption(name: str, r: Recommendation) -> str:
                + and_list([f"{st.overheads[i] / 1e6:g}" for i in st.hidden()]) + " MFLOP/token"
                for st in r.predictor if any(st.overheads[i] > 0 for i in st.hidden())]
         if why:
-            text += (" A token predictor runs beside the attention, so its time is hidden up to the cost where it "
-                     "outlasts the attention: the same speed-ups " + "; ".join(why) + ".")
+            text += (" A token predictor runs beside the attention, so its time is hidden while it fits beside it: "
+                     "the same speed-ups " + "; ".join(why) + ".")
     return text
 
 

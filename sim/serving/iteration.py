@@ -23,7 +23,7 @@ from moe_gps.config.loader import memory_use
 from moe_gps.config.schema import ClusterConfig, ModelConfig, WorkloadConfig
 from moe_gps.config.serving import IterationParts, SchedulerConfig
 from moe_gps.errors import UserError
-from sim.cost import Hardware, attention_block_time, expert_slot_time, roofline
+from sim.cost import Hardware, attention_block_compute, attention_block_time, expert_slot_time, roofline
 from sim.engine import EventModel
 from sim.loads import StepLoads
 from sim.strategies import SimContext, Strategy
@@ -121,6 +121,10 @@ class DenseParts:
         """float [G]: the attention block of one layer on each GPU."""
         return attention_block_time(b.tokens, b.context, b.kv, self.model, self.hw)
 
+    def attention_compute(self, b: BatchShape) -> np.ndarray:
+        """float [G]: the compute part of :meth:`attention` (for a predictor run beside it)."""
+        return attention_block_compute(b.tokens, b.context, self.model, self.hw)
+
     def before(self, b: BatchShape, attention: np.ndarray) -> np.ndarray:
         """float [G]: embeddings + the dense layers (attention + dense FFN each) before the MoE layers.
 
@@ -161,12 +165,12 @@ class MoELayers:
         self.copy_bytes = 0.0
         self.event_iterations = 0
 
-    def run(self, i: int, loads: StepLoads, attention: np.ndarray) -> float:
+    def run(self, i: int, loads: StepLoads, attention: np.ndarray, attention_compute: np.ndarray) -> float:
         """Seconds of the MoE layers of an iteration: test step ``i`` (the one its first token is from),
-        true routing ``loads``, attention float [G] seconds per layer."""
+        true routing ``loads``, attention float [G] seconds per layer and its compute part."""
         pending = self.engine.job_pending()
         d = self.strategy.step(i, loads, pending)
-        work = d.work(loads, self.ctx, attention)
+        work = d.work(loads, self.ctx, attention, attention_compute)
         self.copy_bytes += float(work.copy_bytes.sum())
         quiet = not pending and d.background is None and not len(work.copies) and not work.replan_host
         if self.fast and quiet:

@@ -87,7 +87,7 @@ def run_server(requests: Requests, stream: TokenStream, moe: MoELayers, dense: D
             attention = dense.attention(shape)
             before = float(dense.before(shape, attention).max())
             after = float(dense.after(shape).max())
-            moe_s = moe.run(stream.test_step(int(rows[0])), loads, attention)
+            moe_s = moe.run(stream.test_step(int(rows[0])), loads, attention, dense.attention_compute(shape))
             rest = before + after + overhead_s
             moe.outside(rest)
             t = moe_s + rest
