@@ -25,6 +25,11 @@ through :class:`moe_gps.trace.TraceWriter`, and at the end writes:
   when none), ``predicted_max_rank_tokens`` (mean over layers of the plan's max pairs per
   rank under the predicted loads) and ``measured_max_rank_tokens``;
 * ``placement.yaml``: the placement in force at the end.
+
+Rank 0 writes them into a hidden staging folder inside ``output.dir``
+(:func:`moe_gps.outputs.staged_outputs`); they move into the folder together when the run ends
+well, so that a run that fails (a full disk, a rank lost, Ctrl-C) leaves an earlier run's files
+as they were.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import contextlib
 import datetime as _dt
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,19 +93,30 @@ def gather_step(ctx, handle, batch, step_s: float, forward_s: float, move) -> li
     return out
 
 
+class RunAborted(Exception):
+    """The run stopped before :meth:`RunRecorder.finish` (its staged files are removed)."""
+
+
 class RunRecorder:
     """Rank 0's writer of the trace and the timings (see the module docstring)."""
 
     def __init__(self, cfg, mode: str, ctx, handle, source, command: str) -> None:
-        from moe_gps.outputs import check_output_file, locked_output_dir
+        from moe_gps.outputs import check_output_file, locked_output_dir, staged_outputs
 
         self.cfg, self.mode, self.ctx, self.handle, self.source = cfg, mode, ctx, handle, source
         self.dir = Path(cfg.output.dir)
-        self._stack = contextlib.ExitStack()          # the folder's lock, released by finish() or abort()
+        # the folder's lock and the staging folder the files are written into, closed by finish() (the files
+        # move into the folder) or abort() (the staging folder is removed)
+        self._stack = contextlib.ExitStack()
         self._stack.enter_context(locked_output_dir(self.dir, "output.dir"))
         self.trace_path = self.dir / cfg.output.trace
         for name in (cfg.output.trace, cfg.output.timings, cfg.output.steps, "placement.yaml", "summary.json"):
             check_output_file(self.dir / name, "output")
+        try:
+            self.stage = self._stack.enter_context(staged_outputs(self.dir)).path
+        except BaseException:
+            self._stack.close()
+            raise
         model = "random-mixtral-style" if not cfg.model.checkpoint else Path(cfg.model.checkpoint).name
         dataset = Path(cfg.input.trace).name if cfg.input.trace else "seeded-zipf"
         prov = {"tool": "runtime.launch", "command": command,
@@ -111,10 +128,10 @@ class RunRecorder:
         meta = TraceMeta("tokens", handle.num_layers, handle.num_experts, handle.top_k, model=model,
                          dataset=dataset, source="collected", provenance=json.loads(json.dumps(prov, default=str)))
         try:
-            self.writer = TraceWriter(self.trace_path, meta, with_weights=True,
+            self.writer = TraceWriter(self.stage / cfg.output.trace, meta, with_weights=True,
                                       optional=("token_id", "seq", "pos", "rank"))
         except BaseException:
-            self._stack.close()
+            self._stack.__exit__(*sys.exc_info())
             raise
         self.layer_rows: list[np.ndarray] = []
         self.step_rows: list[dict] = []
@@ -154,7 +171,7 @@ class RunRecorder:
         return routing
 
     def abort(self) -> None:
-        """Remove the temporary trace and release the folder (nothing to do after :meth:`finish`)."""
+        """Remove the staged files and release the folder (nothing to do after :meth:`finish`)."""
         if self._stack is None:
             return
         try:
@@ -162,8 +179,8 @@ class RunRecorder:
         except Exception:
             pass
         finally:
-            self._stack.close()
-            self._stack = None
+            stack, self._stack = self._stack, None
+            stack.__exit__(RunAborted, RunAborted(), None)        # an error: the staging folder is removed
 
     def finish(self, placement) -> dict:
         import pandas as pd
@@ -177,9 +194,9 @@ class RunRecorder:
             layers[c] = layers[c].astype(np.int64)
         steps = pd.DataFrame(self.step_rows)
         timings_path, steps_path = self.dir / self.cfg.output.timings, self.dir / self.cfg.output.steps
-        write_csv_atomic(timings_path, layers, exact=EXACT_FLOATS)
-        write_csv_atomic(steps_path, steps, exact=EXACT_FLOATS)
-        save_placement(placement, self.dir / "placement.yaml")
+        write_csv_atomic(self.stage / self.cfg.output.timings, layers, exact=EXACT_FLOATS)
+        write_csv_atomic(self.stage / self.cfg.output.steps, steps, exact=EXACT_FLOATS)
+        save_placement(placement, self.stage / "placement.yaml")
 
         w = self.cfg.duplication.warmup_steps if self.mode != "off" else 0
         post = layers[layers.step >= min(w, int(layers.step.max()))]
@@ -213,9 +230,9 @@ class RunRecorder:
                    "balancedness": float((mean_layer / per_layer).mean()), "mean_step_s": float(r0.step_s.mean()),
                    "per_layer": [{(k[:-2] + "_ms" if k.endswith("_s") else k): (v if k == "layer" else float(v))
                                   for k, v in row.items()} for row in rows]}
-        write_text_atomic(self.dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"},
-                                                                indent=2) + "\n")
-        self._stack.close()
-        self._stack = None
+        write_text_atomic(self.stage / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"},
+                                                                  indent=2) + "\n")
+        stack, self._stack = self._stack, None
+        stack.close()                   # the files move into the folder together, the lock is released
         return summary
 

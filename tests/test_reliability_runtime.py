@@ -214,8 +214,9 @@ def test_crashed_rank_is_named_under_torchrun_and_leaves_no_temporary_file(tmp_p
 
 
 def test_sigterm_to_a_running_rank_removes_its_temporary_trace(tmp_path):
-    """One rank without torchrun, stopped as soon as its temporary trace file appears, then SIGTERM:
-    exit 143 with one line, and nothing left (the folder the run made goes too)."""
+    """One rank without torchrun, stopped as soon as its temporary trace file appears (in the staging folder
+    inside the output folder), then SIGTERM: exit 143 with one line, and nothing left (the folder the run made
+    goes too)."""
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**TINY, "run": {"steps": 400, "timeout_s": 20}}))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--config", str(tmp_path / "run.yaml"),
@@ -223,7 +224,7 @@ def test_sigterm_to_a_running_rank_removes_its_temporary_trace(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 120
-        while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+        while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.rglob("*"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.002)
         proc.send_signal(signal.SIGSTOP)

@@ -129,6 +129,32 @@ def test_dead_rank_gives_an_error_naming_it(tmp_path):
                                                 # the run made is removed again
 
 
+def _worker_with_a_full_disk_at_the_end(ctx, doc: dict, runs: list[tuple]):
+    """launch_worker, with rank 0's last file (summary.json) failing to write as on a full disk."""
+    import errno
+
+    import runtime.record
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    runtime.record.write_text_atomic = full
+    return launch_worker(ctx, doc, runs)
+
+
+def test_a_run_that_fails_at_its_last_file_leaves_the_earlier_runs_files(tmp_path):
+    """The run's files are staged and move into the folder together: a run that fails writing its last
+    one (a full disk) leaves the earlier run's five files as they were, and no staging folder."""
+    out = tmp_path / "out"
+    run_local(launch_worker, 2, TINY, [("dist-only", str(out))], timeout_s=120)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"trace.parquet", "timings.csv", "steps.csv", "placement.yaml", "summary.json"} <= set(before)
+    res = run_local(_worker_with_a_full_disk_at_the_end, 2, {**TINY, "run": {**TINY["run"], "steps": 5}},
+                    [("off", str(out))], timeout_s=120, return_errors=True)
+    assert isinstance(res[0], RankFailed) and "No space left on device" in res[0].message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_stuck_rank_times_out_with_an_error_naming_it(tmp_path):
     doc = {**TINY, "run": {**TINY["run"], "timeout_s": 2}}
     res = run_local(launch_worker, 2, doc, [("off", str(tmp_path / "stuck"))], "1:2:hang",
