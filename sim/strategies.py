@@ -203,7 +203,8 @@ class Strategy:
                     self.replans += 1
                     copy_bytes = np.bincount(moves.layer, weights=moves.bytes, minlength=L)
                     if ctx.copy_policy == "async":
-                        self.pending, self.pending_moves, background = cand, moves, moves
+                        # the transfers run in the background; the copies between slots come with the install
+                        self.pending, self.pending_moves, background = cand, moves, moves.between_gpus()
                     else:
                         copies = moves if ctx.copy_policy != "hidden" else None
                         self.current = cand
@@ -617,11 +618,9 @@ class OraclePlan(Strategy):
             return self._step_time(cand) < self._step_time(self.current)
         moves = moves_of()
         if ctx.copy_policy == "async":
-            # a bound on the job's length (its copies one after another), the steps it spans (they
+            # a bound on the job's length (its transfers one after another), the steps it spans (they
             # can only be longer than without copies), and what it slows down meanwhile
-            link = moves.src != moves.dst
-            local = np.bincount(moves.dst[~link], weights=moves.seconds[~link], minlength=self.num_gpus)
-            length = float(moves.seconds[link].sum() + local.max(initial=0.0))
+            length = float(moves.between_gpus().seconds.sum())
             price, elapsed, j = install_time(moves, self.num_gpus, self.hw), 0.0, i
             stretch = ctx.bandwidth_share / (1 - ctx.bandwidth_share)
             while elapsed < length:

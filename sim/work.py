@@ -61,6 +61,12 @@ class Copies:
     def __len__(self) -> int:
         return len(self.layer)
 
+    def between_gpus(self) -> "Copies":
+        """The transfers alone (rows with src != dst): what runs in the background under ``async``; the
+        work within a GPU is the install's (:func:`install_time`)."""
+        link = self.src != self.dst
+        return Copies(self.layer[link], self.src[link], self.dst[link], self.bytes[link], self.seconds[link])
+
 
 @dataclass
 class StepWork:

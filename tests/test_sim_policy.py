@@ -70,6 +70,38 @@ def test_copy_cost_by_policy_by_hand():
     assert cost("hidden") == 0.0
 
 
+def test_async_copies_between_slots_are_the_installs_not_the_background_jobs():
+    """Under async the transfers run in the background; the copies between a GPU's slots (old rows copied
+    aside, local copies) are made by the install when the placement switches in, and charged there once:
+    the background job holds the transfers only."""
+    from moe_gps.placement import plan_placement
+    from sim.work import install_time, weight_copies
+
+    hw = Hardware.from_config(load_cluster("4xA100-nvlink"), MODEL)
+    before = plan_placement(np.array([[9.0, 1, 1, 1, 1, 1, 1, 1]] * 2), 4, 4, "eplb")
+    after = plan_placement(np.array([[1.0, 1, 1, 1, 1, 1, 1, 9]] * 2), 4, 4, "eplb")
+    moves = weight_copies(before, after, MODEL.expert_bytes, hw, 0.5)
+    local = moves.src == moves.dst
+    assert local.any() and (~local).any()
+    job = moves.between_gpus()
+    assert len(job) == int((~local).sum()) and (job.src != job.dst).all()
+    assert job.seconds.sum() == pytest.approx(moves.seconds[~local].sum())
+    # the install charges the received experts (staging -> slot) and the copies between slots
+    received = np.bincount(moves.dst[~local], weights=moves.bytes[~local], minlength=4)
+    within = np.bincount(moves.dst[local], weights=moves.seconds[local], minlength=4)
+    assert install_time(moves, 4, hw) == pytest.approx(hw.install_overhead + (2 * received / hw.hbm + within).max())
+    # a simulation: the timeline's background lane has transfers only
+    # a simulation whose re-plan copies between slots (eplb, the hot expert moving): the timeline's
+    # background lane has transfers only
+    eplb = dataclasses.replace(strategy_from_name("eplb"), replan_interval=2, window=1, min_gain=0.0)
+    cfg = SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=MODEL, train_steps=2, copy_policy="async",
+                         strategies=[strategy_from_name("none"), eplb])
+    r = simulate(shifting_trace(steps=14), cfg, progress=False, timeline_steps=range(2, 14))
+    assert r.get("eplb").replans >= 1
+    lane = {row[2].rsplit(" ", 1)[0] for row in r.timeline["eplb"] if row[0] == "link"}
+    assert lane == {"background copy"}
+
+
 # ---------------------------------------------------------------------------- the min_gain rule
 
 def test_min_gain_weighs_the_saving_against_the_copies():
