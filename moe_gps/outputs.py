@@ -223,12 +223,13 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
     """Check ``path`` (:func:`check_output_dir`), create it and hold its lock while the block runs.
 
     A second run into the same folder fails at once: ``UserError`` naming the first run
-    (pid, start time, command). The lock file is removed at the end; a folder this call
-    created is removed again if the run left it empty (e.g. it failed before writing).
+    (pid, start time, command). The lock file is removed at the end; the folders this call
+    created (the output folder and any missing folder above it) are removed again if the run left
+    them empty (e.g. it failed before writing).
     """
     p = check_output_dir(path, flag)
     where = _where(path, flag)
-    created = not p.exists()
+    created = [d for d in (p, *p.parents) if not d.exists()]         # the folders mkdir makes, deepest first
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -249,9 +250,11 @@ def locked_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Itera
             with contextlib.suppress(OSError):
                 os.unlink(lock)
             os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                p.rmdir()            # only when empty
+        for d in created:
+            try:
+                d.rmdir()            # only when empty
+            except OSError:
+                break
 
 
 _SCOPES: list[contextlib.ExitStack] = []

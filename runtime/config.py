@@ -295,14 +295,19 @@ def check_outputs_spare_inputs(cfg: RunConfig, out_dir: str, out_name: str) -> N
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
-    """Read the files the config names as every rank will (input.trace fully validated, the
-    duplication.placement plan), so that a damaged one is one line before any rank starts."""
+    """Read the files the config names as every rank will (model.checkpoint's config.json there, input.trace
+    fully validated, the duplication.placement plan, the cluster file), so that a damaged one is one line
+    before any rank starts."""
     from moe_gps.placement import load_placement
     from moe_gps.trace import load_trace
 
     def named(sec: str, key: str, err: UserError) -> UserError:
         return UserError(f"{cfg.source}: {sec}.{key}: {err}")
 
+    ckpt = cfg.model.checkpoint
+    if ckpt and not (Path(ckpt) / "config.json").is_file():
+        raise UserError(f"{cfg.source}: model.checkpoint: {ckpt}: not a HuggingFace checkpoint folder "
+                        "(no config.json)")
     if cfg.input.trace:
         try:
             load_trace(cfg.input.trace)

@@ -239,6 +239,13 @@ def test_second_run_into_a_locked_folder_fails_at_once(tmp_path):
     with locked_output_dir(tmp_path / "never-written"):
         pass
     assert not (tmp_path / "never-written").exists()       # a folder the run made and left empty goes too
+    with locked_output_dir(tmp_path / "a" / "b" / "c"):    # and the folders above it that it made
+        pass
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a" / "keep").mkdir(parents=True)
+    with locked_output_dir(tmp_path / "a" / "b" / "c"):
+        pass
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep"]      # never one that was there before
 
 
 def _holder_line(folder: Path) -> str:

@@ -206,6 +206,31 @@ def test_a_run_never_writes_over_its_own_inputs(tmp_path, capsys):
     assert "--out must name a folder, got ''" in one_line(capsys, code)
 
 
+def test_moe_gps_run_checks_the_checkpoint_and_the_folders_lock_before_torchrun(tmp_path, capsys):
+    """A model.checkpoint without config.json, and an output folder another run is writing to: one line and
+    exit 2 from `moe-gps run` itself (they used to surface on the ranks, under torchrun's failure dump)."""
+    pytest.importorskip("torch")
+    from moe_gps.outputs import locked_output_dir
+
+    (tmp_path / "ckpt").mkdir()
+    doc = {"model": {"checkpoint": "ckpt"}, "run": {"steps": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    run = ["run", "--nproc", "2", "--config", str(tmp_path / "r.yaml"), "--duplication", "off"]
+    code = main(run + ["-o", str(tmp_path / "out")])
+    assert "model.checkpoint: " in (line := one_line(capsys, code)) and "no config.json" in line
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": {"num_layers": 2, "hidden_size": 64,
+                                                               "intermediate_size": 64, "num_heads": 2},
+                                                     "duplication": {"num_redundant": 0}}))
+    with locked_output_dir(tmp_path / "busy"):
+        code = main(run + ["-o", str(tmp_path / "busy")])
+    assert "another run is writing to this folder" in one_line(capsys, code)
+    # a warm-up as long as the run: a note that it never plans (here before --nproc's own error)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"run": {"steps": 3}, "duplication": {"warmup_steps": 50}}))
+    code = main(run[:-1] + ["dist-only", "--nproc", "100000", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "note: duplication.warmup_steps=50 is not below the 3 steps of the run" in err
+
+
 @pytest.mark.parametrize("mode, duplication, message", [
     ("dist-only", {"distribution_predictor": "nope"}, "duplication.distribution_predictor: unknown predictor 'nope'"),
     ("dist-only", {"distribution_predictor": "oracle"},

@@ -86,7 +86,7 @@ def _need(module: str, extra: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     _need("torch", "runtime")
     from moe_gps import signals
-    from moe_gps.outputs import check_output_dir
+    from moe_gps.outputs import check_output_dir, locked_output_dir
     from runtime.config import check_outputs_spare_inputs, check_run_inputs, load_run_config
     cfg = load_run_config(args.config)
     if args.out is not None and not args.out.strip():
@@ -94,11 +94,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     out, out_name = (args.out, "--out") if args.out else (cfg.output.dir, "output.dir")
     check_output_dir(out, out_name if args.out else f"{args.config}: output.dir")
     check_outputs_spare_inputs(cfg, out, out_name)
+    with locked_output_dir(out, out_name if args.out else f"{args.config}: output.dir"):
+        pass                      # another run writing there is one line now, not an error on rank 0 later
     check_run_inputs(cfg)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
+    steps = args.steps if args.steps is not None else cfg.run.steps
+    if args.duplication != "off" and not cfg.duplication.placement and cfg.duplication.warmup_steps >= steps:
+        print(f"moe-gps run: note: duplication.warmup_steps={cfg.duplication.warmup_steps} is not below the "
+              f"{steps} steps of the run: it ends before its first plan, so --duplication {args.duplication} "
+              f"runs as it started (lower warmup_steps, or run more steps)", file=sys.stderr)
     device = local_device(args.device or cfg.run.device, "--device" if args.device else f"{args.config}: run.device")
     check_nproc(args.nproc, device)
     if not cfg.model.checkpoint:
