@@ -203,8 +203,8 @@ def check_run_config(cfg: RunConfig) -> None:
     if m.dtype not in DTYPES:
         raise UserError(f"{w}: model.dtype {m.dtype!r} is not one of {', '.join(DTYPES)}")
     if not 0 <= m.router_bias_std <= MAX_ROUTER_BIAS_STD:
-        raise UserError(f"{w}: model.router_bias_std must be in [0, {MAX_ROUTER_BIAS_STD:g}] (a router logit's "
-                        f"standard deviation: far below that the routing is one-hot already), got "
+        raise UserError(f"{w}: model.router_bias_std must be in [0, {MAX_ROUTER_BIAS_STD:g}] (the standard "
+                        f"deviation of a router logit bias: the routing is one-hot long before that), got "
                         f"{m.router_bias_std:g}")
     for sec, name, value in (("model", "seed", m.seed), ("input", "seed", i.seed)):
         if value > MAX_SEED:

@@ -92,9 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise UserError(f"--out must name a folder, got {args.out!r}")
     out, out_name = (args.out, "--out") if args.out else (cfg.output.dir, "output.dir")
-    check_output_dir(out, out_name if args.out else f"{args.config}: output.dir")
+    where = out_name if args.out else f"{args.config}: output.dir"
+    check_output_dir(out, where)
     check_outputs_spare_inputs(cfg, out, out_name)
-    with locked_output_dir(out, out_name if args.out else f"{args.config}: output.dir"):
+    with locked_output_dir(out, where):
         pass                      # another run writing there is one line now, not an error on rank 0 later
     check_run_inputs(cfg)
     if args.nproc < 1:
