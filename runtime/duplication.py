@@ -87,7 +87,7 @@ class DuplicationPolicy:
             self.fixed = load_placement(cfg.placement)
             p = self.fixed
             if (p.num_layers, p.num_experts, p.num_gpus) != (self.L, self.E, self.N):
-                raise UserError(f"{cfg.placement}: the plan is for {p.num_layers} layers, {p.num_experts} experts, "
+                raise UserError(f"duplication.placement: {cfg.placement}: the plan is for {p.num_layers} layers, {p.num_experts} experts, "
                                 f"{p.num_gpus} GPUs; this run has {self.L} MoE layers, {self.E} experts, "
                                 f"{self.N} ranks")
             self.R = p.num_redundant

@@ -88,7 +88,29 @@ def _main(argv: list[str] | None) -> int:
         if failed is None:
             raise
         return failed
+    except RuntimeError as err:
+        line = _torch_failure(err, cfg)
+        if line is None:
+            raise
+        print(f"runtime.launch: error: rank {rank}: {line}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _torch_failure(err: RuntimeError, cfg) -> str | None:
+    """One line for a torch failure a user can act on (out of memory, the ranks not reaching each other
+    at start), else None."""
+    import torch
+    import torch.distributed as dist
+
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)[:300]
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(err):
+        return (f"out of memory ({first}); make the model (model.num_layers, hidden_size, intermediate_size, "
+                f"num_experts) or the batch (input.batch_size x input.seq_len) smaller")
+    if isinstance(err, (dist.DistNetworkError, dist.DistStoreError)):
+        return (f"the ranks did not reach each other within run.timeout_s ({cfg.run.timeout_s:g} s): {first}; "
+                f"give run.timeout_s more time")
+    return None
 
 
 def _fault(ctx, step: int) -> None:

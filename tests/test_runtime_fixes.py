@@ -230,7 +230,7 @@ def test_a_cluster_file_for_other_ranks_is_one_line_before_torchrun(tmp_path, ca
     cfg = _config(tmp_path, min_gain=1.0, cluster=str(cluster))
     err = one_line(capsys, main(["run", "--config", cfg, "--duplication", "dist-only", "--nproc", "2",
                                  "--out", str(tmp_path / "out")]))
-    assert "the cluster has 4 GPUs, this run 2 ranks" in err
+    assert "duplication.cluster: " in err and "the cluster has 4 GPUs, this run 2 ranks" in err
     assert no_torchrun == []
     assert main(["run", "--config", cfg, "--duplication", "off", "--nproc", "2",       # off: no cost model
                  "--out", str(tmp_path / "out")]) == 0 and len(no_torchrun) == 1
@@ -287,3 +287,37 @@ def test_validate_runs_the_plan_file_for_static_only(tmp_path):
         assert for_mode(run_cfg, mode).duplication.placement is None
         assert for_mode(run_cfg, mode).duplication.copy_policy == run_cfg.duplication.copy_policy
     assert load_run_config(cfg).duplication.placement == str(plan)
+
+
+@pytest.mark.parametrize("raised, line", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 51539607552 bytes. Error code 12 (Cannot allocate memory)"),
+     "runtime.launch: error: rank 0: out of memory ([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+     "can't allocate memory: you tried to allocate 51539607552 bytes. Error code 12 (Cannot allocate memory)); make "
+     "the model (model.num_layers, hidden_size, intermediate_size, num_experts) or the batch (input.batch_size x "
+     "input.seq_len) smaller"),
+    ("dist", "runtime.launch: error: rank 0: the ranks did not reach each other within run.timeout_s (60 s): The "
+             "client socket has timed out after 1ms while trying to connect to (127.0.0.1, 29500).; give "
+             "run.timeout_s more time"),
+])
+def test_torch_failures_a_user_can_act_on_are_one_line(tmp_path, capsys, monkeypatch, raised, line):
+    """Out of memory while building the model, and ranks that cannot reach each other at the rendezvous
+    (a run.timeout_s too short): one line naming what to change, exit 2, instead of a traceback per rank."""
+    import torch.distributed as dist
+
+    import runtime.launch as launch
+
+    if raised == "dist":
+        raised = dist.DistNetworkError("The client socket has timed out after 1ms while trying to connect to "
+                                       "(127.0.0.1, 29500).")
+
+    def fail(*a, **k):
+        raise raised
+
+    monkeypatch.setattr(launch, "run", fail)
+    (tmp_path / "r.yaml").write_text("run:\n  steps: 2\n")
+    code = launch._main(["--config", str(tmp_path / "r.yaml"), "--duplication", "off", "--out", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err == line + "\n"
+    monkeypatch.setattr(launch, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        launch._main(["--config", str(tmp_path / "r.yaml"), "--duplication", "off", "--out", str(tmp_path / "o")])

@@ -199,7 +199,7 @@ def test_config_errors_name_file_and_key(tmp_path):
     from runtime.duplication import DuplicationPolicy
     cfg = parse_run_config({})
     cfg.duplication.placement = _plan_file(tmp_path / "p.yaml")          # a plan for 2 GPUs
-    with pytest.raises(UserError, match=r"p.yaml: the plan is for 2 layers, 8 experts, 2 GPUs; this run has 2 MoE "
+    with pytest.raises(UserError, match=r"duplication.placement: .*p.yaml: the plan is for 2 layers, 8 experts, 2 GPUs; this run has 2 MoE "
                                         r"layers, 8 experts, 4 ranks"):
         DuplicationPolicy("static", cfg.duplication, 4, 2, 8, 2, 64)
     with pytest.raises(UserError, match="reads the routing of the step itself"):
