@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_gps.config.loader import check_combination, check_model_matches_trace
-from moe_gps.config.schema import SimulateConfig, StrategyConfig
+from moe_gps.config.loader import check_combination, check_model_matches_trace, memory_use
+from moe_gps.config.schema import ClusterConfig, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig
 from moe_gps.errors import UserError
 from moe_gps.placement import plan_placement
 from moe_gps.placement.placement import row_max
@@ -281,11 +281,32 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
                                       arrays.copy_bytes[k], extra, R, replans, seconds))
         if rows:
             timeline[st.name] = rows
+    notes += staging_notes(results, cluster, model, workload, peak_tokens)
     inferred = [line for line in (regrouped, unused_rank_note(trace, G, test_steps)) if line]
     result = SimResult(config, test_steps, arrays.tokens, arrays.expert_skew, arrays.base_skew, results, notes,
                        warnings=warnings, inferred=inferred, timeline=timeline)
     result.verdict = verdict_of(result)
     return result
+
+
+def staging_notes(results: list[StrategyResult], cluster: ClusterConfig, model: ModelConfig,
+                  workload: WorkloadConfig, peak_tokens: float) -> list[str]:
+    """A note for each strategy whose background (async) re-plans staged more expert bytes on one GPU than
+    its memory has free beside its weights and KV cache (:func:`moe_gps.config.loader.memory_use`): the
+    simulator switches a placement in once all its weights have landed, holding them meanwhile."""
+    out = []
+    G, gb = cluster.num_gpus, 1e9
+    for r in results:
+        if r.info.staged_bytes <= 0:
+            continue
+        mem = memory_use(cluster, model, workload, (model.num_experts + r.redundant_slots) // G, peak_tokens)
+        free = mem.available - mem.total
+        if r.info.staged_bytes > free:
+            out.append(f"{r.name}: its background re-plans stage up to {r.info.staged_bytes / gb:.1f} GB of received "
+                       f"experts on one GPU until the switch, more than the {max(free, 0.0) / gb:.1f} GB its memory "
+                       f"has free beside its weights and KV cache; a deployment has to stage fewer at once (a layer "
+                       f"at a time, say) or runs out of memory")
+    return out
 
 
 def _groups(kinds: list[str], jobs: int) -> list[list[int]]:

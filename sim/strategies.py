@@ -76,7 +76,7 @@ class StrategyInfo:
     predictor: str = ""
     accuracy: float | None = None          # token kind: top-k recall over the simulated steps
     predictor_cost: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    staged_bytes: float = 0.0              # async: the most expert bytes one GPU held in staging for a switch
 
 
 @dataclass
@@ -205,6 +205,8 @@ class Strategy:
                     if ctx.copy_policy == "async":
                         # the transfers run in the background; the copies between slots come with the install
                         self.pending, self.pending_moves, background = cand, moves, moves.between_gpus()
+                        staged = np.bincount(background.dst, weights=background.bytes, minlength=self.num_gpus)
+                        self.info.staged_bytes = max(self.info.staged_bytes, float(staged.max(initial=0.0)))
                     else:
                         copies = moves if ctx.copy_policy != "hidden" else None
                         self.current = cand

@@ -102,6 +102,30 @@ def test_async_copies_between_slots_are_the_installs_not_the_background_jobs():
     assert lane == {"background copy"}
 
 
+def test_a_note_names_background_re_plans_that_stage_more_than_the_memory_left():
+    """Under async the received experts wait in staging until the switch; a strategy that stages more on one
+    GPU than its memory has free beside its weights and KV cache gets a note (the numbers stand)."""
+    from moe_gps.config.loader import memory_use
+
+    trace = shifting_trace(steps=14)
+    eplb = dataclasses.replace(strategy_from_name("eplb"), replan_interval=2, window=1, min_gain=0.0)
+    roomy = run(trace, ["none", eplb], copy_policy="async")
+    staged = roomy.get("eplb").info.staged_bytes
+    assert staged > 0 and not any("stage up to" in n for n in roomy.notes)
+    base = load_cluster("4xA100-nvlink")
+    r = roomy.get("eplb")
+    mem = memory_use(base, MODEL, roomy.config.workload, (8 + r.redundant_slots) // 4, float(roomy.tokens.max()))
+    tight = dataclasses.replace(base, gpu=dataclasses.replace(
+        base.gpu, hbm_capacity_gb=(mem.total + staged / 2) / 1e9 + base.gpu.reserved_memory_gb))
+    short = run(trace, ["none", eplb], cluster=tight, copy_policy="async")
+    notes = [n for n in short.notes if "stage up to" in n]
+    assert notes == [f"eplb: its background re-plans stage up to {staged / 1e9:.1f} GB of received experts on one "
+                     f"GPU until the switch, more than the {staged / 2e9:.1f} GB its memory has free beside its "
+                     f"weights and KV cache; a deployment has to stage fewer at once (a layer at a time, say) or "
+                     f"runs out of memory"]
+    assert np.array_equal(short.get("eplb").layer_time, roomy.get("eplb").layer_time)
+
+
 # ---------------------------------------------------------------------------- the min_gain rule
 
 def test_min_gain_weighs_the_saving_against_the_copies():
