@@ -435,3 +435,20 @@ def test_take_layers_keeps_the_same_floats():
     assert np.array_equal(q.log2phy, Placement(phy[index], 3, 3, share[index], allow_colocated=True).log2phy)
     twice = p.take_layers(np.tile(np.arange(50), 2))
     assert np.array_equal(twice.replica_share, np.tile(p.replica_share, (2, 1)))
+
+
+def test_sglang_static_dispatch_sends_a_ranks_tokens_to_its_own_replica_first():
+    """2 GPUs, 2 experts, 2 slots each: GPU 0 holds expert 0 twice, GPU 1 experts 0 and 1; loads 4 and 2.
+    Static dispatch: each rank keeps its 2 tokens of expert 0 (both hold it); expert 1's tokens all go to
+    GPU 1 (rank 0 holds none) -> GPU loads 2 and 4, balancedness 0.75. An even split over the replicas
+    would give 2.67 and 3.33 (0.9)."""
+    from moe_gps.placement.export import even_share_balancedness, sglang_static_balancedness
+
+    p = Placement(np.array([[0, 0, 0, 1]]), 2, 2, allow_colocated=True)
+    loads = np.array([[4.0, 2.0]])
+    assert sglang_static_balancedness(p, loads) == pytest.approx([0.75])
+    assert even_share_balancedness(p, loads) == pytest.approx([0.9])
+    # 6 GPUs, one slot each, expert 1 on GPUs 1 and 3, every other expert once; 1 token of each expert per
+    # rank: the 4 ranks without expert 1 spread 2 and 2 over its replicas -> GPU loads 6, 3, 6, 3, 6, 6
+    q = Placement(np.array([[0, 1, 2, 1, 3, 4]]), 6, 5)
+    assert sglang_static_balancedness(q, np.full((1, 5), 6.0)) == pytest.approx([5 / 6])

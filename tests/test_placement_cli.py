@@ -78,9 +78,15 @@ def test_plan_waterfill_with_previous_json_and_export_note(counts_trace, tmp_pat
                                         "source": "--first-moe-layer"}
     assert report["exports"][0]["server_flags"].startswith("--ep-size 4 --ep-num-redundant-experts 4 ")
     assert len(json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]) == 5
-    p = load_placement(second)
-    if not p.shares_are_even:
-        assert "uneven shares are not in the exported map" in captured.err
+    # an SGLang export: the balancedness under SGLang's static dispatch (a rank's own replica first)
+    assert "moe-gps: note: SGLang's static dispatch (on with --init-expert-location) sends a rank's tokens" \
+        in captured.err and "this layout gives balancedness " in captured.err
+    rc = main(["plan", str(path), "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill", "--steps", "4:",
+               "-o", str(tmp_path / "third.yaml"), "--vllm", str(tmp_path / "v.json")])
+    err = capsys.readouterr().err
+    assert rc == 0 and (("vLLM splits an expert's tokens evenly over its replicas" in err)
+                        == (not load_placement(tmp_path / "third.yaml").shares_are_even))
+    assert "SGLang" not in err
 
 
 @pytest.mark.parametrize("argv, message", [

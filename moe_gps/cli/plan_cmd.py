@@ -187,7 +187,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moe_gps.atomic import write_text_atomic
     from moe_gps.jsonsafe import dumps_json
     from moe_gps.outputs import check_output_file
-    from moe_gps.placement.export import even_share_balancedness, server_flags
+    from moe_gps.placement.export import even_share_balancedness, server_flags, sglang_static_balancedness
     from moe_gps.tables import format_indices, format_table
     from moe_gps.trace import load_trace
 
@@ -302,22 +302,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       "vllm-ascend": "vLLM Ascend"}[fmt]
             print(f"run {server} with: {f}")
             if fmt == "vllm":
-                print(f"  (EP size = --tensor-parallel-size x --data-parallel-size must be {plan.num_gpus}; vLLM "
-                      "re-plans every step_interval steps, default 3000, from its own load window)")
+                print(f"  (EP size = --tensor-parallel-size x --data-parallel-size (x the prefill context parallel "
+                      f"size, where used) must be {plan.num_gpus}; vLLM re-plans every step_interval steps, default "
+                      "3000, from its own load window)")
             if fmt.startswith("sglang"):
-                print("  (only for a model class that describes its expert layout to SGLang, as DeepSeek-V2/V3's "
-                      "and Qwen-MoE's do; with any other SGLang assumes one expert per layer and fails on the file "
-                      "at start-up)")
+                print(f"  (the world size, --tp-size x --pp-size, must be {plan.num_gpus} too: the file puts slot s "
+                      f"on rank s // {plan.slots_per_gpu}; only for a model class that describes its expert layout "
+                      "to SGLang, as DeepSeek-V2/V3's and Qwen-MoE's do; with any other SGLang assumes one expert "
+                      "per layer and fails on the file at start-up)")
                 if "mixtral" in str(meta.model).lower():
                     print(f"moe-gps: warning: {meta.model}: SGLang's Mixtral class did not describe its expert "
                           "layout in the versions read (docs/placement.md); check yours before using the file",
                           file=sys.stderr)
-    if exports and not plan.shares_are_even:
+    planned = float(m.balancedness.mean())
+    if any(fmt.startswith("vllm") for fmt, _ in exports) and not plan.shares_are_even:
         sys.stdout.flush()
         even = float(even_share_balancedness(plan, loads).mean())
-        print(f"moe-gps: note: SGLang and vLLM split an expert's tokens evenly over its replicas; this plan's "
-              f"uneven shares are not in the exported map, which gives balancedness {even:.4f} with an even "
-              f"split (plan: {float(m.balancedness.mean()):.4f})", file=sys.stderr)
+        print(f"moe-gps: note: vLLM splits an expert's tokens evenly over its replicas; this plan's uneven shares "
+              f"are not in the exported map, which gives balancedness {even:.4f} with an even split (plan: "
+              f"{planned:.4f})", file=sys.stderr)
+    if any(fmt == "sglang" for fmt, _ in exports):
+        sys.stdout.flush()
+        static = float(sglang_static_balancedness(plan, loads).mean())
+        print(f"moe-gps: note: SGLang's static dispatch (on with --init-expert-location) sends a rank's tokens of "
+              f"an expert to its own replica when it holds one, else to one replica, the ranks without one spread "
+              f"evenly over them: this layout gives balancedness {static:.4f} there, tokens starting evenly over "
+              f"the ranks (plan: {planned:.4f}; docs/placement.md)",
+              file=sys.stderr)
     return 0
 
 

@@ -2,9 +2,10 @@
 
 All of them carry only the physical-to-logical map (which logical expert each
 physical slot holds); the servers split an expert's tokens over its replicas
-themselves, evenly or by their own dispatch rule. A plan with uneven shares
-therefore loses its shares on export: :func:`even_share_balancedness` says what
-balance the exported layout gets with an even split. What each format is, and where
+themselves, evenly (vLLM) or by their own dispatch rule (SGLang: a rank's own replica
+first). A plan with uneven shares therefore loses its shares on export:
+:func:`even_share_balancedness` and :func:`sglang_static_balancedness` say what balance the
+exported layout gets there. What each format is, and where
 it comes from, is documented in docs/placement.md ("Exporting to SGLang and vLLM").
 
 * ``sglang``: JSON ``{"physical_to_logical_map": [[...], ...]}``, one row per decoder
@@ -132,6 +133,27 @@ def even_share_balancedness(p: Placement, loads: np.ndarray) -> np.ndarray:
     """Balancedness per layer [L] of ``p``'s layout if the server splits tokens evenly over replicas."""
     even = Placement(p.phy2log, p.num_gpus, p.num_experts, None, allow_colocated=True)
     return balancedness(even.gpu_loads(loads))
+
+
+def sglang_static_balancedness(p: Placement, loads: np.ndarray) -> np.ndarray:
+    """Balancedness per layer [L] of ``p``'s layout under SGLang's static dispatch, which an
+    ``--init-expert-location`` file turns on: each rank sends all its tokens of an expert to one replica,
+    its own when it holds one, else one that SGLang picks so that the ranks without a replica spread
+    over the replicas as evenly as their number allows (at random; here in rank and slot order). Tokens
+    start evenly over the ranks, c_e / G of expert e on each.  loads: float [L, E] -> float [L]
+    """
+    L, G, E = p.num_layers, p.num_gpus, p.num_experts
+    c = np.asarray(loads, dtype=np.float64) / G
+    gpu = np.zeros((L, G))
+    slot_gpu = p.gpu_of_slot
+    for layer in range(L):
+        for e in range(E):
+            on = slot_gpu[p.phy2log[layer] == e]             # the GPU of each replica, in slot order
+            holders = np.unique(on)
+            others = np.setdiff1d(np.arange(G), holders)
+            gpu[layer, holders] += c[layer, e]
+            np.add.at(gpu[layer], on[np.arange(len(others)) % len(on)], c[layer, e])
+    return balancedness(gpu)
 
 
 def server_flags(p: Placement, fmt: str, path: str) -> str:
