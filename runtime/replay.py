@@ -156,7 +156,6 @@ class _Replay:
                     self.starts = {m.start: m for m in moves}
                     self.landed = {m.switch for m in moves if m.switch is not None}
                     self.in_flight = None                    # the copies of the move in the background
-                    self.info.notes.append("placements replayed from a runtime run")
 
                 def _copies(self, prev, p, background_share):
                     L = self.ctx.model.num_layers
@@ -171,8 +170,9 @@ class _Replay:
                     plan = StepPlan(p, np.zeros(self.num_gpus))
                     background, nbytes, started = None, np.zeros(L), False
                     if prev is not None and s in self.starts:
-                        background, nbytes = self._copies(p, self.starts[s].placement, self.ctx.background_share)
-                        self.in_flight = background          # installed where its placement switches in
+                        moves, nbytes = self._copies(p, self.starts[s].placement, self.ctx.background_share)
+                        self.in_flight = moves               # installed where its placement switches in
+                        background = moves.between_gpus()    # the transfers; the copies between slots: the install
                         started = True
                         self.replans += 1
                     if prev is None or p is prev:

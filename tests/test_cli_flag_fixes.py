@@ -344,6 +344,16 @@ def test_serve_notes_a_rate_named_twice(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "moe-gps: note: --rates names 5 more than once; each rate runs once\n"
     assert yaml.safe_load((out / "config.yaml").read_text())["rates"] == [5.0, 10.0]
+    # a config file's rates likewise: each runs once, with the note naming the file's key
+    doc = yaml.safe_load((out / "config.yaml").read_text())
+    doc["rates"] = [20.0, 20, 10]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["serve", BUNDLED, "--config", str(tmp_path / "c.yaml"), "--no-plots", "-o", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert f"moe-gps: note: {tmp_path / 'c.yaml'}: rates names 20 more than once; each rate runs once" in err
+    import pandas as pd
+    summary = pd.read_csv(tmp_path / "c" / "summary.csv")
+    assert sorted(summary.rate_rps) == [10.0, 20.0]
 
 
 @pytest.mark.parametrize("steps, note", [
@@ -368,3 +378,12 @@ def test_simulate_train_steps_name_the_flag_and_strategies_named_twice_run_once(
     out, err = capsys.readouterr()
     assert "moe-gps: note: --strategies names none more than once; each runs once" in err
     assert [s["strategy"] for s in json.loads(out)["strategies"]] == ["none", "eplb"]
+
+
+def test_serve_without_none_says_why_there_is_no_verdict(tmp_path, capsys):
+    assert main(["serve", BUNDLED, "--rates", "20", "--requests", "10", "--strategies", "eplb", "--no-plots",
+                 "-o", str(tmp_path / "sv")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" not in out.replace("no verdict", "")
+    assert "note: no verdict: it compares every strategy with none (no duplication), which the strategies run " \
+           "leave out (add none to --strategies)" in out

@@ -137,6 +137,9 @@ def build_config(args: argparse.Namespace, trace):
             _number("rate" if args.rate is not None else "rates", r, False, 0, True)
         note_repeated("--rates", rates, "each rate runs once")
         cfg = replace(cfg, rates=sorted(set(rates)))
+    elif len(set(cfg.rates)) < len(cfg.rates):          # a config file's rates, as --rates
+        note_repeated(f"{args.config}: rates", cfg.rates, "each rate runs once")
+        cfg = replace(cfg, rates=sorted(set(cfg.rates)))
     if args.requests is not None:
         if args.requests < 1:
             raise UserError(f"--requests must be >= 1, got {args.requests}")
@@ -166,6 +169,9 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     out = output_folder(args, "serve")
     result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
     result.notes += notes
+    if not any(s.kind == "none" for s in cfg.simulate.strategies):
+        result.notes.append("no verdict: it compares every strategy with none (no duplication), which the "
+                            "strategies run leave out (add none to --strategies)")
     from moe_gps.outputs import staged_outputs
     from sim.serving.plots import FIGURE_FILES
 

@@ -55,13 +55,17 @@ def _slo_text(result: ServeResult) -> str:
 
 def goodput_note(winner: str, rows: list[dict]) -> str:
     """A line under an SLO-attainment verdict whose winner has not the highest goodput of the rate's runs
-    (goodput divides by each run's own span: a run that meets the SLO for more requests can end later)."""
+    (goodput divides by each run's own span: a run that meets the SLO for more requests, or for as many at
+    a lower mean latency, can end later)."""
     good = {r["strategy"]: r["goodput_rps"] for r in rows}
+    met = {r["strategy"]: r.get("slo_attainment") for r in rows}
     best = max(good, key=lambda k: good[k])
     if best == winner or good[best] <= good.get(winner, 0.0):
         return ""
-    return (f"\n  (goodput: {best} {good[best]:.2f} against {winner}'s {good[winner]:.2f} requests/s: {winner} meets "
-            f"the SLO for more requests, but its run ends later)")
+    same = met.get(winner) is not None and met.get(best) == met.get(winner)
+    why = "meets the SLO for as many requests at a lower mean latency" if same else "meets the SLO for more requests"
+    return (f"\n  (goodput: {best} {good[best]:.2f} against {winner}'s {good[winner]:.2f} requests/s: {winner} {why}, "
+            f"but its run ends later)")
 
 
 def format_summary(result: ServeResult) -> str:
