@@ -387,3 +387,19 @@ def test_serve_without_none_says_why_there_is_no_verdict(tmp_path, capsys):
     assert "verdict" not in out.replace("no verdict", "")
     assert "note: no verdict: it compares every strategy with none (no duplication), which the strategies run " \
            "leave out (add none to --strategies)" in out
+
+
+def test_serve_out_of_memory_names_the_request_count(tmp_path, capsys, monkeypatch):
+    import sim.serving.run
+
+    def short(*a, **k):
+        raise MemoryError("Unable to allocate 7.45 GiB for an array")
+
+    monkeypatch.setattr(sim.serving.run, "serve", short)
+    code = main(["serve", BUNDLED, "--rates", "20", "--requests", "1000000000", "--strategies", "none", "--no-plots",
+                 "-o", str(tmp_path / "sv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("moe-gps: error: 1000000000 requests per rate (--requests, workload.num_requests): "
+                                 "out of memory (Unable to allocate 7.45 GiB for an array); make the input or the "
+                                 "numbers that size it smaller\n")
+    assert not (tmp_path / "sv").exists()

@@ -167,7 +167,12 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     trace = load_trace(args.trace)
     cfg, notes = build_config(args, trace)
     out = output_folder(args, "serve")
-    result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
+    try:
+        result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
+    except MemoryError as err:
+        from moe_gps.errors import environment_error
+        raise environment_error(err, flag=f"{cfg.workload.num_requests} requests per rate (--requests, "
+                                          "workload.num_requests)") from None
     result.notes += notes
     if not any(s.kind == "none" for s in cfg.simulate.strategies):
         result.notes.append("no verdict: it compares every strategy with none (no duplication), which the "
