@@ -87,9 +87,9 @@ class DuplicationPolicy:
             self.fixed = load_placement(cfg.placement)
             p = self.fixed
             if (p.num_layers, p.num_experts, p.num_gpus) != (self.L, self.E, self.N):
-                raise UserError(f"duplication.placement: {cfg.placement}: the plan is for {p.num_layers} layers, {p.num_experts} experts, "
-                                f"{p.num_gpus} GPUs; this run has {self.L} MoE layers, {self.E} experts, "
-                                f"{self.N} ranks")
+                raise UserError(f"duplication.placement: {cfg.placement}: the plan is for {p.num_layers} layers, "
+                                f"{p.num_experts} experts, {p.num_gpus} GPUs; this run has {self.L} MoE layers, "
+                                f"{self.E} experts, {self.N} ranks")
             self.R = p.num_redundant
         if (self.E + self.R) % self.N:
             raise UserError(f"{self.E} experts + {self.R} redundant slots do not divide over {self.N} ranks; "

@@ -36,8 +36,8 @@ class GainModel:
                             "(a cluster file, e.g. from moe-gps calibrate)")
         cluster = load_cluster(d.cluster)
         if cluster.num_gpus != num_ranks:
-            raise UserError(f"duplication.cluster: {d.cluster}: the cluster has {cluster.num_gpus} GPUs, this run {num_ranks} ranks; "
-                            "duplication.cluster must describe the ranks of the run")
+            raise UserError(f"duplication.cluster: {d.cluster}: the cluster has {cluster.num_gpus} GPUs, this run "
+                            f"{num_ranks} ranks; duplication.cluster must describe the ranks of the run")
         self.model = model_for_run(run_cfg)
         self.workload = workload_for_run(run_cfg)
         hw = Hardware.from_config(cluster, self.model)
