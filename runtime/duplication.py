@@ -52,6 +52,22 @@ PRE_ROUTING_TOKEN_PREDICTORS = ("most-frequent", "token-id", "position")
 ROUTING_DISTRIBUTION_PREDICTORS = ("oracle", "synthetic")
 
 
+def _runnable_predictor(kind: str, name: str, known, usable: list[str], make, params: dict):
+    """The predictor ``name`` of ``duplication.<kind>_predictor`` made with ``duplication.<kind>_params``;
+    ``usable``: those of ``known`` that read nothing the runtime lacks before the step. A UserError naming
+    the key otherwise."""
+    key = f"duplication.{kind}_predictor"
+    if name not in known:
+        raise UserError(f"{key}: unknown predictor {name!r} (choose from {', '.join(usable)})")
+    if name not in usable:
+        raise UserError(f"{key}: {name!r} reads the routing of the step itself, which the runtime does not have "
+                        f"before the step; use one of {', '.join(usable)}")
+    try:
+        return make(name, **params)
+    except UserError as err:
+        raise UserError(f"duplication.{kind}_params: {err}") from None
+
+
 @dataclass
 class PlanInfo:
     """One planning event: what was predicted and what the plan expects.
@@ -100,32 +116,15 @@ class DuplicationPolicy:
         self.token_predictor = None
         if mode == "dist-only":
             from moe_gps.predict import DISTRIBUTION_PREDICTORS, make_distribution_predictor
-            name = cfg.distribution_predictor
             usable = [n for n in DISTRIBUTION_PREDICTORS if n not in ROUTING_DISTRIBUTION_PREDICTORS]
-            if name not in DISTRIBUTION_PREDICTORS:
-                raise UserError(f"duplication.distribution_predictor: unknown predictor {name!r} "
-                                f"(choose from {', '.join(usable)})")
-            if name in ROUTING_DISTRIBUTION_PREDICTORS:
-                raise UserError(f"duplication.distribution_predictor: {name!r} reads the routing of the step itself, "
-                                f"which the runtime does not have before the step; use one of {', '.join(usable)}")
-            try:
-                self.dist_predictor = make_distribution_predictor(name, **cfg.distribution_params)
-            except UserError as err:
-                raise UserError(f"duplication.distribution_params: {err}") from None
+            self.dist_predictor = _runnable_predictor("distribution", cfg.distribution_predictor,
+                                                      DISTRIBUTION_PREDICTORS, usable, make_distribution_predictor,
+                                                      cfg.distribution_params)
         if mode == "token-to-expert":
             from moe_gps.predict import TOKEN_PREDICTORS, make_token_predictor
-            name = cfg.token_predictor
-            if name not in TOKEN_PREDICTORS:
-                raise UserError(f"duplication.token_predictor: unknown predictor {name!r} "
-                                f"(choose from {', '.join(PRE_ROUTING_TOKEN_PREDICTORS)})")
-            if name not in PRE_ROUTING_TOKEN_PREDICTORS:
-                raise UserError(f"duplication.token_predictor: {name!r} reads the routing of the step itself, which "
-                                f"the runtime does not have before the step; use one of "
-                                f"{', '.join(PRE_ROUTING_TOKEN_PREDICTORS)}")
-            try:
-                self.token_predictor = make_token_predictor(name, **cfg.token_params)
-            except UserError as err:
-                raise UserError(f"duplication.token_params: {err}") from None
+            self.token_predictor = _runnable_predictor("token", cfg.token_predictor, TOKEN_PREDICTORS,
+                                                       list(PRE_ROUTING_TOKEN_PREDICTORS), make_token_predictor,
+                                                       cfg.token_params)
         if mode != "static" and cfg.placement:
             raise UserError(f"duplication.placement {cfg.placement} is a plan for --duplication static, which "
                             f"--duplication {mode} would not use; remove the key, or run --duplication static")

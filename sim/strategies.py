@@ -262,10 +262,10 @@ class Strategy:
     def _predictor_time(self, loads: StepLoads) -> np.ndarray:
         return np.zeros(self.num_gpus)
 
-    def _predictor_compute(self, loads: StepLoads) -> np.ndarray | None:
+    def _predictor_compute(self, loads: StepLoads) -> np.ndarray:
         """float [G]: the compute part of :meth:`_predictor_time` (for a predictor run beside the
-        attention, :func:`sim.cost.beside_attention`), or None: none."""
-        return None
+        attention, :func:`sim.cost.beside_attention`)."""
+        return np.zeros(self.num_gpus)
 
     def _predicted_src(self, i: int, loads: StepLoads) -> np.ndarray | None:
         return None
@@ -361,9 +361,8 @@ class Strategy:
         ctx = self.ctx
         keep = self._reshare(self.current, self.beliefs[-1], src) if self.reshares else self.current
         ph = placement_phases(keep, src, src if self.direct else None, ctx.model, self.hw, self._mix(src))
-        compute = self._predictor_compute(loads)
         return copy_cost(ctx.copy_policy, ctx.bandwidth_share, ph, loads.home_tokens, self._predictor_time(loads),
-                         ctx.model, ctx.workload, self.hw, 0.0 if compute is None else compute)
+                         ctx.model, ctx.workload, self.hw, self._predictor_compute(loads))
 
     def _copy_penalty(self, cost: CopyCost) -> float:
         """Seconds a plan is charged per expert it copies: one copy's predicted cost spread over the

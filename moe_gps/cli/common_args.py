@@ -30,24 +30,27 @@ def output_folder(args: argparse.Namespace, command: str):
     return hold_output_dir(out)
 
 
-def print_written(written: list, out, stage=None) -> None:
-    """The last line of a command that wrote an output folder (and what it did with files it did not
-    make: ``stage``, a :class:`moe_gps.outputs.Staged`)."""
-    print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
-    print_removed(stage, out)
+def print_written(written: list, stage) -> None:
+    """The last line of a command that wrote an output folder, ``stage`` (a :class:`moe_gps.outputs.Staged`),
+    and what it did with files there it did not make."""
+    print(f"\nwrote {len(written)} files to {stage.out}/: " + ", ".join(p.name for p in written))
+    print_removed(stage)
 
 
-def print_removed(stage, out) -> None:
-    """The lines naming an earlier run's files removed from ``out`` because this run did not make them,
-    and the files of those names kept because no earlier run is recorded to have written them."""
+def print_removed(stage) -> None:
+    """The lines naming an earlier run's files removed from the output folder of ``stage`` (a
+    :class:`moe_gps.outputs.Staged`) because this run did not make them, and the files of those names
+    kept because no earlier run is recorded to have written them."""
     from pathlib import Path
+
+    out = stage.out
 
     def names(paths: list) -> str:
         return ", ".join(Path(p).relative_to(out).as_posix() for p in paths)
 
-    if stage is not None and stage.removed:
+    if stage.removed:
         print(f"removed an earlier run's {names(stage.removed)} from {out}/ (not made by this run)")
-    if stage is not None and stage.kept:
+    if stage.kept:
         print(f"kept {names(stage.kept)} in {out}/: not made by this run, nor recorded as an earlier run's "
               f"(delete any that are out of date)")
 

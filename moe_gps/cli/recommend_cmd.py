@@ -117,7 +117,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         print(terminal(result))
         print(f"\nwrote the report to {out}/: " + ", ".join(str(p.relative_to(out)) for p in written))
-        print_removed(stage, out)
+        print_removed(stage)
     errors = result.errors
     if errors:
         print(f"moe-gps: {len(errors)} run(s) failed with an internal error (see runs.csv, status 'error'); "

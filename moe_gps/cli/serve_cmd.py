@@ -187,6 +187,6 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
         print(dumps_json(json_summary(result, out), indent=2))
     else:
         print(format_summary(result))
-        print_written(written, out, stage)
+        print_written(written, stage)
     sys.stdout.flush()
     return 0

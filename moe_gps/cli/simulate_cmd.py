@@ -217,6 +217,6 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
                          indent=2))
     else:
         print(summary)
-        print_written(written, out, stage)
+        print_written(written, stage)
     sys.stdout.flush()
     return 0

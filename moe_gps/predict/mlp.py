@@ -159,7 +159,8 @@ class MLPTokens(TokenPredictor):
 
     def _fit_net(self, trace: TokensTrace) -> None:
         torch = self._torch
-        torch.manual_seed(self.seed % 2**64)          # torch takes 64 bits; the seed may be larger
+        seed64 = self.seed % 2**64                    # torch takes 64 bits; the seed may be larger
+        torch.manual_seed(seed64)
         rng = np.random.default_rng(self.seed)
         self.use_id = trace.token_id is not None
         self.use_pos = trace.pos is not None
@@ -182,7 +183,7 @@ class MLPTokens(TokenPredictor):
         x, lay, target = torch.cat(xs), torch.cat(lays), torch.cat(ys)
         n = len(x)
         opt = _Adam(list(self.net.parameters()), self.lr)
-        gen = torch.Generator().manual_seed(self.seed % 2**64)
+        gen = torch.Generator().manual_seed(seed64)
         self.net.train()
         for _ in range(self.iterations):
             idx = torch.randint(n, (min(self.batch_size, n),), generator=gen)

@@ -91,8 +91,9 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
     if slo.given:
         # strategies that meet the SLO for as many requests are taken in order of their mean latency (the
         # verdict names the first of the best that is listed: never the order of --strategies)
-        order = sorted(deployable, key=lambda s: (-float(times[s].met(slo).mean()), float(np.nanmean(times[s].e2e))))
-        samples = {s: times[s].met(slo).astype(np.float64) for s in order}
+        met = {s: times[s].met(slo).astype(np.float64) for s in deployable}
+        order = sorted(deployable, key=lambda s: (-float(met[s].mean()), float(np.nanmean(times[s].e2e))))
+        samples = {s: met[s] for s in order}
         if not all(np.array_equal(x, samples[base]) for x in samples.values()):
             if not samples[base].any():
                 # no request of the baseline meets the SLO: compare the shares met + 1/n (a finite ratio)
