@@ -12,7 +12,7 @@ always lands in plain code, and the pool can be closed and joined afterwards.
 holds (a trace, configs) without pickling it; a worker reports progress with :func:`progress`;
 :func:`forking` gives a parallel section its number of workers, one section at a time;
 :func:`watch` makes :func:`unordered` raise when a pool's worker is killed, where the pool itself
-would wait for ever.
+would wait for ever; :func:`kill_pool` then ends the pool in bounded time.
 """
 
 from __future__ import annotations
@@ -119,10 +119,11 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
             yield res
         pool.close()
     except BaseException:
-        pool.terminate()
+        kill_pool(pool)
         raise
-    finally:
+    else:
         pool.join()
+    finally:
         if queue is not None:
             queue.close()
 
@@ -139,6 +140,35 @@ def watch(pool) -> Callable[[], None]:
             raise _ended(dead.pid, dead.exitcode)
 
     return check
+
+
+#: how long :func:`kill_pool` waits for ``Pool.terminate`` at most
+KILL_WAIT_S = 10.0
+
+
+def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
+    """End a ``multiprocessing`` pool at once: kill its workers (and any it starts in place of a dead
+    one) while ``Pool.terminate`` runs, and wait for that at most ``wait_s`` seconds.
+
+    A worker that waits for its next task holds the task queue's lock, and ``terminate`` takes that
+    lock; once every worker is dead the lock is freed here. A worker killed while it sent a result
+    leaves the result queue's lock taken, and ``terminate`` would wait for it without end: the wait
+    is then given up (the workers are dead, and the pool's threads are daemons that end with the
+    process)."""
+    ender = threading.Thread(target=pool.terminate, daemon=True)
+    ender.start()
+    deadline = time.monotonic() + wait_s
+    freed = False
+    while ender.is_alive() and time.monotonic() < deadline:
+        for proc in list(pool._pool):
+            if proc.exitcode is None:
+                proc.kill()
+        ender.join(0.05)
+        if (not freed and ender.is_alive() and not pool._worker_handler.is_alive()
+                and all(proc.exitcode is not None for proc in list(pool._pool))):
+            with contextlib.suppress(ValueError):          # ValueError: nobody held it
+                pool._inqueue._rlock.release()
+            freed = True
 
 
 def _ended(pid: int, exitcode: int) -> BaseException:

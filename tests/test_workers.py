@@ -113,6 +113,42 @@ def test_fork_map_reports_a_killed_worker_instead_of_waiting_for_ever():
         list(fork_map(_killed, [1, 2, 3], jobs=3))
 
 
+_KILL_POOLS = """
+import multiprocessing, os, signal, sys, time
+from moe_gps.workers import kill_pool
+
+def killed_within(pool):
+    t = time.monotonic()
+    kill_pool(pool, wait_s=30.0)
+    return round(time.monotonic() - t, 1), sum(w.exitcode is None for w in pool._pool)
+
+ctx = multiprocessing.get_context("fork")
+idle = ctx.Pool(2)                  # its workers wait for tasks, one of them holding the task queue's lock
+time.sleep(0.5)
+print(*killed_within(idle))
+pool = ctx.Pool(2)
+# a process that takes the task queue's lock and is killed holding it, as a worker killed by the
+# out-of-memory killer while it waited for its next task
+holder = ctx.Process(target=lambda lock: (lock.acquire(), time.sleep(100)), args=(pool._inqueue._rlock,))
+holder.start()
+time.sleep(0.5)
+os.kill(holder.pid, signal.SIGKILL)
+holder.join()
+print(*killed_within(pool))
+"""
+
+
+def test_kill_pool_ends_a_pool_even_when_a_dead_process_holds_its_task_queue_lock():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _KILL_POOLS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]      # the process also exits: nothing left waiting
+    for line in proc.stdout.splitlines():
+        waited, alive = line.split()
+        assert float(waited) < 5 and alive == "0", proc.stdout   # Pool.terminate alone waits for ever
+
+
 def _terminated(x: int, context) -> int:
     import os
     import signal

@@ -36,7 +36,7 @@ from moe_gps.errors import UserError
 from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
-from moe_gps.workers import unordered, watch
+from moe_gps.workers import kill_pool, unordered, watch
 
 #: bump when the record format changes
 CACHE_VERSION = 2
@@ -220,21 +220,8 @@ def _stop_local(pool, stop) -> None:
     joiner.start()
     joiner.join(STOP_GRACE_S)
     if joiner.is_alive():
-        _kill_local(pool)
+        kill_pool(pool)
         joiner.join(5.0)
-
-
-def _kill_local(pool) -> None:
-    """End a local pool at once. Its workers ignore SIGTERM (:func:`_init_worker`), which is what
-    ``Pool.terminate`` sends them before it waits for them, so they are killed, and so is any worker
-    the pool starts in place of a dead one before ``terminate`` stops it doing so."""
-    ender = threading.Thread(target=pool.terminate, daemon=True)
-    ender.start()
-    while ender.is_alive():
-        for proc in list(getattr(pool, "_pool", ())):
-            if proc.exitcode is None:
-                proc.kill()
-        ender.join(0.05)
 
 
 class Runner:
@@ -290,7 +277,7 @@ class Runner:
             elif self.stop is not None and issubclass(exc_type, KeyboardInterrupt):
                 _stop_local(self.pool, self.stop)      # Ctrl-C, SIGTERM: the runs under way finish
             elif self.stop is not None:
-                _kill_local(self.pool)                  # a failure, e.g. a worker killed: stop at once
+                kill_pool(self.pool)                  # a failure, e.g. a worker killed: stop at once
             else:
                 self.pool.terminate()          # Ray: disconnect; a cluster started here is shut down
             self.pool = None
