@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from moe_gps.cli.main import main
 from moe_gps.config.serving import (ArrivalSpec, IterationParts, LengthSpec, RequestWorkload, SchedulerConfig,
@@ -82,7 +83,7 @@ def test_bad_requests_csv(tmp_path, content, message):
     ("name: w\nprompt_tokens: {dist: empirical}\noutput_tokens: {dist: fixed, value: 3}\n",
      r"requests_csv: required by arrival process csv and empirical lengths"),
     ("name: w\nprompt_tokens: {dist: fixed, value: 3}\noutput_tokens: {dist: fixed, value: 3}\nrate: -1\n",
-     r"rate: must be a number > 0, got -1"),
+     r"rate: must be a number >= 0.001, got -1"),
     ("name: w\nprompt_tokens: {dist: fixed, value: 3}\noutput_tokens: {dist: fixed, value: 3}\narival: {}\n",
      r"arival: unknown key; did you mean 'arrival'\?"),
 ])
@@ -184,8 +185,11 @@ def _counts_trace(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rate", "-1"], "--rate must be a finite number > 0, got -1.0"),
-    (["--rates", "3", "0"], "--rates must be a finite number > 0, got 0.0"),
+    (["--rate", "-1"], "--rate must be a finite number >= 0.001, got -1.0"),
+    (["--rates", "3", "0"], "--rates must be a finite number >= 0.001, got 0.0"),
+    (["--rate", "1e-300"], "--rate must be a finite number >= 0.001, got 1e-300"),   # was a SimPy traceback
+    (["--iteration-overhead-us", "1e300"],
+     "--iteration-overhead-us must be a finite number >= 0 and <= 1e+06, got 1e+300"),   # was 1e300 ms TTFTs
     (["--requests", "0"], "--requests must be >= 1, got 0"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
     (["--slo-tpot-ms", "nan"], "--slo-tpot-ms must be a finite number > 0, got nan"),
@@ -202,6 +206,38 @@ def test_serve_errors_are_one_line_exit_2(small_trace, model_yaml, capsys, extra
     code = main(argv + extra)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("where, text, message", [
+    ("workload", "rate: 1.0e-300\n", "rate: must be a number >= 0.001, got 1e-300"),
+    ("config", "rates: [5, 1.0e-300]\n", "rates[1]: must be a finite number >= 0.001, got 1e-300"),
+    ("config", "iteration: {overhead_us: 1.0e+300}\n", "iteration.overhead_us: must be a number <= 1e+06, got 1e+300"),
+])
+def test_serve_files_with_rates_or_overheads_out_of_range_are_one_line_exit_2(small_trace, model_yaml, tmp_path,
+                                                                              capsys, where, text, message):
+    out = tmp_path / "o"
+    base = ["serve", str(small_trace), "--requests", "5", "--no-plots", "-o", str(out)]
+    assert main(base + ["--model", str(model_yaml), "--vocab-size", "32000", "--strategies", "none",
+                        "--train-steps", "2", "--rate", "5"]) == 0
+    capsys.readouterr()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    if where == "workload":
+        workload = dict(config["workload"], **yaml.safe_load(text))
+        (tmp_path / "w.yaml").write_text(yaml.safe_dump(workload))
+        argv = base[:-1] + [str(tmp_path / "again"), "--model", str(model_yaml), "--vocab-size", "32000",
+                            "--strategies", "none", "--train-steps", "2", "--workload", str(tmp_path / "w.yaml")]
+    else:
+        extra = yaml.safe_load(text)
+        if "rates" in extra:
+            config["rates"] = extra["rates"]
+        else:
+            config["iteration"].update(extra["iteration"])
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        argv = base[:-1] + [str(tmp_path / "again"), "--config", str(tmp_path / "c.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "again").exists()
 
 
 def test_serve_needs_a_tokens_trace_and_a_known_vocabulary(tmp_path, model_yaml, capsys):

@@ -10,20 +10,21 @@ from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_c
                                      jobs_from_args, model_from_args, note_repeated, output_folder,
                                      plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
+from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
 from moe_gps.errors import UserError
 
 DEFAULT_WORKLOAD = "chat"
 DEFAULT_STRATEGIES = ["none", "eplb", "dist:ema"]
 
-#: flag -> (where it goes in the ServeConfig, integer, bound, strict)
+#: flag -> (where it goes in the ServeConfig, integer, lower bound, strict, upper bound)
 NUMBERS = {
-    "max_num_batched_tokens": ("scheduler", True, 1, False),
-    "max_num_seqs": ("scheduler", True, 1, False),
-    "kv_cache_gb": ("scheduler", False, 0, True),
-    "vocab_size": ("iteration", True, 1, False),
-    "iteration_overhead_us": ("iteration", False, 0, False),
-    "slo_ttft_ms": ("slo", False, 0, True),
-    "slo_tpot_ms": ("slo", False, 0, True),
+    "max_num_batched_tokens": ("scheduler", True, 1, False, None),
+    "max_num_seqs": ("scheduler", True, 1, False, None),
+    "kv_cache_gb": ("scheduler", False, 0, True, None),
+    "vocab_size": ("iteration", True, 1, False, None),
+    "iteration_overhead_us": ("iteration", False, 0, False, MAX_OVERHEAD_US),
+    "slo_ttft_ms": ("slo", False, 0, True, None),
+    "slo_tpot_ms": ("slo", False, 0, True, None),
 }
 
 
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"request workload: bundled preset ({', '.join(preset_names('workloads'))}) or workload YAML "
                         f"(docs/serving.md; default: {DEFAULT_WORKLOAD})")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, metavar="R", help="requests per second (default: the workload's rate)")
+    rate.add_argument("--rate", type=float, metavar="R", help=f"requests per second, at least {MIN_RATE:g} (default: the workload's rate)")
     rate.add_argument("--rates", type=float, nargs="+", metavar="R",
                       help="several request rates: one run each (a rate named twice runs once, with a note), and the "
                            "latency-throughput figure")
@@ -83,11 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _number(flag: str, value, integer: bool, bound: float, strict: bool):
+def _number(flag: str, value, integer: bool, bound: float, strict: bool, upper: float | None = None):
     ok = math.isfinite(value) and (value > bound if strict else value >= bound)
-    if not ok:
+    if not ok or (upper is not None and value > upper):
+        between = f" and <= {upper:g}" if upper is not None else ""
         raise UserError(f"--{flag.replace('_', '-')} must be {'an integer' if integer else 'a finite number'} "
-                        f"{'>' if strict else '>='} {bound:g}, got {value}")
+                        f"{'>' if strict else '>='} {bound:g}{between}, got {value}")
     return value
 
 
@@ -125,16 +127,16 @@ def build_config(args: argparse.Namespace, trace):
                           scheduler=SchedulerConfig(), iteration=IterationParts(), slo=SLOConfig())
     parts = {"scheduler": {}, "iteration": {}, "slo": {}}
     field = {"iteration_overhead_us": "overhead_us", "slo_ttft_ms": "ttft_ms", "slo_tpot_ms": "tpot_ms"}
-    for flag, (where, integer, bound, strict) in NUMBERS.items():
+    for flag, (where, integer, bound, strict, upper) in NUMBERS.items():
         v = getattr(args, flag)
         if v is not None:
-            parts[where][field.get(flag, flag)] = _number(flag, v, integer, bound, strict)
+            parts[where][field.get(flag, flag)] = _number(flag, v, integer, bound, strict, upper)
     cfg = replace(cfg, scheduler=replace(cfg.scheduler, **parts["scheduler"]),
                   iteration=replace(cfg.iteration, **parts["iteration"]), slo=replace(cfg.slo, **parts["slo"]))
     if args.rate is not None or args.rates is not None:
         rates = [args.rate] if args.rate is not None else list(args.rates)
         for r in rates:
-            _number("rate" if args.rate is not None else "rates", r, False, 0, True)
+            _number("rate" if args.rate is not None else "rates", r, False, MIN_RATE, False)
         note_repeated("--rates", rates, "each rate runs once")
         cfg = replace(cfg, rates=sorted(set(rates)))
     elif len(set(cfg.rates)) < len(cfg.rates):          # a config file's rates, as --rates

@@ -8,6 +8,8 @@ docs/serving.md lists every one (a test checks it). The workload file format is
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,11 @@ ARRIVAL_PROCESSES = ("poisson", "gamma", "csv")
 LENGTH_DISTS = ("fixed", "uniform", "empirical")
 #: the coefficient of variation of gamma arrival gaps when the workload does not give one
 GAMMA_CV = 2.0
+#: the lowest request rate (requests/s): slower arrivals span so long that the simulated clock loses the
+#: resolution of an iteration (a million requests at this rate span 1e9 s, where a double keeps 0.1 µs)
+MIN_RATE = 1e-3
+#: the largest fixed time of an iteration beyond the model (µs): a second
+MAX_OVERHEAD_US = 1e6
 #: the columns of a requests CSV (as exported from a server's logs)
 CSV_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
@@ -74,8 +81,8 @@ class RequestWorkload:
     prompt_tokens: LengthSpec = spec("prompt length distribution")
     output_tokens: LengthSpec = spec("output length distribution (tokens generated, the first included)")
     arrival: ArrivalSpec = spec("the arrival process", factory=ArrivalSpec)
-    rate: float | None = spec("mean arrival rate; `--rate` and `--rates` override it", unit="requests/s", gt=0,
-                              default=None)
+    rate: float | None = spec("mean arrival rate; `--rate` and `--rates` override it", unit="requests/s",
+                              ge=MIN_RATE, default=None)
     num_requests: int = spec("requests per simulated rate; `--requests` overrides it", ge=1, default=1000)
     requests_csv: str | None = spec(
         "CSV with a header and the columns arrival_s, prompt_tokens, output_tokens (one row per request, "
@@ -120,7 +127,7 @@ class IterationParts:
     overhead_us: float = spec(
         "fixed time of every iteration beyond the model: scheduling, sampling, detokenization, launching "
         "(an assumption: measure it as a server's time per iteration at batch 1 less the model's)",
-        unit="us", ge=0, default=500.0)
+        unit="us", ge=0, le=MAX_OVERHEAD_US, default=500.0)
 
 
 @dataclass
@@ -156,8 +163,8 @@ class ServeConfig:
 
     def check(self, where: str) -> None:
         for i, r in enumerate(self.rates):
-            if not r > 0:
-                raise UserError(f"{where}: rates[{i}]: must be a number > 0, got {r!r}")
+            if not (math.isfinite(r) and r >= MIN_RATE):
+                raise UserError(f"{where}: rates[{i}]: must be a finite number >= {MIN_RATE:g}, got {r!r}")
 
 
 def load_request_workload(name_or_path: str) -> RequestWorkload:
