@@ -154,6 +154,34 @@ def test_not_parquet(tmp_path, capsys):
     assert f"{path}: not a Parquet file" in err
 
 
+def test_damaged_data_pages_are_one_line_whichever_way_the_trace_is_read(tmp_path, capsys):
+    """Bytes flipped inside the column pages (the footer intact): every reader either reads the file or says
+    in one line that it is damaged; none passes on pyarrow's own error."""
+    from moe_gps.errors import UserError
+    from moe_gps.trace import load_trace, validate_trace
+
+    path = tmp_path / "good.parquet"
+    write_trace(path, small_trace(steps=(40, 30, 50)))
+    data = path.read_bytes()
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    damaged = 0
+    for at in range(4, len(data) - footer - 16, 29):
+        bad = bytearray(data)
+        bad[at:at + 16] = bytes(b ^ 0xA5 for b in bad[at:at + 16])
+        path.write_bytes(bytes(bad))
+        for read in (load_trace, validate_trace, lambda p: list(iter_steps(p)),
+                     lambda p: load_trace(p, chunk_rows=64)):
+            try:
+                read(path)
+            except UserError as err:
+                damaged += "damaged Parquet data" in str(err)
+    assert damaged                                        # some flips do break the pages
+    path.write_bytes(bytes(bad))
+    code = main(["trace", "validate", str(path)])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err and err.count("\n") <= 1, err
+
+
 def test_empty_file(tmp_path, capsys):
     path = tmp_path / "empty.parquet"
     path.write_bytes(b"")

@@ -117,7 +117,11 @@ def load_trace(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
         return _gather_tokens(_token_chunks(pf, meta, where, chunk_rows), pf, meta)
     except (UnsortedRows, StepGap):  # out of step order (a missing step may come later): read it whole
         pass                         # outside the handler, so that the partly filled arrays are freed first
-    cols = _columns(pf.read(), where, 0)
+    try:
+        table = pf.read()
+    except (pa.ArrowException, OSError) as err:
+        raise _damaged(where, err) from None
+    cols = _columns(table, where, 0)
     if meta.kind == "counts":
         return CountsTrace(meta, counts_array(cols, meta, where))
     rows = token_rows(cols, meta, where)
@@ -159,7 +163,7 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
     """(rows of whole steps, file row of the first) in file order; UnsortedRows where steps go back."""
     pending: list[pa.RecordBatch] = []
     row0, last = 0, -1
-    for batch in _read_ahead(pf.iter_batches(batch_size=batch_rows)):
+    for batch in _read_ahead(pf.iter_batches(batch_size=batch_rows), where):
         if not batch.num_rows:
             continue
         pending.append(batch)
@@ -178,9 +182,15 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
         yield pa.Table.from_batches(pending), row0
 
 
-def _read_ahead(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+def _damaged(where: str, err: BaseException) -> UserError:
+    """The error for a Parquet file whose pages do not decode (its footer did)."""
+    return UserError(f"{where}: damaged Parquet data, its rows cannot be read ({str(err).splitlines()[0]})")
+
+
+def _read_ahead(batches: Iterator[pa.RecordBatch], where: str, depth: int = 2) -> Iterator[pa.RecordBatch]:
     """``batches`` in order, up to ``depth`` of the next ones decoded in a thread meanwhile (Arrow decodes
-    without holding the GIL, so that reading overlaps the validation of the chunk before)."""
+    without holding the GIL, so that reading overlaps the validation of the chunk before). A batch that
+    does not decode is a :func:`_damaged` error about ``where``."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     end = object()
@@ -208,6 +218,8 @@ def _read_ahead(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[p
     try:
         while True:
             b, err = ready.get()
+            if isinstance(err, (pa.ArrowException, OSError)):
+                raise _damaged(where, err) from None
             if err is not None:
                 raise err
             if b is end:
