@@ -340,13 +340,19 @@ def test_sglang_errors(tmp_path):
     bad = routed_counts([10, 10], 3, 8, 2)
     bad[1, 2, 0] += 1
     sglang_stat_dump(tmp_path / "d.pt", bad, buffer_size=4)
-    with pytest.raises(UserError, match=r"d.pt: buffer row 1: layer 2 sums to 21 assignments but layer 1 sums "
+    with pytest.raises(UserError, match=r"d.pt: buffer row 1, layer 2 sums to 21 assignments but layer 1 sums "
                                         r"to 20"):
         import_sglang_dump([tmp_path / "d.pt"], top_k=2)
-    with pytest.raises(UserError, match=r"d.pt: buffer row 0: each layer sums to 20 assignments, not a "
+    with pytest.raises(UserError, match=r"d.pt: buffer row 0, each layer sums to 20 assignments, not a "
                                         r"multiple of --top-k 3"):
         sglang_stat_dump(tmp_path / "d.pt", bad[:1], buffer_size=4)
         import_sglang_dump([tmp_path / "d.pt"], top_k=3)
+    over = routed_counts([10, 10], 3, 8, 2)
+    over[1, 1:] = [11, 1, 1, 1, 1, 1, 2, 2]     # 20 assignments of 10 tokens at top-2, 11 to expert 0 (layer 0: dense)
+    sglang_stat_dump(tmp_path / "d.pt", over, buffer_size=4)
+    with pytest.raises(UserError, match=r"d.pt: buffer row 1, layer \d: expert 0 takes 11 assignments, more than the "
+                                        r"10 tokens"):
+        import_sglang_dump([tmp_path / "d.pt"], top_k=2)
     torch.save(dict(records=[], last_physical_to_logical_map=torch.zeros(2, 2, dtype=torch.int64)), tmp_path / "pp.pt")
     with pytest.raises(UserError, match="pp.pt: the dump holds no records"):
         import_sglang_dump([tmp_path / "pp.pt"], top_k=2)
@@ -545,6 +551,8 @@ def test_gate_csv_empty_folder_and_top_k_mismatch(tmp_path):
                                                        r"sums to 6"),
     ('{"expert_popularity": [[1, 2, 2], [3, 1, 1]]}', r"p.json: each layer sums to 5 assignments, not a "
                                                        r"multiple of --top-k 2"),
+    ('{"expert_popularity": [[2, 0], [1, 1]]}', r"p.json: layer 0: expert 0 takes 2 assignments, more than the 1 "
+                                               r"tokens"),            # the trace validate refused what it wrote
     ('{"expert_popularity": [[1, -1, 2]]}', r"p.json: 'expert_popularity' layer 0, expert 1: -1.0 is not a count"),
     ('{"expert_popularity": [[1, 1], [1, 1, 0]]}', r"p.json: 'expert_popularity' layer 1 has 3 experts but "
                                                    r"layer 0 has 2"),

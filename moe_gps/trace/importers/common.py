@@ -149,34 +149,46 @@ def order_by_weight(experts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarra
     return np.take_along_axis(experts, order, axis=-1), np.take_along_axis(weights, order, axis=-1)
 
 
-def counts_tokens(counts: np.ndarray, top_k: int, where: str, row_name: str | None = "step") -> np.ndarray:
+def counts_tokens(counts: np.ndarray, top_k: int, where: str, row_name: str | None = "step",
+                  row_ids: np.ndarray | None = None, layer_ids: np.ndarray | None = None) -> np.ndarray:
     """Tokens per step of an aggregated count array, after checking that its layers agree.
 
     counts: int [steps, layers, experts] -> int64 [steps] = layer sum / top_k.
     Every layer of a step sees the same tokens, so every layer must sum to the same number
-    of (token, expert) assignments, a multiple of top_k. ``where`` (the file) and
-    ``row_name`` (what a first-axis index is called there; None to leave it out) name the
-    culprit in errors.
+    of (token, expert) assignments, a multiple of top_k, and no expert takes more than the
+    step's tokens (a token picks distinct experts). ``where`` (the file) and ``row_name``
+    (what a first-axis index is called there; None to leave it out) name the culprit in
+    errors, with ``row_ids`` [steps] and ``layer_ids`` [layers] as the numbers the file
+    gives its rows and layers (default: their indices).
     """
-    label = (lambda s: f"{row_name} {s}, ") if row_name else (lambda s: "")
+    row_no = (lambda s: int(row_ids[s])) if row_ids is not None else int
+    layer_no = (lambda j: int(layer_ids[j])) if layer_ids is not None else int
+    label = (lambda s: f"{row_name} {row_no(s)}, ") if row_name else (lambda s: "")
     fsums = counts.sum(axis=2, dtype=np.float64)  # cannot wrap, unlike the int64 sum
     over = np.argwhere(fsums >= MAX_ASSIGNMENTS)
     if len(over):
         s, layer = (int(x) for x in over[0])
-        raise UserError(f"{where}: {label(s)}layer {layer} sums to {fsums[s, layer]:.4g} assignments, more than "
-                        "the 2^40 per step and layer that a counts trace may hold")
+        raise UserError(f"{where}: {label(s)}layer {layer_no(layer)} sums to {fsums[s, layer]:.4g} assignments, "
+                        "more than the 2^40 per step and layer that a counts trace may hold")
     sums = counts.sum(axis=2)  # [steps, layers]
     bad = np.argwhere(sums != sums[:, :1])
     if len(bad):
         s, layer = (int(x) for x in bad[0])
-        raise UserError(f"{where}: {label(s)}layer {layer} sums to {sums[s, layer]} assignments but "
-                        f"layer 0 sums to {sums[s, 0]} (every layer sees the same tokens)")
+        raise UserError(f"{where}: {label(s)}layer {layer_no(layer)} sums to {sums[s, layer]} assignments but "
+                        f"layer {layer_no(0)} sums to {sums[s, 0]} (every layer sees the same tokens)")
     rem = np.flatnonzero(sums[:, 0] % top_k)
     if len(rem):
         s = int(rem[0])
         raise UserError(f"{where}: {label(s)}each layer sums to {sums[s, 0]} assignments, "
                         f"not a multiple of --top-k {top_k}")
-    return (sums[:, 0] // top_k).astype(np.int64)
+    tokens = (sums[:, 0] // top_k).astype(np.int64)
+    over = np.argwhere(counts > tokens[:, None, None])
+    if len(over):
+        s, layer, e = (int(x) for x in over[0])
+        raise UserError(f"{where}: {label(s)}layer {layer_no(layer)}: expert {e} takes {counts[s, layer, e]} "
+                        f"assignments, more than the {tokens[s]} tokens its layer's sum gives at --top-k {top_k} "
+                        "(a token picks distinct experts)")
+    return tokens
 
 
 def torch_load(path: Path, needed_for: str) -> Any:

@@ -36,6 +36,7 @@ from moe_gps.tables import format_indices
 from moe_gps.trace.importers.common import (
     ImportResult,
     check_sources,
+    counts_tokens,
     counts_trace,
     make_meta,
     provenance,
@@ -118,18 +119,7 @@ def import_sglang_dump(sources: Sequence[str | os.PathLike], *, top_k: int | Non
     moe_layers = np.flatnonzero(counts.sum(axis=(0, 2)) > 0)
     counts = counts[:, moe_layers, :]
     for p, a, rows in zip(paths, arrays, kept_rows):  # check per file to name file and buffer row
-        sums = a[:, moe_layers, :].sum(axis=2)  # [rows, moe layers]
-        bad = np.argwhere(sums != sums[:, :1])
-        if len(bad):
-            i, j = (int(x) for x in bad[0])
-            raise UserError(f"{p}: buffer row {rows[i]}: layer {moe_layers[j]} sums to {sums[i, j]} assignments "
-                            f"but layer {moe_layers[0]} sums to {sums[i, 0]} (every MoE layer of a forward "
-                            "pass sees the same tokens)")
-        rem = np.flatnonzero(sums[:, 0] % top_k)
-        if len(rem):
-            i = int(rem[0])
-            raise UserError(f"{p}: buffer row {rows[i]}: each layer sums to {sums[i, 0]} assignments, not a "
-                            f"multiple of --top-k {top_k}")
+        counts_tokens(a[:, moe_layers, :], top_k, str(p), row_name="buffer row", row_ids=rows, layer_ids=moe_layers)
     tokens_per_step = (counts[:, 0, :].sum(axis=1) // top_k).astype(int).tolist()
     S, L, E = counts.shape
     dropped = sorted(set(range(arrays[0].shape[1])) - set(moe_layers.tolist()))
