@@ -89,6 +89,16 @@ def test_string_provenance_is_refused_by_rechunk_and_plan(good, tmp_path, capsys
     assert not out.exists() and not plan.exists() and not sglang.exists()
 
 
+@pytest.mark.parametrize("kind", ["counts", "tokens"])
+def test_more_layers_than_int16_ids_hold_is_refused_before_anything_is_written(tmp_path, capsys, kind):
+    """40000 layers wrapped the int16 layer column to -32768 in a file that trace validate then refused."""
+    out = tmp_path / "t.parquet"
+    err = one_line_error(["trace", "synth", "--kind", kind, "--set", "num_layers=40000", "--set", "num_experts=2",
+                          "--set", "top_k=1", "--steps", "1", "--tokens", "2", "-o", str(out)], capsys)
+    assert "num_layers=40000 does not fit the int16 layer ids of the trace format" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv", [
     ["predict", "evaluate", "{trace}", "--predictors", "synthetic", "--synthetic", "0.9", "--seed", "-1"],
     ["predict", "evaluate", "{trace}", "--predictors", "mlp", "--seed", "-5", "-o", "{out}"],

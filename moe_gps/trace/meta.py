@@ -132,8 +132,10 @@ class TraceMeta:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{where}: {name} must be a positive integer, got {value!r}")
-        if self.num_experts > 32767:
-            raise UserError(f"{where}: num_experts={self.num_experts} does not fit int16 expert ids")
+        for name in ("num_layers", "num_experts"):
+            if getattr(self, name) > 32767:
+                raise UserError(f"{where}: {name}={getattr(self, name)} does not fit the int16 "
+                                f"{'layer' if name == 'num_layers' else 'expert'} ids of the trace format")
         if self.top_k > self.num_experts:
             raise UserError(f"{where}: top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.kind == "tokens" and self.tokens_per_step is not None:

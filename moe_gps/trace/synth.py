@@ -227,6 +227,7 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
     from tqdm import tqdm
 
     p = resolve(profile, num_steps, tokens_per_step, overrides)
+    meta = synth_meta("tokens", p, seed, num_steps, tokens_per_step, "moe_gps.trace.synth")  # checked before drawing
     rng = np.random.default_rng(seed)
     L, E, k, V = p.num_layers, p.num_experts, p.top_k, p.vocab_size
     base = base_popularity(p, rng)
@@ -275,7 +276,6 @@ def synthesize(profile: str | SynthProfile = "mixtral-mmlu", num_steps: int = 64
     finally:
         bar.close()
     seq = (np.repeat(np.arange(num_steps), T) * seqs_per_step + np.tile(seq_in_step, num_steps)).astype(np.int32)
-    meta = synth_meta("tokens", p, seed, num_steps, tokens_per_step, "moe_gps.trace.synth")
     offsets = np.arange(num_steps + 1, dtype=np.int64) * T
     return TokensTrace(meta, experts, offsets, weights, token_id=token_id, seq=seq,
                        pos=np.tile(pos, num_steps))
