@@ -184,6 +184,21 @@ def test_vllm_routed_never_guesses_the_expert_count(tmp_path):
         import_vllm_routed([tmp_path / "r.jsonl"], num_experts=2)
 
 
+def test_vllm_routed_refuses_negative_ids_other_than_not_captured(tmp_path):
+    """-1 marks a token whose routing was not captured (dropped and counted); -5 is damage, not a gap."""
+    route = routing(4, 0)
+    route[2, 0, 1] = -5
+    resp = vllm_chat_response([1, 2, 3], [4, 5], route, split=False)
+    (tmp_path / "r.jsonl").write_text(json.dumps(resp) + "\n")
+    with pytest.raises(UserError, match=r"r.jsonl:1: .*expert id -5 in layer \d+ is negative \(only -1 marks"):
+        import_vllm_routed([tmp_path / "r.jsonl"], num_experts=EXPERTS)
+    route[2, 0, 1] = -1
+    resp = vllm_chat_response([1, 2, 3], [4, 5], route, split=False)
+    (tmp_path / "r.jsonl").write_text(json.dumps(resp) + "\n")
+    result = import_vllm_routed([tmp_path / "r.jsonl"], num_experts=EXPERTS)
+    assert "dropped 1 token(s) whose routing was not captured (-1 ids)" in result.summary
+
+
 # --------------------------------------------------------------------------- SGLang routed
 
 def sglang_generate_response(prompt_len: int, output_ids: list[int], route: np.ndarray) -> dict:

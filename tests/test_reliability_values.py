@@ -442,6 +442,19 @@ def test_rechunk_leaves_the_target_alone_when_the_regrouped_trace_fails_validati
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.parquet", "old.parquet"]
 
 
+def test_rechunk_refuses_to_write_over_the_trace_it_regroups(tmp_path, capsys):
+    """Regrouping leaves the tokens after the last whole step out: written over its input, it lost them."""
+    from moe_gps.trace import write_trace
+    from moe_gps.trace.synth import synthesize
+    path = tmp_path / "keep.parquet"
+    write_trace(path, synthesize("mixtral-mmlu", num_steps=4, tokens_per_step=64, num_layers=2, seed=0))
+    before = path.read_bytes()
+    for out in (path, tmp_path / "." / "keep.parquet"):
+        err = one_line(capsys, main(["trace", "rechunk", str(path), "--tokens-per-step", "100", "-o", str(out)]))
+        assert "the output would overwrite the trace it regroups" in err
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["keep.parquet"]
+
+
 def test_synth_refuses_what_the_trace_format_cannot_hold_and_takes_a_profile_name(tmp_path, capsys):
     code = main(["trace", "synth", "--kind", "counts", "--steps", "2", "--tokens", str(2 ** 40),
                  "-o", str(tmp_path / "h.parquet")])

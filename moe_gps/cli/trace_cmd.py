@@ -238,10 +238,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
     from moe_gps.atomic import atomic_path
+    from moe_gps.files import same_file
     from moe_gps.trace import load_trace, write_trace
     from moe_gps.trace.regroup import describe_tokens_per_step
 
     check_trace_output(args.output)
+    if same_file(args.file, args.output):   # regrouping leaves tokens out: the input would be lost
+        raise UserError(f"{args.output}: the output would overwrite the trace it regroups, {args.file}; "
+                        "write it to another file")
     if args.tokens_per_step < 1:
         raise UserError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     trace = load_trace(args.file)

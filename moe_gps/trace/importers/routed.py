@@ -132,6 +132,11 @@ def assemble(fmt: str, sources: list[str], requests: list[RequestRouting], *, nu
     if len(experts) == 0:
         raise UserError(f"no token selected (--part {part} leaves no row in any response)")
 
+    below = np.argwhere(experts < -1)
+    if len(below):
+        row, layer, j = (int(x) for x in below[0])
+        raise UserError(f"{_where_of_row(picked, row)}: expert id {int(experts[row, layer, j])} in layer {layer} is "
+                        "negative (only -1 marks a token whose routing was not captured)")
     empty = (experts <= 0).all(axis=(0, 2))                      # [axis]: never routed: a dense layer
     kept = np.flatnonzero(~empty)
     if len(kept) == 0:
