@@ -645,3 +645,10 @@ def test_gate_csv_warns_when_folders_are_not_in_the_numeric_order_of_their_names
                for line in r.summary)
     r = import_gate_csv([str(tmp_path / n) for n in ("1st", "2nd", "10th")])
     assert not any("warning" in line for line in r.summary)
+    # the command prints it on stderr, as its other warnings, not among the summary lines on stdout
+    done = subprocess.run([sys.executable, "-m", "moe_gps.cli.main", "trace", "import", "--from", "gate-csv",
+                           *map(str, folders), "-o", str(tmp_path / "g.parquet")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stdout
+    assert done.stderr.startswith("moe-gps: warning: the steps are not in the numeric order of their names")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
 from moe_gps.errors import UserError
@@ -184,7 +185,10 @@ def run_import(args: argparse.Namespace) -> int:
     except UserError as err:
         raise UserError(f"{err}{_other_format(args.fmt, args.sources)}") from None
     for line in result.summary:
-        print(line)
+        if line.lstrip().startswith("warning: "):        # on stderr, as every other warning
+            print(f"moe-gps: {line.strip()}", file=sys.stderr)
+        else:
+            print(line)
     trace, meta = result.trace, result.trace.meta
     tokens = trace.tokens_per_step
     print(f"wrote {args.output}: {meta.kind} trace, {trace.num_steps} step(s), {int(tokens.sum())} tokens "
