@@ -28,6 +28,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class HostLimit(UserError):
+    """Input this machine cannot simulate now (not enough memory for it), which another machine, or this one
+    with fewer workers, could: a sweep records it without caching it, so that a rerun tries again."""
+
+
 def _errno_of(err: OSError) -> int | None:
     """The error number; pyarrow's OSErrors carry it only in their text ('... [errno 28] No space ...')."""
     if err.errno is not None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from moe_gps.config.loader import check_combination, check_model_matches_trace, memory_use
 from moe_gps.config.schema import ClusterConfig, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig
-from moe_gps.errors import UserError
+from moe_gps.errors import HostLimit, UserError
 from moe_gps.placement import plan_placement
 from moe_gps.placement.placement import row_max
 from moe_gps.trace.data import CountsTrace, TokensTrace
@@ -136,7 +136,7 @@ TRAFFIC_ARRAYS = 2
 
 
 def check_traffic_memory(num_gpus: int, num_layers: int, processes: int, cluster: str) -> None:
-    """UserError before any work when the GPU-to-GPU traffic of a step (TRAFFIC_ARRAYS x 8 x L x G^2 bytes
+    """HostLimit before any work when the GPU-to-GPU traffic of a step (TRAFFIC_ARRAYS x 8 x L x G^2 bytes
     in each of ``processes``) needs more memory than the machine has available (a cluster of thousands
     of GPUs would otherwise grow until the out-of-memory killer ends it)."""
     from moe_gps.trace.synth import available_memory
@@ -144,7 +144,7 @@ def check_traffic_memory(num_gpus: int, num_layers: int, processes: int, cluster
     need = TRAFFIC_ARRAYS * 8 * num_layers * num_gpus ** 2 * processes
     have = available_memory()
     if have is not None and need > have:
-        raise UserError(f"cluster {cluster}: {num_gpus} GPUs need about {need / 2**30:.1f} GiB for the GPU-to-GPU "
+        raise HostLimit(f"cluster {cluster}: {num_gpus} GPUs need about {need / 2**30:.1f} GiB for the GPU-to-GPU "
                         f"traffic of {num_layers} layers ({processes} process(es)), {have / 2**30:.1f} GiB "
                         f"available; simulate fewer GPUs (or fewer --jobs)")
 

@@ -334,3 +334,27 @@ def test_the_docs_give_one_time_for_the_default_sweep():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_run_this_machine_lacks_the_memory_for_is_not_cached_and_a_rerun_simulates_it(trace, tmp_path,
+                                                                                       monkeypatch):
+    """The host-memory check depends on the machine at that moment: its refusal was cached as infeasible, and
+    a rerun on a quieter or bigger machine read it back and reported the 8-GPU point as impossible."""
+    import moe_gps.trace.synth as synth_mod
+    from sim.run import TRAFFIC_ARRAYS
+
+    sweep = parse_sweep({**TINY, "num_gpus": [4, 8], "workloads": []}, "sweep")
+    cluster = load_cluster("4xA100-nvlink")
+    monkeypatch.setattr(synth_mod, "available_memory", lambda: TRAFFIC_ARRAYS * 8 * MODEL.num_layers * 6 ** 2)
+    first = recommend(trace, cluster, MODEL, WorkloadConfig(), sweep, out_dir=tmp_path, jobs=1, progress=False,
+                      trace_name="tiny.parquet")
+    big = [x for x in first.records if x["num_gpus"] == 8]
+    assert big and all(x["status"] == "too big here" for x in big)
+    assert all(x["status"] == "ok" for x in first.records if x["num_gpus"] == 4)
+    counts = summary(first)["runs"]
+    assert counts["too_big_here"] == len(big) and counts["infeasible"] == 0
+    assert f"{len(big)} too big for this machine's memory (not cached: a rerun tries them again)" in terminal(first)
+    monkeypatch.undo()
+    again = recommend(trace, cluster, MODEL, WorkloadConfig(), sweep, out_dir=tmp_path, jobs=1, progress=False,
+                      trace_name="tiny.parquet")
+    assert again.simulated == len(big) and all(x["status"] == "ok" for x in again.records)

@@ -26,6 +26,12 @@ RANK_COLUMNS = [("candidate", "strategy", ""), ("latency_mean_ms", "mean ms", ".
                 ("layer_total_us", "layer µs", ".1f")]
 
 
+def too_big_here(runs: dict) -> str:
+    """The runs this machine lacked the memory to simulate, for a count of runs (nothing when none)."""
+    n = runs["too_big_here"]
+    return f", {n} too big for this machine's memory (not cached: a rerun tries them again)" if n else ""
+
+
 def _f(v: Any, spec: str = ".3f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -156,7 +162,8 @@ def render_html(r, sec: dict, figs: dict, command: str) -> str:
     n += 1
     parts.append(f"<h2>{n}. Method and reproducibility</h2>")
     parts.append(f"<p>Command: <code>{e(command)}</code>. Runs: {r.simulated} simulated now, {r.from_cache} read "
-                 f"from the cache, {s['runs']['infeasible']} infeasible (do not fit), {s['runs']['errors']} errors. "
+                 f"from the cache, {s['runs']['infeasible']} infeasible (do not fit){too_big_here(s['runs'])}, "
+                 f"{s['runs']['errors']} errors. "
                  f"Wall time {r.timings.get('total_s', 0):.1f} s. The exact sweep (seed {r.plan.sweep.seed}) is in "
                  f"sweep.yaml; the headline comparison as a simulate config in simulate_config.yaml.</p>")
     if r.notes:
@@ -199,7 +206,8 @@ def render_markdown(r, sec: dict, figs: dict, command: str) -> str:
           _md_table(sorted_runs(r), TABLE_COLUMNS), ""]
     n += 1
     L += [f"## {n}. Method and reproducibility", "", f"Command: `{command}`", "",
-          f"Runs: {r.simulated} simulated now, {r.from_cache} from the cache, {s['runs']['infeasible']} infeasible, "
+          f"Runs: {r.simulated} simulated now, {r.from_cache} from the cache, {s['runs']['infeasible']} infeasible"
+          f"{too_big_here(s['runs'])}, "
           f"{s['runs']['errors']} errors; wall time {r.timings.get('total_s', 0):.1f} s. Exact sweep: "
           "[sweep.yaml](sweep.yaml); headline comparison: [simulate_config.yaml](simulate_config.yaml).", ""]
     L += [f"- note: {x}" for x in r.notes]

@@ -22,7 +22,7 @@ from moe_gps.recommend import plots
 from moe_gps.recommend.analysis import NEAR_TIE, and_list, at_point
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
-from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown
+from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown, too_big_here
 from moe_gps.recommend.sweep import sweep_to_dict
 from moe_gps.tables import format_table
 from sim.run import PHASES
@@ -83,7 +83,8 @@ def summary(r: Recommendation) -> dict[str, Any]:
                      "speedup_vs_none": x["speedup_vs_none"]} for x in h.ranking],
         "infeasible_at_your_point": h.infeasible,
         "runs": {"total": len(r.records), "simulated": r.simulated, "from_cache": r.from_cache,
-                 "infeasible": sum(x["status"] == "infeasible" for x in r.records), "errors": len(r.errors)},
+                 "infeasible": sum(x["status"] == "infeasible" for x in r.records),
+                 "too_big_here": sum(x["status"] == "too big here" for x in r.records), "errors": len(r.errors)},
         "timings_s": r.timings, "notes": r.notes, "seed": plan.sweep.seed,
     }
 
@@ -460,7 +461,7 @@ def terminal(r: Recommendation) -> str:
                                title=f"strategies at your cluster (fastest first{shown}):")]
     lines += [f"note: {x}" for x in r.notes]
     n = s["runs"]
-    ok = n["total"] - n["infeasible"] - n["errors"]
-    lines += [f"runs: {n['total']} ({ok} ok, {n['infeasible']} infeasible, {n['errors']} errors; {r.simulated} "
-              f"simulated now, {r.from_cache} read from the cache) in {r.timings['total_s']:.1f} s"]
+    ok = n["total"] - n["infeasible"] - n["too_big_here"] - n["errors"]
+    lines += [f"runs: {n['total']} ({ok} ok, {n['infeasible']} infeasible{too_big_here(n)}, {n['errors']} errors; "
+              f"{r.simulated} simulated now, {r.from_cache} read from the cache) in {r.timings['total_s']:.1f} s"]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ import numpy as np
 from moe_gps.atomic import write_text_atomic
 from moe_gps.config.loader import to_dict
 from moe_gps.config.schema import SimulateConfig
-from moe_gps.errors import UserError
+from moe_gps.errors import HostLimit, UserError
 from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
@@ -168,6 +168,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     cfg: SimulateConfig = job["config"]
     try:
         result = simulate(_variant(job["gamma"]), cfg, progress=False, trace_name="sweep")
+    except HostLimit as err:              # this machine, now: not cached, so that a rerun tries again
+        rec.update(status="too big here", reason=str(err))
     except UserError as err:
         rec.update(status="infeasible", reason=str(err))
     except Exception as err:  # noqa: BLE001 - recorded, reported, and not cached
