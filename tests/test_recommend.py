@@ -372,6 +372,11 @@ def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
     near = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
                        ("8", "eplb +1/GPU", 1.00014))
     assert near.sentence("none").endswith("at 8 GPUs eplb +1/GPU comes first by 0.01% (a near tie).")
+    # every candidate at 1000000 GPUs infeasible: the range ends there, not "the whole swept range"
+    none_ran = Sensitivity("GPU count", "GPUs", ["4", "1000000"], ["none", None], 0, "4", "4", None,
+                           ("1000000", None, float("nan")))
+    assert none_ran.sentence("none") == ("GPU count: none stays the fastest only at 4 GPUs; at 1000000 GPUs nothing "
+                                         "could be simulated (runs.csv says why).")
 
 
 def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(result):

@@ -354,6 +354,8 @@ def test_a_run_this_machine_lacks_the_memory_for_is_not_cached_and_a_rerun_simul
     counts = summary(first)["runs"]
     assert counts["too_big_here"] == len(big) and counts["infeasible"] == 0
     assert f"{len(big)} too big for this machine's memory (not cached: a rerun tries them again)" in terminal(first)
+    assert "GPU count: none stays the fastest only at 4 GPUs; at 8 GPUs nothing could be simulated" in \
+        " ".join(summary(first)["sensitivity"])
     monkeypatch.undo()
     again = recommend(trace, cluster, MODEL, WorkloadConfig(), sweep, out_dir=tmp_path, jobs=1, progress=False,
                       trace_name="tiny.parquet")

@@ -364,8 +364,9 @@ class Sensitivity:
     user_index: int
     holds_from: str
     holds_to: str
-    change_below: tuple[str, str, float] | None     # (value, new winner, its speed-up over ours there)
-    change_above: tuple[str, str, float] | None
+    #: (value, new winner, its speed-up over ours there); winner None where no candidate could be simulated
+    change_below: tuple[str, str | None, float] | None
+    change_above: tuple[str, str | None, float] | None
     #: value -> a short clause on what its runs are (e.g. a workload whose steps are scaled, not regrouped)
     caveats: dict[str, str] = field(default_factory=dict)
 
@@ -381,7 +382,8 @@ class Sensitivity:
         for side, ch in (("below", self.change_below), ("above", self.change_above)):
             if ch is not None:
                 parts.append(f"at {ch[0]} {self.unit}".rstrip()
-                             + (f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
+                             + (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
+                                f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
                                 f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
                                 else f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
         s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
@@ -416,9 +418,11 @@ def sensitivity(m: DecisionMap, df, plan: SweepPlan, rec: str, along: str, unit:
     while hi + 1 < len(winners) and winners[hi + 1] == rec:
         hi += 1
 
-    def change(k: int) -> tuple[str, str, float] | None:
-        if k < 0 or k >= len(winners) or winners[k] is None:
+    def change(k: int) -> tuple[str, str | None, float] | None:
+        if k < 0 or k >= len(winners):
             return None
+        if winners[k] is None:                # every candidate there infeasible: the range ends, and says so
+            return values[k], None, math.nan
         sub = _sub_at(df, plan, m.name, *pts[k])
         sub = sub[sub["candidate"].isin(labels)]
         ours = sub[sub["candidate"] == rec]["latency_mean_ms"]
