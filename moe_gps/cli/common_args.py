@@ -123,8 +123,8 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-step", type=int, metavar="N",
                    help="tokens per forward pass over all GPUs: the trace's tokens are regrouped, in order, into "
                         "steps of N where that leaves at least 12 steps, and more than the training steps; "
-                        "otherwise each step's expert loads are scaled to N, and the output says so (default: the trace's "
-                        "steps as they are)")
+                        "otherwise each step's expert loads are scaled to N, and the output says so (default: "
+                        "the trace's steps as they are)")
 
 
 def model_from_args(args: argparse.Namespace, trace):
