@@ -403,3 +403,21 @@ def test_serve_out_of_memory_names_the_request_count(tmp_path, capsys, monkeypat
                                  "out of memory (Unable to allocate 7.45 GiB for an array); make the input or the "
                                  "numbers that size it smaller\n")
     assert not (tmp_path / "sv").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["recommend", BUNDLED, "-o", ""], "argument -o/--output"),
+    (["recommend", BUNDLED, "--cluster="], "argument --cluster"),
+    (["recommend", BUNDLED, "--model", " "], "argument --model"),
+    (["serve", BUNDLED, "--workload="], "argument --workload"),
+    (["simulate", ""], "argument trace"),
+    (["serve", BUNDLED, "--strategies", "eplb", ""], "argument --strategies"),
+])
+def test_an_empty_value_is_a_usage_error_not_the_default(argv, named, capsys, tmp_path, monkeypatch):
+    """-o '' wrote to the default folder and --cluster= ran the default sweep: an empty value read as absent."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.count("\n") == 1 and f"{named}: an empty value" in err, err
+    assert not list(tmp_path.iterdir())                        # nothing written, e.g. no moe-gps-out/

@@ -217,15 +217,15 @@ def test_reading_ahead_hands_over_errors_and_stops_with_its_reader():
         yield 2
         raise ValueError("bad page")
 
-    it = _read_ahead(batches())
+    it = _read_ahead(batches(), "t.parquet")
     assert next(it) == 1 and next(it) == 2
     with pytest.raises(ValueError, match="bad page"):
         next(it)
-    it = _read_ahead(iter(range(100)), depth=1)
+    it = _read_ahead(iter(range(100)), "t.parquet", depth=1)
     assert next(it) == 0
     it.close()                                            # the reader stopped early: so does the thread
     assert not any(t.name == "moe-gps-read-ahead" for t in threading.enumerate())
-    assert list(_read_ahead(iter(range(5)))) == list(range(5))
+    assert list(_read_ahead(iter(range(5)), "t.parquet")) == list(range(5))
 
 
 def test_a_tokens_traces_counts_are_counted_as_read():

@@ -89,8 +89,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moe_gps.outputs import check_output_dir, locked_output_dir
     from runtime.config import check_outputs_spare_inputs, check_run_inputs, load_run_config
     cfg = load_run_config(args.config)
-    if args.out is not None and not args.out.strip():
-        raise UserError(f"--out must name a folder, got {args.out!r}")
     out, out_name = (args.out, "--out") if args.out else (cfg.output.dir, "output.dir")
     where = out_name if args.out else f"{args.config}: output.dir"
     check_output_dir(out, where)
