@@ -91,6 +91,8 @@ def test_round_trip_through_yaml(tmp_path):
     ({"intra_node": {"bandwidth_gb_s": 10}}, r"c\.yaml: intra_node\.latency_us: missing"),
     ({"num_gpus": 6, "gpus_per_node": 4}, r"c\.yaml: gpus_per_node: 4 does not divide num_gpus=6"),
     ({"num_gpus": 8, "gpus_per_node": 4}, r"c\.yaml: inter_node: required, the cluster has 2 nodes"),
+    ({"gpu": {"reserved_memory_gb": 90}}, r"c\.yaml: gpu\.reserved_memory_gb: 90 GB leaves nothing of the GPU's "
+                                          r"hbm_capacity_gb=80"),     # was "> -10.0 GB available" on a strategy
 ])
 def test_bad_cluster_messages(tmp_path, change, message):
     d = cluster_dict()

@@ -146,6 +146,10 @@ class ClusterConfig:
         if self.num_nodes > 1 and self.inter_node is None:
             raise UserError(f"{where}: inter_node: required, the cluster has {self.num_nodes} nodes "
                             f"({self.num_gpus} GPUs, {self.gpus_per_node} per node)")
+        if self.gpu.reserved_memory_gb >= self.gpu.hbm_capacity_gb:
+            raise UserError(f"{where}: gpu.reserved_memory_gb: {self.gpu.reserved_memory_gb:g} GB leaves nothing of "
+                            f"the GPU's hbm_capacity_gb={self.gpu.hbm_capacity_gb:g} for weights and KV cache; it must "
+                            "be below it")
 
 
 # ---------------------------------------------------------------------------- model
