@@ -148,7 +148,8 @@ KILL_WAIT_S = 10.0
 
 def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
     """End a ``multiprocessing`` pool at once: kill its workers (and any it starts in place of a dead
-    one) while ``Pool.terminate`` runs, and wait for that at most ``wait_s`` seconds.
+    one) while ``Pool.terminate`` runs, and wait for that at most ``wait_s`` seconds. (``terminate``
+    alone sends SIGTERM and waits, and a worker may ignore SIGTERM: recommend's do.)
 
     A worker that waits for its next task holds the task queue's lock, and ``terminate`` takes that
     lock; once every worker is dead the lock is freed here. A worker killed while it sent a result

@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"request workload: bundled preset ({', '.join(preset_names('workloads'))}) or workload YAML "
                         f"(docs/serving.md; default: {DEFAULT_WORKLOAD})")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, metavar="R", help=f"requests per second, at least {MIN_RATE:g} (default: the workload's rate)")
+    rate.add_argument("--rate", type=float, metavar="R",
+                      help=f"requests per second, at least {MIN_RATE:g} (default: the workload's rate)")
     rate.add_argument("--rates", type=float, nargs="+", metavar="R",
                       help="several request rates: one run each (a rate named twice runs once, with a note), and the "
                            "latency-throughput figure")

@@ -9,7 +9,6 @@ docs/serving.md lists every one (a test checks it). The workload file format is
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -279,7 +279,7 @@ class Runner:
             elif self.stop is not None and issubclass(exc_type, KeyboardInterrupt):
                 _stop_local(self.pool, self.stop)      # Ctrl-C, SIGTERM: the runs under way finish
             elif self.stop is not None:
-                kill_pool(self.pool)                  # a failure, e.g. a worker killed: stop at once
+                kill_pool(self.pool)                    # a failure, e.g. a worker killed: stop at once
             else:
                 self.pool.terminate()          # Ray: disconnect; a cluster started here is shut down
             self.pool = None
