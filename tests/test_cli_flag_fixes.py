@@ -215,6 +215,8 @@ def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, mon
      "capacity of 1"),
     (["plan", "{small}", "--gpus", "4", "--algorithm", "greedy", "--max-copies", "-1"],
      "--max-copies must be >= 0, got -1"),
+    (["plan", "{small}", "--gpus", "4", "--redundant", "4", "--sglang", "{tmp}/s.json", "--num-hidden-layers", "4",
+      "--ep-num-redundant-experts", "-4"], "--ep-num-redundant-experts must be >= 0, got -4"),   # was: use -4
     (["predict", "evaluate", "{small}", "--redundant", "-1"], "--redundant must be >= 0, got -1"),
     (["predict", "evaluate", "{small}", "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
     (["predict", "evaluate", "{small}", "--train-steps", "8"],

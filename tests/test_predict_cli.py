@@ -94,7 +94,7 @@ def test_counts_trace_skips_token_predictors(counts_file, capsys):
     (["--synthetic", "1.5"], "--synthetic: accuracy must be in [0, 1]"),
     (["--per-layer", "speed"], "--per-layer: unknown metric"),
     (["--redundant", "3"], "do not divide evenly"),
-    (["--overhead-curve", "1"], "--overhead-curve: expected SCALE,RATE"),
+    (["--synthetic", "0.9", "--overhead-curve", "1"], "--overhead-curve: expected SCALE,RATE"),
     (["--algorithm", "magic"], "unknown placement algorithm 'magic'"),
     (["--gpus", "0"], "--gpus must be >= 1"),
 ])

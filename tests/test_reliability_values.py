@@ -27,6 +27,8 @@ BUNDLED = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.par
     ("dist:window(window=abc)", "window must be an integer, got 'abc'"),
     ("token:synthetic(accuracy=true)", "token predictor 'synthetic': accuracy must be a number, got True"),
     ("token:most-frequent(online=maybe)", "online must be true or false or null, got 'maybe'"),
+    ("dist:token-hist(max_keys=-5)", "token-hist: max_keys must be >= 1, got -5"),      # ran, as if unbounded
+    ("token:token-id(max_keys=0)", "token-id: max_keys must be >= 1, got 0"),
 ])
 def test_predictor_options_of_the_wrong_type_are_one_line(tmp_path, capsys, strategy, message):
     code = main(["simulate", BUNDLED, "--strategies", f"none,{strategy}", "--no-plots", "-o", str(tmp_path / "o")])
@@ -142,6 +144,8 @@ def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):
     predictors on a counts trace): one line, exit 2, no output folder."""
     code = main(["predict", "evaluate", BUNDLED, "--synthetic-flops", "1e6"])
     assert "--synthetic-flops is the overhead of the predictors of --synthetic" in one_line(capsys, code)
+    code = main(["predict", "evaluate", BUNDLED, "--predictors", "previous", "--overhead-curve", "1e6,3"])
+    assert "--overhead-curve is the overhead of the predictors of --synthetic" in one_line(capsys, code)
     assert main(["trace", "synth", "--kind", "counts", "--steps", "20", "--tokens", "512",
                  "-o", str(tmp_path / "c.parquet")]) == 0
     capsys.readouterr()

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default="all",
                    help="steps whose loads are summed: 'all', 'A:B' (half-open, like Python), or a comma list "
                         "such as '0,4,8' or '0:16,32:48'; a step named twice counts once, and a range past the "
-                        "last step is cut to it, each with a note (default: all)")
+                        "last step is cut to it, each with a note; a value that starts with '-' goes after '=', "
+                        "as --steps=-16: (default: all)")
     p.add_argument("--nodes", type=int, default=1,
                    help="eplb: nodes; more than 1 runs DeepSeek's hierarchical variant (expert groups packed onto "
                         "nodes, then replicas placed within each node), which needs --groups a multiple of --nodes "
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="greedy/waterfill: stop copying when hottest - coldest GPU <= threshold x mean "
                         "(defaults: greedy 0.05, waterfill 0)")
     p.add_argument("--max-copies", type=int, default=None,
-                   help="greedy/waterfill: copies per layer at most (>= 0)")
+                   help="greedy/waterfill: copies per layer at most (>= 0; default: --redundant)")
     p.add_argument("--previous", metavar="PLAN", help="placement in force (YAML): bytes moved, and migration-"
                                                       "aware planning for waterfill")
     p.add_argument("--expert-mib", type=float, default=None,
@@ -155,8 +156,10 @@ def check_plan_flags(args: argparse.Namespace) -> None:
                                                                               args.max_slots_per_gpu)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    if args.max_copies is not None and args.max_copies < 0:
-        raise UserError(f"--max-copies must be >= 0, got {args.max_copies}")
+    for flag, value in (("--max-copies", args.max_copies), ("--ep-num-redundant-experts",
+                                                            args.ep_num_redundant_experts)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
     if args.algorithm == "eplb":
         if args.nodes == 1 and args.groups != 1:
             raise UserError(f"--groups {args.groups}: expert groups apply to the hierarchical EPLB only, with "

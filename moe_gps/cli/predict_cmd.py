@@ -92,11 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rechunk`): errors are then those of N-token steps")
     p.add_argument("--mode", choices=("default", "online", "offline"), default="default",
                    help="online: predictors learn from each step once routed; offline: never; default: each "
-                        "predictor's own (profile and mlp offline, the rest online)")
+                        "predictor's own (profile offline, the rest online)")
     p.add_argument("--gpus", type=int, default=4, metavar="G", help="GPUs for the balancedness metric (default: 4)")
     p.add_argument("--redundant", type=int, metavar="R",
-                   help="redundant expert slots per layer, >= 0 (default: one per GPU, or what makes experts + R "
-                        "divide over the GPUs)")
+                   help="redundant expert slots per layer, >= 0 (default: one per GPU, beyond the spares that "
+                        "make the experts divide over the GPUs)")
     p.add_argument("--algorithm", default="eplb",
                    help="placement algorithm that plans replicas from each prediction (default: eplb; see "
                         "docs/placement.md)")
@@ -116,7 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the MLP and synthetic predictors (default: 0)")
     p.add_argument("--json", action="store_true", help="print all results as JSON instead of tables")
     p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR",
-                   help="also write predict_summary.csv, predict_per_layer.csv and predict.json there")
+                   help="also write predict_summary.csv, predict_per_layer.csv, predict.json and "
+                        "predict_config.yaml there")
     p.set_defaults(func=cmd_evaluate)
 
     p = psub.add_parser("list", help="list the predictors, what each uses and what it costs",
@@ -239,6 +240,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overhead = args.synthetic_flops
     curve = None
     if args.overhead_curve:
+        if not args.synthetic:
+            raise UserError("--overhead-curve is the overhead of the predictors of --synthetic; give --synthetic too")
         vals = _floats(args.overhead_curve, "--overhead-curve")
         if len(vals) != 2:
             raise UserError("--overhead-curve: expected SCALE,RATE")

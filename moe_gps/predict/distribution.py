@@ -307,10 +307,13 @@ class TokenHistogramPredictor(DistributionPredictor):
             raise UserError(f"token-hist: prior_tokens must be > 0, got {prior_tokens}")
         if not 0 <= alpha <= 1:
             raise UserError(f"token-hist: alpha must be in [0, 1], got {alpha}")
+        if max_keys < 1:
+            raise UserError(f"token-hist: max_keys must be >= 1, got {max_keys}")
         self.prior_tokens, self.alpha, self.max_keys = float(prior_tokens), float(alpha), int(max_keys)
 
     def params(self) -> dict:
-        return {"online": self.online, "prior_tokens": self.prior_tokens, "alpha": self.alpha}
+        return {"online": self.online, "prior_tokens": self.prior_tokens, "alpha": self.alpha,
+                "max_keys": self.max_keys}
 
     def _fit(self, counts, tokens: TokensTrace) -> None:
         self._train = tokens

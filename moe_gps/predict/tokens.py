@@ -119,6 +119,8 @@ class TokenIdTokens(_KeyedTokens):
 
     def __init__(self, online: bool | None = None, max_keys: int = 65536) -> None:
         super().__init__(online)
+        if max_keys < 1:
+            raise UserError(f"token-id: max_keys must be >= 1, got {max_keys}")
         self.max_keys = int(max_keys)
 
     def params(self) -> dict:
