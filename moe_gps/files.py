@@ -52,17 +52,6 @@ def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
     return p
 
 
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one file: the same path once links and spellings such as ``./x`` are
-    resolved, or, where both exist, the same file (hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def parse_yaml(text: str, where: str) -> Any:
     """Parse YAML text; ``where`` (the file name) prefixes error messages. Empty text is an error."""
     try:

@@ -299,6 +299,17 @@ def fsync_path(path: Path, folder: bool = False) -> None:
 MANIFEST = ".moe-gps-files"
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same path once links and spellings such as ``./x`` are
+    resolved, or, where both exist, the same file (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class Staged:
     """The files of one run, staged (:func:`staged_outputs`). path: the folder to write them into;
     after the block, removed: an earlier run's optional files removed because this run did not make
@@ -334,7 +345,8 @@ def _manifest(out: Path) -> set[str]:
 
 @contextlib.contextmanager
 def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
-                   stop: Callable[[], None] | None = None) -> Iterator[Staged]:
+                   stop: Callable[[], None] | None = None,
+                   inputs: tuple[str | os.PathLike | None, ...] = ()) -> Iterator[Staged]:
     """Write a run's files into ``Staged.path``, a hidden folder inside ``out`` (held locked by the
     caller); when the block ends without an error they move into ``out`` together (renames in one file
     system, with signals held), replacing an earlier run's files of the same names, and the earlier run's
@@ -342,7 +354,9 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
     are removed where :data:`MANIFEST` records that a run wrote them (else they are kept: ``Staged.kept``).
     On an error or a signal, ``stop`` ends whatever else still writes into the staging
     folder (a process drawing the plots), the folder is removed and ``out`` keeps what it had. Staging
-    folders a killed run left behind are removed first."""
+    folders a killed run left behind are removed first. A file of this run that would replace or remove
+    one of ``inputs`` (the files the run read: a trace named layers.parquet in ``out``) is a UserError
+    before anything moves."""
     out = Path(out)
     for old in out.glob(STAGE_PREFIX + "*"):          # a run killed outright (SIGKILL) left it: the lock is ours
         shutil.rmtree(old, ignore_errors=True)
@@ -366,6 +380,12 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
         (stage.path / MANIFEST).write_text("".join(f"{name}\n" for name in ours if name != MANIFEST),
                                            encoding="utf-8")
         rels = sorted(Path(name) for name in made | {MANIFEST})
+        read = [p for p in inputs if p is not None and Path(p).is_file()]
+        for rel in [*rels, *map(Path, stale)]:          # checked before any moves: the user's inputs stay
+            hit = next((p for p in read if same_file(p, out / rel)), None)
+            if hit is not None:
+                raise UserError(f"{out / rel}: this run's {rel} would {'replace' if rel in rels else 'remove'} "
+                                f"its input {hit}; write to another folder (-o)")
         for rel in rels:          # checked before any moves: a folder where a file goes, a file where a folder
             if (out / rel).is_dir():
                 raise UserError(f"{out / rel}: a folder where this run writes the file {rel}; move it")

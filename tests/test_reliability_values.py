@@ -468,3 +468,40 @@ def test_synth_refuses_what_the_trace_format_cannot_hold_and_takes_a_profile_nam
     assert main(["trace", "synth", "--set", "name=mine", "--steps", "2", "--tokens", "64",
                  "-o", str(tmp_path / "n.parquet")]) == 0
     assert "profile mine" in capsys.readouterr().out
+
+
+def test_simulate_and_serve_never_write_over_the_files_they_read(tmp_path, capsys):
+    """A trace named layers.parquet in the output folder was replaced by the layer table (and then unreadable
+    as a trace); a --config read from the output folder was replaced by the run's own config.yaml."""
+    import shutil
+
+    out = tmp_path / "o"
+    out.mkdir()
+    trace = out / "layers.parquet"
+    shutil.copy(BUNDLED, trace)
+    before = trace.read_bytes()
+    code = main(["simulate", str(trace), "--strategies", "none", "--no-plots", "-j", "1", "-o", str(out)])
+    assert "this run's layers.parquet would replace its input" in one_line(capsys, code)
+    assert trace.read_bytes() == before and [p.name for p in out.iterdir()] == ["layers.parquet"]
+    run = tmp_path / "run"
+    assert main(["simulate", BUNDLED, "--strategies", "none", "--no-plots", "-j", "1", "-o", str(run)]) == 0
+    config = run / "config.yaml"
+    config.write_text(config.read_text() + "# my notes\n")
+    mine = config.read_text()
+    capsys.readouterr()
+    code = main(["simulate", BUNDLED, "--config", str(config), "--seed", "5", "--no-plots", "-o", str(run)])
+    assert "this run's config.yaml would replace its input" in one_line(capsys, code)
+    assert config.read_text() == mine
+    assert main(["simulate", BUNDLED, "--config", str(config), "--seed", "5", "--no-plots",
+                 "-o", str(tmp_path / "again")]) == 0               # into another folder it reruns
+    code = main(["serve", BUNDLED, "--strategies", "none", "--requests", "5", "--no-plots",
+                 "--workload", str(_workload_named(tmp_path / "w", "config.yaml")), "-o", str(tmp_path / "w")])
+    assert "this run's config.yaml would replace its input" in one_line(capsys, code)
+
+
+def _workload_named(folder, name: str):
+    folder.mkdir()
+    path = folder / name
+    path.write_text("name: w\nprompt_tokens: {dist: fixed, value: 16}\noutput_tokens: {dist: fixed, value: 2}\n"
+                    "rate: 5\n")
+    return path

@@ -19,6 +19,16 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
+#: the arguments that name files a command reads
+INPUT_ARGS = ("trace", "config", "sweep", "cluster", "model", "workload")
+
+
+def input_paths(args: argparse.Namespace) -> tuple:
+    """The files the command's arguments name for it to read (None where not given; a preset's name is
+    not a file), for :func:`moe_gps.outputs.staged_outputs`' check that no output replaces one."""
+    return tuple(getattr(args, name, None) for name in INPUT_ARGS)
+
+
 def output_folder(args: argparse.Namespace, command: str):
     """The output folder, -o DIR or moe-gps-out/<command>-<trace name>, locked for this command
     (:func:`moe_gps.outputs.hold_output_dir`: a UserError if it is a file or another command holds it)."""

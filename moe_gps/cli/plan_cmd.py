@@ -7,7 +7,7 @@ import math
 import sys
 
 from moe_gps.errors import UserError
-from moe_gps.files import same_file
+from moe_gps.outputs import same_file
 
 ALGORITHM_HELP = ("none: no copies, vLLM's linear (E/N contiguous experts per GPU) or round_robin layout "
                   "(--layout); greedy: MoE-GPS paper Algorithm 1; "

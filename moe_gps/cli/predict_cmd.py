@@ -288,9 +288,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                            for r in ev.reports))
     run = run_record(args, regrouped)
     if args.out:
+        from moe_gps.cli.common_args import input_paths
         from moe_gps.outputs import staged_outputs
 
-        with staged_outputs(args.out) as stage:          # moved in together: a run cut short changes nothing
+        # moved in together: a run cut short changes nothing
+        with staged_outputs(args.out, inputs=input_paths(args)) as stage:
             _write_outputs(ev, run, stage.path)
     if args.json:
         print(dumps_json({"run": run, **ev.to_dict()}, indent=2))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (DEPLOYMENT_DESTS, add_assumptions_arg, add_deployment_args, add_jobs_arg,
-                                     deployment_from_args, jobs_from_args, output_folder, print_removed)
+                                     deployment_from_args, input_paths, jobs_from_args, output_folder, print_removed)
 from moe_gps.errors import UserError
 
 
@@ -105,7 +105,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from moe_gps.outputs import staged_outputs
     from moe_gps.recommend.report import CAPTIONS
 
-    with staged_outputs(out, tuple(f"plots/{name}.png" for name in CAPTIONS)) as stage:
+    with staged_outputs(out, tuple(f"plots/{name}.png" for name in CAPTIONS), inputs=input_paths(args)) as stage:
         written = write_report(result, stage.path, command=_command(args, out),
                                jobs=1 if args.backend == "ray" else jobs)
     written = stage.final(written)

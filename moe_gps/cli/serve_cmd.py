@@ -7,7 +7,7 @@ import math
 import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
-                                     jobs_from_args, model_from_args, note_repeated, output_folder,
+                                     input_paths, jobs_from_args, model_from_args, note_repeated, output_folder,
                                      plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
@@ -183,7 +183,8 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     from moe_gps.outputs import staged_outputs
     from sim.serving.plots import FIGURE_FILES
 
-    with staged_outputs(out, FIGURE_FILES, stop=drawer.stop) as stage:     # moved in together: a run cut short changes nothing
+    # moved in together: a run cut short changes nothing
+    with staged_outputs(out, FIGURE_FILES, stop=drawer.stop, inputs=input_paths(args)) as stage:
         written = write_outputs(result, stage.path, plots=not args.no_plots, drawer=drawer)
     written = stage.final(written)
     if args.json:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
-                                     jobs_from_args, note_repeated, output_folder, plot_drawer,
+                                     input_paths, jobs_from_args, note_repeated, output_folder, plot_drawer,
                                      print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
@@ -102,7 +102,7 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
     from dataclasses import replace
 
     from moe_gps.config import SimulateConfig, load_simulate_config
-    from moe_gps.files import same_file
+    from moe_gps.outputs import same_file
 
     notes: list[str] = []
     inferred: list[str] = []
@@ -202,7 +202,7 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     from sim.plots import FIGURE_FILES
 
     # written aside and moved in together: a run cut short leaves the folder as it was
-    with staged_outputs(out, (*FIGURE_FILES, "timeline.json"), stop=drawer.stop) as stage:
+    with staged_outputs(out, (*FIGURE_FILES, "timeline.json"), stop=drawer.stop, inputs=input_paths(args)) as stage:
         summary = format_summary(result)
         written = write_outputs(result, stage.path, plots=not args.no_plots, jobs=jobs, drawer=drawer,
                                 summary=summary)

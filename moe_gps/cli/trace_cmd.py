@@ -238,7 +238,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
     from moe_gps.atomic import atomic_path
-    from moe_gps.files import same_file
+    from moe_gps.outputs import same_file
     from moe_gps.trace import load_trace, write_trace
     from moe_gps.trace.regroup import describe_tokens_per_step
 
