@@ -382,9 +382,10 @@ def test_simulate_train_steps_name_the_flag_and_strategies_named_twice_run_once(
     assert [s["strategy"] for s in json.loads(out)["strategies"]] == ["none", "eplb"]
 
 
-def test_serve_without_none_says_why_there_is_no_verdict(tmp_path, capsys):
-    assert main(["serve", BUNDLED, "--rates", "20", "--requests", "10", "--strategies", "eplb", "--no-plots",
-                 "-o", str(tmp_path / "sv")]) == 0
+@pytest.mark.parametrize("command", [["serve", BUNDLED, "--rates", "20", "--requests", "10"],
+                                     ["simulate", BUNDLED, "-j", "1"]])
+def test_a_run_without_none_says_why_there_is_no_verdict(tmp_path, capsys, command):
+    assert main(command + ["--strategies", "eplb", "--no-plots", "-o", str(tmp_path / "sv")]) == 0
     out = capsys.readouterr().out
     assert "verdict" not in out.replace("no verdict", "")
     assert "note: no verdict: it compares every strategy with none (no duplication), which the strategies run " \

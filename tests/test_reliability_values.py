@@ -505,3 +505,32 @@ def _workload_named(folder, name: str):
     path.write_text("name: w\nprompt_tokens: {dist: fixed, value: 16}\noutput_tokens: {dist: fixed, value: 2}\n"
                     "rate: 5\n")
     return path
+
+
+def test_a_strategys_own_options_win_over_the_flags_for_every_strategy(tmp_path, capsys):
+    """--redundant-slots 4 ran eplb(num_redundant_experts=8) with 4 slots under its label, and --replan-interval
+    replaced eplb(step_interval=20)'s; now the strategy keeps what it names, with a note, and the others
+    take the flag."""
+    import yaml
+
+    out = tmp_path / "o"
+    assert main(["simulate", BUNDLED, "--strategies", "none", "eplb", "eplb(num_redundant_experts=8)",
+                 "eplb(window_size=10,step_interval=20)", "--redundant-slots", "4", "--replan-interval", "4",
+                 "--window", "2", "--no-plots", "-j", "1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "note: --redundant-slots 4 does not apply to eplb(num_redundant_experts=8), which sets its own " \
+           "redundant_slots (8)" in text
+    assert "note: --replan-interval 4 does not apply to eplb(window_size=10,step_interval=20), which sets its " \
+           "own replan_interval (20)" in text
+    ran = {s["name"] or "none": s for s in yaml.safe_load((out / "config.yaml").read_text())["strategies"]}
+    assert ran["eplb"]["redundant_slots"] == 4 and ran["eplb"]["replan_interval"] == 4 and ran["eplb"]["window"] == 2
+    assert ran["eplb(num_redundant_experts=8)"]["redundant_slots"] == 8
+    assert ran["eplb(window_size=10,step_interval=20)"]["replan_interval"] == 20
+    assert ran["eplb(window_size=10,step_interval=20)"]["window"] == 10
+    assert ran["eplb(window_size=10,step_interval=20)"]["redundant_slots"] == 4
+
+
+def test_a_predictor_option_named_twice_is_refused(tmp_path, capsys):
+    code = main(["simulate", BUNDLED, "--strategies", "dist:ema(alpha=0.3,alpha=0.5)", "--no-plots",
+                 "-o", str(tmp_path / "o")])
+    assert "strategy 'dist:ema(alpha=0.3,alpha=0.5)': option 'alpha' given twice" in one_line(capsys, code)

@@ -19,6 +19,14 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
+def no_verdict_note(strategies: list) -> list[str]:
+    """The note of a run without ``none``, which the verdict needs (nothing when it has it)."""
+    if any(s.kind == "none" for s in strategies):
+        return []
+    return ["no verdict: it compares every strategy with none (no duplication), which the strategies run leave "
+            "out (add none to --strategies)"]
+
+
 #: the arguments that name files a command reads
 INPUT_ARGS = ("trace", "config", "sweep", "cluster", "model", "workload")
 

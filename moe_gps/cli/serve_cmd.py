@@ -7,8 +7,8 @@ import math
 import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
-                                     input_paths, jobs_from_args, model_from_args, note_repeated, output_folder,
-                                     plot_drawer, print_written)
+                                     input_paths, jobs_from_args, model_from_args, no_verdict_note, note_repeated,
+                                     output_folder, plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
 from moe_gps.errors import UserError
@@ -177,9 +177,7 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
         raise environment_error(err, flag=f"{cfg.workload.num_requests} requests per rate (--requests, "
                                           "workload.num_requests)") from None
     result.notes += notes
-    if not any(s.kind == "none" for s in cfg.simulate.strategies):
-        result.notes.append("no verdict: it compares every strategy with none (no duplication), which the "
-                            "strategies run leave out (add none to --strategies)")
+    result.notes += no_verdict_note(cfg.simulate.strategies)
     from moe_gps.outputs import staged_outputs
     from sim.serving.plots import FIGURE_FILES
 

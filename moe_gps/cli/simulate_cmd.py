@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
-                                     input_paths, jobs_from_args, note_repeated, output_folder, plot_drawer,
-                                     print_written, workload_from_args)
+                                     input_paths, jobs_from_args, no_verdict_note, note_repeated, output_folder,
+                                     plot_drawer, print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES
 from moe_gps.errors import UserError
 
@@ -58,8 +58,9 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, windo
                         f"dist:PREDICTOR, token:PREDICTOR, oracle, and {default}. Predictor options go in "
                         "parentheses, e.g. 'token:synthetic(accuracy=0.95,overhead=8.4e6)'")
     p.add_argument("--redundant-slots", type=int, metavar="R",
-                   help="extra expert slots per layer over all GPUs for every duplicating strategy "
-                        "(default: one per GPU, beyond the spares that make the experts divide over the GPUs)")
+                   help="extra expert slots per layer over all GPUs for every duplicating strategy that does not "
+                        "set its own, as eplb(num_redundant_experts=8) does (default: one per GPU, beyond the "
+                        "spares that make the experts divide over the GPUs)")
     p.add_argument("--copy-policy", choices=COPY_POLICIES,
                    help="when copied expert weights arrive, for every strategy: critical (the layer waits), "
                         "overlap (during the layer's attention, sharing links with the dispatch), async (in the "
@@ -67,11 +68,13 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, windo
                         "vLLM's EPLB with use_async), hidden (free, as the MoE-GPS paper assumes). Default: async; "
                         "hidden with --assumptions paper")
     p.add_argument("--replan-interval", type=int, metavar="K",
-                   help=f"{unit} between re-plan checks, for every duplicating strategy (default: vLLM's "
+                   help=f"{unit} between re-plan checks, for every duplicating strategy that does not set its "
+                        "own, as eplb(step_interval=N) does (default: vLLM's "
                         "EPLB cadence for eplb, 16 for the predicting strategies and the oracle, 1 for them with "
                         "--assumptions paper)")
     p.add_argument("--window", type=int, metavar="W",
-                   help=f"{window} of history a plan is made from, for every duplicating strategy (default: "
+                   help=f"{window} of history a plan is made from, for every duplicating strategy that does not "
+                        "set its own (default: "
                         "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 with "
                         "--assumptions paper, 1 for the oracle)")
     p.add_argument("--min-gain", type=float, metavar="X",
@@ -151,14 +154,24 @@ def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) ->
     note_repeated("--strategies", requested)
     names, notes = expand_strategies(requested, trace)
     strategies = [strategy_from_name(n) for n in names]
+    overrides = policy_overrides(args)          # checked whether or not a strategy takes them
     if args.redundant_slots is not None:
         if args.redundant_slots < 0:
             raise UserError(f"--redundant-slots must be >= 0, got {args.redundant_slots}")
-        strategies = [s if s.kind == "none" else replace(s, redundant_slots=args.redundant_slots)
-                      for s in strategies]
-    overrides = policy_overrides(args)          # checked whether or not a strategy takes them
-    strategies = [s if s.kind == "none" else replace(s, **overrides) for s in strategies]
-    return strategies, notes
+        overrides = {"redundant_slots": args.redundant_slots, **overrides}
+    flag = {"redundant_slots": "--redundant-slots", "replan_interval": "--replan-interval", "window": "--window",
+            "min_gain": "--min-gain"}
+    out = []
+    for s in strategies:
+        if s.kind == "none":
+            out.append(s)
+            continue
+        own = [k for k in overrides if getattr(s, k) is not None]     # set by the strategy's own options
+        for k in own:
+            notes.append(f"{flag[k]} {overrides[k]:g} does not apply to {s.resolved_name()}, which sets its own "
+                         f"{k} ({getattr(s, k):g})")
+        out.append(replace(s, **{k: v for k, v in overrides.items() if k not in own}))
+    return out, notes
 
 
 def policy_overrides(args: argparse.Namespace) -> dict:
@@ -196,7 +209,7 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
 
         steps = parse_steps(args.timeline)
     result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
-    result.notes += notes
+    result.notes += notes + no_verdict_note(cfg.strategies)
     result.inferred[:0] = inferred
     from moe_gps.outputs import staged_outputs
     from sim.plots import FIGURE_FILES

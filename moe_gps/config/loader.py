@@ -268,6 +268,8 @@ def strategy_from_name(name: str) -> StrategyConfig:
                     parsed = float(parsed)
                 except ValueError:
                     pass
+            if key.strip() in options:
+                raise UserError(f"{where}: option {key.strip()!r} given twice")
             options[key.strip()] = parsed
     head, _, tail = base.partition(":")
     if options and head not in ("dist", "distribution", "token") and not (head == "eplb" and not tail):
