@@ -66,6 +66,8 @@ def check_inputs(opt: ValidateOptions):
                         "(use a tokens trace with token ids, e.g. traces/mixtral_mmlu.parquet)")
     run_cfg = load_run_config(opt.config)
     model_for_run(run_cfg, opt.config)
+    if not opt.strategies:
+        raise UserError("--strategies: no strategy named")
     bad = [s for s in opt.strategies if s not in MODES]
     if bad:
         raise UserError(f"--strategies: {bad[0]!r} is not a runtime duplication mode ({', '.join(MODES)})")
@@ -104,11 +106,51 @@ def check_inputs(opt: ValidateOptions):
     if opt.max_phase_error is not None and not (0 <= opt.max_phase_error < float("inf")):
         raise UserError(f"--max-phase-error must be a percentage >= 0 (e.g. 10), got {opt.max_phase_error * 100:g}")
     if opt.cluster:
-        from moe_gps.config.loader import load_cluster
+        from moe_gps.config.loader import load_cluster, preset_names
+        if opt.cluster in preset_names("clusters") and not Path(opt.cluster).is_file():
+            raise UserError(f"--cluster {opt.cluster}: a preset describes GPUs, not the ranks validate runs; give a "
+                            "cluster file from `moe-gps calibrate` on this machine")
         c = load_cluster(opt.cluster)
         if c.num_gpus != opt.nprocs[0]:
             raise UserError(f"{opt.cluster}: num_gpus is {c.num_gpus}, but --nproc is {opt.nprocs[0]}")
     return run_cfg, trace
+
+
+#: the report validate writes into its output folder
+REPORT_FILES = ("fidelity.csv", "steps.csv", "fidelity.png", "summary.txt", "summary.json")
+
+
+def cluster_path(out: Path, n: int, r: int, runs: int) -> Path:
+    """The calibration of round ``r`` (of ``runs``) for ``n`` ranks."""
+    return out / (f"cluster-{n}.yaml" if runs == 1 else f"cluster-{n}-{r}.yaml")
+
+
+def run_path(out: Path, n: int, mode: str, r: int, runs: int) -> Path:
+    """The folder of round ``r``'s run of ``mode`` on ``n`` ranks."""
+    return out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if runs > 1 else ""))
+
+
+def check_outputs_spare_inputs(opt: ValidateOptions, run_cfg) -> None:
+    """A UserError, before anything runs, when a file validate writes (a run's, a calibration's, the report)
+    would replace one it reads: TRACE, the run config, --cluster, the plan or cluster file the config names."""
+    from moe_gps.fidelity.calibrate import calibration_files
+    from moe_gps.outputs import same_file
+    from runtime.config import FIXED_OUTPUTS
+
+    out = Path(opt.out)
+    d = run_cfg.duplication
+    reads = [p for p in (opt.trace, opt.config, opt.cluster, d.placement, d.cluster) if p]
+    writes = [out / "runs" / "run.yaml", out / "runs" / "run-without-plan.yaml", *(out / f for f in REPORT_FILES)]
+    for n in opt.nprocs:
+        for r in range(opt.runs):
+            writes += [] if opt.cluster else calibration_files(cluster_path(out, n, r, opt.runs))
+            writes += [run_path(out, n, mode, r, opt.runs) / name for mode in opt.strategies
+                       for name in (run_cfg.output.trace, run_cfg.output.timings, run_cfg.output.steps,
+                                    *FIXED_OUTPUTS)]
+    for path in writes:
+        hit = next((p for p in reads if same_file(p, path)), None)
+        if hit is not None:
+            raise UserError(f"{path}: validate would write over its input {hit}; write to another folder (-o)")
 
 
 def for_mode(run_cfg, mode: str):
@@ -158,7 +200,9 @@ def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: in
     w = run_watched(cmd, env=torchrun_env(threads, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if w.proc.returncode:
         err = w.proc.stderr.strip().splitlines()
-        lines = [ln for ln in err if "error" in ln.lower()] or err
+        # a rank's own one-line error says why; torchrun's summary after it does not
+        lines = ([ln for ln in err if "runtime.launch: error:" in ln][-1:]
+                 or [ln for ln in err if "error" in ln.lower()] or err)
         raise MeasurementFailed(f"runtime run {out} failed (torchrun exit code {w.proc.returncode}): "
                                 + " | ".join(lines[-2:]))
     return w
@@ -178,6 +222,7 @@ def validate(opt: ValidateOptions):
     from runtime.config import load_run_config
 
     run_cfg, _ = check_inputs(opt)
+    check_outputs_spare_inputs(opt, run_cfg)
     out = check_output_dir(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if opt.quiet else (lambda msg: print(f"validate: {msg}", file=sys.stderr, flush=True))
@@ -200,7 +245,7 @@ def validate(opt: ValidateOptions):
                 rounds.append(load_cluster(opt.cluster))
                 clusters.setdefault(n, []).append(str(opt.cluster))
             else:
-                path = out / (f"cluster-{n}.yaml" if opt.runs == 1 else f"cluster-{n}-{r}.yaml")
+                path = cluster_path(out, n, r, opt.runs)
                 say(f"calibrating {n} ranks -> {path}")
                 cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, quiet=True,
                                 attempts=opt.attempts)
@@ -212,7 +257,7 @@ def validate(opt: ValidateOptions):
             # just after the calibration) does not favour the strategy that always runs first
             k = r % len(opt.strategies)
             for mode in opt.strategies[k:] + opt.strategies[:k]:
-                run_dir = out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if opt.runs > 1 else ""))
+                run_dir = run_path(out, n, mode, r, opt.runs)
                 loads.append(os.getloadavg()[0])
                 say(f"running the runtime: {n} ranks, --duplication {mode}, {run_cfg.run.steps} steps"
                     + (f", round {r + 1}/{opt.runs}" if opt.runs > 1 else "") + f" -> {run_dir}")
@@ -254,8 +299,9 @@ def validate(opt: ValidateOptions):
             comparisons.append(comp)
     loads.append(os.getloadavg()[0])
     ranks = ranking(comparisons)
+    round_is = "one run per strategy" if opt.cluster else "a calibration, then one run per strategy"
     header = (f"moe-gps validate {opt.trace} --config {opt.config}: steps {first}..{run_cfg.run.steps - 1} of "
-              f"{opt.runs} round(s) (a calibration, then one run per strategy) compared; clusters: "
+              f"{opt.runs} round(s) ({round_is}) compared; clusters: "
               + "; ".join(f"{n} ranks {', '.join(p)}" for n, p in clusters.items())
               + f"; 1-minute load average (this job's ranks included) {min(loads):.2f}-{max(loads):.2f} "
               f"on {os.cpu_count()} cores")

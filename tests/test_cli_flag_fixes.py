@@ -144,6 +144,33 @@ def test_validate_refuses_calibration_flags_with_cluster(tmp_path, capsys, no_ra
     assert not (tmp_path / "v").exists()
 
 
+@needs_torch
+def test_validate_and_calibrate_refuse_to_write_over_their_inputs_before_any_rank_starts(tmp_path, capsys,
+                                                                                        no_ranks):
+    """A TRACE inside the folder of a run that validate writes again (runs/N2-off/trace.parquet), and a
+    calibration written over its own --config: the run config was replaced and the ranks failed with only
+    torchrun's summary to show for it."""
+    import shutil
+
+    out = tmp_path / "v"
+    trace = out / "runs" / "N2-off" / "trace.parquet"
+    trace.parent.mkdir(parents=True)
+    shutil.copy(BUNDLED, trace)
+    code = main(["validate", str(trace), "--config", RUN_YAML, "--strategies", "off", "-o", str(out)])
+    one_line(capsys, code, f"{trace}: validate would write over its input {trace}; write to another folder (-o)")
+    assert sorted(p.name for p in out.rglob("*")) == ["N2-off", "runs", "trace.parquet"]
+    code = main(["validate", BUNDLED, "--config", RUN_YAML, "--strategies", ",", "-o", str(tmp_path / "w")])
+    one_line(capsys, code, "--strategies: no strategy named")          # was a ZeroDivisionError
+    code = main(["validate", BUNDLED, "--config", RUN_YAML, "--cluster", "4xA100-nvlink", "--nproc", "4",
+                 "-o", str(tmp_path / "w")])
+    one_line(capsys, code, "--cluster 4xA100-nvlink: a preset describes GPUs, not the ranks validate runs")
+    config = tmp_path / "cal.yaml"
+    config.write_text(Path(RUN_YAML).read_text())
+    code = main(["calibrate", "--config", str(config), "-o", str(config), "--quick"])
+    one_line(capsys, code, f"{config}: the calibration would write over its --config {config}")
+    assert config.read_text() == Path(RUN_YAML).read_text()
+
+
 # --------------------------------------------------------------------------- 4. --nproc limits
 
 @needs_torch

@@ -154,3 +154,17 @@ def test_max_phase_error_bad_value_is_one_line_and_exit_2(value, tmp_path, capsy
                "--max-phase-error", value, "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--max-phase-error" in err[0], err
+
+
+def test_a_phase_measured_on_one_step_has_no_interval_and_is_not_checked():
+    """The copies of a run that re-planned once: one value, no interval; it counted as a failure with a
+    zero-width interval."""
+    steps = np.arange(2, 42)
+    meas = _measured(steps, np.full(len(steps), 100.0))
+    sim = _Sim(np.full(len(steps), 100.0), SHARES)
+    meas.replanned[5] = True
+    meas.phases["copy"][5], sim.phases["copy"] = 0.02, np.where(np.arange(len(steps)) == 5, 0.04, 0.0)[:, None]
+    c = compare_run(2, "static", [(sim, steps, meas)], 2)
+    assert c.error("copy") == pytest.approx(1.0) and np.isnan(c.ci95("copy"))
+    assert np.isnan(c.beyond("copy"))
+    assert not [f for f in phase_failures([c], 0.1) if f[2] == "copy"]

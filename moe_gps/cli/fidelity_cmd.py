@@ -21,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("Start N ranks with torchrun (gloo on CPU, NCCL on GPUs, the runtime's threads per rank) and "
                      "measure: the expert FFN's FLOP rate and per-call overhead for the model's expert shapes, the "
                      "attention block's rate and overhead, memory and token-permutation bandwidth, "
-                     "all_to_all_single latency and bandwidth, P2P bandwidth, and the fixed costs of the runtime's "
-                     "MoE-layer phases. Means over repeats; writes a cluster YAML that `moe-gps simulate --cluster` "
-                     "reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
+                     "all_to_all_single latency and bandwidth (which weight copies use too), and the fixed costs "
+                     "of the runtime's MoE-layer phases. Means over repeats; writes a cluster YAML that "
+                     "`moe-gps simulate --cluster` reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster YAML to write")
     c.add_argument("--nproc", type=int, default=2,
                    help=f"ranks, at least 2, as the runs the file will describe ({NPROC_HELP}; default: %(default)s)")
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run config whose model shapes are measured (default: the runtime's default model)")
     c.add_argument("--repeats", type=int, default=20,
                    help="timed repeats per size, at least 3; every number is a mean over them (default: %(default)s)")
-    c.add_argument("--quick", action="store_true", help="fewer sizes and at most 5 repeats (a few seconds)")
+    c.add_argument("--quick", action="store_true",
+                   help="fewer sizes and at most 5 repeats (about half a minute on 2 CPU ranks)")
     c.add_argument("--attempts", type=int, default=3,
                    help="measure again, at most this many times in all (at least 1), while other processes use more "
                         "than a quarter of a core; the quietest attempt is kept (default: %(default)s)")
@@ -46,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "simulate the run's own router trace with them, and report predicted against measured MoE time "
                      "per step (mean over steps) and per phase, with the error and the strategies' ranking. "
                      "Writes fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json and, without --cluster, "
-                     "each round's calibration cluster-N-R.yaml to the output folder, and the runs in its runs/ "
-                     "folder."))
+                     "each round's calibration (cluster-N.yaml, cluster-N-R.yaml with --runs, each with its "
+                     ".model.yaml, .measurements.csv and .samples.csv) to the output folder, and the runs and their "
+                     "run configs in its runs/ folder."))
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")
@@ -100,12 +102,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_calibration_flags(args.repeats, args.attempts)
     device = local_device(args.device, "--device")
     check_nproc(args.nproc, device)
-    from moe_gps.outputs import check_output_file
+    from moe_gps.fidelity.calibrate import calibration_files
+    from moe_gps.outputs import check_output_file, same_file
     out = check_output_file(args.output)
     if out.suffix not in (".yaml", ".yml"):
         raise UserError(f"{out}: the cluster file must end in .yaml or .yml")
-    for suffix in (".model.yaml", ".measurements.csv", ".samples.csv"):
-        check_output_file(out.with_name(out.stem + suffix), None)
+    for path in calibration_files(out):
+        check_output_file(path, None)
+        if args.config and same_file(path, args.config):
+            raise UserError(f"{path}: the calibration would write over its --config {args.config}; "
+                            "write it to another file (-o)")
     run_cfg = load_run_config(args.config) if args.config else parse_run_config({}, "runtime defaults")
     try:
         cal = calibrate(run_cfg, args.nproc, out, repeats=args.repeats, quick=args.quick, device=device,

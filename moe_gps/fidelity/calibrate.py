@@ -774,6 +774,14 @@ def header_comment(cal: Calibration) -> str:
     return "".join(f"# {ln}\n" for ln in lines)
 
 
+def calibration_files(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
+    """The files a calibration written to ``path`` makes: the cluster YAML, ``<stem>.measurements.csv``,
+    ``<stem>.samples.csv`` and ``<stem>.model.yaml``."""
+    path = Path(path)
+    return (path, *(path.with_name(path.stem + suffix) for suffix in (".measurements.csv", ".samples.csv",
+                                                                       ".model.yaml")))
+
+
 def write_calibration(cal: Calibration, path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """Write the cluster YAML (loadable with ``--cluster``), ``<stem>.measurements.csv`` (the means
     the fits used), ``<stem>.samples.csv`` (every raw sample) and ``<stem>.model.yaml`` (the measured
@@ -782,14 +790,12 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> tuple[Path, 
     from moe_gps.config.loader import dump_yaml
     from moe_gps.tables import rows_to_columns
 
-    path = Path(path)
+    path, csv, raw, model = calibration_files(path)
     write_text_atomic(path, header_comment(cal) + dump_yaml(cal.cluster))
-    csv = path.with_name(path.stem + ".measurements.csv")
     write_csv_atomic(csv, rows_to_columns(cal.rows))
-    raw = path.with_name(path.stem + ".samples.csv")
     write_csv_atomic(raw, rows_to_columns(cal.samples))
     if cal.model is not None:
-        write_text_atomic(path.with_name(path.stem + ".model.yaml"),
+        write_text_atomic(model,
                           "# The model these measurements are for, as the simulator describes it (moe-gps calibrate)\n"
                           + dump_yaml(cal.model))
     return path, csv, raw

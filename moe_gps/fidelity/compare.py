@@ -133,12 +133,12 @@ class RunComparison:
     def beyond(self, phase: str) -> float:
         """How far the predicted mean lies outside the measurement's 95% interval, as a fraction of the
         measured mean: max(0, |predicted - measured| - ci95) / |measured| (0: inside the interval; nan when
-        the phase was not measured)."""
+        the phase was not measured, or measured once, which gives no interval)."""
         p, m = self.mean("predicted", phase), self.mean("measured", phase)
-        if not (np.isfinite(p) and np.isfinite(m)) or m == 0:
-            return float("nan")
         ci = self.ci95(phase)
-        return max(0.0, abs(p - m) - (ci if np.isfinite(ci) else 0.0)) / abs(m)
+        if not (np.isfinite(p) and np.isfinite(m) and np.isfinite(ci)) or m == 0:
+            return float("nan")
+        return max(0.0, abs(p - m) - ci) / abs(m)
 
     def rows(self) -> list[dict]:
         out = []
