@@ -51,6 +51,7 @@ class ValidateOptions:
     attempts: int = 3
     quiet: bool = False
     max_phase_error: float | None = None     # fraction (0.1 = 10%); None: no check
+    device: str = "cpu"                      # where the calibrations' ranks run: the runs' device
 
 
 def check_inputs(opt: ValidateOptions):
@@ -247,7 +248,7 @@ def validate(opt: ValidateOptions):
             else:
                 path = cluster_path(out, n, r, opt.runs)
                 say(f"calibrating {n} ranks -> {path}")
-                cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, quiet=True,
+                cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, device=opt.device, quiet=True,
                                 attempts=opt.attempts)
                 rounds.append(cal.cluster)
                 busy = cal.info.get("interference")

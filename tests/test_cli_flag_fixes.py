@@ -171,6 +171,24 @@ def test_validate_and_calibrate_refuse_to_write_over_their_inputs_before_any_ran
     assert config.read_text() == Path(RUN_YAML).read_text()
 
 
+@needs_torch
+def test_validate_calibrates_on_the_device_its_runs_use(tmp_path, monkeypatch):
+    """The calibrations ran on the CPU (calibrate's default) even where the runs went to the GPUs."""
+    import runtime.validate as val
+
+    seen = []
+
+    def calibrate(run_cfg, n, path, **kw):
+        seen.append(kw.get("device"))
+        raise val.MeasurementFailed("stop here")
+
+    monkeypatch.setattr(val, "calibrate", calibrate)
+    opt = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=tmp_path / "v", strategies=["off"], device="cuda")
+    with pytest.raises(val.MeasurementFailed):
+        val.validate(opt)
+    assert seen == ["cuda"]
+
+
 # --------------------------------------------------------------------------- 4. --nproc limits
 
 @needs_torch

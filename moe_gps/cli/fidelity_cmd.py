@@ -159,11 +159,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           repeats=repeats, runs=args.runs, quick=args.quick, attempts=attempts,
                           max_phase_error=None if mpe is None else mpe / 100.0)
     check_output_dir(out)
-    device = local_device(load_run_config(args.config).run.device, f"{args.config}: run.device")
+    opt.device = local_device(load_run_config(args.config).run.device, f"{args.config}: run.device")
     for n in opt.nprocs:
-        check_nproc(n, device)
-        if not args.cluster:          # the calibrations' ranks run on the CPU
-            check_nproc(n, "cpu")
+        check_nproc(n, opt.device)    # the runs' ranks, and the calibrations' on the same device
     check_inputs(opt)
     hold_output_dir(out)
     try:
