@@ -381,7 +381,7 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                                            encoding="utf-8")
         rels = sorted(Path(name) for name in made | {MANIFEST})
         read = [p for p in inputs if p is not None and Path(p).is_file()]
-        for rel in [*rels, *map(Path, stale)]:          # checked before any moves: the user's inputs stay
+        for rel in [*rels, *(Path(n) for n in stale if n in earlier)]:    # before any moves: the inputs stay
             hit = next((p for p in read if same_file(p, out / rel)), None)
             if hit is not None:
                 raise UserError(f"{out / rel}: this run's {rel} would {'replace' if rel in rels else 'remove'} "

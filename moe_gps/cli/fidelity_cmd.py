@@ -132,7 +132,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moe_gps.config.loader import split_strategy_names
     from moe_gps.fidelity.calibrate import MeasurementFailed
-    from runtime.validate import ValidateOptions, validate
+    from runtime.validate import REPORT_FILES, ValidateOptions, validate
 
     _need_torch()
     from moe_gps.outputs import check_output_dir, hold_output_dir
@@ -170,7 +170,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"moe-gps: error: {err}", file=sys.stderr)
         return 1
     print(text)
-    print(f"\nwrote {out}/: fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json (runs in {out}/runs/)")
+    print(f"\nwrote {out}/: {', '.join(REPORT_FILES)} (runs in {out}/runs/)")
     if opt.max_phase_error is not None:
         from runtime.validate import phase_check_line
         line = phase_check_line(comparisons, opt.max_phase_error)
