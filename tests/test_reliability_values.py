@@ -534,3 +534,20 @@ def test_a_predictor_option_named_twice_is_refused(tmp_path, capsys):
     code = main(["simulate", BUNDLED, "--strategies", "dist:ema(alpha=0.3,alpha=0.5)", "--no-plots",
                  "-o", str(tmp_path / "o")])
     assert "strategy 'dist:ema(alpha=0.3,alpha=0.5)': option 'alpha' given twice" in one_line(capsys, code)
+
+
+def test_a_config_files_bad_predictor_option_names_the_file(tmp_path, capsys):
+    """configs.md: every problem of a config file is one line naming the file and the key; a predictor's
+    own range check (made when the strategy is built) left the file out."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(["simulate", BUNDLED, "--strategies", "none", "dist:ema", "--no-plots", "-j", "1",
+                 "-o", str(run)]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["strategies"][1]["predictor_options"]["alpha"] = 5
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    code = main(["simulate", BUNDLED, "--config", str(path), "--no-plots", "-j", "1", "-o", str(tmp_path / "o")])
+    assert f"{path}: strategies[1] (dist:ema): ema: alpha must be in (0, 1], got 5" in one_line(capsys, code)

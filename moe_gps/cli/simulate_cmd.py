@@ -208,7 +208,12 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
         from sim.timeline import parse_steps
 
         steps = parse_steps(args.timeline)
-    result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
+    try:
+        result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
+    except UserError as err:                  # a strategy's predictor or planner option: in the config file
+        if args.config and str(err).startswith("strategies["):
+            raise UserError(f"{args.config}: {err}") from None
+        raise
     result.notes += notes + no_verdict_note(cfg.strategies)
     result.inferred[:0] = inferred
     from moe_gps.outputs import staged_outputs
