@@ -227,6 +227,7 @@ def test_sglang_routed_flat_base64_needs_top_k_and_keeps_decoder_layers(tmp_path
     assert t.tokens_per_step.tolist() == [7, 4, 9]
     assert (t.step(0).experts == r0).all() and (t.step(2).experts == r2).all()
     assert t.token_id is None                                   # /generate does not return the prompt's ids
+    assert any(f"top_k={K} (from --top-k)" in line for line in res.summary)   # not "(from the arrays)"
     prov = t.meta.provenance
     assert prov["original_layer_ids"] == MOE_LAYERS and prov["num_hidden_layers"] == HIDDEN_LAYERS
     by_layers = import_sglang_routed([tmp_path / "g.jsonl"], num_experts=EXPERTS, num_layers=HIDDEN_LAYERS).trace

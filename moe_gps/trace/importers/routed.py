@@ -182,7 +182,7 @@ def assemble(fmt: str, sources: list[str], requests: list[RequestRouting], *, nu
     if dropped_rows:
         summary.append(f"dropped {dropped_rows} token(s) whose routing was not captured (-1 ids)")
     summary.append(f"num_layers={len(kept)}, num_experts={num_experts} (from --num-experts), top_k={k} "
-                   "(from the arrays); token ids " + ("stored" if ids_known else "not stored (the responses do not "
+                   f"({details.get('top_k_source', 'from the arrays')}); token ids " + ("stored" if ids_known else "not stored (the responses do not "
                                                                                  "hold them all)"))
     prov_layers: dict = {}
     if dense or axis_is_decoder_layers:
