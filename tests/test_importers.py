@@ -652,3 +652,8 @@ def test_gate_csv_warns_when_folders_are_not_in_the_numeric_order_of_their_names
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stdout
     assert done.stderr.startswith("moe-gps: warning: the steps are not in the numeric order of their names")
+    done = subprocess.run([sys.executable, "-m", "moe_gps.cli.main", "trace", "import", "--from", "gate-csv",
+                           str(folders[0]), str(folders[1]), str(folders[0]) + "/", "-o", str(tmp_path / "h.parquet")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the same source as" in done.stderr and "named twice" in done.stderr
+    assert not (tmp_path / "h.parquet").exists()           # its steps were counted twice

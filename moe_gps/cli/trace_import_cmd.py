@@ -176,9 +176,12 @@ def run_import(args: argparse.Namespace) -> int:
     from moe_gps.trace.importers import import_trace
 
     out = check_trace_output(args.output)
-    for src in args.sources:
+    for i, src in enumerate(args.sources):
         if same_file(src, out):
             raise UserError(f"{args.output}: the output would overwrite the source {src}")
+        twin = next((s for s in args.sources[:i] if same_file(s, src)), None)
+        if twin is not None:              # it would count its steps twice
+            raise UserError(f"{src}: the same source as {twin}, named twice")
     options = import_options(args)
     try:
         result = import_trace(args.fmt, args.sources, out, command=_command_line(args), **options)
