@@ -262,6 +262,8 @@ def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, mon
      "--max-copies must be >= 0, got -1"),
     (["plan", "{small}", "--gpus", "4", "--redundant", "4", "--sglang", "{tmp}/s.json", "--num-hidden-layers", "4",
       "--ep-num-redundant-experts", "-4"], "--ep-num-redundant-experts must be >= 0, got -4"),   # was: use -4
+    (["predict", "evaluate", "{small}", "--synthetic", "0.9", "--synthetic-flops", "nan"],
+     "--synthetic-flops must be a finite number >= 0, got nan"),          # named the predictor, not the flag
     (["predict", "evaluate", "{small}", "--redundant", "-1"], "--redundant must be >= 0, got -1"),
     (["predict", "evaluate", "{small}", "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
     (["predict", "evaluate", "{small}", "--train-steps", "8"],
@@ -469,3 +471,12 @@ def test_an_empty_value_is_a_usage_error_not_the_default(argv, named, capsys, tm
     err = capsys.readouterr().err
     assert ex.value.code == 2 and err.count("\n") == 1 and f"{named}: an empty value" in err, err
     assert not list(tmp_path.iterdir())                        # nothing written, e.g. no moe-gps-out/
+
+
+def test_a_previous_plan_of_another_shape_names_its_file(small, tmp_path, capsys):
+    four = tmp_path / "p4.yaml"
+    assert main(["plan", small, "--gpus", "4", "--redundant", "4", "-o", str(four)]) == 0
+    capsys.readouterr()
+    code = main(["plan", small, "--gpus", "8", "--redundant", "8", "--previous", str(four),
+                 "-o", str(tmp_path / "p8.yaml")])
+    one_line(capsys, code, f"--previous {four}: previous placement is for 4 layers, 8 experts, 4 GPUs")

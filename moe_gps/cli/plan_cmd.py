@@ -244,8 +244,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     capacity = Capacity(max_slots_per_gpu=args.max_slots_per_gpu, expert_bytes=expert_bytes)
     previous = load_placement(args.previous) if args.previous else None
 
-    plan = plan_placement(loads, args.gpus, args.redundant, args.algorithm, previous=previous,
-                          capacity=capacity, **options)
+    try:
+        plan = plan_placement(loads, args.gpus, args.redundant, args.algorithm, previous=previous,
+                              capacity=capacity, **options)
+    except UserError as err:                  # the placement in force does not fit these loads: say which file
+        if previous is not None and str(err).startswith("previous placement"):
+            raise UserError(f"--previous {args.previous}: {err}") from None
+        raise
     static = plan_placement(loads, args.gpus, args.redundant, "none", capacity=capacity)
     m = placement_metrics(plan, loads, previous, expert_bytes)
     m0 = placement_metrics(static, loads, previous, expert_bytes)

@@ -235,8 +235,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.synthetic_flops is not None:
         if not args.synthetic:
             raise UserError("--synthetic-flops is the overhead of the predictors of --synthetic; give --synthetic too")
-        if args.synthetic_flops < 0:
-            raise UserError("--synthetic-flops must be >= 0")
+        if not 0 <= args.synthetic_flops < float("inf"):          # NaN too
+            raise UserError(f"--synthetic-flops must be a finite number >= 0, got {args.synthetic_flops}")
         overhead = args.synthetic_flops
     curve = None
     if args.overhead_curve:
