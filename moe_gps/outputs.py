@@ -23,6 +23,7 @@ the path. The files themselves are written by :mod:`moe_gps.atomic`.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import os
 import shutil
 import stat
@@ -343,6 +344,21 @@ def _manifest(out: Path) -> set[str]:
         return set()
 
 
+def _same_content(new: Path, old: Path) -> bool:
+    """Whether ``new`` says what ``old`` says: the same bytes, or YAML files of the same data (their comments,
+    such as the command line a config's header records, aside)."""
+    if filecmp.cmp(new, old, shallow=False):
+        return True
+    if new.suffix not in (".yaml", ".yml"):
+        return False
+    import yaml
+
+    try:
+        return yaml.safe_load(new.read_text(encoding="utf-8")) == yaml.safe_load(old.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+
+
 @contextlib.contextmanager
 def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                    stop: Callable[[], None] | None = None,
@@ -356,7 +372,8 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
     folder (a process drawing the plots), the folder is removed and ``out`` keeps what it had. Staging
     folders a killed run left behind are removed first. A file of this run that would replace or remove
     one of ``inputs`` (the files the run read: a trace named layers.parquet in ``out``) is a UserError
-    before anything moves."""
+    before anything moves, unless it holds what the input holds (:func:`_same_content`: a rerun from the
+    config.yaml a run wrote), and then the input stays as it is."""
     out = Path(out)
     for old in out.glob(STAGE_PREFIX + "*"):          # a run killed outright (SIGKILL) left it: the lock is ours
         shutil.rmtree(old, ignore_errors=True)
@@ -381,11 +398,17 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                                            encoding="utf-8")
         rels = sorted(Path(name) for name in made | {MANIFEST})
         read = [p for p in inputs if p is not None and Path(p).is_file()]
+        held_by_input = set()
         for rel in [*rels, *(Path(n) for n in stale if n in earlier)]:    # before any moves: the inputs stay
             hit = next((p for p in read if same_file(p, out / rel)), None)
-            if hit is not None:
-                raise UserError(f"{out / rel}: this run's {rel} would {'replace' if rel in rels else 'remove'} "
-                                f"its input {hit}; write to another folder (-o)")
+            if hit is None:
+                continue
+            if rel in rels and _same_content(stage.path / rel, Path(hit)):
+                held_by_input.add(rel)    # a rerun from the config it wrote: the input already says it; it stays
+                continue
+            raise UserError(f"{out / rel}: this run's {rel} would {'replace' if rel in rels else 'remove'} "
+                            f"its input {hit}; write to another folder (-o)")
+        rels = [rel for rel in rels if rel not in held_by_input]
         for rel in rels:          # checked before any moves: a folder where a file goes, a file where a folder
             if (out / rel).is_dir():
                 raise UserError(f"{out / rel}: a folder where this run writes the file {rel}; move it")

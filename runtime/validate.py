@@ -51,7 +51,7 @@ class ValidateOptions:
     attempts: int = 3
     quiet: bool = False
     max_phase_error: float | None = None     # fraction (0.1 = 10%); None: no check
-    device: str = "cpu"                      # where the calibrations' ranks run: the runs' device
+    device: str | None = None                # where the calibrations' ranks run; None: the runs' run.device
 
 
 def check_inputs(opt: ValidateOptions):
@@ -221,6 +221,7 @@ def validate(opt: ValidateOptions):
     from moe_gps.tables import rows_to_columns
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
+    from runtime.dist import choose_device
 
     run_cfg, _ = check_inputs(opt)
     check_outputs_spare_inputs(opt, run_cfg)
@@ -234,6 +235,7 @@ def validate(opt: ValidateOptions):
                  write_run_config(for_mode(run_cfg, mode), opt, out / "runs" / "run-without-plan.yaml")
                  for mode in opt.strategies}
     first = first_step(opt, run_cfg)
+    device = opt.device or choose_device(run_cfg.run.device, where=f"{opt.config}: run.device").type
     comparisons, clusters, loads = [], {}, []
     for n in opt.nprocs:
         made: dict[str, list] = {m: [] for m in opt.strategies}
@@ -248,7 +250,7 @@ def validate(opt: ValidateOptions):
             else:
                 path = cluster_path(out, n, r, opt.runs)
                 say(f"calibrating {n} ranks -> {path}")
-                cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, device=opt.device, quiet=True,
+                cal = calibrate(run_cfg, n, path, repeats=opt.repeats, quick=opt.quick, device=device, quiet=True,
                                 attempts=opt.attempts)
                 rounds.append(cal.cluster)
                 busy = cal.info.get("interference")

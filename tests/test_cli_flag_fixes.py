@@ -186,7 +186,11 @@ def test_validate_calibrates_on_the_device_its_runs_use(tmp_path, monkeypatch):
     opt = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=tmp_path / "v", strategies=["off"], device="cuda")
     with pytest.raises(val.MeasurementFailed):
         val.validate(opt)
-    assert seen == ["cuda"]
+    import torch
+    opt = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=tmp_path / "w", strategies=["off"])
+    with pytest.raises(val.MeasurementFailed):
+        val.validate(opt)                                       # run.device auto: what this machine has
+    assert seen == ["cuda", "cuda" if torch.cuda.is_available() else "cpu"]
 
 
 # --------------------------------------------------------------------------- 4. --nproc limits

@@ -494,6 +494,9 @@ def test_simulate_and_serve_never_write_over_the_files_they_read(tmp_path, capsy
     assert config.read_text() == mine
     assert main(["simulate", BUNDLED, "--config", str(config), "--seed", "5", "--no-plots",
                  "-o", str(tmp_path / "again")]) == 0               # into another folder it reruns
+    # in place, the rerun of a config.yaml as it was written writes the same bytes: nothing is lost
+    again = tmp_path / "again" / "config.yaml"
+    assert main(["simulate", BUNDLED, "--config", str(again), "--no-plots", "-o", str(tmp_path / "again")]) == 0
     code = main(["serve", BUNDLED, "--strategies", "none", "--requests", "5", "--no-plots",
                  "--workload", str(_workload_named(tmp_path / "w", "config.yaml")), "-o", str(tmp_path / "w")])
     assert "this run's config.yaml would replace its input" in one_line(capsys, code)
@@ -551,3 +554,22 @@ def test_a_config_files_bad_predictor_option_names_the_file(tmp_path, capsys):
     capsys.readouterr()
     code = main(["simulate", BUNDLED, "--config", str(path), "--no-plots", "-j", "1", "-o", str(tmp_path / "o")])
     assert f"{path}: strategies[1] (dist:ema): ema: alpha must be in (0, 1], got 5" in one_line(capsys, code)
+
+
+def test_a_yaml_input_that_says_what_the_run_writes_stays_as_it_is(tmp_path):
+    """recommend --sweep OUT/sweep.yaml -o OUT (resuming from the cache): the sweep it writes differs from the
+    one it read only in the header's command line, so the user's file stays; other data is refused."""
+    from moe_gps.outputs import staged_outputs
+
+    out = tmp_path / "o"
+    out.mkdir()
+    mine = out / "sweep.yaml"
+    mine.write_text("# my notes\nseed: 0\nnum_gpus: [4]\n")
+    with staged_outputs(out, inputs=(str(mine),)) as stage:
+        (stage.path / "sweep.yaml").write_text("# the command: moe-gps recommend ...\nseed: 0\nnum_gpus: [4]\n")
+        (stage.path / "runs.csv").write_text("a\n1\n")
+    assert mine.read_text() == "# my notes\nseed: 0\nnum_gpus: [4]\n" and (out / "runs.csv").exists()
+    with pytest.raises(UserError, match="this run's sweep.yaml would replace its input"):
+        with staged_outputs(out, inputs=(str(mine),)) as stage:
+            (stage.path / "sweep.yaml").write_text("seed: 1\nnum_gpus: [4]\n")
+    assert mine.read_text() == "# my notes\nseed: 0\nnum_gpus: [4]\n"

@@ -182,6 +182,17 @@ def test_damaged_data_pages_are_one_line_whichever_way_the_trace_is_read(tmp_pat
     assert code in (0, 2) and "Traceback" not in err and err.count("\n") <= 1, err
 
 
+def test_a_reader_error_that_is_the_machines_is_not_called_damage():
+    """Out of memory and a failing disk are said as such; only what does not decode is 'damaged'."""
+    import errno
+
+    from moe_gps.trace.reader import _damaged
+
+    assert "out of memory" in str(_damaged("t.parquet", pa.ArrowMemoryError("malloc of size 1073741824 failed")))
+    assert str(_damaged("t.parquet", OSError(errno.EIO, "Input/output error"))) == "t.parquet: Input/output error"
+    assert "damaged Parquet data" in str(_damaged("t.parquet", OSError()))          # no message: no IndexError
+
+
 def test_empty_file(tmp_path, capsys):
     path = tmp_path / "empty.parquet"
     path.write_bytes(b"")

@@ -424,9 +424,10 @@ class StrategyConfig:
             if window is None:
                 window = min(VLLM_WINDOW_SIZE, max(1, history_steps))
                 if window < VLLM_WINDOW_SIZE:
-                    notes.append(f"{self.resolved_name()}: vLLM's EPLB window_size={VLLM_WINDOW_SIZE} and "
-                                 f"step_interval={VLLM_STEP_INTERVAL} scaled to the trace's {history_steps} "
-                                 f"profiling steps")
+                    scaled = f"window_size={VLLM_WINDOW_SIZE}" + (
+                        f" and step_interval={VLLM_STEP_INTERVAL}" if self.replan_interval is None else "")
+                    notes.append(f"{self.resolved_name()}: vLLM's EPLB {scaled} scaled to the trace's "
+                                 f"{history_steps} profiling steps")
             interval = self.replan_interval
             if interval is None:            # vLLM's step_interval; scaled with the window only where that was
                 interval = VLLM_STEP_INTERVAL if self.window is not None else \

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_gps.errors import UserError
+from moe_gps.errors import UserError, environment_error
 from moe_gps.files import input_file
 from moe_gps.outputs import arrow_path
 from moe_gps.trace.data import CountsTrace, StepRouting, StepStore, TokensTrace
@@ -182,9 +182,15 @@ def _step_chunks(pf: pq.ParquetFile, where: str, batch_rows: int) -> Iterator[tu
         yield pa.Table.from_batches(pending), row0
 
 
-def _damaged(where: str, err: BaseException) -> UserError:
-    """The error for a Parquet file whose pages do not decode (its footer did)."""
-    return UserError(f"{where}: damaged Parquet data, its rows cannot be read ({str(err).splitlines()[0]})")
+def _damaged(where: str, err: BaseException) -> BaseException:
+    """What to raise for an error reading a Parquet file's pages (its footer did read): the machine's one
+    line for running out of memory or a failing disk (:func:`~moe_gps.errors.environment_error`), else
+    that the file is damaged."""
+    machine = environment_error(err, flag=where)
+    if machine is not None:
+        return machine
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return UserError(f"{where}: damaged Parquet data, its rows cannot be read ({first})")
 
 
 def _read_ahead(batches: Iterator[pa.RecordBatch], where: str, depth: int = 2) -> Iterator[pa.RecordBatch]:
