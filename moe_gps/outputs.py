@@ -40,6 +40,8 @@ from moe_gps.signals import held
 LOCK_NAME = ".moe-gps.lock"
 #: the name of the folder a run's files are staged in (:func:`staged_outputs`) begins with this
 STAGE_PREFIX = ".moe-gps-staging-"
+#: the folder :func:`set_aside` keeps an earlier run's files in while a run writes in place
+ASIDE_NAME = ".moe-gps-earlier"
 
 
 def arrow_path(path: str | os.PathLike) -> str:
@@ -429,3 +431,43 @@ def staged_outputs(out: str | os.PathLike, optional: tuple[str, ...] = (),
                     stage.kept.append(out / name)
     finally:
         shutil.rmtree(stage.path, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def set_aside(out: str | os.PathLike, rels: list[str | os.PathLike]) -> Iterator[None]:
+    """For a run that must write in place (its files record their own paths, as validate's runs do): the
+    earlier files and folders at ``rels`` (relative to ``out``, held locked by the caller) move into
+    ``out/.moe-gps-earlier`` first. When the block ends without an error that folder is removed; on an error
+    or a signal what the block wrote at those paths is removed and the earlier files move back, so that
+    ``out`` keeps what it had. A folder left by a run killed outright is a UserError naming it."""
+    out = Path(out)
+    aside = out / ASIDE_NAME
+    if aside.exists():
+        raise UserError(f"{aside}: the files of an earlier run in {out} that was killed before it ended; move "
+                        "them back into the folder, or remove it")
+    paths = sorted({Path(r) for r in rels})
+    with held():                    # every earlier file moves aside, or (a signal before the block) none
+        moved = []
+        for rel in paths:
+            if (out / rel).exists() or (out / rel).is_symlink():
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(out / rel, aside / rel)
+                moved.append(rel)
+    try:
+        yield
+    except BaseException:
+        with held():
+            for rel in paths:
+                _remove(out / rel)
+            for rel in moved:
+                os.replace(aside / rel, out / rel)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

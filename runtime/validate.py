@@ -131,23 +131,31 @@ def run_path(out: Path, n: int, mode: str, r: int, runs: int) -> Path:
     return out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if runs > 1 else ""))
 
 
+def planned_outputs(opt: ValidateOptions, run_cfg) -> tuple[list[Path], list[Path]]:
+    """(the files validate writes outside its runs' folders, the runs' folders), under ``opt.out``."""
+    from moe_gps.fidelity.calibrate import calibration_files
+
+    out = Path(opt.out)
+    files = [out / "runs" / "run.yaml", out / "runs" / "run-without-plan.yaml", *(out / f for f in REPORT_FILES)]
+    folders = []
+    for n in opt.nprocs:
+        for r in range(opt.runs):
+            files += [] if opt.cluster else calibration_files(cluster_path(out, n, r, opt.runs))
+            folders += [run_path(out, n, mode, r, opt.runs) for mode in opt.strategies]
+    return files, folders
+
+
 def check_outputs_spare_inputs(opt: ValidateOptions, run_cfg) -> None:
     """A UserError, before anything runs, when a file validate writes (a run's, a calibration's, the report)
     would replace one it reads: TRACE, the run config, --cluster, the plan or cluster file the config names."""
-    from moe_gps.fidelity.calibrate import calibration_files
     from moe_gps.outputs import same_file
     from runtime.config import FIXED_OUTPUTS
 
-    out = Path(opt.out)
     d = run_cfg.duplication
     reads = [p for p in (opt.trace, opt.config, opt.cluster, d.placement, d.cluster) if p]
-    writes = [out / "runs" / "run.yaml", out / "runs" / "run-without-plan.yaml", *(out / f for f in REPORT_FILES)]
-    for n in opt.nprocs:
-        for r in range(opt.runs):
-            writes += [] if opt.cluster else calibration_files(cluster_path(out, n, r, opt.runs))
-            writes += [run_path(out, n, mode, r, opt.runs) / name for mode in opt.strategies
-                       for name in (run_cfg.output.trace, run_cfg.output.timings, run_cfg.output.steps,
-                                    *FIXED_OUTPUTS)]
+    files, folders = planned_outputs(opt, run_cfg)
+    writes = files + [f / name for f in folders for name in (run_cfg.output.trace, run_cfg.output.timings,
+                                                            run_cfg.output.steps, *FIXED_OUTPUTS)]
     for path in writes:
         hit = next((p for p in reads if same_file(p, path)), None)
         if hit is not None:
@@ -211,22 +219,32 @@ def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: in
 
 def validate(opt: ValidateOptions):
     """Run everything; returns (comparisons, ranking, text report). Writes the files in ``opt.out``."""
+    from moe_gps.outputs import check_output_dir, set_aside
+
+    run_cfg, _ = check_inputs(opt)
+    check_outputs_spare_inputs(opt, run_cfg)
+    out = check_output_dir(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, folders = planned_outputs(opt, run_cfg)
+    # the runs record their own paths, so they are written in place: an earlier validation's files are set
+    # aside meanwhile, and come back if this one fails or is stopped
+    with set_aside(out, [p.relative_to(out) for p in files + folders]):
+        return _validate(opt, run_cfg, out)
+
+
+def _validate(opt: ValidateOptions, run_cfg, out: Path):
+    """:func:`validate`'s work, in ``out``."""
     from moe_gps.atomic import write_csv_atomic, write_text_atomic
     from moe_gps.config.loader import load_cluster
     from moe_gps.fidelity.compare import compare_run, ranking
     from moe_gps.fidelity.measured import measured_phases, read_run
     from runtime.replay import check_replay, replay_run, simulate_run
     from moe_gps.fidelity.report import format_report, plot, step_rows, summary_rows
-    from moe_gps.outputs import check_output_dir
     from moe_gps.tables import rows_to_columns
     from moe_gps.trace import load_trace
     from runtime.config import load_run_config
     from runtime.dist import choose_device
 
-    run_cfg, _ = check_inputs(opt)
-    check_outputs_spare_inputs(opt, run_cfg)
-    out = check_output_dir(opt.out)
-    out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if opt.quiet else (lambda msg: print(f"validate: {msg}", file=sys.stderr, flush=True))
     cfg_path = write_run_config(run_cfg, opt, out / "runs" / "run.yaml")
     run_cfg = load_run_config(cfg_path)

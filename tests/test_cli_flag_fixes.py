@@ -193,6 +193,30 @@ def test_validate_calibrates_on_the_device_its_runs_use(tmp_path, monkeypatch):
     assert seen == ["cuda", "cuda" if torch.cuda.is_available() else "cpu"]
 
 
+@needs_torch
+def test_a_validation_that_fails_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """The runs write in place: an earlier validation's files are set aside and come back when the new one
+    fails (it left the earlier report beside new runs and a new run config)."""
+    import runtime.validate as val
+
+    out = tmp_path / "v"
+    earlier = {"summary.txt": "earlier report", "fidelity.csv": "a\n1\n", "runs/run.yaml": "earlier config",
+               "runs/N2-off/trace.parquet": "earlier run", "cluster-2.yaml": "earlier cluster",
+               "notes.txt": "the user's own file"}
+    for rel, text in earlier.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+
+    def calibrate(run_cfg, n, path, **kw):
+        Path(path).write_text("half a new calibration")
+        raise val.MeasurementFailed("the machine was busy")
+
+    monkeypatch.setattr(val, "calibrate", calibrate)
+    with pytest.raises(val.MeasurementFailed):
+        val.validate(val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=out, strategies=["off"]))
+    assert {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()} == earlier
+
+
 # --------------------------------------------------------------------------- 4. --nproc limits
 
 @needs_torch

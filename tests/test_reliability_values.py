@@ -573,3 +573,23 @@ def test_a_yaml_input_that_says_what_the_run_writes_stays_as_it_is(tmp_path):
         with staged_outputs(out, inputs=(str(mine),)) as stage:
             (stage.path / "sweep.yaml").write_text("seed: 1\nnum_gpus: [4]\n")
     assert mine.read_text() == "# my notes\nseed: 0\nnum_gpus: [4]\n"
+
+
+def test_set_aside_drops_the_earlier_files_on_success_and_names_a_killed_runs_leftovers(tmp_path):
+    from moe_gps.outputs import ASIDE_NAME, set_aside
+
+    out = tmp_path / "o"
+    (out / "runs" / "A").mkdir(parents=True)
+    (out / "runs" / "A" / "t.txt").write_text("old")
+    (out / "r.txt").write_text("old report")
+    with set_aside(out, ["runs/A", "r.txt"]):
+        assert not (out / "r.txt").exists() and (out / ASIDE_NAME / "r.txt").read_text() == "old report"
+        (out / "runs" / "A").mkdir()
+        (out / "runs" / "A" / "t.txt").write_text("new")
+        (out / "r.txt").write_text("new report")
+    assert (out / "r.txt").read_text() == "new report" and (out / "runs" / "A" / "t.txt").read_text() == "new"
+    assert not (out / ASIDE_NAME).exists()
+    (out / ASIDE_NAME).mkdir()                          # what a run killed outright (SIGKILL) leaves
+    with pytest.raises(UserError, match="the files of an earlier run in .* that was killed before it ended"):
+        with set_aside(out, ["r.txt"]):
+            pass
