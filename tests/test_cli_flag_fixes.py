@@ -292,6 +292,7 @@ def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, mon
       "--ep-num-redundant-experts", "-4"], "--ep-num-redundant-experts must be >= 0, got -4"),   # was: use -4
     (["predict", "evaluate", "{small}", "--synthetic", "0.9", "--synthetic-flops", "nan"],
      "--synthetic-flops must be a finite number >= 0, got nan"),          # named the predictor, not the flag
+    (["predict", "evaluate", "{small}", "--synthetic", ","], "--synthetic: no accuracy named, got ','"),
     (["predict", "evaluate", "{small}", "--redundant", "-1"], "--redundant must be >= 0, got -1"),
     (["predict", "evaluate", "{small}", "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
     (["predict", "evaluate", "{small}", "--train-steps", "8"],
@@ -508,3 +509,13 @@ def test_a_previous_plan_of_another_shape_names_its_file(small, tmp_path, capsys
     code = main(["plan", small, "--gpus", "8", "--redundant", "8", "--previous", str(four),
                  "-o", str(tmp_path / "p8.yaml")])
     one_line(capsys, code, f"--previous {four}: previous placement is for 4 layers, 8 experts, 4 GPUs")
+
+
+def test_a_synthetic_accuracy_named_twice_runs_once(small, capsys):
+    """Two identical synthetic rows, with the same label, could not be told apart in the CSVs."""
+    assert main(["predict", "evaluate", small, "--predictors", "previous", "--synthetic", "0.9,0.9",
+                 "--per-layer", "none", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "moe-gps: note: --synthetic names 0.9 more than once; each runs once" in err
+    labels = [r["label"] for r in json.loads(out)["predictors"]]
+    assert labels == ["previous", "synthetic(a=0.9,typical)"]

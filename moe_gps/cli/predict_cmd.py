@@ -203,6 +203,7 @@ def _layer_table(ev, metric: str) -> str | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from moe_gps.cli.common_args import note_repeated
     from moe_gps.predict.evaluate import evaluate, parse_predictor_names
     from moe_gps.predict.synthetic import AccuracyOverheadCurve
     from moe_gps.tables import format_table
@@ -210,9 +211,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     dist, tok = parse_predictor_names(args.predictors)
     synthetic = _floats(args.synthetic, "--synthetic") if args.synthetic else []
+    if args.synthetic and not synthetic:
+        raise UserError(f"--synthetic: no accuracy named, got {args.synthetic!r}")
     for a in synthetic:
         if not 0 <= a <= 1:
             raise UserError(f"--synthetic: accuracy must be in [0, 1], got {a}")
+    note_repeated("--synthetic", synthetic)               # two identical rows could not be told apart
+    synthetic = list(dict.fromkeys(synthetic))
     per_layer = [] if args.per_layer.strip() == "none" else [m.strip() for m in args.per_layer.split(",") if m.strip()]
     bad = [m for m in per_layer if m not in LAYER_METRICS]
     if bad:
