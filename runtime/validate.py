@@ -131,7 +131,7 @@ def run_path(out: Path, n: int, mode: str, r: int, runs: int) -> Path:
     return out / "runs" / (f"N{n}-{mode}" + (f"-{r}" if runs > 1 else ""))
 
 
-def planned_outputs(opt: ValidateOptions, run_cfg) -> tuple[list[Path], list[Path]]:
+def planned_outputs(opt: ValidateOptions) -> tuple[list[Path], list[Path]]:
     """(the files validate writes outside its runs' folders, the runs' folders), under ``opt.out``."""
     from moe_gps.fidelity.calibrate import calibration_files
 
@@ -153,7 +153,7 @@ def check_outputs_spare_inputs(opt: ValidateOptions, run_cfg) -> None:
 
     d = run_cfg.duplication
     reads = [p for p in (opt.trace, opt.config, opt.cluster, d.placement, d.cluster) if p]
-    files, folders = planned_outputs(opt, run_cfg)
+    files, folders = planned_outputs(opt)
     writes = files + [f / name for f in folders for name in (run_cfg.output.trace, run_cfg.output.timings,
                                                             run_cfg.output.steps, *FIXED_OUTPUTS)]
     for path in writes:
@@ -225,7 +225,7 @@ def validate(opt: ValidateOptions):
     check_outputs_spare_inputs(opt, run_cfg)
     out = check_output_dir(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    files, folders = planned_outputs(opt, run_cfg)
+    files, folders = planned_outputs(opt)
     # the runs record their own paths, so they are written in place: an earlier validation's files are set
     # aside meanwhile, and come back if this one fails or is stopped
     with set_aside(out, [p.relative_to(out) for p in files + folders]):

@@ -181,9 +181,9 @@ def assemble(fmt: str, sources: list[str], requests: list[RequestRouting], *, nu
                    f"given, responses in file order, a response's choices in order; {len(step_ids)} step(s)")
     if dropped_rows:
         summary.append(f"dropped {dropped_rows} token(s) whose routing was not captured (-1 ids)")
+    ids = "stored" if ids_known else "not stored (the responses do not hold them all)"
     summary.append(f"num_layers={len(kept)}, num_experts={num_experts} (from --num-experts), top_k={k} "
-                   f"({details.get('top_k_source', 'from the arrays')}); token ids " + ("stored" if ids_known else "not stored (the responses do not "
-                                                                                 "hold them all)"))
+                   f"({details.get('top_k_source', 'from the arrays')}); token ids {ids}")
     prov_layers: dict = {}
     if dense or axis_is_decoder_layers:
         prov_layers = {"original_layer_ids": [int(i) for i in kept], "num_hidden_layers": int(axis)}
