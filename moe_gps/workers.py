@@ -142,34 +142,38 @@ def watch(pool) -> Callable[[], None]:
     return check
 
 
-#: how long :func:`kill_pool` waits for ``Pool.terminate`` at most
+#: how long :func:`kill_pool` waits at most for the pool's workers to end
 KILL_WAIT_S = 10.0
 
 
 def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
-    """End a ``multiprocessing`` pool at once: kill its workers (and any it starts in place of a dead
-    one) while ``Pool.terminate`` runs, and wait for that at most ``wait_s`` seconds. (``terminate``
-    alone sends SIGTERM and waits, and a worker may ignore SIGTERM: recommend's do.)
+    """End a ``multiprocessing`` pool at once: stop it starting workers in place of dead ones, kill its
+    workers, and wait at most ``wait_s`` seconds for them to end.
 
-    A worker that waits for its next task holds the task queue's lock, and ``terminate`` takes that
-    lock; once every worker is dead the lock is freed here. A worker killed while it sent a result
-    leaves the result queue's lock taken, and ``terminate`` would wait for it without end: the wait
-    is then given up (the workers are dead, and the pool's threads are daemons that end with the
-    process)."""
-    ender = threading.Thread(target=pool.terminate, daemon=True)
-    ender.start()
+    Not ``Pool.terminate``: it sends SIGTERM, which a worker may ignore (recommend's do), and it takes the
+    task queue's lock, which a worker killed while it waited for its next task holds for ever. The pool's
+    own threads are daemons that end with the process; its clean-up at exit is cancelled, as nothing is
+    left for it to do."""
+    from multiprocessing.pool import TERMINATE
+
+    pool._state = TERMINATE
+    handler = pool._worker_handler
+    for thread in (handler, pool._task_handler, pool._result_handler):
+        thread._state = TERMINATE                 # no more workers started, no more results waited for
+    pool._change_notifier.put(None)               # the worker handler sees that now
     deadline = time.monotonic() + wait_s
-    freed = False
-    while ender.is_alive() and time.monotonic() < deadline:
-        for proc in list(pool._pool):
+    while True:
+        workers = list(pool._pool)
+        for proc in workers:
             if proc.exitcode is None:
                 proc.kill()
-        ender.join(0.05)
-        if (not freed and ender.is_alive() and not pool._worker_handler.is_alive()
-                and all(proc.exitcode is not None for proc in list(pool._pool))):
-            with contextlib.suppress(ValueError):          # ValueError: nobody held it
-                pool._inqueue._rlock.release()
-            freed = True
+        if (not handler.is_alive() and all(proc.exitcode is not None for proc in workers)) \
+                or time.monotonic() > deadline:
+            break
+        handler.join(0.05)
+    for thread in (pool._task_handler, pool._result_handler):     # they end on the sentinels now sent
+        thread.join(max(0.0, deadline - time.monotonic()))
+    pool._terminate.cancel()
 
 
 def _ended(pid: int, exitcode: int) -> BaseException:

@@ -123,9 +123,10 @@ def killed_within(pool):
     return round(time.monotonic() - t, 1), sum(w.exitcode is None for w in pool._pool)
 
 ctx = multiprocessing.get_context("fork")
-idle = ctx.Pool(2)                  # its workers wait for tasks, one of them holding the task queue's lock
-time.sleep(0.5)
-print(*killed_within(idle))
+for wait in (0.0,) * 10 + (0.5,):   # workers still starting, then waiting for tasks (one holds the queue's lock)
+    idle = ctx.Pool(2)
+    time.sleep(wait)
+    print(*killed_within(idle))
 pool = ctx.Pool(2)
 # a process that takes the task queue's lock and is killed holding it, as a worker killed by the
 # out-of-memory killer while it waited for its next task
@@ -135,6 +136,8 @@ time.sleep(0.5)
 os.kill(holder.pid, signal.SIGKILL)
 holder.join()
 print(*killed_within(pool))
+import threading
+assert threading.active_count() == 1, threading.enumerate()        # the pools' threads ended too
 """
 
 
