@@ -171,8 +171,13 @@ def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
                 or time.monotonic() > deadline:
             break
         handler.join(0.05)
-    for thread in (pool._task_handler, pool._result_handler):     # they end on the sentinels now sent
-        thread.join(max(0.0, deadline - time.monotonic()))
+    # the task handler may be blocked writing tasks no worker reads any more: with the workers dead, drain them
+    tasks = pool._inqueue._reader
+    while pool._task_handler.is_alive() and time.monotonic() < deadline:
+        while tasks.poll():
+            tasks.recv_bytes()
+        pool._task_handler.join(0.05)
+    pool._result_handler.join(max(0.0, deadline - time.monotonic()))    # it ends on the sentinel now sent
     pool._terminate.cancel()
 
 

@@ -127,6 +127,15 @@ for wait in (0.0,) * 10 + (0.5,):   # workers still starting, then waiting for t
     idle = ctx.Pool(2)
     time.sleep(wait)
     print(*killed_within(idle))
+def slow(x):
+    time.sleep(0.5)
+    return len(x)
+
+busy = ctx.Pool(2)                  # more tasks queued than the pipe to the workers holds: the task handler
+for k in range(300):                # waits to write the rest, which no worker reads once they are dead
+    busy.apply_async(slow, ("x" * 20000,))
+time.sleep(0.3)
+print(*killed_within(busy))
 pool = ctx.Pool(2)
 # a process that takes the task queue's lock and is killed holding it, as a worker killed by the
 # out-of-memory killer while it waited for its next task
