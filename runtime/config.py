@@ -244,6 +244,11 @@ FLAG_HELP = {
 FIXED_OUTPUTS = ("placement.yaml", "summary.json")
 
 
+def run_outputs(cfg: RunConfig) -> tuple[str, ...]:
+    """The names of the files a run writes into output.dir."""
+    return (cfg.output.trace, cfg.output.timings, cfg.output.steps, *FIXED_OUTPUTS)
+
+
 def _check_output_names(cfg: RunConfig) -> None:
     """output.trace, .timings and .steps: file names (in output.dir), each its own file, none of FIXED_OUTPUTS."""
     taken = {name: f"the run's {name}" for name in FIXED_OUTPUTS}
@@ -286,9 +291,10 @@ def check_outputs_spare_inputs(cfg: RunConfig, out_dir: str, out_name: str) -> N
     inputs = {"input.trace": cfg.input.trace, "duplication.placement": cfg.duplication.placement,
               "duplication.cluster": cfg.duplication.cluster,
               "the run config": cfg.source if Path(cfg.source).is_file() else None}
-    read = {Path(p).resolve(): what for what, p in inputs.items() if p}
-    for name in (cfg.output.trace, cfg.output.timings, cfg.output.steps, *FIXED_OUTPUTS):
-        what = read.get((Path(out_dir) / name).resolve())
+    from moe_gps.outputs import same_file
+
+    for name in run_outputs(cfg):
+        what = next((what for what, p in inputs.items() if p and same_file(p, Path(out_dir) / name)), None)
         if what:
             raise UserError(f"{cfg.source}: {out_name} {out_dir}: the run would write its {name} over {what} "
                             f"({(Path(out_dir) / name)}); write the run to another folder")

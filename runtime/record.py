@@ -102,6 +102,7 @@ class RunRecorder:
 
     def __init__(self, cfg, mode: str, ctx, handle, source, command: str) -> None:
         from moe_gps.outputs import check_output_file, locked_output_dir, staged_outputs
+        from runtime.config import run_outputs
 
         self.cfg, self.mode, self.ctx, self.handle, self.source = cfg, mode, ctx, handle, source
         self.dir = Path(cfg.output.dir)
@@ -110,7 +111,7 @@ class RunRecorder:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(locked_output_dir(self.dir, "output.dir"))
         self.trace_path = self.dir / cfg.output.trace
-        for name in (cfg.output.trace, cfg.output.timings, cfg.output.steps, "placement.yaml", "summary.json"):
+        for name in run_outputs(cfg):
             check_output_file(self.dir / name, "output")
         try:
             self.stage = self._stack.enter_context(staged_outputs(self.dir)).path

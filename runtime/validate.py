@@ -149,13 +149,12 @@ def check_outputs_spare_inputs(opt: ValidateOptions, run_cfg) -> None:
     """A UserError, before anything runs, when a file validate writes (a run's, a calibration's, the report)
     would replace one it reads: TRACE, the run config, --cluster, the plan or cluster file the config names."""
     from moe_gps.outputs import same_file
-    from runtime.config import FIXED_OUTPUTS
+    from runtime.config import run_outputs
 
     d = run_cfg.duplication
     reads = [p for p in (opt.trace, opt.config, opt.cluster, d.placement, d.cluster) if p]
     files, folders = planned_outputs(opt)
-    writes = files + [f / name for f in folders for name in (run_cfg.output.trace, run_cfg.output.timings,
-                                                            run_cfg.output.steps, *FIXED_OUTPUTS)]
+    writes = files + [f / name for f in folders for name in run_outputs(run_cfg)]
     for path in writes:
         hit = next((p for p in reads if same_file(p, path)), None)
         if hit is not None:
