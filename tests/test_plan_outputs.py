@@ -92,6 +92,19 @@ def test_plan_refuses_export_over_the_previous_plan(trace, tmp_path, capsys):
     assert (tmp_path / "first.yaml").read_bytes() == before
 
 
+def test_plan_output_may_be_the_previous_plan_which_it_replaces(trace, tmp_path, capsys):
+    """-o naming the --previous plan re-plans in place: the placement in force is read first."""
+    assert main(["plan", "trace.parquet", "--gpus", "4", "--redundant", "4", "--steps", "0:1", "-o", "p.yaml"]) == 0
+    before = (tmp_path / "p.yaml").read_bytes()
+    assert main(["plan", "trace.parquet", "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill",
+                 "--previous", "p.yaml", "-o", "p.yaml"]) == 0
+    assert "experts moved vs --previous" in capsys.readouterr().out
+    after = (tmp_path / "p.yaml").read_bytes()
+    assert after != before
+    assert main(["plan", "trace.parquet", "--gpus", "4", "--redundant", "4", "--algorithm", "waterfill",
+                 "--previous", "p.yaml", "-o", "again.yaml"]) == 0
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308", "1e-12", "0"])
 def test_plan_refuses_expert_mib_that_is_not_a_size(trace, tmp_path, capsys, value):
     before = trace.read_bytes()

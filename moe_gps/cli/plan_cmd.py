@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-copies", type=int, default=None,
                    help="greedy/waterfill: copies per layer at most (>= 0; default: --redundant)")
     p.add_argument("--previous", metavar="PLAN", help="placement in force (YAML): bytes moved, and migration-"
-                                                      "aware planning for waterfill")
+                                                      "aware planning for waterfill; -o may name it, and the new "
+                                                      "plan then replaces it")
     p.add_argument("--expert-mib", type=float, default=None,
                    help="MiB of one expert's weights in one layer, for memory and bytes moved "
                         "(e.g. Mixtral 8x7B bf16: 336)")
