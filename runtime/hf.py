@@ -75,18 +75,25 @@ def _check_config_json(path: Path) -> None:
         raise UserError(f"{path}: has no 'model_type' (e.g. \"mixtral\"), so it is not a transformers model config")
 
 
+def check_checkpoint_folder(path: str | Path) -> Path:
+    """One line for a path that is not a checkpoint folder with a readable config.json; returns it as a Path."""
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise UserError(f"{p}: not a HuggingFace checkpoint folder (no config.json)")
+    _check_config_json(p / "config.json")
+    return p
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """A local checkpoint folder as a causal LM on the CPU (no downloads)."""
+    """A local checkpoint folder as a causal LM on the CPU (no downloads). A checkpoint that lacks some of
+    the model's weights is refused: transformers would initialise them at random (a random router)."""
     try:
         import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise UserError("reading a HuggingFace checkpoint needs transformers: pip install 'moe-gps[collect]'") \
             from None
-    p = Path(path)
-    if not (p / "config.json").exists():
-        raise UserError(f"{p}: not a HuggingFace checkpoint folder (no config.json)")
-    _check_config_json(p / "config.json")
+    p = check_checkpoint_folder(path)
     try:
         config = AutoConfig.from_pretrained(p, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read the user's config is about that file
@@ -95,9 +102,15 @@ def load_hf_model(path: str | Path, dtype: torch.dtype) -> nn.Module:
     if kind not in SUPPORTED:
         raise UserError(f"{p}: model type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched checkpoint
         raise UserError(f"{p}: cannot load the checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
+        raise UserError(f"{p}: the checkpoint lacks weights of the model ({', '.join(missing[:3])}{more}); "
+                        "transformers would initialise them at random")
     model.eval()
     model.moe_gps_source = f"{p} ({kind}, transformers {transformers.__version__})"
     return model

@@ -1,7 +1,8 @@
 """Token ids for each (step, rank): from a trace's token_id column, or a seeded generator.
 
 A trace without token ids (a counts trace, or no ``token_id`` column) falls back to the
-generator; the run's provenance says which source was used.
+generator; the run's provenance says which source was used. (The trace recorder,
+:mod:`runtime.record_hf`, refuses such a trace instead.)
 
 Every rank runs ``batch_size`` sequences of ``seq_len`` tokens per step. The batch of
 (step, rank) is a pure function of the config, so rank 0 can rebuild every rank's
@@ -41,6 +42,17 @@ class StepInput:
                 np.tile(self.pos, B).astype(np.int32))
 
 
+def trace_token_ids(path: str) -> np.ndarray | None:
+    """The token ids of a trace, all steps concatenated (int64), or None for a trace without them (a counts
+    trace, or no ``token_id`` column)."""
+    from moe_gps.trace import load_trace
+    from moe_gps.trace.data import TokensTrace
+    trace = load_trace(path)
+    if isinstance(trace, TokensTrace) and trace.token_id is not None and len(trace.token_id):
+        return trace.token_id.astype(np.int64)
+    return None
+
+
 class TokenSource:
     """Builds :class:`StepInput` for any (step, rank); see the module docstring for the rules."""
 
@@ -50,11 +62,8 @@ class TokenSource:
         self.description = f"seeded Zipf generator (exponent {cfg.zipf_exponent}, seed {cfg.seed})"
         self.clipped = False
         if cfg.trace:
-            from moe_gps.trace import load_trace
-            from moe_gps.trace.data import TokensTrace
-            trace = load_trace(cfg.trace)
-            if isinstance(trace, TokensTrace) and trace.token_id is not None and len(trace.token_id):
-                ids = trace.token_id.astype(np.int64)
+            ids = trace_token_ids(cfg.trace)
+            if ids is not None:
                 self.clipped = bool((ids >= self.vocab_size).any())
                 self.stream = ids % self.vocab_size
                 self.description = (f"token ids of {cfg.trace} ({len(ids)} tokens"

@@ -16,13 +16,15 @@ ordinary forward passes; no ``torch.distributed`` is involved.
 
 One step = one forward pass of ``batch`` sequences of ``seq_len`` tokens; token ids
 come from a trace's ``token_id`` column, a text file tokenised with the checkpoint's
-tokenizer, or a seeded Zipf generator. The trace says ``source: collected``.
+tokenizer (one token stream, no BOS added), or a seeded Zipf generator. The trace says
+``source: collected``; its provenance holds the checkpoint path, dtype and device.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,26 +80,44 @@ class RouterRecorder:
 
 
 def text_token_stream(model_dir: Path, text_file: Path) -> np.ndarray:
-    """Token ids of a text file, tokenised with the checkpoint's tokenizer."""
+    """Token ids of a UTF-8 text file, tokenised with the checkpoint's tokenizer as one stream."""
     from transformers import AutoTokenizer
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{text_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as err:
         raise UserError(f"{model_dir}: no usable tokenizer ({str(err).splitlines()[0][:200]}); use --input-trace "
                         "or the seeded generator instead of --text") from None
-    ids = tok(text_file.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise UserError(f"{text_file}: no tokens")
     return np.asarray(ids, dtype=np.int64)
 
 
+def input_token_ids(path: str) -> np.ndarray:
+    """The token ids of ``--input-trace`` (:func:`runtime.inputs.trace_token_ids`); a trace without them is refused."""
+    from runtime.inputs import trace_token_ids
+
+    ids = trace_token_ids(path)
+    if ids is None:
+        raise UserError(f"{path}: the trace has no token ids (a counts trace, or no token_id column); give a tokens "
+                        "trace with token ids, --text, or neither for the seeded generator")
+    return ids
+
+
 def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len: int, input_trace: str | None = None,
                  token_stream: np.ndarray | None = None, seed: int = 0, device: str = "cpu",
-                 model_name: str = "unknown", dataset: str | None = None, command: str = "") -> dict:
+                 model_name: str = "unknown", dataset: str | None = None, command: str = "",
+                 checkpoint: str | Path | None = None) -> dict:
     """Run ``steps`` forward passes of ``model`` and write the router trace to ``out``.
 
-    Token ids: ``token_stream`` (consecutive chunks), else ``input_trace``'s token_id
-    column, else the seeded generator (see :mod:`runtime.inputs`). Returns a summary dict.
+    Token ids: ``token_stream`` (consecutive chunks; read from ``input_trace`` when that is given too),
+    else ``input_trace``'s token_id column (:func:`input_token_ids`), else the seeded generator (see
+    :mod:`runtime.inputs`). Ids at or above the vocabulary are taken modulo it, with a warning.
+    ``checkpoint``: the folder the model was loaded from, for the provenance. Returns a summary dict.
     """
     import torch
     import transformers
@@ -108,14 +128,24 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
     from runtime.inputs import TokenSource
 
     vocab = int(model.config.get_text_config().vocab_size)
-    source = TokenSource(InputSection(trace=input_trace, batch_size=batch, seq_len=seq_len, seed=seed), vocab, 1)
+    source = TokenSource(InputSection(batch_size=batch, seq_len=seq_len, seed=seed), vocab, 1)
+    if token_stream is None and input_trace:
+        token_stream = input_token_ids(input_trace)
+    warnings = []
     if token_stream is not None:
-        source.stream = np.asarray(token_stream, dtype=np.int64) % vocab
-        source.description = f"tokenised text ({len(token_stream)} tokens)"
+        ids = np.asarray(token_stream, dtype=np.int64)
+        source.stream = ids % vocab
+        what = f"token ids of {input_trace}" if input_trace else "tokenised text"
+        source.description = f"{what} ({len(ids)} tokens)"
+        over = int((ids >= vocab).sum())
+        if over:
+            warnings.append(f"{over} of the {len(ids)} input token ids are at or above the model's vocabulary of "
+                            f"{vocab}: they are taken modulo {vocab}")
     need = steps * batch * seq_len
     have = None if source.stream is None else len(source.stream)
-    warnings = ([f"the input holds {have} tokens, fewer than the {need} of {steps} steps x {batch} x {seq_len}: "
-                 f"they are cycled {need / have:.1f} times"] if have and have < need else [])
+    if have and have < need:
+        warnings.append(f"the input holds {have} tokens, fewer than the {need} of {steps} steps x {batch} x "
+                        f"{seq_len}: they are cycled {need / have:.1f} times")
     longest = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if isinstance(longest, int) and seq_len > longest:
         warnings.append(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({longest}): "
@@ -128,7 +158,9 @@ def record_trace(model: Any, out: str | Path, *, steps: int, batch: int, seq_len
             "transformers": transformers.__version__, "torch": torch.__version__, "input": source.description,
             "batch": batch, "seq_len": seq_len, "moe_layers": rec.layer_names,
             "num_hidden_layers": int(model.config.get_text_config().num_hidden_layers),
-            "normalize_topk": rec.normalize, "warnings": warnings}
+            "normalize_topk": rec.normalize, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(torch.device(device)),
+            "warnings": warnings}
     model.eval()
     dev = torch.device(device)
     model.to(dev)
@@ -169,28 +201,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "Qwen3-MoE or OLMoE model (their softmax routers)")
     p.add_argument("--model-name", help="model name for the trace metadata (default: the checkpoint's folder, or "
                                         "ORG/NAME for a Hugging Face cache snapshot)")
-    p.add_argument("-o", "--output", required=True, help="trace to write (.parquet)")
+    p.add_argument("-o", "--output", required=True, help="trace to write (.parquet, outside the checkpoint folder)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input-trace", help="take token ids from this trace's token_id column")
-    src.add_argument("--text", help="tokenise this text file with the checkpoint's tokenizer")
+    src.add_argument("--input-trace", help="take token ids from this trace's token_id column (a tokens trace with "
+                                           "token ids)")
+    src.add_argument("--text", help="tokenise this UTF-8 text file with the checkpoint's tokenizer, as one token "
+                                    "stream (no BOS added)")
     p.add_argument("--steps", type=int, default=16, help="forward passes (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed (>= 0) of the generator when no input is given (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+                   help="seed (>= 0) of the seeded generator, used only without --text and --input-trace "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when PyTorch sees a CUDA device, else the CPU (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--dataset", help="dataset name for the trace metadata")
 
 
+def check_output_spares_inputs(out: str, model: str, input_trace: str | None, text: str | None) -> None:
+    """One line for an output trace that would overwrite an input: the --input-trace or --text file, a file
+    of the checkpoint folder, or anything inside that folder."""
+    from moe_gps.outputs import same_file
+
+    for flag, path in (("--input-trace", input_trace), ("--text", text)):
+        if path and same_file(path, out):
+            raise UserError(f"-o {out}: the output would overwrite the {flag} file {path}")
+    folder = Path(os.path.realpath(model))
+    if not folder.is_dir():
+        return
+    if Path(os.path.realpath(out)).is_relative_to(folder):
+        raise UserError(f"-o {out}: inside the checkpoint folder {model}; write the trace elsewhere")
+    twin = next((f for f in folder.iterdir() if f.is_file() and same_file(f, out)), None) \
+        if Path(out).exists() else None
+    if twin is not None:                  # a hard link to a checkpoint file
+        raise UserError(f"-o {out}: the same file as {twin} of the checkpoint folder; write the trace elsewhere")
+
+
 def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
+    """Check the flags and input files, load the checkpoint and record (:func:`record_trace`): its summary."""
     try:
         import torch
     except ImportError:
         raise UserError("recording needs PyTorch and transformers: pip install 'moe-gps[collect]'") from None
-    from moe_gps.outputs import check_output_file
-    check_output_file(args.output)
+    from moe_gps.cli.trace_cmd import check_trace_output
+    check_trace_output(args.output)
+    check_output_spares_inputs(args.output, args.model, args.input_trace, args.text)
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -204,14 +261,29 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
     # what can be checked before a checkpoint of many GB loads
     if args.input_trace and not Path(args.input_trace).exists():
         raise UserError(f"{args.input_trace}: no such trace")
-    stream = text_token_stream(Path(args.model), Path(args.text)) if args.text else None
-    from runtime.hf import load_hf_model
+    if args.text and not Path(args.text).exists():
+        raise UserError(f"{args.text}: no such file")
+    from runtime.hf import check_checkpoint_folder, load_hf_model
     from runtime.model import TORCH_DTYPES
+    check_checkpoint_folder(args.model)
+    stream = input_token_ids(args.input_trace) if args.input_trace else None
+    if args.text:
+        stream = text_token_stream(Path(args.model), Path(args.text))
     model = load_hf_model(args.model, TORCH_DTYPES[dtype_name])
     return record_trace(model, args.output, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                         input_trace=args.input_trace, token_stream=stream, seed=args.seed, device=device,
                         model_name=args.model_name or checkpoint_name(Path(args.model)),
-                        dataset=args.dataset or (Path(args.text).name if args.text else None), command=command)
+                        dataset=args.dataset or (Path(args.text).name if args.text else None), command=command,
+                        checkpoint=args.model)
+
+
+def print_summary(s: dict, prog: str) -> None:
+    """The warnings of :func:`record_trace`'s summary ``s`` on stderr (``PROG: warning: ...``, as the trace's
+    provenance holds them), then the ``wrote ...`` line."""
+    for w in s["warnings"]:
+        print(f"{prog}: warning: {w}", file=sys.stderr)
+    print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
+          f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
 
 
 def checkpoint_name(path: Path) -> str:
@@ -239,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if failed is None:
             raise
         return failed
-    for w in s["warnings"]:
-        print(f"warning: {w}")
-    print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
-          f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
+    print_summary(s, "runtime.record_hf")
     return 0
 
 

@@ -199,3 +199,129 @@ def test_record_checks_its_inputs_before_loading_and_names_what_it_repeats(tmp_p
                      token_stream=np.arange(9))
     assert s["warnings"] == ["the input holds 9 tokens, fewer than the 32 of 2 steps x 2 x 8: they are cycled "
                              "3.6 times"]
+
+
+# ----------------------------------------------------------------------------- what record refuses, and when
+
+def _saved(tmp_path, name: str = "tiny-mixtral") -> Path:
+    ckpt = tmp_path / name
+    tiny_model("mixtral").save_pretrained(ckpt)
+    return ckpt
+
+
+def _record(*argv) -> int:
+    from moe_gps.cli.main import main
+    return main(["record", *map(str, argv), "--steps", "1", "--batch", "1", "--seq-len", "4", "--device", "cpu"])
+
+
+def test_record_refuses_an_output_that_would_overwrite_an_input(tmp_path, capsys):
+    """The output must be a .parquet file that is not --input-trace, not --text, not a file of the checkpoint
+    (a hard link included) and not inside the checkpoint folder."""
+    import os
+
+    ckpt = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    src = tmp_path / "src.parquet"
+    src.write_bytes((ROOT / "traces" / "mixtral_mmlu.parquet").read_bytes())
+    text = tmp_path / "prompts.parquet"
+    text.write_text("w1 w2 w3\n")
+    os.link(ckpt / "model.safetensors", tmp_path / "link.parquet")
+    cases = [(["-o", ckpt / "config.json"], "ending in .parquet"),
+             (["-o", ckpt / "new.parquet"], "inside the checkpoint folder"),
+             (["-o", ckpt / "sub" / ".." / "new.parquet"], "inside the checkpoint folder"),
+             (["-o", src, "--input-trace", src], "would overwrite the --input-trace file"),
+             (["-o", text, "--text", text], "would overwrite the --text file"),
+             (["-o", tmp_path / "link.parquet"], "the same file as")]
+    (ckpt / "sub").mkdir()
+    capsys.readouterr()
+    for flags, message in cases:
+        assert _record("--model", ckpt, *flags) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+    assert text.read_text() == "w1 w2 w3\n"
+
+
+def _drop_router_weights(ckpt: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    weights = load_file(ckpt / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".gate." not in k}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def test_a_checkpoint_without_some_weights_is_refused_not_run_with_random_ones(tmp_path, capsys):
+    """transformers initialises missing weights at random (a random router); record and the runtime's
+    checkpoint loader refuse such a checkpoint, naming the missing keys."""
+    from moe_gps.errors import UserError
+    from runtime.hf import load_hf_model
+
+    ckpt = _saved(tmp_path)
+    _drop_router_weights(ckpt)
+    assert _record("--model", ckpt, "-o", tmp_path / "t.parquet") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"moe-gps: error: {ckpt}: the checkpoint lacks weights")
+    assert "model.layers.0.mlp.gate.weight" in err and not (tmp_path / "t.parquet").exists()
+    with pytest.raises(UserError, match="mlp.gate.weight"):
+        load_hf_model(ckpt, torch.float32)
+
+
+def test_record_input_problems_are_one_line_before_the_checkpoint_loads(tmp_path, capsys, monkeypatch):
+    """A --text file that is not UTF-8, a counts trace or a trace without token ids, a file that is not a
+    trace, and a --model without config.json are one line each, found before the checkpoint loads."""
+    from moe_gps.trace import TraceMeta, write_trace
+    from moe_gps.trace.data import CountsTrace, TokensTrace
+
+    import runtime.hf
+
+    def no_loading(*_):
+        raise AssertionError("the checkpoint loaded before its inputs were checked")
+    monkeypatch.setattr(runtime.hf, "load_hf_model", no_loading)
+    ckpt = tmp_path / "ckpt"
+    tiny_config("mixtral").save_pretrained(ckpt)           # config.json only
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    write_trace(tmp_path / "counts.parquet", CountsTrace(TraceMeta("counts", 1, 4, 1), np.ones((2, 1, 4), np.int64)))
+    meta = TraceMeta("tokens", 1, 4, 1)
+    write_trace(tmp_path / "noids.parquet", TokensTrace(meta, np.zeros((4, 1, 1), np.int16), np.array([0, 4])))
+    (tmp_path / "bad.parquet").write_text("step,layer\n")
+    out = tmp_path / "t.parquet"
+    no_ids = "the trace has no token ids"
+    cases = [(["--model", ckpt, "--text", tmp_path / "latin1.txt"], "latin1.txt: not UTF-8 text (invalid"),
+             (["--model", ckpt, "--input-trace", tmp_path / "counts.parquet"], f"counts.parquet: {no_ids}"),
+             (["--model", ckpt, "--input-trace", tmp_path / "noids.parquet"], f"noids.parquet: {no_ids}"),
+             (["--model", ckpt, "--input-trace", tmp_path / "bad.parquet"], "bad.parquet: not a Parquet file"),
+             (["--model", tmp_path / "nowhere", "--text", tmp_path / "latin1.txt"],
+              "nowhere: not a HuggingFace checkpoint folder (no config.json)")]
+    capsys.readouterr()
+    for flags, message in cases:
+        assert _record(*flags, "-o", out) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+    assert not out.exists()
+
+
+def test_record_provenance_and_the_modulo_warning(tmp_path, capsys):
+    """The provenance holds the checkpoint path, dtype and resolved device; token ids beyond the vocabulary are
+    a warning on stderr and in the provenance."""
+    from runtime.record_hf import add_arguments
+
+    ckpt = _saved(tmp_path)
+    out = tmp_path / "rec.parquet"
+    assert _record("--model", ckpt, "-o", out, "--input-trace", ROOT / "traces" / "mixtral_mmlu.parquet") == 0
+    captured = capsys.readouterr()
+    prov = load_trace(out).meta.provenance
+    assert (prov["checkpoint"], prov["dtype"], prov["device"]) == (str(ckpt), "float32", "cpu")
+    ids = load_trace(ROOT / "traces" / "mixtral_mmlu.parquet").token_id
+    over = int((ids >= 96).sum())
+    assert over and prov["warnings"] == [f"{over} of the {len(ids)} input token ids are at or above the model's "
+                                         "vocabulary of 96: they are taken modulo 96"]
+    assert f"moe-gps: warning: {prov['warnings'][0]}\n" in captured.err and "warning" not in captured.out
+    helps = {a.dest: a.help for a in _parser_actions(add_arguments)}
+    assert "CUDA when PyTorch sees a CUDA device, else the CPU" in helps["device"]
+    assert "only without --text and --input-trace" in helps["seed"]
+
+
+def _parser_actions(add):
+    import argparse
+    p = argparse.ArgumentParser()
+    add(p)
+    return p._actions

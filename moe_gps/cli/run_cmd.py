@@ -138,10 +138,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     _need("torch", "collect")
     _need("transformers", "collect")
-    from runtime.record_hf import run_from_args
-    s = run_from_args(args, command="moe-gps record " + " ".join(sys.argv[2:]))
-    for w in s["warnings"]:
-        print(f"warning: {w}")
-    print(f"wrote {s['trace']}: {s['steps']} steps x {s['tokens_per_step']} tokens, {s['layers']} MoE layers, "
-          f"{s['experts']} experts, top-{s['top_k']} ({s['router_output']})")
+    from runtime.record_hf import print_summary, run_from_args
+    print_summary(run_from_args(args, command="moe-gps record " + " ".join(sys.argv[2:])), "moe-gps")
     return 0
