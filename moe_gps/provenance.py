@@ -9,15 +9,17 @@ from pathlib import Path
 
 from moe_gps import __version__
 
-#: source folders whose code decides a simulation's numbers
-_CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/recommend/skew.py", "moe_gps/config/schema.py")
+#: source folders and files whose code decides a simulation's numbers: the simulator, the predictors and
+#: planners, the trace's loads and regrouping, the configs and their checks, and a sweep's runs
+_CODE = ("sim", "moe_gps/predict", "moe_gps/placement", "moe_gps/trace", "moe_gps/config",
+         "moe_gps/recommend/skew.py", "moe_gps/recommend/runner.py")
 #: bytes read at a time when hashing a file
 _CHUNK = 1 << 20
 
 
 def code_digest() -> str:
-    """SHA-256 (16 hex digits) of the simulator's, predictors' and planners' source files (their
-    folders' sub-folders included, each file by its path in the source tree)."""
+    """SHA-256 (16 hex digits) of the source files of :data:`_CODE` (their folders' sub-folders included,
+    each file by its path in the source tree)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for rel in _CODE:

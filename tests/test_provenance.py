@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from moe_gps import __version__
 from moe_gps.provenance import _CHUNK, code_digest, file_sha256, provenance_comment
 
@@ -39,6 +41,22 @@ def test_the_code_digest_covers_sub_folders(monkeypatch, tmp_path):
     monkeypatch.setattr(prov, "__file__", str(root / "moe_gps" / "provenance.py"))
     first = prov.code_digest()
     (root / "sim" / "serving" / "run.py").write_text("b = 2\n")
+    assert prov.code_digest() != first
+
+
+@pytest.mark.parametrize("rel", ["moe_gps/trace/regroup.py", "moe_gps/trace/data.py", "moe_gps/config/loader.py",
+                                 "moe_gps/recommend/runner.py"])
+def test_the_code_digest_covers_the_code_that_makes_the_loads_and_the_configs(monkeypatch, tmp_path, rel):
+    """The trace's loads and regrouping, the config checks and a sweep's records decide numbers too."""
+    import moe_gps.provenance as prov
+
+    root = tmp_path / "src"
+    (root / rel).parent.mkdir(parents=True)
+    (root / "moe_gps").mkdir(exist_ok=True)
+    (root / rel).write_text("a = 1\n")
+    monkeypatch.setattr(prov, "__file__", str(root / "moe_gps" / "provenance.py"))
+    first = prov.code_digest()
+    (root / rel).write_text("a = 2\n")
     assert prov.code_digest() != first
 
 
