@@ -83,7 +83,7 @@ def test_sensitivity_names_the_caveat_of_the_value_it_names():
     s = Sensitivity("workload", "", ["prefill 512 (trace)", "prefill 2048"], ["none", "eplb +1/GPU"], 0,
                     "prefill 512 (trace)", "prefill 512 (trace)", None, ("prefill 2048", "eplb +1/GPU", 1.107), cav)
     assert s.sentence("none") == ("workload: none stays the fastest only at prefill 512 (trace); at prefill 2048 "
-                                  "eplb +1/GPU wins (1.107x faster); at prefill 2048, steps scaled up.")
+                                  "(steps scaled up) eplb +1/GPU wins (1.107x faster).")     # where it is named, once
     held = dataclasses.replace(s, values=s.values + ["prefill 8192"], winners=["none", "none", "none"],
                                holds_to="prefill 8192", change_above=None,
                                caveats={**cav, "prefill 8192": "steps scaled up"})

@@ -381,16 +381,16 @@ class Sensitivity:
         parts = []
         for side, ch in (("below", self.change_below), ("above", self.change_above)):
             if ch is not None:
-                parts.append(f"at {ch[0]} {self.unit}".rstrip()
+                cav = f" ({self.caveats[ch[0]]})" if ch[0] in self.caveats else ""    # said where it is named
+                parts.append(f"at {ch[0]} {self.unit}".rstrip() + cav
                              + (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
                                 f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
                                 f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
                                 else f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
         s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
-        # the values named (the range and where it changes) whose runs carry a caveat: one clause for them all
+        # the values of the range whose runs carry a caveat: one clause for them all
         lo, hi = self.values.index(self.holds_from), self.values.index(self.holds_to)
-        named = self.values[lo:hi + 1] + [ch[0] for ch in (self.change_below, self.change_above) if ch is not None]
-        named = [v for v in self.values if v in named and v in self.caveats]
+        named = [v for v in self.values[lo:hi + 1] if v in self.caveats]
         if named:
             s += f"; at {and_list(named)}, {self.caveats[named[0]]}"
         return s + "."
