@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import mmap
 import sys
 import time
@@ -78,6 +79,8 @@ class SimResult:
     tokens:      float [S] tokens per simulated step (after workload scaling)
     expert_skew: float [S, L] max / mean tokens per expert (the trace's skewness)
     base_gpu_skew: float [S, L] max / mean tokens per GPU with no duplication
+    routing_key: float [S] a 52-bit digest of each step's tokens and expert loads (:func:`routing_key`):
+                 steps with equal keys are copies of one another (sim.verdict's distinct steps)
     warnings:    what makes the numbers less trustworthy (printed under the header)
     inferred:    what was read from the trace rather than given (regrouping, the phase), and a rank column
                  it could not use
@@ -90,6 +93,7 @@ class SimResult:
     tokens: np.ndarray
     expert_skew: np.ndarray
     base_gpu_skew: np.ndarray
+    routing_key: np.ndarray
     strategies: list[StrategyResult]
     notes: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
@@ -102,6 +106,15 @@ class SimResult:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+
+def routing_key(tokens: float, home_tokens: np.ndarray, counts: np.ndarray) -> float:
+    """A 52-bit digest (exact in a float64) of one step's tokens, tokens per GPU [G] and expert loads
+    [L, E]: equal for steps that route alike, and unequal otherwise but with a chance of about S^2 / 2^53."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (np.float64(tokens), home_tokens, counts):
+        h.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+    return float(int.from_bytes(h.digest(), "little") & ((1 << 52) - 1))
 
 
 def _skew(x: np.ndarray) -> np.ndarray:
@@ -283,7 +296,8 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
             timeline[st.name] = rows
     notes += staging_notes(results, cluster, model, workload, peak_tokens)
     inferred = [line for line in (regrouped, unused_rank_note(trace, G, test_steps)) if line]
-    result = SimResult(config, test_steps, arrays.tokens, arrays.expert_skew, arrays.base_skew, results, notes,
+    result = SimResult(config, test_steps, arrays.tokens, arrays.expert_skew, arrays.base_skew, arrays.routing_key,
+                       results, notes,
                        warnings=warnings, inferred=inferred, timeline=timeline)
     result.verdict = verdict_of(result)
     return result
@@ -336,6 +350,7 @@ class _Arrays:
     tokens: np.ndarray                     # [S]
     expert_skew: np.ndarray                # [S, L]
     base_skew: np.ndarray                  # [S, L]
+    routing_key: np.ndarray                # [S]
 
     @classmethod
     def zeros(cls, K: int, S: int, L: int, shared: bool) -> "_Arrays":
@@ -345,7 +360,8 @@ class _Arrays:
             n = int(np.prod(shape))
             return np.frombuffer(mmap.mmap(-1, max(8 * n, 1)), dtype=np.float64, count=n).reshape(shape)
 
-        return cls(z(K, S, L), {p: z(K, S, L) for p in PHASES}, z(K, S, L), z(K, S, L), z(S), z(S, L), z(S, L))
+        return cls(z(K, S, L), {p: z(K, S, L) for p in PHASES}, z(K, S, L), z(K, S, L), z(S), z(S, L), z(S, L),
+                   z(S))
 
 
 def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
@@ -381,8 +397,10 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
     for i, s in enumerate(test_steps):
         loads = feed.take(i)
         if own:
+            counts = loads.counts
             out.tokens[i] = loads.tokens
-            out.expert_skew[i] = _skew(loads.counts)
+            out.expert_skew[i] = _skew(counts)
+            out.routing_key[i] = routing_key(loads.tokens, loads.home_tokens, counts)
             out.base_skew[i] = _skew(base.gpu_loads(loads.counts))
         keep = timeline_steps is not None and int(s) in timeline_steps
         attention = attention_time(loads.home_tokens, model, ctx.workload, ctx.hw)     # the same for every strategy

@@ -1,21 +1,25 @@
 """The verdict: which deployable strategy is fastest, by how much over no duplication, how sure.
 
 Speed-up of strategy X over ``none`` = mean step latency of none / mean step latency of X,
-over the simulated steps. Its 95% interval is a paired bootstrap over steps: resample the
-steps (the same ones for both strategies) :data:`RESAMPLES` times with the simulation's seed,
-take the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
+over the simulated steps. Its 95% interval is a paired circular block bootstrap over steps:
+resample runs of ⌈√S⌉ consecutive steps (the same ones for both strategies; consecutive steps
+are alike, as a trace drifts slowly and a placement serves several steps, so single steps
+would give too narrow an interval) :data:`RESAMPLES` times with the simulation's seed, take
+the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
 
 * The *winner* is the deployable strategy (every one but the oracle and the predictors that
   read the true routing: ``oracle``, ``synthetic``, ``curve``) with the lowest mean step latency;
   ``none`` can win, and wins ties (to rounding).
-* A *tie* is another deployable strategy whose speed-up lies inside the winner's interval
-  (when ``none`` wins: one whose own interval contains 1.0).
+* A *tie* is another deployable strategy that the simulation cannot tell apart from the winner:
+  the interval of its own speed-up over the winner (paired, as above) contains 1.0.
 * Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so;
-  steps that are exact copies of another (the same tokens and routing) do not count.
+  steps that are exact copies of another (the same number of tokens and the same expert loads in
+  every layer) do not count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,20 +34,29 @@ THIN_STEPS = 8
 BOOTSTRAP_CELLS = 1 << 20
 
 
-def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
-                     resamples: int = RESAMPLES, block: int = 1) -> tuple[float, float, float]:
-    """(speed-up, low, high): mean(base) / mean(other) and its paired-bootstrap interval.
+def block_length(n: int) -> int:
+    """Samples per block of the moving-block bootstrap of ``n`` samples in time order: ⌈√n⌉."""
+    return max(1, math.ceil(math.sqrt(n)))
 
-    base, other: float [S] step latencies of the same steps. ``block`` > 1: a moving-block bootstrap,
-    which resamples runs of ``block`` consecutive samples (for samples that are correlated in time,
-    such as the requests of one queue)."""
+
+def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
+                     resamples: int = RESAMPLES, block: int | None = None) -> tuple[float, float, float]:
+    """(speed-up, low, high): mean(base) / mean(other) and its paired moving-block bootstrap interval.
+
+    base, other: float [S] samples of the same steps (or requests), in time order. The bootstrap
+    resamples runs of ``block`` consecutive samples (default :func:`block_length`: samples close in
+    time are alike; 1: single samples), wrapping around at the end (circular blocks: every sample is
+    drawn as often). Two means of 0 are a tie (1.0); a NaN sample gives NaN."""
     base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    point = float(base.mean() / other.mean())
     n = len(base)
+    if np.isnan(base).any() or np.isnan(other).any():
+        return math.nan, math.nan, math.nan
+    mb, mo = (float(base.mean()), float(other.mean())) if n else (math.nan, math.nan)
+    point = 1.0 if mb == 0 and mo == 0 else (mb / mo if mo else math.inf)
     if n < 2:
         return point, point, point
     rng = np.random.default_rng(seed)
-    block = max(1, min(int(block), n))
+    block = max(1, min(block_length(n) if block is None else int(block), n))
     ratio = np.empty(resamples)
     rows = max(1, BOOTSTRAP_CELLS // n)             # resamples drawn at a time: memory bounded on long runs
     for r0 in range(0, resamples, rows):
@@ -51,8 +64,8 @@ def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: 
         if block == 1:
             idx = rng.integers(0, n, size=(m, n))
         else:
-            starts = rng.integers(0, n - block + 1, size=(m, -(-n // block)))
-            idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(m, -1)[:, :n]
+            starts = rng.integers(0, n, size=(m, -(-n // block)))       # circular: every sample as likely
+            idx = ((starts[:, :, None] + np.arange(block)[None, None, :]) % n).reshape(m, -1)[:, :n]
         num, den = base[idx].mean(axis=1), other[idx].mean(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             # a resample where both means are 0 (neither meets an SLO on any request drawn) is a tie
@@ -70,8 +83,9 @@ class Verdict:
 
     speedup, ci_low, ci_high: over ``none``;  ties: strategies not separated from the winner;
     steps: simulated steps;  thin: fewer than THIN_STEPS of them;  runner_up: the best other
-    deployable strategy, its (speedup, low, high) and whether its samples equal ``none``'s on every
-    step (``same_every_step``), when ``none`` wins.
+    deployable strategy and its (speedup, low, high) over ``none``; when ``none`` wins, whether its
+    samples equal ``none``'s on every step (``same_every_step``), else ``vs_winner``: its own
+    (speed-up, low, high) over the winner, on the same steps (at most 1).
     """
 
     strategy: str
@@ -95,13 +109,17 @@ class Verdict:
         """The one-line verdict printed after the tables."""
         n = f"{self.steps} simulated step{'s' if self.steps != 1 else ''}"
         ci = lambda lo, hi: interval_text(lo, hi, self.steps, "simulated step")  # noqa: E731
-        ties = f"; ties within the interval: {', '.join(self.ties)}" if self.ties else ""
-        if self.strategy == "none":
+        within = "within the interval" if self.steps > 1 else "(the same time)"
+        ties = f"; ties {within}: {', '.join(self.ties)}" if self.ties else ""
+        every = f"every one of the {n}" if self.steps != 1 else f"its {n}"
+        if self.strategy == "none" and self.runner_up is None:
+            text = "verdict: none (no duplication) is the only deployable strategy simulated: nothing to compare it with"
+        elif self.strategy == "none":
             text = "verdict: none (no duplication) is the fastest deployable strategy"
-            if self.runner_up is not None and self.runner_up.get("same_every_step"):
+            if self.runner_up.get("same_every_step"):
                 text += (f"; no duplicating strategy is faster: the best, {self.runner_up['strategy']}, takes the "
-                         f"same time on every one of the {n} (its plans route as no duplication does)")
-            elif self.runner_up is not None:
+                         f"same time on {every} (its plans route as no duplication does)")
+            else:
                 r = self.runner_up
                 text += (f"; the best duplicating one, {r['strategy']}, runs at {r['speedup']:.3f}x "
                          f"({ci(r['ci_low'], r['ci_high'])})")
@@ -111,13 +129,27 @@ class Verdict:
                     f"({ci(self.ci_low, self.ci_high)})")
             if not self.beats_none:
                 text += ", not faster than no duplication beyond the interval"
-            text += ties
+            text += ties or self.next_text()
         if self.thin and self.distinct_steps is not None and self.distinct_steps < self.steps:
             text += (f" [thin evidence: {self.distinct_steps} distinct of the {n} (the others are exact copies), "
                      f"fewer than {THIN_STEPS}]")
         elif self.thin:
             text += f" [thin evidence: fewer than {THIN_STEPS} simulated steps]"
         return text
+
+    def next_text(self, behind: str = "is {gap}% slower on the same steps", higher_is_better: bool = False) -> str:
+        """``; the next, X, is 0.063% slower on the same steps (95% CI 0.0049-0.12%)``: how far behind the
+        winner the closest other strategy is, when the winner has no ties (else, or when that strategy is
+        none: ""). ``behind`` words the gap: 1 / ratio - 1 of its speed-up over the winner, or 1 - ratio
+        where ``higher_is_better`` (its share of the winner's)."""
+        r = self.runner_up
+        if self.strategy == "none" or self.ties or r is None or "vs_winner" not in r or r["strategy"] == "none":
+            return ""
+        ratio, lo, hi = r["vs_winner"]
+        gap = (lambda x: 100 * (1 - x)) if higher_is_better else (lambda x: 100 * (1 / x - 1))   # noqa: E731
+        pct = lambda x: f"{x:.2g}" if abs(x) < 0.1 else f"{x:.2f}"  # noqa: E731  (a bound near 0 keeps its digits)
+        return (f"; the next, {r['strategy']}, {behind.format(gap=pct(gap(ratio)))} "
+                f"(95% CI {pct(gap(hi))}-{pct(gap(lo))}%)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,10 +168,8 @@ def verdict_of(result: "SimResult") -> Verdict | None:
     if base is None or not rows:
         return None
     v = compare({r.name: r.step_latency for r in rows}, base.name, result.config.seed)
-    # steps with the same routing (tokens, each layer's expert skew, none's latency) are copies of one step
-    # (to 1e-12: the event model's clock adds rounding of the order of 1e-17 s to equal steps' latencies)
-    routing = np.column_stack([result.tokens, result.expert_skew, base.step_latency])
-    v.distinct_steps = len(np.unique(np.round(routing, 12), axis=0))
+    # steps that route alike (the same tokens, tokens per GPU and expert loads) are copies of one step
+    v.distinct_steps = len(np.unique(result.routing_key))
     v.thin = v.distinct_steps < THIN_STEPS
     return v
 
@@ -179,19 +209,18 @@ def bound_lines(result: "SimResult") -> list[str]:
     return out
 
 
-def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_better: bool = False,
-            block: int = 1) -> Verdict:
+def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_better: bool = False) -> Verdict:
     """The verdict over deployable strategies' paired ``samples`` (name -> float [S], the same S
-    steps or requests for all, ``base`` among them). The winner has the best mean (lowest, or highest
-    when ``higher_is_better``; ``base`` on a tie, else the first listed); its *speed-up* over ``base``
-    is mean(base) / mean(it) (or the inverse), with the interval of :func:`speedup_interval`
-    (``block``: its block length)."""
-    def stats(x):
-        return speedup_interval(x, samples[base], seed, block=block) if higher_is_better else \
-            speedup_interval(samples[base], x, seed, block=block)
+    steps or requests for all, in time order, ``base`` among them). The winner has the best mean
+    (lowest, or highest when ``higher_is_better``; ``base`` on a tie, else the first listed); its
+    *speed-up* over ``base`` is mean(base) / mean(it) (or the inverse), with the interval of
+    :func:`speedup_interval`. Its ties: the others whose speed-up over the winner has an interval
+    that holds 1.0."""
+    def stats(x, ref):
+        return speedup_interval(x, ref, seed) if higher_is_better else speedup_interval(ref, x, seed)
 
     sign = -1.0 if higher_is_better else 1.0
-    st = {name: stats(x) for name, x in samples.items()}
+    st = {name: stats(x, samples[base]) for name, x in samples.items()}
     # on equal means (to rounding) ``base`` wins: a change must be better to be named
     mean = {n: sign * float(np.mean(x)) for n, x in samples.items()}
     best = min(mean.values())
@@ -200,13 +229,15 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
     S = len(samples[base])
     point, lo, hi = st[winner]
     others = [n for n in samples if n != winner]
-    if winner == base:
-        ties = [n for n in others if st[n][1] <= 1.0 + 1e-9 and st[n][2] >= 1.0 - 1e-9]
-        second = max(others, key=lambda n: st[n][0], default=None)      # the first listed of the best
-        runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"),
-                                                       (second, *st[second])),
-                                                   same_every_step=bool(np.array_equal(samples[second],
-                                                                                       samples[base])))
-        return Verdict(base, 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)
-    ties = [n for n in others if lo <= st[n][0] <= hi]
-    return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS)
+    vs_winner = st if winner == base else {n: stats(samples[n], samples[winner]) for n in others}
+    ties = [n for n in others if vs_winner[n][1] <= 1.0 + 1e-9 and vs_winner[n][2] >= 1.0 - 1e-9]
+    if winner != base:
+        # the closest other (the first listed of the best), over none and against the winner on the same steps
+        near = max(others, key=lambda n: vs_winner[n][0])
+        runner = dict(zip(("strategy", "speedup", "ci_low", "ci_high"), (near, *st[near])),
+                      vs_winner=list(vs_winner[near]))
+        return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS, runner)
+    second = max(others, key=lambda n: st[n][0], default=None)      # the first listed of the best
+    runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"), (second, *st[second])),
+                                              same_every_step=bool(np.array_equal(samples[second], samples[base])))
+    return Verdict(base, 1.0, 1.0, 1.0, ties, S, S < THIN_STEPS, runner)

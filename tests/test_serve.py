@@ -220,3 +220,20 @@ def test_the_serving_verdict_says_when_the_best_duplicating_strategy_changes_not
         "strategy is better: the best, a, gives the same on every one of the 8 requests")
     slower = compare({"none": none, "a": none * 1.01}, "none", seed=0)
     assert "the best duplicating one, a, is 0.990x none's speed (95% CI" in verdict_line(slower, on_goodput=False)
+
+
+def test_the_serving_verdict_says_how_far_behind_the_next_strategy_is_when_none_ties_the_winner():
+    """Paired over the same requests: b misses the SLO on one request in every 5 that a meets it on, so every
+    block of 5 requests tells them apart, and the line says by how much (20% fewer requests)."""
+    from sim.serving.metrics import verdict_line
+    from sim.verdict import compare
+
+    none = np.zeros(20)
+    none[::2] = 1.0                                   # none meets the SLO for 10 of 20 requests
+    a = np.ones(20)
+    b = a.copy()
+    b[1::5] = 0.0
+    v = compare({"none": none, "a": a, "b": b}, "none", seed=0, higher_is_better=True)
+    assert v.strategy == "a" and v.ties == []
+    line = verdict_line(v, on_goodput=True)
+    assert line.endswith("; the next, b, meets the SLO for 20.00% fewer of the same requests (95% CI 20.00-20.00%)")

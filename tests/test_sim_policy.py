@@ -17,7 +17,7 @@ from moe_gps.trace.meta import TraceMeta
 from sim.cost import Hardware
 from sim.planning import CopyCost
 from sim.run import simulate
-from sim.verdict import THIN_STEPS, speedup_interval, verdict_of
+from sim.verdict import THIN_STEPS, compare, speedup_interval, verdict_of
 from sim.work import Copies
 
 MODEL = ModelConfig(name="mixtral-2l", num_layers=2, num_experts=8, top_k=2, hidden_size=4096,
@@ -202,9 +202,9 @@ def fake(latencies: dict[str, list[float]], kinds: dict[str, str] | None = None)
                StrategyConfig(kind=kinds.get(n, "none" if n == "none" else "static"))) for n in latencies}
     rows = [SimpleNamespace(name=n, config=cfg[n], step_latency=np.asarray(v, dtype=float)) for n, v in latencies.items()]
     S = len(next(iter(latencies.values())))
-    # every step routes differently (a distinct expert skew per step)
+    # every step routes differently (a distinct routing key per step)
     return SimpleNamespace(strategies=rows, config=SimpleNamespace(seed=0), steps=np.arange(S),
-                           tokens=np.full(S, 512.0), expert_skew=1.0 + np.arange(S, dtype=float)[:, None])
+                           tokens=np.full(S, 512.0), routing_key=np.arange(S, dtype=float))
 
 
 def test_verdict_winner_interval_and_ties():
@@ -253,6 +253,69 @@ def test_equal_strategies_the_first_listed_is_named():
     assert v.strategy == "z" and v.ties == ["b", "a"]
     slower = verdict_of(fake({"none": none, "z": none * 1.01, "a": none * 1.01}))
     assert slower.strategy == "none" and slower.runner_up["strategy"] == "z"
+
+
+def test_a_tie_is_a_strategy_the_paired_interval_cannot_tell_from_the_winner():
+    """b's speed-up over none lies inside a's interval (none varies a lot), but b is 0.5% slower than a
+    on every step: compared with a, step by step, it is told apart, so it is no tie; c, 0.5% slower on
+    some steps and faster on others, is."""
+    rng = np.random.default_rng(1)
+    none = 10 + rng.normal(0, 0.5, 40)
+    a = none / 1.10 + rng.normal(0, 0.3, 40)
+    wobble = np.where(np.arange(40) % 2 == 0, 1.005, 1 / 1.005)
+    v = verdict_of(fake({"none": none, "a": a, "b": a * 1.005, "c": a * wobble}))
+    b_point = none.mean() / (a * 1.005).mean()
+    assert v.strategy == "a" and v.ci_low < b_point < v.ci_high     # inside the winner's interval over none
+    assert v.ties == ["c"] and v.line().endswith("ties within the interval: c")
+    # without a tie the line says how far behind the closest other is, on the same steps
+    alone = verdict_of(fake({"none": none, "a": a, "b": a * 1.005}))
+    assert alone.ties == [] and alone.runner_up["strategy"] == "b"
+    assert alone.runner_up["vs_winner"] == pytest.approx([1 / 1.005] * 3)
+    assert alone.line().endswith("; the next, b, is 0.50% slower on the same steps (95% CI 0.50-0.50%)")
+    served = compare({"none": none / 20, "a": a / 10, "b": a / 10 * 0.99}, "none", 0, higher_is_better=True)
+    assert served.strategy == "a" and served.next_text("is {gap}% lower", higher_is_better=True) == \
+        "; the next, b, is 1.00% lower (95% CI 1.00-1.00%)"
+
+
+def test_the_interval_resamples_blocks_of_steps_alike_in_time():
+    """Steps that drift (a slow wander in the ratio) give a wider interval from blocks of consecutive steps
+    than from single steps, which treat them as independent; an interval holds its point."""
+    rng = np.random.default_rng(2)
+    S = 64
+    wander = np.cumsum(rng.normal(0, 0.01, S))
+    base = np.full(S, 10.0)
+    other = base / (1.05 + wander)
+    point, lo, hi = speedup_interval(base, other)
+    p1, lo1, hi1 = speedup_interval(base, other, block=1)
+    assert point == p1 and lo <= point <= hi
+    assert hi - lo > 1.5 * (hi1 - lo1)
+
+
+def test_speedup_interval_of_zero_and_missing_samples():
+    assert speedup_interval(np.zeros(5), np.zeros(5)) == (1.0, 1.0, 1.0)       # nothing on both sides: a tie
+    nan = speedup_interval(np.array([1.0, 2.0, np.nan, 1.0, 1.0]), np.ones(5))
+    assert all(np.isnan(x) for x in nan)
+
+
+def test_verdict_with_only_no_duplication_and_with_one_step():
+    only = verdict_of(fake({"none": [10.0, 10.1, 9.9, 10.0, 10.2, 9.8, 10.0, 10.1]}))
+    assert only.line() == "verdict: none (no duplication) is the only deployable strategy simulated: nothing to " \
+                          "compare it with"
+    one = verdict_of(fake({"none": [10.0], "a": [10.0]}))
+    assert "takes the same time on its 1 simulated step" in one.line()
+    assert "ties (the same time): a" in one.line() and "within the interval" not in one.line()
+
+
+def test_distinct_steps_count_steps_by_their_expert_loads():
+    """Steps 0-3 are one step four times; steps 4 and 5 swap the loads of experts 0 and 1, which share a
+    GPU: the same per-GPU loads and skew, but other routing, so they count as two."""
+    one = np.array([[400, 300, 100, 100, 100, 100, 100, 100]] * 2)
+    swapped = one[:, [1, 0, 2, 3, 4, 5, 6, 7]]
+    c = np.stack([one, one, one, one, one, one, one, swapped])
+    res = run(counts_trace(c), ["none", "eplb"])
+    assert len(res.steps) == 6
+    assert res.verdict.distinct_steps == 2 and res.verdict.thin
+    assert "2 distinct of the 6 simulated steps" in res.verdict.line()
 
 
 def test_predicting_strategies_load_the_plan_of_the_profiled_loads():

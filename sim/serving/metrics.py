@@ -87,7 +87,6 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
     if base is None or base not in deployable:
         return None, False
     n = len(times[base].e2e)
-    block = max(1, math.ceil(math.sqrt(n)))
     if slo.given:
         # strategies that meet the SLO for as many requests are taken in order of their mean latency (the
         # verdict names the first of the best that is listed: never the order of --strategies)
@@ -98,8 +97,8 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
             if not samples[base].any():
                 # no request of the baseline meets the SLO: compare the shares met + 1/n (a finite ratio)
                 samples = {s: x + 1.0 / n for s, x in samples.items()}
-            return compare(samples, base, seed, higher_is_better=True, block=block), True
-    return compare({s: times[s].e2e for s in deployable}, base, seed, block=block), False
+            return compare(samples, base, seed, higher_is_better=True), True
+    return compare({s: times[s].e2e for s in deployable}, base, seed), False
 
 
 def verdict_line(v: Verdict, on_goodput: bool) -> str:
@@ -124,4 +123,6 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
             f"({ci(v.ci_low, v.ci_high)})")
     if not v.beats_none:
         text += ", not better than no duplication beyond the interval"
-    return text + ties + thin
+    behind = "meets the SLO for {gap}% fewer of the same requests" if on_goodput else \
+        "is {gap}% slower on the same requests"
+    return text + (ties or v.next_text(behind, higher_is_better=on_goodput)) + thin
