@@ -35,13 +35,13 @@ BOOTSTRAP_CELLS = 1 << 20
 
 
 def block_length(n: int) -> int:
-    """Samples per block of the moving-block bootstrap of ``n`` samples in time order: ⌈√n⌉."""
+    """Samples per block of the block bootstrap of ``n`` samples in time order: ⌈√n⌉."""
     return max(1, math.ceil(math.sqrt(n)))
 
 
 def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
                      resamples: int = RESAMPLES, block: int | None = None) -> tuple[float, float, float]:
-    """(speed-up, low, high): mean(base) / mean(other) and its paired moving-block bootstrap interval.
+    """(speed-up, low, high): mean(base) / mean(other) and its paired circular block bootstrap interval.
 
     base, other: float [S] samples of the same steps (or requests), in time order. The bootstrap
     resamples runs of ``block`` consecutive samples (default :func:`block_length`: samples close in

@@ -11,9 +11,9 @@ token e and O output tokens:
 The verdict compares strategies on the same requests: with an SLO, on SLO attainment (the share
 of requests meeting it, paired request by request; goodput's ratio where the runs take the same
 span); without one, or when every strategy meets it for exactly the same requests, on mean
-end-to-end latency. Its 95% interval is a paired moving-block bootstrap over the requests in
-arrival order (blocks of ceil(sqrt(n)) requests, since
-neighbours in a queue are not independent): :func:`sim.verdict.compare`.
+end-to-end latency. Its 95% interval is a paired circular block bootstrap over the requests in
+arrival order (blocks of ceil(sqrt(n)) requests, since neighbours in a queue are not
+independent), as simulate's over steps: :func:`sim.verdict.compare`.
 """
 
 from __future__ import annotations
