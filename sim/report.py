@@ -69,6 +69,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def assumptions_text(cfg) -> str:
+    """``realistic assumptions (copies async, every replica reads its weights, predictors beside attention)``:
+    the bundle a run named and the three choices it makes, as the run has them (a field given on its own
+    wins over the bundle)."""
+    ffn = "every replica reads its weights" if cfg.ffn_weight_reads else "expert FFN in proportion to its tokens"
+    pred = "predictors beside attention" if cfg.predictor_overlap else "predictors before attention"
+    return f"{cfg.assumptions} assumptions (copies {cfg.copy_policy}, {ffn}, {pred})"
+
+
 def format_summary(result: SimResult) -> str:
     """The terminal report: a latency table and a MoE-layer breakdown table."""
     rows = summary_rows(result)
@@ -79,7 +88,7 @@ def format_summary(result: SimResult) -> str:
     head = (f"{cfg.model.name} on {cfg.cluster.name} ({cfg.cluster.num_gpus} GPUs), {cfg.workload.phase}, "
             f"{len(result.steps)} simulated step{'s' if len(result.steps) != 1 else ''} of {size} tokens "
             f"(steps {result.steps[0]}..{result.steps[-1]}; {result.steps[0]} earlier steps fit the predictors), "
-            f"copies {cfg.copy_policy}, seed {cfg.seed}")
+            f"{assumptions_text(cfg)}, seed {cfg.seed}")
     t1 = _table(
         ["strategy", "mean ms", "p50 ms", "p99 ms", "tokens/s", "speed-up", "GPU skew", "re-plans", "copied GB",
          "extra GB/GPU", "accuracy"],

@@ -72,6 +72,18 @@ def test_a_field_given_wins_and_the_bundle_is_written_in_full(trace, tmp_path):
         assert np.array_equal(a.layer_time, b.layer_time), a.name
 
 
+def test_the_summary_names_the_assumptions_and_the_choices_the_run_made(trace):
+    """Two outputs side by side say which model made each: the bundle, and a field given on its own."""
+    from sim.report import format_summary
+
+    paper = format_summary(simulate(trace, config(assumptions="paper", copy_policy="async"), progress=False))
+    assert ("paper assumptions (copies async, expert FFN in proportion to its tokens, predictors before "
+            "attention)") in paper.splitlines()[0]
+    real = format_summary(simulate(trace, config(), progress=False))
+    assert ("realistic assumptions (copies async, every replica reads its weights, predictors beside "
+            "attention)") in real.splitlines()[0]
+
+
 def test_paper_assumptions_change_the_terms_they_name(trace):
     real = simulate(trace, config(), progress=False)
     paper = simulate(trace, config(assumptions="paper"), progress=False)

@@ -134,6 +134,9 @@ def test_paper_assumptions_explain_without_weight_reads(trace, sweep, cluster, t
     _check_headline(r)
     assert r.headline.regime["weight_reads"] is False
     assert "--assumptions paper" in r.headline.reasons[0] and "weight read" in r.headline.reasons[0]
+    from moe_gps.recommend.report import _title_line, summary
+    # the report says which model it answers under, where the recommendation is read
+    assert summary(r)["assumptions"] == "paper" and _title_line(r).endswith("; paper assumptions")
 
 
 def test_a_change_is_recommended_only_beyond_its_interval(result):

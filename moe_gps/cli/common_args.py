@@ -212,5 +212,6 @@ def add_assumptions_arg(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--assumptions", choices=ASSUMPTIONS,
                    help="a bundle of modelling choices: realistic (what deployments do; the default) or paper (the "
-                        "MoE-GPS paper's model: copies hidden, a re-plan every batch with its greedy planner, FFN "
+                        "MoE-GPS paper's model: copies hidden, predicting strategies re-planned every batch by its greedy "
+                        "planner (eplb keeps vLLM's cadence), FFN "
                         "time in proportion to tokens, predictors before attention)")

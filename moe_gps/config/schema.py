@@ -480,7 +480,8 @@ class SimulateConfig:
         "a named bundle of modelling choices (docs/simulator.md, \"The paper's claims, side by side\"): "
         "realistic (what deployments do: copies in the background, re-plans only when they pay, every replica "
         "reads its weights, predictors off the critical path) or paper (the MoE-GPS paper's model: copies hidden, "
-        "a re-plan every batch with its greedy planner, expert FFN time in proportion to its tokens, every "
+        "predicting strategies and the oracle re-planned every batch, by its greedy planner, expert FFN time in "
+        "proportion to its tokens, every "
         "predictor before the layer's attention). Each field it sets can still be given on its own",
         choices=ASSUMPTIONS, default="realistic")
     copy_policy: str | None = spec(

@@ -393,6 +393,10 @@ class Sensitivity:
         named = [v for v in self.values[lo:hi + 1] if v in self.caveats]
         if named:
             s += f"; at {and_list(named)}, {self.caveats[named[0]]}"
+        # values past a change where it is the fastest again (a workload axis mixes prefill sizes and decode)
+        again = [v for i, (v, w) in enumerate(zip(self.values, self.winners)) if w == rec and not lo <= i <= hi]
+        if again and self.winners[self.user_index] == rec:
+            s += f"; it is the fastest at {and_list(again)} too"
         return s + "."
 
 

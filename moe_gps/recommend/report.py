@@ -46,7 +46,7 @@ def summary(r: Recommendation) -> dict[str, Any]:
     vs_run = h.vs_runner_up
     hyp = hypothetical_lines(r)
     return {
-        "trace": r.trace_name, "model": plan.model.name,
+        "trace": r.trace_name, "model": plan.model.name, "assumptions": plan.sweep.assumptions,
         "cluster": {"name": c.name, "num_gpus": c.num_gpus, "fabric": plan.fabric,
                     "bandwidth_gb_s": plan.user.bandwidth_gb_s},
         "workload": workload_label(plan.workloads[0], plan.trace_tokens),
@@ -214,7 +214,8 @@ def _title_line(r: Recommendation) -> str:
            f"{lo}-{hi} tokens/step (as in the trace; mean {plan.trace_tokens:.0f}, at which the reasons are priced)")
     ctx = f", context {w.seq_len}" if w.phase == "decode" else f", prompts of {w.seq_len}"
     return (f"{plan.model.name} on {c.name}: {c.num_gpus} GPUs, {plan.fabric} {plan.user.bandwidth_gb_s:g} GB/s; "
-            f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}")
+            f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}; "
+            f"{plan.sweep.assumptions} assumptions")
 
 
 def near_tie(c) -> bool:
