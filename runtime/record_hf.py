@@ -245,7 +245,7 @@ def run_from_args(args: argparse.Namespace, command: str = "") -> dict:
         import torch
     except ImportError:
         raise UserError("recording needs PyTorch and transformers: pip install 'moe-gps[collect]'") from None
-    from moe_gps.cli.trace_cmd import check_trace_output
+    from moe_gps.outputs import check_trace_output
     check_trace_output(args.output)
     check_output_spares_inputs(args.output, args.model, args.input_trace, args.text)
     for name in ("steps", "batch", "seq_len"):

@@ -87,17 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_import(tsub)
 
 
-def check_trace_output(path: str, flag: str = "-o"):
-    """The output trace file (:func:`~moe_gps.outputs.check_output_file`), whose name must end in .parquet (a
-    trace is written as Parquet whatever the name says)."""
-    from moe_gps.outputs import check_output_file
-
-    out = check_output_file(path, flag)
-    if not str(path).lower().endswith(".parquet"):
-        raise UserError(f"{flag} {path}: a trace is written as Parquet; give a file name ending in .parquet")
-    return out
-
-
 def regroup_by_flag(trace, tokens_per_step: int, flag: str = "--tokens-per-step"):
     """:func:`~moe_gps.trace.regroup.regroup` with the problems of ``flag``'s value named by the flag (a value
     >= 1: the callers check that before the trace loads)."""
@@ -200,6 +189,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.kind == "counts" and args.weights:
         raise UserError("--weights: a counts trace has no gate weights (use --kind tokens)")
+    from moe_gps.outputs import check_trace_output
     check_trace_output(args.output)
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
@@ -238,7 +228,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_rechunk(args: argparse.Namespace) -> int:
     from moe_gps.atomic import atomic_path
-    from moe_gps.outputs import same_file
+    from moe_gps.outputs import check_trace_output, same_file
     from moe_gps.trace import load_trace, write_trace
     from moe_gps.trace.regroup import describe_tokens_per_step
 

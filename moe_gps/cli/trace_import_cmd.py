@@ -171,7 +171,7 @@ def _other_format(fmt: str, sources: list[str]) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from moe_gps.cli.trace_cmd import check_trace_output
+    from moe_gps.outputs import check_trace_output
     from moe_gps.outputs import same_file
     from moe_gps.trace.importers import import_trace
 
