@@ -83,6 +83,7 @@ def test_simulate_json_keeps_the_warnings(trace_file, tmp_path, capsys):
     assert main(argv + ["--json", "-o", str(tmp_path / "j")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("--tokens-per-step 200: the trace holds")
+    assert doc["assumptions"] == "realistic"
     assert f"warning: {doc['warnings'][0]}" in table
 
 

@@ -230,7 +230,8 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     written = stage.final(written)
     if args.json:
         verdict = result.verdict.to_dict() if result.verdict is not None else None
-        print(dumps_json({"output": str(out), "verdict": verdict, "strategies": summary_rows(result),
+        print(dumps_json({"output": str(out), "assumptions": result.config.assumptions, "verdict": verdict,
+                          "strategies": summary_rows(result),
                           "inferred": result.inferred, "notes": result.notes, "warnings": result.warnings},
                          indent=2))
     else:
