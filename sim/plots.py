@@ -71,16 +71,33 @@ def plot_data(result: SimResult) -> PlotData:
         model=cfg.model.name, cluster=cfg.cluster.name, num_gpus=cfg.cluster.num_gpus, timeline=result.timeline)
 
 
+def line_style(kind: str, color) -> dict:
+    """The line of a strategy of ``kind``: no duplication thick, black and under the others, so that it
+    shows around the strategies that take the same time as it (drawn over it, thin)."""
+    if kind == "none":
+        return {"color": "black", "linestyle": "-", "linewidth": 3.0, "alpha": 0.55, "zorder": 1.5}
+    return {"color": color, "linestyle": LINESTYLES.get(kind, "-"), "linewidth": 1.3, "zorder": 2}
+
+
 def _styles(data: PlotData) -> list[dict]:
-    """A distinct colour per strategy (tab20) and a line style per kind."""
+    """A distinct colour per strategy (tab20) and a line style per kind (:func:`line_style`)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    return [{"color": "black" if kind == "none" else cmap(i % 20), "linestyle": LINESTYLES.get(kind, "-")}
-            for i, kind in enumerate(data.kinds)]
+    return [line_style(kind, cmap(i % 20)) for i, kind in enumerate(data.kinds)]
 
 
-def _save(fig, path: Path) -> Path:
+def cdf_step(ax, values, **style) -> None:
+    """The empirical CDF of ``values`` [n] (NaN left out) on ``ax``: a step from 0 at the smallest value up to 1
+    (one value draws a single step); the y-axis 0..1."""
+    x = np.sort(np.asarray(values, dtype=np.float64)[~np.isnan(values)])
+    if len(x):
+        ax.step(np.r_[x[0], x], np.r_[0.0, np.arange(1, len(x) + 1) / len(x)], where="post", **style)
+    ax.set_ylim(0, 1.02)
+
+
+def save_png(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (120 dpi, cropped to what it draws)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
@@ -117,16 +134,17 @@ def _breakdown(data: PlotData, path: Path) -> Path:
     left = np.zeros(len(names))
     for p in PHASES:
         v = data.phase_means[p] * 1e6
-        if not v.any():
+        if not (v >= 0.05).any():          # under the tables' 0.1 µs everywhere: no bar to see
             continue
         ax.barh(names, v, left=left, color=COLORS[p], label=p)
         left += v
+    ax.set_xlim(left=0)
     ax.invert_yaxis()
     ax.set_xlabel("mean MoE-layer time (µs)")
     ax.set_title(f"Time breakdown per MoE layer — {data.title}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=7, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -145,7 +163,7 @@ def _skew(data: PlotData, path: Path) -> Path:
     ax.set_title(f"Load skew per layer across GPUs — {data.title}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -156,14 +174,13 @@ def _latency_cdf(data: PlotData, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, latency, st in zip(data.names, data.step_latency, _styles(data)):
-        lat = np.sort(latency * 1e3)
-        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=name, **st)
+        cdf_step(ax, latency * 1e3, label=name, **st)
     ax.set_xlabel("step latency (ms, simulated MoE layers)")
     ax.set_ylabel("fraction of steps")
     ax.set_title(f"Step latency CDF — {data.title}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -181,7 +198,7 @@ def _timeline(data: PlotData, path: Path) -> Path:
     G = data.num_gpus
     names = list(data.timeline)
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 0.5 * 2 * G * len(names) + 1.2), squeeze=False,
-                             layout="constrained")
+                             sharex=True, layout="constrained")    # one time axis: panels compare by eye
     seen = set()
     for ax, name in zip(axes[:, 0], names):
         rows = data.timeline[name]
@@ -190,18 +207,19 @@ def _timeline(data: PlotData, path: Path) -> Path:
             y = 2 * g + (1 if track == "link" else 0)
             kind = "weight copies" if track == "link" else what
             color = COLORS["copy"] if track == "link" else SLICE_COLORS.get(what, "#999999")
+            # a copy's edge keeps back-to-back transfers apart; a phase has none (it would hide a short one)
             ax.barh(y, (end - start) * 1e3, left=(start - t0) * 1e3, color=color, edgecolor="white",
-                    linewidth=0.3, label=None if kind in seen else kind)
+                    linewidth=0.3 if track == "link" else 0, label=None if kind in seen else kind)
             seen.add(kind)
-        ax.set_yticks(range(2 * G), [f"GPU {g}" if k == 0 else f"GPU {g} copies" for g in range(G) for k in (0, 1)],
+        ax.set_yticks(range(2 * G), [f"GPU {g}" if k == 0 else f"GPU {g} copies in" for g in range(G) for k in (0, 1)],
                       fontsize=7)
-        ax.invert_yaxis()
+        ax.set_ylim(2 * G - 0.5, -0.5)          # GPU 0 on top, no empty row below the last
         ax.set_title(name, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("simulated time from the first chosen step (ms)")
     # constrained layout keeps room for the title above the first panel and the legend below the last
     fig.legend(loc="outside lower center", ncol=7, fontsize=8, frameon=False)
     fig.suptitle(f"Simulated schedule, {data.model} on {data.cluster}", fontsize=10)
-    out = _save(fig, path)
+    out = save_png(fig, path)
     plt.close(fig)
     return out

@@ -42,9 +42,11 @@ def chrome_trace(slices: dict[str, list[tuple]], num_gpus: int) -> dict:
     for pid, (strategy, rows) in enumerate(slices.items(), start=1):
         events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": strategy}})
         for g in range(num_gpus):
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": g, "args": {"name": f"GPU {g}"}})
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": COPY_TRACK + g,
-                           "args": {"name": f"GPU {g} copies in"}})
+            for tid, name, order in ((g, f"GPU {g}", 2 * g), (COPY_TRACK + g, f"GPU {g} copies in", 2 * g + 1)):
+                # each GPU's row, then its copies' row, as timeline.png draws them
+                events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}})
+                events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
+                               "args": {"sort_index": order}})
         for track, g, name, start, end, layer, step in rows:
             events.append({"ph": "X", "name": name, "cat": "copy" if track == "link" else "phase", "pid": pid,
                            "tid": g if track == "gpu" else COPY_TRACK + g, "ts": start * 1e6,

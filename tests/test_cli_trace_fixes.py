@@ -130,7 +130,7 @@ def test_timeline_title_and_legend_stay_clear_of_the_panels(panels, tmp_path, mo
     import sim.plots as plots
 
     boxes = {}
-    save = plots._save
+    save = plots.save_png
 
     def spy(fig, path):                                   # the figure as saved, before it is closed
         written = save(fig, path)
@@ -140,7 +140,7 @@ def test_timeline_title_and_legend_stay_clear_of_the_panels(panels, tmp_path, mo
                      panels=[ax.get_tightbbox(renderer) for ax in fig.axes])   # with titles and tick labels
         return written
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plots, "save_png", spy)
     assert plots._timeline(_timeline_data(panels), tmp_path / "timeline.png").is_file()
     assert len(boxes["panels"]) == panels
     for box in boxes["panels"]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from sim.plots import LINESTYLES, _save
+from sim.plots import cdf_step, line_style, save_png
 from sim.serving.run import ServeResult
 
 #: the figures :func:`write_plots` draws
@@ -23,8 +21,7 @@ def _styles(result: ServeResult) -> dict[str, dict]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    return {s.name: {"color": "black" if s.kind == "none" else cmap(i % 10), "linestyle": LINESTYLES.get(s.kind, "-")}
-            for i, s in enumerate(result.config.simulate.strategies)}
+    return {s.name: line_style(s.kind, cmap(i % 10)) for i, s in enumerate(result.config.simulate.strategies)}
 
 
 def _slo_line(ax, value_ms: float | None, label: str) -> None:
@@ -48,18 +45,16 @@ def write_plots(result: ServeResult, out: Path) -> list[Path]:
     for ax, (key, label, limit) in zip(axes, (("ttft", "TTFT (ms)", slo.ttft_ms), ("tpot", "TPOT (ms)", slo.tpot_ms),
                                               ("e2e", "end-to-end latency (ms)", None))):
         for name, t in rr.times.items():
-            x = np.sort(getattr(t, key)[~np.isnan(getattr(t, key))] * 1e3)
-            if len(x):
-                ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label=name, **styles[name])
+            cdf_step(ax, getattr(t, key) * 1e3, label=name, **styles[name])
         if limit is not None:
             ax.axvline(limit, color="red", linewidth=1, linestyle=":", label="SLO")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of requests")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="lower right")         # the panel with an SLO line: its legend names it
     fig.suptitle(f"Request latency at {rr.rate:g} requests/s — {title}")
     fig.tight_layout()
-    paths.append(_save(fig, out / FIGURE_FILES[0]))
+    paths.append(save_png(fig, out / FIGURE_FILES[0]))
     plt.close(fig)
 
     if len(result.rates) < 2:
@@ -89,10 +84,10 @@ def write_plots(result: ServeResult, out: Path) -> list[Path]:
     axes[2].set_xlabel("offered rate (requests/s)")
     axes[2].set_ylabel("goodput (requests/s within the SLO)" if slo.given else "goodput = throughput (no SLO)")
     axes[2].grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="best")
     axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Latency against throughput — {title}")
     fig.tight_layout()
-    paths.append(_save(fig, out / FIGURE_FILES[1]))
+    paths.append(save_png(fig, out / FIGURE_FILES[1]))
     plt.close(fig)
     return paths
