@@ -25,6 +25,10 @@ What it measures (formulas in docs/placement.md):
    placement in force) and waterfill given ``previous`` at several
    ``migration_tolerance`` values.
 
+Loads are seeded: zipf seed 0, lognormal seed 1, drift noise seed 2 (recorded in
+``results.json`` with the command line, the load average at the start and the tree's commit).
+``--repeats`` and ``--ref-repeats`` must be >= 1 (else one error line, exit 2).
+
 Results: ``results.json`` (every number) and ``tables.md`` (the tables printed).
 """
 
@@ -42,6 +46,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import environment, positive_int  # noqa: E402
 
 from moe_gps.atomic import write_text_atomic  # noqa: E402
 from moe_gps.placement import balancedness, bytes_moved, placement_metrics, plan_placement  # noqa: E402
@@ -49,6 +56,7 @@ from moe_gps.placement.reference import eplb_reference  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "traces" / "real"
 ALGOS = ("reference-eplb", "eplb", "waterfill", "greedy", "none")
+SEEDS = {"zipf_loads": 0, "lognormal_loads": 1, "drift_noise": 2}
 
 
 # ------------------------------------------------------------------------------ loads
@@ -168,19 +176,21 @@ def table(rows: list[dict], title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=7, help="timed runs per planner (default 7)")
-    ap.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the reference EPLB (default 3)")
+    ap.add_argument("--repeats", type=positive_int, default=7, help="timed runs per planner (>= 1; default 7)")
+    ap.add_argument("--ref-repeats", type=positive_int, default=3,
+                    help="timed runs of the reference EPLB (>= 1; default 3)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "placement"))
     args = ap.parse_args(argv)
 
-    env = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
-           "processor": platform.processor() or "unknown", "cpus": os.cpu_count(),
-           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    results: dict = {"environment": env, "deepseek_scale": {}, "real": {}, "migration": {}}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env = {**environment(load_average_at_start=load[0] if load else None), "machine": platform.machine(),
+           "load_average": load, "repeats": args.repeats, "ref_repeats": args.ref_repeats}
+    results: dict = {"environment": env, "seeds": SEEDS, "deepseek_scale": {}, "real": {}, "migration": {}}
     md = [f"Environment: Python {env['python']}, numpy {env['numpy']}, {env['cpus']} CPUs, "
           f"load average at start {env['load_average']}", ""]
 
-    ds = {"zipf s=1.0": zipf_loads(58, 256, 1.0, seed=0), "lognormal sigma=1.0": lognormal_loads(58, 256, 1.0, seed=1)}
+    ds = {"zipf s=1.0": zipf_loads(58, 256, 1.0, seed=SEEDS["zipf_loads"]),
+          "lognormal sigma=1.0": lognormal_loads(58, 256, 1.0, seed=SEEDS["lognormal_loads"])}
     for name, loads in ds.items():
         rows = []
         for gpus, slots in ((32, 288), (32, 320), (64, 320)):
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  done: {name}", file=sys.stderr)
 
     for sigma in (0.05, 0.25):
-        seq = drift_sequence(lognormal_loads(58, 256, 1.0, seed=1), windows=6, sigma=sigma, seed=2)
+        seq = drift_sequence(lognormal_loads(58, 256, 1.0, seed=SEEDS["lognormal_loads"]), windows=6, sigma=sigma,
+                             seed=SEEDS["drift_noise"])
         results["migration"][f"DeepSeek-V3 scale, 32 GPUs, 288 slots, drift sigma {sigma}"] = migration(seq, 32, 32)
         print(f"  done: migration, drift {sigma}", file=sys.stderr)
     mig = ["**Re-planning on drifting loads: experts that must arrive on a GPU per re-plan**", "",

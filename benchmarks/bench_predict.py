@@ -11,7 +11,10 @@ MLP when torch is installed, and one synthetic predictor) fitted on half the ste
 * ``torch_import_s``: the one-off cost of importing torch (paid by the first evaluation
   in a process, here before the timed repeats);
 
-and compares the median total with the 10 s budget. Figures go to
+and compares the median total with the 10 s budget: the script exits 1 when the median is
+over it (0 otherwise; 2 with one error line for a bad flag: --repeats, --steps, --tokens and
+--layers must be >= 1, --steps >= 2). The trace is synthesized with seed 0. Figures, with the
+command line, the 1-minute load average at the start and the tree's commit, go to
 ``benchmarks/results/bench_predict.json`` and ``.csv`` (git-ignored) and are printed.
 """
 
@@ -22,37 +25,46 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import environment, load_average, positive_int  # noqa: E402
 
 from moe_gps.atomic import write_text_atomic  # noqa: E402
+from moe_gps.errors import UserError  # noqa: E402
 from moe_gps.predict import evaluate, torch_available  # noqa: E402
 from moe_gps.tables import format_table  # noqa: E402
 from moe_gps.trace.synth import synthesize  # noqa: E402
 
 BUDGET_S = 10.0
+SEED = 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--steps", type=positive_int, default=64)
+    ap.add_argument("--tokens", type=positive_int, default=512)
+    ap.add_argument("--layers", type=positive_int, default=32)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("argument --steps: must be >= 2 (half the steps fit the predictors, the rest are scored)")
+    load_at_start = load_average()
 
     t0 = time.perf_counter()
-    trace = synthesize("mixtral-mmlu", num_steps=args.steps, tokens_per_step=args.tokens, num_layers=args.layers,
-                       seed=0)
+    try:
+        trace = synthesize("mixtral-mmlu", num_steps=args.steps, tokens_per_step=args.tokens,
+                           num_layers=args.layers, seed=SEED)
+    except UserError as e:
+        ap.error(str(e))
     synth_s = time.perf_counter() - t0
     rows = trace.num_tokens * trace.meta.num_layers
     t0 = time.perf_counter()
@@ -71,12 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(totals)
     result = {
         "benchmark": "evaluate every predictor",
-        "trace": {"generator": "moe_gps.trace.synth mixtral-mmlu seed 0", "steps": args.steps,
+        "trace": {"generator": f"moe_gps.trace.synth mixtral-mmlu seed {SEED}", "seed": SEED, "steps": args.steps,
                   "tokens_per_step": args.tokens, "layers": args.layers, "experts": trace.meta.num_experts,
                   "top_k": trace.meta.top_k, "rows": rows, "train_steps": args.steps // 2},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-                    "platform": platform.platform(),
-                    "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "machine": environment(load_average_at_start=load_at_start),
         "synthesize_s": synth_s,
         "torch_import_s": torch_s,
         "total_s": totals,
@@ -104,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"trace: {args.steps} steps x {args.tokens} tokens x {args.layers} layers = {rows} rows "
           f"({trace.meta.num_experts} experts, top-{trace.meta.top_k}); fit on {args.steps // 2} steps; "
-          f"{os.cpu_count()} CPUs, load average {result['machine']['load_average_1m']}")
+          f"{os.cpu_count()} CPUs, load average "
+          f"{'unknown' if load_at_start is None else f'{load_at_start:.2f}'} at start")
     print(format_table([{"predictor": k, "s": v} for k, v in result["predictor_best_s"].items()],
                        [("predictor", "predictor", ""), ("s", "fit+predict s (best)", ".3f")]))
     print(f"metrics + placement planning: {result['metrics_and_planning_s']:.3f} s")

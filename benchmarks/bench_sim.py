@@ -17,7 +17,8 @@ minutes at that size. Its numbers only serve to time the simulator.
 strategy (predictor fit and rollout + planning + phase costs + event simulation).
 
 Usage:  python benchmarks/bench_sim.py [--out benchmarks/results/sim] [--skip-deepseek] [--with-token]
-Writes bench_sim.json and bench_sim.png to --out.
+Writes bench_sim.json (with the command line, the load average at the start, the tree's commit
+and the seeds: pool_trace seed 0, SimulateConfig.seed) and bench_sim.png to --out.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import environment, load_average  # noqa: E402
 
 from moe_gps.atomic import atomic_path, write_text_atomic  # noqa: E402
 from moe_gps.config import (SimulateConfig, load_cluster, load_model, strategy_from_name)  # noqa: E402
 from moe_gps.trace import TokensTrace, TraceMeta, load_trace  # noqa: E402
+
+POOL_SEED = 0
 
 
 def pool_trace(num_steps: int, tokens: int, layers: int, experts: int, k: int, seed: int = 0,
@@ -103,8 +109,10 @@ def main() -> int:
                     help="also time token:synthetic at DeepSeek scale (most of its time is the predictor's "
                          "corruption of 190M routing entries, moe_gps.predict)")
     args = ap.parse_args()
+    load_at_start = load_average()
     out = Path(args.out)
     cases = []
+    seeds = {"pool_trace": POOL_SEED}
 
     from sim.strategies import default_strategy_names
     t0 = time.perf_counter()
@@ -112,6 +120,7 @@ def main() -> int:
     names, _ = default_strategy_names(trace)
     cfg = SimulateConfig(cluster=load_cluster("4xA100-nvlink"), model=load_model("mixtral-8x7b"),
                          strategies=[strategy_from_name(n) for n in names])
+    seeds["simulate"] = cfg.seed
     c = run_case("default trace, 4xA100-nvlink, all default strategies", trace, cfg, out / "bench_sim_default")
     c["total_with_load_s"] = time.perf_counter() - t0
     cases.append(c)
@@ -121,7 +130,7 @@ def main() -> int:
 
     if not args.skip_deepseek:
         t0 = time.perf_counter()
-        trace = pool_trace(100, 4096, 58, 256, 8)
+        trace = pool_trace(100, 4096, 58, 256, 8, seed=POOL_SEED)
         t_gen = time.perf_counter() - t0
         base = load_cluster("2x8xH100-ib")
         cluster = replace(base, name="8x8xH100-ib", num_gpus=64,
@@ -140,7 +149,8 @@ def main() -> int:
             cases.append(c)
             print_case(c)
 
-    report = {"machine": platform.platform(), "python": platform.python_version(), "cases": cases}
+    report = {"machine": platform.platform(), "python": platform.python_version(),
+              "environment": environment(load_average_at_start=load_at_start), "seeds": seeds, "cases": cases}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "bench_sim.json", json.dumps(report, indent=2) + "\n")
     import matplotlib

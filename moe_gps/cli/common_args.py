@@ -19,6 +19,23 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
+
+def whole_number(least: int):
+    """An argparse ``type``: a whole number >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {least}")
+        return value
+    return parse
+
+
+#: argparse types: counts of at least 1 (steps, repeats, experts) and of at least 0
+positive_int, nonnegative_int = whole_number(1), whole_number(0)
+
 def no_verdict_note(strategies: list) -> list[str]:
     """The note of a run without ``none``, which the verdict needs (nothing when it has it)."""
     if any(s.kind == "none" for s in strategies):

@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from moe_gps.cli.common_args import nonnegative_int, positive_int
 from moe_gps.errors import UserError
 
 # The import formats (kept here too so that --help does not import the importers).
@@ -60,26 +61,6 @@ examples:
 See docs/importers.md for every field and what is read from where."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0")
-    return value
-
-
 def register_import(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``import`` parser to the ``trace`` group's sub-parsers."""
     p = subparsers.add_parser(
@@ -96,20 +77,20 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="trace file to write")
     p.add_argument("--model", default="unknown", help="model name for the metadata (default: unknown)")
     p.add_argument("--dataset", default="unknown", help="dataset name for the metadata (default: unknown)")
-    p.add_argument("--top-k", type=_positive_int, help="experts per token (required for popularity-json, "
+    p.add_argument("--top-k", type=positive_int, help="experts per token (required for popularity-json, "
                    "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; gate-csv: "
                    "optional; checked against the data where it shows, e.g. gate-csv's non-zero scores per row)")
-    p.add_argument("--num-layers", type=_positive_int, help="vllm-jsonl: MoE layers per forward pass (required); "
+    p.add_argument("--num-layers", type=positive_int, help="vllm-jsonl: MoE layers per forward pass (required); "
                    "sglang-routed: layers of the flat array (the model's num_hidden_layers)")
-    p.add_argument("--num-experts", type=_positive_int, help="vllm-jsonl, vllm-routed, sglang-routed: routed "
+    p.add_argument("--num-experts", type=positive_int, help="vllm-jsonl, vllm-routed, sglang-routed: routed "
                    "experts per layer (required; the files do not say)")
-    p.add_argument("--min-tokens", type=_nonnegative_int, help="vllm-jsonl: keep only passes with at "
+    p.add_argument("--min-tokens", type=nonnegative_int, help="vllm-jsonl: keep only passes with at "
                    "least this many tokens (drops dummy/padding passes)")
     p.add_argument("--passes", metavar="LIST", help="vllm-jsonl: keep only these passes of each file, "
                    "0-based, e.g. 2,5-7")
     p.add_argument("--part", choices=("all", "prompt", "output"), help="vllm-routed, sglang-routed: which tokens "
                    "of each response (default: all)")
-    p.add_argument("--requests-per-step", type=_positive_int, metavar="N", help="vllm-routed, sglang-routed: "
+    p.add_argument("--requests-per-step", type=positive_int, metavar="N", help="vllm-routed, sglang-routed: "
                    "consecutive responses per step (default 1; the responses do not say which shared a forward "
                    "pass)")
     p.add_argument("--no-normalize", action="store_true", help="hf-router-logits: keep the softmax "
