@@ -99,6 +99,9 @@ class Verdict:
     #: simulated steps that are not exact copies of another (the same routing): copies add no evidence
     #: (None: not counted, as for serving's requests)
     distinct_steps: int | None = None
+    #: ties whose samples equal the winner's on every step: their plans route as the winner's do, so which
+    #: of them is named is only the order they are listed in
+    same_as_winner: list[str] = field(default_factory=list)
 
     @property
     def beats_none(self) -> bool:
@@ -130,6 +133,10 @@ class Verdict:
             if not self.beats_none:
                 text += ", not faster than no duplication beyond the interval"
             text += ties or self.next_text()
+            if self.same_as_winner:
+                text += (f" ({and_list(self.same_as_winner)} {'takes' if len(self.same_as_winner) == 1 else 'take'} "
+                         f"its time on {every}: their plans route alike, so which is named is only the order "
+                         f"they are listed in)")
         if self.thin and self.distinct_steps is not None and self.distinct_steps < self.steps:
             text += (f" [thin evidence: {self.distinct_steps} distinct of the {n} (the others are exact copies), "
                      f"fewer than {THIN_STEPS}]")
@@ -153,6 +160,11 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def and_list(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def interval_text(lo: float, hi: float, n: int, unit: str) -> str:
@@ -236,7 +248,8 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
         near = max(others, key=lambda n: vs_winner[n][0])
         runner = dict(zip(("strategy", "speedup", "ci_low", "ci_high"), (near, *st[near])),
                       vs_winner=list(vs_winner[near]))
-        return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS, runner)
+        same = [n for n in ties if n != base and np.array_equal(samples[n], samples[winner])]
+        return Verdict(winner, point, lo, hi, ties, S, S < THIN_STEPS, runner, same_as_winner=same)
     second = max(others, key=lambda n: st[n][0], default=None)      # the first listed of the best
     runner = None if second is None else dict(zip(("strategy", "speedup", "ci_low", "ci_high"), (second, *st[second])),
                                               same_every_step=bool(np.array_equal(samples[second], samples[base])))

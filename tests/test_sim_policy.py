@@ -250,7 +250,11 @@ def test_equal_strategies_the_first_listed_is_named():
     none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
     same = none / 1.1
     v = verdict_of(fake({"none": none, "z": same, "b": same.copy(), "a": same.copy()}))
-    assert v.strategy == "z" and v.ties == ["b", "a"]
+    assert v.strategy == "z" and v.ties == ["b", "a"] and v.same_as_winner == ["b", "a"]
+    # the line says that naming z over b and a is only their order: they route alike on every step
+    assert v.line().endswith("ties within the interval: b, a (b and a take its time on every one of the 8 "
+                             "simulated steps: their plans route alike, so which is named is only the order they "
+                             "are listed in)")
     slower = verdict_of(fake({"none": none, "z": none * 1.01, "a": none * 1.01}))
     assert slower.strategy == "none" and slower.runner_up["strategy"] == "z"
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from moe_gps.recommend.plan import TRACE_SKEW, Point, SweepPlan, workload_label
 from sim.run import PHASES
-from sim.verdict import THIN_STEPS
+from sim.verdict import THIN_STEPS, and_list
 
 POINT_COLS = ["num_gpus", "bandwidth_gb_s", "workload", "skew_variant"]
 
@@ -54,11 +54,6 @@ def at_point(df, plan: SweepPlan, p: Point):
 
 #: a runner-up less than this factor slower than the fastest is a near tie (the maps hatch such cells)
 NEAR_TIE = 1.01
-
-
-def and_list(items: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 @dataclass

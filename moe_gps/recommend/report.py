@@ -19,14 +19,14 @@ from moe_gps.config.loader import dump_yaml
 from moe_gps.jsonsafe import jsonable  # noqa: F401  (part of this module's interface)
 from moe_gps.provenance import provenance_comment
 from moe_gps.recommend import plots
-from moe_gps.recommend.analysis import NEAR_TIE, and_list, at_point
+from moe_gps.recommend.analysis import NEAR_TIE, at_point
 from moe_gps.recommend.core import Recommendation
 from moe_gps.recommend.plan import workload_label
 from moe_gps.recommend.render import RANK_COLUMNS, dump_yaml_plain, render_html, render_markdown, too_big_here
 from moe_gps.recommend.sweep import sweep_to_dict
 from moe_gps.tables import format_table
 from sim.run import PHASES
-from sim.verdict import THIN_STEPS
+from sim.verdict import THIN_STEPS, and_list
 
 CSV_COLUMNS = [
     "num_gpus", "fabric", "bandwidth_gb_s", "workload", "phase", "tokens_per_step", "seq_len", "skew_variant",
