@@ -83,9 +83,14 @@ def test_sensitivity_names_the_caveat_of_the_value_it_names():
     s = Sensitivity("workload", "", ["prefill 512 (trace)", "prefill 2048"], ["none", "eplb +1/GPU"], 0,
                     "prefill 512 (trace)", "prefill 512 (trace)", None, ("prefill 2048", "eplb +1/GPU", 1.107), cav)
     assert s.sentence("none") == ("workload: none stays the fastest only at prefill 512 (trace); at prefill 2048 "
-                                  "(steps scaled up) eplb +1/GPU wins (1.107x faster).")     # where it is named, once
-    decode = dataclasses.replace(s, values=s.values + ["decode 256"], winners=s.winners + ["none"])
-    assert decode.sentence("none").endswith("eplb +1/GPU wins (1.107x faster); it is the fastest at decode 256 too.")
+                                  "(steps scaled up) eplb +1/GPU wins (1.107x faster than none).")   # named once
+    # past the first change, every value's winner: the recommendation can be the fastest again
+    more = dataclasses.replace(s, values=s.values + ["prefill 8192", "prefill 16384", "decode 256"],
+                               winners=s.winners + ["dist:ema +1/GPU", "dist:ema +1/GPU", "none"],
+                               caveats={**cav, "prefill 8192": "steps scaled up"})
+    assert more.sentence("none").endswith("eplb +1/GPU wins (1.107x faster than none); dist:ema +1/GPU is the "
+                                          "fastest at prefill 8192 and prefill 16384 (likewise); none is the "
+                                          "fastest at decode 256.")
     held = dataclasses.replace(s, values=s.values + ["prefill 8192"], winners=["none", "none", "none"],
                                holds_to="prefill 8192", change_above=None,
                                caveats={**cav, "prefill 8192": "steps scaled up"})

@@ -381,17 +381,26 @@ class Sensitivity:
                              + (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
                                 f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
                                 f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
-                                else f" {ch[1]} wins ({ch[2]:.3f}x faster)"))
+                                else f" {ch[1]} wins ({ch[2]:.3f}x faster than {rec})"))
         s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
         # the values of the range whose runs carry a caveat: one clause for them all
         lo, hi = self.values.index(self.holds_from), self.values.index(self.holds_to)
         named = [v for v in self.values[lo:hi + 1] if v in self.caveats]
         if named:
             s += f"; at {and_list(named)}, {self.caveats[named[0]]}"
-        # values past a change where it is the fastest again (a workload axis mixes prefill sizes and decode)
-        again = [v for i, (v, w) in enumerate(zip(self.values, self.winners)) if w == rec and not lo <= i <= hi]
-        if again and self.winners[self.user_index] == rec:
-            s += f"; it is the fastest at {and_list(again)} too"
+        # the values past the first change on each side, by their winner (a workload axis mixes prefill sizes
+        # and decode: the recommendation can be the fastest again past a change)
+        said = set(range(lo, hi + 1)) | {self.values.index(ch[0]) for ch in (self.change_below, self.change_above)
+                                         if ch is not None}
+        further: dict[str | None, list[str]] = {}
+        for i, (v, w) in enumerate(zip(self.values, self.winners)):
+            if i not in said:
+                further.setdefault(w, []).append(v)
+        for w, vs in further.items():
+            at = f"{and_list(vs)} {self.unit}".rstrip()
+            cav = next((f" ({self.caveats[v]})" for v in vs if v in self.caveats), "")
+            cav = " (likewise)" if cav and cav in s else cav            # a caveat already said in full
+            s += f"; nothing could be simulated at {at}{cav}" if w is None else f"; {w} is the fastest at {at}{cav}"
         return s + "."
 
 
