@@ -23,8 +23,9 @@ DESCRIPTION = ("Run expert-parallel MoE inference on torch.distributed, applying
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moe_gps.argparsing import Parser
     from runtime.config import DUPLICATION_MODES, FLAG_HELP
-    p = argparse.ArgumentParser(prog="python -m runtime.launch", description=DESCRIPTION)
+    p = Parser(prog="python -m runtime.launch", description=DESCRIPTION, tag="runtime.launch")
     p.add_argument("--config", required=True, help="run config (YAML, see runtime/examples/run.yaml)")
     p.add_argument("--duplication", required=True, choices=DUPLICATION_MODES, help=FLAG_HELP["duplication"])
     p.add_argument("--steps", type=int, help=FLAG_HELP["steps"])

@@ -296,8 +296,9 @@ def checkpoint_name(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.record_hf",
-                                description="Record a router trace from a local HuggingFace MoE checkpoint.")
+    from moe_gps.argparsing import Parser
+    p = Parser(prog="python -m runtime.record_hf", tag="runtime.record_hf",
+               description="Record a router trace from a local HuggingFace MoE checkpoint.")
     add_arguments(p)
     args = p.parse_args(argv)
     from moe_gps import signals

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from moe_gps import __version__
+from moe_gps.argparsing import Parser
 from moe_gps.errors import UserError
 
 # Subcommand modules, in the order they appear in --help.
@@ -26,30 +27,6 @@ COMMANDS = (
     "moe_gps.cli.run_cmd",
     "moe_gps.cli.fidelity_cmd",
 )
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line (``moe-gps: error: ...``) with exit 2.
-
-    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's class).
-    """
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"moe-gps: error: {self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
-        sys.exit(2)
-
-    def parse_known_args(self, args=None, namespace=None):
-        """As argparse's, and an empty or blank value given to any argument (``-o ''``, ``--cluster=``) is
-        a usage error: no argument takes one, and read as absent it would quietly run with the default."""
-        namespace, extras = super().parse_known_args(args, namespace)
-        for action in self._actions:
-            value = getattr(namespace, action.dest, None)
-            if value is action.default:
-                continue
-            if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
-                self.error(f"argument {'/'.join(action.option_strings) or action.metavar or action.dest}: "
-                           f"an empty value ({value!r})")
-        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,10 +14,14 @@ ALGORITHM_HELP = ("none: no copies, vLLM's linear (E/N contiguous experts per GP
                   "eplb: DeepSeek EPLB (hierarchical with --nodes > 1 and --groups); waterfill: ours, uneven "
                   "replica shares, migration-aware with --previous")
 
+#: the line under plan's table: what balancedness does not say
+BALANCEDNESS_CAVEAT = ("balancedness is how evenly tokens spread, not speed: moe-gps simulate also prices each "
+                       "replica's weight read and the copies (docs/simulator.md)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "plan", help="plan which experts to duplicate and where (writes plan.yaml)",
+        "plan", help="plan which experts to duplicate and where (writes the placement YAML named by -o)",
         description=("Sum the expert loads of the chosen steps of a trace, plan a placement for all layers "
                      "and write it as YAML for the simulator and runtime; optionally export the map for "
                      "SGLang or vLLM and print the server flags that go with it. Prints balancedness (mean/max GPU "
@@ -52,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "plan then replaces it")
     p.add_argument("--expert-mib", type=float, default=None,
                    help="MiB of one expert's weights in one layer, for memory and bytes moved "
-                        "(e.g. Mixtral 8x7B bf16: 336)")
+                        "(e.g. Mixtral 8x7B bf16: 336; default: none, and memory and bytes moved are not reported)")
     p.add_argument("--max-slots-per-gpu", type=int, default=None,
-                   help="capacity: slots per GPU at most (at least 1)")
+                   help="capacity: slots per GPU at most (at least 1; default: no limit)")
     p.add_argument("-o", "--output", required=True, help="placement file to write (.yaml or .yml)")
     p.add_argument("--layout", choices=("linear", "round_robin"), default=None,
                    help="--algorithm none: vLLM's --expert-placement-strategy layout (default: linear)")
@@ -300,6 +304,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(format_table(rows, [("layer", "layer", ""), ("skew", "expert skew", ".2f"),
                                       ("before", "bal. static", ".4f"), ("after", "bal. plan", ".4f"),
                                       ("used", "copies used", "")]))
+        print()
+        print(BALANCEDNESS_CAVEAT)
         print()
         print(f"wrote {args.output}" + "".join(f", {path} ({fmt})" for fmt, path in exports))
         if layers is not None:

@@ -214,7 +214,8 @@ def _title_line(r: Recommendation) -> str:
            f"{lo}-{hi} tokens/step (as in the trace; mean {plan.trace_tokens:.0f}, at which the reasons are priced)")
     ctx = f", context {w.seq_len}" if w.phase == "decode" else f", prompts of {w.seq_len}"
     return (f"{plan.model.name} on {c.name}: {c.num_gpus} GPUs, {plan.fabric} {plan.user.bandwidth_gb_s:g} GB/s; "
-            f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f}; "
+            f"{w.phase}, {tok}{ctx}; trace skew {plan.skews['trace'].achieved:.2f} (max/mean tokens per expert, "
+            f"mean over the simulated steps); "
             f"{plan.sweep.assumptions} assumptions")
 
 
