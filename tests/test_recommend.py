@@ -371,7 +371,7 @@ def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
                                                "none ties it (the same time) and comes first on a tie.")
     win = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
                       ("8", "eplb +1/GPU", 1.25))
-    assert win.sentence("none").endswith("at 8 GPUs eplb +1/GPU wins (1.250x faster).")
+    assert win.sentence("none").endswith("at 8 GPUs eplb +1/GPU wins (1.250x faster than none).")
     near = Sensitivity("GPU count", "GPUs", ["4", "8"], ["none", "eplb +1/GPU"], 0, "4", "4", None,
                        ("8", "eplb +1/GPU", 1.00014))
     assert near.sentence("none").endswith("at 8 GPUs eplb +1/GPU comes first by 0.01% (a near tie).")

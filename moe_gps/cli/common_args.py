@@ -151,10 +151,14 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     """Add --cluster, --model, --workload, --phase, --seq-len and --tokens-per-step to ``p``."""
     add_cluster_model_args(p)
     p.add_argument("--workload", metavar="FILE",
-                   help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md)")
-    p.add_argument("--phase", choices=("prefill", "decode"), help="override the workload's phase")
+                   help="workload YAML (phase, seq_len, tokens_per_step; docs/configs.md; default: the built-in "
+                        "prefill workload of 512-token prompts)")
+    p.add_argument("--phase", choices=("prefill", "decode"),
+                   help="override the workload's phase (default: the workload's, else prefill, or decode when the "
+                        "trace looks like decode, which the output then says)")
     p.add_argument("--seq-len", type=int, metavar="N",
-                   help="override the workload's seq_len (prefill: prompt length; decode: context length)")
+                   help="override the workload's seq_len (prefill: prompt length; decode: context length; default: "
+                        "the workload's, else 512 tokens)")
     p.add_argument("--tokens-per-step", type=int, metavar="N",
                    help="tokens per forward pass over all GPUs: the trace's tokens are regrouped, in order, into "
                         "steps of N where that leaves at least 12 steps, and more than the training steps; "

@@ -86,10 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated names (default: all but synthetic); a name in both kinds (oracle) "
                         "selects both, 'distribution:NAME' or 'token:NAME' one")
     p.add_argument("--train-steps", type=int, metavar="N",
-                   help="steps to fit on, at least 1 and fewer than the trace's steps (default: half the steps)")
+                   help="steps to fit on, at least 1 and fewer than the trace's steps (default: half the steps, "
+                        "so that the other half tests the predictors)")
     p.add_argument("--tokens-per-step", type=int, metavar="N",
                    help="regroup the trace's own tokens, in order, into steps of N tokens first (as `moe-gps trace "
-                        "rechunk`): errors are then those of N-token steps")
+                        "rechunk`): errors are then those of N-token steps (default: the trace's steps as they are)")
     p.add_argument("--mode", choices=("default", "online", "offline"), default="default",
                    help="online: predictors learn from each step once routed; offline: never; default: each "
                         "predictor's own (profile offline, the rest online)")
@@ -97,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redundant", type=int, metavar="R",
                    help="redundant expert slots per layer, >= 0 (default: one per GPU, beyond the spares that "
                         "make the experts divide over the GPUs)")
-    p.add_argument("--algorithm", default="eplb",
+    from moe_gps.placement import ALGORITHMS
+    p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS,
                    help="placement algorithm that plans replicas from each prediction (default: eplb; see "
                         "docs/placement.md)")
     p.add_argument("--synthetic", metavar="A[,A...]",
@@ -107,9 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "docs/predictors.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--synthetic-flops", type=float, metavar="F",
-                   help="the synthetic predictors' cost in FLOPs per token per layer (default: 0)")
+                   help="with --synthetic: the synthetic predictors' cost in FLOPs per token per layer (default: 0)")
     g.add_argument("--overhead-curve", metavar="SCALE,RATE",
-                   help="their cost from the exponential curve SCALE * exp(-RATE * (1 - a)) FLOPs per token")
+                   help="with --synthetic: the synthetic predictors' cost from the exponential curve "
+                        "SCALE * exp(-RATE * (1 - a)) FLOPs per token, a their accuracy")
     p.add_argument("--per-layer", default="eps_mean,recall", metavar="METRICS",
                    help=f"per-layer tables of these metrics ({', '.join(LAYER_METRICS)}), or 'none' "
                         "(default: eps_mean,recall)")

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("trace", help="trace file (.parquet), e.g. traces/mixtral_mmlu.parquet")
     add_deployment_args(p)
     p.add_argument("--sweep", metavar="FILE", help="sweep YAML (default: the built-in sweep; docs/recommend.md)")
-    p.add_argument("--seed", type=int, help="override the sweep's seed")
+    p.add_argument("--seed", type=int, help="override the sweep's seed (default: the sweep's, 0 unless it sets one)")
     add_assumptions_arg(p)
     add_jobs_arg(p, "parallel worker processes (default: the number of CPU cores available); with "
                     "--backend ray and no --address, the CPUs of the local Ray cluster")

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_assumptions_arg(p)
     p.add_argument("--train-steps", type=int, metavar="N",
                    help="trace steps used to fit predictors and profile the static plan; the rest route the "
-                        "requests' tokens (default: a quarter)")
+                        "requests' tokens (default: a quarter of the trace's steps, at least 1)")
     p.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                    help="token budget of an iteration on one GPU (default: 2048, vLLM's on A100-class GPUs)")
     p.add_argument("--max-num-seqs", type=int, metavar="N",
@@ -70,15 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model's vocabulary (needed for models other than the bundled presets)")
     p.add_argument("--iteration-overhead-us", type=float, metavar="US",
                    help="fixed time per iteration for scheduling and sampling (default: 500)")
-    p.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="SLO on time to first token, for goodput")
-    p.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="SLO on time per output token, for goodput")
+    p.add_argument("--slo-ttft-ms", type=float, metavar="MS",
+                   help="SLO on time to first token, for goodput (default: no SLO; goodput = throughput)")
+    p.add_argument("--slo-tpot-ms", type=float, metavar="MS",
+                   help="SLO on time per output token, for goodput (default: no SLO; goodput = throughput)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests, predictors and planners (default: 0)")
     add_jobs_arg(p, "(rate, strategy) runs simulated at once in worker processes, and with more than one the "
                     "plots are drawn by a process that imports matplotlib while the runs go on (default: the CPU "
                     "cores available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole serve config (e.g. the config.yaml of an earlier run) instead of the flags above "
-                        "(--rate/--rates, --requests, --slo-* and --seed still apply)")
+                        "(--rate/--rates, --requests, --slo-*, --seed and -j/--jobs still apply)")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: moe-gps-out/serve-<trace name>)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")

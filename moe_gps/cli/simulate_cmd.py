@@ -29,14 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_strategy_args(p, "steps", "'all' for every default strategy the trace supports (the default)")
     add_assumptions_arg(p)
     p.add_argument("--train-steps", type=int, metavar="N",
-                   help="steps used to fit predictors and profile the static plan (default: a quarter)")
+                   help="steps used to fit predictors and profile the static plan (default: a quarter of the "
+                        "trace's steps, at least 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for predictors and planners (default: 0)")
     add_jobs_arg(p, "worker processes: the strategies are split over them in groups of about equal work, and "
                     "the plots are drawn in them, by a process that imports matplotlib while the trace loads (default: "
                     "the CPU cores available); the results do not depend on it")
     p.add_argument("--config", metavar="FILE",
                    help="a whole simulate config (e.g. the config.yaml of an earlier run) instead of the "
-                        "flags above (--phase, --seq-len, --tokens-per-step and --seed still apply)")
+                        "flags above (--phase, --seq-len, --tokens-per-step, --seed and -j/--jobs still apply)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="output folder (default: moe-gps-out/simulate-<trace name>)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
