@@ -234,8 +234,9 @@ FLAG_HELP = {
                    "check from the true counts of recent steps (EPLB as vLLM runs it); dist-only: re-planned from a "
                    "distribution predictor; token-to-expert: re-planned from per-token guesses (docs/runtime.md)",
     "steps": "steps to run (default: the config's run.steps, else 16)",
-    "out": "output folder for the trace, timings, steps and placement (default: the config's output.dir, "
-           "else runs/run)",
+    "out": "output folder for the trace, timings, steps (output.trace, .timings, .steps: trace.parquet, "
+           "timings.csv, steps.csv unless the config names others), placement.yaml and summary.json (default: the "
+           "config's output.dir, else runs/run)",
     "device": "auto (cuda where torch sees a GPU, else cpu), cpu or cuda (default: the config's run.device, "
               "else auto)",
 }

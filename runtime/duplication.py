@@ -303,7 +303,8 @@ class DuplicationPolicy:
             note = f"mean counts of steps {step - n}..{step - 1}"
         elif first:
             n = self._profiled_steps
-            note = f"profile of the warm-up steps {step - n}..{step - 1} (the first plan)"
+            which = f"warm-up step, {step - 1}" if n == 1 else f"{n} warm-up steps, {step - n}..{step - 1}"
+            note = f"profile of the last {which} (window {self.beliefs.maxlen}; the first plan)"
         elif self.dist_predictor is not None:
             note = f"distribution predictor {self.dist_predictor.describe()}"
         else:

@@ -19,7 +19,7 @@ import sys
 import time
 
 DESCRIPTION = ("Run expert-parallel MoE inference on torch.distributed, applying expert duplication "
-               "planned by moe_gps, and record the router trace and timings.")
+               "planned by moe_gps, and record the router trace and timings. See docs/runtime.md.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -298,7 +298,7 @@ def checkpoint_name(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from moe_gps.argparsing import Parser
     p = Parser(prog="python -m runtime.record_hf", tag="runtime.record_hf",
-               description="Record a router trace from a local HuggingFace MoE checkpoint.")
+               description="Record a router trace from a local HuggingFace MoE checkpoint. See docs/runtime.md.")
     add_arguments(p)
     args = p.parse_args(argv)
     from moe_gps import signals

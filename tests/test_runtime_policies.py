@@ -227,7 +227,8 @@ def test_first_plan_is_the_warm_up_profile_as_in_the_simulator(policy_runs):
     (s0, first, _), (s1, later, beliefs) = planned[:2]
     counts = trace.counts()[max(0, w - 3):w].sum(axis=0)            # window 3, over the warm-up
     np.testing.assert_allclose(first.predicted_loads, shares(counts.astype(float)) * trace.step(s0).num_tokens * 2)
-    assert "profile of the warm-up steps" in first.note
+    n = min(3, w)
+    assert f"profile of the last {n} warm-up steps, {s0 - n}..{s0 - 1} (window 3; the first plan)" in first.note
     np.testing.assert_allclose(later.predicted_loads, beliefs)        # then the mean of the beliefs
 
 

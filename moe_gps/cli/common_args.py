@@ -233,6 +233,6 @@ def add_assumptions_arg(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--assumptions", choices=ASSUMPTIONS,
                    help="a bundle of modelling choices: realistic (what deployments do; the default) or paper (the "
-                        "MoE-GPS paper's model: copies hidden, predicting strategies re-planned every batch by its greedy "
-                        "planner (eplb keeps vLLM's cadence), FFN "
+                        "MoE-GPS paper's model: copies hidden, the predicting strategies re-planned every batch by "
+                        "its greedy planner and the oracle every batch too (eplb keeps vLLM's cadence), FFN "
                         "time in proportion to tokens, predictors before attention)")

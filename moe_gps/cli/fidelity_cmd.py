@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("Start N ranks with torchrun (gloo on CPU, NCCL on GPUs, the runtime's threads per rank) and "
                      "measure: the expert FFN's FLOP rate and per-call overhead for the model's expert shapes, the "
                      "attention block's rate and overhead, memory and token-permutation bandwidth, "
-                     "all_to_all_single latency and bandwidth (which weight copies use too), and the fixed costs "
+                     "all_to_all_single latency and bandwidth (which weight copies use too), the collective skew "
+                     "(time between the first and the last rank leaving a collective), and the fixed costs "
                      "of the runtime's MoE-layer phases. Means over repeats; writes a cluster YAML that "
                      "`moe-gps simulate --cluster` reads, and CSVs of the measurements. Formulas: docs/fidelity.md."))
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster YAML to write")
@@ -49,17 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "Writes fidelity.csv, steps.csv, fidelity.png, summary.txt, summary.json and, without --cluster, "
                      "each round's calibration (cluster-N.yaml, cluster-N-R.yaml with --runs, each with its "
                      ".model.yaml, .measurements.csv and .samples.csv) to the output folder, and the runs and their "
-                     "run configs in its runs/ folder."))
+                     "run configs in its runs/ folder. The runs and calibrations use the run config's run.device. "
+                     "Method and reading the report: docs/fidelity.md."))
     v.add_argument("trace", help="tokens trace whose token_id column feeds the runtime "
                                  "(e.g. traces/mixtral_mmlu.parquet)")
     v.add_argument("--config", required=True, metavar="RUN_YAML", help="run config (model, input, duplication)")
     v.add_argument("--nproc", type=int, nargs="+", default=[2], metavar="N",
                    help=f"numbers of ranks, each at least 2 ({NPROC_HELP}; default: 2)")
     v.add_argument("--strategies", nargs="+", default=list(MODES), metavar="MODE",
-                   help=f"duplication modes to compare (default: all of {', '.join(MODES)})")
+                   help=f"duplication modes to compare ({', '.join(MODES)}), space or comma separated "
+                        f"(default: all of them)")
     v.add_argument("--cluster", metavar="FILE", help="a cluster file from `moe-gps calibrate` instead of calibrating "
                                                      "(one --nproc only)")
-    v.add_argument("--steps", type=int, help="override run.steps")
+    v.add_argument("--steps", type=int, help="override run.steps (default: the run config's run.steps, else 16)")
     v.add_argument("--skip", type=int, help="first compared step (default: duplication.warmup_steps, at least 2)")
     v.add_argument("--runs", type=int, default=1,
                    help="rounds: each calibrates (unless --cluster), then runs every strategy once; steps pooled, "
@@ -73,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default: 3; not with --cluster)")
     v.add_argument("--max-phase-error", type=float, metavar="PERCENT",
                    help="exit 1 when any phase that takes at least 5%% of the measured step is predicted more than "
-                        "PERCENT %% of its measured mean outside the measurement's 95%% interval (e.g. 10)")
+                        "PERCENT %% of its measured mean outside the measurement's 95%% interval (e.g. 10; default: no "
+                        "check)")
     v.add_argument("-o", "--output", metavar="DIR", help="output folder (default: moe-gps-out/validate-<config name>)")
     v.set_defaults(func=cmd_validate)
 

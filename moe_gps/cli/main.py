@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-gps",
         description=(
             "MoE-GPS: should you duplicate hot experts, and should duplication be driven by "
-            "token-to-expert or distribution-only prediction? Answers from router traces."
+            "token-to-expert or distribution-only prediction? Answers from router traces. Commands and a "
+            "quick start: README.md."
         ),
     )
     parser.add_argument("--version", action="version", version=f"moe-gps {__version__}")

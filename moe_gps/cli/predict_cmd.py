@@ -65,7 +65,8 @@ def _predictor_help() -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser("predict", help="evaluate expert-load predictors (token-to-expert and distribution-only)",
-                             description="Expert-load predictors: evaluate them on a trace, or list them.")
+                             description="Expert-load predictors: evaluate them on a trace, or list them. "
+                                         "Predictors and metrics: docs/predictors.md.")
     psub = predict.add_subparsers(dest="predict_command", metavar="ACTION")
     psub.required = True
 

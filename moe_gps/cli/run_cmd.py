@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "record", help="record a router trace from a local HuggingFace MoE checkpoint (one process)",
         description=("Run forward passes of a local transformers MoE checkpoint (Mixtral, Qwen2/Qwen3-MoE, OLMoE) "
                      "with hooks on its routers and write the routing as a trace (source: collected). Needs "
-                     "torch and transformers (pip install 'moe-gps[collect]')."))
+                     "torch and transformers (pip install 'moe-gps[collect]'). See docs/runtime.md."))
     from runtime.record_hf import add_arguments  # numpy only at import time
     add_arguments(r)
     r.set_defaults(func=cmd_record)

@@ -9,7 +9,7 @@ from pathlib import Path
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      input_paths, jobs_from_args, no_verdict_note, note_repeated, output_folder,
                                      plot_drawer, print_written, workload_from_args)
-from moe_gps.config.schema import COPY_POLICIES
+from moe_gps.config.schema import COPY_POLICIES, PREDICTING_INTERVAL, VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE
 from moe_gps.errors import UserError
 
 
@@ -70,14 +70,15 @@ def add_strategy_args(p: argparse.ArgumentParser, unit: str, default: str, windo
                         "hidden with --assumptions paper")
     p.add_argument("--replan-interval", type=int, metavar="K",
                    help=f"{unit} between re-plan checks, for every duplicating strategy that does not set its "
-                        "own, as eplb(step_interval=N) does (default: vLLM's "
-                        "EPLB cadence for eplb, 16 for the predicting strategies and the oracle, 1 for them with "
-                        "--assumptions paper)")
+                        "own, as eplb(step_interval=N) does (default: for eplb vLLM's step_interval "
+                        f"{VLLM_STEP_INTERVAL}, scaled with the window ({VLLM_STEP_INTERVAL // VLLM_WINDOW_SIZE}x it) "
+                        f"when the training steps are fewer than its {VLLM_WINDOW_SIZE}; {PREDICTING_INTERVAL} for "
+                        "the predicting strategies and the oracle, 1 for them with --assumptions paper)")
     p.add_argument("--window", type=int, metavar="W",
                    help=f"{window} of history a plan is made from, for every duplicating strategy that does not "
-                        "set its own (default: "
-                        "vLLM's window for eplb, the re-plan interval for the predicting strategies, 1 with "
-                        "--assumptions paper, 1 for the oracle)")
+                        f"set its own (default: for eplb vLLM's window_size {VLLM_WINDOW_SIZE}, cut to the training "
+                        "steps (--train-steps) when they are fewer; the re-plan interval for the predicting "
+                        "strategies, 1 with --assumptions paper; 1 for the oracle)")
     p.add_argument("--min-gain", type=float, metavar="X",
                    help="re-plan only when the predicted saving until the next check exceeds X times the "
                         "predicted copy cost; 0 re-plans at every check (default: 0 for eplb, 1 otherwise; 0 for "

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("validate", help="check a trace against the format; exit 2 with the first problem",
                         description="Fully validate a trace, reading it in chunks of whole steps (memory "
                                     "stays that of one chunk); prints 'ok' with its shape, or the first problem "
-                                    "(file, column, row) and exits 2.")
+                                    "(file, column, row) and exits 2. What is checked: "
+                                    "docs/trace-format.md.")
     p.add_argument("file", help="trace file (.parquet)")
     p.set_defaults(func=cmd_validate)
 
@@ -54,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("Generate a synthetic trace: per-token routing (tokens kind), or per-expert loads only "
                      "(--kind counts: fast at any scale, e.g. 10000 steps of DeepSeek-V3, written a block of "
                      "steps at a time). The file says source: synthetic and records every generator parameter. "
-                     "Profiles: " + "; ".join(f"{n} ({pr.calibrated_to})" for n, pr in PROFILES.items())),
+                     "Profiles: " + "; ".join(f"{n} ({pr.calibrated_to})" for n, pr in PROFILES.items())
+                     + ". The routing model: docs/trace-format.md."),
     )
     p.add_argument("--profile", default="mixtral-mmlu", choices=sorted(PROFILES), help="default: %(default)s")
     p.add_argument("--kind", default="tokens", choices=("tokens", "counts"),
@@ -76,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "steps are concatenated and a large step is split, keeping every (token, layer, expert) "
                      "assignment, token id, sequence, position, rank and gate weight. Tokens after the last "
                      "whole step are left out. A counts trace regroups only into whole multiples of its steps. "
-                     "The result is validated and written atomically."))
+                     "The result is validated and written atomically. "
+                     "Regrouping: docs/simulator.md; its record in the trace: docs/trace-format.md."))
     p.add_argument("file", help="trace file (.parquet)")
     p.add_argument("--tokens-per-step", type=int, required=True, metavar="N",
                    help="tokens per regrouped step (at least 1, at most the trace's tokens)")

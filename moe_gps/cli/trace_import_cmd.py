@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import textwrap
 import sys
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p = subparsers.add_parser(
         "import",
         help="convert router traces from vLLM, SGLang, HF transformers, CSV/JSON dumps",
-        description="Convert router traces that other systems emit into a MoE-GPS Parquet trace "
-                    "(written atomically; metadata source='imported' with provenance).",
+        description=textwrap.fill("Convert router traces that other systems emit into a MoE-GPS Parquet trace "
+                                  "(written atomically; metadata source='imported' with provenance).", 88),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,9 +86,9 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--num-experts", type=positive_int, help="vllm-jsonl, vllm-routed, sglang-routed: routed "
                    "experts per layer (required; the files do not say)")
     p.add_argument("--min-tokens", type=nonnegative_int, help="vllm-jsonl: keep only passes with at "
-                   "least this many tokens (drops dummy/padding passes)")
+                   "least this many tokens (drops dummy/padding passes; default: every pass that has a token)")
     p.add_argument("--passes", metavar="LIST", help="vllm-jsonl: keep only these passes of each file, "
-                   "0-based, e.g. 2,5-7")
+                   "0-based, e.g. 2,5-7 (default: all)")
     p.add_argument("--part", choices=("all", "prompt", "output"), help="vllm-routed, sglang-routed: which tokens "
                    "of each response (default: all)")
     p.add_argument("--requests-per-step", type=positive_int, metavar="N", help="vllm-routed, sglang-routed: "
