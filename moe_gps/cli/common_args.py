@@ -10,6 +10,7 @@ those flags; :func:`deployment_from_args` turns them into
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 from moe_gps.errors import UserError
 
@@ -18,6 +19,20 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 # argparse destinations of the deployment flags, in the order they are added.
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
+
+
+@contextmanager
+def named_by(flag: str, value=None):
+    """A UserError raised inside starts with the flag that gave the value it is about (``--cluster: unknown
+    cluster preset ...``; ``--timeline 99: ...`` where the message does not quote the value). The functions
+    that raise it also read config files, whose messages name the file instead, so the flag is added here."""
+    try:
+        yield
+    except UserError as err:
+        text = str(err)
+        head = flag if value is None or str(value) in text else f"{flag} {value}"
+        err.args = (f"{head}: {text}",)
+        raise
 
 
 def whole_number(least: int):
@@ -172,7 +187,8 @@ def model_from_args(args: argparse.Namespace, trace):
     from moe_gps.config import check_model_matches_trace, infer_model, load_model
 
     if args.model:
-        model = load_model(args.model)
+        with named_by("--model", args.model):
+            model = load_model(args.model)
         if trace is not None:
             m = trace.meta
             check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, str(args.trace),
@@ -215,9 +231,17 @@ def deployment_from_args(args: argparse.Namespace, trace) -> tuple:
     from moe_gps.files import read_yaml
     from moe_gps.trace.regroup import decode_shaped
 
-    cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
+    if args.cluster:
+        with named_by("--cluster", args.cluster):
+            cluster = load_cluster(args.cluster)
+    else:
+        cluster = load_cluster(DEFAULT_CLUSTER)
     model = model_from_args(args, trace)
-    workload = load_workload(args.workload) if args.workload else WorkloadConfig()
+    if args.workload:
+        with named_by("--workload", args.workload):
+            workload = load_workload(args.workload)
+    else:
+        workload = WorkloadConfig()
     note = None
     file_sets_phase = bool(args.workload) and "phase" in (read_yaml(args.workload) or {})
     if not args.phase and not file_sets_phase:

@@ -7,7 +7,8 @@ import math
 import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
-                                     input_paths, jobs_from_args, model_from_args, no_verdict_note, note_repeated,
+                                     input_paths, jobs_from_args, model_from_args, named_by, no_verdict_note,
+                                     note_repeated,
                                      output_folder, plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
@@ -98,6 +99,7 @@ def _number(flag: str, value, integer: bool, bound: float, strict: bool, upper: 
 
 def build_config(args: argparse.Namespace, trace):
     """The ServeConfig the flags describe, and notes for the user."""
+    from contextlib import nullcontext
     from dataclasses import replace
 
     from moe_gps.config import SimulateConfig, load_cluster
@@ -120,13 +122,17 @@ def build_config(args: argparse.Namespace, trace):
             raise UserError(f"--train-steps {args.train_steps} leaves no trace step to route the requests' tokens: "
                             f"the trace has {trace.num_steps} steps; use at most {trace.num_steps - 1}")
         strategies, notes = strategies_from_args(args, trace, DEFAULT_STRATEGIES)
-        sim_cfg = SimulateConfig(cluster=load_cluster(args.cluster or DEFAULT_CLUSTER), model=model_from_args(args, trace),
+        with named_by("--cluster", args.cluster) if args.cluster else nullcontext():
+            cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
+        sim_cfg = SimulateConfig(cluster=cluster, model=model_from_args(args, trace),
                                  strategies=strategies, train_steps=args.train_steps)
         if args.copy_policy:
             sim_cfg = replace(sim_cfg, copy_policy=args.copy_policy)
         if args.assumptions:
             sim_cfg = replace(sim_cfg, assumptions=args.assumptions)
-        cfg = ServeConfig(simulate=sim_cfg, workload=load_request_workload(args.workload or DEFAULT_WORKLOAD),
+        with named_by("--workload", args.workload) if args.workload else nullcontext():
+            workload = load_request_workload(args.workload or DEFAULT_WORKLOAD)
+        cfg = ServeConfig(simulate=sim_cfg, workload=workload,
                           scheduler=SchedulerConfig(), iteration=IterationParts(), slo=SLOConfig())
     parts = {"scheduler": {}, "iteration": {}, "slo": {}}
     field = {"iteration_overhead_us": "overhead_us", "slo_ttft_ms": "ttft_ms", "slo_tpot_ms": "tpot_ms"}

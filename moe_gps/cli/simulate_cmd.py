@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
-                                     input_paths, jobs_from_args, no_verdict_note, note_repeated, output_folder,
-                                     plot_drawer, print_written, workload_from_args)
+                                     input_paths, jobs_from_args, named_by, no_verdict_note, note_repeated,
+                                     output_folder, plot_drawer, print_written, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES, PREDICTING_INTERVAL, VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE
 from moe_gps.errors import UserError
 
@@ -146,16 +146,18 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
 def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) -> tuple[list, list[str]]:
     """The StrategyConfigs that --strategies (or ``default``), --redundant-slots, --replan-interval, --window
     and --min-gain describe, and notes for the user."""
+    from contextlib import nullcontext
     from dataclasses import replace
 
     from moe_gps.config import strategy_from_name
     from moe_gps.config.loader import split_strategy_names
     from sim.strategies import expand_strategies
 
-    requested = split_strategy_names(args.strategies) if args.strategies else default
-    note_repeated("--strategies", requested)
-    names, notes = expand_strategies(requested, trace)
-    strategies = [strategy_from_name(n) for n in names]
+    with named_by("--strategies") if args.strategies else nullcontext():
+        requested = split_strategy_names(args.strategies) if args.strategies else default
+        note_repeated("--strategies", requested)
+        names, notes = expand_strategies(requested, trace)
+        strategies = [strategy_from_name(n) for n in names]
     overrides = policy_overrides(args)          # checked whether or not a strategy takes them
     if args.redundant_slots is not None:
         if args.redundant_slots < 0:
@@ -215,6 +217,8 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
     except UserError as err:                  # a strategy's predictor or planner option: in the config file
         if args.config and str(err).startswith("strategies["):
             raise UserError(f"{args.config}: {err}") from None
+        if args.timeline and str(err).startswith("timeline step"):
+            raise UserError(f"--timeline {args.timeline}: {err}") from None
         raise
     result.notes += notes + no_verdict_note(cfg.strategies)
     result.inferred[:0] = inferred
