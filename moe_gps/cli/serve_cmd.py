@@ -8,8 +8,7 @@ import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
                                      input_paths, jobs_from_args, model_from_args, named_by, no_verdict_note,
-                                     note_repeated,
-                                     output_folder, plot_drawer, print_written)
+                                     note_repeated, output_folder, plot_drawer, print_written)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
 from moe_gps.errors import UserError
