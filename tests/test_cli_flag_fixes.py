@@ -269,7 +269,7 @@ def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, mon
     out = tmp_path / "c.parquet"
     code = main(["trace", "synth", "--kind", "counts", "--steps", "100", "--tokens", "8", "-o", str(out)])
     # 100 steps x 32 layers x 8 experts x 8 bytes = 204800 bytes = 200 KiB
-    one_line(capsys, code, "--steps 100 --tokens 8: the counts take 200.00 KiB before compression",
+    one_line(capsys, code, "--steps 100 --tokens-per-step 8: the counts take 200.00 KiB before compression",
              "100 steps x 32 layers x 8 experts x 8 bytes", "at least 12.50 KiB compressed",
              "more than the 1000 B free in")
     assert list(tmp_path.iterdir()) == []
@@ -302,7 +302,7 @@ def test_counts_trace_larger_than_the_free_disk_is_refused(tmp_path, capsys, mon
     (["trace", "rechunk", "{small}", "--tokens-per-step", "100000", "-o", "{tmp}/r.parquet"],
      "--tokens-per-step 100000: the trace holds 256 tokens, fewer than one step of 100000"),
     (["trace", "synth", "--steps", "0", "-o", "{tmp}/s.parquet"], "--steps must be at least 1, got 0"),
-    (["trace", "synth", "--tokens", "0", "-o", "{tmp}/s.parquet"], "--tokens must be at least 1, got 0"),
+    (["trace", "synth", "--tokens", "0", "-o", "{tmp}/s.parquet"], "--tokens-per-step must be at least 1, got 0"),
     (["serve", BUNDLED, "--train-steps", "64", "--no-plots", "-o", "{tmp}/sv"],
      "--train-steps 64 leaves no trace step to route the requests' tokens: the trace has 64 steps"),
 ])

@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "Definitions: docs/placement.md."))
     p.add_argument("trace", help="trace file (.parquet), tokens or counts kind")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the expert-parallel group (at least 1)")
-    p.add_argument("--redundant", type=int, default=0,
-                   help="extra slots per layer in total, >= 0; experts + redundant must divide by --gpus (default 0)")
+    p.add_argument("--redundant", "--redundant-slots", dest="redundant", type=int, default=0, metavar="R",
+                   help="extra slots per layer in total, >= 0; experts + redundant must divide by --gpus (default 0: "
+                        "the plan holds only the slots asked for, as the server it is for is started with them; "
+                        "simulate adds one per GPU by default)")
     from moe_gps.placement.planner import ALGORITHMS
     p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS, help=ALGORITHM_HELP + " (default: eplb)")
     p.add_argument("--steps", default="all",

@@ -96,11 +96,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="online: predictors learn from each step once routed; offline: never; default: each "
                         "predictor's own (profile offline, the rest online)")
     p.add_argument("--gpus", type=int, default=4, metavar="G", help="GPUs for the balancedness metric (default: 4)")
-    p.add_argument("--redundant", type=int, metavar="R",
-                   help="redundant expert slots per layer, >= 0 (default: one per GPU, beyond the spares that "
-                        "make the experts divide over the GPUs)")
+    p.add_argument("--redundant", "--redundant-slots", dest="redundant", type=int, metavar="R",
+                   help="redundant expert slots per layer, >= 0 (default: one per GPU, beyond the spares that make "
+                        "the experts divide over the GPUs, as simulate's duplicating strategies have; plan's "
+                        "default is 0, the slots a server is started with)")
     from moe_gps.placement import ALGORITHMS
-    p.add_argument("--algorithm", default="eplb", choices=ALGORITHMS,
+    # the choices are listed, and checked (before the trace loads) by cmd_evaluate: a bad one is a UserError
+    p.add_argument("--algorithm", default="eplb", metavar="{" + ",".join(ALGORITHMS) + "}",
                    help="placement algorithm that plans replicas from each prediction (default: eplb; see "
                         "docs/placement.md)")
     p.add_argument("--synthetic", metavar="A[,A...]",
@@ -228,6 +230,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--per-layer: unknown metric(s) {', '.join(bad)} (choose from {', '.join(LAYER_METRICS)})")
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    from moe_gps.placement import ALGORITHMS
+    if args.algorithm not in ALGORITHMS:
+        raise UserError(f"--algorithm: unknown placement algorithm {args.algorithm!r}; choose one of "
+                        f"{', '.join(ALGORITHMS)}")
     if args.redundant is not None and args.redundant < 0:
         raise UserError(f"--redundant must be >= 0, got {args.redundant}")
     if args.train_steps is not None and args.train_steps < 1:

@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens: every token's experts; counts: tokens per expert per step and layer "
                         "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="forward passes, at least 1 (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=512, help="tokens per step, at least 1 (default: %(default)s)")
+    p.add_argument("--tokens-per-step", "--tokens", dest="tokens", type=int, default=512, metavar="N",
+                   help="tokens per step, at least 1 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--weights", action="store_true", help="also write gate weights (larger file)")
     p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
@@ -187,7 +188,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    for flag, value in (("--steps", args.steps), ("--tokens", args.tokens)):
+    for flag, value in (("--steps", args.steps), ("--tokens-per-step", args.tokens)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.kind == "counts" and args.weights:
@@ -197,9 +198,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     overrides = dict(parse_setting(item) for item in args.set)
     profile = get_profile(args.profile, **overrides)
     if args.kind == "counts" and profile.top_k * args.tokens >= MAX_ASSIGNMENTS:
-        raise UserError(f"--tokens {args.tokens}: top_k x tokens = {profile.top_k * args.tokens} assignments per step "
+        raise UserError(f"--tokens-per-step {args.tokens}: top_k x tokens = {profile.top_k * args.tokens} assignments per step "
                         f"and layer, more than the 2^40 a counts trace may hold")
-    sizes = " ".join([f"--steps {args.steps} --tokens {args.tokens}"] + [f"--set {s}" for s in args.set])
+    sizes = " ".join([f"--steps {args.steps} --tokens-per-step {args.tokens}"] + [f"--set {s}" for s in args.set])
     if args.kind == "counts":
         check_counts_disk(args.output, args.steps, profile, sizes)
     progress = sys.stderr.isatty()

@@ -76,7 +76,8 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--from", dest="fmt", required=True, choices=FORMATS, metavar="FORMAT",
                    help=f"source format: {', '.join(FORMATS)}")
     p.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="trace file to write")
-    p.add_argument("--model", default="unknown", help="model name for the metadata (default: unknown)")
+    p.add_argument("--model-name", "--model", dest="model", default="unknown", metavar="NAME",
+                   help="model name for the metadata (default: unknown)")
     p.add_argument("--dataset", default="unknown", help="dataset name for the metadata (default: unknown)")
     p.add_argument("--top-k", type=positive_int, help="experts per token (required for popularity-json, "
                    "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; gate-csv: "
