@@ -286,7 +286,7 @@ def _median_run(runs: list[dict], walls: list[dict] | None = None) -> dict:
 def counts_case(work: Path, cluster: Path, steps: int, baseline: Path | None, simulate: bool = True) -> dict:
     path = work / f"deepseek_counts_{steps}.parquet"
     synth = measure(cli("trace", "synth", "--profile", "deepseek-v3", "--kind", "counts", "--steps", str(steps),
-                        "--tokens", "4096", "-o", str(path)))
+                        "--tokens-per-step", "4096", "-o", str(path)))
     fl = floor(path)
     out = {"trace": f"counts, {steps} steps x 4096 tokens, 58 layers, 256 experts, top-8", "synth": synth,
            "file_mb": path.stat().st_size / 1e6, "counts_array_mb": steps * 58 * 256 * 8 / 1e6, "floor": fl,

@@ -71,7 +71,7 @@ def main() -> None:
     for profile in ("mixtral-mmlu", "sst2"):
         path = work / f"{profile}_1536x512.parquet"
         if not path.exists():
-            moe_gps("trace", "synth", "--profile", profile, "--steps", "1536", "--tokens", "512", "-o", str(path))
+            moe_gps("trace", "synth", "--profile", profile, "--steps", "1536", "--tokens-per-step", "512", "-o", str(path))
         big[profile] = str(path)
     sst2 = work / "sst2_64x512.parquet"
     if not sst2.exists():

@@ -277,7 +277,7 @@ def test_cli_unbalanced_strategy_is_named(capsys):
     from moe_gps.cli.main import main
     trace = ROOT / "traces" / "mixtral_mmlu.parquet"
     assert main(["simulate", str(trace), "--strategies", "token:synthetic(accuracy=", "--no-plots"]) == 2
-    assert "moe-gps: error: strategy 'token:synthetic(accuracy=': '(' without ')'" in capsys.readouterr().err
+    assert "moe-gps: error: --strategies: strategy 'token:synthetic(accuracy=': '(' without ')'" in capsys.readouterr().err
 
 
 def test_default_redundant_slots_divide_when_experts_do_not_fill_the_gpus():

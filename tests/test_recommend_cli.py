@@ -152,7 +152,7 @@ def test_the_report_folder_holds_what_reruns_the_headline(files, capsys):
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--tokens-per-step", "0"], "--tokens-per-step must be >= 1, got 0"),
-    (["--cluster", "nope"], "unknown cluster preset 'nope'"),
+    (["--cluster", "nope"], "--cluster: unknown cluster preset 'nope'"),
     (["--sweep", "missing.yaml"], "missing.yaml: no such file"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(files, capsys, args, message, monkeypatch):

@@ -190,7 +190,7 @@ def test_a_parquet_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys, monk
 
     done = subprocess.run([sys.executable, "-m", "moe_gps.cli.main", "simulate", "ok.parquet", "--no-plots",
                            "-o", "out", "--cluster", os.fsdecode(b"c\xff.yaml")], capture_output=True)
-    assert done.returncode == 2 and done.stderr.splitlines() == [b"moe-gps: error: c\\udcff.yaml: no such file"]
+    assert done.returncode == 2 and done.stderr.splitlines() == [b"moe-gps: error: --cluster: c\\udcff.yaml: no such file"]
     assert sorted(os.listdir(tmp_path)) == sorted(["ok.parquet", name])          # nothing half-written
 
 

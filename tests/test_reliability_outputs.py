@@ -212,7 +212,7 @@ def test_atomic_write_syncs_file_then_renames_then_syncs_folder(tmp_path, monkey
 def test_huge_flags_are_one_line_naming_them(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "big.parquet")
     err = one_line(capsys, main(["trace", "synth", "--steps", str(10**12), "-o", out]))
-    assert "--steps 1000000000000 --tokens 512: the trace needs about" in err and "of memory" in err
+    assert "--steps 1000000000000 --tokens-per-step 512: the trace needs about" in err and "of memory" in err
     err = one_line(capsys, main(["trace", "synth", "--steps", "4", "--set", "num_experts=4000000", "-o", out]))
     assert "--set num_experts=4000000: the trace needs about" in err
     # an allocation that fails anyway (the estimate is rough): the same one line, naming the flags
@@ -223,7 +223,7 @@ def test_huge_flags_are_one_line_naming_them(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(synth_mod, "synthesize", no_memory)
     err = one_line(capsys, main(["trace", "synth", "--steps", "4", "--set", "num_experts=64", "-o", out]))
-    assert err.startswith("moe-gps: error: --steps 4 --tokens 512 --set num_experts=64: out of memory (Unable")
+    assert err.startswith("moe-gps: error: --steps 4 --tokens-per-step 512 --set num_experts=64: out of memory (Unable")
     assert list(tmp_path.iterdir()) == []
 
 
