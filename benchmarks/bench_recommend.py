@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_gps.atomic import atomic_path, write_text_atomic  # noqa: E402
+from moe_gps.cli.common_args import positive_int  # noqa: E402
 from moe_gps.config import WorkloadConfig, load_cluster, load_model  # noqa: E402
 from moe_gps.recommend.core import recommend  # noqa: E402
 from moe_gps.recommend.report import write_report  # noqa: E402
@@ -41,7 +42,7 @@ GOAL_RUNS, GOAL_S = 200, 120.0
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=positive_int, default=2)
     ap.add_argument("--trace", default=str(ROOT / "traces" / "mixtral_mmlu.parquet"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend"))
     args = ap.parse_args()

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, positive_int, save  # noqa: E402
 
 E, K, N = 8, 2, 4
 
@@ -131,10 +131,10 @@ def worker(ctx, hidden: int, inter: int, tokens: int, repeat: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1024, help="tokens per rank (default: %(default)s)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--tokens", type=positive_int, default=1024, help="tokens per rank (default: %(default)s)")
+    ap.add_argument("--hidden", type=positive_int, default=512)
+    ap.add_argument("--intermediate", type=positive_int, default=1024)
+    ap.add_argument("--repeat", type=positive_int, default=7)
     args = ap.parse_args(argv)
     from runtime.local import run_local
     res = run_local(worker, N, args.hidden, args.intermediate, args.tokens, args.repeat, timeout_s=600,

@@ -2,7 +2,7 @@
 
 Speed-up of strategy X over ``none`` = mean step latency of none / mean step latency of X,
 over the simulated steps. Its 95% interval is a paired circular block bootstrap over steps:
-resample runs of ⌈√S⌉ consecutive steps (the same ones for both strategies; consecutive steps
+resample runs of ⌈√S⌉ consecutive steps, at most S / 2 (the same ones for both strategies; consecutive steps
 are alike, as a trace drifts slowly and a placement serves several steps, so single steps
 would give too narrow an interval) :data:`RESAMPLES` times with the simulation's seed, take
 the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
@@ -35,8 +35,9 @@ BOOTSTRAP_CELLS = 1 << 20
 
 
 def block_length(n: int) -> int:
-    """Samples per block of the block bootstrap of ``n`` samples in time order: ⌈√n⌉."""
-    return max(1, math.ceil(math.sqrt(n)))
+    """Samples per block of the block bootstrap of ``n`` samples in time order: ⌈√n⌉, at most n / 2 (a
+    circular block as long as the series would redraw the series itself: no interval at all)."""
+    return max(1, min(math.ceil(math.sqrt(n)), n // 2))
 
 
 def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: float = 0.95,
@@ -46,7 +47,8 @@ def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: 
     base, other: float [S] samples of the same steps (or requests), in time order. The bootstrap
     resamples runs of ``block`` consecutive samples (default :func:`block_length`: samples close in
     time are alike; 1: single samples), wrapping around at the end (circular blocks: every sample is
-    drawn as often). Two means of 0 are a tie (1.0); a NaN sample gives NaN."""
+    drawn as often; a block is at most half the samples). Two means of 0 are a tie (1.0); a NaN sample
+    gives NaN."""
     base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
     n = len(base)
     if np.isnan(base).any() or np.isnan(other).any():
@@ -56,7 +58,7 @@ def speedup_interval(base: np.ndarray, other: np.ndarray, seed: int = 0, level: 
     if n < 2:
         return point, point, point
     rng = np.random.default_rng(seed)
-    block = max(1, min(block_length(n) if block is None else int(block), n))
+    block = max(1, min(block_length(n) if block is None else int(block), n // 2))
     ratio = np.empty(resamples)
     rows = max(1, BOOTSTRAP_CELLS // n)             # resamples drawn at a time: memory bounded on long runs
     for r0 in range(0, resamples, rows):
@@ -132,11 +134,7 @@ class Verdict:
                     f"({ci(self.ci_low, self.ci_high)})")
             if not self.beats_none:
                 text += ", not faster than no duplication beyond the interval"
-            text += ties or self.next_text()
-            if self.same_as_winner:
-                text += (f" ({and_list(self.same_as_winner)} {'takes' if len(self.same_as_winner) == 1 else 'take'} "
-                         f"its time on {every}: their plans route alike, so which is named is only the order "
-                         f"they are listed in)")
+            text += (ties or self.next_text()) + self.same_text()
         if self.thin and self.distinct_steps is not None and self.distinct_steps < self.steps:
             text += (f" [thin evidence: {self.distinct_steps} distinct of the {n} (the others are exact copies), "
                      f"fewer than {THIN_STEPS}]")
@@ -155,8 +153,18 @@ class Verdict:
         ratio, lo, hi = r["vs_winner"]
         gap = (lambda x: 100 * (1 - x)) if higher_is_better else (lambda x: 100 * (1 / x - 1))   # noqa: E731
         pct = lambda x: f"{x:.2g}" if abs(x) < 0.1 else f"{x:.2f}"  # noqa: E731  (a bound near 0 keeps its digits)
-        return (f"; the next, {r['strategy']}, {behind.format(gap=pct(gap(ratio)))} "
-                f"(95% CI {pct(gap(hi))}-{pct(gap(lo))}%)")
+        ci = f" (95% CI {pct(gap(hi))}-{pct(gap(lo))}%)" if self.steps > 1 else ""     # one sample: no interval
+        return f"; the next, {r['strategy']}, {behind.format(gap=pct(gap(ratio)))}{ci}"
+
+    def same_text(self, unit: str = "simulated step") -> str:
+        """`` (a and b take its time on every one of the 48 simulated steps: ...)``: the ties whose samples equal
+        the winner's on every step (or request), or ""."""
+        same = self.same_as_winner
+        if not same or self.strategy == "none":
+            return ""
+        every = (f"every one of the {self.steps} {unit}s" if self.steps != 1 else f"its {self.steps} {unit}")
+        return (f" ({and_list(same)} {'takes' if len(same) == 1 else 'take'} its time on {every}: their plans "
+                f"route alike, so which is named is only the order they are listed in)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,9 +243,9 @@ def compare(samples: dict[str, np.ndarray], base: str, seed: int, higher_is_bett
     st = {name: stats(x, samples[base]) for name, x in samples.items()}
     # on equal means (to rounding) ``base`` wins: a change must be better to be named
     mean = {n: sign * float(np.mean(x)) for n, x in samples.items()}
-    best = min(mean.values())
+    best = min((m for m in mean.values() if m == m), default=math.nan)        # a NaN mean never wins
     tied = [n for n in samples if mean[n] <= best + abs(best) * 1e-9]
-    winner = base if base in tied else tied[0]          # else the first listed
+    winner = base if base in tied or not tied else tied[0]          # else the first listed
     S = len(samples[base])
     point, lo, hi = st[winner]
     others = [n for n in samples if n != winner]

@@ -90,6 +90,11 @@ def test_predict_evaluate_lists_its_algorithms_and_checks_them_before_the_trace_
     (["serve", "{trace}", "--cluster", "4xA100", "--no-plots"], "moe-gps: error: --cluster: unknown cluster preset"),
     (["serve", "{trace}", "--workload", "nope", "--no-plots"], "moe-gps: error: --workload: unknown workload preset"),
     (["recommend", "{trace}", "--cluster", "4xA100"], "moe-gps: error: --cluster: unknown cluster preset"),
+    # a predictor unknown, or an option it does not take, is found when the strategy is made: still the flag's
+    (["simulate", "{trace}", "--strategies", "none,token:bogus", "--no-plots"],
+     "moe-gps: error: --strategies token:bogus: unknown token predictor 'bogus'"),
+    (["serve", "{trace}", "--requests", "20", "--strategies", "none,dist:ema(window=0)", "--no-plots"],
+     "moe-gps: error: --strategies dist:ema(window=0): distribution predictor 'ema' has no parameter"),
 ])
 def test_an_error_about_a_flags_value_names_the_flag(capsys, tmp_path, argv, start):
     argv = [a.format(trace=BUNDLED, tmp=tmp_path) for a in argv] + ["-o", str(tmp_path / "out")]

@@ -80,3 +80,28 @@ def test_the_chrome_trace_orders_each_gpu_before_its_copies():
     assert order == {0: 0, COPY_TRACK: 1, 1: 2, COPY_TRACK + 1: 3}
     names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert names[COPY_TRACK + 1] == "GPU 1 copies in"
+
+
+def test_serve_names_each_slo_line_in_its_panels_legend(tmp_path, monkeypatch):
+    """With only a TPOT SLO its panel has the SLO line, and a legend that names it."""
+    from types import SimpleNamespace
+
+    import sim.serving.plots as splots
+    from moe_gps.config.serving import SLOConfig
+    from sim.serving.metrics import RequestTimes
+
+    n = 20
+    t = RequestTimes(ttft=np.linspace(0.01, 0.05, n), tpot=np.linspace(0.01, 0.02, n), e2e=np.linspace(1, 2, n),
+                     queue=np.zeros(n), span=10.0)
+    strategies = [SimpleNamespace(name="none", kind="none"), SimpleNamespace(name="eplb", kind="static")]
+    cfg = SimpleNamespace(slo=SLOConfig(tpot_ms=15.0), workload=SimpleNamespace(name="w"),
+                          simulate=SimpleNamespace(strategies=strategies, model=SimpleNamespace(name="m"),
+                                                   cluster=SimpleNamespace(name="c")))
+    result = SimpleNamespace(config=cfg, rates=[SimpleNamespace(rate=10.0, times={"none": t, "eplb": t})])
+    seen = []
+    monkeypatch.setattr(splots, "save_png", lambda fig, path: seen.append(fig) or path)
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    splots.write_plots(result, tmp_path)
+    ttft, tpot, _ = seen[0].axes
+    assert "SLO" in [x.get_text() for x in tpot.get_legend().get_texts()]
+    assert [x.get_text() for x in ttft.get_legend().get_texts()] == ["none", "eplb"]

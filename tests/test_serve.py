@@ -222,7 +222,7 @@ def test_the_serving_verdict_says_when_the_best_duplicating_strategy_changes_not
     assert "the best duplicating one, a, is 0.990x none's speed (95% CI" in verdict_line(slower, on_goodput=False)
 
 
-def test_the_serving_verdict_says_how_far_behind_the_next_strategy_is_when_none_ties_the_winner():
+def test_the_serving_verdict_says_how_far_behind_the_next_strategy_is_when_it_has_no_tie():
     """Paired over the same requests: b misses the SLO on one request in every 5 that a meets it on, so every
     block of 5 requests tells them apart, and the line says by how much (20% fewer requests)."""
     from sim.serving.metrics import verdict_line
@@ -237,3 +237,35 @@ def test_the_serving_verdict_says_how_far_behind_the_next_strategy_is_when_none_
     assert v.strategy == "a" and v.ties == []
     line = verdict_line(v, on_goodput=True)
     assert line.endswith("; the next, b, meets the SLO for 20.00% fewer of the same requests (95% CI 20.00-20.00%)")
+
+
+def test_the_serving_gap_is_of_the_shares_met_when_none_meets_the_slo_for_no_request():
+    """Without a request of none's within the SLO the verdict compares shares + 1/n (a finite ratio); how far
+    behind the next is stays a ratio of the shares themselves: 17 of 100 against 34 is 50% fewer (of the
+    shifted shares it would be 48.6%)."""
+    from types import SimpleNamespace
+
+    from moe_gps.config.serving import SLOConfig
+    from sim.serving.metrics import serving_verdict, verdict_line
+
+    n = 100
+    met = {"none": np.zeros(n), "a": np.zeros(n), "b": np.zeros(n)}
+    met["a"][::3] = 1.0
+    met["b"][::6] = 1.0
+    times = {s: SimpleNamespace(met=lambda slo, m=m: m.astype(bool), e2e=np.ones(n)) for s, m in met.items()}
+    v, on_goodput = serving_verdict(times, ["none", "a", "b"], "none", SLOConfig(ttft_ms=100.0), 0)
+    assert on_goodput and v.strategy == "a"
+    assert v.ties == [] and v.runner_up["vs_winner"][0] == pytest.approx(0.5)
+    assert "the next, b, meets the SLO for 50.00% fewer of the same requests" in verdict_line(v, True)
+
+
+def test_the_serving_line_names_the_ties_that_serve_every_request_as_the_winner():
+    from sim.serving.metrics import verdict_line
+    from sim.verdict import compare
+
+    none = np.array([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0])
+    v = compare({"none": none, "a": none / 1.1, "b": none / 1.1}, "none", seed=0)
+    assert v.same_as_winner == ["b"]
+    assert verdict_line(v, on_goodput=False).endswith(
+        "ties within the interval: b (b takes its time on every one of the 8 requests: their plans route alike, so "
+        "which is named is only the order they are listed in)")

@@ -301,6 +301,20 @@ def test_speedup_interval_of_zero_and_missing_samples():
     assert all(np.isnan(x) for x in nan)
 
 
+def test_two_steps_still_give_an_interval_and_one_step_none():
+    """A block as long as the series would redraw the series itself: blocks are at most half the steps, so
+    two steps resample single steps; one step has no interval, and the gap to the next says none either."""
+    point, lo, hi = speedup_interval(np.array([10.0, 11.0]), np.array([9.0, 10.5]))
+    assert lo < point < hi
+    one = compare({"none": np.array([1.0]), "a": np.array([0.9]), "b": np.array([0.95])}, "none", 0)
+    assert "the next, b, is 5.56% slower on the same steps" in one.line() and "95% CI" not in one.line()
+
+
+def test_a_baseline_with_a_nan_mean_does_not_stop_the_verdict():
+    v = compare({"none": np.array([1.0, 1.2, 1.0, np.nan]), "x": np.ones(4)}, "none", 0)
+    assert v.strategy == "x" and np.isnan(v.speedup)
+
+
 def test_verdict_with_only_no_duplication_and_with_one_step():
     only = verdict_of(fake({"none": [10.0, 10.1, 9.9, 10.0, 10.2, 9.8, 10.0, 10.1]}))
     assert only.line() == "verdict: none (no duplication) is the only deployable strategy simulated: nothing to " \

@@ -10,6 +10,7 @@ those flags; :func:`deployment_from_args` turns them into
 from __future__ import annotations
 
 import argparse
+import re
 from contextlib import contextmanager
 
 from moe_gps.errors import UserError
@@ -33,6 +34,17 @@ def named_by(flag: str, value=None):
         head = flag if value is None or str(value) in text else f"{flag} {value}"
         err.args = (f"{head}: {text}",)
         raise
+
+
+def strategy_error(err: UserError, args: argparse.Namespace) -> UserError:
+    """A strategy's error (``strategies[i] (NAME): ...``, from its predictor or planner options) said where the
+    strategy was given: the ``--config`` file, or ``--strategies NAME``; any other error as it is."""
+    m = re.match(r"strategies\[\d+\] \((.*?)\): (.*)", str(err), re.S)
+    if m and getattr(args, "config", None):
+        return UserError(f"{args.config}: {err}")
+    if m and getattr(args, "strategies", None):
+        return UserError(f"--strategies {m.group(1)}: {m.group(2)}")
+    return err
 
 
 def whole_number(least: int):

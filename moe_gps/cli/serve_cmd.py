@@ -8,7 +8,7 @@ import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
                                      input_paths, jobs_from_args, model_from_args, named_by, no_verdict_note,
-                                     note_repeated, output_folder, plot_drawer, print_written)
+                                     note_repeated, output_folder, plot_drawer, print_written, strategy_error)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
 from moe_gps.errors import UserError
@@ -179,6 +179,11 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     out = output_folder(args, "serve")
     try:
         result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
+    except UserError as err:                  # a strategy's predictor or planner option: where it was given
+        named = strategy_error(err, args)
+        if named is not err:
+            raise named from None
+        raise
     except MemoryError as err:
         from moe_gps.errors import environment_error
         raise environment_error(err, flag=f"{cfg.workload.num_requests} requests per rate (--requests, "

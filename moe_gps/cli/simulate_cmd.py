@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      input_paths, jobs_from_args, named_by, no_verdict_note, note_repeated,
-                                     output_folder, plot_drawer, print_written, workload_from_args)
+                                     output_folder, plot_drawer, print_written, strategy_error, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES, PREDICTING_INTERVAL, VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE
 from moe_gps.errors import UserError
 
@@ -214,9 +214,10 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
         steps = parse_steps(args.timeline)
     try:
         result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
-    except UserError as err:                  # a strategy's predictor or planner option: in the config file
-        if args.config and str(err).startswith("strategies["):
-            raise UserError(f"{args.config}: {err}") from None
+    except UserError as err:                  # a strategy's predictor or planner option: where it was given
+        named = strategy_error(err, args)
+        if named is not err:
+            raise named from None
         if args.timeline and str(err).startswith("timeline step"):
             raise UserError(f"--timeline {args.timeline}: {err}") from None
         raise

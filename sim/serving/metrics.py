@@ -25,7 +25,7 @@ import numpy as np
 
 from moe_gps.config.serving import SLOConfig
 from sim.serving.requests import Requests
-from sim.verdict import THIN_STEPS, Verdict, compare, interval_text
+from sim.verdict import THIN_STEPS, Verdict, compare, interval_text, speedup_interval
 
 PERCENTILES = (50, 90, 99)
 
@@ -96,7 +96,11 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
         if not all(np.array_equal(x, samples[base]) for x in samples.values()):
             if not samples[base].any():
                 # no request of the baseline meets the SLO: compare the shares met + 1/n (a finite ratio)
-                samples = {s: x + 1.0 / n for s, x in samples.items()}
+                v = compare({s: x + 1.0 / n for s, x in samples.items()}, base, seed, higher_is_better=True)
+                r = v.runner_up
+                if r is not None and "vs_winner" in r:     # how far behind the winner: of the shares themselves
+                    r["vs_winner"] = list(speedup_interval(samples[r["strategy"]], samples[v.strategy], seed))
+                return v, True
             return compare(samples, base, seed, higher_is_better=True), True
     return compare({s: times[s].e2e for s in deployable}, base, seed), False
 
@@ -125,4 +129,4 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
         text += ", not better than no duplication beyond the interval"
     behind = "meets the SLO for {gap}% fewer of the same requests" if on_goodput else \
         "is {gap}% slower on the same requests"
-    return text + (ties or v.next_text(behind, higher_is_better=on_goodput)) + thin
+    return text + (ties or v.next_text(behind, higher_is_better=on_goodput)) + v.same_text("request") + thin

@@ -51,7 +51,9 @@ def write_plots(result: ServeResult, out: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of requests")
-    axes[0].legend(fontsize=8, loc="lower right")         # the panel with an SLO line: its legend names it
+    for ax, limit in zip(axes, (slo.ttft_ms, slo.tpot_ms, None)):
+        if ax is axes[0] or limit is not None:           # a panel with an SLO line names it in its legend
+            ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Request latency at {rr.rate:g} requests/s — {title}")
     fig.tight_layout()
     paths.append(save_png(fig, out / FIGURE_FILES[0]))

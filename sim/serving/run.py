@@ -107,8 +107,11 @@ def _run_one(job: tuple[int, int], sh: dict) -> tuple[int, int, ServerRun, float
     sim_cfg, sched, parts = config.simulate, config.scheduler, config.iteration
     cfg = sim_cfg.strategies[k]
     t0 = time.perf_counter()
-    st = make_strategy(cfg, ctx, sim_cfg.seed, cfg.resolved_policy(sh["train"]))
-    st.prepare(sh["trace"], sh["train"], sh["counts"])
+    try:
+        st = make_strategy(cfg, ctx, sim_cfg.seed, cfg.resolved_policy(sh["train"]))
+        st.prepare(sh["trace"], sh["train"], sh["counts"])
+    except UserError as err:                  # a predictor's or planner's option: say whose (as simulate does)
+        raise UserError(f"strategies[{k}] ({cfg.resolved_name()}): {err}") from None
     bar = tqdm(total=len(req), desc=f"serve {sh['rates'][r]:g} req/s {cfg.name}", unit="req",
                disable=not sh["bars"], file=sys.stderr)
     run = run_server(req, TokenStream(sh["trace"], sh["train"]), MoELayers(st, ctx, sh["fast"]), sh["dense"],
