@@ -237,4 +237,4 @@ def test_a_bad_predictor_option_names_its_strategy(tmp_path, capsys):
     write_trace(trace, synthesize("sst2", num_steps=16, tokens_per_step=64, seed=0))
     one_line(capsys, main(["simulate", str(trace), "--no-plots", "--strategies", "none,dist:ema(alpha=5)",
                            "-o", str(tmp_path / "o")]),
-             "strategies[1] (dist:ema(alpha=5)): ema: alpha must be in (0, 1], got 5")
+             "--strategies dist:ema(alpha=5): ema: alpha must be in (0, 1], got 5")
