@@ -162,15 +162,23 @@ def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
         thread._state = TERMINATE                 # no more workers started, no more results waited for
     pool._change_notifier.put(None)               # the worker handler sees that now
     deadline = time.monotonic() + wait_s
-    while True:
-        workers = list(pool._pool)
-        for proc in workers:
-            if proc.exitcode is None:
-                proc.kill()
-        if (not handler.is_alive() and all(proc.exitcode is not None for proc in workers)) \
-                or time.monotonic() > deadline:
-            break
-        handler.join(0.05)
+    # a worker killed halfway through sending a result would hold the result queue's lock for ever, and the
+    # task handler's closing sentinel, and so both handlers, would wait on it: hold it while they are killed
+    wlock = getattr(pool._outqueue, "_wlock", None)
+    held = wlock is not None and wlock.acquire(timeout=min(1.0, wait_s))
+    try:
+        while True:
+            workers = list(pool._pool)
+            for proc in workers:
+                if proc.exitcode is None:
+                    proc.kill()
+            if (not handler.is_alive() and all(proc.exitcode is not None for proc in workers)) \
+                    or time.monotonic() > deadline:
+                break
+            handler.join(0.05)
+    finally:
+        if held:
+            wlock.release()
     # the task handler may be blocked writing tasks no worker reads any more: with the workers dead, drain them
     tasks = pool._inqueue._reader
     while pool._task_handler.is_alive() and time.monotonic() < deadline:

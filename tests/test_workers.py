@@ -161,6 +161,41 @@ def test_kill_pool_ends_a_pool_even_when_a_dead_process_holds_its_task_queue_loc
         assert float(waited) < 5 and alive == "0", proc.stdout   # Pool.terminate alone waits for ever
 
 
+_ERROR_BESIDE_A_BIG_RESULT = """
+import threading, time
+import numpy as np
+from moe_gps.errors import UserError
+from moe_gps.workers import fork_map
+
+def work(i, context):
+    if i == 0:
+        time.sleep(0.05)
+        raise UserError("boom")
+    return np.ones(4_000_000)                     # 32 MB: the other worker is still sending it when 0 fails
+
+for trial in range(10):
+    try:
+        list(fork_map(work, [0, 1, 2, 3], 2))
+    except UserError:
+        pass
+    time.sleep(0.1)
+    print(sum("handle" in t.name for t in threading.enumerate()))
+"""
+
+
+def test_an_error_in_one_worker_leaves_no_pool_thread_while_another_sends_its_result():
+    """One worker fails while the other is halfway through sending a large result: killed there, it would
+    hold the result queue's lock for ever, and the pool's task and result handlers would wait on it (the
+    threads a later fork of this process must not have: see Warm)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ERROR_BESIDE_A_BIG_RESULT], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0"] * 10, proc.stdout
+
+
 def _terminated(x: int, context) -> int:
     import os
     import signal
