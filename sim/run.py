@@ -401,7 +401,7 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
             out.tokens[i] = loads.tokens
             out.expert_skew[i] = _skew(counts)
             out.routing_key[i] = routing_key(loads.tokens, loads.home_tokens, counts)
-            out.base_skew[i] = _skew(base.gpu_loads(loads.counts))
+            out.base_skew[i] = _skew(base.gpu_loads(counts))
         keep = timeline_steps is not None and int(s) in timeline_steps
         attention = attention_time(loads.home_tokens, model, ctx.workload, ctx.hw)     # the same for every strategy
         attention_compute = attention_compute_time(loads.home_tokens, model, ctx.workload, ctx.hw)

@@ -21,7 +21,6 @@ DEFAULT_CLUSTER = "4xA100-nvlink"
 DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_per_step")
 
 
-
 @contextmanager
 def named_by(flag: str, value=None):
     """A UserError raised inside starts with the flag that gave the value it is about (``--cluster: unknown
@@ -62,6 +61,7 @@ def whole_number(least: int):
 
 #: argparse types: counts of at least 1 (steps, repeats, experts) and of at least 0
 positive_int, nonnegative_int = whole_number(1), whole_number(0)
+
 
 def no_verdict_note(strategies: list) -> list[str]:
     """The note of a run without ``none``, which the verdict needs (nothing when it has it)."""
