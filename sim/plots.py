@@ -79,12 +79,30 @@ def line_style(kind: str, color) -> dict:
     return {"color": color, "linestyle": LINESTYLES.get(kind, "-"), "linewidth": 1.3, "zorder": 2}
 
 
-def _styles(data: PlotData) -> list[dict]:
-    """A distinct colour per strategy (tab20) and a line style per kind (:func:`line_style`)."""
+def strategy_colors(names: list[str]) -> list[tuple]:
+    """A colour of tab20 per strategy, chosen by its name, so that a strategy keeps its colour from run to run
+    and in simulate's and serve's figures alike; two strategies of one run that would share one take the next
+    free colour (the same again only past 18 strategies)."""
+    import zlib
+
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    return [line_style(kind, cmap(i % 20)) for i, kind in enumerate(data.kinds)]
+    cmap, used, out = matplotlib.colormaps["tab20"], set(), []
+    palette = [i for i in range(20) if i not in (14, 15)]          # not its greys: no duplication is grey
+    for name in names:
+        i = zlib.crc32(name.encode()) % len(palette)
+        for step in range(len(palette)):
+            if (i + step) % len(palette) not in used:
+                i = (i + step) % len(palette)
+                break
+        used.add(i)
+        out.append(cmap(palette[i]))
+    return out
+
+
+def _styles(data: PlotData) -> list[dict]:
+    """A colour per strategy (:func:`strategy_colors`) and a line style per kind (:func:`line_style`)."""
+    return [line_style(kind, c) for kind, c in zip(data.kinds, strategy_colors(data.names))]
 
 
 def cdf_step(ax, values, **style) -> None:

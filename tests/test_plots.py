@@ -105,3 +105,13 @@ def test_serve_names_each_slo_line_in_its_panels_legend(tmp_path, monkeypatch):
     ttft, tpot, _ = seen[0].axes
     assert "SLO" in [x.get_text() for x in tpot.get_legend().get_texts()]
     assert [x.get_text() for x in ttft.get_legend().get_texts()] == ["none", "eplb"]
+
+
+def test_a_strategy_keeps_its_colour_from_run_to_run_and_colours_differ_within_a_run():
+    from sim.plots import strategy_colors
+
+    every = ["none", "eplb", "dist:profile", "dist:previous", "dist:window", "dist:ema", "dist:kalman",
+             "dist:token-hist", "token:most-frequent", "token:token-id", "token:position", "token:prev-layer", "oracle"]
+    colors = strategy_colors(every)
+    assert len(set(colors)) == len(every)
+    assert strategy_colors(["dist:ema", "eplb"]) == [colors[5], colors[1]]       # the order of listing aside

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sim.plots import cdf_step, line_style, save_png
+from sim.plots import cdf_step, line_style, save_png, strategy_colors
 from sim.serving.run import ServeResult
 
 #: the figures :func:`write_plots` draws
@@ -18,10 +18,8 @@ FIGURE_FILES = ("latency_cdf.png", "latency_throughput.png")
 
 
 def _styles(result: ServeResult) -> dict[str, dict]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return {s.name: line_style(s.kind, cmap(i % 10)) for i, s in enumerate(result.config.simulate.strategies)}
+    strategies = result.config.simulate.strategies
+    return {s.name: line_style(s.kind, c) for s, c in zip(strategies, strategy_colors([s.name for s in strategies]))}
 
 
 def _slo_line(ax, value_ms: float | None, label: str) -> None:
