@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,33 +30,13 @@ def load_average() -> float | None:
 
 
 def git_commit(root: Path = ROOT) -> str | None:
-    """The commit checked out in ``root`` read from ``.git`` (no git process); None when unknown."""
+    """The commit checked out in ``root`` (``git rev-parse HEAD``); None where git or the repository is missing."""
     try:
-        git = root / ".git"
-        if git.is_file():                                    # a worktree: "gitdir: <path>"
-            text = git.read_text().strip()
-            if not text.startswith("gitdir:"):
-                return None
-            git = (root / text[len("gitdir:"):].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head or None                              # detached HEAD
-        ref = head[len("ref:"):].strip()
-        common = git
-        if (git / "commondir").is_file():                    # a worktree's refs live in the main .git
-            common = (git / (git / "commondir").read_text().strip()).resolve()
-        for base in (git, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip() or None
-        packed = common / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1] == ref:
-                    return parts[0]
-    except (OSError, UnicodeDecodeError):
-        pass
-    return None
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=root, capture_output=True,
+                              text=True)
+    except OSError:
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def environment(load_average_at_start: float | None = None) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import load_average, positive_int, save  # noqa: E402
+from benchmarks._common import git_commit, load_average, positive_int, save  # noqa: E402
 
 
 def timed(cwd: Path, args: list[str], out: Path) -> float:
@@ -61,8 +61,6 @@ def main() -> None:
     if resolved.returncode != 0:
         ap.error(f"argument REV: git cannot resolve {a.rev!r} to a commit")
     rev_commit = resolved.stdout.strip()
-    head = git("rev-parse", "--verify", "--quiet", "HEAD")
-    here_commit = head.stdout.strip() if head.returncode == 0 else None
     status = git("status", "--porcelain", "--untracked-files=no")
     dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +83,7 @@ def main() -> None:
     print(f"moe-gps {' '.join(args)}: this tree {med_here:.2f} s, {a.rev} ({rev_commit[:12]}) {med_there:.2f} s "
           f"(medians of {a.repeat}, order alternating); ratio {med_here / med_there:.2f}")
     path = save("compare_commits", {"command": args, "rev": a.rev, "rev_commit": rev_commit,
-                                    "this_tree_commit": here_commit, "this_tree_uncommitted_changes": dirty,
+                                    "this_tree_commit": git_commit(), "this_tree_uncommitted_changes": dirty,
                                     "timed_first": first, "this_tree_s": here, "rev_s": there,
                                     "ratio_of_medians": med_here / med_there},
                 load_average_at_start=load_at_start)

@@ -28,6 +28,18 @@ class UserError(Exception):
     exit_code = 2
 
 
+class StrategyError(UserError):
+    """A strategy's own problem (its predictor's or planner's options), found when it is made or fitted:
+    ``strategies[index] (name): reason``, which the command line says where the strategy was given."""
+
+    def __init__(self, index: int, name: str, reason: str):
+        super().__init__(index, name, reason)          # as args: it crosses from a forked worker intact
+        self.index, self.name, self.reason = index, name, reason
+
+    def __str__(self) -> str:
+        return f"strategies[{self.index}] ({self.name}): {self.reason}"
+
+
 class HostLimit(UserError):
     """Input this machine cannot simulate now (not enough memory for it), which another machine, or this one
     with fewer workers, could: a sweep records it without caching it, so that a rerun tries again."""

@@ -165,7 +165,6 @@ def check_output_file(path: str | os.PathLike, flag: str | None = "-o") -> Path:
     return p
 
 
-
 def check_trace_output(path: str | os.PathLike, flag: str = "-o") -> Path:
     """The output trace file (:func:`check_output_file`), whose name must end in .parquet (a trace is written
     as Parquet whatever the name says)."""
@@ -173,6 +172,7 @@ def check_trace_output(path: str | os.PathLike, flag: str = "-o") -> Path:
     if not str(path).lower().endswith(".parquet"):
         raise UserError(f"{flag} {path}: a trace is written as Parquet; give a file name ending in .parquet")
     return out
+
 
 def check_output_dir(path: str | os.PathLike, flag: str | None = "-o") -> Path:
     """Check the output folder ``path`` before any work; returns it as a Path."""

@@ -152,8 +152,9 @@ def kill_pool(pool, wait_s: float = KILL_WAIT_S) -> None:
 
     Not ``Pool.terminate``: it sends SIGTERM, which a worker may ignore (recommend's do), and it takes the
     task queue's lock, which a worker killed while it waited for its next task holds for ever. The pool's
-    own threads are daemons that end with the process; its clean-up at exit is cancelled, as nothing is
-    left for it to do."""
+    own threads end on their sentinels within ``wait_s`` (should a worker have died on its own while it held
+    the result queue's lock, they are daemons that end with the process); its clean-up at exit is
+    cancelled, as nothing is left for it to do."""
     from multiprocessing.pool import TERMINATE
 
     pool._state = TERMINATE

@@ -23,7 +23,7 @@ import numpy as np
 
 from moe_gps.config.loader import check_combination, check_model_matches_trace, memory_use
 from moe_gps.config.schema import ClusterConfig, ModelConfig, SimulateConfig, StrategyConfig, WorkloadConfig
-from moe_gps.errors import HostLimit, UserError
+from moe_gps.errors import HostLimit, StrategyError, UserError
 from moe_gps.placement import plan_placement
 from moe_gps.placement.placement import row_max
 from moe_gps.trace.data import CountsTrace, TokensTrace
@@ -384,7 +384,7 @@ def _serve(index: list[int], sh: dict) -> dict[int, tuple]:
         try:
             st.prepare(trace, train, sh["counts"])
         except UserError as err:            # a predictor's or planner's option: say whose
-            raise UserError(f"strategies[{index[k]}] ({st.name}): {err}") from None
+            raise StrategyError(index[k], st.name, str(err)) from None
         seconds[k]["prepare"] = time.perf_counter() - t0
         tick(1)
 

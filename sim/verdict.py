@@ -116,9 +116,10 @@ class Verdict:
         ci = lambda lo, hi: interval_text(lo, hi, self.steps, "simulated step")  # noqa: E731
         within = "within the interval" if self.steps > 1 else "(the same time)"
         ties = f"; ties {within}: {', '.join(self.ties)}" if self.ties else ""
-        every = f"every one of the {n}" if self.steps != 1 else f"its {n}"
+        every = self.every("simulated step")
         if self.strategy == "none" and self.runner_up is None:
-            text = "verdict: none (no duplication) is the only deployable strategy simulated: nothing to compare it with"
+            text = ("verdict: none (no duplication) is the only deployable strategy simulated: nothing to compare "
+                    "it with")
         elif self.strategy == "none":
             text = "verdict: none (no duplication) is the fastest deployable strategy"
             if self.runner_up.get("same_every_step"):
@@ -156,15 +157,18 @@ class Verdict:
         ci = f" (95% CI {pct(gap(hi))}-{pct(gap(lo))}%)" if self.steps > 1 else ""     # one sample: no interval
         return f"; the next, {r['strategy']}, {behind.format(gap=pct(gap(ratio)))}{ci}"
 
+    def every(self, unit: str) -> str:
+        """``every one of the 48 simulated steps``, or ``its 1 simulated step``."""
+        return f"every one of the {self.steps} {unit}s" if self.steps != 1 else f"its {self.steps} {unit}"
+
     def same_text(self, unit: str = "simulated step") -> str:
         """`` (a and b take its time on every one of the 48 simulated steps: ...)``: the ties whose samples equal
         the winner's on every step (or request), or ""."""
         same = self.same_as_winner
         if not same or self.strategy == "none":
             return ""
-        every = (f"every one of the {self.steps} {unit}s" if self.steps != 1 else f"its {self.steps} {unit}")
-        return (f" ({and_list(same)} {'takes' if len(same) == 1 else 'take'} its time on {every}: their plans "
-                f"route alike, so which is named is only the order they are listed in)")
+        return (f" ({and_list(same)} {'takes' if len(same) == 1 else 'take'} its time on {self.every(unit)}: "
+                f"their plans route alike, so which is named is only the order they are listed in)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

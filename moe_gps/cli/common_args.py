@@ -10,10 +10,9 @@ those flags; :func:`deployment_from_args` turns them into
 from __future__ import annotations
 
 import argparse
-import re
 from contextlib import contextmanager
 
-from moe_gps.errors import UserError
+from moe_gps.errors import StrategyError, UserError
 
 DEFAULT_CLUSTER = "4xA100-nvlink"
 
@@ -22,28 +21,33 @@ DEPLOYMENT_DESTS = ("cluster", "model", "workload", "phase", "seq_len", "tokens_
 
 
 @contextmanager
-def named_by(flag: str, value=None):
-    """A UserError raised inside starts with the flag that gave the value it is about (``--cluster: unknown
-    cluster preset ...``; ``--timeline 99: ...`` where the message does not quote the value). The functions
-    that raise it also read config files, whose messages name the file instead, so the flag is added here."""
+def named_by(flag: str, value, quote: bool = True):
+    """Where the flag was given (``value``, its value, not None or empty), a UserError raised inside starts with
+    it (``--cluster: unknown cluster preset ...``), with its value where the message does not quote it and
+    ``quote``. The functions that raise it also read config files, whose messages name the file instead, so
+    the flag is added here."""
     try:
         yield
     except UserError as err:
-        text = str(err)
-        head = flag if value is None or str(value) in text else f"{flag} {value}"
-        err.args = (f"{head}: {text}",)
+        if value:
+            text = str(err)
+            head = flag if not quote or str(value) in text else f"{flag} {value}"
+            err.args = (f"{head}: {text}",)
         raise
 
 
-def strategy_error(err: UserError, args: argparse.Namespace) -> UserError:
-    """A strategy's error (``strategies[i] (NAME): ...``, from its predictor or planner options) said where the
-    strategy was given: the ``--config`` file, or ``--strategies NAME``; any other error as it is."""
-    m = re.match(r"strategies\[\d+\] \((.*?)\): (.*)", str(err), re.S)
-    if m and getattr(args, "config", None):
-        return UserError(f"{args.config}: {err}")
-    if m and getattr(args, "strategies", None):
-        return UserError(f"--strategies {m.group(1)}: {m.group(2)}")
-    return err
+@contextmanager
+def strategies_named(args: argparse.Namespace):
+    """A :class:`~moe_gps.errors.StrategyError` raised inside (from a strategy's predictor or planner options)
+    says where the strategy was given: the ``--config`` file, or ``--strategies NAME``."""
+    try:
+        yield
+    except StrategyError as err:
+        if getattr(args, "config", None):
+            raise UserError(f"{args.config}: {err}") from None
+        if getattr(args, "strategies", None):
+            raise UserError(f"--strategies {err.name}: {err.reason}") from None
+        raise
 
 
 def whole_number(least: int):
@@ -243,17 +247,11 @@ def deployment_from_args(args: argparse.Namespace, trace) -> tuple:
     from moe_gps.files import read_yaml
     from moe_gps.trace.regroup import decode_shaped
 
-    if args.cluster:
-        with named_by("--cluster", args.cluster):
-            cluster = load_cluster(args.cluster)
-    else:
-        cluster = load_cluster(DEFAULT_CLUSTER)
+    with named_by("--cluster", args.cluster):
+        cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
     model = model_from_args(args, trace)
-    if args.workload:
-        with named_by("--workload", args.workload):
-            workload = load_workload(args.workload)
-    else:
-        workload = WorkloadConfig()
+    with named_by("--workload", args.workload):
+        workload = load_workload(args.workload) if args.workload else WorkloadConfig()
     note = None
     file_sets_phase = bool(args.workload) and "phase" in (read_yaml(args.workload) or {})
     if not args.phase and not file_sets_phase:

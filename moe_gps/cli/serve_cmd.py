@@ -8,7 +8,7 @@ import sys
 
 from moe_gps.cli.common_args import (DEFAULT_CLUSTER, add_assumptions_arg, add_cluster_model_args, add_jobs_arg,
                                      input_paths, jobs_from_args, model_from_args, named_by, no_verdict_note,
-                                     note_repeated, output_folder, plot_drawer, print_written, strategy_error)
+                                     note_repeated, output_folder, plot_drawer, print_written, strategies_named)
 from moe_gps.cli.simulate_cmd import add_strategy_args, strategies_from_args
 from moe_gps.config.serving import MAX_OVERHEAD_US, MIN_RATE
 from moe_gps.errors import UserError
@@ -98,7 +98,6 @@ def _number(flag: str, value, integer: bool, bound: float, strict: bool, upper: 
 
 def build_config(args: argparse.Namespace, trace):
     """The ServeConfig the flags describe, and notes for the user."""
-    from contextlib import nullcontext
     from dataclasses import replace
 
     from moe_gps.config import SimulateConfig, load_cluster
@@ -121,7 +120,7 @@ def build_config(args: argparse.Namespace, trace):
             raise UserError(f"--train-steps {args.train_steps} leaves no trace step to route the requests' tokens: "
                             f"the trace has {trace.num_steps} steps; use at most {trace.num_steps - 1}")
         strategies, notes = strategies_from_args(args, trace, DEFAULT_STRATEGIES)
-        with named_by("--cluster", args.cluster) if args.cluster else nullcontext():
+        with named_by("--cluster", args.cluster):
             cluster = load_cluster(args.cluster or DEFAULT_CLUSTER)
         sim_cfg = SimulateConfig(cluster=cluster, model=model_from_args(args, trace),
                                  strategies=strategies, train_steps=args.train_steps)
@@ -129,7 +128,7 @@ def build_config(args: argparse.Namespace, trace):
             sim_cfg = replace(sim_cfg, copy_policy=args.copy_policy)
         if args.assumptions:
             sim_cfg = replace(sim_cfg, assumptions=args.assumptions)
-        with named_by("--workload", args.workload) if args.workload else nullcontext():
+        with named_by("--workload", args.workload):
             workload = load_request_workload(args.workload or DEFAULT_WORKLOAD)
         cfg = ServeConfig(simulate=sim_cfg, workload=workload,
                           scheduler=SchedulerConfig(), iteration=IterationParts(), slo=SLOConfig())
@@ -178,12 +177,8 @@ def _serve(args: argparse.Namespace, jobs: int, drawer) -> int:
     cfg, notes = build_config(args, trace)
     out = output_folder(args, "serve")
     try:
-        result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
-    except UserError as err:                  # a strategy's predictor or planner option: where it was given
-        named = strategy_error(err, args)
-        if named is not err:
-            raise named from None
-        raise
+        with strategies_named(args):          # a strategy's predictor or planner option: where it was given
+            result = serve(trace, cfg, trace_name=str(args.trace), jobs=jobs)
     except MemoryError as err:
         from moe_gps.errors import environment_error
         raise environment_error(err, flag=f"{cfg.workload.num_requests} requests per rate (--requests, "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_gps.cli.common_args import (add_assumptions_arg, add_deployment_args, add_jobs_arg, deployment_from_args,
                                      input_paths, jobs_from_args, named_by, no_verdict_note, note_repeated,
-                                     output_folder, plot_drawer, print_written, strategy_error, workload_from_args)
+                                     output_folder, plot_drawer, print_written, strategies_named, workload_from_args)
 from moe_gps.config.schema import COPY_POLICIES, PREDICTING_INTERVAL, VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE
 from moe_gps.errors import UserError
 
@@ -146,14 +146,13 @@ def build_config(args: argparse.Namespace, trace) -> tuple["object", list[str], 
 def strategies_from_args(args: argparse.Namespace, trace, default: list[str]) -> tuple[list, list[str]]:
     """The StrategyConfigs that --strategies (or ``default``), --redundant-slots, --replan-interval, --window
     and --min-gain describe, and notes for the user."""
-    from contextlib import nullcontext
     from dataclasses import replace
 
     from moe_gps.config import strategy_from_name
     from moe_gps.config.loader import split_strategy_names
     from sim.strategies import expand_strategies
 
-    with named_by("--strategies") if args.strategies else nullcontext():
+    with named_by("--strategies", args.strategies, quote=False):
         requested = split_strategy_names(args.strategies) if args.strategies else default
         note_repeated("--strategies", requested)
         names, notes = expand_strategies(requested, trace)
@@ -213,11 +212,9 @@ def _simulate(args: argparse.Namespace, jobs: int, out: Path, drawer) -> int:
 
         steps = parse_steps(args.timeline)
     try:
-        result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
-    except UserError as err:                  # a strategy's predictor or planner option: where it was given
-        named = strategy_error(err, args)
-        if named is not err:
-            raise named from None
+        with strategies_named(args):          # a strategy's predictor or planner option: where it was given
+            result = simulate(trace, cfg, trace_name=str(args.trace), timeline_steps=steps, jobs=jobs)
+    except UserError as err:
         if args.timeline and str(err).startswith("timeline step"):
             raise UserError(f"--timeline {args.timeline}: {err}") from None
         raise

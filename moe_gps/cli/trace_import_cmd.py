@@ -154,8 +154,7 @@ def _other_format(fmt: str, sources: list[str]) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from moe_gps.outputs import check_trace_output
-    from moe_gps.outputs import same_file
+    from moe_gps.outputs import check_trace_output, same_file
     from moe_gps.trace.importers import import_trace
 
     out = check_trace_output(args.output)

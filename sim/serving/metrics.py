@@ -108,7 +108,6 @@ def serving_verdict(times: dict[str, RequestTimes], deployable: list[str], base:
 def verdict_line(v: Verdict, on_goodput: bool) -> str:
     """The one-line serving verdict (``on_goodput``: the verdict compared SLO attainment, else mean latency)."""
     what = "SLO attainment" if on_goodput else "mean end-to-end latency"
-    n = f"{v.steps} request{'s' if v.steps != 1 else ''}"
     ci = lambda lo, hi: interval_text(lo, hi, v.steps, "request")  # noqa: E731
     thin = f" [thin evidence: fewer than {THIN_STEPS} requests]" if v.thin else ""
     ties = f"; ties within the interval: {', '.join(v.ties)}" if v.ties else ""
@@ -117,7 +116,7 @@ def verdict_line(v: Verdict, on_goodput: bool) -> str:
         text = f"verdict ({what}): none (no duplication) is the best deployable strategy"
         if v.runner_up is not None and v.runner_up.get("same_every_step"):
             text += (f"; no duplicating strategy is better: the best, {v.runner_up['strategy']}, gives the same on "
-                     f"every one of the {n}")
+                     f"{v.every('request')}")
         elif v.runner_up is not None:
             r = v.runner_up
             text += (f"; the best duplicating one, {r['strategy']}, is {ratio(r['speedup'])} "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from moe_gps.config.loader import check_combination, check_model_matches_trace
 from moe_gps.config.schema import VLLM_STEP_INTERVAL, VLLM_WINDOW_SIZE, WorkloadConfig
 from moe_gps.config.serving import ServeConfig
-from moe_gps.errors import UserError
+from moe_gps.errors import StrategyError, UserError
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.workers import fork_map, forking
 from sim.cost import Hardware
@@ -111,7 +111,7 @@ def _run_one(job: tuple[int, int], sh: dict) -> tuple[int, int, ServerRun, float
         st = make_strategy(cfg, ctx, sim_cfg.seed, cfg.resolved_policy(sh["train"]))
         st.prepare(sh["trace"], sh["train"], sh["counts"])
     except UserError as err:                  # a predictor's or planner's option: say whose (as simulate does)
-        raise UserError(f"strategies[{k}] ({cfg.resolved_name()}): {err}") from None
+        raise StrategyError(k, cfg.resolved_name(), str(err)) from None
     bar = tqdm(total=len(req), desc=f"serve {sh['rates'][r]:g} req/s {cfg.name}", unit="req",
                disable=not sh["bars"], file=sys.stderr)
     run = run_server(req, TokenStream(sh["trace"], sh["train"]), MoELayers(st, ctx, sh["fast"]), sh["dense"],
