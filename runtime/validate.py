@@ -145,6 +145,19 @@ def planned_outputs(opt: ValidateOptions) -> tuple[list[Path], list[Path]]:
     return files, folders
 
 
+def earlier_outputs(opt: ValidateOptions) -> list[str]:
+    """The run folders and calibrations in ``opt.out`` named as validate names them but not this validation's
+    (an earlier one's, with more rounds, ranks or strategies): paths relative to ``opt.out``, sorted."""
+    import re
+
+    out = Path(opt.out)
+    files, folders = planned_outputs(opt)
+    mine = set(files + folders)
+    runs = [p for p in (out / "runs").glob("N*-*") if p.is_dir() and re.fullmatch(r"N\d+-.+", p.name)]
+    calibrations = [p for p in out.glob("cluster-*.yaml") if re.fullmatch(r"cluster-\d+(-\d+)?\.yaml", p.name)]
+    return sorted(str(p.relative_to(out)) for p in runs + calibrations if p not in mine)
+
+
 def check_outputs_spare_inputs(opt: ValidateOptions, run_cfg) -> None:
     """A UserError, before anything runs, when a file validate writes (a run's, a calibration's, the report)
     would replace one it reads: TRACE, the run config, --cluster, the plan or cluster file the config names."""

@@ -168,8 +168,14 @@ def default_train_steps(config: SimulateConfig, num_steps: int, num_tokens: int 
         hint = ""
         if num_tokens >= 2:
             n = max(1, num_tokens // 16)
-            hint = (f"; regroup its {num_tokens} tokens into several steps, e.g. --tokens-per-step {n} "
-                    f"({num_tokens // n} steps) or `moe-gps trace rechunk TRACE --tokens-per-step {n} -o OUT`")
+            how = (f"--tokens-per-step {n} ({num_tokens // n} steps) or `moe-gps trace rechunk TRACE "
+                   f"--tokens-per-step {n} -o OUT`")
+            need = config.model.num_experts * config.model.top_k
+            hint = (f"; regroup its {num_tokens} tokens into several steps, e.g. {how}" if n >= need else
+                    f"; its {num_tokens} tokens are too few for several steps of at least experts x top_k "
+                    f"({config.model.num_experts} x {config.model.top_k}) tokens, below which a step's expert loads "
+                    f"are mostly sampling noise: record a longer trace, or regroup it anyway ({how}) and read the "
+                    f"answer as noise")
         raise UserError(f"the trace has {num_steps} step; the simulator needs at least 2 (one to fit "
                         f"predictors and profile, one to simulate){hint}")
     if train >= num_steps:
@@ -236,7 +242,7 @@ def simulate(trace: TokensTrace | CountsTrace, config: SimulateConfig, progress:
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
     trace, regrouped, warning = regroup_or_scale(trace, workload.tokens_per_step, config.train_steps)
-    warnings = [warning] if warning else []
+    warnings = [w for w in (m.aggregate_steps_warning(), warning) if w]
     if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k and not warning:
         warnings.append(f"some steps hold fewer tokens ({int(np.min(trace.tokens_per_step))}) than experts x top_k "
                         f"({m.num_experts} x {m.top_k}): their expert loads are mostly sampling noise; regroup "

@@ -14,7 +14,7 @@ the ratio of the means each time, and keep the 2.5th and 97.5th percentiles.
   the interval of its own speed-up over the winner (paired, as above) contains 1.0.
 * Fewer than :data:`THIN_STEPS` simulated steps is *thin evidence*, and the verdict says so;
   steps that are exact copies of another (the same number of tokens and the same expert loads in
-  every layer) do not count.
+  every layer) do not count, and steps that are all copies of one give no interval.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class Verdict:
     same_as_winner: list[str] = field(default_factory=list)
 
     @property
+    def one_sample(self) -> bool:
+        """One step, or steps that are all copies of one: no interval (every resample is the same)."""
+        return self.steps <= 1 or self.distinct_steps == 1
+
+    @property
     def beats_none(self) -> bool:
         """The winner is faster than no duplication beyond the interval."""
         return self.strategy != "none" and self.ci_low > 1.0
@@ -113,8 +118,8 @@ class Verdict:
     def line(self) -> str:
         """The one-line verdict printed after the tables."""
         n = f"{self.steps} simulated step{'s' if self.steps != 1 else ''}"
-        ci = lambda lo, hi: interval_text(lo, hi, self.steps, "simulated step")  # noqa: E731
-        within = "within the interval" if self.steps > 1 else "(the same time)"
+        ci = lambda lo, hi: interval_text(lo, hi, self.steps, "simulated step", self.distinct_steps)  # noqa: E731
+        within = "(the same time)" if self.one_sample else "within the interval"
         ties = f"; ties {within}: {', '.join(self.ties)}" if self.ties else ""
         every = self.every("simulated step")
         if self.strategy == "none" and self.runner_up is None:
@@ -154,7 +159,7 @@ class Verdict:
         ratio, lo, hi = r["vs_winner"]
         gap = (lambda x: 100 * (1 - x)) if higher_is_better else (lambda x: 100 * (1 / x - 1))   # noqa: E731
         pct = lambda x: f"{x:.2g}" if abs(x) < 0.1 else f"{x:.2f}"  # noqa: E731  (a bound near 0 keeps its digits)
-        ci = f" (95% CI {pct(gap(hi))}-{pct(gap(lo))}%)" if self.steps > 1 else ""     # one sample: no interval
+        ci = "" if self.one_sample else f" (95% CI {pct(gap(hi))}-{pct(gap(lo))}%)"     # one sample: no interval
         return f"; the next, {r['strategy']}, {behind.format(gap=pct(gap(ratio)))}{ci}"
 
     def every(self, unit: str) -> str:
@@ -179,10 +184,15 @@ def and_list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def interval_text(lo: float, hi: float, n: int, unit: str) -> str:
-    """``95% CI lo-hi over n units``, or ``no interval from 1 unit`` (one sample gives none)."""
+def interval_text(lo: float, hi: float, n: int, unit: str, distinct: int | None = None) -> str:
+    """``95% CI lo-hi over n units``, or ``no interval from 1 unit`` (one sample gives none), or, when the
+    ``distinct`` units are one, ``no interval: the n units are copies of one``."""
     what = f"{n} {unit}{'s' if n != 1 else ''}"
-    return f"95% CI {lo:.3f}-{hi:.3f} over {what}" if n > 1 else f"no interval from {what}"
+    if n <= 1:
+        return f"no interval from {what}"
+    if distinct == 1:
+        return f"no interval: the {what} are copies of one"
+    return f"95% CI {lo:.3f}-{hi:.3f} over {what}"
 
 
 def verdict_of(result: "SimResult") -> Verdict | None:
@@ -221,14 +231,15 @@ def bound_lines(result: "SimResult") -> list[str]:
     if base is None:
         return []
     us = lambda r: {"total": float(r.layer_time.mean() * 1e6), "ffn": float(r.phases["ffn"].mean() * 1e6)}  # noqa: E731
+    distinct = len(np.unique(result.routing_key))
     out = []
     for r in result.strategies:
         if r.config.kind != "oracle":
             continue
         point, lo, hi = speedup_interval(base.step_latency, r.step_latency, result.config.seed)
-        S = len(base.step_latency)
+        ci = interval_text(lo, hi, len(base.step_latency), "simulated step", distinct)
         out.append(f"bound: {r.name} ({r.redundant_slots} redundant slots, true loads known in advance, no "
-                   f"predictor cost) runs at {point:.3f}x over none ({interval_text(lo, hi, S, 'simulated step')}); "
+                   f"predictor cost) runs at {point:.3f}x over none ({ci}); "
                    + oracle_gain_text(us(base), us(r), result.config.cluster, result.config.model))
     return out
 

@@ -114,3 +114,22 @@ def test_model_not_inferable_names_the_trace(files, capsys, command):
     assert code == 2 and err.count("\n") == 1
     assert f"{d / 't.parquet'}: cannot tell the model from the trace metadata (model 'mixtral-8x7b', 4 layers" in err
     assert "give --model PRESET|FILE" in err
+
+
+def test_a_trace_of_a_presets_shape_under_another_name_is_told_that_preset(tmp_path):
+    """A trace imported without --model (model 'unknown') of a preset's shape: the error names the preset."""
+    import argparse
+    from types import SimpleNamespace
+
+    from moe_gps.cli.common_args import model_from_args
+    from moe_gps.errors import UserError
+    from moe_gps.trace.meta import TraceMeta
+
+    args = argparse.Namespace(model=None, trace="q.parquet")
+    qwen = SimpleNamespace(meta=TraceMeta(kind="counts", num_layers=48, num_experts=128, top_k=8))
+    with pytest.raises(UserError, match=r"q.parquet: cannot tell the model .*; give --model PRESET\|FILE \(the "
+                                        r"preset qwen3-30b-a3b has that shape\)$"):
+        model_from_args(args, qwen)
+    odd = SimpleNamespace(meta=TraceMeta(kind="counts", num_layers=5, num_experts=128, top_k=8))
+    with pytest.raises(UserError, match=r"give --model PRESET\|FILE$"):
+        model_from_args(args, odd)

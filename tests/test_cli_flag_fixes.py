@@ -217,6 +217,22 @@ def test_a_validation_that_fails_leaves_the_earlier_one_whole(tmp_path, monkeypa
     assert {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()} == earlier
 
 
+@needs_torch
+def test_an_earlier_validations_extra_runs_and_calibrations_are_named(tmp_path):
+    """Runs and calibrations an earlier validation made with more rounds or strategies stay beside this one's:
+    validate names them, so that runs/ is not read as this report's."""
+    import runtime.validate as val
+
+    out = tmp_path / "v"
+    for rel in ("runs/N2-off-0", "runs/N2-off-1", "runs/N2-off-2", "runs/N2-static-0", "runs/N4-off-0",
+                "runs/mine"):
+        (out / rel).mkdir(parents=True)
+    for name in ("cluster-2-0.yaml", "cluster-2-2.yaml", "cluster-2-2.model.yaml", "cluster-x.yaml"):
+        (out / name).write_text("")
+    opt = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=out, nprocs=[2], strategies=["off"], runs=2)
+    assert val.earlier_outputs(opt) == ["cluster-2-2.yaml", "runs/N2-off-2", "runs/N2-static-0", "runs/N4-off-0"]
+
+
 # --------------------------------------------------------------------------- 4. --nproc limits
 
 @needs_torch

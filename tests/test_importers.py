@@ -657,3 +657,47 @@ def test_gate_csv_warns_when_folders_are_not_in_the_numeric_order_of_their_names
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "the same source as" in done.stderr and "named twice" in done.stderr
     assert not (tmp_path / "h.parquet").exists()           # its steps were counted twice
+
+
+def test_a_popularity_trace_is_simulated_with_a_warning_that_its_steps_are_whole_runs(tmp_path, capsys):
+    """Each popularity file sums a whole run: simulate and recommend say that its steps are not batches."""
+    from moe_gps.cli.main import main
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        counts = [rng.multinomial(1000, [1 / 8] * 8).tolist() for _ in range(32)]   # top_k x 500 tokens a layer
+        (tmp_path / f"s{i}.json").write_text(json.dumps({"expert_popularity": counts}))
+        files.append(str(tmp_path / f"s{i}.json"))
+    trace = import_popularity_json(files, top_k=2, model="Mixtral-8x7B-v0.1").trace
+    assert "sums a whole run's forward passes (popularity-json, one step per file)" in \
+        trace.meta.aggregate_steps_warning()
+    out = tmp_path / "pop.parquet"
+    code, _, err = run_cli(["--from", "popularity-json", *files, "--top-k", "2", "--model", "Mixtral-8x7B-v0.1",
+                            "-o", str(out)], capsys)
+    assert code == 0, err
+    assert main(["simulate", str(out), "--strategies", "none,eplb", "--no-plots", "-o", str(tmp_path / "s")]) == 0
+    assert "warning: each step of this trace sums a whole run's forward passes" in capsys.readouterr().out
+    assert load_trace(out).meta.aggregate_steps_warning() is not None
+    assert load_trace(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet").meta \
+        .aggregate_steps_warning() is None
+
+
+def test_phase_records_what_the_steps_are_and_simulate_reads_it(tmp_path, capsys):
+    """Gate CSVs carry no sequence ids, so decode steps cannot be told by their shape: --phase decode records
+    it in the provenance (and the command), and the simulator takes the steps as decode."""
+    from moe_gps.trace.regroup import decode_shaped
+
+    for step in range(2):
+        (tmp_path / f"d{step}").mkdir()
+        for layer in range(2):
+            write_gate_csv(tmp_path / f"d{step}" / f"layer{layer}.csv", gate_scores(8, 6, 2, seed=step + layer))
+    out = tmp_path / "decode.parquet"
+    code, _, err = run_cli(["--from", "gate-csv", str(tmp_path / "d0"), str(tmp_path / "d1"), "--phase", "decode",
+                            "-o", str(out)], capsys)
+    assert code == 0, err
+    trace = load_trace(out)
+    assert trace.meta.provenance["phase"] == "decode" and "--phase decode" in trace.meta.provenance["command"]
+    assert decode_shaped(trace) == "its metadata says phase: decode"
+    code, _, err = run_cli(["--from", "gate-csv", str(tmp_path / "d0"), "-o", str(tmp_path / "p.parquet")], capsys)
+    assert code == 0 and "phase" not in load_trace(tmp_path / "p.parquet").meta.provenance

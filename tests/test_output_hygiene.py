@@ -49,7 +49,8 @@ def test_inspect_and_plan_json_use_null_not_nan(one_step, tmp_path, capsys):
 def test_non_parquet_input_names_the_import_line(tmp_path, capsys, name, content, fmt):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(UserError, match=f"not a Parquet file; .*`moe-gps trace import --from {fmt} {path} "):
+    src = path.parent if fmt == "gate-csv" else path        # gate-csv: a step is a folder of layer files
+    with pytest.raises(UserError, match=f"not a Parquet file; .*`moe-gps trace import --from {fmt} {src} "):
         load_trace(path)
     for argv in (["trace", "inspect", str(path)], ["plan", str(path), "--gpus", "2", "-o", str(tmp_path / "p.yaml")],
                  ["simulate", str(path), "-o", str(tmp_path / "out")]):

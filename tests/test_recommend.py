@@ -380,6 +380,13 @@ def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
                            ("1000000", None, float("nan")))
     assert none_ran.sentence("none") == ("GPU count: none stays the fastest only at 4 GPUs; at 1000000 GPUs nothing "
                                          "could be simulated (runs.csv says why).")
+    # none recommended at the user's 4 GPUs while dist:ema has the best mean there (not separated): one clause
+    # for the user's value, not "none stays the fastest only at 4 GPUs; at 4 GPUs dist:ema comes first"
+    unseparated = Sensitivity("GPU count", "GPUs", ["4", "8"], ["dist:ema +1/GPU", "dist:ema +1/GPU"], 0, "4", "4",
+                              ("4", "dist:ema +1/GPU", 1.001), None)
+    assert unseparated.sentence("none") == ("GPU count: at 4 GPUs (yours) none is recommended though dist:ema +1/GPU "
+                                            "comes first by 0.10% (a near tie); dist:ema +1/GPU is the fastest at 8 "
+                                            "GPUs.")
 
 
 def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(result):

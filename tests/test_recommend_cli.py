@@ -204,3 +204,23 @@ def test_a_file_where_the_cache_folder_goes_is_one_line(files, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "a file where the sweep keeps its cache folder" in err
     assert (out / "cache").read_text() == "mine"
+
+
+def test_a_trace_too_short_for_train_steps_is_told_a_step_size_that_regroups_it(tmp_path, capsys):
+    """One step of 512 tokens: recommend names a --tokens-per-step that regroups it into enough steps (it had
+    said to set train_steps below 1), and says when the one given only scaled the steps."""
+    from pathlib import Path
+
+    from moe_gps.trace import load_trace
+
+    one = tmp_path / "one.parquet"
+    write_trace(one, load_trace(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet")
+                .select_steps([3]))
+    assert main(["recommend", str(one), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("moe-gps: error: the trace has 1 step; train_steps=16 leaves none to simulate: give "
+                   "--tokens-per-step 30 or fewer, which regroups its 512 tokens into at least 17 steps")
+    assert main(["recommend", str(one), "--tokens-per-step", "64", "-o", str(tmp_path / "r")]) == 2
+    assert ("the trace has 1 step (--tokens-per-step 64 makes fewer than 17 steps, so each step's counts are "
+            "scaled instead); train_steps=16") in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

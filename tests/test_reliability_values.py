@@ -294,6 +294,16 @@ def test_steps_that_are_copies_of_one_step_are_thin_evidence():
     v = simulate(copies, cfg, progress=False).verdict
     assert v.thin and v.distinct_steps == 1 and v.steps == 18
     assert "[thin evidence: 1 distinct of the 18 simulated steps (the others are exact copies)" in v.line()
+    # copies of one step are one sample: no interval (a bootstrap over them gave a zero-width one)
+    cfg = build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,eplb,dist:ema",
+                                                  "--tokens-per-step", "16384"]), copies)[0]
+    line = simulate(copies, cfg, progress=False).verdict.line()
+    assert "dist:ema is the fastest" in line and "95% CI" not in line
+    assert "(no interval: the 18 simulated steps are copies of one); the next, eplb, is" in line
+    res = simulate(copies, build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,oracle"]),
+                                        copies)[0], progress=False)
+    from sim.verdict import bound_lines
+    assert "no interval: the 18 simulated steps are copies of one" in bound_lines(res)[0]
     full = simulate(t, build_config(build_parser().parse_args(["simulate", "x", "--strategies", "none,eplb"]),
                                     t)[0], progress=False).verdict
     assert not full.thin and full.distinct_steps == full.steps == 48
@@ -593,3 +603,23 @@ def test_set_aside_drops_the_earlier_files_on_success_and_names_a_killed_runs_le
     with pytest.raises(UserError, match="the files of an earlier run in .* that was killed before it ended"):
         with set_aside(out, ["r.txt"]):
             pass
+
+
+def test_a_one_step_trace_is_told_how_to_regroup_and_when_that_is_only_noise():
+    """A one-step trace is told to regroup its tokens; where the steps that would make hold fewer tokens than
+    experts x top_k, it is told that is noise rather than given a step size its own warning then calls noise."""
+    from moe_gps.cli.main import build_parser
+    from moe_gps.cli.simulate_cmd import build_config
+    from moe_gps.errors import UserError
+    from moe_gps.trace import load_trace
+    from sim.run import default_train_steps
+
+    t = load_trace(BUNDLED)
+    cfg = build_config(build_parser().parse_args(["simulate", "x"]), t)[0]            # 8 experts, top-2
+    with pytest.raises(UserError, match=r"regroup its 512 tokens into several steps, e\.g\. --tokens-per-step 32 "
+                                        r"\(16 steps\)"):
+        default_train_steps(cfg, 1, 512)
+    with pytest.raises(UserError, match=r"its 200 tokens are too few for several steps of at least experts x top_k "
+                                        r"\(8 x 2\) tokens.*record a longer trace, or regroup it anyway "
+                                        r"\(--tokens-per-step 12 \(16 steps\)"):
+        default_train_steps(cfg, 1, 200)

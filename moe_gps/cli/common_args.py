@@ -201,6 +201,7 @@ def model_from_args(args: argparse.Namespace, trace):
     """The ModelConfig of --model (checked against ``trace`` where one is given), or else the preset the
     trace's metadata names."""
     from moe_gps.config import check_model_matches_trace, infer_model, load_model
+    from moe_gps.config.loader import presets_of_shape
 
     if args.model:
         with named_by("--model", args.model):
@@ -213,8 +214,11 @@ def model_from_args(args: argparse.Namespace, trace):
     m = trace.meta
     model = infer_model(m.model, m.num_layers, m.num_experts, m.top_k)
     if model is None:
+        same = presets_of_shape(m.num_layers, m.num_experts, m.top_k)
+        hint = f" (the preset {' or '.join(same)} has that shape)" if same else ""
         raise UserError(f"{args.trace}: cannot tell the model from the trace metadata (model '{m.model}', "
-                        f"{m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); give --model PRESET|FILE")
+                        f"{m.num_layers} layers, {m.num_experts} experts, top-{m.top_k}); give --model PRESET|FILE"
+                        + hint)
     return model
 
 

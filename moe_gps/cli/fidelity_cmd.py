@@ -136,7 +136,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moe_gps.config.loader import split_strategy_names
     from moe_gps.fidelity.calibrate import MeasurementFailed
-    from runtime.validate import REPORT_FILES, ValidateOptions, validate
+    from runtime.validate import REPORT_FILES, ValidateOptions, earlier_outputs, validate
 
     _need_torch()
     from moe_gps.outputs import check_output_dir, hold_output_dir
@@ -175,6 +175,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     print(text)
     print(f"\nwrote {out}/: {', '.join(REPORT_FILES)} (runs in {out}/runs/)")
+    earlier = earlier_outputs(opt)
+    if earlier:
+        print(f"note: {out}/ also holds {', '.join(earlier)} from an earlier validation; this report does not use "
+              "them")
     if opt.max_phase_error is not None:
         from runtime.validate import phase_check_line
         line = phase_check_line(comparisons, opt.max_phase_error)

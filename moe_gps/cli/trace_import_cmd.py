@@ -79,6 +79,10 @@ def register_import(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--model-name", "--model", dest="model", default="unknown", metavar="NAME",
                    help="model name for the metadata (default: unknown)")
     p.add_argument("--dataset", default="unknown", help="dataset name for the metadata (default: unknown)")
+    p.add_argument("--phase", choices=("prefill", "decode"), help="what the steps are, when the source does not "
+                   "say: decode (one new token per sequence a step) or prefill; recorded as the provenance's "
+                   "phase, which simulate and recommend then time the steps as (default: not recorded: they "
+                   "tell decode by its shape where the trace has sequence ids, else take prefill)")
     p.add_argument("--top-k", type=positive_int, help="experts per token (required for popularity-json, "
                    "hf-router-logits, sglang-dump stat/per_pass; sglang-routed: this or --num-layers; gate-csv: "
                    "optional; checked against the data where it shows, e.g. gate-csv's non-zero scores per row)")
@@ -113,6 +117,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for attr in ("model", "dataset"):
         if getattr(args, attr) != "unknown":
             words += [f"--{attr}", getattr(args, attr)]
+    if args.phase:
+        words += ["--phase", args.phase]
     return shlex.join(words)
 
 
@@ -166,7 +172,7 @@ def run_import(args: argparse.Namespace) -> int:
             raise UserError(f"{src}: the same source as {twin}, named twice")
     options = import_options(args)
     try:
-        result = import_trace(args.fmt, args.sources, out, command=_command_line(args), **options)
+        result = import_trace(args.fmt, args.sources, out, command=_command_line(args), phase=args.phase, **options)
     except UserError as err:
         raise UserError(f"{err}{_other_format(args.fmt, args.sources)}") from None
     for line in result.summary:

@@ -370,19 +370,28 @@ class Sensitivity:
             v = self.values[0]
             cav = f" ({self.caveats[v]})" if v in self.caveats else ""
             return f"{self.axis}: only {' '.join(x for x in (v, self.unit) if x)} swept{cav}."
-        rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip() if self.holds_from != self.holds_to
-               else f"only at {self.holds_from} {self.unit}".strip())
-        s = f"{self.axis}: {rec} stays the fastest {rng}"
-        parts = []
-        for side, ch in (("below", self.change_below), ("above", self.change_above)):
-            if ch is not None:
-                cav = f" ({self.caveats[ch[0]]})" if ch[0] in self.caveats else ""    # said where it is named
-                parts.append(f"at {ch[0]} {self.unit}".rstrip() + cav
-                             + (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
-                                f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
-                                f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
-                                else f" {ch[1]} wins ({ch[2]:.3f}x faster than {rec})"))
-        s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
+        def what(ch: tuple[str, str | None, float]) -> str:
+            """What happens at the value of a change: who comes first, by how much."""
+            return (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
+                    f" {ch[1]} ties it (the same time) and comes first on a tie" if ch[2] == 1.0 else
+                    f" {ch[1]} comes first by {100 * (ch[2] - 1):.2f}% (a near tie)" if ch[2] < NEAR_TIE
+                    else f" {ch[1]} wins ({ch[2]:.3f}x faster than {rec})")
+
+        ch = self.change_below
+        if ch is not None and ch[0] == self.values[self.user_index] and self.winners[self.user_index] != rec:
+            # recommended at the user's point without the best mean there (not faster beyond the interval)
+            cav = f" ({self.caveats[ch[0]]})" if ch[0] in self.caveats else ""
+            s = f"{self.axis}: at {ch[0]} {self.unit}".rstrip() + f" (yours){cav} {rec} is recommended though" + what(ch)
+        else:
+            rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip()
+                   if self.holds_from != self.holds_to else f"only at {self.holds_from} {self.unit}".strip())
+            s = f"{self.axis}: {rec} stays the fastest {rng}"
+            parts = []
+            for ch in (self.change_below, self.change_above):
+                if ch is not None:
+                    cav = f" ({self.caveats[ch[0]]})" if ch[0] in self.caveats else ""    # said where it is named
+                    parts.append(f"at {ch[0]} {self.unit}".rstrip() + cav + what(ch))
+            s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
         # the values of the range whose runs carry a caveat: one clause for them all
         lo, hi = self.values.index(self.holds_from), self.values.index(self.holds_to)
         named = [v for v in self.values[lo:hi + 1] if v in self.caveats]

@@ -56,12 +56,23 @@ class Recommendation:
         return [r for r in self.records if r.get("status") == "error"]
 
 
-def _trim(trace, sweep: SweepConfig, notes: list[str]):
+def _trim(trace, sweep: SweepConfig, notes: list[str], scaled: int | None = None):
+    """The trace cut to train_steps + sim_steps, and the steps simulated; ``scaled``: the user's
+    --tokens-per-step, when it scaled the trace's steps rather than regrouping them."""
+    from moe_gps.trace.data import TokensTrace
+
     n = trace.num_steps
     train, sim = sweep.train_steps, sweep.sim_steps
     if n < train + 1:
-        raise UserError(f"the trace has {n} steps; train_steps={train} leaves none to simulate "
-                        f"(set train_steps below {n} in a sweep file, given with --sweep)")
+        fixes = [f"set train_steps below {n} in a sweep file, given with --sweep"] if n >= 2 else []
+        need = steps_needed(train)
+        if isinstance(trace, TokensTrace) and trace.num_tokens >= need:
+            fixes.append(f"give --tokens-per-step {trace.num_tokens // need} or fewer, which regroups its "
+                         f"{trace.num_tokens} tokens into at least {need} steps")
+        why = (f" (--tokens-per-step {scaled} makes fewer than {need} steps, so each step's counts are scaled "
+               "instead)" if scaled else "")
+        raise UserError(f"the trace has {n} step{'s' if n != 1 else ''}{why}; train_steps={train} leaves none to "
+                        f"simulate" + (f": {'; or '.join(fixes)}" if fixes else ""))
     if n < train + sim:
         notes.append(f"the trace has {n} steps: {n - train} simulated per run instead of sim_steps={sim}")
         sim = n - train
@@ -160,10 +171,11 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     notes: list[str] = []
     m = trace.meta
     check_model_matches_trace(model, m.num_layers, m.num_experts, m.top_k, trace_name)
+    notes += [w for w in (m.aggregate_steps_warning(),) if w]
     # the steps of your point, as simulate makes them: train_steps, sim_steps and the skews count these
     trace, regrouped, scaled = regroup_or_scale(trace, workload.tokens_per_step, sweep.train_steps)
     notes += [x for x in (regrouped, scaled) if x]
-    trace, sim_steps = _trim(trace, sweep, notes)
+    trace, sim_steps = _trim(trace, sweep, notes, workload.tokens_per_step if scaled else None)
     if sim_steps != sweep.sim_steps:
         from dataclasses import replace
         sweep = replace(sweep, sim_steps=sim_steps)

@@ -99,6 +99,10 @@ def weight_columns(top_k: int) -> list[str]:
     return [f"weight_{j}" for j in range(top_k)]
 
 
+#: import formats whose steps each sum a whole run (:meth:`TraceMeta.aggregate_steps_warning`)
+AGGREGATE_FORMATS = ("popularity-json",)
+
+
 @dataclass
 class TraceMeta:
     """What a trace describes. Stored as JSON under the Parquet metadata key ``moe_gps``.
@@ -146,6 +150,17 @@ class TraceMeta:
                 f"{where}: schema_version {self.schema_version!r} is not supported "
                 f"(this moe-gps reads version {SCHEMA_VERSION})"
             )
+
+    def aggregate_steps_warning(self) -> str | None:
+        """A warning when every step sums a whole run's forward passes (a popularity file's counts, one step per
+        file), not one batch the GPUs served; else None."""
+        fmt = (self.provenance or {}).get("format")
+        if fmt not in AGGREGATE_FORMATS:
+            return None
+        return (f"each step of this trace sums a whole run's forward passes ({fmt}, one step per file), not one "
+                "batch: re-plan cadences, copies and the interval count these runs as steps; such a trace shows "
+                "the experts' popularity and skew (moe-gps trace inspect), a trace of batches which strategy to "
+                "deploy")
 
     def to_json(self) -> str:
         data = asdict(self)

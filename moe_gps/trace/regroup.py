@@ -112,8 +112,8 @@ def regroup_note(trace: TokensTrace | CountsTrace, tokens_per_step: int) -> str:
     steps = regrouped_steps(trace, n)
     left = int(trace.tokens_per_step.sum() - steps * n)
     tail = f"; the last {left} tokens are left out" if left else ""
-    return (f"regrouped the trace's {trace.num_steps} steps of {describe_tokens_per_step(trace)} tokens into "
-            f"{steps} steps of {n}, in trace order{tail}")
+    return (f"regrouped the trace's {trace.num_steps} step{'s' if trace.num_steps != 1 else ''} of "
+            f"{describe_tokens_per_step(trace)} tokens into {steps} steps of {n}, in trace order{tail}")
 
 
 def steps_needed(train_steps: int | None = None) -> int:

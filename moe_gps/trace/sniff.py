@@ -56,4 +56,7 @@ def import_hint(path: Path) -> str:
     if fmt is None:
         return (f"it looks like {what}; convert router traces with `moe-gps trace import --from FORMAT {path} "
                 "-o trace.parquet` (formats: moe-gps trace import --help)")
+    if fmt == "gate-csv":               # one file per layer: the folder of a step's layer files is the source
+        return (f"it looks like {what}, one layer's: convert the folder of a step's layer files with "
+                f"`moe-gps trace import --from gate-csv {path.parent} ... -o trace.parquet`")
     return f"it looks like {what}: convert it with `moe-gps trace import --from {fmt} {path} ... -o trace.parquet`"

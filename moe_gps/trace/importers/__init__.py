@@ -44,11 +44,12 @@ FORMATS = tuple(IMPORTERS)
 
 
 def import_trace(fmt: str, sources: Sequence[str | os.PathLike], output: str | os.PathLike,
-                 command: str | None = None, **options: Any) -> ImportResult:
+                 command: str | None = None, phase: str | None = None, **options: Any) -> ImportResult:
     """Import ``sources`` of format ``fmt`` and write the trace to ``output`` atomically.
 
     ``options`` are the keyword arguments of the format's ``import_<format>`` function;
-    ``command`` (the command line) is added to the provenance.
+    ``command`` (the command line) and ``phase`` (prefill or decode: what the steps are) are added to the
+    provenance.
     """
     from moe_gps.errors import UserError
     from moe_gps.trace.writer import write_trace
@@ -58,6 +59,8 @@ def import_trace(fmt: str, sources: Sequence[str | os.PathLike], output: str | o
     result = IMPORTERS[fmt](sources, **options)
     if command is not None:
         result.trace.meta.provenance["command"] = command
+    if phase is not None:
+        result.trace.meta.provenance["phase"] = phase
     write_trace(output, result.trace)
     return result
 
