@@ -6,7 +6,7 @@ worker processes die with tracebacks. :func:`install` makes both raise
 :class:`Terminated` (a ``KeyboardInterrupt``), so the same clean-up that Ctrl-C runs
 (temporary files removed, worker pools and child processes stopped) runs for them too, and
 the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
-Ctrl-C). A second signal during that clean-up is ignored.
+Ctrl-C). A second signal during that clean-up, Ctrl-C included, is ignored.
 
 Pool worker processes call :func:`install_worker`: they ignore all three signals
 (``timeout`` and the terminal send them to the whole process group), and their parent
@@ -37,21 +37,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame) -> None:
-    """Signal handler: ignore SIGTERM and SIGHUP from now on, and raise :class:`Terminated`."""
-    for sig in SIGNALS:              # clean-up runs once: later signals are ignored
+    """Signal handler: ignore Ctrl-C, SIGTERM and SIGHUP from now on, and raise :class:`Terminated` (SIGTERM,
+    SIGHUP) or ``KeyboardInterrupt`` (Ctrl-C)."""
+    for sig in (signal.SIGINT, *SIGNALS):     # clean-up runs once: later signals are ignored
         signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
 
 def install() -> dict:
-    """Make SIGTERM and SIGHUP raise :class:`Terminated` in this (main) thread; returns the
-    handlers they had. A signal that is already ignored (``nohup`` ignores SIGHUP) stays ignored.
-    """
+    """Make SIGTERM and SIGHUP raise :class:`Terminated`, and Ctrl-C ``KeyboardInterrupt`` as before, in this
+    (main) thread, each of them once: the clean-up the first starts is not cut short by a second (``timeout``
+    sends its signal to the process and again to its group; an impatient user presses Ctrl-C twice). Returns
+    the handlers they had. A signal that is already ignored (``nohup`` ignores SIGHUP) stays ignored, and
+    Ctrl-C keeps a handler other than Python's own."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *SIGNALS)}
     for sig, old in before.items():
-        if old is not signal.SIG_IGN:
+        if old is not signal.SIG_IGN and (sig != signal.SIGINT or old is signal.default_int_handler):
             signal.signal(sig, _raise_terminated)
     return before
 
@@ -71,6 +74,14 @@ def install_worker() -> None:
     """Pool worker start: ignore Ctrl-C, SIGTERM and SIGHUP; the parent stops the pool."""
     for sig in (signal.SIGINT, *SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
+    unblock()
+
+
+def unblock() -> None:
+    """In a process forked inside :func:`held` (which inherits its signal mask): let Ctrl-C, SIGTERM and
+    SIGHUP through again, once the process has its own handlers for them."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *SIGNALS})
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-from moe_gps.signals import SIGNALS, Terminated, held
+from moe_gps.signals import SIGNALS, Terminated, held, unblock
 
 #: in a worker of :func:`fork_map`: the call's context and the queue its progress goes to (empty elsewhere)
 _WORKER: dict = {}
@@ -94,35 +94,36 @@ def fork_map(fn: Callable, items: Iterable, jobs: int, context: Any = None,
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue() if on_progress is not None else None
 
-    _WORKER.update(context=context, progress=queue)    # the workers, forked now, inherit them
-    try:
-        pool = ctx.Pool(min(jobs, len(items)), initializer=_worker_signals)
-    except BaseException:
-        if queue is not None:
-            queue.close()
-        raise
-    finally:
-        _WORKER.clear()
-    check = watch(pool)
+    pool = None
 
     def drain() -> None:
         while queue is not None and not queue.empty():
             on_progress(queue.get())
 
-    def waiting() -> None:
-        drain()
-        check()
-
     try:
+        _WORKER.update(context=context, progress=queue)    # the workers, forked now, inherit them
+        try:
+            # a signal during the start waits until the pool is named here, so that it is killed below (a
+            # pool cut off half-started was left to the clean-up at exit, which could wait for ever)
+            with held():
+                pool = ctx.Pool(min(jobs, len(items)), initializer=_worker_signals)
+        finally:
+            _WORKER.clear()
+        check = watch(pool)
+
+        def waiting() -> None:
+            drain()
+            check()
+
         for res in unordered(pool, _in_worker, [(fn, x) for x in items], waiting=waiting):
             drain()
             yield res
         pool.close()
+        pool.join()         # a signal while the workers end kills them too (else the clean-up at exit waits)
     except BaseException:
-        kill_pool(pool)
+        if pool is not None:
+            kill_pool(pool)
         raise
-    else:
-        pool.join()
     finally:
         if queue is not None:
             queue.close()
@@ -214,10 +215,12 @@ def can_fork() -> bool:
 
 def _worker_signals() -> None:
     """Worker start: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM, which the parent's
-    ``Pool.terminate`` sends, ends the worker quietly (not the parent's handler inherited)."""
+    ``Pool.terminate`` sends, ends the worker quietly (not the parent's handler inherited). The worker was
+    forked with them held (:func:`fork_map`): they come through from now on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
+    unblock()
 
 
 def progress(n: int = 1) -> None:
@@ -313,8 +316,7 @@ def _warm_main(conn, parent_end, modules: tuple[str, ...]) -> None:
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
     try:
-        if hasattr(signal, "pthread_sigmask"):  # held by the parent while it forked (Warm.__init__)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *SIGNALS})
+        unblock()                               # held by the parent while it forked (Warm.__init__)
         _warm_call(conn, modules)
     except Terminated as err:                   # the call's workers are stopped: end by the signal
         _end_by(err.signum)

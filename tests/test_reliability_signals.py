@@ -143,3 +143,32 @@ def test_held_holds_a_signal_the_kernel_hands_to_another_thread(sig):
     assert reached
     assert isinstance(caught.value, Terminated) == (sig == signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers as they were
+
+
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_of_the_first_short():
+    """`timeout -s INT` signals the process and again its group, and users press Ctrl-C twice: the second
+    arrived while fork_map killed its pool, left the pool to the clean-up at exit, which printed an
+    AssertionError or waited for ever. Now the first Ctrl-C's clean-up runs to its end and the exit is 130."""
+    script = ("import os, signal, sys, time\n"
+              "from moe_gps import signals, workers\n"
+              "real = workers.kill_pool\n"
+              "def kill_pool(pool, *args):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)          # the second Ctrl-C, during the clean-up\n"
+              "    time.sleep(0.2)\n"
+              "    real(pool, *args)\n"
+              "    print('cleaned up', flush=True)\n"
+              "workers.kill_pool = kill_pool\n"
+              "def slow(i, ctx):\n    time.sleep(30)\n"
+              "try:\n"
+              "    with signals.handled(), workers.forking(2) as jobs:\n"
+              "        print('ready', flush=True)\n"
+              "        for _ in workers.fork_map(slow, range(4), jobs):\n            pass\n"
+              "except KeyboardInterrupt as err:\n"
+              "    sys.exit(signals.exit_code(err))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.5)                                    # the pool is up and its workers sleep
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "cleaned up\n" and err == ""

@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from moe_gps.errors import report
     from moe_gps.outputs import command_scope
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt as err:              # Ctrl-C while the commands load: one line, no traceback
+        return report(err, "moe-gps")
     try:
         with signals.handled(), command_scope():
             code = args.func(args)

@@ -36,6 +36,7 @@ from moe_gps.errors import HostLimit, UserError
 from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
+from moe_gps.signals import held
 from moe_gps.workers import kill_pool, unordered, watch
 
 #: bump when the record format changes
@@ -266,7 +267,15 @@ class Runner:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.stop = ctx.Event()
-            self.pool = ctx.Pool(self.jobs, initializer=_init_worker, initargs=(self.trace, self.seed, self.stop))
+            try:
+                with held():            # a signal during the start waits until the pool is named, to be killed
+                    self.pool = ctx.Pool(self.jobs, initializer=_init_worker,
+                                         initargs=(self.trace, self.seed, self.stop))
+            except BaseException:
+                if self.pool is not None:
+                    kill_pool(self.pool)
+                    self.pool = None
+                raise
             self._check = watch(self.pool)
         _init(self.trace, self.seed)
         return self
