@@ -52,6 +52,13 @@ def input_file(path: str | os.PathLike, what: str = "a file") -> Path:
     return p
 
 
+def beyond_parser(err: ValueError | RecursionError, fmt: str) -> str:
+    """``not valid JSON (...)`` for well-formed text that Python's parsers still refuse: nesting deeper than
+    the stack, or an integer of more digits than Python converts."""
+    why = "nested too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
+    return f"not valid {fmt} ({why})"
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """Parse YAML text; ``where`` (the file name) prefixes error messages. Empty text is an error."""
     try:
@@ -61,6 +68,8 @@ def parse_yaml(text: str, where: str) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{where}: {beyond_parser(err, 'YAML')}") from None
     if data is None:
         raise UserError(f"{where}: empty YAML file")
     return data

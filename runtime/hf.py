@@ -67,7 +67,7 @@ def _check_config_json(path: Path) -> None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read ({_first_line(err)})") from None
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(f"{path}: not valid JSON ({_first_line(err)})") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(doc).__name__}")

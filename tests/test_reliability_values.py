@@ -623,3 +623,64 @@ def test_a_one_step_trace_is_told_how_to_regroup_and_when_that_is_only_noise():
                                         r"\(8 x 2\) tokens.*record a longer trace, or regroup it anyway "
                                         r"\(--tokens-per-step 12 \(16 steps\)"):
         default_train_steps(cfg, 1, 200)
+
+
+BIG = "9" * 5000                  # more digits than Python converts to an int
+DEEP = "[" * 50000 + "]" * 50000  # deeper than the parser's stack
+
+
+@pytest.mark.parametrize("name, text, argv, message", [
+    ("r.jsonl", '{"prompt_routed_experts": [[[0, ' + BIG + ']]]}\n',
+     ["trace", "import", "--from", "vllm-routed", "{f}", "--num-experts", "8", "-o", "{tmp}/x.parquet"],
+     "{f}: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    ("r.jsonl", DEEP + "\n", ["trace", "import", "--from", "vllm-routed", "{f}", "--num-experts", "8", "-o",
+                              "{tmp}/x.parquet"], "{f}: not valid JSON (nested too deep)"),
+    ("v.jsonl", DEEP + "\n", ["trace", "import", "--from", "vllm-jsonl", "{f}", "--num-layers", "1",
+                              "--num-experts", "8", "-o", "{tmp}/x.parquet"], "{f}:1: not valid JSON (nested too deep)"),
+    ("p.json", '{"expert_popularity": [[' + BIG + ']]}', ["trace", "import", "--from", "popularity-json", "{f}",
+                                                          "--top-k", "2", "-o", "{tmp}/x.parquet"],
+     "{f}: not valid JSON (Exceeds the limit"),
+    ("config.json", '{"model_type": "mixtral", "num_hidden_layers": ' + BIG + '}',
+     ["simulate", BUNDLED, "--model", "{f}", "-o", "{tmp}/s"], "{f}: not valid JSON (Exceeds the limit"),
+    ("c.yaml", "name: c\nnum_gpus: " + BIG + "\n", ["simulate", BUNDLED, "--cluster", "{f}", "-o", "{tmp}/s"],
+     "{f}: not valid YAML (Exceeds the limit"),
+])
+def test_numbers_too_long_and_nesting_too_deep_are_one_line(tmp_path, capsys, name, text, argv, message):
+    """Well-formed JSON or YAML that Python's parsers still refuse (an integer of 5000 digits, 50000 nested
+    brackets) is one line and exit 2, not a ValueError or RecursionError traceback."""
+    from moe_gps.cli.main import main
+
+    f = tmp_path / name
+    f.write_text(text)
+    code = main([a.replace("{f}", str(f)).replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message.replace("{f}", str(f)) in err, err
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "s").exists()
+
+
+def test_trace_metadata_too_deep_or_too_long_is_one_line(tmp_path):
+    import pyarrow.parquet as pq
+
+    from moe_gps.errors import UserError
+    from moe_gps.trace import load_trace
+
+    table = pq.read_table(BUNDLED)
+    meta = table.schema.metadata[b"moe_gps"].decode()
+    for bad, why in ((meta.replace('"num_experts": 8', '"num_experts": ' + BIG), "Exceeds the limit"),
+                     (meta[:-1] + ', "x": ' + DEEP + "}", "nested too deep")):
+        path = tmp_path / "m.parquet"
+        pq.write_table(table.replace_schema_metadata({b"moe_gps": bad.encode()}), path)
+        with pytest.raises(UserError, match=f"m.parquet: metadata entry 'moe_gps' is not valid JSON \\({why}"):
+            load_trace(path)
+
+
+def test_plan_refuses_more_redundant_slots_than_give_each_expert_one_per_gpu(tmp_path, capsys):
+    """`plan --redundant 100000` wrote a 9.6 MB plan of 12,501 copies of each expert on 4 GPUs (exit 0)."""
+    from moe_gps.cli.main import main
+
+    assert main(["plan", BUNDLED, "--gpus", "4", "--redundant", "100000", "-o", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err == ("moe-gps: error: --redundant 100000: more than the 24 that give every one of "
+                                       "the 8 experts a slot on each of the 4 GPUs; a replica past that shares a GPU "
+                                       "with another replica of its expert, which moves no load between GPUs\n")
+    assert not (tmp_path / "p.yaml").exists()
+    assert main(["plan", BUNDLED, "--gpus", "4", "--redundant", "24", "-o", str(tmp_path / "p.yaml")]) == 0

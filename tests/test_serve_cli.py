@@ -62,8 +62,12 @@ def test_csv_replay_and_empirical_lengths(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("arrival_s,prompt_tokens\n1,2\n", r"missing column\(s\) output_tokens"),
-    ("arrival_s,prompt_tokens,output_tokens\n1,2,0\n", r"row 2: output_tokens: must be an integer >= 1, got .0."),
-    ("arrival_s,prompt_tokens,output_tokens\n1,2.5,3\n", r"row 2: prompt_tokens: must be an integer >= 1"),
+    ("arrival_s,prompt_tokens,output_tokens\n1,2,0\n",
+     r"row 2: output_tokens: must be an integer from 1 to 100000000, got .0."),
+    ("arrival_s,prompt_tokens,output_tokens\n1,2.5,3\n", r"row 2: prompt_tokens: must be an integer from 1 to"),
+    # past any model, and past int64 (it wrapped negative and failed far from the file)
+    ("arrival_s,prompt_tokens,output_tokens\n0,100,10\n0.1,1e20,10\n", r"row 3: prompt_tokens: must be an integer "
+                                                                         r"from 1 to 100000000, got .1e\+20."),
     ("arrival_s,prompt_tokens,output_tokens\n", r"no rows"),
 ])
 def test_bad_requests_csv(tmp_path, content, message):

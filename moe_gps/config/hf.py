@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_gps.errors import UserError
+from moe_gps.files import beyond_parser
 from moe_gps.tables import format_indices
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss")
@@ -63,6 +64,8 @@ def read_hf_config(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
         raise UserError(f"{p}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{p}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{p}: {beyond_parser(err, 'JSON')}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: holds a JSON {type(data).__name__}, expected an HF config object")
     return data, str(p)

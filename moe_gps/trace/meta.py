@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from moe_gps.errors import UserError
+from moe_gps.files import beyond_parser
 
 SCHEMA_VERSION = 1
 META_KEY = b"moe_gps"
@@ -175,6 +176,8 @@ class TraceMeta:
             data = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{where}: metadata entry 'moe_gps' is not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"{where}: metadata entry 'moe_gps' is {beyond_parser(err, 'JSON')}") from None
         if not isinstance(data, dict):
             raise UserError(f"{where}: metadata entry 'moe_gps' must be a JSON object")
         required = ("schema_version", "kind", "num_layers", "num_experts", "top_k",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_gps.config.schema import MAX_SEQ_LEN
 from moe_gps.config.serving import CSV_COLUMNS, LengthSpec, RequestWorkload
 from moe_gps.errors import UserError
 
@@ -62,10 +63,10 @@ def read_requests_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(v) | (v < (0 if col == "arrival_s" else 1))
         if col != "arrival_s":
-            bad |= v != np.round(v)
+            bad |= (v != np.round(v)) | (v > MAX_SEQ_LEN)       # a length past any model (and past int64)
         if bad.any():
             row = int(np.argmax(bad))
-            need = "a number >= 0" if col == "arrival_s" else "an integer >= 1"
+            need = "a number >= 0" if col == "arrival_s" else f"an integer from 1 to {MAX_SEQ_LEN}"
             raise UserError(f"{path}: row {row + 2}: {col}: must be {need}, got {str(df[col].iloc[row])!r}")
         out.append(v if col == "arrival_s" else v.astype(np.int64))
     return out[0], out[1], out[2]

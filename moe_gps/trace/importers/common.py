@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
-from moe_gps.files import input_file
+from moe_gps.files import beyond_parser, input_file
 from moe_gps.trace.data import CountsTrace, TokensTrace
 from moe_gps.trace.meta import TraceMeta
 from moe_gps.trace.validate import MAX_ASSIGNMENTS
@@ -246,6 +246,8 @@ def read_json_records(path: Path) -> list[tuple[str, Any]]:
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{path}: {beyond_parser(err, 'JSON')}") from None
     else:
         if isinstance(whole, list):
             return [(f"{path}[{i}]", v) for i, v in enumerate(whole)]
@@ -259,6 +261,8 @@ def read_json_records(path: Path) -> list[tuple[str, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{lineno}: not a JSON line ({err.msg} at column {err.colno})") from None
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"{path}:{lineno}: {beyond_parser(err, 'JSON')}") from None
         if isinstance(value, list):
             out += [(f"{path}:{lineno}[{j}]", v) for j, v in enumerate(value)]
         else:

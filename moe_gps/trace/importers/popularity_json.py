@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.files import beyond_parser
 from moe_gps.trace.importers.common import (
     ImportResult,
     check_sources,
@@ -40,6 +41,8 @@ def read_popularity(path: Path) -> tuple[np.ndarray, int | None]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{path}: {beyond_parser(err, 'JSON')}") from None
     if not isinstance(data, dict) or "expert_popularity" not in data:
         raise UserError(f"{path}: no 'expert_popularity' field; expected "
                         "{\"total_input_tokens\": N, \"expert_popularity\": [[E counts] x L]}")

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from moe_gps.errors import UserError
+from moe_gps.files import beyond_parser
 from moe_gps.tables import format_indices
 from moe_gps.trace.importers.common import (
     ImportResult,
@@ -85,6 +86,8 @@ def read_layer_calls(path: Path) -> LayerCalls:
                 msg = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
                 raise UserError(f"{where}: not a JSON line ({msg}); expected one MoE layer call "
                                 "per line with 'topk_ids'") from None
+            except (ValueError, RecursionError) as err:
+                raise UserError(f"{where}: {beyond_parser(err, 'JSON')}") from None
             if not isinstance(rec, dict) or "topk_ids" not in rec:
                 raise UserError(f"{where}: no 'topk_ids' field; expected one MoE layer call per line "
                                 "like {\"topk_ids\": [[ids] x T], \"topk_weights\": ...}")
