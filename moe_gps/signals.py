@@ -6,7 +6,8 @@ worker processes die with tracebacks. :func:`install` makes both raise
 :class:`Terminated` (a ``KeyboardInterrupt``), so the same clean-up that Ctrl-C runs
 (temporary files removed, worker pools and child processes stopped) runs for them too, and
 the process exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP; 130 for
-Ctrl-C). A second signal during that clean-up, Ctrl-C included, is ignored.
+Ctrl-C). A second signal during that clean-up, Ctrl-C included, is ignored, except that a
+second Ctrl-C cuts short a wait for a child or for a pool's runs under way (:func:`second_ctrl_c`).
 
 Pool worker processes call :func:`install_worker`: they ignore all three signals
 (``timeout`` and the terminal send them to the whole process group), and their parent
@@ -36,12 +37,32 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + self.signum
 
 
+#: set while the clean-up that a signal started runs (the signals then ignored; :func:`second_ctrl_c`)
+_STOPPING = [False]
+
+
 def _raise_terminated(signum: int, frame) -> None:
     """Signal handler: ignore Ctrl-C, SIGTERM and SIGHUP from now on, and raise :class:`Terminated` (SIGTERM,
     SIGHUP) or ``KeyboardInterrupt`` (Ctrl-C)."""
     for sig in (signal.SIGINT, *SIGNALS):     # clean-up runs once: later signals are ignored
         signal.signal(sig, signal.SIG_IGN)
+    _STOPPING[0] = True
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+@contextlib.contextmanager
+def second_ctrl_c() -> Iterator[None]:
+    """For a bounded wait in the clean-up a signal started (a child's grace period, the runs under way of a
+    pool): a second Ctrl-C raises ``KeyboardInterrupt`` in the block, so that the wait can be cut short;
+    elsewhere, and for SIGTERM and SIGHUP, nothing changes."""
+    if not _STOPPING[0] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def install() -> dict:
@@ -68,6 +89,7 @@ def handled() -> Iterator[None]:
     finally:
         for sig, old in before.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        _STOPPING[0] = False
 
 
 def install_worker() -> None:
@@ -138,7 +160,7 @@ def run_child(cmd: list[str], grace_s: float = 30.0, **kwargs) -> subprocess.Com
 
     On :class:`Terminated` the child gets the same signal (on Ctrl-C it already got SIGINT
     from the terminal), has ``grace_s`` seconds to clean up and exit, and is killed only
-    then; the interruption is then raised again here.
+    then, or at a second Ctrl-C; the interruption is then raised again here.
     """
     with subprocess.Popen(cmd, **kwargs) as proc:
         try:
@@ -147,7 +169,8 @@ def run_child(cmd: list[str], grace_s: float = 30.0, **kwargs) -> subprocess.Com
             if proc.poll() is None and isinstance(stop, Terminated):
                 proc.send_signal(stop.signum)
             try:
-                proc.communicate(timeout=grace_s)
+                with second_ctrl_c():
+                    proc.communicate(timeout=grace_s)
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 proc.kill()
                 proc.wait()

@@ -150,11 +150,14 @@ def earlier_outputs(opt: ValidateOptions) -> list[str]:
     (an earlier one's, with more rounds, ranks or strategies): paths relative to ``opt.out``, sorted."""
     import re
 
+    from moe_gps.outputs import same_file
+
     out = Path(opt.out)
     files, folders = planned_outputs(opt)
     mine = set(files + folders)
     runs = [p for p in (out / "runs").glob("N*-*") if p.is_dir() and re.fullmatch(r"N\d+-.+", p.name)]
-    calibrations = [p for p in out.glob("cluster-*.yaml") if re.fullmatch(r"cluster-\d+(-\d+)?\.yaml", p.name)]
+    calibrations = [p for p in out.glob("cluster-*.yaml") if re.fullmatch(r"cluster-\d+(-\d+)?\.yaml", p.name)
+                    and not (opt.cluster and same_file(p, opt.cluster))]            # --cluster: this one's
     return sorted(str(p.relative_to(out)) for p in runs + calibrations if p not in mine)
 
 

@@ -231,6 +231,10 @@ def test_an_earlier_validations_extra_runs_and_calibrations_are_named(tmp_path):
         (out / name).write_text("")
     opt = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=out, nprocs=[2], strategies=["off"], runs=2)
     assert val.earlier_outputs(opt) == ["cluster-2-2.yaml", "runs/N2-off-2", "runs/N2-static-0", "runs/N4-off-0"]
+    with_cluster = val.ValidateOptions(trace=BUNDLED, config=RUN_YAML, out=out, nprocs=[2], strategies=["off"],
+                                       runs=2, cluster=str(out / "cluster-2-2.yaml"))      # the one it reads
+    assert val.earlier_outputs(with_cluster) == ["cluster-2-0.yaml", "runs/N2-off-2", "runs/N2-static-0",
+                                                 "runs/N4-off-0"]
 
 
 # --------------------------------------------------------------------------- 4. --nproc limits

@@ -660,7 +660,8 @@ def test_gate_csv_warns_when_folders_are_not_in_the_numeric_order_of_their_names
 
 
 def test_a_popularity_trace_is_simulated_with_a_warning_that_its_steps_are_whole_runs(tmp_path, capsys):
-    """Each popularity file sums a whole run: simulate and recommend say that its steps are not batches."""
+    """Each popularity file sums a whole run: simulate says that its steps are not batches (recommend and predict
+    evaluate print the same warning of the trace's metadata)."""
     from moe_gps.cli.main import main
 
     rng = np.random.default_rng(0)
@@ -678,6 +679,8 @@ def test_a_popularity_trace_is_simulated_with_a_warning_that_its_steps_are_whole
     assert code == 0, err
     assert main(["simulate", str(out), "--strategies", "none,eplb", "--no-plots", "-o", str(tmp_path / "s")]) == 0
     assert "warning: each step of this trace sums a whole run's forward passes" in capsys.readouterr().out
+    assert main(["predict", "evaluate", str(out), "--predictors", "ema"]) == 0
+    assert "each step of this trace sums a whole run's forward passes" in "".join(capsys.readouterr())
     assert load_trace(out).meta.aggregate_steps_warning() is not None
     assert load_trace(Path(__file__).resolve().parents[1] / "traces" / "mixtral_mmlu.parquet").meta \
         .aggregate_steps_warning() is None

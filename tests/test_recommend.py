@@ -387,6 +387,11 @@ def test_sensitivity_sentences_say_what_was_swept_and_name_ties():
     assert unseparated.sentence("none") == ("GPU count: at 4 GPUs (yours) none is recommended though dist:ema +1/GPU "
                                             "comes first by 0.10% (a near tie); dist:ema +1/GPU is the fastest at 8 "
                                             "GPUs.")
+    scaled = Sensitivity("workload", "tokens/step", ["512", "4096"], ["dist:ema", "dist:ema"], 0, "512", "512",
+                         ("512", "dist:ema", 1.001), None, {"512": "steps scaled"})
+    assert scaled.sentence("none") == ("workload: at 512 tokens/step (yours; steps scaled) none is recommended though "
+                                       "dist:ema comes first by 0.10% (a near tie); dist:ema is the fastest at 4096 "
+                                       "tokens/step.")                  # its caveat said once
 
 
 def test_the_accuracy_lines_say_when_accuracy_makes_no_difference_or_still_pays(result):

@@ -224,3 +224,9 @@ def test_a_trace_too_short_for_train_steps_is_told_a_step_size_that_regroups_it(
     assert ("the trace has 1 step (--tokens-per-step 64 makes fewer than 17 steps, so each step's counts are "
             "scaled instead); train_steps=16") in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    small = tmp_path / "small.parquet"                 # 100 tokens: steps of 5, below experts x top_k
+    assert main(["trace", "synth", "--steps", "1", "--tokens", "100", "-o", str(small)]) == 0
+    capsys.readouterr()
+    assert main(["recommend", str(small), "-o", str(tmp_path / "r")]) == 2
+    assert ("give --tokens-per-step 5 or fewer, which regroups its 100 tokens into at least 17 steps, each fewer "
+            "than experts x top_k") in capsys.readouterr().err

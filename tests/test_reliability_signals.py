@@ -96,6 +96,18 @@ def test_sigterm_during_recommend_stops_the_pool_cleanly_and_the_rerun_resumes(s
     assert "read from the cache" in capsys.readouterr().out and len(list((out / "cache").glob("*.json"))) >= cached
 
 
+def _waiting_for_child(child: str) -> subprocess.Popen:
+    """A process that runs the script ``child`` with run_child (as `moe-gps run` waits for torchrun) and exits
+    with the code of the signal that stopped it, once the child has printed 'ready'."""
+    parent = ("import sys\nfrom moe_gps import signals\n"
+              "try:\n    with signals.handled():\n"
+              f"        signals.run_child([sys.executable, '-c', {child!r}])\n"
+              "except KeyboardInterrupt as err:\n    sys.exit(signals.exit_code(err))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
 def test_signals_are_passed_to_a_child_and_handlers_restored(tmp_path):
     """run_child (how `moe-gps run` waits for torchrun) passes SIGTERM on to the child and lets it clean
     up; the parent exits 143. In-process, main() leaves the handlers as it found them."""
@@ -103,12 +115,7 @@ def test_signals_are_passed_to_a_child_and_handlers_restored(tmp_path):
     child = (f"import signal, sys, time\n"
              f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), sys.exit(5)))\n"
              f"print('ready', flush=True)\ntime.sleep(60)\n")
-    parent = ("import sys\nfrom moe_gps import signals\n"
-              "try:\n    with signals.handled():\n"
-              f"        signals.run_child([sys.executable, '-c', {child!r}])\n"
-              "except KeyboardInterrupt as err:\n    sys.exit(signals.exit_code(err))\n")
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=ENV)
-    assert proc.stdout.readline() == "ready\n"
+    proc = _waiting_for_child(child)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143 and marker.exists()
     before = signal.getsignal(signal.SIGTERM)
@@ -172,3 +179,15 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_of_the_first_short():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and out == "cleaned up\n" and err == ""
+
+
+def test_a_second_ctrl_c_cuts_the_wait_for_a_child_short():
+    """Ctrl-C gives a child (torchrun) its grace period to clean up; a second Ctrl-C still ends the wait at
+    once (the first one's clean-up otherwise ignores later signals)."""
+    child = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    proc = _waiting_for_child(child)
+    proc.send_signal(signal.SIGINT)                 # the child ignores it: its grace period begins
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130 and time.monotonic() - t0 < 10

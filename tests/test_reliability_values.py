@@ -684,3 +684,22 @@ def test_plan_refuses_more_redundant_slots_than_give_each_expert_one_per_gpu(tmp
                                        "with another replica of its expert, which moves no load between GPUs\n")
     assert not (tmp_path / "p.yaml").exists()
     assert main(["plan", BUNDLED, "--gpus", "4", "--redundant", "24", "-o", str(tmp_path / "p.yaml")]) == 0
+    assert main(["plan", BUNDLED, "--gpus", "1", "--redundant", "1", "-o", str(tmp_path / "q.yaml")]) == 2
+    assert "--redundant 1: with one GPU a redundant slot moves no load between GPUs; use 0" in capsys.readouterr().err
+
+
+def test_a_strategy_option_or_config_value_too_long_or_too_deep_is_one_line(tmp_path, capsys):
+    """A strategy option's value and a config value that parse but cannot be shown are one line too."""
+    from moe_gps.cli.main import main
+
+    for value in (BIG, "[" * 3000 + "]" * 3000):
+        assert main(["simulate", BUNDLED, "--strategies", f"none,dist:ema(alpha={value})", "-o",
+                     str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot read the value of option 'alpha'" in err
+    cluster = tmp_path / "deep.yaml"
+    cluster.write_text("name: c\nnum_gpus: " + "[" * 2000 + "]" * 2000 + "\n")
+    assert main(["simulate", BUNDLED, "--cluster", str(cluster), "-o", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_gpus: must be an integer, got [[[[...]]]]" in err, err
+    assert not (tmp_path / "s").exists()

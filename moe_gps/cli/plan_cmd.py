@@ -182,6 +182,8 @@ def check_plan_flags(args: argparse.Namespace) -> None:
 def check_plan_shape(args: argparse.Namespace, num_experts: int) -> None:
     """The numbers of ``moe-gps plan`` checked against the trace's experts, each named by its flag."""
     E, N, R = num_experts, args.gpus, args.redundant
+    if N == 1 and R:
+        raise UserError(f"--redundant {R}: with one GPU a redundant slot moves no load between GPUs; use 0")
     if R > E * (N - 1):
         raise UserError(f"--redundant {R}: more than the {E * (N - 1)} that give every one of the {E} experts a slot "
                         f"on each of the {N} GPUs; a replica past that shares a GPU with another replica of its expert, "

@@ -283,6 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         f"for a trace of {trace.num_steps} steps{' (once regrouped)' if regrouped else ''}, so that "
                         "a step is left to test")
     m = trace.meta
+    warnings += [w for w in (m.aggregate_steps_warning(),) if w]
     if len(trace.tokens_per_step) and int(trace.tokens_per_step.min()) < m.num_experts * m.top_k:
         warnings.append(f"some steps hold fewer tokens ({int(trace.tokens_per_step.min())}) than experts x top_k "
                         f"({m.num_experts} x {m.top_k}): per-step errors are then mostly the step's sampling "

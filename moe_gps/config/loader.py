@@ -37,6 +37,16 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short (a few levels, items and characters), for an error message: a config value can
+    be nested deeper than ``repr`` goes, or long."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, 80, 80
+    return r.repr(value)
+
+
 def _convert(value: Any, tp: Any, where: str, key: str, meta: dict | None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -51,28 +61,28 @@ def _convert(value: Any, tp: Any, where: str, key: str, meta: dict | None) -> An
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise UserError(f"{where}: {key}: must be a list, got {value!r}")
+            raise UserError(f"{where}: {key}: must be a list, got {shown(value)}")
         return [_convert(v, item, where, f"{key}[{i}]", None) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise UserError(f"{where}: {key}: must be a mapping of names to values, got {value!r}")
+            raise UserError(f"{where}: {key}: must be a mapping of names to values, got {shown(value)}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: {key}: must be true or false, got {value!r}")
+            raise UserError(f"{where}: {key}: must be true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: {key}: must be an integer, got {value!r}")
+            raise UserError(f"{where}: {key}: must be an integer, got {shown(value)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {key}: must be a number, got {value!r}")
+            raise UserError(f"{where}: {key}: must be a number, got {shown(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            raise UserError(f"{where}: {key}: must be a finite number, got {value!r}")
+            raise UserError(f"{where}: {key}: must be a finite number, got {shown(value)}")
     elif tp is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: {key}: must be a string, got {value!r}")
+            raise UserError(f"{where}: {key}: must be a string, got {shown(value)}")
     if meta:
         _check_range(value, meta, where, key)
     return value
@@ -267,7 +277,7 @@ def strategy_from_name(name: str) -> StrategyConfig:
                 raise UserError(f"{where}: options must be key=value pairs separated by commas, got {item!r}")
             try:
                 parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError, RecursionError):    # also numbers too long, nesting too deep
                 raise UserError(f"{where}: cannot read the value of option {key.strip()!r}") from None
             if isinstance(parsed, str):      # YAML 1.1 reads 8.4e6 as a string
                 try:

@@ -370,6 +370,7 @@ class Sensitivity:
             v = self.values[0]
             cav = f" ({self.caveats[v]})" if v in self.caveats else ""
             return f"{self.axis}: only {' '.join(x for x in (v, self.unit) if x)} swept{cav}."
+
         def what(ch: tuple[str, str | None, float]) -> str:
             """What happens at the value of a change: who comes first, by how much."""
             return (" nothing could be simulated (runs.csv says why)" if ch[1] is None else
@@ -378,10 +379,12 @@ class Sensitivity:
                     else f" {ch[1]} wins ({ch[2]:.3f}x faster than {rec})")
 
         ch = self.change_below
+        caveat_said = set()                    # values whose caveat is said
         if ch is not None and ch[0] == self.values[self.user_index] and self.winners[self.user_index] != rec:
             # recommended at the user's point without the best mean there (not faster beyond the interval)
-            cav = f" ({self.caveats[ch[0]]})" if ch[0] in self.caveats else ""
-            s = f"{self.axis}: at {ch[0]} {self.unit}".rstrip() + f" (yours){cav} {rec} is recommended though" + what(ch)
+            cav = f"; {self.caveats[ch[0]]}" if ch[0] in self.caveats else ""
+            s = f"{self.axis}: at {ch[0]} {self.unit}".rstrip() + f" (yours{cav}) {rec} is recommended though" + what(ch)
+            caveat_said.add(ch[0])
         else:
             rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip()
                    if self.holds_from != self.holds_to else f"only at {self.holds_from} {self.unit}".strip())
@@ -394,7 +397,7 @@ class Sensitivity:
             s += "; " + "; ".join(parts) if parts else " (the whole swept range)"
         # the values of the range whose runs carry a caveat: one clause for them all
         lo, hi = self.values.index(self.holds_from), self.values.index(self.holds_to)
-        named = [v for v in self.values[lo:hi + 1] if v in self.caveats]
+        named = [v for v in self.values[lo:hi + 1] if v in self.caveats and v not in caveat_said]
         if named:
             s += f"; at {and_list(named)}, {self.caveats[named[0]]}"
         # the values past the first change on each side, by their winner (a workload axis mixes prefill sizes

@@ -67,8 +67,12 @@ def _trim(trace, sweep: SweepConfig, notes: list[str], scaled: int | None = None
         fixes = [f"set train_steps below {n} in a sweep file, given with --sweep"] if n >= 2 else []
         need = steps_needed(train)
         if isinstance(trace, TokensTrace) and trace.num_tokens >= need:
-            fixes.append(f"give --tokens-per-step {trace.num_tokens // need} or fewer, which regroups its "
-                         f"{trace.num_tokens} tokens into at least {need} steps")
+            size, noise = trace.num_tokens // need, trace.meta.num_experts * trace.meta.top_k
+            fixes.append(f"give --tokens-per-step {size} or fewer, which regroups its {trace.num_tokens} tokens into "
+                         f"at least {need} steps" + ("" if size >= noise else
+                                                     f", each fewer than experts x top_k ({noise}), so that its expert "
+                                                     "loads are mostly sampling noise (record a longer trace for a "
+                                                     "meaningful answer)"))
         why = (f" (--tokens-per-step {scaled} makes fewer than {need} steps, so each step's counts are scaled "
                "instead)" if scaled else "")
         raise UserError(f"the trace has {n} step{'s' if n != 1 else ''}{why}; train_steps={train} leaves none to "
@@ -175,7 +179,8 @@ def recommend(trace, cluster: ClusterConfig, model: ModelConfig, workload: Workl
     # the steps of your point, as simulate makes them: train_steps, sim_steps and the skews count these
     trace, regrouped, scaled = regroup_or_scale(trace, workload.tokens_per_step, sweep.train_steps)
     notes += [x for x in (regrouped, scaled) if x]
-    trace, sim_steps = _trim(trace, sweep, notes, workload.tokens_per_step if scaled else None)
+    n = workload.tokens_per_step
+    trace, sim_steps = _trim(trace, sweep, notes, n if scaled and (trace.tokens_per_step != n).any() else None)
     if sim_steps != sweep.sim_steps:
         from dataclasses import replace
         sweep = replace(sweep, sim_steps=sim_steps)

@@ -36,7 +36,7 @@ from moe_gps.errors import HostLimit, UserError
 from moe_gps.provenance import code_digest
 from moe_gps.recommend.plan import (Candidate, Point, RunSpec, SweepPlan, workload_label, workload_tokens)
 from moe_gps.recommend.skew import SkewVariant, search_gamma, variant_maker
-from moe_gps.signals import held
+from moe_gps.signals import held, second_ctrl_c
 from moe_gps.workers import kill_pool, unordered, watch
 
 #: bump when the record format changes
@@ -216,12 +216,17 @@ STOP_GRACE_S = 60.0
 
 def _stop_local(pool, stop) -> None:
     """Stop a local pool between two runs: the workers skip the tasks still queued and exit once the
-    runs under way end; a worker still busy after :data:`STOP_GRACE_S` is killed (it writes no file)."""
+    runs under way end; a worker still busy after :data:`STOP_GRACE_S`, or at a second Ctrl-C, is killed
+    (it writes no file)."""
     stop.set()
     pool.close()
     joiner = threading.Thread(target=pool.join, daemon=True)
     joiner.start()
-    joiner.join(STOP_GRACE_S)
+    try:
+        with second_ctrl_c():
+            joiner.join(STOP_GRACE_S)
+    except KeyboardInterrupt:               # a second Ctrl-C: stop the runs under way now
+        pass
     if joiner.is_alive():
         kill_pool(pool)
         joiner.join(5.0)

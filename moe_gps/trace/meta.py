@@ -159,9 +159,9 @@ class TraceMeta:
         if fmt not in AGGREGATE_FORMATS:
             return None
         return (f"each step of this trace sums a whole run's forward passes ({fmt}, one step per file), not one "
-                "batch: re-plan cadences, copies and the interval count these runs as steps; such a trace shows "
-                "the experts' popularity and skew (moe-gps trace inspect), a trace of batches which strategy to "
-                "deploy")
+                "batch: re-plan cadences, copies and the interval count these runs as steps; it shows the experts' "
+                "popularity and skew (moe-gps trace inspect), and which strategy to deploy needs a trace of "
+                "batches")
 
     def to_json(self) -> str:
         data = asdict(self)
