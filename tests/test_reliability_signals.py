@@ -184,7 +184,8 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_of_the_first_short():
 def test_a_second_ctrl_c_cuts_the_wait_for_a_child_short():
     """Ctrl-C gives a child (torchrun) its grace period to clean up; a second Ctrl-C still ends the wait at
     once (the first one's clean-up otherwise ignores later signals)."""
-    child = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    child = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "print('ready', flush=True)\ntime.sleep(60)\n")
     proc = _waiting_for_child(child)
     proc.send_signal(signal.SIGINT)                 # the child ignores it: its grace period begins
     time.sleep(0.5)

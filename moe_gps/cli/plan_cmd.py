@@ -186,8 +186,8 @@ def check_plan_shape(args: argparse.Namespace, num_experts: int) -> None:
         raise UserError(f"--redundant {R}: with one GPU a redundant slot moves no load between GPUs; use 0")
     if R > E * (N - 1):
         raise UserError(f"--redundant {R}: more than the {E * (N - 1)} that give every one of the {E} experts a slot "
-                        f"on each of the {N} GPUs; a replica past that shares a GPU with another replica of its expert, "
-                        "which moves no load between GPUs")
+                        f"on each of the {N} GPUs; a replica past that shares a GPU with another replica of its "
+                        "expert, which moves no load between GPUs")
     if (E + R) % N == 0 and args.max_slots_per_gpu is not None and (E + R) // N > args.max_slots_per_gpu:
         raise UserError(f"--max-slots-per-gpu {args.max_slots_per_gpu}: {E} experts + {R} redundant = {E + R} "
                         f"slots over {N} GPUs is {(E + R) // N} slots per GPU, more than the capacity of "

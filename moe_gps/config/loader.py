@@ -235,7 +235,8 @@ def infer_model(trace_model: str, num_layers: int, num_experts: int, top_k: int)
 def presets_of_shape(num_layers: int, num_experts: int, top_k: int) -> list[str]:
     """The model presets with these MoE layers, experts and top-k (whatever their names)."""
     models = {name: load_model(name) for name in preset_names("models")}
-    return [name for name, m in models.items() if (m.num_layers, m.num_experts, m.top_k) == (num_layers, num_experts, top_k)]
+    shape = (num_layers, num_experts, top_k)
+    return [name for name, m in models.items() if (m.num_layers, m.num_experts, m.top_k) == shape]
 
 
 def split_strategy_names(values: list[str]) -> list[str]:

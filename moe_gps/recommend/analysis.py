@@ -383,7 +383,8 @@ class Sensitivity:
         if ch is not None and ch[0] == self.values[self.user_index] and self.winners[self.user_index] != rec:
             # recommended at the user's point without the best mean there (not faster beyond the interval)
             cav = f"; {self.caveats[ch[0]]}" if ch[0] in self.caveats else ""
-            s = f"{self.axis}: at {ch[0]} {self.unit}".rstrip() + f" (yours{cav}) {rec} is recommended though" + what(ch)
+            s = (f"{self.axis}: at {ch[0]} {self.unit}".rstrip() + f" (yours{cav}) {rec} is recommended though"
+                 + what(ch))
             caveat_said.add(ch[0])
         else:
             rng = (f"from {self.holds_from} to {self.holds_to} {self.unit}".strip()
