@@ -41,9 +41,13 @@ class SetupFailedElsewhere(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     from moe_gps import signals
+    from moe_gps.errors import report
 
-    with signals.handled():
-        return _main(argv)
+    try:
+        with signals.handled():
+            return _main(argv)
+    except KeyboardInterrupt as err:        # stopped while it loads its modules and config: one line too
+        return report(err, "runtime.launch", f"rank {os.environ.get('RANK', 0)}: ")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -219,7 +219,7 @@ def run_runtime(config_path: Path, mode: str, nproc: int, out: Path, threads: in
     """One runtime run under torchrun; returns its :class:`~moe_gps.fidelity.quiet.Watched`."""
     from moe_gps.fidelity.quiet import run_watched
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    cmd = [sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "runtime.launch", "--config", str(config_path), "--duplication", mode, "--out", str(out), "--quiet"]
     w = run_watched(cmd, env=torchrun_env(threads, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if w.proc.returncode:

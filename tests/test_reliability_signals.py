@@ -192,3 +192,20 @@ def test_a_second_ctrl_c_cuts_the_wait_for_a_child_short():
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 130 and time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_torchrun_stopped_by_a_signal_ends_without_its_traceback(tmp_path, sig, code):
+    """The commands start torchrun as `python -m runtime.torchrun`: stopped by a signal, torchrun stops its
+    ranks and exits 128 + signal without the SignalException traceback it printed after the ranks' lines."""
+    pytest.importorskip("torch")
+    rank = tmp_path / "rank.py"
+    rank.write_text("import time\nprint('ready', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+                    "    pass\n")                     # a rank that ends quietly, as runtime.launch's do
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", "1",
+                             str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and "Traceback" not in err, err

@@ -120,14 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                               args.nproc * i.batch_size * i.seq_len, gain).initial()
         except UserError as err:
             raise UserError(f"{args.config}: {err}") from None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+    cmd = [sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", str(args.nproc),
            "-m", "runtime.launch", "--config", args.config, "--duplication", args.duplication]
     for flag, value in (("--steps", args.steps), ("--out", args.out), ("--device", args.device)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.quiet:
         cmd.append("--quiet")
-    print("moe-gps run: " + " ".join(cmd[1:]).replace("-m torch.distributed.run", "torchrun", 1), file=sys.stderr)
+    print("moe-gps run: " + " ".join(cmd[1:]).replace("-m runtime.torchrun", "torchrun", 1), file=sys.stderr)
     code = signals.run_child(cmd).returncode
     if code:
         print(f"moe-gps run: torchrun exited with code {code}; the ranks' 'runtime.launch' lines above name the "

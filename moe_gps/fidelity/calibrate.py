@@ -227,7 +227,7 @@ def run_benchmarks(spec: dict, nproc: int, quiet: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="moe-gps-calibrate-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "samples.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        cmd = [sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "runtime.fidelity_bench", "--spec", str(spec_path), "--out", str(out_path)]
         if quiet:
             cmd.append("--quiet")
