@@ -158,16 +158,20 @@ def describe(err: KeyboardInterrupt) -> str:
 def run_child(cmd: list[str], grace_s: float = 30.0, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, **kwargs)``, but a Ctrl-C or termination of this process is passed on.
 
-    On :class:`Terminated` the child gets the same signal (on Ctrl-C it already got SIGINT
-    from the terminal), has ``grace_s`` seconds to clean up and exit, and is killed only
-    then, or at a second Ctrl-C; the interruption is then raised again here.
+    The child runs in a session of its own, so that a signal reaches it only from here, once, whether
+    it was sent to this process alone (a scheduler, ``kill``) or to its process group (the terminal's
+    Ctrl-C, ``timeout``): torchrun stops its ranks on the first and was cut short by a second. On
+    Ctrl-C (SIGINT) or :class:`Terminated` the child gets the same signal, has ``grace_s`` seconds to
+    clean up and exit, and is killed only then, or at a second Ctrl-C; the interruption is then raised
+    again here.
     """
+    kwargs.setdefault("start_new_session", True)
     with subprocess.Popen(cmd, **kwargs) as proc:
         try:
             out, err = proc.communicate()
         except KeyboardInterrupt as stop:
-            if proc.poll() is None and isinstance(stop, Terminated):
-                proc.send_signal(stop.signum)
+            if proc.poll() is None:
+                proc.send_signal(stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
             try:
                 with second_ctrl_c():
                     proc.communicate(timeout=grace_s)

@@ -211,8 +211,8 @@ def check_run_config(cfg: RunConfig) -> None:
             raise UserError(f"{w}: {sec}.{name} must be at most 2^63 - 1, got {value}")
     if r.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{w}: run.device {r.device!r} is not one of auto, cpu, cuda")
-    if r.timeout_s <= 0:
-        raise UserError(f"{w}: run.timeout_s must be positive")
+    if not 1 <= r.timeout_s <= 86400:        # gloo's timeout is whole seconds of a C int; a day is ample
+        raise UserError(f"{w}: run.timeout_s must be from 1 to 86400 seconds, got {r.timeout_s:g}")
     if r.threads is not None and r.threads < 1:
         raise UserError(f"{w}: run.threads must be at least 1")
     if i.zipf_exponent <= 1:

@@ -209,3 +209,18 @@ def test_torchrun_stopped_by_a_signal_ends_without_its_traceback(tmp_path, sig, 
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("body, code, line", [
+    ("sys.exit(2)", 2, "torchrun: rank 0 exited with code 2"),                 # a user error the rank explained
+    ("os.kill(os.getpid(), signal.SIGSEGV)", 1, "torchrun: rank 0 was killed by SIGSEGV"),
+])
+def test_torchrun_names_each_failed_rank_in_one_line(tmp_path, body, code, line):
+    """A failed rank: torchrun's ChildFailedError traceback and summary become one line per run, and exit 2 when
+    every failed rank exited 2 (its own line said why), else 1."""
+    pytest.importorskip("torch")
+    rank = tmp_path / "rank.py"
+    rank.write_text(f"import os, signal, sys\n{body}\n")
+    done = subprocess.run([sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", "1",
+                           str(rank)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert done.returncode == code and "Traceback" not in done.stderr and line in done.stderr, done.stderr

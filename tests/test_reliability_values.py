@@ -161,6 +161,8 @@ def test_predict_evaluate_refuses_flags_that_would_do_nothing(tmp_path, capsys):
     ({"output": {"steps": "summary.json"}}, "output.steps 'summary.json' is also the run's summary.json"),
     ({"run": {"timeout_s": float("nan")}}, "run.timeout_s: must be a finite number, got nan"),
     ({"run": {"timeout_s": float("inf")}}, "run.timeout_s: must be a finite number, got inf"),
+    ({"run": {"timeout_s": 1e300}}, "run.timeout_s must be from 1 to 86400 seconds, got 1e+300"),   # C int overflow
+    ({"run": {"timeout_s": 1e-6}}, "run.timeout_s must be from 1 to 86400 seconds, got 1e-06"),
     ({"model": {"router_bias_std": float("nan")}}, "model.router_bias_std: must be a finite number, got nan"),
     ({"model": {"seed": -1}}, "model.seed must be at least 0, got -1"),
     ({"input": {"seed": -2}}, "input.seed must be at least 0, got -2"),
@@ -704,3 +706,17 @@ def test_a_strategy_option_or_config_value_too_long_or_too_deep_is_one_line(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "num_gpus: must be an integer, got [[[[...]]]]" in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_more_redundant_slots_than_give_each_expert_one_per_rank_are_refused_before_planning():
+    """`num_redundant: 1000000000` made `moe-gps run`'s check plan a placement for hours (EPLB replicates one
+    slot at a time); it is refused at once, as `plan --redundant` refuses it."""
+    pytest.importorskip("torch")
+    from moe_gps.errors import UserError
+    from runtime.config import DuplicationSection
+    from runtime.duplication import DuplicationPolicy
+
+    cfg = DuplicationSection(num_redundant=1_000_000_000)
+    with pytest.raises(UserError, match=r"duplication.num_redundant 1000000000: more than the 8 that give every one "
+                                        r"of the 8 experts a slot on each of the 2 ranks"):
+        DuplicationPolicy("dist-only", cfg, 2, 4, 8, 2, 512)
