@@ -224,3 +224,16 @@ def test_torchrun_names_each_failed_rank_in_one_line(tmp_path, body, code, line)
     done = subprocess.run([sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", "1",
                            str(rank)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert done.returncode == code and "Traceback" not in done.stderr and line in done.stderr, done.stderr
+
+
+def test_a_ctrl_c_to_the_parent_alone_reaches_the_child(tmp_path):
+    """A SIGINT to `moe-gps run` alone (an IDE's stop button, `kill -INT`) was not passed on: torchrun was killed
+    after its grace period and its ranks ran on, replacing the earlier output folder. The child (in a session
+    of its own) now gets it once, from the parent."""
+    marker = tmp_path / "child-stopped"
+    child = (f"import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+             f"    open({str(marker)!r}, 'w').close()\n    sys.exit(130)\n")
+    proc = _waiting_for_child(child)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)                   # to the parent's pid only, not its group
+    assert proc.wait(timeout=20) == 130 and marker.exists() and time.monotonic() - t0 < 10
