@@ -200,7 +200,7 @@ def test_torchrun_stopped_by_a_signal_ends_without_its_traceback(tmp_path, sig, 
     ranks and exits 128 + signal without the SignalException traceback it printed after the ranks' lines."""
     pytest.importorskip("torch")
     rank = tmp_path / "rank.py"
-    rank.write_text("import time\nprint('ready', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+    rank.write_text("import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
                     "    pass\n")                     # a rank that ends quietly, as runtime.launch's do
     proc = subprocess.Popen([sys.executable, "-m", "runtime.torchrun", "--standalone", "--nproc_per_node", "1",
                              str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
@@ -231,7 +231,7 @@ def test_a_ctrl_c_to_the_parent_alone_reaches_the_child(tmp_path):
     after its grace period and its ranks ran on, replacing the earlier output folder. The child (in a session
     of its own) now gets it once, from the parent."""
     marker = tmp_path / "child-stopped"
-    child = (f"import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+    child = (f"import sys, time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
              f"    open({str(marker)!r}, 'w').close()\n    sys.exit(130)\n")
     proc = _waiting_for_child(child)
     t0 = time.monotonic()
