@@ -151,6 +151,8 @@ class DistContext:
         found = faults.diagnose(self.store, self.rank, self.world_size, self._last, peers=self.peers)
         if not found.exited:
             return None
+        if all(d.startswith(("KeyboardInterrupt", "Terminated")) for d in found.exited.values()):
+            return None         # the peers were stopped by the same Ctrl-C or SIGTERM: no failure of theirs
         step, phase = self._last
         return CollectiveFailure(f"rank {self.rank}: {describe(err)} at step {step} ({phase}): "
                                  f"{found.text(self.world_size)}")

@@ -237,3 +237,22 @@ def test_a_ctrl_c_to_the_parent_alone_reaches_the_child(tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)                   # to the parent's pid only, not its group
     assert proc.wait(timeout=20) == 130 and marker.exists() and time.monotonic() - t0 < 10
+
+
+def test_a_rank_stopped_with_its_peers_by_one_signal_is_not_a_failure(monkeypatch):
+    """Ctrl-C or SIGTERM to the whole run: the rank that learns the other was stopped first says only that it was
+    interrupted (it printed `error: rank 1: interrupted at step 288 (gather): rank 0 exited (KeyboardInterrupt)`,
+    a user's stop read as a failure of rank 0); a peer that exited otherwise is still named."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from runtime import dist, faults
+
+    ctx = SimpleNamespace(distributed=True, store=None, rank=1, world_size=2, _last=(288, "gather"), peers=None)
+    for detail, named in (("KeyboardInterrupt", False), ("Terminated: SIGTERM", False), ("pid 4242", True),
+                          ("RuntimeError: boom", True)):
+        monkeypatch.setattr(faults, "diagnose", lambda *a, **k: faults.Diagnosis(exited={0: detail}))
+        failure = dist.DistContext.stopped_by_peer(ctx, KeyboardInterrupt())
+        assert (failure is not None) == named, detail
+        if named:
+            assert str(failure) == f"rank 1: interrupted at step 288 (gather): rank 0 exited ({detail})"
