@@ -40,6 +40,7 @@ import numpy as np
 
 from moe_gps.errors import UserError
 from moe_gps.placement import Placement, load_placement, plan_placement
+from moe_gps.placement.planner import check_redundant_slots
 from moe_gps.predict.base import shares
 from moe_gps.trace.data import StepRouting, TokensTrace, expert_counts
 from moe_gps.trace.meta import TraceMeta
@@ -107,10 +108,7 @@ class DuplicationPolicy:
                                 f"{p.num_experts} experts, {p.num_gpus} GPUs; this run has {self.L} MoE layers, "
                                 f"{self.E} experts, {self.N} ranks")
             self.R = p.num_redundant
-        if self.R > self.E * (self.N - 1):
-            raise UserError(f"duplication.num_redundant {self.R}: more than the {self.E * (self.N - 1)} that give every "
-                            f"one of the {self.E} experts a slot on each of the {self.N} ranks; a replica past that "
-                            "shares a rank with another replica of its expert, which moves no load between ranks")
+        check_redundant_slots(self.E, self.N, self.R, "duplication.num_redundant", gpu="rank")
         if (self.E + self.R) % self.N:
             raise UserError(f"{self.E} experts + {self.R} redundant slots do not divide over {self.N} ranks; "
                             f"set duplication.num_redundant so that experts + num_redundant is a multiple of "

@@ -181,13 +181,12 @@ def check_plan_flags(args: argparse.Namespace) -> None:
 
 def check_plan_shape(args: argparse.Namespace, num_experts: int) -> None:
     """The numbers of ``moe-gps plan`` checked against the trace's experts, each named by its flag."""
+    from moe_gps.placement.planner import check_redundant_slots
+
     E, N, R = num_experts, args.gpus, args.redundant
     if N == 1 and R:
         raise UserError(f"--redundant {R}: with one GPU a redundant slot moves no load between GPUs; use 0")
-    if R > E * (N - 1):
-        raise UserError(f"--redundant {R}: more than the {E * (N - 1)} that give every one of the {E} experts a slot "
-                        f"on each of the {N} GPUs; a replica past that shares a GPU with another replica of its "
-                        "expert, which moves no load between GPUs")
+    check_redundant_slots(E, N, R, "--redundant")
     if (E + R) % N == 0 and args.max_slots_per_gpu is not None and (E + R) // N > args.max_slots_per_gpu:
         raise UserError(f"--max-slots-per-gpu {args.max_slots_per_gpu}: {E} experts + {R} redundant = {E + R} "
                         f"slots over {N} GPUs is {(E + R) // N} slots per GPU, more than the capacity of "

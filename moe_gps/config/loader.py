@@ -221,22 +221,23 @@ def _norm(name: str) -> str:
     return name.lower().rsplit("/", 1)[-1].replace("_", "-").replace(".", "-")
 
 
+def _models_of_shape(num_layers: int, num_experts: int, top_k: int) -> dict[str, ModelConfig]:
+    """Preset name -> model, for the model presets with these MoE layers, experts and top-k."""
+    models = {name: load_model(name) for name in preset_names("models")}
+    shape = (num_layers, num_experts, top_k)
+    return {name: m for name, m in models.items() if (m.num_layers, m.num_experts, m.top_k) == shape}
+
+
 def infer_model(trace_model: str, num_layers: int, num_experts: int, top_k: int) -> ModelConfig | None:
     """The model preset named by a trace's metadata, if its name (or an alias) and shape match."""
     want = _norm(trace_model)
-    for name in preset_names("models"):
-        model = load_model(name)
-        names = {_norm(model.name), *(_norm(a) for a in model.aliases)}
-        if want in names and (model.num_layers, model.num_experts, model.top_k) == (num_layers, num_experts, top_k):
-            return model
-    return None
+    return next((m for m in _models_of_shape(num_layers, num_experts, top_k).values()
+                 if want in {_norm(m.name), *(_norm(a) for a in m.aliases)}), None)
 
 
 def presets_of_shape(num_layers: int, num_experts: int, top_k: int) -> list[str]:
     """The model presets with these MoE layers, experts and top-k (whatever their names)."""
-    models = {name: load_model(name) for name in preset_names("models")}
-    shape = (num_layers, num_experts, top_k)
-    return [name for name, m in models.items() if (m.num_layers, m.num_experts, m.top_k) == shape]
+    return list(_models_of_shape(num_layers, num_experts, top_k))
 
 
 def split_strategy_names(values: list[str]) -> list[str]:

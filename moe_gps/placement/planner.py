@@ -103,6 +103,17 @@ def check_loads(loads: Any, where: str = "loads") -> np.ndarray:
     return arr
 
 
+def check_redundant_slots(num_experts: int, num_gpus: int, num_redundant: int, name: str, gpu: str = "GPU") -> None:
+    """UserError when ``num_redundant`` (named ``name``: a flag or config key) is more than the
+    ``num_experts x (num_gpus - 1)`` slots that give every expert one on each of the ``num_gpus`` (called
+    ``gpu``s): a replica past that shares a GPU with another of its expert and moves no load."""
+    E, N, R = num_experts, num_gpus, num_redundant
+    if R > E * (N - 1):
+        raise UserError(f"{name} {R}: more than the {E * (N - 1)} that give every one of the {E} experts a slot on "
+                        f"each of the {N} {gpu}s; a replica past that shares a {gpu} with another replica of its "
+                        f"expert, which moves no load between {gpu}s")
+
+
 def plan_placement(loads: Any, num_gpus: int, num_redundant: int, algorithm: str = "eplb",
                    previous: Placement | None = None, capacity: Capacity | None = None,
                    **options: Any) -> Placement:
